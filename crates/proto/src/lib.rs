@@ -1,0 +1,8 @@
+//! The Cloudless wire API, generated from `proto/cloudless/v1`.
+
+#![allow(missing_docs, clippy::all, missing_debug_implementations)]
+
+/// Version 1 of the API.
+pub mod v1 {
+    tonic::include_proto!("cloudless.v1");
+}

@@ -1,0 +1,131 @@
+//! Commands proposed to Raft and the state machine's answers.
+//!
+//! Commands are imperative; everything non-deterministic (time, ids) is
+//! stamped by the proposer so that `apply` is a pure function of the log.
+
+use serde::{Deserialize, Serialize};
+
+use cloudless_types::{ClusterConfig, Workload};
+
+/// One log entry's payload: a command plus the proposer's context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Client-chosen key; a second request with the same key and command
+    /// gets the first one's response instead of being applied again.
+    pub idempotency_key: Option<String>,
+    /// Proposer's wall clock, milliseconds since the Unix epoch.
+    pub proposed_at_ms: i64,
+    /// The change.
+    pub command: Command,
+}
+
+/// A change to the cluster state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Records the cluster's identity and first configuration. Applied once.
+    InitCluster {
+        /// New random cluster id.
+        cluster_id: String,
+        /// Initial configuration.
+        config: ClusterConfig,
+    },
+    /// Replaces the cluster configuration.
+    SetClusterConfig {
+        /// New configuration (already validated by the proposer).
+        config: ClusterConfig,
+        /// Only apply if the stored revision equals this.
+        expected_revision: Option<u64>,
+    },
+    /// Creates or updates a workload; generation and timestamps are set in apply.
+    PutWorkload {
+        /// The workload (validated by the proposer).
+        workload: Workload,
+    },
+    /// Changes a workload's replica count.
+    ScaleWorkload {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// New replica count.
+        replicas: u32,
+    },
+    /// Deletes a workload.
+    DeleteWorkload {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+}
+
+/// The cluster's identity and configuration record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Random id chosen at `init`.
+    pub cluster_id: String,
+    /// When the cluster was initialised, ms since the epoch.
+    pub created_at_ms: i64,
+    /// The configuration.
+    pub config: ClusterConfig,
+    /// Increments on every configuration change; 1 after init.
+    pub revision: u64,
+}
+
+/// The result of applying one entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// A blank or membership entry.
+    Empty,
+    /// `InitCluster` applied.
+    ClusterInitialized(ClusterInfo),
+    /// `SetClusterConfig` applied.
+    ConfigSet(ClusterInfo),
+    /// `PutWorkload` or `ScaleWorkload` applied.
+    WorkloadStored {
+        /// The stored workload.
+        workload: Workload,
+        /// Whether it did not exist before.
+        created: bool,
+    },
+    /// `DeleteWorkload` applied.
+    WorkloadDeleted,
+    /// The command was valid but the state did not allow it; nothing changed.
+    Rejected(Rejection),
+}
+
+/// Why a command changed nothing. Deterministic: every replica rejects alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// `InitCluster` on a cluster that already has an identity.
+    #[error("the cluster is already initialised as {cluster_id}")]
+    AlreadyInitialized {
+        /// The existing id.
+        cluster_id: String,
+    },
+    /// A command that needs the cluster record before `InitCluster`.
+    #[error("the cluster has not been initialised")]
+    NotInitialized,
+    /// Optimistic concurrency failure.
+    #[error("configuration revision is {actual}, not the expected {expected}")]
+    RevisionMismatch {
+        /// What the caller expected.
+        expected: u64,
+        /// What is stored.
+        actual: u64,
+    },
+    /// The workload does not exist.
+    #[error("workload {namespace}/{name} not found")]
+    WorkloadNotFound {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// The idempotency key was used before for a different request.
+    #[error("idempotency key {key:?} was already used for a different request")]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+    },
+}

@@ -1,0 +1,427 @@
+//! The Raft log in redb, with group commit.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, Vote};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::error::{io_err, StateError};
+use crate::type_config::{NodeId, TypeConfig};
+
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const KEY_FORMAT: &str = "format";
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+const FORMAT: u32 = 1;
+
+type SErr = StorageError<NodeId>;
+
+/// The Raft log, vote and log pointers in one redb file. Cheap to clone.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Arc<Database>,
+    /// `None` only while dropping.
+    flush_tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Closes the channel and waits for the flusher, so the file is released
+    /// (and pending appends flushed) when the last handle goes.
+    fn drop(&mut self) {
+        self.flush_tx.take();
+        if let Some(h) = self.flusher.take() {
+            if h.join().is_err() {
+                tracing::error!(path = %self.path.display(), "raft log flusher thread panicked");
+            }
+        }
+    }
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl LogStore {
+    /// Opens or creates the log at `path`, checking every entry decodes.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let db = Database::create(path).map_err(|source| StateError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let db = Arc::new(db);
+        check_and_init(&db, path)?;
+        let (flush_tx, flush_rx) = mpsc::channel();
+        let flusher_db = db.clone();
+        let flusher_path = path.to_path_buf();
+        let flusher = std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flusher(&flusher_db, &flusher_path, &flush_rx))
+            .map_err(|e| StateError::storage(path, format!("cannot start flusher thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                db,
+                flush_tx: Some(flush_tx),
+                flusher: Some(flusher),
+            }),
+        })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
+        let txn = self.inner.db.begin_read().map_err(|e| e.to_string())?;
+        let table = txn.open_table(META).map_err(|e| e.to_string())?;
+        let Some(v) = table.get(key).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value()).map(Some).map_err(|e| {
+            format!(
+                "{}: record {key:?} is corrupt: {e}",
+                self.inner.path.display()
+            )
+        })
+    }
+
+    fn put_meta<T: serde::Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), String> {
+        let bytes = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+        let mut txn = self.inner.db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(durability).map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(META).map_err(|e| e.to_string())?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    fn read_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<Vec<Entry<TypeConfig>>, String> {
+        let txn = self.inner.db.begin_read().map_err(|e| e.to_string())?;
+        let table = txn.open_table(LOGS).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for item in table
+            .range::<u64>((start, end))
+            .map_err(|e| e.to_string())?
+        {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            let entry: Entry<TypeConfig> = serde_json::from_slice(v.value()).map_err(|e| {
+                format!(
+                    "{}: log entry {} is corrupt: {e}",
+                    self.inner.path.display(),
+                    k.value()
+                )
+            })?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Deletes entries in `range` and commits with `durability`.
+    fn delete_range(
+        &self,
+        range: (Bound<u64>, Bound<u64>),
+        durability: Durability,
+        purged: Option<&LogId<NodeId>>,
+    ) -> Result<(), String> {
+        let mut txn = self.inner.db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(durability).map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(LOGS).map_err(|e| e.to_string())?;
+            table
+                .retain_in::<u64, _>(range, |_, _| false)
+                .map_err(|e| e.to_string())?;
+            if let Some(p) = purged {
+                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+                let bytes = serde_json::to_vec(p).map_err(|e| e.to_string())?;
+                meta.insert(KEY_PURGED, bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+}
+
+/// Creates the tables on a new file; on an existing one checks the format and
+/// that every record decodes, so corruption is reported at start-up.
+fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
+    let se = |e: &dyn std::fmt::Display| StateError::storage(path, e);
+    let txn = db.begin_write().map_err(|e| se(&e))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| se(&e))?;
+        let found = meta
+            .get(KEY_FORMAT)
+            .map_err(|e| se(&e))?
+            .map(|v| v.value().to_vec());
+        match found {
+            None => {
+                let v = FORMAT.to_string();
+                meta.insert(KEY_FORMAT, v.as_bytes()).map_err(|e| se(&e))?;
+            }
+            Some(v) if v == FORMAT.to_string().as_bytes() => {}
+            Some(v) => {
+                return Err(StateError::Format {
+                    path: path.to_path_buf(),
+                    found: String::from_utf8_lossy(&v).into_owned(),
+                    supported: FORMAT,
+                })
+            }
+        }
+        for key in [KEY_VOTE, KEY_COMMITTED, KEY_PURGED] {
+            if let Some(v) = meta.get(key).map_err(|e| se(&e))? {
+                if let Err(e) = serde_json::from_slice::<serde_json::Value>(v.value()) {
+                    return Err(StateError::Corrupt {
+                        path: path.to_path_buf(),
+                        what: format!("record {key:?}"),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+        let logs = txn.open_table(LOGS).map_err(|e| se(&e))?;
+        let mut expected: Option<u64> = None;
+        for item in logs.iter().map_err(|e| se(&e))? {
+            let (k, v) = item.map_err(|e| se(&e))?;
+            let index = k.value();
+            let corrupt = |detail: String| StateError::Corrupt {
+                path: path.to_path_buf(),
+                what: format!("log entry {index}"),
+                detail,
+            };
+            let entry: Entry<TypeConfig> =
+                serde_json::from_slice(v.value()).map_err(|e| corrupt(e.to_string()))?;
+            if entry.get_log_id().index != index {
+                return Err(corrupt(format!(
+                    "stored under index {index} but holds index {}",
+                    entry.get_log_id().index
+                )));
+            }
+            if let Some(exp) = expected {
+                if index != exp {
+                    return Err(corrupt(format!("gap in the log: expected index {exp}")));
+                }
+            }
+            expected = Some(index + 1);
+        }
+    }
+    txn.commit().map_err(|e| se(&e))
+}
+
+/// Makes every non-durable append durable with one fsync, then reports the
+/// whole batch flushed. Ends when the last `LogStore` clone is dropped.
+fn flusher(db: &Database, path: &Path, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let result = db
+            .begin_write()
+            .map_err(|e| e.to_string())
+            .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
+        if let Err(e) = &result {
+            tracing::error!(path = %path.display(), error = %e, "raft log flush failed");
+        }
+        for cb in batch {
+            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        self.read_range(range.start_bound().cloned(), range.end_bound().cloned())
+            .map_err(|e| io_err!(read_logs, e))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let last_purged: Option<LogId<NodeId>> = self
+            .get_meta(KEY_PURGED)
+            .map_err(|e| io_err!(read_logs, e))?;
+        let last = {
+            let txn = self
+                .inner
+                .db
+                .begin_read()
+                .map_err(|e| io_err!(read_logs, e))?;
+            let table = txn.open_table(LOGS).map_err(|e| io_err!(read_logs, e))?;
+            let last = table.last().map_err(|e| io_err!(read_logs, e))?;
+            match last {
+                Some((_, v)) => Some(
+                    serde_json::from_slice::<Entry<TypeConfig>>(v.value())
+                        .map_err(|e| io_err!(read_logs, e))?
+                        .log_id,
+                ),
+                None => None,
+            }
+        };
+        Ok(LogState {
+            last_log_id: last.or(last_purged),
+            last_purged_log_id: last_purged,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        self.put_meta(KEY_VOTE, vote, Durability::Immediate)
+            .map_err(|e| io_err!(write_vote, e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        self.get_meta(KEY_VOTE).map_err(|e| io_err!(read_vote, e))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        // A hint for faster re-apply after restart: made durable by the next flush.
+        self.put_meta(KEY_COMMITTED, &committed, Durability::None)
+            .map_err(|e| io_err!(write_logs, e))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)
+            .map_err(|e| io_err!(read_logs, e))?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // Visible to readers once this commit returns; durable after the flusher's fsync.
+        let res: Result<(), String> = (|| {
+            let mut txn = self.inner.db.begin_write().map_err(|e| e.to_string())?;
+            txn.set_durability(Durability::None)
+                .map_err(|e| e.to_string())?;
+            {
+                let mut table = txn.open_table(LOGS).map_err(|e| e.to_string())?;
+                for entry in entries {
+                    let bytes = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+                    table
+                        .insert(entry.log_id.index, bytes.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            txn.commit().map_err(|e| e.to_string())
+        })();
+        res.map_err(|e| io_err!(write_logs, e))?;
+        self.inner
+            .flush_tx
+            .as_ref()
+            .ok_or_else(|| io_err!(write_logs, "raft log is closing"))?
+            .send(callback)
+            .map_err(|_| io_err!(write_logs, "raft log flusher thread has stopped"))
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        self.delete_range(
+            (Bound::Included(log_id.index), Bound::Unbounded),
+            Durability::Immediate,
+            None,
+        )
+        .map_err(|e| io_err!(write_logs, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        self.delete_range(
+            (Bound::Unbounded, Bound::Included(log_id.index)),
+            Durability::Immediate,
+            Some(&log_id),
+        )
+        .map_err(|e| io_err!(write_logs, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_entry_is_reported_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        {
+            let db = Database::create(&path).expect("reopen raw");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(LOGS)
+                .expect("table")
+                .insert(7, b"{not json".as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let err = LogStore::open(&path).expect_err("corrupt log accepted");
+        let msg = err.to_string();
+        assert!(msg.contains("log entry 7 is corrupt"), "{msg}");
+    }
+
+    #[test]
+    fn truncated_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        let len = std::fs::metadata(&path).expect("stat").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        f.set_len(len / 3).expect("truncate");
+        drop(f);
+        let err = LogStore::open(&path).expect_err("truncated log accepted");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_format_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        {
+            let db = Database::create(&path).expect("reopen raw");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(META)
+                .expect("table")
+                .insert(KEY_FORMAT, b"99".as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let err = LogStore::open(&path).expect_err("future format accepted");
+        assert!(matches!(err, StateError::Format { .. }), "{err}");
+    }
+}

@@ -1,0 +1,648 @@
+//! The applied cluster state in redb, and its snapshots.
+//!
+//! Every data table maps a string key to a JSON value, so a snapshot is a
+//! generic dump of [`DATA_TABLES`] and a new table only needs listing there.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError, StoredMembership,
+};
+use prometheus_client::metrics::histogram::Histogram;
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use cloudless_types::Workload;
+
+use crate::command::{ClusterInfo, Command, Rejection, Request, Response};
+use crate::error::{io_err, StateError};
+use crate::type_config::{CoordinatorNode, NodeId, TypeConfig};
+
+/// Raft bookkeeping: last applied log id, membership, format.
+const SYSTEM: TableDefinition<&str, &str> = TableDefinition::new("system");
+/// The current snapshot: "meta" and "data".
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+/// The cluster record under key "cluster".
+const CLUSTER: TableDefinition<&str, &str> = TableDefinition::new("cluster");
+/// Workloads under "namespace/name".
+const WORKLOADS: TableDefinition<&str, &str> = TableDefinition::new("workloads");
+/// Idempotency records under the client's key.
+const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+/// Expiry index of idempotency records: "{proposed_at_ms:020}/{key}".
+const IDEMPOTENCY_EXPIRY: TableDefinition<&str, &str> = TableDefinition::new("idempotency_expiry");
+
+/// Tables copied into snapshots.
+const DATA_TABLES: [TableDefinition<&str, &str>; 4] =
+    [CLUSTER, WORKLOADS, IDEMPOTENCY, IDEMPOTENCY_EXPIRY];
+
+const KEY_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "last_membership";
+const KEY_FORMAT: &str = "format";
+const FORMAT: &str = "1";
+const CLUSTER_KEY: &str = "cluster";
+
+/// How long an idempotency key is remembered, by proposer time.
+pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
+
+type SErr = StorageError<NodeId>;
+
+#[derive(Serialize, Deserialize)]
+struct IdempotencyRecord {
+    command: Command,
+    response: Response,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    /// table name -> key -> JSON value
+    tables: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// The state machine handed to openraft. Cheap to clone (shares the database).
+#[derive(Clone)]
+pub struct StateMachine {
+    path: PathBuf,
+    db: Arc<Database>,
+    snapshot_seq: Arc<AtomicU64>,
+    apply_latency: Histogram,
+}
+
+impl Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Read-only access to the applied state, for API handlers and watches.
+#[derive(Clone)]
+pub struct StateReader {
+    path: PathBuf,
+    db: Arc<Database>,
+}
+
+impl Debug for StateReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateReader")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn workload_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl StateMachine {
+    /// Opens or creates the state machine at `path`, checking the stored records decode.
+    pub fn open(path: &Path, apply_latency: Histogram) -> Result<Self, StateError> {
+        let db = Database::create(path).map_err(|source| StateError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let se = |e: &dyn std::fmt::Display| StateError::storage(path, e);
+        let txn = db.begin_write().map_err(|e| se(&e))?;
+        {
+            let mut system = txn.open_table(SYSTEM).map_err(|e| se(&e))?;
+            let found = system
+                .get(KEY_FORMAT)
+                .map_err(|e| se(&e))?
+                .map(|v| v.value().to_owned());
+            match found.as_deref() {
+                None => {
+                    system.insert(KEY_FORMAT, FORMAT).map_err(|e| se(&e))?;
+                }
+                Some(FORMAT) => {}
+                Some(other) => {
+                    return Err(StateError::Format {
+                        path: path.to_path_buf(),
+                        found: other.to_owned(),
+                        supported: 1,
+                    })
+                }
+            }
+            for key in [KEY_APPLIED, KEY_MEMBERSHIP] {
+                if let Some(v) = system.get(key).map_err(|e| se(&e))? {
+                    if let Err(e) = serde_json::from_str::<serde_json::Value>(v.value()) {
+                        return Err(StateError::Corrupt {
+                            path: path.to_path_buf(),
+                            what: format!("record {key:?}"),
+                            detail: e.to_string(),
+                        });
+                    }
+                }
+            }
+            txn.open_table(SNAPSHOT).map_err(|e| se(&e))?;
+            for def in DATA_TABLES {
+                let table = txn.open_table(def).map_err(|e| se(&e))?;
+                for item in table.iter().map_err(|e| se(&e))? {
+                    let (k, v) = item.map_err(|e| se(&e))?;
+                    if let Err(e) = serde_json::from_str::<serde_json::Value>(v.value()) {
+                        return Err(StateError::Corrupt {
+                            path: path.to_path_buf(),
+                            what: format!("{} record {:?}", def.name(), k.value()),
+                            detail: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| se(&e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            db: Arc::new(db),
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+            apply_latency,
+        })
+    }
+
+    /// A read-only handle on the same database.
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            path: self.path.clone(),
+            db: self.db.clone(),
+        }
+    }
+
+    fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Response>, String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut last_applied = None;
+        let mut membership = None;
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => out.push(Response::Empty),
+                EntryPayload::Normal(req) => out.push(apply_request(&txn, req)?),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    out.push(Response::Empty);
+                }
+            }
+        }
+        {
+            let mut system = txn.open_table(SYSTEM).map_err(|e| e.to_string())?;
+            if let Some(la) = last_applied {
+                let v = serde_json::to_string(&la).map_err(|e| e.to_string())?;
+                system
+                    .insert(KEY_APPLIED, v.as_str())
+                    .map_err(|e| e.to_string())?;
+            }
+            if let Some(m) = membership {
+                let v = serde_json::to_string(&m).map_err(|e| e.to_string())?;
+                system
+                    .insert(KEY_MEMBERSHIP, v.as_str())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    fn build(&self) -> Result<Snapshot<TypeConfig>, String> {
+        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+        let (last_applied, last_membership) = read_applied(&txn)?;
+        let mut tables = BTreeMap::new();
+        for def in DATA_TABLES {
+            let table = txn.open_table(def).map_err(|e| e.to_string())?;
+            let mut rows = BTreeMap::new();
+            for item in table.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                rows.insert(k.value().to_owned(), v.value().to_owned());
+            }
+            tables.insert(def.name().to_owned(), rows);
+        }
+        drop(txn);
+        let data = serde_json::to_vec(&SnapshotData { tables }).map_err(|e| e.to_string())?;
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership,
+            snapshot_id,
+        };
+        self.store_snapshot(&meta, &data)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+
+    fn store_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, CoordinatorNode>,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
+            let m = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+            table
+                .insert("meta", m.as_slice())
+                .map_err(|e| e.to_string())?;
+            table.insert("data", data).map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    fn install(
+        &self,
+        meta: &SnapshotMeta<NodeId, CoordinatorNode>,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let parsed: SnapshotData = serde_json::from_slice(data)
+            .map_err(|e| format!("snapshot {} does not decode: {e}", meta.snapshot_id))?;
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        for def in DATA_TABLES {
+            let mut table = txn.open_table(def).map_err(|e| e.to_string())?;
+            table.retain(|_, _| false).map_err(|e| e.to_string())?;
+            if let Some(rows) = parsed.tables.get(def.name()) {
+                for (k, v) in rows {
+                    table
+                        .insert(k.as_str(), v.as_str())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        {
+            let mut system = txn.open_table(SYSTEM).map_err(|e| e.to_string())?;
+            let la = serde_json::to_string(&meta.last_log_id).map_err(|e| e.to_string())?;
+            system
+                .insert(KEY_APPLIED, la.as_str())
+                .map_err(|e| e.to_string())?;
+            let m = serde_json::to_string(&meta.last_membership).map_err(|e| e.to_string())?;
+            system
+                .insert(KEY_MEMBERSHIP, m.as_str())
+                .map_err(|e| e.to_string())?;
+            let mut snap = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
+            let mb = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+            snap.insert("meta", mb.as_slice())
+                .map_err(|e| e.to_string())?;
+            snap.insert("data", data).map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, String> {
+        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+        let table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
+        let (Some(meta), Some(data)) = (
+            table.get("meta").map_err(|e| e.to_string())?,
+            table.get("data").map_err(|e| e.to_string())?,
+        ) else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta<NodeId, CoordinatorNode> = serde_json::from_slice(meta.value())
+            .map_err(|e| format!("stored snapshot meta is corrupt: {e}"))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data.value().to_vec())),
+        }))
+    }
+}
+
+type Applied = (
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, CoordinatorNode>,
+);
+
+fn read_applied(txn: &ReadTransaction) -> Result<Applied, String> {
+    let system = txn.open_table(SYSTEM).map_err(|e| e.to_string())?;
+    let applied = match system.get(KEY_APPLIED).map_err(|e| e.to_string())? {
+        Some(v) => {
+            serde_json::from_str(v.value()).map_err(|e| format!("last_applied is corrupt: {e}"))?
+        }
+        None => None,
+    };
+    let membership = match system.get(KEY_MEMBERSHIP).map_err(|e| e.to_string())? {
+        Some(v) => serde_json::from_str(v.value())
+            .map_err(|e| format!("last_membership is corrupt: {e}"))?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(
+    txn: &WriteTransaction,
+    def: TableDefinition<&str, &str>,
+    key: &str,
+) -> Result<Option<T>, String> {
+    let table = txn.open_table(def).map_err(|e| e.to_string())?;
+    let v = table.get(key).map_err(|e| e.to_string())?;
+    match v {
+        Some(v) => serde_json::from_str(v.value())
+            .map(Some)
+            .map_err(|e| format!("{} record {key:?} is corrupt: {e}", def.name())),
+        None => Ok(None),
+    }
+}
+
+fn put_json<T: Serialize>(
+    txn: &WriteTransaction,
+    def: TableDefinition<&str, &str>,
+    key: &str,
+    value: &T,
+) -> Result<(), String> {
+    let v = serde_json::to_string(value).map_err(|e| e.to_string())?;
+    let mut table = txn.open_table(def).map_err(|e| e.to_string())?;
+    table.insert(key, v.as_str()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Applies one request. Deterministic: uses only the request and the state.
+fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, String> {
+    expire_idempotency(txn, req.proposed_at_ms)?;
+    if let Some(key) = &req.idempotency_key {
+        if let Some(rec) = get_json::<IdempotencyRecord>(txn, IDEMPOTENCY, key)? {
+            return Ok(if rec.command == req.command {
+                rec.response
+            } else {
+                Response::Rejected(Rejection::IdempotencyKeyReused { key: key.clone() })
+            });
+        }
+    }
+    let response = apply_command(txn, &req.command, req.proposed_at_ms)?;
+    if let Some(key) = req.idempotency_key {
+        let rec = IdempotencyRecord {
+            command: req.command,
+            response: response.clone(),
+        };
+        put_json(txn, IDEMPOTENCY, &key, &rec)?;
+        let mut exp = txn
+            .open_table(IDEMPOTENCY_EXPIRY)
+            .map_err(|e| e.to_string())?;
+        let ek = format!("{:020}/{key}", req.proposed_at_ms.max(0));
+        exp.insert(ek.as_str(), "null").map_err(|e| e.to_string())?;
+    }
+    Ok(response)
+}
+
+/// Forgets idempotency keys proposed more than the retention period before `now_ms`.
+fn expire_idempotency(txn: &WriteTransaction, now_ms: i64) -> Result<(), String> {
+    let cutoff = format!("{:020}", (now_ms - IDEMPOTENCY_RETENTION_MS).max(0));
+    let mut exp = txn
+        .open_table(IDEMPOTENCY_EXPIRY)
+        .map_err(|e| e.to_string())?;
+    let mut expired = Vec::new();
+    for item in exp
+        .range::<&str>(..cutoff.as_str())
+        .map_err(|e| e.to_string())?
+    {
+        let (k, _) = item.map_err(|e| e.to_string())?;
+        expired.push(k.value().to_owned());
+    }
+    if expired.is_empty() {
+        return Ok(());
+    }
+    let mut idem = txn.open_table(IDEMPOTENCY).map_err(|e| e.to_string())?;
+    for ek in expired {
+        exp.remove(ek.as_str()).map_err(|e| e.to_string())?;
+        if let Some((_, key)) = ek.split_once('/') {
+            idem.remove(key).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<Response, String> {
+    Ok(match cmd {
+        Command::InitCluster { cluster_id, config } => {
+            if let Some(existing) = get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)? {
+                return Ok(Response::Rejected(Rejection::AlreadyInitialized {
+                    cluster_id: existing.cluster_id,
+                }));
+            }
+            let info = ClusterInfo {
+                cluster_id: cluster_id.clone(),
+                created_at_ms: now_ms,
+                config: config.clone(),
+                revision: 1,
+            };
+            put_json(txn, CLUSTER, CLUSTER_KEY, &info)?;
+            Response::ClusterInitialized(info)
+        }
+        Command::SetClusterConfig {
+            config,
+            expected_revision,
+        } => {
+            let Some(mut info) = get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)? else {
+                return Ok(Response::Rejected(Rejection::NotInitialized));
+            };
+            if let Some(expected) = expected_revision {
+                if *expected != info.revision {
+                    return Ok(Response::Rejected(Rejection::RevisionMismatch {
+                        expected: *expected,
+                        actual: info.revision,
+                    }));
+                }
+            }
+            info.config = config.clone();
+            info.revision += 1;
+            put_json(txn, CLUSTER, CLUSTER_KEY, &info)?;
+            Response::ConfigSet(info)
+        }
+        Command::PutWorkload { workload } => {
+            let key = workload_key(&workload.namespace, &workload.name);
+            let existing = get_json::<Workload>(txn, WORKLOADS, &key)?;
+            let created = existing.is_none();
+            let stored = match existing {
+                Some(old) if old.spec == workload.spec => old,
+                Some(old) => Workload {
+                    spec: workload.spec.clone(),
+                    generation: old.generation + 1,
+                    updated_at_ms: now_ms,
+                    ..old
+                },
+                None => Workload {
+                    generation: 1,
+                    created_at_ms: now_ms,
+                    updated_at_ms: now_ms,
+                    ..workload.clone()
+                },
+            };
+            put_json(txn, WORKLOADS, &key, &stored)?;
+            Response::WorkloadStored {
+                workload: stored,
+                created,
+            }
+        }
+        Command::ScaleWorkload {
+            namespace,
+            name,
+            replicas,
+        } => {
+            let key = workload_key(namespace, name);
+            let Some(mut w) = get_json::<Workload>(txn, WORKLOADS, &key)? else {
+                return Ok(Response::Rejected(Rejection::WorkloadNotFound {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                }));
+            };
+            if w.spec.replicas != *replicas {
+                w.spec.replicas = *replicas;
+                w.generation += 1;
+                w.updated_at_ms = now_ms;
+                put_json(txn, WORKLOADS, &key, &w)?;
+            }
+            Response::WorkloadStored {
+                workload: w,
+                created: false,
+            }
+        }
+        Command::DeleteWorkload { namespace, name } => {
+            let key = workload_key(namespace, name);
+            let mut table = txn.open_table(WORKLOADS).map_err(|e| e.to_string())?;
+            let removed = table
+                .remove(key.as_str())
+                .map_err(|e| e.to_string())?
+                .is_some();
+            if removed {
+                Response::WorkloadDeleted
+            } else {
+                Response::Rejected(Rejection::WorkloadNotFound {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                })
+            }
+        }
+    })
+}
+
+impl StateReader {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, String>,
+    ) -> Result<T, StateError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| StateError::storage(&self.path, e))?;
+        f(&txn).map_err(|e| StateError::storage(&self.path, e))
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &str>,
+        key: &str,
+    ) -> Result<Option<T>, StateError> {
+        self.read(|txn| {
+            let table = txn.open_table(def).map_err(|e| e.to_string())?;
+            let v = table.get(key).map_err(|e| e.to_string())?;
+            match v {
+                Some(v) => serde_json::from_str(v.value())
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// The cluster record, once `InitCluster` has been applied.
+    pub fn cluster(&self) -> Result<Option<ClusterInfo>, StateError> {
+        self.get(CLUSTER, CLUSTER_KEY)
+    }
+
+    /// One workload.
+    pub fn workload(&self, namespace: &str, name: &str) -> Result<Option<Workload>, StateError> {
+        self.get(WORKLOADS, &workload_key(namespace, name))
+    }
+
+    /// Workloads in `namespace`, or in every namespace when `None`, ordered by namespace and name.
+    pub fn workloads(&self, namespace: Option<&str>) -> Result<Vec<Workload>, StateError> {
+        self.read(|txn| {
+            let table = txn.open_table(WORKLOADS).map_err(|e| e.to_string())?;
+            let prefix = namespace.map(|ns| format!("{ns}/"));
+            let iter = match &prefix {
+                Some(p) => table
+                    .range::<&str>(p.as_str()..)
+                    .map_err(|e| e.to_string())?,
+                None => table.iter().map_err(|e| e.to_string())?,
+            };
+            let mut out = Vec::new();
+            for item in iter {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                if let Some(p) = &prefix {
+                    if !k.value().starts_with(p.as_str()) {
+                        break;
+                    }
+                }
+                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The last applied log id and membership.
+    pub fn applied(&self) -> Result<Applied, StateError> {
+        self.read(read_applied)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        self.build().map_err(|e| io_err!(write_state_machine, e))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<Applied, SErr> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| io_err!(read_state_machine, e))?;
+        read_applied(&txn).map_err(|e| io_err!(read_state_machine, e))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let started = Instant::now();
+        let entries: Vec<_> = entries.into_iter().collect();
+        let out = self
+            .apply_entries(entries)
+            .map_err(|e| io_err!(write_state_machine, e))?;
+        self.apply_latency.observe(started.elapsed().as_secs_f64());
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, CoordinatorNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        self.install(meta, snapshot.get_ref())
+            .map_err(|e| io_err!(write_state_machine, e))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        self.current_snapshot()
+            .map_err(|e| io_err!(read_state_machine, e))
+    }
+}

@@ -1,0 +1,158 @@
+//! The cluster-wide configuration record kept in Raft.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::validation::{check_labels, ValidationErrors};
+
+/// Weights of the scheduler's scoring factors. Each is in `[0, 1]` and the
+/// five add up to 1 (within 0.001).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerWeights {
+    /// Weight of region/zone locality. Default 0.30.
+    pub locality: f64,
+    /// Weight of node reliability. Default 0.25.
+    pub reliability: f64,
+    /// Weight of cost. Default 0.15.
+    pub cost: f64,
+    /// Weight of utilisation. Default 0.20.
+    pub utilization: f64,
+    /// Weight of the network penalty (subtracted). Default 0.10.
+    pub network_penalty: f64,
+}
+
+impl Default for SchedulerWeights {
+    fn default() -> Self {
+        Self {
+            locality: 0.30,
+            reliability: 0.25,
+            cost: 0.15,
+            utilization: 0.20,
+            network_penalty: 0.10,
+        }
+    }
+}
+
+/// The replicated cluster configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Human-readable cluster name. Default "cloudless".
+    pub cluster_name: String,
+    /// Agent heartbeat period in milliseconds. Default 1000.
+    pub heartbeat_interval_ms: u64,
+    /// Missed heartbeats before a node is Suspect. Default 3.
+    pub suspect_after_missed_heartbeats: u32,
+    /// Silence in milliseconds before a node is Down. Default 5000.
+    pub down_after_ms: u64,
+    /// Grace after a leader change before any node may be declared Down. Default 10000.
+    pub leader_grace_ms: u64,
+    /// Scheduler scoring weights.
+    pub scheduler_weights: SchedulerWeights,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            cluster_name: "cloudless".to_owned(),
+            heartbeat_interval_ms: 1000,
+            suspect_after_missed_heartbeats: 3,
+            down_after_ms: 5000,
+            leader_grace_ms: 10_000,
+            scheduler_weights: SchedulerWeights::default(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Reports every invalid field at once.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        if self.cluster_name.trim().is_empty() || self.cluster_name.len() > 128 {
+            errs.push("cluster_name", "must be 1-128 characters");
+        }
+        if !(100..=60_000).contains(&self.heartbeat_interval_ms) {
+            errs.push(
+                "heartbeat_interval_ms",
+                format!("{} is outside 100..=60000", self.heartbeat_interval_ms),
+            );
+        }
+        if !(1..=100).contains(&self.suspect_after_missed_heartbeats) {
+            errs.push(
+                "suspect_after_missed_heartbeats",
+                format!(
+                    "{} is outside 1..=100",
+                    self.suspect_after_missed_heartbeats
+                ),
+            );
+        }
+        if self.down_after_ms <= self.heartbeat_interval_ms {
+            errs.push(
+                "down_after_ms",
+                format!(
+                    "{} must be greater than heartbeat_interval_ms ({})",
+                    self.down_after_ms, self.heartbeat_interval_ms
+                ),
+            );
+        }
+        if self.leader_grace_ms > 600_000 {
+            errs.push(
+                "leader_grace_ms",
+                format!("{} is above 600000", self.leader_grace_ms),
+            );
+        }
+        let w = &self.scheduler_weights;
+        for (name, v) in [
+            ("locality", w.locality),
+            ("reliability", w.reliability),
+            ("cost", w.cost),
+            ("utilization", w.utilization),
+            ("network_penalty", w.network_penalty),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                errs.push(
+                    format!("scheduler_weights.{name}"),
+                    format!("{v} is outside 0..=1"),
+                );
+            }
+        }
+        let sum = w.locality + w.reliability + w.cost + w.utilization + w.network_penalty;
+        if (sum - 1.0).abs() > 0.001 {
+            errs.push(
+                "scheduler_weights",
+                format!("the five weights must add up to 1, not {sum:.3}"),
+            );
+        }
+        check_labels(&mut errs, "labels", &self.labels);
+        errs.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        assert_eq!(ClusterConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn reports_every_bad_field() {
+        let mut c = ClusterConfig {
+            heartbeat_interval_ms: 10,
+            cluster_name: String::new(),
+            ..ClusterConfig::default()
+        };
+        c.scheduler_weights.cost = 2.0;
+        let errs = c.validate().expect_err("invalid config accepted");
+        let fields: Vec<_> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"cluster_name"), "{errs}");
+        assert!(fields.contains(&"heartbeat_interval_ms"), "{errs}");
+        assert!(fields.contains(&"scheduler_weights.cost"), "{errs}");
+        assert!(fields.contains(&"scheduler_weights"), "{errs}");
+    }
+}

@@ -1,0 +1,13 @@
+//! Cloudless domain types. No I/O, no async: everything here is plain data and
+//! the validation rules that keep bad input out of the Raft log.
+
+mod cluster_config;
+mod validation;
+mod workload;
+
+pub use cluster_config::{ClusterConfig, SchedulerWeights};
+pub use validation::{FieldError, ValidationErrors};
+pub use workload::{parse_manifest, Resources, Workload, WorkloadSpec, DEFAULT_NAMESPACE};
+
+/// Identifier of a coordinator in the Raft group.
+pub type CoordinatorId = u64;
