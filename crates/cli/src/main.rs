@@ -1,1 +1,458 @@
-fn main() {}
+//! `cloudlessctl`: the Cloudless command-line client.
+//!
+//! Exit codes: 0 success; 1 the server refused or failed the request; 2 bad
+//! usage or input (including manifest validation); 3 no coordinator reachable.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use cloudless_proto::v1::cluster_service_client::ClusterServiceClient;
+use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
+use cloudless_proto::v1::{self as pb, ReadConsistency, ReadOptions, WriteOptions};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+#[derive(Parser, Debug)]
+#[command(name = "cloudlessctl", version, about = "Manage a Cloudless cluster")]
+struct Cli {
+    /// Coordinator addresses (host:port), comma-separated; tried in order.
+    #[arg(
+        long,
+        short = 's',
+        env = "CLOUDLESS_SERVER",
+        default_value = "127.0.0.1:7400",
+        global = true
+    )]
+    server: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    /// Serve reads from the answering coordinator's local state (may be stale).
+    #[arg(long, global = true)]
+    stale: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Coordinator membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Create or update the workload in a manifest (YAML or JSON).
+    Apply {
+        /// Manifest file, or - for standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        /// Idempotency key: a retry with the same key is applied once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// List workloads, or show one.
+    Get {
+        /// What to get.
+        #[arg(value_parser = ["workloads", "workload", "wl"])]
+        kind: String,
+        /// A workload name.
+        name: Option<String>,
+        /// Namespace (default: all for lists, "default" for one).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+    /// Delete a workload.
+    Delete {
+        #[arg(value_parser = ["workload", "wl"])]
+        kind: String,
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+    /// Change a workload's replica count.
+    Scale {
+        #[arg(value_parser = ["workload", "wl"])]
+        kind: String,
+        name: String,
+        #[arg(long)]
+        replicas: u32,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members, leader, term, and commit/applied index per coordinator.
+    Status,
+    /// Remove a coordinator by node id.
+    Remove { node_id: u64 },
+    /// Show the cluster configuration record.
+    Config,
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 2,
+            error: e.into(),
+        }
+    }
+}
+
+fn status_failure(s: tonic::Status) -> Failure {
+    let code = if s.code() == Code::Unavailable { 3 } else { 1 };
+    Failure {
+        code,
+        error: anyhow::anyhow!("{}: {}", code_name(s.code()), s.message()),
+    }
+}
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::InvalidArgument => "invalid argument",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "conflict",
+        Code::Unavailable => "unavailable",
+        Code::Unimplemented => "not implemented",
+        Code::DeadlineExceeded => "timed out",
+        _ => "error",
+    }
+}
+
+/// Calls `f` on each server in turn; follows a leader hint once.
+async fn call<T, F, Fut>(servers: &str, mut f: F) -> Result<T, Failure>
+where
+    F: FnMut(Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut queue: Vec<String> = servers
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut last = None;
+    let mut i = 0;
+    while i < queue.len() && i < 8 {
+        let addr = queue[i].clone();
+        i += 1;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("--server: {addr:?} is not a host:port address"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
+        match f(channel).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == Code::Unavailable => {
+                if let Some(hint) = s
+                    .metadata()
+                    .get(cloudless_leader_key())
+                    .and_then(|v| v.to_str().ok())
+                {
+                    if !queue.iter().any(|q| q == hint) {
+                        queue.insert(i, hint.to_owned());
+                    }
+                }
+                last = Some(s);
+            }
+            Err(s) => return Err(status_failure(s)),
+        }
+    }
+    Err(match last {
+        Some(s) => status_failure(s),
+        None => Failure {
+            code: 2,
+            error: anyhow::anyhow!("--server: no coordinator address given"),
+        },
+    })
+}
+
+fn cloudless_leader_key() -> &'static str {
+    "x-cloudless-leader"
+}
+
+fn read_opts(stale: bool) -> Option<ReadOptions> {
+    Some(ReadOptions {
+        consistency: if stale {
+            ReadConsistency::Stale
+        } else {
+            ReadConsistency::Linearizable
+        } as i32,
+    })
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn workload_json(w: &pb::Workload) -> serde_json::Value {
+    let spec = w.spec.clone().unwrap_or_default();
+    serde_json::json!({
+        "namespace": w.namespace, "name": w.name, "generation": w.generation,
+        "createdAtMs": w.created_at_ms, "updatedAtMs": w.updated_at_ms,
+        "spec": { "image": spec.image, "replicas": spec.replicas, "command": spec.command,
+                  "args": spec.args, "env": spec.env, "labels": spec.labels, "priority": spec.priority }
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let servers = cli.server.as_str();
+    match cli.command {
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let s = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .status(pb::StatusRequest {})
+                    .await
+            })
+            .await?;
+            if cli.output == Output::Json {
+                let coords: Vec<_> = s.coordinators.iter().map(|c| serde_json::json!({
+                    "nodeId": c.node_id, "address": c.address, "reachable": c.reachable, "state": c.state,
+                    "term": c.term, "leaderId": c.leader_id, "lastLogIndex": c.last_log_index,
+                    "commitIndex": c.commit_index, "appliedIndex": c.applied_index,
+                    "snapshotIndex": c.snapshot_index, "error": c.error })).collect();
+                return print_json(
+                    &serde_json::json!({ "clusterId": s.cluster_id, "clusterName": s.cluster_name,
+                    "leaderId": s.leader_id, "term": s.term, "coordinators": coords }),
+                );
+            }
+            println!(
+                "cluster {} ({})  leader {}  term {}",
+                s.cluster_name, s.cluster_id, s.leader_id, s.term
+            );
+            println!(
+                "{:<20} {:<22} {:<8} {:<10} {:>6} {:>10} {:>10} {:>10}",
+                "NODE", "ADDRESS", "ROLE", "STATE", "TERM", "LAST-LOG", "COMMIT", "APPLIED"
+            );
+            for c in &s.coordinators {
+                let role = s
+                    .members
+                    .iter()
+                    .find(|m| m.node_id == c.node_id)
+                    .map_or("?", |m| {
+                        if m.role == pb::member::Role::Voter as i32 {
+                            "voter"
+                        } else {
+                            "learner"
+                        }
+                    });
+                if c.reachable {
+                    println!(
+                        "{:<20} {:<22} {:<8} {:<10} {:>6} {:>10} {:>10} {:>10}",
+                        c.node_id,
+                        c.address,
+                        role,
+                        c.state,
+                        c.term,
+                        c.last_log_index,
+                        c.commit_index,
+                        c.applied_index
+                    );
+                } else {
+                    println!(
+                        "{:<20} {:<22} {:<8} unreachable: {}",
+                        c.node_id, c.address, role, c.error
+                    );
+                }
+            }
+        }
+        Cmd::Cluster(ClusterCmd::Remove { node_id }) => {
+            let r = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .remove_coordinator(pb::RemoveCoordinatorRequest {
+                        write: None,
+                        node_id,
+                    })
+                    .await
+            })
+            .await?;
+            println!(
+                "removed coordinator {node_id}; {} member(s) remain",
+                r.members.len()
+            );
+        }
+        Cmd::Cluster(ClusterCmd::Config) => {
+            let read = read_opts(cli.stale);
+            let r = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .get_config(pb::GetConfigRequest { read })
+                    .await
+            })
+            .await?;
+            let c = r.config.unwrap_or_default();
+            let w = c.scheduler_weights.unwrap_or_default();
+            print_json(
+                &serde_json::json!({ "revision": r.revision, "clusterName": c.cluster_name,
+                "heartbeatIntervalMs": c.heartbeat_interval_ms, "suspectAfterMissedHeartbeats": c.suspect_after_missed_heartbeats,
+                "downAfterMs": c.down_after_ms, "leaderGraceMs": c.leader_grace_ms,
+                "schedulerWeights": { "locality": w.locality, "reliability": w.reliability, "cost": w.cost,
+                    "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels }),
+            )?;
+        }
+        Cmd::Apply {
+            file,
+            idempotency_key,
+        } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .context("reading the manifest from standard input")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
+            };
+            let w = cloudless_types::parse_manifest(&text).map_err(|e| Failure {
+                code: 2,
+                error: anyhow::anyhow!("{file}: {e}"),
+            })?;
+            let workload: pb::Workload = w.into();
+            let write = Some(WriteOptions {
+                idempotency_key: idempotency_key.unwrap_or_default(),
+            });
+            let r = call(servers, |ch| {
+                let req = pb::ApplyWorkloadRequest {
+                    write: write.clone(),
+                    workload: Some(workload.clone()),
+                };
+                async move { WorkloadServiceClient::new(ch).apply(req).await }
+            })
+            .await?;
+            let w = r.workload.unwrap_or_default();
+            let verb = if r.created { "created" } else { "configured" };
+            println!(
+                "workload {}/{} {verb} (generation {}, log index {})",
+                w.namespace,
+                w.name,
+                w.generation,
+                r.commit.map_or(0, |c| c.log_index)
+            );
+        }
+        Cmd::Get {
+            kind,
+            name,
+            namespace,
+        } => {
+            let read = read_opts(cli.stale);
+            let workloads = match name {
+                Some(name) => {
+                    let ns = namespace.unwrap_or_else(|| "default".into());
+                    let r = call(servers, |ch| {
+                        let req = pb::GetWorkloadRequest {
+                            read,
+                            namespace: ns.clone(),
+                            name: name.clone(),
+                        };
+                        async move { WorkloadServiceClient::new(ch).get(req).await }
+                    })
+                    .await?;
+                    r.workload.into_iter().collect::<Vec<_>>()
+                }
+                None if kind == "workload" => {
+                    return Err(Failure {
+                        code: 2,
+                        error: anyhow::anyhow!(
+                            "get workload: a name is required (or use `get workloads`)"
+                        ),
+                    })
+                }
+                None => {
+                    let ns = namespace.unwrap_or_default();
+                    call(servers, |ch| {
+                        let req = pb::ListWorkloadsRequest {
+                            read,
+                            namespace: ns.clone(),
+                        };
+                        async move { WorkloadServiceClient::new(ch).list(req).await }
+                    })
+                    .await?
+                    .workloads
+                }
+            };
+            if cli.output == Output::Json {
+                return print_json(&workloads.iter().map(workload_json).collect::<Vec<_>>());
+            }
+            println!(
+                "{:<12} {:<24} {:<32} {:>8} {:>10}",
+                "NAMESPACE", "NAME", "IMAGE", "REPLICAS", "GENERATION"
+            );
+            for w in &workloads {
+                let spec = w.spec.clone().unwrap_or_default();
+                println!(
+                    "{:<12} {:<24} {:<32} {:>8} {:>10}",
+                    w.namespace, w.name, spec.image, spec.replicas, w.generation
+                );
+            }
+        }
+        Cmd::Delete {
+            name, namespace, ..
+        } => {
+            call(servers, |ch| {
+                let req = pb::DeleteWorkloadRequest {
+                    write: None,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                async move { WorkloadServiceClient::new(ch).delete(req).await }
+            })
+            .await?;
+            println!("workload {namespace}/{name} deleted");
+        }
+        Cmd::Scale {
+            name,
+            replicas,
+            namespace,
+            ..
+        } => {
+            let r = call(servers, |ch| {
+                let req = pb::ScaleWorkloadRequest {
+                    write: None,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    replicas,
+                };
+                async move { WorkloadServiceClient::new(ch).scale(req).await }
+            })
+            .await?;
+            let w = r.workload.unwrap_or_default();
+            println!(
+                "workload {namespace}/{name} scaled to {replicas} (generation {})",
+                w.generation
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cloudlessctl: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("cloudlessctl: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,1 +1,15 @@
+//! The Cloudless coordinator: a Raft-replicated control plane with a gRPC API.
 
+mod cluster_service;
+pub mod config;
+mod coordinator;
+mod error;
+mod metrics;
+mod raft_network;
+mod raft_service;
+mod services;
+mod workload_service;
+
+pub use config::{ConfigError, ConfigSources, CoordinatorConfig};
+pub use coordinator::{now_ms, Coordinator, CoordinatorHandle, StartError, StartMode};
+pub use error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};

@@ -1,1 +1,158 @@
-fn main() {}
+//! `cloudless-coordinator`: parses flags, loads configuration, starts telemetry
+//! and runs one coordinator until SIGINT or SIGTERM.
+//!
+//! Exit codes: 0 clean shutdown; 2 invalid configuration; 3 could not start
+//! (data directory, listeners, Raft); 1 any other failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use cloudless_coordinator::{ConfigSources, Coordinator, CoordinatorConfig, StartMode};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cloudless-coordinator",
+    version,
+    about = "Cloudless coordinator (Raft-replicated control plane)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Bootstrap a new cluster with this coordinator as its first member, then serve.
+    /// On a data dir that already holds cluster state this just resumes.
+    Init(Common),
+    /// Serve from the data dir; with --join, ask an existing coordinator to add this one.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// host:port of any coordinator of the cluster to join.
+        #[arg(long, env = "CLOUDLESS_JOIN")]
+        join: Option<String>,
+    },
+    /// Check the configuration and print it, without starting anything.
+    CheckConfig(Common),
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// TOML configuration file (see config/coordinator.toml).
+    #[arg(long, short = 'c', env = "CLOUDLESS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Overrides `listen_addr`.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Overrides `advertise_addr`.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Overrides `http_addr`.
+    #[arg(long)]
+    http: Option<String>,
+    /// Overrides `node_id`.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Overrides any key: --set raft.heartbeat_interval_ms=50 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl Common {
+    fn sources(&self) -> Result<ConfigSources, String> {
+        let mut flags = Vec::new();
+        for (key, v) in [
+            ("data_dir", &self.data_dir),
+            ("listen_addr", &self.listen),
+            ("advertise_addr", &self.advertise),
+            ("http_addr", &self.http),
+            ("node_id", &self.node_id),
+        ] {
+            if let Some(v) = v {
+                flags.push((key.to_owned(), v.clone()));
+            }
+        }
+        for kv in &self.set {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+            flags.push((k.trim().to_owned(), v.to_owned()));
+        }
+        Ok(ConfigSources {
+            file: self.config.clone(),
+            env: std::env::vars()
+                .filter(|(k, _)| k.starts_with("CLOUDLESS_"))
+                .collect(),
+            flags,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (common, mode) = match cli.command {
+        Cmd::Init(c) => (c, Some(StartMode::Init)),
+        Cmd::Run { common, join } => (common, Some(StartMode::Run { join })),
+        Cmd::CheckConfig(c) => (c, None),
+    };
+    let config = match common
+        .sources()
+        .map_err(|e| e.to_string())
+        .and_then(|s| CoordinatorConfig::load(&s).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cloudless-coordinator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(mode) = mode else {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    };
+    cloudless_telemetry::init_logging(config.log_format, &config.log_filter);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cloudless-coordinator: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let coordinator = match Coordinator::start(config, mode).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("cloudless-coordinator: cannot start: {e}");
+                return ExitCode::from(3);
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        coordinator.shutdown(Duration::from_secs(10)).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the coordinator");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

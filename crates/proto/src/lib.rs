@@ -6,3 +6,6 @@
 pub mod v1 {
     tonic::include_proto!("cloudless.v1");
 }
+
+mod convert;
+pub use convert::{cluster_config_from_wire, workload_from_wire};

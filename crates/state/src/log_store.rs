@@ -31,6 +31,8 @@ pub struct LogStore {
 
 struct Inner {
     path: PathBuf,
+    /// Latest committed index openraft reported through `save_committed`.
+    committed: Arc<std::sync::atomic::AtomicU64>,
     db: Arc<Database>,
     /// `None` only while dropping.
     flush_tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
@@ -77,11 +79,17 @@ impl LogStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
+                committed: Arc::default(),
                 db,
                 flush_tx: Some(flush_tx),
                 flusher: Some(flusher),
             }),
         })
+    }
+
+    /// The commit index as last reported by Raft on this node (0 before any).
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.inner.committed.clone()
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
@@ -305,6 +313,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
         // A hint for faster re-apply after restart: made durable by the next flush.
+        if let Some(c) = &committed {
+            self.inner
+                .committed
+                .store(c.index, std::sync::atomic::Ordering::Relaxed);
+        }
         self.put_meta(KEY_COMMITTED, &committed, Durability::None)
             .map_err(|e| io_err!(write_logs, e))
     }

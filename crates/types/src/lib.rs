@@ -7,7 +7,9 @@ mod workload;
 
 pub use cluster_config::{ClusterConfig, SchedulerWeights};
 pub use validation::{FieldError, ValidationErrors};
-pub use workload::{parse_manifest, Resources, Workload, WorkloadSpec, DEFAULT_NAMESPACE};
+pub use workload::{
+    parse_manifest, Resources, Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,
+};
 
 /// Identifier of a coordinator in the Raft group.
 pub type CoordinatorId = u64;

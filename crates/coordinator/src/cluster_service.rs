@@ -1,0 +1,210 @@
+//! `ClusterService`: membership, status and the cluster configuration record.
+
+use std::time::Duration;
+
+use cloudless_proto::v1::cluster_service_client::ClusterServiceClient;
+use cloudless_proto::v1::cluster_service_server::ClusterService;
+use cloudless_proto::v1::{
+    CoordinatorStatus, GetConfigRequest, GetConfigResponse, JoinCoordinatorRequest,
+    JoinCoordinatorResponse, LocalStatusRequest, RemoveCoordinatorRequest,
+    RemoveCoordinatorResponse, SetConfigRequest, SetConfigResponse, StatusRequest, StatusResponse,
+};
+use cloudless_state::{Command, Response as SmResponse};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::CoordinatorHandle;
+use crate::error::CoordinatorError;
+use crate::services::{idempotency_key, leader_or_forward};
+
+/// The `ClusterService` implementation.
+#[derive(Debug, Clone)]
+pub struct ClusterApi {
+    handle: CoordinatorHandle,
+}
+
+impl ClusterApi {
+    /// Serves `handle`.
+    pub fn new(handle: CoordinatorHandle) -> Self {
+        Self { handle }
+    }
+}
+
+fn check_address(field: &str, address: &str) -> Result<(), CoordinatorError> {
+    let ok = address.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && !h.contains(char::is_whitespace) && p.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "{field}: {address:?} is not a host:port address"
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let h = &self.handle;
+        let local = h.local_status();
+        let members = h.members();
+        let mut coordinators = Vec::with_capacity(members.len());
+        let probes = members.iter().filter(|m| m.node_id != h.id()).map(|m| {
+            let h = h.clone();
+            let m = m.clone();
+            async move {
+                let unreachable = |error: String| CoordinatorStatus {
+                    node_id: m.node_id,
+                    address: m.address.clone(),
+                    reachable: false,
+                    error,
+                    ..CoordinatorStatus::default()
+                };
+                let ch = match h.peer_channel(&m.address) {
+                    Ok(ch) => ch,
+                    Err(e) => return unreachable(e.to_string()),
+                };
+                let mut req = Request::new(LocalStatusRequest {});
+                req.set_timeout(Duration::from_secs(1));
+                match ClusterServiceClient::new(ch).local_status(req).await {
+                    Ok(r) => r.into_inner(),
+                    Err(s) => unreachable(s.message().to_owned()),
+                }
+            }
+        });
+        coordinators.push(local.clone());
+        coordinators.extend(futures::future::join_all(probes).await);
+        coordinators.sort_by_key(|c| c.node_id);
+        let (cluster_id, cluster_name) = match h.reader().cluster() {
+            Ok(Some(c)) => (c.cluster_id, c.config.cluster_name),
+            _ => (String::new(), String::new()),
+        };
+        Ok(Response::new(StatusResponse {
+            cluster_id,
+            cluster_name,
+            leader_id: local.leader_id,
+            term: local.term,
+            members,
+            coordinators,
+        }))
+    }
+
+    async fn local_status(
+        &self,
+        _req: Request<LocalStatusRequest>,
+    ) -> Result<Response<CoordinatorStatus>, Status> {
+        Ok(Response::new(self.handle.local_status()))
+    }
+
+    async fn join_coordinator(
+        &self,
+        req: Request<JoinCoordinatorRequest>,
+    ) -> Result<Response<JoinCoordinatorResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: JoinCoordinatorRequest| async move {
+                if r.node_id == 0 {
+                    return Err(CoordinatorError::InvalidArgument(
+                        "node_id: must not be 0".into(),
+                    ));
+                }
+                check_address("address", &r.address)?;
+                let commit = h.join(r.node_id, r.address).await?;
+                Ok(JoinCoordinatorResponse {
+                    members: h.members(),
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { ClusterServiceClient::new(ch).join_coordinator(r).await },
+        )
+        .await
+    }
+
+    async fn remove_coordinator(
+        &self,
+        req: Request<RemoveCoordinatorRequest>,
+    ) -> Result<Response<RemoveCoordinatorResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RemoveCoordinatorRequest| async move {
+                if r.node_id == 0 {
+                    return Err(CoordinatorError::InvalidArgument(
+                        "node_id: must not be 0".into(),
+                    ));
+                }
+                let commit = h.remove(r.node_id).await?;
+                Ok(RemoveCoordinatorResponse {
+                    members: h.members(),
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { ClusterServiceClient::new(ch).remove_coordinator(r).await },
+        )
+        .await
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<GetConfigRequest>,
+    ) -> Result<Response<GetConfigResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: GetConfigRequest| async move {
+                h.read_barrier(r.read.as_ref()).await?;
+                let c = h.cluster()?;
+                Ok(GetConfigResponse {
+                    config: Some(c.config.into()),
+                    revision: c.revision,
+                })
+            },
+            |ch, r| async move { ClusterServiceClient::new(ch).get_config(r).await },
+        )
+        .await
+    }
+
+    async fn set_config(
+        &self,
+        req: Request<SetConfigRequest>,
+    ) -> Result<Response<SetConfigResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: SetConfigRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let config = cloudless_proto::cluster_config_from_wire(r.config)?;
+                let expected_revision = (r.expected_revision != 0).then_some(r.expected_revision);
+                let (resp, commit) = h
+                    .write(
+                        key,
+                        Command::SetClusterConfig {
+                            config,
+                            expected_revision,
+                        },
+                    )
+                    .await?;
+                match resp {
+                    SmResponse::ConfigSet(info) => Ok(SetConfigResponse {
+                        config: Some(info.config.into()),
+                        revision: info.revision,
+                        commit: Some(commit),
+                    }),
+                    other => Err(CoordinatorError::Fatal(format!(
+                        "unexpected state machine answer {other:?}"
+                    ))),
+                }
+            },
+            |ch, r| async move { ClusterServiceClient::new(ch).set_config(r).await },
+        )
+        .await
+    }
+}

@@ -1,0 +1,635 @@
+//! A running coordinator: Raft node, gRPC services, HTTP endpoints.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cloudless_proto::v1;
+use cloudless_state::{
+    ClusterInfo, Command, CoordinatorNode, NodeId, Raft, Request, Response, StateReader,
+};
+use cloudless_types::ClusterConfig;
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::CoordinatorConfig;
+use crate::error::CoordinatorError;
+use crate::metrics::RaftMetrics;
+use crate::raft_network::{Network, MAX_RAFT_MESSAGE};
+
+/// How a coordinator starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartMode {
+    /// Bootstrap a new single-member cluster (no-op if this data dir already belongs to one).
+    Init,
+    /// Resume from the data dir; if not yet a member, ask the coordinator at `join` to add us.
+    Run {
+        /// Address of any existing coordinator.
+        join: Option<String>,
+    },
+}
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be used.
+    #[error(transparent)]
+    State(#[from] cloudless_state::StateError),
+    /// The `node_id` file is unreadable or does not match the configuration.
+    #[error("{0}")]
+    NodeId(String),
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Raft refused the configuration or failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Cheap-to-clone handle used by the API services.
+#[derive(Clone)]
+pub struct CoordinatorHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    id: NodeId,
+    address: String,
+    raft: Raft,
+    reader: StateReader,
+    committed: Arc<AtomicU64>,
+    peers: Mutex<HashMap<String, Channel>>,
+}
+
+impl std::fmt::Debug for CoordinatorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorHandle")
+            .field("id", &self.inner.id)
+            .finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn leader_of(f: &ForwardToLeader<NodeId, CoordinatorNode>) -> CoordinatorError {
+    CoordinatorError::NotLeader {
+        leader: f
+            .leader_id
+            .zip(f.leader_node.as_ref().map(|n| n.address.clone())),
+    }
+}
+
+fn write_error(
+    e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>,
+) -> CoordinatorError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => leader_of(&f),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            CoordinatorError::Membership(e.to_string())
+        }
+        RaftError::Fatal(f) => CoordinatorError::Fatal(f.to_string()),
+    }
+}
+
+impl CoordinatorHandle {
+    /// This coordinator's node id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The address this coordinator advertises.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The applied state.
+    pub fn reader(&self) -> &StateReader {
+        &self.inner.reader
+    }
+
+    /// Proposes `command` and waits until it is committed and applied. A
+    /// rejection by the state machine comes back as an error.
+    pub async fn write(
+        &self,
+        idempotency_key: Option<String>,
+        command: Command,
+    ) -> Result<(Response, v1::CommitInfo), CoordinatorError> {
+        let req = Request {
+            idempotency_key,
+            proposed_at_ms: now_ms(),
+            command,
+        };
+        let resp = self
+            .inner
+            .raft
+            .client_write(req)
+            .await
+            .map_err(write_error)?;
+        let commit = v1::CommitInfo {
+            log_index: resp.log_id.index,
+            term: resp.log_id.leader_id.term,
+            leader_id: self.inner.id,
+        };
+        match resp.data {
+            Response::Rejected(r) => Err(r.into()),
+            data => Ok((data, commit)),
+        }
+    }
+
+    /// Waits until a read at this coordinator is linearizable (unless `stale`).
+    pub async fn read_barrier(
+        &self,
+        read: Option<&v1::ReadOptions>,
+    ) -> Result<(), CoordinatorError> {
+        let stale = read.is_some_and(|r| r.consistency() == v1::ReadConsistency::Stale);
+        if stale {
+            return Ok(());
+        }
+        match self.inner.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(leader_of(&f)),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(CoordinatorError::NotLeader { leader: None })
+                    .inspect_err(|_| tracing::warn!(error = %q, "linearizable read without quorum"))
+            }
+            Err(RaftError::Fatal(f)) => Err(CoordinatorError::Fatal(f.to_string())),
+        }
+    }
+
+    /// The cluster record, or `NotInitialized`.
+    pub fn cluster(&self) -> Result<ClusterInfo, CoordinatorError> {
+        self.inner
+            .reader
+            .cluster()?
+            .ok_or(CoordinatorError::NotInitialized)
+    }
+
+    /// A (cached) channel to another coordinator.
+    pub fn peer_channel(&self, address: &str) -> Result<Channel, CoordinatorError> {
+        let mut peers = self
+            .inner
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = peers.get(address) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| CoordinatorError::InvalidArgument(format!("address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        peers.insert(address.to_owned(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Current members with their roles.
+    pub fn members(&self) -> Vec<v1::Member> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        m.nodes()
+            .map(|(id, node)| v1::Member {
+                node_id: *id,
+                address: node.address.clone(),
+                role: if voters.contains(id) {
+                    v1::member::Role::Voter
+                } else {
+                    v1::member::Role::Learner
+                } as i32,
+            })
+            .collect()
+    }
+
+    /// This node's Raft view.
+    pub fn local_status(&self) -> v1::CoordinatorStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        v1::CoordinatorStatus {
+            node_id: self.inner.id,
+            address: self.inner.address.clone(),
+            reachable: true,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: self.inner.committed.load(Ordering::Relaxed),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            error: String::new(),
+        }
+    }
+
+    /// Adds a coordinator as learner, waits for it to catch up, then promotes it to voter.
+    pub async fn join(
+        &self,
+        node_id: NodeId,
+        address: String,
+    ) -> Result<v1::CommitInfo, CoordinatorError> {
+        let raft = &self.inner.raft;
+        let m = raft.metrics().borrow().membership_config.clone();
+        if let Some(existing) = m
+            .nodes()
+            .find(|(id, _)| **id == node_id)
+            .map(|(_, n)| n.clone())
+        {
+            if existing.address != address {
+                return Err(CoordinatorError::Membership(format!(
+                    "node {node_id} is already a member at {}, not {address}; remove it first",
+                    existing.address
+                )));
+            }
+        } else if let Some((id, _)) = m.nodes().find(|(_, n)| n.address == address) {
+            return Err(CoordinatorError::Membership(format!(
+                "address {address} already belongs to member {id}"
+            )));
+        }
+        tracing::info!(node_id, %address, "adding coordinator as learner");
+        raft.add_learner(node_id, CoordinatorNode { address }, true)
+            .await
+            .map_err(write_error)?;
+        tracing::info!(node_id, "learner caught up; promoting to voter");
+        let resp = raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+            .await
+            .map_err(write_error)?;
+        Ok(v1::CommitInfo {
+            log_index: resp.log_id.index,
+            term: resp.log_id.leader_id.term,
+            leader_id: self.inner.id,
+        })
+    }
+
+    /// Removes a coordinator from the cluster.
+    pub async fn remove(&self, node_id: NodeId) -> Result<v1::CommitInfo, CoordinatorError> {
+        let raft = &self.inner.raft;
+        let m = raft.metrics().borrow().membership_config.clone();
+        let is_voter = m.membership().voter_ids().any(|id| id == node_id);
+        let is_node = m.nodes().any(|(id, _)| *id == node_id);
+        if !is_node {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "node_id: {node_id} is not a member of this cluster"
+            )));
+        }
+        if is_voter && m.membership().voter_ids().count() == 1 {
+            return Err(CoordinatorError::Membership(format!(
+                "node {node_id} is the only voter; a cluster cannot remove its last voter"
+            )));
+        }
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+        };
+        let resp = raft
+            .change_membership(change, false)
+            .await
+            .map_err(write_error)?;
+        Ok(v1::CommitInfo {
+            log_index: resp.log_id.index,
+            term: resp.log_id.leader_id.term,
+            leader_id: self.inner.id,
+        })
+    }
+}
+
+/// A running coordinator. Call [`Coordinator::shutdown`] to stop it in order.
+#[derive(Debug)]
+pub struct Coordinator {
+    handle: CoordinatorHandle,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    api_cancel: CancellationToken,
+    bg_cancel: CancellationToken,
+    api_task: JoinHandle<()>,
+    bg_tasks: Vec<JoinHandle<()>>,
+}
+
+/// Reads `<data_dir>/node_id`, or creates it with `configured` (or a random id when 0).
+fn resolve_node_id(data_dir: &Path, configured: u64) -> Result<NodeId, StartError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        StartError::NodeId(format!(
+            "cannot create data dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let path = data_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let stored: u64 = text.trim().parse().map_err(|_| {
+                StartError::NodeId(format!(
+                    "{} does not hold a node id: {:?}",
+                    path.display(),
+                    text.trim()
+                ))
+            })?;
+            if configured != 0 && configured != stored {
+                return Err(StartError::NodeId(format!(
+                    "node_id is configured as {configured} but {} says {stored}; a data dir belongs to one node",
+                    path.display()
+                )));
+            }
+            Ok(stored)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if data_dir.join(cloudless_state::LOG_FILE).exists() {
+                return Err(StartError::NodeId(format!(
+                    "{} is missing but the data dir holds a Raft log; restore the file or use a fresh data dir",
+                    path.display()
+                )));
+            }
+            let id = if configured != 0 {
+                configured
+            } else {
+                rand::random::<u64>() >> 12 | 1
+            };
+            let tmp = data_dir.join("node_id.tmp");
+            std::fs::write(&tmp, format!("{id}\n"))
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| StartError::NodeId(format!("cannot write {}: {e}", path.display())))?;
+            Ok(id)
+        }
+        Err(e) => Err(StartError::NodeId(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+impl Coordinator {
+    /// Opens the data dir, starts Raft, binds the listeners and serves.
+    pub async fn start(config: CoordinatorConfig, mode: StartMode) -> Result<Self, StartError> {
+        let id = resolve_node_id(&config.data_dir, config.node_id)?;
+        let mut registry = Registry::default();
+        let metrics = RaftMetrics::register(&mut registry);
+        let (log, sm) =
+            cloudless_state::open_stores(&config.data_dir, metrics.apply_latency.clone())?;
+        let reader = sm.reader();
+        let committed = log.committed_index();
+
+        let raft_config = openraft::Config {
+            cluster_name: "cloudless".into(),
+            heartbeat_interval: config.raft.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: config.raft.election_timeout_min.as_millis() as u64,
+            election_timeout_max: config.raft.election_timeout_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: config.raft.logs_to_keep_after_snapshot,
+            snapshot_max_chunk_size: 1024 * 1024,
+            install_snapshot_timeout: 10_000,
+            ..openraft::Config::default()
+        };
+        let raft_config = Arc::new(
+            raft_config
+                .validate()
+                .map_err(|e| StartError::Raft(e.to_string()))?,
+        );
+        let raft = Raft::new(id, raft_config, Network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let handle = CoordinatorHandle {
+            inner: Arc::new(HandleInner {
+                id,
+                address: config.advertise_addr.clone(),
+                raft: raft.clone(),
+                reader,
+                committed: committed.clone(),
+                peers: Mutex::default(),
+            }),
+        };
+
+        let listener = tokio::net::TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "gRPC listener",
+                addr: config.listen_addr,
+                source,
+            })?;
+        let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            what: "gRPC listener",
+            addr: config.listen_addr,
+            source,
+        })?;
+
+        let api_cancel = CancellationToken::new();
+        let bg_cancel = CancellationToken::new();
+        let api_task = tokio::spawn(crate::services::serve(
+            handle.clone(),
+            listener,
+            api_cancel.clone(),
+        ));
+
+        let ready_handle = handle.clone();
+        let readiness: cloudless_telemetry::Readiness = Arc::new(move || {
+            let m = ready_handle.raft().metrics().borrow().clone();
+            if !m
+                .membership_config
+                .nodes()
+                .any(|(n, _)| *n == ready_handle.id())
+            {
+                return Err("not a member of a cluster".into());
+            }
+            if m.current_leader.is_none() {
+                return Err("no known leader".into());
+            }
+            Ok(())
+        });
+        let (http_addr, http_task) = cloudless_telemetry::serve_http(
+            config.http_addr,
+            Arc::new(registry),
+            readiness,
+            bg_cancel.clone(),
+        )
+        .await
+        .map_err(|e| match e {
+            cloudless_telemetry::TelemetryError::Bind { addr, source } => StartError::Bind {
+                what: "HTTP listener",
+                addr,
+                source,
+            },
+        })?;
+        let mut bg_tasks = vec![
+            http_task,
+            tokio::spawn(metrics.run(raft.clone(), committed, bg_cancel.clone())),
+        ];
+
+        match mode {
+            StartMode::Init => {
+                let node = CoordinatorNode {
+                    address: config.advertise_addr.clone(),
+                };
+                match raft.initialize(BTreeMap::from([(id, node)])).await {
+                    Ok(()) => tracing::info!(node_id = id, "bootstrapped a new cluster"),
+                    Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                        tracing::info!(
+                            node_id = id,
+                            "data dir already holds cluster state; resuming"
+                        )
+                    }
+                    Err(e) => return Err(StartError::Raft(e.to_string())),
+                }
+                bg_tasks.push(tokio::spawn(ensure_cluster_record(
+                    handle.clone(),
+                    config.cluster_name.clone(),
+                    bg_cancel.clone(),
+                )));
+            }
+            StartMode::Run { join: Some(target) } => {
+                bg_tasks.push(tokio::spawn(join_cluster(
+                    handle.clone(),
+                    target,
+                    bg_cancel.clone(),
+                )));
+            }
+            StartMode::Run { join: None } => {}
+        }
+        tracing::info!(node_id = id, grpc = %grpc_addr, http = %http_addr, advertise = %config.advertise_addr, "coordinator started");
+        Ok(Self {
+            handle,
+            grpc_addr,
+            http_addr,
+            api_cancel,
+            bg_cancel,
+            api_task,
+            bg_tasks,
+        })
+    }
+
+    /// The handle.
+    pub fn handle(&self) -> &CoordinatorHandle {
+        &self.handle
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Stops the API, then the background loops, then Raft (which flushes storage), within `deadline`.
+    pub async fn shutdown(self, deadline: Duration) {
+        let id = self.handle.id();
+        let work = async move {
+            self.api_cancel.cancel();
+            let _ = self.api_task.await;
+            self.bg_cancel.cancel();
+            for t in self.bg_tasks {
+                let _ = t.await;
+            }
+            if let Err(e) = self.handle.raft().shutdown().await {
+                tracing::error!(error = %e, "raft shutdown failed");
+            }
+        };
+        if tokio::time::timeout(deadline, work).await.is_err() {
+            tracing::warn!(node_id = id, "shutdown did not finish within {deadline:?}");
+        }
+    }
+}
+
+/// After `init`, records the cluster's identity once this node leads.
+async fn ensure_cluster_record(handle: CoordinatorHandle, name: String, cancel: CancellationToken) {
+    loop {
+        if matches!(handle.reader().cluster(), Ok(Some(_))) {
+            return;
+        }
+        let is_leader = handle.raft().metrics().borrow().state == ServerState::Leader;
+        if is_leader {
+            let config = ClusterConfig {
+                cluster_name: name.clone(),
+                ..ClusterConfig::default()
+            };
+            let cmd = Command::InitCluster {
+                cluster_id: uuid::Uuid::new_v4().to_string(),
+                config,
+            };
+            match handle.write(Some("init-cluster".into()), cmd).await {
+                Ok(_) => {
+                    tracing::info!("cluster record written");
+                    return;
+                }
+                Err(CoordinatorError::Rejected(_)) => return,
+                Err(e) => tracing::warn!(error = %e, "writing the cluster record failed; retrying"),
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// Asks the coordinator at `target` to add this node, retrying until it is a member.
+async fn join_cluster(handle: CoordinatorHandle, target: String, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let is_member = handle
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == handle.id());
+        if is_member {
+            tracing::info!(node_id = handle.id(), "member of the cluster");
+            return;
+        }
+        let result = async {
+            let ch = handle.peer_channel(&target)?;
+            let mut client = v1::cluster_service_client::ClusterServiceClient::new(ch)
+                .max_decoding_message_size(MAX_RAFT_MESSAGE);
+            let mut req = tonic::Request::new(v1::JoinCoordinatorRequest {
+                write: None,
+                node_id: handle.id(),
+                address: handle.address().to_owned(),
+            });
+            req.set_timeout(Duration::from_secs(60));
+            client
+                .join_coordinator(req)
+                .await
+                .map_err(|s| CoordinatorError::Membership(s.message().to_owned()))
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(node_id = handle.id(), %target, "joined the cluster");
+                return;
+            }
+            Err(e) => tracing::warn!(%target, error = %e, "join failed; retrying in {backoff:?}"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

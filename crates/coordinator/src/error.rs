@@ -1,0 +1,75 @@
+//! Coordinator errors and their one mapping to gRPC status codes.
+
+use cloudless_state::{Rejection, StateError};
+use cloudless_types::ValidationErrors;
+use tonic::{Code, Status};
+
+/// gRPC metadata key carrying the leader's address on `Unavailable` answers.
+pub const LEADER_HINT_KEY: &str = "x-cloudless-leader";
+/// gRPC metadata key marking a call already forwarded by a follower (no second hop).
+pub const FORWARDED_KEY: &str = "x-cloudless-forwarded";
+
+/// Why a coordinator call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The request is malformed; the message names the field.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// The request's fields failed validation.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] ValidationErrors),
+    /// This coordinator is not the leader; the leader is given when known.
+    #[error("not the leader{}", .leader.as_ref().map(|(id, a)| format!("; the leader is node {id} at {a}")).unwrap_or_else(|| "; no leader is known yet".into()))]
+    NotLeader {
+        /// The leader's id and address.
+        leader: Option<(u64, String)>,
+    },
+    /// The state rejected the command.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// A membership change could not be made.
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    /// The cluster has not been initialised.
+    #[error("this coordinator is not part of an initialised cluster yet")]
+    NotInitialized,
+    /// Raft has stopped or its storage failed: this component is dead.
+    #[error("raft is not running: {0}")]
+    Fatal(String),
+    /// Reading the local state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        let msg = e.to_string();
+        let code = match &e {
+            CoordinatorError::InvalidArgument(_) | CoordinatorError::Invalid(_) => {
+                Code::InvalidArgument
+            }
+            CoordinatorError::NotLeader { .. } | CoordinatorError::NotInitialized => {
+                Code::Unavailable
+            }
+            CoordinatorError::Rejected(r) => match r {
+                Rejection::WorkloadNotFound { .. } => Code::NotFound,
+                Rejection::AlreadyInitialized { .. } => Code::AlreadyExists,
+                Rejection::RevisionMismatch { .. } => Code::Aborted,
+                Rejection::NotInitialized => Code::FailedPrecondition,
+                Rejection::IdempotencyKeyReused { .. } => Code::InvalidArgument,
+            },
+            CoordinatorError::Membership(_) => Code::FailedPrecondition,
+            CoordinatorError::Fatal(_) | CoordinatorError::State(_) => Code::Internal,
+        };
+        let mut status = Status::new(code, msg);
+        if let CoordinatorError::NotLeader {
+            leader: Some((_, addr)),
+        } = &e
+        {
+            if let Ok(v) = addr.parse() {
+                status.metadata_mut().insert(LEADER_HINT_KEY, v);
+            }
+        }
+        status
+    }
+}

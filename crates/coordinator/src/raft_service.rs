@@ -1,0 +1,62 @@
+//! The receiving side of Raft traffic.
+
+use cloudless_proto::v1::raft_service_server::RaftService;
+use cloudless_proto::v1::RaftPayload;
+use cloudless_state::Raft;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+/// Hands decoded Raft RPCs to the local Raft.
+#[derive(Clone)]
+pub struct RaftGrpc {
+    raft: Raft,
+}
+
+impl std::fmt::Debug for RaftGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RaftGrpc")
+    }
+}
+
+impl RaftGrpc {
+    /// Serves `raft`.
+    pub fn new(raft: Raft) -> Self {
+        Self { raft }
+    }
+}
+
+fn decode<T: DeserializeOwned>(req: Request<RaftPayload>, what: &str) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("malformed {what} payload: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    serde_json::to_vec(value)
+        .map(|data| Response::new(RaftPayload { data }))
+        .map_err(|e| Status::internal(format!("encoding raft response: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftGrpc {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req, "append_entries")?;
+        encode(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req, "vote")?;
+        encode(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req, "install_snapshot")?;
+        encode(&self.raft.install_snapshot(rpc).await)
+    }
+}

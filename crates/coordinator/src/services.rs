@@ -1,0 +1,101 @@
+//! gRPC server set-up and the follower-to-leader forwarding every service uses.
+
+use std::future::Future;
+use std::time::Duration;
+
+use cloudless_proto::v1::cluster_service_server::ClusterServiceServer;
+use cloudless_proto::v1::raft_service_server::RaftServiceServer;
+use cloudless_proto::v1::workload_service_server::WorkloadServiceServer;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::cluster_service::ClusterApi;
+use crate::coordinator::CoordinatorHandle;
+use crate::error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
+use crate::raft_network::MAX_RAFT_MESSAGE;
+use crate::raft_service::RaftGrpc;
+use crate::workload_service::WorkloadApi;
+
+/// How long a forwarded call may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves Raft and the public API on `listener` until `cancel` fires.
+pub async fn serve(
+    handle: CoordinatorHandle,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            RaftServiceServer::new(RaftGrpc::new(handle.raft().clone()))
+                .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE),
+        )
+        .add_service(ClusterServiceServer::new(ClusterApi::new(handle.clone())))
+        .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)))
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// Runs `local`; if this coordinator is not the leader and the call was not
+/// already forwarded, sends the same request to the leader with `remote`.
+pub(crate) async fn leader_or_forward<Req, Resp, L, LF, R, RF>(
+    handle: &CoordinatorHandle,
+    request: Request<Req>,
+    local: L,
+    remote: R,
+) -> Result<Response<Resp>, Status>
+where
+    Req: Clone,
+    L: FnOnce(Req) -> LF,
+    LF: Future<Output = Result<Resp, CoordinatorError>>,
+    R: FnOnce(Channel, Request<Req>) -> RF,
+    RF: Future<Output = Result<Response<Resp>, Status>>,
+{
+    let forwarded = request.metadata().contains_key(FORWARDED_KEY);
+    let req = request.into_inner();
+    match local(req.clone()).await {
+        Ok(r) => Ok(Response::new(r)),
+        Err(CoordinatorError::NotLeader {
+            leader: Some((leader_id, address)),
+        }) if !forwarded && leader_id != handle.id() => {
+            let channel = handle.peer_channel(&address)?;
+            let mut fwd = Request::new(req);
+            fwd.metadata_mut().insert(
+                FORWARDED_KEY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            fwd.set_timeout(FORWARD_TIMEOUT);
+            tracing::debug!(leader_id, %address, "forwarding to the leader");
+            remote(channel, fwd).await.map_err(|mut status| {
+                if status.code() == tonic::Code::Unavailable {
+                    if let Ok(v) = address.parse() {
+                        status.metadata_mut().insert(LEADER_HINT_KEY, v);
+                    }
+                }
+                status
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The idempotency key of a mutating request, checked.
+pub(crate) fn idempotency_key(
+    write: Option<&cloudless_proto::v1::WriteOptions>,
+) -> Result<Option<String>, CoordinatorError> {
+    match write.map(|w| w.idempotency_key.as_str()) {
+        None | Some("") => Ok(None),
+        Some(k) if k.len() > 128 => Err(CoordinatorError::InvalidArgument(format!(
+            "write.idempotency_key: {} bytes long, at most 128 are allowed",
+            k.len()
+        ))),
+        Some(k) => Ok(Some(k.to_owned())),
+    }
+}

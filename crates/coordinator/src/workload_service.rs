@@ -1,0 +1,244 @@
+//! `WorkloadService`: desired state for workloads, replicated through Raft.
+
+use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
+use cloudless_proto::v1::workload_service_server::WorkloadService;
+use cloudless_proto::v1::{
+    ApplyWorkloadRequest, ApplyWorkloadResponse, DeleteWorkloadRequest, DeleteWorkloadResponse,
+    Event, EventsRequest, ExecInput, ExecOutput, GetWorkloadRequest, GetWorkloadResponse,
+    ListWorkloadsRequest, ListWorkloadsResponse, LogChunk, LogsRequest, RolloutHistoryRequest,
+    RolloutHistoryResponse, RolloutStatusRequest, RolloutStatusResponse, RolloutUndoRequest,
+    RolloutUndoResponse, ScaleWorkloadRequest, ScaleWorkloadResponse,
+};
+use cloudless_state::{Command, Rejection, Response as SmResponse};
+use cloudless_types::DEFAULT_NAMESPACE;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::coordinator::CoordinatorHandle;
+use crate::error::CoordinatorError;
+use crate::services::{idempotency_key, leader_or_forward};
+
+/// The `WorkloadService` implementation.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    handle: CoordinatorHandle,
+}
+
+impl WorkloadApi {
+    /// Serves `handle`.
+    pub fn new(handle: CoordinatorHandle) -> Self {
+        Self { handle }
+    }
+}
+
+fn namespace_or_default(ns: String) -> String {
+    if ns.is_empty() {
+        DEFAULT_NAMESPACE.to_owned()
+    } else {
+        ns
+    }
+}
+
+fn require_name(name: &str) -> Result<(), CoordinatorError> {
+    if name.is_empty() {
+        Err(CoordinatorError::InvalidArgument(
+            "name: must not be empty".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn stored(resp: SmResponse) -> Result<(cloudless_types::Workload, bool), CoordinatorError> {
+    match resp {
+        SmResponse::WorkloadStored { workload, created } => Ok((workload, created)),
+        other => Err(CoordinatorError::Fatal(format!(
+            "unexpected state machine answer {other:?}"
+        ))),
+    }
+}
+
+type Stream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+const LATER: &str =
+    "arrives with workload execution (issue 6); this coordinator stores desired state only";
+
+#[tonic::async_trait]
+impl WorkloadService for WorkloadApi {
+    async fn apply(
+        &self,
+        req: Request<ApplyWorkloadRequest>,
+    ) -> Result<Response<ApplyWorkloadResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: ApplyWorkloadRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let workload = cloudless_proto::workload_from_wire(r.workload)?;
+                let (resp, commit) = h.write(key, Command::PutWorkload { workload }).await?;
+                let (w, created) = stored(resp)?;
+                Ok(ApplyWorkloadResponse {
+                    workload: Some(w.into()),
+                    created,
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).apply(r).await },
+        )
+        .await
+    }
+
+    async fn get(
+        &self,
+        req: Request<GetWorkloadRequest>,
+    ) -> Result<Response<GetWorkloadResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: GetWorkloadRequest| async move {
+                require_name(&r.name)?;
+                h.read_barrier(r.read.as_ref()).await?;
+                let ns = namespace_or_default(r.namespace);
+                match h.reader().workload(&ns, &r.name)? {
+                    Some(w) => Ok(GetWorkloadResponse {
+                        workload: Some(w.into()),
+                    }),
+                    None => Err(Rejection::WorkloadNotFound {
+                        namespace: ns,
+                        name: r.name,
+                    }
+                    .into()),
+                }
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).get(r).await },
+        )
+        .await
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListWorkloadsRequest>,
+    ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: ListWorkloadsRequest| async move {
+                h.read_barrier(r.read.as_ref()).await?;
+                let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+                let workloads = h
+                    .reader()
+                    .workloads(ns)?
+                    .into_iter()
+                    .map(Into::into)
+                    .collect();
+                Ok(ListWorkloadsResponse { workloads })
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).list(r).await },
+        )
+        .await
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteWorkloadRequest>,
+    ) -> Result<Response<DeleteWorkloadResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: DeleteWorkloadRequest| async move {
+                require_name(&r.name)?;
+                let key = idempotency_key(r.write.as_ref())?;
+                let cmd = Command::DeleteWorkload {
+                    namespace: namespace_or_default(r.namespace),
+                    name: r.name,
+                };
+                let (_, commit) = h.write(key, cmd).await?;
+                Ok(DeleteWorkloadResponse {
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).delete(r).await },
+        )
+        .await
+    }
+
+    async fn scale(
+        &self,
+        req: Request<ScaleWorkloadRequest>,
+    ) -> Result<Response<ScaleWorkloadResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: ScaleWorkloadRequest| async move {
+                require_name(&r.name)?;
+                if r.replicas > cloudless_types::MAX_REPLICAS {
+                    return Err(CoordinatorError::InvalidArgument(format!(
+                        "replicas: {} is above the maximum of {}",
+                        r.replicas,
+                        cloudless_types::MAX_REPLICAS
+                    )));
+                }
+                let key = idempotency_key(r.write.as_ref())?;
+                let cmd = Command::ScaleWorkload {
+                    namespace: namespace_or_default(r.namespace),
+                    name: r.name,
+                    replicas: r.replicas,
+                };
+                let (resp, commit) = h.write(key, cmd).await?;
+                let (w, _) = stored(resp)?;
+                Ok(ScaleWorkloadResponse {
+                    workload: Some(w.into()),
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).scale(r).await },
+        )
+        .await
+    }
+
+    async fn rollout_status(
+        &self,
+        _r: Request<RolloutStatusRequest>,
+    ) -> Result<Response<RolloutStatusResponse>, Status> {
+        Err(Status::unimplemented(format!("rollout status {LATER}")))
+    }
+
+    async fn rollout_history(
+        &self,
+        _r: Request<RolloutHistoryRequest>,
+    ) -> Result<Response<RolloutHistoryResponse>, Status> {
+        Err(Status::unimplemented(format!("rollout history {LATER}")))
+    }
+
+    async fn rollout_undo(
+        &self,
+        _r: Request<RolloutUndoRequest>,
+    ) -> Result<Response<RolloutUndoResponse>, Status> {
+        Err(Status::unimplemented(format!("rollout undo {LATER}")))
+    }
+
+    type LogsStream = Stream<LogChunk>;
+    async fn logs(&self, _r: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        Err(Status::unimplemented(format!("logs {LATER}")))
+    }
+
+    type ExecStream = Stream<ExecOutput>;
+    async fn exec(
+        &self,
+        _r: Request<Streaming<ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        Err(Status::unimplemented(format!("exec {LATER}")))
+    }
+
+    type EventsStream = Stream<Event>;
+    async fn events(
+        &self,
+        _r: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        Err(Status::unimplemented(format!("events {LATER}")))
+    }
+}

@@ -1,0 +1,92 @@
+//! `/healthz`, `/readyz` and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// Answers `/readyz`: `Ok(())` when ready, otherwise why not.
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Errors of the telemetry HTTP server.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The listen address could not be bound.
+    #[error("cannot bind the HTTP listener on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    ready: Readiness,
+}
+
+/// Binds `addr` and serves until `cancel` fires. Returns the bound address and the serving task.
+pub async fn serve_http(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Readiness,
+    cancel: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| TelemetryError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| TelemetryError::Bind { addr, source })?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AppState { registry, ready });
+    let task = tokio::spawn(async move {
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "telemetry HTTP server failed");
+        }
+    });
+    Ok((local, task))
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match (state.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("encoding metrics failed: {e}\n"),
+        ),
+    }
+}
