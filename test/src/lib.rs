@@ -1,1 +1,275 @@
+//! Test harness: coordinator clusters over real loopback gRPC, in-process or
+//! as separate processes, and small API helpers.
 
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cloudless_coordinator::{Coordinator, CoordinatorConfig, StartMode};
+use cloudless_proto::v1 as pb;
+use pb::workload_service_client::WorkloadServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Installs the test log subscriber once.
+pub fn init_test_logging() {
+    cloudless_telemetry::init_logging(
+        cloudless_telemetry::LogFormat::Text,
+        "info,openraft=warn,cloudless_test=info",
+    );
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut cond: F) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A lazily connected channel to `addr`.
+pub fn channel(addr: &str) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid address")
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+/// A small workload named `name`.
+pub fn workload(name: &str, replicas: u32) -> pb::Workload {
+    pb::Workload {
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        spec: Some(pb::WorkloadSpec {
+            image: "example.org/app:1".to_owned(),
+            replicas,
+            ..pb::WorkloadSpec::default()
+        }),
+        ..pb::Workload::default()
+    }
+}
+
+/// Applies `workload(name, replicas)` through the coordinator at `addr`.
+pub async fn apply(
+    addr: &str,
+    name: &str,
+    replicas: u32,
+) -> Result<pb::ApplyWorkloadResponse, tonic::Status> {
+    WorkloadServiceClient::new(channel(addr))
+        .apply(pb::ApplyWorkloadRequest {
+            write: None,
+            workload: Some(workload(name, replicas)),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Reads workload `name` from `addr`; `stale` serves from local state.
+pub async fn get(
+    addr: &str,
+    name: &str,
+    stale: bool,
+) -> Result<Option<pb::Workload>, tonic::Status> {
+    let consistency = if stale {
+        pb::ReadConsistency::Stale
+    } else {
+        pb::ReadConsistency::Linearizable
+    };
+    match WorkloadServiceClient::new(channel(addr))
+        .get(pb::GetWorkloadRequest {
+            read: Some(pb::ReadOptions {
+                consistency: consistency as i32,
+            }),
+            namespace: String::new(),
+            name: name.to_owned(),
+        })
+        .await
+    {
+        Ok(r) => Ok(r.into_inner().workload),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(s),
+    }
+}
+
+/// Every workload name at `addr`, read from its local state.
+pub async fn list_names_stale(addr: &str) -> Result<Vec<String>, tonic::Status> {
+    let r = WorkloadServiceClient::new(channel(addr))
+        .list(pb::ListWorkloadsRequest {
+            read: Some(pb::ReadOptions {
+                consistency: pb::ReadConsistency::Stale as i32,
+            }),
+            namespace: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(r.workloads.into_iter().map(|w| w.name).collect())
+}
+
+/// Coordinators in this process, each on its own loopback ports and data dir.
+#[derive(Debug)]
+pub struct InProcessCluster {
+    /// Holds every data dir.
+    pub dir: tempfile::TempDir,
+    /// Running coordinators; `None` while stopped.
+    pub nodes: Vec<Option<Coordinator>>,
+    /// Each node's configuration (reused on restart).
+    pub configs: Vec<CoordinatorConfig>,
+}
+
+impl InProcessCluster {
+    /// Config for a new node `i` under `dir`.
+    pub fn node_config(
+        dir: &Path,
+        i: usize,
+        tweak: &dyn Fn(&mut CoordinatorConfig),
+    ) -> CoordinatorConfig {
+        let grpc = free_port();
+        let http = free_port();
+        let mut c = CoordinatorConfig::local(
+            &dir.join(format!("n{i}")),
+            format!("127.0.0.1:{grpc}").parse().expect("addr"),
+            format!("127.0.0.1:{http}").parse().expect("addr"),
+        );
+        tweak(&mut c);
+        c
+    }
+
+    /// Starts `n` coordinators: node 0 with `init`, the others joining it; waits until all are voters.
+    pub async fn start(n: usize, tweak: impl Fn(&mut CoordinatorConfig)) -> Self {
+        init_test_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cluster = Self {
+            configs: (0..n)
+                .map(|i| Self::node_config(dir.path(), i, &tweak))
+                .collect(),
+            dir,
+            nodes: Vec::new(),
+        };
+        let first = Coordinator::start(cluster.configs[0].clone(), StartMode::Init)
+            .await
+            .expect("start node 0");
+        cluster.nodes.push(Some(first));
+        let seed = cluster.addr(0);
+        for i in 1..n {
+            let c = Coordinator::start(
+                cluster.configs[i].clone(),
+                StartMode::Run {
+                    join: Some(seed.clone()),
+                },
+            )
+            .await
+            .expect("start node");
+            cluster.nodes.push(Some(c));
+        }
+        cluster.wait_for_voters(n).await;
+        cluster
+    }
+
+    /// Waits until every running node sees `n` voters and a leader.
+    pub async fn wait_for_voters(&self, n: usize) {
+        wait_until(
+            &format!("{n} voters and a leader on every running node"),
+            Duration::from_secs(20),
+            || {
+                self.nodes.iter().flatten().all(|c| {
+                    let m = c.handle().raft().metrics().borrow().clone();
+                    m.current_leader.is_some()
+                        && m.membership_config.membership().voter_ids().count() == n
+                })
+            },
+        )
+        .await;
+    }
+
+    /// gRPC address of node `i`.
+    pub fn addr(&self, i: usize) -> String {
+        self.configs[i].advertise_addr.clone()
+    }
+
+    /// Index of the node that currently leads (as seen by itself).
+    pub fn leader(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| {
+            n.as_ref().is_some_and(|c| {
+                c.handle().raft().metrics().borrow().state == openraft::ServerState::Leader
+            })
+        })
+    }
+
+    /// Waits for a leader among running nodes and returns its index.
+    pub async fn wait_for_leader(&self) -> usize {
+        wait_until("a leader", Duration::from_secs(20), || {
+            self.leader().is_some()
+        })
+        .await;
+        self.leader().expect("leader present")
+    }
+
+    /// A running node that is not the leader.
+    pub fn follower(&self) -> usize {
+        let leader = self.leader();
+        (0..self.nodes.len())
+            .find(|i| Some(*i) != leader && self.nodes[*i].is_some())
+            .expect("a running follower")
+    }
+
+    /// Stops node `i` (graceful: the process-level tests cover SIGKILL).
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(c) = self.nodes[i].take() {
+            c.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Restarts node `i` from its data dir.
+    pub async fn restart(&mut self, i: usize) {
+        let c = Coordinator::start(self.configs[i].clone(), StartMode::Run { join: None })
+            .await
+            .expect("restart node");
+        self.nodes[i] = Some(c);
+    }
+
+    /// Applied index of node `i`.
+    pub fn applied(&self, i: usize) -> u64 {
+        self.nodes[i]
+            .as_ref()
+            .and_then(|c| {
+                c.handle()
+                    .raft()
+                    .metrics()
+                    .borrow()
+                    .last_applied
+                    .map(|l| l.index)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Stops every node.
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i).await;
+        }
+    }
+}
+
+/// Path of a workspace binary next to the test executable (built by `make test`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it first (`cargo build --bins`, which `make test` does)",
+        path.display()
+    );
+    path
+}

@@ -273,15 +273,39 @@ impl CoordinatorHandle {
             .await
             .map_err(write_error)?;
         tracing::info!(node_id, "learner caught up; promoting to voter");
-        let resp = raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
-            .await
-            .map_err(write_error)?;
+        let resp = self
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])))
+            .await?;
         Ok(v1::CommitInfo {
             log_index: resp.log_id.index,
             term: resp.log_id.leader_id.term,
             leader_id: self.inner.id,
         })
+    }
+
+    /// Commits a membership change, waiting (up to 10 s) for a change already
+    /// in progress, such as the second phase of a previous join, to finish.
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, CoordinatorNode>,
+    ) -> Result<openraft::raft::ClientWriteResponse<cloudless_state::TypeConfig>, CoordinatorError>
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .inner
+                .raft
+                .change_membership(change.clone(), false)
+                .await
+            {
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other.map_err(write_error),
+            }
+        }
     }
 
     /// Removes a coordinator from the cluster.
@@ -305,10 +329,7 @@ impl CoordinatorHandle {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
         };
-        let resp = raft
-            .change_membership(change, false)
-            .await
-            .map_err(write_error)?;
+        let resp = self.change_membership(change).await?;
         Ok(v1::CommitInfo {
             log_index: resp.log_id.index,
             term: resp.log_id.leader_id.term,
@@ -604,7 +625,7 @@ async fn join_cluster(handle: CoordinatorHandle, target: String, cancel: Cancell
             return;
         }
         let result = async {
-            let ch = handle.peer_channel(&target)?;
+            let ch = handle.peer_channel(&target).map_err(|e| e.to_string())?;
             let mut client = v1::cluster_service_client::ClusterServiceClient::new(ch)
                 .max_decoding_message_size(MAX_RAFT_MESSAGE);
             let mut req = tonic::Request::new(v1::JoinCoordinatorRequest {
@@ -616,7 +637,7 @@ async fn join_cluster(handle: CoordinatorHandle, target: String, cancel: Cancell
             client
                 .join_coordinator(req)
                 .await
-                .map_err(|s| CoordinatorError::Membership(s.message().to_owned()))
+                .map_err(|s| s.message().to_owned())
         }
         .await;
         match result {
