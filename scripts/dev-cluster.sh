@@ -7,6 +7,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
 DIR="${CLOUDLESS_DEV_DIR:-/tmp/cloudless-dev}"
 BIN="${CLOUDLESS_BIN:-target/release}"
 PORTS=(7400 7410 7420)

@@ -263,13 +263,67 @@ impl InProcessCluster {
 
 /// Path of a workspace binary next to the test executable (built by `make test`).
 pub fn workspace_binary(name: &str) -> PathBuf {
+    // Tests run from target/<profile>/deps, binaries like bench-raft from target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let here = exe.parent().expect("exe dir");
+    let path = [here.join(name), here.parent().unwrap_or(here).join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         path.exists(),
         "{} not found: build it first (`cargo build --bins`, which `make test` does)",
         path.display()
     );
     path
+}
+
+/// A coordinator running as its own process (the real binary).
+#[derive(Debug)]
+pub struct ProcessNode {
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// gRPC host:port.
+    pub grpc: String,
+    /// HTTP host:port.
+    pub http: String,
+    /// The process while running.
+    pub child: Option<std::process::Child>,
+}
+
+impl ProcessNode {
+    /// Starts `cloudless-coordinator <mode>` on this node's ports and data dir.
+    pub fn spawn(&mut self, mode: &str, join: Option<&str>) {
+        self.spawn_with(mode, join, &[]);
+    }
+
+    /// Like `spawn`, with extra flags.
+    pub fn spawn_with(&mut self, mode: &str, join: Option<&str>, extra: &[&str]) {
+        let mut cmd = std::process::Command::new(workspace_binary("cloudless-coordinator"));
+        cmd.arg(mode)
+            .args(["--data-dir", &self.data_dir.display().to_string()])
+            .args(["--listen", &self.grpc, "--http", &self.http])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        if let Some(j) = join {
+            cmd.args(["--join", j]);
+        }
+        self.child = Some(cmd.spawn().expect("spawn coordinator"));
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("reap");
+        }
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
 }

@@ -1,1 +1,206 @@
-fn main() {}
+//! `make bench-raft`: a 3-coordinator cluster of real processes on this
+//! machine; N concurrent clients write small records (workload specs) through
+//! the public gRPC API; then leader failover time over repeated SIGKILLs.
+//! Prints a Markdown table for docs/benchmarks.md.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use cloudless_proto::v1 as pb;
+use cloudless_test::{channel, free_port, workload, ProcessNode};
+use hdrhistogram::Histogram;
+use pb::cluster_service_client::ClusterServiceClient;
+use pb::workload_service_client::WorkloadServiceClient;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Client concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    clients: Vec<usize>,
+    /// Seconds of load per level.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Leader kills for the failover measurement.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// gRPC connections shared by the clients.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+}
+
+async fn status(addr: &str) -> Option<pb::StatusResponse> {
+    let mut req = tonic::Request::new(pb::StatusRequest {});
+    req.set_timeout(Duration::from_millis(500));
+    ClusterServiceClient::new(channel(addr))
+        .status(req)
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+async fn leader(nodes: &[ProcessNode]) -> Option<usize> {
+    for n in nodes.iter().filter(|n| n.child.is_some()) {
+        if let Some(s) = status(&n.grpc).await {
+            if let Some(l) = s
+                .coordinators
+                .iter()
+                .find(|c| c.state == "Leader" && c.reachable)
+            {
+                return nodes
+                    .iter()
+                    .position(|n| n.grpc == l.address && n.child.is_some());
+            }
+        }
+    }
+    None
+}
+
+async fn wait_all_healthy(nodes: &[ProcessNode]) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(l) = leader(nodes).await {
+            if let Some(s) = status(&nodes[l].grpc).await {
+                let leader_log = s
+                    .coordinators
+                    .iter()
+                    .map(|c| c.last_log_index)
+                    .max()
+                    .unwrap_or(0);
+                if s.members.len() == 3
+                    && s.coordinators.iter().all(|c| {
+                        c.reachable && c.state != "Learner" && c.applied_index + 5 >= leader_log
+                    })
+                {
+                    return Ok(l);
+                }
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "cluster not healthy within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let mut nodes: Vec<ProcessNode> = (0..3)
+        .map(|i| ProcessNode {
+            data_dir: dir.path().join(format!("c{i}")),
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            child: None,
+        })
+        .collect();
+    nodes[0].spawn("init", None);
+    let seed = nodes[0].grpc.clone();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[1].spawn("run", Some(&seed));
+    nodes[2].spawn("run", Some(&seed));
+    let l = wait_all_healthy(&nodes).await?;
+
+    println!("| clients | committed writes/s | p50 ms | p99 ms | writes |");
+    println!("|---:|---:|---:|---:|---:|");
+    for &n in &args.clients {
+        let target = nodes[l].grpc.clone();
+        let channels: Vec<_> = (0..args.connections).map(|_| channel(&target)).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+            1, 60_000_000, 3,
+        )?));
+        let mut tasks = Vec::new();
+        for c in 0..n {
+            let mut client = WorkloadServiceClient::new(channels[c % channels.len()].clone());
+            let (stop, done, hist) = (stop.clone(), done.clone(), hist.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut local =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let req = pb::ApplyWorkloadRequest {
+                        write: None,
+                        workload: Some(workload(
+                            &format!("b{n}-{c}-{}", i % 64),
+                            1 + (i % 5) as u32,
+                        )),
+                    };
+                    i += 1;
+                    let t = Instant::now();
+                    if client.apply(req).await.is_ok() {
+                        local.saturating_record(t.elapsed().as_micros() as u64);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                hist.lock()
+                    .expect("histogram lock")
+                    .add(&local)
+                    .expect("same bounds");
+            }));
+        }
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let total = done.load(Ordering::Relaxed);
+        let h = hist.lock().expect("histogram lock");
+        println!(
+            "| {n} | {:.0} | {:.2} | {:.2} | {total} |",
+            total as f64 / elapsed,
+            ms(&h, 0.5),
+            ms(&h, 0.99)
+        );
+    }
+
+    if args.kills > 0 {
+        let mut failover = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        for k in 0..args.kills {
+            let l = wait_all_healthy(&nodes).await?;
+            nodes[l].sigkill();
+            let killed_at = Instant::now();
+            let others: Vec<String> = (0..3)
+                .filter(|i| *i != l)
+                .map(|i| nodes[i].grpc.clone())
+                .collect();
+            let mut attempt = 0usize;
+            loop {
+                let mut client = WorkloadServiceClient::new(channel(&others[attempt % 2]));
+                attempt += 1;
+                let mut req = tonic::Request::new(pb::ApplyWorkloadRequest {
+                    write: None,
+                    workload: Some(workload(&format!("failover-{k}"), 1)),
+                });
+                req.set_timeout(Duration::from_millis(300));
+                if client.apply(req).await.is_ok() {
+                    break;
+                }
+                anyhow::ensure!(
+                    killed_at.elapsed() < Duration::from_secs(30),
+                    "no write accepted 30 s after kill {k}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            failover.record(killed_at.elapsed().as_micros() as u64)?;
+            nodes[l].spawn("run", None);
+        }
+        println!();
+        println!("| leader failover (kill to first committed write), {} kills | p50 ms | p95 ms | max ms |", args.kills);
+        println!("|---|---:|---:|---:|");
+        println!(
+            "| SIGKILL leader | {:.0} | {:.0} | {:.0} |",
+            ms(&failover, 0.5),
+            ms(&failover, 0.95),
+            failover.max() as f64 / 1000.0
+        );
+    }
+    Ok(())
+}

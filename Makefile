@@ -1,0 +1,36 @@
+# The one entry point for people and CI.
+CARGO ?= cargo
+# rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: build test lint fmt bench-raft demo demo-stop clean
+
+build:
+	$(CARGO) build --workspace --bins
+
+# Builds the binaries first: the multi-process tests start the real cloudless-coordinator.
+test:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# 3 coordinator processes, 1/16/64/256 concurrent gRPC writers, then 20 leader kills.
+bench-raft:
+	$(CARGO) build --release --bins
+	./target/release/bench-raft
+
+# Local 3-coordinator cluster: write, read back, status.
+demo:
+	scripts/dev-cluster.sh
+
+demo-stop:
+	scripts/dev-cluster.sh stop
+
+clean:
+	$(CARGO) clean

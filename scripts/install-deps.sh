@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what building and testing Cloudless needs on Debian/Ubuntu:
+# protoc (tonic code generation), curl, a C toolchain, and Rust if missing.
+set -euo pipefail
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+$SUDO apt-get update
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
+  protobuf-compiler build-essential pkg-config curl ca-certificates git
+if ! command -v cargo >/dev/null 2>&1; then
+  if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+    echo "cargo is in $HOME/.cargo/bin: add it to PATH" >&2
+  else
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  fi
+fi

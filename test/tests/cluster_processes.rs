@@ -1,0 +1,225 @@
+//! Coordinators as separate processes (the real binary): SIGKILL, restart
+//! from disk, and start-up errors for bad configuration and damaged data.
+
+use std::process::Command;
+use std::time::Duration;
+
+use cloudless_proto::v1 as pb;
+use cloudless_test::{
+    apply, channel, free_port, list_names_stale, wait_until, workspace_binary, ProcessNode as Proc,
+};
+use pb::cluster_service_client::ClusterServiceClient;
+use tracing::info;
+
+async fn status(addr: &str) -> Option<pb::StatusResponse> {
+    ClusterServiceClient::new(channel(addr))
+        .status(pb::StatusRequest {})
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+async fn leader_index(procs: &[Proc]) -> Option<usize> {
+    for p in procs.iter().filter(|p| p.child.is_some()) {
+        if let Some(s) = status(&p.grpc).await {
+            let leader = s
+                .coordinators
+                .iter()
+                .find(|c| c.state == "Leader" && c.reachable)?;
+            return procs
+                .iter()
+                .position(|p| p.grpc == leader.address && p.child.is_some());
+        }
+    }
+    None
+}
+
+async fn wait_leader(procs: &[Proc]) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(i) = leader_index(procs).await {
+            return i;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no leader within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_leader_loses_no_acknowledged_write_and_restarts_from_disk() {
+    cloudless_test::init_test_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|i| Proc {
+            data_dir: dir.path().join(format!("c{i}")),
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            child: None,
+        })
+        .collect();
+    info!("phase: start three coordinator processes");
+    procs[0].spawn("init", None);
+    let seed = procs[0].grpc.clone();
+    procs[1].spawn("run", Some(&seed));
+    procs[2].spawn("run", Some(&seed));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = status(&seed).await {
+            if s.members.len() == 3
+                && s.coordinators
+                    .iter()
+                    .all(|c| c.reachable && c.state != "Learner")
+            {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cluster did not form"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    info!("phase: acknowledged writes, then SIGKILL the leader");
+    let leader = wait_leader(&procs).await;
+    let writer = (leader + 1) % 3;
+    for i in 0..40 {
+        apply(&procs[writer].grpc, &format!("k{i}"), 1)
+            .await
+            .expect("write");
+    }
+    procs[leader].sigkill();
+
+    info!("phase: a new leader accepts writes");
+    let new_leader = wait_leader(&procs).await;
+    assert_ne!(new_leader, leader);
+    let started = tokio::time::Instant::now();
+    loop {
+        match apply(&procs[new_leader].grpc, "after-kill", 1).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "no write accepted after failover: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let mut expected: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    expected.push("after-kill".into());
+    expected.sort();
+    let mut names = list_names_stale(&procs[new_leader].grpc)
+        .await
+        .expect("list");
+    names.sort();
+    assert_eq!(names, expected, "acknowledged writes lost");
+
+    info!("phase: restart the killed coordinator from its data dir");
+    procs[leader].spawn("run", None);
+    let grpc = procs[leader].grpc.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut n) = list_names_stale(&grpc).await {
+            n.sort();
+            if n == expected {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "restarted node did not recover all state"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let http = procs[leader].http.clone();
+    wait_until(
+        "readyz on the restarted node",
+        Duration::from_secs(10),
+        || {
+            std::process::Command::new("curl")
+                .args(["-sf", &format!("http://{http}/readyz")])
+                .status()
+                .is_ok_and(|s| s.success())
+        },
+    )
+    .await;
+}
+
+fn run_to_exit(args: &[&str]) -> (i32, String) {
+    let out = Command::new(workspace_binary("cloudless-coordinator"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run coordinator");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_is_reported_before_binding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "listen_addr = \"127.0.0.1:notaport\"\nbogus = 1\n[raft]\nheartbeat_interval_ms = 5000\n",
+    )
+    .expect("write");
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let (code, err) = run_to_exit(&["init", "-c", &cfg.display().to_string(), "--http", &http]);
+    assert_eq!(code, 2, "{err}");
+    for needle in [
+        "listen_addr",
+        "unknown key",
+        "election_timeout_min_ms (400) must be greater",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in {err}");
+    }
+    std::net::TcpListener::bind(&http).expect("the HTTP port must not have been bound");
+}
+
+#[test]
+fn damaged_data_dir_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("node_id"), "7\n").expect("node id");
+    std::fs::write(
+        data.join("raft-log.redb"),
+        b"this is not a redb file at all, just garbage bytes",
+    )
+    .expect("garbage");
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let (code, err) = run_to_exit(&[
+        "run",
+        "--data-dir",
+        &data.display().to_string(),
+        "--listen",
+        &grpc,
+        "--http",
+        &http,
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("raft-log.redb"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    std::fs::write(data.join("node_id"), "not-a-number").expect("node id");
+    let (code, err) = run_to_exit(&[
+        "run",
+        "--data-dir",
+        &data.display().to_string(),
+        "--listen",
+        &grpc,
+        "--http",
+        &http,
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("does not hold a node id"), "{err}");
+}
