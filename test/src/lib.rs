@@ -304,7 +304,10 @@ impl ProcessNode {
             .args(["--data-dir", &self.data_dir.display().to_string()])
             .args(["--listen", &self.grpc, "--http", &self.http])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit());
         if let Some(j) = join {

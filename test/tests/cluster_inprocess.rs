@@ -353,3 +353,73 @@ async fn idempotency_key_applies_once() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_share_entries_but_get_their_own_answers() {
+    let cluster = InProcessCluster::start(3, |_| {}).await;
+    let addr = cluster.addr(cluster.wait_for_leader().await);
+    for i in 0..20 {
+        apply(&addr, &format!("c{i}"), 1).await.expect("create");
+    }
+    info!("phase: 80 concurrent scales, a quarter of them for workloads that do not exist");
+    let calls = (0..80).map(|i| {
+        let addr = addr.clone();
+        async move {
+            let name = if i % 4 == 3 {
+                format!("missing{i}")
+            } else {
+                format!("c{}", i % 20)
+            };
+            let r = WorkloadServiceClient::new(channel(&addr))
+                .scale(pb::ScaleWorkloadRequest {
+                    write: None,
+                    namespace: String::new(),
+                    name: name.clone(),
+                    replicas: 2 + (i % 20) as u32,
+                })
+                .await;
+            (i, name, r)
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut indexes = std::collections::BTreeMap::<u64, usize>::new();
+    for (i, name, r) in results {
+        if i % 4 == 3 {
+            let err = r.expect_err("scaled a missing workload");
+            assert_eq!(err.code(), tonic::Code::NotFound, "{name}: {err:?}");
+            assert!(err.message().contains(&name), "{}", err.message());
+        } else {
+            let r = r.expect("scale").into_inner();
+            let w = r.workload.expect("workload");
+            assert_eq!(w.name, name, "answer for another request");
+            *indexes
+                .entry(r.commit.expect("commit").log_index)
+                .or_default() += 1;
+        }
+    }
+    assert!(
+        indexes.values().any(|n| *n > 1),
+        "no two concurrent writes shared a log entry: {indexes:?}"
+    );
+    info!("phase: each workload holds one of the values sent to it, or 1 if none was");
+    for n in 0..20u32 {
+        let sent: Vec<u32> = (0..80u32)
+            .filter(|i| i % 4 != 3 && i % 20 == n)
+            .map(|i| 2 + i % 20)
+            .collect();
+        let w = get(&addr, &format!("c{n}"), false)
+            .await
+            .expect("read")
+            .expect("present");
+        let replicas = w.spec.expect("spec").replicas;
+        if sent.is_empty() {
+            assert_eq!(replicas, 1, "c{n} was never scaled");
+        } else {
+            assert!(
+                sent.contains(&replicas),
+                "c{n} has {replicas}, sent {sent:?}"
+            );
+        }
+    }
+    cluster.shutdown().await;
+}

@@ -177,7 +177,7 @@ fn bad_configuration_is_reported_before_binding() {
     for needle in [
         "listen_addr",
         "unknown key",
-        "election_timeout_min_ms (400) must be greater",
+        "must be greater than raft.heartbeat_interval_ms (5000)",
     ] {
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }

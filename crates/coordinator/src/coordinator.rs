@@ -24,6 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
 use crate::metrics::RaftMetrics;
+use crate::proposer::{write_error, ProposerHandle};
 use crate::raft_network::{Network, MAX_RAFT_MESSAGE};
 
 /// How a coordinator starts.
@@ -75,6 +76,7 @@ struct HandleInner {
     reader: StateReader,
     committed: Arc<AtomicU64>,
     peers: Mutex<HashMap<String, Channel>>,
+    proposer: ProposerHandle,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -97,18 +99,6 @@ fn leader_of(f: &ForwardToLeader<NodeId, CoordinatorNode>) -> CoordinatorError {
         leader: f
             .leader_id
             .zip(f.leader_node.as_ref().map(|n| n.address.clone())),
-    }
-}
-
-fn write_error(
-    e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>,
-) -> CoordinatorError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => leader_of(&f),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            CoordinatorError::Membership(e.to_string())
-        }
-        RaftError::Fatal(f) => CoordinatorError::Fatal(f.to_string()),
     }
 }
 
@@ -145,21 +135,7 @@ impl CoordinatorHandle {
             proposed_at_ms: now_ms(),
             command,
         };
-        let resp = self
-            .inner
-            .raft
-            .client_write(req)
-            .await
-            .map_err(write_error)?;
-        let commit = v1::CommitInfo {
-            log_index: resp.log_id.index,
-            term: resp.log_id.leader_id.term,
-            leader_id: self.inner.id,
-        };
-        match resp.data {
-            Response::Rejected(r) => Err(r.into()),
-            data => Ok((data, commit)),
-        }
+        self.inner.proposer.propose(req).await
     }
 
     /// Waits until a read at this coordinator is linearizable (unless `stale`).
@@ -271,7 +247,7 @@ impl CoordinatorHandle {
         tracing::info!(node_id, %address, "adding coordinator as learner");
         raft.add_learner(node_id, CoordinatorNode { address }, true)
             .await
-            .map_err(write_error)?;
+            .map_err(|e| write_error(&e))?;
         tracing::info!(node_id, "learner caught up; promoting to voter");
         let resp = self
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])))
@@ -303,7 +279,7 @@ impl CoordinatorHandle {
                 ))) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                other => return other.map_err(write_error),
+                other => return other.map_err(|e| write_error(&e)),
             }
         }
     }
@@ -433,6 +409,9 @@ impl Coordinator {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
+        let api_cancel = CancellationToken::new();
+        let bg_cancel = CancellationToken::new();
+        let (proposer, proposer_task) = crate::proposer::spawn(raft.clone(), id, bg_cancel.clone());
         let handle = CoordinatorHandle {
             inner: Arc::new(HandleInner {
                 id,
@@ -441,6 +420,7 @@ impl Coordinator {
                 reader,
                 committed: committed.clone(),
                 peers: Mutex::default(),
+                proposer,
             }),
         };
 
@@ -457,8 +437,6 @@ impl Coordinator {
             source,
         })?;
 
-        let api_cancel = CancellationToken::new();
-        let bg_cancel = CancellationToken::new();
         let api_task = tokio::spawn(crate::services::serve(
             handle.clone(),
             listener,
@@ -495,6 +473,7 @@ impl Coordinator {
             },
         })?;
         let mut bg_tasks = vec![
+            proposer_task,
             http_task,
             tokio::spawn(metrics.run(raft.clone(), committed, bg_cancel.clone())),
         ];

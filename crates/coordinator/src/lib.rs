@@ -5,6 +5,7 @@ pub mod config;
 mod coordinator;
 mod error;
 mod metrics;
+mod proposer;
 mod raft_network;
 mod raft_service;
 mod services;

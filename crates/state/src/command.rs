@@ -7,7 +7,23 @@ use serde::{Deserialize, Serialize};
 
 use cloudless_types::{ClusterConfig, Workload};
 
-/// One log entry's payload: a command plus the proposer's context.
+/// One log entry's payload: the requests a coordinator batched together.
+/// Each is applied in order and answered separately.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The requests, applied in order.
+    pub requests: Vec<Request>,
+}
+
+/// The answers to a [`Proposal`], one per request, in order (empty for blank
+/// and membership entries).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposalResult {
+    /// One response per request.
+    pub responses: Vec<Response>,
+}
+
+/// One request: a command plus the proposer's context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     /// Client-chosen key; a second request with the same key and command

@@ -13,7 +13,7 @@ mod log_store;
 mod state_machine;
 mod type_config;
 
-pub use command::{ClusterInfo, Command, Rejection, Request, Response};
+pub use command::{ClusterInfo, Command, Proposal, ProposalResult, Rejection, Request, Response};
 pub use error::StateError;
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, StateReader};

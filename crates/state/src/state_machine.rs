@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use cloudless_types::Workload;
 
-use crate::command::{ClusterInfo, Command, Rejection, Request, Response};
+use crate::command::{
+    ClusterInfo, Command, Proposal, ProposalResult, Rejection, Request, Response,
+};
 use crate::error::{io_err, StateError};
 use crate::type_config::{CoordinatorNode, NodeId, TypeConfig};
 
@@ -76,7 +78,17 @@ pub struct StateMachine {
     db: Arc<Database>,
     snapshot_seq: Arc<AtomicU64>,
     apply_latency: Histogram,
+    /// When the last durable apply commit happened, and applies since.
+    durable: Arc<std::sync::Mutex<(Instant, u64)>>,
 }
+
+/// Applies are committed without fsync (the Raft log is the durable record;
+/// after a crash openraft re-applies from the last durable `last_applied`).
+/// Every this many applies, or this often, one is committed durably to bound
+/// the replay. Snapshot writes are always durable, so the log is only ever
+/// purged behind durable state.
+const DURABLE_APPLY_EVERY: u64 = 1000;
+const DURABLE_APPLY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Debug for StateMachine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,6 +177,7 @@ impl StateMachine {
             db: Arc::new(db),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             apply_latency,
+            durable: Arc::new(std::sync::Mutex::new((Instant::now(), 0))),
         })
     }
 
@@ -176,19 +189,43 @@ impl StateMachine {
         }
     }
 
-    fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Response>, String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+    fn apply_entries(
+        &self,
+        entries: Vec<Entry<TypeConfig>>,
+    ) -> Result<Vec<ProposalResult>, String> {
+        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let durable = {
+            let mut d = self
+                .durable
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            d.1 += 1;
+            if d.1 >= DURABLE_APPLY_EVERY || d.0.elapsed() >= DURABLE_APPLY_INTERVAL {
+                *d = (Instant::now(), 0);
+                true
+            } else {
+                false
+            }
+        };
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| e.to_string())?;
+        }
         let mut out = Vec::with_capacity(entries.len());
         let mut last_applied = None;
         let mut membership = None;
         for entry in entries {
             last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Blank => out.push(Response::Empty),
-                EntryPayload::Normal(req) => out.push(apply_request(&txn, req)?),
+                EntryPayload::Blank => out.push(ProposalResult {
+                    responses: Vec::new(),
+                }),
+                EntryPayload::Normal(p) => out.push(apply_proposal(&txn, p)?),
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                    out.push(Response::Empty);
+                    out.push(ProposalResult {
+                        responses: Vec::new(),
+                    });
                 }
             }
         }
@@ -364,9 +401,21 @@ fn put_json<T: Serialize>(
     Ok(())
 }
 
-/// Applies one request. Deterministic: uses only the request and the state.
+/// Applies a batch in order. Deterministic: uses only the proposal and the state.
+fn apply_proposal(txn: &WriteTransaction, p: Proposal) -> Result<ProposalResult, String> {
+    if let Some(latest) = p.requests.iter().map(|r| r.proposed_at_ms).max() {
+        expire_idempotency(txn, latest)?;
+    }
+    let responses = p
+        .requests
+        .into_iter()
+        .map(|r| apply_request(txn, r))
+        .collect::<Result<_, _>>()?;
+    Ok(ProposalResult { responses })
+}
+
+/// Applies one request.
 fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, String> {
-    expire_idempotency(txn, req.proposed_at_ms)?;
     if let Some(key) = &req.idempotency_key {
         if let Some(rec) = get_json::<IdempotencyRecord>(txn, IDEMPOTENCY, key)? {
             return Ok(if rec.command == req.command {
@@ -610,7 +659,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         read_applied(&txn).map_err(|e| io_err!(read_state_machine, e))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, SErr>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ProposalResult>, SErr>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,

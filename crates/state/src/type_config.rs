@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Request, Response};
+use crate::command::{Proposal, ProposalResult};
 
 /// Identifier of a coordinator.
 pub type NodeId = u64;
@@ -26,8 +26,8 @@ impl fmt::Display for CoordinatorNode {
 openraft::declare_raft_types!(
     /// Cloudless's Raft types.
     pub TypeConfig:
-        D = Request,
-        R = Response,
+        D = Proposal,
+        R = ProposalResult,
         NodeId = NodeId,
         Node = CoordinatorNode,
         Entry = openraft::Entry<TypeConfig>,

@@ -68,9 +68,12 @@ async fn wait_all_healthy(nodes: &[ProcessNode]) -> anyhow::Result<usize> {
                     .map(|c| c.last_log_index)
                     .max()
                     .unwrap_or(0);
+                // Fully caught up: a lagging node would stand for election with a
+                // shorter log, be refused and add a round (openraft 0.9 then waits
+                // 2 x election_timeout_max), which is not what this measures.
                 if s.members.len() == 3
                     && s.coordinators.iter().all(|c| {
-                        c.reachable && c.state != "Learner" && c.applied_index + 5 >= leader_log
+                        c.reachable && c.state != "Learner" && c.applied_index == leader_log
                     })
                 {
                     return Ok(l);
@@ -172,7 +175,19 @@ async fn main() -> anyhow::Result<()> {
                 .map(|i| nodes[i].grpc.clone())
                 .collect();
             let mut attempt = 0usize;
+            let mut elected_ms = None;
             loop {
+                if elected_ms.is_none() {
+                    for o in &others {
+                        if status(o).await.is_some_and(|s| {
+                            s.coordinators
+                                .iter()
+                                .any(|c| c.state == "Leader" && c.reachable && c.address == *o)
+                        }) {
+                            elected_ms = Some(killed_at.elapsed().as_millis());
+                        }
+                    }
+                }
                 let mut client = WorkloadServiceClient::new(channel(&others[attempt % 2]));
                 attempt += 1;
                 let mut req = tonic::Request::new(pb::ApplyWorkloadRequest {
@@ -190,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             failover.record(killed_at.elapsed().as_micros() as u64)?;
+            eprintln!("kill {k}: new leader seen at {elected_ms:?} ms, first write at {} ms after {attempt} attempts", killed_at.elapsed().as_millis());
             nodes[l].spawn("run", None);
         }
         println!();
