@@ -112,7 +112,7 @@ async fn run(
                     for reply in replies {
                         let answer = match responses.next() {
                             Some(Response::Rejected(r)) => Err(r.into()),
-                            Some(r) => Ok((r, commit.clone())),
+                            Some(r) => Ok((r, commit)),
                             None => Err(CoordinatorError::Fatal(
                                 "state machine returned too few responses".into(),
                             )),
