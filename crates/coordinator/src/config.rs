@@ -13,11 +13,11 @@ use cloudless_telemetry::LogFormat;
 /// Raft timing and compaction settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaftConfig {
-    /// Leader heartbeat period. Default 50 ms.
+    /// Leader heartbeat period, and the time limit openraft gives one AppendEntries. Default 100 ms.
     pub heartbeat_interval: Duration,
     /// Lower bound of the randomised election timeout. Default 200 ms.
     pub election_timeout_min: Duration,
-    /// Upper bound of the randomised election timeout. Default 400 ms.
+    /// Upper bound of the randomised election timeout (also the leader lease). Default 450 ms.
     pub election_timeout_max: Duration,
     /// Build a snapshot after this many applied entries since the last one. Default 10000.
     pub snapshot_after_logs: u64,
@@ -86,9 +86,9 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("log_format", Kind::Str, "text"),
     ("log_filter", Kind::Str, "info,openraft=warn"),
     ("cluster.name", Kind::Str, "cloudless"),
-    ("raft.heartbeat_interval_ms", Kind::Int, "50"),
+    ("raft.heartbeat_interval_ms", Kind::Int, "100"),
     ("raft.election_timeout_min_ms", Kind::Int, "200"),
-    ("raft.election_timeout_max_ms", Kind::Int, "400"),
+    ("raft.election_timeout_max_ms", Kind::Int, "450"),
     ("raft.snapshot_after_logs", Kind::Int, "10000"),
     ("raft.logs_to_keep_after_snapshot", Kind::Int, "1000"),
 ];
@@ -358,7 +358,7 @@ mod tests {
             ..ConfigSources::default()
         })
         .expect("config/coordinator.toml must load");
-        assert_eq!(cfg.raft.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(cfg.raft.heartbeat_interval, Duration::from_millis(100));
     }
 
     #[test]
@@ -397,7 +397,7 @@ mod tests {
             "\"xml\" is not \"text\" or \"json\"",
             "key `raft.heartbeat_interval_ms`: expected an integer",
             "CLOUDLESS_NODE_ID: expected an integer",
-            "election_timeout_max_ms (400) must be greater than raft.election_timeout_min_ms (900)",
+            "election_timeout_max_ms (450) must be greater than raft.election_timeout_min_ms (900)",
             "advertise_addr: must be set when listen_addr (0.0.0.0:7400) is a wildcard",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");

@@ -397,6 +397,10 @@ impl Coordinator {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_after_logs),
             max_in_snapshot_log_to_keep: config.raft.logs_to_keep_after_snapshot,
             snapshot_max_chunk_size: 1024 * 1024,
+            // openraft 0.9 gives each AppendEntries `heartbeat_interval` to
+            // complete; entries are batches of up to MAX_BATCH requests, so
+            // keep one message to a few MB.
+            max_payload_entries: 64,
             install_snapshot_timeout: 10_000,
             ..openraft::Config::default()
         };

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::CoordinatorError;
 
 /// Most requests in one Raft entry.
-pub const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 256;
 /// Most proposals awaiting commit at once.
 pub const MAX_IN_FLIGHT: usize = 2;
 

@@ -67,7 +67,8 @@ impl PeerClient {
             .channel
             .as_ref()
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&WireError(e.clone()))))?;
-        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let data =
+            postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(option.hard_ttl());
         let mut client = RaftServiceClient::new(channel.clone())
@@ -87,7 +88,7 @@ impl PeerClient {
                 _ => RPCError::Network(NetworkError::new(&e)),
             }
         })?;
-        let result: Result<Resp, E> = serde_json::from_slice(&reply.into_inner().data)
+        let result: Result<Resp, E> = postcard::from_bytes(&reply.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }

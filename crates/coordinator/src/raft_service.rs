@@ -27,12 +27,12 @@ impl RaftGrpc {
 }
 
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>, what: &str) -> Result<T, Status> {
-    serde_json::from_slice(&req.into_inner().data)
+    postcard::from_bytes(&req.into_inner().data)
         .map_err(|e| Status::invalid_argument(format!("malformed {what} payload: {e}")))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
-    serde_json::to_vec(value)
+    postcard::to_allocvec(value)
         .map(|data| Response::new(RaftPayload { data }))
         .map_err(|e| Status::internal(format!("encoding raft response: {e}")))
 }

@@ -19,7 +19,8 @@ const KEY_FORMAT: &str = "format";
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
-const FORMAT: u32 = 1;
+/// Format 2: entries are postcard-encoded (format 1 used JSON).
+const FORMAT: u32 = 2;
 
 type SErr = StorageError<NodeId>;
 
@@ -137,7 +138,7 @@ impl LogStore {
             .map_err(|e| e.to_string())?
         {
             let (k, v) = item.map_err(|e| e.to_string())?;
-            let entry: Entry<TypeConfig> = serde_json::from_slice(v.value()).map_err(|e| {
+            let entry: Entry<TypeConfig> = postcard::from_bytes(v.value()).map_err(|e| {
                 format!(
                     "{}: log entry {} is corrupt: {e}",
                     self.inner.path.display(),
@@ -221,7 +222,7 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
                 detail,
             };
             let entry: Entry<TypeConfig> =
-                serde_json::from_slice(v.value()).map_err(|e| corrupt(e.to_string()))?;
+                postcard::from_bytes(v.value()).map_err(|e| corrupt(e.to_string()))?;
             if entry.get_log_id().index != index {
                 return Err(corrupt(format!(
                     "stored under index {index} but holds index {}",
@@ -285,7 +286,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let last = table.last().map_err(|e| io_err!(read_logs, e))?;
             match last {
                 Some((_, v)) => Some(
-                    serde_json::from_slice::<Entry<TypeConfig>>(v.value())
+                    postcard::from_bytes::<Entry<TypeConfig>>(v.value())
                         .map_err(|e| io_err!(read_logs, e))?
                         .log_id,
                 ),
@@ -342,7 +343,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             {
                 let mut table = txn.open_table(LOGS).map_err(|e| e.to_string())?;
                 for entry in entries {
-                    let bytes = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+                    let bytes = postcard::to_allocvec(&entry).map_err(|e| e.to_string())?;
                     table
                         .insert(entry.log_id.index, bytes.as_slice())
                         .map_err(|e| e.to_string())?;
