@@ -9,6 +9,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+/// mimalloc: measurably less CPU than glibc malloc on the write path (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use cloudless_coordinator::{ConfigSources, Coordinator, CoordinatorConfig, StartMode};
 
 #[derive(Parser, Debug)]

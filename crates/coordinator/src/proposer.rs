@@ -19,7 +19,7 @@ use crate::error::CoordinatorError;
 /// Most requests in one Raft entry.
 pub const MAX_BATCH: usize = 256;
 /// Most proposals awaiting commit at once.
-pub const MAX_IN_FLIGHT: usize = 2;
+pub const MAX_IN_FLIGHT: usize = 4;
 
 type Reply = oneshot::Sender<Result<(Response, CommitInfo), CoordinatorError>>;
 
