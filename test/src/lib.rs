@@ -330,3 +330,30 @@ impl Drop for ProcessNode {
         self.sigkill();
     }
 }
+
+/// `ClusterService.Status` from `addr`, or `None` if it does not answer within 500 ms.
+pub async fn cluster_status(addr: &str) -> Option<pb::StatusResponse> {
+    let mut req = tonic::Request::new(pb::StatusRequest {});
+    req.set_timeout(Duration::from_millis(500));
+    pb::cluster_service_client::ClusterServiceClient::new(channel(addr))
+        .status(req)
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+/// Index of the running process that the first answering node reports as leader.
+pub async fn process_leader(nodes: &[ProcessNode]) -> Option<usize> {
+    for n in nodes.iter().filter(|n| n.child.is_some()) {
+        if let Some(s) = cluster_status(&n.grpc).await {
+            let leader = s
+                .coordinators
+                .iter()
+                .find(|c| c.state == "Leader" && c.reachable)?;
+            return nodes
+                .iter()
+                .position(|n| n.grpc == leader.address && n.child.is_some());
+        }
+    }
+    None
+}

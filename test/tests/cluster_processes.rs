@@ -4,40 +4,16 @@
 use std::process::Command;
 use std::time::Duration;
 
-use cloudless_proto::v1 as pb;
 use cloudless_test::{
-    apply, channel, free_port, list_names_stale, wait_until, workspace_binary, ProcessNode as Proc,
+    apply, cluster_status, free_port, list_names_stale, process_leader, wait_until,
+    workspace_binary, ProcessNode as Proc,
 };
-use pb::cluster_service_client::ClusterServiceClient;
 use tracing::info;
-
-async fn status(addr: &str) -> Option<pb::StatusResponse> {
-    ClusterServiceClient::new(channel(addr))
-        .status(pb::StatusRequest {})
-        .await
-        .ok()
-        .map(tonic::Response::into_inner)
-}
-
-async fn leader_index(procs: &[Proc]) -> Option<usize> {
-    for p in procs.iter().filter(|p| p.child.is_some()) {
-        if let Some(s) = status(&p.grpc).await {
-            let leader = s
-                .coordinators
-                .iter()
-                .find(|c| c.state == "Leader" && c.reachable)?;
-            return procs
-                .iter()
-                .position(|p| p.grpc == leader.address && p.child.is_some());
-        }
-    }
-    None
-}
 
 async fn wait_leader(procs: &[Proc]) -> usize {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(i) = leader_index(procs).await {
+        if let Some(i) = process_leader(procs).await {
             return i;
         }
         assert!(
@@ -67,7 +43,7 @@ async fn sigkilled_leader_loses_no_acknowledged_write_and_restarts_from_disk() {
     procs[2].spawn("run", Some(&seed));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(s) = status(&seed).await {
+        if let Some(s) = cluster_status(&seed).await {
             if s.members.len() == 3
                 && s.coordinators
                     .iter()

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cloudless_proto::v1 as pb;
-use cloudless_test::{channel, free_port, workload, ProcessNode};
+use cloudless_test::{channel, cluster_status, free_port, process_leader, workload, ProcessNode};
 use hdrhistogram::Histogram;
-use pb::cluster_service_client::ClusterServiceClient;
 use pb::workload_service_client::WorkloadServiceClient;
 
 #[derive(Parser, Debug)]
@@ -30,38 +29,11 @@ struct Args {
     connections: usize,
 }
 
-async fn status(addr: &str) -> Option<pb::StatusResponse> {
-    let mut req = tonic::Request::new(pb::StatusRequest {});
-    req.set_timeout(Duration::from_millis(500));
-    ClusterServiceClient::new(channel(addr))
-        .status(req)
-        .await
-        .ok()
-        .map(tonic::Response::into_inner)
-}
-
-async fn leader(nodes: &[ProcessNode]) -> Option<usize> {
-    for n in nodes.iter().filter(|n| n.child.is_some()) {
-        if let Some(s) = status(&n.grpc).await {
-            if let Some(l) = s
-                .coordinators
-                .iter()
-                .find(|c| c.state == "Leader" && c.reachable)
-            {
-                return nodes
-                    .iter()
-                    .position(|n| n.grpc == l.address && n.child.is_some());
-            }
-        }
-    }
-    None
-}
-
 async fn wait_all_healthy(nodes: &[ProcessNode]) -> anyhow::Result<usize> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(l) = leader(nodes).await {
-            if let Some(s) = status(&nodes[l].grpc).await {
+        if let Some(l) = process_leader(nodes).await {
+            if let Some(s) = cluster_status(&nodes[l].grpc).await {
                 let leader_log = s
                     .coordinators
                     .iter()
@@ -179,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 if elected_ms.is_none() {
                     for o in &others {
-                        if status(o).await.is_some_and(|s| {
+                        if cluster_status(o).await.is_some_and(|s| {
                             s.coordinators
                                 .iter()
                                 .any(|c| c.state == "Leader" && c.reachable && c.address == *o)
