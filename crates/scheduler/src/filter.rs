@@ -1,0 +1,260 @@
+//! Hard constraints: a node either passes or is removed with one reason.
+
+use std::fmt;
+
+use crate::input::{AntiAffinity, Operator, TaintEffect, TolerationOperator};
+use crate::place::Compiled;
+use crate::snapshot::{ClusterSnapshot, Node, Schedulable};
+
+/// Why a node was removed from consideration (the first failing check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FilterReason {
+    /// Phase is Suspect or Down.
+    NotReady,
+    /// Cordoned.
+    Cordoned,
+    /// Draining.
+    Draining,
+    /// CPU architecture differs.
+    Architecture,
+    /// Runtime class not offered.
+    RuntimeClass,
+    /// Region not allowed.
+    Region,
+    /// Zone not allowed.
+    Zone,
+    /// Node selector does not match.
+    NodeSelector,
+    /// Required node affinity does not match.
+    RequiredAffinity,
+    /// An untolerated NoSchedule or NoExecute taint.
+    Taint,
+    /// Already runs a replica of the workload (node anti-affinity).
+    AntiAffinityNode,
+    /// Its zone already runs a replica of the workload (zone anti-affinity).
+    AntiAffinityZone,
+    /// Not enough unreserved CPU.
+    InsufficientCpu,
+    /// Not enough unreserved memory.
+    InsufficientMemory,
+    /// Not enough unreserved storage.
+    InsufficientStorage,
+    /// Not enough unreserved bandwidth.
+    InsufficientBandwidth,
+}
+
+pub(crate) const REASONS: usize = 16;
+
+impl FilterReason {
+    pub(crate) const ALL: [FilterReason; REASONS] = [
+        Self::NotReady,
+        Self::Cordoned,
+        Self::Draining,
+        Self::Architecture,
+        Self::RuntimeClass,
+        Self::Region,
+        Self::Zone,
+        Self::NodeSelector,
+        Self::RequiredAffinity,
+        Self::Taint,
+        Self::AntiAffinityNode,
+        Self::AntiAffinityZone,
+        Self::InsufficientCpu,
+        Self::InsufficientMemory,
+        Self::InsufficientStorage,
+        Self::InsufficientBandwidth,
+    ];
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for FilterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotReady => "not ready",
+            Self::Cordoned => "cordoned",
+            Self::Draining => "draining",
+            Self::Architecture => "architecture",
+            Self::RuntimeClass => "runtime class",
+            Self::Region => "region",
+            Self::Zone => "zone",
+            Self::NodeSelector => "node selector",
+            Self::RequiredAffinity => "required affinity",
+            Self::Taint => "untolerated taint",
+            Self::AntiAffinityNode => "anti-affinity (node already runs a replica)",
+            Self::AntiAffinityZone => "anti-affinity (zone already runs a replica)",
+            Self::InsufficientCpu => "insufficient cpu",
+            Self::InsufficientMemory => "insufficient memory",
+            Self::InsufficientStorage => "insufficient storage",
+            Self::InsufficientBandwidth => "insufficient bandwidth",
+        })
+    }
+}
+
+const RESOURCE_REASONS: [FilterReason; 4] = [
+    FilterReason::InsufficientCpu,
+    FilterReason::InsufficientMemory,
+    FilterReason::InsufficientStorage,
+    FilterReason::InsufficientBandwidth,
+];
+
+/// Whether `node` may host a replica of `c`. With `skip_resources`, only the
+/// non-resource checks run (used to find preemption candidates).
+pub(crate) fn check(
+    snap: &ClusterSnapshot,
+    node: &Node,
+    c: &Compiled,
+    skip_resources: bool,
+) -> Result<(), FilterReason> {
+    match node.schedulable {
+        Schedulable::Yes => {}
+        Schedulable::NotReady => return Err(FilterReason::NotReady),
+        Schedulable::Cordoned => return Err(FilterReason::Cordoned),
+        Schedulable::Draining => return Err(FilterReason::Draining),
+    }
+    if c.arch.is_some_and(|a| a != node.arch) {
+        return Err(FilterReason::Architecture);
+    }
+    if c.runtime_class != snap.runc
+        && node
+            .runtime_classes
+            .binary_search(&c.runtime_class)
+            .is_err()
+    {
+        return Err(FilterReason::RuntimeClass);
+    }
+    if !c.regions.is_empty() && !c.regions.contains(&node.region) {
+        return Err(FilterReason::Region);
+    }
+    if !c.zones.is_empty() && !c.zones.contains(&node.zone) {
+        return Err(FilterReason::Zone);
+    }
+    if !c.selector.iter().all(|(k, v)| node.label(*k) == Some(*v)) {
+        return Err(FilterReason::NodeSelector);
+    }
+    if !c.required.iter().all(|e| e.matches(node)) {
+        return Err(FilterReason::RequiredAffinity);
+    }
+    for &(key, value, effect, added_at) in node.taints.iter() {
+        if effect != TaintEffect::PreferNoSchedule && !c.tolerates(key, value, effect, added_at) {
+            return Err(FilterReason::Taint);
+        }
+    }
+    match c.anti_affinity {
+        AntiAffinity::None => {}
+        AntiAffinity::Node => {
+            if node.residents.iter().any(|r| r.workload == c.workload) {
+                return Err(FilterReason::AntiAffinityNode);
+            }
+        }
+        AntiAffinity::Zone => {
+            if snap
+                .zone_counts
+                .get(&(c.workload, node.zone))
+                .is_some_and(|n| *n > 0)
+            {
+                return Err(FilterReason::AntiAffinityZone);
+            }
+        }
+    }
+    if !skip_resources {
+        for (i, reason) in RESOURCE_REASONS.iter().enumerate() {
+            let need = c.requests[i];
+            if need > 0 && node.reserved[i].saturating_add(need) > node.capacity[i] {
+                return Err(*reason);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A compiled label requirement.
+#[derive(Debug, Clone)]
+pub(crate) struct Expr {
+    pub(crate) key: u32,
+    pub(crate) operator: Operator,
+    pub(crate) values: Vec<u32>,
+}
+
+impl Expr {
+    pub(crate) fn matches(&self, node: &Node) -> bool {
+        let v = node.label(self.key);
+        match self.operator {
+            Operator::In => v.is_some_and(|v| self.values.contains(&v)),
+            Operator::NotIn => v.is_none_or(|v| !self.values.contains(&v)),
+            Operator::Exists => v.is_some(),
+            Operator::DoesNotExist => v.is_none(),
+        }
+    }
+}
+
+/// A compiled toleration.
+#[derive(Debug, Clone)]
+pub(crate) struct Tol {
+    /// `None`: every key (empty key with Exists).
+    pub(crate) key: Option<u32>,
+    pub(crate) operator: TolerationOperator,
+    pub(crate) value: u32,
+    pub(crate) effect: Option<TaintEffect>,
+    pub(crate) seconds: Option<u64>,
+}
+
+impl Compiled {
+    pub(crate) fn tolerates(
+        &self,
+        key: u32,
+        value: u32,
+        effect: TaintEffect,
+        added_at_ms: i64,
+    ) -> bool {
+        self.tolerations.iter().any(|t| {
+            let key_ok = t.key.is_none_or(|k| k == key);
+            let value_ok = t.operator == TolerationOperator::Exists || t.value == value;
+            let effect_ok = t.effect.is_none_or(|e| e == effect);
+            let time_ok = match (effect, t.seconds) {
+                (TaintEffect::NoExecute, Some(s)) => {
+                    self.now_ms
+                        < added_at_ms.saturating_add(
+                            i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX),
+                        )
+                }
+                _ => true,
+            };
+            key_ok && value_ok && effect_ok && time_ok
+        })
+    }
+}
+
+/// Formats per-reason counts: "7 nodes: insufficient memory; 3 nodes: zone not in [eu-a]".
+pub(crate) fn describe(
+    counts: &[u32; REASONS],
+    c: &Compiled,
+    snap: &ClusterSnapshot,
+    total_nodes: usize,
+) -> Vec<(FilterReason, u32, String)> {
+    let list = |ids: &[u32]| {
+        ids.iter()
+            .map(|i| snap.strings.name(*i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out: Vec<(FilterReason, u32, String)> = FilterReason::ALL
+        .iter()
+        .filter(|r| counts[r.index()] > 0)
+        .map(|r| {
+            let detail = match r {
+                FilterReason::Region => format!("region not in [{}]", list(&c.regions)),
+                FilterReason::Zone => format!("zone not in [{}]", list(&c.zones)),
+                other => other.to_string(),
+            };
+            (*r, counts[r.index()], detail)
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    if total_nodes == 0 {
+        out.push((FilterReason::NotReady, 0, "the cluster has no nodes".into()));
+    }
+    out
+}

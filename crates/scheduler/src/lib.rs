@@ -1,0 +1,25 @@
+//! Cloudless placement: a pure library. Given a [`ClusterSnapshot`] and a
+//! [`WorkloadRequest`], [`ClusterSnapshot::place`] filters nodes, scores the
+//! feasible ones and reserves resources on the chosen node, so the next
+//! replica in the same call sees the reservation. No I/O, no clock reads: the
+//! caller passes `now_ms`.
+//!
+//! Cost per decision is bounded: like Kubernetes' `percentageOfNodesToScore`,
+//! at most [`ClusterSnapshot::score_limit`] feasible nodes are scored per
+//! replica, scanning from where the previous decision stopped; zone spread
+//! scans zone by zone through a per-zone index.
+
+mod explain;
+mod filter;
+mod input;
+mod place;
+mod score;
+mod snapshot;
+
+pub use explain::{CandidateScore, Decision, Placement, Unplaced};
+pub use filter::FilterReason;
+pub use input::{
+    AntiAffinity, MatchExpression, NodeInfo, Operator, Phase, PowerSource, PreferredTerm,
+    RunningReplica, Strategy, Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
+};
+pub use snapshot::{ClusterSnapshot, SchedulerError};
