@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint fmt bench-raft demo demo-stop clean
+.PHONY: build test lint fmt bench-raft bench-scheduler demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -24,6 +24,11 @@ fmt:
 bench-raft:
 	$(CARGO) build --release --bins
 	./target/release/bench-raft
+
+# 100 / 1,000 / 5,000 / 10,000 nodes, 100,000 replicas each, pinned to one core.
+bench-scheduler:
+	$(CARGO) build --release -p cloudless-scheduler --bin bench-scheduler
+	taskset -c 0 ./target/release/bench-scheduler
 
 # Local 3-coordinator cluster: write, read back, status.
 demo:

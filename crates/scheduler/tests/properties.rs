@@ -140,8 +140,8 @@ fn feasible(
         && r.node_selector
             .iter()
             .all(|(k, v)| n.labels.get(k) == Some(v))
-        && !(r.anti_affinity == AntiAffinity::Node && on_node > 0)
-        && !(r.anti_affinity == AntiAffinity::Zone && in_zone > 0)
+        && (r.anti_affinity != AntiAffinity::Node || on_node == 0)
+        && (r.anti_affinity != AntiAffinity::Zone || in_zone == 0)
         && (r.requests.cpu_millis == 0
             || reserved.cpu_millis + r.requests.cpu_millis <= n.capacity.cpu_millis)
         && (r.requests.memory_bytes == 0
