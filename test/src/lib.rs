@@ -149,9 +149,15 @@ impl InProcessCluster {
     pub async fn start(n: usize, tweak: impl Fn(&mut CoordinatorConfig)) -> Self {
         init_test_logging();
         let dir = tempfile::tempdir().expect("tempdir");
+        // Every node shares one master key, so the cluster has a CA and can enroll nodes.
+        let key_file = write_master_key(dir.path());
+        let with_key = |c: &mut CoordinatorConfig| {
+            c.master_key_file = Some(key_file.clone());
+            tweak(c);
+        };
         let mut cluster = Self {
             configs: (0..n)
-                .map(|i| Self::node_config(dir.path(), i, &tweak))
+                .map(|i| Self::node_config(dir.path(), i, &with_key))
                 .collect(),
             dir,
             nodes: Vec::new(),
@@ -173,6 +179,20 @@ impl InProcessCluster {
             cluster.nodes.push(Some(c));
         }
         cluster.wait_for_voters(n).await;
+        if cluster.configs[0].master_key_file.is_some() {
+            wait_until(
+                "the cluster CA on every node",
+                Duration::from_secs(20),
+                || {
+                    cluster
+                        .nodes
+                        .iter()
+                        .flatten()
+                        .all(|c| matches!(c.handle().reader().identity(), Ok(Some(_))))
+                },
+            )
+            .await;
+        }
         cluster
     }
 
@@ -259,6 +279,16 @@ impl InProcessCluster {
             self.stop(i).await;
         }
     }
+}
+
+/// Writes a new master key file (mode 0600) in `dir`.
+pub fn write_master_key(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("master.key");
+    let key = cloudless_pki::MasterKey::generate().expect("master key");
+    std::fs::write(&path, key.to_base64().as_bytes()).expect("write master key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    path
 }
 
 /// Path of a workspace binary next to the test executable (built by `make test`).

@@ -45,6 +45,10 @@ pub struct CoordinatorConfig {
     pub log_filter: String,
     /// Cluster name recorded by `init`.
     pub cluster_name: String,
+    /// File holding the base64 master key that seals the CA and token keys
+    /// (mode 0600). Without it this coordinator cannot create the cluster CA,
+    /// issue join tokens or enroll nodes.
+    pub master_key_file: Option<PathBuf>,
     /// Raft settings.
     pub raft: RaftConfig,
 }
@@ -86,6 +90,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("log_format", Kind::Str, "text"),
     ("log_filter", Kind::Str, "info,openraft=warn"),
     ("cluster.name", Kind::Str, "cloudless"),
+    ("master_key_file", Kind::Str, ""),
     ("raft.heartbeat_interval_ms", Kind::Int, "100"),
     ("raft.election_timeout_min_ms", Kind::Int, "200"),
     ("raft.election_timeout_max_ms", Kind::Int, "450"),
@@ -254,6 +259,8 @@ impl CoordinatorConfig {
         if cluster_name.trim().is_empty() || cluster_name.len() > 128 {
             problems.push(format!("{cn_origin}: must be 1-128 characters"));
         }
+        let (mk, _) = get_str("master_key_file");
+        let master_key_file = (!mk.trim().is_empty()).then(|| PathBuf::from(mk.trim()));
         let hb = get_int("raft.heartbeat_interval_ms", 10, 10_000, &mut problems) as u64;
         let emin = get_int("raft.election_timeout_min_ms", 50, 60_000, &mut problems) as u64;
         let emax = get_int("raft.election_timeout_max_ms", 50, 60_000, &mut problems) as u64;
@@ -288,6 +295,7 @@ impl CoordinatorConfig {
             log_format,
             log_filter,
             cluster_name,
+            master_key_file,
             raft: RaftConfig {
                 heartbeat_interval: Duration::from_millis(hb),
                 election_timeout_min: Duration::from_millis(emin),

@@ -45,6 +45,9 @@ pub enum StartError {
     /// The data directory could not be used.
     #[error(transparent)]
     State(#[from] cloudless_state::StateError),
+    /// The master key file is unusable.
+    #[error(transparent)]
+    MasterKey(#[from] cloudless_pki::PkiError),
     /// The `node_id` file is unreadable or does not match the configuration.
     #[error("{0}")]
     NodeId(String),
@@ -77,6 +80,8 @@ struct HandleInner {
     committed: Arc<AtomicU64>,
     peers: Mutex<HashMap<String, Channel>>,
     proposer: ProposerHandle,
+    master_key: Option<Arc<cloudless_pki::MasterKey>>,
+    identity: Mutex<Option<Arc<crate::identity::IdentityKeys>>>,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -164,6 +169,14 @@ impl CoordinatorHandle {
             .reader
             .cluster()?
             .ok_or(CoordinatorError::NotInitialized)
+    }
+
+    pub(crate) fn master_key(&self) -> Option<&cloudless_pki::MasterKey> {
+        self.inner.master_key.as_deref()
+    }
+
+    pub(crate) fn identity_cache(&self) -> &Mutex<Option<Arc<crate::identity::IdentityKeys>>> {
+        &self.inner.identity
     }
 
     /// A (cached) channel to another coordinator.
@@ -381,6 +394,7 @@ fn resolve_node_id(data_dir: &Path, configured: u64) -> Result<NodeId, StartErro
 impl Coordinator {
     /// Opens the data dir, starts Raft, binds the listeners and serves.
     pub async fn start(config: CoordinatorConfig, mode: StartMode) -> Result<Self, StartError> {
+        let master_key = crate::identity::load_master_key(config.master_key_file.as_deref())?;
         let id = resolve_node_id(&config.data_dir, config.node_id)?;
         let mut registry = Registry::default();
         let metrics = RaftMetrics::register(&mut registry);
@@ -425,6 +439,8 @@ impl Coordinator {
                 committed: committed.clone(),
                 peers: Mutex::default(),
                 proposer,
+                master_key,
+                identity: Mutex::default(),
             }),
         };
 
@@ -559,11 +575,48 @@ impl Coordinator {
     }
 }
 
-/// After `init`, records the cluster's identity once this node leads.
+/// After `init`, records the cluster's identity (and, with a master key, its
+/// CA and token key) once this node leads.
 async fn ensure_cluster_record(handle: CoordinatorHandle, name: String, cancel: CancellationToken) {
     loop {
-        if matches!(handle.reader().cluster(), Ok(Some(_))) {
+        let have_cluster = matches!(handle.reader().cluster(), Ok(Some(_)));
+        let need_identity =
+            handle.master_key().is_some() && matches!(handle.reader().identity(), Ok(None));
+        if have_cluster && !need_identity {
             return;
+        }
+        let is_leader = handle.raft().metrics().borrow().state == ServerState::Leader;
+        if have_cluster && is_leader {
+            let material = handle
+                .master_key()
+                .map(|m| crate::identity::new_material(m, &name, now_ms() / 1000));
+            match material {
+                Some(Ok(material)) => match handle
+                    .write(
+                        Some("init-identity".into()),
+                        Command::InitIdentity { material },
+                    )
+                    .await
+                {
+                    Ok(_) => tracing::info!("cluster CA and token key created"),
+                    Err(CoordinatorError::Rejected(_)) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recording the cluster CA failed; retrying")
+                    }
+                },
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "creating the cluster CA failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+        if have_cluster {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            continue;
         }
         let is_leader = handle.raft().metrics().borrow().state == ServerState::Leader;
         if is_leader {
@@ -576,11 +629,12 @@ async fn ensure_cluster_record(handle: CoordinatorHandle, name: String, cancel: 
                 config,
             };
             match handle.write(Some("init-cluster".into()), cmd).await {
+                // The next round creates the CA when a master key is configured.
                 Ok(_) => {
                     tracing::info!("cluster record written");
-                    return;
+                    continue;
                 }
-                Err(CoordinatorError::Rejected(_)) => return,
+                Err(CoordinatorError::Rejected(_)) => continue,
                 Err(e) => tracing::warn!(error = %e, "writing the cluster record failed; retrying"),
             }
         }

@@ -1,5 +1,6 @@
 //! Coordinator errors and their one mapping to gRPC status codes.
 
+use cloudless_pki::{PkiError, TokenError};
 use cloudless_state::{Rejection, StateError};
 use cloudless_types::ValidationErrors;
 use tonic::{Code, Status};
@@ -36,6 +37,15 @@ pub enum CoordinatorError {
     /// Raft has stopped or its storage failed: this component is dead.
     #[error("raft is not running: {0}")]
     Fatal(String),
+    /// The join token was refused (malformed, forged, expired, ...).
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A certificate or CSR problem.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// Identity features are unavailable on this coordinator.
+    #[error("{0}")]
+    NoIdentity(String),
     /// Reading the local state failed.
     #[error(transparent)]
     State(#[from] StateError),
@@ -57,7 +67,24 @@ impl From<CoordinatorError> for Status {
                 Rejection::RevisionMismatch { .. } => Code::Aborted,
                 Rejection::NotInitialized => Code::FailedPrecondition,
                 Rejection::IdempotencyKeyReused { .. } => Code::InvalidArgument,
+                Rejection::IdentityAlreadyInitialized | Rejection::NodeNameTaken { .. } => {
+                    Code::AlreadyExists
+                }
+                Rejection::JoinToken { problem, .. } if problem == "already exists" => {
+                    Code::AlreadyExists
+                }
+                Rejection::JoinToken { .. } => Code::Unauthenticated,
+                Rejection::NodeNotFound { .. } => Code::NotFound,
             },
+            CoordinatorError::Token(_) => Code::Unauthenticated,
+            CoordinatorError::Pki(p) => match p {
+                PkiError::CsrSignature
+                | PkiError::CsrIdentityMismatch { .. }
+                | PkiError::CsrWantsCa
+                | PkiError::Parse { .. } => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
+            CoordinatorError::NoIdentity(_) => Code::FailedPrecondition,
             CoordinatorError::Membership(_) => Code::FailedPrecondition,
             CoordinatorError::Fatal(_) | CoordinatorError::State(_) => Code::Internal,
         };

@@ -41,6 +41,11 @@ enum Cmd {
     },
     /// Check the configuration and print it, without starting anything.
     CheckConfig(Common),
+    /// Write a new random master key to PATH (mode 0600; never overwrites).
+    GenMasterKey {
+        /// Where to write it.
+        path: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +106,7 @@ impl Common {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (common, mode) = match cli.command {
+        Cmd::GenMasterKey { path } => return gen_master_key(&path),
         Cmd::Init(c) => (c, Some(StartMode::Init)),
         Cmd::Run { common, join } => (common, Some(StartMode::Run { join })),
         Cmd::CheckConfig(c) => (c, None),
@@ -144,6 +150,41 @@ fn main() -> ExitCode {
         coordinator.shutdown(Duration::from_secs(10)).await;
         ExitCode::SUCCESS
     })
+}
+
+fn gen_master_key(path: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = match cloudless_pki::MasterKey::generate() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("cloudless-coordinator: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| {
+            f.write_all(key.to_base64().as_bytes())?;
+            f.write_all(b"\n")?;
+            f.sync_all()
+        });
+    match written {
+        Ok(()) => {
+            println!(
+                "wrote a new master key to {} (mode 0600); give every coordinator the same file",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cloudless-coordinator: cannot create {}: {e} (an existing key is never overwritten)", path.display());
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use cloudless_proto::v1::cluster_service_server::ClusterServiceServer;
+use cloudless_proto::v1::node_service_server::NodeServiceServer;
 use cloudless_proto::v1::raft_service_server::RaftServiceServer;
 use cloudless_proto::v1::workload_service_server::WorkloadServiceServer;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster_service::ClusterApi;
 use crate::coordinator::CoordinatorHandle;
 use crate::error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
+use crate::node_service::NodeApi;
 use crate::raft_network::MAX_RAFT_MESSAGE;
 use crate::raft_service::RaftGrpc;
 use crate::workload_service::WorkloadApi;
@@ -35,6 +37,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
         )
         .add_service(ClusterServiceServer::new(ClusterApi::new(handle.clone())))
+        .add_service(NodeServiceServer::new(NodeApi::new(handle.clone())))
         .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)))
         .serve_with_incoming_shutdown(incoming, cancel.cancelled())
         .await;

@@ -278,30 +278,40 @@ impl ClusterCa {
     /// Checks that `cert_der` was signed by this CA and is valid at `now`, and
     /// returns the identity it carries.
     pub fn verify(&self, cert_der: &[u8], now: i64) -> Result<Identity, PkiError> {
-        let ca_der = pem_to_der(&self.cert_pem, "CA certificate")?;
-        let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Parse {
-            what: "CA certificate",
-            detail: e.to_string(),
-        })?;
-        let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| PkiError::Parse {
-            what: "certificate",
-            detail: e.to_string(),
-        })?;
-        if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
-            return Err(PkiError::UnknownIssuer);
-        }
-        let (nb, na) = (
-            cert.validity().not_before.timestamp(),
-            cert.validity().not_after.timestamp(),
-        );
-        if now < nb || now > na {
-            return Err(PkiError::NotValidNow {
-                not_before: nb,
-                not_after: na,
-            });
-        }
-        identity_of(&cert)
+        verify_with_ca_cert(&self.cert_pem, cert_der, now)
     }
+}
+
+/// Checks `cert_der` against a CA certificate alone (no key needed): signed by
+/// it, valid at `now`; returns the identity it carries.
+pub fn verify_with_ca_cert(
+    ca_cert_pem: &str,
+    cert_der: &[u8],
+    now: i64,
+) -> Result<Identity, PkiError> {
+    let ca_der = pem_to_der(ca_cert_pem, "CA certificate")?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Parse {
+        what: "CA certificate",
+        detail: e.to_string(),
+    })?;
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| PkiError::Parse {
+        what: "certificate",
+        detail: e.to_string(),
+    })?;
+    if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
+        return Err(PkiError::UnknownIssuer);
+    }
+    let (nb, na) = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    if now < nb || now > na {
+        return Err(PkiError::NotValidNow {
+            not_before: nb,
+            not_after: na,
+        });
+    }
+    identity_of(&cert)
 }
 
 /// The identity in a parsed certificate: exactly one `cloudless://` URI SAN.
@@ -339,10 +349,22 @@ pub(crate) fn pem_to_der(pem: &str, what: &'static str) -> Result<Vec<u8>, PkiEr
 
 /// Makes a key pair and a CSR for `identity` on the device that will own the key.
 pub fn new_csr(identity: &Identity) -> Result<(String, Zeroizing<String>), PkiError> {
+    csr_with(vec![SanType::URI(
+        identity.uri().try_into().map_err(gen_err)?,
+    )])
+}
+
+/// Makes a key pair and a CSR that names no identity: what an agent sends when
+/// enrolling, since the coordinator assigns its node id.
+pub fn new_anonymous_csr() -> Result<(String, Zeroizing<String>), PkiError> {
+    csr_with(Vec::new())
+}
+
+fn csr_with(sans: Vec<SanType>) -> Result<(String, Zeroizing<String>), PkiError> {
     let key = KeyPair::generate().map_err(gen_err)?;
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
-    p.subject_alt_names = vec![SanType::URI(identity.uri().try_into().map_err(gen_err)?)];
+    p.subject_alt_names = sans;
     let csr = p.serialize_request(&key).map_err(gen_err)?;
     Ok((
         csr.pem().map_err(gen_err)?,

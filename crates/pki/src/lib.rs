@@ -11,7 +11,10 @@ mod error;
 mod identity;
 mod token;
 
-pub use ca::{new_csr, ClusterCa, IssuedCertificate, DEFAULT_NODE_CERT_LIFETIME};
+pub use ca::{
+    new_anonymous_csr, new_csr, verify_with_ca_cert, ClusterCa, IssuedCertificate,
+    DEFAULT_NODE_CERT_LIFETIME,
+};
 pub use envelope::{MasterKey, Sealed};
 pub use error::PkiError;
 pub use identity::Identity;

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use cloudless_types::{ClusterConfig, Workload};
+use cloudless_types::{ClusterConfig, IdentityMaterial, JoinTokenRecord, NodeRecord, Workload};
 
 /// One log entry's payload: the requests a coordinator batched together.
 /// Each is applied in order and answered separately.
@@ -73,6 +73,43 @@ pub enum Command {
         /// Name.
         name: String,
     },
+    /// Records the CA certificate and the sealed CA and token keys. Applied once.
+    InitIdentity {
+        /// The material (keys sealed under the master key).
+        material: IdentityMaterial,
+    },
+    /// Records a new join token.
+    CreateJoinToken {
+        /// The record (uses 0, not revoked).
+        token: JoinTokenRecord,
+    },
+    /// Revokes a join token.
+    RevokeJoinToken {
+        /// Token id.
+        token_id: String,
+    },
+    /// Uses one enrollment of `token_id` and records `node`, atomically: refused
+    /// when the token is unknown, revoked, expired (at the proposer's time) or used up.
+    EnrollNode {
+        /// Token id.
+        token_id: String,
+        /// The node to record.
+        node: NodeRecord,
+    },
+    /// Cordons, uncordons or drains a node.
+    SetNodeFlags {
+        /// Node id.
+        node_id: String,
+        /// New cordon state, if changing.
+        cordoned: Option<bool>,
+        /// New drain state, if changing.
+        draining: Option<bool>,
+    },
+    /// Removes a node's record.
+    RemoveNode {
+        /// Node id.
+        node_id: String,
+    },
 }
 
 /// The cluster's identity and configuration record.
@@ -106,6 +143,14 @@ pub enum Response {
     },
     /// `DeleteWorkload` applied.
     WorkloadDeleted,
+    /// `InitIdentity` applied.
+    IdentityInitialized,
+    /// `CreateJoinToken` or `RevokeJoinToken` applied.
+    JoinToken(JoinTokenRecord),
+    /// `EnrollNode` or `SetNodeFlags` applied.
+    Node(NodeRecord),
+    /// `RemoveNode` applied.
+    NodeRemoved,
     /// The command was valid but the state did not allow it; nothing changed.
     Rejected(Rejection),
 }
@@ -137,6 +182,31 @@ pub enum Rejection {
         namespace: String,
         /// Name.
         name: String,
+    },
+    /// `InitIdentity` when identity material already exists.
+    #[error("the cluster already has a CA")]
+    IdentityAlreadyInitialized,
+    /// A join token id that was never created (or a duplicate create).
+    #[error("join token {id} {problem}")]
+    JoinToken {
+        /// Token id.
+        id: String,
+        /// "is unknown", "was revoked", "expired", "has been used N of N times", "already exists".
+        problem: String,
+    },
+    /// A node name already enrolled.
+    #[error("a node named {name:?} is already enrolled as {id}")]
+    NodeNameTaken {
+        /// The name.
+        name: String,
+        /// Its node id.
+        id: String,
+    },
+    /// The node does not exist.
+    #[error("node {id} not found")]
+    NodeNotFound {
+        /// Node id.
+        id: String,
     },
     /// The idempotency key was used before for a different request.
     #[error("idempotency key {key:?} was already used for a different request")]

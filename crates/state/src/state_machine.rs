@@ -22,7 +22,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use cloudless_types::Workload;
+use cloudless_types::{IdentityMaterial, JoinTokenRecord, NodeRecord, Workload};
 
 use crate::command::{
     ClusterInfo, Command, Proposal, ProposalResult, Rejection, Request, Response,
@@ -44,9 +44,23 @@ const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempoten
 /// Expiry index of idempotency records: "{proposed_at_ms:020}/{key}".
 const IDEMPOTENCY_EXPIRY: TableDefinition<&str, &str> = TableDefinition::new("idempotency_expiry");
 
+/// Identity material under key "identity".
+const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
+/// Join tokens by id.
+const JOIN_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("join_tokens");
+/// Enrolled nodes by id.
+const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
+
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 4] =
-    [CLUSTER, WORKLOADS, IDEMPOTENCY, IDEMPOTENCY_EXPIRY];
+const DATA_TABLES: [TableDefinition<&str, &str>; 7] = [
+    CLUSTER,
+    WORKLOADS,
+    IDEMPOTENCY,
+    IDEMPOTENCY_EXPIRY,
+    IDENTITY,
+    JOIN_TOKENS,
+    NODES,
+];
 
 const KEY_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "last_membership";
@@ -553,6 +567,119 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                 created: false,
             }
         }
+        Command::InitIdentity { material } => {
+            if get_json::<IdentityMaterial>(txn, IDENTITY, "identity")?.is_some() {
+                return Ok(Response::Rejected(Rejection::IdentityAlreadyInitialized));
+            }
+            put_json(txn, IDENTITY, "identity", material)?;
+            Response::IdentityInitialized
+        }
+        Command::CreateJoinToken { token } => {
+            if get_json::<JoinTokenRecord>(txn, JOIN_TOKENS, &token.id)?.is_some() {
+                return Ok(Response::Rejected(Rejection::JoinToken {
+                    id: token.id.clone(),
+                    problem: "already exists".into(),
+                }));
+            }
+            put_json(txn, JOIN_TOKENS, &token.id, token)?;
+            Response::JoinToken(token.clone())
+        }
+        Command::RevokeJoinToken { token_id } => {
+            let Some(mut t) = get_json::<JoinTokenRecord>(txn, JOIN_TOKENS, token_id)? else {
+                return Ok(Response::Rejected(Rejection::JoinToken {
+                    id: token_id.clone(),
+                    problem: "is unknown".into(),
+                }));
+            };
+            t.revoked = true;
+            put_json(txn, JOIN_TOKENS, token_id, &t)?;
+            Response::JoinToken(t)
+        }
+        Command::EnrollNode { token_id, node } => {
+            let refuse = |problem: String| {
+                Ok(Response::Rejected(Rejection::JoinToken {
+                    id: token_id.clone(),
+                    problem,
+                }))
+            };
+            let Some(mut t) = get_json::<JoinTokenRecord>(txn, JOIN_TOKENS, token_id)? else {
+                return refuse("is unknown".into());
+            };
+            if t.revoked {
+                return refuse("was revoked".into());
+            }
+            if now_ms >= t.expires_at_ms {
+                return refuse("expired".into());
+            }
+            if t.uses >= t.max_uses {
+                return refuse(format!("has been used {} of {} times", t.uses, t.max_uses));
+            }
+            let taken = {
+                let table = txn.open_table(NODES).map_err(|e| e.to_string())?;
+                let mut found = None;
+                for item in table.iter().map_err(|e| e.to_string())? {
+                    let (_, v) = item.map_err(|e| e.to_string())?;
+                    let n: NodeRecord =
+                        serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
+                    if n.name == node.name || n.id == node.id {
+                        found = Some(n.id);
+                        break;
+                    }
+                }
+                found
+            };
+            if let Some(id) = taken {
+                return Ok(Response::Rejected(Rejection::NodeNameTaken {
+                    name: node.name.clone(),
+                    id,
+                }));
+            }
+            t.uses += 1;
+            put_json(txn, JOIN_TOKENS, token_id, &t)?;
+            let record = NodeRecord {
+                enrolled_at_ms: now_ms,
+                token_id: token_id.clone(),
+                labels: t.labels.clone(),
+                ..node.clone()
+            };
+            put_json(txn, NODES, &record.id, &record)?;
+            Response::Node(record)
+        }
+        Command::SetNodeFlags {
+            node_id,
+            cordoned,
+            draining,
+        } => {
+            let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
+                return Ok(Response::Rejected(Rejection::NodeNotFound {
+                    id: node_id.clone(),
+                }));
+            };
+            if let Some(c) = cordoned {
+                n.cordoned = *c;
+            }
+            if let Some(d) = draining {
+                n.draining = *d;
+                if *d {
+                    n.cordoned = true;
+                }
+            }
+            put_json(txn, NODES, node_id, &n)?;
+            Response::Node(n)
+        }
+        Command::RemoveNode { node_id } => {
+            let mut table = txn.open_table(NODES).map_err(|e| e.to_string())?;
+            if table
+                .remove(node_id.as_str())
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
+                return Ok(Response::Rejected(Rejection::NodeNotFound {
+                    id: node_id.clone(),
+                }));
+            }
+            Response::NodeRemoved
+        }
         Command::DeleteWorkload { namespace, name } => {
             let key = workload_key(namespace, name);
             let mut table = txn.open_table(WORKLOADS).map_err(|e| e.to_string())?;
@@ -630,6 +757,46 @@ impl StateReader {
                         break;
                     }
                 }
+                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The cluster CA and sealed keys, once `InitIdentity` has been applied.
+    pub fn identity(&self) -> Result<Option<IdentityMaterial>, StateError> {
+        self.get(IDENTITY, "identity")
+    }
+
+    /// One join token's record.
+    pub fn join_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, StateError> {
+        self.get(JOIN_TOKENS, id)
+    }
+
+    /// Every join token, by id.
+    pub fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StateError> {
+        self.all(JOIN_TOKENS)
+    }
+
+    /// One node.
+    pub fn node(&self, id: &str) -> Result<Option<NodeRecord>, StateError> {
+        self.get(NODES, id)
+    }
+
+    /// Every node, by id.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
+        self.all(NODES)
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &str>,
+    ) -> Result<Vec<T>, StateError> {
+        self.read(|txn| {
+            let table = txn.open_table(def).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(|e| e.to_string())? {
+                let (_, v) = item.map_err(|e| e.to_string())?;
                 out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
             }
             Ok(out)

@@ -2,10 +2,12 @@
 //! the validation rules that keep bad input out of the Raft log.
 
 mod cluster_config;
+mod identity;
 mod validation;
 mod workload;
 
 pub use cluster_config::{ClusterConfig, SchedulerWeights};
+pub use identity::{IdentityMaterial, JoinTokenRecord, NodeRecord, SealedSecret};
 pub use validation::{FieldError, ValidationErrors};
 pub use workload::{
     parse_manifest, Resources, Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,

@@ -1,0 +1,97 @@
+//! The cluster CA and token key as this coordinator uses them: created at
+//! `init`, stored sealed in Raft, unsealed on demand with the master key.
+
+use std::sync::Arc;
+
+use cloudless_pki::{ClusterCa, MasterKey, Sealed, TokenKey};
+use cloudless_types::{IdentityMaterial, SealedSecret};
+
+use crate::coordinator::CoordinatorHandle;
+use crate::error::CoordinatorError;
+
+/// Associated data binding the sealed token key to its purpose.
+const TOKEN_KEY_CONTEXT: &str = "cloudless/token-key/v1";
+
+/// Unsealed identity keys.
+pub(crate) struct IdentityKeys {
+    pub(crate) ca: ClusterCa,
+    pub(crate) tokens: TokenKey,
+}
+
+fn to_stored(s: Sealed) -> SealedSecret {
+    SealedSecret {
+        nonce: s.nonce,
+        ciphertext: s.ciphertext,
+    }
+}
+
+fn from_stored(s: &SealedSecret) -> Sealed {
+    Sealed {
+        nonce: s.nonce.clone(),
+        ciphertext: s.ciphertext.clone(),
+    }
+}
+
+/// A new CA and token key, sealed for the replicated state.
+pub(crate) fn new_material(
+    master: &MasterKey,
+    cluster_name: &str,
+    now_s: i64,
+) -> Result<IdentityMaterial, CoordinatorError> {
+    let ca = ClusterCa::generate(cluster_name, now_s)?;
+    let tokens = TokenKey::generate()?;
+    Ok(IdentityMaterial {
+        ca_cert_pem: ca.cert_pem().to_owned(),
+        ca_key: to_stored(ca.seal_key(master)?),
+        token_key: to_stored(master.seal(tokens.as_bytes(), TOKEN_KEY_CONTEXT)?),
+    })
+}
+
+impl CoordinatorHandle {
+    /// The unsealed CA and token key (cached after the first use).
+    pub(crate) fn identity_keys(&self) -> Result<Arc<IdentityKeys>, CoordinatorError> {
+        let mut cached = self
+            .identity_cache()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(k) = cached.as_ref() {
+            return Ok(k.clone());
+        }
+        let master = self.master_key().ok_or_else(|| {
+            CoordinatorError::NoIdentity(
+                "this coordinator has no master key; set master_key_file to the cluster's master key".into(),
+            )
+        })?;
+        let material = self.reader().identity()?.ok_or_else(|| {
+            CoordinatorError::NoIdentity(
+                "the cluster has no CA yet; it is created by `init` with a master key".into(),
+            )
+        })?;
+        let unseal_err = |e: cloudless_pki::PkiError| {
+            CoordinatorError::NoIdentity(format!(
+                "the master key does not open the cluster's keys ({e}); is it this cluster's key?"
+            ))
+        };
+        let ca = ClusterCa::from_sealed(
+            &material.ca_cert_pem,
+            &from_stored(&material.ca_key),
+            master,
+        )
+        .map_err(unseal_err)?;
+        let token_bytes = master
+            .open(&from_stored(&material.token_key), TOKEN_KEY_CONTEXT)
+            .map_err(unseal_err)?;
+        let tokens = TokenKey::from_bytes(&token_bytes)?;
+        let keys = Arc::new(IdentityKeys { ca, tokens });
+        *cached = Some(keys.clone());
+        Ok(keys)
+    }
+}
+
+/// Loads the master key named by the configuration, if any.
+pub(crate) fn load_master_key(
+    path: Option<&std::path::Path>,
+) -> Result<Option<Arc<MasterKey>>, cloudless_pki::PkiError> {
+    path.map(|p| MasterKey::from_file(p).map(Arc::new))
+        .transpose()
+}

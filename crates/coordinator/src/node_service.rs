@@ -1,0 +1,401 @@
+//! `NodeService`: join tokens, enrollment and node records.
+
+use std::collections::BTreeMap;
+
+use cloudless_pki::{Identity, JoinTokenClaims, DEFAULT_NODE_CERT_LIFETIME};
+use cloudless_proto::v1::node_service_client::NodeServiceClient;
+use cloudless_proto::v1::node_service_server::NodeService;
+use cloudless_proto::v1::{
+    CreateJoinTokenRequest, CreateJoinTokenResponse, EnrollRequest, EnrollResponse, GetNodeRequest,
+    GetNodeResponse, JoinTokenInfo, ListJoinTokensRequest, ListJoinTokensResponse,
+    ListNodesRequest, ListNodesResponse, NodeActionRequest, NodeActionResponse, NodePhase,
+    RevokeJoinTokenRequest, RevokeJoinTokenResponse,
+};
+use cloudless_state::{Command, Rejection, Response as SmResponse};
+use cloudless_types::{JoinTokenRecord, NodeRecord, ValidationErrors};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::error::CoordinatorError;
+use crate::services::{idempotency_key, leader_or_forward};
+
+/// Default join token lifetime when the request leaves it 0: one hour.
+const DEFAULT_TOKEN_TTL_S: u64 = 3600;
+/// Longest join token lifetime: 30 days.
+const MAX_TOKEN_TTL_S: u64 = 30 * 24 * 3600;
+/// Most uses one token may allow.
+const MAX_TOKEN_USES: u32 = 10_000;
+
+/// The `NodeService` implementation.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    handle: CoordinatorHandle,
+}
+
+impl NodeApi {
+    /// Serves `handle`.
+    pub fn new(handle: CoordinatorHandle) -> Self {
+        Self { handle }
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
+    cloudless_proto::v1::Node {
+        id: n.id,
+        name: n.name,
+        // Liveness arrives with heartbeats; until then the phase is unknown.
+        phase: NodePhase::Unspecified as i32,
+        cordoned: n.cordoned,
+        draining: n.draining,
+        labels: n.labels.into_iter().collect(),
+        enrolled_at_ms: n.enrolled_at_ms,
+        cert_not_after_ms: n.cert_not_after_ms,
+        ..Default::default()
+    }
+}
+
+fn token_info(t: JoinTokenRecord) -> JoinTokenInfo {
+    JoinTokenInfo {
+        remaining_uses: t.max_uses.saturating_sub(t.uses),
+        token_id: t.id,
+        expires_at_ms: t.expires_at_ms,
+        revoked: t.revoked,
+        labels: t.labels.into_iter().collect(),
+    }
+}
+
+fn node_answer(resp: SmResponse) -> Result<NodeRecord, CoordinatorError> {
+    match resp {
+        SmResponse::Node(n) => Ok(n),
+        other => Err(CoordinatorError::Fatal(format!(
+            "unexpected state machine answer {other:?}"
+        ))),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), CoordinatorError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "name: {name:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+impl NodeApi {
+    async fn flags(
+        &self,
+        req: Request<NodeActionRequest>,
+        cordoned: Option<bool>,
+        draining: Option<bool>,
+    ) -> Result<Response<NodeActionResponse>, Status> {
+        let h = self.handle.clone();
+        let remote_cordoned = cordoned;
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: NodeActionRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let (resp, commit) = h
+                    .write(
+                        key,
+                        Command::SetNodeFlags {
+                            node_id: r.id,
+                            cordoned,
+                            draining,
+                        },
+                    )
+                    .await?;
+                Ok(NodeActionResponse {
+                    node: Some(to_wire(node_answer(resp)?)),
+                    commit: Some(commit),
+                })
+            },
+            move |ch, r| async move {
+                let mut c = NodeServiceClient::new(ch);
+                match (remote_cordoned, draining) {
+                    (_, Some(true)) => c.drain(r).await,
+                    (Some(true), _) => c.cordon(r).await,
+                    _ => c.uncordon(r).await,
+                }
+            },
+        )
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn enroll(
+        &self,
+        req: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: EnrollRequest| async move {
+                check_name(&r.name)?;
+                let keys = h.identity_keys()?;
+                let now = now_ms();
+                let claims = keys.tokens.verify(&r.join_token, now / 1000)?;
+                let node_id = format!("n{}", random_hex(6));
+                // Sign first: a bad CSR must not use up the token.
+                let issued = keys.ca.sign_csr(
+                    &r.csr_pem,
+                    &Identity::Node(node_id.clone()),
+                    DEFAULT_NODE_CERT_LIFETIME,
+                    now / 1000,
+                )?;
+                let node = NodeRecord {
+                    id: node_id.clone(),
+                    name: r.name,
+                    labels: BTreeMap::new(),
+                    enrolled_at_ms: now,
+                    token_id: claims.jti.clone(),
+                    cert_not_after_ms: issued.not_after.saturating_mul(1000),
+                    cordoned: false,
+                    draining: false,
+                };
+                let (resp, _) = h
+                    .write(
+                        None,
+                        Command::EnrollNode {
+                            token_id: claims.jti,
+                            node,
+                        },
+                    )
+                    .await?;
+                let node = node_answer(resp)?;
+                tracing::info!(node_id = %node.id, name = %node.name, "node enrolled");
+                Ok(EnrollResponse {
+                    node_id: node.id,
+                    certificate_pem: issued.cert_pem,
+                    ca_certificate_pem: keys.ca.cert_pem().to_owned(),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).enroll(r).await },
+        )
+        .await
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: ListNodesRequest| async move {
+                h.read_barrier(r.read.as_ref()).await?;
+                Ok(ListNodesResponse {
+                    nodes: h.reader().nodes()?.into_iter().map(to_wire).collect(),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).list(r).await },
+        )
+        .await
+    }
+
+    async fn get(&self, req: Request<GetNodeRequest>) -> Result<Response<GetNodeResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: GetNodeRequest| async move {
+                h.read_barrier(r.read.as_ref()).await?;
+                let node = h.reader().node(&r.id)?.ok_or(CoordinatorError::Rejected(
+                    Rejection::NodeNotFound { id: r.id },
+                ))?;
+                Ok(GetNodeResponse {
+                    node: Some(to_wire(node)),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).get(r).await },
+        )
+        .await
+    }
+
+    async fn cordon(
+        &self,
+        req: Request<NodeActionRequest>,
+    ) -> Result<Response<NodeActionResponse>, Status> {
+        self.flags(req, Some(true), None).await
+    }
+
+    async fn uncordon(
+        &self,
+        req: Request<NodeActionRequest>,
+    ) -> Result<Response<NodeActionResponse>, Status> {
+        self.flags(req, Some(false), Some(false)).await
+    }
+
+    async fn drain(
+        &self,
+        req: Request<NodeActionRequest>,
+    ) -> Result<Response<NodeActionResponse>, Status> {
+        self.flags(req, None, Some(true)).await
+    }
+
+    async fn remove(
+        &self,
+        req: Request<NodeActionRequest>,
+    ) -> Result<Response<NodeActionResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: NodeActionRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let (_, commit) = h.write(key, Command::RemoveNode { node_id: r.id }).await?;
+                Ok(NodeActionResponse {
+                    node: None,
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).remove(r).await },
+        )
+        .await
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: CreateJoinTokenRequest| async move {
+                let mut errs = ValidationErrors::default();
+                let ttl = if r.ttl_seconds == 0 {
+                    DEFAULT_TOKEN_TTL_S
+                } else {
+                    r.ttl_seconds
+                };
+                if ttl > MAX_TOKEN_TTL_S {
+                    errs.push(
+                        "ttl_seconds",
+                        format!("{ttl} is above the maximum of {MAX_TOKEN_TTL_S} (30 days)"),
+                    );
+                }
+                let max_uses = if r.max_uses == 0 { 1 } else { r.max_uses };
+                if max_uses > MAX_TOKEN_USES {
+                    errs.push(
+                        "max_uses",
+                        format!("{max_uses} is above the maximum of {MAX_TOKEN_USES}"),
+                    );
+                }
+                let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
+                for (k, v) in &labels {
+                    let ok = !k.is_empty()
+                        && k.len() <= 253
+                        && k.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-')
+                        })
+                        && v.len() <= 253;
+                    if !ok {
+                        errs.push(
+                            format!("labels.{k}"),
+                            "keys are 1-253 of [A-Za-z0-9._/-], values at most 253 characters",
+                        );
+                    }
+                }
+                errs.into_result()?;
+                let key = idempotency_key(r.write.as_ref())?;
+                let keys = h.identity_keys()?;
+                let now = now_ms();
+                let id = random_hex(8);
+                let claims =
+                    JoinTokenClaims::new(id.clone(), now / 1000, ttl, max_uses, labels.clone());
+                let record = JoinTokenRecord {
+                    id: id.clone(),
+                    created_at_ms: now,
+                    expires_at_ms: claims.exp.saturating_mul(1000),
+                    max_uses,
+                    uses: 0,
+                    revoked: false,
+                    labels,
+                };
+                let expires_at_ms = record.expires_at_ms;
+                h.write(key, Command::CreateJoinToken { token: record })
+                    .await?;
+                let token = keys.tokens.sign(&claims)?;
+                tracing::info!(token_id = %id, ttl_s = ttl, max_uses, "join token created");
+                Ok(CreateJoinTokenResponse {
+                    token_id: id,
+                    token,
+                    expires_at_ms,
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).create_join_token(r).await },
+        )
+        .await
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<ListJoinTokensRequest>,
+    ) -> Result<Response<ListJoinTokensResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: ListJoinTokensRequest| async move {
+                h.read_barrier(r.read.as_ref()).await?;
+                Ok(ListJoinTokensResponse {
+                    tokens: h
+                        .reader()
+                        .join_tokens()?
+                        .into_iter()
+                        .map(token_info)
+                        .collect(),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).list_join_tokens(r).await },
+        )
+        .await
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<RevokeJoinTokenRequest>,
+    ) -> Result<Response<RevokeJoinTokenResponse>, Status> {
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RevokeJoinTokenRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let (_, commit) = h
+                    .write(
+                        key,
+                        Command::RevokeJoinToken {
+                            token_id: r.token_id,
+                        },
+                    )
+                    .await?;
+                Ok(RevokeJoinTokenResponse {
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).revoke_join_token(r).await },
+        )
+        .await
+    }
+}
