@@ -25,10 +25,13 @@ if [[ -z "${CLOUDLESS_BIN:-}" ]]; then
 fi
 stop
 rm -rf "$DIR" && mkdir -p "$DIR"
+# One master key for all coordinators: it seals the cluster CA and token key.
+"$BIN/cloudless-coordinator" gen-master-key "$DIR/master.key" >/dev/null
 
 start() { # name mode port [join]
   local name=$1 mode=$2 port=$3 join=${4:-}
-  local args=("$mode" --data-dir "$DIR/$name" --listen "127.0.0.1:$port" --http "127.0.0.1:$((port + 1))")
+  local args=("$mode" --data-dir "$DIR/$name" --listen "127.0.0.1:$port" --http "127.0.0.1:$((port + 1))"
+    --set "master_key_file=$DIR/master.key")
   [[ -n "$join" ]] && args+=(--join "$join")
   "$BIN/cloudless-coordinator" "${args[@]}" >"$DIR/$name.log" 2>&1 &
   echo $! >"$DIR/$name.pid"
@@ -61,6 +64,13 @@ echo "==> cloudlessctl apply -f examples/web.yaml (sent to c2; followers forward
 "${CTL[@]}" apply -f examples/web.yaml
 echo "==> cloudlessctl get workloads (linearizable read)"
 "${CTL[@]}" get workloads
+echo "==> cloudlessctl token create --ttl 1h --max-uses 1 --label zone=eu-a (for enrolling a device)"
+for _ in $(seq 1 50); do
+  "${CTL[@]}" token create --ttl 1h --max-uses 1 --label zone=eu-a >"$DIR/join-token" 2>"$DIR/token.err" && break
+  sleep 0.1
+done
+echo "token written to $DIR/join-token"
+"${CTL[@]}" token list
 echo "==> cloudlessctl cluster status"
 "${CTL[@]}" cluster status
 echo

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cloudless_proto::v1::cluster_service_client::ClusterServiceClient;
+use cloudless_proto::v1::node_service_client::NodeServiceClient;
 use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
 use cloudless_proto::v1::{self as pb, ReadConsistency, ReadOptions, WriteOptions};
 use tonic::transport::{Channel, Endpoint};
@@ -75,6 +76,12 @@ enum Cmd {
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
     },
+    /// Join tokens for enrolling devices.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Enrolled nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Change a workload's replica count.
     Scale {
         #[arg(value_parser = ["workload", "wl"])]
@@ -85,6 +92,93 @@ enum Cmd {
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a join token and print it (shown once; only its id is stored in clear).
+    Create {
+        /// Lifetime: 90s, 30m, 1h, 7d (max 30d).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: u64,
+        /// Enrollments it allows.
+        #[arg(long, default_value_t = 1)]
+        max_uses: u32,
+        /// Label for nodes enrolled with it: key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List tokens (ids, remaining uses, expiry; never the tokens).
+    List,
+    /// Revoke a token by id.
+    Revoke { token_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// List nodes.
+    List,
+    /// Show one node.
+    Get { id: String },
+    /// Stop placing new replicas on a node.
+    Cordon { id: String },
+    /// Allow placements again (also ends a drain).
+    Uncordon { id: String },
+    /// Cordon and move replicas away.
+    Drain { id: String },
+    /// Forget a node.
+    Remove { id: String },
+}
+
+/// Parses 90, 90s, 30m, 1h, 7d into seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} must be a positive duration"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn fmt_ms(ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let secs = (ms - now) / 1000;
+    if secs >= 0 {
+        format!("in {}", human(secs))
+    } else {
+        format!("{} ago", human(-secs))
+    }
+}
+
+fn human(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn node_json(n: &pb::Node) -> serde_json::Value {
+    serde_json::json!({ "id": n.id, "name": n.name, "cordoned": n.cordoned, "draining": n.draining,
+        "labels": n.labels, "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms })
 }
 
 #[derive(Subcommand, Debug)]
@@ -409,6 +503,156 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?;
             println!("workload {namespace}/{name} deleted");
+        }
+        Cmd::Token(TokenCmd::Create {
+            ttl,
+            max_uses,
+            labels,
+        }) => {
+            let labels: std::collections::HashMap<String, String> = labels.into_iter().collect();
+            let r = call(servers, |ch| {
+                let req = pb::CreateJoinTokenRequest {
+                    write: None,
+                    ttl_seconds: ttl,
+                    max_uses,
+                    labels: labels.clone(),
+                };
+                async move { NodeServiceClient::new(ch).create_join_token(req).await }
+            })
+            .await?;
+            if cli.output == Output::Json {
+                return print_json(
+                    &serde_json::json!({ "tokenId": r.token_id, "token": r.token, "expiresAtMs": r.expires_at_ms }),
+                );
+            }
+            eprintln!(
+                "token {} expires {}, {max_uses} use(s):",
+                r.token_id,
+                fmt_ms(r.expires_at_ms)
+            );
+            println!("{}", r.token);
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let read = read_opts(cli.stale);
+            let r = call(servers, |ch| async move {
+                NodeServiceClient::new(ch)
+                    .list_join_tokens(pb::ListJoinTokensRequest { read })
+                    .await
+            })
+            .await?;
+            if cli.output == Output::Json {
+                let v: Vec<_> = r.tokens.iter().map(|t| serde_json::json!({ "tokenId": t.token_id,
+                    "remainingUses": t.remaining_uses, "expiresAtMs": t.expires_at_ms, "revoked": t.revoked, "labels": t.labels })).collect();
+                return print_json(&v);
+            }
+            println!(
+                "{:<18} {:>9} {:<14} {:<8} LABELS",
+                "ID", "USES-LEFT", "EXPIRES", "REVOKED"
+            );
+            for t in &r.tokens {
+                let mut labels: Vec<String> =
+                    t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                println!(
+                    "{:<18} {:>9} {:<14} {:<8} {}",
+                    t.token_id,
+                    t.remaining_uses,
+                    fmt_ms(t.expires_at_ms),
+                    t.revoked,
+                    labels.join(",")
+                );
+            }
+        }
+        Cmd::Token(TokenCmd::Revoke { token_id }) => {
+            call(servers, |ch| {
+                let req = pb::RevokeJoinTokenRequest {
+                    write: None,
+                    token_id: token_id.clone(),
+                };
+                async move { NodeServiceClient::new(ch).revoke_join_token(req).await }
+            })
+            .await?;
+            println!("token {token_id} revoked");
+        }
+        Cmd::Node(NodeCmd::List) => {
+            let read = read_opts(cli.stale);
+            let nodes = call(servers, |ch| async move {
+                NodeServiceClient::new(ch)
+                    .list(pb::ListNodesRequest { read })
+                    .await
+            })
+            .await?
+            .nodes;
+            if cli.output == Output::Json {
+                return print_json(&nodes.iter().map(node_json).collect::<Vec<_>>());
+            }
+            println!(
+                "{:<16} {:<24} {:<20} {:<12} LABELS",
+                "ID", "NAME", "STATUS", "CERT-EXPIRES"
+            );
+            for n in &nodes {
+                let status = match (n.draining, n.cordoned) {
+                    (true, _) => "Draining",
+                    (false, true) => "SchedulingDisabled",
+                    _ => "Enrolled",
+                };
+                let mut labels: Vec<String> =
+                    n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                println!(
+                    "{:<16} {:<24} {:<20} {:<12} {}",
+                    n.id,
+                    n.name,
+                    status,
+                    fmt_ms(n.cert_not_after_ms),
+                    labels.join(",")
+                );
+            }
+        }
+        Cmd::Node(NodeCmd::Get { id }) => {
+            let read = read_opts(cli.stale);
+            let n = call(servers, |ch| {
+                let req = pb::GetNodeRequest {
+                    read,
+                    id: id.clone(),
+                };
+                async move { NodeServiceClient::new(ch).get(req).await }
+            })
+            .await?
+            .node
+            .unwrap_or_default();
+            print_json(&node_json(&n))?;
+        }
+        Cmd::Node(action) => {
+            let (verb, id) = match action {
+                NodeCmd::Cordon { id } => ("cordoned", id),
+                NodeCmd::Uncordon { id } => ("uncordoned", id),
+                NodeCmd::Drain { id } => ("draining", id),
+                NodeCmd::Remove { id } => ("removed", id),
+                NodeCmd::List | NodeCmd::Get { .. } => {
+                    return Err(Failure {
+                        code: 2,
+                        error: anyhow::anyhow!("node list/get are handled above"),
+                    })
+                }
+            };
+            call(servers, |ch| {
+                let req = pb::NodeActionRequest {
+                    write: None,
+                    id: id.clone(),
+                };
+                let mut c = NodeServiceClient::new(ch);
+                async move {
+                    match verb {
+                        "cordoned" => c.cordon(req).await,
+                        "uncordoned" => c.uncordon(req).await,
+                        "draining" => c.drain(req).await,
+                        _ => c.remove(req).await,
+                    }
+                }
+            })
+            .await?;
+            println!("node {id} {verb}");
         }
         Cmd::Scale {
             name,
