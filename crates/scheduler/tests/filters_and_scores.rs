@@ -22,6 +22,12 @@ fn placed_on(d: &Decision) -> &str {
     }
 }
 
+fn placed_count(d: &[Decision]) -> usize {
+    d.iter()
+        .filter(|d| matches!(d, Decision::Placed(_)))
+        .count()
+}
+
 fn unplaced_reasons(d: &Decision) -> Vec<(FilterReason, u32)> {
     match d {
         Decision::Unplaced(u) => u.reasons.iter().map(|(r, n, _)| (*r, *n)).collect(),
@@ -501,12 +507,7 @@ fn anti_affinity_by_node_and_zone() {
             false,
         )
         .expect("place");
-    assert_eq!(
-        d.iter()
-            .filter(|d| matches!(d, Decision::Placed(_)))
-            .count(),
-        3
-    );
+    assert_eq!(placed_count(&d), 3);
     assert_eq!(
         unplaced_reasons(&d[3]),
         [(FilterReason::AntiAffinityNode, 3)]
@@ -522,12 +523,7 @@ fn anti_affinity_by_node_and_zone() {
             false,
         )
         .expect("place");
-    assert_eq!(
-        d.iter()
-            .filter(|d| matches!(d, Decision::Placed(_)))
-            .count(),
-        2
-    );
+    assert_eq!(placed_count(&d), 2);
     assert_eq!(
         unplaced_reasons(&d[2]),
         [(FilterReason::AntiAffinityZone, 3)]
