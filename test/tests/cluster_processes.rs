@@ -199,3 +199,122 @@ fn damaged_data_dir_is_a_clear_startup_error() {
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("does not hold a node id"), "{err}");
 }
+
+fn ctl(server: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(workspace_binary("cloudlessctl"))
+        .args(["--server", server])
+        .args(args)
+        .output()
+        .expect("run cloudlessctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_follower_catches_up_by_snapshot_and_members_change_through_cloudlessctl() {
+    cloudless_test::init_test_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let compact = [
+        "--set",
+        "raft.snapshot_after_logs=20",
+        "--set",
+        "raft.logs_to_keep_after_snapshot=0",
+    ];
+    let mut procs: Vec<Proc> = (0..4)
+        .map(|i| Proc {
+            data_dir: dir.path().join(format!("c{i}")),
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            child: None,
+        })
+        .collect();
+    procs[0].spawn_with("init", None, &compact);
+    let seed = procs[0].grpc.clone();
+    procs[1].spawn_with("run", Some(&seed), &compact);
+    procs[2].spawn_with("run", Some(&seed), &compact);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cluster_status(&seed).await.is_some_and(|s| {
+        s.members.len() == 3
+            && s.coordinators
+                .iter()
+                .all(|c| c.reachable && c.state != "Learner")
+    }) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cluster did not form"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    info!("phase: SIGKILL a follower, then write past several snapshots");
+    let leader = wait_leader(&procs[..3]).await;
+    let lagging = (leader + 1) % 3;
+    procs[lagging].sigkill();
+    let writer = procs[leader].grpc.clone();
+    for i in 0..150 {
+        apply(&writer, &format!("snap{i}"), 1).await.expect("write");
+    }
+    info!("phase: restart it; it must install a snapshot to catch up");
+    procs[lagging].spawn_with("run", None, &compact);
+    let addr = procs[lagging].grpc.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let names = list_names_stale(&addr).await.unwrap_or_default();
+        if names.len() == 150 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lagging node has {} of 150 workloads",
+            names.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = cluster_status(&addr).await.expect("status");
+    let me = s
+        .coordinators
+        .iter()
+        .find(|c| c.address == addr)
+        .expect("self in status");
+    assert!(
+        me.snapshot_index > 0,
+        "caught up without a snapshot: {me:?}"
+    );
+
+    info!("phase: a fourth coordinator joins, then cloudlessctl removes it");
+    procs[3].spawn_with("run", Some(&seed), &compact);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let fourth_id = loop {
+        if let Some(s) = cluster_status(&seed).await {
+            if let Some(m) = s.members.iter().find(|m| {
+                m.address == procs[3].grpc
+                    && m.role == cloudless_proto::v1::member::Role::Voter as i32
+            }) {
+                break m.node_id;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fourth coordinator never became a voter"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (code, out, err) = ctl(
+        &procs[lagging].grpc,
+        &["cluster", "remove", &fourth_id.to_string()],
+    );
+    assert_eq!(code, 0, "cloudlessctl cluster remove failed: {err}");
+    assert!(out.contains("3 member(s) remain"), "{out}");
+    let (code, out, _) = ctl(&seed, &["cluster", "status"]);
+    assert_eq!(code, 0);
+    assert!(
+        !out.contains(&procs[3].grpc),
+        "removed member still listed:\n{out}"
+    );
+    let (code, _, err) = ctl(&seed, &["cluster", "remove", "12345"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("12345 is not a member"), "{err}");
+}
