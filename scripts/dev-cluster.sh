@@ -50,12 +50,17 @@ echo "==> starting coordinator c1 (init) on 127.0.0.1:${PORTS[0]}"
 start c1 init "${PORTS[0]}"
 wait_ready "${PORTS[0]}"
 for i in 1 2; do
+  # A new coordinator gets the cluster's sealed identity bundle (opened with the
+  # shared master key) and issues its own mTLS certificate from it.
+  mkdir -p "$DIR/c$((i + 1))/tls"
+  cp "$DIR/c1/tls/identity.json" "$DIR/c$((i + 1))/tls/identity.json"
   echo "==> starting coordinator c$((i + 1)) joining 127.0.0.1:${PORTS[0]}"
   start "c$((i + 1))" run "${PORTS[$i]}" "127.0.0.1:${PORTS[0]}"
 done
 wait_ready "${PORTS[1]}"; wait_ready "${PORTS[2]}"
 
-CTL=("$BIN/cloudlessctl" --server "127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[0]}")
+# init wrote admin credentials and a cloudlessctl config; every call is mTLS.
+CTL=("$BIN/cloudlessctl" --config "$DIR/c1/admin/cloudlessctl.toml" --server "127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[0]}")
 for _ in $(seq 1 50); do
   [[ "$("${CTL[@]}" cluster status -o json | grep -c '"state": "\(Leader\|Follower\)"')" == 3 ]] && break
   sleep 0.1
@@ -75,4 +80,5 @@ echo "==> cloudlessctl cluster status"
 "${CTL[@]}" cluster status
 echo
 echo "Cluster is running (logs in $DIR). Metrics: curl http://127.0.0.1:$((PORTS[0] + 1))/metrics"
+echo "cloudlessctl config (mTLS admin credentials): $DIR/c1/admin/cloudlessctl.toml"
 echo "Stop it with: scripts/dev-cluster.sh stop"

@@ -37,11 +37,44 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
     }
 }
 
-/// A lazily connected channel to `addr`.
+/// Client TLS settings per server address, registered by clusters that run mTLS.
+fn tls_registry(
+) -> &'static std::sync::Mutex<std::collections::HashMap<String, tonic::transport::ClientTlsConfig>>
+{
+    static REG: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, tonic::transport::ClientTlsConfig>>,
+    > = std::sync::OnceLock::new();
+    REG.get_or_init(Default::default)
+}
+
+/// Makes `channel(addr)` use mTLS with the admin credentials in `admin_dir`
+/// (`ca.crt`, `admin.crt`, `admin.key`, as written by `init`).
+pub fn register_admin_tls(addr: &str, admin_dir: &Path) {
+    let read =
+        |f: &str| std::fs::read_to_string(admin_dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_owned();
+    let cfg = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")))
+        .identity(tonic::transport::Identity::from_pem(
+            read("admin.crt"),
+            read("admin.key"),
+        ))
+        .domain_name(host);
+    tls_registry()
+        .lock()
+        .expect("registry")
+        .insert(addr.to_owned(), cfg);
+}
+
+/// A lazily connected channel to `addr` (mTLS when registered).
 pub fn channel(addr: &str) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("valid address")
-        .connect_timeout(Duration::from_secs(1))
+    let tls = tls_registry().lock().expect("registry").get(addr).cloned();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}")).expect("valid address");
+    if let Some(t) = tls {
+        ep = ep.tls_config(t).expect("client TLS config");
+    }
+    ep.connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(10))
         .connect_lazy()
 }
@@ -162,20 +195,24 @@ impl InProcessCluster {
             dir,
             nodes: Vec::new(),
         };
-        let first = Coordinator::start(cluster.configs[0].clone(), StartMode::Init)
-            .await
-            .expect("start node 0");
+        let first = cluster.first_start(0, StartMode::Init).await;
         cluster.nodes.push(Some(first));
+        for i in 1..n {
+            cluster.bootstrap_tls(i);
+        }
+        for i in 0..n {
+            cluster.register_tls(i);
+        }
         let seed = cluster.addr(0);
         for i in 1..n {
-            let c = Coordinator::start(
-                cluster.configs[i].clone(),
-                StartMode::Run {
-                    join: Some(seed.clone()),
-                },
-            )
-            .await
-            .expect("start node");
+            let c = cluster
+                .first_start(
+                    i,
+                    StartMode::Run {
+                        join: Some(seed.clone()),
+                    },
+                )
+                .await;
             cluster.nodes.push(Some(c));
         }
         cluster.wait_for_voters(n).await;
@@ -194,6 +231,57 @@ impl InProcessCluster {
             .await;
         }
         cluster
+    }
+
+    /// Starts node `i` for the first time. `free_port` hands out ports that
+    /// another test may grab before we bind them, so a bind failure is
+    /// retried on fresh ports (nothing else has started when binding fails).
+    pub async fn first_start(&mut self, i: usize, mode: StartMode) -> Coordinator {
+        for _ in 0..5 {
+            match Coordinator::start(self.configs[i].clone(), mode.clone()).await {
+                Ok(c) => return c,
+                Err(cloudless_coordinator::StartError::Bind { what, addr, source }) => {
+                    tracing::warn!(%what, %addr, %source, "port taken; retrying on fresh ports");
+                    let grpc = free_port();
+                    let c = &mut self.configs[i];
+                    c.listen_addr = format!("127.0.0.1:{grpc}").parse().expect("addr");
+                    c.advertise_addr = c.listen_addr.to_string();
+                    c.http_addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+                    self.register_tls(i);
+                }
+                Err(e) => panic!("start node {i}: {e}"),
+            }
+        }
+        panic!("start node {i}: no free ports after 5 attempts");
+    }
+
+    /// Gives node `i` the cluster's sealed identity bundle (what an operator
+    /// copies to a new coordinator), when the cluster runs mTLS.
+    pub fn bootstrap_tls(&self, i: usize) {
+        let from = self.configs[0].data_dir.join("tls/identity.json");
+        if self.configs[i].master_key_file.is_some() && from.exists() {
+            let dir = self.configs[i].data_dir.join("tls");
+            std::fs::create_dir_all(&dir).expect("tls dir");
+            std::fs::copy(&from, dir.join("identity.json")).expect("copy identity bundle");
+        }
+    }
+
+    /// Makes test clients talk mTLS to node `i` with the admin credentials from `init`.
+    pub fn register_tls(&self, i: usize) {
+        let admin = self.configs[0].data_dir.join("admin");
+        if admin.join("admin.crt").exists() {
+            register_admin_tls(&self.configs[i].advertise_addr, &admin);
+        }
+    }
+
+    /// A config for a new member `i` of this cluster (same master key, identity bundle copied).
+    pub fn member_config(&mut self, i: usize) -> CoordinatorConfig {
+        let key = self.configs[0].master_key_file.clone();
+        let cfg = Self::node_config(self.dir.path(), i, &|c| c.master_key_file = key.clone());
+        self.configs.push(cfg.clone());
+        self.bootstrap_tls(i);
+        self.register_tls(i);
+        cfg
     }
 
     /// Waits until every running node sees `n` voters and a leader.

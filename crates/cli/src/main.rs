@@ -19,14 +19,13 @@ use tonic::Code;
 #[command(name = "cloudlessctl", version, about = "Manage a Cloudless cluster")]
 struct Cli {
     /// Coordinator addresses (host:port), comma-separated; tried in order.
-    #[arg(
-        long,
-        short = 's',
-        env = "CLOUDLESS_SERVER",
-        default_value = "127.0.0.1:7400",
-        global = true
-    )]
-    server: String,
+    /// Default: the config file's `servers`, else 127.0.0.1:7400.
+    #[arg(long, short = 's', env = "CLOUDLESS_SERVER", global = true)]
+    server: Option<String>,
+    /// cloudlessctl config (written by `cloudless-coordinator init` to
+    /// <data_dir>/admin/cloudlessctl.toml): servers and mTLS credentials.
+    #[arg(long, env = "CLOUDLESSCTL_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -229,23 +228,36 @@ fn code_name(c: Code) -> &'static str {
 }
 
 /// Calls `f` on each server in turn; follows a leader hint once.
-async fn call<T, F, Fut>(servers: &str, mut f: F) -> Result<T, Failure>
+async fn call<T, F, Fut>(target: &Target, mut f: F) -> Result<T, Failure>
 where
     F: FnMut(Channel) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut queue: Vec<String> = servers
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let mut queue = target.servers.clone();
     let mut last = None;
     let mut i = 0;
     while i < queue.len() && i < 8 {
         let addr = queue[i].clone();
         i += 1;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .with_context(|| format!("--server: {addr:?} is not a host:port address"))?
+        let scheme = if target.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .with_context(|| format!("--server: {addr:?} is not a host:port address"))?;
+        if let Some(t) = &target.tls {
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca))
+                        .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
+                        .domain_name(host),
+                )
+                .context("TLS configuration")?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
@@ -304,8 +316,87 @@ fn workload_json(w: &pb::Workload) -> serde_json::Value {
     })
 }
 
+/// Where and how to connect.
+struct Target {
+    servers: Vec<String>,
+    tls: Option<Tls>,
+}
+
+/// What the config file holds.
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CtlConfig {
+    servers: Vec<String>,
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+}
+
+/// mTLS client credentials loaded from the config file.
+#[derive(Clone)]
+struct Tls {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+fn load_config(path: &std::path::Path) -> Result<(Vec<String>, Option<Tls>), Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg: CtlConfig = toml::from_str(&text).with_context(|| path.display().to_string())?;
+    let tls = match (cfg.ca, cfg.cert, cfg.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let mode = std::fs::metadata(&key)
+                .with_context(|| key.display().to_string())?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!(
+                        "{}: private key is readable by group or others (mode {:o}); run chmod 600 on it",
+                        key.display(),
+                        mode & 0o777
+                    ),
+                });
+            }
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            Some(Tls {
+                ca: read(&ca)?,
+                cert: read(&cert)?,
+                key: read(&key)?,
+            })
+        }
+        (None, None, None) => None,
+        _ => {
+            return Err(Failure {
+                code: 2,
+                error: anyhow::anyhow!("{}: ca, cert and key go together", path.display()),
+            })
+        }
+    };
+    Ok((cfg.servers, tls))
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let servers = cli.server.as_str();
+    let (file_servers, tls) = match &cli.config {
+        Some(p) => load_config(p)?,
+        None => (Vec::new(), None),
+    };
+    let servers: Vec<String> = match &cli.server {
+        Some(s) => s
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None if !file_servers.is_empty() => file_servers,
+        None => vec!["127.0.0.1:7400".to_owned()],
+    };
+    let target = Target { servers, tls };
+    let servers = &target;
     match cli.command {
         Cmd::Cluster(ClusterCmd::Status) => {
             let s = call(servers, |ch| async move {

@@ -48,6 +48,7 @@ impl ClusterService for ClusterApi {
         &self,
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        crate::authz::require(&self.handle, &_req, crate::authz::Allow::Admin)?;
         let h = &self.handle;
         let local = h.local_status();
         let members = h.members();
@@ -96,6 +97,7 @@ impl ClusterService for ClusterApi {
         &self,
         _req: Request<LocalStatusRequest>,
     ) -> Result<Response<CoordinatorStatus>, Status> {
+        crate::authz::require(&self.handle, &_req, crate::authz::Allow::Admin)?;
         Ok(Response::new(self.handle.local_status()))
     }
 
@@ -103,6 +105,7 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<JoinCoordinatorRequest>,
     ) -> Result<Response<JoinCoordinatorResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -129,6 +132,7 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<RemoveCoordinatorRequest>,
     ) -> Result<Response<RemoveCoordinatorResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -154,6 +158,7 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<GetConfigRequest>,
     ) -> Result<Response<GetConfigResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -175,6 +180,7 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<SetConfigRequest>,
     ) -> Result<Response<SetConfigResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,

@@ -19,7 +19,7 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
@@ -45,6 +45,9 @@ pub enum StartError {
     /// The data directory could not be used.
     #[error(transparent)]
     State(#[from] cloudless_state::StateError),
+    /// TLS material is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The master key file is unusable.
     #[error(transparent)]
     MasterKey(#[from] cloudless_pki::PkiError),
@@ -82,6 +85,7 @@ struct HandleInner {
     proposer: ProposerHandle,
     master_key: Option<Arc<cloudless_pki::MasterKey>>,
     identity: Mutex<Option<Arc<crate::identity::IdentityKeys>>>,
+    tls: Option<Arc<crate::tls::TlsMaterial>>,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -171,6 +175,11 @@ impl CoordinatorHandle {
             .ok_or(CoordinatorError::NotInitialized)
     }
 
+    /// The CA certificate when this coordinator serves mTLS.
+    pub(crate) fn tls_ca_pem(&self) -> Option<&str> {
+        self.inner.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
     pub(crate) fn master_key(&self) -> Option<&cloudless_pki::MasterKey> {
         self.inner.master_key.as_deref()
     }
@@ -189,8 +198,8 @@ impl CoordinatorHandle {
         if let Some(c) = peers.get(address) {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| CoordinatorError::InvalidArgument(format!("address {address:?}: {e}")))?
+        let ch = crate::tls::endpoint(address, self.inner.tls.as_deref())
+            .map_err(CoordinatorError::InvalidArgument)?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -396,6 +405,28 @@ impl Coordinator {
     pub async fn start(config: CoordinatorConfig, mode: StartMode) -> Result<Self, StartError> {
         let master_key = crate::identity::load_master_key(config.master_key_file.as_deref())?;
         let id = resolve_node_id(&config.data_dir, config.node_id)?;
+        let tls = crate::tls::prepare(&config, id, master_key.as_deref(), mode == StartMode::Init)?;
+        let stored_identity = crate::tls::stored_material(&config.data_dir)?;
+        // Bind both listeners before touching storage: a busy port fails start-up cleanly.
+        let listener = tokio::net::TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "gRPC listener",
+                addr: config.listen_addr,
+                source,
+            })?;
+        let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            what: "gRPC listener",
+            addr: config.listen_addr,
+            source,
+        })?;
+        let http_listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "HTTP listener",
+                addr: config.http_addr,
+                source,
+            })?;
         let mut registry = Registry::default();
         let metrics = RaftMetrics::register(&mut registry);
         let (log, sm) =
@@ -423,7 +454,7 @@ impl Coordinator {
                 .validate()
                 .map_err(|e| StartError::Raft(e.to_string()))?,
         );
-        let raft = Raft::new(id, raft_config, Network, log, sm)
+        let raft = Raft::new(id, raft_config, Network::new(tls.clone()), log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
@@ -441,25 +472,15 @@ impl Coordinator {
                 proposer,
                 master_key,
                 identity: Mutex::default(),
+                tls: tls.clone(),
             }),
         };
 
-        let listener = tokio::net::TcpListener::bind(config.listen_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "gRPC listener",
-                addr: config.listen_addr,
-                source,
-            })?;
-        let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            what: "gRPC listener",
-            addr: config.listen_addr,
-            source,
-        })?;
-
+        let server_tls = tls.as_ref().map(|t| t.server_config());
         let api_task = tokio::spawn(crate::services::serve(
             handle.clone(),
             listener,
+            server_tls,
             api_cancel.clone(),
         ));
 
@@ -479,7 +500,7 @@ impl Coordinator {
             Ok(())
         });
         let (http_addr, http_task) = cloudless_telemetry::serve_http(
-            config.http_addr,
+            http_listener,
             Arc::new(registry),
             readiness,
             bg_cancel.clone(),
@@ -516,6 +537,7 @@ impl Coordinator {
                 bg_tasks.push(tokio::spawn(ensure_cluster_record(
                     handle.clone(),
                     config.cluster_name.clone(),
+                    stored_identity,
                     bg_cancel.clone(),
                 )));
             }
@@ -577,7 +599,12 @@ impl Coordinator {
 
 /// After `init`, records the cluster's identity (and, with a master key, its
 /// CA and token key) once this node leads.
-async fn ensure_cluster_record(handle: CoordinatorHandle, name: String, cancel: CancellationToken) {
+async fn ensure_cluster_record(
+    handle: CoordinatorHandle,
+    name: String,
+    stored: Option<cloudless_types::IdentityMaterial>,
+    cancel: CancellationToken,
+) {
     loop {
         let have_cluster = matches!(handle.reader().cluster(), Ok(Some(_)));
         let need_identity =
@@ -587,9 +614,13 @@ async fn ensure_cluster_record(handle: CoordinatorHandle, name: String, cancel: 
         }
         let is_leader = handle.raft().metrics().borrow().state == ServerState::Leader;
         if have_cluster && is_leader {
-            let material = handle
-                .master_key()
-                .map(|m| crate::identity::new_material(m, &name, now_ms() / 1000));
+            // The CA this coordinator already serves TLS with, or a new one.
+            let material = match &stored {
+                Some(m) => Some(Ok(m.clone())),
+                None => handle
+                    .master_key()
+                    .map(|m| crate::identity::new_material(m, &name, now_ms() / 1000)),
+            };
             match material {
                 Some(Ok(material)) => match handle
                     .write(

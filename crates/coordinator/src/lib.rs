@@ -1,5 +1,6 @@
 //! The Cloudless coordinator: a Raft-replicated control plane with a gRPC API.
 
+mod authz;
 mod cluster_service;
 pub mod config;
 mod coordinator;
@@ -11,6 +12,7 @@ mod proposer;
 mod raft_network;
 mod raft_service;
 mod services;
+mod tls;
 mod workload_service;
 
 pub use config::{ConfigError, ConfigSources, CoordinatorConfig};

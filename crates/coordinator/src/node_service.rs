@@ -197,6 +197,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -213,6 +214,7 @@ impl NodeService for NodeApi {
     }
 
     async fn get(&self, req: Request<GetNodeRequest>) -> Result<Response<GetNodeResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -235,6 +237,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<NodeActionRequest>,
     ) -> Result<Response<NodeActionResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         self.flags(req, Some(true), None).await
     }
 
@@ -242,6 +245,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<NodeActionRequest>,
     ) -> Result<Response<NodeActionResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         self.flags(req, Some(false), Some(false)).await
     }
 
@@ -249,6 +253,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<NodeActionRequest>,
     ) -> Result<Response<NodeActionResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         self.flags(req, None, Some(true)).await
     }
 
@@ -256,6 +261,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<NodeActionRequest>,
     ) -> Result<Response<NodeActionResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -277,6 +283,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -352,6 +359,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<ListJoinTokensRequest>,
     ) -> Result<Response<ListJoinTokensResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -376,6 +384,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<RevokeJoinTokenRequest>,
     ) -> Result<Response<RevokeJoinTokenResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,

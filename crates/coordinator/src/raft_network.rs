@@ -15,27 +15,36 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Largest gRPC message between coordinators (snapshot chunks are far smaller).
 pub const MAX_RAFT_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// Creates a [`PeerClient`] per target.
+/// Creates a [`PeerClient`] per target, over mTLS when the coordinator has TLS material.
 #[derive(Debug, Clone, Default)]
-pub struct Network;
+pub struct Network {
+    tls: Option<std::sync::Arc<crate::tls::TlsMaterial>>,
+}
+
+impl Network {
+    /// A network using `tls` (plaintext when `None`).
+    pub fn new(tls: Option<std::sync::Arc<crate::tls::TlsMaterial>>) -> Self {
+        Self { tls }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &CoordinatorNode) -> PeerClient {
-        let channel = Endpoint::from_shared(format!("http://{}", node.address))
+        let channel = crate::tls::endpoint(&node.address, self.tls.as_deref())
             .map(|e| {
                 e.connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .connect_lazy()
             })
-            .map_err(|e| format!("invalid address {:?} for node {target}: {e}", node.address));
+            .map_err(|e| format!("node {target}: {e}"));
         PeerClient { target, channel }
     }
 }

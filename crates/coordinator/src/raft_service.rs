@@ -3,6 +3,9 @@
 use cloudless_proto::v1::raft_service_server::RaftService;
 use cloudless_proto::v1::RaftPayload;
 use cloudless_state::Raft;
+
+use crate::authz::{require, Allow};
+use crate::coordinator::CoordinatorHandle;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -11,6 +14,7 @@ use tonic::{Request, Response, Status};
 #[derive(Clone)]
 pub struct RaftGrpc {
     raft: Raft,
+    handle: CoordinatorHandle,
 }
 
 impl std::fmt::Debug for RaftGrpc {
@@ -20,9 +24,12 @@ impl std::fmt::Debug for RaftGrpc {
 }
 
 impl RaftGrpc {
-    /// Serves `raft`.
-    pub fn new(raft: Raft) -> Self {
-        Self { raft }
+    /// Serves the Raft of `handle`, to coordinators only.
+    pub fn new(handle: CoordinatorHandle) -> Self {
+        Self {
+            raft: handle.raft().clone(),
+            handle,
+        }
     }
 }
 
@@ -43,11 +50,13 @@ impl RaftService for RaftGrpc {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        require(&self.handle, &req, Allow::Coordinator)?;
         let rpc = decode(req, "append_entries")?;
         encode(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        require(&self.handle, &req, Allow::Coordinator)?;
         let rpc = decode(req, "vote")?;
         encode(&self.raft.vote(rpc).await)
     }
@@ -56,6 +65,7 @@ impl RaftService for RaftGrpc {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        require(&self.handle, &req, Allow::Coordinator)?;
         let rpc = decode(req, "install_snapshot")?;
         encode(&self.raft.install_snapshot(rpc).await)
     }

@@ -26,13 +26,23 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn serve(
     handle: CoordinatorHandle,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     cancel: CancellationToken,
 ) {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = match builder.tls_config(tls) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid TLS configuration; not serving");
+                return;
+            }
+        };
+    }
+    let result = builder
         .add_service(
-            RaftServiceServer::new(RaftGrpc::new(handle.raft().clone()))
+            RaftServiceServer::new(RaftGrpc::new(handle.clone()))
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
         )

@@ -68,6 +68,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<ApplyWorkloadRequest>,
     ) -> Result<Response<ApplyWorkloadResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -92,6 +93,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<GetWorkloadRequest>,
     ) -> Result<Response<GetWorkloadResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -120,6 +122,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<ListWorkloadsRequest>,
     ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -144,6 +147,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<DeleteWorkloadRequest>,
     ) -> Result<Response<DeleteWorkloadResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -169,6 +173,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<ScaleWorkloadRequest>,
     ) -> Result<Response<ScaleWorkloadResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -204,6 +209,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         _r: Request<RolloutStatusRequest>,
     ) -> Result<Response<RolloutStatusResponse>, Status> {
+        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
         Err(Status::unimplemented(format!("rollout status {LATER}")))
     }
 
@@ -211,6 +217,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         _r: Request<RolloutHistoryRequest>,
     ) -> Result<Response<RolloutHistoryResponse>, Status> {
+        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
         Err(Status::unimplemented(format!("rollout history {LATER}")))
     }
 
@@ -218,11 +225,13 @@ impl WorkloadService for WorkloadApi {
         &self,
         _r: Request<RolloutUndoRequest>,
     ) -> Result<Response<RolloutUndoResponse>, Status> {
+        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
         Err(Status::unimplemented(format!("rollout undo {LATER}")))
     }
 
     type LogsStream = Stream<LogChunk>;
     async fn logs(&self, _r: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
         Err(Status::unimplemented(format!("logs {LATER}")))
     }
 
@@ -231,6 +240,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         _r: Request<Streaming<ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
+        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
         Err(Status::unimplemented(format!("exec {LATER}")))
     }
 
@@ -239,6 +249,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         _r: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
+        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
         Err(Status::unimplemented(format!("events {LATER}")))
     }
 }

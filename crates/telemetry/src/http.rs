@@ -33,19 +33,21 @@ struct AppState {
     ready: Readiness,
 }
 
-/// Binds `addr` and serves until `cancel` fires. Returns the bound address and the serving task.
+/// Serves on an already bound `listener` until `cancel` fires. Returns the
+/// bound address and the serving task. (Callers bind first, so that a busy
+/// port fails start-up before anything else has started.)
 pub async fn serve_http(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     ready: Readiness,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| TelemetryError::Bind { addr, source })?;
     let local = listener
         .local_addr()
-        .map_err(|source| TelemetryError::Bind { addr, source })?;
+        .map_err(|source| TelemetryError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
