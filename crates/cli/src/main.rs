@@ -275,7 +275,15 @@ where
                 }
                 last = Some(s);
             }
-            Err(s) => return Err(status_failure(s)),
+            Err(s) => {
+                let mut f = status_failure(s);
+                if target.tls.is_none() && f.error.to_string().contains("h2 protocol error") {
+                    f.error = f.error.context(
+                        "the coordinator speaks mTLS: pass --config <data_dir>/admin/cloudlessctl.toml (written by `cloudless-coordinator init`)",
+                    );
+                }
+                return Err(f);
+            }
         }
     }
     Err(match last {
