@@ -2,6 +2,10 @@
 //! certificate (verified against the cluster CA by TLS and again here), never
 //! from a request field.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use cloudless_pki::{verify_with_ca_cert, Identity};
 use tonic::{Request, Status};
 
@@ -15,6 +19,41 @@ pub(crate) enum Allow {
     Admin,
     /// Coordinators only (Raft).
     Coordinator,
+}
+
+/// How long a verified client certificate is trusted without re-checking
+/// (signature, validity period, identity). TLS verified the chain at the
+/// handshake; this bounds how long an expired certificate on a long-lived
+/// connection keeps working.
+const VERIFIED_FOR: Duration = Duration::from_secs(60);
+/// Most certificates remembered; the cache is cleared when full.
+const CACHE_LIMIT: usize = 16_384;
+
+/// Identities of recently verified client certificates, by certificate bytes.
+#[derive(Debug, Default)]
+pub(crate) struct PeerCache {
+    map: Mutex<HashMap<Vec<u8>, (Identity, Instant)>>,
+}
+
+impl PeerCache {
+    fn identity(&self, ca_pem: &str, der: &[u8]) -> Result<Identity, Status> {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((id, at)) = map.get(der) {
+            if at.elapsed() < VERIFIED_FOR {
+                return Ok(id.clone());
+            }
+        }
+        let identity = verify_with_ca_cert(ca_pem, der, now_ms() / 1000)
+            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+        if map.len() >= CACHE_LIMIT {
+            map.clear();
+        }
+        map.insert(der.to_vec(), (identity.clone(), Instant::now()));
+        Ok(identity)
+    }
 }
 
 /// Checks the caller of `req` against `allow`. A coordinator serving
@@ -34,8 +73,7 @@ pub(crate) fn require<T>(
             "a client certificate from this cluster's CA is required (cloudlessctl --config <data_dir>/admin/cloudlessctl.toml)",
         ));
     };
-    let identity = verify_with_ca_cert(ca_pem, leaf.as_ref(), now_ms() / 1000)
-        .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+    let identity = handle.peer_cache().identity(ca_pem, leaf.as_ref())?;
     let ok = matches!(
         (allow, &identity),
         (Allow::Admin, Identity::Admin(_) | Identity::Coordinator(_))
@@ -51,5 +89,45 @@ pub(crate) fn require<T>(
         Err(Status::permission_denied(format!(
             "{identity} may not call {what}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudless_pki::ClusterCa;
+
+    fn der(pem: &str) -> Vec<u8> {
+        use base64::Engine as _;
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .expect("PEM")
+    }
+
+    #[test]
+    fn cache_returns_the_verified_identity_and_refuses_foreign_certificates() {
+        let now = now_ms() / 1000;
+        let ca = ClusterCa::generate("t", now).expect("ca");
+        let rogue = ClusterCa::generate("r", now).expect("ca");
+        let admin = ca
+            .issue(&Identity::Admin("a".into()), &[], 3600, now)
+            .expect("issue");
+        let fake = rogue
+            .issue(&Identity::Admin("a".into()), &[], 3600, now)
+            .expect("issue");
+        let cache = PeerCache::default();
+        for _ in 0..2 {
+            assert_eq!(
+                cache
+                    .identity(ca.cert_pem(), &der(&admin.cert_pem))
+                    .expect("ok"),
+                Identity::Admin("a".into())
+            );
+        }
+        let err = cache
+            .identity(ca.cert_pem(), &der(&fake.cert_pem))
+            .expect_err("foreign certificate");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }
 }

@@ -86,6 +86,7 @@ struct HandleInner {
     master_key: Option<Arc<cloudless_pki::MasterKey>>,
     identity: Mutex<Option<Arc<crate::identity::IdentityKeys>>>,
     tls: Option<Arc<crate::tls::TlsMaterial>>,
+    peer_cache: crate::authz::PeerCache,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -178,6 +179,10 @@ impl CoordinatorHandle {
     /// The CA certificate when this coordinator serves mTLS.
     pub(crate) fn tls_ca_pem(&self) -> Option<&str> {
         self.inner.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
+    pub(crate) fn peer_cache(&self) -> &crate::authz::PeerCache {
+        &self.inner.peer_cache
     }
 
     pub(crate) fn master_key(&self) -> Option<&cloudless_pki::MasterKey> {
@@ -473,6 +478,7 @@ impl Coordinator {
                 master_key,
                 identity: Mutex::default(),
                 tls: tls.clone(),
+                peer_cache: crate::authz::PeerCache::default(),
             }),
         };
 

@@ -24,6 +24,9 @@ struct Args {
     /// Leader kills for the failover measurement.
     #[arg(long, default_value_t = 20)]
     kills: usize,
+    /// Run the coordinators with a master key: mutual TLS on every connection.
+    #[arg(long)]
+    tls: bool,
     /// gRPC connections shared by the clients.
     #[arg(long, default_value_t = 8)]
     connections: usize,
@@ -73,11 +76,38 @@ async fn main() -> anyhow::Result<()> {
             child: None,
         })
         .collect();
-    nodes[0].spawn("init", None);
+    let key_flag = args.tls.then(|| {
+        format!(
+            "master_key_file={}",
+            cloudless_test::write_master_key(dir.path()).display()
+        )
+    });
+    let extra: Vec<&str> = key_flag
+        .as_deref()
+        .map(|k| vec!["--set", k])
+        .unwrap_or_default();
+    nodes[0].spawn_with("init", None, &extra);
+    if args.tls {
+        // Wait for init's TLS material, then hand the sealed bundle to the joiners.
+        let bundle = nodes[0].data_dir.join("tls/identity.json");
+        let admin = nodes[0].data_dir.join("admin");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(bundle.exists() && admin.join("cloudlessctl.toml").exists()) {
+            anyhow::ensure!(Instant::now() < deadline, "init wrote no TLS material");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for n in &nodes[1..] {
+            std::fs::create_dir_all(n.data_dir.join("tls"))?;
+            std::fs::copy(&bundle, n.data_dir.join("tls/identity.json"))?;
+        }
+        for n in &nodes {
+            cloudless_test::register_admin_tls(&n.grpc, &admin);
+        }
+    }
     let seed = nodes[0].grpc.clone();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nodes[1].spawn("run", Some(&seed));
-    nodes[2].spawn("run", Some(&seed));
+    nodes[1].spawn_with("run", Some(&seed), &extra);
+    nodes[2].spawn_with("run", Some(&seed), &extra);
     let l = wait_all_healthy(&nodes).await?;
 
     println!("| clients | committed writes/s | p50 ms | p99 ms | writes |");
@@ -178,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
             }
             failover.record(killed_at.elapsed().as_micros() as u64)?;
             eprintln!("kill {k}: new leader seen at {elected_ms:?} ms, first write at {} ms after {attempt} attempts", killed_at.elapsed().as_millis());
-            nodes[l].spawn("run", None);
+            nodes[l].spawn_with("run", None, &extra);
         }
         println!();
         println!("| leader failover (kill to first committed write), {} kills | p50 ms | p95 ms | max ms |", args.kills);
