@@ -20,10 +20,12 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-# 3 coordinator processes, 1/16/64/256 concurrent gRPC writers, then 20 leader kills.
+# 3 coordinator processes, 1/16/64/256 concurrent gRPC writers, then 20 leader
+# kills; first plaintext, then with mTLS on every connection.
 bench-raft:
 	$(CARGO) build --release --bins
 	./target/release/bench-raft
+	./target/release/bench-raft --tls
 
 # 100 / 1,000 / 5,000 / 10,000 nodes, 100,000 replicas each, pinned to one core.
 bench-scheduler:
