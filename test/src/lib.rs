@@ -410,6 +410,16 @@ pub struct ProcessNode {
 }
 
 impl ProcessNode {
+    /// Node `i` with its data dir under `dir` and fresh loopback ports; not started.
+    pub fn new(dir: &Path, i: usize) -> Self {
+        Self {
+            data_dir: dir.join(format!("c{i}")),
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            child: None,
+        }
+    }
+
     /// Starts `cloudless-coordinator <mode>` on this node's ports and data dir.
     pub fn spawn(&mut self, mode: &str, join: Option<&str>) {
         self.spawn_with(mode, join, &[]);

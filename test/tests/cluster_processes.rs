@@ -28,14 +28,7 @@ async fn wait_leader(procs: &[Proc]) -> usize {
 async fn sigkilled_leader_loses_no_acknowledged_write_and_restarts_from_disk() {
     cloudless_test::init_test_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut procs: Vec<Proc> = (0..3)
-        .map(|i| Proc {
-            data_dir: dir.path().join(format!("c{i}")),
-            grpc: format!("127.0.0.1:{}", free_port()),
-            http: format!("127.0.0.1:{}", free_port()),
-            child: None,
-        })
-        .collect();
+    let mut procs: Vec<Proc> = (0..3).map(|i| Proc::new(dir.path(), i)).collect();
     info!("phase: start three coordinator processes");
     procs[0].spawn("init", None);
     let seed = procs[0].grpc.clone();
@@ -223,14 +216,7 @@ async fn killed_follower_catches_up_by_snapshot_and_members_change_through_cloud
         "--set",
         "raft.logs_to_keep_after_snapshot=0",
     ];
-    let mut procs: Vec<Proc> = (0..4)
-        .map(|i| Proc {
-            data_dir: dir.path().join(format!("c{i}")),
-            grpc: format!("127.0.0.1:{}", free_port()),
-            http: format!("127.0.0.1:{}", free_port()),
-            child: None,
-        })
-        .collect();
+    let mut procs: Vec<Proc> = (0..4).map(|i| Proc::new(dir.path(), i)).collect();
     procs[0].spawn_with("init", None, &compact);
     let seed = procs[0].grpc.clone();
     procs[1].spawn_with("run", Some(&seed), &compact);

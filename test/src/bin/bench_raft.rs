@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cloudless_proto::v1 as pb;
-use cloudless_test::{channel, cluster_status, free_port, process_leader, workload, ProcessNode};
+use cloudless_test::{channel, cluster_status, process_leader, workload, ProcessNode};
 use hdrhistogram::Histogram;
 use pb::workload_service_client::WorkloadServiceClient;
 
@@ -68,14 +68,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let mut nodes: Vec<ProcessNode> = (0..3)
-        .map(|i| ProcessNode {
-            data_dir: dir.path().join(format!("c{i}")),
-            grpc: format!("127.0.0.1:{}", free_port()),
-            http: format!("127.0.0.1:{}", free_port()),
-            child: None,
-        })
-        .collect();
+    let mut nodes: Vec<ProcessNode> = (0..3).map(|i| ProcessNode::new(dir.path(), i)).collect();
     let key_flag = args.tls.then(|| {
         format!(
             "master_key_file={}",
