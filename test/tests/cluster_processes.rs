@@ -166,29 +166,23 @@ fn damaged_data_dir_is_a_clear_startup_error() {
     .expect("garbage");
     let grpc = format!("127.0.0.1:{}", free_port());
     let http = format!("127.0.0.1:{}", free_port());
-    let (code, err) = run_to_exit(&[
+    let data_dir = data.display().to_string();
+    let args = [
         "run",
         "--data-dir",
-        &data.display().to_string(),
+        &data_dir,
         "--listen",
         &grpc,
         "--http",
         &http,
-    ]);
+    ];
+    let (code, err) = run_to_exit(&args);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("raft-log.redb"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
     std::fs::write(data.join("node_id"), "not-a-number").expect("node id");
-    let (code, err) = run_to_exit(&[
-        "run",
-        "--data-dir",
-        &data.display().to_string(),
-        "--listen",
-        &grpc,
-        "--http",
-        &http,
-    ]);
+    let (code, err) = run_to_exit(&args);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("does not hold a node id"), "{err}");
 }

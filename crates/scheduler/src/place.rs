@@ -6,7 +6,7 @@ use crate::explain::{CandidateScore, Decision, Placement, Unplaced};
 use crate::filter::{check, describe, Expr, Tol, REASONS};
 use crate::input::{AntiAffinity, Operator, Strategy, TolerationOperator, WorkloadRequest};
 use crate::score::{score, Factors};
-use crate::snapshot::{res, ClusterSnapshot, Res, Resident, SchedulerError, UNKNOWN};
+use crate::snapshot::{res, ClusterSnapshot, Res, Resident, ResidentId, SchedulerError, UNKNOWN};
 
 /// How many candidates an explanation lists.
 const EXPLAIN_TOP: usize = 5;
@@ -302,11 +302,8 @@ impl ClusterSnapshot {
 
     fn reserve(&mut self, idx: u32, c: &Compiled) {
         self.placed += 1;
-        let id = self.strings.intern(&format!(
-            "{}#{}",
-            self.strings.name(c.workload),
-            self.placed
-        ));
+        // Named only if it is ever reported as a preemption victim.
+        let id = ResidentId::Placed(self.placed);
         let node = &mut self.nodes[idx as usize];
         for (r, add) in node.reserved.iter_mut().zip(c.requests) {
             *r = r.saturating_add(add);
@@ -401,7 +398,10 @@ impl ClusterSnapshot {
             if let Some(n) = self.zone_counts.get_mut(&(r.workload, zone)) {
                 *n = n.saturating_sub(1);
             }
-            names.push(self.strings.name(r.id).to_owned());
+            names.push(match r.id {
+                ResidentId::Named(id) => self.strings.name(id).to_owned(),
+                ResidentId::Placed(seq) => format!("{}#{seq}", self.strings.name(r.workload)),
+            });
         }
         names.sort();
         names

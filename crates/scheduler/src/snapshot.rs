@@ -83,17 +83,21 @@ impl Interner {
     pub(crate) fn name(&self, id: u32) -> &str {
         self.strings.get(id as usize).map_or("?", String::as_str)
     }
+}
 
-    fn heap_bytes(&self) -> usize {
-        let strings: usize = self.strings.iter().map(|s| 2 * s.capacity()).sum();
-        strings + self.strings.capacity() * 24 + self.map.capacity() * (24 + 4 + 8)
-    }
+/// How a resident replica is named.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ResidentId {
+    /// Given in the input (interned).
+    Named(u32),
+    /// Placed through this snapshot: named `workload#seq` only when reported.
+    Placed(u64),
 }
 
 /// A replica resident on a node.
 #[derive(Debug, Clone)]
 pub(crate) struct Resident {
-    pub(crate) id: u32,
+    pub(crate) id: ResidentId,
     pub(crate) workload: u32,
     pub(crate) priority: i32,
     pub(crate) requests: Res,
@@ -260,7 +264,7 @@ impl ClusterSnapshot {
                 let workload = strings.intern(&r.workload);
                 *zone_counts.entry((workload, zone)).or_insert(0) += 1;
                 residents.push(Resident {
-                    id: strings.intern(&r.id),
+                    id: ResidentId::Named(strings.intern(&r.id)),
                     workload,
                     priority: r.priority,
                     requests: req,
@@ -334,24 +338,6 @@ impl ClusterSnapshot {
             storage_bytes: n.reserved[2],
             bandwidth_bps: n.reserved[3],
         })
-    }
-
-    /// Approximate heap and inline bytes held by the snapshot.
-    pub fn memory_bytes(&self) -> usize {
-        let per_node: usize = self
-            .nodes
-            .iter()
-            .map(|n| {
-                std::mem::size_of::<Node>()
-                    + n.labels.len() * 8
-                    + n.taints.len() * std::mem::size_of::<(u32, u32, TaintEffect, i64)>()
-                    + n.rtt.len() * 8
-                    + n.runtime_classes.len() * 4
-                    + n.residents.capacity() * std::mem::size_of::<Resident>()
-            })
-            .sum();
-        let zones: usize = self.by_zone.values().map(|v| v.capacity() * 4 + 48).sum();
-        per_node + zones + self.zone_counts.capacity() * 16 + self.strings.heap_bytes()
     }
 }
 
