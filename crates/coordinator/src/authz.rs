@@ -19,6 +19,8 @@ pub(crate) enum Allow {
     Admin,
     /// Coordinators only (Raft).
     Coordinator,
+    /// Enrolled nodes (agents), and only while their record exists.
+    Node,
 }
 
 /// How long a verified client certificate is trusted without re-checking
@@ -65,6 +67,11 @@ pub(crate) fn require<T>(
     allow: Allow,
 ) -> Result<Identity, Status> {
     let Some(ca_pem) = handle.tls_ca_pem() else {
+        if allow == Allow::Node {
+            return Err(Status::failed_precondition(
+                "agent APIs need mTLS: this coordinator runs without a master key",
+            ));
+        }
         return Ok(Identity::Admin("plaintext".into()));
     };
     let certs = req.peer_certs();
@@ -78,13 +85,27 @@ pub(crate) fn require<T>(
         (allow, &identity),
         (Allow::Admin, Identity::Admin(_) | Identity::Coordinator(_))
             | (Allow::Coordinator, Identity::Coordinator(_))
+            | (Allow::Node, Identity::Node(_))
     );
     if ok {
+        if let Identity::Node(id) = &identity {
+            // The certificate outlives a removal; the record does not.
+            if !handle
+                .reader()
+                .node_exists(id)
+                .map_err(|e| Status::internal(format!("cannot read the node record: {e}")))?
+            {
+                return Err(Status::permission_denied(format!(
+                    "node {id} has been removed from the cluster; enroll it again with a new join token"
+                )));
+            }
+        }
         Ok(identity)
     } else {
         let what = match allow {
             Allow::Admin => "administrative APIs",
             Allow::Coordinator => "coordinator-to-coordinator (Raft) APIs",
+            Allow::Node => "agent APIs",
         };
         Err(Status::permission_denied(format!(
             "{identity} may not call {what}"

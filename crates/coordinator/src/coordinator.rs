@@ -87,6 +87,7 @@ struct HandleInner {
     identity: Mutex<Option<Arc<crate::identity::IdentityKeys>>>,
     tls: Option<Arc<crate::tls::TlsMaterial>>,
     peer_cache: crate::authz::PeerCache,
+    liveness: Arc<crate::membership::Liveness>,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -179,6 +180,27 @@ impl CoordinatorHandle {
     /// The CA certificate when this coordinator serves mTLS.
     pub(crate) fn tls_ca_pem(&self) -> Option<&str> {
         self.inner.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
+    pub(crate) fn liveness(&self) -> Arc<crate::membership::Liveness> {
+        self.inner.liveness.clone()
+    }
+
+    /// `Ok` when this coordinator is the leader; otherwise `NotLeader` with
+    /// the leader's address when known.
+    pub(crate) fn ensure_leader(&self) -> Result<(), CoordinatorError> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader {
+            return Ok(());
+        }
+        let leader = m.current_leader.and_then(|id| {
+            m.membership_config
+                .nodes()
+                .find(|(n, _)| **n == id)
+                .map(|(_, node)| (id, node.address.clone()))
+        });
+        Err(CoordinatorError::NotLeader { leader })
     }
 
     pub(crate) fn peer_cache(&self) -> &crate::authz::PeerCache {
@@ -434,6 +456,7 @@ impl Coordinator {
             })?;
         let mut registry = Registry::default();
         let metrics = RaftMetrics::register(&mut registry);
+        let membership_metrics = crate::membership::MembershipMetrics::register(&mut registry);
         let (log, sm) =
             cloudless_state::open_stores(&config.data_dir, metrics.apply_latency.clone())?;
         let reader = sm.reader();
@@ -479,6 +502,7 @@ impl Coordinator {
                 identity: Mutex::default(),
                 tls: tls.clone(),
                 peer_cache: crate::authz::PeerCache::default(),
+                liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),
             }),
         };
 
@@ -523,6 +547,7 @@ impl Coordinator {
             proposer_task,
             http_task,
             tokio::spawn(metrics.run(raft.clone(), committed, bg_cancel.clone())),
+            tokio::spawn(crate::membership::run(handle.clone(), bg_cancel.clone())),
         ];
 
         match mode {

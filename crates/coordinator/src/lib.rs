@@ -1,11 +1,13 @@
 //! The Cloudless coordinator: a Raft-replicated control plane with a gRPC API.
 
+mod agent_service;
 mod authz;
 mod cluster_service;
 pub mod config;
 mod coordinator;
 mod error;
 mod identity;
+mod membership;
 mod metrics;
 mod node_service;
 mod proposer;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudless_pki::{Identity, JoinTokenClaims, DEFAULT_NODE_CERT_LIFETIME};
+use cloudless_pki::{Identity, JoinTokenClaims};
 use cloudless_proto::v1::node_service_client::NodeServiceClient;
 use cloudless_proto::v1::node_service_server::NodeService;
 use cloudless_proto::v1::{
@@ -45,19 +45,47 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
+pub(crate) fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
+    let labels = n.effective_labels();
+    let phase = match n.phase {
+        cloudless_types::NodePhase::Pending => NodePhase::Pending,
+        cloudless_types::NodePhase::Ready => NodePhase::Ready,
+        cloudless_types::NodePhase::Suspect => NodePhase::Suspect,
+        cloudless_types::NodePhase::Down => NodePhase::Down,
+    };
     cloudless_proto::v1::Node {
+        region: labels.get("region").cloned().unwrap_or_default(),
+        zone: labels.get("zone").cloned().unwrap_or_default(),
+        arch: labels.get("arch").cloned().unwrap_or_default(),
         id: n.id,
         name: n.name,
-        // Liveness arrives with heartbeats; until then the phase is unknown.
-        phase: NodePhase::Unspecified as i32,
+        phase: phase as i32,
         cordoned: n.cordoned,
         draining: n.draining,
-        labels: n.labels.into_iter().collect(),
+        labels: labels.into_iter().collect(),
+        capacity: Some(n.status.capacity.into()),
+        reliability: n.reliability,
+        last_heartbeat_ms: n.last_heartbeat_ms,
         enrolled_at_ms: n.enrolled_at_ms,
         cert_not_after_ms: n.cert_not_after_ms,
+        phase_since_ms: n.phase_since_ms,
+        conditions: n.status.conditions,
+        power_source: n.status.power_source,
+        battery_percent: u32::from(n.status.battery_percent),
+        down_count: n.down_count,
         ..Default::default()
     }
+}
+
+/// The wire form of `n`, with the usage and last heartbeat the leader holds in memory.
+fn with_live(h: &CoordinatorHandle, n: NodeRecord) -> cloudless_proto::v1::Node {
+    let live = h.liveness().live_view(&n.id);
+    let mut wire = to_wire(n);
+    if let Some((usage, last_ms)) = live {
+        wire.usage = Some(usage.into());
+        wire.last_heartbeat_ms = wire.last_heartbeat_ms.max(last_ms);
+    }
+    wire
 }
 
 fn token_info(t: JoinTokenRecord) -> JoinTokenInfo {
@@ -151,6 +179,7 @@ impl NodeService for NodeApi {
             |r: EnrollRequest| async move {
                 check_name(&r.name)?;
                 let keys = h.identity_keys()?;
+                let lifetime = h.cluster()?.config.node_cert_lifetime_s;
                 let now = now_ms();
                 let claims = keys.tokens.verify(&r.join_token, now / 1000)?;
                 let node_id = format!("n{}", random_hex(6));
@@ -158,19 +187,15 @@ impl NodeService for NodeApi {
                 let issued = keys.ca.sign_csr(
                     &r.csr_pem,
                     &Identity::Node(node_id.clone()),
-                    DEFAULT_NODE_CERT_LIFETIME,
+                    lifetime,
                     now / 1000,
                 )?;
-                let node = NodeRecord {
-                    id: node_id.clone(),
-                    name: r.name,
-                    labels: BTreeMap::new(),
-                    enrolled_at_ms: now,
-                    token_id: claims.jti.clone(),
-                    cert_not_after_ms: issued.not_after.saturating_mul(1000),
-                    cordoned: false,
-                    draining: false,
-                };
+                let node = NodeRecord::new(
+                    node_id.clone(),
+                    r.name,
+                    claims.jti.clone(),
+                    issued.not_after.saturating_mul(1000),
+                );
                 let (resp, _) = h
                     .write(
                         None,
@@ -205,7 +230,12 @@ impl NodeService for NodeApi {
             |r: ListNodesRequest| async move {
                 h.read_barrier(r.read.as_ref()).await?;
                 Ok(ListNodesResponse {
-                    nodes: h.reader().nodes()?.into_iter().map(to_wire).collect(),
+                    nodes: h
+                        .reader()
+                        .nodes()?
+                        .into_iter()
+                        .map(|n| with_live(&h, n))
+                        .collect(),
                 })
             },
             |ch, r| async move { NodeServiceClient::new(ch).list(r).await },
@@ -225,7 +255,7 @@ impl NodeService for NodeApi {
                     Rejection::NodeNotFound { id: r.id },
                 ))?;
                 Ok(GetNodeResponse {
-                    node: Some(to_wire(node)),
+                    node: Some(with_live(&h, node)),
                 })
             },
             |ch, r| async move { NodeServiceClient::new(ch).get(r).await },

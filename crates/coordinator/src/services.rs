@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use cloudless_proto::v1::agent_service_server::AgentServiceServer;
 use cloudless_proto::v1::cluster_service_server::ClusterServiceServer;
 use cloudless_proto::v1::node_service_server::NodeServiceServer;
 use cloudless_proto::v1::raft_service_server::RaftServiceServer;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::agent_service::AgentApi;
 use crate::cluster_service::ClusterApi;
 use crate::coordinator::CoordinatorHandle;
 use crate::error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
@@ -48,6 +50,7 @@ pub async fn serve(
         )
         .add_service(ClusterServiceServer::new(ClusterApi::new(handle.clone())))
         .add_service(NodeServiceServer::new(NodeApi::new(handle.clone())))
+        .add_service(AgentServiceServer::new(AgentApi::new(handle.clone())))
         .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)))
         .serve_with_incoming_shutdown(incoming, cancel.cancelled())
         .await;

@@ -314,6 +314,32 @@ pub fn verify_with_ca_cert(
     identity_of(&cert)
 }
 
+/// What a certificate says, read without verifying it (for a holder
+/// inspecting its own certificate, e.g. to plan renewal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// The `cloudless://` identity.
+    pub identity: Identity,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+/// Reads identity and validity from a PEM certificate.
+pub fn inspect_certificate(cert_pem: &str) -> Result<CertificateInfo, PkiError> {
+    let der = pem_to_der(cert_pem, "certificate")?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Parse {
+        what: "certificate",
+        detail: e.to_string(),
+    })?;
+    Ok(CertificateInfo {
+        identity: identity_of(&cert)?,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
 /// The identity in a parsed certificate: exactly one `cloudless://` URI SAN.
 fn identity_of(cert: &X509Certificate<'_>) -> Result<Identity, PkiError> {
     let sans = cert

@@ -116,6 +116,7 @@ impl From<t::ClusterConfig> for v1::ClusterConfig {
             suspect_after_missed_heartbeats: c.suspect_after_missed_heartbeats,
             down_after_ms: c.down_after_ms,
             leader_grace_ms: c.leader_grace_ms,
+            node_cert_lifetime_s: c.node_cert_lifetime_s,
             scheduler_weights: Some(v1::SchedulerWeights {
                 locality: w.locality,
                 reliability: w.reliability,
@@ -152,6 +153,11 @@ pub fn cluster_config_from_wire(
         suspect_after_missed_heartbeats: c.suspect_after_missed_heartbeats,
         down_after_ms: c.down_after_ms,
         leader_grace_ms: c.leader_grace_ms,
+        node_cert_lifetime_s: if c.node_cert_lifetime_s == 0 {
+            t::ClusterConfig::default().node_cert_lifetime_s
+        } else {
+            c.node_cert_lifetime_s
+        },
         scheduler_weights: weights,
         labels: c.labels.into_iter().collect::<BTreeMap<_, _>>(),
     };

@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use cloudless_types::{ClusterConfig, IdentityMaterial, JoinTokenRecord, NodeRecord, Workload};
+use cloudless_types::{
+    ClusterConfig, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, Workload,
+};
 
 /// One log entry's payload: the requests a coordinator batched together.
 /// Each is applied in order and answered separately.
@@ -110,6 +112,34 @@ pub enum Command {
         /// Node id.
         node_id: String,
     },
+    /// Liveness and status changes the leader batched from heartbeats. Updates
+    /// for nodes that no longer exist are skipped.
+    UpdateNodes {
+        /// One per node.
+        updates: Vec<NodeUpdate>,
+    },
+    /// Records a renewed node certificate.
+    RenewNodeCert {
+        /// Node id.
+        node_id: String,
+        /// End of the new certificate's validity, ms since the epoch.
+        cert_not_after_ms: i64,
+    },
+}
+
+/// A change to one node's liveness or reported status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeUpdate {
+    /// Node id.
+    pub node_id: String,
+    /// New phase, if changing.
+    pub phase: Option<NodePhase>,
+    /// The last heartbeat the leader saw, ms since the epoch.
+    pub last_heartbeat_ms: i64,
+    /// New reliability score, if changing.
+    pub reliability: Option<f64>,
+    /// New reported status, if changed.
+    pub status: Option<NodeStatus>,
 }
 
 /// The cluster's identity and configuration record.
@@ -151,6 +181,8 @@ pub enum Response {
     Node(NodeRecord),
     /// `RemoveNode` applied.
     NodeRemoved,
+    /// `UpdateNodes` applied to this many nodes (the others no longer exist).
+    NodesUpdated(u32),
     /// The command was valid but the state did not allow it; nothing changed.
     Rejected(Rejection),
 }

@@ -13,7 +13,9 @@ mod log_store;
 mod state_machine;
 mod type_config;
 
-pub use command::{ClusterInfo, Command, Proposal, ProposalResult, Rejection, Request, Response};
+pub use command::{
+    ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, Request, Response,
+};
 pub use error::StateError;
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, StateReader};

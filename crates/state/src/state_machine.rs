@@ -22,10 +22,10 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use cloudless_types::{IdentityMaterial, JoinTokenRecord, NodeRecord, Workload};
+use cloudless_types::{IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, Workload};
 
 use crate::command::{
-    ClusterInfo, Command, Proposal, ProposalResult, Rejection, Request, Response,
+    ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, Request, Response,
 };
 use crate::error::{io_err, StateError};
 use crate::type_config::{CoordinatorNode, NodeId, TypeConfig};
@@ -50,14 +50,17 @@ const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
 const JOIN_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("join_tokens");
 /// Enrolled nodes by id.
 const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
+/// Node ids by node name (names are unique).
+const NODE_NAMES: TableDefinition<&str, &str> = TableDefinition::new("node_names");
 
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 7] = [
+const DATA_TABLES: [TableDefinition<&str, &str>; 8] = [
     CLUSTER,
     WORKLOADS,
     IDEMPOTENCY,
     IDEMPOTENCY_EXPIRY,
     IDENTITY,
+    NODE_NAMES,
     JOIN_TOKENS,
     NODES,
 ];
@@ -415,6 +418,32 @@ fn put_json<T: Serialize>(
     Ok(())
 }
 
+/// Folds one liveness/status update into a node record.
+fn apply_node_update(n: &mut NodeRecord, u: &NodeUpdate, now_ms: i64) {
+    if let Some(phase) = u.phase {
+        if phase != n.phase {
+            if n.phase == NodePhase::Ready {
+                let stretch = now_ms.saturating_sub(n.phase_since_ms).max(0);
+                n.ready_ms = n.ready_ms.saturating_add(stretch.unsigned_abs());
+            }
+            if phase == NodePhase::Down {
+                n.down_count = n.down_count.saturating_add(1);
+            }
+            n.phase = phase;
+            n.phase_since_ms = now_ms;
+        }
+    }
+    n.last_heartbeat_ms = n.last_heartbeat_ms.max(u.last_heartbeat_ms);
+    if let Some(r) = u.reliability {
+        if r.is_finite() {
+            n.reliability = r.clamp(0.0, 1.0);
+        }
+    }
+    if let Some(status) = &u.status {
+        n.status = status.clone();
+    }
+}
+
 /// Applies a batch in order. Deterministic: uses only the proposal and the state.
 fn apply_proposal(txn: &WriteTransaction, p: Proposal) -> Result<ProposalResult, String> {
     if let Some(latest) = p.requests.iter().map(|r| r.proposed_at_ms).max() {
@@ -615,18 +644,16 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                 return refuse(format!("has been used {} of {} times", t.uses, t.max_uses));
             }
             let taken = {
-                let table = txn.open_table(NODES).map_err(|e| e.to_string())?;
-                let mut found = None;
-                for item in table.iter().map_err(|e| e.to_string())? {
-                    let (_, v) = item.map_err(|e| e.to_string())?;
-                    let n: NodeRecord =
-                        serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
-                    if n.name == node.name || n.id == node.id {
-                        found = Some(n.id);
-                        break;
-                    }
+                let names = txn.open_table(NODE_NAMES).map_err(|e| e.to_string())?;
+                let by_name = names
+                    .get(node.name.as_str())
+                    .map_err(|e| e.to_string())?
+                    .map(|v| v.value().to_owned());
+                drop(names);
+                match by_name {
+                    Some(id) => Some(id),
+                    None => get_json::<NodeRecord>(txn, NODES, &node.id)?.map(|n| n.id),
                 }
-                found
             };
             if let Some(id) = taken {
                 return Ok(Response::Rejected(Rejection::NodeNameTaken {
@@ -640,9 +667,14 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                 enrolled_at_ms: now_ms,
                 token_id: token_id.clone(),
                 labels: t.labels.clone(),
+                phase_since_ms: now_ms,
                 ..node.clone()
             };
             put_json(txn, NODES, &record.id, &record)?;
+            txn.open_table(NODE_NAMES)
+                .map_err(|e| e.to_string())?
+                .insert(record.name.as_str(), record.id.as_str())
+                .map_err(|e| e.to_string())?;
             Response::Node(record)
         }
         Command::SetNodeFlags {
@@ -668,17 +700,45 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             Response::Node(n)
         }
         Command::RemoveNode { node_id } => {
-            let mut table = txn.open_table(NODES).map_err(|e| e.to_string())?;
-            if table
-                .remove(node_id.as_str())
-                .map_err(|e| e.to_string())?
-                .is_none()
-            {
+            let Some(n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
                 return Ok(Response::Rejected(Rejection::NodeNotFound {
                     id: node_id.clone(),
                 }));
-            }
+            };
+            txn.open_table(NODES)
+                .map_err(|e| e.to_string())?
+                .remove(node_id.as_str())
+                .map_err(|e| e.to_string())?;
+            txn.open_table(NODE_NAMES)
+                .map_err(|e| e.to_string())?
+                .remove(n.name.as_str())
+                .map_err(|e| e.to_string())?;
             Response::NodeRemoved
+        }
+        Command::UpdateNodes { updates } => {
+            let mut applied = 0u32;
+            for u in updates {
+                let Some(mut n) = get_json::<NodeRecord>(txn, NODES, &u.node_id)? else {
+                    continue;
+                };
+                apply_node_update(&mut n, u, now_ms);
+                put_json(txn, NODES, &u.node_id, &n)?;
+                applied += 1;
+            }
+            Response::NodesUpdated(applied)
+        }
+        Command::RenewNodeCert {
+            node_id,
+            cert_not_after_ms,
+        } => {
+            let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
+                return Ok(Response::Rejected(Rejection::NodeNotFound {
+                    id: node_id.clone(),
+                }));
+            };
+            n.cert_not_after_ms = *cert_not_after_ms;
+            put_json(txn, NODES, node_id, &n)?;
+            Response::Node(n)
         }
         Command::DeleteWorkload { namespace, name } => {
             let key = workload_key(namespace, name);
@@ -784,6 +844,16 @@ impl StateReader {
     }
 
     /// Every node, by id.
+    /// Whether node `id` is enrolled (a key lookup; no decoding).
+    pub fn node_exists(&self, id: &str) -> Result<bool, StateError> {
+        self.read(|txn| {
+            let table = txn.open_table(NODES).map_err(|e| e.to_string())?;
+            let found = table.get(id).map_err(|e| e.to_string())?.is_some();
+            Ok(found)
+        })
+    }
+
+    /// Every node record.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
         self.all(NODES)
     }

@@ -47,6 +47,10 @@ pub struct ClusterConfig {
     pub down_after_ms: u64,
     /// Grace after a leader change before any node may be declared Down. Default 10000.
     pub leader_grace_ms: u64,
+    /// Lifetime of node certificates in seconds; agents renew at two thirds.
+    /// Default 86400 (24 h).
+    #[serde(default = "default_node_cert_lifetime_s")]
+    pub node_cert_lifetime_s: u64,
     /// Scheduler scoring weights.
     pub scheduler_weights: SchedulerWeights,
     /// Free-form labels.
@@ -61,10 +65,15 @@ impl Default for ClusterConfig {
             suspect_after_missed_heartbeats: 3,
             down_after_ms: 5000,
             leader_grace_ms: 10_000,
+            node_cert_lifetime_s: default_node_cert_lifetime_s(),
             scheduler_weights: SchedulerWeights::default(),
             labels: BTreeMap::new(),
         }
     }
+}
+
+fn default_node_cert_lifetime_s() -> u64 {
+    24 * 3600
 }
 
 impl ClusterConfig {
@@ -102,6 +111,15 @@ impl ClusterConfig {
             errs.push(
                 "leader_grace_ms",
                 format!("{} is above 600000", self.leader_grace_ms),
+            );
+        }
+        if !(60..=31 * 24 * 3600).contains(&self.node_cert_lifetime_s) {
+            errs.push(
+                "node_cert_lifetime_s",
+                format!(
+                    "{} is outside 60..=2678400 (one minute to 31 days)",
+                    self.node_cert_lifetime_s
+                ),
             );
         }
         let w = &self.scheduler_weights;

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::Resources;
+
 /// Bytes encrypted under the cluster master key (AES-256-GCM), base64.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedSecret {
@@ -43,8 +45,50 @@ pub struct JoinTokenRecord {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A node's liveness as the leader last committed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodePhase {
+    /// Enrolled, no heartbeat yet.
+    #[default]
+    Pending,
+    /// Heartbeating.
+    Ready,
+    /// Missed heartbeats; no new replicas.
+    Suspect,
+    /// Silent for longer than the Down timeout; its replicas are replaced.
+    Down,
+}
+
+impl NodePhase {
+    /// The phase's name as the CLI shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Ready => "Ready",
+            Self::Suspect => "Suspect",
+            Self::Down => "Down",
+        }
+    }
+}
+
+/// What an agent reports about its device (changes rarely; committed when it does).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeStatus {
+    /// Allocatable resources.
+    pub capacity: Resources,
+    /// Labels the agent reports (token labels win on conflict).
+    pub reported_labels: BTreeMap<String, String>,
+    /// Conditions: `MemoryPressure`, `DiskPressure`, `NetworkUnavailable`.
+    pub conditions: Vec<String>,
+    /// `mains` or `battery`.
+    pub power_source: String,
+    /// Battery charge in percent when on battery.
+    pub battery_percent: u8,
+}
+
 /// An enrolled node (device running an agent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// Node id (in its certificate as `cloudless://node/<id>`).
     pub id: String,
@@ -62,4 +106,59 @@ pub struct NodeRecord {
     pub cordoned: bool,
     /// Replicas being moved away.
     pub draining: bool,
+    /// Liveness, committed by the leader on change.
+    #[serde(default)]
+    pub phase: NodePhase,
+    /// When `phase` last changed, ms since the epoch.
+    #[serde(default)]
+    pub phase_since_ms: i64,
+    /// The last heartbeat the leader had seen when it last committed this record.
+    #[serde(default)]
+    pub last_heartbeat_ms: i64,
+    /// Time spent Ready before the current phase, ms (for the reliability score).
+    #[serde(default)]
+    pub ready_ms: u64,
+    /// Times the node was declared Down.
+    #[serde(default)]
+    pub down_count: u32,
+    /// 0-1, from uptime and heartbeat history (see `docs/ARCHITECTURE.md`).
+    #[serde(default = "default_reliability")]
+    pub reliability: f64,
+    /// What the agent last reported.
+    #[serde(default)]
+    pub status: NodeStatus,
+}
+
+fn default_reliability() -> f64 {
+    0.5
+}
+
+impl NodeRecord {
+    /// A freshly enrolled node.
+    pub fn new(id: String, name: String, token_id: String, cert_not_after_ms: i64) -> Self {
+        Self {
+            id,
+            name,
+            labels: BTreeMap::new(),
+            enrolled_at_ms: 0,
+            token_id,
+            cert_not_after_ms,
+            cordoned: false,
+            draining: false,
+            phase: NodePhase::Pending,
+            phase_since_ms: 0,
+            last_heartbeat_ms: 0,
+            ready_ms: 0,
+            down_count: 0,
+            reliability: default_reliability(),
+            status: NodeStatus::default(),
+        }
+    }
+
+    /// Token labels over the agent's reported ones.
+    pub fn effective_labels(&self) -> BTreeMap<String, String> {
+        let mut l = self.status.reported_labels.clone();
+        l.extend(self.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        l
+    }
 }

@@ -7,8 +7,10 @@ mod validation;
 mod workload;
 
 pub use cluster_config::{ClusterConfig, SchedulerWeights};
-pub use identity::{IdentityMaterial, JoinTokenRecord, NodeRecord, SealedSecret};
-pub use validation::{FieldError, ValidationErrors};
+pub use identity::{
+    IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, SealedSecret,
+};
+pub use validation::{check_labels, FieldError, ValidationErrors};
 pub use workload::{
     parse_manifest, Resources, Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,
 };

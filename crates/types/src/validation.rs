@@ -72,7 +72,7 @@ pub(crate) fn check_dns_label(errs: &mut ValidationErrors, field: &str, value: &
 }
 
 /// Checks a label map: keys up to 253 bytes of `[A-Za-z0-9._/-]`, values up to 253 bytes.
-pub(crate) fn check_labels<'a>(
+pub fn check_labels<'a>(
     errs: &mut ValidationErrors,
     field: &str,
     labels: impl IntoIterator<Item = (&'a String, &'a String)>,

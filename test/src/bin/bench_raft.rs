@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cloudless_proto::v1 as pb;
-use cloudless_test::{channel, cluster_status, process_leader, workload, ProcessNode};
+use cloudless_test::{channel, cluster_status, start_process_cluster, wait_all_healthy, workload};
 use hdrhistogram::Histogram;
 use pb::workload_service_client::WorkloadServiceClient;
 
@@ -32,34 +32,6 @@ struct Args {
     connections: usize,
 }
 
-async fn wait_all_healthy(nodes: &[ProcessNode]) -> anyhow::Result<usize> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(l) = process_leader(nodes).await {
-            if let Some(s) = cluster_status(&nodes[l].grpc).await {
-                let leader_log = s
-                    .coordinators
-                    .iter()
-                    .map(|c| c.last_log_index)
-                    .max()
-                    .unwrap_or(0);
-                // Fully caught up: a lagging node would stand for election with a
-                // shorter log, be refused and add a round (openraft 0.9 then waits
-                // 2 x election_timeout_max), which is not what this measures.
-                if s.members.len() == 3
-                    && s.coordinators.iter().all(|c| {
-                        c.reachable && c.state != "Learner" && c.applied_index == leader_log
-                    })
-                {
-                    return Ok(l);
-                }
-            }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "cluster not healthy within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -68,39 +40,8 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let mut nodes: Vec<ProcessNode> = (0..3).map(|i| ProcessNode::new(dir.path(), i)).collect();
-    let key_flag = args.tls.then(|| {
-        format!(
-            "master_key_file={}",
-            cloudless_test::write_master_key(dir.path()).display()
-        )
-    });
-    let extra: Vec<&str> = key_flag
-        .as_deref()
-        .map(|k| vec!["--set", k])
-        .unwrap_or_default();
-    nodes[0].spawn_with("init", None, &extra);
-    if args.tls {
-        // Wait for init's TLS material, then hand the sealed bundle to the joiners.
-        let bundle = nodes[0].data_dir.join("tls/identity.json");
-        let admin = nodes[0].data_dir.join("admin");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(bundle.exists() && admin.join("cloudlessctl.toml").exists()) {
-            anyhow::ensure!(Instant::now() < deadline, "init wrote no TLS material");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for n in &nodes[1..] {
-            std::fs::create_dir_all(n.data_dir.join("tls"))?;
-            std::fs::copy(&bundle, n.data_dir.join("tls/identity.json"))?;
-        }
-        for n in &nodes {
-            cloudless_test::register_admin_tls(&n.grpc, &admin);
-        }
-    }
-    let seed = nodes[0].grpc.clone();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    nodes[1].spawn_with("run", Some(&seed), &extra);
-    nodes[2].spawn_with("run", Some(&seed), &extra);
+    let (mut nodes, extra) = start_process_cluster(dir.path(), args.tls).await?;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let l = wait_all_healthy(&nodes).await?;
 
     println!("| clients | committed writes/s | p50 ms | p99 ms | writes |");

@@ -1,0 +1,108 @@
+//! The agent's main loop: identity (load, or enroll once with a join token),
+//! heartbeats at the period the cluster asks for, renewal at two thirds of
+//! the certificate's lifetime.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+use crate::{enroll, AgentError, Coordinators, DeviceProbe, NodeIdentity};
+
+/// How long to wait before retrying after the coordinators could not be reached.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// What the agent needs to start.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the identity lives.
+    pub data_dir: PathBuf,
+    /// Coordinator gRPC addresses (`host:port`).
+    pub coordinators: Vec<String>,
+    /// Node name to enroll with.
+    pub name: String,
+    /// Join token, needed only for the first start.
+    pub join_token: Option<Zeroizing<String>>,
+    /// The cluster CA certificate to trust when enrolling (PEM file).
+    pub ca_cert: Option<PathBuf>,
+    /// Labels reported with every heartbeat.
+    pub labels: BTreeMap<String, String>,
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Loads the node identity, or enrolls with the join token when there is none.
+pub async fn load_or_enroll(config: &AgentConfig) -> Result<NodeIdentity, AgentError> {
+    if let Some(id) = NodeIdentity::load(&config.data_dir)? {
+        tracing::info!(node_id = %id.node_id, not_after = id.not_after, "using the stored node identity");
+        return Ok(id);
+    }
+    let Some(token) = &config.join_token else {
+        return Err(AgentError::Config(format!(
+            "{} holds no node identity: pass --join-token (and --ca-cert) to enroll",
+            config.data_dir.display()
+        )));
+    };
+    let Some(ca_path) = &config.ca_cert else {
+        return Err(AgentError::Config(
+            "--ca-cert: enrolling needs the cluster CA certificate to trust (admin/ca.crt from `cloudless-coordinator init`)".into(),
+        ));
+    };
+    let ca_pem = std::fs::read_to_string(ca_path).map_err(|e| AgentError::io(ca_path, e))?;
+    let id = enroll(&config.coordinators, &ca_pem, token, &config.name).await?;
+    id.save(&config.data_dir)?;
+    tracing::info!(node_id = %id.node_id, name = %config.name, "enrolled");
+    Ok(id)
+}
+
+/// Runs until `cancel` fires or the node is removed.
+pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AgentError> {
+    let identity = tokio::select! {
+        r = load_or_enroll(&config) => r?,
+        () = cancel.cancelled() => return Ok(()),
+    };
+    let mut coordinators = Coordinators::new(config.coordinators.clone(), identity);
+    let mut probe = DeviceProbe::default().with_labels(config.labels.clone());
+    let mut interval = Duration::from_secs(1);
+    let mut last_phase = String::new();
+    loop {
+        if now_s() >= coordinators.identity().renew_at() {
+            match coordinators.renew().await {
+                Ok(renewed) => {
+                    renewed.save(&config.data_dir)?;
+                    tracing::info!(not_after = renewed.not_after, "node certificate renewed");
+                    coordinators.set_identity(renewed);
+                }
+                Err(AgentError::Removed(m)) => return Err(AgentError::Removed(m)),
+                Err(e) => tracing::warn!(error = %e, "certificate renewal failed; retrying"),
+            }
+        }
+        let started = tokio::time::Instant::now();
+        match coordinators.heartbeat(probe.heartbeat()).await {
+            Ok(r) => {
+                if r.heartbeat_interval_ms > 0 {
+                    interval = Duration::from_millis(r.heartbeat_interval_ms);
+                }
+                if r.phase != last_phase {
+                    tracing::info!(phase = %r.phase, "node phase");
+                    last_phase = r.phase;
+                }
+            }
+            Err(AgentError::Removed(m)) => return Err(AgentError::Removed(m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                interval = interval.min(RETRY.max(Duration::from_millis(100)));
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep_until(started + interval) => {}
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! The Cloudless agent's control-plane half: enrollment with a join token,
+//! the node identity on disk, renewal, and heartbeats to the leader.
+//! (Running containers arrives with the runtime crate.)
+
+mod agent;
+mod client;
+mod identity;
+mod sysinfo;
+
+use std::path::Path;
+
+pub use agent::{load_or_enroll, run, AgentConfig};
+pub use client::{enroll, Coordinators};
+pub use identity::NodeIdentity;
+pub use sysinfo::DeviceProbe;
+
+/// Why the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The node identity on disk or from a coordinator is unusable.
+    #[error("node identity: {0}")]
+    Identity(String),
+    /// Bad configuration; the message names the setting.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A coordinator refused the call (the message says why).
+    #[error("{what}: {status}")]
+    Refused {
+        /// The call.
+        what: &'static str,
+        /// The answer.
+        status: tonic::Status,
+    },
+    /// No coordinator could be reached.
+    #[error("no coordinator reachable ({0})")]
+    Unreachable(String),
+    /// The cluster removed this node; it must enroll again.
+    #[error("this node was removed from the cluster: {0}")]
+    Removed(String),
+}
+
+impl AgentError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

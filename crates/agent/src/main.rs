@@ -1,0 +1,135 @@
+//! `cloudless-agent`: enrolls this device once with a join token, then keeps
+//! its identity fresh and heartbeats to the coordinators until SIGINT or SIGTERM.
+//!
+//! Exit codes: 0 clean shutdown; 2 invalid flags or configuration; 4 the
+//! node was removed from the cluster; 1 any other failure.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use cloudless_agent::{AgentConfig, AgentError};
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(name = "cloudless-agent", version, about = "Cloudless agent")]
+struct Cli {
+    /// Where the node identity lives (node.key, node.crt, ca.crt).
+    #[arg(
+        long,
+        env = "CLOUDLESS_AGENT_DATA_DIR",
+        default_value = "/var/lib/cloudless/agent"
+    )]
+    data_dir: PathBuf,
+    /// Coordinator gRPC address host:port (repeat, or comma-separate, for several).
+    #[arg(
+        long = "coordinator",
+        env = "CLOUDLESS_COORDINATORS",
+        value_delimiter = ',',
+        required = true
+    )]
+    coordinators: Vec<String>,
+    /// Node name (unique in the cluster; defaults to the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// File holding a join token (first start only). Prefer this to the variable.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// The cluster CA certificate to trust when enrolling.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Label reported with heartbeats, key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Log filter in RUST_LOG syntax.
+    #[arg(long, default_value = "info")]
+    log_filter: String,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("--label {s:?}: expected key=value"))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_lowercase())
+        .unwrap_or_else(|_| "node".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cloudless_telemetry::init_logging(cloudless_telemetry::LogFormat::Text, &cli.log_filter);
+    let join_token = match (&cli.join_token_file, std::env::var("CLOUDLESS_JOIN_TOKEN")) {
+        (Some(p), _) => match std::fs::read_to_string(p) {
+            Ok(t) => Some(Zeroizing::new(t.trim().to_owned())),
+            Err(e) => {
+                eprintln!("--join-token-file {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        },
+        (None, Ok(t)) if !t.is_empty() => Some(Zeroizing::new(t)),
+        _ => None,
+    };
+    let config = AgentConfig {
+        data_dir: cli.data_dir,
+        coordinators: cli.coordinators,
+        name: cli.name.unwrap_or_else(host_name),
+        join_token,
+        ca_cert: cli.ca_cert,
+        labels: cli.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping");
+            stop.cancel();
+        });
+        match cloudless_agent::run(config, cancel).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e @ AgentError::Config(_)) => {
+                tracing::error!(error = %e, "cannot start");
+                ExitCode::from(2)
+            }
+            Err(e @ AgentError::Removed(_)) => {
+                tracing::error!(error = %e, "stopping");
+                ExitCode::from(4)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "agent failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

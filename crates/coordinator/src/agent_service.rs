@@ -1,0 +1,262 @@
+//! `AgentService`: what enrolled agents call, authenticated by their node
+//! certificate. The node id comes from the certificate, never from a field.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use cloudless_pki::Identity;
+use cloudless_proto::v1::agent_service_server::AgentService;
+use cloudless_proto::v1::{
+    AssignmentSet, HeartbeatRequest, HeartbeatResponse, RenewRequest, RenewResponse,
+    ReportStatusRequest, ReportStatusResponse, WatchAssignmentsRequest,
+};
+use cloudless_state::{Command, Response as SmResponse};
+use cloudless_types::{NodeStatus, Resources};
+use tonic::{Request, Response, Status};
+
+use crate::authz::{require, Allow};
+use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::error::CoordinatorError;
+
+/// Most labels one heartbeat may report.
+const MAX_LABELS: usize = 64;
+/// Most conditions one heartbeat may report.
+const MAX_CONDITIONS: usize = 16;
+/// Conditions an agent may report.
+const CONDITIONS: [&str; 4] = [
+    "MemoryPressure",
+    "DiskPressure",
+    "PIDPressure",
+    "NetworkUnavailable",
+];
+
+/// The `AgentService` implementation.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    handle: CoordinatorHandle,
+}
+
+impl AgentApi {
+    /// Serves `handle`.
+    pub fn new(handle: CoordinatorHandle) -> Self {
+        Self { handle }
+    }
+}
+
+fn node_id(identity: Identity) -> Result<String, Status> {
+    match identity {
+        Identity::Node(id) => Ok(id),
+        other => Err(Status::permission_denied(format!("{other} is not a node"))),
+    }
+}
+
+/// The device status in a heartbeat, checked field by field.
+fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), CoordinatorError> {
+    let bad = |field: &str, problem: String| {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "{field}: {problem}"
+        )))
+    };
+    if r.labels.len() > MAX_LABELS {
+        return bad(
+            "labels",
+            format!(
+                "{} labels, at most {MAX_LABELS} are allowed",
+                r.labels.len()
+            ),
+        );
+    }
+    let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
+    let mut errs = cloudless_types::ValidationErrors::default();
+    cloudless_types::check_labels(&mut errs, "labels", &labels);
+    errs.into_result()?;
+    if r.conditions.len() > MAX_CONDITIONS {
+        return bad(
+            "conditions",
+            format!(
+                "{} conditions, at most {MAX_CONDITIONS} are allowed",
+                r.conditions.len()
+            ),
+        );
+    }
+    for (i, c) in r.conditions.iter().enumerate() {
+        if !CONDITIONS.contains(&c.as_str()) {
+            return bad(
+                &format!("conditions[{i}]"),
+                format!("{c:?} is not one of {}", CONDITIONS.join(", ")),
+            );
+        }
+    }
+    let power_source = match r.power_source.as_str() {
+        "" | "mains" => "mains",
+        "battery" => "battery",
+        other => {
+            return bad(
+                "power_source",
+                format!("{other:?} is neither \"mains\" nor \"battery\""),
+            )
+        }
+    };
+    let Ok(battery_percent) = u8::try_from(r.battery_percent) else {
+        return bad(
+            "battery_percent",
+            format!("{} is above 100", r.battery_percent),
+        );
+    };
+    if battery_percent > 100 {
+        return bad("battery_percent", format!("{battery_percent} is above 100"));
+    }
+    let mut conditions = r.conditions;
+    conditions.sort();
+    conditions.dedup();
+    let status = NodeStatus {
+        capacity: r.capacity.map(Into::into).unwrap_or_default(),
+        reported_labels: labels,
+        conditions,
+        power_source: power_source.to_owned(),
+        battery_percent: if power_source == "battery" {
+            battery_percent
+        } else {
+            0
+        },
+    };
+    Ok((status, r.usage.map(Into::into).unwrap_or_default()))
+}
+
+type AssignmentStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<AssignmentSet, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type WatchAssignmentsStream = AssignmentStream;
+
+    async fn watch_assignments(
+        &self,
+        req: Request<WatchAssignmentsRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        require(&self.handle, &req, Allow::Node)?;
+        Err(Status::unimplemented(
+            "assignments arrive with the workload reconciler (issue 6, workloads end to end)",
+        ))
+    }
+
+    async fn report_status(
+        &self,
+        req: Request<ReportStatusRequest>,
+    ) -> Result<Response<ReportStatusResponse>, Status> {
+        require(&self.handle, &req, Allow::Node)?;
+        Err(Status::unimplemented(
+            "replica status arrives with the workload reconciler (issue 6, workloads end to end)",
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
+        self.handle.ensure_leader()?;
+        let (status, usage) = status_from_wire(req.into_inner())?;
+        let answer = self.handle.liveness().heartbeat(&id, status, usage);
+        Ok(Response::new(HeartbeatResponse {
+            heartbeat_interval_ms: answer.interval_ms,
+            phase: answer
+                .phase
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
+        // Renewal writes through Raft; the leader does it so the caller's
+        // identity never has to travel in a forwarded request.
+        self.handle.ensure_leader()?;
+        let h = &self.handle;
+        let keys = h.identity_keys()?;
+        let lifetime = h.cluster()?.config.node_cert_lifetime_s;
+        let now = now_ms();
+        let issued = keys
+            .ca
+            .sign_csr(
+                &req.get_ref().csr_pem,
+                &Identity::Node(id.clone()),
+                lifetime,
+                now / 1000,
+            )
+            .map_err(CoordinatorError::from)?;
+        let not_after_ms = issued.not_after.saturating_mul(1000);
+        let (resp, _) = h
+            .write(
+                None,
+                Command::RenewNodeCert {
+                    node_id: id.clone(),
+                    cert_not_after_ms: not_after_ms,
+                },
+            )
+            .await?;
+        if !matches!(resp, SmResponse::Node(_)) {
+            return Err(Status::internal(format!(
+                "unexpected state machine answer {resp:?}"
+            )));
+        }
+        tracing::info!(node_id = %id, not_after_ms, "node certificate renewed");
+        Ok(Response::new(RenewResponse {
+            certificate_pem: issued.cert_pem,
+            ca_certificate_pem: keys.ca.cert_pem().to_owned(),
+            not_after_ms,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_fields_are_checked_by_name() {
+        let ok = HeartbeatRequest {
+            power_source: "battery".into(),
+            battery_percent: 40,
+            conditions: vec!["DiskPressure".into(), "DiskPressure".into()],
+            ..Default::default()
+        };
+        let (status, _) = status_from_wire(ok).expect("valid");
+        assert_eq!(status.battery_percent, 40);
+        assert_eq!(status.conditions, vec!["DiskPressure".to_owned()]);
+        for (req, field) in [
+            (
+                HeartbeatRequest {
+                    battery_percent: 101,
+                    power_source: "battery".into(),
+                    ..Default::default()
+                },
+                "battery_percent",
+            ),
+            (
+                HeartbeatRequest {
+                    power_source: "solar".into(),
+                    ..Default::default()
+                },
+                "power_source",
+            ),
+            (
+                HeartbeatRequest {
+                    conditions: vec!["Sad".into()],
+                    ..Default::default()
+                },
+                "conditions[0]",
+            ),
+            (
+                HeartbeatRequest {
+                    labels: [("Bad Key!".to_owned(), "v".to_owned())].into(),
+                    ..Default::default()
+                },
+                "labels",
+            ),
+        ] {
+            let err = status_from_wire(req).expect_err("invalid heartbeat accepted");
+            assert!(err.to_string().contains(field), "{err} should name {field}");
+        }
+    }
+}
