@@ -351,3 +351,109 @@ async fn agent_calls_need_a_node_certificate() {
     assert!(err.to_string().contains("--ca-cert"), "{err}");
     cluster.shutdown().await;
 }
+
+fn spawn_agent_process(
+    cluster: &InProcessCluster,
+    data_dir: &std::path::Path,
+    token_file: Option<&std::path::Path>,
+    log: &std::path::Path,
+) -> std::process::Child {
+    let mut cmd = std::process::Command::new(cloudless_test::workspace_binary("cloudless-agent"));
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .arg("--coordinator")
+        .arg(
+            (0..cluster.configs.len())
+                .map(|i| cluster.addr(i))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .args([
+            "--name",
+            "proc-agent",
+            "--label",
+            "rack=r1",
+            "--log-filter",
+            "debug",
+        ])
+        .arg("--ca-cert")
+        .arg(cluster.configs[0].data_dir.join("admin/ca.crt"))
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("log file"),
+        );
+    if let Some(t) = token_file {
+        cmd.arg("--join-token-file").arg(t);
+    }
+    cmd.spawn().expect("spawn cloudless-agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigkilled_agent_process_is_down_within_the_timeout_and_rejoins_with_its_identity() {
+    let cluster = InProcessCluster::start(3, |_| {}).await;
+    let leader = cluster.wait_for_leader().await;
+    let addr = cluster.addr(leader);
+    set_fast_config(&addr, 3600).await;
+    let tok = token(&addr, 1, "p").await;
+    let token_file = cluster.dir.path().join("join-token");
+    std::fs::write(&token_file, tok.as_bytes()).expect("token file");
+    let data_dir = cluster.dir.path().join("proc-agent");
+    let log = cluster.dir.path().join("agent.log");
+
+    let mut child = spawn_agent_process(&cluster, &data_dir, Some(&token_file), &log);
+    wait_phase(
+        &cluster,
+        "proc-agent",
+        NodePhase::Ready,
+        Duration::from_secs(15),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(GRACE_MS)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let killed = Instant::now();
+    wait_phase(
+        &cluster,
+        "proc-agent",
+        NodePhase::Down,
+        Duration::from_millis(DOWN_AFTER_MS + 5000),
+    )
+    .await;
+    let detection = killed.elapsed();
+    assert!(
+        detection < Duration::from_millis(DOWN_AFTER_MS + 1000),
+        "Down on every coordinator after {detection:?}; configured {DOWN_AFTER_MS} ms"
+    );
+
+    // Back without a token (the single-use token is spent): same identity, Ready again.
+    let mut child = spawn_agent_process(&cluster, &data_dir, None, &log);
+    wait_phase(
+        &cluster,
+        "proc-agent",
+        NodePhase::Ready,
+        Duration::from_secs(15),
+    )
+    .await;
+    let nodes = cluster.nodes[leader]
+        .as_ref()
+        .expect("leader")
+        .handle()
+        .reader()
+        .nodes()
+        .expect("nodes");
+    assert_eq!(nodes.len(), 1, "a second node record appeared: {nodes:?}");
+    assert_eq!(nodes[0].down_count, 1);
+    assert!(nodes[0].reliability < 1.0);
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+
+    // Debug logs of both runs: never the token or the key.
+    let text = std::fs::read_to_string(&log).expect("agent log");
+    assert!(!text.contains(tok.as_str()), "the join token was logged");
+    assert!(!text.contains("PRIVATE KEY"), "key material was logged");
+    cluster.shutdown().await;
+}

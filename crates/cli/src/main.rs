@@ -175,9 +175,28 @@ fn human(secs: i64) -> String {
     }
 }
 
+fn phase_name(n: &pb::Node) -> &'static str {
+    match pb::NodePhase::try_from(n.phase).unwrap_or_default() {
+        pb::NodePhase::Pending => "Pending",
+        pb::NodePhase::Ready => "Ready",
+        pb::NodePhase::Suspect => "Suspect",
+        pb::NodePhase::Down => "Down",
+        pb::NodePhase::Unspecified => "Unknown",
+    }
+}
+
 fn node_json(n: &pb::Node) -> serde_json::Value {
-    serde_json::json!({ "id": n.id, "name": n.name, "cordoned": n.cordoned, "draining": n.draining,
-        "labels": n.labels, "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms })
+    let res = |r: &Option<pb::Resources>| {
+        r.as_ref().map(
+            |r| serde_json::json!({ "cpuMillis": r.cpu_millis, "memoryBytes": r.memory_bytes }),
+        )
+    };
+    serde_json::json!({ "id": n.id, "name": n.name, "phase": phase_name(n), "phaseSinceMs": n.phase_since_ms,
+        "cordoned": n.cordoned, "draining": n.draining, "labels": n.labels, "zone": n.zone, "region": n.region,
+        "arch": n.arch, "capacity": res(&n.capacity), "usage": res(&n.usage), "conditions": n.conditions,
+        "powerSource": n.power_source, "batteryPercent": n.battery_percent, "reliability": n.reliability,
+        "downCount": n.down_count, "lastHeartbeatMs": n.last_heartbeat_ms,
+        "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms })
 }
 
 #[derive(Subcommand, Debug)]
@@ -686,23 +705,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return print_json(&nodes.iter().map(node_json).collect::<Vec<_>>());
             }
             println!(
-                "{:<16} {:<24} {:<20} {:<12} LABELS",
-                "ID", "NAME", "STATUS", "CERT-EXPIRES"
+                "{:<16} {:<20} {:<28} {:<11} {:<12} LABELS",
+                "ID", "NAME", "STATUS", "RELIABILITY", "CERT-EXPIRES"
             );
             for n in &nodes {
                 let status = match (n.draining, n.cordoned) {
-                    (true, _) => "Draining",
-                    (false, true) => "SchedulingDisabled",
-                    _ => "Enrolled",
+                    (true, _) => format!("{},Draining", phase_name(n)),
+                    (false, true) => format!("{},SchedulingDisabled", phase_name(n)),
+                    _ => phase_name(n).to_owned(),
                 };
                 let mut labels: Vec<String> =
                     n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 labels.sort();
                 println!(
-                    "{:<16} {:<24} {:<20} {:<12} {}",
+                    "{:<16} {:<20} {:<28} {:<11.2} {:<12} {}",
                     n.id,
                     n.name,
                     status,
+                    n.reliability,
                     fmt_ms(n.cert_not_after_ms),
                     labels.join(",")
                 );
