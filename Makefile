@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint fmt bench-raft bench-scheduler demo demo-stop clean
+.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -28,6 +28,12 @@ bench-raft:
 	./target/release/bench-raft --tls
 
 # 100 / 1,000 / 5,000 / 10,000 nodes, 100,000 replicas each, pinned to one core.
+# Simulated agents over real mTLS against 3 coordinator processes; needs
+# about 2 file descriptors per agent in this process and the leader.
+bench-membership:
+	$(CARGO) build --release --bins
+	ulimit -n $$(ulimit -Hn) && ./target/release/bench-membership
+
 bench-scheduler:
 	$(CARGO) build --release -p cloudless-scheduler --bin bench-scheduler
 	taskset -c 0 ./target/release/bench-scheduler

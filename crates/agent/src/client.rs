@@ -175,7 +175,11 @@ impl Coordinators {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     match hint {
-                        Some(h) if h != address => self.preferred = Some(h),
+                        Some(h) if h != address => {
+                            // One connection is enough: drop the one to this follower.
+                            self.channels.remove(&address);
+                            self.preferred = Some(h);
+                        }
                         _ => {
                             // Unreachable, or no leader yet: try the next one.
                             self.preferred = None;

@@ -932,3 +932,125 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| io_err!(read_state_machine, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudless_types::NodeStatus;
+
+    fn db() -> Database {
+        Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("in-memory db")
+    }
+
+    fn apply(db: &Database, cmd: Command, now: i64) -> Response {
+        let txn = db.begin_write().expect("txn");
+        let r = apply_command(&txn, &cmd, now).expect("apply");
+        txn.commit().expect("commit");
+        r
+    }
+
+    fn node(db: &Database, id: &str) -> NodeRecord {
+        let txn = db.begin_write().expect("txn");
+        get_json::<NodeRecord>(&txn, NODES, id)
+            .expect("read")
+            .expect("present")
+    }
+
+    fn update(id: &str, phase: Option<NodePhase>) -> NodeUpdate {
+        NodeUpdate {
+            node_id: id.into(),
+            phase,
+            last_heartbeat_ms: 0,
+            reliability: None,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn node_names_are_unique_phases_accumulate_uptime_and_removal_frees_the_name() {
+        let db = db();
+        let token = JoinTokenRecord {
+            id: "t1".into(),
+            created_at_ms: 0,
+            expires_at_ms: 1_000_000,
+            max_uses: 5,
+            uses: 0,
+            revoked: false,
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+        };
+        apply(&db, Command::CreateJoinToken { token }, 0);
+        let enroll = |id: &str, name: &str| Command::EnrollNode {
+            token_id: "t1".into(),
+            node: NodeRecord::new(id.into(), name.into(), "t1".into(), 0),
+        };
+        assert!(matches!(
+            apply(&db, enroll("n1", "alpha"), 1000),
+            Response::Node(_)
+        ));
+        assert!(matches!(
+            apply(&db, enroll("n2", "alpha"), 1000),
+            Response::Rejected(Rejection::NodeNameTaken { .. })
+        ));
+        let n = node(&db, "n1");
+        assert_eq!((n.phase, n.phase_since_ms), (NodePhase::Pending, 1000));
+        assert_eq!(n.labels.get("zone").map(String::as_str), Some("a"));
+
+        // Ready at 2 s, Down at 12 s (10 s of uptime), Ready again at 20 s.
+        let status = NodeStatus {
+            power_source: "battery".into(),
+            battery_percent: 50,
+            ..NodeStatus::default()
+        };
+        let mut ready = update("n1", Some(NodePhase::Ready));
+        ready.status = Some(status.clone());
+        let gone = update("ghost", Some(NodePhase::Down));
+        assert_eq!(
+            apply(
+                &db,
+                Command::UpdateNodes {
+                    updates: vec![ready, gone]
+                },
+                2000
+            ),
+            Response::NodesUpdated(1),
+            "an update for a node that does not exist must be skipped"
+        );
+        apply(
+            &db,
+            Command::UpdateNodes {
+                updates: vec![update("n1", Some(NodePhase::Down))],
+            },
+            12_000,
+        );
+        let mut again = update("n1", Some(NodePhase::Ready));
+        again.reliability = Some(f64::NAN);
+        apply(
+            &db,
+            Command::UpdateNodes {
+                updates: vec![again],
+            },
+            20_000,
+        );
+        let n = node(&db, "n1");
+        assert_eq!(n.phase, NodePhase::Ready);
+        assert_eq!(n.phase_since_ms, 20_000);
+        assert_eq!(n.ready_ms, 10_000);
+        assert_eq!(n.down_count, 1);
+        assert_eq!(n.status, status);
+        assert!(n.reliability.is_finite(), "NaN reliability stored");
+
+        apply(
+            &db,
+            Command::RemoveNode {
+                node_id: "n1".into(),
+            },
+            30_000,
+        );
+        assert!(matches!(
+            apply(&db, enroll("n3", "alpha"), 31_000),
+            Response::Node(_)
+        ));
+    }
+}

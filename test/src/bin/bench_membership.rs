@@ -1,0 +1,355 @@
+//! `make bench-membership`: simulated agents (each with its own node
+//! certificate and mTLS connection, many per process, using the agent
+//! library's client) heartbeating every second against 3 coordinator
+//! processes. Reports heartbeat latency and leader CPU at each agent count,
+//! join convergence (token presented to Ready on every coordinator), and
+//! failure detection (heartbeats stopped to Down). Prints Markdown tables.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use cloudless_agent::{enroll, Coordinators, DeviceProbe, NodeIdentity};
+use cloudless_proto::v1 as pb;
+use cloudless_test::{channel, start_process_cluster, wait_all_healthy};
+use hdrhistogram::Histogram;
+use pb::node_service_client::NodeServiceClient;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Agent counts, in increasing order.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    agents: Vec<usize>,
+    /// Seconds measured at each count (after a warm-up of one Down timeout).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Joins timed for convergence.
+    #[arg(long, default_value_t = 30)]
+    joins: usize,
+    /// Agents stopped for failure detection.
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// Concurrent enrollments while populating.
+    #[arg(long, default_value_t = 32)]
+    enroll_concurrency: usize,
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// User+system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses).
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/pid/stat: 12 and 13 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+struct Sim {
+    node_id: String,
+    cancel: CancellationToken,
+}
+
+struct Shared {
+    addresses: Vec<String>,
+    ca_pem: String,
+    hist: Mutex<Histogram<u64>>,
+    beats: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Runs one simulated agent's heartbeat loop until `cancel`, the first
+/// heartbeat after `offset`.
+fn start_agent(
+    shared: Arc<Shared>,
+    identity: NodeIdentity,
+    cancel: CancellationToken,
+    offset: Duration,
+) {
+    tokio::spawn(async move {
+        let mut c = Coordinators::new(shared.addresses.clone(), identity);
+        let req = DeviceProbe::default().heartbeat();
+        let mut next = tokio::time::Instant::now() + offset;
+        let mut interval = Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep_until(next) => {}
+            }
+            let t0 = Instant::now();
+            match c.heartbeat(req.clone()).await {
+                Ok(r) => {
+                    let us = t0.elapsed().as_micros() as u64;
+                    if let Ok(mut h) = shared.hist.lock() {
+                        let _ = h.record(us.max(1));
+                    }
+                    shared.beats.fetch_add(1, Ordering::Relaxed);
+                    if r.heartbeat_interval_ms > 0 {
+                        interval = Duration::from_millis(r.heartbeat_interval_ms);
+                    }
+                }
+                Err(_) => {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            next += interval;
+        }
+    });
+}
+
+fn rand_offset(max_ms: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(max_ms);
+    h.finish() % max_ms
+}
+
+async fn new_token(addr: &str, uses: u32) -> anyhow::Result<String> {
+    Ok(NodeServiceClient::new(channel(addr))
+        .create_join_token(pb::CreateJoinTokenRequest {
+            write: None,
+            ttl_seconds: 3 * 3600,
+            max_uses: uses,
+            labels: [("zone".to_owned(), "bench".to_owned())].into(),
+        })
+        .await?
+        .into_inner()
+        .token)
+}
+
+/// The committed phase of `id` on coordinator `addr` (local, stale read).
+async fn phase_on(addr: &str, id: &str) -> Option<i32> {
+    NodeServiceClient::new(channel(addr))
+        .get(pb::GetNodeRequest {
+            read: Some(pb::ReadOptions {
+                consistency: pb::ReadConsistency::Stale as i32,
+            }),
+            id: id.to_owned(),
+        })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().node)
+        .map(|n| n.phase)
+}
+
+/// Enrolls `n` agents with names `prefix-i`, `concurrency` at a time.
+async fn enroll_many(
+    shared: &Arc<Shared>,
+    token: &str,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<NodeIdentity>> {
+    let mut out = Vec::with_capacity(n);
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while out.len() < n {
+        while set.len() < concurrency && next < n {
+            let (s, t, name) = (shared.clone(), token.to_owned(), format!("{prefix}-{next}"));
+            set.spawn(async move { enroll(&s.addresses, &s.ca_pem, &t, &name).await });
+            next += 1;
+        }
+        if let Some(r) = set.join_next().await {
+            out.push(r??);
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let (nodes, _extra) = start_process_cluster(dir.path(), true).await?;
+    let l = wait_all_healthy(&nodes).await?;
+    let leader_pid = nodes[l].child.as_ref().map_or(0, std::process::Child::id);
+    let leader_addr = nodes[l].grpc.clone();
+    // The leader first, so enrollments need no forwarding hop.
+    let mut addresses = vec![leader_addr.clone()];
+    addresses.extend(
+        nodes
+            .iter()
+            .map(|n| n.grpc.clone())
+            .filter(|a| *a != leader_addr),
+    );
+    let shared = Arc::new(Shared {
+        addresses: addresses.clone(),
+        ca_pem: std::fs::read_to_string(nodes[0].data_dir.join("admin/ca.crt"))?,
+        hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        beats: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let self_pid = std::process::id();
+    let mut sims: Vec<Sim> = Vec::new();
+
+    println!("| agents | heartbeats/s | p50 ms | p99 ms | max ms | errors | leader CPU (cores) | leader RSS MiB | bench process CPU (cores) | enrollments/s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &target in &args.agents {
+        let add = target.saturating_sub(sims.len());
+        let token = new_token(&leader_addr, u32::try_from(add.max(1))?).await?;
+        let t0 = Instant::now();
+        let ids = enroll_many(
+            &shared,
+            &token,
+            &format!("sim{target}"),
+            add,
+            args.enroll_concurrency,
+        )
+        .await?;
+        let enroll_rate = add as f64 / t0.elapsed().as_secs_f64();
+        for id in ids {
+            let cancel = CancellationToken::new();
+            sims.push(Sim {
+                node_id: id.node_id.clone(),
+                cancel: cancel.clone(),
+            });
+            start_agent(
+                shared.clone(),
+                id,
+                cancel,
+                Duration::from_millis(rand_offset(1000)),
+            );
+        }
+        // Warm up: every agent connected and heartbeating.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        if let Ok(mut h) = shared.hist.lock() {
+            h.reset();
+        }
+        shared.errors.store(0, Ordering::Relaxed);
+        let beats0 = shared.beats.load(Ordering::Relaxed);
+        let (cpu0, self0, w0) = (
+            cpu_seconds(leader_pid),
+            cpu_seconds(self_pid),
+            Instant::now(),
+        );
+        tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+        let wall = w0.elapsed().as_secs_f64();
+        let leader_cpu = (cpu_seconds(leader_pid) - cpu0) / wall;
+        let self_cpu = (cpu_seconds(self_pid) - self0) / wall;
+        let beats = shared.beats.load(Ordering::Relaxed) - beats0;
+        let h = shared
+            .hist
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        println!(
+            "| {target} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {leader_cpu:.2} | {:.0} | {self_cpu:.2} | {enroll_rate:.0} |",
+            beats as f64 / wall,
+            ms(&h, 0.5),
+            ms(&h, 0.99),
+            h.max() as f64 / 1000.0,
+            shared.errors.load(Ordering::Relaxed),
+            rss_mib(leader_pid),
+        );
+    }
+
+    // Join convergence under the full load: token presented to Ready on every coordinator.
+    let token = new_token(&leader_addr, u32::try_from(args.joins.max(1))?).await?;
+    let all: Vec<String> = nodes.iter().map(|n| n.grpc.clone()).collect();
+    let mut join = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for j in 0..args.joins {
+        let t0 = Instant::now();
+        let id = enroll(&addresses, &shared.ca_pem, &token, &format!("join-{j}")).await?;
+        let node_id = id.node_id.clone();
+        let cancel = CancellationToken::new();
+        start_agent(shared.clone(), id, cancel.clone(), Duration::ZERO);
+        sims.push(Sim {
+            node_id: node_id.clone(),
+            cancel,
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'wait: loop {
+            let mut ready = true;
+            for a in &all {
+                if phase_on(a, &node_id).await != Some(pb::NodePhase::Ready as i32) {
+                    ready = false;
+                    break;
+                }
+            }
+            if ready {
+                break 'wait;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "join {j} not Ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        join.record(t0.elapsed().as_micros() as u64)?;
+    }
+    println!();
+    println!(
+        "| join convergence at {} agents, {} joins | p50 ms | p95 ms | max ms |",
+        sims.len() - args.joins,
+        args.joins
+    );
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| token presented to Ready on all 3 coordinators | {:.0} | {:.0} | {:.0} |",
+        ms(&join, 0.5),
+        ms(&join, 0.95),
+        join.max() as f64 / 1000.0
+    );
+
+    // Failure detection: stop agents 250 ms apart; time each until Down on the leader.
+    let mut set = tokio::task::JoinSet::new();
+    for (k, sim) in sims.iter().take(args.trials).enumerate() {
+        let (cancel, id, addr) = (sim.cancel.clone(), sim.node_id.clone(), leader_addr.clone());
+        set.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(250 * k as u64)).await;
+            cancel.cancel();
+            let t0 = Instant::now();
+            loop {
+                if phase_on(&addr, &id).await == Some(pb::NodePhase::Down as i32) {
+                    return Some(t0.elapsed());
+                }
+                if t0.elapsed() > Duration::from_secs(60) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+    let mut detect = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut missed = 0;
+    while let Some(r) = set.join_next().await {
+        match r? {
+            Some(d) => detect.record(d.as_micros() as u64)?,
+            None => missed += 1,
+        }
+    }
+    println!();
+    println!(
+        "| failure detection, {} trials (default timings: heartbeat 1 s, Down after 5 s) | p50 ms | p95 ms | max ms | not detected |",
+        args.trials
+    );
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| heartbeats stopped to Down on the leader | {:.0} | {:.0} | {:.0} | {missed} |",
+        ms(&detect, 0.5),
+        ms(&detect, 0.95),
+        detect.max() as f64 / 1000.0
+    );
+    for s in &sims {
+        s.cancel.cancel();
+    }
+    drop(nodes);
+    Ok(())
+}
