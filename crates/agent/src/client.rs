@@ -85,8 +85,15 @@ pub async fn enroll(
     Err(AgentError::Unreachable(last))
 }
 
+/// An open heartbeat stream to the leader.
+#[derive(Debug)]
+struct BeatStream {
+    tx: tokio::sync::mpsc::Sender<pb::HeartbeatRequest>,
+    rx: tonic::Streaming<pb::HeartbeatResponse>,
+}
+
 /// The agent's view of the coordinators: addresses, the last known leader,
-/// and one mTLS channel per address.
+/// one mTLS channel per address, and the heartbeat stream.
 #[derive(Debug)]
 pub struct Coordinators {
     addresses: Vec<String>,
@@ -94,6 +101,7 @@ pub struct Coordinators {
     preferred: Option<String>,
     next: usize,
     channels: HashMap<String, Channel>,
+    beats: Option<BeatStream>,
 }
 
 impl Coordinators {
@@ -105,6 +113,7 @@ impl Coordinators {
             preferred: None,
             next: 0,
             channels: HashMap::new(),
+            beats: None,
         }
     }
 
@@ -117,6 +126,7 @@ impl Coordinators {
     pub fn set_identity(&mut self, identity: NodeIdentity) {
         self.identity = identity;
         self.channels.clear();
+        self.beats = None;
     }
 
     fn channel(&mut self, address: &str) -> Result<Channel, AgentError> {
@@ -195,16 +205,69 @@ impl Coordinators {
         Err(AgentError::Unreachable(last))
     }
 
-    /// One heartbeat.
+    /// One heartbeat, on the long-lived heartbeat stream to the leader
+    /// (opened, or reopened after a leader change, as needed).
     pub async fn heartbeat(
         &mut self,
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, AgentError> {
-        self.call("heartbeat", |mut c| {
-            let r = req.clone();
-            async move { c.heartbeat(r).await }
-        })
-        .await
+        let mut last = String::new();
+        for _ in 0..3 {
+            if self.beats.is_none() {
+                let opened = self
+                    .call("heartbeat", |mut c| async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel(4);
+                        let resp = c
+                            .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                            .await?;
+                        Ok(resp.map(|rx| BeatStream { tx, rx }))
+                    })
+                    .await?;
+                self.beats = Some(opened);
+            }
+            let Some(stream) = self.beats.as_mut() else {
+                continue;
+            };
+            if stream.tx.send(req.clone()).await.is_err() {
+                self.beats = None;
+                continue;
+            }
+            match tokio::time::timeout(CALL_TIMEOUT, stream.rx.message()).await {
+                Ok(Ok(Some(answer))) => return Ok(answer),
+                Ok(Err(s))
+                    if s.code() == Code::PermissionDenied && s.message().contains("removed") =>
+                {
+                    self.beats = None;
+                    return Err(AgentError::Removed(s.message().to_owned()));
+                }
+                Ok(Err(s)) => {
+                    last = s.message().to_owned();
+                    self.beats = None;
+                    match s
+                        .metadata()
+                        .get(LEADER_HINT_KEY)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        Some(h) => {
+                            if let Some(old) = self.preferred.replace(h.to_owned()) {
+                                if old != h {
+                                    self.channels.remove(&old);
+                                }
+                            }
+                        }
+                        None => self.preferred = None,
+                    }
+                }
+                Ok(Ok(None)) | Err(_) => {
+                    last = "the heartbeat stream ended".into();
+                    self.beats = None;
+                    if let Some(old) = self.preferred.take() {
+                        self.channels.remove(&old);
+                    }
+                }
+            }
+        }
+        Err(AgentError::Unreachable(last))
     }
 
     /// Renews the node certificate with a fresh key; returns the new identity

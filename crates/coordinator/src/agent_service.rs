@@ -12,7 +12,7 @@ use cloudless_proto::v1::{
 };
 use cloudless_state::{Command, Response as SmResponse};
 use cloudless_types::{NodeStatus, Resources};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::authz::{require, Allow};
 use crate::coordinator::{now_ms, CoordinatorHandle};
@@ -123,6 +123,26 @@ fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), Coor
     Ok((status, r.usage.map(Into::into).unwrap_or_default()))
 }
 
+/// Records one heartbeat from `id` and answers it.
+fn beat(
+    handle: &CoordinatorHandle,
+    id: &str,
+    req: HeartbeatRequest,
+) -> Result<HeartbeatResponse, Status> {
+    let (status, usage) = status_from_wire(req)?;
+    let answer = handle.liveness().heartbeat(id, status, usage);
+    Ok(HeartbeatResponse {
+        heartbeat_interval_ms: answer.interval_ms,
+        phase: answer
+            .phase
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
+    })
+}
+
+type HeartbeatStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<HeartbeatResponse, Status>> + Send + 'static>>;
+
 type AssignmentStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<AssignmentSet, Status>> + Send + 'static>>;
 
@@ -156,15 +176,44 @@ impl AgentService for AgentApi {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
         self.handle.ensure_leader()?;
-        let (status, usage) = status_from_wire(req.into_inner())?;
-        let answer = self.handle.liveness().heartbeat(&id, status, usage);
-        Ok(Response::new(HeartbeatResponse {
-            heartbeat_interval_ms: answer.interval_ms,
-            phase: answer
-                .phase
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_default(),
-        }))
+        Ok(Response::new(beat(&self.handle, &id, req.into_inner())?))
+    }
+
+    type HeartbeatStreamStream = HeartbeatStream;
+
+    async fn heartbeat_stream(
+        &self,
+        req: Request<Streaming<HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+        let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
+        self.handle.ensure_leader()?;
+        let state = Some((req.into_inner(), self.handle.clone(), id));
+        let answers = futures::stream::unfold(state, |state| async move {
+            let (mut inbound, handle, id) = state?;
+            let next = tokio::select! {
+                m = inbound.message() => m,
+                () = handle.stopping().cancelled() => {
+                    return Some((Err(Status::unavailable("this coordinator is shutting down")), None));
+                }
+            };
+            match next {
+                Ok(Some(hb)) => {
+                    // Leadership and enrollment can change while the stream lives.
+                    let answer = handle
+                        .ensure_leader()
+                        .map_err(Status::from)
+                        .and_then(|()| crate::authz::node_still_enrolled(&handle, &id))
+                        .and_then(|()| beat(&handle, &id, hb));
+                    match answer {
+                        Ok(a) => Some((Ok(a), Some((inbound, handle, id)))),
+                        Err(status) => Some((Err(status), None)),
+                    }
+                }
+                // The agent closed the stream or went away.
+                Ok(None) | Err(_) => None,
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {

@@ -29,15 +29,46 @@ pub(crate) enum Allow {
 /// connection keeps working.
 const VERIFIED_FOR: Duration = Duration::from_secs(60);
 /// Most certificates remembered; the cache is cleared when full.
-const CACHE_LIMIT: usize = 16_384;
+const CACHE_LIMIT: usize = 65_536;
 
 /// Identities of recently verified client certificates, by certificate bytes.
 #[derive(Debug, Default)]
 pub(crate) struct PeerCache {
     map: Mutex<HashMap<Vec<u8>, (Identity, Instant)>>,
+    /// Node ids seen enrolled, with the state's removal generation at the time.
+    nodes: Mutex<HashMap<String, u64>>,
 }
 
 impl PeerCache {
+    /// Whether node `id` is still enrolled. A removal bumps the state's
+    /// removal generation after it commits, so an answer recorded at the
+    /// current generation is still true and needs no storage read.
+    fn node_enrolled(&self, handle: &CoordinatorHandle, id: &str) -> Result<bool, Status> {
+        let generation = handle.reader().removal_generation();
+        let lock = || {
+            self.nodes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if lock().get(id) == Some(&generation) {
+            return Ok(true);
+        }
+        let exists = handle
+            .reader()
+            .node_exists(id)
+            .map_err(|e| Status::internal(format!("cannot read the node record: {e}")))?;
+        let mut nodes = lock();
+        if exists {
+            if nodes.len() >= CACHE_LIMIT {
+                nodes.clear();
+            }
+            nodes.insert(id.to_owned(), generation);
+        } else {
+            nodes.remove(id);
+        }
+        Ok(exists)
+    }
+
     fn identity(&self, ca_pem: &str, der: &[u8]) -> Result<Identity, Status> {
         let mut map = self
             .map
@@ -55,6 +86,17 @@ impl PeerCache {
         }
         map.insert(der.to_vec(), (identity.clone(), Instant::now()));
         Ok(identity)
+    }
+}
+
+/// Refuses a node whose record has been removed.
+pub(crate) fn node_still_enrolled(handle: &CoordinatorHandle, id: &str) -> Result<(), Status> {
+    if handle.peer_cache().node_enrolled(handle, id)? {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "node {id} has been removed from the cluster; enroll it again with a new join token"
+        )))
     }
 }
 
@@ -90,15 +132,7 @@ pub(crate) fn require<T>(
     if ok {
         if let Identity::Node(id) = &identity {
             // The certificate outlives a removal; the record does not.
-            if !handle
-                .reader()
-                .node_exists(id)
-                .map_err(|e| Status::internal(format!("cannot read the node record: {e}")))?
-            {
-                return Err(Status::permission_denied(format!(
-                    "node {id} has been removed from the cluster; enroll it again with a new join token"
-                )));
-            }
+            node_still_enrolled(handle, id)?;
         }
         Ok(identity)
     } else {

@@ -88,6 +88,8 @@ struct HandleInner {
     tls: Option<Arc<crate::tls::TlsMaterial>>,
     peer_cache: crate::authz::PeerCache,
     liveness: Arc<crate::membership::Liveness>,
+    /// Fires when the API stops; long-lived streams end on it.
+    stopping: CancellationToken,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -180,6 +182,11 @@ impl CoordinatorHandle {
     /// The CA certificate when this coordinator serves mTLS.
     pub(crate) fn tls_ca_pem(&self) -> Option<&str> {
         self.inner.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
+    /// Fires when this coordinator's API is stopping.
+    pub(crate) fn stopping(&self) -> &CancellationToken {
+        &self.inner.stopping
     }
 
     pub(crate) fn liveness(&self) -> Arc<crate::membership::Liveness> {
@@ -503,6 +510,7 @@ impl Coordinator {
                 tls: tls.clone(),
                 peer_cache: crate::authz::PeerCache::default(),
                 liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),
+                stopping: api_cancel.clone(),
             }),
         };
 
@@ -611,18 +619,30 @@ impl Coordinator {
     /// Stops the API, then the background loops, then Raft (which flushes storage), within `deadline`.
     pub async fn shutdown(self, deadline: Duration) {
         let id = self.handle.id();
-        let work = async move {
-            self.api_cancel.cancel();
-            let _ = self.api_task.await;
-            self.bg_cancel.cancel();
+        let started = tokio::time::Instant::now();
+        // Streams end on `stopping` (the API token); a connection that still
+        // holds the server past half the deadline is cut.
+        self.api_cancel.cancel();
+        let mut api_task = self.api_task;
+        if tokio::time::timeout(deadline / 2, &mut api_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(node_id = id, "the API did not drain in time; closing it");
+            api_task.abort();
+        }
+        self.bg_cancel.cancel();
+        let handle = self.handle;
+        let rest = async move {
             for t in self.bg_tasks {
                 let _ = t.await;
             }
-            if let Err(e) = self.handle.raft().shutdown().await {
+            if let Err(e) = handle.raft().shutdown().await {
                 tracing::error!(error = %e, "raft shutdown failed");
             }
         };
-        if tokio::time::timeout(deadline, work).await.is_err() {
+        let left = deadline.saturating_sub(started.elapsed());
+        if tokio::time::timeout(left, rest).await.is_err() {
             tracing::warn!(node_id = id, "shutdown did not finish within {deadline:?}");
         }
     }

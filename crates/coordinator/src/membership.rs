@@ -60,6 +60,8 @@ struct Live {
 #[derive(Debug)]
 pub(crate) struct Liveness {
     nodes: Mutex<HashMap<String, Live>>,
+    /// Nodes first heard from since the worker last looked.
+    fresh: Mutex<Vec<String>>,
     wake: Notify,
     interval_ms: AtomicU64,
     metrics: MembershipMetrics,
@@ -112,6 +114,7 @@ impl Liveness {
     pub(crate) fn new(metrics: MembershipMetrics) -> Self {
         Self {
             nodes: Mutex::new(HashMap::new()),
+            fresh: Mutex::new(Vec::new()),
             wake: Notify::new(),
             interval_ms: AtomicU64::new(ClusterConfig::default().heartbeat_interval_ms),
             metrics,
@@ -165,6 +168,12 @@ impl Liveness {
             live.committed_phase
         };
         self.metrics.heartbeats.inc();
+        if phase.is_none() {
+            self.fresh
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(node_id.to_owned());
+        }
         if wake {
             self.wake.notify_one();
         }
@@ -383,14 +392,19 @@ fn collect_updates(
 ) -> Vec<NodeUpdate> {
     let wall = now_ms();
     let interval = Duration::from_millis(cfg.heartbeat_interval_ms);
+    // Nodes heard from for the first time this term; those enrolled since the
+    // last full reload are read now.
+    let fresh = std::mem::take(
+        &mut *liveness
+            .fresh
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     let mut live = liveness.lock();
-    // A node that heartbeats before the next full reload (just enrolled).
-    let unknown: Vec<String> = live
-        .keys()
-        .filter(|id| !committed.contains_key(*id))
-        .cloned()
-        .collect();
-    for id in unknown {
+    for id in fresh {
+        if committed.contains_key(&id) {
+            continue;
+        }
         match handle.reader().node(&id) {
             Ok(Some(n)) => {
                 committed.insert(id, n);

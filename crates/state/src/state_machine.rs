@@ -97,6 +97,8 @@ pub struct StateMachine {
     apply_latency: Histogram,
     /// When the last durable apply commit happened, and applies since.
     durable: Arc<std::sync::Mutex<(Instant, u64)>>,
+    /// Bumped after every commit that removed a node (and every snapshot install).
+    removals: Arc<AtomicU64>,
 }
 
 /// Applies are committed without fsync (the Raft log is the durable record;
@@ -120,6 +122,7 @@ impl Debug for StateMachine {
 pub struct StateReader {
     path: PathBuf,
     db: Arc<Database>,
+    removals: Arc<AtomicU64>,
 }
 
 impl Debug for StateReader {
@@ -195,6 +198,7 @@ impl StateMachine {
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             apply_latency,
             durable: Arc::new(std::sync::Mutex::new((Instant::now(), 0))),
+            removals: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -203,6 +207,7 @@ impl StateMachine {
         StateReader {
             path: self.path.clone(),
             db: self.db.clone(),
+            removals: self.removals.clone(),
         }
     }
 
@@ -262,6 +267,13 @@ impl StateMachine {
             }
         }
         txn.commit().map_err(|e| e.to_string())?;
+        let removed = out
+            .iter()
+            .flat_map(|r| &r.responses)
+            .any(|r| matches!(r, Response::NodeRemoved));
+        if removed {
+            self.removals.fetch_add(1, Ordering::Release);
+        }
         Ok(out)
     }
 
@@ -844,6 +856,12 @@ impl StateReader {
     }
 
     /// Every node, by id.
+    /// A counter that changes whenever a node may have been removed: a cached
+    /// "node exists" answer taken at the same value is still true.
+    pub fn removal_generation(&self) -> u64 {
+        self.removals.load(Ordering::Acquire)
+    }
+
     /// Whether node `id` is enrolled (a key lookup; no decoding).
     pub fn node_exists(&self, id: &str) -> Result<bool, StateError> {
         self.read(|txn| {
@@ -923,8 +941,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, CoordinatorNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
-        self.install(meta, snapshot.get_ref())
-            .map_err(|e| io_err!(write_state_machine, e))
+        let r = self
+            .install(meta, snapshot.get_ref())
+            .map_err(|e| io_err!(write_state_machine, e));
+        self.removals.fetch_add(1, Ordering::Release);
+        r
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {

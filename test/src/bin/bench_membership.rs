@@ -22,7 +22,7 @@ struct Args {
     /// Agent counts, in increasing order.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
     agents: Vec<usize>,
-    /// Seconds measured at each count (after a warm-up of one Down timeout).
+    /// Seconds measured at each count.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
     /// Joins timed for convergence.
@@ -31,6 +31,9 @@ struct Args {
     /// Agents stopped for failure detection.
     #[arg(long, default_value_t = 20)]
     trials: usize,
+    /// Seconds between starting the new agents and measuring.
+    #[arg(long, default_value_t = 15)]
+    warmup: u64,
     /// Concurrent enrollments while populating.
     #[arg(long, default_value_t = 32)]
     enroll_concurrency: usize,
@@ -230,8 +233,8 @@ async fn main() -> anyhow::Result<()> {
                 Duration::from_millis(rand_offset(1000)),
             );
         }
-        // Warm up: every agent connected and heartbeating.
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        // Warm up: every agent connected, heartbeating and Ready.
+        tokio::time::sleep(Duration::from_secs(args.warmup)).await;
         if let Ok(mut h) = shared.hist.lock() {
             h.reset();
         }
