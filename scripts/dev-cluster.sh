@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a local 3-coordinator cluster on 127.0.0.1, applies examples/web.yaml,
-# reads it back from a follower, and prints the cluster status.
+# reads it back from a follower, enrolls one agent with a join token, and
+# prints the nodes and the cluster status.
 #   scripts/dev-cluster.sh          run the demo, leave the cluster running
 #   scripts/dev-cluster.sh stop     stop it
 # State and logs live in ${CLOUDLESS_DEV_DIR:-/tmp/cloudless-dev}.
@@ -21,7 +22,7 @@ stop() {
 if [[ "${1:-}" == "stop" ]]; then stop; echo "stopped"; exit 0; fi
 
 if [[ -z "${CLOUDLESS_BIN:-}" ]]; then
-  cargo build --release --bin cloudless-coordinator --bin cloudlessctl
+  cargo build --release --bin cloudless-coordinator --bin cloudlessctl --bin cloudless-agent
 fi
 stop
 rm -rf "$DIR" && mkdir -p "$DIR"
@@ -76,6 +77,18 @@ for _ in $(seq 1 50); do
 done
 echo "token written to $DIR/join-token"
 "${CTL[@]}" token list
+echo "==> starting agent a1: enrolls with the token (key made locally, CSR sent), then heartbeats"
+COORDS="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
+"$BIN/cloudless-agent" --data-dir "$DIR/a1" --coordinator "$COORDS" --name a1 \
+  --join-token-file "$DIR/join-token" --ca-cert "$DIR/c1/admin/ca.crt" >"$DIR/a1.log" 2>&1 &
+echo $! >"$DIR/a1.pid"
+for _ in $(seq 1 50); do
+  "${CTL[@]}" node list 2>/dev/null | grep -q " Ready " && break
+  sleep 0.1
+done
+rm -f "$DIR/join-token"  # single use, and spent
+echo "==> cloudlessctl node list"
+"${CTL[@]}" node list
 echo "==> cloudlessctl cluster status"
 "${CTL[@]}" cluster status
 echo

@@ -207,6 +207,49 @@ enum ClusterCmd {
     Remove { node_id: u64 },
     /// Show the cluster configuration record.
     Config,
+    /// Change cluster configuration keys, e.g. `cluster set down_after_ms=8000`.
+    /// Keys: cluster_name, heartbeat_interval_ms, suspect_after_missed_heartbeats,
+    /// down_after_ms, leader_grace_ms, node_cert_lifetime_s,
+    /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty}.
+    Set {
+        /// KEY=VALUE pairs.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+}
+
+/// Applies `key=value` to a cluster configuration; the error names the key.
+fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String> {
+    let (key, value) = setting
+        .split_once('=')
+        .ok_or_else(|| format!("{setting:?}: expected KEY=VALUE"))?;
+    let int = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{key}: {v:?} is not a non-negative integer"))
+    };
+    let float = |v: &str| {
+        v.parse::<f64>()
+            .map_err(|_| format!("{key}: {v:?} is not a number"))
+    };
+    let w = c.scheduler_weights.get_or_insert_with(Default::default);
+    match key {
+        "cluster_name" => c.cluster_name = value.to_owned(),
+        "heartbeat_interval_ms" => c.heartbeat_interval_ms = int(value)?,
+        "suspect_after_missed_heartbeats" => {
+            c.suspect_after_missed_heartbeats =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "down_after_ms" => c.down_after_ms = int(value)?,
+        "leader_grace_ms" => c.leader_grace_ms = int(value)?,
+        "node_cert_lifetime_s" => c.node_cert_lifetime_s = int(value)?,
+        "scheduler_weights.locality" => w.locality = float(value)?,
+        "scheduler_weights.reliability" => w.reliability = float(value)?,
+        "scheduler_weights.cost" => w.cost = float(value)?,
+        "scheduler_weights.utilization" => w.utilization = float(value)?,
+        "scheduler_weights.network_penalty" => w.network_penalty = float(value)?,
+        other => return Err(format!("{other:?} is not a cluster configuration key")),
+    }
+    Ok(())
 }
 
 /// A failure with its exit code.
@@ -512,9 +555,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 &serde_json::json!({ "revision": r.revision, "clusterName": c.cluster_name,
                 "heartbeatIntervalMs": c.heartbeat_interval_ms, "suspectAfterMissedHeartbeats": c.suspect_after_missed_heartbeats,
                 "downAfterMs": c.down_after_ms, "leaderGraceMs": c.leader_grace_ms,
+                "nodeCertLifetimeS": c.node_cert_lifetime_s,
                 "schedulerWeights": { "locality": w.locality, "reliability": w.reliability, "cost": w.cost,
                     "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels }),
             )?;
+        }
+        Cmd::Cluster(ClusterCmd::Set { settings }) => {
+            let current = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .get_config(pb::GetConfigRequest { read: None })
+                    .await
+            })
+            .await?;
+            let mut config = current.config.unwrap_or_default();
+            for s in &settings {
+                set_config_key(&mut config, s).map_err(|e| Failure {
+                    code: 2,
+                    error: anyhow::anyhow!(e),
+                })?;
+            }
+            let r = call(servers, |ch| {
+                let req = pb::SetConfigRequest {
+                    write: None,
+                    config: Some(config.clone()),
+                    expected_revision: current.revision,
+                };
+                async move { ClusterServiceClient::new(ch).set_config(req).await }
+            })
+            .await?;
+            println!("cluster configuration is now at revision {}", r.revision);
         }
         Cmd::Apply {
             file,
@@ -816,6 +885,29 @@ fn main() -> ExitCode {
         Err(f) => {
             eprintln!("cloudlessctl: {:#}", f.error);
             ExitCode::from(f.code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_set_changes_named_keys_and_names_bad_ones() {
+        let mut c = pb::ClusterConfig::default();
+        set_config_key(&mut c, "down_after_ms=8000").expect("valid");
+        set_config_key(&mut c, "scheduler_weights.cost=0.2").expect("valid");
+        assert_eq!(c.down_after_ms, 8000);
+        assert_eq!(c.scheduler_weights.map(|w| w.cost), Some(0.2));
+        for (bad, named) in [
+            ("down_after_ms=-1", "down_after_ms"),
+            ("heartbeat_interval_ms", "KEY=VALUE"),
+            ("no_such_key=1", "no_such_key"),
+            ("scheduler_weights.cost=lots", "scheduler_weights.cost"),
+        ] {
+            let err = set_config_key(&mut c, bad).expect_err(bad);
+            assert!(err.contains(named), "{err}");
         }
     }
 }
