@@ -1,0 +1,529 @@
+//! The OCI runtime spec for a container: process, limits, capabilities and
+//! sandboxing. Built as JSON and checked by decoding into `oci_spec`'s typed
+//! `Spec`, so anything handed to containerd is a valid runtime spec.
+
+use std::collections::BTreeMap;
+
+use oci_spec::runtime::{Capability, Spec};
+use serde_json::{json, Value};
+
+use crate::model::{ContainerConfig, ImageProcess, NodePolicy, Notice};
+use crate::{seccomp, SpecError};
+
+/// AppArmor profile applied when the workload names none.
+pub const DEFAULT_APPARMOR_PROFILE: &str = "cloudless-default";
+/// CFS period in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Paths hidden from the container (as Docker and Kubernetes do).
+const MASKED: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+/// Paths made read-only.
+const READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// A built spec and what could not be applied.
+#[derive(Debug, Clone)]
+pub struct BuiltSpec {
+    /// The spec.
+    pub spec: Spec,
+    /// The containerd runtime handler for the runtime class.
+    pub runtime_handler: String,
+    /// Warnings (also to be reported as events).
+    pub notices: Vec<Notice>,
+}
+
+fn invalid(field: &str, problem: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// `NET_ADMIN` or `CAP_NET_ADMIN` as the spec spells it, checked.
+fn capability(name: &str, i: usize) -> Result<String, SpecError> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("CAP_") {
+        upper
+    } else {
+        format!("CAP_{upper}")
+    };
+    let known: Result<Capability, _> = serde_json::from_value(Value::String(full.clone()));
+    match known {
+        Ok(_) => Ok(full),
+        Err(_) => Err(invalid(
+            &format!("securityContext.capabilities.add[{i}]"),
+            format!("{name:?} is not a Linux capability"),
+        )),
+    }
+}
+
+/// uid and gid from an image's `User` field, when numeric.
+fn image_user(user: &str) -> Result<(Option<u32>, Option<u32>), String> {
+    if user.is_empty() {
+        return Ok((Some(0), Some(0)));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let uid = u.parse::<u32>().ok();
+    let gid = match g {
+        Some(g) => Some(g.parse::<u32>().map_err(|_| g.to_owned())?),
+        None => None,
+    };
+    match uid {
+        Some(uid) => Ok((Some(uid), gid.or(Some(0)))),
+        None => Err(u.to_owned()),
+    }
+}
+
+/// Builds the runtime spec for `c` running `image` on a node with `node`'s
+/// policy. Refuses, naming the field, what the node does not allow or what
+/// cannot run; reports in `notices` what the host cannot enforce.
+pub fn build(
+    c: &ContainerConfig,
+    image: &ImageProcess,
+    node: &NodePolicy,
+) -> Result<BuiltSpec, SpecError> {
+    let sec = &c.security;
+    let mut notices = Vec::new();
+
+    // Process: Kubernetes semantics for command/args over entrypoint/cmd.
+    let mut argv: Vec<String> = if c.command.is_empty() {
+        image.entrypoint.clone()
+    } else {
+        c.command.clone()
+    };
+    if !c.args.is_empty() {
+        argv.extend(c.args.iter().cloned());
+    } else if c.command.is_empty() {
+        argv.extend(image.cmd.iter().cloned());
+    }
+    if argv.is_empty() {
+        return Err(invalid(
+            "command",
+            "the image has no entrypoint or cmd and the workload gives none",
+        ));
+    }
+
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), DEFAULT_PATH.into());
+    for e in &image.env {
+        if let Some((k, v)) = e.split_once('=') {
+            env.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    for (k, v) in &c.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(invalid(&format!("env.{k}"), "is not a valid variable name"));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    env.entry("HOSTNAME".into()).or_insert_with(|| c.id.clone());
+
+    let (img_uid, img_gid) = match image_user(&image.user) {
+        Ok(ids) => ids,
+        // A named image user does not matter when runAsUser replaces it.
+        Err(_) if sec.run_as_user.is_some() => (None, None),
+        Err(name) => {
+            return Err(invalid(
+                "securityContext.runAsUser",
+                format!("the image runs as user {name:?}, which is not numeric; set runAsUser"),
+            ))
+        }
+    };
+    let uid = sec.run_as_user.or(img_uid).unwrap_or(0);
+    let gid = sec.run_as_group.or(img_gid).unwrap_or(0);
+    if sec.run_as_non_root && uid == 0 {
+        return Err(invalid(
+            "securityContext.runAsNonRoot",
+            "the container would run as root (uid 0); set securityContext.runAsUser to a non-zero uid or use an image with a non-root USER",
+        ));
+    }
+    let cwd = c
+        .working_dir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .or_else(|| Some(image.working_dir.clone()).filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        return Err(invalid(
+            "workingDir",
+            format!("{cwd:?} is not an absolute path"),
+        ));
+    }
+
+    let caps = c
+        .security
+        .capabilities_add
+        .iter()
+        .enumerate()
+        .map(|(i, n)| capability(n, i))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // Namespaces: private unless asked for and allowed.
+    let mut namespaces = vec![
+        json!({"type": "mount"}),
+        json!({"type": "uts"}),
+        json!({"type": "cgroup"}),
+    ];
+    for (wanted, ns, field) in [
+        (sec.host_network, "network", "securityContext.hostNetwork"),
+        (sec.host_pid, "pid", "securityContext.hostPID"),
+        (sec.host_ipc, "ipc", "securityContext.hostIPC"),
+    ] {
+        if wanted {
+            if !node.allow_host_namespaces {
+                return Err(invalid(
+                    field,
+                    "host namespaces are not allowed on this node (node config allow_host_namespaces)",
+                ));
+            }
+        } else {
+            namespaces.push(json!({ "type": ns }));
+        }
+    }
+
+    let mut resources = serde_json::Map::new();
+    resources.insert(
+        "devices".into(),
+        json!([{ "allow": false, "access": "rwm" }]),
+    );
+    if c.limits.cpu_millis > 0 {
+        resources.insert(
+            "cpu".into(),
+            json!({
+                "shares": (c.limits.cpu_millis * 1024 / 1000).max(2),
+                "quota": c.limits.cpu_millis * CPU_PERIOD_US / 1000,
+                "period": CPU_PERIOD_US,
+            }),
+        );
+    }
+    if c.limits.memory_bytes > 0 {
+        resources.insert(
+            "memory".into(),
+            json!({ "limit": c.limits.memory_bytes, "swap": c.limits.memory_bytes }),
+        );
+    }
+    if c.limits.pids > 0 {
+        resources.insert("pids".into(), json!({ "limit": c.limits.pids }));
+    }
+
+    let mut process = json!({
+        "terminal": false,
+        "user": { "uid": uid, "gid": gid },
+        "args": argv,
+        "env": env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "cwd": cwd,
+        "capabilities": {
+            "bounding": caps, "effective": caps, "permitted": caps,
+            "inheritable": [], "ambient": [],
+        },
+        "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1_048_576, "soft": 1_048_576 }],
+        "noNewPrivileges": true,
+    });
+
+    if node.apparmor_enabled {
+        process["apparmorProfile"] = json!(sec
+            .apparmor_profile
+            .clone()
+            .unwrap_or_else(|| DEFAULT_APPARMOR_PROFILE.into()));
+    } else {
+        notices.push(Notice {
+            reason: "AppArmorUnavailable",
+            message: format!(
+                "AppArmor is not enabled in this kernel; profile {:?} was not applied",
+                sec.apparmor_profile
+                    .as_deref()
+                    .unwrap_or(DEFAULT_APPARMOR_PROFILE)
+            ),
+        });
+    }
+    if let Some(label) = &sec.selinux_label {
+        if node.selinux_enabled {
+            process["selinuxLabel"] = json!(label);
+        } else {
+            notices.push(Notice {
+                reason: "SELinuxUnavailable",
+                message: format!(
+                    "SELinux is not enabled in this kernel; label {label:?} was not applied"
+                ),
+            });
+        }
+    }
+
+    let mut linux = json!({
+        "namespaces": namespaces,
+        "resources": resources,
+        "cgroupsPath": format!("/{}/{}", node.namespace, c.id),
+        "maskedPaths": MASKED,
+        "readonlyPaths": READONLY,
+    });
+    if let Some(filter) = seccomp::for_profile(&sec.seccomp, node)? {
+        linux["seccomp"] = filter;
+    }
+
+    let mounts = json!([
+        { "destination": "/proc", "type": "proc", "source": "proc",
+          "options": ["nosuid", "noexec", "nodev"] },
+        { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+        { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] },
+        { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+        { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+          "options": ["nosuid", "noexec", "nodev"] },
+        { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+          "options": ["nosuid", "noexec", "nodev", "ro"] },
+        { "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+          "options": ["nosuid", "noexec", "nodev", "relatime", "ro"] },
+    ]);
+
+    let value = json!({
+        "ociVersion": "1.0.2",
+        "process": process,
+        "root": { "path": "rootfs", "readonly": sec.read_only_root_filesystem },
+        "hostname": c.id.chars().take(63).collect::<String>(),
+        "mounts": mounts,
+        "linux": linux,
+    });
+    let spec: Spec = serde_json::from_value(value)
+        .map_err(|e| SpecError::Internal(format!("generated spec does not decode: {e}")))?;
+
+    let class = c
+        .runtime_class
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("runc");
+    let runtime_handler = node.runtime_handlers.get(class).cloned().ok_or_else(|| {
+        invalid(
+            "runtimeClassName",
+            format!(
+                "{class:?} is not offered by this node (it offers {})",
+                node.runtime_handlers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    for n in &notices {
+        tracing::warn!(container = %c.id, reason = n.reason, "{}", n.message);
+    }
+    Ok(BuiltSpec {
+        spec,
+        runtime_handler,
+        notices,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Limits, SeccompProfile, SecurityContext};
+
+    fn image() -> ImageProcess {
+        ImageProcess {
+            entrypoint: vec!["/bin/sh".into()],
+            cmd: vec!["-c".into(), "echo hi".into()],
+            env: vec!["PATH=/bin".into(), "LANG=C".into()],
+            working_dir: "/srv".into(),
+            user: String::new(),
+        }
+    }
+
+    fn container() -> ContainerConfig {
+        ContainerConfig {
+            id: "web-1".into(),
+            ..ContainerConfig::default()
+        }
+    }
+
+    fn decode(b: &BuiltSpec) -> Value {
+        serde_json::to_value(&b.spec).expect("encode")
+    }
+
+    #[test]
+    fn command_args_env_and_user_follow_kubernetes_rules() {
+        let node = NodePolicy::default();
+        let b = build(&container(), &image(), &node).expect("spec");
+        let v = decode(&b);
+        assert_eq!(v["process"]["args"], json!(["/bin/sh", "-c", "echo hi"]));
+        assert_eq!(v["process"]["cwd"], json!("/srv"));
+        assert_eq!(v["process"]["user"]["uid"], json!(0));
+
+        let mut c = container();
+        c.args = vec!["-c".into(), "exit 3".into()];
+        c.env.insert("LANG".into(), "fr_FR".into());
+        c.security.run_as_user = Some(1000);
+        c.security.run_as_group = Some(2000);
+        c.working_dir = Some("/tmp".into());
+        let v = decode(&build(&c, &image(), &node).expect("spec"));
+        assert_eq!(v["process"]["args"], json!(["/bin/sh", "-c", "exit 3"]));
+        let env: Vec<String> = serde_json::from_value(v["process"]["env"].clone()).expect("env");
+        assert!(env.contains(&"LANG=fr_FR".to_owned()), "{env:?}");
+        assert!(env.contains(&"PATH=/bin".to_owned()), "{env:?}");
+        assert_eq!(v["process"]["user"], json!({"uid": 1000, "gid": 2000}));
+        assert_eq!(v["process"]["cwd"], json!("/tmp"));
+
+        c.command = vec!["/bin/true".into()];
+        c.args.clear();
+        let v = decode(&build(&c, &image(), &node).expect("spec"));
+        assert_eq!(v["process"]["args"], json!(["/bin/true"]));
+    }
+
+    #[test]
+    fn limits_capabilities_and_sandbox_are_in_the_spec() {
+        let mut c = container();
+        c.limits = Limits {
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            pids: 32,
+        };
+        c.security.capabilities_add = vec!["net_bind_service".into(), "CAP_CHOWN".into()];
+        c.security.read_only_root_filesystem = true;
+        let v = decode(&build(&c, &image(), &NodePolicy::default()).expect("spec"));
+        let r = &v["linux"]["resources"];
+        assert_eq!(r["cpu"]["quota"], json!(50_000));
+        assert_eq!(r["cpu"]["period"], json!(100_000));
+        assert_eq!(r["cpu"]["shares"], json!(512));
+        assert_eq!(r["memory"]["limit"], json!(64 << 20));
+        assert_eq!(r["pids"]["limit"], json!(32));
+        let mut eff: Vec<String> =
+            serde_json::from_value(v["process"]["capabilities"]["effective"].clone())
+                .expect("caps");
+        eff.sort();
+        assert_eq!(eff, ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"]);
+        assert_eq!(v["process"]["capabilities"]["ambient"], json!([]));
+        assert_eq!(v["process"]["noNewPrivileges"], json!(true));
+        assert_eq!(v["root"]["readonly"], json!(true));
+        assert_eq!(v["linux"]["cgroupsPath"], json!("/cloudless/web-1"));
+        assert_eq!(
+            v["linux"]["seccomp"]["defaultAction"],
+            json!("SCMP_ACT_ERRNO")
+        );
+        let ns: Vec<String> = v["linux"]["namespaces"]
+            .as_array()
+            .expect("namespaces")
+            .iter()
+            .map(|n| n["type"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        for want in ["pid", "network", "ipc", "mount", "uts"] {
+            assert!(ns.contains(&want.to_owned()), "{ns:?}");
+        }
+        // No capabilities asked for: none at all.
+        let v = decode(&build(&container(), &image(), &NodePolicy::default()).expect("spec"));
+        assert_eq!(v["process"]["capabilities"]["bounding"], json!([]));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let node = NodePolicy::default();
+        type Change = Box<dyn Fn(&mut ContainerConfig, &mut ImageProcess)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|c, _| c.security.run_as_non_root = true),
+                "securityContext.runAsNonRoot",
+            ),
+            (
+                Box::new(|c, _| c.security.capabilities_add = vec!["FLY".into()]),
+                "securityContext.capabilities.add[0]",
+            ),
+            (
+                Box::new(|c, _| c.security.host_network = true),
+                "securityContext.hostNetwork",
+            ),
+            (
+                Box::new(|c, _| c.security.seccomp = SeccompProfile::Unconfined),
+                "securityContext.seccompProfile.type",
+            ),
+            (
+                Box::new(|c, _| c.runtime_class = Some("kata".into())),
+                "runtimeClassName",
+            ),
+            (
+                Box::new(|_, i| {
+                    i.entrypoint.clear();
+                    i.cmd.clear();
+                }),
+                "command",
+            ),
+            (
+                Box::new(|_, i| i.user = "nginx".into()),
+                "securityContext.runAsUser",
+            ),
+            (
+                Box::new(|c, _| c.working_dir = Some("relative".into())),
+                "workingDir",
+            ),
+        ];
+        for (change, field) in cases {
+            let (mut c, mut i) = (container(), image());
+            change(&mut c, &mut i);
+            let err = build(&c, &i, &node).expect_err(field).to_string();
+            assert!(err.starts_with(field), "{err} should name {field}");
+        }
+        // A named image user is fine when runAsUser replaces it; and a
+        // non-root image satisfies runAsNonRoot.
+        let mut i = image();
+        i.user = "nginx".into();
+        let mut c = container();
+        c.security.run_as_user = Some(101);
+        c.security.run_as_non_root = true;
+        assert!(build(&c, &i, &node).is_ok());
+        let mut i = image();
+        i.user = "1000:1000".into();
+        let mut c = container();
+        c.security.run_as_non_root = true;
+        assert!(build(&c, &i, &node).is_ok());
+    }
+
+    #[test]
+    fn apparmor_and_selinux_apply_where_enabled_and_are_reported_where_not() {
+        let mut c = container();
+        c.security = SecurityContext {
+            selinux_label: Some("system_u:system_r:container_t:s0".into()),
+            ..SecurityContext::default()
+        };
+        let off = build(&c, &image(), &NodePolicy::default()).expect("spec");
+        let reasons: Vec<&str> = off.notices.iter().map(|n| n.reason).collect();
+        assert_eq!(reasons, ["AppArmorUnavailable", "SELinuxUnavailable"]);
+        assert!(decode(&off)["process"].get("apparmorProfile").is_none());
+        let on = NodePolicy {
+            apparmor_enabled: true,
+            selinux_enabled: true,
+            ..NodePolicy::default()
+        };
+        let b = build(&c, &image(), &on).expect("spec");
+        assert!(b.notices.is_empty());
+        let v = decode(&b);
+        assert_eq!(
+            v["process"]["apparmorProfile"],
+            json!(DEFAULT_APPARMOR_PROFILE)
+        );
+        assert_eq!(
+            v["process"]["selinuxLabel"],
+            json!("system_u:system_r:container_t:s0")
+        );
+    }
+}
