@@ -6,7 +6,8 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 $SUDO apt-get update
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
-  protobuf-compiler build-essential pkg-config curl ca-certificates git
+  protobuf-compiler build-essential pkg-config curl ca-certificates git \
+  containerd runc busybox-static
 if ! command -v cargo >/dev/null 2>&1; then
   if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     echo "cargo is in $HOME/.cargo/bin: add it to PATH" >&2

@@ -3,11 +3,17 @@
 //! the host has them), built from what the workload asks and what the node
 //! allows.
 
+mod containerd;
 mod host;
+pub mod image;
 mod model;
 pub mod seccomp;
 mod spec;
+pub mod test_image;
 
+use std::path::Path;
+
+pub use containerd::{Containerd, Exit, ImageRef, Started, MANAGED_LABEL};
 pub use host::HostSecurity;
 pub use model::{
     ContainerConfig, ImageProcess, Limits, NodePolicy, Notice, SeccompProfile, SecurityContext,
@@ -28,4 +34,53 @@ pub enum SpecError {
     /// A bug: the generated spec does not decode.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// Why a runtime operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The container cannot be specified (names the field).
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// containerd is not reachable.
+    #[error("containerd is not reachable: {0}")]
+    Unavailable(String),
+    /// containerd refused a call.
+    #[error("containerd: {what}: {message} ({code:?})")]
+    Containerd {
+        /// The step.
+        what: String,
+        /// gRPC code.
+        code: tonic::Code,
+        /// containerd's message.
+        message: String,
+    },
+    /// An image archive or registry answer is unusable.
+    #[error("image {source_name}: {problem}")]
+    BadImage {
+        /// Archive path or reference.
+        source_name: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A local file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A bug.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl RuntimeError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
 }

@@ -237,7 +237,6 @@ pub fn build(
             "bounding": caps, "effective": caps, "permitted": caps,
             "inheritable": [], "ambient": [],
         },
-        "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1_048_576, "soft": 1_048_576 }],
         "noNewPrivileges": true,
     });
 

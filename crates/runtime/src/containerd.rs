@@ -1,0 +1,588 @@
+//! The containerd implementation: images imported from OCI archives into the
+//! content store and unpacked into the snapshotter, containers created from
+//! the spec `spec.rs` builds, tasks started with output to files.
+//!
+//! Every call carries `containerd-namespace`. Call order follows
+//! `docs/ARCHITECTURE.md` ("Agent runtime").
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_client::services::v1 as cd;
+use containerd_client::types::{Descriptor, Mount};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use crate::image::{chain_ids, OciArchive};
+use crate::model::{ContainerConfig, ImageProcess, NodePolicy, Notice};
+use crate::RuntimeError;
+
+/// The spec's type URL; containerd's Go clients and `ctr` read only this one.
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Label on every container this runtime creates.
+pub const MANAGED_LABEL: &str = "cloudless.dev/managed";
+const NAMESPACE_KEY: &str = "containerd-namespace";
+const LEASE_KEY: &str = "containerd-lease";
+/// Bytes per `Content.Write` message.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// An image ready to run: its name, the snapshot of its unpacked layers and
+/// the process settings from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// Image name in containerd.
+    pub name: String,
+    /// Chain id of the top layer (the snapshot containers are prepared from).
+    pub chain_id: String,
+    /// Entrypoint, cmd, env, working dir, user.
+    pub process: ImageProcess,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit status (128 + signal when killed by a signal).
+    pub code: u32,
+}
+
+/// A started container.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// Container id.
+    pub id: String,
+    /// Process id of the container's init process on the host.
+    pub pid: u32,
+    /// Where stdout and stderr go.
+    pub log_path: PathBuf,
+    /// What the host could not enforce.
+    pub notices: Vec<Notice>,
+}
+
+/// A connection to containerd in one namespace.
+#[derive(Debug, Clone)]
+pub struct Containerd {
+    channel: Channel,
+    namespace: String,
+    snapshotter: String,
+    log_dir: PathBuf,
+}
+
+fn status(what: &str, s: tonic::Status) -> RuntimeError {
+    RuntimeError::Containerd {
+        what: what.to_owned(),
+        code: s.code(),
+        message: s.message().to_owned(),
+    }
+}
+
+impl Containerd {
+    /// Connects to containerd's socket and checks it answers.
+    pub async fn connect(
+        socket: &Path,
+        namespace: &str,
+        log_dir: &Path,
+    ) -> Result<Self, RuntimeError> {
+        let channel = containerd_client::connect(socket)
+            .await
+            .map_err(|e| RuntimeError::Unavailable(format!("{}: {e}", socket.display())))?;
+        let this = Self {
+            channel,
+            namespace: namespace.to_owned(),
+            snapshotter: "overlayfs".to_owned(),
+            log_dir: log_dir.to_owned(),
+        };
+        cd::version_client::VersionClient::new(this.channel.clone())
+            .version(())
+            .await
+            .map_err(|s| {
+                RuntimeError::Unavailable(format!("{}: {}", socket.display(), s.message()))
+            })?;
+        std::fs::create_dir_all(log_dir).map_err(|e| RuntimeError::io(log_dir, e))?;
+        Ok(this)
+    }
+
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Ok(v) = self.namespace.parse() {
+            r.metadata_mut().insert(NAMESPACE_KEY, v);
+        }
+        r
+    }
+
+    /// A request under `lease`: what it creates is safe from garbage
+    /// collection until the lease is deleted.
+    fn leased<T>(&self, lease: &str, msg: T) -> Request<T> {
+        let mut r = self.req(msg);
+        if let Ok(v) = lease.parse() {
+            r.metadata_mut().insert(LEASE_KEY, v);
+        }
+        r
+    }
+
+    async fn create_lease(&self, purpose: &str) -> Result<String, RuntimeError> {
+        let id = format!("cloudless-{purpose}-{}", std::process::id());
+        let id = format!(
+            "{id}-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        cd::leases_client::LeasesClient::new(self.channel.clone())
+            .create(self.req(cd::CreateRequest {
+                id: id.clone(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(|s| status("creating a lease", s))?;
+        Ok(id)
+    }
+
+    async fn delete_lease(&self, id: &str) {
+        let _ = cd::leases_client::LeasesClient::new(self.channel.clone())
+            .delete(self.req(cd::DeleteRequest {
+                id: id.to_owned(),
+                // Collect now, before we prepare anything else: containerd
+                // 1.6's overlayfs cleanup that follows a collection can
+                // remove a snapshot prepared while it runs.
+                sync: true,
+            }))
+            .await;
+    }
+
+    /// Writes one blob to the content store (already there: nothing to do).
+    async fn write_blob(
+        &self,
+        lease: &str,
+        desc: &Descriptor,
+        data: &[u8],
+        labels: HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        let mut content = cd::content_client::ContentClient::new(self.channel.clone());
+        let info = content
+            .info(self.req(cd::InfoRequest {
+                digest: desc.digest.clone(),
+            }))
+            .await;
+        if info.is_ok() {
+            return Ok(());
+        }
+        let reference = format!("cloudless-import-{}", desc.digest);
+        let total = i64::try_from(data.len()).unwrap_or(i64::MAX);
+        let mut messages = Vec::new();
+        let mut offset = 0usize;
+        for chunk in data.chunks(WRITE_CHUNK) {
+            messages.push(cd::WriteContentRequest {
+                action: cd::WriteAction::Write as i32,
+                r#ref: reference.clone(),
+                total,
+                expected: desc.digest.clone(),
+                offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                data: chunk.to_vec(),
+                labels: HashMap::new(),
+            });
+            offset += chunk.len();
+        }
+        messages.push(cd::WriteContentRequest {
+            action: cd::WriteAction::Commit as i32,
+            r#ref: reference,
+            total,
+            expected: desc.digest.clone(),
+            offset: total,
+            data: Vec::new(),
+            labels,
+        });
+        let mut responses = content
+            .write(self.leased(lease, tokio_stream_iter(messages)))
+            .await
+            .map_err(|s| status("writing a blob", s))?
+            .into_inner();
+        while let Some(_r) = responses
+            .message()
+            .await
+            .map_err(|s| status(&format!("writing blob {}", desc.digest), s))?
+        {}
+        Ok(())
+    }
+
+    /// Imports an OCI image layout archive (tar) and unpacks it. Every blob's
+    /// digest is checked before anything is written.
+    pub async fn import(&self, archive: &Path, name: &str) -> Result<ImageRef, RuntimeError> {
+        let oci = OciArchive::open(archive)?;
+        let lease = self.create_lease("import").await?;
+        let result = self.import_leased(&oci, name, &lease).await;
+        self.delete_lease(&lease).await;
+        result
+    }
+
+    async fn import_leased(
+        &self,
+        oci: &OciArchive,
+        name: &str,
+        lease: &str,
+    ) -> Result<ImageRef, RuntimeError> {
+        let resolved = oci.resolve(crate::image::host_platform())?;
+        let config_labels = HashMap::from([(
+            format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
+            chain_ids(&resolved.diff_ids)
+                .last()
+                .cloned()
+                .unwrap_or_default(),
+        )]);
+        for layer in &resolved.layers {
+            self.write_blob(lease, layer, oci.blob(&layer.digest)?, HashMap::new())
+                .await?;
+        }
+        self.write_blob(
+            lease,
+            &resolved.config,
+            oci.blob(&resolved.config.digest)?,
+            config_labels,
+        )
+        .await?;
+        let mut manifest_labels = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_owned(),
+            resolved.config.digest.clone(),
+        )]);
+        for (i, l) in resolved.layers.iter().enumerate() {
+            manifest_labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            );
+        }
+        self.write_blob(
+            lease,
+            &resolved.manifest,
+            oci.blob(&resolved.manifest.digest)?,
+            manifest_labels,
+        )
+        .await?;
+        let image = cd::Image {
+            name: name.to_owned(),
+            labels: HashMap::new(),
+            target: Some(resolved.manifest.clone()),
+            created_at: None,
+            updated_at: None,
+        };
+        let mut images = cd::images_client::ImagesClient::new(self.channel.clone());
+        let created = images
+            .create(self.req(cd::CreateImageRequest {
+                image: Some(image.clone()),
+                source_date_epoch: None,
+            }))
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {
+                images
+                    .update(self.req(cd::UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: None,
+                        source_date_epoch: None,
+                    }))
+                    .await
+                    .map_err(|s| status("updating the image record", s))?;
+            }
+            Err(s) => return Err(status("creating the image record", s)),
+        }
+        let chain_id = self
+            .unpack(lease, &resolved.layers, &resolved.diff_ids)
+            .await?;
+        Ok(ImageRef {
+            name: name.to_owned(),
+            chain_id,
+            process: resolved.process,
+        })
+    }
+
+    /// Applies each layer onto its parent snapshot, skipping those already
+    /// unpacked; returns the top chain id.
+    async fn unpack(
+        &self,
+        lease: &str,
+        layers: &[Descriptor],
+        diff_ids: &[String],
+    ) -> Result<String, RuntimeError> {
+        let chains = chain_ids(diff_ids);
+        let mut snapshots =
+            cd::snapshots::snapshots_client::SnapshotsClient::new(self.channel.clone());
+        let mut diff = cd::diff_client::DiffClient::new(self.channel.clone());
+        let mut parent = String::new();
+        for (layer, chain) in layers.iter().zip(&chains) {
+            let exists = snapshots
+                .stat(self.req(cd::snapshots::StatSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: chain.clone(),
+                }))
+                .await
+                .is_ok();
+            if !exists {
+                let key = format!("extract-{}-{chain}", std::process::id());
+                let mounts = snapshots
+                    .prepare(self.leased(
+                        lease,
+                        cd::snapshots::PrepareSnapshotRequest {
+                            snapshotter: self.snapshotter.clone(),
+                            key: key.clone(),
+                            parent: parent.clone(),
+                            labels: HashMap::new(),
+                        },
+                    ))
+                    .await
+                    .map_err(|s| status("preparing a layer snapshot", s))?
+                    .into_inner()
+                    .mounts;
+                let applied = diff
+                    .apply(self.leased(
+                        lease,
+                        cd::ApplyRequest {
+                            diff: Some(layer.clone()),
+                            mounts,
+                            payloads: HashMap::new(),
+                            sync_fs: false,
+                        },
+                    ))
+                    .await;
+                if let Err(s) = applied {
+                    let _ = snapshots
+                        .remove(self.req(cd::snapshots::RemoveSnapshotRequest {
+                            snapshotter: self.snapshotter.clone(),
+                            key,
+                        }))
+                        .await;
+                    return Err(status(&format!("applying layer {}", layer.digest), s));
+                }
+                snapshots
+                    .commit(self.leased(
+                        lease,
+                        cd::snapshots::CommitSnapshotRequest {
+                            snapshotter: self.snapshotter.clone(),
+                            name: chain.clone(),
+                            key,
+                            labels: HashMap::new(),
+                        },
+                    ))
+                    .await
+                    .map_err(|s| status("committing a layer snapshot", s))?;
+            }
+            parent = chain.clone();
+        }
+        Ok(parent)
+    }
+
+    /// Creates and starts `c` from `image`. On any failure everything created
+    /// so far is removed again.
+    pub async fn start(
+        &self,
+        c: &ContainerConfig,
+        image: &ImageRef,
+        node: &NodePolicy,
+    ) -> Result<Started, RuntimeError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.start_once(c, image, node).await {
+                // containerd 1.6's overlayfs cleanup after a garbage
+                // collection can remove a snapshot prepared while it runs;
+                // the mount then fails. Everything was removed: try again.
+                Err(RuntimeError::Containerd { message, .. })
+                    if attempt < 3
+                        && message.contains("failed to mount rootfs component")
+                        && message.contains("no such file or directory") =>
+                {
+                    tracing::warn!(container = %c.id, attempt, "rootfs snapshot vanished during create; retrying");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(
+        &self,
+        c: &ContainerConfig,
+        image: &ImageRef,
+        node: &NodePolicy,
+    ) -> Result<Started, RuntimeError> {
+        let built = crate::spec::build(c, &image.process, node)?;
+        let spec_json = serde_json::to_vec(&built.spec)
+            .map_err(|e| RuntimeError::Internal(format!("encoding the spec: {e}")))?;
+        let log_path = self.log_dir.join(format!("{}.log", c.id));
+        std::fs::File::create(&log_path).map_err(|e| RuntimeError::io(&log_path, e))?;
+        let mut snapshots =
+            cd::snapshots::snapshots_client::SnapshotsClient::new(self.channel.clone());
+        let mounts: Vec<Mount> = snapshots
+            .prepare(self.req(cd::snapshots::PrepareSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: c.id.clone(),
+                parent: image.chain_id.clone(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(|s| status("preparing the container snapshot", s))?
+            .into_inner()
+            .mounts;
+        let result = self
+            .create_and_start(
+                c,
+                image,
+                &built.runtime_handler,
+                spec_json,
+                mounts,
+                &log_path,
+            )
+            .await;
+        match result {
+            Ok(pid) => Ok(Started {
+                id: c.id.clone(),
+                pid,
+                log_path,
+                notices: built.notices,
+            }),
+            Err(e) => {
+                self.remove(&c.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_and_start(
+        &self,
+        c: &ContainerConfig,
+        image: &ImageRef,
+        handler: &str,
+        spec_json: Vec<u8>,
+        mounts: Vec<Mount>,
+        log_path: &Path,
+    ) -> Result<u32, RuntimeError> {
+        let container = cd::Container {
+            id: c.id.clone(),
+            labels: HashMap::from([(MANAGED_LABEL.to_owned(), "true".to_owned())]),
+            image: image.name.clone(),
+            runtime: Some(cd::container::Runtime {
+                name: handler.to_owned(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE_URL.to_owned(),
+                value: spec_json,
+            }),
+            snapshotter: self.snapshotter.clone(),
+            snapshot_key: c.id.clone(),
+            created_at: None,
+            updated_at: None,
+            extensions: HashMap::new(),
+            sandbox: String::new(),
+        };
+        cd::containers_client::ContainersClient::new(self.channel.clone())
+            .create(self.req(cd::CreateContainerRequest {
+                container: Some(container),
+            }))
+            .await
+            .map_err(|s| status("creating the container", s))?;
+        let log = format!("file://{}", log_path.display());
+        let mut tasks = cd::tasks_client::TasksClient::new(self.channel.clone());
+        let created = tasks
+            .create(self.req(cd::CreateTaskRequest {
+                container_id: c.id.clone(),
+                rootfs: mounts,
+                stdin: String::new(),
+                stdout: log.clone(),
+                stderr: log,
+                terminal: false,
+                checkpoint: None,
+                options: None,
+                runtime_path: String::new(),
+            }))
+            .await
+            .map_err(|s| status("creating the task", s))?
+            .into_inner();
+        tasks
+            .start(self.req(cd::StartRequest {
+                container_id: c.id.clone(),
+                exec_id: String::new(),
+            }))
+            .await
+            .map_err(|s| status("starting the task", s))?;
+        Ok(created.pid)
+    }
+
+    /// Waits until the task of `id` exits.
+    pub async fn wait(&self, id: &str) -> Result<Exit, RuntimeError> {
+        let r = cd::tasks_client::TasksClient::new(self.channel.clone())
+            .wait(self.req(cd::WaitRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+            }))
+            .await
+            .map_err(|s| status("waiting for the task", s))?
+            .into_inner();
+        Ok(Exit {
+            code: r.exit_status,
+        })
+    }
+
+    /// Stops `id`: SIGTERM, then SIGKILL after `grace`. Returns how it exited.
+    pub async fn stop(&self, id: &str, grace: Duration) -> Result<Exit, RuntimeError> {
+        let mut tasks = cd::tasks_client::TasksClient::new(self.channel.clone());
+        let kill = |signal: u32| cd::KillRequest {
+            container_id: id.to_owned(),
+            exec_id: String::new(),
+            signal,
+            all: true,
+        };
+        let waiter = self.wait(id);
+        tokio::pin!(waiter);
+        if let Err(s) = tasks.kill(self.req(kill(15))).await {
+            if s.code() != Code::NotFound {
+                return Err(status("signalling the task", s));
+            }
+        }
+        tokio::select! {
+            r = &mut waiter => return r,
+            () = tokio::time::sleep(grace) => {}
+        }
+        tasks
+            .kill(self.req(kill(9)))
+            .await
+            .map_err(|s| status("killing the task", s))?;
+        waiter.await
+    }
+
+    /// Removes the task, the container and its snapshot; whatever is missing
+    /// is skipped, so this also cleans up after a failed start.
+    pub async fn remove(&self, id: &str) {
+        let _ = cd::tasks_client::TasksClient::new(self.channel.clone())
+            .delete(self.req(cd::DeleteTaskRequest {
+                container_id: id.to_owned(),
+            }))
+            .await;
+        let _ = cd::containers_client::ContainersClient::new(self.channel.clone())
+            .delete(self.req(cd::DeleteContainerRequest { id: id.to_owned() }))
+            .await;
+        let _ = cd::snapshots::snapshots_client::SnapshotsClient::new(self.channel.clone())
+            .remove(self.req(cd::snapshots::RemoveSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: id.to_owned(),
+            }))
+            .await;
+    }
+
+    /// Ids of the containers this runtime manages in its namespace.
+    pub async fn managed(&self) -> Result<Vec<String>, RuntimeError> {
+        let r = cd::containers_client::ContainersClient::new(self.channel.clone())
+            .list(self.req(cd::ListContainersRequest {
+                filters: vec![format!("labels.\"{MANAGED_LABEL}\"==true")],
+            }))
+            .await
+            .map_err(|s| status("listing containers", s))?
+            .into_inner();
+        Ok(r.containers.into_iter().map(|c| c.id).collect())
+    }
+}
+
+/// A stream over already-built messages.
+fn tokio_stream_iter<T: Send + 'static>(
+    items: Vec<T>,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send + 'static {
+    tonic::codegen::tokio_stream::iter(items)
+}

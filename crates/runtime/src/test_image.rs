@@ -1,0 +1,123 @@
+//! A small OCI image built locally from the host's static busybox, for tests
+//! and benchmarks on machines that cannot pull (Debian's `busybox-static`).
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::image::sha256_digest;
+use crate::RuntimeError;
+
+/// Where Debian's busybox-static installs its binary.
+pub const BUSYBOX: &str = "/bin/busybox";
+/// Applets linked in `/bin`.
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "mkdir", "id", "touch", "ls", "true", "false", "grep", "head",
+    "wc", "yes", "dd", "rm", "env",
+];
+
+fn tar_bytes(
+    build: impl FnOnce(&mut tar::Builder<Vec<u8>>) -> std::io::Result<()>,
+) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    build(&mut b)?;
+    b.into_inner()
+}
+
+fn file_header(size: u64, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h
+}
+
+/// Writes an OCI image layout archive named `name` (e.g. `busybox:test`) to
+/// `out`: one uncompressed layer with busybox, its applets, `/tmp` and
+/// `/etc/passwd`. `corrupt` flips a byte of the layer after hashing it (for
+/// digest-mismatch tests).
+pub fn write_busybox_archive(out: &Path, name: &str, corrupt: bool) -> Result<(), RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::io(out, e);
+    let busybox = std::fs::read(BUSYBOX).map_err(|e| RuntimeError::io(Path::new(BUSYBOX), e))?;
+    let mut layer = tar_bytes(|b| {
+        for dir in ["bin", "tmp", "etc"] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(if dir == "tmp" { 0o1777 } else { 0o755 });
+            h.set_size(0);
+            h.set_mtime(0);
+            b.append_data(&mut h, format!("{dir}/"), std::io::empty())?;
+        }
+        let mut h = file_header(busybox.len() as u64, 0o755);
+        b.append_data(&mut h, "bin/busybox", busybox.as_slice())?;
+        for applet in APPLETS {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_mode(0o777);
+            h.set_mtime(0);
+            b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
+        }
+        let passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n";
+        let mut h = file_header(passwd.len() as u64, 0o644);
+        b.append_data(&mut h, "etc/passwd", &passwd[..])
+    })
+    .map_err(io)?;
+    let layer_digest = sha256_digest(&layer);
+    if corrupt {
+        if let Some(byte) = layer.get_mut(4096) {
+            *byte ^= 0xff;
+        }
+    }
+    let (os, arch) = crate::image::host_platform();
+    let config = serde_json::to_vec(&json!({
+        "architecture": arch, "os": os,
+        "config": { "Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/" },
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+    }))
+    .map_err(|e| RuntimeError::Internal(e.to_string()))?;
+    let config_digest = sha256_digest(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest, "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                     "digest": layer_digest, "size": layer.len() }],
+    }))
+    .map_err(|e| RuntimeError::Internal(e.to_string()))?;
+    let manifest_digest = sha256_digest(&manifest);
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "manifests": [{ "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": manifest_digest, "size": manifest.len(),
+                        "annotations": { "org.opencontainers.image.ref.name": name } }],
+    }))
+    .map_err(|e| RuntimeError::Internal(e.to_string()))?;
+    let archive = tar_bytes(|b| {
+        let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+        for (path, data) in [
+            ("oci-layout".to_owned(), &layout[..]),
+            ("index.json".to_owned(), index.as_slice()),
+            (blob_path(&manifest_digest), manifest.as_slice()),
+            (blob_path(&config_digest), config.as_slice()),
+            (blob_path(&layer_digest), layer.as_slice()),
+        ] {
+            let mut h = file_header(data.len() as u64, 0o644);
+            b.append_data(&mut h, path, data)?;
+        }
+        Ok(())
+    })
+    .map_err(io)?;
+    std::fs::write(out, archive).map_err(io)
+}
+
+fn blob_path(digest: &str) -> String {
+    format!(
+        "blobs/sha256/{}",
+        digest.strip_prefix("sha256:").unwrap_or(digest)
+    )
+}

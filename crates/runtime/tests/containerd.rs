@@ -1,0 +1,318 @@
+//! Containers through a real containerd (a test-owned instance on its own
+//! socket and directories), with a busybox image built locally. Needs root,
+//! containerd, runc and busybox-static (all installed by .ci/run); skips with
+//! a loud message otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cloudless_runtime::test_image::{write_busybox_archive, BUSYBOX};
+use cloudless_runtime::{
+    ContainerConfig, Containerd, ImageRef, Limits, NodePolicy, RuntimeError, SeccompProfile,
+};
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Leftover runc shims of this instance.
+        let _ = Command::new("pkill")
+            .args(["-f", &self.dir.path().display().to_string()])
+            .status();
+    }
+}
+
+fn missing_prerequisite() -> Option<String> {
+    if !Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"))
+    {
+        return Some("not root".into());
+    }
+    for tool in ["containerd", "runc", "containerd-shim-runc-v2"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if !Path::new(BUSYBOX).exists() {
+        return Some(format!(
+            "{BUSYBOX} is missing (apt-get install busybox-static)"
+        ));
+    }
+    None
+}
+
+macro_rules! require_containerd {
+    () => {
+        if let Some(why) = missing_prerequisite() {
+            eprintln!("\n!!!!!!!! SKIPPED containerd test: {why} !!!!!!!!\n");
+            return;
+        }
+    };
+}
+
+async fn start_daemon() -> (Daemon, Containerd) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let config = format!(
+        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{ttrpc}\"\n\
+         [plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"1ms\"\n",
+        root = d.join("root").display(),
+        state = d.join("state").display(),
+        sock = d.join("c.sock").display(),
+        ttrpc = d.join("t.sock").display(),
+    );
+    std::fs::write(d.join("config.toml"), config).expect("config");
+    let log_path = std::env::var("CLOUDLESS_CONTAINERD_LOG_DIR").map_or_else(
+        |_| d.join("containerd.log"),
+        |dir| {
+            PathBuf::from(dir).join(format!(
+                "{}.log",
+                d.file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default()
+            ))
+        },
+    );
+    let log = std::fs::File::create(log_path).expect("log");
+    let child = Command::new("containerd")
+        .arg("--config")
+        .arg(d.join("config.toml"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn containerd");
+    let daemon = Daemon { dir, child };
+    let sock = daemon.dir.path().join("c.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        if sock.exists() {
+            match Containerd::connect(&sock, "cloudless-test", &daemon.dir.path().join("logs"))
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => panic!("containerd: {e}"),
+                Err(_) => {}
+            }
+        }
+        assert!(Instant::now() < deadline, "containerd did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    (daemon, client)
+}
+
+async fn busybox(daemon: &Daemon, rt: &Containerd) -> ImageRef {
+    let archive = daemon.dir.path().join("busybox.tar");
+    write_busybox_archive(&archive, "busybox:test", false).expect("archive");
+    rt.import(&archive, "docker.io/cloudless/busybox:test")
+        .await
+        .expect("import")
+}
+
+fn sh(id: &str, script: &str) -> ContainerConfig {
+    ContainerConfig {
+        id: id.into(),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..ContainerConfig::default()
+    }
+}
+
+/// Runs `c` to completion; returns exit code and output.
+async fn run(rt: &Containerd, image: &ImageRef, c: &ContainerConfig) -> (u32, String) {
+    let started = rt
+        .start(c, image, &NodePolicy::default())
+        .await
+        .unwrap_or_else(|e| panic!("start {}: {e}", c.id));
+    let exit = tokio::time::timeout(Duration::from_secs(30), rt.wait(&c.id))
+        .await
+        .expect("container did not exit")
+        .expect("wait");
+    // The shim copies output to the file asynchronously: give it a moment.
+    rt.remove(&c.id).await;
+    let mut out = String::new();
+    for _ in 0..30 {
+        out = std::fs::read_to_string(&started.log_path).expect("log");
+        if !out.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (exit.code, out)
+}
+
+fn status_field(out: &str, field: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_exit_code_user_and_sandbox() {
+    require_containerd!();
+    let (daemon, rt) = start_daemon().await;
+    let image = busybox(&daemon, &rt).await;
+
+    let (code, out) = run(
+        &rt,
+        &image,
+        &sh("exit3", "echo hello from cloudless; exit 3"),
+    )
+    .await;
+    assert_eq!(code, 3);
+    assert!(out.contains("hello from cloudless"), "{out}");
+
+    // Seccomp filter on, no new privileges, only the capabilities asked for.
+    let mut c = sh("status", "cat /proc/self/status");
+    c.security.capabilities_add = vec!["NET_BIND_SERVICE".into()];
+    let (code, out) = run(&rt, &image, &c).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status_field(&out, "Seccomp:"), "2", "{out}");
+    assert_eq!(status_field(&out, "NoNewPrivs:"), "1", "{out}");
+    assert_eq!(status_field(&out, "CapEff:"), "0000000000000400", "{out}");
+    assert_eq!(status_field(&out, "CapBnd:"), "0000000000000400", "{out}");
+
+    // The strict profile blocks mkdir with EPERM; the default allows it.
+    let mut c = sh("strict", "mkdir /tmp/x && echo made");
+    c.security.seccomp = SeccompProfile::Strict;
+    let (code, out) = run(&rt, &image, &c).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let (code, out) = run(&rt, &image, &sh("default", "mkdir /tmp/x && echo made")).await;
+    assert_eq!((code, out.trim()), (0, "made"));
+
+    // Read-only root, run as a user.
+    let mut c = sh("ro", "touch /x");
+    c.security.read_only_root_filesystem = true;
+    let (code, out) = run(&rt, &image, &c).await;
+    assert_ne!(code, 0);
+    assert!(out.contains("Read-only file system"), "{out}");
+    let mut c = sh("user", "id -u; id -g");
+    c.security.run_as_user = Some(1000);
+    c.security.run_as_group = Some(1001);
+    let (_, out) = run(&rt, &image, &c).await;
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["1000", "1001"]);
+
+    assert!(
+        rt.managed().await.expect("list").is_empty(),
+        "containers left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_pids_limits_are_enforced() {
+    require_containerd!();
+    let (daemon, rt) = start_daemon().await;
+    let image = busybox(&daemon, &rt).await;
+
+    let mut c = sh("oom", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done");
+    c.limits = Limits {
+        memory_bytes: 16 << 20,
+        ..Limits::default()
+    };
+    let (code, _) = run(&rt, &image, &c).await;
+    assert_eq!(code, 137, "expected an OOM kill (SIGKILL)");
+
+    let mut c = sh(
+        "pids",
+        "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done; wait; echo done",
+    );
+    c.limits = Limits {
+        pids: 4,
+        ..Limits::default()
+    };
+    let (_, out) = run(&rt, &image, &c).await;
+    assert!(
+        out.contains("can't fork"),
+        "pids limit not enforced: {out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
+    require_containerd!();
+    let (daemon, rt) = start_daemon().await;
+    let image = busybox(&daemon, &rt).await;
+    let node = NodePolicy::default();
+
+    // Handles SIGTERM: exits at once with its own code.
+    let c = sh(
+        "polite",
+        "trap 'exit 7' TERM; while true; do sleep 0.1; done",
+    );
+    rt.start(&c, &image, &node).await.expect("start");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let exit = rt
+        .stop("polite", Duration::from_secs(5))
+        .await
+        .expect("stop");
+    assert_eq!(exit.code, 7);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    rt.remove("polite").await;
+
+    // Ignores it (PID 1 without a handler): killed after the grace period.
+    let c = sh("stubborn", "trap '' TERM; while true; do sleep 0.1; done");
+    rt.start(&c, &image, &node).await.expect("start");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let exit = rt
+        .stop("stubborn", Duration::from_secs(1))
+        .await
+        .expect("stop");
+    let took = t0.elapsed();
+    assert_eq!(exit.code, 137);
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    rt.remove("stubborn").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_leaves_nothing_behind() {
+    require_containerd!();
+    let (daemon, rt) = start_daemon().await;
+    let corrupt: PathBuf = daemon.dir.path().join("corrupt.tar");
+    write_busybox_archive(&corrupt, "busybox:bad", true).expect("archive");
+    match rt.import(&corrupt, "docker.io/cloudless/busybox:bad").await {
+        Err(RuntimeError::BadImage { problem, .. }) => {
+            assert!(problem.contains("corrupt"), "{problem}")
+        }
+        other => panic!("corrupt blob accepted: {other:?}"),
+    }
+    let image = busybox(&daemon, &rt).await;
+
+    // An invalid Localhost seccomp profile: refused before containerd is asked.
+    let profiles = daemon.dir.path().join("seccomp");
+    std::fs::create_dir_all(&profiles).expect("mkdir");
+    std::fs::write(profiles.join("bad.json"), "{\"defaultAction\": 3}").expect("write");
+    let node = NodePolicy {
+        seccomp_dir: profiles,
+        ..NodePolicy::default()
+    };
+    let mut c = sh("badseccomp", "true");
+    c.security.seccomp = SeccompProfile::Localhost("bad.json".into());
+    let err = rt.start(&c, &image, &node).await.expect_err("bad profile");
+    assert!(err.to_string().contains("localhostProfile"), "{err}");
+
+    // A runtime class the node does not have: refused, nothing created.
+    let mut c = sh("badclass", "true");
+    c.runtime_class = Some("kata".into());
+    let err = rt.start(&c, &image, &node).await.expect_err("bad class");
+    assert!(err.to_string().contains("runtimeClassName"), "{err}");
+    assert!(rt.managed().await.expect("list").is_empty());
+}
