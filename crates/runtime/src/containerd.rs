@@ -59,6 +59,17 @@ pub struct Started {
     pub notices: Vec<Notice>,
 }
 
+/// What a task is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Created or running, with its host pid.
+    Running(u32),
+    /// Exited with this status.
+    Stopped(u32),
+    /// No task (never started, or deleted).
+    Absent,
+}
+
 /// A connection to containerd in one namespace.
 #[derive(Debug, Clone)]
 pub struct Containerd {
@@ -66,6 +77,8 @@ pub struct Containerd {
     namespace: String,
     snapshotter: String,
     log_dir: PathBuf,
+    /// Containers the kernel OOM-killed (from containerd's `/tasks/oom` events).
+    ooms: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 fn status(what: &str, s: tonic::Status) -> RuntimeError {
@@ -91,6 +104,7 @@ impl Containerd {
             namespace: namespace.to_owned(),
             snapshotter: "overlayfs".to_owned(),
             log_dir: log_dir.to_owned(),
+            ooms: std::sync::Arc::default(),
         };
         cd::version_client::VersionClient::new(this.channel.clone())
             .version(())
@@ -99,6 +113,7 @@ impl Containerd {
                 RuntimeError::Unavailable(format!("{}: {}", socket.display(), s.message()))
             })?;
         std::fs::create_dir_all(log_dir).map_err(|e| RuntimeError::io(log_dir, e))?;
+        this.watch_ooms();
         Ok(this)
     }
 
@@ -565,6 +580,187 @@ impl Containerd {
                 key: id.to_owned(),
             }))
             .await;
+    }
+
+    /// The task state of container `id`.
+    pub async fn task_state(&self, id: &str) -> Result<TaskState, RuntimeError> {
+        let r = cd::tasks_client::TasksClient::new(self.channel.clone())
+            .get(self.req(cd::GetRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+            }))
+            .await;
+        let process = match r {
+            Ok(r) => r.into_inner().process,
+            Err(s) if s.code() == Code::NotFound => return Ok(TaskState::Absent),
+            Err(s) => return Err(status("reading the task", s)),
+        };
+        let Some(p) = process else {
+            return Ok(TaskState::Absent);
+        };
+        // containerd.v1.types.Status: 1 created, 2 running, 3 stopped, 4/5 paused.
+        Ok(match p.status {
+            3 => TaskState::Stopped(p.exit_status),
+            0 => TaskState::Absent,
+            _ => TaskState::Running(p.pid),
+        })
+    }
+
+    /// Subscribes to containerd's OOM events for this namespace; the
+    /// subscription lives as long as the connection.
+    fn watch_ooms(&self) {
+        // containerd sends the stream's headers only with the first event,
+        // so the subscription is awaited in its own task.
+        let mut client = cd::events_client::EventsClient::new(self.channel.clone());
+        let request = cd::SubscribeRequest {
+            filters: vec![format!(
+                "topic==\"/tasks/oom\",namespace==\"{}\"",
+                self.namespace
+            )],
+        };
+        let ooms = std::sync::Arc::downgrade(&self.ooms);
+        tokio::spawn(async move {
+            let mut events = match client.subscribe(request).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "cannot subscribe to containerd OOM events");
+                    return;
+                }
+            };
+            while let Ok(Some(envelope)) = events.message().await {
+                let Some(any) = envelope.event else { continue };
+                let Ok(oom) = <containerd_client::events::TaskOom as prost::Message>::decode(
+                    any.value.as_slice(),
+                ) else {
+                    continue;
+                };
+                let Some(set) = ooms.upgrade() else { return };
+                set.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(oom.container_id);
+            }
+        });
+    }
+
+    /// Whether the kernel OOM-killed a process of container `id` since the
+    /// last call (containerd reports it as an event around the exit, so a
+    /// caller that saw exit 137 waits briefly for it).
+    pub async fn oom_killed(&self, id: &str, exit_code: u32) -> bool {
+        let take = || {
+            self.ooms
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(id)
+        };
+        if take() {
+            return true;
+        }
+        if exit_code != 137 {
+            return false;
+        }
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if take() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Runs `argv` inside the running container `id` with the container's
+    /// user and environment; returns its exit status and output. Killed after
+    /// `timeout`.
+    pub async fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<(u32, String), RuntimeError> {
+        let container = cd::containers_client::ContainersClient::new(self.channel.clone())
+            .get(self.req(cd::GetContainerRequest { id: id.to_owned() }))
+            .await
+            .map_err(|s| status("reading the container", s))?
+            .into_inner()
+            .container
+            .ok_or_else(|| RuntimeError::Internal("container without a record".into()))?;
+        let spec: serde_json::Value = container
+            .spec
+            .map(|a| serde_json::from_slice(&a.value))
+            .transpose()
+            .map_err(|e| RuntimeError::Internal(format!("stored spec: {e}")))?
+            .unwrap_or_default();
+        let mut process = spec["process"].clone();
+        process["args"] = serde_json::json!(argv);
+        process["terminal"] = serde_json::json!(false);
+        let exec_id = format!(
+            "exec-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let out_path = self.log_dir.join(format!("{id}.{exec_id}.out"));
+        std::fs::File::create(&out_path).map_err(|e| RuntimeError::io(&out_path, e))?;
+        let out_uri = format!("file://{}", out_path.display());
+        let mut tasks = cd::tasks_client::TasksClient::new(self.channel.clone());
+        tasks
+            .exec(
+                self.req(cd::ExecProcessRequest {
+                    container_id: id.to_owned(),
+                    stdin: String::new(),
+                    stdout: out_uri.clone(),
+                    stderr: out_uri,
+                    terminal: false,
+                    spec: Some(prost_types::Any {
+                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
+                            .into(),
+                        value: serde_json::to_vec(&process)
+                            .map_err(|e| RuntimeError::Internal(e.to_string()))?,
+                    }),
+                    exec_id: exec_id.clone(),
+                }),
+            )
+            .await
+            .map_err(|s| status("creating the exec process", s))?;
+        let wait = tasks.wait(self.req(cd::WaitRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.clone(),
+        }));
+        let mut starter = cd::tasks_client::TasksClient::new(self.channel.clone());
+        let started = starter
+            .start(self.req(cd::StartRequest {
+                container_id: id.to_owned(),
+                exec_id: exec_id.clone(),
+            }))
+            .await;
+        let code = match started {
+            Err(s) => Err(status("starting the exec process", s)),
+            Ok(_) => match tokio::time::timeout(timeout, wait).await {
+                Ok(Ok(r)) => Ok(r.into_inner().exit_status),
+                Ok(Err(s)) => Err(status("waiting for the exec process", s)),
+                Err(_) => {
+                    let _ = starter
+                        .kill(self.req(cd::KillRequest {
+                            container_id: id.to_owned(),
+                            exec_id: exec_id.clone(),
+                            signal: 9,
+                            all: false,
+                        }))
+                        .await;
+                    Err(RuntimeError::Timeout(format!(
+                        "exec in {id} did not finish within {timeout:?}"
+                    )))
+                }
+            },
+        };
+        let _ = starter
+            .delete_process(self.req(cd::DeleteProcessRequest {
+                container_id: id.to_owned(),
+                exec_id,
+            }))
+            .await;
+        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&out_path);
+        code.map(|c| (c, output))
     }
 
     /// Ids of the containers this runtime manages in its namespace.

@@ -7,18 +7,23 @@ mod containerd;
 mod host;
 pub mod image;
 mod model;
+pub mod probe;
 pub mod seccomp;
 mod spec;
+mod supervisor;
 pub mod test_image;
 
 use std::path::Path;
 
-pub use containerd::{Containerd, Exit, ImageRef, Started, MANAGED_LABEL};
+pub use containerd::{Containerd, Exit, ImageRef, Started, TaskState, MANAGED_LABEL};
 pub use host::HostSecurity;
 pub use model::{
     ContainerConfig, ImageProcess, Limits, NodePolicy, Notice, SeccompProfile, SecurityContext,
 };
 pub use spec::{build as build_spec, BuiltSpec, DEFAULT_APPARMOR_PROFILE};
+pub use supervisor::{
+    Backoff, LastExit, ReplicaPhase, ReplicaSpec, ReplicaStatus, RestartPolicy, Supervisor,
+};
 
 /// Why a container cannot be specified.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +76,9 @@ pub enum RuntimeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// An operation ran out of time.
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// A bug.
     #[error("internal: {0}")]
     Internal(String),

@@ -316,3 +316,242 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     assert!(err.to_string().contains("runtimeClassName"), "{err}");
     assert!(rt.managed().await.expect("list").is_empty());
 }
+
+mod supervised {
+    use super::*;
+    use cloudless_runtime::probe::{Probe, ProbeAction};
+    use cloudless_runtime::{
+        Backoff, ReplicaPhase, ReplicaSpec, ReplicaStatus, RestartPolicy, Supervisor,
+    };
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    fn fast() -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            reset_after: Duration::from_secs(60),
+        }
+    }
+
+    fn replica(c: ContainerConfig, image: &ImageRef, restart: RestartPolicy) -> ReplicaSpec {
+        ReplicaSpec {
+            container: c,
+            image: image.clone(),
+            restart,
+            liveness: None,
+            readiness: None,
+            stop_grace: Duration::from_secs(1),
+        }
+    }
+
+    async fn until(
+        rx: &mut watch::Receiver<ReplicaStatus>,
+        what: &str,
+        f: impl Fn(&ReplicaStatus) -> bool,
+    ) -> ReplicaStatus {
+        let got = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| f(s)))
+            .await
+            .map(|r| r.map(|s| s.clone()));
+        match got {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => panic!("supervisor gone while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}: {:?}", *rx.borrow()),
+        }
+    }
+
+    fn probe(action: ProbeAction) -> Probe {
+        Probe {
+            action,
+            initial_delay: Duration::from_millis(200),
+            period: Duration::from_millis(200),
+            timeout: Duration::from_secs(2),
+            success_threshold: 1,
+            failure_threshold: 2,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restart_policies_and_oom_reporting() {
+        require_containerd!();
+        let (daemon, rt) = start_daemon().await;
+        let image = busybox(&daemon, &rt).await;
+        let sup = Supervisor::new(rt.clone(), NodePolicy::default());
+        let cancel = CancellationToken::new();
+
+        // Never: one run, its exit reported.
+        let (mut rx, _) = sup.run(
+            replica(sh("never", "exit 4"), &image, RestartPolicy::Never),
+            fast(),
+            cancel.clone(),
+        );
+        let s = until(&mut rx, "never to exit", |s| {
+            s.phase == ReplicaPhase::Exited
+        })
+        .await;
+        assert_eq!((s.restarts, s.last_exit.map(|e| e.code)), (0, Some(4)));
+
+        // OnFailure: a failing container is restarted, with growing delays.
+        let (mut rx, _) = sup.run(
+            replica(sh("onfail", "exit 1"), &image, RestartPolicy::OnFailure),
+            fast(),
+            cancel.clone(),
+        );
+        let t0 = Instant::now();
+        until(&mut rx, "four restarts", |s| s.restarts >= 4).await;
+        // The fourth restart is counted when its back-off begins: the first
+        // three (100 + 200 + 400 ms) are over.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(700),
+            "{:?}",
+            t0.elapsed()
+        );
+        // ... but not a successful one.
+        let (mut rx, _) = sup.run(
+            replica(sh("onok", "exit 0"), &image, RestartPolicy::OnFailure),
+            fast(),
+            cancel.clone(),
+        );
+        let s = until(&mut rx, "onok to exit", |s| s.phase == ReplicaPhase::Exited).await;
+        assert_eq!((s.restarts, s.last_exit.map(|e| e.code)), (0, Some(0)));
+
+        // Always: even a clean exit is restarted.
+        let (mut rx, _) = sup.run(
+            replica(sh("always", "exit 0"), &image, RestartPolicy::Always),
+            fast(),
+            cancel.clone(),
+        );
+        until(&mut rx, "two restarts", |s| s.restarts >= 2).await;
+
+        // An OOM kill is reported as such.
+        let mut c = sh("oomsup", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done");
+        c.limits = Limits {
+            memory_bytes: 16 << 20,
+            ..Limits::default()
+        };
+        let (mut rx, _) = sup.run(
+            replica(c, &image, RestartPolicy::Never),
+            fast(),
+            cancel.clone(),
+        );
+        let s = until(&mut rx, "the OOM kill", |s| s.phase == ReplicaPhase::Exited).await;
+        let exit = s.last_exit.expect("exit");
+        assert!(exit.oom_killed, "{s:?}");
+        assert!(s.message.contains("OOM"), "{s:?}");
+
+        cancel.cancel();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(daemon);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_gate_readiness_and_a_failing_liveness_probe_restarts() {
+        require_containerd!();
+        let (daemon, rt) = start_daemon().await;
+        let image = busybox(&daemon, &rt).await;
+        let sup = Supervisor::new(rt.clone(), NodePolicy::default());
+        let cancel = CancellationToken::new();
+
+        // Readiness over HTTP (busybox httpd on the container's loopback),
+        // liveness over TCP: ready, and never restarted.
+        let mut spec = replica(
+            sh(
+                "web",
+                "mkdir -p /www && echo ok > /www/index.html && sleep 1 && httpd -f -p 8080 -h /www",
+            ),
+            &image,
+            RestartPolicy::Always,
+        );
+        spec.readiness = Some(probe(ProbeAction::Http {
+            port: 8080,
+            path: "/index.html".into(),
+        }));
+        spec.liveness = Some(Probe {
+            initial_delay: Duration::from_secs(3),
+            ..probe(ProbeAction::Tcp(8080))
+        });
+        let (mut web, _) = sup.run(spec, fast(), cancel.clone());
+        let s = until(&mut web, "running", |s| s.phase == ReplicaPhase::Running).await;
+        assert!(!s.ready, "ready before the server listens");
+        until(&mut web, "ready", |s| s.ready).await;
+
+        // Liveness by exec: healthy while /tmp/healthy exists.
+        let mut spec = replica(
+            sh(
+                "sick",
+                "touch /tmp/healthy; sleep 1; rm /tmp/healthy; sleep 1000",
+            ),
+            &image,
+            RestartPolicy::Always,
+        );
+        spec.liveness = Some(probe(ProbeAction::Exec(vec![
+            "cat".into(),
+            "/tmp/healthy".into(),
+        ])));
+        let (mut sick, _) = sup.run(spec, fast(), cancel.clone());
+        let s = until(&mut sick, "a liveness restart", |s| s.restarts >= 1).await;
+        assert!(s.last_exit.is_some_and(|e| e.liveness_failed), "{s:?}");
+
+        let s = web.borrow().clone();
+        assert_eq!((s.restarts, s.ready), (0, true), "{s:?}");
+        cancel.cancel();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            rt.managed().await.expect("list").is_empty(),
+            "cancelled replicas left behind"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_agent_adopts_running_containers_and_removes_unknown_ones() {
+        require_containerd!();
+        let (daemon, rt) = start_daemon().await;
+        let image = busybox(&daemon, &rt).await;
+        let sup = Supervisor::new(rt.clone(), NodePolicy::default());
+        let cancel = CancellationToken::new();
+        let (mut keep, keep_task) = sup.run(
+            replica(sh("keep", "sleep 1000"), &image, RestartPolicy::Always),
+            fast(),
+            cancel.clone(),
+        );
+        let (mut gone, gone_task) = sup.run(
+            replica(sh("gone", "sleep 1000"), &image, RestartPolicy::Always),
+            fast(),
+            cancel.clone(),
+        );
+        let pid = until(&mut keep, "keep running", |s| s.pid.is_some())
+            .await
+            .pid;
+        until(&mut gone, "gone running", |s| s.pid.is_some()).await;
+        // The agent dies: its supervisors vanish, the containers keep running.
+        keep_task.abort();
+        gone_task.abort();
+
+        let sock = daemon.dir.path().join("c.sock");
+        let rt2 = Containerd::connect(&sock, "cloudless-test", &daemon.dir.path().join("logs"))
+            .await
+            .expect("reconnect");
+        let sup2 = Supervisor::new(rt2.clone(), NodePolicy::default());
+        let before = rt2.managed().await.expect("list");
+        let state = rt2.task_state("keep").await;
+        let adopted = sup2.adopt(&["keep".to_owned()]).await.expect("adopt");
+        assert_eq!(
+            adopted,
+            ["keep"],
+            "managed before: {before:?}, keep: {state:?}"
+        );
+        assert_eq!(rt2.managed().await.expect("list"), ["keep"]);
+        let cancel2 = CancellationToken::new();
+        let (mut keep2, _) = sup2.run(
+            replica(sh("keep", "sleep 1000"), &image, RestartPolicy::Always),
+            fast(),
+            cancel2.clone(),
+        );
+        let s = until(&mut keep2, "adopted", |s| s.phase == ReplicaPhase::Running).await;
+        assert_eq!(s.pid, pid, "a second copy was started instead of adopting");
+        assert_eq!(s.restarts, 0);
+        cancel2.cancel();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(rt2.managed().await.expect("list").is_empty());
+    }
+}
