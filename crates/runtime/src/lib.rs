@@ -11,7 +11,7 @@ pub mod probe;
 pub mod seccomp;
 mod spec;
 mod supervisor;
-pub mod test_image;
+pub mod test_support;
 
 use std::path::Path;
 

@@ -3,55 +3,14 @@
 //! containerd, runc and busybox-static (all installed by .ci/run); skips with
 //! a loud message otherwise.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
+
 use std::time::{Duration, Instant};
 
-use cloudless_runtime::test_image::{write_busybox_archive, BUSYBOX};
+use cloudless_runtime::test_support::{missing_prerequisite, write_busybox_archive, Daemon};
 use cloudless_runtime::{
     ContainerConfig, Containerd, ImageRef, Limits, NodePolicy, RuntimeError, SeccompProfile,
 };
-
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Leftover runc shims of this instance.
-        let _ = Command::new("pkill")
-            .args(["-f", &self.dir.path().display().to_string()])
-            .status();
-    }
-}
-
-fn missing_prerequisite() -> Option<String> {
-    if !Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"))
-    {
-        return Some("not root".into());
-    }
-    for tool in ["containerd", "runc", "containerd-shim-runc-v2"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    if !Path::new(BUSYBOX).exists() {
-        return Some(format!(
-            "{BUSYBOX} is missing (apt-get install busybox-static)"
-        ));
-    }
-    None
-}
 
 macro_rules! require_containerd {
     () => {
@@ -63,54 +22,7 @@ macro_rules! require_containerd {
 }
 
 async fn start_daemon() -> (Daemon, Containerd) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let config = format!(
-        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-         [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{ttrpc}\"\n\
-         [plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"1ms\"\n",
-        root = d.join("root").display(),
-        state = d.join("state").display(),
-        sock = d.join("c.sock").display(),
-        ttrpc = d.join("t.sock").display(),
-    );
-    std::fs::write(d.join("config.toml"), config).expect("config");
-    let log_path = std::env::var("CLOUDLESS_CONTAINERD_LOG_DIR").map_or_else(
-        |_| d.join("containerd.log"),
-        |dir| {
-            PathBuf::from(dir).join(format!(
-                "{}.log",
-                d.file_name()
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_default()
-            ))
-        },
-    );
-    let log = std::fs::File::create(log_path).expect("log");
-    let child = Command::new("containerd")
-        .arg("--config")
-        .arg(d.join("config.toml"))
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn containerd");
-    let daemon = Daemon { dir, child };
-    let sock = daemon.dir.path().join("c.sock");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let client = loop {
-        if sock.exists() {
-            match Containerd::connect(&sock, "cloudless-test", &daemon.dir.path().join("logs"))
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) if Instant::now() > deadline => panic!("containerd: {e}"),
-                Err(_) => {}
-            }
-        }
-        assert!(Instant::now() < deadline, "containerd did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    (daemon, client)
+    Daemon::start("cloudless-test").await.expect("containerd")
 }
 
 async fn busybox(daemon: &Daemon, rt: &Containerd) -> ImageRef {

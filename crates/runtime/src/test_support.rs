@@ -1,7 +1,12 @@
-//! A small OCI image built locally from the host's static busybox, for tests
-//! and benchmarks on machines that cannot pull (Debian's `busybox-static`).
+//! For tests and benchmarks: a containerd of their own, and a small OCI
+//! image built locally from the host's static busybox (Debian's
+//! `busybox-static`) for machines that cannot pull.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::Containerd;
 
 use serde_json::json;
 
@@ -120,4 +125,102 @@ fn blob_path(digest: &str) -> String {
         "blobs/sha256/{}",
         digest.strip_prefix("sha256:").unwrap_or(digest)
     )
+}
+
+/// A containerd of its own (socket, root and state in a temporary
+/// directory), killed with its shims when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Holds the socket, root, state and logs.
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Leftover runc shims of this instance.
+        let _ = Command::new("pkill")
+            .args(["-f", &self.dir.path().display().to_string()])
+            .status();
+    }
+}
+
+/// Why containerd tests cannot run here, if they cannot.
+pub fn missing_prerequisite() -> Option<String> {
+    if !Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"))
+    {
+        return Some("not root".into());
+    }
+    for tool in ["containerd", "runc", "containerd-shim-runc-v2"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if !Path::new(BUSYBOX).exists() {
+        return Some(format!(
+            "{BUSYBOX} is missing (apt-get install busybox-static)"
+        ));
+    }
+    None
+}
+
+impl Daemon {
+    /// Starts containerd and connects to it in containerd namespace `namespace`.
+    pub async fn start(namespace: &str) -> Result<(Daemon, Containerd), RuntimeError> {
+        let dir = tempfile::tempdir().map_err(|e| RuntimeError::io(Path::new("/tmp"), e))?;
+        let d = dir.path().to_owned();
+        let io = |e: std::io::Error| RuntimeError::io(&d, e);
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{ttrpc}\"\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("c.sock").display(),
+            ttrpc = d.join("t.sock").display(),
+        );
+        std::fs::write(d.join("config.toml"), config).map_err(io)?;
+        let log = std::fs::File::create(d.join("containerd.log")).map_err(io)?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdout(log.try_clone().map_err(io)?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| RuntimeError::Unavailable(format!("cannot start containerd: {e}")))?;
+        let daemon = Daemon { dir, child };
+        let sock = d.join("c.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if sock.exists() {
+                match Containerd::connect(&sock, namespace, &d.join("logs")).await {
+                    Ok(c) => return Ok((daemon, c)),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(RuntimeError::Unavailable(format!(
+                    "containerd did not create {} within 20 s",
+                    sock.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// containerd's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
 }
