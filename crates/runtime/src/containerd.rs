@@ -117,6 +117,27 @@ impl Containerd {
         Ok(this)
     }
 
+    /// The containerd namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Removes runc's state for `id` left by a task create that failed
+    /// half-way (it would block the same id: "container with given ID
+    /// already exists"). runc keeps it under `/run/containerd/runc/<namespace>`.
+    fn clear_runc_state(&self, id: &str) {
+        let root = format!("/run/containerd/runc/{}", self.namespace);
+        match std::process::Command::new("runc")
+            .args(["--root", &root, "delete", "--force", id])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                tracing::warn!(container = %id, "removed leftover runc state");
+            }
+            _ => {}
+        }
+    }
+
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Ok(v) = self.namespace.parse() {
@@ -399,13 +420,18 @@ impl Containerd {
             match self.start_once(c, image, node).await {
                 // containerd 1.6's overlayfs cleanup after a garbage
                 // collection can remove a snapshot prepared while it runs;
-                // the mount then fails. Everything was removed: try again.
-                Err(RuntimeError::Containerd { message, .. })
-                    if attempt < 3
-                        && message.contains("failed to mount rootfs component")
-                        && message.contains("no such file or directory") =>
+                // mounting the rootfs, or a mount inside it, then fails with
+                // ENOENT. A create that failed half-way (here or before a
+                // crash) leaves runc state that blocks the id. Everything
+                // is removed, runc's state too: try again.
+                Err(RuntimeError::Containerd { what, message, .. })
+                    if attempt < 4
+                        && what == "creating the task"
+                        && (message.contains("no such file or directory")
+                            || message.contains("container with given ID already exists")) =>
                 {
                     tracing::warn!(container = %c.id, attempt, "rootfs snapshot vanished during create; retrying");
+                    self.clear_runc_state(&c.id);
                 }
                 other => return other,
             }

@@ -134,6 +134,7 @@ pub struct Daemon {
     /// Holds the socket, root, state and logs.
     pub dir: tempfile::TempDir,
     child: Child,
+    namespace: String,
 }
 
 impl Drop for Daemon {
@@ -144,6 +145,8 @@ impl Drop for Daemon {
         let _ = Command::new("pkill")
             .args(["-f", &self.dir.path().display().to_string()])
             .status();
+        // runc's state directory for this namespace (shared by every containerd).
+        let _ = std::fs::remove_dir_all(format!("/run/containerd/runc/{}", self.namespace));
     }
 }
 
@@ -198,7 +201,11 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .map_err(|e| RuntimeError::Unavailable(format!("cannot start containerd: {e}")))?;
-        let daemon = Daemon { dir, child };
+        let daemon = Daemon {
+            dir,
+            child,
+            namespace: namespace.to_owned(),
+        };
         let sock = d.join("c.sock");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

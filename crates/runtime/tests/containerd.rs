@@ -22,7 +22,15 @@ macro_rules! require_containerd {
 }
 
 async fn start_daemon() -> (Daemon, Containerd) {
-    Daemon::start("cloudless-test").await.expect("containerd")
+    // A namespace of its own: runc keeps state per namespace and id under
+    // /run/containerd/runc, shared by every containerd on the machine.
+    let ns = format!(
+        "test-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    Daemon::start(&ns).await.expect("containerd")
 }
 
 async fn busybox(daemon: &Daemon, rt: &Containerd) -> ImageRef {
@@ -440,7 +448,7 @@ mod supervised {
         gone_task.abort();
 
         let sock = daemon.dir.path().join("c.sock");
-        let rt2 = Containerd::connect(&sock, "cloudless-test", &daemon.dir.path().join("logs"))
+        let rt2 = Containerd::connect(&sock, rt.namespace(), &daemon.dir.path().join("logs"))
             .await
             .expect("reconnect");
         let sup2 = Supervisor::new(rt2.clone(), NodePolicy::default());
