@@ -117,6 +117,21 @@ impl Containerd {
         Ok(this)
     }
 
+    fn fifo_path(&self, id: &str) -> PathBuf {
+        self.log_dir.join(format!("{id}.fifo"))
+    }
+
+    /// Resumes copying the output of an adopted container (after an agent
+    /// restart) into its log file.
+    pub fn reattach_output(&self, id: &str) -> Result<(), RuntimeError> {
+        copy_output(&self.fifo_path(id), &self.log_path(id))
+    }
+
+    /// Where the output of container `id` goes (rotated as `<path>.1` ...).
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.log_dir.join(format!("{id}.log"))
+    }
+
     /// The containerd namespace.
     pub fn namespace(&self) -> &str {
         &self.namespace
@@ -447,7 +462,7 @@ impl Containerd {
         let built = crate::spec::build(c, &image.process, node)?;
         let spec_json = serde_json::to_vec(&built.spec)
             .map_err(|e| RuntimeError::Internal(format!("encoding the spec: {e}")))?;
-        let log_path = self.log_dir.join(format!("{}.log", c.id));
+        let log_path = self.log_path(&c.id);
         std::fs::File::create(&log_path).map_err(|e| RuntimeError::io(&log_path, e))?;
         let mut snapshots =
             cd::snapshots::snapshots_client::SnapshotsClient::new(self.channel.clone());
@@ -520,15 +535,28 @@ impl Containerd {
             }))
             .await
             .map_err(|s| status("creating the container", s))?;
-        let log = format!("file://{}", log_path.display());
+        // Output goes through a FIFO that we read ourselves (as `ctr` does):
+        // the shim's own file:// copying can drop the output of a process
+        // that exits at once. Held open read-write so the shim's open does
+        // not block; swapped for a read-only handle once the shim has it.
+        let fifo = self.fifo_path(&c.id);
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .map_err(|e| RuntimeError::io(&fifo, std::io::Error::from(e)))?;
+        let holder = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .map_err(|e| RuntimeError::io(&fifo, e))?;
+        let fifo_str = fifo.display().to_string();
         let mut tasks = cd::tasks_client::TasksClient::new(self.channel.clone());
         let created = tasks
             .create(self.req(cd::CreateTaskRequest {
                 container_id: c.id.clone(),
                 rootfs: mounts,
                 stdin: String::new(),
-                stdout: log.clone(),
-                stderr: log,
+                stdout: fifo_str.clone(),
+                stderr: fifo_str,
                 terminal: false,
                 checkpoint: None,
                 options: None,
@@ -537,6 +565,8 @@ impl Containerd {
             .await
             .map_err(|s| status("creating the task", s))?
             .into_inner();
+        copy_output(&fifo, log_path)?;
+        drop(holder);
         tasks
             .start(self.req(cd::StartRequest {
                 container_id: c.id.clone(),
@@ -592,6 +622,7 @@ impl Containerd {
     /// Removes the task, the container and its snapshot; whatever is missing
     /// is skipped, so this also cleans up after a failed start.
     pub async fn remove(&self, id: &str) {
+        let _ = std::fs::remove_file(self.fifo_path(id));
         let _ = cd::tasks_client::TasksClient::new(self.channel.clone())
             .delete(self.req(cd::DeleteTaskRequest {
                 container_id: id.to_owned(),
@@ -800,6 +831,26 @@ impl Containerd {
             .into_inner();
         Ok(r.containers.into_iter().map(|c| c.id).collect())
     }
+}
+
+/// Copies everything written to `fifo` into `log` (appending) on a thread of
+/// its own, until the last writer (the shim) closes it.
+fn copy_output(fifo: &Path, log: &Path) -> Result<(), RuntimeError> {
+    let mut reader = std::fs::File::open(fifo).map_err(|e| RuntimeError::io(fifo, e))?;
+    let mut writer = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| RuntimeError::io(log, e))?;
+    let fifo = fifo.to_owned();
+    std::thread::Builder::new()
+        .name("container-output".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut writer);
+            let _ = std::fs::remove_file(&fifo);
+        })
+        .map_err(|e| RuntimeError::Internal(format!("cannot start the output copier: {e}")))?;
+    Ok(())
 }
 
 /// A stream over already-built messages.

@@ -6,8 +6,10 @@
 mod containerd;
 mod host;
 pub mod image;
+pub mod logs;
 mod model;
 pub mod probe;
+mod runtime_trait;
 pub mod seccomp;
 mod spec;
 mod supervisor;
@@ -20,6 +22,7 @@ pub use host::HostSecurity;
 pub use model::{
     ContainerConfig, ImageProcess, Limits, NodePolicy, Notice, SeccompProfile, SecurityContext,
 };
+pub use runtime_trait::ContainerRuntime;
 pub use spec::{build as build_spec, BuiltSpec, DEFAULT_APPARMOR_PROFILE};
 pub use supervisor::{
     Backoff, LastExit, ReplicaPhase, ReplicaSpec, ReplicaStatus, RestartPolicy, Supervisor,

@@ -6,7 +6,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use crate::{Containerd, RuntimeError};
+use crate::{ContainerRuntime, RuntimeError};
 
 /// How to check a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +42,8 @@ pub struct Probe {
 }
 
 /// Runs one check of `action` against container `id` whose init process is `pid`.
-pub async fn check(
-    rt: &Containerd,
+pub async fn check<R: ContainerRuntime>(
+    rt: &R,
     id: &str,
     pid: u32,
     action: &ProbeAction,

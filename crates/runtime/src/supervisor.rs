@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::probe::{check, Probe};
-use crate::{ContainerConfig, Containerd, ImageRef, NodePolicy, RuntimeError, TaskState};
+use crate::{ContainerConfig, ContainerRuntime, ImageRef, NodePolicy, RuntimeError, TaskState};
 
 /// When an exited container is started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,11 +105,12 @@ pub struct ReplicaStatus {
     pub message: String,
 }
 
-/// Runs replicas on one containerd.
+/// Runs replicas on one container runtime.
 #[derive(Debug, Clone)]
-pub struct Supervisor {
-    rt: Containerd,
+pub struct Supervisor<R> {
+    rt: R,
     node: NodePolicy,
+    rotation: crate::logs::Rotation,
 }
 
 enum Ended {
@@ -118,10 +119,20 @@ enum Ended {
     Cancelled,
 }
 
-impl Supervisor {
+impl<R: ContainerRuntime> Supervisor<R> {
     /// A supervisor for containers on `rt` under `node`'s policy.
-    pub fn new(rt: Containerd, node: NodePolicy) -> Self {
-        Self { rt, node }
+    pub fn new(rt: R, node: NodePolicy) -> Self {
+        Self {
+            rt,
+            node,
+            rotation: crate::logs::Rotation::default(),
+        }
+    }
+
+    /// Rotates container logs with `r` instead of the default (10 MiB, 3 kept).
+    pub fn with_log_rotation(mut self, r: crate::logs::Rotation) -> Self {
+        self.rotation = r;
+        self
     }
 
     /// After an agent restart: removes managed containers that are not in
@@ -180,6 +191,9 @@ impl Supervisor {
             let pid = match self.rt.task_state(&id).await {
                 Ok(TaskState::Running(pid)) => {
                     tracing::info!(container = %id, pid, "adopted a running container");
+                    if let Err(e) = self.rt.reattach_output(&id) {
+                        tracing::warn!(container = %id, error = %e, "cannot collect the adopted container's output");
+                    }
                     pid
                 }
                 _ => match self
@@ -216,6 +230,17 @@ impl Supervisor {
                 s.ready = spec.readiness.is_none();
                 s.message.clear();
             });
+            let rotation = {
+                let (path, r) = (self.rt.log_path(&id), self.rotation);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if let Err(e) = crate::logs::rotate_if_needed(&path, r) {
+                            tracing::warn!(error = %e, "log rotation failed");
+                        }
+                    }
+                })
+            };
             let readiness = spec.readiness.clone().map(|p| {
                 let (rt, id, tx) = (self.rt.clone(), id.clone(), tx.clone());
                 tokio::spawn(async move { readiness_loop(&rt, &id, pid, &p, &tx).await })
@@ -228,6 +253,7 @@ impl Supervisor {
             if let Some(r) = readiness {
                 r.abort();
             }
+            rotation.abort();
             let (code, liveness_failed) = match ended {
                 Ended::Cancelled => {
                     let _ = self.rt.stop(&id, spec.stop_grace).await;
@@ -304,7 +330,12 @@ impl Supervisor {
 }
 
 /// Resolves when the liveness probe has failed `failure_threshold` times in a row.
-async fn liveness_loop(rt: &Containerd, id: &str, pid: u32, probe: Option<&Probe>) -> String {
+async fn liveness_loop<R: ContainerRuntime>(
+    rt: &R,
+    id: &str,
+    pid: u32,
+    probe: Option<&Probe>,
+) -> String {
     let Some(p) = probe else {
         return std::future::pending().await;
     };
@@ -325,8 +356,8 @@ async fn liveness_loop(rt: &Containerd, id: &str, pid: u32, probe: Option<&Probe
 }
 
 /// Updates `ready` from the readiness probe until aborted.
-async fn readiness_loop(
-    rt: &Containerd,
+async fn readiness_loop<R: ContainerRuntime>(
+    rt: &R,
     id: &str,
     pid: u32,
     p: &Probe,

@@ -146,19 +146,36 @@ async fn memory_and_pids_limits_are_enforced() {
     let (code, _) = run(&rt, &image, &c).await;
     assert_eq!(code, 137, "expected an OOM kill (SIGKILL)");
 
+    // Checked in the kernel: the pids cgroup holds the limit and counted
+    // refused forks while the shell tried to start 30 processes.
     let mut c = sh(
         "pids",
-        "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done; wait; echo done",
+        "i=0; while [ $i -lt 30 ]; do sleep 3 & i=$((i+1)); done; wait",
     );
+    // Room for runc's own init threads, which run in the cgroup before exec.
     c.limits = Limits {
-        pids: 4,
+        pids: 12,
         ..Limits::default()
     };
-    let (_, out) = run(&rt, &image, &c).await;
-    assert!(
-        out.contains("can't fork"),
-        "pids limit not enforced: {out:?}"
-    );
+    rt.start(&c, &image, &NodePolicy::default())
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cg = PathBuf::from(format!("/sys/fs/cgroup/pids/{}/pids", "cloudless"));
+    let cg2 = PathBuf::from(format!("/sys/fs/cgroup/{}/pids", "cloudless"));
+    let dir = if cg.exists() { cg } else { cg2 };
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert_eq!(read("pids.max").trim(), "12", "{}", dir.display());
+    let current: u32 = read("pids.current").trim().parse().expect("pids.current");
+    assert!(current <= 12, "{current} processes");
+    let refused: u64 = read("pids.events")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(refused > 0, "no fork was refused: {}", read("pids.events"));
+    let _ = rt.stop("pids", Duration::from_secs(1)).await;
+    rt.remove("pids").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,4 +491,52 @@ mod supervised {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(rt2.managed().await.expect("list").is_empty());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_rotated_and_tailed() {
+    use cloudless_runtime::logs::{tail, Rotation};
+    use cloudless_runtime::{Backoff, ReplicaPhase, ReplicaSpec, RestartPolicy, Supervisor};
+    require_containerd!();
+    let (daemon, rt) = start_daemon().await;
+    let image = busybox(&daemon, &rt).await;
+    let r = Rotation {
+        max_bytes: 16 << 10,
+        keep: 2,
+    };
+    let sup = Supervisor::new(rt.clone(), NodePolicy::default()).with_log_rotation(r);
+    // About 40 KiB over 3 s, then the last line.
+    let spec = ReplicaSpec {
+        container: sh(
+            "chatty",
+            "i=0; while [ $i -lt 30 ]; do head -c 1400 /bin/busybox | od -c | head -20; i=$((i+1)); sleep 0.1; done; echo last line",
+        ),
+        image: image.clone(),
+        restart: RestartPolicy::Never,
+        liveness: None,
+        readiness: None,
+        stop_grace: Duration::from_secs(1),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut rx, _) = sup.run(spec, Backoff::default(), cancel.clone());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| s.phase == ReplicaPhase::Exited),
+    )
+    .await
+    .expect("exit")
+    .expect("status");
+    let log = rt.log_path("chatty");
+    let rotated = PathBuf::from(format!("{}.1", log.display()));
+    assert!(rotated.exists(), "no rotation happened");
+    let mut last = Vec::new();
+    for _ in 0..30 {
+        last = tail(&log, 1, r).expect("tail");
+        if last == ["last line"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, ["last line"]);
+    cancel.cancel();
 }
