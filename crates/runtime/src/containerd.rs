@@ -59,6 +59,17 @@ pub struct Started {
     pub notices: Vec<Notice>,
 }
 
+/// Resource usage of a running container, from its cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// CPU time used so far, nanoseconds.
+    pub cpu_ns: u64,
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
+}
+
 /// What a task is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskState {
@@ -459,7 +470,12 @@ impl Containerd {
         image: &ImageRef,
         node: &NodePolicy,
     ) -> Result<Started, RuntimeError> {
-        let built = crate::spec::build(c, &image.process, node)?;
+        // The cgroup parent is this runtime's containerd namespace.
+        let node = NodePolicy {
+            namespace: self.namespace.clone(),
+            ..node.clone()
+        };
+        let built = crate::spec::build(c, &image.process, &node)?;
         let spec_json = serde_json::to_vec(&built.spec)
             .map_err(|e| RuntimeError::Internal(format!("encoding the spec: {e}")))?;
         let log_path = self.log_path(&c.id);
@@ -818,6 +834,93 @@ impl Containerd {
         let output = std::fs::read_to_string(&out_path).unwrap_or_default();
         let _ = std::fs::remove_file(&out_path);
         code.map(|c| (c, output))
+    }
+
+    /// Resource usage of container `id` (cgroup v1 or v2); `None` when it
+    /// has no cgroup (not running).
+    pub fn usage(&self, id: &str) -> Option<Usage> {
+        let read = |p: String| -> Option<u64> {
+            std::fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        };
+        let ns = &self.namespace;
+        let v2 = format!("/sys/fs/cgroup/{ns}/{id}");
+        if Path::new(&v2).join("cgroup.controllers").exists() {
+            let cpu_us = std::fs::read_to_string(format!("{v2}/cpu.stat"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("usage_usec "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            return Some(Usage {
+                cpu_ns: cpu_us * 1000,
+                memory_bytes: read(format!("{v2}/memory.current")).unwrap_or(0),
+                pids: read(format!("{v2}/pids.current")).unwrap_or(0),
+            });
+        }
+        let memory = read(format!(
+            "/sys/fs/cgroup/memory/{ns}/{id}/memory.usage_in_bytes"
+        ))?;
+        Some(Usage {
+            cpu_ns: read(format!("/sys/fs/cgroup/cpuacct/{ns}/{id}/cpuacct.usage")).unwrap_or(0),
+            memory_bytes: memory,
+            pids: read(format!("/sys/fs/cgroup/pids/{ns}/{id}/pids.current")).unwrap_or(0),
+        })
+    }
+
+    /// Deletes every image not named in `keep` and not used by a container
+    /// of this namespace; containerd then collects their content and
+    /// snapshots. Returns the names removed.
+    pub async fn remove_unused_images(&self, keep: &[String]) -> Result<Vec<String>, RuntimeError> {
+        let used: Vec<String> = cd::containers_client::ContainersClient::new(self.channel.clone())
+            .list(self.req(cd::ListContainersRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status("listing containers", s))?
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.image)
+            .collect();
+        let mut images = cd::images_client::ImagesClient::new(self.channel.clone());
+        let all = images
+            .list(self.req(cd::ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status("listing images", s))?
+            .into_inner()
+            .images;
+        let mut removed = Vec::new();
+        for image in all {
+            if keep.contains(&image.name) || used.contains(&image.name) {
+                continue;
+            }
+            images
+                .delete(self.req(cd::DeleteImageRequest {
+                    name: image.name.clone(),
+                    sync: true,
+                    target: None,
+                }))
+                .await
+                .map_err(|s| status(&format!("deleting image {}", image.name), s))?;
+            tracing::info!(image = %image.name, "removed an unused image");
+            removed.push(image.name);
+        }
+        Ok(removed)
+    }
+
+    /// Names of the images in this namespace.
+    pub async fn images(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(cd::images_client::ImagesClient::new(self.channel.clone())
+            .list(self.req(cd::ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status("listing images", s))?
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| i.name)
+            .collect())
     }
 
     /// Ids of the containers this runtime manages in its namespace.

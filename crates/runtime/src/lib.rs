@@ -17,7 +17,7 @@ pub mod test_support;
 
 use std::path::Path;
 
-pub use containerd::{Containerd, Exit, ImageRef, Started, TaskState, MANAGED_LABEL};
+pub use containerd::{Containerd, Exit, ImageRef, Started, TaskState, Usage, MANAGED_LABEL};
 pub use host::HostSecurity;
 pub use model::{
     ContainerConfig, ImageProcess, Limits, NodePolicy, Notice, SeccompProfile, SecurityContext,

@@ -161,8 +161,8 @@ async fn memory_and_pids_limits_are_enforced() {
         .await
         .expect("start");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let cg = PathBuf::from(format!("/sys/fs/cgroup/pids/{}/pids", "cloudless"));
-    let cg2 = PathBuf::from(format!("/sys/fs/cgroup/{}/pids", "cloudless"));
+    let cg = PathBuf::from(format!("/sys/fs/cgroup/pids/{}/pids", rt.namespace()));
+    let cg2 = PathBuf::from(format!("/sys/fs/cgroup/{}/pids", rt.namespace()));
     let dir = if cg.exists() { cg } else { cg2 };
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
     assert_eq!(read("pids.max").trim(), "12", "{}", dir.display());
@@ -539,4 +539,42 @@ async fn logs_are_rotated_and_tailed() {
     }
     assert_eq!(last, ["last line"]);
     cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_stats_and_unused_image_collection() {
+    require_containerd!();
+    let (daemon, rt) = start_daemon().await;
+    let image = busybox(&daemon, &rt).await;
+    let spare = daemon.dir.path().join("spare.tar");
+    write_busybox_archive(&spare, "busybox:spare", false).expect("archive");
+    rt.import(&spare, "docker.io/cloudless/busybox:spare")
+        .await
+        .expect("import");
+
+    // A busy container: CPU time and memory show up in its usage.
+    let c = sh("busy", "x=0; while true; do x=$((x+1)); done");
+    rt.start(&c, &image, &NodePolicy::default())
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let u = rt.usage("busy").expect("usage of a running container");
+    assert!(u.cpu_ns > 100_000_000, "{u:?}");
+    assert!(u.memory_bytes > 0 && u.pids >= 1, "{u:?}");
+
+    // The image in use and the one asked to keep stay; the spare goes.
+    let removed = rt.remove_unused_images(&[]).await.expect("gc");
+    assert_eq!(removed, ["docker.io/cloudless/busybox:spare"]);
+    assert_eq!(
+        rt.images().await.expect("images"),
+        std::slice::from_ref(&image.name)
+    );
+    let _ = rt.stop("busy", Duration::from_millis(200)).await;
+    rt.remove("busy").await;
+    assert!(rt.usage("busy").is_none());
+    let removed = rt
+        .remove_unused_images(std::slice::from_ref(&image.name))
+        .await
+        .expect("gc");
+    assert!(removed.is_empty(), "{removed:?}");
 }
