@@ -45,6 +45,16 @@ async fn set_fast_config(addr: &str, cert_lifetime_s: u64) {
     .expect("set config");
 }
 
+/// Three coordinators with fast membership timings: the cluster, the
+/// leader's index and its address.
+async fn fast_cluster(cert_lifetime_s: u64) -> (InProcessCluster, usize, String) {
+    let cluster = InProcessCluster::start(3, |_| {}).await;
+    let leader = cluster.wait_for_leader().await;
+    let addr = cluster.addr(leader);
+    set_fast_config(&addr, cert_lifetime_s).await;
+    (cluster, leader, addr)
+}
+
 async fn token(addr: &str, uses: u32, zone: &str) -> Zeroizing<String> {
     let t = NodeServiceClient::new(channel(addr))
         .create_join_token(pb::CreateJoinTokenRequest {
@@ -130,10 +140,7 @@ async fn wait_phase(cluster: &InProcessCluster, name: &str, phase: NodePhase, wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_become_ready_a_killed_agent_goes_down_and_identity_renews_and_survives_restarts() {
-    let cluster = InProcessCluster::start(3, |_| {}).await;
-    let leader = cluster.wait_for_leader().await;
-    let addr = cluster.addr(leader);
-    set_fast_config(&addr, 60).await;
+    let (cluster, leader, addr) = fast_cluster(60).await;
     let tok = token(&addr, 2, "a").await;
 
     let a = spawn_agent(agent_config(&cluster, "alpha", Some(tok.clone())));
@@ -273,10 +280,7 @@ async fn agents_become_ready_a_killed_agent_goes_down_and_identity_renews_and_su
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn losing_the_leader_does_not_mark_heartbeating_nodes_down() {
-    let mut cluster = InProcessCluster::start(3, |_| {}).await;
-    let leader = cluster.wait_for_leader().await;
-    let addr = cluster.addr(leader);
-    set_fast_config(&addr, 3600).await;
+    let (mut cluster, leader, addr) = fast_cluster(3600).await;
     let tok = token(&addr, 3, "b").await;
     let names = ["n-one", "n-two", "n-three"];
     let agents: Vec<Agent> = names
@@ -394,10 +398,7 @@ fn spawn_agent_process(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigkilled_agent_process_is_down_within_the_timeout_and_rejoins_with_its_identity() {
-    let cluster = InProcessCluster::start(3, |_| {}).await;
-    let leader = cluster.wait_for_leader().await;
-    let addr = cluster.addr(leader);
-    set_fast_config(&addr, 3600).await;
+    let (cluster, leader, addr) = fast_cluster(3600).await;
     let tok = token(&addr, 1, "p").await;
     let token_file = cluster.dir.path().join("join-token");
     std::fs::write(&token_file, tok.as_bytes()).expect("token file");

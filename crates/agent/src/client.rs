@@ -92,6 +92,11 @@ struct BeatStream {
     rx: tonic::Streaming<pb::HeartbeatResponse>,
 }
 
+/// The coordinators' answer when this node's record was removed.
+fn is_removal(s: &Status) -> bool {
+    s.code() == Code::PermissionDenied && s.message().contains("removed")
+}
+
 /// The agent's view of the coordinators: addresses, the last known leader,
 /// one mTLS channel per address, and the heartbeat stream.
 #[derive(Debug)]
@@ -138,6 +143,23 @@ impl Coordinators {
         Ok(ch)
     }
 
+    /// After `address` could not serve a call: follow the leader hint in `s`
+    /// (one connection is enough, so the one to `address` is dropped), or
+    /// move on to the next configured address.
+    fn move_on(&mut self, address: &str, s: &Status) {
+        self.channels.remove(address);
+        let hint = s
+            .metadata()
+            .get(LEADER_HINT_KEY)
+            .and_then(|v| v.to_str().ok())
+            .filter(|h| *h != address)
+            .map(str::to_owned);
+        if hint.is_none() {
+            self.next = self.next.wrapping_add(1);
+        }
+        self.preferred = hint;
+    }
+
     /// Calls the leader: the last known one, else each address in turn,
     /// following `x-cloudless-leader` hints.
     pub async fn call<T, F, Fut>(&mut self, what: &'static str, mut f: F) -> Result<T, AgentError>
@@ -166,7 +188,7 @@ impl Coordinators {
                     self.preferred = Some(address);
                     return Ok(r.into_inner());
                 }
-                Err(s) if s.code() == Code::PermissionDenied && s.message().contains("removed") => {
+                Err(s) if is_removal(&s) => {
                     return Err(AgentError::Removed(s.message().to_owned()));
                 }
                 Err(s)
@@ -179,24 +201,10 @@ impl Coordinators {
                     ) =>
                 {
                     last = format!("{address}: {}", s.message());
-                    let hint = s
-                        .metadata()
-                        .get(LEADER_HINT_KEY)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    match hint {
-                        Some(h) if h != address => {
-                            // One connection is enough: drop the one to this follower.
-                            self.channels.remove(&address);
-                            self.preferred = Some(h);
-                        }
-                        _ => {
-                            // Unreachable, or no leader yet: try the next one.
-                            self.preferred = None;
-                            self.channels.remove(&address);
-                            self.next = self.next.wrapping_add(1);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                    self.move_on(&address, &s);
+                    if self.preferred.is_none() {
+                        // Unreachable, or no leader yet: pause before the next one.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
                 Err(status) => return Err(AgentError::Refused { what, status }),
@@ -234,36 +242,21 @@ impl Coordinators {
             }
             match tokio::time::timeout(CALL_TIMEOUT, stream.rx.message()).await {
                 Ok(Ok(Some(answer))) => return Ok(answer),
-                Ok(Err(s))
-                    if s.code() == Code::PermissionDenied && s.message().contains("removed") =>
-                {
+                Ok(Err(s)) if is_removal(&s) => {
                     self.beats = None;
                     return Err(AgentError::Removed(s.message().to_owned()));
                 }
                 Ok(Err(s)) => {
                     last = s.message().to_owned();
                     self.beats = None;
-                    match s
-                        .metadata()
-                        .get(LEADER_HINT_KEY)
-                        .and_then(|v| v.to_str().ok())
-                    {
-                        Some(h) => {
-                            if let Some(old) = self.preferred.replace(h.to_owned()) {
-                                if old != h {
-                                    self.channels.remove(&old);
-                                }
-                            }
-                        }
-                        None => self.preferred = None,
-                    }
+                    let address = self.preferred.clone().unwrap_or_default();
+                    self.move_on(&address, &s);
                 }
                 Ok(Ok(None)) | Err(_) => {
                     last = "the heartbeat stream ended".into();
                     self.beats = None;
-                    if let Some(old) = self.preferred.take() {
-                        self.channels.remove(&old);
-                    }
+                    let address = self.preferred.clone().unwrap_or_default();
+                    self.move_on(&address, &Status::unavailable(last.clone()));
                 }
             }
         }

@@ -34,8 +34,8 @@ const RELOAD_EVERY: Duration = Duration::from_secs(2);
 const UPDATES_PER_ENTRY: usize = 500;
 /// A reliability change smaller than this is not committed.
 const RELIABILITY_STEP: f64 = 0.02;
-/// Least time between two reliability commits for one node.
-const RELIABILITY_COMMIT_EVERY: Duration = Duration::from_secs(30);
+/// Least time between two reliability evaluations (and commits) for one node.
+const RELIABILITY_EVERY: Duration = Duration::from_secs(30);
 /// The heartbeat-ratio window.
 const HEARTBEAT_WINDOW: Duration = Duration::from_secs(300);
 
@@ -245,7 +245,7 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
     let mut term: Option<(u64, Instant)> = None;
     let mut committed: HashMap<String, NodeRecord> = HashMap::new();
     let mut last_reload = Instant::now();
-    let mut reliability_committed: HashMap<String, Instant> = HashMap::new();
+    let mut reliability_checked: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -318,7 +318,7 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
             &handle,
             &liveness,
             &mut committed,
-            &mut reliability_committed,
+            &mut reliability_checked,
             now,
             now.duration_since(leader_since),
             &cfg,
@@ -385,7 +385,7 @@ fn collect_updates(
     handle: &CoordinatorHandle,
     liveness: &Liveness,
     committed: &mut HashMap<String, NodeRecord>,
-    reliability_committed: &mut HashMap<String, Instant>,
+    reliability_checked: &mut HashMap<String, Instant>,
     now: Instant,
     leading_for: Duration,
     cfg: &ClusterConfig,
@@ -454,14 +454,16 @@ fn collect_updates(
             }
             ratio = l.last_ratio;
         }
-        let due = reliability_committed
+        let due = reliability_checked
             .get(&n.id)
-            .is_none_or(|at| now.duration_since(*at) >= RELIABILITY_COMMIT_EVERY);
+            .is_none_or(|at| now.duration_since(*at) >= RELIABILITY_EVERY);
         if due {
+            // At most once per period per node, committed or not: this loop
+            // runs every tick over every node.
+            reliability_checked.insert(n.id.clone(), now);
             let r = reliability(n, wall, ratio);
             if (r - n.reliability).abs() >= RELIABILITY_STEP {
                 update.reliability = Some(r);
-                reliability_committed.insert(n.id.clone(), now);
             }
         }
         if update.phase.is_some() || update.status.is_some() || update.reliability.is_some() {

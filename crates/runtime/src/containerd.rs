@@ -135,7 +135,7 @@ impl Containerd {
     /// Resumes copying the output of an adopted container (after an agent
     /// restart) into its log file.
     pub fn reattach_output(&self, id: &str) -> Result<(), RuntimeError> {
-        copy_output(&self.fifo_path(id), &self.log_path(id))
+        copy_output(&self.fifo_path(id), &self.log_path(id)).map(drop)
     }
 
     /// Where the output of container `id` goes (rotated as `<path>.1` ...).
@@ -183,12 +183,10 @@ impl Containerd {
     }
 
     async fn create_lease(&self, purpose: &str) -> Result<String, RuntimeError> {
-        let id = format!("cloudless-{purpose}-{}", std::process::id());
         let id = format!(
-            "{id}-{:x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
+            "cloudless-{purpose}-{}-{}",
+            std::process::id(),
+            unique_suffix()
         );
         cd::leases_client::LeasesClient::new(self.channel.clone())
             .create(self.req(cd::CreateRequest {
@@ -556,14 +554,7 @@ impl Containerd {
         // that exits at once. Held open read-write so the shim's open does
         // not block; swapped for a read-only handle once the shim has it.
         let fifo = self.fifo_path(&c.id);
-        let _ = std::fs::remove_file(&fifo);
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-            .map_err(|e| RuntimeError::io(&fifo, std::io::Error::from(e)))?;
-        let holder = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&fifo)
-            .map_err(|e| RuntimeError::io(&fifo, e))?;
+        let holder = output_fifo(&fifo)?;
         let fifo_str = fifo.display().to_string();
         let mut tasks = cd::tasks_client::TasksClient::new(self.channel.clone());
         let created = tasks
@@ -765,15 +756,13 @@ impl Containerd {
         let mut process = spec["process"].clone();
         process["args"] = serde_json::json!(argv);
         process["terminal"] = serde_json::json!(false);
-        let exec_id = format!(
-            "exec-{:x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        );
+        let exec_id = format!("exec-{}", unique_suffix());
+        // Output through a FIFO we read, as for the container itself.
         let out_path = self.log_dir.join(format!("{id}.{exec_id}.out"));
-        std::fs::File::create(&out_path).map_err(|e| RuntimeError::io(&out_path, e))?;
-        let out_uri = format!("file://{}", out_path.display());
+        let _ = std::fs::remove_file(&out_path);
+        let fifo = self.log_dir.join(format!("{id}.{exec_id}.fifo"));
+        let holder = output_fifo(&fifo)?;
+        let out_uri = fifo.display().to_string();
         let mut tasks = cd::tasks_client::TasksClient::new(self.channel.clone());
         tasks
             .exec(
@@ -793,7 +782,12 @@ impl Containerd {
                 }),
             )
             .await
-            .map_err(|s| status("creating the exec process", s))?;
+            .map_err(|s| {
+                let _ = std::fs::remove_file(&fifo);
+                status("creating the exec process", s)
+            })?;
+        let copier = copy_output(&fifo, &out_path)?;
+        drop(holder);
         let wait = tasks.wait(self.req(cd::WaitRequest {
             container_id: id.to_owned(),
             exec_id: exec_id.clone(),
@@ -831,6 +825,9 @@ impl Containerd {
                 exec_id,
             }))
             .await;
+        // Deleting the process closed the shim's end: the copier finishes.
+        let joined = tokio::task::spawn_blocking(move || copier.join());
+        let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
         let output = std::fs::read_to_string(&out_path).unwrap_or_default();
         let _ = std::fs::remove_file(&out_path);
         code.map(|c| (c, output))
@@ -936,9 +933,30 @@ impl Containerd {
     }
 }
 
+/// A suffix for lease and exec ids: the clock in nanoseconds, in hex.
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}")
+}
+
+/// A FIFO for a process's stdout and stderr, held open read-write (returned)
+/// so that the shim's open does not block until `copy_output` takes over.
+fn output_fifo(path: &Path) -> Result<std::fs::File, RuntimeError> {
+    let _ = std::fs::remove_file(path);
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| RuntimeError::io(path, std::io::Error::from(e)))?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| RuntimeError::io(path, e))
+}
+
 /// Copies everything written to `fifo` into `log` (appending) on a thread of
 /// its own, until the last writer (the shim) closes it.
-fn copy_output(fifo: &Path, log: &Path) -> Result<(), RuntimeError> {
+fn copy_output(fifo: &Path, log: &Path) -> Result<std::thread::JoinHandle<()>, RuntimeError> {
     let mut reader = std::fs::File::open(fifo).map_err(|e| RuntimeError::io(fifo, e))?;
     let mut writer = std::fs::OpenOptions::new()
         .create(true)
@@ -952,8 +970,7 @@ fn copy_output(fifo: &Path, log: &Path) -> Result<(), RuntimeError> {
             let _ = std::io::copy(&mut reader, &mut writer);
             let _ = std::fs::remove_file(&fifo);
         })
-        .map_err(|e| RuntimeError::Internal(format!("cannot start the output copier: {e}")))?;
-    Ok(())
+        .map_err(|e| RuntimeError::Internal(format!("cannot start the output copier: {e}")))
 }
 
 /// A stream over already-built messages.
