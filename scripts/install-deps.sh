@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing Cloudless needs on Debian/Ubuntu:
-# protoc (tonic code generation), curl, a C toolchain, and Rust if missing.
+# protoc (tonic code generation), curl, a C toolchain, containerd and runc,
+# busybox-static (the test image) and docker-registry (the registry the pull
+# tests serve it from), and Rust if missing.
 set -euo pipefail
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 $SUDO apt-get update
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
   protobuf-compiler build-essential pkg-config curl ca-certificates git \
-  containerd runc busybox-static
+  containerd runc busybox-static docker-registry
 if ! command -v cargo >/dev/null 2>&1; then
   if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     echo "cargo is in $HOME/.cargo/bin: add it to PATH" >&2

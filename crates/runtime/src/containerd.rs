@@ -14,8 +14,9 @@ use containerd_client::types::{Descriptor, Mount};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-use crate::image::{chain_ids, OciArchive};
+use crate::image::{chain_ids, OciArchive, Resolved};
 use crate::model::{ContainerConfig, ImageProcess, NodePolicy, Notice};
+use crate::registry::{ImageName, PullProgress, RegistryClient, RemoteImage};
 use crate::RuntimeError;
 
 /// The spec's type URL; containerd's Go clients and `ctr` read only this one.
@@ -90,6 +91,17 @@ pub struct Containerd {
     log_dir: PathBuf,
     /// Containers the kernel OOM-killed (from containerd's `/tasks/oom` events).
     ooms: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Where an image's blobs come from.
+enum Blobs<'a> {
+    Archive(&'a OciArchive),
+    Remote {
+        client: &'a RegistryClient,
+        name: &'a ImageName,
+        image: &'a RemoteImage,
+        progress: &'a (dyn Fn(PullProgress) + Send + Sync),
+    },
 }
 
 fn status(what: &str, s: tonic::Status) -> RuntimeError {
@@ -282,6 +294,58 @@ impl Containerd {
         lease: &str,
     ) -> Result<ImageRef, RuntimeError> {
         let resolved = oci.resolve(crate::image::host_platform())?;
+        self.store(lease, name, &resolved, Blobs::Archive(oci))
+            .await
+    }
+
+    /// Pulls `reference` from its registry for this node's platform, every
+    /// blob checked against its digest, and unpacks it. Blobs already in
+    /// the content store are not downloaded again. `progress` hears bytes
+    /// done and total as the download proceeds. On failure nothing is left
+    /// behind (partial downloads are aborted and collected with the lease).
+    pub async fn pull(
+        &self,
+        client: &RegistryClient,
+        reference: &str,
+        progress: &(dyn Fn(PullProgress) + Send + Sync),
+    ) -> Result<ImageRef, RuntimeError> {
+        let name = ImageName::parse(reference)?;
+        let remote = client.resolve(&name, crate::image::host_platform()).await?;
+        let lease = self.create_lease("pull").await?;
+        let result = self
+            .store(
+                &lease,
+                &name.to_string(),
+                &remote.resolved,
+                Blobs::Remote {
+                    client,
+                    name: &name,
+                    image: &remote,
+                    progress,
+                },
+            )
+            .await;
+        self.delete_lease(&lease).await;
+        result
+    }
+
+    async fn content_exists(&self, digest: &str) -> bool {
+        cd::content_client::ContentClient::new(self.channel.clone())
+            .info(self.req(cd::InfoRequest {
+                digest: digest.to_owned(),
+            }))
+            .await
+            .is_ok()
+    }
+
+    /// Writes the blobs of `resolved`, the image record, and unpacks it.
+    async fn store(
+        &self,
+        lease: &str,
+        name: &str,
+        resolved: &Resolved,
+        blobs: Blobs<'_>,
+    ) -> Result<ImageRef, RuntimeError> {
         let config_labels = HashMap::from([(
             format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
             chain_ids(&resolved.diff_ids)
@@ -289,17 +353,48 @@ impl Containerd {
                 .cloned()
                 .unwrap_or_default(),
         )]);
+        let total: u64 = resolved
+            .layers
+            .iter()
+            .chain([&resolved.config, &resolved.manifest])
+            .map(|d| u64::try_from(d.size).unwrap_or(0))
+            .sum();
+        let mut done = 0u64;
         for layer in &resolved.layers {
-            self.write_blob(lease, layer, oci.blob(&layer.digest)?, HashMap::new())
-                .await?;
+            match &blobs {
+                Blobs::Archive(oci) => {
+                    self.write_blob(lease, layer, oci.blob(&layer.digest)?, HashMap::new())
+                        .await?;
+                }
+                Blobs::Remote {
+                    client,
+                    name,
+                    progress,
+                    ..
+                } => {
+                    if self.content_exists(&layer.digest).await {
+                        // Pin it to this lease until the image record holds it.
+                        self.write_blob(lease, layer, &[], HashMap::new()).await?;
+                        done += u64::try_from(layer.size).unwrap_or(0);
+                        progress(PullProgress { done, total });
+                    } else {
+                        let resp = client.blob(name, layer).await?;
+                        done = self
+                            .stream_blob(lease, name, layer, resp, done, total, *progress)
+                            .await?;
+                    }
+                }
+            }
         }
-        self.write_blob(
-            lease,
-            &resolved.config,
-            oci.blob(&resolved.config.digest)?,
-            config_labels,
-        )
-        .await?;
+        let (config_bytes, manifest_bytes) = match &blobs {
+            Blobs::Archive(oci) => (
+                oci.blob(&resolved.config.digest)?,
+                oci.blob(&resolved.manifest.digest)?,
+            ),
+            Blobs::Remote { image, .. } => (image.config.as_slice(), image.manifest.as_slice()),
+        };
+        self.write_blob(lease, &resolved.config, config_bytes, config_labels)
+            .await?;
         let mut manifest_labels = HashMap::from([(
             "containerd.io/gc.ref.content.config".to_owned(),
             resolved.config.digest.clone(),
@@ -310,13 +405,11 @@ impl Containerd {
                 l.digest.clone(),
             );
         }
-        self.write_blob(
-            lease,
-            &resolved.manifest,
-            oci.blob(&resolved.manifest.digest)?,
-            manifest_labels,
-        )
-        .await?;
+        self.write_blob(lease, &resolved.manifest, manifest_bytes, manifest_labels)
+            .await?;
+        if let Blobs::Remote { progress, .. } = &blobs {
+            progress(PullProgress { done: total, total });
+        }
         let image = cd::Image {
             name: name.to_owned(),
             labels: HashMap::new(),
@@ -351,8 +444,132 @@ impl Containerd {
         Ok(ImageRef {
             name: name.to_owned(),
             chain_id,
-            process: resolved.process,
+            process: resolved.process.clone(),
         })
+    }
+
+    /// Streams a downloading blob into the content store, hashing as it
+    /// goes; a blob whose content does not match its digest (or size) is
+    /// aborted and never committed. Returns the new `done` byte count.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_blob(
+        &self,
+        lease: &str,
+        name: &ImageName,
+        desc: &Descriptor,
+        mut resp: reqwest::Response,
+        mut done: u64,
+        total: u64,
+        progress: &(dyn Fn(PullProgress) + Send + Sync),
+    ) -> Result<u64, RuntimeError> {
+        let reference = format!("cloudless-pull-{}-{}", desc.digest, unique_suffix());
+        let expected_size = u64::try_from(desc.size).unwrap_or(0);
+        let (tx, rx) = tokio::sync::mpsc::channel::<cd::WriteContentRequest>(4);
+        let request = self.leased(
+            lease,
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        );
+        let mut content = cd::content_client::ContentClient::new(self.channel.clone());
+        let writer = tokio::spawn(async move {
+            let mut responses = content.write(request).await?.into_inner();
+            while responses.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        });
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut offset: u64 = 0;
+        let bad = |problem: String| RuntimeError::Registry {
+            registry: name.registry.clone(),
+            reference: name.to_string(),
+            problem,
+        };
+        let outcome: Result<(), RuntimeError> = async {
+            loop {
+                let chunk = resp.chunk().await.map_err(|e| {
+                    bad(format!(
+                        "downloading blob {}: {}",
+                        desc.digest,
+                        crate::registry::error_chain(&e)
+                    ))
+                })?;
+                let Some(chunk) = chunk else { break };
+                let len = u64::try_from(chunk.len()).unwrap_or(u64::MAX);
+                if offset + len > expected_size {
+                    return Err(bad(format!(
+                        "blob {} is larger than the {expected_size} bytes its descriptor says",
+                        desc.digest
+                    )));
+                }
+                hasher.update(&chunk);
+                tx.send(cd::WriteContentRequest {
+                    action: cd::WriteAction::Write as i32,
+                    r#ref: reference.clone(),
+                    total: desc.size,
+                    expected: desc.digest.clone(),
+                    offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                    data: chunk.to_vec(),
+                    labels: HashMap::new(),
+                })
+                .await
+                .map_err(|_| bad("the content store stopped accepting the blob".into()))?;
+                offset += len;
+                done += len;
+                progress(PullProgress { done, total });
+            }
+            let hex: String = hasher
+                .clone()
+                .finish()
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let actual = format!("sha256:{hex}");
+            if actual != desc.digest || offset != expected_size {
+                return Err(bad(format!(
+                    "blob {} is corrupt: {offset} bytes hashing to {actual} (expected {expected_size} bytes)",
+                    desc.digest
+                )));
+            }
+            tx.send(cd::WriteContentRequest {
+                action: cd::WriteAction::Commit as i32,
+                r#ref: reference.clone(),
+                total: desc.size,
+                expected: desc.digest.clone(),
+                offset: desc.size,
+                data: Vec::new(),
+                labels: HashMap::new(),
+            })
+            .await
+            .map_err(|_| bad("the content store stopped accepting the blob".into()))?;
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        let written = writer.await;
+        let failed = match (&outcome, written) {
+            (Err(_), _) => true,
+            (Ok(()), Ok(Ok(()))) => false,
+            (Ok(()), Ok(Err(s))) if s.code() == Code::AlreadyExists => false,
+            (Ok(()), Ok(Err(s))) => {
+                self.abort_ingest(&reference).await;
+                return Err(status(&format!("writing blob {}", desc.digest), s));
+            }
+            (Ok(()), Err(e)) => {
+                self.abort_ingest(&reference).await;
+                return Err(RuntimeError::Internal(format!("blob writer: {e}")));
+            }
+        };
+        if failed {
+            self.abort_ingest(&reference).await;
+        }
+        outcome.map(|()| done)
+    }
+
+    async fn abort_ingest(&self, reference: &str) {
+        let _ = cd::content_client::ContentClient::new(self.channel.clone())
+            .abort(self.req(cd::AbortRequest {
+                r#ref: reference.to_owned(),
+            }))
+            .await;
     }
 
     /// Applies each layer onto its parent snapshot, skipping those already
@@ -905,6 +1122,35 @@ impl Containerd {
             removed.push(image.name);
         }
         Ok(removed)
+    }
+
+    /// Digests in the content store, and references of unfinished
+    /// downloads (ingests), for checks that nothing was left behind.
+    pub async fn content(&self) -> Result<(Vec<String>, Vec<String>), RuntimeError> {
+        let mut client = cd::content_client::ContentClient::new(self.channel.clone());
+        let mut blobs = Vec::new();
+        let mut stream = client
+            .list(self.req(cd::ListContentRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status("listing content", s))?
+            .into_inner();
+        while let Some(page) = stream
+            .message()
+            .await
+            .map_err(|s| status("listing content", s))?
+        {
+            blobs.extend(page.info.into_iter().map(|i| i.digest));
+        }
+        let ingests = client
+            .list_statuses(self.req(cd::ListStatusesRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status("listing ingests", s))?
+            .into_inner()
+            .statuses
+            .into_iter()
+            .map(|s| s.r#ref)
+            .collect();
+        Ok((blobs, ingests))
     }
 
     /// Names of the images in this namespace.

@@ -79,7 +79,7 @@ fn bad(path: &Path, problem: impl Into<String>) -> RuntimeError {
     }
 }
 
-fn descriptor(media_type: &str, digest: &str, size: u64) -> Descriptor {
+pub(crate) fn descriptor(media_type: &str, digest: &str, size: u64) -> Descriptor {
     Descriptor {
         media_type: media_type.to_owned(),
         digest: digest.to_owned(),

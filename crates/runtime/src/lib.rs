@@ -9,6 +9,7 @@ pub mod image;
 pub mod logs;
 mod model;
 pub mod probe;
+pub mod registry;
 mod runtime_trait;
 pub mod seccomp;
 mod spec;
@@ -69,6 +70,22 @@ pub enum RuntimeError {
         /// Archive path or reference.
         source_name: String,
         /// What is wrong.
+        problem: String,
+    },
+    /// The registry has no such image (or tag).
+    #[error("image {reference} not found in its registry")]
+    ImageNotFound {
+        /// The reference as normalised.
+        reference: String,
+    },
+    /// A registry refused, failed or sent something unusable.
+    #[error("registry {registry} ({reference}): {problem}")]
+    Registry {
+        /// Host.
+        registry: String,
+        /// The image reference.
+        reference: String,
+        /// What went wrong.
         problem: String,
     },
     /// A local file.
