@@ -7,11 +7,11 @@ use std::pin::Pin;
 use cloudless_pki::Identity;
 use cloudless_proto::v1::agent_service_server::AgentService;
 use cloudless_proto::v1::{
-    AssignmentSet, HeartbeatRequest, HeartbeatResponse, RenewRequest, RenewResponse,
+    Assignment, AssignmentSet, HeartbeatRequest, HeartbeatResponse, RenewRequest, RenewResponse,
     ReportStatusRequest, ReportStatusResponse, WatchAssignmentsRequest,
 };
-use cloudless_state::{Command, Response as SmResponse};
-use cloudless_types::{NodeStatus, Resources};
+use cloudless_state::{Command, ReplicaUpdate, Response as SmResponse};
+use cloudless_types::{NodeStatus, ReplicaState, Resources};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::authz::{require, Allow};
@@ -140,6 +140,25 @@ fn beat(
     })
 }
 
+/// The node's assignments, ordered by replica id.
+fn assignments(
+    handle: &CoordinatorHandle,
+    node_id: &str,
+) -> Result<Vec<Assignment>, CoordinatorError> {
+    Ok(handle
+        .reader()
+        .node_replicas(node_id)?
+        .into_iter()
+        .map(|r| Assignment {
+            replica_id: r.id,
+            workload: r.workload,
+            namespace: r.namespace,
+            generation: r.template,
+            spec: Some(r.spec.into()),
+        })
+        .collect())
+}
+
 type HeartbeatStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<HeartbeatResponse, Status>> + Send + 'static>>;
 
@@ -154,20 +173,97 @@ impl AgentService for AgentApi {
         &self,
         req: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        require(&self.handle, &req, Allow::Node)?;
-        Err(Status::unimplemented(
-            "assignments arrive with the workload reconciler (issue 6, workloads end to end)",
-        ))
+        // Any coordinator serves this from its applied state: agents keep
+        // running what they were assigned through a leader change.
+        let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
+        let handle = self.handle.clone();
+        let mut changes = handle.reader().changes();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<AssignmentSet, Status>>(4);
+        tokio::spawn(async move {
+            let mut last: Option<Vec<Assignment>> = None;
+            loop {
+                let revision = *changes.borrow_and_update();
+                if let Err(status) = crate::authz::node_still_enrolled(&handle, &id) {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                let set = match assignments(&handle, &id) {
+                    Ok(set) => set,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if last.as_ref() != Some(&set) {
+                    let msg = AssignmentSet {
+                        revision,
+                        assignments: set.clone(),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    last = Some(set);
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                    () = handle.stopping().cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("this coordinator is shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn report_status(
         &self,
         req: Request<ReportStatusRequest>,
     ) -> Result<Response<ReportStatusResponse>, Status> {
-        require(&self.handle, &req, Allow::Node)?;
-        Err(Status::unimplemented(
-            "replica status arrives with the workload reconciler (issue 6, workloads end to end)",
-        ))
+        let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
+        // Written through Raft by the leader (concurrent reports share log
+        // entries through the proposer's batching); followers answer
+        // UNAVAILABLE with the leader hint, as for heartbeats.
+        self.handle.ensure_leader()?;
+        let mut updates = Vec::new();
+        for (i, r) in req.into_inner().replicas.into_iter().enumerate() {
+            let state = ReplicaState::parse(&r.state).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "replicas[{i}].state: {:?} is not one of Pending, Running, Ready, Failed, Succeeded",
+                    r.state
+                ))
+            })?;
+            if r.replica_id.is_empty() || r.replica_id.len() > 256 {
+                return Err(Status::invalid_argument(format!(
+                    "replicas[{i}].replica_id: must be 1 to 256 characters"
+                )));
+            }
+            let mut message = r.message;
+            if message.len() > 1024 {
+                let mut cut = 1024;
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                message.truncate(cut);
+            }
+            updates.push(ReplicaUpdate {
+                id: r.replica_id,
+                node_id: id.clone(),
+                state,
+                exit_code: r.exit_code,
+                restarts: r.restarts,
+                message,
+            });
+        }
+        if !updates.is_empty() {
+            self.handle
+                .write(None, Command::UpdateReplicas { updates })
+                .await?;
+        }
+        Ok(Response::new(ReportStatusResponse {}))
     }
 
     async fn heartbeat(

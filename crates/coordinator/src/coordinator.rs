@@ -556,6 +556,7 @@ impl Coordinator {
             http_task,
             tokio::spawn(metrics.run(raft.clone(), committed, bg_cancel.clone())),
             tokio::spawn(crate::membership::run(handle.clone(), bg_cancel.clone())),
+            tokio::spawn(crate::reconciler::run(handle.clone(), bg_cancel.clone())),
         ];
 
         match mode {

@@ -13,6 +13,7 @@ mod node_service;
 mod proposer;
 mod raft_network;
 mod raft_service;
+mod reconciler;
 mod services;
 mod tls;
 mod workload_service;

@@ -5,9 +5,10 @@ use cloudless_proto::v1::workload_service_server::WorkloadService;
 use cloudless_proto::v1::{
     ApplyWorkloadRequest, ApplyWorkloadResponse, DeleteWorkloadRequest, DeleteWorkloadResponse,
     Event, EventsRequest, ExecInput, ExecOutput, GetWorkloadRequest, GetWorkloadResponse,
-    ListWorkloadsRequest, ListWorkloadsResponse, LogChunk, LogsRequest, RolloutHistoryRequest,
-    RolloutHistoryResponse, RolloutStatusRequest, RolloutStatusResponse, RolloutUndoRequest,
-    RolloutUndoResponse, ScaleWorkloadRequest, ScaleWorkloadResponse,
+    ListReplicasRequest, ListReplicasResponse, ListWorkloadsRequest, ListWorkloadsResponse,
+    LogChunk, LogsRequest, RolloutHistoryRequest, RolloutHistoryResponse, RolloutStatusRequest,
+    RolloutStatusResponse, RolloutUndoRequest, RolloutUndoResponse, ScaleWorkloadRequest,
+    ScaleWorkloadResponse,
 };
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::DEFAULT_NAMESPACE;
@@ -57,6 +58,32 @@ fn stored(resp: SmResponse) -> Result<(cloudless_types::Workload, bool), Coordin
     }
 }
 
+/// The workload on the wire with replica counts from the replica records.
+fn with_status(
+    reader: &cloudless_state::StateReader,
+    w: cloudless_types::Workload,
+) -> Result<cloudless_proto::v1::Workload, CoordinatorError> {
+    let replicas = reader.workload_replicas(&w.namespace, &w.name)?;
+    let template = w.template;
+    let generation = w.generation;
+    let mut out: cloudless_proto::v1::Workload = w.into();
+    if let Some(st) = out.status.as_mut() {
+        st.current_replicas = u32::try_from(replicas.len()).unwrap_or(u32::MAX);
+        st.updated_replicas =
+            u32::try_from(replicas.iter().filter(|r| r.template == template).count())
+                .unwrap_or(u32::MAX);
+        st.ready_replicas = u32::try_from(
+            replicas
+                .iter()
+                .filter(|r| r.state == cloudless_types::ReplicaState::Ready)
+                .count(),
+        )
+        .unwrap_or(u32::MAX);
+        st.observed_generation = generation;
+    }
+    Ok(out)
+}
+
 type Stream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
 
 const LATER: &str =
@@ -104,7 +131,7 @@ impl WorkloadService for WorkloadApi {
                 let ns = namespace_or_default(r.namespace);
                 match h.reader().workload(&ns, &r.name)? {
                     Some(w) => Ok(GetWorkloadResponse {
-                        workload: Some(w.into()),
+                        workload: Some(with_status(&h.reader(), w)?),
                     }),
                     None => Err(Rejection::WorkloadNotFound {
                         namespace: ns,
@@ -130,12 +157,12 @@ impl WorkloadService for WorkloadApi {
             |r: ListWorkloadsRequest| async move {
                 h.read_barrier(r.read.as_ref()).await?;
                 let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
-                let workloads = h
-                    .reader()
+                let reader = h.reader();
+                let workloads = reader
                     .workloads(ns)?
                     .into_iter()
-                    .map(Into::into)
-                    .collect();
+                    .map(|w| with_status(&reader, w))
+                    .collect::<Result<_, _>>()?;
                 Ok(ListWorkloadsResponse { workloads })
             },
             |ch, r| async move { WorkloadServiceClient::new(ch).list(r).await },
@@ -242,6 +269,56 @@ impl WorkloadService for WorkloadApi {
     ) -> Result<Response<Self::ExecStream>, Status> {
         crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
         Err(Status::unimplemented(format!("exec {LATER}")))
+    }
+
+    async fn list_replicas(
+        &self,
+        req: Request<ListReplicasRequest>,
+    ) -> Result<Response<ListReplicasResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: ListReplicasRequest| async move {
+                h.read_barrier(r.read.as_ref()).await?;
+                let reader = h.reader();
+                let mut replicas = if r.name.is_empty() {
+                    let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+                    let mut all = reader.replicas()?;
+                    all.retain(|x| ns.is_none_or(|ns| x.namespace == ns));
+                    all
+                } else {
+                    reader.workload_replicas(&namespace_or_default(r.namespace), &r.name)?
+                };
+                replicas.sort_by(|a, b| {
+                    (&a.namespace, &a.workload, a.created_at_ms, &a.id).cmp(&(
+                        &b.namespace,
+                        &b.workload,
+                        b.created_at_ms,
+                        &b.id,
+                    ))
+                });
+                let mut names = std::collections::HashMap::new();
+                let mut out = Vec::with_capacity(replicas.len());
+                for x in replicas {
+                    let node_name = match names.get(&x.node_id) {
+                        Some(n) => String::clone(n),
+                        None => {
+                            let n = reader.node(&x.node_id)?.map(|n| n.name).unwrap_or_default();
+                            names.insert(x.node_id.clone(), n.clone());
+                            n
+                        }
+                    };
+                    let mut p: cloudless_proto::v1::Replica = x.into();
+                    p.node_name = node_name;
+                    out.push(p);
+                }
+                Ok(ListReplicasResponse { replicas: out })
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).list_replicas(r).await },
+        )
+        .await
     }
 
     type EventsStream = Stream<Event>;

@@ -73,9 +73,9 @@ impl From<t::Workload> for v1::Workload {
             updated_at_ms: w.updated_at_ms,
             status: Some(v1::WorkloadStatus {
                 desired_replicas: replicas,
-                ready_replicas: 0,
-                observed_generation: 0,
+                ..Default::default()
             }),
+            template: w.template,
         }
     }
 }
@@ -103,6 +103,7 @@ pub fn workload_from_wire(w: Option<v1::Workload>) -> Result<t::Workload, t::Val
         generation: 0,
         created_at_ms: 0,
         updated_at_ms: 0,
+        template: 0,
     };
     workload.validate().map(|()| workload)
 }
@@ -162,4 +163,24 @@ pub fn cluster_config_from_wire(
         labels: c.labels.into_iter().collect::<BTreeMap<_, _>>(),
     };
     config.validate().map(|()| config)
+}
+
+impl From<t::ReplicaRecord> for v1::Replica {
+    fn from(r: t::ReplicaRecord) -> Self {
+        Self {
+            image: r.spec.image.clone(),
+            id: r.id,
+            namespace: r.namespace,
+            workload: r.workload,
+            template: r.template,
+            node_id: r.node_id,
+            node_name: String::new(),
+            state: r.state.as_str().to_owned(),
+            exit_code: r.exit_code,
+            restarts: r.restarts,
+            message: r.message,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
 }

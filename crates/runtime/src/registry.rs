@@ -356,12 +356,14 @@ impl RegistryClient {
                     let token = self.fetch_token(name, &params).await?;
                     HeaderValue::from_str(&format!("Bearer {token}")).ok()
                 }
-                _ => return Err(registry_err(
-                    name,
-                    format!(
+                _ => {
+                    return Err(registry_err(
+                        name,
+                        format!(
                         "unauthorized, with an authentication scheme we do not speak: {scheme:?}"
                     ),
-                )),
+                    ))
+                }
             };
         let second = send(auth)
             .await
@@ -703,10 +705,15 @@ mod tests {
         );
         let d = format!("sha256:{}", "a".repeat(64));
         let n = ImageName::parse(&format!("localhost/app@{d}")).expect("parses");
-        assert_eq!((n.tag.as_deref(), n.digest.as_deref()), (None, Some(d.as_str())));
+        assert_eq!(
+            (n.tag.as_deref(), n.digest.as_deref()),
+            (None, Some(d.as_str()))
+        );
         assert_eq!(n.manifest_reference(), d);
         assert_eq!(
-            ImageName::parse("ghcr.io/org/app:v1").expect("parses").to_string(),
+            ImageName::parse("ghcr.io/org/app:v1")
+                .expect("parses")
+                .to_string(),
             "ghcr.io/org/app:v1"
         );
         for bad in ["", "Busybox", "a b", "app@sha256:12", "app:bad/tag", "app:"] {

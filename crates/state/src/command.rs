@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
-    ClusterConfig, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, Workload,
+    ClusterConfig, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus,
+    ReplicaRecord, ReplicaState, Workload,
 };
 
 /// One log entry's payload: the requests a coordinator batched together.
@@ -125,6 +126,41 @@ pub enum Command {
         /// End of the new certificate's validity, ms since the epoch.
         cert_not_after_ms: i64,
     },
+    /// Records replicas the leader placed. Skipped: replicas whose workload is
+    /// gone or has moved to another template, whose node is not enrolled, or
+    /// whose id exists.
+    PlaceReplicas {
+        /// The new records (state Pending).
+        replicas: Vec<ReplicaRecord>,
+    },
+    /// Removes replicas (their agents stop them). Unknown ids are skipped.
+    RemoveReplicas {
+        /// Replica ids.
+        ids: Vec<String>,
+    },
+    /// Replica states agents reported, batched by the leader. A report from a
+    /// node the replica is not assigned to is skipped.
+    UpdateReplicas {
+        /// One per replica.
+        updates: Vec<ReplicaUpdate>,
+    },
+}
+
+/// A reported change of one replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaUpdate {
+    /// Replica id.
+    pub id: String,
+    /// The reporting node.
+    pub node_id: String,
+    /// New state.
+    pub state: ReplicaState,
+    /// Last exit code.
+    pub exit_code: Option<i32>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Detail.
+    pub message: String,
 }
 
 /// A change to one node's liveness or reported status.
@@ -183,6 +219,8 @@ pub enum Response {
     NodeRemoved,
     /// `UpdateNodes` applied to this many nodes (the others no longer exist).
     NodesUpdated(u32),
+    /// `PlaceReplicas`, `RemoveReplicas` or `UpdateReplicas` changed this many replicas.
+    ReplicasChanged(u32),
     /// The command was valid but the state did not allow it; nothing changed.
     Rejected(Rejection),
 }

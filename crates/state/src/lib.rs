@@ -14,7 +14,8 @@ mod state_machine;
 mod type_config;
 
 pub use command::{
-    ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, Request, Response,
+    ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, ReplicaUpdate, Request,
+    Response,
 };
 pub use error::StateError;
 pub use log_store::LogStore;

@@ -22,7 +22,9 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use cloudless_types::{IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, Workload};
+use cloudless_types::{
+    IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Workload,
+};
 
 use crate::command::{
     ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, Request, Response,
@@ -52,9 +54,18 @@ const JOIN_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("join_toke
 const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
 /// Node ids by node name (names are unique).
 const NODE_NAMES: TableDefinition<&str, &str> = TableDefinition::new("node_names");
+/// Replica id -> ReplicaRecord.
+const REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("replicas");
+/// `node_id/replica_id` -> replica id (the agent's assignment set).
+const NODE_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("node_replicas");
+/// `namespace/name/replica_id` -> replica id.
+const WORKLOAD_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("workload_replicas");
 
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 8] = [
+const DATA_TABLES: [TableDefinition<&str, &str>; 11] = [
+    REPLICAS,
+    NODE_REPLICAS,
+    WORKLOAD_REPLICAS,
     CLUSTER,
     WORKLOADS,
     IDEMPOTENCY,
@@ -99,6 +110,10 @@ pub struct StateMachine {
     durable: Arc<std::sync::Mutex<(Instant, u64)>>,
     /// Bumped after every commit that removed a node (and every snapshot install).
     removals: Arc<AtomicU64>,
+    /// Bumped after every commit that changed replicas, workloads or nodes
+    /// (and every snapshot install): assignment watches and the reconciler
+    /// wake on it.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Applies are committed without fsync (the Raft log is the durable record;
@@ -123,6 +138,7 @@ pub struct StateReader {
     path: PathBuf,
     db: Arc<Database>,
     removals: Arc<AtomicU64>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Debug for StateReader {
@@ -199,6 +215,7 @@ impl StateMachine {
             apply_latency,
             durable: Arc::new(std::sync::Mutex::new((Instant::now(), 0))),
             removals: Arc::new(AtomicU64::new(0)),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -208,6 +225,7 @@ impl StateMachine {
             path: self.path.clone(),
             db: self.db.clone(),
             removals: self.removals.clone(),
+            changes: self.changes.clone(),
         }
     }
 
@@ -273,6 +291,21 @@ impl StateMachine {
             .any(|r| matches!(r, Response::NodeRemoved));
         if removed {
             self.removals.fetch_add(1, Ordering::Release);
+        }
+        let changed = out.iter().flat_map(|r| &r.responses).any(|r| {
+            matches!(
+                r,
+                Response::NodeRemoved
+                    | Response::Node(_)
+                    | Response::NodesUpdated(_)
+                    | Response::ReplicasChanged(_)
+                    | Response::WorkloadStored { .. }
+                    | Response::WorkloadDeleted
+                    | Response::ConfigSet(_)
+            )
+        });
+        if changed {
+            self.changes.send_modify(|v| *v += 1);
         }
         Ok(out)
     }
@@ -431,6 +464,44 @@ fn put_json<T: Serialize>(
 }
 
 /// Folds one liveness/status update into a node record.
+/// Values of index rows whose key starts with `prefix`.
+fn index_ids(
+    txn: &WriteTransaction,
+    def: TableDefinition<&str, &str>,
+    prefix: &str,
+) -> Result<Vec<String>, String> {
+    let table = txn.open_table(def).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for item in table.range::<&str>(prefix..).map_err(|e| e.to_string())? {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        out.push(v.value().to_owned());
+    }
+    Ok(out)
+}
+
+/// Removes a replica and its index rows; false when it did not exist.
+fn remove_replica(txn: &WriteTransaction, id: &str) -> Result<bool, String> {
+    let Some(r) = get_json::<ReplicaRecord>(txn, REPLICAS, id)? else {
+        return Ok(false);
+    };
+    txn.open_table(REPLICAS)
+        .map_err(|e| e.to_string())?
+        .remove(id)
+        .map_err(|e| e.to_string())?;
+    txn.open_table(NODE_REPLICAS)
+        .map_err(|e| e.to_string())?
+        .remove(format!("{}/{id}", r.node_id).as_str())
+        .map_err(|e| e.to_string())?;
+    txn.open_table(WORKLOAD_REPLICAS)
+        .map_err(|e| e.to_string())?
+        .remove(format!("{}/{id}", r.workload_key()).as_str())
+        .map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
 fn apply_node_update(n: &mut NodeRecord, u: &NodeUpdate, now_ms: i64) {
     if let Some(phase) = u.phase {
         if phase != n.phase {
@@ -567,6 +638,11 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             let stored = match existing {
                 Some(old) if old.spec == workload.spec => old,
                 Some(old) => Workload {
+                    template: if old.spec.same_template(&workload.spec) {
+                        old.template
+                    } else {
+                        old.template + 1
+                    },
                     spec: workload.spec.clone(),
                     generation: old.generation + 1,
                     updated_at_ms: now_ms,
@@ -574,6 +650,7 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                 },
                 None => Workload {
                     generation: 1,
+                    template: 1,
                     created_at_ms: now_ms,
                     updated_at_ms: now_ms,
                     ..workload.clone()
@@ -752,6 +829,71 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             put_json(txn, NODES, node_id, &n)?;
             Response::Node(n)
         }
+        Command::PlaceReplicas { replicas } => {
+            let mut placed = 0u32;
+            for r in replicas {
+                let w = get_json::<Workload>(txn, WORKLOADS, &r.workload_key())?;
+                let current = w.is_some_and(|w| w.template == r.template);
+                if !current
+                    || get_json::<NodeRecord>(txn, NODES, &r.node_id)?.is_none()
+                    || get_json::<ReplicaRecord>(txn, REPLICAS, &r.id)?.is_some()
+                {
+                    continue;
+                }
+                let rec = ReplicaRecord {
+                    created_at_ms: now_ms,
+                    updated_at_ms: now_ms,
+                    ..r.clone()
+                };
+                put_json(txn, REPLICAS, &r.id, &rec)?;
+                txn.open_table(NODE_REPLICAS)
+                    .map_err(|e| e.to_string())?
+                    .insert(format!("{}/{}", r.node_id, r.id).as_str(), r.id.as_str())
+                    .map_err(|e| e.to_string())?;
+                txn.open_table(WORKLOAD_REPLICAS)
+                    .map_err(|e| e.to_string())?
+                    .insert(
+                        format!("{}/{}", r.workload_key(), r.id).as_str(),
+                        r.id.as_str(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                placed += 1;
+            }
+            Response::ReplicasChanged(placed)
+        }
+        Command::RemoveReplicas { ids } => {
+            let mut removed = 0u32;
+            for id in ids {
+                if remove_replica(txn, id)? {
+                    removed += 1;
+                }
+            }
+            Response::ReplicasChanged(removed)
+        }
+        Command::UpdateReplicas { updates } => {
+            let mut changed = 0u32;
+            for u in updates {
+                let Some(mut r) = get_json::<ReplicaRecord>(txn, REPLICAS, &u.id)? else {
+                    continue;
+                };
+                if r.node_id != u.node_id {
+                    continue;
+                }
+                if r.state != u.state {
+                    r.updated_at_ms = now_ms;
+                }
+                if u.state == ReplicaState::Ready && r.ready_at_ms == 0 {
+                    r.ready_at_ms = now_ms;
+                }
+                r.state = u.state;
+                r.exit_code = u.exit_code;
+                r.restarts = u.restarts;
+                r.message.clone_from(&u.message);
+                put_json(txn, REPLICAS, &u.id, &r)?;
+                changed += 1;
+            }
+            Response::ReplicasChanged(changed)
+        }
         Command::DeleteWorkload { namespace, name } => {
             let key = workload_key(namespace, name);
             let mut table = txn.open_table(WORKLOADS).map_err(|e| e.to_string())?;
@@ -759,7 +901,12 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                 .remove(key.as_str())
                 .map_err(|e| e.to_string())?
                 .is_some();
+            drop(table);
             if removed {
+                let ids = index_ids(txn, WORKLOAD_REPLICAS, &format!("{key}/"))?;
+                for id in ids {
+                    remove_replica(txn, &id)?;
+                }
                 Response::WorkloadDeleted
             } else {
                 Response::Rejected(Rejection::WorkloadNotFound {
@@ -891,6 +1038,58 @@ impl StateReader {
         })
     }
 
+    /// Every replica.
+    pub fn replicas(&self) -> Result<Vec<ReplicaRecord>, StateError> {
+        self.all(REPLICAS)
+    }
+
+    /// One replica.
+    pub fn replica(&self, id: &str) -> Result<Option<ReplicaRecord>, StateError> {
+        self.get(REPLICAS, id)
+    }
+
+    /// The replicas assigned to `node_id`.
+    pub fn node_replicas(&self, node_id: &str) -> Result<Vec<ReplicaRecord>, StateError> {
+        self.indexed(NODE_REPLICAS, &format!("{node_id}/"))
+    }
+
+    /// The replicas of one workload.
+    pub fn workload_replicas(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<ReplicaRecord>, StateError> {
+        self.indexed(WORKLOAD_REPLICAS, &format!("{namespace}/{name}/"))
+    }
+
+    fn indexed(
+        &self,
+        index: TableDefinition<&str, &str>,
+        prefix: &str,
+    ) -> Result<Vec<ReplicaRecord>, StateError> {
+        self.read(|txn| {
+            let idx = txn.open_table(index).map_err(|e| e.to_string())?;
+            let table = txn.open_table(REPLICAS).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for item in idx.range::<&str>(prefix..).map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                if let Some(r) = table.get(v.value()).map_err(|e| e.to_string())? {
+                    out.push(serde_json::from_str(r.value()).map_err(|e| e.to_string())?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// A receiver that changes after every commit touching replicas,
+    /// workloads, nodes or the configuration.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The last applied log id and membership.
     pub fn applied(&self) -> Result<Applied, StateError> {
         self.read(read_applied)
@@ -945,6 +1144,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .install(meta, snapshot.get_ref())
             .map_err(|e| io_err!(write_state_machine, e));
         self.removals.fetch_add(1, Ordering::Release);
+        self.changes.send_modify(|v| *v += 1);
         r
     }
 

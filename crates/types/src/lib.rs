@@ -12,7 +12,8 @@ pub use identity::{
 };
 pub use validation::{check_labels, FieldError, ValidationErrors};
 pub use workload::{
-    parse_manifest, Resources, Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,
+    parse_manifest, ReplicaRecord, ReplicaState, Resources, Workload, WorkloadSpec,
+    DEFAULT_NAMESPACE, MAX_REPLICAS,
 };
 
 /// Identifier of a coordinator in the Raft group.

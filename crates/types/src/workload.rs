@@ -78,12 +78,103 @@ pub struct Workload {
     pub created_at_ms: i64,
     /// Last update time, milliseconds since the Unix epoch.
     pub updated_at_ms: i64,
+    /// Increments when the spec changes in anything but the replica count:
+    /// replicas of an older template are replaced by a rollout.
+    #[serde(default)]
+    pub template: u64,
+}
+
+/// What a replica is doing, as its agent last reported (or the coordinator decided).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaState {
+    /// Assigned; the agent has not reported it running yet (pulling, starting).
+    #[default]
+    Pending,
+    /// Its container runs but is not (yet) ready.
+    Running,
+    /// Running and passing its readiness probe (or it has none).
+    Ready,
+    /// It exited and its restart policy will not restart it, or it cannot start.
+    Failed,
+    /// It exited successfully and will not be restarted.
+    Succeeded,
+}
+
+impl ReplicaState {
+    /// Its name as shown and sent on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Running => "Running",
+            Self::Ready => "Ready",
+            Self::Failed => "Failed",
+            Self::Succeeded => "Succeeded",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "Pending" => Self::Pending,
+            "Running" => Self::Running,
+            "Ready" => Self::Ready,
+            "Failed" => Self::Failed,
+            "Succeeded" => Self::Succeeded,
+            _ => return None,
+        })
+    }
+}
+
+/// One replica of a workload, placed on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// Unique id: `<namespace>.<workload>-<template>-<suffix>`.
+    pub id: String,
+    /// Workload namespace.
+    pub namespace: String,
+    /// Workload name.
+    pub workload: String,
+    /// The workload's template generation this replica runs.
+    pub template: u64,
+    /// The spec it runs (a copy, so that a rollout can run two at once).
+    pub spec: WorkloadSpec,
+    /// The node it is assigned to.
+    pub node_id: String,
+    /// State as last reported.
+    pub state: ReplicaState,
+    /// Last exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Restarts the agent made.
+    pub restarts: u32,
+    /// A human-readable detail (last error, OOM kill, probe failure).
+    pub message: String,
+    /// Placement time, ms since the epoch.
+    pub created_at_ms: i64,
+    /// Last state change, ms since the epoch.
+    pub updated_at_ms: i64,
+    /// When it first became Ready, ms since the epoch (0: never).
+    #[serde(default)]
+    pub ready_at_ms: i64,
+}
+
+impl ReplicaRecord {
+    /// The key of its workload, `namespace/name`.
+    pub fn workload_key(&self) -> String {
+        format!("{}/{}", self.namespace, self.workload)
+    }
 }
 
 /// Largest replica count one workload may ask for.
 pub const MAX_REPLICAS: u32 = 10_000;
 
 impl WorkloadSpec {
+    /// Whether `other` runs the same containers (differs at most in the replica count).
+    pub fn same_template(&self, other: &WorkloadSpec) -> bool {
+        let mut a = self.clone();
+        a.replicas = other.replicas;
+        &a == other
+    }
+
     /// Reports every invalid field, with paths under `prefix` (e.g. `spec`).
     pub fn validate_into(&self, prefix: &str, errs: &mut ValidationErrors) {
         let image = self.image.trim();
@@ -199,6 +290,7 @@ pub fn parse_manifest(text: &str) -> Result<Workload, ValidationErrors> {
         generation: 0,
         created_at_ms: 0,
         updated_at_ms: 0,
+        template: 0,
     };
     if let Err(e) = w.validate() {
         errs.0.extend(e.0);

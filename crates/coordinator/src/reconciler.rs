@@ -1,0 +1,438 @@
+//! The leader's reconcile loop: desired replicas (workloads) against actual
+//! ones (replica records), placed by the scheduler and committed to Raft.
+//!
+//! One pass reads the committed state, and commits at most one entry that
+//! removes replicas (lost with their node, failed beyond their restart
+//! policy, surplus, or replaced by a rollout) and places new ones. Passes run
+//! when the state changes and every [`TICK`] otherwise. Agents learn their
+//! assignments from the committed records (`WatchAssignments`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use cloudless_scheduler::{
+    ClusterSnapshot, Decision, NodeInfo, Phase, PowerSource, RunningReplica, WorkloadRequest,
+};
+use cloudless_state::{Command, StateReader};
+use cloudless_types::{NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Workload};
+use openraft::ServerState;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::{now_ms, CoordinatorHandle};
+
+/// Longest wait between passes.
+const TICK: Duration = Duration::from_millis(500);
+/// Replicas a rolling update may add above the desired count.
+const MAX_SURGE: usize = 1;
+/// Ready replicas a rolling update may go below the desired count.
+const MAX_UNAVAILABLE: usize = 0;
+
+/// Labels that name a node's zone and region (the first found wins).
+const ZONE_LABELS: [&str; 3] = [
+    "zone",
+    "topology.cloudless.dev/zone",
+    "topology.kubernetes.io/zone",
+];
+const REGION_LABELS: [&str; 3] = [
+    "region",
+    "topology.cloudless.dev/region",
+    "topology.kubernetes.io/region",
+];
+
+/// A node's labels: what the agent reports, overridden by the token's.
+pub(crate) fn node_labels(n: &NodeRecord) -> BTreeMap<String, String> {
+    let mut labels = n.status.reported_labels.clone();
+    labels.extend(n.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
+}
+
+fn first_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> String {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The scheduler's view of the nodes that can take replicas.
+fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Vec<NodeInfo> {
+    let mut by_node: HashMap<&str, Vec<RunningReplica>> = HashMap::new();
+    for r in replicas {
+        by_node
+            .entry(r.node_id.as_str())
+            .or_default()
+            .push(RunningReplica {
+                id: r.id.clone(),
+                workload: r.workload_key(),
+                priority: r.spec.priority,
+                requests: r.spec.requests,
+            });
+    }
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let phase = match n.phase {
+                NodePhase::Ready => Phase::Ready,
+                NodePhase::Suspect => Phase::Suspect,
+                NodePhase::Pending | NodePhase::Down => return None,
+            };
+            let labels = node_labels(n);
+            Some(NodeInfo {
+                id: n.id.clone(),
+                region: first_label(&labels, &REGION_LABELS),
+                zone: first_label(&labels, &ZONE_LABELS),
+                taints: Vec::new(),
+                phase,
+                cordoned: n.cordoned,
+                draining: n.draining,
+                capacity: n.status.capacity,
+                reserved: cloudless_types::Resources::default(),
+                reliability: n.reliability.clamp(0.0, 1.0),
+                cost_per_unit: 0.0,
+                power: if n.status.power_source == "battery" {
+                    PowerSource::Battery {
+                        percent: n.status.battery_percent.min(100),
+                    }
+                } else {
+                    PowerSource::Mains
+                },
+                arch: labels.get("arch").cloned().unwrap_or_default(),
+                rtt_ms: BTreeMap::new(),
+                runtime_classes: vec!["runc".to_owned()],
+                replicas: by_node.remove(n.id.as_str()).unwrap_or_default(),
+                labels,
+            })
+        })
+        .collect()
+}
+
+/// What one pass decided.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// Replica ids to remove, with the reason (for the log).
+    pub remove: Vec<(String, &'static str)>,
+    /// Replicas to place: (index into the workloads, count).
+    pub place: Vec<(usize, usize)>,
+}
+
+/// Decides removals and how many replicas each workload needs, from the
+/// committed state alone (deterministic, so it is unit-tested).
+pub(crate) fn plan(
+    workloads: &[Workload],
+    replicas: &[ReplicaRecord],
+    nodes: &[NodeRecord],
+) -> Plan {
+    let mut plan = Plan::default();
+    let live_nodes: HashSet<&str> = nodes
+        .iter()
+        .filter(|n| n.phase != NodePhase::Down)
+        .map(|n| n.id.as_str())
+        .collect();
+    let known: HashSet<String> = workloads
+        .iter()
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .collect();
+    let mut by_workload: HashMap<String, Vec<&ReplicaRecord>> = HashMap::new();
+    for r in replicas {
+        if !live_nodes.contains(r.node_id.as_str()) {
+            plan.remove.push((r.id.clone(), "Lost: its node is down"));
+        } else if !known.contains(&r.workload_key()) {
+            plan.remove.push((r.id.clone(), "its workload was deleted"));
+        } else if r.state == ReplicaState::Failed {
+            plan.remove.push((
+                r.id.clone(),
+                "Failed beyond its restart policy: rescheduling",
+            ));
+        } else {
+            by_workload.entry(r.workload_key()).or_default().push(r);
+        }
+    }
+    for (index, w) in workloads.iter().enumerate() {
+        let key = format!("{}/{}", w.namespace, w.name);
+        let mine = by_workload.remove(&key).unwrap_or_default();
+        let desired = w.spec.replicas as usize;
+        let (mut current, mut old): (Vec<&ReplicaRecord>, Vec<&ReplicaRecord>) =
+            mine.into_iter().partition(|r| r.template == w.template);
+        // Least useful first: not ready, then newest.
+        let rank = |r: &&ReplicaRecord| {
+            (
+                r.state == ReplicaState::Ready,
+                std::cmp::Reverse(r.created_at_ms),
+            )
+        };
+        current.sort_by_key(rank);
+        old.sort_by_key(rank);
+        if current.len() > desired {
+            let surplus = current.len() - desired;
+            for r in current.drain(..surplus) {
+                plan.remove.push((r.id.clone(), "surplus: scaled down"));
+            }
+        }
+        let ready = |rs: &[&ReplicaRecord]| {
+            rs.iter()
+                .filter(|r| matches!(r.state, ReplicaState::Ready | ReplicaState::Succeeded))
+                .count()
+        };
+        let mut ready_total = ready(&current) + ready(&old);
+        // Old-template replicas go as long as enough ready ones remain.
+        let floor = desired.saturating_sub(MAX_UNAVAILABLE);
+        let mut kept_old = 0;
+        for r in &old {
+            let r_ready = usize::from(matches!(
+                r.state,
+                ReplicaState::Ready | ReplicaState::Succeeded
+            ));
+            if ready_total - r_ready >= floor {
+                plan.remove
+                    .push((r.id.clone(), "replaced by the new template (rollout)"));
+                ready_total -= r_ready;
+            } else {
+                kept_old += 1;
+            }
+        }
+        let missing = desired.saturating_sub(current.len());
+        let budget = if kept_old == 0 {
+            missing
+        } else {
+            (desired + MAX_SURGE).saturating_sub(current.len() + kept_old)
+        };
+        let n = missing.min(budget);
+        if n > 0 {
+            plan.place.push((index, n));
+        }
+    }
+    plan
+}
+
+fn replica_id(w: &Workload) -> String {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "{}.{}-{}-{}",
+        w.namespace,
+        w.name,
+        w.template,
+        suffix.get(..8).unwrap_or(&suffix)
+    )
+}
+
+/// Runs passes while this coordinator leads, until `cancel`.
+pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
+    let reader = handle.reader().clone();
+    let mut changes = reader.changes();
+    let mut unplaced_logged: HashMap<String, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(TICK) => {}
+            r = changes.changed() => if r.is_err() { return },
+        }
+        let leading = handle.raft().metrics().borrow().state == ServerState::Leader;
+        if !leading {
+            continue;
+        }
+        // Debounce: let a burst of commits settle into one pass.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        changes.borrow_and_update();
+        if let Err(e) = pass(&handle, &reader, &mut unplaced_logged).await {
+            tracing::warn!(error = %e, "reconcile pass failed; retrying");
+        }
+    }
+}
+
+async fn pass(
+    handle: &CoordinatorHandle,
+    reader: &StateReader,
+    unplaced_logged: &mut HashMap<String, u64>,
+) -> Result<(), crate::error::CoordinatorError> {
+    let cluster = handle.cluster()?;
+    let workloads = reader.workloads(None)?;
+    let replicas = reader.replicas()?;
+    let nodes = reader.nodes()?;
+    let plan = plan(&workloads, &replicas, &nodes);
+    if plan.remove.is_empty() && plan.place.is_empty() {
+        return Ok(());
+    }
+    let removed: HashSet<&str> = plan.remove.iter().map(|(id, _)| id.as_str()).collect();
+    let remaining: Vec<ReplicaRecord> = replicas
+        .iter()
+        .filter(|r| !removed.contains(r.id.as_str()))
+        .cloned()
+        .collect();
+    let mut placed = Vec::new();
+    if !plan.place.is_empty() {
+        let infos = node_infos(&nodes, &remaining);
+        let mut snapshot = ClusterSnapshot::new(&infos, cluster.config.scheduler_weights)
+            .map_err(|e| crate::error::CoordinatorError::Fatal(format!("scheduler input: {e}")))?;
+        for (index, count) in &plan.place {
+            let w = &workloads[*index];
+            let key = format!("{}/{}", w.namespace, w.name);
+            let req = WorkloadRequest {
+                workload: key.clone(),
+                requests: w.spec.requests,
+                replicas: u32::try_from(*count).unwrap_or(u32::MAX),
+                priority: w.spec.priority,
+                long_running: true,
+                ..WorkloadRequest::default()
+            };
+            let decisions = match snapshot.place(&req, now_ms(), false) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(workload = %key, error = %e, "cannot schedule");
+                    continue;
+                }
+            };
+            for d in decisions {
+                match d {
+                    Decision::Placed(p) => placed.push(ReplicaRecord {
+                        id: replica_id(w),
+                        namespace: w.namespace.clone(),
+                        workload: w.name.clone(),
+                        template: w.template,
+                        spec: w.spec.clone(),
+                        node_id: p.node,
+                        state: ReplicaState::Pending,
+                        exit_code: None,
+                        restarts: 0,
+                        message: String::new(),
+                        created_at_ms: 0,
+                        updated_at_ms: 0,
+                        ready_at_ms: 0,
+                    }),
+                    Decision::Unplaced(u) => {
+                        // Once per workload generation, not every pass.
+                        if unplaced_logged.insert(key.clone(), w.generation) != Some(w.generation) {
+                            tracing::warn!(workload = %key, reasons = %u, "replica cannot be placed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (id, why) in &plan.remove {
+        tracing::info!(replica = %id, reason = why, "removing replica");
+    }
+    for r in &placed {
+        tracing::info!(replica = %r.id, node = %r.node_id, "placing replica");
+    }
+    if !plan.remove.is_empty() {
+        let ids = plan.remove.iter().map(|(id, _)| id.clone()).collect();
+        handle.write(None, Command::RemoveReplicas { ids }).await?;
+    }
+    if !placed.is_empty() {
+        handle
+            .write(None, Command::PlaceReplicas { replicas: placed })
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudless_types::WorkloadSpec;
+
+    fn workload(replicas: u32, template: u64) -> Workload {
+        Workload {
+            namespace: "default".into(),
+            name: "web".into(),
+            spec: WorkloadSpec {
+                image: "busybox".into(),
+                replicas,
+                ..WorkloadSpec::default()
+            },
+            generation: template,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            template,
+        }
+    }
+
+    fn node(id: &str, phase: NodePhase) -> NodeRecord {
+        let mut n = NodeRecord::new(id.into(), id.into(), "t".into(), 0);
+        n.phase = phase;
+        n
+    }
+
+    fn replica(id: &str, node: &str, template: u64, state: ReplicaState) -> ReplicaRecord {
+        ReplicaRecord {
+            id: id.into(),
+            namespace: "default".into(),
+            workload: "web".into(),
+            template,
+            spec: WorkloadSpec::default(),
+            node_id: node.into(),
+            state,
+            exit_code: None,
+            restarts: 0,
+            message: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ready_at_ms: 0,
+        }
+    }
+
+    fn removed(p: &Plan) -> Vec<&str> {
+        let mut v: Vec<&str> = p.remove.iter().map(|(id, _)| id.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn places_missing_replicas_and_replaces_lost_and_failed_ones() {
+        let nodes = [node("a", NodePhase::Ready), node("b", NodePhase::Down)];
+        let replicas = [
+            replica("r1", "a", 1, ReplicaState::Ready),
+            replica("r2", "b", 1, ReplicaState::Ready),
+            replica("r3", "a", 1, ReplicaState::Failed),
+        ];
+        let p = plan(&[workload(3, 1)], &replicas, &nodes);
+        assert_eq!(removed(&p), ["r2", "r3"]);
+        assert_eq!(p.place, [(0, 2)]);
+    }
+
+    #[test]
+    fn scales_down_the_least_useful_first() {
+        let nodes = [node("a", NodePhase::Ready)];
+        let replicas = [
+            replica("ready", "a", 1, ReplicaState::Ready),
+            replica("pending", "a", 1, ReplicaState::Pending),
+        ];
+        let p = plan(&[workload(1, 1)], &replicas, &nodes);
+        assert_eq!(removed(&p), ["pending"]);
+        assert!(p.place.is_empty());
+        // A deleted workload's replicas go.
+        let p = plan(&[], &replicas, &nodes);
+        assert_eq!(removed(&p), ["pending", "ready"]);
+    }
+
+    #[test]
+    fn rolling_update_surges_by_one_and_keeps_ready_replicas_until_replaced() {
+        let nodes = [node("a", NodePhase::Ready)];
+        let old = [
+            replica("o1", "a", 1, ReplicaState::Ready),
+            replica("o2", "a", 1, ReplicaState::Ready),
+        ];
+        // Start: one new replica above the desired two, nothing removed.
+        let p = plan(&[workload(2, 2)], &old, &nodes);
+        assert!(p.remove.is_empty(), "{:?}", p.remove);
+        assert_eq!(p.place, [(0, 1)]);
+        // The new one is running but not ready: still nothing removed.
+        let mut state = old.to_vec();
+        state.push(replica("n1", "a", 2, ReplicaState::Running));
+        let p = plan(&[workload(2, 2)], &state, &nodes);
+        assert!(p.remove.is_empty() && p.place.is_empty(), "{p:?}");
+        // Ready: one old goes, and the next new one is placed.
+        state[2].state = ReplicaState::Ready;
+        let p = plan(&[workload(2, 2)], &state, &nodes);
+        assert_eq!(p.remove.len(), 1);
+        assert_eq!(p.place, [(0, 1)]);
+        // Both new ready: the last old goes.
+        let state = [
+            replica("o2", "a", 1, ReplicaState::Ready),
+            replica("n1", "a", 2, ReplicaState::Ready),
+            replica("n2", "a", 2, ReplicaState::Ready),
+        ];
+        let p = plan(&[workload(2, 2)], &state, &nodes);
+        assert_eq!(removed(&p), ["o2"]);
+        assert!(p.place.is_empty());
+    }
+}
