@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Starts a local 3-coordinator cluster on 127.0.0.1, applies examples/web.yaml,
-# reads it back from a follower, enrolls one agent with a join token, and
-# prints the nodes and the cluster status.
+# The local demo: a containerd of its own, a local registry holding a busybox
+# image built from Debian's busybox-static, 3 coordinators (mTLS, Raft) and 2
+# agents (zones a and b) enrolled with join tokens; applies examples/hello.yaml
+# (3 replicas spread over both zones), shows them running with their output,
+# and leaves everything running.
 #   scripts/dev-cluster.sh          run the demo, leave the cluster running
 #   scripts/dev-cluster.sh stop     stop it
-# State and logs live in ${CLOUDLESS_DEV_DIR:-/tmp/cloudless-dev}.
+# State and logs live in ${CLOUDLESS_DEV_DIR:-/tmp/cloudless-dev}. Needs root
+# (containers), containerd, runc, busybox-static and docker-registry
+# (scripts/install-deps.sh installs them).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -12,20 +16,68 @@ export PATH="$HOME/.cargo/bin:$PATH"
 DIR="${CLOUDLESS_DEV_DIR:-/tmp/cloudless-dev}"
 BIN="${CLOUDLESS_BIN:-target/release}"
 PORTS=(7400 7410 7420)
+REGISTRY=127.0.0.1:7500
 
 stop() {
   if compgen -G "$DIR/*.pid" >/dev/null; then
-    for f in "$DIR"/*.pid; do kill "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; done
+    # Agents first (they stop their containers), then the rest.
+    for f in "$DIR"/a*.pid "$DIR"/*.pid; do
+      [[ -f "$f" ]] || continue
+      kill "$(cat "$f")" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
+      rm -f "$f"
+    done
   fi
+  pkill -f "containerd-shim-runc-v2 -namespace cloudless-demo" 2>/dev/null || true
 }
 
 if [[ "${1:-}" == "stop" ]]; then stop; echo "stopped"; exit 0; fi
 
+for tool in containerd runc docker-registry; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
+done
+[[ -x /bin/busybox ]] || { echo "/bin/busybox is missing: run scripts/install-deps.sh" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || { echo "the demo runs containers: run it as root" >&2; exit 1; }
+
 if [[ -z "${CLOUDLESS_BIN:-}" ]]; then
-  cargo build --release --bin cloudless-coordinator --bin cloudlessctl --bin cloudless-agent
+  cargo build --release --bin cloudless-coordinator --bin cloudlessctl --bin cloudless-agent --bin cloudless-image
 fi
 stop
 rm -rf "$DIR" && mkdir -p "$DIR"
+
+echo "==> starting a containerd of the demo's own ($DIR/containerd)"
+mkdir -p "$DIR/containerd"
+cat >"$DIR/containerd/config.toml" <<TOML
+version = 2
+root = "$DIR/containerd/root"
+state = "$DIR/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$DIR/containerd/containerd.sock"
+[ttrpc]
+  address = "$DIR/containerd/containerd-ttrpc.sock"
+TOML
+containerd --config "$DIR/containerd/config.toml" >"$DIR/containerd.log" 2>&1 &
+echo $! >"$DIR/containerd.pid"
+for _ in $(seq 1 100); do [[ -S "$DIR/containerd/containerd.sock" ]] && break; sleep 0.1; done
+
+echo "==> starting a local registry on $REGISTRY and pushing busybox to it"
+cat >"$DIR/registry.yml" <<YAML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $DIR/registry
+http:
+  addr: $REGISTRY
+YAML
+docker-registry serve "$DIR/registry.yml" >"$DIR/registry.log" 2>&1 &
+echo $! >"$DIR/registry.pid"
+for _ in $(seq 1 100); do curl -sf "http://$REGISTRY/v2/" >/dev/null && break; sleep 0.1; done
+"$BIN/cloudless-image" busybox "$DIR/busybox.tar" >/dev/null
+"$BIN/cloudless-image" push "$DIR/busybox.tar" "$REGISTRY/cloudless/busybox:1" --insecure
+
 # One master key for all coordinators: it seals the cluster CA and token key.
 "$BIN/cloudless-coordinator" gen-master-key "$DIR/master.key" >/dev/null
 
@@ -61,37 +113,45 @@ done
 wait_ready "${PORTS[1]}"; wait_ready "${PORTS[2]}"
 
 # init wrote admin credentials and a cloudlessctl config; every call is mTLS.
-CTL=("$BIN/cloudlessctl" --config "$DIR/c1/admin/cloudlessctl.toml" --server "127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[0]}")
+CTL=("$BIN/cloudlessctl" --config "$DIR/c1/admin/cloudlessctl.toml" --server "127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[2]}")
 for _ in $(seq 1 50); do
   [[ "$("${CTL[@]}" cluster status -o json | grep -c '"state": "\(Leader\|Follower\)"')" == 3 ]] && break
   sleep 0.1
 done
-echo "==> cloudlessctl apply -f examples/web.yaml (sent to c2; followers forward writes to the leader)"
-"${CTL[@]}" apply -f examples/web.yaml
-echo "==> cloudlessctl get workloads (linearizable read)"
-"${CTL[@]}" get workloads
-echo "==> cloudlessctl token create --ttl 1h --max-uses 1 --label zone=eu-a (for enrolling a device)"
-for _ in $(seq 1 50); do
-  "${CTL[@]}" token create --ttl 1h --max-uses 1 --label zone=eu-a >"$DIR/join-token" 2>"$DIR/token.err" && break
-  sleep 0.1
-done
-echo "token written to $DIR/join-token"
-"${CTL[@]}" token list
-echo "==> starting agent a1: enrolls with the token (key made locally, CSR sent), then heartbeats"
 COORDS="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
-"$BIN/cloudless-agent" --data-dir "$DIR/a1" --coordinator "$COORDS" --name a1 \
-  --join-token-file "$DIR/join-token" --ca-cert "$DIR/c1/admin/ca.crt" >"$DIR/a1.log" 2>&1 &
-echo $! >"$DIR/a1.pid"
-for _ in $(seq 1 50); do
-  "${CTL[@]}" node list 2>/dev/null | grep -q " Ready " && break
+for zone in a b; do
+  agent="agent-$zone"
+  echo "==> join token for zone $zone; starting $agent (enrolls: key made locally, CSR sent, then heartbeats)"
+  for _ in $(seq 1 50); do
+    "${CTL[@]}" token create --ttl 10m --max-uses 1 --label "zone=$zone" >"$DIR/join-token-$zone" 2>"$DIR/token.err" && break
+    sleep 0.1
+  done
+  "$BIN/cloudless-agent" --data-dir "$DIR/$agent" --coordinator "$COORDS" --name "$agent" \
+    --join-token-file "$DIR/join-token-$zone" --ca-cert "$DIR/c1/admin/ca.crt" \
+    --containerd-socket "$DIR/containerd/containerd.sock" --containerd-namespace "cloudless-demo-$zone" \
+    --insecure-registry "$REGISTRY" >"$DIR/a-$zone.log" 2>&1 &
+  echo $! >"$DIR/a-$zone.pid"
+done
+for _ in $(seq 1 100); do
+  [[ "$("${CTL[@]}" node list 2>/dev/null | grep -c " Ready ")" == 2 ]] && break
   sleep 0.1
 done
-rm -f "$DIR/join-token"  # single use, and spent
-echo "==> cloudlessctl node list"
-"${CTL[@]}" node list
-echo "==> cloudlessctl cluster status"
-"${CTL[@]}" cluster status
+rm -f "$DIR"/join-token-*  # single use, and spent
+echo "==> cloudlessctl get nodes"
+"${CTL[@]}" get nodes
+echo "==> cloudlessctl apply -f examples/hello.yaml --wait"
+"${CTL[@]}" apply -f examples/hello.yaml --wait --timeout 120
+echo "==> cloudlessctl get workloads"
+"${CTL[@]}" get workloads
+echo "==> cloudlessctl get replicas"
+"${CTL[@]}" get replicas
+sleep 1
+echo "==> their output (from each agent's container logs)"
+for f in "$DIR"/agent-*/logs/*.log; do
+  [[ -f "$f" ]] && echo "  $(basename "$(dirname "$(dirname "$f")")"): $(tail -n 1 "$f")"
+done
 echo
 echo "Cluster is running (logs in $DIR). Metrics: curl http://127.0.0.1:$((PORTS[0] + 1))/metrics"
-echo "cloudlessctl config (mTLS admin credentials): $DIR/c1/admin/cloudlessctl.toml"
-echo "Stop it with: scripts/dev-cluster.sh stop"
+echo "cloudlessctl: ${CTL[*]}"
+echo "Try: kill the agent of one zone (kill \$(cat $DIR/a-a.pid)) and watch its replicas move: ... get replicas"
+echo "Stop everything with: make demo-stop"

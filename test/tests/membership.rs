@@ -89,6 +89,7 @@ fn agent_config(
         join_token: token,
         ca_cert: Some(cluster.configs[0].data_dir.join("admin/ca.crt")),
         labels: BTreeMap::from([("disk".to_owned(), "ssd".to_owned())]),
+        runtime: None,
     }
 }
 
@@ -379,6 +380,7 @@ fn spawn_agent_process(
             "rack=r1",
             "--log-filter",
             "debug",
+            "--no-workloads",
         ])
         .arg("--ca-cert")
         .arg(cluster.configs[0].data_dir.join("admin/ca.crt"))

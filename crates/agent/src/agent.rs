@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub ca_cert: Option<PathBuf>,
     /// Labels reported with every heartbeat.
     pub labels: BTreeMap<String, String>,
+    /// Where to run workloads; `None` runs none (membership only).
+    pub runtime: Option<crate::RuntimeConfig>,
 }
 
 fn now_s() -> i64 {
@@ -67,6 +69,19 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         r = load_or_enroll(&config) => r?,
         () = cancel.cancelled() => return Ok(()),
     };
+    let (identity_tx, identity_rx) = tokio::sync::watch::channel(identity.clone());
+    let mut workloads = match &config.runtime {
+        Some(rc) => {
+            let runner = crate::workloads::Runner::new(rc).await?;
+            Some(tokio::spawn(crate::workloads::run(
+                config.coordinators.clone(),
+                identity_rx,
+                runner,
+                cancel.clone(),
+            )))
+        }
+        None => None,
+    };
     let mut coordinators = Coordinators::new(config.coordinators.clone(), identity);
     let mut probe = DeviceProbe::default().with_labels(config.labels.clone());
     let mut interval = Duration::from_secs(1);
@@ -77,6 +92,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 Ok(renewed) => {
                     renewed.save(&config.data_dir)?;
                     tracing::info!(not_after = renewed.not_after, "node certificate renewed");
+                    identity_tx.send_replace(renewed.clone());
                     coordinators.set_identity(renewed);
                 }
                 Err(AgentError::Removed(m)) => return Err(AgentError::Removed(m)),
@@ -100,9 +116,28 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 interval = interval.min(RETRY.max(Duration::from_millis(100)));
             }
         }
+        let workloads_ended = async {
+            match workloads.as_mut() {
+                Some(h) => h.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
+            () = cancel.cancelled() => {
+                if let Some(h) = workloads.take() {
+                    let _ = h.await;
+                }
+                return Ok(());
+            }
             () = tokio::time::sleep_until(started + interval) => {}
+            r = workloads_ended => {
+                workloads = None;
+                match r {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => {}
+                    Err(e) => return Err(AgentError::Config(format!("the workload runner failed: {e}"))),
+                }
+            }
         }
     }
 }

@@ -93,7 +93,7 @@ struct BeatStream {
 }
 
 /// The coordinators' answer when this node's record was removed.
-fn is_removal(s: &Status) -> bool {
+pub(crate) fn is_removal(s: &Status) -> bool {
     s.code() == Code::PermissionDenied && s.message().contains("removed")
 }
 

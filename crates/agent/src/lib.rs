@@ -6,6 +6,7 @@ mod agent;
 mod client;
 mod identity;
 mod sysinfo;
+pub mod workloads;
 
 use std::path::Path;
 
@@ -13,6 +14,7 @@ pub use agent::{load_or_enroll, run, AgentConfig};
 pub use client::{enroll, Coordinators};
 pub use identity::NodeIdentity;
 pub use sysinfo::DeviceProbe;
+pub use workloads::RuntimeConfig;
 
 /// Why the agent failed.
 #[derive(Debug, thiserror::Error)]

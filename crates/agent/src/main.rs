@@ -49,6 +49,21 @@ struct Cli {
     /// Log filter in RUST_LOG syntax.
     #[arg(long, default_value = "info")]
     log_filter: String,
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd_socket: PathBuf,
+    /// containerd namespace for this agent's containers and images.
+    #[arg(long, default_value = "cloudless")]
+    containerd_namespace: String,
+    /// Registry host:port spoken to over plain HTTP (repeatable).
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Extra CA certificate (PEM file) trusted for registries (repeatable).
+    #[arg(long = "registry-ca")]
+    registry_ca_files: Vec<PathBuf>,
+    /// Do not run workloads (membership and heartbeats only).
+    #[arg(long)]
+    no_workloads: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -78,12 +93,19 @@ fn main() -> ExitCode {
         _ => None,
     };
     let config = AgentConfig {
-        data_dir: cli.data_dir,
         coordinators: cli.coordinators,
         name: cli.name.unwrap_or_else(host_name),
         join_token,
         ca_cert: cli.ca_cert,
         labels: cli.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        runtime: (!cli.no_workloads).then(|| cloudless_agent::RuntimeConfig {
+            log_dir: cli.data_dir.join("logs"),
+            containerd_socket: cli.containerd_socket,
+            namespace: cli.containerd_namespace,
+            insecure_registries: cli.insecure_registries,
+            registry_ca_files: cli.registry_ca_files,
+        }),
+        data_dir: cli.data_dir,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

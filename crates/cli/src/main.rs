@@ -55,11 +55,17 @@ enum Cmd {
         /// Idempotency key: a retry with the same key is applied once.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Wait until every replica of the new template is Ready, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait with --wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
-    /// List workloads, or show one.
+    /// List workloads (or show one), nodes, or replicas.
     Get {
         /// What to get.
-        #[arg(value_parser = ["workloads", "workload", "wl"])]
+        #[arg(value_parser = ["workloads", "workload", "wl", "replicas", "replica", "nodes", "node"])]
         kind: String,
         /// A workload name.
         name: Option<String>,
@@ -386,6 +392,73 @@ fn workload_json(w: &pb::Workload) -> serde_json::Value {
     })
 }
 
+fn replica_json(r: &pb::Replica) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id, "namespace": r.namespace, "workload": r.workload, "template": r.template,
+        "nodeId": r.node_id, "nodeName": r.node_name, "state": r.state, "exitCode": r.exit_code,
+        "restarts": r.restarts, "message": r.message, "image": r.image,
+        "createdAtMs": r.created_at_ms, "updatedAtMs": r.updated_at_ms,
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Polls until every replica of the workload's current template is Ready
+/// and no older one remains; prints progress when it changes.
+async fn wait_rollout(
+    servers: &Target,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let w = call(servers, |ch| {
+            let req = pb::GetWorkloadRequest {
+                read: None,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            };
+            async move { WorkloadServiceClient::new(ch).get(req).await }
+        })
+        .await?
+        .workload
+        .unwrap_or_default();
+        let st = w.status.unwrap_or_default();
+        let desired = w.spec.as_ref().map_or(0, |s| s.replicas);
+        let line = format!(
+            "{}/{} ready, {} up to date, {} assigned (want {desired})",
+            st.ready_replicas, desired, st.updated_replicas, st.current_replicas
+        );
+        if line != last {
+            println!("  {line}");
+            last = line;
+        }
+        if st.ready_replicas >= desired
+            && st.updated_replicas == desired
+            && st.current_replicas == desired
+        {
+            println!("rollout of {namespace}/{name} complete");
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failure {
+                code: 3,
+                error: anyhow::anyhow!(
+                    "{namespace}/{name}: rollout not complete after {}s ({last})",
+                    timeout.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Where and how to connect.
 struct Target {
     servers: Vec<String>,
@@ -588,6 +661,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Apply {
             file,
             idempotency_key,
+            wait,
+            timeout,
         } => {
             let text = if file == "-" {
                 std::io::read_to_string(std::io::stdin())
@@ -620,6 +695,57 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 w.generation,
                 r.commit.map_or(0, |c| c.log_index)
             );
+            if wait {
+                wait_rollout(servers, &w.namespace, &w.name, Duration::from_secs(timeout)).await?;
+            }
+        }
+        Cmd::Get {
+            kind,
+            name,
+            namespace,
+        } if kind.starts_with("replica") => {
+            let read = read_opts(cli.stale);
+            let ns = namespace.unwrap_or_default();
+            let r = call(servers, |ch| {
+                let req = pb::ListReplicasRequest {
+                    read,
+                    namespace: ns.clone(),
+                    name: name.clone().unwrap_or_default(),
+                };
+                async move { WorkloadServiceClient::new(ch).list_replicas(req).await }
+            })
+            .await?;
+            if cli.output == Output::Json {
+                return print_json(&r.replicas.iter().map(replica_json).collect::<Vec<_>>());
+            }
+            println!(
+                "{:<44} {:<10} {:<12} {:>8} {:>5} {:<8} MESSAGE",
+                "REPLICA", "STATE", "NODE", "RESTARTS", "EXIT", "AGE"
+            );
+            let now = now_ms();
+            for x in &r.replicas {
+                println!(
+                    "{:<44} {:<10} {:<12} {:>8} {:>5} {:<8} {}",
+                    x.id,
+                    x.state,
+                    if x.node_name.is_empty() {
+                        &x.node_id
+                    } else {
+                        &x.node_name
+                    },
+                    x.restarts,
+                    x.exit_code.map_or("-".to_owned(), |c| c.to_string()),
+                    human((now - x.created_at_ms).max(0) / 1000),
+                    x.message
+                );
+            }
+        }
+        Cmd::Get { kind, .. } if kind.starts_with("node") => {
+            return Box::pin(run(Cli {
+                command: Cmd::Node(NodeCmd::List),
+                ..cli
+            }))
+            .await;
         }
         Cmd::Get {
             kind,
@@ -666,14 +792,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return print_json(&workloads.iter().map(workload_json).collect::<Vec<_>>());
             }
             println!(
-                "{:<12} {:<24} {:<32} {:>8} {:>10}",
-                "NAMESPACE", "NAME", "IMAGE", "REPLICAS", "GENERATION"
+                "{:<12} {:<24} {:<40} {:>7} {:>10} {:>10}",
+                "NAMESPACE", "NAME", "IMAGE", "READY", "UP-TO-DATE", "GENERATION"
             );
             for w in &workloads {
                 let spec = w.spec.clone().unwrap_or_default();
+                let st = w.status.unwrap_or_default();
                 println!(
-                    "{:<12} {:<24} {:<32} {:>8} {:>10}",
-                    w.namespace, w.name, spec.image, spec.replicas, w.generation
+                    "{:<12} {:<24} {:<40} {:>7} {:>10} {:>10}",
+                    w.namespace,
+                    w.name,
+                    spec.image,
+                    format!("{}/{}", st.ready_replicas, spec.replicas),
+                    st.updated_replicas,
+                    w.generation
                 );
             }
         }

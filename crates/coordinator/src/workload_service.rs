@@ -131,7 +131,7 @@ impl WorkloadService for WorkloadApi {
                 let ns = namespace_or_default(r.namespace);
                 match h.reader().workload(&ns, &r.name)? {
                     Some(w) => Ok(GetWorkloadResponse {
-                        workload: Some(with_status(&h.reader(), w)?),
+                        workload: Some(with_status(h.reader(), w)?),
                     }),
                     None => Err(Rejection::WorkloadNotFound {
                         namespace: ns,
@@ -161,7 +161,7 @@ impl WorkloadService for WorkloadApi {
                 let workloads = reader
                     .workloads(ns)?
                     .into_iter()
-                    .map(|w| with_status(&reader, w))
+                    .map(|w| with_status(reader, w))
                     .collect::<Result<_, _>>()?;
                 Ok(ListWorkloadsResponse { workloads })
             },

@@ -652,6 +652,84 @@ impl RegistryClient {
     }
 }
 
+impl RegistryClient {
+    /// Pushes this platform's image from an OCI archive to `reference`
+    /// (blobs the registry has are skipped); returns the manifest digest.
+    /// Anonymous pushes only: for a node's own or a development registry.
+    pub async fn push_archive(
+        &self,
+        archive: &crate::image::OciArchive,
+        reference: &str,
+    ) -> Result<String, RuntimeError> {
+        let name = ImageName::parse(reference)?;
+        let resolved = archive.resolve(crate::image::host_platform())?;
+        let base = self.base(&name);
+        for desc in resolved.layers.iter().chain([&resolved.config]) {
+            let head = self
+                .http
+                .head(format!("{base}/blobs/{}", desc.digest))
+                .send()
+                .await
+                .map_err(|e| registry_err(&name, error_chain(&e)))?;
+            if head.status().is_success() {
+                continue;
+            }
+            let start = self
+                .http
+                .post(format!("{base}/blobs/uploads/"))
+                .send()
+                .await
+                .map_err(|e| registry_err(&name, error_chain(&e)))?;
+            if start.status() != StatusCode::ACCEPTED {
+                return Err(registry_err(
+                    &name,
+                    format!("starting an upload: {}", start.status()),
+                ));
+            }
+            let location = start
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| registry_err(&name, "upload without a Location"))?;
+            let mut url = start
+                .url()
+                .join(location)
+                .map_err(|e| registry_err(&name, format!("upload location: {e}")))?;
+            url.query_pairs_mut().append_pair("digest", &desc.digest);
+            let put = self
+                .http
+                .put(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(archive.blob(&desc.digest)?.to_vec())
+                .send()
+                .await
+                .map_err(|e| registry_err(&name, error_chain(&e)))?;
+            if put.status() != StatusCode::CREATED {
+                return Err(registry_err(
+                    &name,
+                    format!("uploading {}: {}", desc.digest, put.status()),
+                ));
+            }
+        }
+        let manifest = archive.blob(&resolved.manifest.digest)?;
+        let put = self
+            .http
+            .put(format!("{base}/manifests/{}", name.manifest_reference()))
+            .header(reqwest::header::CONTENT_TYPE, &resolved.manifest.media_type)
+            .body(manifest.to_vec())
+            .send()
+            .await
+            .map_err(|e| registry_err(&name, error_chain(&e)))?;
+        if put.status() != StatusCode::CREATED {
+            return Err(registry_err(
+                &name,
+                format!("putting the manifest: {}", put.status()),
+            ));
+        }
+        Ok(resolved.manifest.digest)
+    }
+}
+
 /// Reads a whole body of at most `limit` bytes.
 async fn read_limited(
     name: &ImageName,

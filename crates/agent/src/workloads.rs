@@ -1,0 +1,504 @@
+//! The agent's half of workloads: keep a `WatchAssignments` stream open to
+//! any coordinator, run what it assigns through containerd (pulling images,
+//! supervising containers), stop what it no longer assigns, and report
+//! replica states back in batches. Without a coordinator the agent keeps
+//! running (and restarting) what it was last assigned.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudless_proto::v1 as pb;
+use cloudless_runtime::registry::{RegistryClient, RegistryConfig};
+use cloudless_runtime::{
+    Backoff, ContainerConfig, Containerd, HostSecurity, ImageRef, Limits, NodePolicy, ReplicaPhase,
+    ReplicaSpec, RestartPolicy, Supervisor,
+};
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::{AgentError, Coordinators, NodeIdentity};
+
+/// How often changed replica states are sent (one call for all of them).
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+/// Longest a container id may be (containerd's limit is 76).
+const MAX_CONTAINER_ID: usize = 76;
+
+/// Where and how the agent runs containers.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// containerd's socket.
+    pub containerd_socket: PathBuf,
+    /// containerd namespace for this agent's containers and images.
+    pub namespace: String,
+    /// Container logs.
+    pub log_dir: PathBuf,
+    /// Registries spoken to over plain HTTP (`host:port`).
+    pub insecure_registries: Vec<String>,
+    /// Extra CA certificates (PEM files) trusted for registries.
+    pub registry_ca_files: Vec<PathBuf>,
+}
+
+/// The container id for a replica: the replica id, shortened in the middle
+/// (its random suffix is kept) when longer than containerd allows.
+pub fn container_id(replica_id: &str) -> String {
+    if replica_id.len() <= MAX_CONTAINER_ID {
+        return replica_id.to_owned();
+    }
+    let tail = &replica_id[replica_id.len() - 9..];
+    format!("{}{tail}", &replica_id[..MAX_CONTAINER_ID - 9])
+}
+
+fn container_config(a: &pb::Assignment, spec: &pb::WorkloadSpec) -> ContainerConfig {
+    let limits = spec.limits.unwrap_or_default();
+    let mut env: std::collections::BTreeMap<String, String> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.insert("CLOUDLESS_REPLICA".into(), a.replica_id.clone());
+    env.insert(
+        "CLOUDLESS_WORKLOAD".into(),
+        format!("{}/{}", a.namespace, a.workload),
+    );
+    ContainerConfig {
+        id: container_id(&a.replica_id),
+        command: spec.command.clone(),
+        args: spec.args.clone(),
+        env,
+        working_dir: None,
+        limits: Limits {
+            cpu_millis: limits.cpu_millis,
+            memory_bytes: limits.memory_bytes,
+            pids: 0,
+        },
+        ..ContainerConfig::default()
+    }
+}
+
+fn status(
+    replica_id: &str,
+    state: &str,
+    exit_code: Option<i32>,
+    restarts: u32,
+    message: String,
+) -> pb::ReplicaStatus {
+    pb::ReplicaStatus {
+        replica_id: replica_id.to_owned(),
+        state: state.to_owned(),
+        exit_code,
+        restarts,
+        message,
+    }
+}
+
+/// What the runtime's replica status means for the cluster.
+fn wire_status(replica_id: &str, s: &cloudless_runtime::ReplicaStatus) -> pb::ReplicaStatus {
+    let code = s
+        .last_exit
+        .map(|e| i32::try_from(e.code).unwrap_or(i32::MAX));
+    let mut message = s.message.clone();
+    if let Some(e) = s.last_exit {
+        if e.oom_killed && !message.contains("OOM") {
+            message = format!("last run OOM-killed; {message}");
+        }
+    }
+    let state = match s.phase {
+        ReplicaPhase::Starting => "Pending",
+        ReplicaPhase::Running if s.ready => "Ready",
+        ReplicaPhase::Running | ReplicaPhase::BackOff => "Running",
+        ReplicaPhase::Exited if code == Some(0) => "Succeeded",
+        ReplicaPhase::Exited | ReplicaPhase::Failed => "Failed",
+    };
+    status(replica_id, state, code, s.restarts, message)
+}
+
+struct Slot {
+    template: u64,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the replicas assigned to this node.
+pub struct Runner {
+    rt: Containerd,
+    supervisor: Supervisor<Containerd>,
+    registry: Arc<RegistryClient>,
+    images: Arc<Mutex<HashMap<String, ImageRef>>>,
+    slots: HashMap<String, Slot>,
+    statuses: Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>,
+    reported: HashMap<String, pb::ReplicaStatus>,
+    adopted: bool,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("replicas", &self.slots.len())
+            .finish()
+    }
+}
+
+impl Runner {
+    /// Connects to containerd and prepares the registry client.
+    pub async fn new(config: &RuntimeConfig) -> Result<Self, AgentError> {
+        let rt = Containerd::connect(
+            &config.containerd_socket,
+            &config.namespace,
+            &config.log_dir,
+        )
+        .await
+        .map_err(|e| AgentError::Config(format!("--containerd-socket: {e}")))?;
+        let host = HostSecurity::detect();
+        if !host.apparmor {
+            tracing::warn!(
+                reason = "AppArmorUnavailable",
+                "AppArmor is not enabled on this host: containers run without an AppArmor profile"
+            );
+        }
+        if !host.selinux {
+            tracing::warn!(
+                reason = "SELinuxUnavailable",
+                "SELinux is not enabled on this host: containers run without an SELinux label"
+            );
+        }
+        let policy = NodePolicy {
+            apparmor_enabled: host.apparmor,
+            selinux_enabled: host.selinux,
+            namespace: config.namespace.clone(),
+            ..NodePolicy::default()
+        };
+        let mut ca_pem = Vec::new();
+        for f in &config.registry_ca_files {
+            ca_pem.push(std::fs::read(f).map_err(|e| AgentError::io(f, e))?);
+        }
+        let registry = RegistryClient::new(RegistryConfig {
+            insecure: config.insecure_registries.clone(),
+            credentials: HashMap::new(),
+            ca_pem,
+        })
+        .map_err(|e| AgentError::Config(format!("--registry-ca: {e}")))?;
+        Ok(Self {
+            supervisor: Supervisor::new(rt.clone(), policy),
+            rt,
+            registry: Arc::new(registry),
+            images: Arc::default(),
+            slots: HashMap::new(),
+            statuses: Arc::default(),
+            reported: HashMap::new(),
+            adopted: false,
+        })
+    }
+
+    /// Makes the running replicas match `set`.
+    pub async fn apply(&mut self, set: &pb::AssignmentSet) {
+        if !self.adopted {
+            // First set after a start: containers we ran before are adopted
+            // by their supervisors; those no longer assigned are removed.
+            let desired: Vec<String> = set
+                .assignments
+                .iter()
+                .map(|a| container_id(&a.replica_id))
+                .collect();
+            match self.supervisor.adopt(&desired).await {
+                Ok(adopted) => {
+                    if !adopted.is_empty() {
+                        tracing::info!(count = adopted.len(), "adopting running containers");
+                    }
+                    self.adopted = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list containers to adopt"),
+            }
+        }
+        let wanted: HashMap<&str, &pb::Assignment> = set
+            .assignments
+            .iter()
+            .map(|a| (a.replica_id.as_str(), a))
+            .collect();
+        let gone: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(id, slot)| {
+                wanted
+                    .get(id.as_str())
+                    .is_none_or(|a| a.generation != slot.template)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some(slot) = self.slots.remove(&id) {
+                tracing::info!(replica = %id, "stopping a replica no longer assigned here");
+                slot.cancel.cancel();
+                // The supervisor stops and removes the container; wait so a
+                // replacement with the same id never races it.
+                let _ = slot.task.await;
+            }
+            if let Ok(mut s) = self.statuses.lock() {
+                s.remove(&id);
+            }
+            self.reported.remove(&id);
+        }
+        for a in &set.assignments {
+            if self.slots.contains_key(&a.replica_id) {
+                continue;
+            }
+            let Some(spec) = a.spec.clone() else {
+                tracing::warn!(replica = %a.replica_id, "assignment without a spec; skipped");
+                continue;
+            };
+            tracing::info!(replica = %a.replica_id, image = %spec.image, "starting a replica");
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(replica_task(
+                self.rt.clone(),
+                self.supervisor.clone(),
+                self.registry.clone(),
+                self.images.clone(),
+                a.clone(),
+                spec,
+                cancel.clone(),
+                self.statuses.clone(),
+            ));
+            self.slots.insert(
+                a.replica_id.clone(),
+                Slot {
+                    template: a.generation,
+                    cancel,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// States that changed since the last successful report.
+    pub fn changed(&self) -> Vec<pb::ReplicaStatus> {
+        let Ok(now) = self.statuses.lock() else {
+            return Vec::new();
+        };
+        now.iter()
+            .filter(|(id, s)| self.reported.get(*id) != Some(s))
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Records a successful report.
+    pub fn reported(&mut self, sent: Vec<pb::ReplicaStatus>) {
+        for s in sent {
+            self.reported.insert(s.replica_id.clone(), s);
+        }
+    }
+
+    /// Replicas being run.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Stops every replica (the node was removed).
+    pub async fn stop_all(&mut self) {
+        for (_, slot) in self.slots.drain() {
+            slot.cancel.cancel();
+            let _ = slot.task.await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn replica_task(
+    rt: Containerd,
+    supervisor: Supervisor<Containerd>,
+    registry: Arc<RegistryClient>,
+    images: Arc<Mutex<HashMap<String, ImageRef>>>,
+    a: pb::Assignment,
+    spec: pb::WorkloadSpec,
+    cancel: CancellationToken,
+    statuses: Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>,
+) {
+    let id = a.replica_id.clone();
+    let set = |s: pb::ReplicaStatus| {
+        if let Ok(mut m) = statuses.lock() {
+            m.insert(s.replica_id.clone(), s);
+        }
+    };
+    set(status(&id, "Pending", None, 0, "pulling the image".into()));
+    let mut delay = Duration::from_secs(1);
+    let image = loop {
+        let cached = images.lock().await.get(&spec.image).cloned();
+        if let Some(i) = cached {
+            break i;
+        }
+        let pulled = tokio::select! {
+            r = rt.pull(&registry, &spec.image, &|_| {}) => r,
+            () = cancel.cancelled() => return,
+        };
+        match pulled {
+            Ok(i) => {
+                images.lock().await.insert(spec.image.clone(), i.clone());
+                break i;
+            }
+            Err(e) => {
+                tracing::warn!(replica = %id, image = %spec.image, error = %e, "image pull failed; retrying");
+                set(status(
+                    &id,
+                    "Pending",
+                    None,
+                    0,
+                    format!("image pull failed (retrying in {}s): {e}", delay.as_secs()),
+                ));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    };
+    let replica = ReplicaSpec {
+        container: container_config(&a, &spec),
+        image,
+        restart: RestartPolicy::Always,
+        liveness: None,
+        readiness: None,
+        stop_grace: Duration::from_secs(10),
+    };
+    let (mut rx, task) = supervisor.run(replica, Backoff::default(), cancel.clone());
+    loop {
+        let s = wire_status(&id, &rx.borrow_and_update());
+        set(s);
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+    let _ = task.await;
+}
+
+/// Keeps the assignment stream open and the runner in step with it, and
+/// reports replica states, until `cancel` or the node's removal.
+pub async fn run(
+    addresses: Vec<String>,
+    mut identity: watch::Receiver<NodeIdentity>,
+    mut runner: Runner,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut coordinators = Coordinators::new(addresses, identity.borrow_and_update().clone());
+    let mut report = tokio::time::interval(REPORT_EVERY);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if identity.has_changed().unwrap_or(false) {
+            coordinators.set_identity(identity.borrow_and_update().clone());
+        }
+        let opened = tokio::select! {
+            r = coordinators.call("watch assignments", |mut c| async move {
+                c.watch_assignments(pb::WatchAssignmentsRequest { since_revision: 0 }).await
+            }) => r,
+            () = cancel.cancelled() => return Ok(()),
+        };
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(AgentError::Removed(m)) => {
+                runner.stop_all().await;
+                return Err(AgentError::Removed(m));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, running = runner.len(), "no assignment stream; keeping what runs");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = cancel.cancelled() => return Ok(()),
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                msg = stream.message() => match msg {
+                    Ok(Some(set)) => tokio::select! {
+                        () = runner.apply(&set) => {}
+                        () = cancel.cancelled() => return Ok(()),
+                    },
+                    Ok(None) => {
+                        tracing::info!("assignment stream ended; reopening");
+                        break;
+                    }
+                    Err(s) if crate::client::is_removal(&s) => {
+                        runner.stop_all().await;
+                        return Err(AgentError::Removed(s.message().to_owned()));
+                    }
+                    Err(s) => {
+                        tracing::warn!(error = %s.message(), "assignment stream failed; reopening");
+                        break;
+                    }
+                },
+                _ = report.tick() => {
+                    let changed = runner.changed();
+                    if changed.is_empty() {
+                        continue;
+                    }
+                    let req = pb::ReportStatusRequest { replicas: changed.clone() };
+                    match coordinators.call("status report", |mut c| {
+                        let r = req.clone();
+                        async move { c.report_status(r).await }
+                    }).await {
+                        Ok(_) => runner.reported(changed),
+                        Err(AgentError::Removed(m)) => {
+                            runner.stop_all().await;
+                            return Err(AgentError::Removed(m));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "status report failed; will resend"),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_fit_containerd_and_keep_the_suffix() {
+        assert_eq!(
+            container_id("default.web-1-abcdef12"),
+            "default.web-1-abcdef12"
+        );
+        let long = format!("{}.{}-3-abcdef12", "n".repeat(63), "w".repeat(63));
+        let id = container_id(&long);
+        assert_eq!(id.len(), MAX_CONTAINER_ID);
+        assert!(id.ends_with("-abcdef12"), "{id}");
+    }
+
+    #[test]
+    fn runtime_states_map_to_replica_states() {
+        let mut s = cloudless_runtime::ReplicaStatus {
+            phase: ReplicaPhase::Running,
+            ready: true,
+            restarts: 2,
+            pid: Some(1),
+            last_exit: None,
+            message: String::new(),
+        };
+        assert_eq!(wire_status("r", &s).state, "Ready");
+        s.ready = false;
+        assert_eq!(wire_status("r", &s).state, "Running");
+        s.phase = ReplicaPhase::Exited;
+        s.last_exit = Some(cloudless_runtime::LastExit {
+            code: 0,
+            oom_killed: false,
+            liveness_failed: false,
+        });
+        assert_eq!(wire_status("r", &s).state, "Succeeded");
+        s.last_exit = Some(cloudless_runtime::LastExit {
+            code: 137,
+            oom_killed: true,
+            liveness_failed: false,
+        });
+        let w = wire_status("r", &s);
+        assert_eq!((w.state.as_str(), w.exit_code), ("Failed", Some(137)));
+        assert!(w.message.contains("OOM"));
+    }
+}
