@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{now_ms, CoordinatorHandle};
 
+/// A tick this late means the process was paused.
+const PAUSE_GAP: Duration = Duration::from_secs(2);
 /// How often the leader re-evaluates every node when nothing wakes it.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the leader re-reads the committed node records in full.
@@ -246,12 +248,18 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
     let mut committed: HashMap<String, NodeRecord> = HashMap::new();
     let mut last_reload = Instant::now();
     let mut reliability_checked: HashMap<String, Instant> = HashMap::new();
+    let mut last_tick = Instant::now();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(TICK) => {}
             () = liveness.wake.notified() => {}
         }
+        // A gap far beyond the tick means this process was paused (SIGSTOP,
+        // a frozen VM, a suspended laptop): the silence it measured is its
+        // own, so the clocks restart as after a leader change.
+        let paused = last_tick.elapsed() > PAUSE_GAP;
+        last_tick = Instant::now();
         let (state, current_term) = {
             let m = handle.raft().metrics();
             let m = m.borrow();
@@ -273,11 +281,12 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
             .store(cfg.heartbeat_interval_ms, Ordering::Relaxed);
         let now = Instant::now();
         let leader_since = match term {
-            Some((t, since)) if t == current_term => since,
+            Some((t, since)) if t == current_term && !paused => since,
             _ => {
                 tracing::info!(
                     term = current_term,
                     grace_ms = cfg.leader_grace_ms,
+                    paused,
                     "leading: node liveness clocks start now"
                 );
                 liveness.lock().clear();

@@ -231,3 +231,81 @@ impl Daemon {
         self.dir.path().join("c.sock")
     }
 }
+
+/// Debian's `docker-registry` (the CNCF distribution registry).
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// A `docker-registry` process on a free loopback port, killed when dropped.
+#[derive(Debug)]
+pub struct LocalRegistry {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LocalRegistry {
+    /// Starts a registry storing under `storage`, its config and log in
+    /// `work`, with `extra` YAML (e.g. an `auth:` section) and optional TLS
+    /// (certificate, key files).
+    pub fn start(
+        work: &Path,
+        storage: &Path,
+        extra: &str,
+        tls: Option<(&Path, &Path)>,
+    ) -> Result<Self, RuntimeError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| RuntimeError::io(Path::new("127.0.0.1:0"), e))?;
+        let tag = format!("registry-{port}");
+        let tls_yaml = tls.map_or(String::new(), |(c, k)| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                c.display(),
+                k.display()
+            )
+        });
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n{tls_yaml}{extra}",
+            storage.display()
+        );
+        let config_path = work.join(format!("{tag}.yml"));
+        std::fs::write(&config_path, config).map_err(|e| RuntimeError::io(&config_path, e))?;
+        let log = work.join(format!("{tag}.log"));
+        let out = std::fs::File::create(&log).map_err(|e| RuntimeError::io(&log, e))?;
+        let err = out.try_clone().map_err(|e| RuntimeError::io(&log, e))?;
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| RuntimeError::Unavailable(format!("cannot start {REGISTRY_BIN}: {e}")))?;
+        let this = Self {
+            child,
+            host: format!("127.0.0.1:{port}"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err(RuntimeError::Unavailable(format!(
+                    "docker-registry did not listen: {}",
+                    std::fs::read_to_string(&this.log).unwrap_or_default()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(this)
+    }
+}

@@ -10,19 +10,18 @@
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use cloudless_runtime::image::{host_platform, sha256_digest, OciArchive};
 use cloudless_runtime::registry::{Credentials, PullProgress, RegistryClient, RegistryConfig};
-use cloudless_runtime::test_support::{missing_prerequisite, write_busybox_archive, Daemon};
+use cloudless_runtime::test_support::{
+    missing_prerequisite, write_busybox_archive, Daemon, LocalRegistry, REGISTRY_BIN,
+};
 use cloudless_runtime::{ContainerConfig, Containerd, NodePolicy, RuntimeError};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-const REGISTRY: &str = "/usr/bin/docker-registry";
 
 macro_rules! require_registry {
     () => {
@@ -30,9 +29,9 @@ macro_rules! require_registry {
             eprintln!("\n!!!!!!!! SKIPPED registry test: {why} !!!!!!!!\n");
             return;
         }
-        if !Path::new(REGISTRY).exists() {
+        if !Path::new(REGISTRY_BIN).exists() {
             eprintln!(
-                "\n!!!!!!!! SKIPPED registry test: {REGISTRY} is missing (apt-get install docker-registry) !!!!!!!!\n"
+                "\n!!!!!!!! SKIPPED registry test: {REGISTRY_BIN} is missing (apt-get install docker-registry) !!!!!!!!\n"
             );
             return;
         }
@@ -46,64 +45,13 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A `docker-registry` process on loopback, killed when dropped.
-struct Registry {
-    child: Child,
-    host: String,
-    log: PathBuf,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Registry {
-    /// Starts a registry over `storage` with `extra` YAML (auth) and
-    /// optional TLS (certificate, key).
-    fn start(work: &Path, storage: &Path, extra: &str, tls: Option<(&Path, &Path)>) -> Self {
-        let port = free_port();
-        let tag = format!("registry-{port}");
-        let tls_yaml = tls.map_or(String::new(), |(c, k)| {
-            format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                c.display(),
-                k.display()
-            )
-        });
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n{tls_yaml}{extra}",
-            storage.display()
-        );
-        let config_path = work.join(format!("{tag}.yml"));
-        std::fs::write(&config_path, config).expect("registry config");
-        let log = work.join(format!("{tag}.log"));
-        let out = std::fs::File::create(&log).expect("registry log");
-        let child = Command::new(REGISTRY)
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("start docker-registry");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not listen: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            host: format!("127.0.0.1:{port}"),
-            log,
-        }
-    }
+fn registry(
+    work: &Path,
+    storage: &Path,
+    extra: &str,
+    tls: Option<(&Path, &Path)>,
+) -> LocalRegistry {
+    LocalRegistry::start(work, storage, extra, tls).expect("docker-registry")
 }
 
 /// What was pushed: the host platform's manifest digest and its layer.
@@ -285,7 +233,7 @@ async fn pulls_over_http_and_https_with_a_multi_arch_index() {
     let (daemon, rt) = start_daemon().await;
     let work = daemon.dir.path().to_owned();
     let storage = work.join("storage");
-    let open = Registry::start(&work, &storage, "", None);
+    let open = registry(&work, &storage, "", None);
     let pushed = push_busybox(&archive(&work), &open.host, "tools/busybox").await;
 
     // Plain HTTP only when the registry is marked insecure.
@@ -357,7 +305,7 @@ async fn pulls_over_http_and_https_with_a_multi_arch_index() {
     let (cert_path, key_path) = (work.join("tls.crt"), work.join("tls.key"));
     std::fs::write(&cert_path, cert.pem()).expect("write");
     std::fs::write(&key_path, ca_key.serialize_pem()).expect("write");
-    let tls = Registry::start(&work, &storage, "", Some((&cert_path, &key_path)));
+    let tls = registry(&work, &storage, "", Some((&cert_path, &key_path)));
     let reference = format!("{}/tools/busybox:v1", tls.host);
     let err = pull(&rt, RegistryConfig::default(), &reference)
         .await
@@ -483,7 +431,7 @@ async fn basic_and_bearer_token_authentication() {
     let (daemon, rt) = start_daemon().await;
     let work = daemon.dir.path().to_owned();
     let storage = work.join("storage");
-    let open = Registry::start(&work, &storage, "", None);
+    let open = registry(&work, &storage, "", None);
     push_busybox(&archive(&work), &open.host, "private/busybox").await;
     drop(open);
 
@@ -492,7 +440,7 @@ async fn basic_and_bearer_token_authentication() {
         .expect("bcrypt")
         .format_for_version(bcrypt::Version::TwoY);
     std::fs::write(work.join("htpasswd"), format!("puller:{hash}\n")).expect("htpasswd");
-    let basic = Registry::start(
+    let basic = registry(
         &work,
         &storage,
         &format!(
@@ -545,7 +493,7 @@ async fn basic_and_bearer_token_authentication() {
     .expect("signer");
     let tokens =
         start_token_service(Arc::new(signer), cert.der().to_vec(), "puller", "t0ken-pw").await;
-    let bearer = Registry::start(
+    let bearer = registry(
         &work,
         &storage,
         &format!(
@@ -590,7 +538,7 @@ async fn failed_pulls_are_clear_and_leave_nothing_behind() {
     let (daemon, rt) = start_daemon().await;
     let work = daemon.dir.path().to_owned();
     let storage = work.join("storage");
-    let open = Registry::start(&work, &storage, "", None);
+    let open = registry(&work, &storage, "", None);
     let pushed = push_busybox(&archive(&work), &open.host, "tools/busybox").await;
     let cfg = || insecure(&open.host);
 
