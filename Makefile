@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime demo demo-stop clean
+.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -45,6 +45,10 @@ bench-scheduler:
 	taskset -c 0 ./target/release/bench-scheduler
 
 # Local 3-coordinator cluster: write, read back, status.
+bench-e2e:
+	$(CARGO) build --release --bins
+	$(CARGO) run --release -p cloudless-test --bin bench-e2e
+
 demo:
 	scripts/dev-cluster.sh
 

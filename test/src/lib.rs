@@ -1,6 +1,8 @@
 //! Test harness: coordinator clusters over real loopback gRPC, in-process or
 //! as separate processes, and small API helpers.
 
+pub mod e2e;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -130,6 +130,7 @@ pub struct Runner {
     statuses: Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>,
     reported: HashMap<String, pb::ReplicaStatus>,
     adopted: bool,
+    stopping: tokio::task::JoinSet<()>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -188,6 +189,7 @@ impl Runner {
             statuses: Arc::default(),
             reported: HashMap::new(),
             adopted: false,
+            stopping: tokio::task::JoinSet::new(),
         })
     }
 
@@ -216,6 +218,8 @@ impl Runner {
             .iter()
             .map(|a| (a.replica_id.as_str(), a))
             .collect();
+        // Reap finished stops.
+        while self.stopping.try_join_next().is_some() {}
         let gone: Vec<String> = self
             .slots
             .iter()
@@ -229,10 +233,13 @@ impl Runner {
         for id in gone {
             if let Some(slot) = self.slots.remove(&id) {
                 tracing::info!(replica = %id, "stopping a replica no longer assigned here");
+                // The supervisor stops (grace period, then SIGKILL) and
+                // removes the container in the background; replica ids are
+                // never reused, so nothing new can race it.
                 slot.cancel.cancel();
-                // The supervisor stops and removes the container; wait so a
-                // replacement with the same id never races it.
-                let _ = slot.task.await;
+                self.stopping.spawn(async move {
+                    let _ = slot.task.await;
+                });
             }
             if let Ok(mut s) = self.statuses.lock() {
                 s.remove(&id);
@@ -302,8 +309,11 @@ impl Runner {
     pub async fn stop_all(&mut self) {
         for (_, slot) in self.slots.drain() {
             slot.cancel.cancel();
-            let _ = slot.task.await;
+            self.stopping.spawn(async move {
+                let _ = slot.task.await;
+            });
         }
+        while self.stopping.join_next().await.is_some() {}
     }
 }
 

@@ -131,9 +131,13 @@ pub(crate) fn plan(
         .iter()
         .map(|w| format!("{}/{}", w.namespace, w.name))
         .collect();
+    // With no Ready node at all the control plane is more likely cut off
+    // than every device dead at once (and there is nowhere to move to):
+    // lost replicas are kept until some node is Ready again.
+    let any_ready = nodes.iter().any(|n| n.phase == NodePhase::Ready);
     let mut by_workload: HashMap<String, Vec<&ReplicaRecord>> = HashMap::new();
     for r in replicas {
-        if !live_nodes.contains(r.node_id.as_str()) {
+        if !live_nodes.contains(r.node_id.as_str()) && any_ready {
             plan.remove.push((r.id.clone(), "Lost: its node is down"));
         } else if !known.contains(&r.workload_key()) {
             plan.remove.push((r.id.clone(), "its workload was deleted"));
@@ -387,6 +391,10 @@ mod tests {
         let p = plan(&[workload(3, 1)], &replicas, &nodes);
         assert_eq!(removed(&p), ["r2", "r3"]);
         assert_eq!(p.place, [(0, 2)]);
+        // Every node down: nothing is declared lost.
+        let all_down = [node("a", NodePhase::Down), node("b", NodePhase::Down)];
+        let p = plan(&[workload(3, 1)], &replicas[..2], &all_down);
+        assert!(p.remove.is_empty(), "{:?}", p.remove);
     }
 
     #[test]

@@ -1,0 +1,389 @@
+//! A whole Cloudless installation on one machine for end-to-end tests and
+//! benchmarks: a containerd of its own, a local registry (Debian's
+//! docker-registry) holding the busybox image built here as
+//! `<registry>/cloudless/busybox:1` and `:2`, 3 coordinator processes with
+//! mTLS, and `cloudless-agent` processes enrolled with join tokens.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use cloudless_proto::v1 as pb;
+use cloudless_runtime::image::OciArchive;
+use cloudless_runtime::registry::{RegistryClient, RegistryConfig};
+use cloudless_runtime::test_support::{
+    missing_prerequisite, write_busybox_archive, Daemon, LocalRegistry, REGISTRY_BIN,
+};
+use cloudless_runtime::{Containerd, TaskState};
+use pb::workload_service_client::WorkloadServiceClient;
+
+use crate::{channel, start_process_cluster, wait_all_healthy, workspace_binary, ProcessNode};
+
+/// Why the end-to-end set-up cannot run here, if it cannot.
+pub fn missing() -> Option<String> {
+    if let Some(why) = missing_prerequisite() {
+        return Some(why);
+    }
+    if !Path::new(REGISTRY_BIN).exists() {
+        return Some(format!(
+            "{REGISTRY_BIN} is missing (apt-get install docker-registry)"
+        ));
+    }
+    None
+}
+
+/// A `cloudless-agent` process.
+#[derive(Debug)]
+pub struct AgentProc {
+    /// Node name (`agent-<zone>`).
+    pub name: String,
+    /// Its zone label.
+    pub zone: String,
+    /// Its containerd namespace.
+    pub namespace: String,
+    /// Its data dir (identity, container logs).
+    pub data_dir: PathBuf,
+    /// The process while running.
+    pub child: Option<Child>,
+}
+
+impl AgentProc {
+    /// SIGKILLs the agent (its containers keep running).
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Kills and deletes every container runc holds in containerd namespace `ns`.
+pub fn kill_containers(ns: &str) {
+    let root = format!("/run/containerd/runc/{ns}");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().to_string();
+        let _ = Command::new("runc")
+            .args(["--root", &root, "delete", "--force", &id])
+            .output();
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The installation; everything is killed when dropped.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Holds everything.
+    pub dir: tempfile::TempDir,
+    /// containerd.
+    pub daemon: Daemon,
+    /// The registry.
+    pub registry: LocalRegistry,
+    /// Coordinator processes.
+    pub coordinators: Vec<ProcessNode>,
+    /// Agent processes.
+    pub agents: Vec<AgentProc>,
+    /// cloudlessctl's configuration (admin mTLS).
+    pub ctl_config: PathBuf,
+    /// Flags the coordinators were started with (for restarts).
+    pub coordinator_flags: Vec<String>,
+    ns: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.sigkill();
+            kill_containers(&a.namespace);
+        }
+        for c in &mut self.coordinators {
+            // A stopped (SIGSTOP) process still dies on SIGKILL.
+            c.sigkill();
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts it with agents in zones a and b, both Ready.
+    pub async fn start() -> Self {
+        crate::init_test_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ns = format!(
+            "e2e-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let (daemon, _rt) = Daemon::start(&ns).await.expect("containerd");
+        let storage = dir.path().join("registry");
+        let registry =
+            LocalRegistry::start(dir.path(), &storage, "", None).expect("docker-registry");
+        let archive = dir.path().join("busybox.tar");
+        write_busybox_archive(&archive, "busybox:1", false).expect("archive");
+        let oci = OciArchive::open(&archive).expect("archive");
+        let client = RegistryClient::new(RegistryConfig {
+            insecure: vec![registry.host.clone()],
+            ..RegistryConfig::default()
+        })
+        .expect("client");
+        for tag in ["1", "2"] {
+            client
+                .push_archive(&oci, &format!("{}/cloudless/busybox:{tag}", registry.host))
+                .await
+                .expect("push");
+        }
+        let (coordinators, coordinator_flags) = start_process_cluster(dir.path(), true)
+            .await
+            .expect("coordinators");
+        wait_all_healthy(&coordinators).await.expect("healthy");
+        let ctl_config = coordinators[0].data_dir.join("admin/cloudlessctl.toml");
+        let mut cluster = Self {
+            dir,
+            daemon,
+            registry,
+            coordinators,
+            agents: Vec::new(),
+            ctl_config,
+            coordinator_flags,
+            ns,
+        };
+        for zone in ["a", "b"] {
+            cluster.start_agent(zone);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = cluster.ctl(&["get", "nodes"]);
+            let ready = String::from_utf8_lossy(&out.stdout)
+                .matches(" Ready ")
+                .count();
+            if ready == 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agents not Ready: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                cluster.agent_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cluster
+    }
+
+    /// Every coordinator address, comma-separated.
+    pub fn servers(&self) -> String {
+        self.coordinators
+            .iter()
+            .map(|c| c.grpc.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs cloudlessctl with the admin configuration.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(workspace_binary("cloudlessctl"))
+            .arg("--config")
+            .arg(&self.ctl_config)
+            .args(["--server", &self.servers()])
+            .args(args)
+            .output()
+            .expect("run cloudlessctl")
+    }
+
+    /// Enrolls and starts the agent of `zone` (a new token each time).
+    pub fn start_agent(&mut self, zone: &str) {
+        let out = self.ctl(&[
+            "token",
+            "create",
+            "--ttl",
+            "10m",
+            "--max-uses",
+            "1",
+            "--label",
+            &format!("zone={zone}"),
+        ]);
+        assert!(out.status.success(), "token: {out:?}");
+        let token_file = self.dir.path().join(format!("token-{zone}"));
+        std::fs::write(&token_file, &out.stdout).expect("token file");
+        let name = format!("agent-{zone}");
+        let data_dir = self.dir.path().join(&name);
+        let namespace = format!("{}-{zone}", self.ns);
+        let child = self.spawn_agent(&name, &data_dir, &namespace, &token_file);
+        self.agents.push(AgentProc {
+            name,
+            zone: zone.to_owned(),
+            namespace,
+            data_dir,
+            child: Some(child),
+        });
+    }
+
+    /// Restarts agent `i` (killed before) with its stored identity.
+    pub fn restart_agent(&mut self, i: usize) {
+        let (name, data_dir, namespace) = {
+            let a = &self.agents[i];
+            (a.name.clone(), a.data_dir.clone(), a.namespace.clone())
+        };
+        let token_file = self
+            .dir
+            .path()
+            .join(format!("token-{}", self.agents[i].zone));
+        let child = self.spawn_agent(&name, &data_dir, &namespace, &token_file);
+        self.agents[i].child = Some(child);
+    }
+
+    fn spawn_agent(
+        &self,
+        name: &str,
+        data_dir: &Path,
+        namespace: &str,
+        token_file: &Path,
+    ) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log");
+        Command::new(workspace_binary("cloudless-agent"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--coordinator", &self.servers(), "--name", name])
+            .arg("--join-token-file")
+            .arg(token_file)
+            .arg("--ca-cert")
+            .arg(self.coordinators[0].data_dir.join("admin/ca.crt"))
+            .arg("--containerd-socket")
+            .arg(self.daemon.socket())
+            .args(["--containerd-namespace", namespace])
+            .args(["--insecure-registry", &self.registry.host])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cloudless-agent")
+    }
+
+    /// The last lines of every agent's log.
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| {
+                let log = self.dir.path().join(format!("{}.log", a.name));
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                format!(
+                    "--- {}:\n{}",
+                    a.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Writes a manifest for a busybox loop printing `greeting`.
+    pub fn manifest(&self, name: &str, tag: &str, replicas: i64, greeting: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{name}-{tag}-{greeting}.yaml"));
+        let text = format!(
+            "apiVersion: cloudless.dev/v1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  \
+             image: {}/cloudless/busybox:{tag}\n  command: [\"/bin/sh\", \"-c\"]\n  args:\n    \
+             - 'while true; do echo \"hello from $CLOUDLESS_REPLICA ($GREETING)\"; sleep 1; done'\n  \
+             replicas: {replicas}\n  env:\n    GREETING: {greeting}\n",
+            self.registry.host
+        );
+        std::fs::write(&path, text).expect("manifest");
+        path
+    }
+
+    /// The replicas of workload `name` from the first coordinator that answers.
+    pub async fn replicas(&self, name: &str) -> Option<Vec<pb::Replica>> {
+        for c in &self.coordinators {
+            if c.child.is_none() {
+                continue;
+            }
+            let mut req = tonic::Request::new(pb::ListReplicasRequest {
+                read: None,
+                namespace: "default".into(),
+                name: name.into(),
+            });
+            req.set_timeout(Duration::from_millis(1500));
+            if let Ok(r) = WorkloadServiceClient::new(channel(&c.grpc))
+                .list_replicas(req)
+                .await
+            {
+                return Some(r.into_inner().replicas);
+            }
+        }
+        None
+    }
+
+    /// Waits until `name` has exactly `n` replicas, all Ready, passing `check`.
+    pub async fn wait_ready(
+        &self,
+        name: &str,
+        n: usize,
+        timeout: Duration,
+        check: impl Fn(&[pb::Replica]) -> bool,
+    ) -> Vec<pb::Replica> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(rs) = self.replicas(name).await {
+                if rs.len() == n && rs.iter().all(|r| r.state == "Ready") && check(&rs) {
+                    return rs;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {n} Ready replicas of {name}: {rs:#?}\n{}",
+                    self.agent_logs()
+                );
+            } else {
+                assert!(Instant::now() < deadline, "no coordinator answers");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Pids of the running containers of agent `i`, by container id.
+    pub async fn container_pids(&self, i: usize) -> BTreeMap<String, u32> {
+        let a = &self.agents[i];
+        let rt = Containerd::connect(
+            &self.daemon.socket(),
+            &a.namespace,
+            &self.dir.path().join("probe-logs"),
+        )
+        .await
+        .expect("containerd");
+        let mut out = BTreeMap::new();
+        for id in rt.managed().await.expect("containers") {
+            if let Ok(TaskState::Running(pid)) = rt.task_state(&id).await {
+                out.insert(id, pid);
+            }
+        }
+        out
+    }
+}
+
+/// The phase of node `name` from the first coordinator that answers.
+pub async fn node_phase(cluster: &Cluster, name: &str) -> Option<String> {
+    for c in cluster.coordinators.iter().filter(|c| c.child.is_some()) {
+        let mut req = tonic::Request::new(pb::ListNodesRequest::default());
+        req.set_timeout(Duration::from_millis(1000));
+        if let Ok(r) = pb::node_service_client::NodeServiceClient::new(channel(&c.grpc))
+            .list(req)
+            .await
+        {
+            return r
+                .into_inner()
+                .nodes
+                .into_iter()
+                .find(|n| n.name == name)
+                .map(|n| format!("{:?}", n.phase()));
+        }
+    }
+    None
+}
