@@ -76,6 +76,10 @@ const DATA_TABLES: [TableDefinition<&str, &str>; 11] = [
     NODES,
 ];
 
+/// Tables whose values are plain ids (indexes), not JSON records.
+const INDEX_TABLES: [TableDefinition<&str, &str>; 3] =
+    [NODE_NAMES, NODE_REPLICAS, WORKLOAD_REPLICAS];
+
 const KEY_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "last_membership";
 const KEY_FORMAT: &str = "format";
@@ -194,6 +198,10 @@ impl StateMachine {
             }
             txn.open_table(SNAPSHOT).map_err(|e| se(&e))?;
             for def in DATA_TABLES {
+                if INDEX_TABLES.iter().any(|t| t.name() == def.name()) {
+                    // Plain keys to ids, not JSON records.
+                    continue;
+                }
                 let table = txn.open_table(def).map_err(|e| se(&e))?;
                 for item in table.iter().map_err(|e| se(&e))? {
                     let (k, v) = item.map_err(|e| se(&e))?;
@@ -1157,6 +1165,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ReplicaUpdate;
     use cloudless_types::NodeStatus;
 
     fn db() -> Database {
@@ -1187,6 +1196,115 @@ mod tests {
             reliability: None,
             status: None,
         }
+    }
+
+    #[test]
+    fn replicas_are_indexed_survive_a_reopen_and_go_with_their_workload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.redb");
+        let hist = || Histogram::new([1.0].into_iter());
+        let sm = StateMachine::open(&path, hist()).expect("open");
+        let token = JoinTokenRecord {
+            id: "t1".into(),
+            created_at_ms: 0,
+            expires_at_ms: 1_000_000,
+            max_uses: 5,
+            uses: 0,
+            revoked: false,
+            labels: Default::default(),
+        };
+        apply(&sm.db, Command::CreateJoinToken { token }, 0);
+        apply(
+            &sm.db,
+            Command::EnrollNode {
+                token_id: "t1".into(),
+                node: NodeRecord::new("n1".into(), "alpha".into(), "t1".into(), 0),
+            },
+            0,
+        );
+        let spec = cloudless_types::WorkloadSpec {
+            image: "busybox".into(),
+            replicas: 1,
+            ..Default::default()
+        };
+        let w = Workload {
+            namespace: "default".into(),
+            name: "web".into(),
+            spec: spec.clone(),
+            generation: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            template: 0,
+        };
+        apply(&sm.db, Command::PutWorkload { workload: w }, 0);
+        let replica = |id: &str, node: &str, template: u64| ReplicaRecord {
+            id: id.into(),
+            namespace: "default".into(),
+            workload: "web".into(),
+            template,
+            spec: spec.clone(),
+            node_id: node.into(),
+            state: ReplicaState::Pending,
+            exit_code: None,
+            restarts: 0,
+            message: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ready_at_ms: 0,
+        };
+        // A stale template and an unknown node are skipped.
+        let r = apply(
+            &sm.db,
+            Command::PlaceReplicas {
+                replicas: vec![
+                    replica("r1", "n1", 1),
+                    replica("r2", "n1", 7),
+                    replica("r3", "nx", 1),
+                ],
+            },
+            5,
+        );
+        assert_eq!(r, Response::ReplicasChanged(1));
+        // A report from another node is ignored.
+        let update = |node: &str| Command::UpdateReplicas {
+            updates: vec![ReplicaUpdate {
+                id: "r1".into(),
+                node_id: node.into(),
+                state: ReplicaState::Ready,
+                exit_code: None,
+                restarts: 0,
+                message: String::new(),
+            }],
+        };
+        assert_eq!(apply(&sm.db, update("n2"), 6), Response::ReplicasChanged(0));
+        assert_eq!(apply(&sm.db, update("n1"), 6), Response::ReplicasChanged(1));
+        drop(sm);
+
+        let sm = StateMachine::open(&path, hist()).expect("reopen with replicas");
+        let reader = sm.reader();
+        let on_node = reader.node_replicas("n1").expect("read");
+        assert_eq!(on_node.len(), 1);
+        assert_eq!(
+            (on_node[0].state, on_node[0].ready_at_ms),
+            (ReplicaState::Ready, 6)
+        );
+        assert_eq!(
+            reader
+                .workload_replicas("default", "web")
+                .expect("read")
+                .len(),
+            1
+        );
+        apply(
+            &sm.db,
+            Command::DeleteWorkload {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            7,
+        );
+        assert!(reader.replicas().expect("read").is_empty());
+        assert!(reader.node_replicas("n1").expect("read").is_empty());
     }
 
     #[test]
