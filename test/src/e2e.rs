@@ -285,6 +285,18 @@ impl Cluster {
 
     /// Writes a manifest for a busybox loop printing `greeting`.
     pub fn manifest(&self, name: &str, tag: &str, replicas: i64, greeting: &str) -> PathBuf {
+        self.manifest_with(name, tag, replicas, greeting, "")
+    }
+
+    /// Like `manifest`, with `extra` YAML appended to the spec (indented by two).
+    pub fn manifest_with(
+        &self,
+        name: &str,
+        tag: &str,
+        replicas: i64,
+        greeting: &str,
+        extra: &str,
+    ) -> PathBuf {
         let path = self
             .dir
             .path()
@@ -293,7 +305,7 @@ impl Cluster {
             "apiVersion: cloudless.dev/v1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  \
              image: {}/cloudless/busybox:{tag}\n  command: [\"/bin/sh\", \"-c\"]\n  args:\n    \
              - 'while true; do echo \"hello from $CLOUDLESS_REPLICA ($GREETING)\"; sleep 1; done'\n  \
-             replicas: {replicas}\n  env:\n    GREETING: {greeting}\n",
+             replicas: {replicas}\n  env:\n    GREETING: {greeting}\n{extra}",
             self.registry.host
         );
         std::fs::write(&path, text).expect("manifest");

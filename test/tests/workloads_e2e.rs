@@ -239,7 +239,7 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
         "apply v2: {out:?}\n{}",
         c.agent_logs()
     );
-    let rs = c
+    let v2_replicas = c
         .wait_ready("web", 2, Duration::from_secs(30), |rs| {
             rs.iter()
                 .all(|r| r.image.ends_with(":2") && r.template == 2)
@@ -251,6 +251,52 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
         "fewer than 2 Ready replicas during the rollout (min {})",
         min_ready.load(Ordering::Relaxed)
     );
+
+    // A new template whose replicas never become Ready is rolled back after
+    // its progress deadline; the Ready replicas are kept throughout.
+    let v3 = c.manifest_with(
+        "web",
+        "1",
+        2,
+        "v3",
+        "  readinessProbe:\n    exec: [\"/bin/false\"]\n    periodSeconds: 1\n  \
+         rollout:\n    progressDeadlineSeconds: 4\n",
+    );
+    let out = c.ctl(&["apply", "-f", &v3.display().to_string()]);
+    assert!(out.status.success(), "apply v3: {out:?}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let out = c.ctl(&["-o", "json", "get", "workload", "web"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains(":2\"") && text.contains("\"v2\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rollback: {text}\n{}",
+            c.agent_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rs = c
+        .wait_ready("web", 2, Duration::from_secs(30), |rs| {
+            rs.iter().all(|r| r.image.ends_with(":2"))
+        })
+        .await;
+    let ids = |v: &[pb::Replica]| v.iter().map(|r| r.id.clone()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        ids(&v2_replicas),
+        ids(&rs),
+        "the rollback replaced the replicas that were Ready"
+    );
+
+    // Replaced containers stop in the background (grace period): wait for
+    // exactly the two replicas.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while c.container_pids(0).await.len() + c.container_pids(1).await.len() != 2 {
+        assert!(Instant::now() < deadline, "replaced containers still running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The whole control plane stops answering (every coordinator paused for
     // longer than the Down timeout): agents keep their containers; when it

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudless_proto::v1 as pb;
+use cloudless_runtime::probe::{Probe, ProbeAction};
 use cloudless_runtime::registry::{RegistryClient, RegistryConfig};
 use cloudless_runtime::{
     Backoff, ContainerConfig, Containerd, HostSecurity, ImageRef, Limits, NodePolicy, ReplicaPhase,
@@ -112,6 +113,39 @@ fn wire_status(replica_id: &str, s: &cloudless_runtime::ReplicaStatus) -> pb::Re
         ReplicaPhase::Exited | ReplicaPhase::Failed => "Failed",
     };
     status(replica_id, state, code, s.restarts, message)
+}
+
+/// The runtime's probe for a wire probe (`None` when it names no action).
+fn probe(p: &pb::Probe) -> Option<Probe> {
+    let port = |v: u32| u16::try_from(v).ok().filter(|p| *p != 0);
+    let action = if !p.exec.is_empty() {
+        ProbeAction::Exec(p.exec.clone())
+    } else if let Some(port) = port(p.http_port) {
+        ProbeAction::Http {
+            port,
+            path: if p.http_path.is_empty() {
+                "/".into()
+            } else {
+                p.http_path.clone()
+            },
+        }
+    } else {
+        ProbeAction::Tcp(port(p.tcp_port)?)
+    };
+    let secs =
+        |v: u32, default: u64| Duration::from_secs(if v == 0 { default } else { u64::from(v) });
+    Some(Probe {
+        action,
+        initial_delay: Duration::from_secs(u64::from(p.initial_delay_seconds)),
+        period: secs(p.period_seconds, 10),
+        timeout: secs(p.timeout_seconds, 1),
+        success_threshold: p.success_threshold.max(1),
+        failure_threshold: if p.failure_threshold == 0 {
+            3
+        } else {
+            p.failure_threshold
+        },
+    })
 }
 
 struct Slot {
@@ -370,9 +404,13 @@ async fn replica_task(
     let replica = ReplicaSpec {
         container: container_config(&a, &spec),
         image,
-        restart: RestartPolicy::Always,
-        liveness: None,
-        readiness: None,
+        restart: match spec.restart_policy.as_str() {
+            "OnFailure" => RestartPolicy::OnFailure,
+            "Never" => RestartPolicy::Never,
+            _ => RestartPolicy::Always,
+        },
+        liveness: spec.liveness_probe.as_ref().and_then(probe),
+        readiness: spec.readiness_probe.as_ref().and_then(probe),
         stop_grace: Duration::from_secs(10),
     };
     let (mut rx, task) = supervisor.run(replica, Backoff::default(), cancel.clone());

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use cloudless_scheduler::{
-    ClusterSnapshot, Decision, NodeInfo, Phase, PowerSource, RunningReplica, WorkloadRequest,
+    AntiAffinity, ClusterSnapshot, Decision, NodeInfo, Phase, PowerSource, RunningReplica,
+    Strategy, WorkloadRequest,
 };
 use cloudless_state::{Command, StateReader};
 use cloudless_types::{NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Workload};
@@ -22,10 +23,6 @@ use crate::coordinator::{now_ms, CoordinatorHandle};
 
 /// Longest wait between passes.
 const TICK: Duration = Duration::from_millis(500);
-/// Replicas a rolling update may add above the desired count.
-const MAX_SURGE: usize = 1;
-/// Ready replicas a rolling update may go below the desired count.
-const MAX_UNAVAILABLE: usize = 0;
 
 /// Labels that name a node's zone and region (the first found wins).
 const ZONE_LABELS: [&str; 3] = [
@@ -112,6 +109,8 @@ pub(crate) struct Plan {
     pub remove: Vec<(String, &'static str)>,
     /// Replicas to place: (index into the workloads, count).
     pub place: Vec<(usize, usize)>,
+    /// Rollouts to undo: (index into the workloads, the previous spec).
+    pub rollback: Vec<(usize, cloudless_types::WorkloadSpec)>,
 }
 
 /// Decides removals and how many replicas each workload needs, from the
@@ -120,6 +119,7 @@ pub(crate) fn plan(
     workloads: &[Workload],
     replicas: &[ReplicaRecord],
     nodes: &[NodeRecord],
+    now_ms: i64,
 ) -> Plan {
     let mut plan = Plan::default();
     let live_nodes: HashSet<&str> = nodes
@@ -154,8 +154,28 @@ pub(crate) fn plan(
         let key = format!("{}/{}", w.namespace, w.name);
         let mine = by_workload.remove(&key).unwrap_or_default();
         let desired = w.spec.replicas as usize;
-        let (mut current, mut old): (Vec<&ReplicaRecord>, Vec<&ReplicaRecord>) =
-            mine.into_iter().partition(|r| r.template == w.template);
+        let max_surge = w.spec.rollout.max_surge as usize;
+        let max_unavailable = w.spec.rollout.max_unavailable as usize;
+        // A replica runs the current template when its spec matches (after
+        // a rollback the earlier replicas are current again, not replaced).
+        let (mut current, mut old): (Vec<&ReplicaRecord>, Vec<&ReplicaRecord>) = mine
+            .into_iter()
+            .partition(|r| r.template == w.template || r.spec.same_template(&w.spec));
+        // A rollout whose new replicas miss the progress deadline goes back
+        // to the newest earlier template that still has replicas.
+        let deadline_ms = i64::from(w.spec.rollout.progress_deadline_seconds) * 1000;
+        let stuck = current.iter().any(|r| {
+            !matches!(r.state, ReplicaState::Ready | ReplicaState::Succeeded)
+                && now_ms - r.created_at_ms > deadline_ms
+        });
+        if stuck {
+            if let Some(prev) = old.iter().max_by_key(|r| r.template) {
+                let mut spec = prev.spec.clone();
+                spec.replicas = w.spec.replicas;
+                plan.rollback.push((index, spec));
+                continue;
+            }
+        }
         // Least useful first: not ready, then newest.
         let rank = |r: &&ReplicaRecord| {
             (
@@ -178,7 +198,7 @@ pub(crate) fn plan(
         };
         let mut ready_total = ready(&current) + ready(&old);
         // Old-template replicas go as long as enough ready ones remain.
-        let floor = desired.saturating_sub(MAX_UNAVAILABLE);
+        let floor = desired.saturating_sub(max_unavailable);
         let mut kept_old = 0;
         for r in &old {
             let r_ready = usize::from(matches!(
@@ -197,7 +217,7 @@ pub(crate) fn plan(
         let budget = if kept_old == 0 {
             missing
         } else {
-            (desired + MAX_SURGE).saturating_sub(current.len() + kept_old)
+            (desired + max_surge).saturating_sub(current.len() + kept_old)
         };
         let n = missing.min(budget);
         if n > 0 {
@@ -251,7 +271,20 @@ async fn pass(
     let workloads = reader.workloads(None)?;
     let replicas = reader.replicas()?;
     let nodes = reader.nodes()?;
-    let plan = plan(&workloads, &replicas, &nodes);
+    let plan = plan(&workloads, &replicas, &nodes, now_ms());
+    for (index, spec) in &plan.rollback {
+        let w = &workloads[*index];
+        tracing::warn!(
+            workload = %format!("{}/{}", w.namespace, w.name),
+            image = %spec.image,
+            "rollout missed its progress deadline: rolling back to the previous template"
+        );
+        let mut back = w.clone();
+        back.spec = spec.clone();
+        handle
+            .write(None, Command::PutWorkload { workload: back })
+            .await?;
+    }
     if plan.remove.is_empty() && plan.place.is_empty() {
         return Ok(());
     }
@@ -269,12 +302,26 @@ async fn pass(
         for (index, count) in &plan.place {
             let w = &workloads[*index];
             let key = format!("{}/{}", w.namespace, w.name);
+            let p = &w.spec.placement;
             let req = WorkloadRequest {
                 workload: key.clone(),
                 requests: w.spec.requests,
                 replicas: u32::try_from(*count).unwrap_or(u32::MAX),
                 priority: w.spec.priority,
                 long_running: true,
+                zones: p.zones.clone(),
+                regions: p.regions.clone(),
+                node_selector: p.node_selector.clone(),
+                anti_affinity: match p.anti_affinity {
+                    cloudless_types::AntiAffinity::None => AntiAffinity::None,
+                    cloudless_types::AntiAffinity::Node => AntiAffinity::Node,
+                    cloudless_types::AntiAffinity::Zone => AntiAffinity::Zone,
+                },
+                strategy: match p.strategy {
+                    cloudless_types::PlacementStrategy::Auto => Strategy::Auto,
+                    cloudless_types::PlacementStrategy::Spread => Strategy::Spread,
+                    cloudless_types::PlacementStrategy::Binpack => Strategy::Binpack,
+                },
                 ..WorkloadRequest::default()
             };
             let decisions = match snapshot.place(&req, now_ms(), false) {
@@ -388,12 +435,12 @@ mod tests {
             replica("r2", "b", 1, ReplicaState::Ready),
             replica("r3", "a", 1, ReplicaState::Failed),
         ];
-        let p = plan(&[workload(3, 1)], &replicas, &nodes);
+        let p = plan(&[workload(3, 1)], &replicas, &nodes, 0);
         assert_eq!(removed(&p), ["r2", "r3"]);
         assert_eq!(p.place, [(0, 2)]);
         // Every node down: nothing is declared lost.
         let all_down = [node("a", NodePhase::Down), node("b", NodePhase::Down)];
-        let p = plan(&[workload(3, 1)], &replicas[..2], &all_down);
+        let p = plan(&[workload(3, 1)], &replicas[..2], &all_down, 0);
         assert!(p.remove.is_empty(), "{:?}", p.remove);
     }
 
@@ -404,11 +451,11 @@ mod tests {
             replica("ready", "a", 1, ReplicaState::Ready),
             replica("pending", "a", 1, ReplicaState::Pending),
         ];
-        let p = plan(&[workload(1, 1)], &replicas, &nodes);
+        let p = plan(&[workload(1, 1)], &replicas, &nodes, 0);
         assert_eq!(removed(&p), ["pending"]);
         assert!(p.place.is_empty());
         // A deleted workload's replicas go.
-        let p = plan(&[], &replicas, &nodes);
+        let p = plan(&[], &replicas, &nodes, 0);
         assert_eq!(removed(&p), ["pending", "ready"]);
     }
 
@@ -420,17 +467,17 @@ mod tests {
             replica("o2", "a", 1, ReplicaState::Ready),
         ];
         // Start: one new replica above the desired two, nothing removed.
-        let p = plan(&[workload(2, 2)], &old, &nodes);
+        let p = plan(&[workload(2, 2)], &old, &nodes, 0);
         assert!(p.remove.is_empty(), "{:?}", p.remove);
         assert_eq!(p.place, [(0, 1)]);
         // The new one is running but not ready: still nothing removed.
         let mut state = old.to_vec();
         state.push(replica("n1", "a", 2, ReplicaState::Running));
-        let p = plan(&[workload(2, 2)], &state, &nodes);
+        let p = plan(&[workload(2, 2)], &state, &nodes, 0);
         assert!(p.remove.is_empty() && p.place.is_empty(), "{p:?}");
         // Ready: one old goes, and the next new one is placed.
         state[2].state = ReplicaState::Ready;
-        let p = plan(&[workload(2, 2)], &state, &nodes);
+        let p = plan(&[workload(2, 2)], &state, &nodes, 0);
         assert_eq!(p.remove.len(), 1);
         assert_eq!(p.place, [(0, 1)]);
         // Both new ready: the last old goes.
@@ -439,8 +486,42 @@ mod tests {
             replica("n1", "a", 2, ReplicaState::Ready),
             replica("n2", "a", 2, ReplicaState::Ready),
         ];
-        let p = plan(&[workload(2, 2)], &state, &nodes);
+        let p = plan(&[workload(2, 2)], &state, &nodes, 0);
         assert_eq!(removed(&p), ["o2"]);
         assert!(p.place.is_empty());
+    }
+
+    #[test]
+    fn a_new_template_not_ready_by_the_deadline_rolls_back() {
+        let nodes = [node("a", NodePhase::Ready)];
+        let mut w = workload(2, 2);
+        w.spec.image = "busybox:2".into();
+        w.spec.rollout.progress_deadline_seconds = 5;
+        let mut old = replica("o1", "a", 1, ReplicaState::Ready);
+        old.spec.image = "busybox:1".into();
+        let mut new = replica("n1", "a", 2, ReplicaState::Running);
+        new.spec = w.spec.clone();
+        new.created_at_ms = 1_000;
+        let mut o2 = old.clone();
+        o2.id = "o2".into();
+        let state = [old.clone(), o2, new];
+        // Within the deadline: keep waiting.
+        assert!(plan(&[w.clone()], &state, &nodes, 5_000)
+            .rollback
+            .is_empty());
+        // Past it: back to the previous spec, with the current replica count.
+        let p = plan(&[w.clone()], &state, &nodes, 7_000);
+        assert_eq!(p.rollback.len(), 1);
+        assert_eq!(p.rollback[0].1.image, "busybox:1");
+        assert_eq!(p.rollback[0].1.replicas, 2);
+        // After the rollback (template 3 = the old spec) the old replicas are
+        // current and the failed new one goes.
+        let mut back = w.clone();
+        back.template = 3;
+        back.spec = old.spec.clone();
+        back.spec.replicas = 2;
+        let p = plan(&[back], &state, &nodes, 7_000);
+        assert_eq!(removed(&p), ["n1"]);
+        assert!(p.place.is_empty() && p.rollback.is_empty(), "{p:?}");
     }
 }

@@ -41,23 +41,156 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
             limits: Some(s.limits.into()),
             labels: s.labels.into_iter().collect(),
             priority: s.priority,
+            placement: Some(v1::Placement {
+                zones: s.placement.zones,
+                regions: s.placement.regions,
+                node_selector: s.placement.node_selector.into_iter().collect(),
+                anti_affinity: format!("{:?}", s.placement.anti_affinity),
+                strategy: format!("{:?}", s.placement.strategy),
+            }),
+            restart_policy: format!("{:?}", s.restart_policy),
+            rollout: Some(v1::Rollout {
+                max_surge: s.rollout.max_surge,
+                max_unavailable: s.rollout.max_unavailable,
+                progress_deadline_seconds: s.rollout.progress_deadline_seconds,
+            }),
+            readiness_probe: s.readiness_probe.map(probe_to_wire),
+            liveness_probe: s.liveness_probe.map(probe_to_wire),
         }
     }
 }
 
-impl From<v1::WorkloadSpec> for t::WorkloadSpec {
-    fn from(s: v1::WorkloadSpec) -> Self {
-        Self {
-            image: s.image,
-            command: s.command,
-            args: s.args,
-            env: s.env.into_iter().collect(),
-            replicas: s.replicas,
-            requests: s.requests.map(Into::into).unwrap_or_default(),
-            limits: s.limits.map(Into::into).unwrap_or_default(),
-            labels: s.labels.into_iter().collect(),
-            priority: s.priority,
+fn probe_to_wire(p: t::ProbeSpec) -> v1::Probe {
+    v1::Probe {
+        exec: p.exec.unwrap_or_default(),
+        http_path: p
+            .http_get
+            .as_ref()
+            .map(|h| h.path.clone())
+            .unwrap_or_default(),
+        http_port: p.http_get.as_ref().map_or(0, |h| u32::from(h.port)),
+        tcp_port: p.tcp_socket.as_ref().map_or(0, |t| u32::from(t.port)),
+        initial_delay_seconds: p.initial_delay_seconds,
+        period_seconds: p.period_seconds,
+        timeout_seconds: p.timeout_seconds,
+        failure_threshold: p.failure_threshold,
+        success_threshold: p.success_threshold,
+    }
+}
+
+fn probe_from_wire(p: v1::Probe, path: &str, errs: &mut t::ValidationErrors) -> t::ProbeSpec {
+    let port = |v: u32, field: &str, errs: &mut t::ValidationErrors| {
+        u16::try_from(v).unwrap_or_else(|_| {
+            errs.push(format!("{path}.{field}"), format!("{v} is not a port"));
+            0
+        })
+    };
+    t::ProbeSpec {
+        exec: (!p.exec.is_empty()).then_some(p.exec),
+        http_get: (p.http_port != 0).then(|| t::HttpGet {
+            path: if p.http_path.is_empty() {
+                "/".into()
+            } else {
+                p.http_path.clone()
+            },
+            port: port(p.http_port, "httpPort", errs),
+        }),
+        tcp_socket: (p.tcp_port != 0).then(|| t::TcpSocket {
+            port: port(p.tcp_port, "tcpPort", errs),
+        }),
+        initial_delay_seconds: p.initial_delay_seconds,
+        period_seconds: p.period_seconds,
+        timeout_seconds: p.timeout_seconds,
+        failure_threshold: p.failure_threshold,
+        success_threshold: p.success_threshold,
+    }
+}
+
+/// A workload spec from the wire; enum strings and ports that do not parse
+/// are reported in `errs` under `path` (and take their default).
+pub fn spec_from_wire(
+    s: v1::WorkloadSpec,
+    path: &str,
+    errs: &mut t::ValidationErrors,
+) -> t::WorkloadSpec {
+    let placement = s.placement.unwrap_or_default();
+    let anti_affinity = match placement.anti_affinity.as_str() {
+        "" | "None" => t::AntiAffinity::None,
+        "Node" => t::AntiAffinity::Node,
+        "Zone" => t::AntiAffinity::Zone,
+        other => {
+            errs.push(
+                format!("{path}.placement.antiAffinity"),
+                format!("{other:?} is not one of None, Node, Zone"),
+            );
+            t::AntiAffinity::None
         }
+    };
+    let strategy = match placement.strategy.as_str() {
+        "" | "Auto" => t::PlacementStrategy::Auto,
+        "Spread" => t::PlacementStrategy::Spread,
+        "Binpack" => t::PlacementStrategy::Binpack,
+        other => {
+            errs.push(
+                format!("{path}.placement.strategy"),
+                format!("{other:?} is not one of Auto, Spread, Binpack"),
+            );
+            t::PlacementStrategy::Auto
+        }
+    };
+    let restart_policy = match s.restart_policy.as_str() {
+        "" | "Always" => t::RestartPolicy::Always,
+        "OnFailure" => t::RestartPolicy::OnFailure,
+        "Never" => t::RestartPolicy::Never,
+        other => {
+            errs.push(
+                format!("{path}.restartPolicy"),
+                format!("{other:?} is not one of Always, OnFailure, Never"),
+            );
+            t::RestartPolicy::Always
+        }
+    };
+    t::WorkloadSpec {
+        image: s.image,
+        command: s.command,
+        args: s.args,
+        env: s.env.into_iter().collect(),
+        replicas: s.replicas,
+        requests: s.requests.map(Into::into).unwrap_or_default(),
+        limits: s.limits.map(Into::into).unwrap_or_default(),
+        labels: s.labels.into_iter().collect(),
+        priority: s.priority,
+        placement: t::Placement {
+            zones: placement.zones,
+            regions: placement.regions,
+            node_selector: placement.node_selector.into_iter().collect(),
+            anti_affinity,
+            strategy,
+        },
+        restart_policy,
+        rollout: s.rollout.map_or_else(t::Rollout::default, |r| t::Rollout {
+            max_surge: r.max_surge,
+            max_unavailable: r.max_unavailable,
+            progress_deadline_seconds: if r.progress_deadline_seconds == 0 {
+                t::Rollout::default().progress_deadline_seconds
+            } else {
+                r.progress_deadline_seconds
+            },
+        }),
+        readiness_probe: s
+            .readiness_probe
+            .map(|p| probe_from_wire(p, &format!("{path}.readinessProbe"), errs)),
+        liveness_probe: s
+            .liveness_probe
+            .map(|p| probe_from_wire(p, &format!("{path}.livenessProbe"), errs)),
+    }
+}
+
+impl From<v1::WorkloadSpec> for t::WorkloadSpec {
+    /// Lenient: values that do not parse take their defaults (see
+    /// [`spec_from_wire`] for the checking version).
+    fn from(s: v1::WorkloadSpec) -> Self {
+        spec_from_wire(s, "spec", &mut t::ValidationErrors::default())
     }
 }
 
@@ -96,16 +229,20 @@ pub fn workload_from_wire(w: Option<v1::Workload>) -> Result<t::Workload, t::Val
     } else {
         w.namespace
     };
+    let spec = spec_from_wire(spec, "workload.spec", &mut errs);
     let workload = t::Workload {
         namespace,
         name: w.name,
-        spec: spec.into(),
+        spec,
         generation: 0,
         created_at_ms: 0,
         updated_at_ms: 0,
         template: 0,
     };
-    workload.validate().map(|()| workload)
+    if let Err(e) = workload.validate() {
+        errs.0.extend(e.0);
+    }
+    errs.into_result().map(|()| workload)
 }
 
 impl From<t::ClusterConfig> for v1::ClusterConfig {

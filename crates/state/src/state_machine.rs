@@ -198,11 +198,11 @@ impl StateMachine {
             }
             txn.open_table(SNAPSHOT).map_err(|e| se(&e))?;
             for def in DATA_TABLES {
+                let table = txn.open_table(def).map_err(|e| se(&e))?;
                 if INDEX_TABLES.iter().any(|t| t.name() == def.name()) {
                     // Plain keys to ids, not JSON records.
                     continue;
                 }
-                let table = txn.open_table(def).map_err(|e| se(&e))?;
                 for item in table.iter().map_err(|e| se(&e))? {
                     let (k, v) = item.map_err(|e| se(&e))?;
                     if let Err(e) = serde_json::from_str::<serde_json::Value>(v.value()) {
@@ -1199,10 +1199,46 @@ mod tests {
     }
 
     #[test]
+    fn commands_with_full_workload_specs_survive_the_log_encoding() {
+        // The log is postcard (not self-describing): every field must be
+        // written, whatever its value.
+        let spec = cloudless_types::WorkloadSpec {
+            image: "busybox".into(),
+            readiness_probe: Some(cloudless_types::ProbeSpec {
+                exec: Some(vec!["true".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for spec in [cloudless_types::WorkloadSpec::default(), spec] {
+            let p = Proposal {
+                requests: vec![Request {
+                    idempotency_key: None,
+                    proposed_at_ms: 1,
+                    command: Command::PutWorkload {
+                        workload: Workload {
+                            namespace: "default".into(),
+                            name: "web".into(),
+                            spec,
+                            generation: 0,
+                            created_at_ms: 0,
+                            updated_at_ms: 0,
+                            template: 0,
+                        },
+                    },
+                }],
+            };
+            let bytes = postcard::to_allocvec(&p).expect("encode");
+            let back: Proposal = postcard::from_bytes(&bytes).expect("decode");
+            assert_eq!(back, p);
+        }
+    }
+
+    #[test]
     fn replicas_are_indexed_survive_a_reopen_and_go_with_their_workload() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.redb");
-        let hist = || Histogram::new([1.0].into_iter());
+        let hist = || Histogram::new([1.0]);
         let sm = StateMachine::open(&path, hist()).expect("open");
         let token = JoinTokenRecord {
             id: "t1".into(),

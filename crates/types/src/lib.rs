@@ -12,7 +12,8 @@ pub use identity::{
 };
 pub use validation::{check_labels, FieldError, ValidationErrors};
 pub use workload::{
-    parse_manifest, ReplicaRecord, ReplicaState, Resources, Workload, WorkloadSpec,
+    parse_manifest, AntiAffinity, HttpGet, Placement, PlacementStrategy, ProbeSpec, ReplicaRecord,
+    ReplicaState, Resources, RestartPolicy, Rollout, TcpSocket, Workload, WorkloadSpec,
     DEFAULT_NAMESPACE, MAX_REPLICAS,
 };
 

@@ -57,10 +57,211 @@ pub struct WorkloadSpec {
     /// Scheduling priority.
     #[serde(default)]
     pub priority: i32,
+    /// Where replicas may go.
+    #[serde(default)]
+    pub placement: Placement,
+    /// When an exited container is started again on its node.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// How a new template replaces the old one.
+    #[serde(default)]
+    pub rollout: Rollout,
+    /// Decides when a replica is Ready (gates rollouts).
+    #[serde(default)]
+    pub readiness_probe: Option<ProbeSpec>,
+    /// Restarts a container that fails it.
+    #[serde(default)]
+    pub liveness_probe: Option<ProbeSpec>,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// Placement constraints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Placement {
+    /// Allowed zones (node label `zone`); empty allows all.
+    #[serde(default)]
+    pub zones: Vec<String>,
+    /// Allowed regions (node label `region`); empty allows all.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Labels a node must carry.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// At most one replica per `Node` or per `Zone`.
+    #[serde(default)]
+    pub anti_affinity: AntiAffinity,
+    /// `Auto` (binpack one replica, spread several), `Spread` or `Binpack`.
+    #[serde(default)]
+    pub strategy: PlacementStrategy,
+}
+
+/// Replica anti-affinity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AntiAffinity {
+    /// None.
+    #[default]
+    None,
+    /// One replica per node.
+    Node,
+    /// One replica per zone.
+    Zone,
+}
+
+/// Placement strategy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlacementStrategy {
+    /// Binpack one replica, spread several across zones.
+    #[default]
+    Auto,
+    /// Spread across zones, emptier nodes first.
+    Spread,
+    /// Fullest nodes first.
+    Binpack,
+}
+
+/// Kubernetes restart policies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    /// Always start it again.
+    #[default]
+    Always,
+    /// After a non-zero exit.
+    OnFailure,
+    /// Never.
+    Never,
+}
+
+/// Rolling update bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Rollout {
+    /// Replicas allowed above the desired count during an update.
+    #[serde(default = "one")]
+    pub max_surge: u32,
+    /// Ready replicas allowed below the desired count during an update.
+    #[serde(default)]
+    pub max_unavailable: u32,
+    /// A new replica not Ready this long after placement rolls the update
+    /// back to the previous template (default 120).
+    #[serde(default = "default_deadline")]
+    pub progress_deadline_seconds: u32,
+}
+
+fn default_deadline() -> u32 {
+    120
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Self {
+            max_surge: 1,
+            max_unavailable: 0,
+            progress_deadline_seconds: default_deadline(),
+        }
+    }
+}
+
+/// A health probe: exactly one of `exec`, `httpGet`, `tcpSocket`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProbeSpec {
+    /// Command run in the container; exit 0 passes.
+    #[serde(default)]
+    pub exec: Option<Vec<String>>,
+    /// HTTP GET on the container's loopback; 2xx/3xx passes.
+    #[serde(default)]
+    pub http_get: Option<HttpGet>,
+    /// TCP connect to the container's loopback.
+    #[serde(default)]
+    pub tcp_socket: Option<TcpSocket>,
+    /// Seconds before the first check.
+    #[serde(default)]
+    pub initial_delay_seconds: u32,
+    /// Seconds between checks (default 10).
+    #[serde(default = "ten")]
+    pub period_seconds: u32,
+    /// Seconds one check may take (default 1).
+    #[serde(default = "one")]
+    pub timeout_seconds: u32,
+    /// Consecutive failures to fail (default 3).
+    #[serde(default = "three")]
+    pub failure_threshold: u32,
+    /// Consecutive successes to pass again (default 1).
+    #[serde(default = "one")]
+    pub success_threshold: u32,
+}
+
+fn ten() -> u32 {
+    10
+}
+
+fn three() -> u32 {
+    3
+}
+
+/// An HTTP GET probe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpGet {
+    /// Path (default `/`).
+    #[serde(default = "slash")]
+    pub path: String,
+    /// Port.
+    pub port: u16,
+}
+
+fn slash() -> String {
+    "/".into()
+}
+
+/// A TCP probe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpSocket {
+    /// Port.
+    pub port: u16,
+}
+
+impl ProbeSpec {
+    fn validate_into(&self, path: &str, errs: &mut ValidationErrors) {
+        let actions = usize::from(self.exec.is_some())
+            + usize::from(self.http_get.is_some())
+            + usize::from(self.tcp_socket.is_some());
+        if actions != 1 {
+            errs.push(
+                path.to_owned(),
+                "needs exactly one of exec, httpGet, tcpSocket",
+            );
+        }
+        if self.exec.as_ref().is_some_and(Vec::is_empty) {
+            errs.push(format!("{path}.exec"), "must name a command");
+        }
+        let port = self
+            .http_get
+            .as_ref()
+            .map(|h| ("httpGet.port", h.port))
+            .or(self.tcp_socket.as_ref().map(|t| ("tcpSocket.port", t.port)));
+        if let Some((field, 0)) = port {
+            errs.push(format!("{path}.{field}"), "must be 1-65535");
+        }
+        for (field, v, min) in [
+            ("periodSeconds", self.period_seconds, 1),
+            ("timeoutSeconds", self.timeout_seconds, 1),
+            ("failureThreshold", self.failure_threshold, 1),
+            ("successThreshold", self.success_threshold, 1),
+        ] {
+            if v < min || v > 3600 {
+                errs.push(
+                    format!("{path}.{field}"),
+                    format!("{v} is outside 1..=3600"),
+                );
+            }
+        }
+    }
 }
 
 /// A workload as stored in the cluster state.
@@ -223,6 +424,23 @@ impl WorkloadSpec {
             }
         }
         check_labels(errs, &format!("{prefix}.labels"), &self.labels);
+        check_labels(
+            errs,
+            &format!("{prefix}.placement.nodeSelector"),
+            &self.placement.node_selector,
+        );
+        if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
+            errs.push(
+                format!("{prefix}.rollout"),
+                "maxSurge and maxUnavailable cannot both be 0 (no rollout could progress)",
+            );
+        }
+        if let Some(p) = &self.readiness_probe {
+            p.validate_into(&format!("{prefix}.readinessProbe"), errs);
+        }
+        if let Some(p) = &self.liveness_probe {
+            p.validate_into(&format!("{prefix}.livenessProbe"), errs);
+        }
     }
 }
 
