@@ -16,6 +16,10 @@ use cloudless_test::e2e::{kill_containers, Cluster};
 use cloudless_test::{channel, process_leader};
 use pb::workload_service_client::WorkloadServiceClient;
 
+/// One whole installation at a time: two would share 2 cores and make the
+/// timing assertions (Down after 5 s) about CPU starvation instead.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 macro_rules! require_e2e {
     () => {
         if let Some(why) = cloudless_test::e2e::missing() {
@@ -36,6 +40,7 @@ fn signal(pid: u32, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_spread_heal_and_survive_leader_loss() {
     require_e2e!();
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start().await;
     let manifest = c.manifest("hello", "1", 3, "first");
     let out = c.ctl(&[
@@ -150,6 +155,7 @@ async fn replicas_spread_heal_and_survive_leader_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_control_plane() {
     require_e2e!();
+    let _serial = SERIAL.lock().await;
     let c = Cluster::start().await;
     let v1 = c.manifest("web", "1", 2, "v1");
     let out = c.ctl(&[
