@@ -177,6 +177,28 @@ async fn main() {
         args.replicas,
         started.elapsed().as_millis()
     );
+    for a in &c.agents {
+        let containers = match c.agents.iter().position(|x| x.name == a.name) {
+            Some(i) => c.container_pids(i).await.len(),
+            None => 0,
+        };
+        let rss_kib = a
+            .child
+            .as_ref()
+            .and_then(|ch| std::fs::read_to_string(format!("/proc/{}/status", ch.id())).ok())
+            .and_then(|st| {
+                st.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        println!(
+            "  {} resident memory while running {containers} containers: {:.1} MiB",
+            a.name,
+            rss_kib as f64 / 1024.0
+        );
+    }
     let out = c.ctl(&["delete", "workload", "many"]);
     assert!(out.status.success(), "delete: {out:?}");
     // Let the agents stop those containers before timing anything else.
