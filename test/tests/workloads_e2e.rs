@@ -300,7 +300,10 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
     // exactly the two replicas.
     let deadline = Instant::now() + Duration::from_secs(40);
     while c.container_pids(0).await.len() + c.container_pids(1).await.len() != 2 {
-        assert!(Instant::now() < deadline, "replaced containers still running");
+        assert!(
+            Instant::now() < deadline,
+            "replaced containers still running"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 

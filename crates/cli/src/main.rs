@@ -40,7 +40,11 @@ struct Cli {
 enum Output {
     Table,
     Json,
+    Yaml,
 }
+
+/// The structured format chosen with `-o` (JSON unless YAML was asked for).
+static YAML: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -87,6 +91,19 @@ enum Cmd {
     /// Enrolled nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// A workload's spec, status and replicas (with node and state).
+    Describe {
+        #[arg(value_parser = ["workload", "wl"])]
+        kind: String,
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+    /// Rollout progress of a workload.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
     /// Change a workload's replica count.
     Scale {
         #[arg(value_parser = ["workload", "wl"])]
@@ -96,6 +113,20 @@ enum Cmd {
         replicas: u32,
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCmd {
+    /// Show progress (exit 0 when complete, 3 when not); --wait blocks until complete.
+    Status {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
 }
 
@@ -377,8 +408,17 @@ fn read_opts(stale: bool) -> Option<ReadOptions> {
     })
 }
 
+/// Prints `v` as JSON, or YAML with `-o yaml`.
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    if YAML.load(std::sync::atomic::Ordering::Relaxed) {
+        let text = serde_yaml_ng::to_string(v).map_err(|e| Failure {
+            code: 1,
+            error: anyhow::anyhow!("cannot write YAML: {e}"),
+        })?;
+        print!("{text}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    }
     Ok(())
 }
 
@@ -386,6 +426,11 @@ fn workload_json(w: &pb::Workload) -> serde_json::Value {
     let spec = w.spec.clone().unwrap_or_default();
     serde_json::json!({
         "namespace": w.namespace, "name": w.name, "generation": w.generation,
+        "template": w.template,
+        "status": w.status.map(|st| serde_json::json!({
+            "desiredReplicas": st.desired_replicas, "readyReplicas": st.ready_replicas,
+            "updatedReplicas": st.updated_replicas, "currentReplicas": st.current_replicas,
+        })),
         "createdAtMs": w.created_at_ms, "updatedAtMs": w.updated_at_ms,
         "spec": { "image": spec.image, "replicas": spec.replicas, "command": spec.command,
                   "args": spec.args, "env": spec.env, "labels": spec.labels, "priority": spec.priority }
@@ -548,7 +593,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await
             })
             .await?;
-            if cli.output == Output::Json {
+            if cli.output != Output::Table {
                 let coords: Vec<_> = s.coordinators.iter().map(|c| serde_json::json!({
                     "nodeId": c.node_id, "address": c.address, "reachable": c.reachable, "state": c.state,
                     "term": c.term, "leaderId": c.leader_id, "lastLogIndex": c.last_log_index,
@@ -715,7 +760,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 async move { WorkloadServiceClient::new(ch).list_replicas(req).await }
             })
             .await?;
-            if cli.output == Output::Json {
+            if cli.output != Output::Table {
                 return print_json(&r.replicas.iter().map(replica_json).collect::<Vec<_>>());
             }
             println!(
@@ -788,7 +833,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .workloads
                 }
             };
-            if cli.output == Output::Json {
+            if cli.output != Output::Table {
                 return print_json(&workloads.iter().map(workload_json).collect::<Vec<_>>());
             }
             println!(
@@ -839,7 +884,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 async move { NodeServiceClient::new(ch).create_join_token(req).await }
             })
             .await?;
-            if cli.output == Output::Json {
+            if cli.output != Output::Table {
                 return print_json(
                     &serde_json::json!({ "tokenId": r.token_id, "token": r.token, "expiresAtMs": r.expires_at_ms }),
                 );
@@ -859,7 +904,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await
             })
             .await?;
-            if cli.output == Output::Json {
+            if cli.output != Output::Table {
                 let v: Vec<_> = r.tokens.iter().map(|t| serde_json::json!({ "tokenId": t.token_id,
                     "remainingUses": t.remaining_uses, "expiresAtMs": t.expires_at_ms, "revoked": t.revoked, "labels": t.labels })).collect();
                 return print_json(&v);
@@ -902,7 +947,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?
             .nodes;
-            if cli.output == Output::Json {
+            if cli.output != Output::Table {
                 return print_json(&nodes.iter().map(node_json).collect::<Vec<_>>());
             }
             println!(
@@ -974,6 +1019,108 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await?;
             println!("node {id} {verb}");
         }
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "cloudlessctl", &mut std::io::stdout());
+        }
+        Cmd::Rollout(RolloutCmd::Status {
+            name,
+            namespace,
+            wait,
+            timeout,
+        }) => {
+            let secs = if wait { timeout } else { 0 };
+            wait_rollout(servers, &namespace, &name, Duration::from_secs(secs)).await?;
+        }
+        Cmd::Describe {
+            name, namespace, ..
+        } => {
+            let read = read_opts(cli.stale);
+            let w = call(servers, |ch| {
+                let req = pb::GetWorkloadRequest {
+                    read,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                async move { WorkloadServiceClient::new(ch).get(req).await }
+            })
+            .await?
+            .workload
+            .unwrap_or_default();
+            let replicas = call(servers, |ch| {
+                let req = pb::ListReplicasRequest {
+                    read,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                async move { WorkloadServiceClient::new(ch).list_replicas(req).await }
+            })
+            .await?
+            .replicas;
+            if cli.output != Output::Table {
+                let mut v = workload_json(&w);
+                v["replicas"] =
+                    serde_json::Value::Array(replicas.iter().map(replica_json).collect());
+                return print_json(&v);
+            }
+            let spec = w.spec.clone().unwrap_or_default();
+            let st = w.status.unwrap_or_default();
+            println!("Name:         {}/{}", w.namespace, w.name);
+            println!("Image:        {}", spec.image);
+            println!("Generation:   {} (template {})", w.generation, w.template);
+            println!(
+                "Replicas:     {} desired, {} assigned, {} up to date, {} ready",
+                spec.replicas, st.current_replicas, st.updated_replicas, st.ready_replicas
+            );
+            if let Some(p) = &spec.placement {
+                println!(
+                    "Placement:    zones {:?}, strategy {}, anti-affinity {}",
+                    p.zones,
+                    if p.strategy.is_empty() {
+                        "Auto"
+                    } else {
+                        &p.strategy
+                    },
+                    if p.anti_affinity.is_empty() {
+                        "None"
+                    } else {
+                        &p.anti_affinity
+                    }
+                );
+            }
+            println!(
+                "Restart:      {}",
+                if spec.restart_policy.is_empty() {
+                    "Always"
+                } else {
+                    &spec.restart_policy
+                }
+            );
+            if let Some(r) = &spec.rollout {
+                println!(
+                    "Rollout:      maxSurge {}, maxUnavailable {}, progress deadline {}s",
+                    r.max_surge, r.max_unavailable, r.progress_deadline_seconds
+                );
+            }
+            println!("Replicas:");
+            let now = now_ms();
+            for x in &replicas {
+                println!(
+                    "  {:<44} {:<10} {:<12} template {:<3} restarts {:<3} age {:<6} {}",
+                    x.id,
+                    x.state,
+                    if x.node_name.is_empty() {
+                        &x.node_id
+                    } else {
+                        &x.node_name
+                    },
+                    x.template,
+                    x.restarts,
+                    human((now - x.created_at_ms).max(0) / 1000),
+                    x.message
+                );
+            }
+        }
         Cmd::Scale {
             name,
             replicas,
@@ -1002,6 +1149,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    YAML.store(
+        cli.output == Output::Yaml,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
