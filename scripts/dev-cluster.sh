@@ -146,12 +146,11 @@ echo "==> cloudlessctl get workloads"
 echo "==> cloudlessctl get replicas"
 "${CTL[@]}" get replicas
 sleep 1
-echo "==> their output (from each agent's container logs)"
-for f in "$DIR"/agent-*/logs/*.log; do
-  [[ -f "$f" ]] && echo "  $(basename "$(dirname "$(dirname "$f")")"): $(tail -n 1 "$f")"
-done
+echo "==> cloudlessctl logs hello --tail 1 (through the coordinators and the agents' tunnels)"
+"${CTL[@]}" logs hello --tail 1
 echo
 echo "Cluster is running (logs in $DIR). Metrics: curl http://127.0.0.1:$((PORTS[0] + 1))/metrics"
 echo "cloudlessctl: ${CTL[*]}"
+echo "Try: ... logs hello -f; ... describe workload hello; ... scale workload hello --replicas 5"
 echo "Try: kill the agent of one zone (kill \$(cat $DIR/a-a.pid)) and watch its replicas move: ... get replicas"
 echo "Stop everything with: make demo-stop"

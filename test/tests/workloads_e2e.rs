@@ -92,6 +92,49 @@ async fn replicas_spread_heal_and_survive_leader_loss() {
         }
     }
 
+    // The same output through the coordinators and the agents' tunnels.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = c.ctl(&["logs", "hello", "--tail", "2"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let all = rs
+            .iter()
+            .all(|r| text.contains(&format!("[{}] hello from {} (first)", r.id, r.id)));
+        if out.status.success() && all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "logs: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Follow: new lines keep arriving (the loop prints every second).
+    let out = Command::new("timeout")
+        .arg("4")
+        .arg(cloudless_test::workspace_binary("cloudlessctl"))
+        .arg("--config")
+        .arg(&c.ctl_config)
+        .args([
+            "--server",
+            &c.servers(),
+            "logs",
+            "hello",
+            "--replica",
+            &rs[0].id,
+            "-f",
+            "--tail",
+            "1",
+        ])
+        .output()
+        .expect("logs -f");
+    let followed = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&rs[0].id))
+        .count();
+    assert!(followed >= 3, "logs -f gave {followed} lines: {out:?}");
+
     // Kill the leader coordinator: containers keep running (same processes)
     // and the API answers again.
     let before: Vec<BTreeMap<String, u32>> =

@@ -329,6 +329,11 @@ impl Runner {
         }
     }
 
+    /// The containerd client (for log requests).
+    pub fn runtime(&self) -> Containerd {
+        self.rt.clone()
+    }
+
     /// Replicas being run.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -424,6 +429,177 @@ async fn replica_task(
     let _ = task.await;
 }
 
+/// A `Write` that hands each write to an async task (for `logs::follow`).
+struct ChanWriter(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+
+impl std::io::Write for ChanWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .send(buf.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader gone"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether `id` can name a container log file (no path tricks).
+fn safe_replica_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && !id.contains("..")
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Answers one logs request: the last lines, then (with follow) what is
+/// appended until cancelled.
+async fn serve_logs(
+    rt: Containerd,
+    id: u64,
+    req: pb::LogsRequest,
+    up: tokio::sync::mpsc::Sender<pb::TunnelUp>,
+    cancel: CancellationToken,
+) {
+    let replica_id = req.replica_id.clone();
+    let chunk = move |data: Vec<u8>| pb::TunnelUp {
+        request_id: id,
+        chunk: Some(pb::LogChunk {
+            replica_id: replica_id.clone(),
+            stream: "stdout".into(),
+            data,
+        }),
+        end: false,
+        error: String::new(),
+    };
+    let end = move |error: String| pb::TunnelUp {
+        request_id: id,
+        chunk: None,
+        end: true,
+        error,
+    };
+    if !safe_replica_id(&req.replica_id) {
+        let _ = up.send(end("replica_id: not a replica id".into())).await;
+        return;
+    }
+    let path = rt.log_path(&container_id(&req.replica_id));
+    let rotation = cloudless_runtime::logs::Rotation::default();
+    let lines = if req.tail_lines == 0 {
+        usize::MAX
+    } else {
+        req.tail_lines as usize
+    };
+    match cloudless_runtime::logs::tail(&path, lines, rotation) {
+        Ok(tail) => {
+            for part in tail.chunks(256) {
+                let mut data = part.join("\n").into_bytes();
+                data.push(b'\n');
+                if up.send(chunk(data)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        Err(e) => {
+            let _ = up.send(end(format!("no logs on this node: {e}"))).await;
+            return;
+        }
+    }
+    if req.follow {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let forward = {
+            let up = up.clone();
+            let chunk = chunk.clone();
+            tokio::spawn(async move {
+                while let Some(data) = rx.recv().await {
+                    if up.send(chunk(data)).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let mut sink = ChanWriter(tx);
+        let r = cloudless_runtime::logs::follow(
+            &path,
+            &mut sink,
+            Duration::from_millis(200),
+            cancel.cancelled(),
+        )
+        .await;
+        drop(sink);
+        let _ = forward.await;
+        let _ = up
+            .send(end(r.err().map(|e| e.to_string()).unwrap_or_default()))
+            .await;
+    } else {
+        let _ = up.send(end(String::new())).await;
+    }
+}
+
+/// Keeps a `Tunnel` stream open to one coordinator and answers what comes
+/// down it, until `cancel`.
+pub async fn tunnel(
+    address: String,
+    mut identity: watch::Receiver<NodeIdentity>,
+    rt: Containerd,
+    cancel: CancellationToken,
+) {
+    let mut coordinators =
+        Coordinators::new(vec![address.clone()], identity.borrow_and_update().clone());
+    loop {
+        if identity.has_changed().unwrap_or(false) {
+            coordinators.set_identity(identity.borrow_and_update().clone());
+        }
+        let opened = tokio::select! {
+            r = coordinators.call("tunnel", |mut c| async move {
+                let (tx, rx) = tokio::sync::mpsc::channel::<pb::TunnelUp>(64);
+                let resp = c.tunnel(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+                Ok(resp.map(|down| (tx, down)))
+            }) => r,
+            () = cancel.cancelled() => return,
+        };
+        let (up, mut down) = match opened {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(coordinator = %address, error = %e, "no tunnel; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                    () = cancel.cancelled() => return,
+                }
+            }
+        };
+        let mut requests: HashMap<u64, CancellationToken> = HashMap::new();
+        loop {
+            let msg = tokio::select! {
+                m = down.message() => m,
+                () = cancel.cancelled() => return,
+            };
+            match msg {
+                Ok(Some(d)) if d.cancel => {
+                    if let Some(c) = requests.remove(&d.request_id) {
+                        c.cancel();
+                    }
+                }
+                Ok(Some(d)) => {
+                    if let Some(logs) = d.logs {
+                        let stop = cancel.child_token();
+                        requests.retain(|_, c| !c.is_cancelled());
+                        requests.insert(d.request_id, stop.clone());
+                        tokio::spawn(serve_logs(rt.clone(), d.request_id, logs, up.clone(), stop));
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for (_, c) in requests.drain() {
+            c.cancel();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Keeps the assignment stream open and the runner in step with it, and
 /// reports replica states, until `cancel` or the node's removal.
 pub async fn run(
@@ -432,6 +608,14 @@ pub async fn run(
     mut runner: Runner,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
+    for address in &addresses {
+        tokio::spawn(tunnel(
+            address.clone(),
+            identity.clone(),
+            runner.runtime(),
+            cancel.child_token(),
+        ));
+    }
     let mut coordinators = Coordinators::new(addresses, identity.borrow_and_update().clone());
     let mut report = tokio::time::interval(REPORT_EVERY);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -102,6 +102,23 @@ enum Cmd {
     /// Rollout progress of a workload.
     #[command(subcommand)]
     Rollout(RolloutCmd),
+    /// Container output of a workload's replicas (through the coordinators
+    /// and the agents' tunnels).
+    Logs {
+        /// Workload name.
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Only this replica.
+        #[arg(long)]
+        replica: Option<String>,
+        /// Keep streaming new output.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Lines of history per replica (0: all).
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
     /// Change a workload's replica count.
@@ -1018,6 +1035,56 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?;
             println!("node {id} {verb}");
+        }
+        Cmd::Logs {
+            name,
+            namespace,
+            replica,
+            follow,
+            tail,
+        } => {
+            let mut stream = call(servers, |ch| {
+                let req = pb::LogsRequest {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    replica_id: replica.clone().unwrap_or_default(),
+                    follow,
+                    tail_lines: tail,
+                };
+                async move { WorkloadServiceClient::new(ch).logs(req).await }
+            })
+            .await?;
+            let prefix = replica.is_none();
+            let mut partial: std::collections::HashMap<String, String> = Default::default();
+            while let Some(chunk) = stream.message().await.map_err(status_failure)? {
+                if chunk.stream == "error" {
+                    eprintln!(
+                        "{}: {}",
+                        chunk.replica_id,
+                        String::from_utf8_lossy(&chunk.data)
+                    );
+                    continue;
+                }
+                let buf = partial.entry(chunk.replica_id.clone()).or_default();
+                buf.push_str(&String::from_utf8_lossy(&chunk.data));
+                while let Some(i) = buf.find('\n') {
+                    let line: String = buf.drain(..=i).collect();
+                    if prefix {
+                        print!("[{}] {line}", chunk.replica_id);
+                    } else {
+                        print!("{line}");
+                    }
+                }
+            }
+            for (id, rest) in partial {
+                if !rest.is_empty() {
+                    if prefix {
+                        println!("[{id}] {rest}");
+                    } else {
+                        println!("{rest}");
+                    }
+                }
+            }
         }
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

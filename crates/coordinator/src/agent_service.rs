@@ -8,7 +8,7 @@ use cloudless_pki::Identity;
 use cloudless_proto::v1::agent_service_server::AgentService;
 use cloudless_proto::v1::{
     Assignment, AssignmentSet, HeartbeatRequest, HeartbeatResponse, RenewRequest, RenewResponse,
-    ReportStatusRequest, ReportStatusResponse, WatchAssignmentsRequest,
+    ReportStatusRequest, ReportStatusResponse, TunnelDown, TunnelUp, WatchAssignmentsRequest,
 };
 use cloudless_state::{Command, ReplicaUpdate, Response as SmResponse};
 use cloudless_types::{NodeStatus, ReplicaState, Resources};
@@ -158,6 +158,9 @@ fn assignments(
         })
         .collect())
 }
+
+type TunnelDownStream =
+    Pin<Box<dyn futures::Stream<Item = Result<TunnelDown, Status>> + Send + 'static>>;
 
 type HeartbeatStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<HeartbeatResponse, Status>> + Send + 'static>>;
@@ -310,6 +313,37 @@ impl AgentService for AgentApi {
             }
         });
         Ok(Response::new(Box::pin(answers)))
+    }
+
+    type TunnelStream = TunnelDownStream;
+
+    async fn tunnel(
+        &self,
+        req: Request<Streaming<TunnelUp>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<TunnelDown>(64);
+        let tunnels = self.handle.tunnels().clone();
+        let generation = tunnels.open(&id, tx);
+        let stopping = self.handle.stopping().clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(up)) => tunnels.deliver(up),
+                        Ok(None) | Err(_) => break,
+                    },
+                    () = stopping.cancelled() => break,
+                }
+            }
+            tunnels.close(&id, generation);
+        });
+        let down = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Ok::<TunnelDown, Status>,
+        );
+        Ok(Response::new(Box::pin(down)))
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {

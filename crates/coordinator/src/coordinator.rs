@@ -88,6 +88,7 @@ struct HandleInner {
     tls: Option<Arc<crate::tls::TlsMaterial>>,
     peer_cache: crate::authz::PeerCache,
     liveness: Arc<crate::membership::Liveness>,
+    tunnels: Arc<crate::tunnel::Tunnels>,
     /// Fires when the API stops; long-lived streams end on it.
     stopping: CancellationToken,
 }
@@ -187,6 +188,10 @@ impl CoordinatorHandle {
     /// Fires when this coordinator's API is stopping.
     pub(crate) fn stopping(&self) -> &CancellationToken {
         &self.inner.stopping
+    }
+
+    pub(crate) fn tunnels(&self) -> &Arc<crate::tunnel::Tunnels> {
+        &self.inner.tunnels
     }
 
     pub(crate) fn liveness(&self) -> Arc<crate::membership::Liveness> {
@@ -510,6 +515,7 @@ impl Coordinator {
                 tls: tls.clone(),
                 peer_cache: crate::authz::PeerCache::default(),
                 liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),
+                tunnels: Arc::default(),
                 stopping: api_cancel.clone(),
             }),
         };

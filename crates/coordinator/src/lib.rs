@@ -16,6 +16,7 @@ mod raft_service;
 mod reconciler;
 mod services;
 mod tls;
+mod tunnel;
 mod workload_service;
 
 pub use config::{ConfigError, ConfigSources, CoordinatorConfig};

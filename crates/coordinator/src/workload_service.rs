@@ -257,9 +257,89 @@ impl WorkloadService for WorkloadApi {
     }
 
     type LogsStream = Stream<LogChunk>;
-    async fn logs(&self, _r: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
-        Err(Status::unimplemented(format!("logs {LATER}")))
+    async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        // Served by any coordinator: every agent keeps a tunnel to each.
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let r = req.into_inner();
+        let ns = namespace_or_default(r.namespace);
+        let reader = self.handle.reader();
+        let replicas = if r.replica_id.is_empty() {
+            require_name(&r.name)?;
+            reader
+                .workload_replicas(&ns, &r.name)
+                .map_err(CoordinatorError::from)?
+        } else {
+            reader
+                .replica(&r.replica_id)
+                .map_err(CoordinatorError::from)?
+                .into_iter()
+                .collect()
+        };
+        if replicas.is_empty() {
+            return Err(Status::not_found(format!(
+                "no replicas of {ns}/{}{}",
+                r.name,
+                if r.replica_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with id {}", r.replica_id)
+                }
+            )));
+        }
+        let single = replicas.len() == 1;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<LogChunk, Status>>(64);
+        for rep in replicas {
+            let tunnels = self.handle.tunnels().clone();
+            let down = LogsRequest {
+                namespace: rep.namespace.clone(),
+                name: rep.workload.clone(),
+                replica_id: rep.id.clone(),
+                follow: r.follow,
+                tail_lines: r.tail_lines,
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let problem = |why: String| {
+                    if single {
+                        Err(Status::unavailable(why))
+                    } else {
+                        Ok(LogChunk {
+                            replica_id: rep.id.clone(),
+                            stream: "error".into(),
+                            data: why.into_bytes(),
+                        })
+                    }
+                };
+                let Some((_pending, mut answers)) = tunnels.logs(&rep.node_id, down).await else {
+                    let _ = tx
+                        .send(problem(format!(
+                            "replica {}: its node {} has no tunnel to this coordinator (agent down or not connected yet)",
+                            rep.id, rep.node_id
+                        )))
+                        .await;
+                    return;
+                };
+                while let Some(up) = answers.recv().await {
+                    if let Some(chunk) = up.chunk {
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if up.end {
+                        if !up.error.is_empty() {
+                            let _ = tx
+                                .send(problem(format!("replica {}: {}", rep.id, up.error)))
+                                .await;
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type ExecStream = Stream<ExecOutput>;
