@@ -338,6 +338,9 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
         ids(&rs),
         "the rollback replaced the replicas that were Ready"
     );
+    let out = c.ctl(&["describe", "workload", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("RolledBack"), "{text}");
 
     // Replaced containers stop in the background (grace period): wait for
     // exactly the two replicas.

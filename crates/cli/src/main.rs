@@ -119,6 +119,17 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         tail: u32,
     },
+    /// Events: placements, losses, rollbacks, node phase changes.
+    Events {
+        /// Only this workload's.
+        name: Option<String>,
+        /// Only this namespace's (default: everything, nodes included).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Keep streaming new events.
+        #[arg(long, short = 'w')]
+        watch: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
     /// Change a workload's replica count.
@@ -1086,6 +1097,50 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Cmd::Events {
+            name,
+            namespace,
+            watch,
+        } => {
+            let ns = match (&name, namespace) {
+                (_, Some(ns)) => ns,
+                (Some(_), None) => "default".to_owned(),
+                (None, None) => String::new(),
+            };
+            let mut stream = call(servers, |ch| {
+                let req = pb::EventsRequest {
+                    namespace: ns.clone(),
+                    name: name.clone().unwrap_or_default(),
+                    watch,
+                };
+                async move { WorkloadServiceClient::new(ch).events(req).await }
+            })
+            .await?;
+            let structured = cli.output != Output::Table;
+            if !structured {
+                println!(
+                    "{:<8} {:<9} {:<24} {:<18} MESSAGE",
+                    "AGE", "KIND", "OBJECT", "REASON"
+                );
+            }
+            while let Some(e) = stream.message().await.map_err(status_failure)? {
+                if structured {
+                    print_json(&serde_json::json!({
+                        "atMs": e.at_ms, "kind": e.kind, "object": e.object,
+                        "reason": e.reason, "message": e.message,
+                    }))?;
+                } else {
+                    println!(
+                        "{:<8} {:<9} {:<24} {:<18} {}",
+                        human((now_ms() - e.at_ms).max(0) / 1000),
+                        e.kind,
+                        e.object,
+                        e.reason,
+                        e.message
+                    );
+                }
+            }
+        }
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "cloudlessctl", &mut std::io::stdout());
@@ -1169,6 +1224,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     r.max_surge, r.max_unavailable, r.progress_deadline_seconds
                 );
             }
+            let events = {
+                let mut stream = call(servers, |ch| {
+                    let req = pb::EventsRequest {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        watch: false,
+                    };
+                    async move { WorkloadServiceClient::new(ch).events(req).await }
+                })
+                .await?;
+                let mut v = Vec::new();
+                while let Some(e) = stream.message().await.map_err(status_failure)? {
+                    v.push(e);
+                }
+                v
+            };
             println!("Replicas:");
             let now = now_ms();
             for x in &replicas {
@@ -1185,6 +1256,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     x.restarts,
                     human((now - x.created_at_ms).max(0) / 1000),
                     x.message
+                );
+            }
+            println!("Events (latest 15):");
+            for e in events.iter().rev().take(15).rev() {
+                println!(
+                    "  {:<8} {:<18} {}",
+                    human((now - e.at_ms).max(0) / 1000),
+                    e.reason,
+                    e.message
                 );
             }
         }

@@ -341,6 +341,28 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
             };
             match handle.write(None, command).await {
                 Ok(_) => {
+                    let events: Vec<cloudless_types::EventRecord> = chunk
+                        .iter()
+                        .filter_map(|u| {
+                            let phase = u.phase?;
+                            let name = committed
+                                .get(&u.node_id)
+                                .map_or_else(|| u.node_id.clone(), |n| n.name.clone());
+                            Some(cloudless_types::EventRecord {
+                                at_ms: 0,
+                                kind: "Node".into(),
+                                namespace: String::new(),
+                                object: name,
+                                reason: format!("Node{}", phase.as_str()),
+                                message: format!("node {} is {}", u.node_id, phase.as_str()),
+                            })
+                        })
+                        .collect();
+                    if !events.is_empty() {
+                        if let Err(e) = handle.write(None, Command::RecordEvents { events }).await {
+                            tracing::warn!(error = %e, "cannot record node events");
+                        }
+                    }
                     for u in chunk {
                         if let Some(phase) = u.phase {
                             liveness

@@ -15,7 +15,7 @@ use cloudless_scheduler::{
     Strategy, WorkloadRequest,
 };
 use cloudless_state::{Command, StateReader};
-use cloudless_types::{NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Workload};
+use cloudless_types::{EventRecord, NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Workload};
 use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 
@@ -105,8 +105,8 @@ fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Vec<NodeInfo>
 /// What one pass decided.
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
-    /// Replica ids to remove, with the reason (for the log).
-    pub remove: Vec<(String, &'static str)>,
+    /// Replica ids to remove, with an event reason and a message.
+    pub remove: Vec<(String, &'static str, &'static str)>,
     /// Replicas to place: (index into the workloads, count).
     pub place: Vec<(usize, usize)>,
     /// Rollouts to undo: (index into the workloads, the previous spec).
@@ -138,13 +138,16 @@ pub(crate) fn plan(
     let mut by_workload: HashMap<String, Vec<&ReplicaRecord>> = HashMap::new();
     for r in replicas {
         if !live_nodes.contains(r.node_id.as_str()) && any_ready {
-            plan.remove.push((r.id.clone(), "Lost: its node is down"));
+            plan.remove
+                .push((r.id.clone(), "Lost", "its node is down; replacing it"));
         } else if !known.contains(&r.workload_key()) {
-            plan.remove.push((r.id.clone(), "its workload was deleted"));
+            plan.remove
+                .push((r.id.clone(), "Deleted", "its workload was deleted"));
         } else if r.state == ReplicaState::Failed {
             plan.remove.push((
                 r.id.clone(),
-                "Failed beyond its restart policy: rescheduling",
+                "Rescheduled",
+                "failed beyond its restart policy; placing a new replica",
             ));
         } else {
             by_workload.entry(r.workload_key()).or_default().push(r);
@@ -188,7 +191,8 @@ pub(crate) fn plan(
         if current.len() > desired {
             let surplus = current.len() - desired;
             for r in current.drain(..surplus) {
-                plan.remove.push((r.id.clone(), "surplus: scaled down"));
+                plan.remove
+                    .push((r.id.clone(), "ScaledDown", "surplus replica"));
             }
         }
         let ready = |rs: &[&ReplicaRecord]| {
@@ -206,8 +210,11 @@ pub(crate) fn plan(
                 ReplicaState::Ready | ReplicaState::Succeeded
             ));
             if ready_total - r_ready >= floor {
-                plan.remove
-                    .push((r.id.clone(), "replaced by the new template (rollout)"));
+                plan.remove.push((
+                    r.id.clone(),
+                    "Replaced",
+                    "an older template, replaced by the rollout",
+                ));
                 ready_total -= r_ready;
             } else {
                 kept_old += 1;
@@ -272,6 +279,21 @@ async fn pass(
     let replicas = reader.replicas()?;
     let nodes = reader.nodes()?;
     let plan = plan(&workloads, &replicas, &nodes, now_ms());
+    let mut events: Vec<EventRecord> = Vec::new();
+    let event = |namespace: &str, object: &str, reason: &str, message: String| EventRecord {
+        at_ms: 0,
+        kind: "Workload".into(),
+        namespace: namespace.to_owned(),
+        object: object.to_owned(),
+        reason: reason.to_owned(),
+        message,
+    };
+    let node_name = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map_or_else(|| id.to_owned(), |n| n.name.clone())
+    };
     for (index, spec) in &plan.rollback {
         let w = &workloads[*index];
         tracing::warn!(
@@ -279,6 +301,15 @@ async fn pass(
             image = %spec.image,
             "rollout missed its progress deadline: rolling back to the previous template"
         );
+        events.push(event(
+            &w.namespace,
+            &w.name,
+            "RolledBack",
+            format!(
+                "new replicas were not Ready within {} s; back to the previous template (image {})",
+                w.spec.rollout.progress_deadline_seconds, spec.image
+            ),
+        ));
         let mut back = w.clone();
         back.spec = spec.clone();
         handle
@@ -286,9 +317,12 @@ async fn pass(
             .await?;
     }
     if plan.remove.is_empty() && plan.place.is_empty() {
+        if !events.is_empty() {
+            handle.write(None, Command::RecordEvents { events }).await?;
+        }
         return Ok(());
     }
-    let removed: HashSet<&str> = plan.remove.iter().map(|(id, _)| id.as_str()).collect();
+    let removed: HashSet<&str> = plan.remove.iter().map(|(id, _, _)| id.as_str()).collect();
     let remaining: Vec<ReplicaRecord> = replicas
         .iter()
         .filter(|r| !removed.contains(r.id.as_str()))
@@ -358,20 +392,37 @@ async fn pass(
             }
         }
     }
-    for (id, why) in &plan.remove {
-        tracing::info!(replica = %id, reason = why, "removing replica");
+    for (id, reason, why) in &plan.remove {
+        tracing::info!(replica = %id, reason, why, "removing replica");
+        if let Some(r) = replicas.iter().find(|r| &r.id == id) {
+            events.push(event(
+                &r.namespace,
+                &r.workload,
+                reason,
+                format!("replica {id} on {}: {why}", node_name(&r.node_id)),
+            ));
+        }
     }
     for r in &placed {
         tracing::info!(replica = %r.id, node = %r.node_id, "placing replica");
+        events.push(event(
+            &r.namespace,
+            &r.workload,
+            "Scheduled",
+            format!("replica {} on {}", r.id, node_name(&r.node_id)),
+        ));
     }
     if !plan.remove.is_empty() {
-        let ids = plan.remove.iter().map(|(id, _)| id.clone()).collect();
+        let ids = plan.remove.iter().map(|(id, _, _)| id.clone()).collect();
         handle.write(None, Command::RemoveReplicas { ids }).await?;
     }
     if !placed.is_empty() {
         handle
             .write(None, Command::PlaceReplicas { replicas: placed })
             .await?;
+    }
+    if !events.is_empty() {
+        handle.write(None, Command::RecordEvents { events }).await?;
     }
     Ok(())
 }
@@ -422,7 +473,7 @@ mod tests {
     }
 
     fn removed(p: &Plan) -> Vec<&str> {
-        let mut v: Vec<&str> = p.remove.iter().map(|(id, _)| id.as_str()).collect();
+        let mut v: Vec<&str> = p.remove.iter().map(|(id, _, _)| id.as_str()).collect();
         v.sort_unstable();
         v
     }

@@ -404,9 +404,71 @@ impl WorkloadService for WorkloadApi {
     type EventsStream = Stream<Event>;
     async fn events(
         &self,
-        _r: Request<EventsRequest>,
+        req: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
-        Err(Status::unimplemented(format!("events {LATER}")))
+        // Served from this coordinator's applied state (events are in Raft).
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let r = req.into_inner();
+        let reader = self.handle.reader().clone();
+        let stopping = self.handle.stopping().clone();
+        let (ns, name, watch) = (r.namespace, r.name, r.watch);
+        let filter = move |e: &cloudless_types::EventRecord| {
+            if !name.is_empty() {
+                return e.kind == "Workload"
+                    && e.object == name
+                    && (ns.is_empty() || e.namespace == ns);
+            }
+            ns.is_empty() || e.namespace == ns
+        };
+        let to_wire = |e: cloudless_types::EventRecord| Event {
+            at_ms: e.at_ms,
+            kind: e.kind,
+            object: if e.namespace.is_empty() {
+                e.object
+            } else {
+                format!("{}/{}", e.namespace, e.object)
+            },
+            reason: e.reason,
+            message: e.message,
+        };
+        let mut changes = reader.changes();
+        let first = reader
+            .events(None, &filter)
+            .map_err(CoordinatorError::from)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Status>>(256);
+        tokio::spawn(async move {
+            let mut last = first.last().map(|(seq, _)| *seq);
+            for (_, e) in first {
+                if tx.send(Ok(to_wire(e))).await.is_err() {
+                    return;
+                }
+            }
+            if !watch {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                    () = stopping.cancelled() => return,
+                }
+                let batch = match reader.events(last, &filter) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(CoordinatorError::from(e).into())).await;
+                        return;
+                    }
+                };
+                for (seq, e) in batch {
+                    last = Some(seq);
+                    if tx.send(Ok(to_wire(e))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

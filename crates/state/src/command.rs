@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
-    ClusterConfig, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus,
-    ReplicaRecord, ReplicaState, Workload,
+    ClusterConfig, EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord,
+    NodeStatus, ReplicaRecord, ReplicaState, Workload,
 };
 
 /// One log entry's payload: the requests a coordinator batched together.
@@ -141,6 +141,12 @@ pub enum Command {
         /// Replica ids.
         ids: Vec<String>,
     },
+    /// Appends events (the oldest beyond the retention are dropped);
+    /// `at_ms` is set to the proposer's time when 0.
+    RecordEvents {
+        /// The events.
+        events: Vec<EventRecord>,
+    },
     /// Replica states agents reported, batched by the leader. A report from a
     /// node the replica is not assigned to is skipped.
     UpdateReplicas {
@@ -225,6 +231,8 @@ pub enum Response {
     NodesUpdated(u32),
     /// `PlaceReplicas`, `RemoveReplicas` or `UpdateReplicas` changed this many replicas.
     ReplicasChanged(u32),
+    /// `RecordEvents` stored this many events.
+    EventsRecorded(u32),
     /// The command was valid but the state did not allow it; nothing changed.
     Rejected(Rejection),
 }

@@ -23,7 +23,8 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
-    IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Workload,
+    EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, ReplicaRecord,
+    ReplicaState, Workload,
 };
 
 use crate::command::{
@@ -56,13 +57,19 @@ const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
 const NODE_NAMES: TableDefinition<&str, &str> = TableDefinition::new("node_names");
 /// Replica id -> ReplicaRecord.
 const REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("replicas");
+/// `<sequence, 20 digits>` -> EventRecord; `~seq` holds the next sequence.
+const EVENTS: TableDefinition<&str, &str> = TableDefinition::new("events");
+/// Events kept; older ones are dropped as new ones arrive.
+pub const EVENT_RETENTION: u64 = 10_000;
+const EVENT_SEQ_KEY: &str = "~seq";
 /// `node_id/replica_id` -> replica id (the agent's assignment set).
 const NODE_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("node_replicas");
 /// `namespace/name/replica_id` -> replica id.
 const WORKLOAD_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("workload_replicas");
 
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 11] = [
+const DATA_TABLES: [TableDefinition<&str, &str>; 12] = [
+    EVENTS,
     REPLICAS,
     NODE_REPLICAS,
     WORKLOAD_REPLICAS,
@@ -310,6 +317,7 @@ impl StateMachine {
                     | Response::WorkloadStored { .. }
                     | Response::WorkloadDeleted
                     | Response::ConfigSet(_)
+                    | Response::EventsRecorded(_)
             )
         });
         if changed {
@@ -878,6 +886,35 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             }
             Response::ReplicasChanged(removed)
         }
+        Command::RecordEvents { events } => {
+            let mut table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+            let mut seq: u64 = match table.get(EVENT_SEQ_KEY).map_err(|e| e.to_string())? {
+                Some(v) => serde_json::from_str(v.value()).map_err(|e| e.to_string())?,
+                None => 0,
+            };
+            for ev in events {
+                let mut ev = ev.clone();
+                if ev.at_ms == 0 {
+                    ev.at_ms = now_ms;
+                }
+                let v = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
+                table
+                    .insert(format!("{seq:020}").as_str(), v.as_str())
+                    .map_err(|e| e.to_string())?;
+                seq += 1;
+            }
+            table
+                .insert(EVENT_SEQ_KEY, seq.to_string().as_str())
+                .map_err(|e| e.to_string())?;
+            // Retention: drop the oldest beyond the limit.
+            if seq > EVENT_RETENTION {
+                let cutoff = format!("{:020}", seq - EVENT_RETENTION);
+                table
+                    .retain_in::<&str, _>(..cutoff.as_str(), |_, _| false)
+                    .map_err(|e| e.to_string())?;
+            }
+            Response::EventsRecorded(u32::try_from(events.len()).unwrap_or(u32::MAX))
+        }
         Command::UpdateReplicas { updates } => {
             let mut changed = 0u32;
             for u in updates {
@@ -1092,6 +1129,34 @@ impl StateReader {
         })
     }
 
+    /// Events after sequence `after` (all when `None`), oldest first, with
+    /// their sequence numbers; `filter` picks which.
+    pub fn events(
+        &self,
+        after: Option<u64>,
+        filter: impl Fn(&EventRecord) -> bool,
+    ) -> Result<Vec<(u64, EventRecord)>, StateError> {
+        self.read(|txn| {
+            let table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+            let start = after.map_or_else(|| format!("{:020}", 0), |a| format!("{:020}", a + 1));
+            let mut out = Vec::new();
+            for item in table
+                .range::<&str>(start.as_str()..)
+                .map_err(|e| e.to_string())?
+            {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                let Ok(seq) = k.value().parse::<u64>() else {
+                    continue;
+                };
+                let ev: EventRecord = serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
+                if filter(&ev) {
+                    out.push((seq, ev));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// A receiver that changes after every commit touching replicas,
     /// workloads, nodes or the configuration.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -1196,6 +1261,46 @@ mod tests {
             reliability: None,
             status: None,
         }
+    }
+
+    #[test]
+    fn events_are_numbered_filtered_and_kept_up_to_the_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm =
+            StateMachine::open(&dir.path().join("s.redb"), Histogram::new([1.0])).expect("open");
+        let ev = |i: u64| EventRecord {
+            at_ms: 0,
+            kind: "Workload".into(),
+            namespace: "default".into(),
+            object: if i.is_multiple_of(2) { "even" } else { "odd" }.into(),
+            reason: "Scheduled".into(),
+            message: format!("#{i}"),
+        };
+        let total = EVENT_RETENTION + 5;
+        let r = apply(
+            &sm.db,
+            Command::RecordEvents {
+                events: (0..total).map(ev).collect(),
+            },
+            42,
+        );
+        assert_eq!(
+            r,
+            Response::EventsRecorded(u32::try_from(total).expect("fits"))
+        );
+        let reader = sm.reader();
+        let all = reader.events(None, |_| true).expect("read");
+        assert_eq!(all.len() as u64, EVENT_RETENTION);
+        assert_eq!(all[0].1.message, "#5");
+        assert_eq!(all[0].1.at_ms, 42, "stamped with the proposer's time");
+        let (last_seq, _) = all[all.len() - 10];
+        let after = reader
+            .events(Some(last_seq), |e| e.object == "odd")
+            .expect("read");
+        assert_eq!(after.len(), 4, "9996..=10004, odd ones");
+        assert!(after
+            .iter()
+            .all(|(seq, e)| *seq > last_seq && e.object == "odd"));
     }
 
     #[test]

@@ -12,9 +12,9 @@ pub use identity::{
 };
 pub use validation::{check_labels, FieldError, ValidationErrors};
 pub use workload::{
-    parse_manifest, AntiAffinity, HttpGet, Placement, PlacementStrategy, ProbeSpec, ReplicaRecord,
-    ReplicaState, Resources, RestartPolicy, Rollout, TcpSocket, Workload, WorkloadSpec,
-    DEFAULT_NAMESPACE, MAX_REPLICAS,
+    parse_manifest, AntiAffinity, EventRecord, HttpGet, Placement, PlacementStrategy, ProbeSpec,
+    ReplicaRecord, ReplicaState, Resources, RestartPolicy, Rollout, TcpSocket, Workload,
+    WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,
 };
 
 /// Identifier of a coordinator in the Raft group.

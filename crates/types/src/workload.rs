@@ -365,6 +365,25 @@ impl ReplicaRecord {
     }
 }
 
+/// Something that happened to a workload, replica or node, for `events`
+/// and `describe`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// When, ms since the epoch (stamped by the proposer).
+    pub at_ms: i64,
+    /// `Workload` or `Node`.
+    pub kind: String,
+    /// Namespace of the workload (empty for nodes).
+    pub namespace: String,
+    /// Workload name or node name.
+    pub object: String,
+    /// A short CamelCase reason: Scheduled, Lost, Rescheduled, ScaledDown,
+    /// Replaced, Deleted, RolledBack, FailedScheduling, NodeDown, NodeReady...
+    pub reason: String,
+    /// Details for people.
+    pub message: String,
+}
+
 /// Largest replica count one workload may ask for.
 pub const MAX_REPLICAS: u32 = 10_000;
 
