@@ -20,8 +20,22 @@ REGISTRY=127.0.0.1:7500
 
 stop() {
   if compgen -G "$DIR/*.pid" >/dev/null; then
-    # Agents first (they stop their containers), then the rest.
-    for f in "$DIR"/a*.pid "$DIR"/*.pid; do
+    # Agents first. A stopped agent leaves its containers running (edge
+    # autonomy), so the demo removes them itself before containerd goes.
+    for f in "$DIR"/a-*.pid; do
+      [[ -f "$f" ]] || continue
+      kill "$(cat "$f")" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
+      rm -f "$f"
+    done
+    for root in /run/containerd/runc/cloudless-demo-*; do
+      [[ -d "$root" ]] || continue
+      for c in "$root"/*; do
+        [[ -d "$c" ]] && runc --root "$root" delete --force "$(basename "$c")" 2>/dev/null || true
+      done
+    done
+    sleep 1
+    for f in "$DIR"/*.pid; do
       [[ -f "$f" ]] || continue
       kill "$(cat "$f")" 2>/dev/null || true
       for _ in $(seq 1 100); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
@@ -29,6 +43,10 @@ stop() {
     done
   fi
   pkill -f "containerd-shim-runc-v2 -namespace cloudless-demo" 2>/dev/null || true
+  # Mounts containerd left (container root file systems).
+  { grep -F " $DIR/" /proc/mounts 2>/dev/null || true; } | awk '{print $2}' | sort -r | while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
 }
 
 if [[ "${1:-}" == "stop" ]]; then stop; echo "stopped"; exit 0; fi

@@ -272,7 +272,14 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
             }
         })
     };
-    let v2 = c.manifest("web", "2", 2, "v2");
+    // v2 gates readiness on an exec probe that passes.
+    let v2 = c.manifest_with(
+        "web",
+        "2",
+        2,
+        "v2",
+        "  readinessProbe:\n    exec: [\"/bin/true\"]\n    periodSeconds: 1\n",
+    );
     let out = c.ctl(&[
         "apply",
         "-f",

@@ -239,7 +239,9 @@ impl Containerd {
         if info.is_ok() {
             return Ok(());
         }
-        let reference = format!("cloudless-import-{}", desc.digest);
+        // A reference of its own: two pulls of one image may write the same
+        // blob at once (the second commit then finds it already there).
+        let reference = format!("cloudless-import-{}-{}", desc.digest, unique_suffix());
         let total = i64::try_from(data.len()).unwrap_or(i64::MAX);
         let mut messages = Vec::new();
         let mut offset = 0usize;
@@ -257,24 +259,34 @@ impl Containerd {
         }
         messages.push(cd::WriteContentRequest {
             action: cd::WriteAction::Commit as i32,
-            r#ref: reference,
+            r#ref: reference.clone(),
             total,
             expected: desc.digest.clone(),
             offset: total,
             data: Vec::new(),
             labels,
         });
-        let mut responses = content
-            .write(self.leased(lease, tokio_stream_iter(messages)))
-            .await
-            .map_err(|s| status("writing a blob", s))?
-            .into_inner();
-        while let Some(_r) = responses
-            .message()
-            .await
-            .map_err(|s| status(&format!("writing blob {}", desc.digest), s))?
-        {}
-        Ok(())
+        let written = async {
+            let mut responses = content
+                .write(self.leased(lease, tokio_stream_iter(messages)))
+                .await?
+                .into_inner();
+            while responses.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        }
+        .await;
+        match written {
+            Ok(()) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                // Committed by a concurrent pull; pin it to our lease.
+                self.abort_ingest(&reference).await;
+                Ok(())
+            }
+            Err(s) => {
+                self.abort_ingest(&reference).await;
+                Err(status(&format!("writing blob {}", desc.digest), s))
+            }
+        }
     }
 
     /// Imports an OCI image layout archive (tar) and unpacks it. Every blob's
@@ -1004,7 +1016,6 @@ impl Containerd {
                 status("creating the exec process", s)
             })?;
         let copier = copy_output(&fifo, &out_path)?;
-        drop(holder);
         let wait = tasks.wait(self.req(cd::WaitRequest {
             container_id: id.to_owned(),
             exec_id: exec_id.clone(),
@@ -1016,6 +1027,10 @@ impl Containerd {
                 exec_id: exec_id.clone(),
             }))
             .await;
+        // Only now: the shim opens the FIFO when the process starts. Had
+        // our writer end closed earlier, the copier could have seen EOF and
+        // removed the FIFO before the shim opened it.
+        drop(holder);
         let code = match started {
             Err(s) => Err(status("starting the exec process", s)),
             Ok(_) => match tokio::time::timeout(timeout, wait).await {

@@ -371,14 +371,28 @@ async fn readiness_loop<R: ContainerRuntime>(
                 ok += 1;
                 bad = 0;
                 if ok >= p.success_threshold.max(1) {
-                    tx.send_if_modified(|s| !std::mem::replace(&mut s.ready, true));
+                    tx.send_if_modified(|s| {
+                        let was = std::mem::replace(&mut s.ready, true);
+                        let had_message = s.message.starts_with("readiness probe failed");
+                        if had_message {
+                            s.message.clear();
+                        }
+                        !was || had_message
+                    });
                 }
             }
-            Err(_) => {
+            Err(e) => {
                 bad += 1;
                 ok = 0;
+                tracing::debug!(container = %id, error = %e, "readiness probe failed");
                 if bad >= p.failure_threshold.max(1) {
-                    tx.send_if_modified(|s| std::mem::replace(&mut s.ready, false));
+                    let message = format!("readiness probe failed: {e}");
+                    tx.send_if_modified(|s| {
+                        let was = std::mem::replace(&mut s.ready, false);
+                        let changed = s.message != message;
+                        s.message.clone_from(&message);
+                        was || changed
+                    });
                 }
             }
         }
