@@ -13,8 +13,10 @@ use cloudless_agent::{AgentConfig, AgentError};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The system allocator, on purpose: with mimalloc the agent's resident
+// memory was 40-54 MiB (its per-thread segments), with glibc's about 13 MiB
+// for the same work (docs/benchmarks.md). Devices care about memory more
+// than the agent's allocation speed.
 
 #[derive(Parser, Debug)]
 #[command(name = "cloudless-agent", version, about = "Cloudless agent")]
@@ -92,6 +94,15 @@ fn main() -> ExitCode {
         (None, Ok(t)) if !t.is_empty() => Some(Zeroizing::new(t)),
         _ => None,
     };
+    // containerd's shim opens the output FIFOs under the data dir from its
+    // own working directory: the path must be absolute.
+    let data_dir = match std::path::absolute(&cli.data_dir) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("--data-dir {}: {e}", cli.data_dir.display());
+            return ExitCode::from(2);
+        }
+    };
     let config = AgentConfig {
         coordinators: cli.coordinators,
         name: cli.name.unwrap_or_else(host_name),
@@ -99,13 +110,13 @@ fn main() -> ExitCode {
         ca_cert: cli.ca_cert,
         labels: cli.labels.into_iter().collect::<BTreeMap<_, _>>(),
         runtime: (!cli.no_workloads).then(|| cloudless_agent::RuntimeConfig {
-            log_dir: cli.data_dir.join("logs"),
+            log_dir: data_dir.join("logs"),
             containerd_socket: cli.containerd_socket,
             namespace: cli.containerd_namespace,
             insecure_registries: cli.insecure_registries,
             registry_ca_files: cli.registry_ca_files,
         }),
-        data_dir: cli.data_dir,
+        data_dir,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

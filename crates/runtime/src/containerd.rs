@@ -122,11 +122,13 @@ impl Containerd {
         let channel = containerd_client::connect(socket)
             .await
             .map_err(|e| RuntimeError::Unavailable(format!("{}: {e}", socket.display())))?;
+        // The shim opens output FIFOs from its own working directory.
+        let log_dir = std::path::absolute(log_dir).map_err(|e| RuntimeError::io(log_dir, e))?;
         let this = Self {
             channel,
             namespace: namespace.to_owned(),
             snapshotter: "overlayfs".to_owned(),
-            log_dir: log_dir.to_owned(),
+            log_dir: log_dir.clone(),
             ooms: std::sync::Arc::default(),
         };
         cd::version_client::VersionClient::new(this.channel.clone())
@@ -135,7 +137,7 @@ impl Containerd {
             .map_err(|s| {
                 RuntimeError::Unavailable(format!("{}: {}", socket.display(), s.message()))
             })?;
-        std::fs::create_dir_all(log_dir).map_err(|e| RuntimeError::io(log_dir, e))?;
+        std::fs::create_dir_all(&log_dir).map_err(|e| RuntimeError::io(&log_dir, e))?;
         this.watch_ooms();
         Ok(this)
     }
