@@ -15,7 +15,9 @@ use cloudless_scheduler::{
     Strategy, WorkloadRequest,
 };
 use cloudless_state::{Command, StateReader};
-use cloudless_types::{EventRecord, NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Workload};
+use cloudless_types::{
+    EventRecord, NodePhase, NodeRecord, ReplicaRecord, ReplicaState, RolloutStrategy, Workload,
+};
 use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 
@@ -200,6 +202,41 @@ pub(crate) fn plan(
                 .filter(|r| matches!(r.state, ReplicaState::Ready | ReplicaState::Succeeded))
                 .count()
         };
+        let missing = desired.saturating_sub(current.len());
+        match w.spec.rollout.strategy {
+            RolloutStrategy::RollingUpdate => {}
+            RolloutStrategy::Recreate => {
+                // Every old replica goes first; new ones once none is left.
+                for r in &old {
+                    plan.remove.push((
+                        r.id.clone(),
+                        "Replaced",
+                        "Recreate: the old template goes first",
+                    ));
+                }
+                if old.is_empty() && missing > 0 {
+                    plan.place.push((index, missing));
+                }
+                continue;
+            }
+            RolloutStrategy::BlueGreen => {
+                // A full new set next to the old; the old go together once
+                // every new replica is Ready.
+                if missing > 0 {
+                    plan.place.push((index, missing));
+                }
+                if !old.is_empty() && missing == 0 && ready(&current) >= desired {
+                    for r in &old {
+                        plan.remove.push((
+                            r.id.clone(),
+                            "Replaced",
+                            "BlueGreen: the new set is Ready",
+                        ));
+                    }
+                }
+                continue;
+            }
+        }
         let mut ready_total = ready(&current) + ready(&old);
         // Old-template replicas go as long as enough ready ones remain.
         let floor = desired.saturating_sub(max_unavailable);
@@ -220,7 +257,6 @@ pub(crate) fn plan(
                 kept_old += 1;
             }
         }
-        let missing = desired.saturating_sub(current.len());
         let budget = if kept_old == 0 {
             missing
         } else {
@@ -540,6 +576,39 @@ mod tests {
         let p = plan(&[workload(2, 2)], &state, &nodes, 0);
         assert_eq!(removed(&p), ["o2"]);
         assert!(p.place.is_empty());
+    }
+
+    #[test]
+    fn recreate_removes_the_old_first_and_blue_green_switches_when_all_new_are_ready() {
+        let nodes = [node("a", NodePhase::Ready)];
+        let old = [
+            replica("o1", "a", 1, ReplicaState::Ready),
+            replica("o2", "a", 1, ReplicaState::Ready),
+        ];
+        let mut w = workload(2, 2);
+        w.spec.image = "busybox:2".into();
+        w.spec.rollout.strategy = RolloutStrategy::Recreate;
+        let p = plan(&[w.clone()], &old, &nodes, 0);
+        assert_eq!(removed(&p), ["o1", "o2"]);
+        assert!(p.place.is_empty(), "nothing new while old ones exist");
+        let p = plan(&[w.clone()], &[], &nodes, 0);
+        assert_eq!(p.place, [(0, 2)]);
+
+        w.spec.rollout.strategy = RolloutStrategy::BlueGreen;
+        let p = plan(&[w.clone()], &old, &nodes, 0);
+        assert!(p.remove.is_empty());
+        assert_eq!(p.place, [(0, 2)], "a full new set at once");
+        let mut state = old.to_vec();
+        let mut n1 = replica("n1", "a", 2, ReplicaState::Ready);
+        n1.spec = w.spec.clone();
+        let mut n2 = replica("n2", "a", 2, ReplicaState::Running);
+        n2.spec = w.spec.clone();
+        state.extend([n1, n2]);
+        let p = plan(&[w.clone()], &state, &nodes, 0);
+        assert!(p.remove.is_empty() && p.place.is_empty(), "{p:?}");
+        state[3].state = ReplicaState::Ready;
+        let p = plan(&[w], &state, &nodes, 0);
+        assert_eq!(removed(&p), ["o1", "o2"]);
     }
 
     #[test]

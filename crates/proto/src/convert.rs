@@ -53,6 +53,7 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 max_surge: s.rollout.max_surge,
                 max_unavailable: s.rollout.max_unavailable,
                 progress_deadline_seconds: s.rollout.progress_deadline_seconds,
+                strategy: format!("{:?}", s.rollout.strategy),
             }),
             readiness_probe: s.readiness_probe.map(probe_to_wire),
             liveness_probe: s.liveness_probe.map(probe_to_wire),
@@ -169,6 +170,18 @@ pub fn spec_from_wire(
         },
         restart_policy,
         rollout: s.rollout.map_or_else(t::Rollout::default, |r| t::Rollout {
+            strategy: match r.strategy.as_str() {
+                "" | "RollingUpdate" => t::RolloutStrategy::RollingUpdate,
+                "Recreate" => t::RolloutStrategy::Recreate,
+                "BlueGreen" => t::RolloutStrategy::BlueGreen,
+                other => {
+                    errs.push(
+                        format!("{path}.rollout.type"),
+                        format!("{other:?} is not one of RollingUpdate, Recreate, BlueGreen"),
+                    );
+                    t::RolloutStrategy::RollingUpdate
+                }
+            },
             max_surge: r.max_surge,
             max_unavailable: r.max_unavailable,
             progress_deadline_seconds: if r.progress_deadline_seconds == 0 {

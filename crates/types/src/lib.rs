@@ -13,8 +13,8 @@ pub use identity::{
 pub use validation::{check_labels, FieldError, ValidationErrors};
 pub use workload::{
     parse_manifest, AntiAffinity, EventRecord, HttpGet, Placement, PlacementStrategy, ProbeSpec,
-    ReplicaRecord, ReplicaState, Resources, RestartPolicy, Rollout, TcpSocket, Workload,
-    WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,
+    ReplicaRecord, ReplicaState, Resources, RestartPolicy, Rollout, RolloutStrategy, TcpSocket,
+    Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,
 };
 
 /// Identifier of a coordinator in the Raft group.

@@ -135,10 +135,26 @@ pub enum RestartPolicy {
     Never,
 }
 
-/// Rolling update bounds.
+/// How a new template replaces the old one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutStrategy {
+    /// A few at a time within `maxSurge` / `maxUnavailable`, gated on Ready.
+    #[default]
+    RollingUpdate,
+    /// Every old replica goes first, then the new ones are placed.
+    Recreate,
+    /// A full set of new replicas next to the old; the old go once every
+    /// new one is Ready.
+    BlueGreen,
+}
+
+/// Rollout settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rollout {
+    /// RollingUpdate (default), Recreate or BlueGreen.
+    #[serde(default, rename = "type")]
+    pub strategy: RolloutStrategy,
     /// Replicas allowed above the desired count during an update.
     #[serde(default = "one")]
     pub max_surge: u32,
@@ -158,6 +174,7 @@ fn default_deadline() -> u32 {
 impl Default for Rollout {
     fn default() -> Self {
         Self {
+            strategy: RolloutStrategy::RollingUpdate,
             max_surge: 1,
             max_unavailable: 0,
             progress_deadline_seconds: default_deadline(),
@@ -448,7 +465,10 @@ impl WorkloadSpec {
             &format!("{prefix}.placement.nodeSelector"),
             &self.placement.node_selector,
         );
-        if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
+        if self.rollout.strategy == RolloutStrategy::RollingUpdate
+            && self.rollout.max_surge == 0
+            && self.rollout.max_unavailable == 0
+        {
             errs.push(
                 format!("{prefix}.rollout"),
                 "maxSurge and maxUnavailable cannot both be 0 (no rollout could progress)",
@@ -575,6 +595,26 @@ mod tests {
             ["kind", "metadata.name", "spec.image", "spec.env.1BAD"],
             "{err}"
         );
+    }
+
+    #[test]
+    fn rollout_and_probe_fields_parse_and_are_checked() {
+        let text = GOOD.replace(
+            "replicas: 3",
+            "replicas: 3\n  rollout:\n    type: BlueGreen\n  readinessProbe:\n    httpGet:\n      port: 8080\n  restartPolicy: OnFailure",
+        );
+        let w = parse_manifest(&text).expect("valid");
+        assert_eq!(w.spec.rollout.strategy, RolloutStrategy::BlueGreen);
+        assert_eq!(w.spec.restart_policy, RestartPolicy::OnFailure);
+        let probe = w.spec.readiness_probe.expect("probe");
+        assert_eq!((probe.period_seconds, probe.failure_threshold), (10, 3));
+        assert_eq!(probe.http_get.map(|h| h.path), Some("/".to_owned()));
+
+        let err = parse_manifest(&text.replace("BlueGreen", "Canary")).expect_err("Canary");
+        assert!(err.to_string().contains("unknown variant `Canary`"), "{err}");
+        let two_actions = text.replace("      port: 8080", "      port: 8080\n    tcpSocket:\n      port: 1");
+        let err = parse_manifest(&two_actions).expect_err("two actions");
+        assert_eq!(err.0[0].field, "spec.readinessProbe", "{err}");
     }
 
     #[test]
