@@ -611,8 +611,14 @@ mod tests {
         assert_eq!(probe.http_get.map(|h| h.path), Some("/".to_owned()));
 
         let err = parse_manifest(&text.replace("BlueGreen", "Canary")).expect_err("Canary");
-        assert!(err.to_string().contains("unknown variant `Canary`"), "{err}");
-        let two_actions = text.replace("      port: 8080", "      port: 8080\n    tcpSocket:\n      port: 1");
+        assert!(
+            err.to_string().contains("unknown variant `Canary`"),
+            "{err}"
+        );
+        let two_actions = text.replace(
+            "      port: 8080",
+            "      port: 8080\n    tcpSocket:\n      port: 1",
+        );
         let err = parse_manifest(&two_actions).expect_err("two actions");
         assert_eq!(err.0[0].field, "spec.readinessProbe", "{err}");
     }
