@@ -84,6 +84,9 @@ enum Cmd {
         name: String,
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
+        /// Idempotency key: a retry with the same key is applied once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Join tokens for enrolling devices.
     #[command(subcommand)]
@@ -141,6 +144,9 @@ enum Cmd {
         replicas: u32,
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
+        /// Idempotency key: a retry with the same key is applied once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
 }
 
@@ -883,11 +889,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Delete {
-            name, namespace, ..
+            name,
+            namespace,
+            idempotency_key,
+            ..
         } => {
+            let write = Some(WriteOptions {
+                idempotency_key: idempotency_key.unwrap_or_default(),
+            });
             call(servers, |ch| {
                 let req = pb::DeleteWorkloadRequest {
-                    write: None,
+                    write: write.clone(),
                     namespace: namespace.clone(),
                     name: name.clone(),
                 };
@@ -1272,11 +1284,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             name,
             replicas,
             namespace,
+            idempotency_key,
             ..
         } => {
+            let write = Some(WriteOptions {
+                idempotency_key: idempotency_key.unwrap_or_default(),
+            });
             let r = call(servers, |ch| {
                 let req = pb::ScaleWorkloadRequest {
-                    write: None,
+                    write: write.clone(),
                     namespace: namespace.clone(),
                     name: name.clone(),
                     replicas,
