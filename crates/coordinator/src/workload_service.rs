@@ -432,12 +432,12 @@ impl WorkloadService for WorkloadApi {
             message: e.message,
         };
         let mut changes = reader.changes();
-        let first = reader
+        let (first, cursor) = reader
             .events(None, &filter)
             .map_err(CoordinatorError::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Status>>(256);
         tokio::spawn(async move {
-            let mut last = first.last().map(|(seq, _)| *seq);
+            let mut last = cursor;
             for (_, e) in first {
                 if tx.send(Ok(to_wire(e))).await.is_err() {
                     return;
@@ -453,14 +453,16 @@ impl WorkloadService for WorkloadApi {
                     () = stopping.cancelled() => return,
                 }
                 let batch = match reader.events(last, &filter) {
-                    Ok(b) => b,
+                    Ok((b, cursor)) => {
+                        last = cursor;
+                        b
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(CoordinatorError::from(e).into())).await;
                         return;
                     }
                 };
-                for (seq, e) in batch {
-                    last = Some(seq);
+                for (_, e) in batch {
                     if tx.send(Ok(to_wire(e))).await.is_err() {
                         return;
                     }

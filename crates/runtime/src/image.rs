@@ -181,28 +181,8 @@ impl OciArchive {
         let config_digest = manifest.config().digest().to_string();
         let config: ImageConfiguration = serde_json::from_slice(self.blob(&config_digest)?)
             .map_err(|e| parse_err("image configuration", &e))?;
-        let diff_ids: Vec<String> = config.rootfs().diff_ids().clone();
-        if diff_ids.len() != manifest.layers().len() {
-            return Err(parse_err(
-                "image configuration",
-                &format!(
-                    "{} diff ids for {} layers",
-                    diff_ids.len(),
-                    manifest.layers().len()
-                ),
-            ));
-        }
-        let process = config
-            .config()
-            .as_ref()
-            .map(|c| ImageProcess {
-                entrypoint: c.entrypoint().clone().unwrap_or_default(),
-                cmd: c.cmd().clone().unwrap_or_default(),
-                env: c.env().clone().unwrap_or_default(),
-                working_dir: c.working_dir().clone().unwrap_or_default(),
-                user: c.user().clone().unwrap_or_default(),
-            })
-            .unwrap_or_default();
+        let (layers, diff_ids, process) =
+            image_parts(&manifest, &config).map_err(|p| parse_err("image configuration", &p))?;
         Ok(Resolved {
             manifest: descriptor(
                 chosen.media_type().as_ref(),
@@ -214,15 +194,45 @@ impl OciArchive {
                 &config_digest,
                 manifest.config().size(),
             ),
-            layers: manifest
-                .layers()
-                .iter()
-                .map(|l| descriptor(l.media_type().as_ref(), l.digest().as_ref(), l.size()))
-                .collect(),
+            layers,
             diff_ids,
             process,
         })
     }
+}
+
+/// What a manifest and its configuration say about running the image: the
+/// layers, their uncompressed digests (one per layer, checked) and the
+/// process settings.
+pub(crate) fn image_parts(
+    manifest: &ImageManifest,
+    config: &ImageConfiguration,
+) -> Result<(Vec<Descriptor>, Vec<String>, ImageProcess), String> {
+    let diff_ids: Vec<String> = config.rootfs().diff_ids().clone();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(format!(
+            "{} diff ids for {} layers",
+            diff_ids.len(),
+            manifest.layers().len()
+        ));
+    }
+    let process = config
+        .config()
+        .as_ref()
+        .map(|c| ImageProcess {
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            env: c.env().clone().unwrap_or_default(),
+            working_dir: c.working_dir().clone().unwrap_or_default(),
+            user: c.user().clone().unwrap_or_default(),
+        })
+        .unwrap_or_default();
+    let layers = manifest
+        .layers()
+        .iter()
+        .map(|l| descriptor(l.media_type().as_ref(), l.digest().as_ref(), l.size()))
+        .collect();
+    Ok((layers, diff_ids, process))
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENT
 use reqwest::StatusCode;
 
 use crate::image::{descriptor, sha256_digest, Resolved};
-use crate::model::ImageProcess;
 use crate::RuntimeError;
 
 /// Docker Hub's registry host, for references without one.
@@ -572,38 +571,14 @@ impl RegistryClient {
         let config_bytes = self.fetch_small_blob(name, &config_desc).await?;
         let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
             .map_err(|e| registry_err(name, format!("image configuration: {e}")))?;
-        let diff_ids: Vec<String> = config.rootfs().diff_ids().clone();
-        if diff_ids.len() != manifest.layers().len() {
-            return Err(registry_err(
-                name,
-                format!(
-                    "{} diff ids in the configuration for {} layers",
-                    diff_ids.len(),
-                    manifest.layers().len()
-                ),
-            ));
-        }
-        let process = config
-            .config()
-            .as_ref()
-            .map(|c| ImageProcess {
-                entrypoint: c.entrypoint().clone().unwrap_or_default(),
-                cmd: c.cmd().clone().unwrap_or_default(),
-                env: c.env().clone().unwrap_or_default(),
-                working_dir: c.working_dir().clone().unwrap_or_default(),
-                user: c.user().clone().unwrap_or_default(),
-            })
-            .unwrap_or_default();
+        let (layers, diff_ids, process) = crate::image::image_parts(&manifest, &config)
+            .map_err(|p| registry_err(name, format!("image configuration: {p}")))?;
         let size = u64::try_from(body.len()).unwrap_or(u64::MAX);
         Ok(RemoteImage {
             resolved: Resolved {
                 manifest: descriptor(&media_type, &digest, size),
                 config: config_desc,
-                layers: manifest
-                    .layers()
-                    .iter()
-                    .map(|l| descriptor(l.media_type().as_ref(), l.digest().as_ref(), l.size()))
-                    .collect(),
+                layers,
                 diff_ids,
                 process,
             },
@@ -674,18 +649,13 @@ impl RegistryClient {
             if head.status().is_success() {
                 continue;
             }
-            let start = self
-                .http
-                .post(format!("{base}/blobs/uploads/"))
-                .send()
-                .await
-                .map_err(|e| registry_err(&name, error_chain(&e)))?;
-            if start.status() != StatusCode::ACCEPTED {
-                return Err(registry_err(
-                    &name,
-                    format!("starting an upload: {}", start.status()),
-                ));
-            }
+            let start = expect(
+                &name,
+                self.http.post(format!("{base}/blobs/uploads/")),
+                StatusCode::ACCEPTED,
+                "starting an upload",
+            )
+            .await?;
             let location = start
                 .headers()
                 .get(reqwest::header::LOCATION)
@@ -696,38 +666,45 @@ impl RegistryClient {
                 .join(location)
                 .map_err(|e| registry_err(&name, format!("upload location: {e}")))?;
             url.query_pairs_mut().append_pair("digest", &desc.digest);
-            let put = self
+            let upload = self
                 .http
                 .put(url)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(archive.blob(&desc.digest)?.to_vec())
-                .send()
-                .await
-                .map_err(|e| registry_err(&name, error_chain(&e)))?;
-            if put.status() != StatusCode::CREATED {
-                return Err(registry_err(
-                    &name,
-                    format!("uploading {}: {}", desc.digest, put.status()),
-                ));
-            }
+                .body(archive.blob(&desc.digest)?.to_vec());
+            expect(
+                &name,
+                upload,
+                StatusCode::CREATED,
+                &format!("uploading {}", desc.digest),
+            )
+            .await?;
         }
         let manifest = archive.blob(&resolved.manifest.digest)?;
         let put = self
             .http
             .put(format!("{base}/manifests/{}", name.manifest_reference()))
             .header(reqwest::header::CONTENT_TYPE, &resolved.manifest.media_type)
-            .body(manifest.to_vec())
-            .send()
-            .await
-            .map_err(|e| registry_err(&name, error_chain(&e)))?;
-        if put.status() != StatusCode::CREATED {
-            return Err(registry_err(
-                &name,
-                format!("putting the manifest: {}", put.status()),
-            ));
-        }
+            .body(manifest.to_vec());
+        expect(&name, put, StatusCode::CREATED, "putting the manifest").await?;
         Ok(resolved.manifest.digest)
     }
+}
+
+/// Sends `req` and requires status `want`.
+async fn expect(
+    name: &ImageName,
+    req: reqwest::RequestBuilder,
+    want: StatusCode,
+    what: &str,
+) -> Result<reqwest::Response, RuntimeError> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| registry_err(name, format!("{what}: {}", error_chain(&e))))?;
+    if resp.status() != want {
+        return Err(registry_err(name, format!("{what}: {}", resp.status())));
+    }
+    Ok(resp)
 }
 
 /// Reads a whole body of at most `limit` bytes.

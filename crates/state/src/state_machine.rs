@@ -59,6 +59,8 @@ const NODE_NAMES: TableDefinition<&str, &str> = TableDefinition::new("node_names
 const REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("replicas");
 /// `<sequence, 20 digits>` -> EventRecord; `~seq` holds the next sequence.
 const EVENTS: TableDefinition<&str, &str> = TableDefinition::new("events");
+/// The last event sequence a read looked at (`None`: no event yet).
+pub type EventCursor = Option<u64>;
 /// Events kept; older ones are dropped as new ones arrive.
 pub const EVENT_RETENTION: u64 = 10_000;
 const EVENT_SEQ_KEY: &str = "~seq";
@@ -1130,16 +1132,19 @@ impl StateReader {
     }
 
     /// Events after sequence `after` (all when `None`), oldest first, with
-    /// their sequence numbers; `filter` picks which.
+    /// their sequence numbers; `filter` picks which. Also returns the last
+    /// sequence looked at, for the next call (so a watch never rescans
+    /// events its filter dropped).
     pub fn events(
         &self,
         after: Option<u64>,
         filter: impl Fn(&EventRecord) -> bool,
-    ) -> Result<Vec<(u64, EventRecord)>, StateError> {
+    ) -> Result<(Vec<(u64, EventRecord)>, EventCursor), StateError> {
         self.read(|txn| {
             let table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
             let start = after.map_or_else(|| format!("{:020}", 0), |a| format!("{:020}", a + 1));
             let mut out = Vec::new();
+            let mut last = after;
             for item in table
                 .range::<&str>(start.as_str()..)
                 .map_err(|e| e.to_string())?
@@ -1148,12 +1153,13 @@ impl StateReader {
                 let Ok(seq) = k.value().parse::<u64>() else {
                     continue;
                 };
+                last = Some(seq);
                 let ev: EventRecord = serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
                 if filter(&ev) {
                     out.push((seq, ev));
                 }
             }
-            Ok(out)
+            Ok((out, last))
         })
     }
 
@@ -1289,15 +1295,21 @@ mod tests {
             Response::EventsRecorded(u32::try_from(total).expect("fits"))
         );
         let reader = sm.reader();
-        let all = reader.events(None, |_| true).expect("read");
+        let (all, last) = reader.events(None, |_| true).expect("read");
+        assert_eq!(last, Some(total - 1));
         assert_eq!(all.len() as u64, EVENT_RETENTION);
         assert_eq!(all[0].1.message, "#5");
         assert_eq!(all[0].1.at_ms, 42, "stamped with the proposer's time");
         let (last_seq, _) = all[all.len() - 10];
-        let after = reader
+        let (after, cursor) = reader
             .events(Some(last_seq), |e| e.object == "odd")
             .expect("read");
         assert_eq!(after.len(), 4, "9996..=10004, odd ones");
+        assert_eq!(
+            cursor,
+            Some(total - 1),
+            "the cursor passes filtered-out events"
+        );
         assert!(after
             .iter()
             .all(|(seq, e)| *seq > last_seq && e.object == "odd"));
