@@ -70,6 +70,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         () = cancel.cancelled() => return Ok(()),
     };
     let (identity_tx, identity_rx) = tokio::sync::watch::channel(identity.clone());
+    let contact = crate::workloads::Contact::default();
     let mut workloads = match &config.runtime {
         Some(rc) => {
             let runner = crate::workloads::Runner::new(rc).await?;
@@ -77,6 +78,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 config.coordinators.clone(),
                 identity_rx,
                 runner,
+                contact.clone(),
                 cancel.clone(),
             )))
         }
@@ -102,6 +104,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         let started = tokio::time::Instant::now();
         match coordinators.heartbeat(probe.heartbeat()).await {
             Ok(r) => {
+                contact.touch();
                 if r.heartbeat_interval_ms > 0 {
                     interval = Duration::from_millis(r.heartbeat_interval_ms);
                 }

@@ -66,6 +66,18 @@ struct Cli {
     /// Do not run workloads (membership and heartbeats only).
     #[arg(long)]
     no_workloads: bool,
+    /// Device directory workloads may mount as a hostPath volume, with
+    /// everything under it (repeatable; none by default).
+    #[arg(long = "allow-host-path")]
+    allowed_host_paths: Vec<PathBuf>,
+    /// Directory of seccomp profiles for `seccompProfile.type: Localhost`.
+    #[arg(long, default_value = "/etc/cloudless/seccomp")]
+    seccomp_dir: PathBuf,
+    /// How long replicas keep running (and restarting) without any
+    /// coordinator before they are stopped, unless their workload sets
+    /// disconnect.stopOnClientAfterSeconds: 90s, 30m, 1h, 7d; 0 = forever.
+    #[arg(long, default_value = "1h", value_parser = cloudless_types::parse_duration_secs)]
+    max_disconnected: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -115,6 +127,11 @@ fn main() -> ExitCode {
             namespace: cli.containerd_namespace,
             insecure_registries: cli.insecure_registries,
             registry_ca_files: cli.registry_ca_files,
+            volume_dir: data_dir.join("volumes"),
+            allowed_host_paths: cli.allowed_host_paths,
+            seccomp_dir: Some(cli.seccomp_dir),
+            max_disconnected: (cli.max_disconnected > 0)
+                .then(|| std::time::Duration::from_secs(cli.max_disconnected)),
         }),
         data_dir,
     };

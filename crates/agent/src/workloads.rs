@@ -13,8 +13,9 @@ use cloudless_proto::v1 as pb;
 use cloudless_runtime::probe::{Probe, ProbeAction};
 use cloudless_runtime::registry::{RegistryClient, RegistryConfig};
 use cloudless_runtime::{
-    Backoff, ContainerConfig, Containerd, HostSecurity, ImageRef, Limits, NodePolicy, ReplicaPhase,
-    ReplicaSpec, RestartPolicy, Supervisor,
+    Backoff, ContainerConfig, Containerd, HostSecurity, ImageRef, Limits, Mount, MountSource,
+    NodePolicy, ReplicaPhase, ReplicaSpec, RestartPolicy, SeccompProfile, SecurityContext,
+    Supervisor,
 };
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,8 @@ use crate::{AgentError, Coordinators, NodeIdentity};
 
 /// How often changed replica states are sent (one call for all of them).
 const REPORT_EVERY: Duration = Duration::from_millis(250);
+/// Contact this recent counts as reconnected.
+const RECONNECTED: Duration = Duration::from_secs(3);
 /// Longest a container id may be (containerd's limit is 76).
 const MAX_CONTAINER_ID: usize = 76;
 
@@ -39,6 +42,16 @@ pub struct RuntimeConfig {
     pub insecure_registries: Vec<String>,
     /// Extra CA certificates (PEM files) trusted for registries.
     pub registry_ca_files: Vec<PathBuf>,
+    /// Where replicas' `emptyDir` volumes live.
+    pub volume_dir: PathBuf,
+    /// Device directories workloads may mount as `hostPath` (prefixes).
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Seccomp profiles for `Localhost`.
+    pub seccomp_dir: Option<PathBuf>,
+    /// How long replicas keep running without any coordinator before they
+    /// are stopped (unless their workload's
+    /// `disconnect.stopOnClientAfterSeconds` says otherwise); `None`: forever.
+    pub max_disconnected: Option<Duration>,
 }
 
 /// The container id for a replica: the replica id, shortened in the middle
@@ -51,31 +64,99 @@ pub fn container_id(replica_id: &str) -> String {
     format!("{}{tail}", &replica_id[..MAX_CONTAINER_ID - 9])
 }
 
-fn container_config(a: &pb::Assignment, spec: &pb::WorkloadSpec) -> ContainerConfig {
-    let limits = spec.limits.unwrap_or_default();
-    let mut env: std::collections::BTreeMap<String, String> = spec
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+/// The directory of a replica's `emptyDir` volumes.
+fn volume_dir(base: &std::path::Path, container: &str) -> PathBuf {
+    base.join(container)
+}
+
+/// What the runtime runs for an assignment: the manifest's process,
+/// limits, security context and volumes.
+fn container_config(
+    a: &pb::Assignment,
+    spec: &cloudless_types::WorkloadSpec,
+    volume_base: &std::path::Path,
+) -> ContainerConfig {
+    use cloudless_types::{SeccompType, StorageMedium};
+    let id = container_id(&a.replica_id);
+    let mut env = spec.env.clone();
     env.insert("CLOUDLESS_REPLICA".into(), a.replica_id.clone());
     env.insert(
         "CLOUDLESS_WORKLOAD".into(),
         format!("{}/{}", a.namespace, a.workload),
     );
+    let sc = &spec.security_context;
+    let security = SecurityContext {
+        run_as_user: sc.run_as_user,
+        run_as_group: sc.run_as_group,
+        run_as_non_root: sc.run_as_non_root,
+        read_only_root_filesystem: sc.read_only_root_filesystem,
+        capabilities_add: sc.capabilities.effective(),
+        seccomp: match sc.seccomp_profile.kind {
+            SeccompType::RuntimeDefault => SeccompProfile::RuntimeDefault,
+            SeccompType::Strict => SeccompProfile::Strict,
+            SeccompType::Unconfined => SeccompProfile::Unconfined,
+            SeccompType::Localhost => SeccompProfile::Localhost(
+                sc.seccomp_profile
+                    .localhost_profile
+                    .clone()
+                    .unwrap_or_default(),
+            ),
+        },
+        apparmor_profile: sc.app_armor_profile.clone(),
+        selinux_label: sc.se_linux_label.clone(),
+        host_network: sc.host_network,
+        ..SecurityContext::default()
+    };
+    let mounts = spec
+        .volume_mounts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let v = spec.volumes.iter().find(|v| v.name == m.name)?;
+            let source = match (&v.empty_dir, &v.host_path) {
+                (Some(e), _) if e.medium == StorageMedium::Memory => {
+                    MountSource::Tmpfs(e.size_limit_bytes)
+                }
+                (Some(_), _) => MountSource::ReplicaDir(volume_dir(volume_base, &id).join(&v.name)),
+                (None, Some(h)) => MountSource::HostPath(PathBuf::from(&h.path)),
+                (None, None) => return None,
+            };
+            Some(Mount {
+                destination: m.mount_path.clone(),
+                source,
+                read_only: m.read_only,
+                field: format!("volumeMounts[{i}]"),
+            })
+        })
+        .collect();
     ContainerConfig {
-        id: container_id(&a.replica_id),
+        id,
         command: spec.command.clone(),
         args: spec.args.clone(),
         env,
         working_dir: None,
         limits: Limits {
-            cpu_millis: limits.cpu_millis,
-            memory_bytes: limits.memory_bytes,
+            cpu_millis: spec.limits.cpu_millis,
+            memory_bytes: spec.limits.memory_bytes,
             pids: 0,
         },
+        security,
+        mounts,
         ..ContainerConfig::default()
     }
+}
+
+/// Makes the replica's `emptyDir` directories (world-writable, as in
+/// Kubernetes, so that a non-root user can write to them).
+fn prepare_volumes(config: &ContainerConfig) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for m in &config.mounts {
+        if let MountSource::ReplicaDir(dir) = &m.source {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
+        }
+    }
+    Ok(())
 }
 
 fn status(
@@ -116,21 +197,16 @@ fn wire_status(replica_id: &str, s: &cloudless_runtime::ReplicaStatus) -> pb::Re
 }
 
 /// The runtime's probe for a wire probe (`None` when it names no action).
-fn probe(p: &pb::Probe) -> Option<Probe> {
-    let port = |v: u32| u16::try_from(v).ok().filter(|p| *p != 0);
-    let action = if !p.exec.is_empty() {
-        ProbeAction::Exec(p.exec.clone())
-    } else if let Some(port) = port(p.http_port) {
+fn probe(p: &cloudless_types::ProbeSpec) -> Option<Probe> {
+    let action = if let Some(argv) = p.exec.clone().filter(|a| !a.is_empty()) {
+        ProbeAction::Exec(argv)
+    } else if let Some(h) = &p.http_get {
         ProbeAction::Http {
-            port,
-            path: if p.http_path.is_empty() {
-                "/".into()
-            } else {
-                p.http_path.clone()
-            },
+            port: h.port,
+            path: h.path.clone(),
         }
     } else {
-        ProbeAction::Tcp(port(p.tcp_port)?)
+        ProbeAction::Tcp(p.tcp_socket.as_ref()?.port)
     };
     let secs =
         |v: u32, default: u64| Duration::from_secs(if v == 0 { default } else { u64::from(v) });
@@ -152,6 +228,32 @@ struct Slot {
     template: u64,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Stop it after this long without any coordinator.
+    stop_after: Option<Duration>,
+}
+
+/// When the agent last heard from a coordinator (a heartbeat answer).
+#[derive(Debug, Clone)]
+pub struct Contact(Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Default for Contact {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(std::time::Instant::now())))
+    }
+}
+
+impl Contact {
+    /// Records contact now.
+    pub fn touch(&self) {
+        if let Ok(mut t) = self.0.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+
+    /// Time since the last contact.
+    pub fn elapsed(&self) -> Duration {
+        self.0.lock().map_or(Duration::ZERO, |t| t.elapsed())
+    }
 }
 
 /// Runs the replicas assigned to this node.
@@ -165,6 +267,12 @@ pub struct Runner {
     reported: HashMap<String, pb::ReplicaStatus>,
     adopted: bool,
     stopping: tokio::task::JoinSet<()>,
+    volume_dir: PathBuf,
+    max_disconnected: Option<Duration>,
+    /// Replicas stopped because the agent lost every coordinator for
+    /// longer than they may run alone; started again on reconnection if
+    /// still assigned.
+    parked: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -198,12 +306,18 @@ impl Runner {
                 "SELinux is not enabled on this host: containers run without an SELinux label"
             );
         }
-        let policy = NodePolicy {
+        let mut policy = NodePolicy {
             apparmor_enabled: host.apparmor,
             selinux_enabled: host.selinux,
             namespace: config.namespace.clone(),
+            allowed_host_paths: config.allowed_host_paths.clone(),
             ..NodePolicy::default()
         };
+        if let Some(dir) = &config.seccomp_dir {
+            policy.seccomp_dir = dir.clone();
+        }
+        std::fs::create_dir_all(&config.volume_dir)
+            .map_err(|e| AgentError::io(&config.volume_dir, e))?;
         let mut ca_pem = Vec::new();
         for f in &config.registry_ca_files {
             ca_pem.push(std::fs::read(f).map_err(|e| AgentError::io(f, e))?);
@@ -224,11 +338,59 @@ impl Runner {
             reported: HashMap::new(),
             adopted: false,
             stopping: tokio::task::JoinSet::new(),
+            volume_dir: config.volume_dir.clone(),
+            max_disconnected: config.max_disconnected,
+            parked: std::collections::HashSet::new(),
         })
+    }
+
+    /// Stops the replicas that may not run this long without a coordinator
+    /// (`disconnect.stopOnClientAfterSeconds`, else `--max-disconnected`).
+    pub async fn enforce_disconnect(&mut self, without_contact: Duration) {
+        let due: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.stop_after.is_some_and(|d| without_contact >= d))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let Some(slot) = self.slots.remove(&id) else {
+                continue;
+            };
+            tracing::warn!(
+                replica = %id,
+                seconds = without_contact.as_secs(),
+                "no coordinator for longer than this replica may run alone; stopping it"
+            );
+            slot.cancel.cancel();
+            let _ = slot.task.await;
+            if let Ok(mut s) = self.statuses.lock() {
+                s.insert(
+                    id.clone(),
+                    status(
+                        &id,
+                        "Pending",
+                        None,
+                        0,
+                        format!(
+                            "stopped after {} s without a coordinator (disconnect.stopOnClientAfterSeconds); starts again once assigned",
+                            without_contact.as_secs()
+                        ),
+                    ),
+                );
+            }
+            self.parked.insert(id);
+        }
+    }
+
+    /// Whether replicas were stopped for lack of a coordinator.
+    pub fn has_parked(&self) -> bool {
+        !self.parked.is_empty()
     }
 
     /// Makes the running replicas match `set`.
     pub async fn apply(&mut self, set: &pb::AssignmentSet) {
+        self.parked.clear();
         if !self.adopted {
             // First set after a start: containers we ran before are adopted
             // by their supervisors; those no longer assigned are removed.
@@ -288,6 +450,12 @@ impl Runner {
                 tracing::warn!(replica = %a.replica_id, "assignment without a spec; skipped");
                 continue;
             };
+            let spec = cloudless_types::WorkloadSpec::from(spec);
+            let stop_after = spec
+                .disconnect
+                .stop_on_client_after_seconds
+                .map(|s| Duration::from_secs(u64::from(s)))
+                .or(self.max_disconnected);
             tracing::info!(replica = %a.replica_id, image = %spec.image, "starting a replica");
             let cancel = CancellationToken::new();
             let task = tokio::spawn(replica_task(
@@ -299,6 +467,7 @@ impl Runner {
                 spec,
                 cancel.clone(),
                 self.statuses.clone(),
+                self.volume_dir.clone(),
             ));
             self.slots.insert(
                 a.replica_id.clone(),
@@ -306,6 +475,7 @@ impl Runner {
                     template: a.generation,
                     cancel,
                     task,
+                    stop_after,
                 },
             );
         }
@@ -363,9 +533,10 @@ async fn replica_task(
     registry: Arc<RegistryClient>,
     images: Arc<Mutex<HashMap<String, ImageRef>>>,
     a: pb::Assignment,
-    spec: pb::WorkloadSpec,
+    spec: cloudless_types::WorkloadSpec,
     cancel: CancellationToken,
     statuses: Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>,
+    volume_base: PathBuf,
 ) {
     let id = a.replica_id.clone();
     let set = |s: pb::ReplicaStatus| {
@@ -406,13 +577,25 @@ async fn replica_task(
             }
         }
     };
+    let container = container_config(&a, &spec, &volume_base);
+    let dir = volume_dir(&volume_base, &container.id);
+    if let Err(e) = prepare_volumes(&container) {
+        set(status(
+            &id,
+            "Failed",
+            None,
+            0,
+            format!("cannot make its volumes in {}: {e}", dir.display()),
+        ));
+        return;
+    }
     let replica = ReplicaSpec {
-        container: container_config(&a, &spec),
+        container,
         image,
-        restart: match spec.restart_policy.as_str() {
-            "OnFailure" => RestartPolicy::OnFailure,
-            "Never" => RestartPolicy::Never,
-            _ => RestartPolicy::Always,
+        restart: match spec.restart_policy {
+            cloudless_types::RestartPolicy::OnFailure => RestartPolicy::OnFailure,
+            cloudless_types::RestartPolicy::Never => RestartPolicy::Never,
+            cloudless_types::RestartPolicy::Always => RestartPolicy::Always,
         },
         liveness: spec.liveness_probe.as_ref().and_then(probe),
         readiness: spec.readiness_probe.as_ref().and_then(probe),
@@ -427,6 +610,12 @@ async fn replica_task(
         }
     }
     let _ = task.await;
+    // The container is gone: so is its scratch space.
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(replica = %id, error = %e, "cannot remove its volumes");
+        }
+    }
 }
 
 /// A `Write` that hands each write to an async task (for `logs::follow`).
@@ -474,12 +663,14 @@ async fn serve_logs(
         }),
         end: false,
         error: String::new(),
+        exec_output: None,
     };
     let end = move |error: String| pb::TunnelUp {
         request_id: id,
         chunk: None,
         end: true,
         error,
+        exec_output: None,
     };
     if !safe_replica_id(&req.replica_id) {
         let _ = up.send(end("replica_id: not a replica id".into())).await;
@@ -538,6 +729,63 @@ async fn serve_logs(
     }
 }
 
+/// Longest exec the agent runs, and the default.
+const MAX_EXEC: Duration = Duration::from_secs(3600);
+const DEFAULT_EXEC: Duration = Duration::from_secs(60);
+
+/// Runs one command in a replica's container and answers with its output
+/// and exit code.
+async fn serve_exec(
+    rt: Containerd,
+    id: u64,
+    req: pb::ExecRequest,
+    up: tokio::sync::mpsc::Sender<pb::TunnelUp>,
+    cancel: CancellationToken,
+) {
+    let answer = |output: Option<pb::ExecOutput>, error: String| pb::TunnelUp {
+        request_id: id,
+        chunk: None,
+        end: true,
+        error,
+        exec_output: output,
+    };
+    if !safe_replica_id(&req.replica_id) {
+        let _ = up
+            .send(answer(None, "replica_id: not a replica id".into()))
+            .await;
+        return;
+    }
+    if req.command.is_empty() {
+        let _ = up
+            .send(answer(None, "command: must not be empty".into()))
+            .await;
+        return;
+    }
+    let timeout = match req.timeout_seconds {
+        0 => DEFAULT_EXEC,
+        s => Duration::from_secs(u64::from(s)).min(MAX_EXEC),
+    };
+    tracing::info!(replica = %req.replica_id, program = %req.command[0], "exec");
+    let container = container_id(&req.replica_id);
+    let run = rt.exec(&container, &req.command, timeout);
+    let result = tokio::select! {
+        r = run => r,
+        () = cancel.cancelled() => return,
+    };
+    let msg = match result {
+        Ok((code, output)) => answer(
+            Some(pb::ExecOutput {
+                stdout: output.into_bytes(),
+                stderr: Vec::new(),
+                exit_code: Some(i32::try_from(code).unwrap_or(i32::MAX)),
+            }),
+            String::new(),
+        ),
+        Err(e) => answer(None, e.to_string()),
+    };
+    let _ = up.send(msg).await;
+}
+
 /// Keeps a `Tunnel` stream open to one coordinator and answers what comes
 /// down it, until `cancel`.
 pub async fn tunnel(
@@ -583,11 +831,13 @@ pub async fn tunnel(
                     }
                 }
                 Ok(Some(d)) => {
+                    let stop = cancel.child_token();
+                    requests.retain(|_, c| !c.is_cancelled());
+                    requests.insert(d.request_id, stop.clone());
                     if let Some(logs) = d.logs {
-                        let stop = cancel.child_token();
-                        requests.retain(|_, c| !c.is_cancelled());
-                        requests.insert(d.request_id, stop.clone());
                         tokio::spawn(serve_logs(rt.clone(), d.request_id, logs, up.clone(), stop));
+                    } else if let Some(exec) = d.exec {
+                        tokio::spawn(serve_exec(rt.clone(), d.request_id, exec, up.clone(), stop));
                     }
                 }
                 Ok(None) | Err(_) => break,
@@ -606,6 +856,7 @@ pub async fn run(
     addresses: Vec<String>,
     mut identity: watch::Receiver<NodeIdentity>,
     mut runner: Runner,
+    contact: Contact,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
     for address in &addresses {
@@ -637,6 +888,7 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(error = %e, running = runner.len(), "no assignment stream; keeping what runs");
+                runner.enforce_disconnect(contact.elapsed()).await;
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                     () = cancel.cancelled() => return Ok(()),
@@ -665,6 +917,14 @@ pub async fn run(
                     }
                 },
                 _ = report.tick() => {
+                    let without = contact.elapsed();
+                    runner.enforce_disconnect(without).await;
+                    if runner.has_parked() && without < RECONNECTED {
+                        // Back in touch: a fresh full set restarts what is
+                        // still assigned here.
+                        tracing::info!("coordinators reachable again; resyncing assignments");
+                        break;
+                    }
                     let changed = runner.changed();
                     if changed.is_empty() {
                         continue;

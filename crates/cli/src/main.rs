@@ -135,6 +135,23 @@ enum Cmd {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
+    /// Run a command in a replica's container (through the coordinators and
+    /// the agent's tunnel); prints its output and exits with its exit code.
+    Exec {
+        /// Workload name.
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// This replica (default: the oldest Ready one).
+        #[arg(long)]
+        replica: Option<String>,
+        /// Kill the command after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+        /// The command and its arguments (after --).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Change a workload's replica count.
     Scale {
         #[arg(value_parser = ["workload", "wl"])]
@@ -157,6 +174,33 @@ enum RolloutCmd {
         name: String,
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// The templates a workload ran (newest last) and why each was made.
+    History {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Show this revision's spec in full.
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Go back to an earlier template (the previous one by default); it
+    /// rolls out as a new revision under the workload's rollout strategy.
+    Undo {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The revision to restore.
+        #[arg(long)]
+        to_revision: Option<u64>,
+        /// Idempotency key: a retry with the same key is applied once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the restored template is rolled out.
         #[arg(long)]
         wait: bool,
         #[arg(long, default_value_t = 300)]
@@ -200,23 +244,12 @@ enum NodeCmd {
     Remove { id: String },
 }
 
-/// Parses 90, 90s, 30m, 1h, 7d into seconds.
+/// Parses 90, 90s, 30m, 1h, 7d into seconds (positive).
 fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => return Err(format!("unknown unit {other:?} in {s:?}; use s, m, h or d")),
-    };
-    n.checked_mul(mult)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| format!("{s:?} must be a positive duration"))
+    match cloudless_types::parse_duration_secs(s)? {
+        0 => Err(format!("{s:?} must be a positive duration")),
+        n => Ok(n),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -1166,6 +1199,142 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let secs = if wait { timeout } else { 0 };
             wait_rollout(servers, &namespace, &name, Duration::from_secs(secs)).await?;
         }
+        Cmd::Rollout(RolloutCmd::History {
+            name,
+            namespace,
+            revision,
+        }) => {
+            let read = read_opts(cli.stale);
+            let h = call(servers, |ch| {
+                let req = pb::RolloutHistoryRequest {
+                    read,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                async move { WorkloadServiceClient::new(ch).rollout_history(req).await }
+            })
+            .await?;
+            if let Some(n) = revision {
+                let Some(r) = h.revisions.iter().find(|r| r.revision == n) else {
+                    let known: Vec<String> =
+                        h.revisions.iter().map(|r| r.revision.to_string()).collect();
+                    return Err(Failure {
+                        code: 1,
+                        error: anyhow::anyhow!(
+                            "--revision: {n} is not in the history of {namespace}/{name} (it holds {})",
+                            known.join(", ")
+                        ),
+                    });
+                };
+                let spec = cloudless_types::WorkloadSpec::from(r.spec.clone().unwrap_or_default());
+                return print_json(&serde_json::json!({
+                    "revision": r.revision, "appliedAtMs": r.applied_at_ms,
+                    "cause": r.cause, "spec": spec,
+                }));
+            }
+            if cli.output != Output::Table {
+                let v: Vec<_> = h
+                    .revisions
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "revision": r.revision, "appliedAtMs": r.applied_at_ms,
+                            "cause": r.cause, "current": r.revision == h.current,
+                            "image": r.spec.as_ref().map(|s| s.image.clone()).unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                return print_json(&serde_json::Value::Array(v));
+            }
+            println!(
+                "{:<9} {:<8} {:<14} {:<34} CURRENT",
+                "REVISION", "AGE", "CAUSE", "IMAGE"
+            );
+            for r in &h.revisions {
+                println!(
+                    "{:<9} {:<8} {:<14} {:<34} {}",
+                    r.revision,
+                    human((now_ms() - r.applied_at_ms).max(0) / 1000),
+                    r.cause,
+                    r.spec.as_ref().map(|s| s.image.as_str()).unwrap_or(""),
+                    if r.revision == h.current { "*" } else { "" }
+                );
+            }
+        }
+        Cmd::Rollout(RolloutCmd::Undo {
+            name,
+            namespace,
+            to_revision,
+            idempotency_key,
+            wait,
+            timeout,
+        }) => {
+            let write = Some(WriteOptions {
+                idempotency_key: idempotency_key.unwrap_or_default(),
+            });
+            let r = call(servers, |ch| {
+                let req = pb::RolloutUndoRequest {
+                    write: write.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    to_revision: to_revision.unwrap_or(0),
+                };
+                async move { WorkloadServiceClient::new(ch).rollout_undo(req).await }
+            })
+            .await?;
+            let w = r.workload.unwrap_or_default();
+            println!(
+                "workload {}/{} rolled back to revision {} (now revision {})",
+                w.namespace, w.name, r.restored, w.template
+            );
+            if wait {
+                wait_rollout(servers, &namespace, &name, Duration::from_secs(timeout)).await?;
+            }
+        }
+        Cmd::Exec {
+            name,
+            namespace,
+            replica,
+            timeout,
+            command,
+        } => {
+            let mut stream = call(servers, |ch| {
+                let req = pb::ExecRequest {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    replica_id: replica.clone().unwrap_or_default(),
+                    command: command.clone(),
+                    timeout_seconds: timeout,
+                };
+                async move { WorkloadServiceClient::new(ch).exec(req).await }
+            })
+            .await?;
+            let mut code = None;
+            while let Some(out) = stream.message().await.map_err(status_failure)? {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&out.stdout);
+                let _ = std::io::stderr().write_all(&out.stderr);
+                if out.exit_code.is_some() {
+                    code = out.exit_code;
+                }
+            }
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            match code {
+                Some(0) => {}
+                Some(c) => {
+                    return Err(Failure {
+                        code: u8::try_from(c.clamp(1, 255)).unwrap_or(1),
+                        error: anyhow::anyhow!("command exited with code {c}"),
+                    })
+                }
+                None => {
+                    return Err(Failure {
+                        code: 1,
+                        error: anyhow::anyhow!("the command's exit code never arrived"),
+                    })
+                }
+            }
+        }
         Cmd::Describe {
             name, namespace, ..
         } => {
@@ -1232,10 +1401,78 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
             if let Some(r) = &spec.rollout {
                 println!(
-                    "Rollout:      maxSurge {}, maxUnavailable {}, progress deadline {}s",
-                    r.max_surge, r.max_unavailable, r.progress_deadline_seconds
+                    "Rollout:      {} maxSurge {}, maxUnavailable {}, minAvailable {}, progress deadline {}s",
+                    if r.strategy.is_empty() { "RollingUpdate" } else { &r.strategy },
+                    r.max_surge,
+                    r.max_unavailable,
+                    r.min_available.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+                    r.progress_deadline_seconds
                 );
             }
+            let typed = cloudless_types::WorkloadSpec::from(spec.clone());
+            if !typed.ports.is_empty() {
+                let ports: Vec<String> = typed
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let n = if p.name.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{} ", p.name)
+                        };
+                        format!("{n}{}/{:?}", p.container_port, p.protocol)
+                    })
+                    .collect();
+                println!("Ports:        {}", ports.join(", "));
+            }
+            let sc = &typed.security_context;
+            println!(
+                "Security:     user {}, non-root {}, read-only root {}, capabilities [{}], seccomp {:?}",
+                sc.run_as_user.map_or_else(|| "image".to_owned(), |u| u.to_string()),
+                sc.run_as_non_root,
+                sc.read_only_root_filesystem,
+                sc.capabilities.effective().join(", "),
+                sc.seccomp_profile.kind
+            );
+            for m in &typed.volume_mounts {
+                let v = typed.volumes.iter().find(|v| v.name == m.name);
+                let kind = match v {
+                    Some(v) if v.host_path.is_some() => format!(
+                        "hostPath {}",
+                        v.host_path.as_ref().map(|h| h.path.as_str()).unwrap_or("")
+                    ),
+                    Some(v) => format!(
+                        "emptyDir {:?}",
+                        v.empty_dir.map(|e| e.medium).unwrap_or_default()
+                    ),
+                    None => "?".into(),
+                };
+                println!(
+                    "Volume:       {} at {}{} ({kind})",
+                    m.name,
+                    m.mount_path,
+                    if m.read_only { " read-only" } else { "" }
+                );
+            }
+            let d = typed.disconnect;
+            if d.lost_after_seconds > 0 || d.stop_on_client_after_seconds.is_some() {
+                println!(
+                    "Disconnect:   lost after {}s, replace {}, agent stops after {}, reconcile {:?}",
+                    d.lost_after_seconds,
+                    d.replace,
+                    d.stop_on_client_after_seconds
+                        .map_or_else(|| "its --max-disconnected".to_owned(), |s| format!("{s}s")),
+                    d.reconcile
+                );
+            }
+            let explained = call(servers, |ch| {
+                let req = pb::ExplainPlacementRequest {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                async move { WorkloadServiceClient::new(ch).explain_placement(req).await }
+            })
+            .await;
             let events = {
                 let mut stream = call(servers, |ch| {
                     let req = pb::EventsRequest {
@@ -1269,6 +1506,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     human((now - x.created_at_ms).max(0) / 1000),
                     x.message
                 );
+            }
+            match explained {
+                Ok(e) => {
+                    println!(
+                        "Placement explanation (one more replica, strategy {}):",
+                        e.strategy
+                    );
+                    for n in &e.nodes {
+                        println!(
+                            "  {:<16} zone {:<8} replicas {:<3} {} {}",
+                            n.node_name,
+                            if n.zone.is_empty() { "-" } else { &n.zone },
+                            n.replicas_here,
+                            if n.eligible {
+                                format!("score {:>5.1}", n.score)
+                            } else {
+                                "ineligible ".to_owned()
+                            },
+                            n.reasons.join("; ")
+                        );
+                    }
+                }
+                Err(f) => println!("Placement explanation: unavailable ({:#})", f.error),
             }
             println!("Events (latest 15):");
             for e in events.iter().rev().take(15).rev() {

@@ -16,6 +16,9 @@ pub enum CoordinatorError {
     /// The request is malformed; the message names the field.
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    /// The request is well formed but the current state does not allow it.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The request's fields failed validation.
     #[error("invalid request: {0}")]
     Invalid(#[from] ValidationErrors),
@@ -58,6 +61,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::InvalidArgument(_) | CoordinatorError::Invalid(_) => {
                 Code::InvalidArgument
             }
+            CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
             CoordinatorError::NotLeader { .. } | CoordinatorError::NotInitialized => {
                 Code::Unavailable
             }

@@ -53,7 +53,7 @@ fn first_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> String {
 }
 
 /// The scheduler's view of the nodes that can take replicas.
-fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Vec<NodeInfo> {
+pub(crate) fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Vec<NodeInfo> {
     let mut by_node: HashMap<&str, Vec<RunningReplica>> = HashMap::new();
     for r in replicas {
         by_node
@@ -113,6 +113,24 @@ pub(crate) struct Plan {
     pub place: Vec<(usize, usize)>,
     /// Rollouts to undo: (index into the workloads, the previous spec).
     pub rollback: Vec<(usize, cloudless_types::WorkloadSpec)>,
+    /// Replicas of Down nodes kept as Unknown (`disconnect.lostAfterSeconds`).
+    pub mark_unknown: Vec<String>,
+    /// Unknown replicas whose node is back and that stay.
+    pub reconnected: Vec<String>,
+}
+
+fn is_ready(r: &ReplicaRecord) -> bool {
+    matches!(r.state, ReplicaState::Ready | ReplicaState::Succeeded)
+}
+
+/// The fewest Ready replicas voluntary removals (rollouts, reconnection)
+/// may leave: `replicas - maxUnavailable`, raised to `minAvailable`, at most
+/// the desired count.
+fn availability_floor(w: &Workload) -> usize {
+    let desired = w.spec.replicas as usize;
+    let by_unavailable = desired.saturating_sub(w.spec.rollout.max_unavailable as usize);
+    let min_available = w.spec.rollout.min_available.unwrap_or(0) as usize;
+    by_unavailable.max(min_available).min(desired)
 }
 
 /// Decides removals and how many replicas each workload needs, from the
@@ -124,25 +142,46 @@ pub(crate) fn plan(
     now_ms: i64,
 ) -> Plan {
     let mut plan = Plan::default();
-    let live_nodes: HashSet<&str> = nodes
+    let down_since: HashMap<&str, i64> = nodes
         .iter()
-        .filter(|n| n.phase != NodePhase::Down)
-        .map(|n| n.id.as_str())
+        .filter(|n| n.phase == NodePhase::Down)
+        .map(|n| (n.id.as_str(), n.phase_since_ms))
         .collect();
-    let known: HashSet<String> = workloads
+    let known: HashMap<String, &Workload> = workloads
         .iter()
-        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .map(|w| (format!("{}/{}", w.namespace, w.name), w))
         .collect();
     // With no Ready node at all the control plane is more likely cut off
     // than every device dead at once (and there is nowhere to move to):
     // lost replicas are kept until some node is Ready again.
     let any_ready = nodes.iter().any(|n| n.phase == NodePhase::Ready);
     let mut by_workload: HashMap<String, Vec<&ReplicaRecord>> = HashMap::new();
+    let mut reconnected: HashMap<String, Vec<&ReplicaRecord>> = HashMap::new();
     for r in replicas {
-        if !live_nodes.contains(r.node_id.as_str()) && any_ready {
-            plan.remove
-                .push((r.id.clone(), "Lost", "its node is down; replacing it"));
-        } else if !known.contains(&r.workload_key()) {
+        let workload = known.get(&r.workload_key());
+        let node_down = r.node_id.as_str();
+        if let (Some(since), true) = (down_since.get(node_down), any_ready) {
+            let policy = workload.map_or(r.spec.disconnect, |w| w.spec.disconnect);
+            let lost_after_ms = i64::from(policy.lost_after_seconds) * 1000;
+            if lost_after_ms == 0 || workload.is_none() {
+                plan.remove
+                    .push((r.id.clone(), "Lost", "its node is down; replacing it"));
+            } else if now_ms - since >= lost_after_ms {
+                plan.remove.push((
+                    r.id.clone(),
+                    "Lost",
+                    "its node stayed down beyond disconnect.lostAfterSeconds",
+                ));
+            } else {
+                if r.disconnected_at_ms == 0 {
+                    plan.mark_unknown.push(r.id.clone());
+                }
+                if !policy.replace {
+                    // Counted as if running: no replacement.
+                    by_workload.entry(r.workload_key()).or_default().push(r);
+                }
+            }
+        } else if workload.is_none() {
             plan.remove
                 .push((r.id.clone(), "Deleted", "its workload was deleted"));
         } else if r.state == ReplicaState::Failed {
@@ -152,15 +191,21 @@ pub(crate) fn plan(
                 "failed beyond its restart policy; placing a new replica",
             ));
         } else {
+            if r.disconnected_at_ms > 0 && !down_since.contains_key(node_down) {
+                reconnected.entry(r.workload_key()).or_default().push(r);
+            }
             by_workload.entry(r.workload_key()).or_default().push(r);
         }
     }
     for (index, w) in workloads.iter().enumerate() {
         let key = format!("{}/{}", w.namespace, w.name);
-        let mine = by_workload.remove(&key).unwrap_or_default();
+        let mut mine = by_workload.remove(&key).unwrap_or_default();
         let desired = w.spec.replicas as usize;
         let max_surge = w.spec.rollout.max_surge as usize;
-        let max_unavailable = w.spec.rollout.max_unavailable as usize;
+        let floor = availability_floor(w);
+        if let Some(back) = reconnected.remove(&key) {
+            reconcile_reconnected(w, &back, &mut mine, floor, &mut plan);
+        }
         // A replica runs the current template when its spec matches (after
         // a rollback the earlier replicas are current again, not replaced).
         let (mut current, mut old): (Vec<&ReplicaRecord>, Vec<&ReplicaRecord>) = mine
@@ -169,10 +214,9 @@ pub(crate) fn plan(
         // A rollout whose new replicas miss the progress deadline goes back
         // to the newest earlier template that still has replicas.
         let deadline_ms = i64::from(w.spec.rollout.progress_deadline_seconds) * 1000;
-        let stuck = current.iter().any(|r| {
-            !matches!(r.state, ReplicaState::Ready | ReplicaState::Succeeded)
-                && now_ms - r.created_at_ms > deadline_ms
-        });
+        let stuck = current
+            .iter()
+            .any(|r| !is_ready(r) && now_ms - r.created_at_ms > deadline_ms);
         if stuck {
             if let Some(prev) = old.iter().max_by_key(|r| r.template) {
                 let mut spec = prev.spec.clone();
@@ -182,12 +226,7 @@ pub(crate) fn plan(
             }
         }
         // Least useful first: not ready, then newest.
-        let rank = |r: &&ReplicaRecord| {
-            (
-                r.state == ReplicaState::Ready,
-                std::cmp::Reverse(r.created_at_ms),
-            )
-        };
+        let rank = |r: &&ReplicaRecord| (is_ready(r), std::cmp::Reverse(r.created_at_ms));
         current.sort_by_key(rank);
         old.sort_by_key(rank);
         if current.len() > desired {
@@ -197,11 +236,7 @@ pub(crate) fn plan(
                     .push((r.id.clone(), "ScaledDown", "surplus replica"));
             }
         }
-        let ready = |rs: &[&ReplicaRecord]| {
-            rs.iter()
-                .filter(|r| matches!(r.state, ReplicaState::Ready | ReplicaState::Succeeded))
-                .count()
-        };
+        let ready = |rs: &[&ReplicaRecord]| rs.iter().filter(|r| is_ready(r)).count();
         let missing = desired.saturating_sub(current.len());
         match w.spec.rollout.strategy {
             RolloutStrategy::RollingUpdate => {}
@@ -239,13 +274,9 @@ pub(crate) fn plan(
         }
         let mut ready_total = ready(&current) + ready(&old);
         // Old-template replicas go as long as enough ready ones remain.
-        let floor = desired.saturating_sub(max_unavailable);
         let mut kept_old = 0;
         for r in &old {
-            let r_ready = usize::from(matches!(
-                r.state,
-                ReplicaState::Ready | ReplicaState::Succeeded
-            ));
+            let r_ready = usize::from(is_ready(r));
             if ready_total - r_ready >= floor {
                 plan.remove.push((
                     r.id.clone(),
@@ -268,6 +299,101 @@ pub(crate) fn plan(
         }
     }
     plan
+}
+
+/// Replicas whose node came back within `disconnect.lostAfterSeconds`,
+/// next to the replacements placed meanwhile: `disconnect.reconcile` picks
+/// which copies stay (never dropping Ready replicas below `floor`). Removed
+/// ones leave `mine`; the returning ones that stay are cleared of Unknown.
+fn reconcile_reconnected<'a>(
+    w: &Workload,
+    back: &[&'a ReplicaRecord],
+    mine: &mut Vec<&'a ReplicaRecord>,
+    floor: usize,
+    plan: &mut Plan,
+) {
+    use cloudless_types::ReconnectPolicy;
+    let desired = w.spec.replicas as usize;
+    let surplus = mine.len().saturating_sub(desired);
+    let is_back = |r: &ReplicaRecord| back.iter().any(|b| b.id == r.id);
+    // Candidates for removal, first to go first.
+    let mut order: Vec<&ReplicaRecord> = match w.spec.disconnect.reconcile {
+        ReconnectPolicy::KeepReplacement => back.to_vec(),
+        ReconnectPolicy::KeepOriginal => {
+            let mut v: Vec<&ReplicaRecord> = mine.iter().copied().filter(|r| !is_back(r)).collect();
+            // Newest (the replacements) first.
+            v.sort_by_key(|r| std::cmp::Reverse(r.created_at_ms));
+            v
+        }
+        ReconnectPolicy::BestScore => {
+            let mut v = mine.clone();
+            v.sort_by(|a, b| {
+                a.score
+                    .total_cmp(&b.score)
+                    .then(b.created_at_ms.cmp(&a.created_at_ms))
+            });
+            v
+        }
+    };
+    order.truncate(surplus);
+    let mut ready_total = mine.iter().filter(|r| is_ready(r)).count();
+    let mut gone: HashSet<&str> = HashSet::new();
+    // Removals the floor holds back wait for the next pass: they are not
+    // counted now (so nothing else is scaled down in their place) and the
+    // returning replicas stay Unknown until it is settled.
+    let mut blocked: HashSet<&str> = HashSet::new();
+    for r in order {
+        let r_ready = usize::from(is_ready(r));
+        if ready_total - r_ready < floor {
+            blocked.insert(r.id.as_str());
+            continue;
+        }
+        ready_total -= r_ready;
+        gone.insert(r.id.as_str());
+        plan.remove.push((
+            r.id.clone(),
+            "Reconciled",
+            if is_back(r) {
+                "its node came back; the replacement stays (disconnect.reconcile)"
+            } else {
+                "the original's node came back and keeps it (disconnect.reconcile)"
+            },
+        ));
+    }
+    mine.retain(|r| !gone.contains(r.id.as_str()) && !blocked.contains(r.id.as_str()));
+    if blocked.is_empty() {
+        for b in back {
+            if !gone.contains(b.id.as_str()) {
+                plan.reconnected.push(b.id.clone());
+            }
+        }
+    }
+}
+
+/// The scheduler's request for `count` replicas of `w`.
+pub(crate) fn workload_request(w: &Workload, count: usize) -> WorkloadRequest {
+    let p = &w.spec.placement;
+    WorkloadRequest {
+        workload: format!("{}/{}", w.namespace, w.name),
+        requests: w.spec.requests,
+        replicas: u32::try_from(count).unwrap_or(u32::MAX),
+        priority: w.spec.priority,
+        long_running: true,
+        zones: p.zones.clone(),
+        regions: p.regions.clone(),
+        node_selector: p.node_selector.clone(),
+        anti_affinity: match p.anti_affinity {
+            cloudless_types::AntiAffinity::None => AntiAffinity::None,
+            cloudless_types::AntiAffinity::Node => AntiAffinity::Node,
+            cloudless_types::AntiAffinity::Zone => AntiAffinity::Zone,
+        },
+        strategy: match p.strategy {
+            cloudless_types::PlacementStrategy::Auto => Strategy::Auto,
+            cloudless_types::PlacementStrategy::Spread => Strategy::Spread,
+            cloudless_types::PlacementStrategy::Binpack => Strategy::Binpack,
+        },
+        ..WorkloadRequest::default()
+    }
 }
 
 fn replica_id(w: &Workload) -> String {
@@ -349,10 +475,48 @@ async fn pass(
         let mut back = w.clone();
         back.spec = spec.clone();
         handle
-            .write(None, Command::PutWorkload { workload: back })
+            .write(
+                None,
+                Command::PutWorkload {
+                    workload: back,
+                    cause: "rollback".into(),
+                },
+            )
+            .await?;
+    }
+    let find = |id: &str| replicas.iter().find(|r| r.id == id);
+    for id in &plan.mark_unknown {
+        if let Some(r) = find(id) {
+            let w = workloads
+                .iter()
+                .find(|w| w.namespace == r.namespace && w.name == r.workload);
+            let d = w.map_or(r.spec.disconnect, |w| w.spec.disconnect);
+            events.push(event(
+                &r.namespace,
+                &r.workload,
+                "Unknown",
+                format!(
+                    "replica {id} on {}: its node is down; kept for up to {} s (disconnect.lostAfterSeconds){}",
+                    node_name(&r.node_id),
+                    d.lost_after_seconds,
+                    if d.replace { ", a replacement is placed meanwhile" } else { "" }
+                ),
+            ));
+        }
+    }
+    if !plan.mark_unknown.is_empty() {
+        handle
+            .write(
+                None,
+                Command::MarkReplicasUnknown {
+                    ids: plan.mark_unknown.clone(),
+                    unknown: true,
+                },
+            )
             .await?;
     }
     if plan.remove.is_empty() && plan.place.is_empty() {
+        clear_reconnected(handle, &plan, &replicas, &mut events, &node_name).await?;
         if !events.is_empty() {
             handle.write(None, Command::RecordEvents { events }).await?;
         }
@@ -372,28 +536,7 @@ async fn pass(
         for (index, count) in &plan.place {
             let w = &workloads[*index];
             let key = format!("{}/{}", w.namespace, w.name);
-            let p = &w.spec.placement;
-            let req = WorkloadRequest {
-                workload: key.clone(),
-                requests: w.spec.requests,
-                replicas: u32::try_from(*count).unwrap_or(u32::MAX),
-                priority: w.spec.priority,
-                long_running: true,
-                zones: p.zones.clone(),
-                regions: p.regions.clone(),
-                node_selector: p.node_selector.clone(),
-                anti_affinity: match p.anti_affinity {
-                    cloudless_types::AntiAffinity::None => AntiAffinity::None,
-                    cloudless_types::AntiAffinity::Node => AntiAffinity::Node,
-                    cloudless_types::AntiAffinity::Zone => AntiAffinity::Zone,
-                },
-                strategy: match p.strategy {
-                    cloudless_types::PlacementStrategy::Auto => Strategy::Auto,
-                    cloudless_types::PlacementStrategy::Spread => Strategy::Spread,
-                    cloudless_types::PlacementStrategy::Binpack => Strategy::Binpack,
-                },
-                ..WorkloadRequest::default()
-            };
+            let req = workload_request(w, *count);
             let decisions = match snapshot.place(&req, now_ms(), false) {
                 Ok(d) => d,
                 Err(e) => {
@@ -417,6 +560,8 @@ async fn pass(
                         created_at_ms: 0,
                         updated_at_ms: 0,
                         ready_at_ms: 0,
+                        disconnected_at_ms: 0,
+                        score: p.score,
                     }),
                     Decision::Unplaced(u) => {
                         // Once per workload generation, not every pass.
@@ -457,9 +602,49 @@ async fn pass(
             .write(None, Command::PlaceReplicas { replicas: placed })
             .await?;
     }
+    clear_reconnected(handle, &plan, &replicas, &mut events, &node_name).await?;
     if !events.is_empty() {
         handle.write(None, Command::RecordEvents { events }).await?;
     }
+    Ok(())
+}
+
+/// Clears Unknown from returning replicas that stay (after any removals of
+/// the same pass were committed).
+async fn clear_reconnected(
+    handle: &CoordinatorHandle,
+    plan: &Plan,
+    replicas: &[ReplicaRecord],
+    events: &mut Vec<EventRecord>,
+    node_name: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(), crate::error::CoordinatorError> {
+    if plan.reconnected.is_empty() {
+        return Ok(());
+    }
+    for id in &plan.reconnected {
+        if let Some(r) = replicas.iter().find(|r| &r.id == id) {
+            events.push(EventRecord {
+                at_ms: 0,
+                kind: "Workload".into(),
+                namespace: r.namespace.clone(),
+                object: r.workload.clone(),
+                reason: "Reconnected".into(),
+                message: format!(
+                    "replica {id} on {}: its node is back and the replica stays",
+                    node_name(&r.node_id)
+                ),
+            });
+        }
+    }
+    handle
+        .write(
+            None,
+            Command::MarkReplicasUnknown {
+                ids: plan.reconnected.clone(),
+                unknown: false,
+            },
+        )
+        .await?;
     Ok(())
 }
 
@@ -481,6 +666,7 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             template,
+            revisions: Vec::new(),
         }
     }
 
@@ -505,6 +691,8 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             ready_at_ms: 0,
+            disconnected_at_ms: 0,
+            score: 0.0,
         }
     }
 

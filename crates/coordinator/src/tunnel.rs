@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use cloudless_proto::v1::{LogsRequest, TunnelDown, TunnelUp};
+use cloudless_proto::v1::{ExecRequest, LogsRequest, TunnelDown, TunnelUp};
 use tokio::sync::mpsc;
 
 /// Open tunnels on this coordinator and the requests waiting for answers.
@@ -43,6 +43,7 @@ impl Drop for Pending {
                 request_id: self.id,
                 logs: None,
                 cancel: true,
+                exec: None,
             });
         }
     }
@@ -92,6 +93,25 @@ impl Tunnels {
         node: &str,
         req: LogsRequest,
     ) -> Option<(Pending, mpsc::Receiver<TunnelUp>)> {
+        self.request(node, Some(req), None).await
+    }
+
+    /// Asks `node` to run a command in a replica; output arrives on the
+    /// receiver until `end`.
+    pub(crate) async fn exec(
+        self: &std::sync::Arc<Self>,
+        node: &str,
+        req: ExecRequest,
+    ) -> Option<(Pending, mpsc::Receiver<TunnelUp>)> {
+        self.request(node, None, Some(req)).await
+    }
+
+    async fn request(
+        self: &std::sync::Arc<Self>,
+        node: &str,
+        logs: Option<LogsRequest>,
+        exec: Option<ExecRequest>,
+    ) -> Option<(Pending, mpsc::Receiver<TunnelUp>)> {
         let down = self
             .nodes
             .lock()
@@ -109,8 +129,9 @@ impl Tunnels {
         };
         down.send(TunnelDown {
             request_id: id,
-            logs: Some(req),
+            logs,
             cancel: false,
+            exec,
         })
         .await
         .ok()?;

@@ -4,15 +4,16 @@ use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
 use cloudless_proto::v1::workload_service_server::WorkloadService;
 use cloudless_proto::v1::{
     ApplyWorkloadRequest, ApplyWorkloadResponse, DeleteWorkloadRequest, DeleteWorkloadResponse,
-    Event, EventsRequest, ExecInput, ExecOutput, GetWorkloadRequest, GetWorkloadResponse,
-    ListReplicasRequest, ListReplicasResponse, ListWorkloadsRequest, ListWorkloadsResponse,
-    LogChunk, LogsRequest, RolloutHistoryRequest, RolloutHistoryResponse, RolloutStatusRequest,
+    Event, EventsRequest, ExecOutput, ExecRequest, ExplainPlacementRequest,
+    ExplainPlacementResponse, GetWorkloadRequest, GetWorkloadResponse, ListReplicasRequest,
+    ListReplicasResponse, ListWorkloadsRequest, ListWorkloadsResponse, LogChunk, LogsRequest,
+    NodeScore, Revision, RolloutHistoryRequest, RolloutHistoryResponse, RolloutStatusRequest,
     RolloutStatusResponse, RolloutUndoRequest, RolloutUndoResponse, ScaleWorkloadRequest,
     ScaleWorkloadResponse,
 };
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::DEFAULT_NAMESPACE;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
@@ -86,8 +87,24 @@ fn with_status(
 
 type Stream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
 
-const LATER: &str =
-    "arrives with workload execution (issue 6); this coordinator stores desired state only";
+/// Longest an exec may run.
+const MAX_EXEC_SECONDS: u32 = 3600;
+
+/// The workload or a NotFound naming it.
+fn find_workload(
+    reader: &cloudless_state::StateReader,
+    ns: &str,
+    name: &str,
+) -> Result<cloudless_types::Workload, CoordinatorError> {
+    require_name(name)?;
+    reader.workload(ns, name)?.ok_or_else(|| {
+        Rejection::WorkloadNotFound {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        }
+        .into()
+    })
+}
 
 #[tonic::async_trait]
 impl WorkloadService for WorkloadApi {
@@ -103,7 +120,11 @@ impl WorkloadService for WorkloadApi {
             |r: ApplyWorkloadRequest| async move {
                 let key = idempotency_key(r.write.as_ref())?;
                 let workload = cloudless_proto::workload_from_wire(r.workload)?;
-                let (resp, commit) = h.write(key, Command::PutWorkload { workload }).await?;
+                let cmd = Command::PutWorkload {
+                    workload,
+                    cause: "apply".into(),
+                };
+                let (resp, commit) = h.write(key, cmd).await?;
                 let (w, created) = stored(resp)?;
                 Ok(ApplyWorkloadResponse {
                     workload: Some(w.into()),
@@ -234,26 +255,209 @@ impl WorkloadService for WorkloadApi {
 
     async fn rollout_status(
         &self,
-        _r: Request<RolloutStatusRequest>,
+        req: Request<RolloutStatusRequest>,
     ) -> Result<Response<RolloutStatusResponse>, Status> {
-        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
-        Err(Status::unimplemented(format!("rollout status {LATER}")))
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let r = req.into_inner();
+        let reader = self.handle.reader();
+        let ns = namespace_or_default(r.namespace);
+        let w = find_workload(reader, &ns, &r.name)?;
+        let replicas = reader
+            .workload_replicas(&ns, &r.name)
+            .map_err(CoordinatorError::from)?;
+        let count = |f: &dyn Fn(&cloudless_types::ReplicaRecord) -> bool| {
+            u32::try_from(replicas.iter().filter(|x| f(x)).count()).unwrap_or(u32::MAX)
+        };
+        let updated = count(&|x| x.template == w.template);
+        let ready =
+            count(&|x| x.template == w.template && x.state == cloudless_types::ReplicaState::Ready);
+        let total = u32::try_from(replicas.len()).unwrap_or(u32::MAX);
+        Ok(Response::new(RolloutStatusResponse {
+            generation: w.generation,
+            updated_replicas: updated,
+            ready_replicas: ready,
+            complete: updated == w.spec.replicas
+                && ready == w.spec.replicas
+                && total == w.spec.replicas,
+        }))
     }
 
     async fn rollout_history(
         &self,
-        _r: Request<RolloutHistoryRequest>,
+        req: Request<RolloutHistoryRequest>,
     ) -> Result<Response<RolloutHistoryResponse>, Status> {
-        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
-        Err(Status::unimplemented(format!("rollout history {LATER}")))
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RolloutHistoryRequest| async move {
+                h.read_barrier(r.read.as_ref()).await?;
+                let ns = namespace_or_default(r.namespace);
+                let w = find_workload(h.reader(), &ns, &r.name)?;
+                Ok(RolloutHistoryResponse {
+                    current: w.template,
+                    revisions: w
+                        .revisions
+                        .into_iter()
+                        .map(|v| Revision {
+                            revision: v.template,
+                            applied_at_ms: v.at_ms,
+                            spec: Some(v.spec.into()),
+                            cause: v.cause,
+                        })
+                        .collect(),
+                })
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).rollout_history(r).await },
+        )
+        .await
     }
 
     async fn rollout_undo(
         &self,
-        _r: Request<RolloutUndoRequest>,
+        req: Request<RolloutUndoRequest>,
     ) -> Result<Response<RolloutUndoResponse>, Status> {
-        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
-        Err(Status::unimplemented(format!("rollout undo {LATER}")))
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RolloutUndoRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let ns = namespace_or_default(r.namespace);
+                let w = find_workload(h.reader(), &ns, &r.name)?;
+                let target = if r.to_revision == 0 {
+                    w.revisions
+                        .iter()
+                        .rev()
+                        .find(|v| v.template != w.template)
+                        .ok_or_else(|| {
+                            CoordinatorError::FailedPrecondition(format!(
+                                "{ns}/{}: no earlier revision to go back to",
+                                r.name
+                            ))
+                        })?
+                } else {
+                    w.revisions
+                        .iter()
+                        .find(|v| v.template == r.to_revision)
+                        .ok_or_else(|| {
+                            let known: Vec<String> =
+                                w.revisions.iter().map(|v| v.template.to_string()).collect();
+                            CoordinatorError::InvalidArgument(format!(
+                                "toRevision: {} is not in the history of {ns}/{} (it holds {})",
+                                r.to_revision,
+                                r.name,
+                                known.join(", ")
+                            ))
+                        })?
+                };
+                if target.spec.same_template(&w.spec) {
+                    return Err(CoordinatorError::FailedPrecondition(format!(
+                        "{ns}/{} already runs the template of revision {}",
+                        r.name, target.template
+                    )));
+                }
+                let restored = target.template;
+                let mut back = w.clone();
+                back.spec = target.spec.clone();
+                back.spec.replicas = w.spec.replicas;
+                let cmd = Command::PutWorkload {
+                    workload: back,
+                    cause: format!("undo to {restored}"),
+                };
+                let (resp, commit) = h.write(key, cmd).await?;
+                let (stored_w, _) = stored(resp)?;
+                let events = vec![cloudless_types::EventRecord {
+                    at_ms: 0,
+                    kind: "Workload".into(),
+                    namespace: ns.clone(),
+                    object: r.name.clone(),
+                    reason: "RolloutUndo".into(),
+                    message: format!(
+                        "back to the template of revision {restored} (image {}) as revision {}",
+                        stored_w.spec.image, stored_w.template
+                    ),
+                }];
+                h.write(None, Command::RecordEvents { events }).await?;
+                Ok(RolloutUndoResponse {
+                    workload: Some(stored_w.into()),
+                    commit: Some(commit),
+                    restored,
+                })
+            },
+            |ch, r| async move { WorkloadServiceClient::new(ch).rollout_undo(r).await },
+        )
+        .await
+    }
+
+    async fn explain_placement(
+        &self,
+        req: Request<ExplainPlacementRequest>,
+    ) -> Result<Response<ExplainPlacementResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let r = req.into_inner();
+        let reader = self.handle.reader();
+        let ns = namespace_or_default(r.namespace);
+        let w = find_workload(reader, &ns, &r.name)?;
+        let nodes = reader.nodes().map_err(CoordinatorError::from)?;
+        let replicas = reader.replicas().map_err(CoordinatorError::from)?;
+        let cluster = self.handle.cluster()?;
+        let infos = crate::reconciler::node_infos(&nodes, &replicas);
+        let mut snapshot =
+            cloudless_scheduler::ClusterSnapshot::new(&infos, cluster.config.scheduler_weights)
+                .map_err(|e| CoordinatorError::Fatal(format!("scheduler input: {e}")))?;
+        let verdicts = snapshot
+            .evaluate(
+                &crate::reconciler::workload_request(&w, 1),
+                crate::coordinator::now_ms(),
+            )
+            .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+        let mut out: Vec<NodeScore> = Vec::new();
+        for n in &nodes {
+            let here = u32::try_from(
+                replicas
+                    .iter()
+                    .filter(|x| x.node_id == n.id && x.namespace == ns && x.workload == w.name)
+                    .count(),
+            )
+            .unwrap_or(u32::MAX);
+            let labels = crate::reconciler::node_labels(n);
+            let zone = labels.get("zone").cloned().unwrap_or_default();
+            let verdict = verdicts.iter().find(|(id, _)| *id == n.id).map(|(_, v)| v);
+            let (eligible, score, reasons) = match verdict {
+                Some(Ok(c)) => (
+                    true,
+                    c.total,
+                    vec![format!(
+                        "locality {:.2}, reliability {:.2}, cost {:.2}, utilization {:.2}, network penalty {:.2}, adjustment {:+.1}",
+                        c.locality, c.reliability, c.cost, c.utilization, c.network_penalty, c.adjustment
+                    )],
+                ),
+                Some(Err(reason)) => (false, 0.0, vec![reason.to_string()]),
+                None => (false, 0.0, vec![format!("node is {:?}", n.phase)]),
+            };
+            out.push(NodeScore {
+                node_id: n.id.clone(),
+                node_name: n.name.clone(),
+                zone,
+                score,
+                eligible,
+                reasons,
+                replicas_here: here,
+            });
+        }
+        out.sort_by(|a, b| {
+            b.eligible
+                .cmp(&a.eligible)
+                .then(b.score.total_cmp(&a.score))
+                .then(a.node_name.cmp(&b.node_name))
+        });
+        Ok(Response::new(ExplainPlacementResponse {
+            nodes: out,
+            strategy: format!("{:?}", w.spec.placement.strategy),
+        }))
     }
 
     type LogsStream = Stream<LogChunk>;
@@ -343,12 +547,100 @@ impl WorkloadService for WorkloadApi {
     }
 
     type ExecStream = Stream<ExecOutput>;
-    async fn exec(
-        &self,
-        _r: Request<Streaming<ExecInput>>,
-    ) -> Result<Response<Self::ExecStream>, Status> {
-        crate::authz::require(&self.handle, &_r, crate::authz::Allow::Admin)?;
-        Err(Status::unimplemented(format!("exec {LATER}")))
+    async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        // Served by any coordinator, through the replica's node's tunnel.
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let mut r = req.into_inner();
+        if r.command.is_empty() {
+            return Err(Status::invalid_argument("command: must not be empty"));
+        }
+        if r.timeout_seconds > MAX_EXEC_SECONDS {
+            return Err(Status::invalid_argument(format!(
+                "timeoutSeconds: {} is above the maximum of {MAX_EXEC_SECONDS}",
+                r.timeout_seconds
+            )));
+        }
+        let ns = namespace_or_default(std::mem::take(&mut r.namespace));
+        let reader = self.handle.reader();
+        let replica = if r.replica_id.is_empty() {
+            find_workload(reader, &ns, &r.name)?;
+            let mut all = reader
+                .workload_replicas(&ns, &r.name)
+                .map_err(CoordinatorError::from)?;
+            // Ready first, then Running; oldest first.
+            all.retain(|x| {
+                x.disconnected_at_ms == 0
+                    && matches!(
+                        x.state,
+                        cloudless_types::ReplicaState::Ready
+                            | cloudless_types::ReplicaState::Running
+                    )
+            });
+            all.sort_by_key(|x| {
+                (
+                    x.state != cloudless_types::ReplicaState::Ready,
+                    x.created_at_ms,
+                )
+            });
+            all.into_iter().next().ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "{ns}/{} has no Running replica to exec in",
+                    r.name
+                ))
+            })?
+        } else {
+            reader
+                .replica(&r.replica_id)
+                .map_err(CoordinatorError::from)?
+                .filter(|x| r.name.is_empty() || (x.namespace == ns && x.workload == r.name))
+                .ok_or_else(|| {
+                    Status::not_found(format!("no replica {} of {ns}/{}", r.replica_id, r.name))
+                })?
+        };
+        let down = ExecRequest {
+            namespace: replica.namespace.clone(),
+            name: replica.workload.clone(),
+            replica_id: replica.id.clone(),
+            ..r
+        };
+        let Some((pending, mut answers)) = self.handle.tunnels().exec(&replica.node_id, down).await
+        else {
+            return Err(Status::unavailable(format!(
+                "replica {}: its node {} has no tunnel to this coordinator (agent down or not connected yet)",
+                replica.id, replica.node_id
+            )));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ExecOutput, Status>>(64);
+        tokio::spawn(async move {
+            let _pending = pending;
+            while let Some(up) = answers.recv().await {
+                if let Some(out) = up.exec_output {
+                    if tx.send(Ok(out)).await.is_err() {
+                        return;
+                    }
+                }
+                if up.end {
+                    if !up.error.is_empty() {
+                        let _ = tx
+                            .send(Err(Status::failed_precondition(format!(
+                                "replica {}: {}",
+                                replica.id, up.error
+                            ))))
+                            .await;
+                    }
+                    return;
+                }
+            }
+            let _ = tx
+                .send(Err(Status::unavailable(format!(
+                    "replica {}: the agent's tunnel closed before the command finished",
+                    replica.id
+                ))))
+                .await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_replicas(

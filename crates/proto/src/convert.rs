@@ -54,11 +54,215 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 max_unavailable: s.rollout.max_unavailable,
                 progress_deadline_seconds: s.rollout.progress_deadline_seconds,
                 strategy: format!("{:?}", s.rollout.strategy),
+                min_available: s.rollout.min_available,
             }),
             readiness_probe: s.readiness_probe.map(probe_to_wire),
             liveness_probe: s.liveness_probe.map(probe_to_wire),
+            ports: s
+                .ports
+                .into_iter()
+                .map(|p| v1::ContainerPort {
+                    name: p.name,
+                    container_port: u32::from(p.container_port),
+                    protocol: format!("{:?}", p.protocol),
+                })
+                .collect(),
+            security_context: Some(security_to_wire(s.security_context)),
+            volumes: s
+                .volumes
+                .into_iter()
+                .map(|v| v1::Volume {
+                    name: v.name,
+                    empty_dir: v.empty_dir.map(|e| v1::EmptyDir {
+                        medium: format!("{:?}", e.medium),
+                        size_limit_bytes: e.size_limit_bytes,
+                    }),
+                    host_path: v.host_path.map(|h| v1::HostPath { path: h.path }),
+                })
+                .collect(),
+            volume_mounts: s
+                .volume_mounts
+                .into_iter()
+                .map(|m| v1::VolumeMount {
+                    name: m.name,
+                    mount_path: m.mount_path,
+                    read_only: m.read_only,
+                })
+                .collect(),
+            disconnect: Some(v1::Disconnect {
+                lost_after_seconds: s.disconnect.lost_after_seconds,
+                replace: Some(s.disconnect.replace),
+                stop_on_client_after_seconds: s.disconnect.stop_on_client_after_seconds,
+                reconcile: format!("{:?}", s.disconnect.reconcile),
+            }),
         }
     }
+}
+
+fn security_to_wire(c: t::SecurityContextSpec) -> v1::SecurityContext {
+    v1::SecurityContext {
+        run_as_user: c.run_as_user,
+        run_as_group: c.run_as_group,
+        run_as_non_root: c.run_as_non_root,
+        read_only_root_filesystem: c.read_only_root_filesystem,
+        capabilities_add: c.capabilities.add,
+        capabilities_drop: c.capabilities.drop,
+        seccomp_type: format!("{:?}", c.seccomp_profile.kind),
+        seccomp_localhost_profile: c.seccomp_profile.localhost_profile.unwrap_or_default(),
+        app_armor_profile: c.app_armor_profile.unwrap_or_default(),
+        se_linux_label: c.se_linux_label.unwrap_or_default(),
+        host_network: c.host_network,
+    }
+}
+
+/// One of `options` by its wire name ("" gives the first); anything else is
+/// reported under `field` and gives the first.
+fn wire_enum<T: Copy>(
+    value: &str,
+    options: &[(&str, T)],
+    field: String,
+    errs: &mut t::ValidationErrors,
+) -> T {
+    if value.is_empty() {
+        return options[0].1;
+    }
+    match options.iter().find(|(name, _)| *name == value) {
+        Some((_, v)) => *v,
+        None => {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            errs.push(
+                field,
+                format!("{value:?} is not one of {}", names.join(", ")),
+            );
+            options[0].1
+        }
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn security_from_wire(
+    c: v1::SecurityContext,
+    path: &str,
+    errs: &mut t::ValidationErrors,
+) -> t::SecurityContextSpec {
+    use t::SeccompType as S;
+    t::SecurityContextSpec {
+        run_as_user: c.run_as_user,
+        run_as_group: c.run_as_group,
+        run_as_non_root: c.run_as_non_root,
+        read_only_root_filesystem: c.read_only_root_filesystem,
+        capabilities: t::Capabilities {
+            add: c.capabilities_add,
+            drop: c.capabilities_drop,
+        },
+        seccomp_profile: t::SeccompProfileSpec {
+            kind: wire_enum(
+                &c.seccomp_type,
+                &[
+                    ("RuntimeDefault", S::RuntimeDefault),
+                    ("Strict", S::Strict),
+                    ("Localhost", S::Localhost),
+                    ("Unconfined", S::Unconfined),
+                ],
+                format!("{path}.seccompProfile.type"),
+                errs,
+            ),
+            localhost_profile: non_empty(c.seccomp_localhost_profile),
+        },
+        app_armor_profile: non_empty(c.app_armor_profile),
+        se_linux_label: non_empty(c.se_linux_label),
+        host_network: c.host_network,
+    }
+}
+
+/// The container parts of a spec (ports, security, volumes, disconnect).
+fn container_from_wire(
+    s: &mut v1::WorkloadSpec,
+    path: &str,
+    errs: &mut t::ValidationErrors,
+) -> (
+    Vec<t::ContainerPort>,
+    t::SecurityContextSpec,
+    Vec<t::Volume>,
+    Vec<t::VolumeMount>,
+    t::Disconnect,
+) {
+    let ports = std::mem::take(&mut s.ports)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| t::ContainerPort {
+            name: p.name,
+            container_port: u16::try_from(p.container_port).unwrap_or_else(|_| {
+                errs.push(
+                    format!("{path}.ports[{i}].containerPort"),
+                    format!("{} is not a port", p.container_port),
+                );
+                0
+            }),
+            protocol: wire_enum(
+                &p.protocol,
+                &[("TCP", t::Protocol::TCP), ("UDP", t::Protocol::UDP)],
+                format!("{path}.ports[{i}].protocol"),
+                errs,
+            ),
+        })
+        .collect();
+    let security = s
+        .security_context
+        .take()
+        .map_or_else(Default::default, |c| {
+            security_from_wire(c, &format!("{path}.securityContext"), errs)
+        });
+    let volumes = std::mem::take(&mut s.volumes)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| t::Volume {
+            name: v.name,
+            empty_dir: v.empty_dir.map(|e| t::EmptyDir {
+                medium: wire_enum(
+                    &e.medium,
+                    &[
+                        ("Disk", t::StorageMedium::Disk),
+                        ("Memory", t::StorageMedium::Memory),
+                    ],
+                    format!("{path}.volumes[{i}].emptyDir.medium"),
+                    errs,
+                ),
+                size_limit_bytes: e.size_limit_bytes,
+            }),
+            host_path: v.host_path.map(|h| t::HostPath { path: h.path }),
+        })
+        .collect();
+    let mounts = std::mem::take(&mut s.volume_mounts)
+        .into_iter()
+        .map(|m| t::VolumeMount {
+            name: m.name,
+            mount_path: m.mount_path,
+            read_only: m.read_only,
+        })
+        .collect();
+    let disconnect = s.disconnect.take().map_or_else(Default::default, |d| {
+        use t::ReconnectPolicy as R;
+        t::Disconnect {
+            lost_after_seconds: d.lost_after_seconds,
+            replace: d.replace.unwrap_or(true),
+            stop_on_client_after_seconds: d.stop_on_client_after_seconds,
+            reconcile: wire_enum(
+                &d.reconcile,
+                &[
+                    ("KeepReplacement", R::KeepReplacement),
+                    ("KeepOriginal", R::KeepOriginal),
+                    ("BestScore", R::BestScore),
+                ],
+                format!("{path}.disconnect.reconcile"),
+                errs,
+            ),
+        }
+    });
+    (ports, security, volumes, mounts, disconnect)
 }
 
 fn probe_to_wire(p: t::ProbeSpec) -> v1::Probe {
@@ -110,10 +314,12 @@ fn probe_from_wire(p: v1::Probe, path: &str, errs: &mut t::ValidationErrors) -> 
 /// A workload spec from the wire; enum strings and ports that do not parse
 /// are reported in `errs` under `path` (and take their default).
 pub fn spec_from_wire(
-    s: v1::WorkloadSpec,
+    mut s: v1::WorkloadSpec,
     path: &str,
     errs: &mut t::ValidationErrors,
 ) -> t::WorkloadSpec {
+    let (ports, security_context, volumes, volume_mounts, disconnect) =
+        container_from_wire(&mut s, path, errs);
     let placement = s.placement.unwrap_or_default();
     let anti_affinity = match placement.anti_affinity.as_str() {
         "" | "None" => t::AntiAffinity::None,
@@ -189,6 +395,7 @@ pub fn spec_from_wire(
             } else {
                 r.progress_deadline_seconds
             },
+            min_available: r.min_available,
         }),
         readiness_probe: s
             .readiness_probe
@@ -196,6 +403,11 @@ pub fn spec_from_wire(
         liveness_probe: s
             .liveness_probe
             .map(|p| probe_from_wire(p, &format!("{path}.livenessProbe"), errs)),
+        ports,
+        security_context,
+        volumes,
+        volume_mounts,
+        disconnect,
     }
 }
 
@@ -251,6 +463,7 @@ pub fn workload_from_wire(w: Option<v1::Workload>) -> Result<t::Workload, t::Val
         created_at_ms: 0,
         updated_at_ms: 0,
         template: 0,
+        revisions: Vec::new(),
     };
     if let Err(e) = workload.validate() {
         errs.0.extend(e.0);
@@ -325,7 +538,11 @@ impl From<t::ReplicaRecord> for v1::Replica {
             template: r.template,
             node_id: r.node_id,
             node_name: String::new(),
-            state: r.state.as_str().to_owned(),
+            state: if r.disconnected_at_ms > 0 {
+                "Unknown".to_owned()
+            } else {
+                r.state.as_str().to_owned()
+            },
             exit_code: r.exit_code,
             restarts: r.restarts,
             message: r.message,

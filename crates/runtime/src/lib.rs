@@ -21,7 +21,8 @@ use std::path::Path;
 pub use containerd::{Containerd, Exit, ImageRef, Started, TaskState, Usage, MANAGED_LABEL};
 pub use host::HostSecurity;
 pub use model::{
-    ContainerConfig, ImageProcess, Limits, NodePolicy, Notice, SeccompProfile, SecurityContext,
+    ContainerConfig, ImageProcess, Limits, Mount, MountSource, NodePolicy, Notice, SeccompProfile,
+    SecurityContext,
 };
 pub use runtime_trait::ContainerRuntime;
 pub use spec::{build as build_spec, BuiltSpec, DEFAULT_APPARMOR_PROFILE};

@@ -94,6 +94,32 @@ pub struct ContainerConfig {
     pub security: SecurityContext,
     /// Runtime class (`runc` when empty).
     pub runtime_class: Option<String>,
+    /// Extra mounts (volumes).
+    pub mounts: Vec<Mount>,
+}
+
+/// A volume mounted into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Absolute path in the container.
+    pub destination: String,
+    /// What is mounted.
+    pub source: MountSource,
+    /// Read-only.
+    pub read_only: bool,
+    /// The field to name in errors (e.g. `volumeMounts[0]`).
+    pub field: String,
+}
+
+/// Where a mount comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSource {
+    /// A directory the agent made for the replica (an `emptyDir`).
+    ReplicaDir(PathBuf),
+    /// A tmpfs of this many bytes.
+    Tmpfs(u64),
+    /// A directory of the device; only under the node's allowed prefixes.
+    HostPath(PathBuf),
 }
 
 /// The parts of an OCI image configuration that shape the process.
@@ -129,6 +155,9 @@ pub struct NodePolicy {
     pub runtime_handlers: BTreeMap<String, String>,
     /// containerd namespace; also the cgroup parent.
     pub namespace: String,
+    /// Device directories workloads may mount (`hostPath`), by prefix;
+    /// empty allows none.
+    pub allowed_host_paths: Vec<PathBuf>,
 }
 
 impl Default for NodePolicy {
@@ -144,6 +173,7 @@ impl Default for NodePolicy {
                 "io.containerd.runc.v2".to_owned(),
             )]),
             namespace: "cloudless".to_owned(),
+            allowed_host_paths: Vec::new(),
         }
     }
 }

@@ -75,6 +75,64 @@ fn capability(name: &str, i: usize) -> Result<String, SpecError> {
     }
 }
 
+/// Default size of a memory-backed volume: 64 MiB.
+const DEFAULT_TMPFS_BYTES: u64 = 64 << 20;
+
+/// The OCI mount for a volume; refuses host paths the node does not allow.
+fn volume_mount(m: &crate::model::Mount, node: &NodePolicy) -> Result<Value, SpecError> {
+    use crate::model::MountSource;
+    let dest = &m.destination;
+    if !dest.starts_with('/') || dest == "/" || dest.split('/').any(|p| p == "..") {
+        return Err(invalid(
+            &format!("{}.mountPath", m.field),
+            format!("{dest:?} must be an absolute path other than / without '..'"),
+        ));
+    }
+    let rw = if m.read_only { "ro" } else { "rw" };
+    Ok(match &m.source {
+        MountSource::Tmpfs(size) => {
+            let size = if *size == 0 {
+                DEFAULT_TMPFS_BYTES
+            } else {
+                *size
+            };
+            json!({ "destination": dest, "type": "tmpfs", "source": "tmpfs",
+                    "options": ["nosuid", "nodev", "mode=1777", format!("size={size}"), rw] })
+        }
+        MountSource::ReplicaDir(dir) => {
+            json!({ "destination": dest, "type": "bind", "source": dir,
+                    "options": ["rbind", "rprivate", "nosuid", "nodev", rw] })
+        }
+        MountSource::HostPath(path) => {
+            let allowed = path.is_absolute()
+                && !path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+                && node.allowed_host_paths.iter().any(|p| path.starts_with(p));
+            if !allowed {
+                return Err(invalid(
+                    &format!("{}.hostPath", m.field),
+                    format!(
+                        "{} is not under a directory this node allows workloads to mount (agent --allow-host-path: {})",
+                        path.display(),
+                        if node.allowed_host_paths.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            node.allowed_host_paths
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    ),
+                ));
+            }
+            json!({ "destination": dest, "type": "bind", "source": path,
+                    "options": ["rbind", "rprivate", "nosuid", "nodev", rw] })
+        }
+    })
+}
+
 /// uid and gid from an image's `User` field, when numeric.
 fn image_user(user: &str) -> Result<(Option<u32>, Option<u32>), String> {
     if user.is_empty() {
@@ -280,7 +338,7 @@ pub fn build(
         linux["seccomp"] = filter;
     }
 
-    let mounts = json!([
+    let mut mounts = json!([
         { "destination": "/proc", "type": "proc", "source": "proc",
           "options": ["nosuid", "noexec", "nodev"] },
         { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -296,6 +354,12 @@ pub fn build(
         { "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
           "options": ["nosuid", "noexec", "nodev", "relatime", "ro"] },
     ]);
+
+    if let Some(list) = mounts.as_array_mut() {
+        for m in &c.mounts {
+            list.push(volume_mount(m, node)?);
+        }
+    }
 
     let value = json!({
         "ociVersion": "1.0.2",

@@ -22,4 +22,5 @@ pub use input::{
     AntiAffinity, MatchExpression, NodeInfo, Operator, Phase, PowerSource, PreferredTerm,
     RunningReplica, Strategy, Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
 };
+pub use place::NodeVerdict;
 pub use snapshot::{ClusterSnapshot, SchedulerError};

@@ -3,7 +3,7 @@
 use cloudless_types::MAX_REPLICAS;
 
 use crate::explain::{CandidateScore, Decision, Placement, Unplaced};
-use crate::filter::{check, describe, Expr, Tol, REASONS};
+use crate::filter::{check, describe, Expr, FilterReason, Tol, REASONS};
 use crate::input::{AntiAffinity, Operator, Strategy, TolerationOperator, WorkloadRequest};
 use crate::score::{score, Factors};
 use crate::snapshot::{res, ClusterSnapshot, Res, Resident, ResidentId, SchedulerError, UNKNOWN};
@@ -35,6 +35,9 @@ pub(crate) struct Compiled {
     pub(crate) long_running: bool,
     pub(crate) now_ms: i64,
 }
+
+/// One node's verdict: its factor scores, or the first constraint it fails.
+pub type NodeVerdict = Result<CandidateScore, FilterReason>;
 
 fn invalid(req: &WorkloadRequest, field: &'static str, problem: String) -> SchedulerError {
     SchedulerError::InvalidRequest {
@@ -152,6 +155,30 @@ impl ClusterSnapshot {
             out.push(self.place_one(&c, replica, explain));
         }
         Ok(out)
+    }
+
+    /// Every node's verdict for one more replica of `req`, in node order:
+    /// its factor scores, or the first constraint it fails. Reserves nothing.
+    pub fn evaluate(
+        &mut self,
+        req: &WorkloadRequest,
+        now_ms: i64,
+    ) -> Result<Vec<(String, NodeVerdict)>, SchedulerError> {
+        let c = self.compile(req, now_ms)?;
+        Ok((0..self.nodes.len())
+            .map(|i| {
+                let node = &self.nodes[i];
+                let name = self.strings.name(node.id).to_owned();
+                let verdict = match check(self, node, &c, false) {
+                    Ok(()) => {
+                        let f = score(self, node, &c);
+                        Ok(self.candidate(u32::try_from(i).unwrap_or(u32::MAX), &f))
+                    }
+                    Err(reason) => Err(reason),
+                };
+                (name, verdict)
+            })
+            .collect())
     }
 
     fn place_one(&mut self, c: &Compiled, replica: u32, explain: bool) -> Decision {

@@ -62,6 +62,8 @@ pub enum Command {
     PutWorkload {
         /// The workload (validated by the proposer).
         workload: Workload,
+        /// Why, recorded with a new revision: `apply`, `rollback`, `undo to N`.
+        cause: String,
     },
     /// Changes a workload's replica count.
     ScaleWorkload {
@@ -153,6 +155,15 @@ pub enum Command {
         /// One per replica.
         updates: Vec<ReplicaUpdate>,
     },
+    /// Marks replicas of a Down node Unknown (kept for their workload's
+    /// `disconnect.lostAfterSeconds`), or clears the mark when their node
+    /// is back and they stay.
+    MarkReplicasUnknown {
+        /// Replica ids (missing ones are skipped).
+        ids: Vec<String>,
+        /// Set (true) or clear (false).
+        unknown: bool,
+    },
 }
 
 /// A reported change of one replica.
@@ -229,7 +240,8 @@ pub enum Response {
     NodeRemoved,
     /// `UpdateNodes` applied to this many nodes (the others no longer exist).
     NodesUpdated(u32),
-    /// `PlaceReplicas`, `RemoveReplicas` or `UpdateReplicas` changed this many replicas.
+    /// `PlaceReplicas`, `RemoveReplicas`, `UpdateReplicas` or
+    /// `MarkReplicasUnknown` changed this many replicas.
     ReplicasChanged(u32),
     /// `RecordEvents` stored this many events.
     EventsRecorded(u32),

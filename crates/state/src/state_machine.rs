@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
     EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, ReplicaRecord,
-    ReplicaState, Workload,
+    ReplicaState, Revision, Workload, REVISION_HISTORY,
 };
 
 use crate::command::{
@@ -649,28 +649,44 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             put_json(txn, CLUSTER, CLUSTER_KEY, &info)?;
             Response::ConfigSet(info)
         }
-        Command::PutWorkload { workload } => {
+        Command::PutWorkload { workload, cause } => {
             let key = workload_key(&workload.namespace, &workload.name);
             let existing = get_json::<Workload>(txn, WORKLOADS, &key)?;
             let created = existing.is_none();
+            let revision = |template: u64| Revision {
+                template,
+                spec: workload.spec.clone(),
+                at_ms: now_ms,
+                cause: cause.clone(),
+            };
             let stored = match existing {
                 Some(old) if old.spec == workload.spec => old,
-                Some(old) => Workload {
-                    template: if old.spec.same_template(&workload.spec) {
-                        old.template
-                    } else {
-                        old.template + 1
-                    },
+                Some(old) if old.spec.same_template(&workload.spec) => Workload {
                     spec: workload.spec.clone(),
                     generation: old.generation + 1,
                     updated_at_ms: now_ms,
                     ..old
                 },
+                Some(old) => {
+                    let mut revisions = old.revisions.clone();
+                    revisions.push(revision(old.template + 1));
+                    let excess = revisions.len().saturating_sub(REVISION_HISTORY);
+                    revisions.drain(..excess);
+                    Workload {
+                        template: old.template + 1,
+                        spec: workload.spec.clone(),
+                        generation: old.generation + 1,
+                        updated_at_ms: now_ms,
+                        revisions,
+                        ..old
+                    }
+                }
                 None => Workload {
                     generation: 1,
                     template: 1,
                     created_at_ms: now_ms,
                     updated_at_ms: now_ms,
+                    revisions: vec![revision(1)],
                     ..workload.clone()
                 },
             };
@@ -878,6 +894,21 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                 placed += 1;
             }
             Response::ReplicasChanged(placed)
+        }
+        Command::MarkReplicasUnknown { ids, unknown } => {
+            let mut changed = 0u32;
+            for id in ids {
+                let Some(mut r) = get_json::<ReplicaRecord>(txn, REPLICAS, id)? else {
+                    continue;
+                };
+                let at = if *unknown { now_ms.max(1) } else { 0 };
+                if (r.disconnected_at_ms > 0) != *unknown {
+                    r.disconnected_at_ms = at;
+                    put_json(txn, REPLICAS, id, &r)?;
+                    changed += 1;
+                }
+            }
+            Response::ReplicasChanged(changed)
         }
         Command::RemoveReplicas { ids } => {
             let mut removed = 0u32;
@@ -1325,6 +1356,28 @@ mod tests {
                 exec: Some(vec!["true".into()]),
                 ..Default::default()
             }),
+            rollout: cloudless_types::Rollout {
+                min_available: Some(2),
+                ..Default::default()
+            },
+            security_context: cloudless_types::SecurityContextSpec {
+                run_as_user: Some(1000),
+                seccomp_profile: cloudless_types::SeccompProfileSpec {
+                    kind: cloudless_types::SeccompType::Localhost,
+                    localhost_profile: Some("p.json".into()),
+                },
+                ..Default::default()
+            },
+            volumes: vec![cloudless_types::Volume {
+                name: "scratch".into(),
+                empty_dir: Some(cloudless_types::EmptyDir::default()),
+                host_path: None,
+            }],
+            disconnect: cloudless_types::Disconnect {
+                lost_after_seconds: 60,
+                stop_on_client_after_seconds: Some(30),
+                ..Default::default()
+            },
             ..Default::default()
         };
         for spec in [cloudless_types::WorkloadSpec::default(), spec] {
@@ -1341,7 +1394,9 @@ mod tests {
                             created_at_ms: 0,
                             updated_at_ms: 0,
                             template: 0,
+                            revisions: Vec::new(),
                         },
+                        cause: "apply".into(),
                     },
                 }],
             };
@@ -1388,8 +1443,16 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             template: 0,
+            revisions: Vec::new(),
         };
-        apply(&sm.db, Command::PutWorkload { workload: w }, 0);
+        apply(
+            &sm.db,
+            Command::PutWorkload {
+                workload: w,
+                cause: "apply".into(),
+            },
+            0,
+        );
         let replica = |id: &str, node: &str, template: u64| ReplicaRecord {
             id: id.into(),
             namespace: "default".into(),
@@ -1404,6 +1467,8 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             ready_at_ms: 0,
+            disconnected_at_ms: 0,
+            score: 0.0,
         };
         // A stale template and an unknown node are skipped.
         let r = apply(

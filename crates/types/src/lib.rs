@@ -2,19 +2,25 @@
 //! the validation rules that keep bad input out of the Raft log.
 
 mod cluster_config;
+mod container;
 mod identity;
 mod validation;
 mod workload;
 
 pub use cluster_config::{ClusterConfig, SchedulerWeights};
+pub use container::{
+    Capabilities, ContainerPort, Disconnect, EmptyDir, HostPath, Protocol, ReconnectPolicy,
+    SeccompProfileSpec, SeccompType, SecurityContextSpec, StorageMedium, Volume, VolumeMount,
+    MAX_DISCONNECT_SECONDS,
+};
 pub use identity::{
     IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, SealedSecret,
 };
-pub use validation::{check_labels, FieldError, ValidationErrors};
+pub use validation::{check_labels, parse_duration_secs, FieldError, ValidationErrors};
 pub use workload::{
     parse_manifest, AntiAffinity, EventRecord, HttpGet, Placement, PlacementStrategy, ProbeSpec,
-    ReplicaRecord, ReplicaState, Resources, RestartPolicy, Rollout, RolloutStrategy, TcpSocket,
-    Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS,
+    ReplicaRecord, ReplicaState, Resources, RestartPolicy, Revision, Rollout, RolloutStrategy,
+    TcpSocket, Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS, REVISION_HISTORY,
 };
 
 /// Identifier of a coordinator in the Raft group.

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::container::{ContainerPort, Disconnect, SecurityContextSpec, Volume, VolumeMount};
 use crate::validation::{check_dns_label, check_labels, ValidationErrors};
 
 /// Namespace used when none is given.
@@ -72,6 +73,21 @@ pub struct WorkloadSpec {
     /// Restarts a container that fails it.
     #[serde(default)]
     pub liveness_probe: Option<ProbeSpec>,
+    /// Ports the container listens on.
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    /// User, capabilities, seccomp, AppArmor, SELinux, read-only root.
+    #[serde(default)]
+    pub security_context: SecurityContextSpec,
+    /// Volumes the replica's containers may mount.
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+    /// Where volumes appear in the container.
+    #[serde(default)]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// What happens when the replica's node stops answering.
+    #[serde(default)]
+    pub disconnect: Disconnect,
 }
 
 fn one() -> u32 {
@@ -165,6 +181,10 @@ pub struct Rollout {
     /// back to the previous template (default 120).
     #[serde(default = "default_deadline")]
     pub progress_deadline_seconds: u32,
+    /// Ready replicas a rollout (and a reconnection) never goes below
+    /// (default: replicas - maxUnavailable; RollingUpdate and BlueGreen).
+    #[serde(default)]
+    pub min_available: Option<u32>,
 }
 
 fn default_deadline() -> u32 {
@@ -178,6 +198,7 @@ impl Default for Rollout {
             max_surge: 1,
             max_unavailable: 0,
             progress_deadline_seconds: default_deadline(),
+            min_available: None,
         }
     }
 }
@@ -300,6 +321,26 @@ pub struct Workload {
     /// replicas of an older template are replaced by a rollout.
     #[serde(default)]
     pub template: u64,
+    /// The templates it ran, oldest first (the last is the current one),
+    /// at most [`REVISION_HISTORY`]; kept by the state machine.
+    #[serde(default)]
+    pub revisions: Vec<Revision>,
+}
+
+/// How many revisions a workload keeps.
+pub const REVISION_HISTORY: usize = 10;
+
+/// One template a workload ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The template number.
+    pub template: u64,
+    /// The spec (its replica count is the one it was applied with).
+    pub spec: WorkloadSpec,
+    /// When it became current, ms since the epoch.
+    pub at_ms: i64,
+    /// Why: `apply`, `rollback` (missed progress deadline) or `undo to N`.
+    pub cause: String,
 }
 
 /// What a replica is doing, as its agent last reported (or the coordinator decided).
@@ -373,6 +414,14 @@ pub struct ReplicaRecord {
     /// When it first became Ready, ms since the epoch (0: never).
     #[serde(default)]
     pub ready_at_ms: i64,
+    /// Since when its node has been Down with the replica kept as Unknown
+    /// (its `disconnect.lostAfterSeconds`), ms since the epoch; 0: not.
+    #[serde(default)]
+    pub disconnected_at_ms: i64,
+    /// The scheduler's score (0-100) for its node when it was placed
+    /// (`disconnect.reconcile: BestScore` keeps the highest).
+    #[serde(default)]
+    pub score: f64,
 }
 
 impl ReplicaRecord {
@@ -480,6 +529,15 @@ impl WorkloadSpec {
         if let Some(p) = &self.liveness_probe {
             p.validate_into(&format!("{prefix}.livenessProbe"), errs);
         }
+        crate::container::validate(
+            prefix,
+            &self.ports,
+            &self.security_context,
+            &self.volumes,
+            &self.volume_mounts,
+            &self.disconnect,
+            errs,
+        );
     }
 }
 
@@ -548,6 +606,7 @@ pub fn parse_manifest(text: &str) -> Result<Workload, ValidationErrors> {
         created_at_ms: 0,
         updated_at_ms: 0,
         template: 0,
+        revisions: Vec::new(),
     };
     if let Err(e) = w.validate() {
         errs.0.extend(e.0);
