@@ -832,4 +832,148 @@ mod tests {
         assert_eq!(removed(&p), ["n1"]);
         assert!(p.place.is_empty() && p.rollback.is_empty(), "{p:?}");
     }
+
+    fn down_since(id: &str, since_ms: i64) -> NodeRecord {
+        let mut n = node(id, NodePhase::Down);
+        n.phase_since_ms = since_ms;
+        n
+    }
+
+    fn with_disconnect(
+        mut w: Workload,
+        lost_after_seconds: u32,
+        reconcile: cloudless_types::ReconnectPolicy,
+    ) -> Workload {
+        w.spec.disconnect.lost_after_seconds = lost_after_seconds;
+        w.spec.disconnect.reconcile = reconcile;
+        w
+    }
+
+    #[test]
+    fn a_down_nodes_replicas_stay_unknown_until_lost_after_then_go() {
+        use cloudless_types::ReconnectPolicy::KeepOriginal;
+        let w = with_disconnect(workload(2, 1), 60, KeepOriginal);
+        let nodes = [node("a", NodePhase::Ready), down_since("b", 10_000)];
+        let replicas = [
+            replica("r1", "a", 1, ReplicaState::Ready),
+            replica("r2", "b", 1, ReplicaState::Ready),
+        ];
+        // 30 s down: Unknown, not removed, and a replacement is placed.
+        let p = plan(&[w.clone()], &replicas, &nodes, 40_000);
+        assert!(p.remove.is_empty(), "{:?}", p.remove);
+        assert_eq!(p.mark_unknown, ["r2"]);
+        assert_eq!(p.place, [(0, 1)]);
+        // Already marked: not marked again.
+        let mut marked = replicas.clone();
+        marked[1].disconnected_at_ms = 10_500;
+        let p = plan(&[w.clone()], &marked, &nodes, 40_000);
+        assert!(p.mark_unknown.is_empty());
+        // replace: false keeps counting it, so nothing is placed.
+        let mut no_replace = w.clone();
+        no_replace.spec.disconnect.replace = false;
+        let p = plan(&[no_replace], &marked, &nodes, 40_000);
+        assert!(p.place.is_empty() && p.remove.is_empty(), "{p:?}");
+        // Past lostAfterSeconds: Lost.
+        let p = plan(&[w], &marked, &nodes, 70_001);
+        assert_eq!(removed(&p), ["r2"]);
+        assert_eq!(p.remove[0].1, "Lost");
+        // Without a disconnect block: Lost at once.
+        let p = plan(&[workload(2, 1)], &replicas, &nodes, 10_001);
+        assert_eq!(removed(&p), ["r2"]);
+    }
+
+    #[test]
+    fn a_returning_node_is_reconciled_by_policy_within_the_availability_floor() {
+        use cloudless_types::ReconnectPolicy::{BestScore, KeepOriginal, KeepReplacement};
+        let nodes = [node("a", NodePhase::Ready), node("b", NodePhase::Ready)];
+        let mut original = replica("orig", "b", 1, ReplicaState::Ready);
+        original.disconnected_at_ms = 5_000;
+        original.created_at_ms = 1_000;
+        original.score = 40.0;
+        let mut replacement = replica("repl", "a", 1, ReplicaState::Ready);
+        replacement.created_at_ms = 6_000;
+        replacement.score = 70.0;
+        let state = [original.clone(), replacement.clone()];
+
+        let p = plan(
+            &[with_disconnect(workload(1, 1), 60, KeepOriginal)],
+            &state,
+            &nodes,
+            9_000,
+        );
+        assert_eq!(removed(&p), ["repl"]);
+        assert_eq!(p.reconnected, ["orig"]);
+        assert!(p.place.is_empty());
+
+        let p = plan(
+            &[with_disconnect(workload(1, 1), 60, KeepReplacement)],
+            &state,
+            &nodes,
+            9_000,
+        );
+        assert_eq!(removed(&p), ["orig"]);
+        assert!(p.reconnected.is_empty());
+
+        let p = plan(
+            &[with_disconnect(workload(1, 1), 60, BestScore)],
+            &state,
+            &nodes,
+            9_000,
+        );
+        assert_eq!(removed(&p), ["orig"], "the replacement scored higher");
+
+        // The replacement is not Ready yet: removing the Ready original
+        // would leave none, so it waits (still Unknown, nothing else goes).
+        let mut pending = replacement.clone();
+        pending.state = ReplicaState::Pending;
+        let p = plan(
+            &[with_disconnect(workload(1, 1), 60, KeepReplacement)],
+            &[original.clone(), pending],
+            &nodes,
+            9_000,
+        );
+        assert!(p.remove.is_empty(), "{:?}", p.remove);
+        assert!(p.reconnected.is_empty() && p.place.is_empty(), "{p:?}");
+
+        // No surplus (the replacement could not be placed): the original
+        // simply stays.
+        let p = plan(
+            &[with_disconnect(workload(1, 1), 60, KeepReplacement)],
+            &[original],
+            &nodes,
+            9_000,
+        );
+        assert!(p.remove.is_empty());
+        assert_eq!(p.reconnected, ["orig"]);
+    }
+
+    #[test]
+    fn min_available_holds_old_replicas_a_rolling_update_could_otherwise_drop() {
+        let nodes = [node("a", NodePhase::Ready)];
+        let mut w = workload(3, 2);
+        w.spec.image = "busybox:2".into();
+        w.spec.rollout.max_unavailable = 1;
+        w.spec.rollout.max_surge = 0;
+        let mut old: Vec<ReplicaRecord> = ["o1", "o2", "o3"]
+            .iter()
+            .map(|id| replica(id, "a", 1, ReplicaState::Ready))
+            .collect();
+        for r in &mut old {
+            r.spec.image = "busybox:1".into();
+        }
+        // maxUnavailable 1: one old replica may go at once.
+        let p = plan(&[w.clone()], &old, &nodes, 0);
+        assert_eq!(p.remove.len(), 1, "{:?}", p.remove);
+        // minAvailable 3 overrides: none goes before a new one is Ready
+        // (with maxSurge 0 nothing could progress, which validation
+        // refuses), so the new replica comes first.
+        w.spec.rollout.min_available = Some(3);
+        w.spec.rollout.max_surge = 1;
+        let p = plan(&[w.clone()], &old, &nodes, 0);
+        assert!(p.remove.is_empty(), "{:?}", p.remove);
+        assert_eq!(p.place, [(0, 1)]);
+        assert_eq!(availability_floor(&w), 3);
+        w.spec.rollout.min_available = Some(9);
+        assert_eq!(availability_floor(&w), 3, "never above the desired count");
+    }
 }

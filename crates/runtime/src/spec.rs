@@ -500,6 +500,78 @@ mod tests {
     }
 
     #[test]
+    fn volumes_become_mounts_and_host_paths_need_the_nodes_permission() {
+        use crate::model::{Mount, MountSource};
+        let mut c = container();
+        let mount = |dest: &str, source: MountSource, read_only: bool, i: usize| Mount {
+            destination: dest.into(),
+            source,
+            read_only,
+            field: format!("volumeMounts[{i}]"),
+        };
+        c.mounts = vec![
+            mount("/scratch", MountSource::Tmpfs(1 << 20), false, 0),
+            mount(
+                "/cache",
+                MountSource::ReplicaDir("/var/lib/a/volumes/web-1/cache".into()),
+                false,
+                1,
+            ),
+            mount(
+                "/logs",
+                MountSource::HostPath("/var/log/web".into()),
+                true,
+                2,
+            ),
+        ];
+        let err = build(&c, &image(), &NodePolicy::default()).expect_err("host path allowed");
+        assert!(
+            matches!(&err, SpecError::Invalid { field, problem }
+                if field == "volumeMounts[2].hostPath" && problem.contains("--allow-host-path")),
+            "{err:?}"
+        );
+        let node = NodePolicy {
+            allowed_host_paths: vec!["/var/log".into()],
+            ..NodePolicy::default()
+        };
+        let v = decode(&build(&c, &image(), &node).expect("spec"));
+        let mounts = v["mounts"].as_array().expect("mounts");
+        let find = |d: &str| {
+            mounts
+                .iter()
+                .find(|m| m["destination"] == d)
+                .unwrap_or_else(|| panic!("no mount at {d}: {mounts:?}"))
+        };
+        assert_eq!(find("/scratch")["type"], "tmpfs");
+        assert!(find("/scratch")["options"]
+            .as_array()
+            .is_some_and(|o| o.contains(&json!("size=1048576"))));
+        assert_eq!(find("/cache")["source"], "/var/lib/a/volumes/web-1/cache");
+        let logs = find("/logs");
+        assert_eq!(
+            (logs["type"].as_str(), logs["source"].as_str()),
+            (Some("bind"), Some("/var/log/web"))
+        );
+        assert!(logs["options"]
+            .as_array()
+            .is_some_and(|o| o.contains(&json!("ro"))));
+        // A path that escapes the allowed prefix with .. is refused.
+        c.mounts = vec![mount(
+            "/x",
+            MountSource::HostPath("/var/log/../../etc".into()),
+            false,
+            0,
+        )];
+        assert!(build(&c, &image(), &node).is_err());
+        c.mounts = vec![mount("relative", MountSource::Tmpfs(0), false, 0)];
+        let err = build(&c, &image(), &node).expect_err("relative mount path");
+        assert!(
+            matches!(&err, SpecError::Invalid { field, .. } if field == "volumeMounts[0].mountPath"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn refusals_name_the_field() {
         let node = NodePolicy::default();
         type Change = Box<dyn Fn(&mut ContainerConfig, &mut ImageProcess)>;

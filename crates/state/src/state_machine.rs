@@ -1407,6 +1407,69 @@ mod tests {
     }
 
     #[test]
+    fn template_changes_make_revisions_and_the_history_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm =
+            StateMachine::open(&dir.path().join("s.redb"), Histogram::new([1.0])).expect("open");
+        let put = |image: &str, replicas: u32, cause: &str, at: i64| {
+            let w = Workload {
+                namespace: "default".into(),
+                name: "web".into(),
+                spec: cloudless_types::WorkloadSpec {
+                    image: image.into(),
+                    replicas,
+                    ..Default::default()
+                },
+                generation: 0,
+                created_at_ms: 0,
+                updated_at_ms: 0,
+                template: 0,
+                revisions: Vec::new(),
+            };
+            match apply(
+                &sm.db,
+                Command::PutWorkload {
+                    workload: w,
+                    cause: cause.into(),
+                },
+                at,
+            ) {
+                Response::WorkloadStored { workload, .. } => workload,
+                other => panic!("{other:?}"),
+            }
+        };
+        let w = put("busybox:1", 2, "apply", 10);
+        assert_eq!((w.template, w.revisions.len()), (1, 1));
+        // The replica count alone is not a new revision.
+        let w = put("busybox:1", 5, "apply", 20);
+        assert_eq!((w.template, w.revisions.len()), (1, 1));
+        let w = put("busybox:2", 5, "apply", 30);
+        let w2 = put("busybox:1", 5, "undo to 1", 40);
+        assert_eq!(w.template, 2);
+        assert_eq!(w2.template, 3, "an undo is a new revision");
+        let history: Vec<(u64, &str, &str, i64)> = w2
+            .revisions
+            .iter()
+            .map(|r| (r.template, r.spec.image.as_str(), r.cause.as_str(), r.at_ms))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (1, "busybox:1", "apply", 10),
+                (2, "busybox:2", "apply", 30),
+                (3, "busybox:1", "undo to 1", 40)
+            ]
+        );
+        let mut last = w2;
+        for i in 0..12 {
+            last = put(&format!("busybox:{}", 10 + i), 5, "apply", 50 + i);
+        }
+        assert_eq!(last.revisions.len(), REVISION_HISTORY);
+        assert_eq!(last.revisions.last().map(|r| r.template), Some(15));
+        assert_eq!(last.revisions[0].template, 6, "the oldest are dropped");
+    }
+
+    #[test]
     fn replicas_are_indexed_survive_a_reopen_and_go_with_their_workload() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.redb");

@@ -523,6 +523,24 @@ impl WorkloadSpec {
                 "maxSurge and maxUnavailable cannot both be 0 (no rollout could progress)",
             );
         }
+        match (self.rollout.strategy, self.rollout.min_available) {
+            (RolloutStrategy::Recreate, Some(m)) if m > 0 => errs.push(
+                format!("{prefix}.rollout.minAvailable"),
+                "Recreate removes every old replica first, so it cannot keep any available; use RollingUpdate or BlueGreen",
+            ),
+            (RolloutStrategy::RollingUpdate, Some(m))
+                if self.rollout.max_surge == 0 && m >= self.replicas && self.replicas > 0 =>
+            {
+                errs.push(
+                    format!("{prefix}.rollout.minAvailable"),
+                    format!(
+                        "{m} with maxSurge 0 and {} replicas leaves the rollout no room to progress",
+                        self.replicas
+                    ),
+                )
+            }
+            _ => {}
+        }
         if let Some(p) = &self.readiness_probe {
             p.validate_into(&format!("{prefix}.readinessProbe"), errs);
         }
@@ -680,6 +698,104 @@ mod tests {
         );
         let err = parse_manifest(&two_actions).expect_err("two actions");
         assert_eq!(err.0[0].field, "spec.readinessProbe", "{err}");
+    }
+
+    #[test]
+    fn container_fields_parse_and_every_bad_one_is_named() {
+        let text = GOOD.replace(
+            "replicas: 3",
+            "replicas: 3
+  ports:
+    - name: http
+      containerPort: 8080
+  securityContext:
+    runAsUser: 1000
+    runAsNonRoot: true
+    readOnlyRootFilesystem: true
+    capabilities:
+      add: [NET_BIND_SERVICE, CHOWN]
+      drop: [chown]
+    seccompProfile:
+      type: Localhost
+      localhostProfile: web.json
+  volumes:
+    - name: scratch
+      emptyDir: {medium: Memory, sizeLimitBytes: 1048576}
+    - name: logs
+      hostPath: {path: /var/log/web}
+  volumeMounts:
+    - {name: scratch, mountPath: /scratch}
+    - {name: logs, mountPath: /logs, readOnly: true}
+  rollout:
+    minAvailable: 2
+  disconnect:
+    lostAfterSeconds: 300
+    stopOnClientAfterSeconds: 600
+    reconcile: KeepOriginal",
+        );
+        let w = parse_manifest(&text).expect("valid");
+        let s = &w.spec;
+        assert_eq!(s.ports[0].container_port, 8080);
+        assert_eq!(
+            s.security_context.capabilities.effective(),
+            ["NET_BIND_SERVICE"]
+        );
+        assert_eq!(
+            s.volumes[0].empty_dir.map(|e| e.medium),
+            Some(crate::StorageMedium::Memory)
+        );
+        assert!(s.volume_mounts[1].read_only);
+        assert_eq!(s.rollout.min_available, Some(2));
+        assert_eq!(s.disconnect.lost_after_seconds, 300);
+        assert!(s.disconnect.replace, "replace defaults to true");
+        assert_eq!(s.disconnect.reconcile, crate::ReconnectPolicy::KeepOriginal);
+
+        let bad = text
+            .replace("containerPort: 8080", "containerPort: 0")
+            .replace(
+                "localhostProfile: web.json",
+                "localhostProfile: ../web.json",
+            )
+            .replace("path: /var/log/web", "path: var/log")
+            .replace(
+                "name: scratch, mountPath: /scratch",
+                "name: scrach, mountPath: /scratch",
+            )
+            .replace("mountPath: /logs", "mountPath: /scratch")
+            .replace("add: [NET_BIND_SERVICE, CHOWN]", "add: [NET-ADMIN]")
+            .replace("lostAfterSeconds: 300", "lostAfterSeconds: 0")
+            .replace(
+                "stopOnClientAfterSeconds: 600",
+                "stopOnClientAfterSeconds: 0",
+            );
+        let err = parse_manifest(&bad).expect_err("bad container fields accepted");
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ports[0].containerPort",
+                "spec.securityContext.capabilities.add[0]",
+                "spec.securityContext.seccompProfile.localhostProfile",
+                "spec.volumes[1].hostPath.path",
+                "spec.volumeMounts[0].name",
+                "spec.volumeMounts[1].mountPath",
+                "spec.disconnect.stopOnClientAfterSeconds",
+                "spec.disconnect.reconcile",
+            ],
+            "{err}"
+        );
+        let two_sources = text.replace(
+            "emptyDir: {medium: Memory, sizeLimitBytes: 1048576}",
+            "emptyDir: {}\n      hostPath: {path: /tmp}",
+        );
+        let err = parse_manifest(&two_sources).expect_err("two sources");
+        assert_eq!(err.0[0].field, "spec.volumes[0]", "{err}");
+        let unknown = text.replace("runAsUser: 1000", "runAsUser: 1000\n    privileged: true");
+        let err = parse_manifest(&unknown).expect_err("privileged is not a field");
+        assert!(
+            err.to_string().contains("unknown field `privileged`"),
+            "{err}"
+        );
     }
 
     #[test]
