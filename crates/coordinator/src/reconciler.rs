@@ -859,14 +859,14 @@ mod tests {
             replica("r2", "b", 1, ReplicaState::Ready),
         ];
         // 30 s down: Unknown, not removed, and a replacement is placed.
-        let p = plan(&[w.clone()], &replicas, &nodes, 40_000);
+        let p = plan(std::slice::from_ref(&w), &replicas, &nodes, 40_000);
         assert!(p.remove.is_empty(), "{:?}", p.remove);
         assert_eq!(p.mark_unknown, ["r2"]);
         assert_eq!(p.place, [(0, 1)]);
         // Already marked: not marked again.
         let mut marked = replicas.clone();
         marked[1].disconnected_at_ms = 10_500;
-        let p = plan(&[w.clone()], &marked, &nodes, 40_000);
+        let p = plan(std::slice::from_ref(&w), &marked, &nodes, 40_000);
         assert!(p.mark_unknown.is_empty());
         // replace: false keeps counting it, so nothing is placed.
         let mut no_replace = w.clone();
