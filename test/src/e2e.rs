@@ -18,7 +18,97 @@ use cloudless_runtime::test_support::{
 use cloudless_runtime::{Containerd, TaskState};
 use pb::workload_service_client::WorkloadServiceClient;
 
-use crate::{channel, start_process_cluster, wait_all_healthy, workspace_binary, ProcessNode};
+use crate::{channel, start_process_cluster_on, wait_all_healthy, workspace_binary, ProcessNode};
+
+/// A network namespace joined to the host by a veth pair, whose host end
+/// can be taken down to cut the namespace off.
+#[derive(Debug)]
+pub struct NetNs {
+    /// The namespace's name.
+    pub name: String,
+    host_if: String,
+    /// The host end's address (reachable from both sides while up, and
+    /// from the host always).
+    pub host_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl NetNs {
+    /// Creates namespace `cl-<tag>` with veth `clh<tag>` (host) and
+    /// `cln<tag>` (inside) on 10.213.`subnet`.0/24.
+    pub fn create(tag: &str, subnet: u8) -> Result<Self, String> {
+        let name = format!("cl-{tag}");
+        let host_if = format!("clh{tag}");
+        let ns_if = format!("cln{tag}");
+        let host_ip = format!("10.213.{subnet}.1");
+        let ns_ip = format!("10.213.{subnet}.2");
+        let this = Self {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            host_ip: host_ip.clone(),
+        };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", &name])?;
+        ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        for args in [
+            vec!["addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if],
+            vec!["link", "set", &ns_if, "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["netns", "exec", &name, "ip"];
+            full.extend(args.iter().map(|s| &**s));
+            ip(&full)?;
+        }
+        Ok(this)
+    }
+
+    /// Takes the host end down: nothing passes until [`NetNs::restore`].
+    pub fn cut(&self) {
+        ip(&["link", "set", &self.host_if, "down"]).expect("cut the link");
+    }
+
+    /// Brings the host end up again.
+    pub fn restore(&self) {
+        ip(&["link", "set", &self.host_if, "up"]).expect("restore the link");
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// How to set a [`Cluster`] up.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// Run the agent of this zone in its own network namespace (so that
+    /// its network can be cut); the coordinators and the registry then
+    /// listen on the host end of its veth too.
+    pub netns_zone: Option<String>,
+    /// Extra flags for every agent.
+    pub agent_args: Vec<String>,
+}
 
 /// Why the end-to-end set-up cannot run here, if it cannot.
 pub fn missing() -> Option<String> {
@@ -90,6 +180,9 @@ pub struct Cluster {
     pub ctl_config: PathBuf,
     /// Flags the coordinators were started with (for restarts).
     pub coordinator_flags: Vec<String>,
+    /// The network namespace of `Options::netns_zone`'s agent.
+    pub netns: Option<NetNs>,
+    options: Options,
     ns: String,
 }
 
@@ -109,6 +202,11 @@ impl Drop for Cluster {
 impl Cluster {
     /// Starts it with agents in zones a and b, both Ready.
     pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts it with `options`, agents in zones a and b, both Ready.
+    pub async fn start_with(options: Options) -> Self {
         crate::init_test_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let ns = format!(
@@ -118,9 +216,17 @@ impl Cluster {
                 .map_or(0, |d| d.as_nanos())
         );
         let (daemon, _rt) = Daemon::start(&ns).await.expect("containerd");
+        let netns = options.netns_zone.as_ref().map(|_| {
+            let tag = format!("{:x}", std::process::id() % 0xffff);
+            let subnet = u8::try_from(20 + std::process::id() % 200).unwrap_or(20);
+            NetNs::create(&tag, subnet).expect("network namespace")
+        });
+        let bind_ip = netns
+            .as_ref()
+            .map_or_else(|| "127.0.0.1".to_owned(), |n| n.host_ip.clone());
         let storage = dir.path().join("registry");
-        let registry =
-            LocalRegistry::start(dir.path(), &storage, "", None).expect("docker-registry");
+        let registry = LocalRegistry::start_at(dir.path(), &storage, "", None, &bind_ip)
+            .expect("docker-registry");
         let archive = dir.path().join("busybox.tar");
         write_busybox_archive(&archive, "busybox:1", false).expect("archive");
         let oci = OciArchive::open(&archive).expect("archive");
@@ -135,9 +241,11 @@ impl Cluster {
                 .await
                 .expect("push");
         }
-        let (coordinators, coordinator_flags) = start_process_cluster(dir.path(), true)
-            .await
-            .expect("coordinators");
+        let also_on = netns.as_ref().map(|n| n.host_ip.clone());
+        let (coordinators, coordinator_flags) =
+            start_process_cluster_on(dir.path(), true, also_on.as_deref())
+                .await
+                .expect("coordinators");
         wait_all_healthy(&coordinators).await.expect("healthy");
         let ctl_config = coordinators[0].data_dir.join("admin/cloudlessctl.toml");
         let mut cluster = Self {
@@ -148,6 +256,8 @@ impl Cluster {
             agents: Vec::new(),
             ctl_config,
             coordinator_flags,
+            netns,
+            options,
             ns,
         };
         for zone in ["a", "b"] {
@@ -247,10 +357,33 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))
             .expect("log");
-        Command::new(workspace_binary("cloudless-agent"))
-            .arg("--data-dir")
+        let isolated = self
+            .options
+            .netns_zone
+            .as_ref()
+            .is_some_and(|z| name == format!("agent-{z}"));
+        let (mut cmd, servers) = match (&self.netns, isolated) {
+            (Some(n), true) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.name])
+                    .arg(workspace_binary("cloudless-agent"));
+                let servers = self
+                    .coordinators
+                    .iter()
+                    .map(|c| c.grpc.replace("127.0.0.1", &n.host_ip))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (c, servers)
+            }
+            _ => (
+                Command::new(workspace_binary("cloudless-agent")),
+                self.servers(),
+            ),
+        };
+        cmd.arg("--data-dir")
             .arg(data_dir)
-            .args(["--coordinator", &self.servers(), "--name", name])
+            .args(["--coordinator", &servers, "--name", name])
+            .args(&self.options.agent_args)
             .arg("--join-token-file")
             .arg(token_file)
             .arg("--ca-cert")

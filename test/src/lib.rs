@@ -407,6 +407,8 @@ pub struct ProcessNode {
     pub grpc: String,
     /// HTTP host:port.
     pub http: String,
+    /// Listen here instead of `grpc` (which is then advertised).
+    pub listen: Option<String>,
     /// The process while running.
     pub child: Option<std::process::Child>,
 }
@@ -418,6 +420,7 @@ impl ProcessNode {
             data_dir: dir.join(format!("c{i}")),
             grpc: format!("127.0.0.1:{}", free_port()),
             http: format!("127.0.0.1:{}", free_port()),
+            listen: None,
             child: None,
         }
     }
@@ -432,7 +435,7 @@ impl ProcessNode {
         let mut cmd = std::process::Command::new(workspace_binary("cloudless-coordinator"));
         cmd.arg(mode)
             .args(["--data-dir", &self.data_dir.display().to_string()])
-            .args(["--listen", &self.grpc, "--http", &self.http])
+            .args(["--http", &self.http])
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -440,6 +443,10 @@ impl ProcessNode {
             )
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit());
+        match &self.listen {
+            Some(l) => cmd.args(["--listen", l, "--advertise", &self.grpc]),
+            None => cmd.args(["--listen", &self.grpc]),
+        };
         if let Some(j) = join {
             cmd.args(["--join", j]);
         }
@@ -526,8 +533,19 @@ pub async fn start_process_cluster(
     dir: &Path,
     tls: bool,
 ) -> anyhow::Result<(Vec<ProcessNode>, Vec<String>)> {
+    start_process_cluster_on(dir, tls, None).await
+}
+
+/// Like [`start_process_cluster`]; with `also_on`, the coordinators listen
+/// on every address and their certificates also name that IP (so agents in
+/// another network namespace can reach them by it).
+pub async fn start_process_cluster_on(
+    dir: &Path,
+    tls: bool,
+    also_on: Option<&str>,
+) -> anyhow::Result<(Vec<ProcessNode>, Vec<String>)> {
     let mut nodes: Vec<ProcessNode> = (0..3).map(|i| ProcessNode::new(dir, i)).collect();
-    let extra: Vec<String> = if tls {
+    let mut extra: Vec<String> = if tls {
         vec![
             "--set".into(),
             format!("master_key_file={}", write_master_key(dir).display()),
@@ -535,6 +553,13 @@ pub async fn start_process_cluster(
     } else {
         Vec::new()
     };
+    if let Some(ip) = also_on {
+        extra.extend(["--set".into(), format!("tls_sans={ip}")]);
+        for n in &mut nodes {
+            let port = n.grpc.rsplit_once(':').map(|(_, p)| p.to_owned());
+            n.listen = port.map(|p| format!("0.0.0.0:{p}"));
+        }
+    }
     let flags: Vec<&str> = extra.iter().map(String::as_str).collect();
     nodes[0].spawn_with("init", None, &flags);
     if tls {

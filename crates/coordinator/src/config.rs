@@ -49,6 +49,10 @@ pub struct CoordinatorConfig {
     /// (mode 0600). Without it this coordinator cannot create the cluster CA,
     /// issue join tokens or enroll nodes.
     pub master_key_file: Option<PathBuf>,
+    /// Extra names (IP addresses or DNS names) in this coordinator's
+    /// certificate besides the advertised host, for clients and agents that
+    /// reach it by another address (comma-separated `tls_sans`).
+    pub tls_sans: Vec<String>,
     /// Raft settings.
     pub raft: RaftConfig,
 }
@@ -91,6 +95,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("log_filter", Kind::Str, "info,openraft=warn"),
     ("cluster.name", Kind::Str, "cloudless"),
     ("master_key_file", Kind::Str, ""),
+    ("tls_sans", Kind::Str, ""),
     ("raft.heartbeat_interval_ms", Kind::Int, "100"),
     ("raft.election_timeout_min_ms", Kind::Int, "200"),
     ("raft.election_timeout_max_ms", Kind::Int, "450"),
@@ -259,6 +264,24 @@ impl CoordinatorConfig {
         if cluster_name.trim().is_empty() || cluster_name.len() > 128 {
             problems.push(format!("{cn_origin}: must be 1-128 characters"));
         }
+        let (sans_raw, sans_origin) = get_str("tls_sans");
+        let tls_sans: Vec<String> = sans_raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for san in &tls_sans {
+            let dns_like = san.len() <= 253
+                && san.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if san.parse::<std::net::IpAddr>().is_err() && !dns_like {
+                problems.push(format!(
+                    "{sans_origin}: {san:?} is neither an IP address nor a DNS name"
+                ));
+            }
+        }
         let (mk, _) = get_str("master_key_file");
         let master_key_file = (!mk.trim().is_empty()).then(|| PathBuf::from(mk.trim()));
         let hb = get_int("raft.heartbeat_interval_ms", 10, 10_000, &mut problems) as u64;
@@ -296,6 +319,7 @@ impl CoordinatorConfig {
             log_filter,
             cluster_name,
             master_key_file,
+            tls_sans,
             raft: RaftConfig {
                 heartbeat_interval: Duration::from_millis(hb),
                 election_timeout_min: Duration::from_millis(emin),

@@ -126,10 +126,12 @@ pub(crate) fn prepare(
     };
     let ca = unseal_ca(&material, master)?;
     let now = crate::coordinator::now_ms() / 1000;
+    let mut names = vec![host_of(&config.advertise_addr).to_owned()];
+    names.extend(config.tls_sans.iter().cloned());
     let issued = ca
         .issue(
             &Identity::Coordinator(id),
-            &[host_of(&config.advertise_addr).to_owned()],
+            &names,
             COORDINATOR_CERT_LIFETIME,
             now,
         )

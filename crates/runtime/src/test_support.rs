@@ -239,7 +239,7 @@ pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 #[derive(Debug)]
 pub struct LocalRegistry {
     child: Child,
-    /// `127.0.0.1:<port>`.
+    /// `<ip>:<port>`.
     pub host: String,
     /// Its log file.
     pub log: PathBuf,
@@ -262,7 +262,18 @@ impl LocalRegistry {
         extra: &str,
         tls: Option<(&Path, &Path)>,
     ) -> Result<Self, RuntimeError> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_at(work, storage, extra, tls, "127.0.0.1")
+    }
+
+    /// Like `start`, listening on `ip` (an address of this host).
+    pub fn start_at(
+        work: &Path,
+        storage: &Path,
+        extra: &str,
+        tls: Option<(&Path, &Path)>,
+        ip: &str,
+    ) -> Result<Self, RuntimeError> {
+        let port = std::net::TcpListener::bind((ip, 0))
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .map_err(|e| RuntimeError::io(Path::new("127.0.0.1:0"), e))?;
@@ -276,7 +287,7 @@ impl LocalRegistry {
         });
         let config = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n{tls_yaml}{extra}",
+             http:\n  addr: {ip}:{port}\n{tls_yaml}{extra}",
             storage.display()
         );
         let config_path = work.join(format!("{tag}.yml"));
@@ -293,11 +304,11 @@ impl LocalRegistry {
             .map_err(|e| RuntimeError::Unavailable(format!("cannot start {REGISTRY_BIN}: {e}")))?;
         let this = Self {
             child,
-            host: format!("127.0.0.1:{port}"),
+            host: format!("{ip}:{port}"),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((ip, port)).is_err() {
             if Instant::now() > deadline {
                 return Err(RuntimeError::Unavailable(format!(
                     "docker-registry did not listen: {}",
