@@ -799,6 +799,23 @@ mod tests {
     }
 
     #[test]
+    fn every_example_manifest_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                if let Err(e) = parse_manifest(&text) {
+                    panic!("{}: {e}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "only {seen} examples");
+    }
+
+    #[test]
     fn limit_below_request_is_refused() {
         let text = GOOD.replace(
             "cpuMillis: 100",
