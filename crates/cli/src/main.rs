@@ -15,6 +15,8 @@ use cloudless_proto::v1::{self as pb, ReadConsistency, ReadOptions, WriteOptions
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
+mod secrets;
+
 #[derive(Parser, Debug)]
 #[command(name = "cloudlessctl", version, about = "Manage a Cloudless cluster")]
 struct Cli {
@@ -91,6 +93,9 @@ enum Cmd {
     /// Join tokens for enrolling devices.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Secrets, their access tokens, the master key and the audit log.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCmd),
     /// Enrolled nodes.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -314,6 +319,7 @@ enum ClusterCmd {
     /// Change cluster configuration keys, e.g. `cluster set down_after_ms=8000`.
     /// Keys: cluster_name, heartbeat_interval_ms, suspect_after_missed_heartbeats,
     /// down_after_ms, leader_grace_ms, node_cert_lifetime_s,
+    /// audit_retention_days, secret_max_bytes,
     /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty}.
     Set {
         /// KEY=VALUE pairs.
@@ -346,6 +352,14 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
         "down_after_ms" => c.down_after_ms = int(value)?,
         "leader_grace_ms" => c.leader_grace_ms = int(value)?,
         "node_cert_lifetime_s" => c.node_cert_lifetime_s = int(value)?,
+        "audit_retention_days" => {
+            c.audit_retention_days =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "secret_max_bytes" => {
+            c.secret_max_bytes =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
         "scheduler_weights.locality" => w.locality = float(value)?,
         "scheduler_weights.reliability" => w.reliability = float(value)?,
         "scheduler_weights.cost" => w.cost = float(value)?,
@@ -360,6 +374,16 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
 struct Failure {
     code: u8,
     error: anyhow::Error,
+}
+
+impl Failure {
+    /// Bad usage or input (exit code 2).
+    fn usage(message: &str) -> Self {
+        Failure {
+            code: 2,
+            error: anyhow::anyhow!("{message}"),
+        }
+    }
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -741,6 +765,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "heartbeatIntervalMs": c.heartbeat_interval_ms, "suspectAfterMissedHeartbeats": c.suspect_after_missed_heartbeats,
                 "downAfterMs": c.down_after_ms, "leaderGraceMs": c.leader_grace_ms,
                 "nodeCertLifetimeS": c.node_cert_lifetime_s,
+                "auditRetentionDays": c.audit_retention_days, "secretMaxBytes": c.secret_max_bytes,
                 "schedulerWeights": { "locality": w.locality, "reliability": w.reliability, "cost": w.cost,
                     "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels }),
             )?;
@@ -1186,6 +1211,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Cmd::Secrets(cmd) => secrets::run(cmd, servers, cli.output, cli.stale).await?,
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "cloudlessctl", &mut std::io::stdout());

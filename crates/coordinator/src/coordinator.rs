@@ -84,6 +84,7 @@ struct HandleInner {
     peers: Mutex<HashMap<String, Channel>>,
     proposer: ProposerHandle,
     master_key: Option<Arc<cloudless_pki::MasterKey>>,
+    master_key_source: String,
     identity: Mutex<Option<Arc<crate::identity::IdentityKeys>>>,
     tls: Option<Arc<crate::tls::TlsMaterial>>,
     peer_cache: crate::authz::PeerCache,
@@ -221,6 +222,11 @@ impl CoordinatorHandle {
 
     pub(crate) fn master_key(&self) -> Option<&cloudless_pki::MasterKey> {
         self.inner.master_key.as_deref()
+    }
+
+    /// Where the master key came from (for `secrets key-info`; never the key).
+    pub(crate) fn master_key_source(&self) -> String {
+        self.inner.master_key_source.clone()
     }
 
     pub(crate) fn identity_cache(&self) -> &Mutex<Option<Arc<crate::identity::IdentityKeys>>> {
@@ -442,7 +448,8 @@ fn resolve_node_id(data_dir: &Path, configured: u64) -> Result<NodeId, StartErro
 impl Coordinator {
     /// Opens the data dir, starts Raft, binds the listeners and serves.
     pub async fn start(config: CoordinatorConfig, mode: StartMode) -> Result<Self, StartError> {
-        let master_key = crate::identity::load_master_key(config.master_key_file.as_deref())?;
+        let (master_key, master_key_source) =
+            crate::identity::load_master_key(config.master_key_file.as_deref())?;
         let id = resolve_node_id(&config.data_dir, config.node_id)?;
         let tls = crate::tls::prepare(&config, id, master_key.as_deref(), mode == StartMode::Init)?;
         let stored_identity = crate::tls::stored_material(&config.data_dir)?;
@@ -511,6 +518,7 @@ impl Coordinator {
                 peers: Mutex::default(),
                 proposer,
                 master_key,
+                master_key_source,
                 identity: Mutex::default(),
                 tls: tls.clone(),
                 peer_cache: crate::authz::PeerCache::default(),

@@ -16,6 +16,9 @@ pub enum CoordinatorError {
     /// The request is malformed; the message names the field.
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    /// An answer already decided (and audited) as a gRPC status.
+    #[error("{}", .0.message())]
+    Status(Status),
     /// The request is well formed but the current state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -56,8 +59,12 @@ pub enum CoordinatorError {
 
 impl From<CoordinatorError> for Status {
     fn from(e: CoordinatorError) -> Status {
+        if let CoordinatorError::Status(s) = e {
+            return s;
+        }
         let msg = e.to_string();
         let code = match &e {
+            CoordinatorError::Status(s) => s.code(),
             CoordinatorError::InvalidArgument(_) | CoordinatorError::Invalid(_) => {
                 Code::InvalidArgument
             }
@@ -79,6 +86,14 @@ impl From<CoordinatorError> for Status {
                 }
                 Rejection::JoinToken { .. } => Code::Unauthenticated,
                 Rejection::NodeNotFound { .. } => Code::NotFound,
+                Rejection::SecretNotFound { .. } | Rejection::TokenNotFound { .. } => {
+                    Code::NotFound
+                }
+                Rejection::SecretExists { .. } => Code::AlreadyExists,
+                Rejection::SecretImmutable { .. } | Rejection::Keyring(_) => {
+                    Code::FailedPrecondition
+                }
+                Rejection::SecretConflict(_) => Code::Aborted,
             },
             CoordinatorError::Token(_) => Code::Unauthenticated,
             CoordinatorError::Pki(p) => match p {

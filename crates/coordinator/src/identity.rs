@@ -88,10 +88,29 @@ impl CoordinatorHandle {
     }
 }
 
-/// Loads the master key named by the configuration, if any.
+/// Loads the master key named by the configuration (`master_key_file`),
+/// else from `CLOUDLESS_MASTER_KEY` (base64) if set; with where it came from.
 pub(crate) fn load_master_key(
     path: Option<&std::path::Path>,
-) -> Result<Option<Arc<MasterKey>>, cloudless_pki::PkiError> {
-    path.map(|p| MasterKey::from_file(p).map(Arc::new))
-        .transpose()
+) -> Result<(Option<Arc<MasterKey>>, String), cloudless_pki::PkiError> {
+    use cloudless_secrets::KeyProvider;
+    let to_pki = |e: cloudless_secrets::SecretsError| cloudless_pki::PkiError::MasterKey {
+        source_name: "master key".into(),
+        problem: e.to_string(),
+    };
+    if let Some(p) = path {
+        let provider = cloudless_secrets::FileKeyProvider(p.to_owned());
+        return Ok((
+            Some(Arc::new(provider.root_key().map_err(to_pki)?)),
+            provider.describe(),
+        ));
+    }
+    let env = cloudless_secrets::EnvKeyProvider::default();
+    if std::env::var_os(&env.0).is_some() {
+        return Ok((
+            Some(Arc::new(env.root_key().map_err(to_pki)?)),
+            env.describe(),
+        ));
+    }
+    Ok((None, "none".into()))
 }

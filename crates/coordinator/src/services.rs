@@ -7,6 +7,7 @@ use cloudless_proto::v1::agent_service_server::AgentServiceServer;
 use cloudless_proto::v1::cluster_service_server::ClusterServiceServer;
 use cloudless_proto::v1::node_service_server::NodeServiceServer;
 use cloudless_proto::v1::raft_service_server::RaftServiceServer;
+use cloudless_proto::v1::secret_service_server::SecretServiceServer;
 use cloudless_proto::v1::workload_service_server::WorkloadServiceServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -19,6 +20,7 @@ use crate::error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
 use crate::node_service::NodeApi;
 use crate::raft_network::MAX_RAFT_MESSAGE;
 use crate::raft_service::RaftGrpc;
+use crate::secret_service::SecretApi;
 use crate::workload_service::WorkloadApi;
 
 /// How long a forwarded call may take.
@@ -51,6 +53,7 @@ pub async fn serve(
         .add_service(ClusterServiceServer::new(ClusterApi::new(handle.clone())))
         .add_service(NodeServiceServer::new(NodeApi::new(handle.clone())))
         .add_service(AgentServiceServer::new(AgentApi::new(handle.clone())))
+        .add_service(SecretServiceServer::new(SecretApi::new(handle.clone())))
         .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)))
         .serve_with_incoming_shutdown(incoming, cancel.cancelled())
         .await;

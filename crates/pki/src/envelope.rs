@@ -45,6 +45,19 @@ impl MasterKey {
         Ok(Self { bytes })
     }
 
+    /// A key from 32 raw bytes (e.g. an unwrapped data key).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, PkiError> {
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| PkiError::Unseal)?;
+        Ok(Self {
+            bytes: Zeroizing::new(bytes),
+        })
+    }
+
+    /// The raw key, for wrapping it under another key (never log it).
+    pub fn expose_bytes(&self) -> &[u8] {
+        self.bytes.as_ref()
+    }
+
     /// The key as base64, for writing a new key file (never log it).
     pub fn to_base64(&self) -> Zeroizing<String> {
         Zeroizing::new(b64().encode(self.bytes.as_ref()))

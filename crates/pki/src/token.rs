@@ -132,16 +132,31 @@ impl TokenKey {
         hmac::Key::new(hmac::HMAC_SHA256, self.key.as_ref())
     }
 
+    /// A key for another purpose, derived from this one (HMAC of `context`),
+    /// so tokens of one kind never verify as another.
+    pub fn derive(&self, context: &str) -> Self {
+        let tag = hmac::sign(&self.hmac_key(), context.as_bytes());
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&tag.as_ref()[..32]);
+        Self { key }
+    }
+
     /// Signs `claims` into a compact JWT.
     pub fn sign(&self, claims: &JoinTokenClaims) -> Result<String, PkiError> {
+        self.sign_claims(claims)
+    }
+
+    /// Signs any claims into a compact HS256 JWT.
+    pub fn sign_claims<C: Serialize>(&self, claims: &C) -> Result<String, PkiError> {
         let payload = serde_json::to_vec(claims).map_err(|e| PkiError::Generate(e.to_string()))?;
         let signing_input = format!("{}.{}", b64().encode(HEADER), b64().encode(payload));
         let tag = hmac::sign(&self.hmac_key(), signing_input.as_bytes());
         Ok(format!("{signing_input}.{}", b64().encode(tag.as_ref())))
     }
 
-    /// Verifies signature (constant time), algorithm, type and validity at `now`.
-    pub fn verify(&self, token: &str, now: i64) -> Result<JoinTokenClaims, TokenError> {
+    /// Checks a compact JWT's shape, algorithm (HS256 only) and signature
+    /// (constant time) and returns its claims as JSON bytes.
+    pub fn verify_signature(&self, token: &str) -> Result<Vec<u8>, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed(format!(
                 "longer than {MAX_TOKEN_LEN} bytes"
@@ -174,13 +189,17 @@ impl TokenKey {
         let signing_input = &token.trim()[..signing_input_len];
         hmac::verify(&self.hmac_key(), signing_input.as_bytes(), &sig)
             .map_err(|_| TokenError::BadSignature)?;
-        let claims: JoinTokenClaims = b64()
+        b64()
             .decode(p)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                TokenError::Malformed("claims are not base64url JSON of a join token".into())
-            })?;
+            .map_err(|_| TokenError::Malformed("claims are not base64url".into()))
+    }
+
+    /// Verifies signature (constant time), algorithm, type and validity at `now`.
+    pub fn verify(&self, token: &str, now: i64) -> Result<JoinTokenClaims, TokenError> {
+        let payload = self.verify_signature(token)?;
+        let claims: JoinTokenClaims = serde_json::from_slice(&payload).map_err(|_| {
+            TokenError::Malformed("claims are not base64url JSON of a join token".into())
+        })?;
         if claims.typ != TOKEN_TYPE {
             return Err(TokenError::WrongType(claims.typ));
         }

@@ -489,6 +489,8 @@ impl From<t::ClusterConfig> for v1::ClusterConfig {
                 network_penalty: w.network_penalty,
             }),
             labels: c.labels.into_iter().collect(),
+            audit_retention_days: c.audit_retention_days,
+            secret_max_bytes: c.secret_max_bytes,
         }
     }
 }
@@ -524,6 +526,16 @@ pub fn cluster_config_from_wire(
         },
         scheduler_weights: weights,
         labels: c.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        audit_retention_days: if c.audit_retention_days == 0 {
+            t::DEFAULT_AUDIT_RETENTION_DAYS
+        } else {
+            c.audit_retention_days
+        },
+        secret_max_bytes: if c.secret_max_bytes == 0 {
+            t::ClusterConfig::default().secret_max_bytes
+        } else {
+            c.secret_max_bytes
+        },
     };
     config.validate().map(|()| config)
 }

@@ -6,8 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
-    ClusterConfig, EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord,
-    NodeStatus, ReplicaRecord, ReplicaState, Workload,
+    AccessTokenRecord, AuditRecord, ClusterConfig, EventRecord, IdentityMaterial, JoinTokenRecord,
+    NodePhase, NodeRecord, NodeStatus, ReplicaRecord, ReplicaState, SecretCiphertext,
+    SecretKeyVersion, SecretKeyring, SecretRecord, SecretVersion, Workload,
 };
 
 /// One log entry's payload: the requests a coordinator batched together.
@@ -164,6 +165,100 @@ pub enum Command {
         /// Set (true) or clear (false).
         unknown: bool,
     },
+    /// Secret operations (see `crate::secrets`).
+    Secret(SecretCommand),
+}
+
+/// Commands on secrets, their master keys, access tokens and the audit log.
+/// Every one that acts for a caller carries the audit record of it, which
+/// is stored whether the command is allowed or refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SecretCommand {
+    /// Makes the first master key version active (no-op when one is).
+    InitKeyring {
+        /// The sealed key.
+        key: SecretKeyVersion,
+    },
+    /// Creates a secret (refused if it exists) or adds a version (refused if
+    /// it does not exist, is immutable, or `version.version` is not the next).
+    Put {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The new version (1 for a create).
+        version: SecretVersion,
+        /// Create (true) or update (false).
+        create: bool,
+        /// Replaces the audiences when given.
+        audiences: Option<Vec<String>>,
+        /// Set at create only.
+        immutable: bool,
+        /// Replaces the expiry when given (0: none).
+        expires_at_ms: Option<i64>,
+        /// The audit record.
+        audit: AuditRecord,
+    },
+    /// Deletes a secret.
+    Delete {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The audit record.
+        audit: AuditRecord,
+    },
+    /// Adds a master key version, makes it active and stores data keys
+    /// rewrapped under it (refused if the active version moved meanwhile).
+    Rotate {
+        /// The new version.
+        key: SecretKeyVersion,
+        /// The version the proposer rewrapped from.
+        expected_active: u32,
+        /// (namespace, name, secret version, ciphertext under the new key).
+        rewrapped: Vec<(String, String, u64, SecretCiphertext)>,
+        /// The audit record.
+        audit: AuditRecord,
+    },
+    /// Retires a master key version no data key uses any more.
+    Retire {
+        /// The version.
+        version: u32,
+        /// The audit record.
+        audit: AuditRecord,
+    },
+    /// Records a minted access token.
+    MintToken {
+        /// The token.
+        token: AccessTokenRecord,
+        /// The audit record.
+        audit: AuditRecord,
+    },
+    /// Counts one use of a token and answers with the secret if the token
+    /// is known, not revoked, unexpired, within its uses, held by the
+    /// caller, and its audience may still read the secret.
+    UseToken {
+        /// Token id.
+        id: String,
+        /// The caller (must be the token's holder).
+        actor: String,
+        /// The audit record (its `allowed` and `detail` are set here).
+        audit: AuditRecord,
+    },
+    /// Revokes an access token (every later use is refused).
+    RevokeToken {
+        /// Token id.
+        id: String,
+        /// The audit record.
+        audit: AuditRecord,
+    },
+    /// Appends audit records (refusals found before a command could run).
+    /// Every audit append drops records older than the cluster's
+    /// `audit_retention_days`.
+    Audit {
+        /// The records.
+        records: Vec<AuditRecord>,
+    },
 }
 
 /// A reported change of one replica.
@@ -247,6 +342,14 @@ pub enum Response {
     EventsRecorded(u32),
     /// The command was valid but the state did not allow it; nothing changed.
     Rejected(Rejection),
+    /// A secret after `Put` (metadata and ciphertext).
+    SecretStored(SecretRecord),
+    /// The keyring after `InitKeyring`, `Rotate` or `Retire`.
+    Keyring(SecretKeyring),
+    /// `UseToken`: the secret, or why not (the refusal was audited).
+    SecretAccess(Result<SecretRecord, String>),
+    /// A secret command with nothing to return.
+    SecretDone,
 }
 
 /// Why a command changed nothing. Deterministic: every replica rejects alike.
@@ -294,6 +397,42 @@ pub enum Rejection {
         /// The name.
         name: String,
         /// Its node id.
+        id: String,
+    },
+    /// The secret does not exist.
+    #[error("secret {namespace}/{name} not found")]
+    SecretNotFound {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// A create of a secret that exists.
+    #[error("secret {namespace}/{name} already exists; use update")]
+    SecretExists {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// An update of an immutable secret.
+    #[error("secret {namespace}/{name} is immutable; delete and create it again")]
+    SecretImmutable {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// A concurrent change got there first (version or key moved).
+    #[error("{0}; retry")]
+    SecretConflict(String),
+    /// A master key operation the keyring does not allow.
+    #[error("{0}")]
+    Keyring(String),
+    /// The access token id is unknown (for revocation).
+    #[error("access token {id} is unknown")]
+    TokenNotFound {
+        /// Token id.
         id: String,
     },
     /// The node does not exist.

@@ -10,12 +10,13 @@
 mod command;
 mod error;
 mod log_store;
+mod secrets;
 mod state_machine;
 mod type_config;
 
 pub use command::{
     ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, ReplicaUpdate, Request,
-    Response,
+    Response, SecretCommand,
 };
 pub use error::StateError;
 pub use log_store::LogStore;

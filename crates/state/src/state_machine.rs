@@ -23,8 +23,9 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
-    EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, ReplicaRecord,
-    ReplicaState, Revision, Workload, REVISION_HISTORY,
+    AccessTokenRecord, AuditRecord, EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase,
+    NodeRecord, ReplicaRecord, ReplicaState, Revision, SecretKeyring, SecretRecord, Workload,
+    REVISION_HISTORY,
 };
 
 use crate::command::{
@@ -39,7 +40,7 @@ const SYSTEM: TableDefinition<&str, &str> = TableDefinition::new("system");
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 /// The cluster record under key "cluster".
-const CLUSTER: TableDefinition<&str, &str> = TableDefinition::new("cluster");
+pub(crate) const CLUSTER: TableDefinition<&str, &str> = TableDefinition::new("cluster");
 /// Workloads under "namespace/name".
 const WORKLOADS: TableDefinition<&str, &str> = TableDefinition::new("workloads");
 /// Idempotency records under the client's key.
@@ -70,7 +71,11 @@ const NODE_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("node_re
 const WORKLOAD_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("workload_replicas");
 
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 12] = [
+const DATA_TABLES: [TableDefinition<&str, &str>; 16] = [
+    crate::secrets::SECRETS,
+    crate::secrets::SECRET_KEYS,
+    crate::secrets::ACCESS_TOKENS,
+    crate::secrets::AUDIT,
     EVENTS,
     REPLICAS,
     NODE_REPLICAS,
@@ -93,7 +98,7 @@ const KEY_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "last_membership";
 const KEY_FORMAT: &str = "format";
 const FORMAT: &str = "1";
-const CLUSTER_KEY: &str = "cluster";
+pub(crate) const CLUSTER_KEY: &str = "cluster";
 
 /// How long an idempotency key is remembered, by proposer time.
 pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
@@ -454,7 +459,7 @@ fn read_applied(txn: &ReadTransaction) -> Result<Applied, String> {
     Ok((applied, membership))
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(
+pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
     txn: &WriteTransaction,
     def: TableDefinition<&str, &str>,
     key: &str,
@@ -469,7 +474,7 @@ fn get_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn put_json<T: Serialize>(
+pub(crate) fn put_json<T: Serialize>(
     txn: &WriteTransaction,
     def: TableDefinition<&str, &str>,
     key: &str,
@@ -895,6 +900,7 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             }
             Response::ReplicasChanged(placed)
         }
+        Command::Secret(c) => crate::secrets::apply(txn, c, now_ms)?,
         Command::MarkReplicasUnknown { ids, unknown } => {
             let mut changed = 0u32;
             for id in ids {
@@ -1057,6 +1063,76 @@ impl StateReader {
                 out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
             }
             Ok(out)
+        })
+    }
+
+    /// One secret (ciphertext and metadata).
+    pub fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretRecord>, StateError> {
+        self.get(
+            crate::secrets::SECRETS,
+            &crate::secrets::secret_key(namespace, name),
+        )
+    }
+
+    /// Secrets in `namespace` (every namespace when `None`), by name.
+    pub fn secrets(&self, namespace: Option<&str>) -> Result<Vec<SecretRecord>, StateError> {
+        self.read(|txn| {
+            let table = txn
+                .open_table(crate::secrets::SECRETS)
+                .map_err(|e| e.to_string())?;
+            let prefix = namespace.map(|ns| format!("{ns}/")).unwrap_or_default();
+            let mut out = Vec::new();
+            for item in table
+                .range::<&str>(prefix.as_str()..)
+                .map_err(|e| e.to_string())?
+            {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                if !k.value().starts_with(prefix.as_str()) {
+                    break;
+                }
+                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The sealed master keyring.
+    pub fn secret_keyring(&self) -> Result<SecretKeyring, StateError> {
+        Ok(self
+            .get(crate::secrets::SECRET_KEYS, crate::secrets::KEYRING_KEY)?
+            .unwrap_or_default())
+    }
+
+    /// One access token's record.
+    pub fn access_token(&self, id: &str) -> Result<Option<AccessTokenRecord>, StateError> {
+        self.get(crate::secrets::ACCESS_TOKENS, id)
+    }
+
+    /// Audit records passing `filter`, oldest first, at most `limit` (the newest).
+    pub fn audit(
+        &self,
+        filter: impl Fn(&AuditRecord) -> bool,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StateError> {
+        self.read(|txn| {
+            let table = txn
+                .open_table(crate::secrets::AUDIT)
+                .map_err(|e| e.to_string())?;
+            let mut out = std::collections::VecDeque::new();
+            for item in table.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                if k.value().starts_with('~') {
+                    continue;
+                }
+                let r: AuditRecord = serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
+                if filter(&r) {
+                    if out.len() == limit {
+                        out.pop_front();
+                    }
+                    out.push_back(r);
+                }
+            }
+            Ok(out.into())
         })
     }
 

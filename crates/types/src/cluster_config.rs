@@ -55,6 +55,20 @@ pub struct ClusterConfig {
     pub scheduler_weights: SchedulerWeights,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
+    /// Secret audit records older than this are dropped. Default 90.
+    #[serde(default = "default_audit_retention_days")]
+    pub audit_retention_days: u32,
+    /// Largest secret (its values together) in bytes. Default 65536.
+    #[serde(default = "default_secret_max_bytes")]
+    pub secret_max_bytes: u32,
+}
+
+fn default_audit_retention_days() -> u32 {
+    crate::DEFAULT_AUDIT_RETENTION_DAYS
+}
+
+fn default_secret_max_bytes() -> u32 {
+    crate::DEFAULT_SECRET_LIMIT as u32
 }
 
 impl Default for ClusterConfig {
@@ -68,6 +82,8 @@ impl Default for ClusterConfig {
             node_cert_lifetime_s: default_node_cert_lifetime_s(),
             scheduler_weights: SchedulerWeights::default(),
             labels: BTreeMap::new(),
+            audit_retention_days: default_audit_retention_days(),
+            secret_max_bytes: default_secret_max_bytes(),
         }
     }
 }
@@ -111,6 +127,18 @@ impl ClusterConfig {
             errs.push(
                 "leader_grace_ms",
                 format!("{} is above 600000", self.leader_grace_ms),
+            );
+        }
+        if !(1..=3650).contains(&self.audit_retention_days) {
+            errs.push(
+                "audit_retention_days",
+                format!("{} is outside 1..=3650", self.audit_retention_days),
+            );
+        }
+        if !(1..=1 << 20).contains(&self.secret_max_bytes) {
+            errs.push(
+                "secret_max_bytes",
+                format!("{} is outside 1..=1048576", self.secret_max_bytes),
             );
         }
         if !(60..=31 * 24 * 3600).contains(&self.node_cert_lifetime_s) {

@@ -4,6 +4,7 @@
 mod cluster_config;
 mod container;
 mod identity;
+mod secret;
 mod validation;
 mod workload;
 
@@ -15,6 +16,12 @@ pub use container::{
 };
 pub use identity::{
     IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, SealedSecret,
+};
+pub use secret::{
+    check_secret_key, check_secret_names, AccessTokenRecord, AuditRecord, SecretCiphertext,
+    SecretKeyVersion, SecretKeyring, SecretRecord, SecretVersion, DEFAULT_AUDIT_RETENTION_DAYS,
+    DEFAULT_SECRET_LIMIT, DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS, MAX_TOKEN_USES,
+    SECRET_VERSIONS_KEPT,
 };
 pub use validation::{check_labels, parse_duration_secs, FieldError, ValidationErrors};
 pub use workload::{

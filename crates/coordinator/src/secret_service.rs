@@ -1,0 +1,931 @@
+//! `SecretService`: secrets encrypted with envelope encryption and stored
+//! in Raft as ciphertext; values released only for access tokens minted for
+//! an audience the caller holds; every call audited in Raft.
+//!
+//! Writes and token uses run on the leader (followers forward, passing the
+//! caller's identity in `x-cloudless-actor`, which the leader believes only
+//! from a coordinator). Plaintext exists only in memory, in `Zeroizing`
+//! buffers, and in the gRPC answer over mTLS; it is never logged.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use cloudless_pki::Identity;
+use cloudless_proto::v1::secret_service_client::SecretServiceClient;
+use cloudless_proto::v1::secret_service_server::SecretService;
+use cloudless_proto::v1::{
+    AuditEntry, AuditRequest, AuditResponse, DeleteSecretRequest, DeleteSecretResponse,
+    GetSecretRequest, IssueTokenRequest, IssueTokenResponse, KeyInfoRequest, KeyInfoResponse,
+    KeyVersionInfo, ListSecretsRequest, ListSecretsResponse, PutSecretRequest, PutSecretResponse,
+    RetireMasterKeyRequest, RevealSecretRequest, RevealSecretResponse, RevokeTokenRequest,
+    RevokeTokenResponse, RotateMasterKeyRequest, RotateMasterKeyResponse, SecretMeta,
+};
+use cloudless_secrets::{AccessClaims, AccessTokenKey, KeyRing, SecretValues};
+use cloudless_state::{Command, Rejection, Response as SmResponse, SecretCommand};
+use cloudless_types::{
+    AccessTokenRecord, AuditRecord, SecretKeyring, SecretRecord, SecretVersion, ValidationErrors,
+    DEFAULT_NAMESPACE, DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS, MAX_TOKEN_USES,
+};
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::authz::Allow;
+use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::error::CoordinatorError;
+use crate::services::{idempotency_key, leader_or_forward};
+
+/// Metadata key carrying the caller's identity on a forwarded call.
+const ACTOR_KEY: &str = "x-cloudless-actor";
+/// Metadata key carrying the caller's address on a forwarded call.
+const SOURCE_KEY: &str = "x-cloudless-source";
+
+/// The replicated keyring last unsealed, with its unsealed form.
+type RingCache = Mutex<Option<(SecretKeyring, Arc<KeyRing>)>>;
+
+/// The `SecretService` implementation.
+#[derive(Clone)]
+pub struct SecretApi {
+    handle: CoordinatorHandle,
+    ring: Arc<RingCache>,
+    tokens: Arc<Mutex<Option<Arc<AccessTokenKey>>>>,
+}
+
+impl std::fmt::Debug for SecretApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretApi").finish_non_exhaustive()
+    }
+}
+
+/// Who is calling, from where.
+#[derive(Debug, Clone)]
+struct Caller {
+    actor: String,
+    source: String,
+    admin: bool,
+    node: Option<String>,
+}
+
+fn actor_of(identity: &Identity) -> String {
+    match identity {
+        Identity::Admin(name) => format!("admin:{name}"),
+        Identity::Node(id) => format!("node:{id}"),
+        Identity::Coordinator(id) => format!("coordinator:{id}"),
+    }
+}
+
+fn namespace_or_default(ns: String) -> String {
+    if ns.is_empty() {
+        DEFAULT_NAMESPACE.to_owned()
+    } else {
+        ns
+    }
+}
+
+fn meta(r: &SecretRecord) -> SecretMeta {
+    let current = r.current();
+    SecretMeta {
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        version: current.map_or(0, |v| v.version),
+        created_at_ms: r.created_at_ms,
+        audiences: r.audiences.clone(),
+        updated_at_ms: r.updated_at_ms,
+        immutable: r.immutable,
+        expires_at_ms: r.expires_at_ms,
+        keys: current.map(|v| v.keys.clone()).unwrap_or_default(),
+        size_bytes: current.map_or(0, |v| v.size),
+        key_version: current.map_or(0, |v| v.ciphertext.key_version),
+    }
+}
+
+impl SecretApi {
+    /// Serves `handle`.
+    pub fn new(handle: CoordinatorHandle) -> Self {
+        Self {
+            handle,
+            ring: Arc::default(),
+            tokens: Arc::default(),
+        }
+    }
+
+    /// Authorizes the caller; a forwarding coordinator speaks for the
+    /// caller it authorized.
+    fn caller<T>(&self, req: &Request<T>, allow: &[Allow]) -> Result<Caller, Status> {
+        let mut last = None;
+        let mut identity = None;
+        for a in allow {
+            match crate::authz::require(&self.handle, req, *a) {
+                Ok(id) => {
+                    identity = Some(id);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(identity) = identity else {
+            return Err(last.unwrap_or_else(|| Status::permission_denied("not allowed")));
+        };
+        let header = |k: &str| {
+            req.metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let source = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        if let (Identity::Coordinator(_), Some(actor)) = (&identity, header(ACTOR_KEY)) {
+            let node = actor.strip_prefix("node:").map(str::to_owned);
+            return Ok(Caller {
+                admin: actor.starts_with("admin:") || actor.starts_with("coordinator:"),
+                node,
+                actor,
+                source: header(SOURCE_KEY).unwrap_or(source),
+            });
+        }
+        Ok(Caller {
+            actor: actor_of(&identity),
+            source,
+            admin: matches!(identity, Identity::Admin(_) | Identity::Coordinator(_)),
+            node: match &identity {
+                Identity::Node(id) => Some(id.clone()),
+                _ => None,
+            },
+        })
+    }
+
+    /// A forwarded request carrying the caller.
+    fn forward<T>(caller: &Caller, mut r: Request<T>) -> Request<T> {
+        for (k, v) in [(ACTOR_KEY, &caller.actor), (SOURCE_KEY, &caller.source)] {
+            if let Ok(v) = v.parse() {
+                r.metadata_mut().insert(k, v);
+            }
+        }
+        r
+    }
+
+    fn root(&self) -> Result<&cloudless_pki::MasterKey, CoordinatorError> {
+        self.handle.master_key().ok_or_else(|| {
+            CoordinatorError::FailedPrecondition(
+                "secrets need a master key (master_key_file or CLOUDLESS_MASTER_KEY) on every coordinator".into(),
+            )
+        })
+    }
+
+    /// The unsealed keyring matching the replicated one (cached).
+    fn keyring(&self) -> Result<Arc<KeyRing>, CoordinatorError> {
+        let stored = self.handle.reader().secret_keyring()?;
+        let mut cache = self
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((s, ring)) = cache.as_ref() {
+            if *s == stored {
+                return Ok(ring.clone());
+            }
+        }
+        let ring = Arc::new(KeyRing::unseal(self.root()?, &stored).map_err(|e| {
+            CoordinatorError::FailedPrecondition(format!(
+                "cannot open the secret keyring: {e}; is this coordinator's master key the cluster's?"
+            ))
+        })?);
+        *cache = Some((stored, ring.clone()));
+        Ok(ring)
+    }
+
+    /// The keyring, creating the first master key version if there is none.
+    async fn active_keyring(&self) -> Result<Arc<KeyRing>, CoordinatorError> {
+        let ring = self.keyring()?;
+        if ring.active() != 0 {
+            return Ok(ring);
+        }
+        let stored = self.handle.reader().secret_keyring()?;
+        let key = KeyRing::new_version(self.root()?, &stored, now_ms())
+            .map_err(|e| CoordinatorError::Fatal(e.to_string()))?;
+        self.handle
+            .write(None, Command::Secret(SecretCommand::InitKeyring { key }))
+            .await?;
+        self.keyring()
+    }
+
+    fn access_key(&self) -> Result<Arc<AccessTokenKey>, CoordinatorError> {
+        let mut cache = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(k) = cache.as_ref() {
+            return Ok(k.clone());
+        }
+        let keys = self.handle.identity_keys()?;
+        let k = Arc::new(AccessTokenKey::from_cluster_key(&keys.tokens));
+        *cache = Some(k.clone());
+        Ok(k)
+    }
+
+    fn audit(caller: &Caller, action: &str, ns: &str, name: &str) -> AuditRecord {
+        AuditRecord {
+            at_ms: 0,
+            actor: caller.actor.clone(),
+            source: caller.source.clone(),
+            action: action.to_owned(),
+            namespace: ns.to_owned(),
+            secret: name.to_owned(),
+            token_id: String::new(),
+            allowed: true,
+            detail: String::new(),
+        }
+    }
+
+    /// Records a refusal decided before any command could carry it.
+    async fn refuse(&self, mut audit: AuditRecord, status: Status) -> Status {
+        audit.allowed = false;
+        audit.detail = status.message().to_owned();
+        let cmd = Command::Secret(SecretCommand::Audit {
+            records: vec![audit],
+        });
+        if let Err(e) = self.handle.write(None, cmd).await {
+            tracing::warn!(error = %e, "cannot record an audit refusal");
+        }
+        status
+    }
+
+    async fn put(
+        &self,
+        caller: &Caller,
+        r: PutSecretRequest,
+        create: bool,
+    ) -> Result<PutSecretResponse, CoordinatorError> {
+        let key = idempotency_key(r.write.as_ref())?;
+        let ns = namespace_or_default(r.namespace);
+        let action = if create { "create" } else { "update" };
+        let mut errs = ValidationErrors::default();
+        cloudless_types::check_secret_names(&mut errs, &ns, &r.name, &r.audiences);
+        if r.data.is_empty() {
+            errs.push("data", "needs at least one KEY=VALUE");
+        }
+        for k in r.data.keys() {
+            cloudless_types::check_secret_key(&mut errs, &format!("data.{k}"), k);
+        }
+        if create && r.audiences.is_empty() {
+            errs.push("audiences", "needs at least one workload that may read it");
+        }
+        let limit = self.handle.cluster()?.config.secret_max_bytes as usize;
+        let size: usize = r.data.values().map(Vec::len).sum();
+        if size > limit {
+            errs.push(
+                "data",
+                format!(
+                    "{size} bytes is above the limit of {limit} (cluster setting secret_max_bytes)"
+                ),
+            );
+        }
+        if r.ttl_seconds > 100 * 365 * 86_400 {
+            errs.push("ttlSeconds", format!("{} is too long", r.ttl_seconds));
+        }
+        if !errs.0.is_empty() {
+            let audit = Self::audit(caller, action, &ns, &r.name);
+            let status = Status::invalid_argument(format!("invalid request: {errs}"));
+            return Err(CoordinatorError::Status(self.refuse(audit, status).await));
+        }
+        let values: SecretValues = r
+            .data
+            .into_iter()
+            .map(|(k, v)| (k, Zeroizing::new(v)))
+            .collect();
+        let plain = cloudless_secrets::encode_values(&values)
+            .map_err(|e| CoordinatorError::Fatal(e.to_string()))?;
+        let keys: Vec<String> = values.keys().cloned().collect();
+        let expires = (r.ttl_seconds > 0)
+            .then(|| now_ms() + i64::try_from(r.ttl_seconds).unwrap_or(i64::MAX / 2) * 1000);
+        for _ in 0..3 {
+            let ring = self.active_keyring().await?;
+            let current = self
+                .handle
+                .reader()
+                .secret(&ns, &r.name)?
+                .and_then(|s| s.current().map(|v| v.version))
+                .unwrap_or(0);
+            let version = if create { 1 } else { current + 1 };
+            let ciphertext = ring
+                .seal(&ns, &r.name, version, &plain)
+                .map_err(|e| CoordinatorError::Fatal(e.to_string()))?;
+            let cmd = Command::Secret(SecretCommand::Put {
+                namespace: ns.clone(),
+                name: r.name.clone(),
+                version: SecretVersion {
+                    version,
+                    ciphertext,
+                    keys: keys.clone(),
+                    size: u32::try_from(size).unwrap_or(u32::MAX),
+                    created_at_ms: now_ms(),
+                },
+                create,
+                audiences: (!r.audiences.is_empty()).then(|| r.audiences.clone()),
+                immutable: r.immutable,
+                expires_at_ms: if create {
+                    Some(expires.unwrap_or(0))
+                } else {
+                    expires
+                },
+                audit: Self::audit(caller, action, &ns, &r.name),
+            });
+            let (resp, commit) = self.handle.write(key.clone(), cmd).await?;
+            match resp {
+                SmResponse::SecretStored(rec) => {
+                    return Ok(PutSecretResponse {
+                        meta: Some(meta(&rec)),
+                        commit: Some(commit),
+                    })
+                }
+                SmResponse::Rejected(Rejection::SecretConflict(_)) if !create => continue,
+                SmResponse::Rejected(rej) => return Err(rej.into()),
+                other => {
+                    return Err(CoordinatorError::Fatal(format!(
+                        "unexpected state machine answer {other:?}"
+                    )))
+                }
+            }
+        }
+        Err(Rejection::SecretConflict(format!("{ns}/{}: concurrent updates", r.name)).into())
+    }
+
+    /// Whether `caller` may hold `audience` for a secret in `ns`.
+    fn holds(&self, caller: &Caller, ns: &str, audience: &str) -> Result<bool, CoordinatorError> {
+        if caller.admin {
+            return Ok(true);
+        }
+        let Some(node) = &caller.node else {
+            return Ok(false);
+        };
+        Ok(self
+            .handle
+            .reader()
+            .node_replicas(node)?
+            .iter()
+            .any(|r| r.namespace == ns && r.workload == audience))
+    }
+
+    async fn issue(
+        &self,
+        caller: &Caller,
+        r: IssueTokenRequest,
+    ) -> Result<IssueTokenResponse, Status> {
+        let ns = namespace_or_default(r.namespace);
+        let mut audit = Self::audit(caller, "token-mint", &ns, &r.name);
+        audit.detail = format!("audience {}", r.audience);
+        let ttl = if r.ttl_seconds == 0 {
+            DEFAULT_TOKEN_TTL_SECONDS
+        } else {
+            r.ttl_seconds
+        };
+        let uses = if r.max_uses == 0 { 1 } else { r.max_uses };
+        if ttl > MAX_TOKEN_TTL_SECONDS {
+            return Err(Status::invalid_argument(format!(
+                "ttlSeconds: {ttl} is above the maximum of {MAX_TOKEN_TTL_SECONDS} (24 h)"
+            )));
+        }
+        if uses > MAX_TOKEN_USES {
+            return Err(Status::invalid_argument(format!(
+                "maxUses: {uses} is above the maximum of {MAX_TOKEN_USES}"
+            )));
+        }
+        let secret = self
+            .handle
+            .reader()
+            .secret(&ns, &r.name)
+            .map_err(CoordinatorError::from)?;
+        let Some(secret) = secret else {
+            return Err(self
+                .refuse(
+                    audit,
+                    Status::not_found(format!("secret {ns}/{} not found", r.name)),
+                )
+                .await);
+        };
+        if !secret.audiences.contains(&r.audience) {
+            return Err(self
+                .refuse(
+                    audit,
+                    Status::permission_denied(format!(
+                        "audience {:?} may not read {ns}/{} (its audiences: {})",
+                        r.audience,
+                        r.name,
+                        secret.audiences.join(", ")
+                    )),
+                )
+                .await);
+        }
+        if !self.holds(caller, &ns, &r.audience)? {
+            return Err(self
+                .refuse(
+                    audit,
+                    Status::permission_denied(format!(
+                        "{} runs no replica of workload {ns}/{}, so it does not hold that audience",
+                        caller.actor, r.audience
+                    )),
+                )
+                .await);
+        }
+        let now = now_ms();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let expires = now + i64::try_from(ttl).unwrap_or(86_400) * 1000;
+        let token = self
+            .access_key()?
+            .sign(AccessClaims {
+                jti: id.clone(),
+                ns: ns.clone(),
+                secret: r.name.clone(),
+                aud: r.audience.clone(),
+                sub: caller.actor.clone(),
+                iat: now,
+                exp: expires,
+                typ: String::new(),
+            })
+            .map_err(|e| Status::internal(e.to_string()))?;
+        audit.token_id.clone_from(&id);
+        let record = AccessTokenRecord {
+            id: id.clone(),
+            namespace: ns,
+            secret: r.name,
+            audience: r.audience,
+            issued_to: caller.actor.clone(),
+            issued_at_ms: now,
+            expires_at_ms: expires,
+            max_uses: uses,
+            uses: 0,
+            revoked: false,
+        };
+        self.handle
+            .write(
+                None,
+                Command::Secret(SecretCommand::MintToken {
+                    token: record,
+                    audit,
+                }),
+            )
+            .await?;
+        Ok(IssueTokenResponse {
+            token,
+            token_id: id,
+            expires_at_ms: expires,
+            max_uses: uses,
+        })
+    }
+
+    async fn reveal(
+        &self,
+        caller: &Caller,
+        r: RevealSecretRequest,
+    ) -> Result<RevealSecretResponse, Status> {
+        let now = now_ms();
+        let mut audit = Self::audit(caller, "read", "", "");
+        let claims = match self.access_key()?.verify(&r.token, now) {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(self
+                    .refuse(audit, Status::unauthenticated(e.to_string()))
+                    .await);
+            }
+        };
+        audit.namespace.clone_from(&claims.ns);
+        audit.secret.clone_from(&claims.secret);
+        audit.token_id.clone_from(&claims.jti);
+        let (resp, _) = self
+            .handle
+            .write(
+                None,
+                Command::Secret(SecretCommand::UseToken {
+                    id: claims.jti.clone(),
+                    actor: caller.actor.clone(),
+                    audit,
+                }),
+            )
+            .await?;
+        let record = match resp {
+            SmResponse::SecretAccess(Ok(rec)) => rec,
+            SmResponse::SecretAccess(Err(why)) => return Err(Status::permission_denied(why)),
+            other => {
+                return Err(Status::internal(format!(
+                    "unexpected state machine answer {other:?}"
+                )))
+            }
+        };
+        let Some(current) = record.current() else {
+            return Err(Status::not_found("the secret has no version"));
+        };
+        let ring = self.keyring()?;
+        let plain = ring
+            .open(
+                &record.namespace,
+                &record.name,
+                current.version,
+                &current.ciphertext,
+            )
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        let values = cloudless_secrets::decode_values(&plain)
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        let valid_until = match (claims.exp, record.expires_at_ms) {
+            (t, 0) => t,
+            (t, s) => t.min(s),
+        };
+        Ok(RevealSecretResponse {
+            data: values
+                .into_iter()
+                .map(|(k, v)| (k, v.to_vec()))
+                .collect::<std::collections::HashMap<_, _>>(),
+            version: current.version,
+            valid_until_ms: valid_until,
+        })
+    }
+
+    async fn rotate(&self, caller: &Caller) -> Result<RotateMasterKeyResponse, CoordinatorError> {
+        let old = self.active_keyring().await?;
+        let stored = self.handle.reader().secret_keyring()?;
+        let key = KeyRing::new_version(self.root()?, &stored, now_ms())
+            .map_err(|e| CoordinatorError::Fatal(e.to_string()))?;
+        let new_version = key.version;
+        let mut next = stored.clone();
+        next.keys.push(key.clone());
+        next.active = new_version;
+        let ring = KeyRing::unseal(self.root()?, &next)
+            .map_err(|e| CoordinatorError::Fatal(e.to_string()))?;
+        let mut rewrapped = Vec::new();
+        for s in self.handle.reader().secrets(None)? {
+            for v in &s.versions {
+                if v.ciphertext.key_version == stored.active {
+                    let c = ring
+                        .rewrap(&s.namespace, &s.name, v.version, &v.ciphertext)
+                        .map_err(|e| {
+                            CoordinatorError::Fatal(format!("{}/{}: {e}", s.namespace, s.name))
+                        })?;
+                    rewrapped.push((s.namespace.clone(), s.name.clone(), v.version, c));
+                }
+            }
+        }
+        let count = rewrapped.len();
+        let mut audit = Self::audit(caller, "rotate", "", "");
+        audit.detail = format!(
+            "master key v{} -> v{new_version}; {count} data keys rewrapped",
+            old.active()
+        );
+        let (resp, _) = self
+            .handle
+            .write(
+                None,
+                Command::Secret(SecretCommand::Rotate {
+                    key,
+                    expected_active: stored.active,
+                    rewrapped,
+                    audit,
+                }),
+            )
+            .await?;
+        match resp {
+            SmResponse::Keyring(_) => Ok(RotateMasterKeyResponse {
+                key_version: new_version,
+                rewrapped: u32::try_from(count).unwrap_or(u32::MAX),
+            }),
+            SmResponse::Rejected(r) => Err(r.into()),
+            other => Err(CoordinatorError::Fatal(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    fn key_info(&self) -> Result<KeyInfoResponse, CoordinatorError> {
+        let stored = self.handle.reader().secret_keyring()?;
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for s in self.handle.reader().secrets(None)? {
+            for v in &s.versions {
+                *counts.entry(v.ciphertext.key_version).or_default() += 1;
+            }
+        }
+        Ok(KeyInfoResponse {
+            keys: stored
+                .keys
+                .iter()
+                .map(|k| KeyVersionInfo {
+                    version: k.version,
+                    created_at_ms: k.created_at_ms,
+                    active: k.version == stored.active,
+                    data_keys: counts.get(&k.version).copied().unwrap_or(0),
+                })
+                .collect(),
+            root_key_source: self.handle.master_key_source(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl SecretService for SecretApi {
+    async fn create(
+        &self,
+        req: Request<PutSecretRequest>,
+    ) -> Result<Response<PutSecretResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin])?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r| async move { this.put(&c, r, true).await },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .create(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn update(
+        &self,
+        req: Request<PutSecretRequest>,
+    ) -> Result<Response<PutSecretResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin])?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r| async move { this.put(&c, r, false).await },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .update(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn get(&self, req: Request<GetSecretRequest>) -> Result<Response<SecretMeta>, Status> {
+        self.caller(&req, &[Allow::Admin])?;
+        let r = req.into_inner();
+        self.handle.read_barrier(r.read.as_ref()).await?;
+        let ns = namespace_or_default(r.namespace);
+        match self
+            .handle
+            .reader()
+            .secret(&ns, &r.name)
+            .map_err(CoordinatorError::from)?
+        {
+            Some(s) => Ok(Response::new(meta(&s))),
+            None => Err(Status::not_found(format!(
+                "secret {ns}/{} not found",
+                r.name
+            ))),
+        }
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListSecretsRequest>,
+    ) -> Result<Response<ListSecretsResponse>, Status> {
+        self.caller(&req, &[Allow::Admin])?;
+        let r = req.into_inner();
+        self.handle.read_barrier(r.read.as_ref()).await?;
+        let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+        let secrets = self
+            .handle
+            .reader()
+            .secrets(ns)
+            .map_err(CoordinatorError::from)?
+            .iter()
+            .map(meta)
+            .collect();
+        Ok(Response::new(ListSecretsResponse { secrets }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteSecretRequest>,
+    ) -> Result<Response<DeleteSecretResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin])?;
+        let (h, c) = (self.handle.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: DeleteSecretRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let ns = namespace_or_default(r.namespace);
+                let audit = Self::audit(&c, "delete", &ns, &r.name);
+                let cmd = Command::Secret(SecretCommand::Delete {
+                    namespace: ns,
+                    name: r.name,
+                    audit,
+                });
+                let (resp, commit) = h.write(key, cmd).await?;
+                match resp {
+                    SmResponse::Rejected(r) => Err(r.into()),
+                    _ => Ok(DeleteSecretResponse {
+                        commit: Some(commit),
+                    }),
+                }
+            },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .delete(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn issue_token(
+        &self,
+        req: Request<IssueTokenRequest>,
+    ) -> Result<Response<IssueTokenResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin, Allow::Node])?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r| async move {
+                this.handle.ensure_leader()?;
+                this.issue(&c, r).await.map_err(CoordinatorError::Status)
+            },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .issue_token(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin, Allow::Node])?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RevokeTokenRequest| async move {
+                let token = this.handle.reader().access_token(&r.token_id)?;
+                let mut audit = Self::audit(&c, "token-revoke", "", "");
+                audit.token_id.clone_from(&r.token_id);
+                if let Some(t) = &token {
+                    audit.namespace.clone_from(&t.namespace);
+                    audit.secret.clone_from(&t.secret);
+                    if !c.admin && t.issued_to != c.actor {
+                        let s = this
+                            .refuse(
+                                audit,
+                                Status::permission_denied(
+                                    "only an admin or the token's holder may revoke it",
+                                ),
+                            )
+                            .await;
+                        return Err(CoordinatorError::Status(s));
+                    }
+                }
+                let (resp, _) = this
+                    .handle
+                    .write(
+                        None,
+                        Command::Secret(SecretCommand::RevokeToken {
+                            id: r.token_id,
+                            audit,
+                        }),
+                    )
+                    .await?;
+                match resp {
+                    SmResponse::Rejected(r) => Err(r.into()),
+                    _ => Ok(RevokeTokenResponse {}),
+                }
+            },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .revoke_token(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn reveal(
+        &self,
+        req: Request<RevealSecretRequest>,
+    ) -> Result<Response<RevealSecretResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin, Allow::Node])?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r| async move {
+                this.handle.ensure_leader()?;
+                this.reveal(&c, r).await.map_err(CoordinatorError::Status)
+            },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .reveal(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn rotate_master_key(
+        &self,
+        req: Request<RotateMasterKeyRequest>,
+    ) -> Result<Response<RotateMasterKeyResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin])?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |_r| async move {
+                this.handle.ensure_leader()?;
+                this.rotate(&c).await
+            },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .rotate_master_key(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn retire_master_key(
+        &self,
+        req: Request<RetireMasterKeyRequest>,
+    ) -> Result<Response<KeyInfoResponse>, Status> {
+        let caller = self.caller(&req, &[Allow::Admin])?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RetireMasterKeyRequest| async move {
+                let mut audit = Self::audit(&c, "retire", "", "");
+                audit.detail = format!("master key v{}", r.key_version);
+                let (resp, _) = this
+                    .handle
+                    .write(
+                        None,
+                        Command::Secret(SecretCommand::Retire {
+                            version: r.key_version,
+                            audit,
+                        }),
+                    )
+                    .await?;
+                match resp {
+                    SmResponse::Rejected(r) => Err(r.into()),
+                    _ => this.key_info(),
+                }
+            },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .retire_master_key(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn key_info(
+        &self,
+        req: Request<KeyInfoRequest>,
+    ) -> Result<Response<KeyInfoResponse>, Status> {
+        self.caller(&req, &[Allow::Admin])?;
+        Ok(Response::new(self.key_info()?))
+    }
+
+    async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        self.caller(&req, &[Allow::Admin])?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(10_000)
+        } as usize;
+        let records = self
+            .handle
+            .reader()
+            .audit(
+                |a| {
+                    (r.namespace.is_empty() || a.namespace == r.namespace)
+                        && (r.name.is_empty() || a.secret == r.name)
+                        && (r.actor.is_empty() || a.actor.contains(&r.actor))
+                        && (r.action.is_empty() || a.action == r.action)
+                        && (!r.refused_only || !a.allowed)
+                },
+                limit,
+            )
+            .map_err(CoordinatorError::from)?;
+        Ok(Response::new(AuditResponse {
+            entries: records
+                .into_iter()
+                .map(|a| AuditEntry {
+                    at_ms: a.at_ms,
+                    actor: a.actor,
+                    source: a.source,
+                    action: a.action,
+                    namespace: a.namespace,
+                    name: a.secret,
+                    token_id: a.token_id,
+                    allowed: a.allowed,
+                    detail: a.detail,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,399 @@
+//! Secrets in the state machine: ciphertext records, the sealed master
+//! keyring, access tokens (uses counted, revocation at once) and the audit
+//! log. Nothing here sees plaintext or key material in the clear.
+
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+
+use cloudless_types::{
+    AccessTokenRecord, AuditRecord, SecretKeyring, SecretRecord, SECRET_VERSIONS_KEPT,
+};
+
+use crate::command::{ClusterInfo, Rejection, Response, SecretCommand};
+use crate::state_machine::{get_json, put_json, CLUSTER, CLUSTER_KEY};
+
+/// `namespace/name` -> SecretRecord.
+pub(crate) const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
+/// `keyring` -> SecretKeyring.
+pub(crate) const SECRET_KEYS: TableDefinition<&str, &str> = TableDefinition::new("secret_keys");
+/// token id -> AccessTokenRecord.
+pub(crate) const ACCESS_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("access_tokens");
+/// `<sequence, 20 digits>` -> AuditRecord; `~seq` holds the next sequence.
+pub(crate) const AUDIT: TableDefinition<&str, &str> = TableDefinition::new("audit");
+pub(crate) const KEYRING_KEY: &str = "keyring";
+const AUDIT_SEQ_KEY: &str = "~seq";
+const DAY_MS: i64 = 86_400_000;
+
+pub(crate) fn secret_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+fn keyring(txn: &WriteTransaction) -> Result<SecretKeyring, String> {
+    Ok(get_json(txn, SECRET_KEYS, KEYRING_KEY)?.unwrap_or_default())
+}
+
+/// Appends audit records (stamped with `now_ms` when 0) and drops those
+/// older than the cluster's retention.
+fn append_audit(
+    txn: &WriteTransaction,
+    records: impl IntoIterator<Item = AuditRecord>,
+    now_ms: i64,
+) -> Result<(), String> {
+    let retention_days = get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)?
+        .map_or(cloudless_types::DEFAULT_AUDIT_RETENTION_DAYS, |c| {
+            c.config.audit_retention_days
+        });
+    let mut table = txn.open_table(AUDIT).map_err(|e| e.to_string())?;
+    let mut seq: u64 = match table.get(AUDIT_SEQ_KEY).map_err(|e| e.to_string())? {
+        Some(v) => v
+            .value()
+            .parse()
+            .map_err(|e| format!("audit sequence: {e}"))?,
+        None => 0,
+    };
+    for mut r in records {
+        if r.at_ms == 0 {
+            r.at_ms = now_ms;
+        }
+        let v = serde_json::to_string(&r).map_err(|e| e.to_string())?;
+        table
+            .insert(format!("{seq:020}").as_str(), v.as_str())
+            .map_err(|e| e.to_string())?;
+        seq += 1;
+    }
+    table
+        .insert(AUDIT_SEQ_KEY, seq.to_string().as_str())
+        .map_err(|e| e.to_string())?;
+    // Retention: records are in time order; drop from the front while old.
+    let cutoff = now_ms - i64::from(retention_days) * DAY_MS;
+    let mut old = Vec::new();
+    for item in table
+        .range::<&str>(..AUDIT_SEQ_KEY)
+        .map_err(|e| e.to_string())?
+    {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let at = serde_json::from_str::<AuditRecord>(v.value())
+            .map(|r| r.at_ms)
+            .unwrap_or(i64::MAX);
+        if at >= cutoff {
+            break;
+        }
+        old.push(k.value().to_owned());
+    }
+    for k in old {
+        table.remove(k.as_str()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Stores `audit` with `allowed` and `detail` set, then returns `r`.
+fn audited(
+    txn: &WriteTransaction,
+    mut audit: AuditRecord,
+    now_ms: i64,
+    outcome: Result<Response, Rejection>,
+) -> Result<Response, String> {
+    match &outcome {
+        Ok(_) => audit.allowed = true,
+        Err(why) => {
+            audit.allowed = false;
+            audit.detail = why.to_string();
+        }
+    }
+    append_audit(txn, [audit], now_ms)?;
+    Ok(outcome.unwrap_or_else(Response::Rejected))
+}
+
+/// Applies one secret command.
+pub(crate) fn apply(
+    txn: &WriteTransaction,
+    cmd: &SecretCommand,
+    now_ms: i64,
+) -> Result<Response, String> {
+    match cmd {
+        SecretCommand::InitKeyring { key } => {
+            let mut ring = keyring(txn)?;
+            if ring.active == 0 {
+                ring.keys.push(key.clone());
+                ring.active = key.version;
+                put_json(txn, SECRET_KEYS, KEYRING_KEY, &ring)?;
+            }
+            Ok(Response::Keyring(ring))
+        }
+        SecretCommand::Put {
+            namespace,
+            name,
+            version,
+            create,
+            audiences,
+            immutable,
+            expires_at_ms,
+            audit,
+        } => {
+            let key = secret_key(namespace, name);
+            let existing = get_json::<SecretRecord>(txn, SECRETS, &key)?;
+            let ring = keyring(txn)?;
+            let outcome = (|| {
+                if !ring
+                    .keys
+                    .iter()
+                    .any(|k| k.version == version.ciphertext.key_version)
+                {
+                    return Err(Rejection::SecretConflict(format!(
+                        "master key version {} is not in the keyring",
+                        version.ciphertext.key_version
+                    )));
+                }
+                let record = match (existing, create) {
+                    (Some(_), true) => {
+                        return Err(Rejection::SecretExists {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                        })
+                    }
+                    (None, false) => {
+                        return Err(Rejection::SecretNotFound {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                        })
+                    }
+                    (None, true) => {
+                        if version.version != 1 {
+                            return Err(Rejection::SecretConflict(
+                                "a new secret starts at version 1".into(),
+                            ));
+                        }
+                        SecretRecord {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                            audiences: audiences.clone().unwrap_or_default(),
+                            immutable: *immutable,
+                            expires_at_ms: expires_at_ms.unwrap_or(0),
+                            versions: vec![version.clone()],
+                            created_at_ms: now_ms,
+                            updated_at_ms: now_ms,
+                        }
+                    }
+                    (Some(mut r), false) => {
+                        if r.immutable {
+                            return Err(Rejection::SecretImmutable {
+                                namespace: namespace.clone(),
+                                name: name.clone(),
+                            });
+                        }
+                        let current = r.current().map_or(0, |v| v.version);
+                        if version.version != current + 1 {
+                            return Err(Rejection::SecretConflict(format!(
+                                "secret {key} is at version {current}, not {}",
+                                version.version - 1
+                            )));
+                        }
+                        r.versions.push(version.clone());
+                        let excess = r.versions.len().saturating_sub(SECRET_VERSIONS_KEPT);
+                        r.versions.drain(..excess);
+                        if let Some(a) = audiences {
+                            r.audiences.clone_from(a);
+                        }
+                        if let Some(e) = expires_at_ms {
+                            r.expires_at_ms = *e;
+                        }
+                        r.updated_at_ms = now_ms;
+                        r
+                    }
+                };
+                Ok(record)
+            })();
+            let outcome = match outcome {
+                Ok(record) => {
+                    put_json(txn, SECRETS, &key, &record)?;
+                    Ok(Response::SecretStored(record))
+                }
+                Err(e) => Err(e),
+            };
+            audited(txn, audit.clone(), now_ms, outcome)
+        }
+        SecretCommand::Delete {
+            namespace,
+            name,
+            audit,
+        } => {
+            let key = secret_key(namespace, name);
+            let removed = txn
+                .open_table(SECRETS)
+                .map_err(|e| e.to_string())?
+                .remove(key.as_str())
+                .map_err(|e| e.to_string())?
+                .is_some();
+            let outcome = if removed {
+                Ok(Response::SecretDone)
+            } else {
+                Err(Rejection::SecretNotFound {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                })
+            };
+            audited(txn, audit.clone(), now_ms, outcome)
+        }
+        SecretCommand::Rotate {
+            key,
+            expected_active,
+            rewrapped,
+            audit,
+        } => {
+            let mut ring = keyring(txn)?;
+            if ring.active != *expected_active || ring.keys.iter().any(|k| k.version == key.version)
+            {
+                return audited(
+                    txn,
+                    audit.clone(),
+                    now_ms,
+                    Err(Rejection::SecretConflict(format!(
+                        "the active master key is version {}, not {expected_active}",
+                        ring.active
+                    ))),
+                );
+            }
+            ring.keys.push(key.clone());
+            ring.active = key.version;
+            put_json(txn, SECRET_KEYS, KEYRING_KEY, &ring)?;
+            for (ns, name, version, c) in rewrapped {
+                let k = secret_key(ns, name);
+                let Some(mut r) = get_json::<SecretRecord>(txn, SECRETS, &k)? else {
+                    continue;
+                };
+                let mut changed = false;
+                for v in &mut r.versions {
+                    // Only what the proposer saw: a version written since
+                    // (under the old key) stays as it is, still readable.
+                    if v.version == *version && v.ciphertext.key_version == *expected_active {
+                        v.ciphertext = c.clone();
+                        changed = true;
+                    }
+                }
+                if changed {
+                    put_json(txn, SECRETS, &k, &r)?;
+                }
+            }
+            audited(txn, audit.clone(), now_ms, Ok(Response::Keyring(ring)))
+        }
+        SecretCommand::Retire { version, audit } => {
+            let mut ring = keyring(txn)?;
+            let outcome = (|| {
+                if *version == ring.active {
+                    return Err(Rejection::Keyring(format!(
+                        "master key version {version} is active; rotate first"
+                    )));
+                }
+                if !ring
+                    .keys
+                    .iter()
+                    .any(|k| k.version == *version && !k.retired)
+                {
+                    return Err(Rejection::Keyring(format!(
+                        "master key version {version} is unknown or already retired"
+                    )));
+                }
+                let table = txn
+                    .open_table(SECRETS)
+                    .map_err(|e| Rejection::Keyring(e.to_string()))?;
+                for item in table
+                    .iter()
+                    .map_err(|e| Rejection::Keyring(e.to_string()))?
+                {
+                    let (k, v) = item.map_err(|e| Rejection::Keyring(e.to_string()))?;
+                    let r: SecretRecord = serde_json::from_str(v.value())
+                        .map_err(|e| Rejection::Keyring(e.to_string()))?;
+                    if r.versions
+                        .iter()
+                        .any(|x| x.ciphertext.key_version == *version)
+                    {
+                        return Err(Rejection::Keyring(format!(
+                            "secret {} still has a data key wrapped by version {version}; rotate again first",
+                            k.value()
+                        )));
+                    }
+                }
+                Ok(())
+            })();
+            let outcome = match outcome {
+                Ok(()) => {
+                    ring.keys.retain(|k| k.version != *version);
+                    put_json(txn, SECRET_KEYS, KEYRING_KEY, &ring)?;
+                    Ok(Response::Keyring(ring))
+                }
+                Err(e) => Err(e),
+            };
+            audited(txn, audit.clone(), now_ms, outcome)
+        }
+        SecretCommand::MintToken { token, audit } => {
+            put_json(txn, ACCESS_TOKENS, &token.id, token)?;
+            audited(txn, audit.clone(), now_ms, Ok(Response::SecretDone))
+        }
+        SecretCommand::UseToken { id, actor, audit } => {
+            let token = get_json::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)?;
+            let refuse = |why: String| Err::<SecretRecord, String>(why);
+            let result = match token {
+                None => refuse("the token is unknown to this cluster".into()),
+                Some(t) if t.revoked => refuse("the token was revoked".into()),
+                Some(t) if now_ms >= t.expires_at_ms => refuse("the token expired".into()),
+                Some(t) if t.uses >= t.max_uses => refuse(format!(
+                    "the token was used {} of {} times",
+                    t.uses, t.max_uses
+                )),
+                Some(t) if t.issued_to != *actor => refuse(format!(
+                    "the token was issued to {}, not {actor}",
+                    t.issued_to
+                )),
+                Some(mut t) => {
+                    let secret = get_json::<SecretRecord>(
+                        txn,
+                        SECRETS,
+                        &secret_key(&t.namespace, &t.secret),
+                    )?;
+                    match secret {
+                        None => refuse(format!(
+                            "secret {}/{} does not exist",
+                            t.namespace, t.secret
+                        )),
+                        Some(s) if s.expires_at_ms != 0 && now_ms >= s.expires_at_ms => {
+                            refuse(format!("secret {}/{} expired", t.namespace, t.secret))
+                        }
+                        Some(s) if !s.audiences.contains(&t.audience) => refuse(format!(
+                            "audience {:?} may no longer read {}/{}",
+                            t.audience, t.namespace, t.secret
+                        )),
+                        Some(s) => {
+                            t.uses += 1;
+                            put_json(txn, ACCESS_TOKENS, id, &t)?;
+                            Ok(s)
+                        }
+                    }
+                }
+            };
+            let mut audit = audit.clone();
+            match &result {
+                Ok(_) => audit.allowed = true,
+                Err(why) => {
+                    audit.allowed = false;
+                    audit.detail.clone_from(why);
+                }
+            }
+            append_audit(txn, [audit], now_ms)?;
+            Ok(Response::SecretAccess(result))
+        }
+        SecretCommand::RevokeToken { id, audit } => {
+            let outcome = match get_json::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)? {
+                Some(mut t) => {
+                    t.revoked = true;
+                    put_json(txn, ACCESS_TOKENS, id, &t)?;
+                    Ok(Response::SecretDone)
+                }
+                None => Err(Rejection::TokenNotFound { id: id.clone() }),
+            };
+            audited(txn, audit.clone(), now_ms, outcome)
+        }
+        SecretCommand::Audit { records } => {
+            append_audit(txn, records.iter().cloned(), now_ms)?;
+            Ok(Response::SecretDone)
+        }
+    }
+}
