@@ -480,6 +480,13 @@ impl SecretApi {
         let claims = match self.access_key()?.verify(&r.token, now) {
             Ok(c) => c,
             Err(e) => {
+                if let Some(c) = AccessTokenKey::peek(&r.token) {
+                    // As the token claims (unverified), so the refusal is
+                    // found under the secret it names.
+                    audit.namespace = c.ns;
+                    audit.secret = c.secret;
+                    audit.token_id = c.jti;
+                }
                 return Err(self
                     .refuse(audit, Status::unauthenticated(e.to_string()))
                     .await);
