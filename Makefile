@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e demo demo-stop clean
+.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -48,6 +48,12 @@ bench-scheduler:
 bench-e2e:
 	$(CARGO) build --release --bins
 	$(CARGO) run --release -p cloudless-test --bin bench-e2e
+
+# 3 coordinator processes with mTLS: GetSecret from 64 clients (many-use and
+# strict tokens), then CreateSecret one at a time and from 16 clients.
+bench-secrets:
+	$(CARGO) build --release --bins
+	./target/release/bench-secrets
 
 demo:
 	scripts/dev-cluster.sh

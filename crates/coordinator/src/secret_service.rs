@@ -42,12 +42,44 @@ const SOURCE_KEY: &str = "x-cloudless-source";
 /// The replicated keyring last unsealed, with its unsealed form.
 type RingCache = Mutex<Option<(SecretKeyring, Arc<KeyRing>)>>;
 
+/// Tokens allowing at most this many uses are counted synchronously: each
+/// use is committed through Raft, with its audit record, before the answer
+/// (exact across leader changes). Tokens allowing more go through the
+/// [`Ledger`].
+pub(crate) const STRICT_USES: u32 = 16;
+/// How often the ledger commits what it counted.
+const LEDGER_FLUSH: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Uses of many-use tokens counted by the leader at once and committed in
+/// batches (`RecordUses`) with their audit records, every [`LEDGER_FLUSH`].
+/// A leader that dies loses at most that window of counts and records; a
+/// token then allows at most that many extra uses.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Uses counted and not yet applied to the state.
+    pending: std::collections::HashMap<String, u32>,
+    /// Uses taken by a flush in flight (still not applied).
+    inflight: std::collections::HashMap<String, u32>,
+    /// Allowed reads per token in this window: one audit record each,
+    /// with the count and the window (refusals are recorded one by one).
+    reads: std::collections::HashMap<String, (AuditRecord, u32, i64)>,
+    audits: Vec<AuditRecord>,
+    flusher: bool,
+}
+
+impl Ledger {
+    fn not_applied(&self, id: &str) -> u32 {
+        self.pending.get(id).copied().unwrap_or(0) + self.inflight.get(id).copied().unwrap_or(0)
+    }
+}
+
 /// The `SecretService` implementation.
 #[derive(Clone)]
 pub struct SecretApi {
     handle: CoordinatorHandle,
     ring: Arc<RingCache>,
     tokens: Arc<Mutex<Option<Arc<AccessTokenKey>>>>,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl std::fmt::Debug for SecretApi {
@@ -105,6 +137,7 @@ impl SecretApi {
             handle,
             ring: Arc::default(),
             tokens: Arc::default(),
+            ledger: Arc::default(),
         }
     }
 
@@ -189,6 +222,21 @@ impl SecretApi {
         })?);
         *cache = Some((stored, ring.clone()));
         Ok(ring)
+    }
+
+    /// The last unsealed keyring without looking at the state (the hot
+    /// read path; a newer key version than it holds makes the caller use
+    /// [`SecretApi::keyring`]).
+    fn cached_keyring(&self) -> Result<Arc<KeyRing>, CoordinatorError> {
+        if let Some((_, ring)) = self
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            return Ok(ring.clone());
+        }
+        self.keyring()
     }
 
     /// The keyring, creating the first master key version if there is none.
@@ -495,38 +543,89 @@ impl SecretApi {
         audit.namespace.clone_from(&claims.ns);
         audit.secret.clone_from(&claims.secret);
         audit.token_id.clone_from(&claims.jti);
-        let (resp, _) = self
+        let (token, secret) = self
             .handle
-            .write(
-                None,
-                Command::Secret(SecretCommand::UseToken {
-                    id: claims.jti.clone(),
-                    actor: caller.actor.clone(),
-                    audit,
-                }),
-            )
-            .await?;
-        let record = match resp {
-            SmResponse::SecretAccess(Ok(rec)) => rec,
-            SmResponse::SecretAccess(Err(why)) => return Err(Status::permission_denied(why)),
-            other => {
-                return Err(Status::internal(format!(
-                    "unexpected state machine answer {other:?}"
-                )))
+            .reader()
+            .token_and_secret(&claims.jti)
+            .map_err(CoordinatorError::from)?;
+        let record = if token.as_ref().is_some_and(|t| t.max_uses > STRICT_USES) {
+            // Many-use token: counted here, committed by the ledger.
+            let mut ledger = self
+                .ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let pending = ledger.not_applied(&claims.jti);
+            let verdict = cloudless_state::check_token_use(
+                token.as_ref(),
+                secret.as_ref(),
+                &caller.actor,
+                now,
+                pending,
+            );
+            audit.at_ms = now;
+            audit.allowed = verdict.is_ok();
+            if let Err(why) = &verdict {
+                audit.detail.clone_from(why);
+                ledger.audits.push(audit);
+            } else {
+                *ledger.pending.entry(claims.jti.clone()).or_default() += 1;
+                let e = ledger
+                    .reads
+                    .entry(claims.jti.clone())
+                    .or_insert_with(|| (audit, 0, now));
+                e.1 += 1;
+                e.0.at_ms = now;
+            }
+            if !ledger.flusher {
+                ledger.flusher = true;
+                tokio::spawn(flush_ledger(self.handle.clone(), self.ledger.clone()));
+            }
+            drop(ledger);
+            match (verdict, secret) {
+                (Ok(()), Some(s)) => s,
+                (Err(why), _) => return Err(Status::permission_denied(why)),
+                (Ok(()), None) => return Err(Status::not_found("the secret is gone")),
+            }
+        } else {
+            let (resp, _) = self
+                .handle
+                .write(
+                    None,
+                    Command::Secret(SecretCommand::UseToken {
+                        id: claims.jti.clone(),
+                        actor: caller.actor.clone(),
+                        audit,
+                    }),
+                )
+                .await?;
+            match resp {
+                SmResponse::SecretAccess(Ok(rec)) => rec,
+                SmResponse::SecretAccess(Err(why)) => return Err(Status::permission_denied(why)),
+                other => {
+                    return Err(Status::internal(format!(
+                        "unexpected state machine answer {other:?}"
+                    )))
+                }
             }
         };
         let Some(current) = record.current() else {
             return Err(Status::not_found("the secret has no version"));
         };
-        let ring = self.keyring()?;
-        let plain = ring
-            .open(
+        let open = |ring: &KeyRing| {
+            ring.open(
                 &record.namespace,
                 &record.name,
                 current.version,
                 &current.ciphertext,
             )
-            .map_err(|e| Status::data_loss(e.to_string()))?;
+        };
+        let plain = match open(self.cached_keyring()?.as_ref()) {
+            Err(cloudless_secrets::SecretsError::UnknownKeyVersion(_)) => {
+                open(self.keyring()?.as_ref())
+            }
+            other => other,
+        }
+        .map_err(|e| Status::data_loss(e.to_string()))?;
         let values = cloudless_secrets::decode_values(&plain)
             .map_err(|e| Status::data_loss(e.to_string()))?;
         let valid_until = match (claims.exp, record.expires_at_ms) {
@@ -618,6 +717,62 @@ impl SecretApi {
                 .collect(),
             root_key_source: self.handle.master_key_source(),
         })
+    }
+}
+
+/// Commits the ledger's counts and audit records every [`LEDGER_FLUSH`]
+/// while there are any; stops when idle (the next use starts it again).
+async fn flush_ledger(handle: CoordinatorHandle, ledger: Arc<Mutex<Ledger>>) {
+    loop {
+        tokio::time::sleep(LEDGER_FLUSH).await;
+        let (uses, audits) = {
+            let mut l = ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if l.pending.is_empty() && l.audits.is_empty() && l.reads.is_empty() {
+                l.flusher = false;
+                return;
+            }
+            let uses = std::mem::take(&mut l.pending);
+            for (id, n) in &uses {
+                *l.inflight.entry(id.clone()).or_default() += n;
+            }
+            let mut audits = std::mem::take(&mut l.audits);
+            for (_, (mut a, n, first)) in l.reads.drain() {
+                a.detail = if n == 1 {
+                    "1 use".to_owned()
+                } else {
+                    format!("{n} uses from {first} to {} (ms since the epoch)", a.at_ms)
+                };
+                audits.push(a);
+            }
+            audits.sort_by_key(|a| a.at_ms);
+            (uses, audits)
+        };
+        let (count, records) = (uses.values().sum::<u32>(), audits.len());
+        let cmd = Command::Secret(SecretCommand::RecordUses {
+            uses: uses.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            audits,
+        });
+        if let Err(e) = handle.write(None, cmd).await {
+            tracing::warn!(
+                error = %e,
+                uses = count,
+                audit_records = records,
+                "token uses and audit records were not committed (leadership lost?)"
+            );
+        }
+        let mut l = ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (id, n) in uses {
+            if let Some(v) = l.inflight.get_mut(&id) {
+                *v = v.saturating_sub(n);
+                if *v == 0 {
+                    l.inflight.remove(&id);
+                }
+            }
+        }
     }
 }
 

@@ -245,6 +245,14 @@ pub enum SecretCommand {
         /// The audit record (its `allowed` and `detail` are set here).
         audit: AuditRecord,
     },
+    /// Uses counted by the leader and their audit records, committed in a
+    /// batch after the answers (tokens allowing many uses).
+    RecordUses {
+        /// (token id, uses).
+        uses: Vec<(String, u32)>,
+        /// The audit records of those uses and refusals.
+        audits: Vec<AuditRecord>,
+    },
     /// Revokes an access token (every later use is refused).
     RevokeToken {
         /// Token id.

@@ -11,6 +11,7 @@ mod command;
 mod error;
 mod log_store;
 mod secrets;
+pub use secrets::check_token_use;
 mod state_machine;
 mod type_config;
 

@@ -103,6 +103,50 @@ fn audited(
     Ok(outcome.unwrap_or_else(Response::Rejected))
 }
 
+/// Whether `actor` may use `token` now to read `secret`, with `pending`
+/// uses counted but not yet committed. The reason names what is wrong.
+pub fn check_token_use(
+    token: Option<&AccessTokenRecord>,
+    secret: Option<&SecretRecord>,
+    actor: &str,
+    now_ms: i64,
+    pending: u32,
+) -> Result<(), String> {
+    let Some(t) = token else {
+        return Err("the token is unknown to this cluster".into());
+    };
+    if t.revoked {
+        return Err("the token was revoked".into());
+    }
+    if now_ms >= t.expires_at_ms {
+        return Err("the token expired".into());
+    }
+    let used = t.uses.saturating_add(pending);
+    if used >= t.max_uses {
+        return Err(format!("the token was used {used} of {} times", t.max_uses));
+    }
+    if t.issued_to != actor {
+        return Err(format!(
+            "the token was issued to {}, not {actor}",
+            t.issued_to
+        ));
+    }
+    match secret {
+        None => Err(format!(
+            "secret {}/{} does not exist",
+            t.namespace, t.secret
+        )),
+        Some(s) if s.expires_at_ms != 0 && now_ms >= s.expires_at_ms => {
+            Err(format!("secret {}/{} expired", t.namespace, t.secret))
+        }
+        Some(s) if !s.audiences.contains(&t.audience) => Err(format!(
+            "audience {:?} may no longer read {}/{}",
+            t.audience, t.namespace, t.secret
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Applies one secret command.
 pub(crate) fn apply(
     txn: &WriteTransaction,
@@ -330,44 +374,21 @@ pub(crate) fn apply(
         }
         SecretCommand::UseToken { id, actor, audit } => {
             let token = get_json::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)?;
-            let refuse = |why: String| Err::<SecretRecord, String>(why);
-            let result = match token {
-                None => refuse("the token is unknown to this cluster".into()),
-                Some(t) if t.revoked => refuse("the token was revoked".into()),
-                Some(t) if now_ms >= t.expires_at_ms => refuse("the token expired".into()),
-                Some(t) if t.uses >= t.max_uses => refuse(format!(
-                    "the token was used {} of {} times",
-                    t.uses, t.max_uses
-                )),
-                Some(t) if t.issued_to != *actor => refuse(format!(
-                    "the token was issued to {}, not {actor}",
-                    t.issued_to
-                )),
-                Some(mut t) => {
-                    let secret = get_json::<SecretRecord>(
-                        txn,
-                        SECRETS,
-                        &secret_key(&t.namespace, &t.secret),
-                    )?;
-                    match secret {
-                        None => refuse(format!(
-                            "secret {}/{} does not exist",
-                            t.namespace, t.secret
-                        )),
-                        Some(s) if s.expires_at_ms != 0 && now_ms >= s.expires_at_ms => {
-                            refuse(format!("secret {}/{} expired", t.namespace, t.secret))
-                        }
-                        Some(s) if !s.audiences.contains(&t.audience) => refuse(format!(
-                            "audience {:?} may no longer read {}/{}",
-                            t.audience, t.namespace, t.secret
-                        )),
-                        Some(s) => {
-                            t.uses += 1;
-                            put_json(txn, ACCESS_TOKENS, id, &t)?;
-                            Ok(s)
-                        }
-                    }
+            let secret = match &token {
+                Some(t) => {
+                    get_json::<SecretRecord>(txn, SECRETS, &secret_key(&t.namespace, &t.secret))?
                 }
+                None => None,
+            };
+            let result = match check_token_use(token.as_ref(), secret.as_ref(), actor, now_ms, 0) {
+                Ok(()) => {
+                    if let Some(mut t) = token {
+                        t.uses += 1;
+                        put_json(txn, ACCESS_TOKENS, id, &t)?;
+                    }
+                    secret.ok_or_else(|| "the secret is gone".to_owned())
+                }
+                Err(why) => Err(why),
             };
             let mut audit = audit.clone();
             match &result {
@@ -379,6 +400,16 @@ pub(crate) fn apply(
             }
             append_audit(txn, [audit], now_ms)?;
             Ok(Response::SecretAccess(result))
+        }
+        SecretCommand::RecordUses { uses, audits } => {
+            for (id, n) in uses {
+                if let Some(mut t) = get_json::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)? {
+                    t.uses = t.uses.saturating_add(*n);
+                    put_json(txn, ACCESS_TOKENS, id, &t)?;
+                }
+            }
+            append_audit(txn, audits.iter().cloned(), now_ms)?;
+            Ok(Response::SecretDone)
         }
         SecretCommand::RevokeToken { id, audit } => {
             let outcome = match get_json::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)? {

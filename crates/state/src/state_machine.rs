@@ -1108,6 +1108,33 @@ impl StateReader {
         self.get(crate::secrets::ACCESS_TOKENS, id)
     }
 
+    /// An access token and the secret it names, read together.
+    pub fn token_and_secret(
+        &self,
+        id: &str,
+    ) -> Result<(Option<AccessTokenRecord>, Option<SecretRecord>), StateError> {
+        self.read(|txn| {
+            let get =
+                |def: TableDefinition<&str, &str>, key: &str| -> Result<Option<String>, String> {
+                    let table = txn.open_table(def).map_err(|e| e.to_string())?;
+                    let v = table.get(key).map_err(|e| e.to_string())?;
+                    Ok(v.map(|v| v.value().to_owned()))
+                };
+            let Some(t) = get(crate::secrets::ACCESS_TOKENS, id)? else {
+                return Ok((None, None));
+            };
+            let t: AccessTokenRecord = serde_json::from_str(&t).map_err(|e| e.to_string())?;
+            let s = get(
+                crate::secrets::SECRETS,
+                &crate::secrets::secret_key(&t.namespace, &t.secret),
+            )?
+            .map(|s| serde_json::from_str::<SecretRecord>(&s))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+            Ok((Some(t), s))
+        })
+    }
+
     /// Audit records passing `filter`, oldest first, at most `limit` (the newest).
     pub fn audit(
         &self,
