@@ -237,6 +237,21 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
         .expect_err("forged");
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     assert!(e.message().contains("signature"), "{e}");
+    // A many-use token (counted by the leader, committed in batches): its
+    // limit holds exactly, and its reads are audited with their count.
+    let t = node_a
+        .issue_token(issue("default", "db", "api", 20, 0))
+        .await
+        .expect("token")
+        .into_inner();
+    for i in 0..20 {
+        node_a
+            .reveal(reveal(&t.token))
+            .await
+            .unwrap_or_else(|e| panic!("use {i} of a 20-use token: {e}"));
+    }
+    let e = node_a.reveal(reveal(&t.token)).await.expect_err("21st use");
+    assert!(e.message().contains("used 20 of 20"), "{e}");
     // Longer than 24 h is refused with the field named.
     let e = node_a
         .issue_token(issue("default", "db", "api", 1, 100_000))
@@ -286,6 +301,16 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
     assert!(all.iter().any(|e| e["action"] == "create"
         && e["allowed"] == true
         && e["actor"].as_str().is_some_and(|a| a.starts_with("admin"))));
+    let batched: u32 = all
+        .iter()
+        .filter(|e| e["allowed"] == true && e["action"] == "read")
+        .filter_map(|e| e["detail"].as_str())
+        .filter_map(|d| d.split(' ').next()?.parse::<u32>().ok())
+        .sum();
+    assert!(
+        batched >= 20,
+        "the 20 batched reads are not all audited: {all:#?}"
+    );
     assert!(all.iter().any(|e| e["action"] == "read"
         && e["allowed"] == true
         && e["actor"].as_str().is_some_and(|a| a.starts_with("node:"))));
