@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use cloudless_proto::v1 as pb;
-use cloudless_test::e2e::Cluster;
+use cloudless_test::e2e::{Cluster, Options};
 use cloudless_test::wait_all_healthy;
 use pb::secret_service_client::SecretServiceClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -24,6 +24,24 @@ macro_rules! require_e2e {
         }
     };
 }
+
+/// The workload that reads the secret: env and a file for user 1000.
+const API: &str = "  placement:
+    zones: [a]
+  securityContext:
+    runAsUser: 1000
+    runAsGroup: 1000
+  secretEnv:
+    - name: DB_PASSWORD
+      secretKeyRef: {name: db, key: PASSWORD}
+  volumes:
+    - name: creds
+      secret:
+        secretName: db
+        items: [{key: PASSWORD, path: password}]
+  volumeMounts:
+    - {name: creds, mountPath: /etc/creds}
+";
 
 /// The value the test looks for on disk afterwards.
 const VALUE: &str = "pg-pass-7Qz9-never-on-disk";
@@ -80,6 +98,13 @@ fn reveal(token: &str) -> pb::RevealSecretRequest {
 
 /// Every regular file under `dir` that contains `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    // tmpfs mounts (secret volumes) are memory, not disk.
+    let tmpfs: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" - tmpfs "))
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .collect();
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -90,7 +115,9 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
             let p = e.path();
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
-                stack.push(p);
+                if !tmpfs.iter().any(|m| Path::new(m) == p) {
+                    stack.push(p);
+                }
             } else if ft.is_file() {
                 if let Ok(bytes) = std::fs::read(&p) {
                     if bytes.windows(needle.len()).any(|w| w == needle) {
@@ -106,9 +133,30 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
     require_e2e!();
-    let mut c = Cluster::start().await;
-    // One replica of "api": on exactly one agent.
-    let m = c.manifest_with("api", "1", 1, "x", "  placement:\n    zones: [a]\n");
+    let mut c = Cluster::start_with(Options {
+        netns_zone: None,
+        agent_args: vec!["--secret-refresh".into(), "1s".into()],
+    })
+    .await;
+    ok(
+        &c,
+        &[
+            "secrets",
+            "create",
+            "default/db",
+            "--data",
+            &format!("PASSWORD={VALUE}"),
+            "--data",
+            "USER=app",
+            "--audience",
+            "api",
+            "--ttl",
+            "30d",
+        ],
+    );
+    // One replica of "api", on agent-a, reading the secret as an env
+    // variable and as a file.
+    let m = c.manifest_with("api", "1", 1, "x", API);
     ok(
         &c,
         &[
@@ -126,22 +174,29 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
     let mut node_a = as_node(&holder.data_dir, &addr);
     let mut node_b = as_node(&other.data_dir, &addr);
 
-    ok(
+    // The container sees it: env, and a 0400 file of its user on a tmpfs.
+    let seen = ok(
         &c,
         &[
-            "secrets",
-            "create",
-            "default/db",
-            "--data",
-            &format!("PASSWORD={VALUE}"),
-            "--data",
-            "USER=app",
-            "--audience",
+            "exec",
             "api",
-            "--ttl",
-            "30d",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$DB_PASSWORD\"; stat -c '%a %u' /etc/creds/password; cat /etc/creds/password; echo; grep ' /etc/creds ' /proc/mounts",
         ],
     );
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines.first().copied(), Some(VALUE), "{seen}");
+    assert_eq!(lines.get(1).copied(), Some("400 1000"), "{seen}");
+    assert_eq!(lines.get(2).copied(), Some(VALUE), "{seen}");
+    assert!(
+        lines
+            .get(3)
+            .is_some_and(|l| l.contains(" tmpfs ") && l.contains(" ro,")),
+        "{seen}"
+    );
+
     let meta = ok(&c, &["secrets", "get", "default/db"]);
     assert!(meta.contains("Keys:        PASSWORD, USER"), "{meta}");
     assert!(!meta.contains(VALUE), "metadata shows the value");
@@ -362,6 +417,22 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
             &format!("PASSWORD={VALUE}-2"),
         ],
     );
+    // The file follows the update (the env variable keeps the value the
+    // container started with, as in Kubernetes).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = c.ctl(&["exec", "api", "--", "cat", "/etc/creds/password"]);
+        if text(&out).0 == format!("{VALUE}-2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the secret file was not refreshed: {:?}\n{}",
+            text(&out),
+            c.agent_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // Rotate the master key: data keys rewrapped, old version retired.
     let rot = ok(&c, &["secrets", "rotate-master-key"]);

@@ -167,6 +167,20 @@ impl Coordinators {
         F: FnMut(AgentServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_on(what, |ch| f(AgentServiceClient::new(ch)))
+            .await
+    }
+
+    /// Like [`Coordinators::call`], for any service on the channel.
+    pub async fn call_on<T, F, Fut>(
+        &mut self,
+        what: &'static str,
+        mut f: F,
+    ) -> Result<T, AgentError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let attempts = self.addresses.len() * 2 + 2;
         let mut last = String::new();
         for _ in 0..attempts {
@@ -183,7 +197,7 @@ impl Coordinators {
                 }
             };
             let channel = self.channel(&address)?;
-            match f(AgentServiceClient::new(channel)).await {
+            match f(channel).await {
                 Ok(r) => {
                     self.preferred = Some(address);
                     return Ok(r.into_inner());

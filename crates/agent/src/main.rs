@@ -78,6 +78,10 @@ struct Cli {
     /// disconnect.stopOnClientAfterSeconds: 90s, 30m, 1h, 7d; 0 = forever.
     #[arg(long, default_value = "1h", value_parser = cloudless_types::parse_duration_secs)]
     max_disconnected: u64,
+    /// How often secrets in use are read again; secret volumes follow
+    /// updates at this pace (90s, 5m).
+    #[arg(long, default_value = "60s", value_parser = cloudless_types::parse_duration_secs)]
+    secret_refresh: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -128,6 +132,8 @@ fn main() -> ExitCode {
             insecure_registries: cli.insecure_registries,
             registry_ca_files: cli.registry_ca_files,
             volume_dir: data_dir.join("volumes"),
+            secret_dir: data_dir.join("secrets"),
+            secret_refresh: std::time::Duration::from_secs(cli.secret_refresh.max(1)),
             allowed_host_paths: cli.allowed_host_paths,
             seccomp_dir: Some(cli.seccomp_dir),
             max_disconnected: (cli.max_disconnected > 0)

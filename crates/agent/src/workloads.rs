@@ -44,6 +44,10 @@ pub struct RuntimeConfig {
     pub registry_ca_files: Vec<PathBuf>,
     /// Where replicas' `emptyDir` volumes live.
     pub volume_dir: PathBuf,
+    /// Where replicas' secret volumes are mounted (tmpfs each).
+    pub secret_dir: PathBuf,
+    /// How often secrets in use are read again (secret volumes follow updates).
+    pub secret_refresh: Duration,
     /// Device directories workloads may mount as `hostPath` (prefixes).
     pub allowed_host_paths: Vec<PathBuf>,
     /// Seccomp profiles for `Localhost`.
@@ -64,6 +68,12 @@ pub fn container_id(replica_id: &str) -> String {
     format!("{}{tail}", &replica_id[..MAX_CONTAINER_ID - 9])
 }
 
+/// Where a replica's volumes go.
+struct Paths {
+    volumes: PathBuf,
+    secrets: PathBuf,
+}
+
 /// The directory of a replica's `emptyDir` volumes.
 fn volume_dir(base: &std::path::Path, container: &str) -> PathBuf {
     base.join(container)
@@ -75,6 +85,7 @@ fn container_config(
     a: &pb::Assignment,
     spec: &cloudless_types::WorkloadSpec,
     volume_base: &std::path::Path,
+    secret_base: &std::path::Path,
 ) -> ContainerConfig {
     use cloudless_types::{SeccompType, StorageMedium};
     let id = container_id(&a.replica_id);
@@ -113,18 +124,23 @@ fn container_config(
         .enumerate()
         .filter_map(|(i, m)| {
             let v = spec.volumes.iter().find(|v| v.name == m.name)?;
-            let source = match (&v.empty_dir, &v.host_path) {
-                (Some(e), _) if e.medium == StorageMedium::Memory => {
+            let source = match (&v.empty_dir, &v.host_path, &v.secret) {
+                (Some(e), _, _) if e.medium == StorageMedium::Memory => {
                     MountSource::Tmpfs(e.size_limit_bytes)
                 }
-                (Some(_), _) => MountSource::ReplicaDir(volume_dir(volume_base, &id).join(&v.name)),
-                (None, Some(h)) => MountSource::HostPath(PathBuf::from(&h.path)),
-                (None, None) => return None,
+                (Some(_), _, _) => {
+                    MountSource::ReplicaDir(volume_dir(volume_base, &id).join(&v.name))
+                }
+                (None, Some(h), _) => MountSource::HostPath(PathBuf::from(&h.path)),
+                (None, None, Some(_)) => {
+                    MountSource::ReplicaDir(crate::secrets::volume_dir(secret_base, &id, &v.name))
+                }
+                (None, None, None) => return None,
             };
             Some(Mount {
                 destination: m.mount_path.clone(),
                 source,
-                read_only: m.read_only,
+                read_only: m.read_only || v.secret.is_some(),
                 field: format!("volumeMounts[{i}]"),
             })
         })
@@ -148,10 +164,13 @@ fn container_config(
 
 /// Makes the replica's `emptyDir` directories (world-writable, as in
 /// Kubernetes, so that a non-root user can write to them).
-fn prepare_volumes(config: &ContainerConfig) -> std::io::Result<()> {
+fn prepare_volumes(config: &ContainerConfig, volume_base: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for m in &config.mounts {
         if let MountSource::ReplicaDir(dir) = &m.source {
+            if !dir.starts_with(volume_base) {
+                continue;
+            }
             std::fs::create_dir_all(dir)?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
         }
@@ -268,6 +287,9 @@ pub struct Runner {
     adopted: bool,
     stopping: tokio::task::JoinSet<()>,
     volume_dir: PathBuf,
+    secret_dir: PathBuf,
+    secret_refresh: Duration,
+    secrets: Option<Arc<crate::secrets::SecretFetcher>>,
     max_disconnected: Option<Duration>,
     /// Replicas stopped because the agent lost every coordinator for
     /// longer than they may run alone; started again on reconnection if
@@ -339,6 +361,9 @@ impl Runner {
             adopted: false,
             stopping: tokio::task::JoinSet::new(),
             volume_dir: config.volume_dir.clone(),
+            secret_dir: config.secret_dir.clone(),
+            secret_refresh: config.secret_refresh,
+            secrets: None,
             max_disconnected: config.max_disconnected,
             parked: std::collections::HashSet::new(),
         })
@@ -467,7 +492,11 @@ impl Runner {
                 spec,
                 cancel.clone(),
                 self.statuses.clone(),
-                self.volume_dir.clone(),
+                Paths {
+                    volumes: self.volume_dir.clone(),
+                    secrets: self.secret_dir.clone(),
+                },
+                self.secrets.clone(),
             ));
             self.slots.insert(
                 a.replica_id.clone(),
@@ -536,8 +565,10 @@ async fn replica_task(
     spec: cloudless_types::WorkloadSpec,
     cancel: CancellationToken,
     statuses: Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>,
-    volume_base: PathBuf,
+    paths: Paths,
+    secrets: Option<Arc<crate::secrets::SecretFetcher>>,
 ) {
+    let volume_base = paths.volumes;
     let id = a.replica_id.clone();
     let set = |s: pb::ReplicaStatus| {
         if let Ok(mut m) = statuses.lock() {
@@ -577,9 +608,106 @@ async fn replica_task(
             }
         }
     };
-    let container = container_config(&a, &spec, &volume_base);
+    // Secrets: read with a token for this workload, retried until they
+    // can be (a secret created after the workload, a coordinator away).
+    let mut resolved = crate::secrets::Resolved::default();
+    if !spec.secret_names().is_empty() {
+        let Some(fetcher) = secrets.clone() else {
+            set(status(
+                &id,
+                "Failed",
+                None,
+                0,
+                "this agent cannot read secrets".into(),
+            ));
+            return;
+        };
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match crate::secrets::resolve(&fetcher, &a.namespace, &a.workload, &spec).await {
+                Ok(r) => {
+                    resolved = r;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %id, error = %e, "cannot read its secrets; retrying");
+                    set(status(
+                        &id,
+                        "Pending",
+                        None,
+                        0,
+                        format!(
+                            "waiting for secrets (retrying in {}s): {e}",
+                            delay.as_secs()
+                        ),
+                    ));
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = cancel.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+    let mut container = container_config(&a, &spec, &volume_base, &paths.secrets);
+    for (k, v) in std::mem::take(&mut resolved.env) {
+        container.env.insert(k, v);
+    }
+    let uid = spec.security_context.run_as_user.unwrap_or(0);
+    let gid = spec.security_context.run_as_group.unwrap_or(0);
+    let secret_volumes: Vec<(PathBuf, cloudless_types::SecretVolume)> = spec
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            v.secret.clone().map(|sv| {
+                (
+                    crate::secrets::volume_dir(&paths.secrets, &container.id, &v.name),
+                    sv,
+                )
+            })
+        })
+        .collect();
+    let unmount_all = |vols: &[(PathBuf, cloudless_types::SecretVolume)]| {
+        for (d, _) in vols {
+            crate::secrets::unmount(d);
+        }
+        let _ = std::fs::remove_dir(paths.secrets.join(container_id(&id)));
+    };
+    for (d, sv) in &secret_volumes {
+        let written = crate::secrets::mount_tmpfs(d).and_then(|()| {
+            let values = resolved
+                .values
+                .get(&sv.secret_name)
+                .ok_or_else(|| format!("secret {} was not read", sv.secret_name))?;
+            crate::secrets::write_files(d, sv, values, uid, gid)
+        });
+        if let Err(e) = written {
+            set(status(
+                &id,
+                "Failed",
+                None,
+                0,
+                format!("secret volume: {e}"),
+            ));
+            unmount_all(&secret_volumes);
+            return;
+        }
+    }
+    let refresher = (!secret_volumes.is_empty())
+        .then(|| secrets.clone())
+        .flatten()
+        .map(|fetcher| {
+            let vols = secret_volumes.clone();
+            let versions = resolved.versions.clone();
+            let (ns, workload, cancel) = (a.namespace.clone(), a.workload.clone(), cancel.clone());
+            let rid = id.clone();
+            tokio::spawn(refresh_secret_volumes(
+                fetcher, vols, versions, ns, workload, uid, gid, rid, cancel,
+            ))
+        });
     let dir = volume_dir(&volume_base, &container.id);
-    if let Err(e) = prepare_volumes(&container) {
+    if let Err(e) = prepare_volumes(&container, &volume_base) {
         set(status(
             &id,
             "Failed",
@@ -610,10 +738,54 @@ async fn replica_task(
         }
     }
     let _ = task.await;
+    if let Some(r) = refresher {
+        r.abort();
+    }
+    unmount_all(&secret_volumes);
     // The container is gone: so is its scratch space.
     if dir.exists() {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(replica = %id, error = %e, "cannot remove its volumes");
+        }
+    }
+}
+
+/// Rewrites a replica's secret volumes when their secrets change.
+#[allow(clippy::too_many_arguments)]
+async fn refresh_secret_volumes(
+    fetcher: Arc<crate::secrets::SecretFetcher>,
+    vols: Vec<(PathBuf, cloudless_types::SecretVolume)>,
+    mut versions: HashMap<String, u64>,
+    namespace: String,
+    workload: String,
+    uid: u32,
+    gid: u32,
+    replica: String,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(fetcher.refresh) => {}
+            () = cancel.cancelled() => return,
+        }
+        for (dir, sv) in &vols {
+            match fetcher.get(&namespace, &sv.secret_name, &workload).await {
+                Ok((values, version)) if versions.get(&sv.secret_name) != Some(&version) => {
+                    match crate::secrets::write_files(dir, sv, &values, uid, gid) {
+                        Ok(()) => {
+                            tracing::info!(replica = %replica, secret = %sv.secret_name, version, "secret volume updated");
+                            versions.insert(sv.secret_name.clone(), version);
+                        }
+                        Err(e) => {
+                            tracing::warn!(replica = %replica, error = %e, "cannot update a secret volume")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(replica = %replica, error = %e, "cannot refresh a secret")
+                }
+            }
         }
     }
 }
@@ -859,6 +1031,11 @@ pub async fn run(
     contact: Contact,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
+    runner.secrets = Some(Arc::new(crate::secrets::SecretFetcher::new(
+        addresses.clone(),
+        identity.clone(),
+        runner.secret_refresh,
+    )));
     for address in &addresses {
         tokio::spawn(tunnel(
             address.clone(),

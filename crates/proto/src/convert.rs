@@ -78,6 +78,26 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                         size_limit_bytes: e.size_limit_bytes,
                     }),
                     host_path: v.host_path.map(|h| v1::HostPath { path: h.path }),
+                    secret: v.secret.map(|s| v1::SecretVolume {
+                        secret_name: s.secret_name,
+                        items: s
+                            .items
+                            .into_iter()
+                            .map(|i| v1::KeyToPath {
+                                key: i.key,
+                                path: i.path,
+                            })
+                            .collect(),
+                    }),
+                })
+                .collect(),
+            secret_env: s
+                .secret_env
+                .into_iter()
+                .map(|e| v1::SecretEnv {
+                    name: e.name,
+                    secret_name: e.secret_key_ref.name,
+                    key: e.secret_key_ref.key,
                 })
                 .collect(),
             volume_mounts: s
@@ -234,6 +254,17 @@ fn container_from_wire(
                 size_limit_bytes: e.size_limit_bytes,
             }),
             host_path: v.host_path.map(|h| t::HostPath { path: h.path }),
+            secret: v.secret.map(|s| t::SecretVolume {
+                secret_name: s.secret_name,
+                items: s
+                    .items
+                    .into_iter()
+                    .map(|i| t::KeyToPath {
+                        key: i.key,
+                        path: i.path,
+                    })
+                    .collect(),
+            }),
         })
         .collect();
     let mounts = std::mem::take(&mut s.volume_mounts)
@@ -408,6 +439,17 @@ pub fn spec_from_wire(
         volumes,
         volume_mounts,
         disconnect,
+        secret_env: s
+            .secret_env
+            .into_iter()
+            .map(|e| t::SecretEnv {
+                name: e.name,
+                secret_key_ref: t::SecretKeyRef {
+                    name: e.secret_name,
+                    key: e.key,
+                },
+            })
+            .collect(),
     }
 }
 

@@ -1471,10 +1471,31 @@ mod tests {
                 },
                 ..Default::default()
             },
-            volumes: vec![cloudless_types::Volume {
-                name: "scratch".into(),
-                empty_dir: Some(cloudless_types::EmptyDir::default()),
-                host_path: None,
+            volumes: vec![
+                cloudless_types::Volume {
+                    name: "scratch".into(),
+                    empty_dir: Some(cloudless_types::EmptyDir::default()),
+                    host_path: None,
+                    secret: None,
+                },
+                cloudless_types::Volume {
+                    name: "creds".into(),
+                    secret: Some(cloudless_types::SecretVolume {
+                        secret_name: "db".into(),
+                        items: vec![cloudless_types::KeyToPath {
+                            key: "PASSWORD".into(),
+                            path: "password".into(),
+                        }],
+                    }),
+                    ..Default::default()
+                },
+            ],
+            secret_env: vec![cloudless_types::SecretEnv {
+                name: "DB_PASSWORD".into(),
+                secret_key_ref: cloudless_types::SecretKeyRef {
+                    name: "db".into(),
+                    key: "PASSWORD".into(),
+                },
             }],
             disconnect: cloudless_types::Disconnect {
                 lost_after_seconds: 60,

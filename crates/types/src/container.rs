@@ -146,7 +146,7 @@ pub struct HostPath {
     pub path: String,
 }
 
-/// A volume: exactly one of `emptyDir` or `hostPath`.
+/// A volume: exactly one of `emptyDir`, `hostPath` or `secret`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Volume {
@@ -158,6 +158,52 @@ pub struct Volume {
     /// A device directory.
     #[serde(default)]
     pub host_path: Option<HostPath>,
+    /// A secret's values as files (mode 0400) on a tmpfs, refreshed when
+    /// the secret changes.
+    #[serde(default)]
+    pub secret: Option<SecretVolume>,
+}
+
+/// `volumes[].secret`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretVolume {
+    /// The secret, in the workload's namespace.
+    pub secret_name: String,
+    /// Which values, under which file names; empty: every value under its
+    /// own key.
+    #[serde(default)]
+    pub items: Vec<KeyToPath>,
+}
+
+/// One value of a secret volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KeyToPath {
+    /// The secret's value key.
+    pub key: String,
+    /// The file name in the volume.
+    pub path: String,
+}
+
+/// An environment variable from a secret (`secretEnv[]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretEnv {
+    /// The variable's name.
+    pub name: String,
+    /// Where its value comes from.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// A value of a secret in the workload's namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The secret's name.
+    pub name: String,
+    /// The value's key.
+    pub key: String,
 }
 
 /// Where a volume appears in the container.
@@ -245,6 +291,46 @@ fn check_capability(errs: &mut ValidationErrors, field: &str, name: &str) {
     }
 }
 
+/// Checks secret environment variables against the plain ones.
+pub(crate) fn validate_secret_env(
+    prefix: &str,
+    secret_env: &[SecretEnv],
+    env: &std::collections::BTreeMap<String, String>,
+    errs: &mut ValidationErrors,
+) {
+    let mut seen = HashSet::new();
+    for (i, e) in secret_env.iter().enumerate() {
+        let f = format!("{prefix}.secretEnv[{i}]");
+        let ok = !e.name.is_empty()
+            && !e.name.starts_with(|c: char| c.is_ascii_digit())
+            && e.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            errs.push(
+                format!("{f}.name"),
+                format!(
+                    "{:?}: letters, digits and '_', not starting with a digit",
+                    e.name
+                ),
+            );
+        }
+        if env.contains_key(&e.name) || !seen.insert(e.name.as_str()) {
+            errs.push(format!("{f}.name"), format!("{} is set twice", e.name));
+        }
+        check_dns_label(
+            errs,
+            &format!("{f}.secretKeyRef.name"),
+            &e.secret_key_ref.name,
+        );
+        crate::check_secret_key(
+            errs,
+            &format!("{f}.secretKeyRef.key"),
+            &e.secret_key_ref.key,
+        );
+    }
+}
+
 /// Checks ports, security context, volumes, mounts and the disconnect policy.
 pub(crate) fn validate(
     prefix: &str,
@@ -321,9 +407,9 @@ pub(crate) fn validate(
         if !volume_names.insert(v.name.as_str()) {
             errs.push(format!("{f}.name"), format!("{:?} is used twice", v.name));
         }
-        match (&v.empty_dir, &v.host_path) {
-            (Some(_), None) => {}
-            (None, Some(h)) => {
+        match (&v.empty_dir, &v.host_path, &v.secret) {
+            (Some(_), None, None) => {}
+            (None, Some(h), None) => {
                 check_path(errs, &format!("{f}.hostPath.path"), &h.path);
                 if h.path == "/" {
                     errs.push(
@@ -332,7 +418,33 @@ pub(crate) fn validate(
                     );
                 }
             }
-            _ => errs.push(f, "needs exactly one of emptyDir, hostPath"),
+            (None, None, Some(sv)) => {
+                check_dns_label(errs, &format!("{f}.secret.secretName"), &sv.secret_name);
+                let mut paths = HashSet::new();
+                for (j, item) in sv.items.iter().enumerate() {
+                    let fi = format!("{f}.secret.items[{j}]");
+                    crate::check_secret_key(errs, &format!("{fi}.key"), &item.key);
+                    let ok = !item.path.is_empty()
+                        && item.path.len() <= 253
+                        && !item.path.contains('/')
+                        && item.path != "."
+                        && item.path != ".."
+                        && !item.path.contains('\0');
+                    if !ok {
+                        errs.push(
+                            format!("{fi}.path"),
+                            format!("{:?} must be a file name (no '/')", item.path),
+                        );
+                    }
+                    if !paths.insert(item.path.as_str()) {
+                        errs.push(
+                            format!("{fi}.path"),
+                            format!("{:?} is used twice", item.path),
+                        );
+                    }
+                }
+            }
+            _ => errs.push(f, "needs exactly one of emptyDir, hostPath, secret"),
         }
     }
     let mut mount_paths = HashSet::new();

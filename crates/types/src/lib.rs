@@ -10,9 +10,9 @@ mod workload;
 
 pub use cluster_config::{ClusterConfig, SchedulerWeights};
 pub use container::{
-    Capabilities, ContainerPort, Disconnect, EmptyDir, HostPath, Protocol, ReconnectPolicy,
-    SeccompProfileSpec, SeccompType, SecurityContextSpec, StorageMedium, Volume, VolumeMount,
-    MAX_DISCONNECT_SECONDS,
+    Capabilities, ContainerPort, Disconnect, EmptyDir, HostPath, KeyToPath, Protocol,
+    ReconnectPolicy, SeccompProfileSpec, SeccompType, SecretEnv, SecretKeyRef, SecretVolume,
+    SecurityContextSpec, StorageMedium, Volume, VolumeMount, MAX_DISCONNECT_SECONDS,
 };
 pub use identity::{
     IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, SealedSecret,

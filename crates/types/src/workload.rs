@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::container::{ContainerPort, Disconnect, SecurityContextSpec, Volume, VolumeMount};
+use crate::container::{
+    ContainerPort, Disconnect, SecretEnv, SecurityContextSpec, Volume, VolumeMount,
+};
 use crate::validation::{check_dns_label, check_labels, ValidationErrors};
 
 /// Namespace used when none is given.
@@ -88,6 +90,10 @@ pub struct WorkloadSpec {
     /// What happens when the replica's node stops answering.
     #[serde(default)]
     pub disconnect: Disconnect,
+    /// Environment variables from secrets (read by the agent with an
+    /// access token for this workload's audience).
+    #[serde(default)]
+    pub secret_env: Vec<SecretEnv>,
 }
 
 fn one() -> u32 {
@@ -461,6 +467,23 @@ impl WorkloadSpec {
         &a == other
     }
 
+    /// The secrets it reads (env and volumes), each once.
+    pub fn secret_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .secret_env
+            .iter()
+            .map(|e| e.secret_key_ref.name.clone())
+            .chain(
+                self.volumes
+                    .iter()
+                    .filter_map(|v| v.secret.as_ref().map(|s| s.secret_name.clone())),
+            )
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Reports every invalid field, with paths under `prefix` (e.g. `spec`).
     pub fn validate_into(&self, prefix: &str, errs: &mut ValidationErrors) {
         let image = self.image.trim();
@@ -547,6 +570,7 @@ impl WorkloadSpec {
         if let Some(p) = &self.liveness_probe {
             p.validate_into(&format!("{prefix}.livenessProbe"), errs);
         }
+        crate::container::validate_secret_env(prefix, &self.secret_env, &self.env, errs);
         crate::container::validate(
             prefix,
             &self.ports,
