@@ -56,10 +56,12 @@ const LEDGER_FLUSH: std::time::Duration = std::time::Duration::from_millis(10);
 /// token then allows at most that many extra uses.
 #[derive(Debug, Default)]
 struct Ledger {
-    /// Uses counted and not yet applied to the state.
-    pending: std::collections::HashMap<String, u32>,
-    /// Uses taken by a flush in flight (still not applied).
-    inflight: std::collections::HashMap<String, u32>,
+    /// The Raft term these counts belong to (a new term starts afresh from
+    /// the committed state).
+    term: u64,
+    /// Per token: (uses committed when this leader first saw it, uses it
+    /// counted since, of which not yet sent to Raft).
+    counts: std::collections::HashMap<String, (u32, u32, u32)>,
     /// Allowed reads per token in this window: one audit record each,
     /// with the count and the window (refusals are recorded one by one).
     reads: std::collections::HashMap<String, (AuditRecord, u32, i64)>,
@@ -67,11 +69,13 @@ struct Ledger {
     flusher: bool,
 }
 
-impl Ledger {
-    fn not_applied(&self, id: &str) -> u32 {
-        self.pending.get(id).copied().unwrap_or(0) + self.inflight.get(id).copied().unwrap_or(0)
-    }
-}
+/// Token and secret records of many-use tokens as read at a secret
+/// generation (valid while the generation is unchanged; use counts are the
+/// ledger's business).
+type HotRecords =
+    std::collections::HashMap<String, (u64, Arc<AccessTokenRecord>, Option<Arc<SecretRecord>>)>;
+/// Most entries kept in the hot cache; it is cleared when full.
+const HOT_LIMIT: usize = 65_536;
 
 /// The `SecretService` implementation.
 #[derive(Clone)]
@@ -80,6 +84,7 @@ pub struct SecretApi {
     ring: Arc<RingCache>,
     tokens: Arc<Mutex<Option<Arc<AccessTokenKey>>>>,
     ledger: Arc<Mutex<Ledger>>,
+    hot: Arc<Mutex<HotRecords>>,
 }
 
 impl std::fmt::Debug for SecretApi {
@@ -138,6 +143,7 @@ impl SecretApi {
             ring: Arc::default(),
             tokens: Arc::default(),
             ledger: Arc::default(),
+            hot: Arc::default(),
         }
     }
 
@@ -543,24 +549,63 @@ impl SecretApi {
         audit.namespace.clone_from(&claims.ns);
         audit.secret.clone_from(&claims.secret);
         audit.token_id.clone_from(&claims.jti);
-        let (token, secret) = self
-            .handle
-            .reader()
-            .token_and_secret(&claims.jti)
-            .map_err(CoordinatorError::from)?;
-        let record = if token.as_ref().is_some_and(|t| t.max_uses > STRICT_USES) {
+        let reader = self.handle.reader();
+        let generation = reader.secret_generation();
+        let hot = self
+            .hot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&claims.jti)
+            .filter(|(g, _, _)| *g == generation)
+            .map(|(_, t, s)| (t.clone(), s.clone()));
+        let (token, secret) = match hot {
+            Some((t, s)) => (Some(t), s),
+            None => {
+                let (t, s) = reader
+                    .token_and_secret(&claims.jti)
+                    .map_err(CoordinatorError::from)?;
+                let (t, s) = (t.map(Arc::new), s.map(Arc::new));
+                if let Some(tok) = t.as_ref().filter(|t| t.max_uses > STRICT_USES) {
+                    let mut hot = self
+                        .hot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if hot.len() >= HOT_LIMIT {
+                        hot.clear();
+                    }
+                    hot.insert(claims.jti.clone(), (generation, tok.clone(), s.clone()));
+                }
+                (t, s)
+            }
+        };
+        let record = if let Some(tok) = token.as_ref().filter(|t| t.max_uses > STRICT_USES) {
             // Many-use token: counted here, committed by the ledger.
+            let term = self.handle.raft().metrics().borrow().current_term;
             let mut ledger = self
                 .ledger
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let pending = ledger.not_applied(&claims.jti);
+            if ledger.term != term {
+                ledger.term = term;
+                ledger.counts.clear();
+            }
+            if !ledger.counts.contains_key(&claims.jti) {
+                // First use in this term: the committed count, read fresh.
+                let committed = reader
+                    .access_token(&claims.jti)
+                    .map_err(CoordinatorError::from)?
+                    .map_or(tok.uses, |t| t.uses);
+                ledger.counts.insert(claims.jti.clone(), (committed, 0, 0));
+            }
+            let (base, counted, _) = ledger.counts.get(&claims.jti).copied().unwrap_or_default();
+            let mut at_base = AccessTokenRecord::clone(tok);
+            at_base.uses = base;
             let verdict = cloudless_state::check_token_use(
-                token.as_ref(),
-                secret.as_ref(),
+                Some(&at_base),
+                secret.as_deref(),
                 &caller.actor,
                 now,
-                pending,
+                counted,
             );
             audit.at_ms = now;
             audit.allowed = verdict.is_ok();
@@ -568,7 +613,10 @@ impl SecretApi {
                 audit.detail.clone_from(why);
                 ledger.audits.push(audit);
             } else {
-                *ledger.pending.entry(claims.jti.clone()).or_default() += 1;
+                if let Some(c) = ledger.counts.get_mut(&claims.jti) {
+                    c.1 += 1;
+                    c.2 += 1;
+                }
                 let e = ledger
                     .reads
                     .entry(claims.jti.clone())
@@ -582,7 +630,7 @@ impl SecretApi {
             }
             drop(ledger);
             match (verdict, secret) {
-                (Ok(()), Some(s)) => s,
+                (Ok(()), Some(s)) => SecretRecord::clone(&s),
                 (Err(why), _) => return Err(Status::permission_denied(why)),
                 (Ok(()), None) => return Err(Status::not_found("the secret is gone")),
             }
@@ -729,13 +777,17 @@ async fn flush_ledger(handle: CoordinatorHandle, ledger: Arc<Mutex<Ledger>>) {
             let mut l = ledger
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if l.pending.is_empty() && l.audits.is_empty() && l.reads.is_empty() {
+            let unsent = l.counts.values().any(|c| c.2 > 0);
+            if !unsent && l.audits.is_empty() && l.reads.is_empty() {
                 l.flusher = false;
                 return;
             }
-            let uses = std::mem::take(&mut l.pending);
-            for (id, n) in &uses {
-                *l.inflight.entry(id.clone()).or_default() += n;
+            let mut uses = Vec::new();
+            for (id, c) in &mut l.counts {
+                if c.2 > 0 {
+                    uses.push((id.clone(), c.2));
+                    c.2 = 0;
+                }
             }
             let mut audits = std::mem::take(&mut l.audits);
             for (_, (mut a, n, first)) in l.reads.drain() {
@@ -749,11 +801,8 @@ async fn flush_ledger(handle: CoordinatorHandle, ledger: Arc<Mutex<Ledger>>) {
             audits.sort_by_key(|a| a.at_ms);
             (uses, audits)
         };
-        let (count, records) = (uses.values().sum::<u32>(), audits.len());
-        let cmd = Command::Secret(SecretCommand::RecordUses {
-            uses: uses.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            audits,
-        });
+        let (count, records) = (uses.iter().map(|u| u.1).sum::<u32>(), audits.len());
+        let cmd = Command::Secret(SecretCommand::RecordUses { uses, audits });
         if let Err(e) = handle.write(None, cmd).await {
             tracing::warn!(
                 error = %e,
@@ -761,17 +810,6 @@ async fn flush_ledger(handle: CoordinatorHandle, ledger: Arc<Mutex<Ledger>>) {
                 audit_records = records,
                 "token uses and audit records were not committed (leadership lost?)"
             );
-        }
-        let mut l = ledger
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (id, n) in uses {
-            if let Some(v) = l.inflight.get_mut(&id) {
-                *v = v.saturating_sub(n);
-                if *v == 0 {
-                    l.inflight.remove(&id);
-                }
-            }
         }
     }
 }

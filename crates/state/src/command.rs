@@ -358,6 +358,8 @@ pub enum Response {
     SecretAccess(Result<SecretRecord, String>),
     /// A secret command with nothing to return.
     SecretDone,
+    /// A secret was deleted or a token revoked (cached copies are stale).
+    SecretChanged,
 }
 
 /// Why a command changed nothing. Deterministic: every replica rejects alike.

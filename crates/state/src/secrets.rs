@@ -268,7 +268,7 @@ pub(crate) fn apply(
                 .map_err(|e| e.to_string())?
                 .is_some();
             let outcome = if removed {
-                Ok(Response::SecretDone)
+                Ok(Response::SecretChanged)
             } else {
                 Err(Rejection::SecretNotFound {
                     namespace: namespace.clone(),
@@ -416,7 +416,7 @@ pub(crate) fn apply(
                 Some(mut t) => {
                     t.revoked = true;
                     put_json(txn, ACCESS_TOKENS, id, &t)?;
-                    Ok(Response::SecretDone)
+                    Ok(Response::SecretChanged)
                 }
                 None => Err(Rejection::TokenNotFound { id: id.clone() }),
             };

@@ -128,6 +128,9 @@ pub struct StateMachine {
     durable: Arc<std::sync::Mutex<(Instant, u64)>>,
     /// Bumped after every commit that removed a node (and every snapshot install).
     removals: Arc<AtomicU64>,
+    /// Bumped after every commit that changed a secret, the keyring or a
+    /// token's revocation (and every snapshot install).
+    secret_changes: Arc<AtomicU64>,
     /// Bumped after every commit that changed replicas, workloads or nodes
     /// (and every snapshot install): assignment watches and the reconciler
     /// wake on it.
@@ -156,6 +159,7 @@ pub struct StateReader {
     path: PathBuf,
     db: Arc<Database>,
     removals: Arc<AtomicU64>,
+    secret_changes: Arc<AtomicU64>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -237,6 +241,7 @@ impl StateMachine {
             apply_latency,
             durable: Arc::new(std::sync::Mutex::new((Instant::now(), 0))),
             removals: Arc::new(AtomicU64::new(0)),
+            secret_changes: Arc::new(AtomicU64::new(0)),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
@@ -247,6 +252,7 @@ impl StateMachine {
             path: self.path.clone(),
             db: self.db.clone(),
             removals: self.removals.clone(),
+            secret_changes: self.secret_changes.clone(),
             changes: self.changes.clone(),
         }
     }
@@ -313,6 +319,15 @@ impl StateMachine {
             .any(|r| matches!(r, Response::NodeRemoved));
         if removed {
             self.removals.fetch_add(1, Ordering::Release);
+        }
+        let secrets_changed = out.iter().flat_map(|r| &r.responses).any(|r| {
+            matches!(
+                r,
+                Response::SecretStored(_) | Response::Keyring(_) | Response::SecretChanged
+            )
+        });
+        if secrets_changed {
+            self.secret_changes.fetch_add(1, Ordering::Release);
         }
         let changed = out.iter().flat_map(|r| &r.responses).any(|r| {
             matches!(
@@ -1190,6 +1205,13 @@ impl StateReader {
         self.removals.load(Ordering::Acquire)
     }
 
+    /// A counter bumped after every commit that changed a secret, the
+    /// master keyring or a token's revocation: records read at an equal
+    /// count are still current (token use counts aside).
+    pub fn secret_generation(&self) -> u64 {
+        self.secret_changes.load(Ordering::Acquire)
+    }
+
     /// Whether node `id` is enrolled (a key lookup; no decoding).
     pub fn node_exists(&self, id: &str) -> Result<bool, StateError> {
         self.read(|txn| {
@@ -1357,6 +1379,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .install(meta, snapshot.get_ref())
             .map_err(|e| io_err!(write_state_machine, e));
         self.removals.fetch_add(1, Ordering::Release);
+        self.secret_changes.fetch_add(1, Ordering::Release);
         self.changes.send_modify(|v| *v += 1);
         r
     }
