@@ -243,7 +243,7 @@ impl Cluster {
         }
         let also_on = netns.as_ref().map(|n| n.host_ip.clone());
         let (coordinators, coordinator_flags) =
-            start_process_cluster_on(dir.path(), true, also_on.as_deref())
+            start_process_cluster_on(dir.path(), true, also_on.as_deref(), true)
                 .await
                 .expect("coordinators");
         wait_all_healthy(&coordinators).await.expect("healthy");
@@ -384,6 +384,10 @@ impl Cluster {
             .arg(data_dir)
             .args(["--coordinator", &servers, "--name", name])
             .args(&self.options.agent_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("CLOUDLESS_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .arg("--join-token-file")
             .arg(token_file)
             .arg("--ca-cert")

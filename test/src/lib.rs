@@ -409,6 +409,9 @@ pub struct ProcessNode {
     pub http: String,
     /// Listen here instead of `grpc` (which is then advertised).
     pub listen: Option<String>,
+    /// Append stderr (logs, at `CLOUDLESS_TEST_COORDINATOR_LOG` or
+    /// `info,openraft=warn`) to this file instead of the test's stderr.
+    pub log_file: Option<PathBuf>,
     /// The process while running.
     pub child: Option<std::process::Child>,
 }
@@ -421,6 +424,7 @@ impl ProcessNode {
             grpc: format!("127.0.0.1:{}", free_port()),
             http: format!("127.0.0.1:{}", free_port()),
             listen: None,
+            log_file: None,
             child: None,
         }
     }
@@ -437,12 +441,26 @@ impl ProcessNode {
             .args(["--data-dir", &self.data_dir.display().to_string()])
             .args(["--http", &self.http])
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit());
+            .stdout(std::process::Stdio::null());
+        match self.log_file.as_ref().and_then(|f| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+                .ok()
+        }) {
+            Some(file) => {
+                let level = std::env::var("CLOUDLESS_TEST_COORDINATOR_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn".into());
+                cmd.env("RUST_LOG", level).stderr(file)
+            }
+            None => cmd
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stderr(std::process::Stdio::inherit()),
+        };
         match &self.listen {
             Some(l) => cmd.args(["--listen", l, "--advertise", &self.grpc]),
             None => cmd.args(["--listen", &self.grpc]),
@@ -533,16 +551,18 @@ pub async fn start_process_cluster(
     dir: &Path,
     tls: bool,
 ) -> anyhow::Result<(Vec<ProcessNode>, Vec<String>)> {
-    start_process_cluster_on(dir, tls, None).await
+    start_process_cluster_on(dir, tls, None, false).await
 }
 
 /// Like [`start_process_cluster`]; with `also_on`, the coordinators listen
 /// on every address and their certificates also name that IP (so agents in
-/// another network namespace can reach them by it).
+/// another network namespace can reach them by it); with `log_files`, their
+/// logs go to `c<i>.log` in `dir`.
 pub async fn start_process_cluster_on(
     dir: &Path,
     tls: bool,
     also_on: Option<&str>,
+    log_files: bool,
 ) -> anyhow::Result<(Vec<ProcessNode>, Vec<String>)> {
     let mut nodes: Vec<ProcessNode> = (0..3).map(|i| ProcessNode::new(dir, i)).collect();
     let mut extra: Vec<String> = if tls {
@@ -553,6 +573,11 @@ pub async fn start_process_cluster_on(
     } else {
         Vec::new()
     };
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if log_files {
+            n.log_file = Some(dir.join(format!("c{i}.log")));
+        }
+    }
     if let Some(ip) = also_on {
         extra.extend(["--set".into(), format!("tls_sans={ip}")]);
         for n in &mut nodes {

@@ -477,6 +477,13 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
 
     // Nothing under the cluster's directories (coordinator data, Raft log
     // and state, agent data and logs, registry) holds the value in clear.
+    for log in ["c0.log", "agent-a.log"] {
+        let len = std::fs::metadata(c.dir.path().join(log)).map_or(0, |m| m.len());
+        assert!(
+            len > 0,
+            "{log} is empty: the scan would prove nothing about logs"
+        );
+    }
     let found = files_containing(c.dir.path(), VALUE.as_bytes());
     assert!(found.is_empty(), "plaintext secret on disk in {found:?}");
 }
