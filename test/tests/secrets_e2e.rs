@@ -307,6 +307,20 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
     }
     let e = node_a.reveal(reveal(&t.token)).await.expect_err("21st use");
     assert!(e.message().contains("used 20 of 20"), "{e}");
+    // Revoking a many-use token (its records cached by the leader) takes
+    // effect at once too.
+    let t = node_a
+        .issue_token(issue("default", "db", "api", 50, 0))
+        .await
+        .expect("token")
+        .into_inner();
+    node_a.reveal(reveal(&t.token)).await.expect("first use");
+    ok(&c, &["secrets", "revoke", &t.token_id]);
+    let e = node_a
+        .reveal(reveal(&t.token))
+        .await
+        .expect_err("revoked many-use token");
+    assert!(e.message().contains("revoked"), "{e}");
     // Longer than 24 h is refused with the field named.
     let e = node_a
         .issue_token(issue("default", "db", "api", 1, 100_000))

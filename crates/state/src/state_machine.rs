@@ -1554,6 +1554,209 @@ mod tests {
     }
 
     #[test]
+    fn secret_commands_count_uses_refuse_what_they_must_and_prune_old_audit() {
+        use crate::command::SecretCommand as S;
+        use cloudless_types::{AuditRecord, SecretCiphertext, SecretKeyVersion, SecretVersion};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm =
+            StateMachine::open(&dir.path().join("s.redb"), Histogram::new([1.0])).expect("open");
+        let day = 86_400_000i64;
+        let audit = |action: &str| AuditRecord {
+            at_ms: 0,
+            actor: "admin:t".into(),
+            source: String::new(),
+            action: action.into(),
+            namespace: "prod".into(),
+            secret: "db".into(),
+            token_id: String::new(),
+            allowed: true,
+            detail: String::new(),
+        };
+        let key = |v: u32| SecretKeyVersion {
+            version: v,
+            nonce: "n".into(),
+            sealed: "s".into(),
+            created_at_ms: 0,
+            retired: false,
+        };
+        let version = |v: u64, k: u32| SecretVersion {
+            version: v,
+            ciphertext: SecretCiphertext {
+                key_version: k,
+                dek_nonce: "a".into(),
+                dek: "b".into(),
+                nonce: "c".into(),
+                data: "d".into(),
+            },
+            keys: vec!["PASSWORD".into()],
+            size: 5,
+            created_at_ms: 0,
+        };
+        let put = |v: u64, create: bool, immutable: bool, at: i64| {
+            apply(
+                &sm.db,
+                Command::Secret(S::Put {
+                    namespace: "prod".into(),
+                    name: "db".into(),
+                    version: version(v, 1),
+                    create,
+                    audiences: Some(vec!["api".into()]),
+                    immutable,
+                    expires_at_ms: None,
+                    audit: audit(if create { "create" } else { "update" }),
+                }),
+                at,
+            )
+        };
+        apply(&sm.db, Command::Secret(S::InitKeyring { key: key(1) }), 0);
+        assert!(matches!(put(1, true, false, 0), Response::SecretStored(_)));
+        assert!(matches!(
+            put(1, true, false, 0),
+            Response::Rejected(Rejection::SecretExists { .. })
+        ));
+        assert!(matches!(
+            put(5, false, false, 0),
+            Response::Rejected(Rejection::SecretConflict(_))
+        ));
+        assert!(matches!(put(2, false, false, 0), Response::SecretStored(_)));
+
+        let token = |id: &str, uses: u32| cloudless_types::AccessTokenRecord {
+            id: id.into(),
+            namespace: "prod".into(),
+            secret: "db".into(),
+            audience: "api".into(),
+            issued_to: "node:a".into(),
+            issued_at_ms: 0,
+            expires_at_ms: 10 * day,
+            max_uses: uses,
+            uses: 0,
+            revoked: false,
+        };
+        apply(
+            &sm.db,
+            Command::Secret(S::MintToken {
+                token: token("t1", 2),
+                audit: audit("token-mint"),
+            }),
+            0,
+        );
+        let use_as = |actor: &str, at: i64| match apply(
+            &sm.db,
+            Command::Secret(S::UseToken {
+                id: "t1".into(),
+                actor: actor.into(),
+                audit: audit("read"),
+            }),
+            at,
+        ) {
+            Response::SecretAccess(r) => r.map(|s| s.current().map_or(0, |v| v.version)),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            use_as("node:b", 1),
+            Err("the token was issued to node:a, not node:b".into())
+        );
+        assert_eq!(use_as("node:a", 1), Ok(2), "the current version");
+        assert_eq!(use_as("node:a", 1), Ok(2));
+        assert_eq!(
+            use_as("node:a", 1),
+            Err("the token was used 2 of 2 times".into())
+        );
+        // Batched uses from the leader's ledger add up.
+        apply(
+            &sm.db,
+            Command::Secret(S::MintToken {
+                token: token("t2", 100),
+                audit: audit("token-mint"),
+            }),
+            0,
+        );
+        apply(
+            &sm.db,
+            Command::Secret(S::RecordUses {
+                uses: vec![("t2".into(), 40), ("gone".into(), 3)],
+                audits: vec![audit("read")],
+            }),
+            2,
+        );
+        let reader = sm.reader();
+        assert_eq!(
+            reader.access_token("t2").expect("read").map(|t| t.uses),
+            Some(40)
+        );
+        // Revocation and immutability.
+        apply(
+            &sm.db,
+            Command::Secret(S::RevokeToken {
+                id: "t2".into(),
+                audit: audit("token-revoke"),
+            }),
+            3,
+        );
+        assert!(reader
+            .access_token("t2")
+            .expect("read")
+            .is_some_and(|t| t.revoked));
+        // The active key cannot be retired; the old one only once unused.
+        apply(
+            &sm.db,
+            Command::Secret(S::Rotate {
+                key: key(2),
+                expected_active: 1,
+                rewrapped: vec![],
+                audit: audit("rotate"),
+            }),
+            4,
+        );
+        assert!(matches!(
+            apply(
+                &sm.db,
+                Command::Secret(S::Retire {
+                    version: 2,
+                    audit: audit("retire")
+                }),
+                4
+            ),
+            Response::Rejected(Rejection::Keyring(_))
+        ));
+        assert!(matches!(
+            apply(&sm.db, Command::Secret(S::Retire { version: 1, audit: audit("retire") }), 4),
+            Response::Rejected(Rejection::Keyring(m)) if m.contains("still has a data key")
+        ));
+        // Stale rotation (expected_active moved) is refused.
+        assert!(matches!(
+            apply(
+                &sm.db,
+                Command::Secret(S::Rotate {
+                    key: key(3),
+                    expected_active: 1,
+                    rewrapped: vec![],
+                    audit: audit("rotate"),
+                }),
+                4,
+            ),
+            Response::Rejected(Rejection::SecretConflict(_))
+        ));
+        // Everything so far was audited, refusals included.
+        let all = reader.audit(|_| true, 1000).expect("audit");
+        assert!(all
+            .iter()
+            .any(|a| !a.allowed && a.detail.contains("issued to")));
+        assert!(all.iter().any(|a| !a.allowed && a.action == "create"));
+        // Retention (default 90 days): an append 91 days later drops them.
+        apply(
+            &sm.db,
+            Command::Secret(S::Audit {
+                records: vec![audit("read")],
+            }),
+            91 * day,
+        );
+        let left = reader.audit(|_| true, 1000).expect("audit");
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].at_ms, 91 * day);
+    }
+
+    #[test]
     fn template_changes_make_revisions_and_the_history_is_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sm =
