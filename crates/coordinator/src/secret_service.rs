@@ -85,7 +85,17 @@ pub struct SecretApi {
     tokens: Arc<Mutex<Option<Arc<AccessTokenKey>>>>,
     ledger: Arc<Mutex<Ledger>>,
     hot: Arc<Mutex<HotRecords>>,
+    /// Tokens whose signature verified (by exact text), with their claims.
+    verified: Arc<Mutex<std::collections::HashMap<String, Arc<AccessClaims>>>>,
+    /// Decrypted values by (secret, version, master key version); memory only.
+    plain: Arc<Mutex<PlainCache>>,
 }
+
+/// Decrypted values of recently read secret versions (wiped on drop).
+type PlainCache =
+    std::collections::HashMap<(String, u64, u32), Arc<Vec<(String, Zeroizing<Vec<u8>>)>>>;
+/// Most decrypted versions kept.
+const PLAIN_LIMIT: usize = 4096;
 
 impl std::fmt::Debug for SecretApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,6 +154,8 @@ impl SecretApi {
             tokens: Arc::default(),
             ledger: Arc::default(),
             hot: Arc::default(),
+            verified: Arc::default(),
+            plain: Arc::default(),
         }
     }
 
@@ -531,7 +543,29 @@ impl SecretApi {
     ) -> Result<RevealSecretResponse, Status> {
         let now = now_ms();
         let mut audit = Self::audit(caller, "read", "", "");
-        let claims = match self.access_key()?.verify(&r.token, now) {
+        let cached_claims = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&r.token)
+            .filter(|c| now < c.exp)
+            .cloned();
+        let verified = match cached_claims {
+            Some(c) => Ok(c),
+            None => self.access_key()?.verify(&r.token, now).map(|c| {
+                let c = Arc::new(c);
+                let mut v = self
+                    .verified
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if v.len() >= HOT_LIMIT {
+                    v.clear();
+                }
+                v.insert(r.token.clone(), c.clone());
+                c
+            }),
+        };
+        let claims = match verified {
             Ok(c) => c,
             Err(e) => {
                 if let Some(c) = AccessTokenKey::peek(&r.token) {
@@ -630,7 +664,7 @@ impl SecretApi {
             }
             drop(ledger);
             match (verdict, secret) {
-                (Ok(()), Some(s)) => SecretRecord::clone(&s),
+                (Ok(()), Some(s)) => s,
                 (Err(why), _) => return Err(Status::permission_denied(why)),
                 (Ok(()), None) => return Err(Status::not_found("the secret is gone")),
             }
@@ -647,7 +681,7 @@ impl SecretApi {
                 )
                 .await?;
             match resp {
-                SmResponse::SecretAccess(Ok(rec)) => rec,
+                SmResponse::SecretAccess(Ok(rec)) => Arc::new(rec),
                 SmResponse::SecretAccess(Err(why)) => return Err(Status::permission_denied(why)),
                 other => {
                     return Err(Status::internal(format!(
@@ -659,31 +693,60 @@ impl SecretApi {
         let Some(current) = record.current() else {
             return Err(Status::not_found("the secret has no version"));
         };
-        let open = |ring: &KeyRing| {
-            ring.open(
-                &record.namespace,
-                &record.name,
-                current.version,
-                &current.ciphertext,
-            )
-        };
-        let plain = match open(self.cached_keyring()?.as_ref()) {
-            Err(cloudless_secrets::SecretsError::UnknownKeyVersion(_)) => {
-                open(self.keyring()?.as_ref())
+        let key = (
+            format!("{}/{}", record.namespace, record.name),
+            current.version,
+            current.ciphertext.key_version,
+        );
+        let cached = self
+            .plain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        let values = match cached {
+            Some(v) => v,
+            None => {
+                let open = |ring: &KeyRing| {
+                    ring.open(
+                        &record.namespace,
+                        &record.name,
+                        current.version,
+                        &current.ciphertext,
+                    )
+                };
+                let plain = match open(self.cached_keyring()?.as_ref()) {
+                    Err(cloudless_secrets::SecretsError::UnknownKeyVersion(_)) => {
+                        open(self.keyring()?.as_ref())
+                    }
+                    other => other,
+                }
+                .map_err(|e| Status::data_loss(e.to_string()))?;
+                let values: Arc<Vec<(String, Zeroizing<Vec<u8>>)>> = Arc::new(
+                    cloudless_secrets::decode_values(&plain)
+                        .map_err(|e| Status::data_loss(e.to_string()))?
+                        .into_iter()
+                        .collect(),
+                );
+                let mut cache = self
+                    .plain
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cache.len() >= PLAIN_LIMIT {
+                    cache.clear();
+                }
+                cache.insert(key, values.clone());
+                values
             }
-            other => other,
-        }
-        .map_err(|e| Status::data_loss(e.to_string()))?;
-        let values = cloudless_secrets::decode_values(&plain)
-            .map_err(|e| Status::data_loss(e.to_string()))?;
+        };
         let valid_until = match (claims.exp, record.expires_at_ms) {
             (t, 0) => t,
             (t, s) => t.min(s),
         };
         Ok(RevealSecretResponse {
             data: values
-                .into_iter()
-                .map(|(k, v)| (k, v.to_vec()))
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_vec()))
                 .collect::<std::collections::HashMap<_, _>>(),
             version: current.version,
             valid_until_ms: valid_until,
