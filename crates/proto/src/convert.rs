@@ -352,42 +352,36 @@ pub fn spec_from_wire(
     let (ports, security_context, volumes, volume_mounts, disconnect) =
         container_from_wire(&mut s, path, errs);
     let placement = s.placement.unwrap_or_default();
-    let anti_affinity = match placement.anti_affinity.as_str() {
-        "" | "None" => t::AntiAffinity::None,
-        "Node" => t::AntiAffinity::Node,
-        "Zone" => t::AntiAffinity::Zone,
-        other => {
-            errs.push(
-                format!("{path}.placement.antiAffinity"),
-                format!("{other:?} is not one of None, Node, Zone"),
-            );
-            t::AntiAffinity::None
-        }
-    };
-    let strategy = match placement.strategy.as_str() {
-        "" | "Auto" => t::PlacementStrategy::Auto,
-        "Spread" => t::PlacementStrategy::Spread,
-        "Binpack" => t::PlacementStrategy::Binpack,
-        other => {
-            errs.push(
-                format!("{path}.placement.strategy"),
-                format!("{other:?} is not one of Auto, Spread, Binpack"),
-            );
-            t::PlacementStrategy::Auto
-        }
-    };
-    let restart_policy = match s.restart_policy.as_str() {
-        "" | "Always" => t::RestartPolicy::Always,
-        "OnFailure" => t::RestartPolicy::OnFailure,
-        "Never" => t::RestartPolicy::Never,
-        other => {
-            errs.push(
-                format!("{path}.restartPolicy"),
-                format!("{other:?} is not one of Always, OnFailure, Never"),
-            );
-            t::RestartPolicy::Always
-        }
-    };
+    let anti_affinity = wire_enum(
+        &placement.anti_affinity,
+        &[
+            ("None", t::AntiAffinity::None),
+            ("Node", t::AntiAffinity::Node),
+            ("Zone", t::AntiAffinity::Zone),
+        ],
+        format!("{path}.placement.antiAffinity"),
+        errs,
+    );
+    let strategy = wire_enum(
+        &placement.strategy,
+        &[
+            ("Auto", t::PlacementStrategy::Auto),
+            ("Spread", t::PlacementStrategy::Spread),
+            ("Binpack", t::PlacementStrategy::Binpack),
+        ],
+        format!("{path}.placement.strategy"),
+        errs,
+    );
+    let restart_policy = wire_enum(
+        &s.restart_policy,
+        &[
+            ("Always", t::RestartPolicy::Always),
+            ("OnFailure", t::RestartPolicy::OnFailure),
+            ("Never", t::RestartPolicy::Never),
+        ],
+        format!("{path}.restartPolicy"),
+        errs,
+    );
     t::WorkloadSpec {
         image: s.image,
         command: s.command,
@@ -407,18 +401,16 @@ pub fn spec_from_wire(
         },
         restart_policy,
         rollout: s.rollout.map_or_else(t::Rollout::default, |r| t::Rollout {
-            strategy: match r.strategy.as_str() {
-                "" | "RollingUpdate" => t::RolloutStrategy::RollingUpdate,
-                "Recreate" => t::RolloutStrategy::Recreate,
-                "BlueGreen" => t::RolloutStrategy::BlueGreen,
-                other => {
-                    errs.push(
-                        format!("{path}.rollout.type"),
-                        format!("{other:?} is not one of RollingUpdate, Recreate, BlueGreen"),
-                    );
-                    t::RolloutStrategy::RollingUpdate
-                }
-            },
+            strategy: wire_enum(
+                &r.strategy,
+                &[
+                    ("RollingUpdate", t::RolloutStrategy::RollingUpdate),
+                    ("Recreate", t::RolloutStrategy::Recreate),
+                    ("BlueGreen", t::RolloutStrategy::BlueGreen),
+                ],
+                format!("{path}.rollout.type"),
+                errs,
+            ),
             max_surge: r.max_surge,
             max_unavailable: r.max_unavailable,
             progress_deadline_seconds: if r.progress_deadline_seconds == 0 {
@@ -603,5 +595,54 @@ impl From<t::ReplicaRecord> for v1::Replica {
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_enum_names_on_the_wire_are_refused_by_field() {
+        let mut spec: v1::WorkloadSpec = t::WorkloadSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        }
+        .into();
+        spec.restart_policy = "Sometimes".into();
+        if let Some(p) = spec.placement.as_mut() {
+            p.strategy = "Random".into();
+        }
+        if let Some(r) = spec.rollout.as_mut() {
+            r.strategy = "Canary".into();
+        }
+        let mut errs = t::ValidationErrors::default();
+        let back = spec_from_wire(spec, "spec", &mut errs);
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.placement.strategy",
+                "spec.restartPolicy",
+                "spec.rollout.type"
+            ]
+        );
+        assert_eq!(
+            errs.0[1].problem,
+            "\"Sometimes\" is not one of Always, OnFailure, Never"
+        );
+        assert_eq!(back.restart_policy, t::RestartPolicy::Always);
+        // Empty strings take the default; known names round-trip.
+        let mut ok: v1::WorkloadSpec = t::WorkloadSpec {
+            image: "busybox".into(),
+            restart_policy: t::RestartPolicy::Never,
+            ..Default::default()
+        }
+        .into();
+        ok.placement = None;
+        let mut errs = t::ValidationErrors::default();
+        let back = spec_from_wire(ok, "spec", &mut errs);
+        assert!(errs.0.is_empty(), "{errs}");
+        assert_eq!(back.restart_policy, t::RestartPolicy::Never);
     }
 }
