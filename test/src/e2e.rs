@@ -536,3 +536,96 @@ pub async fn node_phase(cluster: &Cluster, name: &str) -> Option<String> {
     }
     None
 }
+
+/// stdout and stderr of a finished command, as text.
+pub fn output_text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+impl Cluster {
+    /// Runs cloudlessctl and returns its stdout; fails the test (with the
+    /// output and the agents' logs) if it does not succeed.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        let (stdout, stderr) = output_text(&out);
+        assert!(
+            out.status.success(),
+            "cloudlessctl {}: {stdout}\n{stderr}\n{}",
+            args.join(" "),
+            self.agent_logs()
+        );
+        stdout
+    }
+}
+
+/// What a [`ReplicaSampler`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct Samples {
+    /// Fewest Ready replicas in any sample.
+    pub min_ready: usize,
+    /// Most replicas (any state) in any sample.
+    pub max_total: usize,
+    /// Samples taken.
+    pub count: usize,
+}
+
+/// Lists a workload's replicas every 50 ms (from the first coordinator that
+/// answers) until stopped, keeping the fewest Ready and the most replicas.
+#[derive(Debug)]
+pub struct ReplicaSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Samples>,
+}
+
+impl ReplicaSampler {
+    /// Starts sampling workload `name` in the default namespace.
+    pub fn start(cluster: &Cluster, name: &str) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let servers: Vec<String> = cluster
+            .coordinators
+            .iter()
+            .map(|p| p.grpc.clone())
+            .collect();
+        let (flag, name) = (stop.clone(), name.to_owned());
+        let task = tokio::spawn(async move {
+            let mut s = Samples {
+                min_ready: usize::MAX,
+                max_total: 0,
+                count: 0,
+            };
+            while !flag.load(Ordering::Relaxed) {
+                for server in &servers {
+                    let req = pb::ListReplicasRequest {
+                        read: None,
+                        namespace: "default".into(),
+                        name: name.clone(),
+                    };
+                    if let Ok(r) = WorkloadServiceClient::new(channel(server))
+                        .list_replicas(req)
+                        .await
+                    {
+                        let rs = r.into_inner().replicas;
+                        let ready = rs.iter().filter(|r| r.state == "Ready").count();
+                        s.min_ready = s.min_ready.min(ready);
+                        s.max_total = s.max_total.max(rs.len());
+                        s.count += 1;
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            s
+        });
+        Self { stop, task }
+    }
+
+    /// Stops and returns what was seen.
+    pub async fn finish(self) -> Samples {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("sampler task")
+    }
+}

@@ -6,11 +6,10 @@
 //! loudly otherwise.
 
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use cloudless_proto::v1 as pb;
-use cloudless_test::e2e::{Cluster, Options};
+use cloudless_test::e2e::{output_text as text, Cluster, Options};
 use cloudless_test::wait_all_healthy;
 use pb::secret_service_client::SecretServiceClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -46,22 +45,8 @@ const API: &str = "  placement:
 /// The value the test looks for on disk afterwards.
 const VALUE: &str = "pg-pass-7Qz9-never-on-disk";
 
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn ok(c: &Cluster, args: &[&str]) -> String {
-    let out = c.ctl(args);
-    let (stdout, stderr) = text(&out);
-    assert!(
-        out.status.success(),
-        "cloudlessctl {}: {stdout}\n{stderr}",
-        args.join(" ")
-    );
-    stdout
+    c.ctl_ok(args)
 }
 
 /// A SecretService client speaking as the agent whose data dir is `dir`.

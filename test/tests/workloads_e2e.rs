@@ -7,14 +7,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudless_proto::v1 as pb;
-use cloudless_test::e2e::{kill_containers, Cluster};
-use cloudless_test::{channel, process_leader};
-use pb::workload_service_client::WorkloadServiceClient;
+use cloudless_test::e2e::{kill_containers, Cluster, ReplicaSampler};
+use cloudless_test::process_leader;
 
 /// One whole installation at a time: two would share 2 cores and make the
 /// timing assertions (Down after 5 s) about CPU starvation instead.
@@ -239,39 +236,7 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
     }
 
     // Rolling update to image :2 while sampling Ready replicas.
-    let stop = Arc::new(AtomicBool::new(false));
-    let min_ready = Arc::new(AtomicUsize::new(usize::MAX));
-    let samples = Arc::new(AtomicUsize::new(0));
-    let servers: Vec<String> = c.coordinators.iter().map(|p| p.grpc.clone()).collect();
-    let sampler = {
-        let (stop, min_ready, samples) = (stop.clone(), min_ready.clone(), samples.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                for s in &servers {
-                    let req = pb::ListReplicasRequest {
-                        read: None,
-                        namespace: "default".into(),
-                        name: "web".into(),
-                    };
-                    if let Ok(r) = WorkloadServiceClient::new(channel(s))
-                        .list_replicas(req)
-                        .await
-                    {
-                        let ready = r
-                            .into_inner()
-                            .replicas
-                            .iter()
-                            .filter(|r| r.state == "Ready")
-                            .count();
-                        min_ready.fetch_min(ready, Ordering::Relaxed);
-                        samples.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let sampler = ReplicaSampler::start(&c, "web");
     // v2 gates readiness on an exec probe that passes.
     let v2 = c.manifest_with(
         "web",
@@ -288,8 +253,7 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
         "--timeout",
         "90",
     ]);
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.await;
+    let seen = sampler.finish().await;
     assert!(
         out.status.success(),
         "apply v2: {out:?}\n{}",
@@ -301,11 +265,11 @@ async fn rolling_update_keeps_replicas_available_and_agents_ride_out_a_lost_cont
                 .all(|r| r.image.ends_with(":2") && r.template == 2)
         })
         .await;
-    assert!(samples.load(Ordering::Relaxed) > 5);
+    assert!(seen.count > 5, "{seen:?}");
     assert!(
-        min_ready.load(Ordering::Relaxed) >= 2,
+        seen.min_ready >= 2,
         "fewer than 2 Ready replicas during the rollout (min {})",
-        min_ready.load(Ordering::Relaxed)
+        seen.min_ready
     );
 
     // A new template whose replicas never become Ready is rolled back after

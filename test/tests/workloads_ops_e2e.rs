@@ -6,15 +6,10 @@
 //! Needs root, containerd, runc, busybox-static and docker-registry
 //! (installed by .ci/run); skips loudly otherwise.
 
-use std::process::Output;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudless_proto::v1 as pb;
-use cloudless_test::channel;
-use cloudless_test::e2e::Cluster;
-use pb::workload_service_client::WorkloadServiceClient;
+use cloudless_test::e2e::{output_text as text, Cluster, ReplicaSampler};
 
 macro_rules! require_e2e {
     () => {
@@ -25,23 +20,8 @@ macro_rules! require_e2e {
     };
 }
 
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn ok(c: &Cluster, args: &[&str]) -> String {
-    let out = c.ctl(args);
-    let (stdout, stderr) = text(&out);
-    assert!(
-        out.status.success(),
-        "cloudlessctl {}: {stdout}\n{stderr}\n{}",
-        args.join(" "),
-        c.agent_logs()
-    );
-    stdout
+    c.ctl_ok(args)
 }
 
 const TOOLS: &str = "  securityContext:
@@ -219,35 +199,7 @@ async fn exec_volumes_security_history_undo_and_blue_green() {
 
     // BlueGreen: a full new set next to the old; Ready never drops below
     // the desired count and both sets exist at once.
-    let stop = Arc::new(AtomicBool::new(false));
-    let min_ready = Arc::new(AtomicUsize::new(usize::MAX));
-    let max_total = Arc::new(AtomicUsize::new(0));
-    let servers: Vec<String> = c.coordinators.iter().map(|p| p.grpc.clone()).collect();
-    let sampler = {
-        let (stop, min_ready, max_total) = (stop.clone(), min_ready.clone(), max_total.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                for s in &servers {
-                    let req = pb::ListReplicasRequest {
-                        read: None,
-                        namespace: "default".into(),
-                        name: "tools".into(),
-                    };
-                    if let Ok(r) = WorkloadServiceClient::new(channel(s))
-                        .list_replicas(req)
-                        .await
-                    {
-                        let rs = r.into_inner().replicas;
-                        let ready = rs.iter().filter(|r| r.state == "Ready").count();
-                        min_ready.fetch_min(ready, Ordering::Relaxed);
-                        max_total.fetch_max(rs.len(), Ordering::Relaxed);
-                        break;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let sampler = ReplicaSampler::start(&c, "tools");
     let bg = c.manifest_with(
         "tools",
         "2",
@@ -271,17 +223,9 @@ async fn exec_volumes_security_history_undo_and_blue_green() {
             rs.iter().all(|r| r.image.ends_with(":2"))
         })
         .await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.await;
-    assert!(
-        min_ready.load(Ordering::Relaxed) >= 2,
-        "Ready dropped below 2"
-    );
-    assert_eq!(
-        max_total.load(Ordering::Relaxed),
-        4,
-        "no moment with both sets"
-    );
+    let seen = sampler.finish().await;
+    assert!(seen.min_ready >= 2, "Ready dropped below 2: {seen:?}");
+    assert_eq!(seen.max_total, 4, "no moment with both sets: {seen:?}");
 
     // Replaced replicas' scratch space went with them; deleting the
     // workload removes the rest.
