@@ -21,6 +21,8 @@ pub(crate) enum Allow {
     Coordinator,
     /// Enrolled nodes (agents), and only while their record exists.
     Node,
+    /// Either operators (and coordinators) or enrolled nodes.
+    AdminOrNode,
 }
 
 /// How long a verified client certificate is trusted without re-checking
@@ -127,7 +129,11 @@ pub(crate) fn require<T>(
         (allow, &identity),
         (Allow::Admin, Identity::Admin(_) | Identity::Coordinator(_))
             | (Allow::Coordinator, Identity::Coordinator(_))
-            | (Allow::Node, Identity::Node(_))
+            | (Allow::Node | Allow::AdminOrNode, Identity::Node(_))
+            | (
+                Allow::AdminOrNode,
+                Identity::Admin(_) | Identity::Coordinator(_)
+            )
     );
     if ok {
         if let Identity::Node(id) = &identity {
@@ -140,6 +146,7 @@ pub(crate) fn require<T>(
             Allow::Admin => "administrative APIs",
             Allow::Coordinator => "coordinator-to-coordinator (Raft) APIs",
             Allow::Node => "agent APIs",
+            Allow::AdminOrNode => "administrative or agent APIs",
         };
         Err(Status::permission_denied(format!(
             "{identity} may not call {what}"

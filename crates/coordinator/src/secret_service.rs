@@ -161,21 +161,8 @@ impl SecretApi {
 
     /// Authorizes the caller; a forwarding coordinator speaks for the
     /// caller it authorized.
-    fn caller<T>(&self, req: &Request<T>, allow: &[Allow]) -> Result<Caller, Status> {
-        let mut last = None;
-        let mut identity = None;
-        for a in allow {
-            match crate::authz::require(&self.handle, req, *a) {
-                Ok(id) => {
-                    identity = Some(id);
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let Some(identity) = identity else {
-            return Err(last.unwrap_or_else(|| Status::permission_denied("not allowed")));
-        };
+    fn caller<T>(&self, req: &Request<T>, allow: Allow) -> Result<Caller, Status> {
+        let identity = crate::authz::require(&self.handle, req, allow)?;
         let header = |k: &str| {
             req.metadata()
                 .get(k)
@@ -883,7 +870,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin])?;
+        let caller = self.caller(&req, Allow::Admin)?;
         let (this, c) = (self.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -902,7 +889,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin])?;
+        let caller = self.caller(&req, Allow::Admin)?;
         let (this, c) = (self.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -918,7 +905,7 @@ impl SecretService for SecretApi {
     }
 
     async fn get(&self, req: Request<GetSecretRequest>) -> Result<Response<SecretMeta>, Status> {
-        self.caller(&req, &[Allow::Admin])?;
+        self.caller(&req, Allow::Admin)?;
         let r = req.into_inner();
         self.handle.read_barrier(r.read.as_ref()).await?;
         let ns = namespace_or_default(r.namespace);
@@ -940,7 +927,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<ListSecretsRequest>,
     ) -> Result<Response<ListSecretsResponse>, Status> {
-        self.caller(&req, &[Allow::Admin])?;
+        self.caller(&req, Allow::Admin)?;
         let r = req.into_inner();
         self.handle.read_barrier(r.read.as_ref()).await?;
         let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
@@ -959,7 +946,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<DeleteSecretRequest>,
     ) -> Result<Response<DeleteSecretResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin])?;
+        let caller = self.caller(&req, Allow::Admin)?;
         let (h, c) = (self.handle.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -994,7 +981,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<IssueTokenRequest>,
     ) -> Result<Response<IssueTokenResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin, Allow::Node])?;
+        let caller = self.caller(&req, Allow::AdminOrNode)?;
         let (this, c) = (self.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -1016,7 +1003,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin, Allow::Node])?;
+        let caller = self.caller(&req, Allow::AdminOrNode)?;
         let (this, c) = (self.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -1068,7 +1055,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<RevealSecretRequest>,
     ) -> Result<Response<RevealSecretResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin, Allow::Node])?;
+        let caller = self.caller(&req, Allow::AdminOrNode)?;
         let (this, c) = (self.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -1090,7 +1077,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<RotateMasterKeyRequest>,
     ) -> Result<Response<RotateMasterKeyResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin])?;
+        let caller = self.caller(&req, Allow::Admin)?;
         let (this, c) = (self.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -1112,7 +1099,7 @@ impl SecretService for SecretApi {
         &self,
         req: Request<RetireMasterKeyRequest>,
     ) -> Result<Response<KeyInfoResponse>, Status> {
-        let caller = self.caller(&req, &[Allow::Admin])?;
+        let caller = self.caller(&req, Allow::Admin)?;
         let (this, c) = (self.clone(), caller.clone());
         leader_or_forward(
             &self.handle,
@@ -1148,12 +1135,12 @@ impl SecretService for SecretApi {
         &self,
         req: Request<KeyInfoRequest>,
     ) -> Result<Response<KeyInfoResponse>, Status> {
-        self.caller(&req, &[Allow::Admin])?;
+        self.caller(&req, Allow::Admin)?;
         Ok(Response::new(self.key_info()?))
     }
 
     async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
-        self.caller(&req, &[Allow::Admin])?;
+        self.caller(&req, Allow::Admin)?;
         let r = req.into_inner();
         let limit = if r.limit == 0 {
             100
