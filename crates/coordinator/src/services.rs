@@ -33,8 +33,11 @@ pub async fn serve(
     tls: Option<tonic::transport::ServerTlsConfig>,
     cancel: CancellationToken,
 ) {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    // The builder's `tcp_nodelay` is ignored for a listener we bind ourselves:
+    // without it on each accepted socket, Nagle holds a response's trailing
+    // TLS record until the client's delayed ACK (~40 ms tails under load).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = match builder.tls_config(tls) {
             Ok(b) => b,
