@@ -17,6 +17,14 @@ pub(crate) const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("se
 pub(crate) const SECRET_KEYS: TableDefinition<&str, &str> = TableDefinition::new("secret_keys");
 /// token id -> AccessTokenRecord.
 pub(crate) const ACCESS_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("access_tokens");
+/// `<expiry ms, 20 digits>/<token id>` -> `null`: token records by expiry,
+/// so expired ones can be dropped.
+pub(crate) const ACCESS_TOKEN_EXPIRY: TableDefinition<&str, &str> =
+    TableDefinition::new("access_token_expiry");
+/// How long a token's record outlives its expiry. Until then a late use is
+/// refused as expired by the record too; after it the JWT's own `exp` check
+/// refuses it (the record is gone, and so is the use count).
+pub const TOKEN_RECORD_GRACE_MS: i64 = 3_600_000;
 /// `<sequence, 20 digits>` -> AuditRecord; `~seq` holds the next sequence.
 pub(crate) const AUDIT: TableDefinition<&str, &str> = TableDefinition::new("audit");
 pub(crate) const KEYRING_KEY: &str = "keyring";
@@ -81,6 +89,39 @@ fn append_audit(
     }
     for k in old {
         table.remove(k.as_str()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn expiry_key(expires_at_ms: i64, id: &str) -> String {
+    format!("{:020}/{id}", expires_at_ms.max(0))
+}
+
+/// Drops the records of tokens that expired before `cutoff_ms`. Runs on each
+/// mint, so the table holds about one grace period's worth of expired tokens
+/// however many agents mint (one single-use token per secret read).
+fn drop_expired_tokens(txn: &WriteTransaction, cutoff_ms: i64) -> Result<(), String> {
+    let cutoff = expiry_key(cutoff_ms, "");
+    let mut index = txn
+        .open_table(ACCESS_TOKEN_EXPIRY)
+        .map_err(|e| e.to_string())?;
+    let mut expired = Vec::new();
+    for item in index
+        .range::<&str>(..cutoff.as_str())
+        .map_err(|e| e.to_string())?
+    {
+        let (k, _) = item.map_err(|e| e.to_string())?;
+        expired.push(k.value().to_owned());
+    }
+    if expired.is_empty() {
+        return Ok(());
+    }
+    let mut tokens = txn.open_table(ACCESS_TOKENS).map_err(|e| e.to_string())?;
+    for k in expired {
+        index.remove(k.as_str()).map_err(|e| e.to_string())?;
+        if let Some((_, id)) = k.split_once('/') {
+            tokens.remove(id).map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }
@@ -370,6 +411,11 @@ pub(crate) fn apply(
         }
         SecretCommand::MintToken { token, audit } => {
             put_json(txn, ACCESS_TOKENS, &token.id, token)?;
+            txn.open_table(ACCESS_TOKEN_EXPIRY)
+                .map_err(|e| e.to_string())?
+                .insert(expiry_key(token.expires_at_ms, &token.id).as_str(), "null")
+                .map_err(|e| e.to_string())?;
+            drop_expired_tokens(txn, now_ms - TOKEN_RECORD_GRACE_MS)?;
             audited(txn, audit.clone(), now_ms, Ok(Response::SecretDone))
         }
         SecretCommand::UseToken { id, actor, audit } => {

@@ -71,10 +71,11 @@ const NODE_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("node_re
 const WORKLOAD_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("workload_replicas");
 
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 16] = [
+const DATA_TABLES: [TableDefinition<&str, &str>; 17] = [
     crate::secrets::SECRETS,
     crate::secrets::SECRET_KEYS,
     crate::secrets::ACCESS_TOKENS,
+    crate::secrets::ACCESS_TOKEN_EXPIRY,
     crate::secrets::AUDIT,
     EVENTS,
     REPLICAS,
@@ -1554,7 +1555,7 @@ mod tests {
     }
 
     #[test]
-    fn secret_commands_count_uses_refuse_what_they_must_and_prune_old_audit() {
+    fn secret_commands_count_uses_refuse_what_they_must_and_prune_old_audit_and_tokens() {
         use crate::command::SecretCommand as S;
         use cloudless_types::{AuditRecord, SecretCiphertext, SecretKeyVersion, SecretVersion};
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1754,6 +1755,46 @@ mod tests {
         let left = reader.audit(|_| true, 1000).expect("audit");
         assert_eq!(left.len(), 1, "{left:?}");
         assert_eq!(left[0].at_ms, 91 * day);
+
+        // Token records go an hour after their expiry, on the next mint:
+        // t1 and t2 expired at day 10; t3 (expiring at day 100) stays.
+        let mint_at = |id: &str, expires: i64, at: i64| {
+            let mut t = token(id, 1);
+            t.expires_at_ms = expires;
+            apply(
+                &sm.db,
+                Command::Secret(S::MintToken {
+                    token: t,
+                    audit: audit("token-mint"),
+                }),
+                at,
+            );
+        };
+        mint_at(
+            "t3",
+            100 * day,
+            10 * day + crate::secrets::TOKEN_RECORD_GRACE_MS - 1,
+        );
+        assert!(
+            reader.access_token("t1").expect("read").is_some(),
+            "still within the grace period"
+        );
+        mint_at(
+            "t4",
+            100 * day,
+            10 * day + crate::secrets::TOKEN_RECORD_GRACE_MS + 1,
+        );
+        assert!(reader.access_token("t1").expect("read").is_none());
+        assert!(reader.access_token("t2").expect("read").is_none());
+        assert!(reader.access_token("t3").expect("read").is_some());
+        // A use of a dropped token is refused, not counted against another.
+        assert_eq!(
+            use_as(
+                "node:a",
+                10 * day + 2 * crate::secrets::TOKEN_RECORD_GRACE_MS
+            ),
+            Err("the token is unknown to this cluster".into())
+        );
     }
 
     #[test]
