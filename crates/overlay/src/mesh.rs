@@ -1,0 +1,734 @@
+//! The overlay endpoint: connections by peer identity, streams, relaying.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use cloudless_pki::Identity;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::tls::OverlayTls;
+use crate::wire::{read_frame, write_frame, StreamReply, StreamRequest};
+use crate::OverlayError;
+
+/// The server name a dialer sends; certificates are checked by identity.
+const SERVER_NAME: &str = "overlay.cloudless";
+/// Close code for a connection that reached the wrong node.
+const WRONG_PEER: u32 = 1;
+/// Close code on shutdown.
+const SHUTDOWN: u32 = 0;
+/// How long an opener has to send its request frame.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings of an overlay endpoint.
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    /// UDP address to bind (port 0 picks one).
+    pub listen: SocketAddr,
+    /// A connection without traffic for this long is closed; keep-alives go
+    /// every third of it, which also holds NAT mappings open.
+    pub idle_timeout: Duration,
+    /// How long one dial (one address) may take.
+    pub connect_timeout: Duration,
+    /// Whether this node relays streams for other nodes.
+    pub relay: bool,
+}
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        OverlayConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7600)),
+            idle_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(3),
+            relay: false,
+        }
+    }
+}
+
+/// A boxed connect future.
+pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, String>> + Send + 'a>>;
+
+/// Turns a stream's target into a local TCP connection on the receiving node
+/// (for example into a container's network namespace). `origin` is the node
+/// that opened the stream; an error is sent back to it as the refusal reason.
+pub trait Resolver: Send + Sync + 'static {
+    /// Connects to `target` for `origin`.
+    fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a>;
+}
+
+/// A fixed table of targets to local addresses.
+#[derive(Debug, Default, Clone)]
+pub struct StaticResolver {
+    targets: HashMap<String, SocketAddr>,
+}
+
+impl StaticResolver {
+    /// Adds `target` -> `address`.
+    pub fn with(mut self, target: &str, address: SocketAddr) -> Self {
+        self.targets.insert(target.to_owned(), address);
+        self
+    }
+}
+
+impl Resolver for StaticResolver {
+    fn connect<'a>(&'a self, _origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
+        Box::pin(async move {
+            let addr = self
+                .targets
+                .get(target)
+                .ok_or_else(|| format!("no target {target:?} on this node"))?;
+            TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("target {target:?} ({addr}): {e}"))
+        })
+    }
+}
+
+/// Counters of an endpoint.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayStats {
+    /// Streams this node opened.
+    pub streams_opened: u64,
+    /// Streams this node accepted and connected to a local target.
+    pub streams_served: u64,
+    /// Streams this node relayed between two others.
+    pub streams_relayed: u64,
+    /// Streams refused (bad request, unknown target, not a relay...).
+    pub streams_refused: u64,
+    /// Connections accepted whose peer certificate was checked.
+    pub connections_accepted: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    opened: AtomicU64,
+    served: AtomicU64,
+    relayed: AtomicU64,
+    refused: AtomicU64,
+    accepted: AtomicU64,
+}
+
+/// A node's overlay endpoint. Cheap to clone.
+#[derive(Clone)]
+pub struct Overlay {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("me", &self.inner.me)
+            .field("local", &self.inner.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    me: Identity,
+    tls: OverlayTls,
+    config: OverlayConfig,
+    endpoint: quinn::Endpoint,
+    resolver: Arc<dyn Resolver>,
+    /// Known addresses of peers.
+    addresses: Mutex<HashMap<Identity, Vec<SocketAddr>>>,
+    /// Live connections by peer, whichever side dialed.
+    connections: Mutex<HashMap<Identity, quinn::Connection>>,
+    /// Nodes asked to relay when a peer cannot be dialed; kept connected.
+    relays: Mutex<Vec<Identity>>,
+    counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Overlay {
+    /// Binds the endpoint and starts accepting connections.
+    pub fn bind(
+        config: OverlayConfig,
+        tls: OverlayTls,
+        me: Identity,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Overlay, OverlayError> {
+        let server = tls.server_config(config.idle_timeout)?;
+        let mut endpoint = quinn::Endpoint::server(server, config.listen)
+            .map_err(|e| OverlayError::Io(format!("binding UDP {}: {e}", config.listen)))?;
+        endpoint.set_default_client_config(tls.client_config(config.idle_timeout)?);
+        let overlay = Overlay {
+            inner: Arc::new(Inner {
+                me,
+                tls,
+                config,
+                endpoint,
+                resolver,
+                addresses: Mutex::default(),
+                connections: Mutex::default(),
+                relays: Mutex::default(),
+                counters: Counters::default(),
+            }),
+        };
+        let weak = Arc::downgrade(&overlay.inner);
+        let endpoint = overlay.inner.endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let Some(inner) = weak.upgrade() else { break };
+                let overlay = Overlay { inner };
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => overlay.adopt(conn, None).await,
+                        Err(e) => tracing::debug!(error = %e, "overlay handshake failed"),
+                    }
+                });
+            }
+        });
+        Ok(overlay)
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.me
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Result<SocketAddr, OverlayError> {
+        self.inner
+            .endpoint
+            .local_addr()
+            .map_err(|e| OverlayError::Io(e.to_string()))
+    }
+
+    /// Sets the addresses `peer` may be dialed at (replacing earlier ones).
+    pub fn set_peer(&self, peer: Identity, addresses: Vec<SocketAddr>) {
+        lock(&self.inner.addresses).insert(peer, addresses);
+    }
+
+    /// Forgets `peer`: its addresses, and closes a live connection.
+    pub fn remove_peer(&self, peer: &Identity) {
+        lock(&self.inner.addresses).remove(peer);
+        if let Some(c) = lock(&self.inner.connections).remove(peer) {
+            c.close(SHUTDOWN.into(), b"removed");
+        }
+    }
+
+    /// The nodes to relay through when a peer cannot be dialed. This node
+    /// keeps a connection to each (see [`Overlay::keep_relays_connected`]),
+    /// so they can reach it even behind NAT; streams they open to it may
+    /// name their origin.
+    pub fn set_relays(&self, relays: Vec<Identity>) {
+        *lock(&self.inner.relays) = relays;
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> OverlayStats {
+        let c = &self.inner.counters;
+        OverlayStats {
+            streams_opened: c.opened.load(Ordering::Relaxed),
+            streams_served: c.served.load(Ordering::Relaxed),
+            streams_relayed: c.relayed.load(Ordering::Relaxed),
+            streams_refused: c.refused.load(Ordering::Relaxed),
+            connections_accepted: c.accepted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Peers with a live connection now.
+    pub fn connected_peers(&self) -> Vec<Identity> {
+        lock(&self.inner.connections)
+            .iter()
+            .filter(|(_, c)| c.close_reason().is_none())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Closes every connection and the endpoint.
+    pub async fn shutdown(&self) {
+        self.inner.endpoint.close(SHUTDOWN.into(), b"shutdown");
+        lock(&self.inner.connections).clear();
+        self.inner.endpoint.wait_idle().await;
+    }
+
+    /// Dials every relay without a live connection; returns the failures.
+    /// Run it periodically (a node behind NAT must hold these connections).
+    pub async fn keep_relays_connected(&self) -> Vec<(Identity, OverlayError)> {
+        let relays = lock(&self.inner.relays).clone();
+        let mut failed = Vec::new();
+        for r in relays {
+            if let Err(e) = self.connection(&r).await {
+                failed.push((r, e));
+            }
+        }
+        failed
+    }
+
+    /// Asks `peer` which address it sees this node at (the public address
+    /// when `peer` is outside our NAT).
+    pub async fn observed_address(&self, peer: &Identity) -> Result<SocketAddr, OverlayError> {
+        let conn = self.connection(peer).await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| OverlayError::Io(format!("opening a stream to {peer}: {e}")))?;
+        write_frame(&mut send, &StreamRequest::WhoAmI).await?;
+        let reply: StreamReply = read_frame(&mut recv).await?;
+        let _ = send.finish();
+        reply
+            .observed
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| OverlayError::Protocol(format!("{peer} sent no observed address")))
+    }
+
+    /// Opens a stream to `target` on `peer`: directly when a connection
+    /// exists or an address answers, else through each relay in turn.
+    pub async fn open(&self, peer: &Identity, target: &str) -> Result<OverlayStream, OverlayError> {
+        let direct = match self.connection(peer).await {
+            Ok(conn) => {
+                let request = StreamRequest::Open {
+                    target: target.to_owned(),
+                    origin: None,
+                };
+                match self.request(&conn, peer, &request).await {
+                    Ok(stream) => return Ok(stream),
+                    // The target refused: a relay would be refused too.
+                    Err(e @ OverlayError::Refused { .. }) => return Err(e),
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        let mut detail = format!("direct: {direct}");
+        let relays = lock(&self.inner.relays).clone();
+        for relay in relays.iter().filter(|r| *r != peer) {
+            let request = StreamRequest::Relay {
+                to: peer.uri(),
+                target: target.to_owned(),
+            };
+            match self.connection(relay).await {
+                Ok(conn) => match self.request(&conn, relay, &request).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => detail.push_str(&format!("; via {relay}: {e}")),
+                },
+                Err(e) => detail.push_str(&format!("; via {relay}: {e}")),
+            }
+        }
+        Err(OverlayError::Unreachable {
+            peer: peer.uri(),
+            detail,
+        })
+    }
+
+    /// Accepts TCP connections on `listener` and forwards each to `target`
+    /// on `peer` until the listener fails or the task is aborted.
+    pub fn forward(
+        &self,
+        listener: TcpListener,
+        peer: Identity,
+        target: String,
+    ) -> tokio::task::JoinHandle<()> {
+        let overlay = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, from) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "overlay forward listener failed");
+                        return;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let overlay = overlay.clone();
+                let (peer, target) = (peer.clone(), target.clone());
+                tokio::spawn(async move {
+                    match overlay.open(&peer, &target).await {
+                        Ok(mut stream) => {
+                            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%from, %peer, %target, error = %e, "overlay forward failed");
+                        }
+                    }
+                });
+            }
+        })
+    }
+
+    async fn request(
+        &self,
+        conn: &quinn::Connection,
+        peer: &Identity,
+        request: &StreamRequest,
+    ) -> Result<OverlayStream, OverlayError> {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| OverlayError::Io(format!("opening a stream to {peer}: {e}")))?;
+        write_frame(&mut send, request).await?;
+        let reply: StreamReply = read_frame(&mut recv).await?;
+        if !reply.ok {
+            return Err(OverlayError::Refused {
+                peer: peer.uri(),
+                reason: reply.error,
+            });
+        }
+        self.inner.counters.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(OverlayStream { send, recv })
+    }
+
+    /// A live connection to `peer`, dialing its addresses if needed.
+    async fn connection(&self, peer: &Identity) -> Result<quinn::Connection, OverlayError> {
+        if let Some(c) = lock(&self.inner.connections).get(peer) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addresses = lock(&self.inner.addresses)
+            .get(peer)
+            .cloned()
+            .unwrap_or_default();
+        if addresses.is_empty() {
+            return Err(OverlayError::Unreachable {
+                peer: peer.uri(),
+                detail: "no known address".into(),
+            });
+        }
+        let mut detail = Vec::new();
+        for addr in addresses {
+            match self.dial(addr, peer).await {
+                Ok(c) => return Ok(c),
+                Err(e) => detail.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(OverlayError::Unreachable {
+            peer: peer.uri(),
+            detail: detail.join("; "),
+        })
+    }
+
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        expected: &Identity,
+    ) -> Result<quinn::Connection, OverlayError> {
+        let connecting = self
+            .inner
+            .endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| OverlayError::Io(e.to_string()))?;
+        let conn = tokio::time::timeout(self.inner.config.connect_timeout, connecting)
+            .await
+            .map_err(|_| {
+                OverlayError::Io(format!(
+                    "no answer within {:?}",
+                    self.inner.config.connect_timeout
+                ))
+            })?
+            .map_err(|e| OverlayError::Io(e.to_string()))?;
+        let found = self.inner.tls.identity_of(&conn)?;
+        if &found != expected {
+            conn.close(WRONG_PEER.into(), b"wrong peer");
+            return Err(OverlayError::WrongPeer {
+                address: addr.to_string(),
+                expected: expected.uri(),
+                found: found.uri(),
+            });
+        }
+        let overlay = self.clone();
+        let c = conn.clone();
+        tokio::spawn(async move { overlay.adopt(c, Some(found)).await });
+        Ok(conn)
+    }
+
+    /// Registers `conn` under its peer's identity and serves the streams the
+    /// peer opens on it until it closes.
+    ///
+    /// Boxed: serving a stream may dial (relaying), which adopts again.
+    fn adopt(
+        &self,
+        conn: quinn::Connection,
+        known: Option<Identity>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let overlay = self.clone();
+        Box::pin(async move { overlay.adopt_inner(conn, known).await })
+    }
+
+    async fn adopt_inner(&self, conn: quinn::Connection, known: Option<Identity>) {
+        let peer = match known {
+            Some(p) => p,
+            None => match self.inner.tls.identity_of(&conn) {
+                Ok(p) => {
+                    self.inner.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    p
+                }
+                Err(e) => {
+                    tracing::warn!(remote = %conn.remote_address(), error = %e, "overlay peer refused");
+                    conn.close(WRONG_PEER.into(), b"bad certificate");
+                    return;
+                }
+            },
+        };
+        lock(&self.inner.connections).insert(peer.clone(), conn.clone());
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let overlay = self.clone();
+            let (peer, remote) = (peer.clone(), conn.remote_address());
+            tokio::spawn(async move { overlay.serve_stream(peer, remote, send, recv).await });
+        }
+        let mut conns = lock(&self.inner.connections);
+        if conns
+            .get(&peer)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            conns.remove(&peer);
+        }
+    }
+
+    async fn refuse(&self, send: &mut quinn::SendStream, why: String) {
+        self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+        let _ = write_frame(send, &StreamReply::refused(why)).await;
+        let _ = send.finish();
+    }
+
+    async fn serve_stream(
+        &self,
+        peer: Identity,
+        remote: SocketAddr,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let request =
+            match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, StreamRequest>(&mut recv))
+                .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return self.refuse(&mut send, e.to_string()).await,
+                Err(_) => return self.refuse(&mut send, "no request in time".into()).await,
+            };
+        match request {
+            StreamRequest::WhoAmI => {
+                let reply = StreamReply {
+                    observed: Some(remote.to_string()),
+                    ..StreamReply::ok()
+                };
+                let _ = write_frame(&mut send, &reply).await;
+                let _ = send.finish();
+            }
+            StreamRequest::Open { target, origin } => {
+                // Only a relay this node chose may speak for someone else.
+                let origin = match origin.as_deref().and_then(Identity::from_uri) {
+                    Some(o) if lock(&self.inner.relays).contains(&peer) => o,
+                    _ => peer,
+                };
+                match self.inner.resolver.connect(&origin, &target).await {
+                    Ok(mut tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
+                            return;
+                        }
+                        self.inner.counters.served.fetch_add(1, Ordering::Relaxed);
+                        let mut stream = OverlayStream { send, recv };
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                    }
+                    Err(why) => self.refuse(&mut send, why).await,
+                }
+            }
+            StreamRequest::Relay { to, target } => {
+                if !self.inner.config.relay {
+                    return self
+                        .refuse(&mut send, format!("{} does not relay", self.inner.me))
+                        .await;
+                }
+                let Some(to) = Identity::from_uri(&to) else {
+                    return self
+                        .refuse(&mut send, format!("relay target {to:?} is not an identity"))
+                        .await;
+                };
+                let request = StreamRequest::Open {
+                    target,
+                    origin: Some(peer.uri()),
+                };
+                let onward = match self.connection(&to).await {
+                    Ok(conn) => self.request(&conn, &to, &request).await,
+                    Err(e) => Err(e),
+                };
+                match onward {
+                    Ok(mut far) => {
+                        if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
+                            return;
+                        }
+                        self.inner.counters.relayed.fetch_add(1, Ordering::Relaxed);
+                        let mut near = OverlayStream { send, recv };
+                        let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
+                    }
+                    Err(OverlayError::Refused { reason, .. }) => {
+                        self.refuse(&mut send, reason).await;
+                    }
+                    Err(e) => self.refuse(&mut send, e.to_string()).await,
+                }
+            }
+        }
+    }
+}
+
+/// One forwarded connection: read what the far end's target sends, write to it.
+#[derive(Debug)]
+pub struct OverlayStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl AsyncRead for OverlayStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OverlayStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudless_pki::ClusterCa;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn now() -> i64 {
+        crate::tls::now_secs()
+    }
+
+    fn issue(ca: &ClusterCa, who: &Identity) -> (String, zeroize::Zeroizing<String>) {
+        let c = ca.issue(who, &[], 3600, now()).expect("issue");
+        (c.cert_pem, c.key_pem.expect("key"))
+    }
+
+    fn config() -> OverlayConfig {
+        OverlayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            connect_timeout: Duration::from_millis(700),
+            ..OverlayConfig::default()
+        }
+    }
+
+    struct Origins(Mutex<Vec<Identity>>);
+
+    impl Resolver for Origins {
+        fn connect<'a>(&'a self, origin: &'a Identity, _target: &'a str) -> ConnectFuture<'a> {
+            lock(&self.0).push(origin.clone());
+            Box::pin(async {
+                let l = TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let addr = l.local_addr().map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    if let Ok((mut s, _)) = l.accept().await {
+                        let _ = s.write_all(b"hello").await;
+                    }
+                });
+                TcpStream::connect(addr).await.map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    fn start(ca: &ClusterCa, id: &str) -> (Overlay, Arc<Origins>) {
+        let me = Identity::Node(id.into());
+        let (cert, key) = issue(ca, &me);
+        let (tls, _) = OverlayTls::new(ca.cert_pem(), &cert, key).expect("tls");
+        let origins = Arc::new(Origins(Mutex::default()));
+        let o = Overlay::bind(config(), tls, me, origins.clone()).expect("bind");
+        (o, origins)
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_from_another_ca_is_refused_by_the_server() {
+        let ca = ClusterCa::generate("t", now()).expect("ca");
+        let other = ClusterCa::generate("t", now()).expect("other");
+        let (b, origins) = start(&ca, "b");
+        // Trusts the real CA (so it accepts B's certificate) but presents
+        // one from another CA: only B's client check can stop it.
+        let me = Identity::Node("a".into());
+        let (cert, key) = issue(&other, &me);
+        let tls = OverlayTls {
+            ca_pem: ca.cert_pem().to_owned(),
+            cert_pem: cert,
+            key_pem: key,
+        };
+        let intruder =
+            Overlay::bind(config(), tls, me, Arc::new(StaticResolver::default())).expect("bind");
+        intruder.set_peer(
+            Identity::Node("b".into()),
+            vec![b.local_addr().expect("addr")],
+        );
+        let e = intruder.open(&Identity::Node("b".into()), "x").await;
+        assert!(e.is_err(), "an intruder got a stream");
+        assert_eq!(b.stats().connections_accepted, 0);
+        assert!(lock(&origins.0).is_empty());
+    }
+
+    #[tokio::test]
+    async fn garbage_is_refused_and_a_non_relay_cannot_speak_for_another_node() {
+        let ca = ClusterCa::generate("t", now()).expect("ca");
+        let (a, _) = start(&ca, "a");
+        let (b, origins) = start(&ca, "b");
+        let bid = Identity::Node("b".into());
+        a.set_peer(bid.clone(), vec![b.local_addr().expect("addr")]);
+        let conn = a.connection(&bid).await.expect("connect");
+
+        // An oversized frame length.
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(&[0xff, 0xff, b'{']).await.expect("write");
+        let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+        assert!(!reply.ok && reply.error.contains("exceeds"), "{reply:?}");
+        // Not JSON.
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(&[0, 3, b'a', b'b', b'c'])
+            .await
+            .expect("write");
+        let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+        assert!(!reply.ok && reply.error.contains("bad frame"), "{reply:?}");
+        assert_eq!(b.stats().streams_refused, 2);
+
+        // A claims to open on behalf of X: B is not A's relay client, so the
+        // claim is ignored and the origin is A.
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let spoof = StreamRequest::Open {
+            target: "t".into(),
+            origin: Some("cloudless://node/x".into()),
+        };
+        write_frame(&mut send, &spoof).await.expect("write");
+        let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+        assert!(reply.ok, "{reply:?}");
+        let mut got = Vec::new();
+        AsyncReadExt::read_to_end(&mut recv, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(got, b"hello");
+        assert_eq!(lock(&origins.0).as_slice(), &[Identity::Node("a".into())]);
+
+        // B still serves normally.
+        let mut s = a.open(&bid, "t").await.expect("open");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"hello");
+    }
+}

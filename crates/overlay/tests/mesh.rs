@@ -1,0 +1,288 @@
+//! Overlay endpoints on loopback UDP with certificates from a real cluster CA.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cloudless_overlay::{
+    ConnectFuture, Overlay, OverlayConfig, OverlayError, OverlayTls, Resolver, StaticResolver,
+};
+use cloudless_pki::{ClusterCa, Identity};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+fn node(id: &str) -> Identity {
+    Identity::Node(id.to_owned())
+}
+
+fn tls(ca: &ClusterCa, who: &Identity) -> OverlayTls {
+    let issued = ca.issue(who, &[], 3600, now()).expect("issue");
+    let (tls, identity) = OverlayTls::new(
+        ca.cert_pem(),
+        &issued.cert_pem,
+        issued.key_pem.expect("key"),
+    )
+    .expect("overlay tls");
+    assert_eq!(&identity, who);
+    tls
+}
+
+fn config(relay: bool) -> OverlayConfig {
+    OverlayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        idle_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_millis(700),
+        relay,
+    }
+}
+
+/// Records who each stream came from, then resolves like `inner`.
+struct Recording {
+    inner: StaticResolver,
+    origins: Mutex<Vec<Identity>>,
+}
+
+impl Resolver for Recording {
+    fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
+        self.origins.lock().expect("origins").push(origin.clone());
+        self.inner.connect(origin, target)
+    }
+}
+
+/// A TCP service that reads until EOF and answers with the bytes uppercased.
+async fn upper_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if s.read_to_end(&mut all).await.is_ok() {
+                    all.make_ascii_uppercase();
+                    let _ = s.write_all(&all).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Node {
+    overlay: Overlay,
+    origins: Arc<Recording>,
+}
+
+fn start(ca: &ClusterCa, id: &str, relay: bool, service: Option<SocketAddr>) -> Node {
+    let mut r = StaticResolver::default();
+    if let Some(addr) = service {
+        r = r.with("upper", addr);
+    }
+    let origins = Arc::new(Recording {
+        inner: r,
+        origins: Mutex::default(),
+    });
+    let overlay = Overlay::bind(config(relay), tls(ca, &node(id)), node(id), origins.clone())
+        .expect("bind overlay");
+    Node { overlay, origins }
+}
+
+fn addr(n: &Node) -> SocketAddr {
+    n.overlay.local_addr().expect("local addr")
+}
+
+/// Sends `data` through a stream, half-closes, returns what came back.
+async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    data: &[u8],
+) -> Vec<u8> {
+    s.write_all(data).await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    back
+}
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+#[tokio::test]
+async fn a_tcp_connection_crosses_the_overlay_both_ways_with_half_close() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let service = upper_service().await;
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, Some(service));
+    a.overlay.set_peer(node("b"), vec![addr(&b)]);
+
+    // Through a local listener, as a workload would use it; 4 MiB each way.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let local = listener.local_addr().expect("addr");
+    let fwd = a.overlay.forward(listener, node("b"), "upper".into());
+    let data = payload(4 << 20);
+    let back = round_trip(TcpStream::connect(local).await.expect("connect"), &data).await;
+    assert_eq!(back.len(), data.len());
+    assert_eq!(back, data.to_ascii_uppercase());
+
+    // Several at once over the one connection.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        tasks.push(tokio::spawn(async move {
+            let data = payload(10_000 + i);
+            let back = round_trip(TcpStream::connect(local).await.expect("connect"), &data).await;
+            back == data.to_ascii_uppercase()
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.expect("task"));
+    }
+    fwd.abort();
+
+    // B saw A as the origin every time; one connection each way at most.
+    assert!(b
+        .origins
+        .origins
+        .lock()
+        .expect("origins")
+        .iter()
+        .all(|o| *o == node("a")));
+    assert_eq!(b.overlay.stats().streams_served, 17);
+    assert_eq!(a.overlay.stats().streams_opened, 17);
+    assert_eq!(b.overlay.stats().connections_accepted, 1);
+    assert_eq!(a.overlay.connected_peers(), vec![node("b")]);
+
+    // B sees A at A's address.
+    assert_eq!(
+        a.overlay
+            .observed_address(&node("b"))
+            .await
+            .expect("whoami"),
+        addr(&a)
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_target_is_refused_with_the_reason_and_the_connection_stays_usable() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let service = upper_service().await;
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, Some(service));
+    a.overlay.set_peer(node("b"), vec![addr(&b)]);
+    match a.overlay.open(&node("b"), "nope").await {
+        Err(OverlayError::Refused { peer, reason }) => {
+            assert_eq!(peer, "cloudless://node/b");
+            assert!(reason.contains("no target \"nope\""), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(b.overlay.stats().streams_refused, 1);
+    let s = a.overlay.open(&node("b"), "upper").await.expect("open");
+    assert_eq!(round_trip(s, b"ok").await, b"OK");
+}
+
+#[tokio::test]
+async fn certificates_from_another_cluster_are_refused_both_ways() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let other = ClusterCa::generate("mesh", now()).expect("other ca");
+    let service = upper_service().await;
+    let b = start(&ca, "b", false, Some(service));
+    // An intruder with the same node name, certified by another CA.
+    let intruder = start(&other, "a", false, None);
+    intruder.overlay.set_peer(node("b"), vec![addr(&b)]);
+    let e = intruder
+        .overlay
+        .open(&node("b"), "upper")
+        .await
+        .expect_err("refused");
+    assert!(matches!(e, OverlayError::Unreachable { .. }), "{e}");
+    assert_eq!(b.overlay.stats().connections_accepted, 0);
+    assert_eq!(b.overlay.stats().streams_served, 0);
+    // Nor does B accept the intruder as a server.
+    b.overlay.set_peer(node("a"), vec![addr(&intruder)]);
+    let e = b
+        .overlay
+        .open(&node("a"), "upper")
+        .await
+        .expect_err("refused");
+    assert!(matches!(e, OverlayError::Unreachable { .. }), "{e}");
+    assert_eq!(intruder.overlay.stats().streams_served, 0);
+}
+
+#[tokio::test]
+async fn an_address_that_answers_as_another_node_is_not_used() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let service = upper_service().await;
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, Some(service));
+    // A believes C lives at B's address.
+    a.overlay.set_peer(node("c"), vec![addr(&b)]);
+    let e = a
+        .overlay
+        .open(&node("c"), "upper")
+        .await
+        .expect_err("wrong peer");
+    let text = e.to_string();
+    assert!(
+        text.contains("is cloudless://node/b, not cloudless://node/c"),
+        "{text}"
+    );
+    assert_eq!(b.overlay.stats().streams_served, 0);
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_be_dialed_is_reached_through_its_relay() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let service = upper_service().await;
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, Some(service));
+    let r = start(&ca, "r", true, None);
+    let plain = start(&ca, "p", false, None);
+
+    // B is "behind NAT": nobody has an address for it; it dials its relay.
+    b.overlay.set_peer(node("r"), vec![addr(&r)]);
+    b.overlay.set_relays(vec![node("r")]);
+    assert!(b.overlay.keep_relays_connected().await.is_empty());
+
+    // A has a dead address for B and knows a relay.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    a.overlay
+        .set_peer(node("b"), vec![dead.local_addr().expect("addr")]);
+    a.overlay.set_peer(node("r"), vec![addr(&r)]);
+    a.overlay.set_peer(node("p"), vec![addr(&plain)]);
+    a.overlay.set_relays(vec![node("p"), node("r")]);
+
+    let s = a
+        .overlay
+        .open(&node("b"), "upper")
+        .await
+        .expect("via relay");
+    let data = payload(1 << 20);
+    assert_eq!(round_trip(s, &data).await, data.to_ascii_uppercase());
+    assert_eq!(r.overlay.stats().streams_relayed, 1);
+    assert_eq!(plain.overlay.stats().streams_refused, 1, "p does not relay");
+    // B's resolver saw A (named by its chosen relay), not R.
+    assert_eq!(
+        b.origins.origins.lock().expect("origins").as_slice(),
+        &[node("a")]
+    );
+
+    // With no relay able to help, the error lists every attempt.
+    a.overlay.set_relays(vec![node("p")]);
+    let e = a
+        .overlay
+        .open(&node("b"), "upper")
+        .await
+        .expect_err("unreachable");
+    let text = e.to_string();
+    assert!(text.contains("direct:"), "{text}");
+    assert!(text.contains("does not relay"), "{text}");
+}
