@@ -147,7 +147,7 @@ for zone in a b; do
   "$BIN/cloudless-agent" --data-dir "$DIR/$agent" --coordinator "$COORDS" --name "$agent" \
     --join-token-file "$DIR/join-token-$zone" --ca-cert "$DIR/c1/admin/ca.crt" \
     --containerd-socket "$DIR/containerd/containerd.sock" --containerd-namespace "cloudless-demo-$zone" \
-    --insecure-registry "$REGISTRY" >"$DIR/a-$zone.log" 2>&1 &
+    --insecure-registry "$REGISTRY" --overlay-listen "127.0.0.1:0" >"$DIR/a-$zone.log" 2>&1 &
   echo $! >"$DIR/a-$zone.pid"
 done
 for _ in $(seq 1 100); do

@@ -383,6 +383,9 @@ impl Cluster {
         cmd.arg("--data-dir")
             .arg(data_dir)
             .args(["--coordinator", &servers, "--name", name])
+            // Several agents share this host: each takes a free overlay port
+            // and advertises its address on the route to the coordinators.
+            .args(["--overlay-listen", "0.0.0.0:0"])
             .args(&self.options.agent_args)
             .env(
                 "RUST_LOG",

@@ -90,6 +90,8 @@ fn agent_config(
         ca_cert: Some(cluster.configs[0].data_dir.join("admin/ca.crt")),
         labels: BTreeMap::from([("disk".to_owned(), "ssd".to_owned())]),
         runtime: None,
+        overlay_listen: None,
+        overlay_advertise: Vec::new(),
     }
 }
 

@@ -31,6 +31,11 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Where to run workloads; `None` runs none (membership only).
     pub runtime: Option<crate::RuntimeConfig>,
+    /// The overlay's UDP address (with a runtime); `None` runs no overlay.
+    pub overlay_listen: Option<std::net::SocketAddr>,
+    /// Addresses other nodes dial; empty: the listen address, or this
+    /// host's address on the route to the first coordinator.
+    pub overlay_advertise: Vec<std::net::SocketAddr>,
 }
 
 fn now_s() -> i64 {
@@ -71,9 +76,39 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     };
     let (identity_tx, identity_rx) = tokio::sync::watch::channel(identity.clone());
     let contact = crate::workloads::Contact::default();
+    let mut overlay_addresses = Vec::new();
+    let mesh = match (&config.runtime, config.overlay_listen) {
+        (Some(_), Some(listen)) => {
+            let overlay = cloudless_overlay::OverlayConfig {
+                listen,
+                ..Default::default()
+            };
+            let mesh =
+                crate::mesh::Mesh::start(overlay, identity.overlay_tls()?, &identity.node_id)
+                    .map_err(|e| AgentError::Config(format!("--overlay-listen {listen}: {e}")))?;
+            let bound = mesh
+                .overlay()
+                .local_addr()
+                .map_err(|e| AgentError::Config(format!("--overlay-listen: {e}")))?;
+            overlay_addresses = if config.overlay_advertise.is_empty() {
+                crate::mesh::advertise(bound, &config.coordinators)
+                    .into_iter()
+                    .collect()
+            } else {
+                config.overlay_advertise.clone()
+            };
+            if overlay_addresses.is_empty() {
+                tracing::warn!(%bound, "no overlay address to advertise: pass --overlay-advertise");
+            }
+            tracing::info!(%bound, advertised = ?overlay_addresses, "overlay listening");
+            Some(mesh)
+        }
+        _ => None,
+    };
     let mut workloads = match &config.runtime {
         Some(rc) => {
-            let runner = crate::workloads::Runner::new(rc).await?;
+            let mut runner = crate::workloads::Runner::new(rc).await?;
+            runner.set_mesh(mesh.clone());
             Some(tokio::spawn(crate::workloads::run(
                 config.coordinators.clone(),
                 identity_rx,
@@ -85,7 +120,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         None => None,
     };
     let mut coordinators = Coordinators::new(config.coordinators.clone(), identity);
-    let mut probe = DeviceProbe::default().with_labels(config.labels.clone());
+    let mut probe = DeviceProbe::default()
+        .with_labels(config.labels.clone())
+        .with_overlay_addresses(overlay_addresses.iter().map(ToString::to_string).collect());
     let mut interval = Duration::from_secs(1);
     let mut last_phase = String::new();
     loop {
@@ -94,6 +131,15 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 Ok(renewed) => {
                     renewed.save(&config.data_dir)?;
                     tracing::info!(not_after = renewed.not_after, "node certificate renewed");
+                    if let Some(m) = &mesh {
+                        if let Err(e) = renewed.overlay_tls().and_then(|t| {
+                            m.overlay()
+                                .reload_tls(&t)
+                                .map_err(|e| AgentError::Identity(e.to_string()))
+                        }) {
+                            tracing::warn!(error = %e, "the overlay keeps its previous certificate");
+                        }
+                    }
                     identity_tx.send_replace(renewed.clone());
                     coordinators.set_identity(renewed);
                 }

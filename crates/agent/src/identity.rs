@@ -108,6 +108,13 @@ impl NodeIdentity {
         self.not_before + (self.not_after - self.not_before) * 2 / 3
     }
 
+    /// The overlay's credentials: this certificate and key, the cluster CA.
+    pub fn overlay_tls(&self) -> Result<cloudless_overlay::OverlayTls, AgentError> {
+        cloudless_overlay::OverlayTls::new(&self.ca_pem, &self.cert_pem, self.key_pem.clone())
+            .map(|(tls, _)| tls)
+            .map_err(|e| AgentError::Identity(e.to_string()))
+    }
+
     /// TLS client settings presenting this identity and trusting the cluster CA.
     pub fn client_tls(&self, host: &str) -> tonic::transport::ClientTlsConfig {
         tonic::transport::ClientTlsConfig::new()

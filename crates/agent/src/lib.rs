@@ -5,6 +5,7 @@
 mod agent;
 mod client;
 mod identity;
+pub mod mesh;
 pub mod secrets;
 mod sysinfo;
 pub mod workloads;

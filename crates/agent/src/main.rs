@@ -82,6 +82,28 @@ struct Cli {
     /// updates at this pace (90s, 5m).
     #[arg(long, default_value = "60s", value_parser = cloudless_types::parse_duration_secs)]
     secret_refresh: u64,
+    /// UDP address of the overlay endpoint that carries service traffic
+    /// between workloads on different nodes (QUIC, mutual TLS); `off` runs
+    /// none.
+    #[arg(long, default_value = "0.0.0.0:7600", value_parser = parse_overlay_listen)]
+    overlay_listen: OverlayListen,
+    /// Address other nodes reach the overlay at (repeatable); default: the
+    /// listen address, or this host's address on the route to the first
+    /// coordinator.
+    #[arg(long = "overlay-advertise")]
+    overlay_advertise: Vec<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OverlayListen(Option<std::net::SocketAddr>);
+
+fn parse_overlay_listen(s: &str) -> Result<OverlayListen, String> {
+    if s == "off" {
+        return Ok(OverlayListen(None));
+    }
+    s.parse()
+        .map(|a| OverlayListen(Some(a)))
+        .map_err(|e| format!("{s:?} is neither ip:port nor off: {e}"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -120,6 +142,8 @@ fn main() -> ExitCode {
         }
     };
     let config = AgentConfig {
+        overlay_listen: cli.overlay_listen.0,
+        overlay_advertise: cli.overlay_advertise,
         coordinators: cli.coordinators,
         name: cli.name.unwrap_or_else(host_name),
         join_token,

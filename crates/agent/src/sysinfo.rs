@@ -16,6 +16,7 @@ pub struct DeviceProbe {
     power_root: PathBuf,
     last_cpu: Option<(u64, u64)>,
     labels: BTreeMap<String, String>,
+    overlay_addresses: Vec<String>,
 }
 
 /// CPU architecture in OCI spelling.
@@ -48,12 +49,19 @@ impl DeviceProbe {
             power_root: power_root.to_owned(),
             last_cpu: None,
             labels,
+            overlay_addresses: Vec::new(),
         }
     }
 
     /// Adds labels the agent reports besides `arch` and `os`.
     pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Self {
         self.labels.extend(labels);
+        self
+    }
+
+    /// Reports these overlay addresses in every heartbeat.
+    pub fn with_overlay_addresses(mut self, addresses: Vec<String>) -> Self {
+        self.overlay_addresses = addresses;
         self
     }
 
@@ -133,6 +141,7 @@ impl DeviceProbe {
             conditions,
             power_source,
             battery_percent,
+            overlay_addresses: self.overlay_addresses.clone(),
         }
     }
 }

@@ -295,6 +295,8 @@ pub struct Runner {
     /// longer than they may run alone; started again on reconnection if
     /// still assigned.
     parked: std::collections::HashSet<String>,
+    /// Service traffic between workloads (upstreams), when the overlay runs.
+    mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -366,6 +368,7 @@ impl Runner {
             secrets: None,
             max_disconnected: config.max_disconnected,
             parked: std::collections::HashSet::new(),
+            mesh: None,
         })
     }
 
@@ -414,8 +417,16 @@ impl Runner {
     }
 
     /// Makes the running replicas match `set`.
+    /// Uses `mesh` for the upstreams of replicas started from now on.
+    pub fn set_mesh(&mut self, mesh: Option<Arc<crate::mesh::Mesh>>) {
+        self.mesh = mesh;
+    }
+
     pub async fn apply(&mut self, set: &pb::AssignmentSet) {
         self.parked.clear();
+        if let Some(m) = &self.mesh {
+            m.update(&set.upstreams);
+        }
         if !self.adopted {
             // First set after a start: containers we ran before are adopted
             // by their supervisors; those no longer assigned are removed.
@@ -497,6 +508,7 @@ impl Runner {
                     secrets: self.secret_dir.clone(),
                 },
                 self.secrets.clone(),
+                self.mesh.clone(),
             ));
             self.slots.insert(
                 a.replica_id.clone(),
@@ -567,6 +579,7 @@ async fn replica_task(
     statuses: Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>,
     paths: Paths,
     secrets: Option<Arc<crate::secrets::SecretFetcher>>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
 ) {
     let volume_base = paths.volumes;
     let id = a.replica_id.clone();
@@ -730,12 +743,32 @@ async fn replica_task(
         stop_grace: Duration::from_secs(10),
     };
     let (mut rx, task) = supervisor.run(replica, Backoff::default(), cancel.clone());
+    // Upstream listeners live in the current container process's network
+    // namespace: made again when it restarts, dropped when it stops.
+    let mut pid = None;
+    let mut listeners: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
-        let s = wire_status(&id, &rx.borrow_and_update());
-        set(s);
+        let now = rx.borrow_and_update().clone();
+        set(wire_status(&id, &now));
+        if now.pid != pid {
+            pid = now.pid;
+            listeners.drain(..).for_each(|l| l.abort());
+            if let Some(m) = &mesh {
+                m.set_pid(&id, pid);
+                if let Some(p) = pid {
+                    listeners = m
+                        .listen_upstreams(&id, &a.namespace, &spec.upstreams, p)
+                        .await;
+                }
+            }
+        }
         if rx.changed().await.is_err() {
             break;
         }
+    }
+    listeners.drain(..).for_each(|l| l.abort());
+    if let Some(m) = &mesh {
+        m.set_pid(&id, None);
     }
     let _ = task.await;
     if let Some(r) = refresher {

@@ -1,14 +1,15 @@
 //! `AgentService`: what enrolled agents call, authenticated by their node
 //! certificate. The node id comes from the certificate, never from a field.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 
 use cloudless_pki::Identity;
 use cloudless_proto::v1::agent_service_server::AgentService;
 use cloudless_proto::v1::{
     Assignment, AssignmentSet, HeartbeatRequest, HeartbeatResponse, RenewRequest, RenewResponse,
-    ReportStatusRequest, ReportStatusResponse, TunnelDown, TunnelUp, WatchAssignmentsRequest,
+    ReportStatusRequest, ReportStatusResponse, TunnelDown, TunnelUp, UpstreamEndpoint, UpstreamSet,
+    WatchAssignmentsRequest,
 };
 use cloudless_state::{Command, ReplicaUpdate, Response as SmResponse};
 use cloudless_types::{NodeStatus, ReplicaState, Resources};
@@ -22,6 +23,8 @@ use crate::error::CoordinatorError;
 const MAX_LABELS: usize = 64;
 /// Most conditions one heartbeat may report.
 const MAX_CONDITIONS: usize = 16;
+/// Overlay addresses a heartbeat may report.
+const MAX_OVERLAY_ADDRESSES: usize = 8;
 /// Conditions an agent may report.
 const CONDITIONS: [&str; 4] = [
     "MemoryPressure",
@@ -106,10 +109,31 @@ fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), Coor
     if battery_percent > 100 {
         return bad("battery_percent", format!("{battery_percent} is above 100"));
     }
+    if r.overlay_addresses.len() > MAX_OVERLAY_ADDRESSES {
+        return bad(
+            "overlay_addresses",
+            format!(
+                "{} addresses, at most {MAX_OVERLAY_ADDRESSES} are allowed",
+                r.overlay_addresses.len()
+            ),
+        );
+    }
+    for (i, a) in r.overlay_addresses.iter().enumerate() {
+        match a.parse::<std::net::SocketAddr>() {
+            Ok(sa) if sa.port() != 0 && !sa.ip().is_unspecified() => {}
+            _ => {
+                return bad(
+                    &format!("overlay_addresses[{i}]"),
+                    format!("{a:?} is not a reachable ip:port"),
+                )
+            }
+        }
+    }
     let mut conditions = r.conditions;
     conditions.sort();
     conditions.dedup();
     let status = NodeStatus {
+        overlay_addresses: r.overlay_addresses,
         capacity: r.capacity.map(Into::into).unwrap_or_default(),
         reported_labels: labels,
         conditions,
@@ -140,14 +164,55 @@ fn beat(
     })
 }
 
-/// The node's assignments, ordered by replica id.
+/// The node's assignments, ordered by replica id, and the endpoints of the
+/// workloads they name as upstreams.
 fn assignments(
     handle: &CoordinatorHandle,
     node_id: &str,
-) -> Result<Vec<Assignment>, CoordinatorError> {
-    Ok(handle
-        .reader()
-        .node_replicas(node_id)?
+) -> Result<(Vec<Assignment>, Vec<UpstreamSet>), CoordinatorError> {
+    let reader = handle.reader();
+    let replicas = reader.node_replicas(node_id)?;
+    let wanted: BTreeSet<(String, String)> = replicas
+        .iter()
+        .flat_map(|r| {
+            r.spec
+                .upstreams
+                .iter()
+                .map(|u| (r.namespace.clone(), u.workload.clone()))
+        })
+        .collect();
+    let mut nodes: HashMap<String, Vec<String>> = HashMap::new();
+    let mut upstreams = Vec::with_capacity(wanted.len());
+    for (namespace, workload) in wanted {
+        let mut endpoints = Vec::new();
+        for r in reader.workload_replicas(&namespace, &workload)? {
+            if r.state != ReplicaState::Ready {
+                continue;
+            }
+            let overlay_addresses = match nodes.get(&r.node_id) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = reader
+                        .node(&r.node_id)?
+                        .map(|n| n.status.overlay_addresses)
+                        .unwrap_or_default();
+                    nodes.insert(r.node_id.clone(), a.clone());
+                    a
+                }
+            };
+            endpoints.push(UpstreamEndpoint {
+                replica_id: r.id,
+                node_id: r.node_id,
+                overlay_addresses,
+            });
+        }
+        upstreams.push(UpstreamSet {
+            namespace,
+            workload,
+            endpoints,
+        });
+    }
+    let assignments = replicas
         .into_iter()
         .map(|r| Assignment {
             replica_id: r.id,
@@ -156,7 +221,8 @@ fn assignments(
             generation: r.template,
             spec: Some(r.spec.into()),
         })
-        .collect())
+        .collect();
+    Ok((assignments, upstreams))
 }
 
 type TunnelDownStream =
@@ -183,7 +249,7 @@ impl AgentService for AgentApi {
         let mut changes = handle.reader().changes();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<AssignmentSet, Status>>(4);
         tokio::spawn(async move {
-            let mut last: Option<Vec<Assignment>> = None;
+            let mut last: Option<(Vec<Assignment>, Vec<UpstreamSet>)> = None;
             loop {
                 let revision = *changes.borrow_and_update();
                 if let Err(status) = crate::authz::node_still_enrolled(&handle, &id) {
@@ -200,7 +266,8 @@ impl AgentService for AgentApi {
                 if last.as_ref() != Some(&set) {
                     let msg = AssignmentSet {
                         revision,
-                        assignments: set.clone(),
+                        assignments: set.0.clone(),
+                        upstreams: set.1.clone(),
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;

@@ -134,6 +134,7 @@ struct Inner {
     tls: OverlayTls,
     config: OverlayConfig,
     endpoint: quinn::Endpoint,
+    client: Mutex<quinn::ClientConfig>,
     resolver: Arc<dyn Resolver>,
     /// Known addresses of peers.
     addresses: Mutex<HashMap<Identity, Vec<SocketAddr>>>,
@@ -157,15 +158,16 @@ impl Overlay {
         resolver: Arc<dyn Resolver>,
     ) -> Result<Overlay, OverlayError> {
         let server = tls.server_config(config.idle_timeout)?;
-        let mut endpoint = quinn::Endpoint::server(server, config.listen)
+        let endpoint = quinn::Endpoint::server(server, config.listen)
             .map_err(|e| OverlayError::Io(format!("binding UDP {}: {e}", config.listen)))?;
-        endpoint.set_default_client_config(tls.client_config(config.idle_timeout)?);
+        let client = Mutex::new(tls.client_config(config.idle_timeout)?);
         let overlay = Overlay {
             inner: Arc::new(Inner {
                 me,
                 tls,
                 config,
                 endpoint,
+                client,
                 resolver,
                 addresses: Mutex::default(),
                 connections: Mutex::default(),
@@ -188,6 +190,16 @@ impl Overlay {
             }
         });
         Ok(overlay)
+    }
+
+    /// Presents a renewed certificate from now on (same identity, same CA);
+    /// live connections keep the one they were made with.
+    pub fn reload_tls(&self, tls: &OverlayTls) -> Result<(), OverlayError> {
+        let server = tls.server_config(self.inner.config.idle_timeout)?;
+        let client = tls.client_config(self.inner.config.idle_timeout)?;
+        self.inner.endpoint.set_server_config(Some(server));
+        *lock(&self.inner.client) = client;
+        Ok(())
     }
 
     /// This node's identity.
@@ -413,10 +425,11 @@ impl Overlay {
         addr: SocketAddr,
         expected: &Identity,
     ) -> Result<quinn::Connection, OverlayError> {
+        let client = lock(&self.inner.client).clone();
         let connecting = self
             .inner
             .endpoint
-            .connect(addr, SERVER_NAME)
+            .connect_with(client, addr, SERVER_NAME)
             .map_err(|e| OverlayError::Io(e.to_string()))?;
         let conn = tokio::time::timeout(self.inner.config.connect_timeout, connecting)
             .await

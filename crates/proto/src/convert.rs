@@ -100,6 +100,15 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                     key: e.secret_key_ref.key,
                 })
                 .collect(),
+            upstreams: s
+                .upstreams
+                .into_iter()
+                .map(|u| v1::Upstream {
+                    workload: u.workload,
+                    port: u32::from(u.port),
+                    local_port: u32::from(u.local_port),
+                })
+                .collect(),
             volume_mounts: s
                 .volume_mounts
                 .into_iter()
@@ -215,13 +224,11 @@ fn container_from_wire(
         .enumerate()
         .map(|(i, p)| t::ContainerPort {
             name: p.name,
-            container_port: u16::try_from(p.container_port).unwrap_or_else(|_| {
-                errs.push(
-                    format!("{path}.ports[{i}].containerPort"),
-                    format!("{} is not a port", p.container_port),
-                );
-                0
-            }),
+            container_port: port_from_wire(
+                p.container_port,
+                &format!("{path}.ports[{i}].containerPort"),
+                errs,
+            ),
             protocol: wire_enum(
                 &p.protocol,
                 &[("TCP", t::Protocol::TCP), ("UDP", t::Protocol::UDP)],
@@ -442,7 +449,29 @@ pub fn spec_from_wire(
                 },
             })
             .collect(),
+        upstreams: s
+            .upstreams
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| t::Upstream {
+                workload: u.workload,
+                port: port_from_wire(u.port, &format!("{path}.upstreams[{i}].port"), errs),
+                local_port: port_from_wire(
+                    u.local_port,
+                    &format!("{path}.upstreams[{i}].localPort"),
+                    errs,
+                ),
+            })
+            .collect(),
     }
+}
+
+/// A TCP/UDP port from a wire u32: 0 (reported by validation) when too large.
+fn port_from_wire(port: u32, path: &str, errs: &mut t::ValidationErrors) -> u16 {
+    u16::try_from(port).unwrap_or_else(|_| {
+        errs.push(path.to_owned(), format!("{port} is not a port (1-65535)"));
+        0
+    })
 }
 
 impl From<v1::WorkloadSpec> for t::WorkloadSpec {

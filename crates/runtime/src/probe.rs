@@ -101,10 +101,12 @@ fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
-/// Runs `f` on a fresh thread that has joined the network namespace of `pid`.
-async fn in_netns<F>(pid: u32, f: F) -> Result<(), String>
+/// Runs `f` on a fresh thread that has joined the network namespace of `pid`
+/// (sockets it creates stay in that namespace after the thread ends).
+pub async fn in_netns<T, F>(pid: u32, f: F) -> Result<T, String>
 where
-    F: FnOnce() -> Result<(), String> + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, String> + Send + 'static,
 {
     let task = tokio::task::spawn_blocking(move || {
         // A new OS thread: setns changes only the calling thread, and this
@@ -117,8 +119,8 @@ where
             f()
         })
         .join()
-        .unwrap_or_else(|_| Err("probe thread panicked".into()))
+        .unwrap_or_else(|_| Err("network namespace thread panicked".into()))
     });
     task.await
-        .unwrap_or_else(|e| Err(format!("probe task: {e}")))
+        .unwrap_or_else(|e| Err(format!("network namespace task: {e}")))
 }

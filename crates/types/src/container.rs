@@ -22,6 +22,55 @@ pub struct ContainerPort {
     pub protocol: Protocol,
 }
 
+/// Another workload's TCP port, reachable from inside this workload's
+/// containers at `127.0.0.1:localPort` (like Consul Connect upstreams in
+/// Nomad). The agent listens there in the container's network namespace and
+/// carries each connection over the overlay to a Ready replica of the target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Upstream {
+    /// The target workload, in the same namespace.
+    pub workload: String,
+    /// Its `containerPort`.
+    pub port: u16,
+    /// Where this workload's containers reach it (on 127.0.0.1).
+    pub local_port: u16,
+}
+
+/// Checks upstreams: names, ports, and local ports that collide with each
+/// other or with the workload's own ports.
+pub(crate) fn validate_upstreams(
+    prefix: &str,
+    upstreams: &[Upstream],
+    ports: &[ContainerPort],
+    errs: &mut ValidationErrors,
+) {
+    let mut seen = HashSet::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        let f = format!("{prefix}.upstreams[{i}]");
+        check_dns_label(errs, &format!("{f}.workload"), &u.workload);
+        if u.port == 0 {
+            errs.push(format!("{f}.port"), "must be 1-65535");
+        }
+        if u.local_port == 0 {
+            errs.push(format!("{f}.localPort"), "must be 1-65535");
+        } else if !seen.insert(u.local_port) {
+            errs.push(
+                format!("{f}.localPort"),
+                format!("{} is used by another upstream", u.local_port),
+            );
+        } else if ports
+            .iter()
+            .any(|p| p.container_port == u.local_port && p.protocol == Protocol::TCP)
+        {
+            errs.push(
+                format!("{f}.localPort"),
+                format!("{} is one of this workload's own ports", u.local_port),
+            );
+        }
+    }
+}
+
 /// A transport protocol.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Protocol {

@@ -85,6 +85,9 @@ pub struct NodeStatus {
     pub power_source: String,
     /// Battery charge in percent when on battery.
     pub battery_percent: u8,
+    /// UDP addresses (`ip:port`) other nodes can reach this node's overlay
+    /// endpoint at.
+    pub overlay_addresses: Vec<String>,
 }
 
 /// An enrolled node (device running an agent).

@@ -12,7 +12,7 @@ pub use cluster_config::{ClusterConfig, SchedulerWeights};
 pub use container::{
     Capabilities, ContainerPort, Disconnect, EmptyDir, HostPath, KeyToPath, Protocol,
     ReconnectPolicy, SeccompProfileSpec, SeccompType, SecretEnv, SecretKeyRef, SecretVolume,
-    SecurityContextSpec, StorageMedium, Volume, VolumeMount, MAX_DISCONNECT_SECONDS,
+    SecurityContextSpec, StorageMedium, Upstream, Volume, VolumeMount, MAX_DISCONNECT_SECONDS,
 };
 pub use identity::{
     IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, SealedSecret,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::container::{
-    ContainerPort, Disconnect, SecretEnv, SecurityContextSpec, Volume, VolumeMount,
+    ContainerPort, Disconnect, SecretEnv, SecurityContextSpec, Upstream, Volume, VolumeMount,
 };
 use crate::validation::{check_dns_label, check_labels, ValidationErrors};
 
@@ -94,6 +94,9 @@ pub struct WorkloadSpec {
     /// access token for this workload's audience).
     #[serde(default)]
     pub secret_env: Vec<SecretEnv>,
+    /// Other workloads' ports reachable at 127.0.0.1 inside the containers.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
 }
 
 fn one() -> u32 {
@@ -571,6 +574,7 @@ impl WorkloadSpec {
             p.validate_into(&format!("{prefix}.livenessProbe"), errs);
         }
         crate::container::validate_secret_env(prefix, &self.secret_env, &self.env, errs);
+        crate::container::validate_upstreams(prefix, &self.upstreams, &self.ports, errs);
         crate::container::validate(
             prefix,
             &self.ports,

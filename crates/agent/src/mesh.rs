@@ -1,0 +1,291 @@
+//! Service traffic between workloads: the agent's overlay endpoint, the
+//! upstream listeners inside containers, and the resolver that connects
+//! streams arriving from other nodes to local replicas.
+//!
+//! A workload that lists `upstreams` finds each at `127.0.0.1:localPort` in
+//! its containers: the agent binds that address inside the container's
+//! network namespace and carries every accepted connection to a Ready replica
+//! of the target workload (round robin): over the overlay to the node that
+//! runs it, or straight into its namespace when it runs here. The receiving
+//! agent connects the stream to `127.0.0.1:<port>` inside the target
+//! replica's namespace.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cloudless_overlay::{ConnectFuture, Overlay, Resolver};
+use cloudless_pki::Identity;
+use cloudless_proto::v1 as pb;
+use cloudless_types::Upstream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// How the overlay names a port of a replica: `replica/<id>:<port>`.
+pub fn target(replica_id: &str, port: u16) -> String {
+    format!("replica/{replica_id}:{port}")
+}
+
+fn parse_target(target: &str) -> Option<(&str, u16)> {
+    let rest = target.strip_prefix("replica/")?;
+    let (id, port) = rest.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    (!id.is_empty() && port != 0).then_some((id, port))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Endpoint {
+    replica_id: String,
+    node_id: String,
+}
+
+/// Replica network namespaces on this node, by replica id (the pid of the
+/// container's init process).
+#[derive(Debug, Default)]
+struct Local {
+    pids: Mutex<HashMap<String, u32>>,
+}
+
+impl Local {
+    async fn connect(&self, replica_id: &str, port: u16) -> Result<TcpStream, String> {
+        let pid = lock(&self.pids)
+            .get(replica_id)
+            .copied()
+            .ok_or_else(|| format!("replica {replica_id} is not running on this node"))?;
+        let std = cloudless_runtime::probe::in_netns(pid, move || {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+                .map_err(|e| format!("port {port}: {e}"))?;
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Ok(s)
+        })
+        .await
+        .map_err(|e| format!("replica {replica_id}: {e}"))?;
+        TcpStream::from_std(std).map_err(|e| e.to_string())
+    }
+}
+
+/// Connects streams from other nodes to local replicas.
+#[derive(Debug)]
+struct ReplicaResolver(Arc<Local>);
+
+impl Resolver for ReplicaResolver {
+    fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
+        Box::pin(async move {
+            // Streams come only from cluster members (mutual TLS); only nodes
+            // carry workload traffic.
+            if !matches!(origin, Identity::Node(_)) {
+                return Err(format!("{origin} does not carry workload traffic"));
+            }
+            let (id, port) =
+                parse_target(target).ok_or_else(|| format!("bad target {target:?}"))?;
+            self.0.connect(id, port).await
+        })
+    }
+}
+
+/// The agent's part in the mesh.
+#[derive(Debug)]
+pub struct Mesh {
+    overlay: Overlay,
+    node_id: String,
+    local: Arc<Local>,
+    upstreams: Mutex<HashMap<(String, String), Vec<Endpoint>>>,
+    next: AtomicUsize,
+}
+
+impl Mesh {
+    /// Binds the overlay endpoint.
+    pub fn start(
+        config: cloudless_overlay::OverlayConfig,
+        tls: cloudless_overlay::OverlayTls,
+        node_id: &str,
+    ) -> Result<Arc<Mesh>, String> {
+        let local = Arc::new(Local::default());
+        let overlay = Overlay::bind(
+            config,
+            tls,
+            Identity::Node(node_id.to_owned()),
+            Arc::new(ReplicaResolver(local.clone())),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Mesh {
+            overlay,
+            node_id: node_id.to_owned(),
+            local,
+            upstreams: Mutex::default(),
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The overlay endpoint.
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    /// Takes the endpoints of upstream workloads from an assignment set.
+    pub fn update(&self, sets: &[pb::UpstreamSet]) {
+        let mut map = HashMap::new();
+        for set in sets {
+            let mut endpoints = Vec::new();
+            for e in &set.endpoints {
+                let addresses: Vec<SocketAddr> = e
+                    .overlay_addresses
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .collect();
+                if e.node_id != self.node_id {
+                    self.overlay
+                        .set_peer(Identity::Node(e.node_id.clone()), addresses);
+                }
+                endpoints.push(Endpoint {
+                    replica_id: e.replica_id.clone(),
+                    node_id: e.node_id.clone(),
+                });
+            }
+            map.insert((set.namespace.clone(), set.workload.clone()), endpoints);
+        }
+        *lock(&self.upstreams) = map;
+    }
+
+    /// Records where a local replica runs now (`None`: it stopped).
+    pub fn set_pid(&self, replica_id: &str, pid: Option<u32>) {
+        let mut pids = lock(&self.local.pids);
+        match pid {
+            Some(p) => pids.insert(replica_id.to_owned(), p),
+            None => pids.remove(replica_id),
+        };
+    }
+
+    /// Binds each upstream's local port inside the namespace of `pid` and
+    /// forwards what arrives. Abort the handles when the process goes.
+    pub async fn listen_upstreams(
+        self: &Arc<Self>,
+        replica_id: &str,
+        namespace: &str,
+        upstreams: &[Upstream],
+        pid: u32,
+    ) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for u in upstreams {
+            let port = u.local_port;
+            let bound = cloudless_runtime::probe::in_netns(pid, move || {
+                let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                    .map_err(|e| format!("127.0.0.1:{port}: {e}"))?;
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                Ok(l)
+            })
+            .await
+            .and_then(|l| TcpListener::from_std(l).map_err(|e| e.to_string()));
+            let listener = match bound {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(replica = %replica_id, upstream = %u.workload, error = %e, "cannot listen for an upstream");
+                    continue;
+                }
+            };
+            let mesh = self.clone();
+            let key = (namespace.to_owned(), u.workload.clone());
+            let target_port = u.port;
+            tasks.push(tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let mesh = mesh.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = mesh.carry(tcp, &key, target_port).await {
+                            tracing::warn!(upstream = %key.1, error = %e, "upstream connection failed");
+                        }
+                    });
+                }
+            }));
+        }
+        tasks
+    }
+
+    /// Carries one accepted connection to a Ready replica of `key`, trying
+    /// each endpoint once from the next in turn.
+    async fn carry(
+        &self,
+        mut tcp: TcpStream,
+        key: &(String, String),
+        port: u16,
+    ) -> Result<(), String> {
+        let _ = tcp.set_nodelay(true);
+        let endpoints = lock(&self.upstreams).get(key).cloned().unwrap_or_default();
+        if endpoints.is_empty() {
+            return Err(format!("{}/{} has no Ready replica", key.0, key.1));
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..endpoints.len() {
+            let e = &endpoints[(start + i) % endpoints.len()];
+            if e.node_id == self.node_id {
+                match self.local.connect(&e.replica_id, port).await {
+                    Ok(mut s) => {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut s).await;
+                        return Ok(());
+                    }
+                    Err(err) => errors.push(err),
+                }
+            } else {
+                let peer = Identity::Node(e.node_id.clone());
+                match self.overlay.open(&peer, &target(&e.replica_id, port)).await {
+                    Ok(mut s) => {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut s).await;
+                        return Ok(());
+                    }
+                    Err(err) => errors.push(err.to_string()),
+                }
+            }
+        }
+        Err(errors.join("; "))
+    }
+}
+
+/// The address other nodes should dial: the listen address when it names
+/// one, else this host's address on the route to the first coordinator.
+pub fn advertise(listen: SocketAddr, coordinators: &[String]) -> Option<SocketAddr> {
+    if !listen.ip().is_unspecified() {
+        return Some(listen);
+    }
+    let first = coordinators.first()?;
+    let probe = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    // No packet is sent: connecting a UDP socket only picks the route.
+    probe.connect(first.as_str()).ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(SocketAddr::new(ip, listen.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_round_trip_and_bad_ones_are_refused() {
+        assert_eq!(parse_target(&target("r-1", 8080)), Some(("r-1", 8080)));
+        for bad in [
+            "replica/:80",
+            "replica/r:0",
+            "replica/r:x",
+            "replica/r",
+            "node/r:80",
+            "",
+        ] {
+            assert_eq!(parse_target(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn advertised_address_is_the_listen_address_or_the_route_to_a_coordinator() {
+        let fixed: SocketAddr = "10.1.2.3:7600".parse().expect("addr");
+        assert_eq!(advertise(fixed, &[]), Some(fixed));
+        let any: SocketAddr = "0.0.0.0:7600".parse().expect("addr");
+        let a = advertise(any, &["127.0.0.1:7400".into()]).expect("route");
+        assert_eq!(a, "127.0.0.1:7600".parse().expect("addr"));
+    }
+}
