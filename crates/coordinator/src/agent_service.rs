@@ -465,10 +465,12 @@ mod tests {
             power_source: "battery".into(),
             battery_percent: 40,
             conditions: vec!["DiskPressure".into(), "DiskPressure".into()],
+            overlay_addresses: vec!["192.0.2.7:7600".into(), "[2001:db8::1]:7600".into()],
             ..Default::default()
         };
         let (status, _) = status_from_wire(ok).expect("valid");
         assert_eq!(status.battery_percent, 40);
+        assert_eq!(status.overlay_addresses.len(), 2);
         assert_eq!(status.conditions, vec!["DiskPressure".to_owned()]);
         for (req, field) in [
             (
@@ -499,6 +501,27 @@ mod tests {
                     ..Default::default()
                 },
                 "labels",
+            ),
+            (
+                HeartbeatRequest {
+                    overlay_addresses: vec!["192.0.2.7:7600".into(), "0.0.0.0:7600".into()],
+                    ..Default::default()
+                },
+                "overlay_addresses[1]",
+            ),
+            (
+                HeartbeatRequest {
+                    overlay_addresses: vec!["example.org:7600".into()],
+                    ..Default::default()
+                },
+                "overlay_addresses[0]",
+            ),
+            (
+                HeartbeatRequest {
+                    overlay_addresses: vec!["192.0.2.7:7600".into(); 9],
+                    ..Default::default()
+                },
+                "overlay_addresses",
             ),
         ] {
             let err = status_from_wire(req).expect_err("invalid heartbeat accepted");

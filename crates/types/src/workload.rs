@@ -827,6 +827,37 @@ mod tests {
     }
 
     #[test]
+    fn upstreams_are_checked_field_by_field() {
+        let base = "apiVersion: cloudless.dev/v1\nkind: Workload\nmetadata:\n  name: web\nspec:\n  image: busybox:1\n  ports:\n    - {containerPort: 8080}\n  upstreams:\n";
+        let ok = format!("{base}    - {{workload: api, port: 80, localPort: 9000}}\n    - {{workload: db, port: 5432, localPort: 5432}}\n");
+        let w = parse_manifest(&ok).expect("valid upstreams");
+        assert_eq!(w.spec.upstreams.len(), 2);
+        assert_eq!(w.spec.upstreams[1].local_port, 5432);
+        let bad = format!(
+            "{base}    - {{workload: Api_, port: 0, localPort: 9000}}\n    - {{workload: db, port: 5432, localPort: 9000}}\n    - {{workload: db, port: 1, localPort: 8080}}\n"
+        );
+        let err = parse_manifest(&bad).expect_err("bad upstreams accepted");
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.upstreams[0].workload",
+                "spec.upstreams[0].port",
+                "spec.upstreams[1].localPort",
+                "spec.upstreams[2].localPort",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("own ports"), "{err}");
+        let too_big = format!("{base}    - {{workload: api, port: 70000, localPort: 9000}}\n");
+        assert!(parse_manifest(&too_big).is_err());
+        let unknown =
+            format!("{base}    - {{workload: api, port: 80, localPort: 9000, host: x}}\n");
+        let err = parse_manifest(&unknown).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `host`"), "{err}");
+    }
+
+    #[test]
     fn every_example_manifest_is_valid() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
         let mut seen = 0;
