@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets demo demo-stop clean
+.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -54,6 +54,10 @@ bench-e2e:
 bench-secrets:
 	$(CARGO) build --release --bins
 	./target/release/bench-secrets
+
+bench-overlay:
+	$(CARGO) build --release --bins
+	./target/release/bench-overlay
 
 demo:
 	scripts/dev-cluster.sh
