@@ -10,7 +10,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use cloudless_test::e2e::{output_text as text, Cluster};
+use cloudless_proto::v1 as pb;
+use cloudless_test::e2e::{output_text as text, Cluster, Options};
 
 macro_rules! require_e2e {
     () => {
@@ -98,11 +99,11 @@ fn fetch(c: &Cluster, replica: &str, cmd: &str) -> Result<String, String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
-    require_e2e!();
-    let c = Cluster::start().await;
-    c.ctl_ok(&["apply", "-f", &backend(&c, 2), "--wait", "--timeout", "90"]);
+/// Starts 2 backends on agent-b and a frontend on each agent, and checks
+/// both frontends reach both backends through the upstream. Returns the
+/// backends and the frontend on agent-a.
+async fn serve_and_reach(c: &Cluster) -> (Vec<pb::Replica>, pb::Replica) {
+    c.ctl_ok(&["apply", "-f", &backend(c, 2), "--wait", "--timeout", "90"]);
     let backends = c
         .wait_ready("backend", 2, Duration::from_secs(60), |_| true)
         .await;
@@ -110,7 +111,7 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
         backends.iter().all(|r| r.node_name == "agent-b"),
         "{backends:#?}"
     );
-    c.ctl_ok(&["apply", "-f", &frontend(&c), "--wait", "--timeout", "90"]);
+    c.ctl_ok(&["apply", "-f", &frontend(c), "--wait", "--timeout", "90"]);
     let fronts = c
         .wait_ready("frontend", 2, Duration::from_secs(60), |rs| {
             rs.iter()
@@ -139,7 +140,7 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = BTreeSet::new();
         while seen != wanted {
-            match fetch(&c, &front.id, "wget -q -O- http://127.0.0.1:9000/") {
+            match fetch(c, &front.id, "wget -q -O- http://127.0.0.1:9000/") {
                 Ok(body) => {
                     let line = body.trim().to_owned();
                     assert!(wanted.contains(&line), "unexpected answer {line:?}");
@@ -156,8 +157,12 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
         }
     }
 
-    // 1 MiB arrives intact across the overlay (checksums on both ends).
-    let sums: BTreeSet<String> = backends
+    (backends, remote.clone())
+}
+
+/// md5 of `/www/big` on every backend.
+fn backend_sums(c: &Cluster, backends: &[pb::Replica]) -> BTreeSet<String> {
+    backends
         .iter()
         .map(|b| {
             let out = c.ctl_ok(&[
@@ -172,7 +177,22 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
             ]);
             out.split_whitespace().next().expect("sum").to_owned()
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
+    require_e2e!();
+    let c = Cluster::start().await;
+    let (backends, remote) = serve_and_reach(&c).await;
+    let remote = &remote;
+
+    // 1 MiB arrives intact across the overlay (checksums on both ends).
+    // Reachable addresses: nothing needed a relay.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(relayed_total(&c).await, 0);
+
+    let sums = backend_sums(&c, &backends);
     for _ in 0..2 {
         let got = fetch(
             &c,
@@ -224,4 +244,75 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Both agents advertise an address nobody can reach (TEST-NET-1), as
+/// devices behind NAT would: the frontend on agent-a still reaches the
+/// backends on agent-b, through the coordinators' relays, which both agents
+/// keep connections to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_cannot_dial_each_other_connect_through_a_coordinator_relay() {
+    require_e2e!();
+    let c = Cluster::start_with(Options {
+        agent_args: vec!["--overlay-advertise".into(), "192.0.2.1:9".into()],
+        ..Options::default()
+    })
+    .await;
+    let (backends, remote) = serve_and_reach(&c).await;
+    let sums = backend_sums(&c, &backends);
+    let got = fetch(
+        &c,
+        &remote.id,
+        "wget -q -O- http://127.0.0.1:9000/big | md5sum",
+    )
+    .expect("big file through a relay");
+    let sum = got.split_whitespace().next().expect("sum").to_owned();
+    assert!(sums.contains(&sum), "{sum} not in {sums:?}");
+    // The streams went through the coordinators' relays (at least the
+    // three fetches above; the counters are copied every second).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let relayed = relayed_total(&c).await;
+        if relayed >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {relayed} streams relayed\n{}",
+            c.agent_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The agents found the relays (logged when they change).
+    let logs = c.agent_logs();
+    assert!(
+        logs.contains("overlay relays") && logs.contains("cloudless://coordinator/"),
+        "{logs}"
+    );
+}
+
+/// GET /metrics from a coordinator's HTTP address.
+async fn metrics(http: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.expect("http");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("response");
+    out
+}
+
+/// Streams relayed by all coordinators so far.
+async fn relayed_total(c: &Cluster) -> u64 {
+    let mut relayed = 0u64;
+    for node in &c.coordinators {
+        let text = metrics(&node.http).await;
+        relayed += text
+            .lines()
+            .find_map(|l| l.strip_prefix("cloudless_overlay_streams_relayed_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no relay counter in {text}"));
+    }
+    relayed
 }

@@ -105,6 +105,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         }
         _ => None,
     };
+    if let Some(m) = &mesh {
+        tokio::spawn(crate::mesh::keep_relays(
+            m.clone(),
+            config.coordinators.clone(),
+            identity_rx.clone(),
+            cancel.child_token(),
+        ));
+    }
     let mut workloads = match &config.runtime {
         Some(rc) => {
             let mut runner = crate::workloads::Runner::new(rc).await?;

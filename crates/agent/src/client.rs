@@ -134,7 +134,8 @@ impl Coordinators {
         self.beats = None;
     }
 
-    fn channel(&mut self, address: &str) -> Result<Channel, AgentError> {
+    /// The (cached) mTLS channel to the coordinator at `address`.
+    pub fn channel(&mut self, address: &str) -> Result<Channel, AgentError> {
         if let Some(c) = self.channels.get(address) {
             return Ok(c.clone());
         }

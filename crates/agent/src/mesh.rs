@@ -247,6 +247,75 @@ impl Mesh {
     }
 }
 
+/// How often the agent asks the coordinators for their relays and redials
+/// the relays it lost.
+const RELAY_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the overlay connected to every coordinator's relay (asked of each
+/// coordinator in turn), so that nodes which cannot dial this one directly
+/// reach it through them. Runs until `cancel`.
+pub async fn keep_relays(
+    mesh: Arc<Mesh>,
+    addresses: Vec<String>,
+    mut identity: tokio::sync::watch::Receiver<crate::NodeIdentity>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut coordinators =
+        crate::Coordinators::new(addresses.clone(), identity.borrow_and_update().clone());
+    let mut known: Vec<Identity> = Vec::new();
+    loop {
+        if identity.has_changed().unwrap_or(false) {
+            coordinators.set_identity(identity.borrow_and_update().clone());
+        }
+        let mut relays = Vec::new();
+        for address in &addresses {
+            let Ok(ch) = coordinators.channel(address) else {
+                continue;
+            };
+            let asked = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                pb::agent_service_client::AgentServiceClient::new(ch)
+                    .overlay_relay(pb::OverlayRelayRequest {}),
+            )
+            .await;
+            let Ok(Ok(answer)) = asked else { continue };
+            let answer = answer.into_inner();
+            let Some(id) = Identity::from_uri(&answer.identity) else {
+                continue;
+            };
+            let mut dial = Vec::new();
+            for a in &answer.addresses {
+                if let Ok(found) = tokio::net::lookup_host(a.as_str()).await {
+                    dial.extend(found);
+                }
+            }
+            if !dial.is_empty() {
+                mesh.overlay.set_peer(id.clone(), dial);
+                relays.push(id);
+            }
+        }
+        // A coordinator that did not answer this round stays a relay while
+        // its connection lives.
+        for k in &known {
+            if !relays.contains(k) && mesh.overlay.connected_peers().contains(k) {
+                relays.push(k.clone());
+            }
+        }
+        if relays != known {
+            tracing::info!(relays = ?relays.iter().map(Identity::uri).collect::<Vec<_>>(), "overlay relays");
+            known = relays.clone();
+        }
+        mesh.overlay.set_relays(relays);
+        for (relay, e) in mesh.overlay.keep_relays_connected().await {
+            tracing::debug!(%relay, error = %e, "overlay relay unreachable");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RELAY_REFRESH) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
 /// The address other nodes should dial: the listen address when it names
 /// one, else this host's address on the route to the first coordinator.
 pub fn advertise(listen: SocketAddr, coordinators: &[String]) -> Option<SocketAddr> {

@@ -7,9 +7,9 @@ use std::pin::Pin;
 use cloudless_pki::Identity;
 use cloudless_proto::v1::agent_service_server::AgentService;
 use cloudless_proto::v1::{
-    Assignment, AssignmentSet, HeartbeatRequest, HeartbeatResponse, RenewRequest, RenewResponse,
-    ReportStatusRequest, ReportStatusResponse, TunnelDown, TunnelUp, UpstreamEndpoint, UpstreamSet,
-    WatchAssignmentsRequest,
+    Assignment, AssignmentSet, HeartbeatRequest, HeartbeatResponse, OverlayRelayRequest,
+    OverlayRelayResponse, RenewRequest, RenewResponse, ReportStatusRequest, ReportStatusResponse,
+    TunnelDown, TunnelUp, UpstreamEndpoint, UpstreamSet, WatchAssignmentsRequest,
 };
 use cloudless_state::{Command, ReplicaUpdate, Response as SmResponse};
 use cloudless_types::{NodeStatus, ReplicaState, Resources};
@@ -287,6 +287,20 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn overlay_relay(
+        &self,
+        req: Request<OverlayRelayRequest>,
+    ) -> Result<Response<OverlayRelayResponse>, Status> {
+        require(&self.handle, &req, Allow::Node)?;
+        Ok(Response::new(match self.handle.relay() {
+            Some((identity, address)) => OverlayRelayResponse {
+                identity: identity.uri(),
+                addresses: vec![address.to_owned()],
+            },
+            None => OverlayRelayResponse::default(),
+        }))
     }
 
     async fn report_status(

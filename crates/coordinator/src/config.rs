@@ -53,6 +53,9 @@ pub struct CoordinatorConfig {
     /// certificate besides the advertised host, for clients and agents that
     /// reach it by another address (comma-separated `tls_sans`).
     pub tls_sans: Vec<String>,
+    /// UDP address of the overlay relay (agents that cannot reach each other
+    /// directly relay through coordinators); `None`: no relay. Needs mTLS.
+    pub overlay_listen: Option<SocketAddr>,
     /// Raft settings.
     pub raft: RaftConfig,
 }
@@ -96,6 +99,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("cluster.name", Kind::Str, "cloudless"),
     ("master_key_file", Kind::Str, ""),
     ("tls_sans", Kind::Str, ""),
+    ("overlay_listen", Kind::Str, ""),
     ("raft.heartbeat_interval_ms", Kind::Int, "100"),
     ("raft.election_timeout_min_ms", Kind::Int, "200"),
     ("raft.election_timeout_max_ms", Kind::Int, "450"),
@@ -282,6 +286,21 @@ impl CoordinatorConfig {
                 ));
             }
         }
+        let (ol_raw, ol_origin) = get_str("overlay_listen");
+        let overlay_listen = match ol_raw.trim() {
+            // The API's address and port, over UDP.
+            "" => Some(listen_addr),
+            "off" => None,
+            other => match other.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    problems.push(format!(
+                        "{ol_origin}: {other:?} is neither an ip:port address nor \"off\" ({e})"
+                    ));
+                    None
+                }
+            },
+        };
         let (mk, _) = get_str("master_key_file");
         let master_key_file = (!mk.trim().is_empty()).then(|| PathBuf::from(mk.trim()));
         let hb = get_int("raft.heartbeat_interval_ms", 10, 10_000, &mut problems) as u64;
@@ -320,6 +339,7 @@ impl CoordinatorConfig {
             cluster_name,
             master_key_file,
             tls_sans,
+            overlay_listen,
             raft: RaftConfig {
                 heartbeat_interval: Duration::from_millis(hb),
                 election_timeout_min: Duration::from_millis(emin),

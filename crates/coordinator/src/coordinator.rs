@@ -90,6 +90,8 @@ struct HandleInner {
     peer_cache: crate::authz::PeerCache,
     liveness: Arc<crate::membership::Liveness>,
     tunnels: Arc<crate::tunnel::Tunnels>,
+    /// The overlay relay and the address agents dial it at.
+    relay: Option<(cloudless_overlay::Overlay, String)>,
     /// Fires when the API stops; long-lived streams end on it.
     stopping: CancellationToken,
 }
@@ -121,6 +123,14 @@ impl CoordinatorHandle {
     /// This coordinator's node id.
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// The overlay relay's identity and address, when it runs.
+    pub fn relay(&self) -> Option<(cloudless_pki::Identity, &str)> {
+        self.inner
+            .relay
+            .as_ref()
+            .map(|(o, a)| (o.identity().clone(), a.as_str()))
     }
 
     /// The address this coordinator advertises.
@@ -473,9 +483,43 @@ impl Coordinator {
                 addr: config.http_addr,
                 source,
             })?;
+        let relay = match (&tls, config.overlay_listen) {
+            (Some(t), Some(listen)) => {
+                let bind_err = |e: String| StartError::Bind {
+                    what: "overlay relay (UDP)",
+                    addr: listen,
+                    source: std::io::Error::other(e),
+                };
+                let overlay = cloudless_overlay::Overlay::bind(
+                    cloudless_overlay::OverlayConfig {
+                        listen,
+                        relay: true,
+                        ..Default::default()
+                    },
+                    t.overlay_tls().map_err(&bind_err)?,
+                    cloudless_pki::Identity::Coordinator(id),
+                    // Coordinators run no workloads: they only relay.
+                    Arc::new(cloudless_overlay::StaticResolver::default()),
+                )
+                .map_err(|e| bind_err(e.to_string()))?;
+                let port = overlay
+                    .local_addr()
+                    .map_err(|e| bind_err(e.to_string()))?
+                    .port();
+                let host = config
+                    .advertise_addr
+                    .rsplit_once(':')
+                    .map_or(config.advertise_addr.as_str(), |(h, _)| h);
+                Some((overlay, format!("{host}:{port}")))
+            }
+            _ => None,
+        };
         let mut registry = Registry::default();
         let metrics = RaftMetrics::register(&mut registry);
         let membership_metrics = crate::membership::MembershipMetrics::register(&mut registry);
+        let relay_metrics = relay
+            .as_ref()
+            .map(|(o, _)| RelayMetrics::register(&mut registry, o.clone()));
         let (log, sm) =
             cloudless_state::open_stores(&config.data_dir, metrics.apply_latency.clone())?;
         let reader = sm.reader();
@@ -524,6 +568,7 @@ impl Coordinator {
                 peer_cache: crate::authz::PeerCache::default(),
                 liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),
                 tunnels: Arc::default(),
+                relay,
                 stopping: api_cancel.clone(),
             }),
         };
@@ -566,6 +611,7 @@ impl Coordinator {
             },
         })?;
         let mut bg_tasks = vec![
+            tokio::spawn(RelayMetrics::run(relay_metrics, bg_cancel.clone())),
             proposer_task,
             http_task,
             tokio::spawn(metrics.run(raft.clone(), committed, bg_cancel.clone())),
@@ -648,6 +694,9 @@ impl Coordinator {
         }
         self.bg_cancel.cancel();
         let handle = self.handle;
+        if let Some((relay, _)) = &handle.inner.relay {
+            relay.close();
+        }
         let rest = async move {
             for t in self.bg_tasks {
                 let _ = t.await;
@@ -786,5 +835,72 @@ async fn join_cluster(handle: CoordinatorHandle, target: String, cancel: Cancell
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Prometheus counters of the overlay relay (docs/metrics.md), copied from
+/// the endpoint's own counters every second.
+struct RelayMetrics {
+    overlay: cloudless_overlay::Overlay,
+    relayed: prometheus_client::metrics::counter::Counter,
+    refused: prometheus_client::metrics::counter::Counter,
+    accepted: prometheus_client::metrics::counter::Counter,
+    peers: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl RelayMetrics {
+    fn register(registry: &mut Registry, overlay: cloudless_overlay::Overlay) -> Self {
+        let m = RelayMetrics {
+            overlay,
+            relayed: Default::default(),
+            refused: Default::default(),
+            accepted: Default::default(),
+            peers: Default::default(),
+        };
+        let r = registry.sub_registry_with_prefix("cloudless_overlay");
+        r.register(
+            "streams_relayed",
+            "Streams this coordinator relayed between two nodes",
+            m.relayed.clone(),
+        );
+        r.register(
+            "streams_refused",
+            "Overlay streams refused (bad request, unreachable node)",
+            m.refused.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Overlay connections accepted after the certificate check",
+            m.accepted.clone(),
+        );
+        r.register(
+            "connected_peers",
+            "Nodes with a live overlay connection to this relay",
+            m.peers.clone(),
+        );
+        m
+    }
+
+    async fn run(metrics: Option<Self>, cancel: CancellationToken) {
+        let Some(m) = metrics else { return };
+        let mut last = cloudless_overlay::OverlayStats::default();
+        loop {
+            let now = m.overlay.stats();
+            m.relayed
+                .inc_by(now.streams_relayed.saturating_sub(last.streams_relayed));
+            m.refused
+                .inc_by(now.streams_refused.saturating_sub(last.streams_refused));
+            m.accepted.inc_by(
+                now.connections_accepted
+                    .saturating_sub(last.connections_accepted),
+            );
+            m.peers
+                .set(i64::try_from(m.overlay.connected_peers().len()).unwrap_or(i64::MAX));
+            last = now;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
     }
 }

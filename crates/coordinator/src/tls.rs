@@ -192,6 +192,13 @@ impl TlsMaterial {
     /// the cluster CA. Client certificates are optional at the TLS layer so that
     /// `Enroll` (authenticated by a join token) works; every other call checks
     /// the caller's identity.
+    /// This coordinator's credentials for the overlay relay.
+    pub(crate) fn overlay_tls(&self) -> Result<cloudless_overlay::OverlayTls, String> {
+        cloudless_overlay::OverlayTls::new(&self.ca_pem, &self.cert_pem, self.key_pem.clone())
+            .map(|(t, _)| t)
+            .map_err(|e| e.to_string())
+    }
+
     pub(crate) fn server_config(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(

@@ -25,6 +25,9 @@ const WRONG_PEER: u32 = 1;
 const SHUTDOWN: u32 = 0;
 /// How long an opener has to send its request frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed direct dial, streams to that peer go through relays
+/// without dialing again for this long (unless its addresses change).
+const DIRECT_RETRY: Duration = Duration::from_secs(30);
 
 /// Settings of an overlay endpoint.
 #[derive(Debug, Clone)]
@@ -142,6 +145,8 @@ struct Inner {
     connections: Mutex<HashMap<Identity, quinn::Connection>>,
     /// Nodes asked to relay when a peer cannot be dialed; kept connected.
     relays: Mutex<Vec<Identity>>,
+    /// When a direct dial to a peer last failed.
+    direct_failed: Mutex<HashMap<Identity, std::time::Instant>>,
     counters: Counters,
 }
 
@@ -172,6 +177,7 @@ impl Overlay {
                 addresses: Mutex::default(),
                 connections: Mutex::default(),
                 relays: Mutex::default(),
+                direct_failed: Mutex::default(),
                 counters: Counters::default(),
             }),
         };
@@ -217,7 +223,11 @@ impl Overlay {
 
     /// Sets the addresses `peer` may be dialed at (replacing earlier ones).
     pub fn set_peer(&self, peer: Identity, addresses: Vec<SocketAddr>) {
-        lock(&self.inner.addresses).insert(peer, addresses);
+        let mut known = lock(&self.inner.addresses);
+        if known.get(&peer) != Some(&addresses) {
+            lock(&self.inner.direct_failed).remove(&peer);
+            known.insert(peer, addresses);
+        }
     }
 
     /// Forgets `peer`: its addresses, and closes a live connection.
@@ -257,7 +267,14 @@ impl Overlay {
             .collect()
     }
 
-    /// Closes every connection and the endpoint.
+    /// Closes every connection and stops accepting new ones.
+    pub fn close(&self) {
+        self.inner.endpoint.close(SHUTDOWN.into(), b"shutdown");
+        lock(&self.inner.connections).clear();
+    }
+
+    /// Closes every connection and the endpoint, and waits for the peers to
+    /// hear of it.
     pub async fn shutdown(&self) {
         self.inner.endpoint.close(SHUTDOWN.into(), b"shutdown");
         lock(&self.inner.connections).clear();
@@ -297,7 +314,25 @@ impl Overlay {
     /// Opens a stream to `target` on `peer`: directly when a connection
     /// exists or an address answers, else through each relay in turn.
     pub async fn open(&self, peer: &Identity, target: &str) -> Result<OverlayStream, OverlayError> {
-        let direct = match self.connection(peer).await {
+        let recently_failed = lock(&self.inner.direct_failed)
+            .get(peer)
+            .is_some_and(|t| t.elapsed() < DIRECT_RETRY);
+        let live = lock(&self.inner.connections)
+            .get(peer)
+            .is_some_and(|c| c.close_reason().is_none());
+        let attempt = if recently_failed && !live {
+            Err(OverlayError::Unreachable {
+                peer: peer.uri(),
+                detail: format!("a direct dial failed within the last {DIRECT_RETRY:?}"),
+            })
+        } else {
+            let r = self.connection(peer).await;
+            if r.is_err() {
+                lock(&self.inner.direct_failed).insert(peer.clone(), std::time::Instant::now());
+            }
+            r
+        };
+        let direct = match attempt {
             Ok(conn) => {
                 let request = StreamRequest::Open {
                     target: target.to_owned(),
