@@ -97,35 +97,6 @@ fn expiry_key(expires_at_ms: i64, id: &str) -> String {
     format!("{:020}/{id}", expires_at_ms.max(0))
 }
 
-/// Drops the records of tokens that expired before `cutoff_ms`. Runs on each
-/// mint, so the table holds about one grace period's worth of expired tokens
-/// however many agents mint (one single-use token per secret read).
-fn drop_expired_tokens(txn: &WriteTransaction, cutoff_ms: i64) -> Result<(), String> {
-    let cutoff = expiry_key(cutoff_ms, "");
-    let mut index = txn
-        .open_table(ACCESS_TOKEN_EXPIRY)
-        .map_err(|e| e.to_string())?;
-    let mut expired = Vec::new();
-    for item in index
-        .range::<&str>(..cutoff.as_str())
-        .map_err(|e| e.to_string())?
-    {
-        let (k, _) = item.map_err(|e| e.to_string())?;
-        expired.push(k.value().to_owned());
-    }
-    if expired.is_empty() {
-        return Ok(());
-    }
-    let mut tokens = txn.open_table(ACCESS_TOKENS).map_err(|e| e.to_string())?;
-    for k in expired {
-        index.remove(k.as_str()).map_err(|e| e.to_string())?;
-        if let Some((_, id)) = k.split_once('/') {
-            tokens.remove(id).map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(())
-}
-
 /// Stores `audit` with `allowed` and `detail` set, then returns `r`.
 fn audited(
     txn: &WriteTransaction,
@@ -415,7 +386,14 @@ pub(crate) fn apply(
                 .map_err(|e| e.to_string())?
                 .insert(expiry_key(token.expires_at_ms, &token.id).as_str(), "null")
                 .map_err(|e| e.to_string())?;
-            drop_expired_tokens(txn, now_ms - TOKEN_RECORD_GRACE_MS)?;
+            // The table holds about one grace period's worth of expired
+            // tokens however many agents mint (one single-use token per read).
+            crate::state_machine::drop_indexed_before(
+                txn,
+                ACCESS_TOKEN_EXPIRY,
+                ACCESS_TOKENS,
+                now_ms - TOKEN_RECORD_GRACE_MS,
+            )?;
             audited(txn, audit.clone(), now_ms, Ok(Response::SecretDone))
         }
         SecretCommand::UseToken { id, actor, audit } => {

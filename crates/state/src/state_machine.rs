@@ -608,12 +608,26 @@ fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, Strin
 
 /// Forgets idempotency keys proposed more than the retention period before `now_ms`.
 fn expire_idempotency(txn: &WriteTransaction, now_ms: i64) -> Result<(), String> {
-    let cutoff = format!("{:020}", (now_ms - IDEMPOTENCY_RETENTION_MS).max(0));
-    let mut exp = txn
-        .open_table(IDEMPOTENCY_EXPIRY)
-        .map_err(|e| e.to_string())?;
+    drop_indexed_before(
+        txn,
+        IDEMPOTENCY_EXPIRY,
+        IDEMPOTENCY,
+        now_ms - IDEMPOTENCY_RETENTION_MS,
+    )
+}
+
+/// With `index` keyed `<ms, 20 digits>/<key>`: removes every index entry
+/// before `cutoff_ms` and the `data` records they name.
+pub(crate) fn drop_indexed_before(
+    txn: &WriteTransaction,
+    index: TableDefinition<&str, &str>,
+    data: TableDefinition<&str, &str>,
+    cutoff_ms: i64,
+) -> Result<(), String> {
+    let cutoff = format!("{:020}", cutoff_ms.max(0));
+    let mut idx = txn.open_table(index).map_err(|e| e.to_string())?;
     let mut expired = Vec::new();
-    for item in exp
+    for item in idx
         .range::<&str>(..cutoff.as_str())
         .map_err(|e| e.to_string())?
     {
@@ -623,11 +637,11 @@ fn expire_idempotency(txn: &WriteTransaction, now_ms: i64) -> Result<(), String>
     if expired.is_empty() {
         return Ok(());
     }
-    let mut idem = txn.open_table(IDEMPOTENCY).map_err(|e| e.to_string())?;
+    let mut records = txn.open_table(data).map_err(|e| e.to_string())?;
     for ek in expired {
-        exp.remove(ek.as_str()).map_err(|e| e.to_string())?;
+        idx.remove(ek.as_str()).map_err(|e| e.to_string())?;
         if let Some((_, key)) = ek.split_once('/') {
-            idem.remove(key).map_err(|e| e.to_string())?;
+            records.remove(key).map_err(|e| e.to_string())?;
         }
     }
     Ok(())
