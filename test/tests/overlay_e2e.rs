@@ -10,6 +10,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cloudless_agent::NodeIdentity;
+use cloudless_overlay::{Overlay, OverlayConfig, StaticResolver};
+use cloudless_pki::Identity;
 use cloudless_proto::v1 as pb;
 use cloudless_test::e2e::{output_text as text, Cluster, Options};
 
@@ -160,6 +166,43 @@ async fn serve_and_reach(c: &Cluster) -> (Vec<pb::Replica>, pb::Replica) {
     (backends, remote.clone())
 }
 
+/// An overlay endpoint in the test process holding agent `i`'s own
+/// certificate, and agent `j`'s node identity and advertised overlay address.
+fn impersonate(c: &Cluster, i: usize, j: usize) -> (Overlay, Identity, SocketAddr) {
+    let me = NodeIdentity::load(&c.agents[i].data_dir)
+        .expect("identity")
+        .expect("enrolled");
+    let them = NodeIdentity::load(&c.agents[j].data_dir)
+        .expect("identity")
+        .expect("enrolled");
+    let log = std::fs::read_to_string(c.dir.path().join(format!("{}.log", c.agents[j].name)))
+        .expect("agent log");
+    let after = log
+        .split("advertised")
+        .nth(1)
+        .expect("overlay address logged");
+    let start = after.find("127.0.0.1:").expect("address");
+    let addr: String = after[start..]
+        .chars()
+        .take_while(|ch| ch.is_ascii_digit() || *ch == '.' || *ch == ':')
+        .collect();
+    let overlay = Overlay::bind(
+        OverlayConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..OverlayConfig::default()
+        },
+        me.overlay_tls().expect("tls"),
+        Identity::Node(me.node_id.clone()),
+        Arc::new(StaticResolver::default()),
+    )
+    .expect("overlay");
+    (
+        overlay,
+        Identity::Node(them.node_id.clone()),
+        addr.parse().expect("overlay address"),
+    )
+}
+
 /// md5 of `/www/big` on every backend.
 fn backend_sums(c: &Cluster, backends: &[pb::Replica]) -> BTreeSet<String> {
     backends
@@ -203,6 +246,41 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
         let sum = got.split_whitespace().next().expect("sum").to_owned();
         assert!(sums.contains(&sum), "{sum} not in {sums:?}");
     }
+
+    // Streams to a replica are accepted only from nodes running a workload
+    // that lists its workload as an upstream: agent-a's own certificate
+    // opens one while its frontend runs, and not after it is deleted.
+    let (rogue, agent_b, addr_b) = impersonate(&c, 0, 1);
+    rogue.set_peer(agent_b.clone(), vec![addr_b]);
+    let target = format!("replica/{}:8080", backends[0].id);
+    rogue
+        .open(&agent_b, &target)
+        .await
+        .expect("a caller's node");
+    c.ctl_ok(&["delete", "workload", "frontend"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match rogue.open(&agent_b, &target).await {
+            Ok(_) => assert!(Instant::now() < deadline, "still accepted after the delete"),
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("runs no workload with default/backend as an upstream"),
+                    "{text}"
+                );
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.ctl_ok(&["apply", "-f", &frontend(&c), "--wait", "--timeout", "90"]);
+    let fronts = c
+        .wait_ready("frontend", 2, Duration::from_secs(60), |_| true)
+        .await;
+    let remote = fronts
+        .iter()
+        .find(|r| r.node_name == "agent-a")
+        .expect("a frontend on agent-a");
 
     // The frontend's container has no route off the host but the upstream:
     // the backend's port is not reachable any other way.

@@ -10,7 +10,7 @@
 //! agent connects the stream to `127.0.0.1:<port>` inside the target
 //! replica's namespace.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -45,13 +45,62 @@ struct Endpoint {
 }
 
 /// Replica network namespaces on this node, by replica id (the pid of the
-/// container's init process).
+/// container's init process), and who may reach them.
 #[derive(Debug, Default)]
 struct Local {
     pids: Mutex<HashMap<String, u32>>,
+    /// Replica id -> (namespace, workload), from the assignments.
+    workloads: Mutex<HashMap<String, (String, String)>>,
+    /// (namespace, workload) -> nodes running a workload that lists it as
+    /// an upstream.
+    callers: Mutex<HashMap<(String, String), HashSet<String>>>,
 }
 
 impl Local {
+    /// Takes the local replicas' workloads and their callers.
+    fn update(&self, assigned: &pb::AssignmentSet) {
+        *lock(&self.workloads) = assigned
+            .assignments
+            .iter()
+            .map(|a| {
+                (
+                    a.replica_id.clone(),
+                    (a.namespace.clone(), a.workload.clone()),
+                )
+            })
+            .collect();
+        *lock(&self.callers) = assigned
+            .inbound
+            .iter()
+            .map(|i| {
+                (
+                    (i.namespace.clone(), i.workload.clone()),
+                    i.node_ids.iter().cloned().collect(),
+                )
+            })
+            .collect();
+    }
+
+    /// Whether node `origin` runs a workload that lists the workload of
+    /// `replica_id` as an upstream.
+    fn allowed(&self, origin: &str, replica_id: &str) -> Result<(), String> {
+        let key = lock(&self.workloads)
+            .get(replica_id)
+            .cloned()
+            .ok_or_else(|| format!("replica {replica_id} is not assigned to this node"))?;
+        if lock(&self.callers)
+            .get(&key)
+            .is_some_and(|nodes| nodes.contains(origin))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {origin} runs no workload with {}/{} as an upstream",
+                key.0, key.1
+            ))
+        }
+    }
+
     async fn connect(&self, replica_id: &str, port: u16) -> Result<TcpStream, String> {
         let pid = lock(&self.pids)
             .get(replica_id)
@@ -78,12 +127,14 @@ impl Resolver for ReplicaResolver {
     fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
         Box::pin(async move {
             // Streams come only from cluster members (mutual TLS); only nodes
-            // carry workload traffic.
-            if !matches!(origin, Identity::Node(_)) {
+            // running a workload that lists the target's workload as an
+            // upstream may reach it.
+            let Identity::Node(node) = origin else {
                 return Err(format!("{origin} does not carry workload traffic"));
-            }
+            };
             let (id, port) =
                 parse_target(target).ok_or_else(|| format!("bad target {target:?}"))?;
+            self.0.allowed(node, id)?;
             self.0.connect(id, port).await
         })
     }
@@ -128,10 +179,12 @@ impl Mesh {
         &self.overlay
     }
 
-    /// Takes the endpoints of upstream workloads from an assignment set.
-    pub fn update(&self, sets: &[pb::UpstreamSet]) {
+    /// Takes the endpoints of upstream workloads, the local replicas'
+    /// workloads and who may call them from an assignment set.
+    pub fn update(&self, assigned: &pb::AssignmentSet) {
+        self.local.update(assigned);
         let mut map = HashMap::new();
-        for set in sets {
+        for set in &assigned.upstreams {
             let mut endpoints = Vec::new();
             for e in &set.endpoints {
                 let addresses: Vec<SocketAddr> = e
@@ -347,6 +400,45 @@ mod tests {
         ] {
             assert_eq!(parse_target(bad), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn only_nodes_running_a_caller_of_the_workload_may_reach_its_replicas() {
+        let local = Arc::new(Local::default());
+        let resolver = ReplicaResolver(local.clone());
+        let set = pb::AssignmentSet {
+            assignments: vec![pb::Assignment {
+                replica_id: "r1".into(),
+                workload: "api".into(),
+                namespace: "prod".into(),
+                ..Default::default()
+            }],
+            inbound: vec![pb::InboundSet {
+                namespace: "prod".into(),
+                workload: "api".into(),
+                node_ids: vec!["n-web".into()],
+            }],
+            ..Default::default()
+        };
+        local.update(&set);
+        async fn refusal(r: &ReplicaResolver, origin: Identity, target: &str) -> String {
+            r.connect(&origin, target).await.err().unwrap_or_default()
+        }
+        let err = |origin, target| refusal(&resolver, origin, target);
+        // The caller passes the check (and fails only for want of a process).
+        let e = err(Identity::Node("n-web".into()), "replica/r1:8080").await;
+        assert!(e.contains("not running on this node"), "{e}");
+        let e = err(Identity::Node("n-other".into()), "replica/r1:8080").await;
+        assert_eq!(
+            e,
+            "node n-other runs no workload with prod/api as an upstream"
+        );
+        let e = err(Identity::Node("n-web".into()), "replica/r9:8080").await;
+        assert!(e.contains("not assigned to this node"), "{e}");
+        let e = err(Identity::Admin("ops".into()), "replica/r1:8080").await;
+        assert!(e.contains("does not carry workload traffic"), "{e}");
+        let e = err(Identity::Node("n-web".into()), "replica/r1").await;
+        assert!(e.contains("bad target"), "{e}");
     }
 
     #[test]

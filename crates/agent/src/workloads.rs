@@ -425,7 +425,7 @@ impl Runner {
     pub async fn apply(&mut self, set: &pb::AssignmentSet) {
         self.parked.clear();
         if let Some(m) = &self.mesh {
-            m.update(&set.upstreams);
+            m.update(set);
         }
         if !self.adopted {
             // First set after a start: containers we ran before are adopted

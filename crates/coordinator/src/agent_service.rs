@@ -7,9 +7,10 @@ use std::pin::Pin;
 use cloudless_pki::Identity;
 use cloudless_proto::v1::agent_service_server::AgentService;
 use cloudless_proto::v1::{
-    Assignment, AssignmentSet, HeartbeatRequest, HeartbeatResponse, OverlayRelayRequest,
-    OverlayRelayResponse, RenewRequest, RenewResponse, ReportStatusRequest, ReportStatusResponse,
-    TunnelDown, TunnelUp, UpstreamEndpoint, UpstreamSet, WatchAssignmentsRequest,
+    Assignment, AssignmentSet, HeartbeatRequest, HeartbeatResponse, InboundSet,
+    OverlayRelayRequest, OverlayRelayResponse, RenewRequest, RenewResponse, ReportStatusRequest,
+    ReportStatusResponse, TunnelDown, TunnelUp, UpstreamEndpoint, UpstreamSet,
+    WatchAssignmentsRequest,
 };
 use cloudless_state::{Command, ReplicaUpdate, Response as SmResponse};
 use cloudless_types::{NodeStatus, ReplicaState, Resources};
@@ -164,14 +165,64 @@ fn beat(
     })
 }
 
-/// The node's assignments, ordered by replica id, and the endpoints of the
-/// workloads they name as upstreams.
-fn assignments(
-    handle: &CoordinatorHandle,
-    node_id: &str,
-) -> Result<(Vec<Assignment>, Vec<UpstreamSet>), CoordinatorError> {
+/// What a node is told: its assignments (by replica id), the endpoints of
+/// the workloads they name as upstreams, and who may call its workloads.
+type NodeView = (Vec<Assignment>, Vec<UpstreamSet>, Vec<InboundSet>);
+
+/// The nodes allowed to open overlay streams to each workload in `local`:
+/// those running a replica of a workload (same namespace) that lists it as
+/// an upstream.
+fn inbound(
+    reader: &cloudless_state::StateReader,
+    local: &BTreeSet<(String, String)>,
+) -> Result<Vec<InboundSet>, CoordinatorError> {
+    let mut callers: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    if local.is_empty() {
+        return Ok(Vec::new());
+    }
+    for w in reader.workloads(None)? {
+        let targets: Vec<(String, String)> = w
+            .spec
+            .upstreams
+            .iter()
+            .map(|u| (w.namespace.clone(), u.workload.clone()))
+            .filter(|k| local.contains(k))
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        let nodes: BTreeSet<String> = reader
+            .workload_replicas(&w.namespace, &w.name)?
+            .into_iter()
+            .map(|r| r.node_id)
+            .collect();
+        for t in targets {
+            callers.entry(t).or_default().extend(nodes.iter().cloned());
+        }
+    }
+    Ok(local
+        .iter()
+        .map(|(namespace, workload)| InboundSet {
+            namespace: namespace.clone(),
+            workload: workload.clone(),
+            node_ids: callers
+                .remove(&(namespace.clone(), workload.clone()))
+                .map(|s| s.into_iter().collect())
+                .unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// The node's assignments, ordered by replica id, the endpoints of the
+/// workloads they name as upstreams, and who may call them.
+fn assignments(handle: &CoordinatorHandle, node_id: &str) -> Result<NodeView, CoordinatorError> {
     let reader = handle.reader();
     let replicas = reader.node_replicas(node_id)?;
+    let local: BTreeSet<(String, String)> = replicas
+        .iter()
+        .map(|r| (r.namespace.clone(), r.workload.clone()))
+        .collect();
+    let inbound = inbound(reader, &local)?;
     let wanted: BTreeSet<(String, String)> = replicas
         .iter()
         .flat_map(|r| {
@@ -222,7 +273,7 @@ fn assignments(
             spec: Some(r.spec.into()),
         })
         .collect();
-    Ok((assignments, upstreams))
+    Ok((assignments, upstreams, inbound))
 }
 
 type TunnelDownStream =
@@ -249,7 +300,7 @@ impl AgentService for AgentApi {
         let mut changes = handle.reader().changes();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<AssignmentSet, Status>>(4);
         tokio::spawn(async move {
-            let mut last: Option<(Vec<Assignment>, Vec<UpstreamSet>)> = None;
+            let mut last: Option<NodeView> = None;
             loop {
                 let revision = *changes.borrow_and_update();
                 if let Err(status) = crate::authz::node_still_enrolled(&handle, &id) {
@@ -268,6 +319,7 @@ impl AgentService for AgentApi {
                         revision,
                         assignments: set.0.clone(),
                         upstreams: set.1.clone(),
+                        inbound: set.2.clone(),
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
