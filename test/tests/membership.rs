@@ -92,6 +92,7 @@ fn agent_config(
         runtime: None,
         overlay_listen: None,
         overlay_advertise: Vec::new(),
+        overlay_hole_punching: false,
     }
 }
 

@@ -36,6 +36,8 @@ pub struct AgentConfig {
     /// Addresses other nodes dial; empty: the listen address, or this
     /// host's address on the route to the first coordinator.
     pub overlay_advertise: Vec<std::net::SocketAddr>,
+    /// Try NAT hole punching before relaying.
+    pub overlay_hole_punching: bool,
 }
 
 fn now_s() -> i64 {
@@ -81,6 +83,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         (Some(_), Some(listen)) => {
             let overlay = cloudless_overlay::OverlayConfig {
                 listen,
+                hole_punching: config.overlay_hole_punching,
                 ..Default::default()
             };
             let mesh =

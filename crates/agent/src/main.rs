@@ -92,6 +92,11 @@ struct Cli {
     /// coordinator.
     #[arg(long = "overlay-advertise")]
     overlay_advertise: Vec<std::net::SocketAddr>,
+    /// Before relaying a stream to a node that cannot be dialed, ask a
+    /// relay to introduce the two nodes and dial each other at once (NAT
+    /// hole punching): true or false.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    overlay_hole_punching: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +149,7 @@ fn main() -> ExitCode {
     let config = AgentConfig {
         overlay_listen: cli.overlay_listen.0,
         overlay_advertise: cli.overlay_advertise,
+        overlay_hole_punching: cli.overlay_hole_punching,
         coordinators: cli.coordinators,
         name: cli.name.unwrap_or_else(host_name),
         join_token,

@@ -28,6 +28,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed direct dial, streams to that peer go through relays
 /// without dialing again for this long (unless its addresses change).
 const DIRECT_RETRY: Duration = Duration::from_secs(30);
+/// How long both sides keep dialing after a relay's introduction.
+const PUNCH_WINDOW: Duration = Duration::from_secs(3);
+/// One dial attempt within that window (quinn resends its Initial meanwhile).
+const PUNCH_ATTEMPT: Duration = Duration::from_millis(1000);
 
 /// Settings of an overlay endpoint.
 #[derive(Debug, Clone)]
@@ -41,6 +45,9 @@ pub struct OverlayConfig {
     pub connect_timeout: Duration,
     /// Whether this node relays streams for other nodes.
     pub relay: bool,
+    /// Whether to try NAT hole punching (through a relay's introduction)
+    /// before relaying a stream.
+    pub hole_punching: bool,
 }
 
 impl Default for OverlayConfig {
@@ -50,6 +57,7 @@ impl Default for OverlayConfig {
             idle_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(3),
             relay: false,
+            hole_punching: true,
         }
     }
 }
@@ -162,9 +170,28 @@ impl Overlay {
         me: Identity,
         resolver: Arc<dyn Resolver>,
     ) -> Result<Overlay, OverlayError> {
-        let server = tls.server_config(config.idle_timeout)?;
-        let endpoint = quinn::Endpoint::server(server, config.listen)
+        let socket = std::net::UdpSocket::bind(config.listen)
             .map_err(|e| OverlayError::Io(format!("binding UDP {}: {e}", config.listen)))?;
+        Self::bind_socket(config, tls, me, resolver, socket)
+    }
+
+    /// Like [`Overlay::bind`], on a socket made by the caller (for example
+    /// in another network namespace); `config.listen` is not used.
+    pub fn bind_socket(
+        config: OverlayConfig,
+        tls: OverlayTls,
+        me: Identity,
+        resolver: Arc<dyn Resolver>,
+        socket: std::net::UdpSocket,
+    ) -> Result<Overlay, OverlayError> {
+        let server = tls.server_config(config.idle_timeout)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| OverlayError::Io(format!("UDP endpoint: {e}")))?;
         let client = Mutex::new(tls.client_config(config.idle_timeout)?);
         let overlay = Overlay {
             inner: Arc::new(Inner {
@@ -326,7 +353,17 @@ impl Overlay {
                 detail: format!("a direct dial failed within the last {DIRECT_RETRY:?}"),
             })
         } else {
-            let r = self.connection(peer).await;
+            let r = match self.connection(peer).await {
+                Ok(c) => Ok(c),
+                Err(e) if self.inner.config.hole_punching => match self.punch(peer).await {
+                    Ok(c) => Ok(c),
+                    Err(p) => Err(OverlayError::Unreachable {
+                        peer: peer.uri(),
+                        detail: format!("{e}; hole punching: {p}"),
+                    }),
+                },
+                Err(e) => Err(e),
+            };
             if r.is_err() {
                 lock(&self.inner.direct_failed).insert(peer.clone(), std::time::Instant::now());
             }
@@ -366,6 +403,60 @@ impl Overlay {
             peer: peer.uri(),
             detail,
         })
+    }
+
+    /// NAT traversal: asks each relay in turn to introduce this node to
+    /// `peer`, then dials the address the relay sees `peer` at while `peer`
+    /// dials ours, until one side's handshake gets through.
+    async fn punch(&self, peer: &Identity) -> Result<quinn::Connection, String> {
+        let relays = lock(&self.inner.relays).clone();
+        let mut errors = Vec::new();
+        for relay in relays.iter().filter(|r| *r != peer) {
+            let answer = async {
+                let conn = self.connection(relay).await.map_err(|e| e.to_string())?;
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                write_frame(&mut send, &StreamRequest::Punch { to: peer.uri() })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply: StreamReply = read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                if !reply.ok {
+                    return Err(reply.error);
+                }
+                reply
+                    .observed
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                    .ok_or_else(|| "no address in the answer".to_owned())
+            }
+            .await;
+            let address = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    errors.push(format!("{relay}: {e}"));
+                    continue;
+                }
+            };
+            let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
+            loop {
+                if let Some(c) = lock(&self.inner.connections).get(peer) {
+                    if c.close_reason().is_none() {
+                        return Ok(c.clone());
+                    }
+                }
+                match self.dial_within(address, peer, PUNCH_ATTEMPT).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        errors.push(format!("{relay} gave {address}: {e}"));
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        if errors.is_empty() {
+            errors.push("no relay to introduce us".into());
+        }
+        Err(errors.join("; "))
     }
 
     /// Accepts TCP connections on `listener` and forwards each to `target`
@@ -460,20 +551,25 @@ impl Overlay {
         addr: SocketAddr,
         expected: &Identity,
     ) -> Result<quinn::Connection, OverlayError> {
+        self.dial_within(addr, expected, self.inner.config.connect_timeout)
+            .await
+    }
+
+    async fn dial_within(
+        &self,
+        addr: SocketAddr,
+        expected: &Identity,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, OverlayError> {
         let client = lock(&self.inner.client).clone();
         let connecting = self
             .inner
             .endpoint
             .connect_with(client, addr, SERVER_NAME)
             .map_err(|e| OverlayError::Io(e.to_string()))?;
-        let conn = tokio::time::timeout(self.inner.config.connect_timeout, connecting)
+        let conn = tokio::time::timeout(timeout, connecting)
             .await
-            .map_err(|_| {
-                OverlayError::Io(format!(
-                    "no answer within {:?}",
-                    self.inner.config.connect_timeout
-                ))
-            })?
+            .map_err(|_| OverlayError::Io(format!("no answer within {timeout:?}")))?
             .map_err(|e| OverlayError::Io(e.to_string()))?;
         let found = self.inner.tls.identity_of(&conn)?;
         if &found != expected {
@@ -581,6 +677,91 @@ impl Overlay {
                     }
                     Err(why) => self.refuse(&mut send, why).await,
                 }
+            }
+            StreamRequest::Punch { to } => {
+                if !self.inner.config.relay {
+                    return self
+                        .refuse(&mut send, format!("{} does not relay", self.inner.me))
+                        .await;
+                }
+                let Some(to) = Identity::from_uri(&to) else {
+                    return self
+                        .refuse(&mut send, format!("punch target {to:?} is not an identity"))
+                        .await;
+                };
+                // Only a node already connected here can be introduced.
+                let far = lock(&self.inner.connections)
+                    .get(&to)
+                    .filter(|c| c.close_reason().is_none())
+                    .cloned();
+                let Some(far) = far else {
+                    return self
+                        .refuse(&mut send, format!("{to} is not connected to this relay"))
+                        .await;
+                };
+                let tell = StreamRequest::PunchFrom {
+                    from: peer.uri(),
+                    address: remote.to_string(),
+                };
+                let told = async {
+                    let (mut s, mut r) = far.open_bi().await.map_err(|e| e.to_string())?;
+                    write_frame(&mut s, &tell)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let reply: StreamReply = read_frame(&mut r).await.map_err(|e| e.to_string())?;
+                    let _ = s.finish();
+                    if reply.ok {
+                        Ok(())
+                    } else {
+                        Err(reply.error)
+                    }
+                }
+                .await;
+                match told {
+                    Ok(()) => {
+                        let reply = StreamReply {
+                            observed: Some(far.remote_address().to_string()),
+                            ..StreamReply::ok()
+                        };
+                        let _ = write_frame(&mut send, &reply).await;
+                        let _ = send.finish();
+                    }
+                    Err(e) => self.refuse(&mut send, format!("{to}: {e}")).await,
+                }
+            }
+            StreamRequest::PunchFrom { from, address } => {
+                if !lock(&self.inner.relays).contains(&peer) {
+                    return self
+                        .refuse(
+                            &mut send,
+                            "only a relay this node chose may introduce".into(),
+                        )
+                        .await;
+                }
+                let (Some(from), Ok(address)) =
+                    (Identity::from_uri(&from), address.parse::<SocketAddr>())
+                else {
+                    return self.refuse(&mut send, "bad introduction".into()).await;
+                };
+                let _ = write_frame(&mut send, &StreamReply::ok()).await;
+                let _ = send.finish();
+                let overlay = self.clone();
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
+                    while tokio::time::Instant::now() < deadline {
+                        let live = lock(&overlay.inner.connections)
+                            .get(&from)
+                            .is_some_and(|c| c.close_reason().is_none());
+                        if live
+                            || overlay
+                                .dial_within(address, &from, PUNCH_ATTEMPT)
+                                .await
+                                .is_ok()
+                        {
+                            return;
+                        }
+                    }
+                });
             }
             StreamRequest::Relay { to, target } => {
                 if !self.inner.config.relay {
@@ -772,6 +953,30 @@ mod tests {
             .expect("read");
         assert_eq!(got, b"hello");
         assert_eq!(lock(&origins.0).as_slice(), &[Identity::Node("a".into())]);
+
+        // Only a relay B chose may make it dial someone.
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let intro = StreamRequest::PunchFrom {
+            from: "cloudless://node/x".into(),
+            address: "127.0.0.1:9".into(),
+        };
+        write_frame(&mut send, &intro).await.expect("write");
+        let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+        assert!(
+            !reply.ok && reply.error.contains("only a relay this node chose"),
+            "{reply:?}"
+        );
+        // Nor does a node that is not a relay introduce anyone.
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let ask = StreamRequest::Punch {
+            to: "cloudless://node/x".into(),
+        };
+        write_frame(&mut send, &ask).await.expect("write");
+        let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+        assert!(
+            !reply.ok && reply.error.contains("does not relay"),
+            "{reply:?}"
+        );
 
         // B still serves normally.
         let mut s = a.open(&bid, "t").await.expect("open");

@@ -38,6 +38,23 @@ pub enum StreamRequest {
     },
     /// Which address does this node see us at (for NAT traversal)?
     WhoAmI,
+    /// To a relay: introduce us to node `to` (NAT traversal). The relay
+    /// tells `to` the address it sees us at and answers with the address it
+    /// sees `to` at; both then dial each other at once.
+    #[serde(rename_all = "camelCase")]
+    Punch {
+        /// The node to reach.
+        to: String,
+    },
+    /// From a relay: node `from`, seen at `address`, is dialing us; dial it
+    /// too, so that both NATs let the other's packets in.
+    #[serde(rename_all = "camelCase")]
+    PunchFrom {
+        /// Who.
+        from: String,
+        /// Its observed address.
+        address: String,
+    },
 }
 
 /// The reply frame.

@@ -34,12 +34,15 @@ fn tls(ca: &ClusterCa, who: &Identity) -> OverlayTls {
     tls
 }
 
+/// Hole punching off unless a test turns it on: on loopback every
+/// introduction succeeds, and these tests are about the other paths.
 fn config(relay: bool) -> OverlayConfig {
     OverlayConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         idle_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_millis(700),
         relay,
+        hole_punching: false,
     }
 }
 
@@ -80,6 +83,15 @@ struct Node {
 }
 
 fn start(ca: &ClusterCa, id: &str, relay: bool, service: Option<SocketAddr>) -> Node {
+    start_with(ca, id, config(relay), service)
+}
+
+fn start_with(
+    ca: &ClusterCa,
+    id: &str,
+    config: OverlayConfig,
+    service: Option<SocketAddr>,
+) -> Node {
     let mut r = StaticResolver::default();
     if let Some(addr) = service {
         r = r.with("upper", addr);
@@ -88,8 +100,8 @@ fn start(ca: &ClusterCa, id: &str, relay: bool, service: Option<SocketAddr>) -> 
         inner: r,
         origins: Mutex::default(),
     });
-    let overlay = Overlay::bind(config(relay), tls(ca, &node(id)), node(id), origins.clone())
-        .expect("bind overlay");
+    let overlay =
+        Overlay::bind(config, tls(ca, &node(id)), node(id), origins.clone()).expect("bind overlay");
     Node { overlay, origins }
 }
 
@@ -285,4 +297,27 @@ async fn a_node_that_cannot_be_dialed_is_reached_through_its_relay() {
     let text = e.to_string();
     assert!(text.contains("direct:"), "{text}");
     assert!(text.contains("does not relay"), "{text}");
+}
+
+#[tokio::test]
+async fn a_relay_introduces_two_nodes_that_then_connect_directly() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let service = upper_service().await;
+    let punching = OverlayConfig {
+        hole_punching: true,
+        ..config(false)
+    };
+    let a = start_with(&ca, "a", punching.clone(), None);
+    let b = start_with(&ca, "b", punching, Some(service));
+    let r = start(&ca, "r", true, None);
+    for n in [&a, &b] {
+        n.overlay.set_peer(node("r"), vec![addr(&r)]);
+        n.overlay.set_relays(vec![node("r")]);
+        assert!(n.overlay.keep_relays_connected().await.is_empty());
+    }
+    // A knows no address for B at all: R tells each where it sees the other.
+    let s = a.overlay.open(&node("b"), "upper").await.expect("punched");
+    assert_eq!(round_trip(s, b"hi").await, b"HI");
+    assert_eq!(r.overlay.stats().streams_relayed, 0, "nothing was relayed");
+    assert!(a.overlay.connected_peers().contains(&node("b")));
 }
