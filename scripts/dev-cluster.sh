@@ -166,6 +166,12 @@ echo "==> cloudlessctl get replicas"
 sleep 1
 echo "==> cloudlessctl logs hello --tail 1 (through the coordinators and the agents' tunnels)"
 "${CTL[@]}" logs hello --tail 1
+echo "==> cloudlessctl apply -f examples/api.yaml, then examples/web.yaml (web reaches api at 127.0.0.1:9000: upstreams over the QUIC overlay)"
+"${CTL[@]}" apply -f examples/api.yaml --wait --timeout 120
+"${CTL[@]}" apply -f examples/web.yaml --wait --timeout 120
+sleep 6
+echo "==> cloudlessctl logs web --tail 2 (answers from api replicas on the other agent)"
+"${CTL[@]}" logs web --tail 2
 echo
 echo "Cluster is running (logs in $DIR). Metrics: curl http://127.0.0.1:$((PORTS[0] + 1))/metrics"
 echo "cloudlessctl: ${CTL[*]}"
