@@ -344,10 +344,7 @@ impl Overlay {
         let recently_failed = lock(&self.inner.direct_failed)
             .get(peer)
             .is_some_and(|t| t.elapsed() < DIRECT_RETRY);
-        let live = lock(&self.inner.connections)
-            .get(peer)
-            .is_some_and(|c| c.close_reason().is_none());
-        let attempt = if recently_failed && !live {
+        let attempt = if recently_failed && self.live(peer).is_none() {
             Err(OverlayError::Unreachable {
                 peer: peer.uri(),
                 detail: format!("a direct dial failed within the last {DIRECT_RETRY:?}"),
@@ -438,10 +435,8 @@ impl Overlay {
             };
             let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
             loop {
-                if let Some(c) = lock(&self.inner.connections).get(peer) {
-                    if c.close_reason().is_none() {
-                        return Ok(c.clone());
-                    }
+                if let Some(c) = self.live(peer) {
+                    return Ok(c);
                 }
                 match self.dial_within(address, peer, PUNCH_ATTEMPT).await {
                     Ok(c) => return Ok(c),
@@ -518,10 +513,8 @@ impl Overlay {
 
     /// A live connection to `peer`, dialing its addresses if needed.
     async fn connection(&self, peer: &Identity) -> Result<quinn::Connection, OverlayError> {
-        if let Some(c) = lock(&self.inner.connections).get(peer) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.live(peer) {
+            return Ok(c);
         }
         let addresses = lock(&self.inner.addresses)
             .get(peer)
@@ -629,6 +622,22 @@ impl Overlay {
         }
     }
 
+    /// A live connection to `peer`, if there is one.
+    fn live(&self, peer: &Identity) -> Option<quinn::Connection> {
+        lock(&self.inner.connections)
+            .get(peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    /// The node a `relay` or `punch` request names, if this node relays.
+    fn relay_target(&self, to: &str) -> Result<Identity, String> {
+        if !self.inner.config.relay {
+            return Err(format!("{} does not relay", self.inner.me));
+        }
+        Identity::from_uri(to).ok_or_else(|| format!("{to:?} is not a node identity"))
+    }
+
     async fn refuse(&self, send: &mut quinn::SendStream, why: String) {
         self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
         let _ = write_frame(send, &StreamReply::refused(why)).await;
@@ -679,22 +688,12 @@ impl Overlay {
                 }
             }
             StreamRequest::Punch { to } => {
-                if !self.inner.config.relay {
-                    return self
-                        .refuse(&mut send, format!("{} does not relay", self.inner.me))
-                        .await;
-                }
-                let Some(to) = Identity::from_uri(&to) else {
-                    return self
-                        .refuse(&mut send, format!("punch target {to:?} is not an identity"))
-                        .await;
+                let to = match self.relay_target(&to) {
+                    Ok(to) => to,
+                    Err(why) => return self.refuse(&mut send, why).await,
                 };
                 // Only a node already connected here can be introduced.
-                let far = lock(&self.inner.connections)
-                    .get(&to)
-                    .filter(|c| c.close_reason().is_none())
-                    .cloned();
-                let Some(far) = far else {
+                let Some(far) = self.live(&to) else {
                     return self
                         .refuse(&mut send, format!("{to} is not connected to this relay"))
                         .await;
@@ -749,10 +748,7 @@ impl Overlay {
                 tokio::spawn(async move {
                     let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
                     while tokio::time::Instant::now() < deadline {
-                        let live = lock(&overlay.inner.connections)
-                            .get(&from)
-                            .is_some_and(|c| c.close_reason().is_none());
-                        if live
+                        if overlay.live(&from).is_some()
                             || overlay
                                 .dial_within(address, &from, PUNCH_ATTEMPT)
                                 .await
@@ -764,15 +760,9 @@ impl Overlay {
                 });
             }
             StreamRequest::Relay { to, target } => {
-                if !self.inner.config.relay {
-                    return self
-                        .refuse(&mut send, format!("{} does not relay", self.inner.me))
-                        .await;
-                }
-                let Some(to) = Identity::from_uri(&to) else {
-                    return self
-                        .refuse(&mut send, format!("relay target {to:?} is not an identity"))
-                        .await;
+                let to = match self.relay_target(&to) {
+                    Ok(to) => to,
+                    Err(why) => return self.refuse(&mut send, why).await,
                 };
                 let request = StreamRequest::Open {
                     target,

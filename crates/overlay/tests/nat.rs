@@ -43,7 +43,13 @@ fn missing() -> Option<String> {
     None
 }
 
-fn run(args: &[&str]) {
+/// Runs `cmd` (split at spaces), inside network namespace `ns` if given.
+fn sh(ns: Option<&str>, cmd: &str) {
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = ns {
+        args.extend(["ip", "netns", "exec", ns]);
+    }
+    args.extend(cmd.split_whitespace());
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -55,19 +61,13 @@ fn run(args: &[&str]) {
     );
 }
 
-fn in_ns(ns: &str, args: &[&str]) {
-    let mut all = vec!["ip", "netns", "exec", ns];
-    all.extend_from_slice(args);
-    run(&all);
-}
-
 /// Two NATed sites. Site `i` (0 or 1): node namespace `n<i>` with
 /// 10.<s>.0.2 behind router `r<i>` (10.<s>.0.1 inside, 172.30.<s>.2
 /// outside), the host at 172.30.<s>.1.
 struct Sites {
     tag: String,
     subnets: [u8; 2],
-    host_rules: Vec<Vec<String>>,
+    host_rules: Vec<String>,
 }
 
 impl Sites {
@@ -93,149 +93,52 @@ impl Sites {
         };
         for i in 0..2 {
             let s = sites.subnets[i];
+            let t = &sites.tag;
             let (r, n) = (sites.ns("r", i), sites.ns("n", i));
-            let (host_if, wan_if) = (format!("h{i}-{}", sites.tag), format!("w{i}-{}", sites.tag));
-            let (lan_if, node_if) = (format!("l{i}-{}", sites.tag), format!("p{i}-{}", sites.tag));
-            run(&["ip", "netns", "add", &r]);
-            run(&["ip", "netns", "add", &n]);
-            run(&[
-                "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &wan_if,
-            ]);
-            run(&["ip", "link", "set", &wan_if, "netns", &r]);
-            run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("172.30.{s}.1/24"),
-                "dev",
-                &host_if,
-            ]);
-            run(&["ip", "link", "set", &host_if, "up"]);
-            in_ns(
-                &r,
-                &[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("172.30.{s}.2/24"),
-                    "dev",
-                    &wan_if,
-                ],
-            );
-            in_ns(&r, &["ip", "link", "set", &wan_if, "up"]);
-            in_ns(&r, &["ip", "link", "set", "lo", "up"]);
-            in_ns(
-                &r,
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("172.30.{s}.1"),
-                ],
-            );
-            run(&[
-                "ip", "link", "add", &lan_if, "type", "veth", "peer", "name", &node_if,
-            ]);
-            run(&["ip", "link", "set", &lan_if, "netns", &r]);
-            run(&["ip", "link", "set", &node_if, "netns", &n]);
-            in_ns(
-                &r,
-                &[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("10.{s}.0.1/24"),
-                    "dev",
-                    &lan_if,
-                ],
-            );
-            in_ns(&r, &["ip", "link", "set", &lan_if, "up"]);
-            in_ns(
-                &n,
-                &[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("10.{s}.0.2/24"),
-                    "dev",
-                    &node_if,
-                ],
-            );
-            in_ns(&n, &["ip", "link", "set", &node_if, "up"]);
-            in_ns(&n, &["ip", "link", "set", "lo", "up"]);
-            in_ns(
-                &n,
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("10.{s}.0.1"),
-                ],
-            );
-            // The router: forwards, masquerades, and lets in only replies.
-            in_ns(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-            in_ns(
-                &r,
-                &[
-                    "iptables",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-o",
-                    &wan_if,
-                    "-j",
-                    "MASQUERADE",
-                ],
-            );
-            in_ns(
-                &r,
-                &[
-                    "iptables",
-                    "-A",
-                    "INPUT",
-                    "-i",
-                    &wan_if,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-j",
-                    "DROP",
-                ],
-            );
-            in_ns(
-                &r,
-                &[
-                    "iptables",
-                    "-A",
-                    "FORWARD",
-                    "-i",
-                    &wan_if,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-j",
-                    "DROP",
-                ],
-            );
+            // host h<i> <-> router w<i> (public side), router l<i> <-> node p<i>.
+            for cmd in [
+                format!("ip netns add {r}"),
+                format!("ip netns add {n}"),
+                format!("ip link add h{i}-{t} type veth peer name w{i}-{t}"),
+                format!("ip link set w{i}-{t} netns {r}"),
+                format!("ip addr add 172.30.{s}.1/24 dev h{i}-{t}"),
+                format!("ip link set h{i}-{t} up"),
+                format!("ip link add l{i}-{t} type veth peer name p{i}-{t}"),
+                format!("ip link set l{i}-{t} netns {r}"),
+                format!("ip link set p{i}-{t} netns {n}"),
+            ] {
+                sh(None, &cmd);
+            }
+            for cmd in [
+                format!("ip addr add 172.30.{s}.2/24 dev w{i}-{t}"),
+                format!("ip link set w{i}-{t} up"),
+                "ip link set lo up".to_owned(),
+                format!("ip route add default via 172.30.{s}.1"),
+                format!("ip addr add 10.{s}.0.1/24 dev l{i}-{t}"),
+                format!("ip link set l{i}-{t} up"),
+                // Forwards, masquerades, and lets in only replies.
+                "sysctl -qw net.ipv4.ip_forward=1".to_owned(),
+                format!("iptables -t nat -A POSTROUTING -o w{i}-{t} -j MASQUERADE"),
+                format!("iptables -A INPUT -i w{i}-{t} -m conntrack --ctstate NEW -j DROP"),
+                format!("iptables -A FORWARD -i w{i}-{t} -m conntrack --ctstate NEW -j DROP"),
+            ] {
+                sh(Some(&r), &cmd);
+            }
+            for cmd in [
+                format!("ip addr add 10.{s}.0.2/24 dev p{i}-{t}"),
+                format!("ip link set p{i}-{t} up"),
+                "ip link set lo up".to_owned(),
+                format!("ip route add default via 10.{s}.0.1"),
+            ] {
+                sh(Some(&n), &cmd);
+            }
         }
         // The host routes between the two sites' public sides.
-        run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let (h0, h1) = (format!("h0-{}", sites.tag), format!("h1-{}", sites.tag));
-        for (a, b) in [(&h0, &h1), (&h1, &h0)] {
-            let rule: Vec<String> = ["FORWARD", "-i", a, "-o", b, "-j", "ACCEPT"]
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect();
-            let mut insert = vec!["iptables".to_owned(), "-I".to_owned()];
-            insert.extend(rule.iter().cloned());
-            run(&insert.iter().map(String::as_str).collect::<Vec<_>>());
+        sh(None, "sysctl -qw net.ipv4.ip_forward=1");
+        let t = &sites.tag;
+        for (a, b) in [(0, 1), (1, 0)] {
+            let rule = format!("FORWARD -i h{a}-{t} -o h{b}-{t} -j ACCEPT");
+            sh(None, &format!("iptables -I {rule}"));
             sites.host_rules.push(rule);
         }
         sites
@@ -257,9 +160,10 @@ impl Sites {
 impl Drop for Sites {
     fn drop(&mut self) {
         for rule in &self.host_rules {
-            let mut args = vec!["-D".to_owned()];
-            args.extend(rule.iter().cloned());
-            let _ = Command::new("iptables").args(&args).output();
+            let _ = Command::new("iptables")
+                .arg("-D")
+                .args(rule.split_whitespace())
+                .output();
         }
         for i in 0..2 {
             for kind in ["n", "r"] {
