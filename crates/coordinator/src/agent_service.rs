@@ -169,24 +169,18 @@ fn beat(
 /// the workloads they name as upstreams, and who may call its workloads.
 type NodeView = (Vec<Assignment>, Vec<UpstreamSet>, Vec<InboundSet>);
 
-/// The nodes allowed to open overlay streams to each workload in `local`:
-/// those running a replica of a workload (same namespace) that lists it as
-/// an upstream.
-fn inbound(
-    reader: &cloudless_state::StateReader,
-    local: &BTreeSet<(String, String)>,
-) -> Result<Vec<InboundSet>, CoordinatorError> {
-    let mut callers: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-    if local.is_empty() {
-        return Ok(Vec::new());
-    }
+/// (namespace, workload) -> the nodes running a replica of a workload (same
+/// namespace) that lists it as an upstream.
+pub(crate) type Callers = BTreeMap<(String, String), BTreeSet<String>>;
+
+fn callers(reader: &cloudless_state::StateReader) -> Result<Callers, CoordinatorError> {
+    let mut callers = Callers::new();
     for w in reader.workloads(None)? {
         let targets: Vec<(String, String)> = w
             .spec
             .upstreams
             .iter()
             .map(|u| (w.namespace.clone(), u.workload.clone()))
-            .filter(|k| local.contains(k))
             .collect();
         if targets.is_empty() {
             continue;
@@ -200,29 +194,44 @@ fn inbound(
             callers.entry(t).or_default().extend(nodes.iter().cloned());
         }
     }
-    Ok(local
+    Ok(callers)
+}
+
+/// Who may open overlay streams to each workload in `local`.
+fn inbound(callers: &Callers, local: &BTreeSet<(String, String)>) -> Vec<InboundSet> {
+    local
         .iter()
         .map(|(namespace, workload)| InboundSet {
             namespace: namespace.clone(),
             workload: workload.clone(),
             node_ids: callers
-                .remove(&(namespace.clone(), workload.clone()))
-                .map(|s| s.into_iter().collect())
+                .get(&(namespace.clone(), workload.clone()))
+                .map(|s| s.iter().cloned().collect())
                 .unwrap_or_default(),
         })
-        .collect())
+        .collect()
 }
 
 /// The node's assignments, ordered by replica id, the endpoints of the
 /// workloads they name as upstreams, and who may call them.
-fn assignments(handle: &CoordinatorHandle, node_id: &str) -> Result<NodeView, CoordinatorError> {
+/// At state `revision` (the callers map is shared by every watch at it).
+fn assignments(
+    handle: &CoordinatorHandle,
+    node_id: &str,
+    revision: u64,
+) -> Result<NodeView, CoordinatorError> {
     let reader = handle.reader();
     let replicas = reader.node_replicas(node_id)?;
     let local: BTreeSet<(String, String)> = replicas
         .iter()
         .map(|r| (r.namespace.clone(), r.workload.clone()))
         .collect();
-    let inbound = inbound(reader, &local)?;
+    let inbound = if local.is_empty() {
+        Vec::new()
+    } else {
+        let map: std::sync::Arc<Callers> = handle.callers_at(revision, || callers(reader))?;
+        inbound(&map, &local)
+    };
     let wanted: BTreeSet<(String, String)> = replicas
         .iter()
         .flat_map(|r| {
@@ -307,7 +316,7 @@ impl AgentService for AgentApi {
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
-                let set = match assignments(&handle, &id) {
+                let set = match assignments(&handle, &id, revision) {
                     Ok(set) => set,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
