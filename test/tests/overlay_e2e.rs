@@ -175,17 +175,13 @@ fn impersonate(c: &Cluster, i: usize, j: usize) -> (Overlay, Identity, SocketAdd
     let them = NodeIdentity::load(&c.agents[j].data_dir)
         .expect("identity")
         .expect("enrolled");
-    let log = std::fs::read_to_string(c.dir.path().join(format!("{}.log", c.agents[j].name)))
-        .expect("agent log");
-    let after = log
-        .split("advertised")
-        .nth(1)
-        .expect("overlay address logged");
-    let start = after.find("127.0.0.1:").expect("address");
-    let addr: String = after[start..]
-        .chars()
-        .take_while(|ch| ch.is_ascii_digit() || *ch == '.' || *ch == ':')
-        .collect();
+    // The address agent j reported in its heartbeats, as `node get` shows it.
+    let node: serde_json::Value =
+        serde_json::from_str(&c.ctl_ok(&["node", "get", &them.node_id])).expect("node json");
+    let addr = node["overlayAddresses"][0]
+        .as_str()
+        .expect("an overlay address")
+        .to_owned();
     let overlay = Overlay::bind(
         OverlayConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),

@@ -304,7 +304,7 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
         "cordoned": n.cordoned, "draining": n.draining, "labels": n.labels, "zone": n.zone, "region": n.region,
         "arch": n.arch, "capacity": res(&n.capacity), "usage": res(&n.usage), "conditions": n.conditions,
         "powerSource": n.power_source, "batteryPercent": n.battery_percent, "reliability": n.reliability,
-        "downCount": n.down_count, "lastHeartbeatMs": n.last_heartbeat_ms,
+        "downCount": n.down_count, "lastHeartbeatMs": n.last_heartbeat_ms, "overlayAddresses": n.overlay_addresses,
         "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms })
 }
 

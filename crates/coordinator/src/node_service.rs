@@ -72,6 +72,7 @@ pub(crate) fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
         conditions: n.status.conditions,
         power_source: n.status.power_source,
         battery_percent: u32::from(n.status.battery_percent),
+        overlay_addresses: n.status.overlay_addresses,
         down_count: n.down_count,
         ..Default::default()
     }
