@@ -126,7 +126,6 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     };
-    cloudless_telemetry::init_logging(config.log_format, &config.log_filter);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -137,7 +136,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(async move {
+    // Logs, and traces over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    // (the exporter's connection runs on this runtime).
+    let telemetry = {
+        let _runtime = rt.enter();
+        cloudless_telemetry::init(
+            Some("cloudless-coordinator"),
+            config.log_format,
+            &config.log_filter,
+        )
+    };
+    let code = rt.block_on(async move {
         let coordinator = match Coordinator::start(config, mode).await {
             Ok(c) => c,
             Err(e) => {
@@ -149,7 +158,12 @@ fn main() -> ExitCode {
         tracing::info!("shutting down");
         coordinator.shutdown(Duration::from_secs(10)).await;
         ExitCode::SUCCESS
-    })
+    });
+    {
+        let _runtime = rt.enter();
+        telemetry.shutdown();
+    }
+    code
 }
 
 fn gen_master_key(path: &std::path::Path) -> ExitCode {

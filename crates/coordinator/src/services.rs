@@ -37,7 +37,16 @@ pub async fn serve(
     // without it on each accepted socket, Nagle holds a response's trailing
     // TLS record until the client's delayed ACK (~40 ms tails under load).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = tonic::transport::Server::builder();
+    // A span per API call (Raft's own traffic is left out), continuing the
+    // caller's trace when it sent a `traceparent`.
+    let mut builder = tonic::transport::Server::builder().trace_fn(|req| {
+        let path = req.uri().path();
+        if path.starts_with("/cloudless.v1.RaftService/") {
+            tracing::Span::none()
+        } else {
+            cloudless_telemetry::grpc_span(path, req.headers())
+        }
+    });
     if let Some(tls) = tls {
         builder = match builder.tls_config(tls) {
             Ok(b) => b,
@@ -94,6 +103,7 @@ where
                 tonic::metadata::MetadataValue::from_static("1"),
             );
             fwd.set_timeout(FORWARD_TIMEOUT);
+            propagate_trace(fwd.metadata_mut());
             tracing::debug!(leader_id, %address, "forwarding to the leader");
             remote(channel, fwd).await.map_err(|mut status| {
                 if status.code() == tonic::Code::Unavailable {
@@ -105,6 +115,19 @@ where
             })
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Adds the current span's trace context (`traceparent`) to a call made on
+/// its behalf, so the callee's spans join the same trace.
+pub(crate) fn propagate_trace(metadata: &mut tonic::metadata::MetadataMap) {
+    for (k, v) in cloudless_telemetry::trace_headers() {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(v.as_str()),
+        ) {
+            metadata.insert(k, v);
+        }
     }
 }
 

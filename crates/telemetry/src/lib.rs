@@ -4,4 +4,4 @@ mod http;
 mod logging;
 
 pub use http::{serve_http, Readiness, TelemetryError};
-pub use logging::{init_logging, LogFormat};
+pub use logging::{grpc_span, init, init_logging, trace_headers, LogFormat, Telemetry};
