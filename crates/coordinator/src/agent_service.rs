@@ -149,13 +149,85 @@ fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), Coor
 }
 
 /// Records one heartbeat from `id` and answers it.
+/// Most replicas one status report may list.
+pub(crate) const MAX_STATUS_ENTRIES: usize = 512;
+/// Most bytes of replica updates written in one Raft command.
+const STATUS_PART_BYTES: usize = 256 * 1024;
+
+/// The updates a node's status report makes: checked field by field, only
+/// for replicas assigned to the node (others are dropped: a report can race
+/// a removal), each replica at most once.
+fn status_updates(
+    handle: &CoordinatorHandle,
+    id: &str,
+    req: ReportStatusRequest,
+) -> Result<Vec<ReplicaUpdate>, Status> {
+    if req.replicas.len() > MAX_STATUS_ENTRIES {
+        return Err(Status::invalid_argument(format!(
+            "replicas: {} entries; a report lists at most {MAX_STATUS_ENTRIES}",
+            req.replicas.len()
+        )));
+    }
+    let assigned: std::collections::HashSet<String> = handle
+        .reader()
+        .node_replicas(id)
+        .map_err(CoordinatorError::from)?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut updates = Vec::new();
+    for (i, r) in req.replicas.into_iter().enumerate() {
+        let state = ReplicaState::parse(&r.state).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "replicas[{i}].state: {:?} is not one of Pending, Running, Ready, Failed, Succeeded",
+                r.state.chars().take(32).collect::<String>()
+            ))
+        })?;
+        if r.replica_id.is_empty() || r.replica_id.len() > 256 {
+            return Err(Status::invalid_argument(format!(
+                "replicas[{i}].replica_id: must be 1 to 256 characters"
+            )));
+        }
+        if !seen.insert(r.replica_id.clone()) {
+            return Err(Status::invalid_argument(format!(
+                "replicas[{i}].replica_id: {:?} is listed twice",
+                r.replica_id
+            )));
+        }
+        if !assigned.contains(&r.replica_id) {
+            tracing::debug!(node_id = %id, replica = %r.replica_id, "status for a replica not assigned to the node; dropped");
+            continue;
+        }
+        let mut message = r.message;
+        if message.len() > 1024 {
+            let mut cut = 1024;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        updates.push(ReplicaUpdate {
+            id: r.replica_id,
+            node_id: id.to_owned(),
+            state,
+            exit_code: r.exit_code,
+            restarts: r.restarts,
+            message,
+        });
+    }
+    Ok(updates)
+}
+
 fn beat(
     handle: &CoordinatorHandle,
     id: &str,
     req: HeartbeatRequest,
 ) -> Result<HeartbeatResponse, Status> {
     let (status, usage) = status_from_wire(req)?;
-    let answer = handle.liveness().heartbeat(id, status, usage);
+    let answer = handle
+        .liveness()
+        .heartbeat(id, status, usage, || handle.admit_node_write(id).is_ok());
     Ok(HeartbeatResponse {
         heartbeat_interval_ms: answer.interval_ms,
         phase: answer
@@ -373,39 +445,28 @@ impl AgentService for AgentApi {
         // entries through the proposer's batching); followers answer
         // UNAVAILABLE with the leader hint, as for heartbeats.
         self.handle.ensure_leader()?;
-        let mut updates = Vec::new();
-        for (i, r) in req.into_inner().replicas.into_iter().enumerate() {
-            let state = ReplicaState::parse(&r.state).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "replicas[{i}].state: {:?} is not one of Pending, Running, Ready, Failed, Succeeded",
-                    r.state
-                ))
-            })?;
-            if r.replica_id.is_empty() || r.replica_id.len() > 256 {
-                return Err(Status::invalid_argument(format!(
-                    "replicas[{i}].replica_id: must be 1 to 256 characters"
-                )));
+        self.handle.admit_node_write(&id)?;
+        let updates = status_updates(&self.handle, &id, req.into_inner())?;
+        // A report of every replica a big node holds can exceed what one
+        // Raft entry may carry: write it in parts.
+        let mut part = Vec::new();
+        let mut part_bytes = 0;
+        for u in updates {
+            let bytes = u.id.len() + u.message.len() + 64;
+            if !part.is_empty() && part_bytes + bytes > STATUS_PART_BYTES {
+                self.handle
+                    .write_for_node(Command::UpdateReplicas {
+                        updates: std::mem::take(&mut part),
+                    })
+                    .await?;
+                part_bytes = 0;
             }
-            let mut message = r.message;
-            if message.len() > 1024 {
-                let mut cut = 1024;
-                while !message.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                message.truncate(cut);
-            }
-            updates.push(ReplicaUpdate {
-                id: r.replica_id,
-                node_id: id.clone(),
-                state,
-                exit_code: r.exit_code,
-                restarts: r.restarts,
-                message,
-            });
+            part_bytes += bytes;
+            part.push(u);
         }
-        if !updates.is_empty() {
+        if !part.is_empty() {
             self.handle
-                .write(None, Command::UpdateReplicas { updates })
+                .write_for_node(Command::UpdateReplicas { updates: part })
                 .await?;
         }
         Ok(Response::new(ReportStatusResponse {}))
@@ -493,6 +554,8 @@ impl AgentService for AgentApi {
         // Renewal writes through Raft; the leader does it so the caller's
         // identity never has to travel in a forwarded request.
         self.handle.ensure_leader()?;
+        // Before the signature: a flood of renewals costs the leader nothing.
+        self.handle.admit_node_write(&id)?;
         let h = &self.handle;
         let keys = h.identity_keys()?;
         let lifetime = h.cluster()?.config.node_cert_lifetime_s;
@@ -508,13 +571,10 @@ impl AgentService for AgentApi {
             .map_err(CoordinatorError::from)?;
         let not_after_ms = issued.not_after.saturating_mul(1000);
         let (resp, _) = h
-            .write(
-                None,
-                Command::RenewNodeCert {
-                    node_id: id.clone(),
-                    cert_not_after_ms: not_after_ms,
-                },
-            )
+            .write_for_node(Command::RenewNodeCert {
+                node_id: id.clone(),
+                cert_not_after_ms: not_after_ms,
+            })
             .await?;
         if !matches!(resp, SmResponse::Node(_)) {
             return Err(Status::internal(format!(

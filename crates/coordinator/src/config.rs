@@ -23,6 +23,34 @@ pub struct RaftConfig {
     pub snapshot_after_logs: u64,
     /// Entries kept after a snapshot for slow followers. Default 1000.
     pub logs_to_keep_after_snapshot: u64,
+    /// Largest encoded Raft entry; a single change larger than this is
+    /// refused. Default 1 MiB.
+    pub max_entry_bytes: usize,
+    /// Most entry bytes in one AppendEntries (at least one entry is always
+    /// sent). Default 4 MiB.
+    pub max_append_bytes: usize,
+    /// The slowest link between coordinators to plan for, in bytes per
+    /// second: an AppendEntries carrying `n` bytes may take 1 s + n / this.
+    /// Default 1 MiB/s.
+    pub min_link_bytes_per_s: u64,
+    /// Tests only: delay every Raft message as if the link carried this many
+    /// bytes per second (0, the default: off).
+    pub test_link_bytes_per_s: u64,
+}
+
+/// Rates of the writes one caller can cause on the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Raft writes per second one node may cause (status reports, renewals,
+    /// secret tokens and reads, refusals). Default 20.
+    pub node_writes_per_s: u32,
+    /// Burst of such writes. Default 100.
+    pub node_write_burst: u32,
+    /// Enrollment attempts per second from one source address (IPv6: one /64).
+    /// Default 5.
+    pub enrolls_per_s: u32,
+    /// Burst of enrollment attempts. Default 20.
+    pub enroll_burst: u32,
 }
 
 /// The whole coordinator configuration. See `config/coordinator.toml` for every key.
@@ -58,6 +86,8 @@ pub struct CoordinatorConfig {
     pub overlay_listen: Option<SocketAddr>,
     /// Raft settings.
     pub raft: RaftConfig,
+    /// Per-caller rate limits.
+    pub limits: LimitsConfig,
 }
 
 /// Everything wrong with a configuration, one problem per line.
@@ -105,6 +135,14 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("raft.election_timeout_max_ms", Kind::Int, "450"),
     ("raft.snapshot_after_logs", Kind::Int, "10000"),
     ("raft.logs_to_keep_after_snapshot", Kind::Int, "1000"),
+    ("raft.max_entry_bytes", Kind::Int, "1048576"),
+    ("raft.max_append_bytes", Kind::Int, "4194304"),
+    ("raft.min_link_bytes_per_s", Kind::Int, "1048576"),
+    ("raft.test_link_bytes_per_s", Kind::Int, "0"),
+    ("limits.node_writes_per_s", Kind::Int, "20"),
+    ("limits.node_write_burst", Kind::Int, "100"),
+    ("limits.enrolls_per_s", Kind::Int, "5"),
+    ("limits.enroll_burst", Kind::Int, "20"),
 ];
 
 /// The environment variable that overrides `key`: `raft.heartbeat_interval_ms`
@@ -324,6 +362,34 @@ impl CoordinatorConfig {
             i64::MAX,
             &mut problems,
         ) as u64;
+        let max_entry_bytes =
+            get_int("raft.max_entry_bytes", 64 << 10, 32 << 20, &mut problems) as usize;
+        let max_append_bytes =
+            get_int("raft.max_append_bytes", 64 << 10, 48 << 20, &mut problems) as usize;
+        if max_append_bytes < max_entry_bytes {
+            problems.push(format!(
+                "raft.max_append_bytes ({max_append_bytes}) must be at least raft.max_entry_bytes ({max_entry_bytes})"
+            ));
+        }
+        let min_link_bytes_per_s = get_int(
+            "raft.min_link_bytes_per_s",
+            16 << 10,
+            i64::from(u32::MAX),
+            &mut problems,
+        ) as u64;
+        let test_link_bytes_per_s = get_int(
+            "raft.test_link_bytes_per_s",
+            0,
+            i64::from(u32::MAX),
+            &mut problems,
+        ) as u64;
+        let mut rate = |k: &str| get_int(k, 1, 1_000_000, &mut problems) as u32;
+        let limits = LimitsConfig {
+            node_writes_per_s: rate("limits.node_writes_per_s"),
+            node_write_burst: rate("limits.node_write_burst"),
+            enrolls_per_s: rate("limits.enrolls_per_s"),
+            enroll_burst: rate("limits.enroll_burst"),
+        };
 
         if !problems.is_empty() {
             return Err(ConfigError { problems });
@@ -346,7 +412,12 @@ impl CoordinatorConfig {
                 election_timeout_max: Duration::from_millis(emax),
                 snapshot_after_logs,
                 logs_to_keep_after_snapshot: logs_to_keep,
+                max_entry_bytes,
+                max_append_bytes,
+                min_link_bytes_per_s,
+                test_link_bytes_per_s,
             },
+            limits,
         })
     }
 

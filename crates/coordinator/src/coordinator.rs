@@ -97,6 +97,10 @@ struct HandleInner {
     callers: Mutex<Option<(u64, Arc<crate::agent_service::Callers>)>>,
     /// Fires when the API stops; long-lived streams end on it.
     stopping: CancellationToken,
+    /// Writes each node may cause.
+    node_writes: crate::rate_limit::RateLimiter,
+    /// Enrollment attempts per source address.
+    enrolls: crate::rate_limit::RateLimiter,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -185,7 +189,63 @@ impl CoordinatorHandle {
             proposed_at_ms: now_ms(),
             command,
         };
-        self.inner.proposer.propose(req).await
+        self.inner
+            .proposer
+            .propose(req, crate::proposer::Lane::Cluster)
+            .await
+    }
+
+    /// Takes one of `node_id`'s write tokens, or says it has none left.
+    /// Call before any costly work a node's request causes.
+    pub(crate) fn admit_node_write(&self, node_id: &str) -> Result<(), CoordinatorError> {
+        let limiter = &self.inner.node_writes;
+        if limiter.try_take(node_id, std::time::Instant::now()) {
+            return Ok(());
+        }
+        let rate = limiter.rate();
+        Err(CoordinatorError::RateLimited {
+            who: format!("node {node_id}"),
+            what: "writes",
+            rate_per_s: rate.per_s,
+            burst: rate.burst,
+        })
+    }
+
+    /// Takes one enrollment token for the caller at `remote`.
+    pub(crate) fn admit_enroll(&self, remote: Option<SocketAddr>) -> Result<(), CoordinatorError> {
+        let key = remote.map_or_else(
+            || "unknown".to_owned(),
+            |a| crate::rate_limit::address_key(a.ip()),
+        );
+        let limiter = &self.inner.enrolls;
+        if limiter.try_take(&key, std::time::Instant::now()) {
+            return Ok(());
+        }
+        let rate = limiter.rate();
+        Err(CoordinatorError::RateLimited {
+            who: format!("address {key}"),
+            what: "enrollment attempts",
+            rate_per_s: rate.per_s,
+            burst: rate.burst,
+        })
+    }
+
+    /// Proposes a `command` a node's request caused, in the node lane: it
+    /// never delays cluster writes, and is refused at once when that lane
+    /// is full. The caller has passed [`Self::admit_node_write`].
+    pub async fn write_for_node(
+        &self,
+        command: Command,
+    ) -> Result<(Response, v1::CommitInfo), CoordinatorError> {
+        let req = Request {
+            idempotency_key: None,
+            proposed_at_ms: now_ms(),
+            command,
+        };
+        self.inner
+            .proposer
+            .propose(req, crate::proposer::Lane::Node)
+            .await
     }
 
     /// Waits until a read at this coordinator is linearizable (unless `stale`).
@@ -547,6 +607,7 @@ impl Coordinator {
             .map(|(o, _)| RelayMetrics::register(&mut registry, o.clone()));
         let (log, sm) =
             cloudless_state::open_stores(&config.data_dir, metrics.apply_latency.clone())?;
+        let log = log.with_append_budget(config.raft.max_append_bytes);
         let reader = sm.reader();
         let committed = log.committed_index();
 
@@ -559,8 +620,8 @@ impl Coordinator {
             max_in_snapshot_log_to_keep: config.raft.logs_to_keep_after_snapshot,
             snapshot_max_chunk_size: 1024 * 1024,
             // openraft 0.9 gives each AppendEntries `heartbeat_interval` to
-            // complete; entries are batches of up to MAX_BATCH requests, so
-            // keep one message to a few MB.
+            // complete; the network lets larger ones finish in the background
+            // (raft_network.rs) and the log store caps each by bytes.
             max_payload_entries: 64,
             install_snapshot_timeout: 10_000,
             ..openraft::Config::default()
@@ -570,13 +631,30 @@ impl Coordinator {
                 .validate()
                 .map_err(|e| StartError::Raft(e.to_string()))?,
         );
-        let raft = Raft::new(id, raft_config, Network::new(tls.clone()), log, sm)
+        if config.raft.test_link_bytes_per_s > 0 {
+            tracing::warn!(
+                bytes_per_s = config.raft.test_link_bytes_per_s,
+                "raft.test_link_bytes_per_s is set: Raft messages are delayed as on a slow link (tests only)"
+            );
+        }
+        let plan = crate::raft_network::LinkPlan {
+            min_link_bytes_per_s: config.raft.min_link_bytes_per_s,
+            emulate_link_bytes_per_s: config.raft.test_link_bytes_per_s,
+        };
+        let raft = Raft::new(id, raft_config, Network::new(tls.clone(), plan), log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let api_cancel = CancellationToken::new();
         let bg_cancel = CancellationToken::new();
-        let (proposer, proposer_task) = crate::proposer::spawn(raft.clone(), id, bg_cancel.clone());
+        let (proposer, proposer_task) = crate::proposer::spawn(
+            raft.clone(),
+            id,
+            crate::proposer::ProposerLimits {
+                max_entry_bytes: config.raft.max_entry_bytes,
+            },
+            bg_cancel.clone(),
+        );
         let handle = CoordinatorHandle {
             inner: Arc::new(HandleInner {
                 id,
@@ -596,6 +674,14 @@ impl Coordinator {
                 relay,
                 callers: Mutex::default(),
                 stopping: api_cancel.clone(),
+                node_writes: crate::rate_limit::RateLimiter::new(crate::rate_limit::Rate {
+                    per_s: config.limits.node_writes_per_s,
+                    burst: config.limits.node_write_burst,
+                }),
+                enrolls: crate::rate_limit::RateLimiter::new(crate::rate_limit::Rate {
+                    per_s: config.limits.enrolls_per_s,
+                    burst: config.limits.enroll_burst,
+                }),
             }),
         };
 

@@ -55,6 +55,33 @@ pub enum CoordinatorError {
     /// Reading the local state failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The request would make a Raft entry larger than one may be.
+    #[error("{what} is {bytes} bytes encoded; a Raft entry holds at most {limit} bytes (raft.max_entry_bytes)")]
+    TooLarge {
+        /// What was measured.
+        what: &'static str,
+        /// Its encoded size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The leader sheds load it cannot queue.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// A caller exceeded its rate of writes.
+    #[error(
+        "{who} exceeded its rate of {rate_per_s} {what} per second (burst {burst}); retry later"
+    )]
+    RateLimited {
+        /// The caller (`node:<id>`, `address:<ip>`).
+        who: String,
+        /// What is limited.
+        what: &'static str,
+        /// Sustained rate.
+        rate_per_s: u32,
+        /// Burst.
+        burst: u32,
+    },
 }
 
 impl From<CoordinatorError> for Status {
@@ -106,6 +133,10 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NoIdentity(_) => Code::FailedPrecondition,
             CoordinatorError::Membership(_) => Code::FailedPrecondition,
             CoordinatorError::Fatal(_) | CoordinatorError::State(_) => Code::Internal,
+            CoordinatorError::TooLarge { .. } => Code::InvalidArgument,
+            CoordinatorError::Overloaded(_) | CoordinatorError::RateLimited { .. } => {
+                Code::ResourceExhausted
+            }
         };
         let mut status = Status::new(code, msg);
         if let CoordinatorError::NotLeader {

@@ -13,6 +13,7 @@ mod node_service;
 mod proposer;
 mod raft_network;
 mod raft_service;
+mod rate_limit;
 mod reconciler;
 mod secret_service;
 mod services;

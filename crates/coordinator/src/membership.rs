@@ -130,12 +130,16 @@ impl Liveness {
     }
 
     /// Records a heartbeat from `node_id` (already authenticated, enrolled,
-    /// and this coordinator the leader).
+    /// and this coordinator the leader). A changed status is committed
+    /// through Raft, so it is taken only when `admit_change` allows (the
+    /// node's write rate); otherwise the beat counts and the change waits for
+    /// a later beat.
     pub(crate) fn heartbeat(
         &self,
         node_id: &str,
         status: NodeStatus,
         usage: Resources,
+        admit_change: impl FnOnce() -> bool,
     ) -> HeartbeatAnswer {
         let now = Instant::now();
         let mut wake = false;
@@ -159,7 +163,7 @@ impl Liveness {
             live.last_seen_ms = now_ms();
             live.received = live.received.saturating_add(1);
             live.usage = usage;
-            if live.status != status {
+            if live.status != status && admit_change() {
                 live.status = status;
                 live.status_committed = false;
                 wake = true;

@@ -167,12 +167,48 @@ impl NodeApi {
     }
 }
 
+/// Refuses a join token the applied state already shows unusable.
+fn usable_join_token(
+    h: &CoordinatorHandle,
+    token_id: &str,
+    now_ms: i64,
+) -> Result<(), CoordinatorError> {
+    let refuse = |problem: String| {
+        Err(CoordinatorError::Rejected(Rejection::JoinToken {
+            id: token_id.to_owned(),
+            problem,
+        }))
+    };
+    let Some(t) = h.reader().join_token(token_id)? else {
+        return refuse("is unknown".into());
+    };
+    if t.revoked {
+        return refuse("was revoked".into());
+    }
+    if now_ms >= t.expires_at_ms {
+        return refuse("expired".into());
+    }
+    if t.uses >= t.max_uses {
+        return refuse(format!("has been used {} of {} times", t.uses, t.max_uses));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn enroll(
         &self,
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
+        // Enrollment needs no certificate: anyone holding an old token can
+        // call it, so each source address gets a rate (a follower forwarding
+        // an enrollment has already counted it).
+        let forwarded_by_peer =
+            crate::authz::require(&self.handle, &req, crate::authz::Allow::Coordinator).is_ok()
+                && self.handle.tls_ca_pem().is_some();
+        if !forwarded_by_peer {
+            self.handle.admit_enroll(req.remote_addr())?;
+        }
         let h = self.handle.clone();
         leader_or_forward(
             &self.handle,
@@ -183,6 +219,10 @@ impl NodeService for NodeApi {
                 let lifetime = h.cluster()?.config.node_cert_lifetime_s;
                 let now = now_ms();
                 let claims = keys.tokens.verify(&r.join_token, now / 1000)?;
+                // A spent, revoked or unknown token is refused from the local
+                // state before any signature or Raft write (the state machine
+                // checks again when the enrollment applies).
+                usable_join_token(&h, &claims.jti, now)?;
                 let node_id = format!("n{}", random_hex(6));
                 // Sign first: a bad CSR must not use up the token.
                 let issued = keys.ca.sign_csr(

@@ -1,17 +1,29 @@
-//! Batches concurrent writes into one Raft entry.
+//! Batches concurrent writes into one Raft entry, in two lanes.
 //!
 //! openraft 0.9 appends, replicates and applies each `client_write` as its own
 //! entry. Under load that per-entry cost dominates, so writes go through this
-//! worker: it takes every request queued so far (up to [`MAX_BATCH`]) into
-//! one [`Proposal`], keeps up to [`MAX_IN_FLIGHT`] proposals in flight, and
-//! hands each caller its own answer. With one client a batch is one request.
+//! worker: it takes every request queued so far (up to [`MAX_BATCH`] and
+//! [`ProposerLimits::max_entry_bytes`]) into one [`Proposal`], keeps up to
+//! [`MAX_IN_FLIGHT`] proposals in flight, and hands each caller its own
+//! answer. With one client a batch is one request.
+//!
+//! Writes a node can cause (status reports, renewals, secret token use) go
+//! through the [`Lane::Node`] lane: its queue is bounded and full means
+//! "try again later" (never a wait), and batches made only of node requests
+//! hold at most [`NODE_IN_FLIGHT`] of the in-flight slots. Admin, membership
+//! and reconciler writes ([`Lane::Cluster`]) are taken first into every
+//! batch and always find a slot, so no node traffic can starve them.
+//!
+//! Every request is measured before it is queued: one larger than an entry
+//! may be is refused with its size, so no entry ever outgrows what one
+//! AppendEntries can carry.
 
 use std::sync::Arc;
 
 use cloudless_proto::v1::CommitInfo;
 use cloudless_state::{CoordinatorNode, NodeId, Proposal, Raft, Request, Response};
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CoordinatorError;
@@ -20,27 +32,99 @@ use crate::error::CoordinatorError;
 pub const MAX_BATCH: usize = 256;
 /// Most proposals awaiting commit at once.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// Most proposals made only of node requests awaiting commit at once; the
+/// other slots stay free for cluster writes.
+pub const NODE_IN_FLIGHT: usize = 2;
+/// Queued node requests beyond which a node write is refused at once.
+pub const NODE_QUEUE: usize = 1024;
+/// Queued cluster requests beyond which cluster writers wait.
+pub const CLUSTER_QUEUE: usize = 1024;
+
+/// Which queue a write waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Admin, membership and the leader's own loops: never starved.
+    Cluster,
+    /// Caused by a node's request: bounded, shed when full.
+    Node,
+}
+
+/// Size limits of the entries this proposer makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProposerLimits {
+    /// Largest encoded Raft entry payload in bytes; a single request larger
+    /// than this is refused.
+    pub max_entry_bytes: usize,
+}
 
 type Reply = oneshot::Sender<Result<(Response, CommitInfo), CoordinatorError>>;
+
+/// A measured request waiting for its batch.
+struct Queued {
+    req: Request,
+    bytes: usize,
+    reply: Reply,
+}
 
 /// Sends requests to the proposer worker.
 #[derive(Debug, Clone)]
 pub struct ProposerHandle {
-    tx: mpsc::Sender<(Request, Reply)>,
+    cluster: mpsc::Sender<Queued>,
+    node: mpsc::Sender<Queued>,
+    limits: ProposerLimits,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
 }
 
 impl ProposerHandle {
-    /// Proposes `req` and waits for its own answer.
-    pub async fn propose(&self, req: Request) -> Result<(Response, CommitInfo), CoordinatorError> {
+    /// Proposes `req` in `lane` and waits for its own answer.
+    pub async fn propose(
+        &self,
+        req: Request,
+        lane: Lane,
+    ) -> Result<(Response, CommitInfo), CoordinatorError> {
+        let bytes = postcard::experimental::serialized_size(&req)
+            .map_err(|e| CoordinatorError::Fatal(format!("cannot encode a command: {e}")))?;
+        if bytes > self.limits.max_entry_bytes {
+            return Err(CoordinatorError::TooLarge {
+                what: "the change",
+                bytes,
+                limit: self.limits.max_entry_bytes,
+            });
+        }
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((req, tx))
-            .await
-            .map_err(|_| CoordinatorError::Fatal("the coordinator is shutting down".into()))?;
+        let queued = Queued {
+            req,
+            bytes,
+            reply: tx,
+        };
+        match lane {
+            Lane::Cluster => self
+                .cluster
+                .send(queued)
+                .await
+                .map_err(|_| shutting_down())?,
+            Lane::Node => self.node.try_send(queued).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => CoordinatorError::Overloaded(
+                    "the leader's queue for node writes is full; retry later".into(),
+                ),
+                mpsc::error::TrySendError::Closed(_) => shutting_down(),
+            })?,
+        }
         rx.await.map_err(|_| {
             CoordinatorError::Fatal("the proposal was dropped during shutdown".into())
         })?
     }
+}
+
+fn shutting_down() -> CoordinatorError {
+    CoordinatorError::Fatal("the coordinator is shutting down".into())
 }
 
 /// Maps a Raft write error; called once per waiting caller.
@@ -64,43 +148,191 @@ pub(crate) fn write_error(
 pub fn spawn(
     raft: Raft,
     node_id: NodeId,
+    limits: ProposerLimits,
     cancel: CancellationToken,
 ) -> (ProposerHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-    let task = tokio::spawn(run(raft, node_id, rx, cancel));
-    (ProposerHandle { tx }, task)
+    let (cluster_tx, cluster_rx) = mpsc::channel(CLUSTER_QUEUE);
+    let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
+    let worker = Worker {
+        raft,
+        node_id,
+        limits,
+        cluster: cluster_rx,
+        node: node_rx,
+        slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        node_slots: Arc::new(Semaphore::new(NODE_IN_FLIGHT)),
+        carry_cluster: None,
+        carry_node: None,
+    };
+    let task = tokio::spawn(worker.run(cancel));
+    (
+        ProposerHandle {
+            cluster: cluster_tx,
+            node: node_tx,
+            limits,
+        },
+        task,
+    )
 }
 
-async fn run(
+struct Worker {
     raft: Raft,
     node_id: NodeId,
-    mut rx: mpsc::Receiver<(Request, Reply)>,
-    cancel: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    loop {
-        let first = tokio::select! {
-            () = cancel.cancelled() => return,
-            first = rx.recv() => match first { Some(f) => f, None => return },
-        };
-        // Waiting for a slot lets more requests queue up for this batch.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut requests = vec![first.0];
-        let mut replies = vec![first.1];
-        while requests.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok((req, reply)) => {
-                    requests.push(req);
-                    replies.push(reply);
-                }
+    limits: ProposerLimits,
+    cluster: mpsc::Receiver<Queued>,
+    node: mpsc::Receiver<Queued>,
+    slots: Arc<Semaphore>,
+    node_slots: Arc<Semaphore>,
+    /// Requests that did not fit the previous batch's budget; each opens
+    /// the next batch of its lane.
+    carry_cluster: Option<Queued>,
+    carry_node: Option<Queued>,
+}
+
+/// One batch being filled.
+#[derive(Default)]
+struct Batch {
+    items: Vec<Queued>,
+    bytes: usize,
+    has_cluster: bool,
+}
+
+impl Batch {
+    /// Adds `q` unless it would break the byte or count budget; gives it
+    /// back when it does not fit.
+    fn offer(&mut self, lane: Lane, q: Queued, max_bytes: usize) -> Option<Queued> {
+        if !self.items.is_empty()
+            && (self.items.len() >= MAX_BATCH || self.bytes + q.bytes > max_bytes)
+        {
+            return Some(q);
+        }
+        self.bytes += q.bytes;
+        self.has_cluster |= lane == Lane::Cluster;
+        self.items.push(q);
+        None
+    }
+
+    fn full(&self, max_bytes: usize) -> bool {
+        self.items.len() >= MAX_BATCH || self.bytes >= max_bytes
+    }
+}
+
+impl Worker {
+    async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            // Waiting for a slot lets more requests queue up for this batch.
+            let permit = tokio::select! {
+                () = cancel.cancelled() => return,
+                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let Some((batch, node_permit)) = self.fill(&cancel).await else {
+                return;
+            };
+            self.dispatch(batch, permit, node_permit);
+        }
+    }
+
+    /// Waits for at least one request and takes what fits: cluster requests
+    /// first, then node requests while a node slot is free.
+    async fn fill(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Option<(Batch, Option<OwnedSemaphorePermit>)> {
+        let max = self.limits.max_entry_bytes;
+        let mut batch = Batch::default();
+        let mut node_permit = None;
+        loop {
+            self.drain(&mut batch, &mut node_permit, max);
+            if !batch.items.is_empty() {
+                // Node requests in a batch that also carries cluster requests
+                // need no node slot of their own.
+                return Some((batch, node_permit));
+            }
+            // Nothing to send yet: wait for a cluster request, or for a node
+            // request once a node slot is free.
+            let node_slots = self.node_slots.clone();
+            let node = &mut self.node;
+            let carry_is_node = self.carry_node.is_some();
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return None,
+                q = self.cluster.recv() => match q {
+                    Some(q) => { let _ = batch.offer(Lane::Cluster, q, max); }
+                    None => return None,
+                },
+                got = async move {
+                    let p = node_slots.acquire_owned().await.ok()?;
+                    if carry_is_node {
+                        return Some((p, None));
+                    }
+                    let q = node.recv().await?;
+                    Some((p, Some(q)))
+                } => match got {
+                    Some((p, q)) => {
+                        node_permit = Some(p);
+                        if let Some(q) = q {
+                            let _ = batch.offer(Lane::Node, q, max);
+                        }
+                    }
+                    None => return None,
+                },
+            }
+        }
+    }
+
+    /// Moves queued requests into `batch` without waiting.
+    fn drain(
+        &mut self,
+        batch: &mut Batch,
+        node_permit: &mut Option<OwnedSemaphorePermit>,
+        max: usize,
+    ) {
+        if let Some(q) = self.carry_cluster.take() {
+            self.carry_cluster = batch.offer(Lane::Cluster, q, max);
+        }
+        while self.carry_cluster.is_none() && !batch.full(max) {
+            match self.cluster.try_recv() {
+                Ok(q) => self.carry_cluster = batch.offer(Lane::Cluster, q, max),
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        if self.carry_cluster.is_some() || batch.full(max) {
+            return;
+        }
+        // Node requests ride along with cluster requests, or fill a batch
+        // of their own that holds a node slot.
+        if !batch.has_cluster && node_permit.is_none() {
+            match self.node_slots.clone().try_acquire_owned() {
+                Ok(p) => *node_permit = Some(p),
+                Err(_) => return,
+            }
+        }
+        if let Some(q) = self.carry_node.take() {
+            self.carry_node = batch.offer(Lane::Node, q, max);
+        }
+        while self.carry_node.is_none() && !batch.full(max) {
+            match self.node.try_recv() {
+                Ok(q) => self.carry_node = batch.offer(Lane::Node, q, max),
+                Err(_) => break,
+            }
+        }
+        if batch.has_cluster || batch.items.is_empty() {
+            node_permit.take();
+        }
+    }
+
+    fn dispatch(
+        &self,
+        batch: Batch,
+        permit: OwnedSemaphorePermit,
+        node_permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let raft = self.raft.clone();
+        let node_id = self.node_id;
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, node_permit);
+            let (requests, replies): (Vec<_>, Vec<_>) =
+                batch.items.into_iter().map(|q| (q.req, q.reply)).unzip();
             match raft.client_write(Proposal { requests }).await {
                 Ok(resp) => {
                     let commit = CommitInfo {

@@ -1,4 +1,21 @@
-//! openraft's network over tonic: one lazily connected channel per peer.
+//! openraft's network over tonic: two lazily connected channels per peer.
+//!
+//! openraft 0.9 gives every AppendEntries the heartbeat interval (100 ms by
+//! default) to complete and retries the same range when it does not. An
+//! entry batch that cannot cross the link in that time would never
+//! replicate, and every later write would wait behind it. So:
+//! - small messages (votes, heartbeats, small appends) use a `control`
+//!   connection of their own, never queued behind bulk bytes;
+//! - an AppendEntries larger than [`SMALL_MESSAGE`] goes on a `bulk`
+//!   connection as a task that outlives openraft's deadline, with its own
+//!   deadline fitted to its size (`1 s + bytes / min_link_bytes_per_s`).
+//!   openraft's retry of the same range joins that task instead of starting
+//!   over; a retry with a longer range is answered `PayloadTooLarge` with
+//!   the in-flight entry count, so openraft asks for exactly that range;
+//! - a message over [`MAX_RAFT_MESSAGE`] is `PayloadTooLarge` (openraft then
+//!   sends fewer entries); the log store also caps each batch by bytes.
+// openraft's RPCError is the error type its network trait returns.
+#![allow(clippy::result_large_err)]
 
 use std::time::Duration;
 
@@ -6,30 +23,77 @@ use cloudless_proto::v1::raft_service_client::RaftServiceClient;
 use cloudless_proto::v1::RaftPayload;
 use cloudless_state::{CoordinatorNode, NodeId, TypeConfig};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{LogId, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 /// Largest gRPC message between coordinators (snapshot chunks are far smaller).
 pub const MAX_RAFT_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// AppendEntries up to this many encoded bytes go on the control connection
+/// within openraft's deadline; larger ones on the bulk connection.
+pub const SMALL_MESSAGE: usize = 64 * 1024;
+
+/// What the network plans for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkPlan {
+    /// The slowest link to plan for, bytes per second: a bulk AppendEntries
+    /// of `n` bytes may take `1 s + n / this`.
+    pub min_link_bytes_per_s: u64,
+    /// Test only: delay every message as if the link carried this many
+    /// bytes per second (0: off).
+    pub emulate_link_bytes_per_s: u64,
+}
+
+impl LinkPlan {
+    fn bulk_deadline(&self, bytes: usize) -> Duration {
+        let rate = self.min_link_bytes_per_s.max(1);
+        Duration::from_secs(1) + Duration::from_millis((bytes as u64).saturating_mul(1000) / rate)
+    }
+
+    /// The emulated transfer time of `bytes` (zero unless a test asked).
+    fn emulated_delay(&self, bytes: usize) -> Duration {
+        if self.emulate_link_bytes_per_s == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(
+            (bytes as u64).saturating_mul(1_000_000) / self.emulate_link_bytes_per_s,
+        )
+    }
+}
+
 /// Creates a [`PeerClient`] per target, over mTLS when the coordinator has TLS material.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Network {
     tls: Option<std::sync::Arc<crate::tls::TlsMaterial>>,
+    plan: LinkPlan,
 }
 
 impl Network {
     /// A network using `tls` (plaintext when `None`).
-    pub fn new(tls: Option<std::sync::Arc<crate::tls::TlsMaterial>>) -> Self {
-        Self { tls }
+    pub fn new(tls: Option<std::sync::Arc<crate::tls::TlsMaterial>>, plan: LinkPlan) -> Self {
+        Self { tls, plan }
+    }
+
+    fn channel(&self, target: NodeId, node: &CoordinatorNode) -> Result<Channel, String> {
+        crate::tls::endpoint(&node.address, self.tls.as_deref())
+            .map(|e| {
+                e.connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .connect_lazy()
+            })
+            .map_err(|e| format!("node {target}: {e}"))
     }
 }
 
@@ -37,69 +101,168 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &CoordinatorNode) -> PeerClient {
-        let channel = crate::tls::endpoint(&node.address, self.tls.as_deref())
-            .map(|e| {
-                e.connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .connect_lazy()
-            })
-            .map_err(|e| format!("node {target}: {e}"));
-        PeerClient { target, channel }
+        // Each lazily connected channel has its own TCP connection.
+        PeerClient {
+            target,
+            control: self.channel(target, node),
+            bulk: self.channel(target, node),
+            plan: self.plan,
+            in_flight: None,
+        }
+    }
+}
+
+type AppendResult =
+    Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, CoordinatorNode, RaftError<NodeId>>>;
+
+/// A bulk AppendEntries still crossing the link.
+struct InFlight {
+    vote: Vote<NodeId>,
+    prev: Option<LogId<NodeId>>,
+    last: Option<LogId<NodeId>>,
+    entries: u64,
+    task: JoinHandle<AppendResult>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
 /// The Raft client for one peer.
-#[derive(Debug)]
 pub struct PeerClient {
     target: NodeId,
-    channel: Result<Channel, String>,
+    control: Result<Channel, String>,
+    bulk: Result<Channel, String>,
+    plan: LinkPlan,
+    in_flight: Option<InFlight>,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("target", &self.target)
+            .field("in_flight", &self.in_flight.as_ref().map(|i| i.entries))
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct WireError(String);
 
+/// Which RPC a call makes.
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::AppendEntries => "append_entries",
+            Method::Vote => "vote",
+            Method::InstallSnapshot => "install_snapshot",
+        }
+    }
+}
+
+/// Sends one encoded message on `channel` and decodes the answer.
+async fn send<Resp, E>(
+    target: NodeId,
+    channel: Channel,
+    method: Method,
+    data: Vec<u8>,
+    timeout: Duration,
+    delay: Duration,
+) -> Result<Resp, RPCError<NodeId, CoordinatorNode, E>>
+where
+    Resp: DeserializeOwned,
+    E: std::error::Error + DeserializeOwned,
+{
+    let mut request = tonic::Request::new(RaftPayload { data });
+    request.set_timeout(timeout);
+    let mut client = RaftServiceClient::new(channel)
+        .max_decoding_message_size(MAX_RAFT_MESSAGE)
+        .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let call = async {
+        // An emulated slow link spends the message's transfer time inside
+        // its deadline, as a real one would.
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match method {
+            Method::AppendEntries => client.append_entries(request).await,
+            Method::Vote => client.vote(request).await,
+            Method::InstallSnapshot => client.install_snapshot(request).await,
+        }
+    };
+    let reply = tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("deadline passed")));
+    let reply = reply.map_err(|status| {
+        let e = WireError(format!("{} to node {target}: {status}", method.name()));
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
+            _ => RPCError::Network(NetworkError::new(&e)),
+        }
+    })?;
+    let result: Result<Resp, E> = postcard::from_bytes(&reply.into_inner().data)
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    result.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+}
+
 impl PeerClient {
+    fn channel<E: std::error::Error>(
+        &self,
+        bulk: bool,
+    ) -> Result<Channel, RPCError<NodeId, CoordinatorNode, E>> {
+        let ch = if bulk { &self.bulk } else { &self.control };
+        ch.clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&WireError(e))))
+    }
+
     async fn call<Req, Resp, E>(
         &self,
-        method: &'static str,
+        method: Method,
         req: &Req,
         option: &RPCOption,
+        bulk: bool,
     ) -> Result<Resp, RPCError<NodeId, CoordinatorNode, E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let channel = self
-            .channel
-            .as_ref()
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&WireError(e.clone()))))?;
+        let channel = self.channel(bulk)?;
         let data =
             postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftPayload { data });
-        request.set_timeout(option.hard_ttl());
-        let mut client = RaftServiceClient::new(channel.clone())
-            .max_decoding_message_size(MAX_RAFT_MESSAGE)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE);
-        let reply = match method {
-            "append_entries" => client.append_entries(request).await,
-            "vote" => client.vote(request).await,
-            _ => client.install_snapshot(request).await,
+        let delay = self.plan.emulated_delay(data.len());
+        send(self.target, channel, method, data, option.hard_ttl(), delay).await
+    }
+
+    /// Waits for the in-flight bulk append (cancel-safe: if openraft's
+    /// deadline drops this future, the transfer goes on and the next retry
+    /// of the same range waits again).
+    async fn join_in_flight(&mut self) -> AppendResult {
+        let Some(f) = self.in_flight.as_mut() else {
+            return Err(RPCError::Network(NetworkError::new(&WireError(
+                "no append in flight".into(),
+            ))));
         };
-        let reply = reply.map_err(|status| {
-            let e = WireError(format!("{method} to node {}: {status}", self.target));
-            match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
-                _ => RPCError::Network(NetworkError::new(&e)),
-            }
-        })?;
-        let result: Result<Resp, E> = postcard::from_bytes(&reply.into_inner().data)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        let result = (&mut f.task).await;
+        self.in_flight = None;
+        result.unwrap_or_else(|e| {
+            Err(RPCError::Network(NetworkError::new(&WireError(format!(
+                "append_entries to node {}: {e}",
+                self.target
+            )))))
+        })
     }
 }
 
@@ -108,9 +271,79 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, CoordinatorNode, RaftError<NodeId>>>
-    {
-        self.call("append_entries", &rpc, &option).await
+    ) -> AppendResult {
+        let entries = rpc.entries.len() as u64;
+        if entries == 0 {
+            // Heartbeats never wait behind a bulk transfer.
+            return self.call(Method::AppendEntries, &rpc, &option, false).await;
+        }
+        let last = rpc.entries.last().map(|e| e.log_id);
+        if let Some(f) = &self.in_flight {
+            if f.vote == rpc.vote && f.prev == rpc.prev_log_id {
+                if f.last == last {
+                    return self.join_in_flight().await;
+                }
+                if entries > f.entries && !f.task.is_finished() {
+                    // Ask openraft for exactly the range already on its way.
+                    return Err(RPCError::PayloadTooLarge(
+                        PayloadTooLarge::new_entries_hint(f.entries),
+                    ));
+                }
+            }
+            self.in_flight = None;
+        }
+        let data =
+            postcard::to_allocvec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if data.len() > MAX_RAFT_MESSAGE {
+            if entries > 1 {
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(entries / 2),
+                ));
+            }
+            return Err(RPCError::Network(NetworkError::new(&WireError(format!(
+                "append_entries to node {}: one entry of {} bytes exceeds the {MAX_RAFT_MESSAGE}-byte message limit",
+                self.target,
+                data.len()
+            )))));
+        }
+        let delay = self.plan.emulated_delay(data.len());
+        if data.len() <= SMALL_MESSAGE {
+            let channel = self.channel(false)?;
+            return send(
+                self.target,
+                channel,
+                Method::AppendEntries,
+                data,
+                option.hard_ttl(),
+                delay,
+            )
+            .await;
+        }
+        let channel = self.channel(true)?;
+        let deadline = self.plan.bulk_deadline(data.len());
+        tracing::debug!(
+            target_node = self.target,
+            bytes = data.len(),
+            entries,
+            ?deadline,
+            "bulk append"
+        );
+        let task = tokio::spawn(send(
+            self.target,
+            channel,
+            Method::AppendEntries,
+            data,
+            deadline,
+            delay,
+        ));
+        self.in_flight = Some(InFlight {
+            vote: rpc.vote,
+            prev: rpc.prev_log_id,
+            last,
+            entries,
+            task,
+        });
+        self.join_in_flight().await
     }
 
     async fn install_snapshot(
@@ -121,7 +354,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, CoordinatorNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call("install_snapshot", &rpc, &option).await
+        self.call(Method::InstallSnapshot, &rpc, &option, true)
+            .await
     }
 
     async fn vote(
@@ -129,6 +363,27 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, CoordinatorNode, RaftError<NodeId>>> {
-        self.call("vote", &rpc, &option).await
+        self.call(Method::Vote, &rpc, &option, false).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bulk_deadline_fits_the_payload() {
+        let plan = LinkPlan {
+            min_link_bytes_per_s: 1 << 20,
+            emulate_link_bytes_per_s: 0,
+        };
+        assert_eq!(plan.bulk_deadline(0), Duration::from_secs(1));
+        assert_eq!(plan.bulk_deadline(4 << 20), Duration::from_secs(5));
+        assert_eq!(plan.emulated_delay(1 << 20), Duration::ZERO);
+        let slow = LinkPlan {
+            emulate_link_bytes_per_s: 1 << 20,
+            ..plan
+        };
+        assert_eq!(slow.emulated_delay(1 << 19), Duration::from_millis(500));
     }
 }

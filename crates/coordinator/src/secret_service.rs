@@ -172,12 +172,19 @@ impl SecretApi {
         let source = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         if let (Identity::Coordinator(_), Some(actor)) = (&identity, header(ACTOR_KEY)) {
             let node = actor.strip_prefix("node:").map(str::to_owned);
+            if let Some(n) = &node {
+                self.handle.admit_node_write(n)?;
+            }
             return Ok(Caller {
                 admin: actor.starts_with("admin:") || actor.starts_with("coordinator:"),
                 node,
                 actor,
                 source: header(SOURCE_KEY).unwrap_or(source),
             });
+        }
+        if let Identity::Node(n) = &identity {
+            // Every secret call a node may make ends in a Raft write.
+            self.handle.admit_node_write(n)?;
         }
         Ok(Caller {
             actor: actor_of(&identity),
@@ -291,13 +298,27 @@ impl SecretApi {
     async fn refuse(&self, mut audit: AuditRecord, status: Status) -> Status {
         audit.allowed = false;
         audit.detail = status.message().to_owned();
+        let actor = audit.actor.clone();
         let cmd = Command::Secret(SecretCommand::Audit {
             records: vec![audit],
         });
-        if let Err(e) = self.handle.write(None, cmd).await {
+        if let Err(e) = self.write_by(&actor, cmd).await {
             tracing::warn!(error = %e, "cannot record an audit refusal");
         }
         status
+    }
+
+    /// Writes `cmd` for `actor`: in the node lane when a node caused it.
+    async fn write_by(
+        &self,
+        actor: &str,
+        cmd: Command,
+    ) -> Result<(SmResponse, cloudless_proto::v1::CommitInfo), CoordinatorError> {
+        if actor.starts_with("node:") {
+            self.handle.write_for_node(cmd).await
+        } else {
+            self.handle.write(None, cmd).await
+        }
     }
 
     async fn put(
@@ -506,15 +527,14 @@ impl SecretApi {
             uses: 0,
             revoked: false,
         };
-        self.handle
-            .write(
-                None,
-                Command::Secret(SecretCommand::MintToken {
-                    token: record,
-                    audit,
-                }),
-            )
-            .await?;
+        self.write_by(
+            &caller.actor,
+            Command::Secret(SecretCommand::MintToken {
+                token: record,
+                audit,
+            }),
+        )
+        .await?;
         Ok(IssueTokenResponse {
             token,
             token_id: id,
@@ -657,9 +677,8 @@ impl SecretApi {
             }
         } else {
             let (resp, _) = self
-                .handle
-                .write(
-                    None,
+                .write_by(
+                    &caller.actor,
                     Command::Secret(SecretCommand::UseToken {
                         id: claims.jti.clone(),
                         actor: caller.actor.clone(),
@@ -1028,9 +1047,8 @@ impl SecretService for SecretApi {
                     }
                 }
                 let (resp, _) = this
-                    .handle
-                    .write(
-                        None,
+                    .write_by(
+                        &c.actor,
                         Command::Secret(SecretCommand::RevokeToken {
                             id: r.token_id,
                             audit,

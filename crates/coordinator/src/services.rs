@@ -23,6 +23,12 @@ use crate::raft_service::RaftGrpc;
 use crate::secret_service::SecretApi;
 use crate::workload_service::WorkloadApi;
 
+/// Largest message a NodeService call may send (enrollment: a token and a CSR).
+const MAX_NODE_SERVICE_MESSAGE: usize = 256 * 1024;
+/// Largest message an agent may send: a status report of
+/// [`crate::agent_service::MAX_STATUS_ENTRIES`] replicas, or a tunnel frame.
+const MAX_AGENT_MESSAGE: usize = 1024 * 1024;
+
 /// How long a forwarded call may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -63,8 +69,16 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
         )
         .add_service(ClusterServiceServer::new(ClusterApi::new(handle.clone())))
-        .add_service(NodeServiceServer::new(NodeApi::new(handle.clone())))
-        .add_service(AgentServiceServer::new(AgentApi::new(handle.clone())))
+        // Enrollment needs no client certificate: a join token and a CSR
+        // fit in a few KiB.
+        .add_service(
+            NodeServiceServer::new(NodeApi::new(handle.clone()))
+                .max_decoding_message_size(MAX_NODE_SERVICE_MESSAGE),
+        )
+        .add_service(
+            AgentServiceServer::new(AgentApi::new(handle.clone()))
+                .max_decoding_message_size(MAX_AGENT_MESSAGE),
+        )
         .add_service(SecretServiceServer::new(SecretApi::new(handle.clone())))
         .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)))
         .serve_with_incoming_shutdown(incoming, cancel.cancelled())

@@ -28,7 +28,13 @@ type SErr = StorageError<NodeId>;
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Inner>,
+    /// Most entry bytes one `limited_get_log_entries` returns (at least one
+    /// entry always comes back), so one AppendEntries stays bounded.
+    append_budget: usize,
 }
+
+/// Default of [`LogStore::with_append_budget`].
+pub const DEFAULT_APPEND_BUDGET: usize = 4 << 20;
 
 struct Inner {
     path: PathBuf,
@@ -85,7 +91,15 @@ impl LogStore {
                 flush_tx: Some(flush_tx),
                 flusher: Some(flusher),
             }),
+            append_budget: DEFAULT_APPEND_BUDGET,
         })
+    }
+
+    /// Caps the entry bytes replication reads for one AppendEntries.
+    #[must_use]
+    pub fn with_append_budget(mut self, bytes: usize) -> Self {
+        self.append_budget = bytes.max(1);
+        self
     }
 
     /// The commit index as last reported by Raft on this node (0 before any).
@@ -125,19 +139,28 @@ impl LogStore {
         txn.commit().map_err(|e| e.to_string())
     }
 
+    /// Entries in `start..end`; once `budget` bytes are read the rest is
+    /// left out (the first entry always comes back).
     fn read_range(
         &self,
         start: Bound<u64>,
         end: Bound<u64>,
+        budget: usize,
     ) -> Result<Vec<Entry<TypeConfig>>, String> {
         let txn = self.inner.db.begin_read().map_err(|e| e.to_string())?;
         let table = txn.open_table(LOGS).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for item in table
             .range::<u64>((start, end))
             .map_err(|e| e.to_string())?
         {
             let (k, v) = item.map_err(|e| e.to_string())?;
+            let len = v.value().len();
+            if !out.is_empty() && bytes.saturating_add(len) > budget {
+                break;
+            }
+            bytes = bytes.saturating_add(len);
             let entry: Entry<TypeConfig> = postcard::from_bytes(v.value()).map_err(|e| {
                 format!(
                     "{}: log entry {} is corrupt: {e}",
@@ -264,8 +287,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
-        self.read_range(range.start_bound().cloned(), range.end_bound().cloned())
-            .map_err(|e| io_err!(read_logs, e))
+        self.read_range(
+            range.start_bound().cloned(),
+            range.end_bound().cloned(),
+            usize::MAX,
+        )
+        .map_err(|e| io_err!(read_logs, e))
+    }
+
+    /// Replication reads through this: an AppendEntries carries at most
+    /// the append budget's bytes of entries (and at least one entry).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        self.read_range(
+            Bound::Included(start),
+            Bound::Excluded(end),
+            self.append_budget,
+        )
+        .map_err(|e| io_err!(read_logs, e))
     }
 }
 

@@ -1,0 +1,378 @@
+//! One enrolled device must not be able to hurt the cluster: what a node
+//! sends is bounded, every write it causes is rate limited and waits in a
+//! lane of its own, and Raft entries stay small enough to replicate.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use cloudless_pki::new_anonymous_csr;
+use cloudless_proto::v1 as pb;
+use cloudless_state::Command;
+use cloudless_test::{channel, wait_until, InProcessCluster};
+use pb::agent_service_client::AgentServiceClient;
+use pb::node_service_client::NodeServiceClient;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+use tonic::Code;
+use tracing::info;
+
+/// A node's mTLS channel to `addr`.
+fn node_channel(addr: &str, ca_pem: &str, cert: &str, key: &str) -> tonic::transport::Channel {
+    let cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(TlsIdentity::from_pem(cert, key))
+        .domain_name("127.0.0.1");
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("address")
+        .tls_config(cfg)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+async fn join_token(addr: &str, max_uses: u32) -> String {
+    NodeServiceClient::new(channel(addr))
+        .create_join_token(pb::CreateJoinTokenRequest {
+            write: None,
+            ttl_seconds: 600,
+            max_uses,
+            labels: HashMap::new(),
+        })
+        .await
+        .expect("create token")
+        .into_inner()
+        .token
+}
+
+/// Enrolls a node through `addr`; returns its id, certificate and key.
+async fn enroll(addr: &str, token: &str, name: &str) -> (String, String, String) {
+    let (csr, key) = new_anonymous_csr().expect("csr");
+    let r = NodeServiceClient::new(channel(addr))
+        .enroll(pb::EnrollRequest {
+            join_token: token.to_owned(),
+            csr_pem: csr,
+            name: name.to_owned(),
+        })
+        .await
+        .expect("enroll")
+        .into_inner();
+    (r.node_id, r.certificate_pem, key.to_string())
+}
+
+fn ca_pem(cluster: &InProcessCluster) -> String {
+    std::fs::read_to_string(cluster.configs[0].data_dir.join("admin/ca.crt")).expect("ca.crt")
+}
+
+fn last_log_index(cluster: &InProcessCluster, i: usize) -> u64 {
+    cluster.nodes[i]
+        .as_ref()
+        .expect("running")
+        .handle()
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0)
+}
+
+fn term(cluster: &InProcessCluster, i: usize) -> u64 {
+    cluster.nodes[i]
+        .as_ref()
+        .expect("running")
+        .handle()
+        .raft()
+        .metrics()
+        .borrow()
+        .current_term
+}
+
+fn report(ids: impl IntoIterator<Item = String>, message: &str) -> pb::ReportStatusRequest {
+    pb::ReportStatusRequest {
+        replicas: ids
+            .into_iter()
+            .map(|id| pb::ReplicaStatus {
+                replica_id: id,
+                state: "Running".into(),
+                message: message.to_owned(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_reports_are_bounded_and_only_about_the_nodes_own_replicas() {
+    let cluster = InProcessCluster::start(3, |_| {}).await;
+    let leader = cluster.wait_for_leader().await;
+    let addr = cluster.addr(leader);
+    let ca = ca_pem(&cluster);
+    let token = join_token(&addr, 1).await;
+    let (_id, cert, key) = enroll(&addr, &token, "phone-1").await;
+    let mut agent = AgentServiceClient::new(node_channel(&addr, &ca, &cert, &key));
+
+    info!("phase: a report about replicas the node does not hold writes nothing");
+    wait_until("the enrollment applied", Duration::from_secs(5), || {
+        last_log_index(&cluster, leader) > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = last_log_index(&cluster, leader);
+    agent
+        .report_status(report((0..50).map(|i| format!("forged-{i}")), "x"))
+        .await
+        .expect("a report naming unknown replicas is answered");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        last_log_index(&cluster, leader),
+        before,
+        "a report about replicas the node does not hold reached the Raft log"
+    );
+
+    info!("phase: the same replica twice is refused, naming the field");
+    let err = agent
+        .report_status(report(["r-1".to_owned(), "r-1".to_owned()], ""))
+        .await
+        .expect_err("duplicate replica accepted");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("replicas[1].replica_id") && err.message().contains("twice"),
+        "{}",
+        err.message()
+    );
+
+    info!("phase: more entries than a report may hold are refused");
+    let err = agent
+        .report_status(report((0..600).map(|i| format!("r-{i}")), ""))
+        .await
+        .expect_err("oversized report accepted");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("replicas: 600 entries"),
+        "{}",
+        err.message()
+    );
+
+    info!("phase: a message over the agent API's size limit is refused before it is read");
+    let huge = report((0..2_900).map(|i| format!("{i:0>256}")), &"m".repeat(1024));
+    let err = agent
+        .report_status(huge)
+        .await
+        .expect_err("a 3.7 MB report was accepted");
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_writes_too_fast_is_told_to_slow_down_and_admins_are_not() {
+    let cluster = InProcessCluster::start(3, |c| {
+        c.limits.node_writes_per_s = 5;
+        c.limits.node_write_burst = 10;
+    })
+    .await;
+    let leader = cluster.wait_for_leader().await;
+    let addr = cluster.addr(leader);
+    let ca = ca_pem(&cluster);
+    let token = join_token(&addr, 1).await;
+    let (_id, cert, key) = enroll(&addr, &token, "laptop-1").await;
+    let mut agent = AgentServiceClient::new(node_channel(&addr, &ca, &cert, &key));
+
+    info!("phase: certificate renewals beyond the node's burst are refused");
+    let (csr, _key) = new_anonymous_csr().expect("csr");
+    let mut ok = 0;
+    let mut limited = None;
+    for _ in 0..30 {
+        match agent
+            .renew(pb::RenewRequest {
+                csr_pem: csr.clone(),
+            })
+            .await
+        {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                limited = Some(e);
+                break;
+            }
+        }
+    }
+    let err = limited.expect("30 renewals in a row were all accepted");
+    assert!((5..=11).contains(&ok), "{ok} renewals passed a burst of 10");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("exceeded its rate of 5 writes per second"),
+        "{}",
+        err.message()
+    );
+
+    info!("phase: the admin's writes are not limited");
+    for i in 0..30 {
+        cloudless_test::apply(&addr, &format!("w{i}"), 0)
+            .await
+            .expect("admin write refused while a node is limited");
+    }
+
+    info!("phase: the node's bucket refills");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent
+        .renew(pb::RenewRequest { csr_pem: csr })
+        .await
+        .expect("renewal after a pause");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spent_join_token_is_refused_before_any_signature_or_write() {
+    let cluster = InProcessCluster::start(3, |c| {
+        c.limits.enrolls_per_s = 2;
+        c.limits.enroll_burst = 5;
+    })
+    .await;
+    let leader = cluster.wait_for_leader().await;
+    let addr = cluster.addr(leader);
+    let token = join_token(&addr, 1).await;
+    enroll(&addr, &token, "device-1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    info!("phase: the used-up token is refused from local state: no Raft entry");
+    let before = last_log_index(&cluster, leader);
+    let (csr, _key) = new_anonymous_csr().expect("csr");
+    let err = NodeServiceClient::new(channel(&addr))
+        .enroll(pb::EnrollRequest {
+            join_token: token.clone(),
+            csr_pem: csr.clone(),
+            name: "device-2".into(),
+        })
+        .await
+        .expect_err("a spent token enrolled a node");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains("has been used 1 of 1 times"),
+        "{}",
+        err.message()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        last_log_index(&cluster, leader),
+        before,
+        "a refused enrollment was proposed"
+    );
+
+    info!("phase: repeated attempts from one address are rate limited");
+    let mut limited = None;
+    for _ in 0..20 {
+        let r = NodeServiceClient::new(channel(&addr))
+            .enroll(pb::EnrollRequest {
+                join_token: token.clone(),
+                csr_pem: csr.clone(),
+                name: "device-2".into(),
+            })
+            .await;
+        if let Err(e) = r {
+            if e.code() == Code::ResourceExhausted {
+                limited = Some(e);
+                break;
+            }
+        }
+    }
+    let err = limited.expect("20 enrollment attempts from one address were never limited");
+    assert!(
+        err.message().contains("enrollment attempts"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_slower_than_a_heartbeat_replicates_and_one_too_large_is_refused() {
+    // A link of 2 MiB/s between coordinators: a 900 KB entry needs about
+    // 440 ms, more than four heartbeat intervals (openraft's deadline for
+    // one AppendEntries).
+    let cluster = InProcessCluster::start(3, |c| {
+        c.raft.test_link_bytes_per_s = 2 << 20;
+    })
+    .await;
+    let leader = cluster.wait_for_leader().await;
+    let handle = cluster.nodes[leader]
+        .as_ref()
+        .expect("leader")
+        .handle()
+        .clone();
+    let terms: Vec<u64> = (0..3).map(|i| term(&cluster, i)).collect();
+
+    info!("phase: a 900 KB entry commits on a quorum and every follower applies it");
+    let big = Command::RecordEvents {
+        events: vec![cloudless_types::EventRecord {
+            at_ms: 0,
+            kind: "Test".into(),
+            namespace: String::new(),
+            object: "big".into(),
+            reason: "Big".into(),
+            message: "x".repeat(900_000),
+        }],
+    };
+    let started = Instant::now();
+    let (_, commit) = tokio::time::timeout(Duration::from_secs(20), handle.write(None, big))
+        .await
+        .expect("a 900 KB entry never committed: replication is stuck")
+        .expect("write");
+    info!(elapsed = ?started.elapsed(), index = commit.log_index, "committed");
+    wait_until(
+        "every coordinator applied the large entry",
+        Duration::from_secs(20),
+        || {
+            cluster.nodes.iter().flatten().all(|c| {
+                c.handle()
+                    .raft()
+                    .metrics()
+                    .borrow()
+                    .last_applied
+                    .is_some_and(|l| l.index >= commit.log_index)
+            })
+        },
+    )
+    .await;
+
+    info!("phase: the cluster stays writable and no election happened");
+    for i in 0..5 {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            cloudless_test::apply(&cluster.addr(leader), &format!("after-{i}"), 0),
+        )
+        .await
+        .expect("a write after the large entry hung")
+        .expect("write after the large entry");
+    }
+    let after: Vec<u64> = (0..3).map(|i| term(&cluster, i)).collect();
+    assert_eq!(after, terms, "the large entry caused an election");
+
+    info!("phase: a change larger than a Raft entry may be is refused with its size");
+    let too_big = Command::RecordEvents {
+        events: vec![cloudless_types::EventRecord {
+            at_ms: 0,
+            kind: "Test".into(),
+            namespace: String::new(),
+            object: "too-big".into(),
+            reason: "Big".into(),
+            message: "x".repeat(2 << 20),
+        }],
+    };
+    let before = last_log_index(&cluster, leader);
+    let err = handle
+        .write(None, too_big)
+        .await
+        .expect_err("a 2 MiB change was proposed");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("a Raft entry holds at most 1048576 bytes"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(last_log_index(&cluster, leader), before);
+}
