@@ -770,25 +770,37 @@ impl SecretApi {
         next.active = new_version;
         let ring = KeyRing::unseal(self.root()?, &next)
             .map_err(|e| CoordinatorError::Fatal(e.to_string()))?;
-        let mut rewrapped = Vec::new();
+        // Every data key not yet under the new version: those of the active
+        // one, and any an interrupted rotation left under an older one.
+        let mut rewrapped: BTreeMap<u32, Vec<cloudless_state::RewrappedKey>> = BTreeMap::new();
         for s in self.handle.reader().secrets(None)? {
             for v in &s.versions {
-                if v.ciphertext.key_version == stored.active {
-                    let c = ring
-                        .rewrap(&s.namespace, &s.name, v.version, &v.ciphertext)
-                        .map_err(|e| {
-                            CoordinatorError::Fatal(format!("{}/{}: {e}", s.namespace, s.name))
-                        })?;
-                    rewrapped.push((s.namespace.clone(), s.name.clone(), v.version, c));
-                }
+                let from = v.ciphertext.key_version;
+                let c = ring
+                    .rewrap(&s.namespace, &s.name, v.version, &v.ciphertext)
+                    .map_err(|e| {
+                        CoordinatorError::Fatal(format!("{}/{}: {e}", s.namespace, s.name))
+                    })?;
+                rewrapped
+                    .entry(from)
+                    .or_default()
+                    .push(cloudless_state::RewrappedKey {
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                        version: v.version,
+                        dek_nonce: c.dek_nonce,
+                        dek: c.dek,
+                    });
             }
         }
-        let count = rewrapped.len();
+        let count: usize = rewrapped.values().map(Vec::len).sum();
         let mut audit = Self::audit(caller, "rotate", "", "");
         audit.detail = format!(
             "master key v{} -> v{new_version}; {count} data keys rewrapped",
             old.active()
         );
+        // The new version first (old versions still decrypt), then the
+        // rewrapped keys in parts small enough for one Raft entry each.
         let (resp, _) = self
             .handle
             .write(
@@ -796,21 +808,43 @@ impl SecretApi {
                 Command::Secret(SecretCommand::Rotate {
                     key,
                     expected_active: stored.active,
-                    rewrapped,
+                    rewrapped: Vec::new(),
                     audit,
                 }),
             )
             .await?;
-        match resp {
-            SmResponse::Keyring(_) => Ok(RotateMasterKeyResponse {
-                key_version: new_version,
-                rewrapped: u32::try_from(count).unwrap_or(u32::MAX),
-            }),
-            SmResponse::Rejected(r) => Err(r.into()),
-            other => Err(CoordinatorError::Fatal(format!(
-                "unexpected answer {other:?}"
-            ))),
+        let keyring = match resp {
+            SmResponse::Keyring(k) => k,
+            SmResponse::Rejected(r) => return Err(r.into()),
+            other => {
+                return Err(CoordinatorError::Fatal(format!(
+                    "unexpected answer {other:?}"
+                )))
+            }
+        };
+        for (from_version, keys) in rewrapped {
+            for part in keys.chunks(REWRAP_PART) {
+                let (resp, _) = self
+                    .handle
+                    .write(
+                        None,
+                        Command::Secret(SecretCommand::RewrapKeys {
+                            from_version,
+                            to_version: new_version,
+                            keys: part.to_vec(),
+                        }),
+                    )
+                    .await?;
+                if let SmResponse::Rejected(r) = resp {
+                    return Err(r.into());
+                }
+            }
         }
+        debug_assert_eq!(keyring.active, new_version);
+        Ok(RotateMasterKeyResponse {
+            key_version: new_version,
+            rewrapped: u32::try_from(count).unwrap_or(u32::MAX),
+        })
     }
 
     fn key_info(&self) -> Result<KeyInfoResponse, CoordinatorError> {
@@ -836,6 +870,10 @@ impl SecretApi {
         })
     }
 }
+
+/// Rewrapped data keys per Raft entry during a rotation (a few hundred
+/// bytes each).
+const REWRAP_PART: usize = 1000;
 
 /// Commits the ledger's counts and audit records every [`LEDGER_FLUSH`]
 /// while there are any; stops when idle (the next use starts it again).

@@ -267,6 +267,35 @@ pub enum SecretCommand {
         /// The records.
         records: Vec<AuditRecord>,
     },
+    /// Stores data keys rewrapped under `to_version` (a rotation's keys in
+    /// parts after its `Rotate`, so no entry grows with the number of
+    /// secrets). A data key is replaced only if it is still wrapped by
+    /// `from_version` (a secret updated meanwhile keeps its new key). Kept
+    /// last: older log entries decode by variant position.
+    RewrapKeys {
+        /// The version the proposer rewrapped from.
+        from_version: u32,
+        /// The version the keys are now wrapped by.
+        to_version: u32,
+        /// The rewrapped keys.
+        keys: Vec<RewrappedKey>,
+    },
+}
+
+/// One data key rewrapped under a new master key version (the data it
+/// protects is unchanged and not carried).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewrappedKey {
+    /// Namespace of the secret.
+    pub namespace: String,
+    /// Name of the secret.
+    pub name: String,
+    /// Secret version.
+    pub version: u64,
+    /// Nonce of the wrapped data key.
+    pub dek_nonce: String,
+    /// The wrapped data key.
+    pub dek: String,
 }
 
 /// A reported change of one replica.

@@ -17,7 +17,7 @@ mod type_config;
 
 pub use command::{
     ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, ReplicaUpdate, Request,
-    Response, SecretCommand,
+    Response, RewrappedKey, SecretCommand,
 };
 pub use error::StateError;
 pub use log_store::LogStore;

@@ -425,6 +425,59 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 mod tests {
     use super::*;
 
+    /// Writes blank entries 1..=n with `payload_bytes` of padding each.
+    fn write_entries(path: &Path, n: u64, payload_bytes: usize) {
+        let db = Database::create(path).expect("reopen raw");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut t = txn.open_table(LOGS).expect("table");
+            for i in 1..=n {
+                let entry: Entry<TypeConfig> = Entry {
+                    log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+                    payload: openraft::EntryPayload::Normal(crate::Proposal {
+                        requests: vec![crate::Request {
+                            idempotency_key: Some("k".repeat(payload_bytes)),
+                            proposed_at_ms: 0,
+                            command: crate::Command::RecordEvents { events: vec![] },
+                        }],
+                    }),
+                };
+                let bytes = postcard::to_allocvec(&entry).expect("encode");
+                t.insert(i, bytes.as_slice()).expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+
+    #[tokio::test]
+    async fn replication_reads_are_capped_by_bytes_but_never_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        write_entries(&path, 10, 1000);
+        let mut log = LogStore::open(&path)
+            .expect("open")
+            .with_append_budget(3500);
+        // About 1 KB each: three fit in 3,500 bytes.
+        let got = log.limited_get_log_entries(1, 11).await.expect("read");
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].log_id.index, 1);
+        // A budget smaller than one entry still yields that entry.
+        let mut tiny = log.clone().with_append_budget(10);
+        assert_eq!(
+            tiny.limited_get_log_entries(4, 11)
+                .await
+                .expect("read")
+                .len(),
+            1
+        );
+        // Plain reads are not capped.
+        assert_eq!(
+            log.try_get_log_entries(1..11).await.expect("read").len(),
+            10
+        );
+    }
+
     #[test]
     fn corrupt_entry_is_reported_at_open() {
         let dir = tempfile::tempdir().expect("tempdir");

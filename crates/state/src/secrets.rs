@@ -446,6 +446,41 @@ pub(crate) fn apply(
             };
             audited(txn, audit.clone(), now_ms, outcome)
         }
+        SecretCommand::RewrapKeys {
+            from_version,
+            to_version,
+            keys,
+        } => {
+            let ring = keyring(txn)?;
+            if !ring
+                .keys
+                .iter()
+                .any(|k| k.version == *to_version && !k.retired)
+            {
+                return Ok(Response::Rejected(Rejection::Keyring(format!(
+                    "master key version {to_version} is unknown or retired"
+                ))));
+            }
+            for key in keys {
+                let k = secret_key(&key.namespace, &key.name);
+                let Some(mut r) = get_json::<SecretRecord>(txn, SECRETS, &k)? else {
+                    continue;
+                };
+                let mut changed = false;
+                for v in &mut r.versions {
+                    if v.version == key.version && v.ciphertext.key_version == *from_version {
+                        v.ciphertext.key_version = *to_version;
+                        v.ciphertext.dek_nonce.clone_from(&key.dek_nonce);
+                        v.ciphertext.dek.clone_from(&key.dek);
+                        changed = true;
+                    }
+                }
+                if changed {
+                    put_json(txn, SECRETS, &k, &r)?;
+                }
+            }
+            Ok(Response::SecretDone)
+        }
         SecretCommand::Audit { records } => {
             append_audit(txn, records.iter().cloned(), now_ms)?;
             Ok(Response::SecretDone)

@@ -1738,6 +1738,77 @@ mod tests {
             apply(&sm.db, Command::Secret(S::Retire { version: 1, audit: audit("retire") }), 4),
             Response::Rejected(Rejection::Keyring(m)) if m.contains("still has a data key")
         ));
+        // The data key moves to v2 through a rewrap part; then v1 retires.
+        let secret = reader
+            .secrets(None)
+            .expect("read")
+            .into_iter()
+            .next()
+            .expect("a secret");
+        let keys: Vec<crate::RewrappedKey> = secret
+            .versions
+            .iter()
+            .map(|v| crate::RewrappedKey {
+                namespace: secret.namespace.clone(),
+                name: secret.name.clone(),
+                version: v.version,
+                dek_nonce: "n2".into(),
+                dek: "k2".into(),
+            })
+            .collect();
+        assert!(matches!(
+            apply(
+                &sm.db,
+                Command::Secret(S::RewrapKeys {
+                    from_version: 1,
+                    to_version: 9,
+                    keys: keys.clone(),
+                }),
+                4
+            ),
+            Response::Rejected(Rejection::Keyring(m)) if m.contains("version 9 is unknown")
+        ));
+        apply(
+            &sm.db,
+            Command::Secret(S::RewrapKeys {
+                from_version: 1,
+                to_version: 2,
+                keys,
+            }),
+            4,
+        );
+        let moved = reader
+            .secret(&secret.namespace, &secret.name)
+            .expect("read")
+            .expect("secret");
+        assert!(moved
+            .versions
+            .iter()
+            .all(|v| v.ciphertext.key_version == 2 && v.ciphertext.dek == "k2"));
+        assert_eq!(
+            moved
+                .versions
+                .iter()
+                .map(|v| &v.ciphertext.data)
+                .collect::<Vec<_>>(),
+            secret
+                .versions
+                .iter()
+                .map(|v| &v.ciphertext.data)
+                .collect::<Vec<_>>(),
+            "a rewrap changed the data"
+        );
+        assert!(!matches!(
+            apply(
+                &sm.db,
+                Command::Secret(S::Retire {
+                    version: 1,
+                    audit: audit("retire")
+                }),
+                4
+            ),
+            Response::Rejected(_)
+        ));
         // Stale rotation (expected_active moved) is refused.
         assert!(matches!(
             apply(
