@@ -101,7 +101,11 @@ async fn a_reported_label_attracts_nothing_until_an_admin_sets_it_with_cloudless
         placed(&cluster, "plain") == 1
     })
     .await;
-    assert_eq!(placed(&cluster, "payments"), 0, "a self-reported label attracted a workload");
+    assert_eq!(
+        placed(&cluster, "payments"),
+        0,
+        "a self-reported label attracted a workload"
+    );
     let nodes: serde_json::Value =
         serde_json::from_str(&ctl(&cluster, &["-o", "json", "node", "list"])).expect("json");
     let node = &nodes[0];

@@ -67,9 +67,11 @@ async fn a_deposed_leader_refuses_a_many_use_token_the_new_leader_revoked() {
     };
     at_old.reveal(read()).await.expect("first read");
     // The read's use count is committed in a batch; let it reach everyone.
-    wait_until("the use count on every node", Duration::from_secs(10), || {
-        (0..3).all(|i| cluster.applied(i) == cluster.applied(old))
-    })
+    wait_until(
+        "the use count on every node",
+        Duration::from_secs(10),
+        || (0..3).all(|i| cluster.applied(i) == cluster.applied(old)),
+    )
     .await;
 
     info!("phase: the leader is cut off; the others elect a new one");

@@ -262,7 +262,9 @@ enum NodeCmd {
 
 /// Splits `node label` arguments into labels to set and keys to remove
 /// (kubectl style: `key=value` sets, `key-` removes).
-fn parse_label_changes(args: &[String]) -> Result<(std::collections::HashMap<String, String>, Vec<String>), String> {
+fn parse_label_changes(
+    args: &[String],
+) -> Result<(std::collections::HashMap<String, String>, Vec<String>), String> {
     let mut set = std::collections::HashMap::new();
     let mut remove = Vec::new();
     for a in args {
@@ -1167,7 +1169,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 | NodeCmd::AcceptCapacity { .. } => {
                     return Err(Failure {
                         code: 2,
-                        error: anyhow::anyhow!("node list/get/label/accept-capacity are handled above"),
+                        error: anyhow::anyhow!(
+                            "node list/get/label/accept-capacity are handled above"
+                        ),
                     })
                 }
             };

@@ -8,8 +8,8 @@ use cloudless_proto::v1::node_service_server::NodeService;
 use cloudless_proto::v1::{
     CreateJoinTokenRequest, CreateJoinTokenResponse, EnrollRequest, EnrollResponse, GetNodeRequest,
     GetNodeResponse, JoinTokenInfo, LabelNodeRequest, ListJoinTokensRequest,
-    ListJoinTokensResponse, ListNodesRequest, ListNodesResponse, NodeActionRequest, NodeActionResponse, NodePhase,
-    RevokeJoinTokenRequest, RevokeJoinTokenResponse,
+    ListJoinTokensResponse, ListNodesRequest, ListNodesResponse, NodeActionRequest,
+    NodeActionResponse, NodePhase, RevokeJoinTokenRequest, RevokeJoinTokenResponse,
 };
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::{JoinTokenRecord, NodeRecord, ValidationErrors};

@@ -1028,7 +1028,10 @@ mod tests {
             ("zone".to_owned(), "a".to_owned()),
         ]
         .into();
-        assert_eq!(place_one(&w, &[liar, labelled]).as_deref(), Some("labelled"));
+        assert_eq!(
+            place_one(&w, &[liar, labelled]).as_deref(),
+            Some("labelled")
+        );
     }
 
     #[test]

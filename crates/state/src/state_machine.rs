@@ -2148,15 +2148,27 @@ mod tests {
         apply(&db, report(4000, "tier"), 2000);
         let n = node(&db, "n1");
         assert_eq!(n.labels, [("zone".to_owned(), "a".to_owned())].into());
-        assert_eq!(n.status.reported_labels.get("tier").map(String::as_str), Some("secure"));
-        assert_eq!(n.trusted_capacity.cpu_millis, 4000, "the first report is trusted");
+        assert_eq!(
+            n.status.reported_labels.get("tier").map(String::as_str),
+            Some("secure")
+        );
+        assert_eq!(
+            n.trusted_capacity.cpu_millis, 4000,
+            "the first report is trusted"
+        );
 
         apply(&db, report(400_000, "tier"), 3000);
         let n = node(&db, "n1");
         assert_eq!(n.trusted_capacity.cpu_millis, 4000, "a later report is not");
         assert_eq!(n.placement_capacity().0.cpu_millis, 4000);
 
-        let r = apply(&db, Command::AcceptNodeCapacity { node_id: "n1".into() }, 4000);
+        let r = apply(
+            &db,
+            Command::AcceptNodeCapacity {
+                node_id: "n1".into(),
+            },
+            4000,
+        );
         assert!(matches!(r, Response::Node(n) if n.trusted_capacity.cpu_millis == 400_000));
 
         let r = apply(

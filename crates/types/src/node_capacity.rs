@@ -51,9 +51,8 @@ fn fields(r: &Resources) -> [(&'static str, u64); 4] {
 
 /// `Ok` when every resource of `reported` is within [`CAPACITY_LIMITS`].
 pub fn check_capacity_bounds(reported: &Resources) -> Result<(), CapacityOutOfBounds> {
-    for ((resource, reported), (_, limit)) in fields(reported)
-        .into_iter()
-        .zip(fields(&CAPACITY_LIMITS))
+    for ((resource, reported), (_, limit)) in
+        fields(reported).into_iter().zip(fields(&CAPACITY_LIMITS))
     {
         if reported > limit {
             return Err(CapacityOutOfBounds {
@@ -114,7 +113,10 @@ mod tests {
     fn a_report_beyond_the_limits_is_refused_with_the_resource_named() {
         let e = check_capacity_bounds(&res(1_000_000_000, 1 << 30)).expect_err("absurd cpu");
         assert_eq!(e.resource, "cpuMillis");
-        assert!(e.to_string().contains("above the maximum of 1024000"), "{e}");
+        assert!(
+            e.to_string().contains("above the maximum of 1024000"),
+            "{e}"
+        );
         let e = check_capacity_bounds(&res(4000, 1 << 60)).expect_err("absurd memory");
         assert_eq!(e.resource, "memoryBytes");
         assert!(check_capacity_bounds(&res(64_000, 256 << 30)).is_ok());
