@@ -2,6 +2,7 @@
 //! as separate processes, and small API helpers.
 
 pub mod e2e;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -182,17 +183,24 @@ impl InProcessCluster {
 
     /// Starts `n` coordinators: node 0 with `init`, the others joining it; waits until all are voters.
     pub async fn start(n: usize, tweak: impl Fn(&mut CoordinatorConfig)) -> Self {
+        Self::start_with(n, |_, c| tweak(c)).await
+    }
+
+    /// [`Self::start`] with a tweak that also gets each node's index.
+    pub async fn start_with(n: usize, tweak: impl Fn(usize, &mut CoordinatorConfig)) -> Self {
         init_test_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         // Every node shares one master key, so the cluster has a CA and can enroll nodes.
         let key_file = write_master_key(dir.path());
-        let with_key = |c: &mut CoordinatorConfig| {
-            c.master_key_file = Some(key_file.clone());
-            tweak(c);
-        };
         let mut cluster = Self {
             configs: (0..n)
-                .map(|i| Self::node_config(dir.path(), i, &with_key))
+                .map(|i| {
+                    let with_key = |c: &mut CoordinatorConfig| {
+                        c.master_key_file = Some(key_file.clone());
+                        tweak(i, c);
+                    };
+                    Self::node_config(dir.path(), i, &with_key)
+                })
                 .collect(),
             dir,
             nodes: Vec::new(),

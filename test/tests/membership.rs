@@ -165,7 +165,8 @@ async fn agents_become_ready_a_killed_agent_goes_down_and_identity_renews_and_su
     };
     assert_eq!(key_mode, 0o600);
 
-    // Heartbeats carry the device status; the token's labels win.
+    // Heartbeats carry the device status; placement labels are the token's
+    // only, what the agent reports is kept apart.
     let alpha = cluster.nodes[leader]
         .as_ref()
         .expect("leader")
@@ -178,10 +179,15 @@ async fn agents_become_ready_a_killed_agent_goes_down_and_identity_renews_and_su
         .expect("alpha");
     assert!(alpha.status.capacity.cpu_millis >= 1000, "{alpha:?}");
     assert!(alpha.status.capacity.memory_bytes > 0, "{alpha:?}");
-    let labels = alpha.effective_labels();
-    assert_eq!(labels.get("zone").map(String::as_str), Some("a"));
-    assert_eq!(labels.get("disk").map(String::as_str), Some("ssd"));
-    assert!(labels.contains_key("arch"), "{labels:?}");
+    assert_eq!(alpha.labels.get("zone").map(String::as_str), Some("a"));
+    assert!(!alpha.labels.contains_key("disk"), "{alpha:?}");
+    let reported = &alpha.status.reported_labels;
+    assert_eq!(reported.get("disk").map(String::as_str), Some("ssd"));
+    assert!(reported.contains_key("arch"), "{reported:?}");
+    assert_eq!(
+        alpha.trusted_capacity, alpha.status.capacity,
+        "the first report is trusted"
+    );
 
     // Kill beta once the leader's grace period is over: Suspect, then Down
     // within the configured timeout (counted from its last heartbeat, plus

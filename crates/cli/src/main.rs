@@ -247,6 +247,36 @@ enum NodeCmd {
     Drain { id: String },
     /// Forget a node.
     Remove { id: String },
+    /// Set placement labels (key=value) or remove them (key-). Only these
+    /// and the join token's labels steer placement; what a node reports
+    /// about itself is shown as reportedLabels and never used.
+    Label {
+        id: String,
+        /// key=value to set, key- to remove.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Trust the node's reported capacity for placement (after a jump was held).
+    AcceptCapacity { id: String },
+}
+
+/// Splits `node label` arguments into labels to set and keys to remove
+/// (kubectl style: `key=value` sets, `key-` removes).
+fn parse_label_changes(
+    args: &[String],
+) -> Result<(std::collections::HashMap<String, String>, Vec<String>), String> {
+    let mut set = std::collections::HashMap::new();
+    let mut remove = Vec::new();
+    for a in args {
+        if let Some((k, v)) = a.split_once('=') {
+            set.insert(k.to_owned(), v.to_owned());
+        } else if let Some(k) = a.strip_suffix('-').filter(|k| !k.is_empty()) {
+            remove.push(k.to_owned());
+        } else {
+            return Err(format!("{a:?} is neither key=value nor key-"));
+        }
+    }
+    Ok((set, remove))
 }
 
 /// Parses 90, 90s, 30m, 1h, 7d into seconds (positive).
@@ -303,6 +333,8 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
     serde_json::json!({ "id": n.id, "name": n.name, "phase": phase_name(n), "phaseSinceMs": n.phase_since_ms,
         "cordoned": n.cordoned, "draining": n.draining, "labels": n.labels, "zone": n.zone, "region": n.region,
         "arch": n.arch, "capacity": res(&n.capacity), "usage": res(&n.usage), "conditions": n.conditions,
+        "reportedLabels": n.reported_labels, "reportedCapacity": res(&n.reported_capacity),
+        "capacityUnverified": n.capacity_unverified,
         "powerSource": n.power_source, "batteryPercent": n.battery_percent, "reliability": n.reliability,
         "downCount": n.down_count, "lastHeartbeatMs": n.last_heartbeat_ms, "overlayAddresses": n.overlay_addresses,
         "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms })
@@ -1086,16 +1118,60 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .unwrap_or_default();
             print_json(&node_json(&n))?;
         }
+        Cmd::Node(NodeCmd::Label { id, changes }) => {
+            let (set, remove) = parse_label_changes(&changes).map_err(|e| Failure {
+                code: 2,
+                error: anyhow::anyhow!(e),
+            })?;
+            let n = call(servers, |ch| {
+                let req = pb::LabelNodeRequest {
+                    write: None,
+                    id: id.clone(),
+                    set: set.clone(),
+                    remove: remove.clone(),
+                };
+                async move { NodeServiceClient::new(ch).label(req).await }
+            })
+            .await?
+            .node
+            .unwrap_or_default();
+            let mut labels: Vec<String> =
+                n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            println!("node {id} labeled: {}", labels.join(","));
+        }
+        Cmd::Node(NodeCmd::AcceptCapacity { id }) => {
+            let n = call(servers, |ch| {
+                let req = pb::NodeActionRequest {
+                    write: None,
+                    id: id.clone(),
+                };
+                async move { NodeServiceClient::new(ch).accept_capacity(req).await }
+            })
+            .await?
+            .node
+            .unwrap_or_default();
+            let c = n.capacity.unwrap_or_default();
+            println!(
+                "node {id} capacity accepted: cpuMillis={} memoryBytes={}",
+                c.cpu_millis, c.memory_bytes
+            );
+        }
         Cmd::Node(action) => {
             let (verb, id) = match action {
                 NodeCmd::Cordon { id } => ("cordoned", id),
                 NodeCmd::Uncordon { id } => ("uncordoned", id),
                 NodeCmd::Drain { id } => ("draining", id),
                 NodeCmd::Remove { id } => ("removed", id),
-                NodeCmd::List | NodeCmd::Get { .. } => {
+                NodeCmd::List
+                | NodeCmd::Get { .. }
+                | NodeCmd::Label { .. }
+                | NodeCmd::AcceptCapacity { .. } => {
                     return Err(Failure {
                         code: 2,
-                        error: anyhow::anyhow!("node list/get are handled above"),
+                        error: anyhow::anyhow!(
+                            "node list/get/label/accept-capacity are handled above"
+                        ),
                     })
                 }
             };
@@ -1640,6 +1716,21 @@ mod tests {
         ] {
             let err = set_config_key(&mut c, bad).expect_err(bad);
             assert!(err.contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn node_label_arguments_set_with_equals_and_remove_with_a_trailing_dash() {
+        let args: Vec<String> = ["tier=secure", "zone-", "empty="]
+            .map(str::to_owned)
+            .to_vec();
+        let (set, remove) = parse_label_changes(&args).expect("valid");
+        assert_eq!(set.get("tier").map(String::as_str), Some("secure"));
+        assert_eq!(set.get("empty").map(String::as_str), Some(""));
+        assert_eq!(remove, vec!["zone".to_owned()]);
+        for bad in ["tier", "-"] {
+            let err = parse_label_changes(&[bad.to_owned()]).expect_err(bad);
+            assert!(err.contains("neither key=value nor key-"), "{err}");
         }
     }
 }

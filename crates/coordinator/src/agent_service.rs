@@ -130,12 +130,15 @@ fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), Coor
             }
         }
     }
+    let capacity: Resources = r.capacity.map(Into::into).unwrap_or_default();
+    cloudless_types::check_capacity_bounds(&capacity)
+        .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
     let mut conditions = r.conditions;
     conditions.sort();
     conditions.dedup();
     let status = NodeStatus {
         overlay_addresses: r.overlay_addresses,
-        capacity: r.capacity.map(Into::into).unwrap_or_default(),
+        capacity,
         reported_labels: labels,
         conditions,
         power_source: power_source.to_owned(),
@@ -622,6 +625,17 @@ mod tests {
                     ..Default::default()
                 },
                 "power_source",
+            ),
+            (
+                HeartbeatRequest {
+                    capacity: Some(cloudless_proto::v1::Resources {
+                        cpu_millis: 1_000_000_000,
+                        memory_bytes: 1 << 50,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "capacity.cpuMillis",
             ),
             (
                 HeartbeatRequest {

@@ -7,6 +7,7 @@ pub mod config;
 mod coordinator;
 mod error;
 mod identity;
+mod leader_lease;
 mod membership;
 mod metrics;
 mod node_service;

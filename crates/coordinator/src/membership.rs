@@ -345,7 +345,15 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
             };
             match handle.write(None, command).await {
                 Ok(_) => {
-                    let events: Vec<cloudless_types::EventRecord> = chunk
+                    let held_before: HashMap<&str, Vec<&'static str>> = chunk
+                        .iter()
+                        .filter(|u| u.status.is_some())
+                        .filter_map(|u| {
+                            let n = committed.get(&u.node_id)?;
+                            Some((u.node_id.as_str(), n.placement_capacity().1))
+                        })
+                        .collect();
+                    let mut events: Vec<cloudless_types::EventRecord> = chunk
                         .iter()
                         .filter_map(|u| {
                             let phase = u.phase?;
@@ -362,6 +370,13 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
                             })
                         })
                         .collect();
+                    for u in chunk {
+                        refresh(&handle, &liveness, &mut committed, &u.node_id, u);
+                    }
+                    events.extend(chunk.iter().filter_map(|u| {
+                        let before = held_before.get(u.node_id.as_str())?;
+                        capacity_event(committed.get(&u.node_id)?, before)
+                    }));
                     if !events.is_empty() {
                         if let Err(e) = handle.write(None, Command::RecordEvents { events }).await {
                             tracing::warn!(error = %e, "cannot record node events");
@@ -378,7 +393,6 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
                                 .inc();
                             tracing::info!(node_id = %u.node_id, phase = phase.as_str(), "node phase changed");
                         }
-                        refresh(&handle, &liveness, &mut committed, &u.node_id, u);
                     }
                 }
                 Err(e) => {
@@ -388,6 +402,34 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
             }
         }
     }
+}
+
+/// The event for a node whose reported capacity newly grew beyond what
+/// placement trusts (`held_before`: the resources held before the update).
+fn capacity_event(
+    n: &NodeRecord,
+    held_before: &[&'static str],
+) -> Option<cloudless_types::EventRecord> {
+    let (trusted, held) = n.placement_capacity();
+    if held.is_empty() || held == held_before {
+        return None;
+    }
+    tracing::warn!(node_id = %n.id, resources = ?held, reported = ?n.status.capacity, "node capacity jump held back from placement");
+    Some(cloudless_types::EventRecord {
+        at_ms: 0,
+        kind: "Node".into(),
+        namespace: String::new(),
+        object: n.name.clone(),
+        reason: "NodeCapacityUnverified".into(),
+        message: format!(
+            "node {} reports {} beyond {}x its trusted capacity; placement keeps using {:?} until an admin runs `cloudlessctl node accept-capacity {}`",
+            n.id,
+            held.join(", "),
+            cloudless_types::GROWTH_FACTOR,
+            trusted,
+            n.id
+        ),
+    })
 }
 
 /// Re-reads one node after a commit and tells the liveness table what is now committed.

@@ -7,9 +7,9 @@ use cloudless_proto::v1::node_service_client::NodeServiceClient;
 use cloudless_proto::v1::node_service_server::NodeService;
 use cloudless_proto::v1::{
     CreateJoinTokenRequest, CreateJoinTokenResponse, EnrollRequest, EnrollResponse, GetNodeRequest,
-    GetNodeResponse, JoinTokenInfo, ListJoinTokensRequest, ListJoinTokensResponse,
-    ListNodesRequest, ListNodesResponse, NodeActionRequest, NodeActionResponse, NodePhase,
-    RevokeJoinTokenRequest, RevokeJoinTokenResponse,
+    GetNodeResponse, JoinTokenInfo, LabelNodeRequest, ListJoinTokensRequest,
+    ListJoinTokensResponse, ListNodesRequest, ListNodesResponse, NodeActionRequest,
+    NodeActionResponse, NodePhase, RevokeJoinTokenRequest, RevokeJoinTokenResponse,
 };
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::{JoinTokenRecord, NodeRecord, ValidationErrors};
@@ -25,6 +25,8 @@ const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 const MAX_TOKEN_TTL_S: u64 = 30 * 24 * 3600;
 /// Most uses one token may allow.
 const MAX_TOKEN_USES: u32 = 10_000;
+/// Most labels one `node label` call may set or remove.
+const MAX_LABEL_CHANGES: usize = 64;
 
 /// The `NodeService` implementation.
 #[derive(Debug, Clone)]
@@ -46,7 +48,8 @@ fn random_hex(bytes: usize) -> String {
 }
 
 pub(crate) fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
-    let labels = n.effective_labels();
+    let (capacity, unverified) = n.placement_capacity();
+    let labels = n.labels;
     let phase = match n.phase {
         cloudless_types::NodePhase::Pending => NodePhase::Pending,
         cloudless_types::NodePhase::Ready => NodePhase::Ready,
@@ -63,7 +66,10 @@ pub(crate) fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
         cordoned: n.cordoned,
         draining: n.draining,
         labels: labels.into_iter().collect(),
-        capacity: Some(n.status.capacity.into()),
+        capacity: Some(capacity.into()),
+        reported_capacity: Some(n.status.capacity.into()),
+        capacity_unverified: unverified.into_iter().map(str::to_owned).collect(),
+        reported_labels: n.status.reported_labels.into_iter().collect(),
         reliability: n.reliability,
         last_heartbeat_ms: n.last_heartbeat_ms,
         enrolled_at_ms: n.enrolled_at_ms,
@@ -106,6 +112,36 @@ fn node_answer(resp: SmResponse) -> Result<NodeRecord, CoordinatorError> {
             "unexpected state machine answer {other:?}"
         ))),
     }
+}
+
+/// The `SetNodeLabels` command for `r`, every problem reported at once.
+fn label_command(r: LabelNodeRequest) -> Result<Command, CoordinatorError> {
+    let mut errs = ValidationErrors::default();
+    if r.set.len() + r.remove.len() > MAX_LABEL_CHANGES {
+        errs.push(
+            "set",
+            format!(
+                "{} changes, at most {MAX_LABEL_CHANGES} are allowed per call",
+                r.set.len() + r.remove.len()
+            ),
+        );
+    }
+    if r.set.is_empty() && r.remove.is_empty() {
+        errs.push("set", "no label to set or remove");
+    }
+    let set: BTreeMap<String, String> = r.set.into_iter().collect();
+    cloudless_types::check_labels(&mut errs, "set", &set);
+    for k in &r.remove {
+        if set.contains_key(k) {
+            errs.push(format!("remove.{k}"), "is also being set");
+        }
+    }
+    errs.into_result()?;
+    Ok(Command::SetNodeLabels {
+        node_id: r.id,
+        set,
+        remove: r.remove,
+    })
 }
 
 fn check_name(name: &str) -> Result<(), CoordinatorError> {
@@ -346,6 +382,56 @@ impl NodeService for NodeApi {
                 })
             },
             |ch, r| async move { NodeServiceClient::new(ch).remove(r).await },
+        )
+        .await
+    }
+
+    async fn label(
+        &self,
+        req: Request<LabelNodeRequest>,
+    ) -> Result<Response<NodeActionResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: LabelNodeRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let (resp, commit) = h.write(key, label_command(r)?).await?;
+                let node = node_answer(resp)?;
+                tracing::info!(node_id = %node.id, labels = ?node.labels, "node labels set");
+                Ok(NodeActionResponse {
+                    node: Some(to_wire(node)),
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).label(r).await },
+        )
+        .await
+    }
+
+    async fn accept_capacity(
+        &self,
+        req: Request<NodeActionRequest>,
+    ) -> Result<Response<NodeActionResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: NodeActionRequest| async move {
+                let key = idempotency_key(r.write.as_ref())?;
+                let (resp, commit) = h
+                    .write(key, Command::AcceptNodeCapacity { node_id: r.id })
+                    .await?;
+                let node = node_answer(resp)?;
+                tracing::info!(node_id = %node.id, capacity = ?node.trusted_capacity, "node capacity accepted");
+                Ok(NodeActionResponse {
+                    node: Some(to_wire(node)),
+                    commit: Some(commit),
+                })
+            },
+            |ch, r| async move { NodeServiceClient::new(ch).accept_capacity(r).await },
         )
         .await
     }

@@ -38,11 +38,11 @@ const REGION_LABELS: [&str; 3] = [
     "topology.kubernetes.io/region",
 ];
 
-/// A node's labels: what the agent reports, overridden by the token's.
+/// A node's placement labels: the join token's and the admins', never what
+/// the node reports about itself (a compromised node could otherwise
+/// attract workloads, and then their secrets).
 pub(crate) fn node_labels(n: &NodeRecord) -> BTreeMap<String, String> {
-    let mut labels = n.status.reported_labels.clone();
-    labels.extend(n.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-    labels
+    n.labels.clone()
 }
 
 fn first_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> String {
@@ -83,7 +83,8 @@ pub(crate) fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Ve
                 phase,
                 cordoned: n.cordoned,
                 draining: n.draining,
-                capacity: n.status.capacity,
+                // Bounded and held on sudden growth (`node_capacity`).
+                capacity: n.placement_capacity().0,
                 reserved: cloudless_types::Resources::default(),
                 reliability: n.reliability.clamp(0.0, 1.0),
                 cost_per_unit: 0.0,
@@ -975,5 +976,74 @@ mod tests {
         assert_eq!(availability_floor(&w), 3);
         w.spec.rollout.min_available = Some(9);
         assert_eq!(availability_floor(&w), 3, "never above the desired count");
+    }
+
+    /// Where the scheduler puts one replica of `w` among `nodes`.
+    fn place_one(w: &Workload, nodes: &[NodeRecord]) -> Option<String> {
+        let infos = node_infos(nodes, &[]);
+        let mut snapshot =
+            ClusterSnapshot::new(&infos, cloudless_types::SchedulerWeights::default())
+                .expect("snapshot");
+        let decisions = snapshot
+            .place(&workload_request(w, 1), 0, false)
+            .expect("place");
+        decisions.into_iter().find_map(|d| match d {
+            Decision::Placed(p) => Some(p.node),
+            _ => None,
+        })
+    }
+
+    fn ready_with(id: &str, cpu_millis: u64, trusted_cpu_millis: u64) -> NodeRecord {
+        let mut n = node(id, NodePhase::Ready);
+        let gib = 1 << 30;
+        n.status.capacity = cloudless_types::Resources {
+            cpu_millis,
+            memory_bytes: 4 * gib,
+            ..Default::default()
+        };
+        n.trusted_capacity = cloudless_types::Resources {
+            cpu_millis: trusted_cpu_millis,
+            memory_bytes: 4 * gib,
+            ..Default::default()
+        };
+        n
+    }
+
+    #[test]
+    fn a_label_a_node_reports_about_itself_does_not_attract_a_workload_selecting_it() {
+        let mut w = workload(1, 1);
+        w.spec.placement.node_selector = [("tier".to_owned(), "secure".to_owned())].into();
+        w.spec.placement.zones = vec!["a".into()];
+        let mut liar = ready_with("liar", 4000, 4000);
+        liar.status.reported_labels = [
+            ("tier".to_owned(), "secure".to_owned()),
+            ("zone".to_owned(), "a".to_owned()),
+        ]
+        .into();
+        assert_eq!(place_one(&w, std::slice::from_ref(&liar)), None);
+
+        let mut labelled = ready_with("labelled", 4000, 4000);
+        labelled.labels = [
+            ("tier".to_owned(), "secure".to_owned()),
+            ("zone".to_owned(), "a".to_owned()),
+        ]
+        .into();
+        assert_eq!(
+            place_one(&w, &[liar, labelled]).as_deref(),
+            Some("labelled")
+        );
+    }
+
+    #[test]
+    fn a_capacity_jump_does_not_make_a_node_more_attractive() {
+        let mut w = workload(1, 1);
+        w.spec.requests.cpu_millis = 3000;
+        w.spec.placement.strategy = cloudless_types::PlacementStrategy::Spread;
+        // The jumper claims 1,000 cores but was trusted with 2: it is placed
+        // as a 2-core node and cannot take a 3-core replica.
+        let jumper = ready_with("jumper", 1_000_000, 2000);
+        assert_eq!(place_one(&w, std::slice::from_ref(&jumper)), None);
+        let honest = ready_with("honest", 4000, 4000);
+        assert_eq!(place_one(&w, &[jumper, honest]).as_deref(), Some("honest"));
     }
 }

@@ -89,6 +89,8 @@ pub struct SecretApi {
     verified: Arc<Mutex<std::collections::HashMap<String, Arc<AccessClaims>>>>,
     /// Decrypted values by (secret, version, master key version); memory only.
     plain: Arc<Mutex<PlainCache>>,
+    /// Reads are answered from local state only inside it.
+    lease: crate::leader_lease::LeaderLease,
 }
 
 /// Decrypted values of recently read secret versions (wiped on drop).
@@ -148,7 +150,10 @@ fn meta(r: &SecretRecord) -> SecretMeta {
 impl SecretApi {
     /// Serves `handle`.
     pub fn new(handle: CoordinatorHandle) -> Self {
+        let election_timeout_min =
+            std::time::Duration::from_millis(handle.raft().config().election_timeout_min);
         Self {
+            lease: crate::leader_lease::LeaderLease::new(election_timeout_min),
             handle,
             ring: Arc::default(),
             tokens: Arc::default(),
@@ -590,6 +595,13 @@ impl SecretApi {
         audit.namespace.clone_from(&claims.ns);
         audit.secret.clone_from(&claims.secret);
         audit.token_id.clone_from(&claims.jti);
+        // Local state (the hot records, the ledger) answers only while this
+        // leader holds a lease: a leader cut off from its quorum may have been
+        // replaced, and the new one may have revoked the token.
+        self.lease
+            .ensure(&self.handle)
+            .await
+            .map_err(Status::from)?;
         let reader = self.handle.reader();
         let generation = reader.secret_generation();
         let hot = self

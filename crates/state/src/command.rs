@@ -3,6 +3,8 @@
 //! Commands are imperative; everything non-deterministic (time, ids) is
 //! stamped by the proposer so that `apply` is a pure function of the log.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
@@ -113,6 +115,22 @@ pub enum Command {
         cordoned: Option<bool>,
         /// New drain state, if changing.
         draining: Option<bool>,
+    },
+    /// Changes a node's placement labels (admins only): sets `set`, then
+    /// removes the keys in `remove`.
+    SetNodeLabels {
+        /// Node id.
+        node_id: String,
+        /// Labels to add or overwrite (validated by the proposer).
+        set: BTreeMap<String, String>,
+        /// Label keys to remove (missing keys are ignored).
+        remove: Vec<String>,
+    },
+    /// Trusts the node's current reported capacity for placement (admins
+    /// only), ending a hold on a capacity jump.
+    AcceptNodeCapacity {
+        /// Node id.
+        node_id: String,
     },
     /// Removes a node's record.
     RemoveNode {
@@ -366,7 +384,7 @@ pub enum Response {
     IdentityInitialized,
     /// `CreateJoinToken` or `RevokeJoinToken` applied.
     JoinToken(JoinTokenRecord),
-    /// `EnrollNode` or `SetNodeFlags` applied.
+    /// `EnrollNode`, `SetNodeFlags`, `SetNodeLabels` or `AcceptNodeCapacity` applied.
     Node(NodeRecord),
     /// `RemoveNode` applied.
     NodeRemoved,

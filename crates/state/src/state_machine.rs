@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
     AccessTokenRecord, AuditRecord, EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase,
-    NodeRecord, ReplicaRecord, ReplicaState, Revision, SecretKeyring, SecretRecord, Workload,
-    REVISION_HISTORY,
+    NodeRecord, ReplicaRecord, ReplicaState, Resources, Revision, SecretKeyring, SecretRecord,
+    Workload, REVISION_HISTORY,
 };
 
 use crate::command::{
@@ -563,6 +563,11 @@ fn apply_node_update(n: &mut NodeRecord, u: &NodeUpdate, now_ms: i64) {
     }
     if let Some(status) = &u.status {
         n.status = status.clone();
+        // The first report after enrollment sets the trusted capacity; later
+        // growth needs an admin (see `cloudless_types::placement_capacity`).
+        if n.trusted_capacity == Resources::default() {
+            n.trusted_capacity = status.capacity;
+        }
     }
 }
 
@@ -854,6 +859,34 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                     n.cordoned = true;
                 }
             }
+            put_json(txn, NODES, node_id, &n)?;
+            Response::Node(n)
+        }
+        Command::SetNodeLabels {
+            node_id,
+            set,
+            remove,
+        } => {
+            let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
+                return Ok(Response::Rejected(Rejection::NodeNotFound {
+                    id: node_id.clone(),
+                }));
+            };
+            n.labels
+                .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for k in remove {
+                n.labels.remove(k);
+            }
+            put_json(txn, NODES, node_id, &n)?;
+            Response::Node(n)
+        }
+        Command::AcceptNodeCapacity { node_id } => {
+            let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
+                return Ok(Response::Rejected(Rejection::NodeNotFound {
+                    id: node_id.clone(),
+                }));
+            };
+            n.trusted_capacity = n.status.capacity;
             put_json(txn, NODES, node_id, &n)?;
             Response::Node(n)
         }
@@ -2147,6 +2180,92 @@ mod tests {
         assert!(matches!(
             apply(&db, enroll("n3", "alpha"), 31_000),
             Response::Node(_)
+        ));
+    }
+
+    #[test]
+    fn only_admin_commands_change_placement_labels_and_trusted_capacity() {
+        let db = db();
+        let token = JoinTokenRecord {
+            id: "t1".into(),
+            created_at_ms: 0,
+            expires_at_ms: 1_000_000,
+            max_uses: 1,
+            uses: 0,
+            revoked: false,
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+        };
+        apply(&db, Command::CreateJoinToken { token }, 0);
+        apply(
+            &db,
+            Command::EnrollNode {
+                token_id: "t1".into(),
+                node: NodeRecord::new("n1".into(), "alpha".into(), "t1".into(), 0),
+            },
+            1000,
+        );
+        let report = |cpu_millis: u64, label: &str| {
+            let mut u = update("n1", Some(NodePhase::Ready));
+            u.status = Some(NodeStatus {
+                capacity: Resources {
+                    cpu_millis,
+                    ..Resources::default()
+                },
+                reported_labels: [(label.to_owned(), "secure".to_owned())].into(),
+                ..NodeStatus::default()
+            });
+            Command::UpdateNodes { updates: vec![u] }
+        };
+        apply(&db, report(4000, "tier"), 2000);
+        let n = node(&db, "n1");
+        assert_eq!(n.labels, [("zone".to_owned(), "a".to_owned())].into());
+        assert_eq!(
+            n.status.reported_labels.get("tier").map(String::as_str),
+            Some("secure")
+        );
+        assert_eq!(
+            n.trusted_capacity.cpu_millis, 4000,
+            "the first report is trusted"
+        );
+
+        apply(&db, report(400_000, "tier"), 3000);
+        let n = node(&db, "n1");
+        assert_eq!(n.trusted_capacity.cpu_millis, 4000, "a later report is not");
+        assert_eq!(n.placement_capacity().0.cpu_millis, 4000);
+
+        let r = apply(
+            &db,
+            Command::AcceptNodeCapacity {
+                node_id: "n1".into(),
+            },
+            4000,
+        );
+        assert!(matches!(r, Response::Node(n) if n.trusted_capacity.cpu_millis == 400_000));
+
+        let r = apply(
+            &db,
+            Command::SetNodeLabels {
+                node_id: "n1".into(),
+                set: [("tier".to_owned(), "secure".to_owned())].into(),
+                remove: vec!["zone".into(), "absent".into()],
+            },
+            5000,
+        );
+        let Response::Node(n) = r else {
+            panic!("labels not set: {r:?}")
+        };
+        assert_eq!(n.labels, [("tier".to_owned(), "secure".to_owned())].into());
+        assert!(matches!(
+            apply(
+                &db,
+                Command::SetNodeLabels {
+                    node_id: "ghost".into(),
+                    set: BTreeMap::new(),
+                    remove: Vec::new(),
+                },
+                6000,
+            ),
+            Response::Rejected(Rejection::NodeNotFound { .. })
         ));
     }
 }

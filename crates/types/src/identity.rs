@@ -77,7 +77,8 @@ impl NodePhase {
 pub struct NodeStatus {
     /// Allocatable resources.
     pub capacity: Resources,
-    /// Labels the agent reports (token labels win on conflict).
+    /// Labels the agent reports. Informational only: placement never reads
+    /// them (see [`NodeRecord::labels`]).
     pub reported_labels: BTreeMap<String, String>,
     /// Conditions: `MemoryPressure`, `DiskPressure`, `NetworkUnavailable`.
     pub conditions: Vec<String>,
@@ -97,7 +98,9 @@ pub struct NodeRecord {
     pub id: String,
     /// Name the agent asked for (unique).
     pub name: String,
-    /// Labels (from the join token).
+    /// Placement labels: the join token's at enrollment, then changed only
+    /// by admins (`cloudlessctl node label`). The node itself cannot change
+    /// them; what it reports is kept apart in `status.reported_labels`.
     pub labels: BTreeMap<String, String>,
     /// Enrollment time, ms since the epoch.
     pub enrolled_at_ms: i64,
@@ -130,6 +133,10 @@ pub struct NodeRecord {
     /// What the agent last reported.
     #[serde(default)]
     pub status: NodeStatus,
+    /// The capacity placement trusts: the first report after enrollment, or
+    /// what an admin accepted (see `node_capacity`).
+    #[serde(default)]
+    pub trusted_capacity: Resources,
 }
 
 fn default_reliability() -> f64 {
@@ -155,13 +162,13 @@ impl NodeRecord {
             down_count: 0,
             reliability: default_reliability(),
             status: NodeStatus::default(),
+            trusted_capacity: Resources::default(),
         }
     }
 
-    /// Token labels over the agent's reported ones.
-    pub fn effective_labels(&self) -> BTreeMap<String, String> {
-        let mut l = self.status.reported_labels.clone();
-        l.extend(self.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-        l
+    /// The capacity placement may use, and the resources whose reported
+    /// growth is held back until an admin accepts it (see `node_capacity`).
+    pub fn placement_capacity(&self) -> (Resources, Vec<&'static str>) {
+        crate::placement_capacity(&self.status.capacity, &self.trusted_capacity)
     }
 }

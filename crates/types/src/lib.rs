@@ -4,6 +4,7 @@
 mod cluster_config;
 mod container;
 mod identity;
+mod node_capacity;
 mod secret;
 mod validation;
 mod workload;
@@ -16,6 +17,9 @@ pub use container::{
 };
 pub use identity::{
     IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, SealedSecret,
+};
+pub use node_capacity::{
+    check_capacity_bounds, placement_capacity, CapacityOutOfBounds, CAPACITY_LIMITS, GROWTH_FACTOR,
 };
 pub use secret::{
     check_secret_key, check_secret_names, AccessTokenRecord, AuditRecord, SecretCiphertext,
