@@ -37,6 +37,10 @@ struct Args {
     /// Concurrent enrollments while populating.
     #[arg(long, default_value_t = 32)]
     enroll_concurrency: usize,
+    /// Seconds of each window of the hostile-node comparison (quiet, then
+    /// one node flooding at its rate limit) at the last agent count; 0 skips it.
+    #[arg(long, default_value_t = 20)]
+    hostile_seconds: u64,
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -179,6 +183,163 @@ async fn enroll_many(
     Ok(out)
 }
 
+/// Sequential admin writes through the leader for `secs`; their latencies.
+async fn admin_writes(leader: &str, tag: &str, secs: u64) -> anyhow::Result<Histogram<u64>> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut i = 0;
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        cloudless_test::apply(leader, &format!("{tag}-{i}"), 0).await?;
+        h.record(t0.elapsed().as_micros() as u64)?;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(h)
+}
+
+/// One enrolled node doing everything it may as fast as it can: maximal
+/// status reports, certificate renewals, heartbeats whose status changes
+/// every beat, 16 callers at once; on threads of its own.
+fn flood(
+    shared: &Arc<Shared>,
+    cert: String,
+    key: String,
+    stop: CancellationToken,
+) -> anyhow::Result<(tokio::runtime::Runtime, Arc<AtomicU64>)> {
+    use pb::agent_service_client::AgentServiceClient;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("hostile")
+        .enable_all()
+        .build()?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let report = pb::ReportStatusRequest {
+        replicas: (0..500)
+            .map(|i| pb::ReplicaStatus {
+                replica_id: format!("{i:0>256}"),
+                state: "Running".into(),
+                message: "m".repeat(1000),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let (csr, _) = cloudless_pki::new_anonymous_csr()?;
+    for f in 0..16 {
+        let (addr, ca) = (
+            shared.addresses[f % shared.addresses.len()].clone(),
+            shared.ca_pem.clone(),
+        );
+        let (cert, key, stop, sent) = (cert.clone(), key.clone(), stop.clone(), sent.clone());
+        let (report, csr) = (report.clone(), csr.clone());
+        rt.spawn(async move {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .identity(tonic::transport::Identity::from_pem(cert, key))
+                .domain_name("127.0.0.1");
+            let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("https://{addr}")) else {
+                return;
+            };
+            let Ok(ep) = ep.tls_config(tls) else { return };
+            let mut client = AgentServiceClient::new(ep.connect_lazy());
+            let mut beat = DeviceProbe::default().heartbeat();
+            let mut k = 0u64;
+            while !stop.is_cancelled() {
+                k += 1;
+                let _refused = match f % 3 {
+                    0 => client.report_status(report.clone()).await.map(|_| ()),
+                    1 => client
+                        .renew(pb::RenewRequest {
+                            csr_pem: csr.clone(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    _ => {
+                        beat.labels.insert("flap".into(), k.to_string());
+                        client.heartbeat(beat.clone()).await.map(|_| ())
+                    }
+                };
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    Ok((rt, sent))
+}
+
+/// Heartbeat p99 of the other agents and admin write p99, quiet and with one
+/// hostile node flooding, in the same run.
+async fn hostile(
+    shared: &Arc<Shared>,
+    leader: &str,
+    agents: usize,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let token = new_token(leader, 1).await?;
+    let (csr, key) = cloudless_pki::new_anonymous_csr()?;
+    let enrolled = NodeServiceClient::new(channel(leader))
+        .enroll(pb::EnrollRequest {
+            join_token: token,
+            csr_pem: csr,
+            name: "hostile".into(),
+        })
+        .await?
+        .into_inner();
+    let mut rows = Vec::new();
+    for flooding in [false, true] {
+        let stop = CancellationToken::new();
+        let flooder = if flooding {
+            Some(flood(
+                shared,
+                enrolled.certificate_pem.clone(),
+                key.to_string(),
+                stop.clone(),
+            )?)
+        } else {
+            None
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Ok(mut h) = shared.hist.lock() {
+            h.reset();
+        }
+        let admin = admin_writes(leader, if flooding { "hostile" } else { "quiet" }, secs).await?;
+        stop.cancel();
+        let beats = shared
+            .hist
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        let sent = flooder.map_or(0, |(rt, sent)| {
+            rt.shutdown_background();
+            sent.load(Ordering::Relaxed)
+        });
+        rows.push((
+            flooding,
+            ms(&beats, 0.99),
+            ms(&admin, 0.99),
+            admin.len(),
+            sent,
+        ));
+    }
+    println!();
+    println!("| {agents} agents, {secs} s each | heartbeat p99 ms | admin write p99 ms | admin writes | hostile requests |");
+    println!("|---|---:|---:|---:|---:|");
+    for (flooding, hb, aw, n, sent) in &rows {
+        let what = if *flooding {
+            "one node flooding"
+        } else {
+            "quiet"
+        };
+        println!("| {what} | {hb:.2} | {aw:.2} | {n} | {sent} |");
+    }
+    let (q, f) = (&rows[0], &rows[1]);
+    println!(
+        "| ratio flooding / quiet | {:.2} | {:.2} | | |",
+        f.1 / q.1.max(0.001),
+        f.2 / q.2.max(0.001)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -264,6 +425,10 @@ async fn main() -> anyhow::Result<()> {
             shared.errors.load(Ordering::Relaxed),
             rss_mib(leader_pid),
         );
+    }
+
+    if args.hostile_seconds > 0 {
+        hostile(&shared, &leader_addr, sims.len(), args.hostile_seconds).await?;
     }
 
     // Join convergence under the full load: token presented to Ready on every coordinator.
