@@ -20,6 +20,27 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// Reports a test that cannot run here: under CI (`CI` set) that is a
+/// failure; elsewhere it is printed and listed in `$CLOUDLESS_SKIP_LOG`, so
+/// the summary counts it as skipped, not passed.
+pub fn skip_test(message: String) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "cannot run in CI: {message}"
+    );
+    eprintln!("\n!!!!!!!! SKIPPED {message} !!!!!!!!\n");
+    if let Some(path) = std::env::var_os("CLOUDLESS_SKIP_LOG") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{message}");
+        }
+    }
+}
+
 /// Installs the test log subscriber once.
 pub fn init_test_logging() {
     cloudless_telemetry::init_logging(

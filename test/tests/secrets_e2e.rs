@@ -18,7 +18,7 @@ use tonic::Code;
 macro_rules! require_e2e {
     () => {
         if let Some(why) = cloudless_test::e2e::missing() {
-            eprintln!("\n!!!!!!!! SKIPPED end-to-end secrets test: {why} !!!!!!!!\n");
+            cloudless_test::skip_test(format!("end-to-end secrets test: {why}"));
             return;
         }
     };

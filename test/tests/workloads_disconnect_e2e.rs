@@ -16,7 +16,7 @@ use cloudless_test::e2e::{node_phase, Cluster, Options};
 macro_rules! require_e2e {
     () => {
         if let Some(why) = cloudless_test::e2e::missing() {
-            eprintln!("\n!!!!!!!! SKIPPED end-to-end disconnect test: {why} !!!!!!!!\n");
+            cloudless_test::skip_test(format!("end-to-end disconnect test: {why}"));
             return;
         }
         if std::process::Command::new("ip")
@@ -24,7 +24,9 @@ macro_rules! require_e2e {
             .output()
             .map_or(true, |o| !o.status.success())
         {
-            eprintln!("\n!!!!!!!! SKIPPED end-to-end disconnect test: the ip command (iproute2) is missing !!!!!!!!\n");
+            cloudless_test::skip_test(format!(
+                "end-to-end disconnect test: the ip command (iproute2) is missing"
+            ));
             return;
         }
     };

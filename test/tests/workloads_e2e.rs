@@ -20,7 +20,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 macro_rules! require_e2e {
     () => {
         if let Some(why) = cloudless_test::e2e::missing() {
-            eprintln!("\n!!!!!!!! SKIPPED end-to-end workload test: {why} !!!!!!!!\n");
+            cloudless_test::skip_test(format!("end-to-end workload test: {why}"));
             return;
         }
     };

@@ -14,7 +14,7 @@ use cloudless_test::e2e::{output_text as text, Cluster, ReplicaSampler};
 macro_rules! require_e2e {
     () => {
         if let Some(why) = cloudless_test::e2e::missing() {
-            eprintln!("\n!!!!!!!! SKIPPED end-to-end operations test: {why} !!!!!!!!\n");
+            cloudless_test::skip_test(format!("end-to-end operations test: {why}"));
             return;
         }
     };
