@@ -13,6 +13,7 @@ use cloudless_pki::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::admission::{Admission, AdmitAll};
 use crate::tls::OverlayTls;
 use crate::wire::{read_frame, write_frame, StreamReply, StreamRequest};
 use crate::OverlayError;
@@ -23,6 +24,8 @@ const SERVER_NAME: &str = "overlay.cloudless";
 const WRONG_PEER: u32 = 1;
 /// Close code on shutdown.
 const SHUTDOWN: u32 = 0;
+/// Close code for a peer the admission policy refuses.
+const NOT_ADMITTED: u32 = 2;
 /// How long an opener has to send its request frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed direct dial, streams to that peer go through relays
@@ -147,6 +150,8 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client: Mutex<quinn::ClientConfig>,
     resolver: Arc<dyn Resolver>,
+    /// Who may hold a connection besides having a cluster certificate.
+    admission: Mutex<Arc<dyn Admission>>,
     /// Known addresses of peers.
     addresses: Mutex<HashMap<Identity, Vec<SocketAddr>>>,
     /// Live connections by peer, whichever side dialed.
@@ -201,6 +206,7 @@ impl Overlay {
                 endpoint,
                 client,
                 resolver,
+                admission: Mutex::new(Arc::new(AdmitAll)),
                 addresses: Mutex::default(),
                 connections: Mutex::default(),
                 relays: Mutex::default(),
@@ -263,6 +269,35 @@ impl Overlay {
         if let Some(c) = lock(&self.inner.connections).remove(peer) {
             c.close(SHUTDOWN.into(), b"removed");
         }
+    }
+
+    /// Refuses peers `admission` does not admit from now on (connections,
+    /// streams and relay targets); see [`Overlay::enforce_admission`] for
+    /// connections already open.
+    pub fn set_admission(&self, admission: Arc<dyn Admission>) {
+        *lock(&self.inner.admission) = admission;
+    }
+
+    /// Closes the live connections of peers the admission policy refuses
+    /// now (call it when the policy's answers may have changed); returns them.
+    pub fn enforce_admission(&self) -> Vec<Identity> {
+        let mut refused = Vec::new();
+        let mut conns = lock(&self.inner.connections);
+        conns.retain(|peer, conn| match self.admit(peer) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::info!(%peer, reason = %why, "closing the overlay connection of a peer no longer admitted");
+                conn.close(NOT_ADMITTED.into(), b"not admitted");
+                refused.push(peer.clone());
+                false
+            }
+        });
+        refused
+    }
+
+    fn admit(&self, peer: &Identity) -> Result<(), String> {
+        let admission = lock(&self.inner.admission).clone();
+        admission.admit(peer)
     }
 
     /// The nodes to relay through when a peer cannot be dialed. This node
@@ -607,6 +642,11 @@ impl Overlay {
                 }
             },
         };
+        if let Err(why) = self.admit(&peer) {
+            tracing::info!(%peer, remote = %conn.remote_address(), reason = %why, "overlay peer not admitted");
+            conn.close(NOT_ADMITTED.into(), b"not admitted");
+            return;
+        }
         lock(&self.inner.connections).insert(peer.clone(), conn.clone());
         while let Ok((send, recv)) = conn.accept_bi().await {
             let overlay = self.clone();
@@ -635,7 +675,9 @@ impl Overlay {
         if !self.inner.config.relay {
             return Err(format!("{} does not relay", self.inner.me));
         }
-        Identity::from_uri(to).ok_or_else(|| format!("{to:?} is not a node identity"))
+        let to = Identity::from_uri(to).ok_or_else(|| format!("{to:?} is not a node identity"))?;
+        self.admit(&to)?;
+        Ok(to)
     }
 
     async fn refuse(&self, send: &mut quinn::SendStream, why: String) {
@@ -659,6 +701,11 @@ impl Overlay {
                 Ok(Err(e)) => return self.refuse(&mut send, e.to_string()).await,
                 Err(_) => return self.refuse(&mut send, "no request in time".into()).await,
             };
+        // Admission can change while a connection lives (a node removed
+        // from the cluster): every stream asks again.
+        if let Err(why) = self.admit(&peer) {
+            return self.refuse(&mut send, why).await;
+        }
         match request {
             StreamRequest::WhoAmI => {
                 let reply = StreamReply {
@@ -870,11 +917,15 @@ mod tests {
     }
 
     fn start(ca: &ClusterCa, id: &str) -> (Overlay, Arc<Origins>) {
+        start_with(ca, id, config())
+    }
+
+    fn start_with(ca: &ClusterCa, id: &str, config: OverlayConfig) -> (Overlay, Arc<Origins>) {
         let me = Identity::Node(id.into());
         let (cert, key) = issue(ca, &me);
         let (tls, _) = OverlayTls::new(ca.cert_pem(), &cert, key).expect("tls");
         let origins = Arc::new(Origins(Mutex::default()));
-        let o = Overlay::bind(config(), tls, me, origins.clone()).expect("bind");
+        let o = Overlay::bind(config, tls, me, origins.clone()).expect("bind");
         (o, origins)
     }
 
@@ -973,5 +1024,90 @@ mod tests {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"hello");
+    }
+
+    /// Admits every node but the ones listed.
+    struct Refuse(Mutex<Vec<Identity>>);
+
+    impl Admission for Refuse {
+        fn admit(&self, peer: &Identity) -> Result<(), String> {
+            if lock(&self.0).contains(peer) {
+                Err(format!("{peer} has been removed"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_no_longer_admitted_loses_its_connection_and_cannot_come_back() {
+        let ca = ClusterCa::generate("t", now()).expect("ca");
+        // Every stream goes through the relay (no direct path is punched).
+        let relayed_only = || OverlayConfig {
+            hole_punching: false,
+            ..config()
+        };
+        let (a, _) = start_with(&ca, "a", relayed_only());
+        let me = Identity::Node("relay".into());
+        let (cert, key) = issue(&ca, &me);
+        let (tls, _) = OverlayTls::new(ca.cert_pem(), &cert, key).expect("tls");
+        let relay_config = OverlayConfig {
+            relay: true,
+            ..config()
+        };
+        let relay = Overlay::bind(
+            relay_config,
+            tls,
+            me.clone(),
+            Arc::new(StaticResolver::default()),
+        )
+        .expect("bind");
+        let (c, origins) = start_with(&ca, "c", relayed_only());
+        let refused = Arc::new(Refuse(Mutex::default()));
+        relay.set_admission(refused.clone());
+        a.set_peer(me.clone(), vec![relay.local_addr().expect("addr")]);
+        a.set_relays(vec![me.clone()]);
+        c.set_peer(me.clone(), vec![relay.local_addr().expect("addr")]);
+        c.set_relays(vec![me.clone()]);
+        assert!(a.keep_relays_connected().await.is_empty());
+        assert!(c.keep_relays_connected().await.is_empty());
+        let (aid, cid) = (Identity::Node("a".into()), Identity::Node("c".into()));
+        // Admitted: a reaches c through the relay.
+        let mut s = a.open(&cid, "t").await.expect("relayed while admitted");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"hello");
+
+        // c is removed: its live connection is closed, streams to it are refused.
+        lock(&refused.0).push(cid.clone());
+        assert_eq!(relay.enforce_admission(), vec![cid.clone()]);
+        assert!(!relay.connected_peers().contains(&cid));
+        let e = a
+            .open(&cid, "t")
+            .await
+            .expect_err("relayed to a removed node");
+        assert!(e.to_string().contains("has been removed"), "{e}");
+        // Nor can it connect again: the relay closes the connection at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = c.keep_relays_connected().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !relay.connected_peers().contains(&cid),
+            "a removed node reconnected"
+        );
+        assert_eq!(lock(&origins.0).len(), 1, "only the first stream reached c");
+
+        // A removed opener's streams are refused on a connection it still holds.
+        lock(&refused.0).push(aid.clone());
+        let conn = a.live(&me).expect("a's connection, not yet enforced");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        write_frame(&mut send, &StreamRequest::WhoAmI)
+            .await
+            .expect("write");
+        let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+        assert!(
+            !reply.ok && reply.error.contains("has been removed"),
+            "{reply:?}"
+        );
     }
 }

@@ -114,7 +114,9 @@ pub enum Command {
         /// New drain state, if changing.
         draining: Option<bool>,
     },
-    /// Removes a node's record.
+    /// Removes a node's record and, in the same entry, its replicas (with a
+    /// `Lost` event each), so they are replaced at once and the node is no
+    /// longer anyone's caller or endpoint.
     RemoveNode {
         /// Node id.
         node_id: String,
