@@ -74,6 +74,12 @@ pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, Strin
 pub trait Resolver: Send + Sync + 'static {
     /// Connects to `target` for `origin`.
     fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a>;
+
+    /// Whether a stream `origin` opened to `target` may go on (asked by
+    /// [`Overlay::recheck_streams`] for every stream being served).
+    fn still_allows(&self, _origin: &Identity, _target: &str) -> bool {
+        true
+    }
 }
 
 /// A fixed table of targets to local addresses.
@@ -158,6 +164,9 @@ struct Inner {
     connections: Mutex<HashMap<Identity, quinn::Connection>>,
     /// Nodes asked to relay when a peer cannot be dialed; kept connected.
     relays: Mutex<Vec<Identity>>,
+    /// Streams being served to a local target: (origin, target, cut).
+    served: Mutex<HashMap<u64, (Identity, String, tokio_util::sync::CancellationToken)>>,
+    next_served: AtomicU64,
     /// When a direct dial to a peer last failed.
     direct_failed: Mutex<HashMap<Identity, std::time::Instant>>,
     counters: Counters,
@@ -210,6 +219,8 @@ impl Overlay {
                 addresses: Mutex::default(),
                 connections: Mutex::default(),
                 relays: Mutex::default(),
+                served: Mutex::default(),
+                next_served: AtomicU64::new(0),
                 direct_failed: Mutex::default(),
                 counters: Counters::default(),
             }),
@@ -293,6 +304,24 @@ impl Overlay {
             }
         });
         refused
+    }
+
+    /// Cuts the streams being served whose origin the resolver no longer
+    /// allows to reach their target (for example a caller removed from the
+    /// cluster); returns how many.
+    pub fn recheck_streams(&self) -> usize {
+        let mut cut = 0;
+        lock(&self.inner.served).retain(|_, (origin, target, token)| {
+            if self.inner.resolver.still_allows(origin, target) {
+                true
+            } else {
+                tracing::info!(%origin, target = %target, "cutting an overlay stream no longer allowed");
+                token.cancel();
+                cut += 1;
+                false
+            }
+        });
+        cut
     }
 
     fn admit(&self, peer: &Identity) -> Result<(), String> {
@@ -728,8 +757,18 @@ impl Overlay {
                             return;
                         }
                         self.inner.counters.served.fetch_add(1, Ordering::Relaxed);
+                        let key = self.inner.next_served.fetch_add(1, Ordering::Relaxed);
+                        let cut = tokio_util::sync::CancellationToken::new();
+                        lock(&self.inner.served).insert(key, (origin, target, cut.clone()));
                         let mut stream = OverlayStream { send, recv };
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream) => {}
+                            () = cut.cancelled() => {
+                                let _ = stream.send.reset(NOT_ADMITTED.into());
+                                let _ = stream.recv.stop(NOT_ADMITTED.into());
+                            }
+                        }
+                        lock(&self.inner.served).remove(&key);
                     }
                     Err(why) => self.refuse(&mut send, why).await,
                 }
@@ -1108,6 +1147,71 @@ mod tests {
         assert!(
             !reply.ok && reply.error.contains("has been removed"),
             "{reply:?}"
+        );
+    }
+
+    /// Connects every target to a TCP server that keeps the connection
+    /// open; allows streams while `open` is set.
+    struct Gate {
+        server: SocketAddr,
+        open: std::sync::atomic::AtomicBool,
+    }
+
+    impl Resolver for Gate {
+        fn connect<'a>(&'a self, _origin: &'a Identity, _target: &'a str) -> ConnectFuture<'a> {
+            Box::pin(async move {
+                TcpStream::connect(self.server)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+
+        fn still_allows(&self, _origin: &Identity, _target: &str) -> bool {
+            self.open.load(Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_origin_is_no_longer_allowed_is_cut() {
+        let ca = ClusterCa::generate("t", now()).expect("ca");
+        let (a, _) = start(&ca, "a");
+        let server = TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        let server_addr = server.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let gate = Arc::new(Gate {
+            server: server_addr,
+            open: std::sync::atomic::AtomicBool::new(true),
+        });
+        let bid = Identity::Node("b".into());
+        let (cert, key) = issue(&ca, &bid);
+        let (tls, _) = OverlayTls::new(ca.cert_pem(), &cert, key).expect("tls");
+        let b = Overlay::bind(config(), tls, bid.clone(), gate.clone()).expect("bind");
+        a.set_peer(bid.clone(), vec![b.local_addr().expect("addr")]);
+        let mut s = a.open(&bid, "t").await.expect("open");
+        s.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).await.expect("echo");
+        assert_eq!(&got, b"ping");
+        assert_eq!(b.recheck_streams(), 0, "an allowed stream was cut");
+
+        gate.open.store(false, Ordering::Relaxed);
+        assert_eq!(b.recheck_streams(), 1);
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(ended, Ok(Err(_)) | Ok(Ok(0))),
+            "the cut stream still carries data: {ended:?}"
         );
     }
 }
