@@ -318,6 +318,66 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+
+    // Removing agent-a (the device is stolen) cuts its certificate off the
+    // overlay: the stream it holds to a backend ends, new ones are refused,
+    // and the coordinators' relay refuses it.
+    tracing::info!("removal: agent-a's certificate loses the overlay");
+    let target = format!("replica/{}:8080", back[0].id);
+    let mut held = rogue
+        .open(&agent_b, &target)
+        .await
+        .expect("a caller's node");
+    let relay_addr: SocketAddr = c.coordinators[0].grpc.parse().expect("relay address");
+    // The relay's identity, from the certificate it presents.
+    let guess = Identity::Coordinator(0);
+    rogue.set_peer(guess.clone(), vec![relay_addr]);
+    let relay = match rogue.observed_address(&guess).await {
+        Ok(_) => guess,
+        Err(e) => {
+            let text = e.to_string();
+            let uri = text
+                .split_whitespace()
+                .map(|w| w.trim_end_matches([',', ';', ':']))
+                .find(|w| w.starts_with("cloudless://coordinator/") && *w != guess.uri())
+                .unwrap_or_else(|| panic!("no relay identity in {text}"));
+            Identity::from_uri(uri).unwrap_or_else(|| panic!("{uri:?} in {text}"))
+        }
+    };
+    rogue.set_peer(relay.clone(), vec![relay_addr]);
+    rogue
+        .observed_address(&relay)
+        .await
+        .expect("the relay answers an enrolled node");
+    let a_id = NodeIdentity::load(&c.agents[0].data_dir)
+        .expect("identity")
+        .expect("enrolled")
+        .node_id;
+    c.ctl_ok(&["node", "remove", &a_id]);
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut held, &mut rest),
+    )
+    .await;
+    assert!(ended.is_ok(), "the removed node's stream stayed open");
+    let e = rogue
+        .open(&agent_b, &target)
+        .await
+        .expect_err("a removed node opened a stream");
+    assert!(
+        e.to_string()
+            .contains("runs no workload with default/backend as an upstream"),
+        "{e}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rogue.observed_address(&relay).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay still serves a removed node"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Both agents advertise an address nobody can reach (TEST-NET-1), as

@@ -93,6 +93,19 @@ async fn exec_volumes_security_history_undo_and_blue_green() {
     assert!(stdout.contains("Read-only file system"), "{stdout}");
     let out = c.ctl(&["exec", "tools", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{:?}", text(&out));
+    // Output larger than one gRPC message arrives whole (streamed in chunks
+    // from memory, never staged on the device's disk).
+    let big = c.ctl(&[
+        "exec",
+        "tools",
+        "--",
+        "sh",
+        "-c",
+        "yes 0123456789abcdef | head -c 6000000; exit 3",
+    ]);
+    assert_eq!(big.status.code(), Some(3), "{}", text(&big).1);
+    assert_eq!(big.stdout.len(), 6_000_000);
+    assert!(big.stdout.starts_with(b"0123456789abcdef\n0123"));
     // A chosen replica, and a missing workload.
     let target = &rs[1].id;
     let hostname = ok(

@@ -138,6 +138,13 @@ impl Resolver for ReplicaResolver {
             self.0.connect(id, port).await
         })
     }
+
+    fn still_allows(&self, origin: &Identity, target: &str) -> bool {
+        match (origin, parse_target(target)) {
+            (Identity::Node(node), Some((id, _))) => self.0.allowed(node, id).is_ok(),
+            _ => false,
+        }
+    }
 }
 
 /// The agent's part in the mesh.
@@ -183,6 +190,15 @@ impl Mesh {
     /// workloads and who may call them from an assignment set.
     pub fn update(&self, assigned: &pb::AssignmentSet) {
         self.local.update(assigned);
+        // Streams from nodes that are no longer callers (a caller removed
+        // from the cluster, an upstream dropped) end now, not when they close.
+        let cut = self.overlay.recheck_streams();
+        if cut > 0 {
+            tracing::info!(
+                streams = cut,
+                "cut overlay streams whose caller is no longer allowed"
+            );
+        }
         let mut map = HashMap::new();
         for set in &assigned.upstreams {
             let mut endpoints = Vec::new();
@@ -439,6 +455,15 @@ mod tests {
         assert!(e.contains("does not carry workload traffic"), "{e}");
         let e = err(Identity::Node("n-web".into()), "replica/r1").await;
         assert!(e.contains("bad target"), "{e}");
+
+        // A caller dropped from the inbound set (removed from the cluster)
+        // loses the streams it holds.
+        let web = Identity::Node("n-web".into());
+        assert!(resolver.still_allows(&web, "replica/r1:8080"));
+        let mut without = set.clone();
+        without.inbound[0].node_ids.clear();
+        local.update(&without);
+        assert!(!resolver.still_allows(&web, "replica/r1:8080"));
     }
 
     #[test]

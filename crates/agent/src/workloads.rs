@@ -938,8 +938,8 @@ async fn serve_logs(
 const MAX_EXEC: Duration = Duration::from_secs(3600);
 const DEFAULT_EXEC: Duration = Duration::from_secs(60);
 
-/// Runs one command in a replica's container and answers with its output
-/// and exit code.
+/// Runs one command in a replica's container and answers with its output,
+/// in chunks as it comes, then its exit code.
 async fn serve_exec(
     rt: Containerd,
     id: u64,
@@ -972,15 +972,41 @@ async fn serve_exec(
     };
     tracing::info!(replica = %req.replica_id, program = %req.command[0], "exec");
     let container = container_id(&req.replica_id);
-    let run = rt.exec(&container, &req.command, timeout);
-    let result = tokio::select! {
-        r = run => r,
-        () = cancel.cancelled() => return,
+    // Output goes up in chunks as it comes, held only in memory.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let run = rt.exec_streaming(&container, &req.command, timeout, out_tx);
+    tokio::pin!(run);
+    let chunk = |stdout: Vec<u8>| pb::TunnelUp {
+        request_id: id,
+        chunk: None,
+        end: false,
+        error: String::new(),
+        exec_output: Some(pb::ExecOutput {
+            stdout,
+            stderr: Vec::new(),
+            exit_code: None,
+        }),
     };
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            Some(out) = out_rx.recv() => {
+                if up.send(chunk(out)).await.is_err() {
+                    return;
+                }
+            }
+            () = cancel.cancelled() => return,
+        }
+    };
+    while let Ok(out) = out_rx.try_recv() {
+        if up.send(chunk(out)).await.is_err() {
+            return;
+        }
+    }
     let msg = match result {
-        Ok((code, output)) => answer(
+        Ok(code) => answer(
             Some(pb::ExecOutput {
-                stdout: output.into_bytes(),
+                stdout: Vec::new(),
                 stderr: Vec::new(),
                 exit_code: Some(i32::try_from(code).unwrap_or(i32::MAX)),
             }),

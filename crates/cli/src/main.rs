@@ -243,8 +243,15 @@ enum NodeCmd {
     Cordon { id: String },
     /// Allow placements again (also ends a drain).
     Uncordon { id: String },
-    /// Cordon and move replicas away.
-    Drain { id: String },
+    /// Cordon and move the node's replicas to other nodes, each workload
+    /// keeping its availability floor; waits until the node holds none,
+    /// showing progress (`uncordon` ends a drain).
+    Drain {
+        id: String,
+        /// Longest wait (90, 90s, 5m, 1h); the drain goes on after it.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: u64,
+    },
     /// Forget a node.
     Remove { id: String },
     /// Set placement labels (key=value) or remove them (key-). Only these
@@ -624,6 +631,64 @@ async fn wait_rollout(
             });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls until node `id` holds no replica; prints what is left when it
+/// changes. Fails if the drain is ended (uncordon) or the timeout passes.
+async fn wait_drained(servers: &Target, id: &str, timeout: Duration) -> Result<(), Failure> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let replicas = call(servers, |ch| {
+            let req = pb::ListReplicasRequest::default();
+            async move { WorkloadServiceClient::new(ch).list_replicas(req).await }
+        })
+        .await?
+        .replicas;
+        let left: Vec<String> = replicas
+            .iter()
+            .filter(|r| r.node_id == id)
+            .map(|r| format!("{} ({})", r.id, r.state))
+            .collect();
+        if left.is_empty() {
+            println!("node {id} drained: it holds no replica");
+            return Ok(());
+        }
+        let line = format!("{} replica(s) left: {}", left.len(), left.join(", "));
+        if line != last {
+            println!("  {line}");
+            last = line;
+        }
+        let line = &last;
+        let node = call(servers, |ch| {
+            let req = pb::GetNodeRequest {
+                read: None,
+                id: id.to_owned(),
+            };
+            async move { NodeServiceClient::new(ch).get(req).await }
+        })
+        .await?
+        .node
+        .unwrap_or_default();
+        if !node.draining {
+            return Err(Failure {
+                code: 1,
+                error: anyhow::anyhow!("node {id} is no longer draining (uncordoned?); {line}"),
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failure {
+                code: 3,
+                error: anyhow::anyhow!(
+                    "node {id} not drained after {}s ({line}); the drain goes on: \
+                     a replica stays while its workload would drop below its availability floor \
+                     or no other node can take it (see `cloudlessctl events`)",
+                    timeout.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -1158,11 +1223,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Cmd::Node(action) => {
-            let (verb, id) = match action {
-                NodeCmd::Cordon { id } => ("cordoned", id),
-                NodeCmd::Uncordon { id } => ("uncordoned", id),
-                NodeCmd::Drain { id } => ("draining", id),
-                NodeCmd::Remove { id } => ("removed", id),
+            let (verb, id, drain_timeout) = match action {
+                NodeCmd::Cordon { id } => ("cordoned", id, None),
+                NodeCmd::Uncordon { id } => ("uncordoned", id, None),
+                NodeCmd::Drain { id, timeout } => ("draining", id, Some(timeout)),
+                NodeCmd::Remove { id } => ("removed", id, None),
                 NodeCmd::List
                 | NodeCmd::Get { .. }
                 | NodeCmd::Label { .. }
@@ -1192,6 +1257,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?;
             println!("node {id} {verb}");
+            if let Some(timeout) = drain_timeout {
+                wait_drained(servers, &id, Duration::from_secs(timeout)).await?;
+            }
         }
         Cmd::Logs {
             name,

@@ -307,6 +307,27 @@ fn assignments(
         let map: std::sync::Arc<Callers> = handle.callers_at(revision, || callers(reader))?;
         inbound(&map, &local)
     };
+    let upstreams = upstream_sets(reader, &replicas)?;
+    let assignments = replicas
+        .into_iter()
+        .map(|r| Assignment {
+            replica_id: r.id,
+            workload: r.workload,
+            namespace: r.namespace,
+            generation: r.template,
+            spec: Some(r.spec.into()),
+        })
+        .collect();
+    Ok((assignments, upstreams, inbound))
+}
+
+/// The Ready endpoints of every workload `replicas` name as upstreams.
+/// Replicas leave with their node (`RemoveNode`), so a removed node is
+/// never an endpoint.
+fn upstream_sets(
+    reader: &cloudless_state::StateReader,
+    replicas: &[cloudless_types::ReplicaRecord],
+) -> Result<Vec<UpstreamSet>, CoordinatorError> {
     let wanted: BTreeSet<(String, String)> = replicas
         .iter()
         .flat_map(|r| {
@@ -347,17 +368,7 @@ fn assignments(
             endpoints,
         });
     }
-    let assignments = replicas
-        .into_iter()
-        .map(|r| Assignment {
-            replica_id: r.id,
-            workload: r.workload,
-            namespace: r.namespace,
-            generation: r.template,
-            spec: Some(r.spec.into()),
-        })
-        .collect();
-    Ok((assignments, upstreams, inbound))
+    Ok(upstreams)
 }
 
 type TunnelDownStream =
@@ -531,16 +542,24 @@ impl AgentService for AgentApi {
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<TunnelDown>(64);
         let tunnels = self.handle.tunnels().clone();
-        let generation = tunnels.open(&id, tx);
+        let (generation, cut) = tunnels.open(&id, tx);
+        // A removal committed since `require` looked is caught here; later
+        // ones cut the tunnel (crate::removal).
+        if let Err(status) = crate::authz::node_still_enrolled(&self.handle, &id) {
+            tunnels.close(&id, generation);
+            return Err(status);
+        }
         let stopping = self.handle.stopping().clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     m = inbound.message() => match m {
-                        Ok(Some(up)) => tunnels.deliver(up),
+                        // Answers count only for requests sent to this node.
+                        Ok(Some(up)) => { tunnels.deliver(&id, up); }
                         Ok(None) | Err(_) => break,
                     },
                     () = stopping.cancelled() => break,
+                    () = cut.cancelled() => break,
                 }
             }
             tunnels.close(&id, generation);
@@ -596,6 +615,149 @@ impl AgentService for AgentApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cloudless_state::{Proposal, Request as SmRequest, StateMachine};
+    use cloudless_types::{
+        JoinTokenRecord, NodeRecord, ReplicaRecord, Upstream, Workload, WorkloadSpec,
+    };
+    use openraft::storage::RaftStateMachine;
+
+    /// Applies `commands` to `sm`, one log entry each from index `first`.
+    async fn apply(sm: &mut StateMachine, first: u64, commands: Vec<Command>) {
+        let entries = commands
+            .into_iter()
+            .zip(first..)
+            .map(
+                |(command, index)| openraft::Entry::<cloudless_state::TypeConfig> {
+                    log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                    payload: openraft::EntryPayload::Normal(Proposal {
+                        requests: vec![SmRequest {
+                            idempotency_key: None,
+                            proposed_at_ms: 1,
+                            command,
+                        }],
+                    }),
+                },
+            );
+        sm.apply(entries.collect::<Vec<_>>()).await.expect("apply");
+    }
+
+    fn replica(id: &str, workload: &Workload, node: &str) -> ReplicaRecord {
+        ReplicaRecord {
+            id: id.into(),
+            namespace: workload.namespace.clone(),
+            workload: workload.name.clone(),
+            template: 1,
+            spec: workload.spec.clone(),
+            node_id: node.into(),
+            state: ReplicaState::Ready,
+            exit_code: None,
+            restarts: 0,
+            message: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ready_at_ms: 0,
+            disconnected_at_ms: 0,
+            score: 0.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removed_node_is_neither_a_caller_nor_an_endpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let workload = |name: &str, upstream: Option<&str>| Workload {
+            namespace: "default".into(),
+            name: name.into(),
+            spec: WorkloadSpec {
+                image: "busybox".into(),
+                replicas: 2,
+                upstreams: upstream
+                    .map(|u| Upstream {
+                        workload: u.into(),
+                        port: 80,
+                        local_port: 8080,
+                    })
+                    .into_iter()
+                    .collect(),
+                ..WorkloadSpec::default()
+            },
+            generation: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            template: 0,
+            revisions: Vec::new(),
+        };
+        let (db, web) = (workload("db", None), workload("web", Some("db")));
+        let token = JoinTokenRecord {
+            id: "t".into(),
+            created_at_ms: 0,
+            expires_at_ms: i64::MAX,
+            max_uses: 9,
+            uses: 0,
+            revoked: false,
+            labels: Default::default(),
+        };
+        let mut commands = vec![Command::CreateJoinToken { token }];
+        for n in ["n1", "n2", "stolen"] {
+            commands.push(Command::EnrollNode {
+                token_id: "t".into(),
+                node: NodeRecord::new(n.into(), n.into(), "t".into(), 0),
+            });
+        }
+        for w in [&db, &web] {
+            commands.push(Command::PutWorkload {
+                workload: w.clone(),
+                cause: "apply".into(),
+            });
+        }
+        commands.push(Command::PlaceReplicas {
+            replicas: vec![
+                replica("db-1", &db, "n1"),
+                replica("db-2", &db, "stolen"),
+                replica("web-1", &web, "n2"),
+                replica("web-2", &web, "stolen"),
+            ],
+        });
+        let mut sm = StateMachine::open(
+            &dir.path().join("state.redb"),
+            prometheus_client::metrics::histogram::Histogram::new([1.0]),
+        )
+        .expect("state");
+        apply(&mut sm, 1, commands).await;
+        let reader = sm.reader();
+        let key = ("default".to_owned(), "db".to_owned());
+        let web_on_n2 = reader.node_replicas("n2").expect("read");
+        let endpoints = |reader: &cloudless_state::StateReader| -> Vec<String> {
+            upstream_sets(reader, &web_on_n2).expect("upstreams")[0]
+                .endpoints
+                .iter()
+                .map(|e| e.node_id.clone())
+                .collect()
+        };
+        assert_eq!(
+            callers(&reader).expect("callers")[&key],
+            BTreeSet::from(["n2".to_owned(), "stolen".to_owned()])
+        );
+        assert_eq!(endpoints(&reader), ["n1", "stolen"]);
+
+        apply(
+            &mut sm,
+            100,
+            vec![Command::RemoveNode {
+                node_id: "stolen".into(),
+            }],
+        )
+        .await;
+        assert_eq!(
+            callers(&reader).expect("callers")[&key],
+            BTreeSet::from(["n2".to_owned()]),
+            "a removed node may still open streams to db"
+        );
+        assert_eq!(
+            endpoints(&reader),
+            ["n1"],
+            "a removed node is still an endpoint"
+        );
+    }
 
     #[test]
     fn heartbeat_fields_are_checked_by_name() {

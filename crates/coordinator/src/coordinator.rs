@@ -154,6 +154,11 @@ impl CoordinatorHandle {
         Ok(c)
     }
 
+    /// The overlay relay's endpoint, when it runs.
+    pub(crate) fn relay_overlay(&self) -> Option<&cloudless_overlay::Overlay> {
+        self.inner.relay.as_ref().map(|(o, _)| o)
+    }
+
     /// The overlay relay's identity and address, when it runs.
     pub fn relay(&self) -> Option<(cloudless_pki::Identity, &str)> {
         self.inner
@@ -610,6 +615,10 @@ impl Coordinator {
         let log = log.with_append_budget(config.raft.max_append_bytes);
         let reader = sm.reader();
         let committed = log.committed_index();
+        if let Some((relay, _)) = &relay {
+            // Nodes removed from the cluster are refused on the relay.
+            relay.set_admission(Arc::new(crate::removal::EnrolledNodes(reader.clone())));
+        }
 
         let raft_config = openraft::Config {
             cluster_name: "cloudless".into(),
@@ -729,6 +738,7 @@ impl Coordinator {
             tokio::spawn(metrics.run(raft.clone(), committed, bg_cancel.clone())),
             tokio::spawn(crate::membership::run(handle.clone(), bg_cancel.clone())),
             tokio::spawn(crate::reconciler::run(handle.clone(), bg_cancel.clone())),
+            tokio::spawn(crate::removal::run(handle.clone(), bg_cancel.clone())),
         ];
 
         match mode {

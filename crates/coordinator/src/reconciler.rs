@@ -148,6 +148,12 @@ pub(crate) fn plan(
         .filter(|n| n.phase == NodePhase::Down)
         .map(|n| (n.id.as_str(), n.phase_since_ms))
         .collect();
+    let enrolled: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    let draining: HashSet<&str> = nodes
+        .iter()
+        .filter(|n| n.draining)
+        .map(|n| n.id.as_str())
+        .collect();
     let known: HashMap<String, &Workload> = workloads
         .iter()
         .map(|w| (format!("{}/{}", w.namespace, w.name), w))
@@ -161,7 +167,12 @@ pub(crate) fn plan(
     for r in replicas {
         let workload = known.get(&r.workload_key());
         let node_down = r.node_id.as_str();
-        if let (Some(since), true) = (down_since.get(node_down), any_ready) {
+        if !enrolled.contains(node_down) {
+            // `RemoveNode` takes a node's replicas with it; one left over
+            // (from state written before it did) is gone all the same.
+            plan.remove
+                .push((r.id.clone(), "Lost", "its node was removed; replacing it"));
+        } else if let (Some(since), true) = (down_since.get(node_down), any_ready) {
             let policy = workload.map_or(r.spec.disconnect, |w| w.spec.disconnect);
             let lost_after_ms = i64::from(policy.lost_after_seconds) * 1000;
             if lost_after_ms == 0 || workload.is_none() {
@@ -230,6 +241,14 @@ pub(crate) fn plan(
         let rank = |r: &&ReplicaRecord| (is_ready(r), std::cmp::Reverse(r.created_at_ms));
         current.sort_by_key(rank);
         old.sort_by_key(rank);
+        let ready = |rs: &[&ReplicaRecord]| rs.iter().filter(|r| is_ready(r)).count();
+        // Replicas on a draining node are moved: replacements are placed
+        // (they do not count towards the desired number), and each one goes
+        // once the Ready replicas left without it still meet the floor.
+        let (moving, staying): (Vec<&ReplicaRecord>, Vec<&ReplicaRecord>) = current
+            .into_iter()
+            .partition(|r| draining.contains(r.node_id.as_str()));
+        let mut current = staying;
         if current.len() > desired {
             let surplus = current.len() - desired;
             for r in current.drain(..surplus) {
@@ -237,7 +256,22 @@ pub(crate) fn plan(
                     .push((r.id.clone(), "ScaledDown", "surplus replica"));
             }
         }
-        let ready = |rs: &[&ReplicaRecord]| rs.iter().filter(|r| is_ready(r)).count();
+        let mut ready_total = ready(&current) + ready(&old) + ready(&moving);
+        let mut kept_moving = 0;
+        for r in &moving {
+            let r_ready = usize::from(is_ready(r));
+            // One not Ready adds nothing to availability: it goes at once.
+            if r_ready == 0 || ready_total - r_ready >= floor {
+                plan.remove.push((
+                    r.id.clone(),
+                    "Drained",
+                    "its node is draining; moved to another node",
+                ));
+                ready_total -= r_ready;
+            } else {
+                kept_moving += 1;
+            }
+        }
         let missing = desired.saturating_sub(current.len());
         match w.spec.rollout.strategy {
             RolloutStrategy::RollingUpdate => {}
@@ -273,7 +307,6 @@ pub(crate) fn plan(
                 continue;
             }
         }
-        let mut ready_total = ready(&current) + ready(&old);
         // Old-template replicas go as long as enough ready ones remain.
         let mut kept_old = 0;
         for r in &old {
@@ -289,10 +322,12 @@ pub(crate) fn plan(
                 kept_old += 1;
             }
         }
-        let budget = if kept_old == 0 {
+        // Replicas held back by the floor (old template or draining) leave
+        // room for `maxSurge` replacements above the desired count.
+        let budget = if kept_old == 0 && kept_moving == 0 {
             missing
         } else {
-            (desired + max_surge).saturating_sub(current.len() + kept_old)
+            (desired + max_surge).saturating_sub(current.len() + kept_old + kept_moving)
         };
         let n = missing.min(budget);
         if n > 0 {
@@ -1045,5 +1080,116 @@ mod tests {
         assert_eq!(place_one(&w, std::slice::from_ref(&jumper)), None);
         let honest = ready_with("honest", 4000, 4000);
         assert_eq!(place_one(&w, &[jumper, honest]).as_deref(), Some("honest"));
+    }
+
+    #[test]
+    fn a_replica_whose_node_was_removed_is_lost_and_replaced() {
+        let nodes = [node("a", NodePhase::Ready)];
+        let replicas = [
+            replica("kept", "a", 1, ReplicaState::Ready),
+            replica("orphan", "gone", 1, ReplicaState::Ready),
+        ];
+        let p = plan(&[workload(2, 1)], &replicas, &nodes, 0);
+        assert_eq!(removed(&p), ["orphan"]);
+        assert_eq!(p.remove[0].1, "Lost");
+        assert_eq!(p.place, [(0, 1)]);
+    }
+
+    /// Runs passes until nothing changes: placed replicas come up on `to`
+    /// (Pending, then Ready one pass later). Returns the replicas left and
+    /// the fewest Ready replicas seen after any pass's removals.
+    fn drain_to_completion(
+        w: &Workload,
+        mut replicas: Vec<ReplicaRecord>,
+        nodes: &[NodeRecord],
+        to: &str,
+    ) -> (Vec<ReplicaRecord>, usize) {
+        let mut fewest_ready = usize::MAX;
+        let mut next = 0;
+        for _ in 0..50 {
+            let p = plan(std::slice::from_ref(w), &replicas, nodes, 0);
+            if p.remove.is_empty() && p.place.is_empty() && replicas.iter().all(is_ready) {
+                return (replicas, fewest_ready);
+            }
+            let gone: HashSet<&str> = p.remove.iter().map(|(id, _, _)| id.as_str()).collect();
+            replicas.retain(|r| !gone.contains(r.id.as_str()));
+            fewest_ready = fewest_ready.min(replicas.iter().filter(|r| is_ready(r)).count());
+            for r in &mut replicas {
+                if r.state == ReplicaState::Pending {
+                    r.state = ReplicaState::Ready;
+                }
+            }
+            for (_, count) in p.place {
+                for _ in 0..count {
+                    next += 1;
+                    replicas.push(replica(
+                        &format!("new{next}"),
+                        to,
+                        w.template,
+                        ReplicaState::Pending,
+                    ));
+                }
+            }
+        }
+        panic!("the drain did not finish in 50 passes: {replicas:?}");
+    }
+
+    #[test]
+    fn a_drain_moves_every_replica_off_the_node_without_dropping_below_the_floor() {
+        let mut a = node("a", NodePhase::Ready);
+        a.draining = true;
+        a.cordoned = true;
+        let nodes = [a, node("b", NodePhase::Ready)];
+        let on_a = |n: usize| -> Vec<ReplicaRecord> {
+            (0..n)
+                .map(|i| replica(&format!("a{i}"), "a", 1, ReplicaState::Ready))
+                .collect()
+        };
+        // Default rollout (maxSurge 1, maxUnavailable 0): the floor is every
+        // replica, so each replacement is Ready before the one it replaces goes.
+        let w = workload(3, 1);
+        let first = plan(std::slice::from_ref(&w), &on_a(3), &nodes, 0);
+        assert!(first.remove.is_empty(), "{:?}", first.remove);
+        assert_eq!(first.place, [(0, 1)], "one replacement at a time");
+        let (left, fewest) = drain_to_completion(&w, on_a(3), &nodes, "b");
+        assert_eq!(left.len(), 3);
+        assert!(left.iter().all(|r| r.node_id == "b"), "{left:?}");
+        assert_eq!(fewest, 3, "Ready replicas dipped below the floor");
+
+        // maxSurge 0 with maxUnavailable 1: one may go first.
+        let mut w = workload(3, 1);
+        w.spec.rollout.max_surge = 0;
+        w.spec.rollout.max_unavailable = 1;
+        let (left, fewest) = drain_to_completion(&w, on_a(3), &nodes, "b");
+        assert!(left.len() == 3 && left.iter().all(|r| r.node_id == "b"));
+        assert_eq!(fewest, 2);
+
+        // minAvailable holds what maxUnavailable would let go.
+        let mut w = workload(3, 1);
+        w.spec.rollout.max_unavailable = 2;
+        w.spec.rollout.min_available = Some(3);
+        let (left, fewest) = drain_to_completion(&w, on_a(3), &nodes, "b");
+        assert!(left.len() == 3 && left.iter().all(|r| r.node_id == "b"));
+        assert_eq!(fewest, 3);
+
+        // Recreate and BlueGreen move within the floor too.
+        for strategy in [RolloutStrategy::Recreate, RolloutStrategy::BlueGreen] {
+            let mut w = workload(2, 1);
+            w.spec.rollout.strategy = strategy;
+            let (left, fewest) = drain_to_completion(&w, on_a(2), &nodes, "b");
+            assert!(
+                left.len() == 2 && left.iter().all(|r| r.node_id == "b"),
+                "{strategy:?}"
+            );
+            assert_eq!(fewest, 2, "{strategy:?}");
+        }
+
+        // A replica not Ready on the draining node goes at once.
+        let mut pending = on_a(1);
+        pending[0].state = ReplicaState::Pending;
+        let p = plan(&[workload(1, 1)], &pending, &nodes, 0);
+        assert_eq!(removed(&p), ["a0"]);
+        assert_eq!(p.remove[0].1, "Drained");
+        assert_eq!(p.place, [(0, 1)]);
     }
 }

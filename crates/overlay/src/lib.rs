@@ -14,11 +14,15 @@
 //!   back to it over the same connection ([`Overlay::set_relays`]).
 //! - A node learns the address others see it at with `WhoAmI`
 //!   ([`Overlay::observed_address`]).
+//! - An [`Admission`] policy can refuse peers the CA still vouches for (a
+//!   coordinator's relay refuses nodes removed from the cluster).
 
+mod admission;
 mod mesh;
 mod tls;
 pub mod wire;
 
+pub use admission::{Admission, AdmitAll};
 pub use mesh::{
     ConnectFuture, Overlay, OverlayConfig, OverlayStats, OverlayStream, Resolver, StaticResolver,
 };

@@ -13,6 +13,7 @@ use cloudless_pki::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::admission::{Admission, AdmitAll};
 use crate::tls::OverlayTls;
 use crate::wire::{read_frame, write_frame, StreamReply, StreamRequest};
 use crate::OverlayError;
@@ -23,6 +24,8 @@ const SERVER_NAME: &str = "overlay.cloudless";
 const WRONG_PEER: u32 = 1;
 /// Close code on shutdown.
 const SHUTDOWN: u32 = 0;
+/// Close code for a peer the admission policy refuses.
+const NOT_ADMITTED: u32 = 2;
 /// How long an opener has to send its request frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed direct dial, streams to that peer go through relays
@@ -71,6 +74,12 @@ pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, Strin
 pub trait Resolver: Send + Sync + 'static {
     /// Connects to `target` for `origin`.
     fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a>;
+
+    /// Whether a stream `origin` opened to `target` may go on (asked by
+    /// [`Overlay::recheck_streams`] for every stream being served).
+    fn still_allows(&self, _origin: &Identity, _target: &str) -> bool {
+        true
+    }
 }
 
 /// A fixed table of targets to local addresses.
@@ -147,12 +156,17 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client: Mutex<quinn::ClientConfig>,
     resolver: Arc<dyn Resolver>,
+    /// Who may hold a connection besides having a cluster certificate.
+    admission: Mutex<Arc<dyn Admission>>,
     /// Known addresses of peers.
     addresses: Mutex<HashMap<Identity, Vec<SocketAddr>>>,
     /// Live connections by peer, whichever side dialed.
     connections: Mutex<HashMap<Identity, quinn::Connection>>,
     /// Nodes asked to relay when a peer cannot be dialed; kept connected.
     relays: Mutex<Vec<Identity>>,
+    /// Streams being served to a local target: (origin, target, cut).
+    served: Mutex<HashMap<u64, (Identity, String, tokio_util::sync::CancellationToken)>>,
+    next_served: AtomicU64,
     /// When a direct dial to a peer last failed.
     direct_failed: Mutex<HashMap<Identity, std::time::Instant>>,
     counters: Counters,
@@ -201,9 +215,12 @@ impl Overlay {
                 endpoint,
                 client,
                 resolver,
+                admission: Mutex::new(Arc::new(AdmitAll)),
                 addresses: Mutex::default(),
                 connections: Mutex::default(),
                 relays: Mutex::default(),
+                served: Mutex::default(),
+                next_served: AtomicU64::new(0),
                 direct_failed: Mutex::default(),
                 counters: Counters::default(),
             }),
@@ -263,6 +280,53 @@ impl Overlay {
         if let Some(c) = lock(&self.inner.connections).remove(peer) {
             c.close(SHUTDOWN.into(), b"removed");
         }
+    }
+
+    /// Refuses peers `admission` does not admit from now on (connections,
+    /// streams and relay targets); see [`Overlay::enforce_admission`] for
+    /// connections already open.
+    pub fn set_admission(&self, admission: Arc<dyn Admission>) {
+        *lock(&self.inner.admission) = admission;
+    }
+
+    /// Closes the live connections of peers the admission policy refuses
+    /// now (call it when the policy's answers may have changed); returns them.
+    pub fn enforce_admission(&self) -> Vec<Identity> {
+        let mut refused = Vec::new();
+        let mut conns = lock(&self.inner.connections);
+        conns.retain(|peer, conn| match self.admit(peer) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::info!(%peer, reason = %why, "closing the overlay connection of a peer no longer admitted");
+                conn.close(NOT_ADMITTED.into(), b"not admitted");
+                refused.push(peer.clone());
+                false
+            }
+        });
+        refused
+    }
+
+    /// Cuts the streams being served whose origin the resolver no longer
+    /// allows to reach their target (for example a caller removed from the
+    /// cluster); returns how many.
+    pub fn recheck_streams(&self) -> usize {
+        let mut cut = 0;
+        lock(&self.inner.served).retain(|_, (origin, target, token)| {
+            if self.inner.resolver.still_allows(origin, target) {
+                true
+            } else {
+                tracing::info!(%origin, target = %target, "cutting an overlay stream no longer allowed");
+                token.cancel();
+                cut += 1;
+                false
+            }
+        });
+        cut
+    }
+
+    fn admit(&self, peer: &Identity) -> Result<(), String> {
+        let admission = lock(&self.inner.admission).clone();
+        admission.admit(peer)
     }
 
     /// The nodes to relay through when a peer cannot be dialed. This node
@@ -607,6 +671,11 @@ impl Overlay {
                 }
             },
         };
+        if let Err(why) = self.admit(&peer) {
+            tracing::info!(%peer, remote = %conn.remote_address(), reason = %why, "overlay peer not admitted");
+            conn.close(NOT_ADMITTED.into(), b"not admitted");
+            return;
+        }
         lock(&self.inner.connections).insert(peer.clone(), conn.clone());
         while let Ok((send, recv)) = conn.accept_bi().await {
             let overlay = self.clone();
@@ -635,7 +704,9 @@ impl Overlay {
         if !self.inner.config.relay {
             return Err(format!("{} does not relay", self.inner.me));
         }
-        Identity::from_uri(to).ok_or_else(|| format!("{to:?} is not a node identity"))
+        let to = Identity::from_uri(to).ok_or_else(|| format!("{to:?} is not a node identity"))?;
+        self.admit(&to)?;
+        Ok(to)
     }
 
     async fn refuse(&self, send: &mut quinn::SendStream, why: String) {
@@ -659,6 +730,11 @@ impl Overlay {
                 Ok(Err(e)) => return self.refuse(&mut send, e.to_string()).await,
                 Err(_) => return self.refuse(&mut send, "no request in time".into()).await,
             };
+        // Admission can change while a connection lives (a node removed
+        // from the cluster): every stream asks again.
+        if let Err(why) = self.admit(&peer) {
+            return self.refuse(&mut send, why).await;
+        }
         match request {
             StreamRequest::WhoAmI => {
                 let reply = StreamReply {
@@ -681,8 +757,18 @@ impl Overlay {
                             return;
                         }
                         self.inner.counters.served.fetch_add(1, Ordering::Relaxed);
+                        let key = self.inner.next_served.fetch_add(1, Ordering::Relaxed);
+                        let cut = tokio_util::sync::CancellationToken::new();
+                        lock(&self.inner.served).insert(key, (origin, target, cut.clone()));
                         let mut stream = OverlayStream { send, recv };
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream) => {}
+                            () = cut.cancelled() => {
+                                let _ = stream.send.reset(NOT_ADMITTED.into());
+                                let _ = stream.recv.stop(NOT_ADMITTED.into());
+                            }
+                        }
+                        lock(&self.inner.served).remove(&key);
                     }
                     Err(why) => self.refuse(&mut send, why).await,
                 }
@@ -870,11 +956,15 @@ mod tests {
     }
 
     fn start(ca: &ClusterCa, id: &str) -> (Overlay, Arc<Origins>) {
+        start_with(ca, id, config())
+    }
+
+    fn start_with(ca: &ClusterCa, id: &str, config: OverlayConfig) -> (Overlay, Arc<Origins>) {
         let me = Identity::Node(id.into());
         let (cert, key) = issue(ca, &me);
         let (tls, _) = OverlayTls::new(ca.cert_pem(), &cert, key).expect("tls");
         let origins = Arc::new(Origins(Mutex::default()));
-        let o = Overlay::bind(config(), tls, me, origins.clone()).expect("bind");
+        let o = Overlay::bind(config, tls, me, origins.clone()).expect("bind");
         (o, origins)
     }
 
@@ -973,5 +1063,155 @@ mod tests {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"hello");
+    }
+
+    /// Admits every node but the ones listed.
+    struct Refuse(Mutex<Vec<Identity>>);
+
+    impl Admission for Refuse {
+        fn admit(&self, peer: &Identity) -> Result<(), String> {
+            if lock(&self.0).contains(peer) {
+                Err(format!("{peer} has been removed"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_no_longer_admitted_loses_its_connection_and_cannot_come_back() {
+        let ca = ClusterCa::generate("t", now()).expect("ca");
+        // Every stream goes through the relay (no direct path is punched).
+        let relayed_only = || OverlayConfig {
+            hole_punching: false,
+            ..config()
+        };
+        let (a, _) = start_with(&ca, "a", relayed_only());
+        let me = Identity::Node("relay".into());
+        let (cert, key) = issue(&ca, &me);
+        let (tls, _) = OverlayTls::new(ca.cert_pem(), &cert, key).expect("tls");
+        let relay_config = OverlayConfig {
+            relay: true,
+            ..config()
+        };
+        let relay = Overlay::bind(
+            relay_config,
+            tls,
+            me.clone(),
+            Arc::new(StaticResolver::default()),
+        )
+        .expect("bind");
+        let (c, origins) = start_with(&ca, "c", relayed_only());
+        let refused = Arc::new(Refuse(Mutex::default()));
+        relay.set_admission(refused.clone());
+        a.set_peer(me.clone(), vec![relay.local_addr().expect("addr")]);
+        a.set_relays(vec![me.clone()]);
+        c.set_peer(me.clone(), vec![relay.local_addr().expect("addr")]);
+        c.set_relays(vec![me.clone()]);
+        assert!(a.keep_relays_connected().await.is_empty());
+        assert!(c.keep_relays_connected().await.is_empty());
+        let (aid, cid) = (Identity::Node("a".into()), Identity::Node("c".into()));
+        // Admitted: a reaches c through the relay.
+        let mut s = a.open(&cid, "t").await.expect("relayed while admitted");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"hello");
+
+        // c is removed: its live connection is closed, streams to it are refused.
+        lock(&refused.0).push(cid.clone());
+        assert_eq!(relay.enforce_admission(), vec![cid.clone()]);
+        assert!(!relay.connected_peers().contains(&cid));
+        let e = a
+            .open(&cid, "t")
+            .await
+            .expect_err("relayed to a removed node");
+        assert!(e.to_string().contains("has been removed"), "{e}");
+        // Nor can it connect again: the relay closes the connection at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = c.keep_relays_connected().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !relay.connected_peers().contains(&cid),
+            "a removed node reconnected"
+        );
+        assert_eq!(lock(&origins.0).len(), 1, "only the first stream reached c");
+
+        // A removed opener's streams are refused on a connection it still holds.
+        lock(&refused.0).push(aid.clone());
+        let conn = a.live(&me).expect("a's connection, not yet enforced");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        write_frame(&mut send, &StreamRequest::WhoAmI)
+            .await
+            .expect("write");
+        let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+        assert!(
+            !reply.ok && reply.error.contains("has been removed"),
+            "{reply:?}"
+        );
+    }
+
+    /// Connects every target to a TCP server that keeps the connection
+    /// open; allows streams while `open` is set.
+    struct Gate {
+        server: SocketAddr,
+        open: std::sync::atomic::AtomicBool,
+    }
+
+    impl Resolver for Gate {
+        fn connect<'a>(&'a self, _origin: &'a Identity, _target: &'a str) -> ConnectFuture<'a> {
+            Box::pin(async move {
+                TcpStream::connect(self.server)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+
+        fn still_allows(&self, _origin: &Identity, _target: &str) -> bool {
+            self.open.load(Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_origin_is_no_longer_allowed_is_cut() {
+        let ca = ClusterCa::generate("t", now()).expect("ca");
+        let (a, _) = start(&ca, "a");
+        let server = TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        let server_addr = server.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let gate = Arc::new(Gate {
+            server: server_addr,
+            open: std::sync::atomic::AtomicBool::new(true),
+        });
+        let bid = Identity::Node("b".into());
+        let (cert, key) = issue(&ca, &bid);
+        let (tls, _) = OverlayTls::new(ca.cert_pem(), &cert, key).expect("tls");
+        let b = Overlay::bind(config(), tls, bid.clone(), gate.clone()).expect("bind");
+        a.set_peer(bid.clone(), vec![b.local_addr().expect("addr")]);
+        let mut s = a.open(&bid, "t").await.expect("open");
+        s.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).await.expect("echo");
+        assert_eq!(&got, b"ping");
+        assert_eq!(b.recheck_streams(), 0, "an allowed stream was cut");
+
+        gate.open.store(false, Ordering::Relaxed);
+        assert_eq!(b.recheck_streams(), 1);
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(ended, Ok(Err(_)) | Ok(Ok(0))),
+            "the cut stream still carries data: {ended:?}"
+        );
     }
 }

@@ -963,14 +963,42 @@ impl Containerd {
     }
 
     /// Runs `argv` inside the running container `id` with the container's
-    /// user and environment; returns its exit status and output. Killed after
-    /// `timeout`.
+    /// user and environment; returns its exit status and output (at most
+    /// [`MAX_EXEC_OUTPUT`] bytes). Killed after `timeout`.
     pub async fn exec(
         &self,
         id: &str,
         argv: &[String],
         timeout: Duration,
     ) -> Result<(u32, String), RuntimeError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(EXEC_CHUNKS_IN_FLIGHT);
+        let run = self.exec_streaming(id, argv, timeout, tx);
+        tokio::pin!(run);
+        let mut output = Vec::new();
+        let code = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                Some(chunk) = rx.recv() => output.extend_from_slice(&chunk),
+            }
+        };
+        while let Ok(chunk) = rx.try_recv() {
+            output.extend_from_slice(&chunk);
+        }
+        code.map(|c| (c, String::from_utf8_lossy(&output).into_owned()))
+    }
+
+    /// Like [`Containerd::exec`], sending the output (stdout and stderr
+    /// together) to `out` in chunks of at most [`EXEC_CHUNK`] bytes as it
+    /// comes, straight from the FIFO: it never touches the disk, and at most
+    /// [`MAX_EXEC_OUTPUT`] bytes are sent (then a note; the rest is read and
+    /// dropped). The receiver must keep reading while this runs.
+    pub async fn exec_streaming(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+        out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<u32, RuntimeError> {
         let container = cd::containers_client::ContainersClient::new(self.channel.clone())
             .get(self.req(cd::GetContainerRequest { id: id.to_owned() }))
             .await
@@ -988,9 +1016,8 @@ impl Containerd {
         process["args"] = serde_json::json!(argv);
         process["terminal"] = serde_json::json!(false);
         let exec_id = format!("exec-{}", unique_suffix());
-        // Output through a FIFO we read, as for the container itself.
-        let out_path = self.log_dir.join(format!("{id}.{exec_id}.out"));
-        let _ = std::fs::remove_file(&out_path);
+        // Output through a FIFO we read into memory (a FIFO holds no data
+        // on disk).
         let fifo = self.log_dir.join(format!("{id}.{exec_id}.fifo"));
         let holder = output_fifo(&fifo)?;
         let out_uri = fifo.display().to_string();
@@ -1017,7 +1044,7 @@ impl Containerd {
                 let _ = std::fs::remove_file(&fifo);
                 status("creating the exec process", s)
             })?;
-        let copier = copy_output(&fifo, &out_path)?;
+        let copier = pump_output(&fifo, out, MAX_EXEC_OUTPUT)?;
         let wait = tasks.wait(self.req(cd::WaitRequest {
             container_id: id.to_owned(),
             exec_id: exec_id.clone(),
@@ -1062,9 +1089,7 @@ impl Containerd {
         // Deleting the process closed the shim's end: the copier finishes.
         let joined = tokio::task::spawn_blocking(move || copier.join());
         let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
-        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-        let _ = std::fs::remove_file(&out_path);
-        code.map(|c| (c, output))
+        code
     }
 
     /// Resource usage of container `id` (cgroup v1 or v2); `None` when it
@@ -1217,6 +1242,63 @@ fn output_fifo(path: &Path) -> Result<std::fs::File, RuntimeError> {
         .map_err(|e| RuntimeError::io(path, e))
 }
 
+/// Most bytes of one exec's output that are kept or sent.
+pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
+/// Largest chunk of exec output sent at once (well under gRPC's 4 MiB).
+pub const EXEC_CHUNK: usize = 32 * 1024;
+/// Chunks buffered between the FIFO reader and the receiver.
+const EXEC_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Reads what is written to `fifo` on a thread of its own, until the last
+/// writer (the shim) closes it, and sends it to `out` (see [`pump`]);
+/// removes the FIFO at the end.
+fn pump_output(
+    fifo: &Path,
+    out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    limit: usize,
+) -> Result<std::thread::JoinHandle<()>, RuntimeError> {
+    let reader = std::fs::File::open(fifo).map_err(|e| RuntimeError::io(fifo, e))?;
+    let fifo = fifo.to_owned();
+    std::thread::Builder::new()
+        .name("exec-output".into())
+        .spawn(move || {
+            pump(reader, &out, limit);
+            let _ = std::fs::remove_file(&fifo);
+        })
+        .map_err(|e| RuntimeError::Internal(format!("cannot start the output reader: {e}")))
+}
+
+/// Sends what `reader` yields to `out` in chunks of at most [`EXEC_CHUNK`]
+/// bytes (blocking while `out` is full, which holds the writer back), up to
+/// `limit` bytes and then a note; reads the rest to the end and drops it, as
+/// it does once `out` is closed, so the writer never blocks for good.
+fn pump(mut reader: impl std::io::Read, out: &tokio::sync::mpsc::Sender<Vec<u8>>, limit: usize) {
+    let mut buf = vec![0u8; EXEC_CHUNK];
+    let mut sent = 0usize;
+    let mut open = true;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        if !open || sent >= limit {
+            continue;
+        }
+        let take = n.min(limit - sent);
+        sent += take;
+        let mut chunk = buf[..take].to_vec();
+        if sent >= limit {
+            chunk.extend_from_slice(
+                format!("\n[cloudless: output cut at {limit} bytes; the rest was dropped]\n")
+                    .as_bytes(),
+            );
+        }
+        open = out.blocking_send(chunk).is_ok();
+    }
+}
+
 /// Copies everything written to `fifo` into `log` (appending) on a thread of
 /// its own, until the last writer (the shim) closes it.
 fn copy_output(fifo: &Path, log: &Path) -> Result<std::thread::JoinHandle<()>, RuntimeError> {
@@ -1241,4 +1323,46 @@ fn tokio_stream_iter<T: Send + 'static>(
     items: Vec<T>,
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send + 'static {
     tonic::codegen::tokio_stream::iter(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `pump` sends for `input` with `limit`, chunk by chunk.
+    fn pumped(input: Vec<u8>, limit: usize) -> Vec<Vec<u8>> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let reader = std::thread::spawn(move || pump(&input[..], &tx, limit));
+        let mut chunks = Vec::new();
+        while let Some(c) = rx.blocking_recv() {
+            chunks.push(c);
+        }
+        reader.join().expect("pump");
+        chunks
+    }
+
+    #[test]
+    fn exec_output_is_sent_in_bounded_chunks_and_cut_at_the_limit() {
+        let input: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let chunks = pumped(input.clone(), usize::MAX);
+        assert!(
+            chunks.iter().all(|c| c.len() <= EXEC_CHUNK),
+            "a chunk is too large"
+        );
+        assert_eq!(chunks.concat(), input, "output lost or reordered");
+
+        let chunks = pumped(input.clone(), 40_000);
+        let all = chunks.concat();
+        assert!(all.starts_with(&input[..40_000]));
+        let note = String::from_utf8_lossy(&all[40_000..]).into_owned();
+        assert!(note.contains("output cut at 40000 bytes"), "{note}");
+    }
+
+    #[test]
+    fn a_receiver_that_goes_away_does_not_block_the_writer() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        // Returns (reading everything) although nobody listens.
+        pump(&vec![7u8; 500_000][..], &tx, usize::MAX);
+    }
 }

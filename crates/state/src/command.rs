@@ -116,23 +116,9 @@ pub enum Command {
         /// New drain state, if changing.
         draining: Option<bool>,
     },
-    /// Changes a node's placement labels (admins only): sets `set`, then
-    /// removes the keys in `remove`.
-    SetNodeLabels {
-        /// Node id.
-        node_id: String,
-        /// Labels to add or overwrite (validated by the proposer).
-        set: BTreeMap<String, String>,
-        /// Label keys to remove (missing keys are ignored).
-        remove: Vec<String>,
-    },
-    /// Trusts the node's current reported capacity for placement (admins
-    /// only), ending a hold on a capacity jump.
-    AcceptNodeCapacity {
-        /// Node id.
-        node_id: String,
-    },
-    /// Removes a node's record.
+    /// Removes a node's record and, in the same entry, its replicas (with a
+    /// `Lost` event each), so they are replaced at once and the node is no
+    /// longer anyone's caller or endpoint.
     RemoveNode {
         /// Node id.
         node_id: String,
@@ -185,6 +171,23 @@ pub enum Command {
     },
     /// Secret operations (see `crate::secrets`).
     Secret(SecretCommand),
+    // Variants added later go last: log entries decode by variant position.
+    /// Changes a node's placement labels (admins only): sets `set`, then
+    /// removes the keys in `remove`.
+    SetNodeLabels {
+        /// Node id.
+        node_id: String,
+        /// Labels to add or overwrite (validated by the proposer).
+        set: BTreeMap<String, String>,
+        /// Label keys to remove (missing keys are ignored).
+        remove: Vec<String>,
+    },
+    /// Trusts the node's current reported capacity for placement (admins
+    /// only), ending a hold on a capacity jump.
+    AcceptNodeCapacity {
+        /// Node id.
+        node_id: String,
+    },
 }
 
 /// Commands on secrets, their master keys, access tokens and the audit log.

@@ -522,6 +522,45 @@ fn index_ids(
 }
 
 /// Removes a replica and its index rows; false when it did not exist.
+/// Appends `events` (an `at_ms` of 0 becomes `now_ms`) and drops the oldest
+/// beyond [`EVENT_RETENTION`].
+fn append_events(
+    txn: &WriteTransaction,
+    events: &[EventRecord],
+    now_ms: i64,
+) -> Result<(), String> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+    let mut seq: u64 = match table.get(EVENT_SEQ_KEY).map_err(|e| e.to_string())? {
+        Some(v) => serde_json::from_str(v.value()).map_err(|e| e.to_string())?,
+        None => 0,
+    };
+    for ev in events {
+        let mut ev = ev.clone();
+        if ev.at_ms == 0 {
+            ev.at_ms = now_ms;
+        }
+        let v = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
+        table
+            .insert(format!("{seq:020}").as_str(), v.as_str())
+            .map_err(|e| e.to_string())?;
+        seq += 1;
+    }
+    table
+        .insert(EVENT_SEQ_KEY, seq.to_string().as_str())
+        .map_err(|e| e.to_string())?;
+    // Retention: drop the oldest beyond the limit.
+    if seq > EVENT_RETENTION {
+        let cutoff = format!("{:020}", seq - EVENT_RETENTION);
+        table
+            .retain_in::<&str, _>(..cutoff.as_str(), |_, _| false)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn remove_replica(txn: &WriteTransaction, id: &str) -> Result<bool, String> {
     let Some(r) = get_json::<ReplicaRecord>(txn, REPLICAS, id)? else {
         return Ok(false);
@@ -904,6 +943,28 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
                 .map_err(|e| e.to_string())?
                 .remove(n.name.as_str())
                 .map_err(|e| e.to_string())?;
+            // Its replicas go in the same entry: nothing supervises them any
+            // more, so they are neither counted as running, nor endpoints,
+            // nor callers; the reconciler places replacements at once.
+            let mut events = Vec::new();
+            for id in index_ids(txn, NODE_REPLICAS, &format!("{node_id}/"))? {
+                let Some(r) = get_json::<ReplicaRecord>(txn, REPLICAS, &id)? else {
+                    continue;
+                };
+                remove_replica(txn, &id)?;
+                events.push(EventRecord {
+                    at_ms: now_ms,
+                    kind: "Workload".into(),
+                    namespace: r.namespace,
+                    object: r.workload,
+                    reason: "Lost".into(),
+                    message: format!(
+                        "replica {id} on {}: its node was removed from the cluster; replacing it",
+                        n.name
+                    ),
+                });
+            }
+            append_events(txn, &events, now_ms)?;
             Response::NodeRemoved
         }
         Command::UpdateNodes { updates } => {
@@ -989,32 +1050,7 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             Response::ReplicasChanged(removed)
         }
         Command::RecordEvents { events } => {
-            let mut table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
-            let mut seq: u64 = match table.get(EVENT_SEQ_KEY).map_err(|e| e.to_string())? {
-                Some(v) => serde_json::from_str(v.value()).map_err(|e| e.to_string())?,
-                None => 0,
-            };
-            for ev in events {
-                let mut ev = ev.clone();
-                if ev.at_ms == 0 {
-                    ev.at_ms = now_ms;
-                }
-                let v = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
-                table
-                    .insert(format!("{seq:020}").as_str(), v.as_str())
-                    .map_err(|e| e.to_string())?;
-                seq += 1;
-            }
-            table
-                .insert(EVENT_SEQ_KEY, seq.to_string().as_str())
-                .map_err(|e| e.to_string())?;
-            // Retention: drop the oldest beyond the limit.
-            if seq > EVENT_RETENTION {
-                let cutoff = format!("{:020}", seq - EVENT_RETENTION);
-                table
-                    .retain_in::<&str, _>(..cutoff.as_str(), |_, _| false)
-                    .map_err(|e| e.to_string())?;
-            }
+            append_events(txn, events, now_ms)?;
             Response::EventsRecorded(u32::try_from(events.len()).unwrap_or(u32::MAX))
         }
         Command::UpdateReplicas { updates } => {
@@ -2267,5 +2303,126 @@ mod tests {
             ),
             Response::Rejected(Rejection::NodeNotFound { .. })
         ));
+    }
+
+    #[test]
+    fn removing_a_node_removes_its_replicas_in_the_same_entry_with_an_event_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm = StateMachine::open(&dir.path().join("state.redb"), Histogram::new([1.0]))
+            .expect("open");
+        let token = JoinTokenRecord {
+            id: "t1".into(),
+            created_at_ms: 0,
+            expires_at_ms: 1_000_000,
+            max_uses: 5,
+            uses: 0,
+            revoked: false,
+            labels: Default::default(),
+        };
+        apply(&sm.db, Command::CreateJoinToken { token }, 0);
+        for (id, name) in [("n1", "alpha"), ("n2", "beta")] {
+            apply(
+                &sm.db,
+                Command::EnrollNode {
+                    token_id: "t1".into(),
+                    node: NodeRecord::new(id.into(), name.into(), "t1".into(), 0),
+                },
+                0,
+            );
+        }
+        let spec = cloudless_types::WorkloadSpec {
+            image: "busybox".into(),
+            replicas: 3,
+            ..Default::default()
+        };
+        let w = Workload {
+            namespace: "default".into(),
+            name: "web".into(),
+            spec: spec.clone(),
+            generation: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            template: 0,
+            revisions: Vec::new(),
+        };
+        apply(
+            &sm.db,
+            Command::PutWorkload {
+                workload: w,
+                cause: "apply".into(),
+            },
+            0,
+        );
+        let template = sm.reader().workloads(None).expect("read")[0].template;
+        let replica = |id: &str, node: &str| ReplicaRecord {
+            id: id.into(),
+            namespace: "default".into(),
+            workload: "web".into(),
+            template,
+            spec: spec.clone(),
+            node_id: node.into(),
+            state: ReplicaState::Ready,
+            exit_code: None,
+            restarts: 0,
+            message: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ready_at_ms: 0,
+            disconnected_at_ms: 0,
+            score: 0.0,
+        };
+        let placed = apply(
+            &sm.db,
+            Command::PlaceReplicas {
+                replicas: vec![
+                    replica("r1", "n1"),
+                    replica("r2", "n1"),
+                    replica("r3", "n2"),
+                ],
+            },
+            5,
+        );
+        assert_eq!(placed, Response::ReplicasChanged(3));
+        let reader = sm.reader();
+        let (_, events_before) = reader.events(None, |_| true).expect("events");
+
+        let r = apply(
+            &sm.db,
+            Command::RemoveNode {
+                node_id: "n1".into(),
+            },
+            10,
+        );
+        assert_eq!(r, Response::NodeRemoved);
+
+        assert!(reader.node_replicas("n1").expect("read").is_empty());
+        let left: Vec<String> = reader
+            .replicas()
+            .expect("read")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            left,
+            vec!["r3".to_owned()],
+            "only the other node's replica is left"
+        );
+        assert_eq!(
+            reader
+                .workload_replicas("default", "web")
+                .expect("read")
+                .len(),
+            1
+        );
+        let (events, _) = reader.events(events_before, |_| true).expect("events");
+        let lost: Vec<&str> = events
+            .iter()
+            .filter(|(_, e)| e.reason == "Lost")
+            .map(|(_, e)| e.message.as_str())
+            .collect();
+        assert_eq!(lost.len(), 2, "{events:?}");
+        assert!(lost
+            .iter()
+            .all(|m| m.contains("alpha") && m.contains("removed")));
     }
 }
