@@ -154,8 +154,6 @@ fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), Coor
 /// Records one heartbeat from `id` and answers it.
 /// Most replicas one status report may list.
 pub(crate) const MAX_STATUS_ENTRIES: usize = 512;
-/// Most bytes of replica updates written in one Raft command.
-const STATUS_PART_BYTES: usize = 256 * 1024;
 
 /// The updates a node's status report makes: checked field by field, only
 /// for replicas assigned to the node (others are dropped: a report can race
@@ -463,22 +461,7 @@ impl AgentService for AgentApi {
         let updates = status_updates(&self.handle, &id, req.into_inner())?;
         // A report of every replica a big node holds can exceed what one
         // Raft entry may carry: write it in parts.
-        let mut part = Vec::new();
-        let mut part_bytes = 0;
-        for u in updates {
-            let bytes = u.id.len() + u.message.len() + 64;
-            if !part.is_empty() && part_bytes + bytes > STATUS_PART_BYTES {
-                self.handle
-                    .write_for_node(Command::UpdateReplicas {
-                        updates: std::mem::take(&mut part),
-                    })
-                    .await?;
-                part_bytes = 0;
-            }
-            part_bytes += bytes;
-            part.push(u);
-        }
-        if !part.is_empty() {
+        for part in crate::proposer::split_by_size(updates, usize::MAX, self.handle.part_bytes()) {
             self.handle
                 .write_for_node(Command::UpdateReplicas { updates: part })
                 .await?;

@@ -200,6 +200,29 @@ impl CoordinatorHandle {
             .await
     }
 
+    /// Proposes `items` as consecutive `make(part)` commands, each small
+    /// enough for one Raft entry (a quarter of the entry limit, so a part
+    /// can share a batch), in order; stops at the first failure.
+    pub async fn write_in_parts<T: serde::Serialize>(
+        &self,
+        items: Vec<T>,
+        make: impl Fn(Vec<T>) -> Command,
+    ) -> Result<(), CoordinatorError> {
+        let budget = self.part_bytes();
+        for part in crate::proposer::split_by_size(items, usize::MAX, budget) {
+            if let (Response::Rejected(r), _) = self.write(None, make(part)).await? {
+                return Err(r.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The byte budget of one part of a command split with
+    /// [`Self::write_in_parts`].
+    pub(crate) fn part_bytes(&self) -> usize {
+        self.inner.proposer.max_entry_bytes() / 4
+    }
+
     /// Takes one of `node_id`'s write tokens, or says it has none left.
     /// Call before any costly work a node's request causes.
     pub(crate) fn admit_node_write(&self, node_id: &str) -> Result<(), CoordinatorError> {

@@ -339,7 +339,10 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
         if updates.is_empty() {
             continue;
         }
-        for chunk in updates.chunks(UPDATES_PER_ENTRY) {
+        // Parts bounded by count and by bytes (a status carries labels), so
+        // each fits one Raft entry and a fleet-wide change never wedges.
+        let parts = crate::proposer::split_by_size(updates, UPDATES_PER_ENTRY, handle.part_bytes());
+        for chunk in &parts {
             let command = Command::UpdateNodes {
                 updates: chunk.to_vec(),
             };

@@ -123,6 +123,39 @@ impl ProposerHandle {
     }
 }
 
+impl ProposerHandle {
+    /// The largest encoded request this proposer accepts.
+    pub fn max_entry_bytes(&self) -> usize {
+        self.limits.max_entry_bytes
+    }
+}
+
+/// Splits `items` into consecutive parts of at most `max_count` items whose
+/// encoded sizes add up to at most `max_bytes` (an item larger than that
+/// goes alone), so a command built from each part fits one Raft entry.
+pub fn split_by_size<T: serde::Serialize>(
+    items: Vec<T>,
+    max_count: usize,
+    max_bytes: usize,
+) -> Vec<Vec<T>> {
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let size = postcard::experimental::serialized_size(&item).unwrap_or(max_bytes);
+        if !part.is_empty() && (part.len() >= max_count || bytes + size > max_bytes) {
+            parts.push(std::mem::take(&mut part));
+            bytes = 0;
+        }
+        bytes += size;
+        part.push(item);
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
 fn shutting_down() -> CoordinatorError {
     CoordinatorError::Fatal("the coordinator is shutting down".into())
 }
@@ -297,22 +330,28 @@ impl Worker {
             }
         }
         if self.carry_cluster.is_some() || batch.full(max) {
+            if batch.has_cluster {
+                // A batch with cluster requests needs no node slot.
+                node_permit.take();
+            }
             return;
         }
-        // Node requests ride along with cluster requests, or fill a batch
-        // of their own that holds a node slot.
+        // Node requests ride along with cluster requests (up to half the
+        // entry, so cluster writes never wait behind a full entry of node
+        // data), or fill a batch of their own that holds a node slot.
         if !batch.has_cluster && node_permit.is_none() {
             match self.node_slots.clone().try_acquire_owned() {
                 Ok(p) => *node_permit = Some(p),
                 Err(_) => return,
             }
         }
+        let node_max = if batch.has_cluster { max / 2 } else { max };
         if let Some(q) = self.carry_node.take() {
-            self.carry_node = batch.offer(Lane::Node, q, max);
+            self.carry_node = batch.offer(Lane::Node, q, node_max);
         }
-        while self.carry_node.is_none() && !batch.full(max) {
+        while self.carry_node.is_none() && !batch.full(node_max) {
             match self.node.try_recv() {
-                Ok(q) => self.carry_node = batch.offer(Lane::Node, q, max),
+                Ok(q) => self.carry_node = batch.offer(Lane::Node, q, node_max),
                 Err(_) => break,
             }
         }
@@ -359,5 +398,25 @@ impl Worker {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_respect_the_byte_and_count_budgets_and_keep_order() {
+        let items: Vec<String> = (0..10).map(|i| format!("{i}").repeat(100)).collect();
+        // 101 encoded bytes each: three fit in 310 bytes.
+        let parts = split_by_size(items.clone(), 100, 310);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 3, 1]);
+        assert_eq!(parts.concat(), items);
+        let parts = split_by_size(items.clone(), 4, 1 << 20);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        // An item over the budget goes alone.
+        let parts = split_by_size(vec!["a".repeat(500), "b".into()], 10, 100);
+        assert_eq!(parts.len(), 2);
+        assert!(split_by_size(Vec::<String>::new(), 10, 100).is_empty());
     }
 }

@@ -108,6 +108,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             bulk: self.channel(target, node),
             plan: self.plan,
             in_flight: None,
+            missed: None,
         }
     }
 }
@@ -137,6 +138,9 @@ pub struct PeerClient {
     bulk: Result<Channel, String>,
     plan: LinkPlan,
     in_flight: Option<InFlight>,
+    /// (vote, prev, entries) of a bulk append that missed its own deadline:
+    /// a retry of that range asks openraft for half as many entries.
+    missed: Option<(Vote<NodeId>, Option<LogId<NodeId>>, u64)>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -206,9 +210,11 @@ where
     let reply = reply.map_err(|status| {
         let e = WireError(format!("{} to node {target}: {status}", method.name()));
         match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-                RPCError::Unreachable(Unreachable::new(&e))
-            }
+            // No connection: openraft backs off before trying again.
+            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&e)),
+            // A slow answer is not a dead peer: a back-off (500 ms, with no
+            // heartbeats) would outlast the election timeout and depose a
+            // leader that is merely busy.
             _ => RPCError::Network(NetworkError::new(&e)),
         }
     })?;
@@ -256,13 +262,27 @@ impl PeerClient {
             ))));
         };
         let result = (&mut f.task).await;
+        let (vote, prev, entries) = (f.vote, f.prev, f.entries);
         self.in_flight = None;
-        result.unwrap_or_else(|e| {
+        let result = result.unwrap_or_else(|e| {
             Err(RPCError::Network(NetworkError::new(&WireError(format!(
                 "append_entries to node {}: {e}",
                 self.target
             )))))
-        })
+        });
+        match result {
+            Ok(r) => Ok(r),
+            // A bulk transfer that failed or missed its deadline is a slow
+            // link, not a dead peer: `Unreachable` would make openraft back
+            // off for 500 ms without heartbeats (longer than an election
+            // timeout). Report it as a network error, and answer the retry
+            // of the same range with a smaller one.
+            Err(RPCError::Unreachable(u)) => {
+                self.missed = Some((vote, prev, entries));
+                Err(RPCError::Network(NetworkError::new(&u)))
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -278,12 +298,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             return self.call(Method::AppendEntries, &rpc, &option, false).await;
         }
         let last = rpc.entries.last().map(|e| e.log_id);
+        if let Some((vote, prev, n)) = self.missed.take() {
+            if vote == rpc.vote && prev == rpc.prev_log_id && n > 1 && entries >= n {
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(n / 2),
+                ));
+            }
+        }
         if let Some(f) = &self.in_flight {
             if f.vote == rpc.vote && f.prev == rpc.prev_log_id {
                 if f.last == last {
                     return self.join_in_flight().await;
                 }
-                if entries > f.entries && !f.task.is_finished() {
+                if entries > f.entries {
                     // Ask openraft for exactly the range already on its way.
                     return Err(RPCError::PayloadTooLarge(
                         PayloadTooLarge::new_entries_hint(f.entries),

@@ -542,19 +542,17 @@ async fn pass(
     }
     if !plan.mark_unknown.is_empty() {
         handle
-            .write(
-                None,
-                Command::MarkReplicasUnknown {
-                    ids: plan.mark_unknown.clone(),
-                    unknown: true,
-                },
-            )
+            .write_in_parts(plan.mark_unknown.clone(), |ids| {
+                Command::MarkReplicasUnknown { ids, unknown: true }
+            })
             .await?;
     }
     if plan.remove.is_empty() && plan.place.is_empty() {
         clear_reconnected(handle, &plan, &replicas, &mut events, &node_name).await?;
         if !events.is_empty() {
-            handle.write(None, Command::RecordEvents { events }).await?;
+            handle
+                .write_in_parts(events, |events| Command::RecordEvents { events })
+                .await?;
         }
         return Ok(());
     }
@@ -630,17 +628,21 @@ async fn pass(
         ));
     }
     if !plan.remove.is_empty() {
-        let ids = plan.remove.iter().map(|(id, _, _)| id.clone()).collect();
-        handle.write(None, Command::RemoveReplicas { ids }).await?;
+        let ids: Vec<String> = plan.remove.iter().map(|(id, _, _)| id.clone()).collect();
+        handle
+            .write_in_parts(ids, |ids| Command::RemoveReplicas { ids })
+            .await?;
     }
     if !placed.is_empty() {
         handle
-            .write(None, Command::PlaceReplicas { replicas: placed })
+            .write_in_parts(placed, |replicas| Command::PlaceReplicas { replicas })
             .await?;
     }
     clear_reconnected(handle, &plan, &replicas, &mut events, &node_name).await?;
     if !events.is_empty() {
-        handle.write(None, Command::RecordEvents { events }).await?;
+        handle
+            .write_in_parts(events, |events| Command::RecordEvents { events })
+            .await?;
     }
     Ok(())
 }
@@ -673,13 +675,12 @@ async fn clear_reconnected(
         }
     }
     handle
-        .write(
-            None,
+        .write_in_parts(plan.reconnected.clone(), |ids| {
             Command::MarkReplicasUnknown {
-                ids: plan.reconnected.clone(),
+                ids,
                 unknown: false,
-            },
-        )
+            }
+        })
         .await?;
     Ok(())
 }

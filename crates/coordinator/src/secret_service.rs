@@ -800,6 +800,7 @@ impl SecretApi {
                         namespace: s.namespace.clone(),
                         name: s.name.clone(),
                         version: v.version,
+                        old_dek_nonce: v.ciphertext.dek_nonce.clone(),
                         dek_nonce: c.dek_nonce,
                         dek: c.dek,
                     });
@@ -835,7 +836,7 @@ impl SecretApi {
             }
         };
         for (from_version, keys) in rewrapped {
-            for part in keys.chunks(REWRAP_PART) {
+            for part in crate::proposer::split_by_size(keys, usize::MAX, self.handle.part_bytes()) {
                 let (resp, _) = self
                     .handle
                     .write(
@@ -843,7 +844,7 @@ impl SecretApi {
                         Command::Secret(SecretCommand::RewrapKeys {
                             from_version,
                             to_version: new_version,
-                            keys: part.to_vec(),
+                            keys: part,
                         }),
                     )
                     .await?;
@@ -882,10 +883,6 @@ impl SecretApi {
         })
     }
 }
-
-/// Rewrapped data keys per Raft entry during a rotation (a few hundred
-/// bytes each).
-const REWRAP_PART: usize = 1000;
 
 /// Commits the ledger's counts and audit records every [`LEDGER_FLUSH`]
 /// while there are any; stops when idle (the next use starts it again).

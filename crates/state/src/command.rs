@@ -291,7 +291,8 @@ pub enum SecretCommand {
     /// Stores data keys rewrapped under `to_version` (a rotation's keys in
     /// parts after its `Rotate`, so no entry grows with the number of
     /// secrets). A data key is replaced only if it is still wrapped by
-    /// `from_version` (a secret updated meanwhile keeps its new key). Kept
+    /// `from_version` with the nonce the proposer read (a secret updated or
+    /// recreated meanwhile keeps its new key). Kept
     /// last: older log entries decode by variant position.
     RewrapKeys {
         /// The version the proposer rewrapped from.
@@ -313,6 +314,10 @@ pub struct RewrappedKey {
     pub name: String,
     /// Secret version.
     pub version: u64,
+    /// Nonce of the data key as the proposer read it: the key is replaced
+    /// only if it is still that one (a secret deleted and created again
+    /// meanwhile, with the same version number, keeps its own key).
+    pub old_dek_nonce: String,
     /// Nonce of the wrapped data key.
     pub dek_nonce: String,
     /// The wrapped data key.

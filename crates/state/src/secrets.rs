@@ -468,7 +468,10 @@ pub(crate) fn apply(
                 };
                 let mut changed = false;
                 for v in &mut r.versions {
-                    if v.version == key.version && v.ciphertext.key_version == *from_version {
+                    if v.version == key.version
+                        && v.ciphertext.key_version == *from_version
+                        && v.ciphertext.dek_nonce == key.old_dek_nonce
+                    {
                         v.ciphertext.key_version = *to_version;
                         v.ciphertext.dek_nonce.clone_from(&key.dek_nonce);
                         v.ciphertext.dek.clone_from(&key.dek);

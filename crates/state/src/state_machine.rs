@@ -1821,6 +1821,7 @@ mod tests {
                 namespace: secret.namespace.clone(),
                 name: secret.name.clone(),
                 version: v.version,
+                old_dek_nonce: v.ciphertext.dek_nonce.clone(),
                 dek_nonce: "n2".into(),
                 dek: "k2".into(),
             })
@@ -1837,6 +1838,31 @@ mod tests {
             ),
             Response::Rejected(Rejection::Keyring(m)) if m.contains("version 9 is unknown")
         ));
+        // A key read before the secret was recreated is not applied to it.
+        let stale: Vec<crate::RewrappedKey> = keys
+            .iter()
+            .cloned()
+            .map(|mut k| {
+                k.old_dek_nonce = "a nonce from a deleted secret".into();
+                k
+            })
+            .collect();
+        apply(
+            &sm.db,
+            Command::Secret(S::RewrapKeys {
+                from_version: 1,
+                to_version: 2,
+                keys: stale,
+            }),
+            4,
+        );
+        assert!(reader
+            .secret(&secret.namespace, &secret.name)
+            .expect("read")
+            .expect("secret")
+            .versions
+            .iter()
+            .all(|v| v.ciphertext.key_version == 1));
         apply(
             &sm.db,
             Command::Secret(S::RewrapKeys {
