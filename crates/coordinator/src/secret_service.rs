@@ -1164,16 +1164,18 @@ impl SecretService for SecretApi {
         Ok(Response::new(AuditResponse {
             entries: records
                 .into_iter()
-                .map(|a| AuditEntry {
-                    at_ms: a.at_ms,
-                    actor: a.actor,
-                    source: a.source,
-                    action: a.action,
-                    namespace: a.namespace,
-                    name: a.secret,
-                    token_id: a.token_id,
-                    allowed: a.allowed,
-                    detail: a.detail,
+                .map(|e| AuditEntry {
+                    at_ms: e.record.at_ms,
+                    actor: e.record.actor,
+                    source: e.record.source,
+                    action: e.record.action,
+                    namespace: e.record.namespace,
+                    name: e.record.secret,
+                    token_id: e.record.token_id,
+                    allowed: e.record.allowed,
+                    detail: e.record.detail,
+                    count: e.count,
+                    last_at_ms: e.last_at_ms,
                 })
                 .collect(),
         }))
