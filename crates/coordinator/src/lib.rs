@@ -14,6 +14,7 @@ mod proposer;
 mod raft_network;
 mod raft_service;
 mod reconciler;
+mod refusals;
 mod secret_service;
 mod services;
 mod tls;

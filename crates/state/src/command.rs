@@ -267,6 +267,16 @@ pub enum SecretCommand {
         /// The records.
         records: Vec<AuditRecord>,
     },
+    /// Like `RecordUses`, with each audit record standing for repeats the
+    /// leader counted in memory (reads with many-use tokens, refusals):
+    /// `(record, occurrences, latest occurrence in ms)`, the record's
+    /// `at_ms` being the first.
+    RecordCounted {
+        /// (token id, uses).
+        uses: Vec<(String, u32)>,
+        /// (record, occurrences, latest occurrence).
+        audits: Vec<(AuditRecord, u32, i64)>,
+    },
 }
 
 /// A reported change of one replica.

@@ -85,6 +85,16 @@ fn append_audit(
     records: impl IntoIterator<Item = AuditRecord>,
     now_ms: i64,
 ) -> Result<(), String> {
+    append_counted(txn, records.into_iter().map(|r| (r, 1, 0)), now_ms)
+}
+
+/// [`append_audit`] of records standing for `count` occurrences, the latest
+/// at `last_at_ms` (0: at the record's `at_ms`).
+fn append_counted(
+    txn: &WriteTransaction,
+    records: impl IntoIterator<Item = (AuditRecord, u32, i64)>,
+    now_ms: i64,
+) -> Result<(), String> {
     let config = config(txn)?;
     let window_ms = i64::from(config.audit_aggregate_window_s) * 1000;
     let mut table = txn.open_table(AUDIT).map_err(|e| e.to_string())?;
@@ -96,10 +106,12 @@ fn append_audit(
             .map_err(|e| format!("audit sequence: {e}"))?,
         None => 0,
     };
-    for mut r in records {
+    for (mut r, n, last_at_ms) in records {
         if r.at_ms == 0 {
             r.at_ms = now_ms;
         }
+        let n = n.max(1);
+        let last_at_ms = last_at_ms.max(r.at_ms);
         for f in [
             &mut r.actor,
             &mut r.source,
@@ -125,8 +137,8 @@ fn append_audit(
             };
             if let (Some(k), Some(mut e)) = (at, existing) {
                 if r.at_ms.saturating_sub(e.record.at_ms) < window_ms {
-                    e.count = e.count.saturating_add(1);
-                    e.last_at_ms = e.last_at_ms.max(r.at_ms);
+                    e.count = e.count.saturating_add(n);
+                    e.last_at_ms = e.last_at_ms.max(last_at_ms);
                     e.record.detail = r.detail;
                     e.record.source = r.source;
                     e.record.token_id = r.token_id;
@@ -140,9 +152,9 @@ fn append_audit(
         }
         let key = format!("{seq:020}");
         let entry = AuditLogEntry {
-            last_at_ms: r.at_ms,
+            last_at_ms,
             record: r,
-            count: 1,
+            count: n,
         };
         let v = serde_json::to_string(&entry).map_err(|e| e.to_string())?;
         table
@@ -553,6 +565,16 @@ pub(crate) fn apply(
                 }
             }
             append_audit(txn, audits.iter().cloned(), now_ms)?;
+            Ok(Response::SecretDone)
+        }
+        SecretCommand::RecordCounted { uses, audits } => {
+            for (id, n) in uses {
+                if let Some(mut t) = get_json::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)? {
+                    t.uses = t.uses.saturating_add(*n);
+                    put_json(txn, ACCESS_TOKENS, id, &t)?;
+                }
+            }
+            append_counted(txn, audits.iter().cloned(), now_ms)?;
             Ok(Response::SecretDone)
         }
         SecretCommand::RevokeToken { id, audit } => {
