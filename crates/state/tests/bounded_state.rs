@@ -238,3 +238,150 @@ async fn an_hour_of_1000_replicas_refreshing_a_secret_stays_within_the_caps() {
         .expect("kept");
     assert_eq!(current.meta, snapshot.meta);
 }
+
+fn refusal(actor: &str, secret: &str, why: &str) -> AuditRecord {
+    AuditRecord {
+        allowed: false,
+        detail: why.into(),
+        secret: secret.into(),
+        ..audit(actor, "read")
+    }
+}
+
+#[tokio::test]
+async fn repeats_aggregate_per_reason_within_the_window_changes_never_and_the_oldest_go_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_log, sm) = open_stores(dir.path(), Histogram::new([1.0])).expect("open");
+    let mut log = Log { sm, index: 0 };
+    let config = ClusterConfig {
+        audit_max_records: 1000,
+        audit_aggregate_window_s: 60,
+        ..ClusterConfig::default()
+    };
+    log.apply(vec![request(
+        START_MS,
+        Command::InitCluster {
+            cluster_id: "c1".into(),
+            config,
+        },
+    )])
+    .await;
+    let audit_at = |at: i64, records: Vec<AuditRecord>| {
+        request(at, Command::Secret(SecretCommand::Audit { records }))
+    };
+    // Two reasons, repeated; a change twice; a counted batch from a leader.
+    log.apply(vec![
+        audit_at(START_MS, vec![refusal("node:x", "db", "bad signature"); 3]),
+        audit_at(START_MS + 1, vec![refusal("node:x", "db", "expired")]),
+        audit_at(
+            START_MS + 2,
+            vec![audit("admin:ops", "update"), audit("admin:ops", "update")],
+        ),
+        request(
+            START_MS + 3,
+            Command::Secret(SecretCommand::RecordCounted {
+                uses: vec![],
+                audits: vec![(refusal("node:x", "db", "bad signature"), 500, START_MS + 3)],
+            }),
+        ),
+    ])
+    .await;
+    let reader = log.sm.reader();
+    let entries = reader.audit(|_| true, usize::MAX).expect("audit");
+    let counts: Vec<(String, String, u32)> = entries
+        .iter()
+        .map(|e| (e.record.action.clone(), e.record.detail.clone(), e.count))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            ("read".into(), "bad signature".into(), 503),
+            ("read".into(), "expired".into(), 1),
+            ("update".into(), "audience api".into(), 1),
+            ("update".into(), "audience api".into(), 1),
+        ]
+    );
+    assert_eq!(entries[0].last_at_ms, START_MS + 3);
+    // Beyond the cap the oldest go first, and a dropped aggregate is not
+    // counted into again.
+    let many: Vec<_> = (0..1200)
+        .map(|i| refusal("node:y", &format!("s{i}"), "not found"))
+        .collect();
+    log.apply(vec![audit_at(START_MS + 10, many)]).await;
+    let entries = reader.audit(|_| true, usize::MAX).expect("audit");
+    assert_eq!(entries.len(), 1000);
+    assert_eq!(entries[0].record.secret, "s200", "the oldest were dropped");
+    log.apply(vec![audit_at(
+        START_MS + 20,
+        vec![refusal("node:x", "db", "expired")],
+    )])
+    .await;
+    let entries = reader.audit(|_| true, usize::MAX).expect("audit");
+    let last = entries.last().expect("one");
+    assert_eq!(
+        (last.record.detail.as_str(), last.count),
+        ("expired", 1),
+        "a new record, not a count on a dropped one"
+    );
+    // Within the window a repeat is counted; after it, a new record starts.
+    let expired_counts = |log: &Log| {
+        log.sm
+            .reader()
+            .audit(|a| a.detail == "expired", usize::MAX)
+            .expect("audit")
+            .iter()
+            .map(|e| e.count)
+            .collect::<Vec<_>>()
+    };
+    let expired = |at: i64| audit_at(at, vec![refusal("node:x", "db", "expired")]);
+    log.apply(vec![expired(START_MS + 20 + 59_999)]).await;
+    assert_eq!(expired_counts(&log), vec![2]);
+    log.apply(vec![expired(START_MS + 20 + 60_000)]).await;
+    assert_eq!(expired_counts(&log), vec![2, 1]);
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_refused_and_leaves_the_state_as_it_was() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_log, sm) = open_stores(dir.path(), Histogram::new([1.0])).expect("open");
+    let mut log = Log { sm, index: 0 };
+    log.apply(vec![request(
+        START_MS,
+        Command::InitCluster {
+            cluster_id: "c1".into(),
+            config: ClusterConfig::default(),
+        },
+    )])
+    .await;
+    let snapshot = log
+        .sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("snapshot");
+    let mut sm = log.sm.clone();
+    let before = sm.applied_state().await.expect("applied");
+    for junk in [&b"CLDSNAP1\x01\xff\xff\xff\xff"[..], b"not a snapshot", b""] {
+        let mut f = sm.begin_receiving_snapshot().await.expect("begin");
+        f.write_all(junk).await.expect("write");
+        f.flush().await.expect("flush");
+        let mut meta = snapshot.meta.clone();
+        meta.snapshot_id = "junk".into();
+        assert!(sm.install_snapshot(&meta, f).await.is_err(), "{junk:?}");
+        assert_eq!(sm.applied_state().await.expect("applied"), before);
+        assert_eq!(
+            sm.reader().cluster().expect("read").map(|c| c.cluster_id),
+            Some("c1".to_owned())
+        );
+    }
+    assert_eq!(
+        sm.get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("kept")
+            .meta,
+        snapshot.meta
+    );
+}
