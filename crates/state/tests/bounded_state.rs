@@ -206,6 +206,10 @@ async fn an_hour_of_1000_replicas_refreshing_a_secret_stays_within_the_caps() {
         .await
         .expect("snapshot");
     let bytes = snapshot.snapshot.metadata().await.expect("stat").len();
+    eprintln!(
+        "after the hour: {} audit records, {tokens} token records, snapshot {bytes} bytes",
+        entries.len()
+    );
     assert!(
         bytes <= SNAPSHOT_CAP_BYTES,
         "snapshot of {bytes} bytes, cap {SNAPSHOT_CAP_BYTES}"
