@@ -254,6 +254,14 @@ impl StateMachine {
             path: snapshot_dir.clone(),
             source,
         })?;
+        // Half-written snapshots of a previous run.
+        if let Ok(dir) = std::fs::read_dir(&snapshot_dir) {
+            for f in dir.flatten() {
+                if f.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             snapshot_dir,
@@ -403,8 +411,10 @@ impl StateMachine {
             last_membership,
             snapshot_id,
         };
-        let path = self.commit_snapshot_file(&meta, &tmp, None)?;
-        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Opened before it is renamed: the handle stays valid even if a
+        // newer snapshot replaces this one at once.
+        let file = std::fs::File::open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        self.commit_snapshot_file(&meta, &tmp, None)?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
@@ -413,13 +423,14 @@ impl StateMachine {
 
     /// Renames the finished snapshot file `tmp` into place and records it as
     /// the current snapshot (in `txn` when given, else in its own durable
-    /// transaction); removes older snapshot files. Returns its path.
+    /// transaction) unless the current one is newer (a build racing an
+    /// install); removes the other snapshot files.
     fn commit_snapshot_file(
         &self,
         meta: &SnapshotMeta<NodeId, CoordinatorNode>,
         tmp: &Path,
         txn: Option<WriteTransaction>,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<(), String> {
         let name = format!("{}.snap", meta.snapshot_id);
         let path = self.snapshot_dir.join(&name);
         std::fs::rename(tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -431,17 +442,28 @@ impl StateMachine {
             Some(t) => t,
             None => self.db.begin_write().map_err(|e| e.to_string())?,
         };
-        {
+        let newer_kept = {
             let mut table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
-            let m = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
-            table
-                .insert("meta", m.as_slice())
-                .map_err(|e| e.to_string())?;
-            table
-                .insert("file", name.as_bytes())
-                .map_err(|e| e.to_string())?;
-        }
+            let current = table.get("meta").map_err(|e| e.to_string())?.and_then(|v| {
+                serde_json::from_slice::<SnapshotMeta<NodeId, CoordinatorNode>>(v.value()).ok()
+            });
+            let newer_kept = current.is_some_and(|c| c.last_log_id > meta.last_log_id);
+            if !newer_kept {
+                let m = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+                table
+                    .insert("meta", m.as_slice())
+                    .map_err(|e| e.to_string())?;
+                table
+                    .insert("file", name.as_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
+            newer_kept
+        };
         txn.commit().map_err(|e| e.to_string())?;
+        if newer_kept {
+            // Ours goes with the next snapshot's clean-up.
+            return Ok(());
+        }
         // Open handles (a snapshot being sent) keep their file until closed.
         if let Ok(dir) = std::fs::read_dir(&self.snapshot_dir) {
             for f in dir.flatten() {
@@ -454,7 +476,7 @@ impl StateMachine {
                 }
             }
         }
-        Ok(path)
+        Ok(())
     }
 
     /// A new anonymous file for a snapshot being received (unlinked at once,
