@@ -361,25 +361,9 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
         .expect_err("ttl");
     assert!(e.message().contains("ttlSeconds"), "{e}");
 
-    // Every refusal is in the audit log, with the actor.
-    let audit = ok(
-        &c,
-        &[
-            "-o",
-            "json",
-            "secrets",
-            "audit",
-            "--secret",
-            "default/db",
-            "--refused",
-        ],
-    );
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&audit).expect("audit json");
-    let details: Vec<&str> = entries
-        .iter()
-        .filter_map(|e| e["detail"].as_str())
-        .collect();
-    for want in [
+    // Every refusal is in the audit log, with the actor (refusals are
+    // committed aggregated, at most every 250 ms: poll briefly).
+    let wants = [
         "used 1 of 1",
         "runs no replica",
         "may not read",
@@ -387,12 +371,44 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
         "revoked",
         "expired",
         "signature",
-    ] {
+    ];
+    let refused = || {
+        let audit = ok(
+            &c,
+            &[
+                "-o",
+                "json",
+                "secrets",
+                "audit",
+                "--secret",
+                "default/db",
+                "--refused",
+            ],
+        );
+        serde_json::from_str::<Vec<serde_json::Value>>(&audit).expect("audit json")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut entries = refused();
+    loop {
+        let details: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e["detail"].as_str())
+            .collect();
+        let missing: Vec<&str> = wants
+            .iter()
+            .copied()
+            .filter(|w| !details.iter().any(|d| d.contains(w)))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            details.iter().any(|d| d.contains(want)),
-            "no audited refusal mentioning {want:?}: {details:#?}\nall refusals: {}",
+            Instant::now() < deadline,
+            "no audited refusal mentioning {missing:?}: {details:#?}\nall refusals: {}",
             ok(&c, &["secrets", "audit", "--refused"])
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        entries = refused();
     }
     assert!(entries.iter().all(|e| e["allowed"] == false));
     let all = ok(
