@@ -16,9 +16,12 @@ use cloudless_secrets::AccessTokenKey;
 use cloudless_state::{NodeId, Proposal, TypeConfig};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
+/// A fuzz target's entry function.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name (each has `fuzz/fuzz_targets/<name>.rs` and
 /// `fuzz/corpus/<name>/`).
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("manifest", manifest),
     ("overlay_frame", overlay_frame),
     ("token", token),
