@@ -261,8 +261,9 @@ pub enum SecretCommand {
         audit: AuditRecord,
     },
     /// Appends audit records (refusals found before a command could run).
-    /// Every audit append drops records older than the cluster's
-    /// `audit_retention_days`.
+    /// Every audit append counts repeats within `audit_aggregate_window_s`
+    /// into one record and drops records older than `audit_retention_days`
+    /// and, beyond `audit_max_records`, the oldest.
     Audit {
         /// The records.
         records: Vec<AuditRecord>,
