@@ -254,4 +254,33 @@ mod tests {
         assert!(fields.contains(&"scheduler_weights.cost"), "{errs}");
         assert!(fields.contains(&"scheduler_weights"), "{errs}");
     }
+
+    #[test]
+    fn state_caps_are_bounded_and_default_when_absent() {
+        let c = ClusterConfig {
+            audit_max_records: 10,
+            audit_aggregate_window_s: 0,
+            access_token_max_records: 20_000_000,
+            ..ClusterConfig::default()
+        };
+        let errs = c.validate().expect_err("caps out of range accepted");
+        let fields: Vec<_> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "audit_max_records",
+                "audit_aggregate_window_s",
+                "access_token_max_records"
+            ],
+            "{errs}"
+        );
+        // A record stored before the caps existed reads with the defaults.
+        let mut old = serde_json::to_value(ClusterConfig::default()).expect("json");
+        let obj = old.as_object_mut().expect("object");
+        obj.remove("audit_max_records");
+        obj.remove("audit_aggregate_window_s");
+        obj.remove("access_token_max_records");
+        let back: ClusterConfig = serde_json::from_value(old).expect("old record");
+        assert_eq!(back, ClusterConfig::default());
+    }
 }
