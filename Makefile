@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay demo demo-stop clean
+.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay fuzz fuzz-build demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -60,6 +60,26 @@ bench-secrets:
 bench-overlay:
 	$(CARGO) build --release --bins
 	./target/release/bench-overlay
+
+# Each cargo-fuzz target in fuzz/ for FUZZ_SECONDS (default 60). Needs
+# `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets the stable toolchain build
+# the sanitizer flags. New inputs go to fuzz/corpus-work/ (not checked in),
+# crashes to fuzz/artifacts/; `cargo test -p cloudless-fuzzing` replays the
+# checked-in seeds in fuzz/corpus/. Our code denies `unsafe`, so the default
+# is no sanitizer (faster); FUZZ_SANITIZER=address for the C of ring.
+FUZZ_SECONDS ?= 60
+FUZZ_SANITIZER ?= none
+FUZZ_TARGETS ?= manifest overlay_frame token csr raft_entry
+fuzz-build:
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -s $(FUZZ_SANITIZER) --debug-assertions
+
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus-work/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		(cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s $(FUZZ_SANITIZER) --debug-assertions $$t \
+			corpus-work/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048); \
+	done
 
 demo:
 	scripts/dev-cluster.sh

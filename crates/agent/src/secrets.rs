@@ -73,8 +73,9 @@ impl SecretFetcher {
     }
 
     /// The values and version of secret `namespace/name`, read as
-    /// `audience` (the workload): from memory while fresh, else with a
-    /// new single-use token.
+    /// `audience` (the workload): from memory while fresh; once stale, still
+    /// from memory if a version check (no token, no Raft write) finds the
+    /// secret unchanged; else with a new single-use token.
     pub async fn get(
         &self,
         namespace: &str,
@@ -82,11 +83,13 @@ impl SecretFetcher {
         audience: &str,
     ) -> Result<(Arc<Values>, u64), AgentError> {
         let key = (namespace.to_owned(), name.to_owned(), audience.to_owned());
+        let mut stale = None;
         if let Ok(cache) = self.cache.lock() {
             if let Some(c) = cache.get(&key) {
                 if c.fetched.elapsed() < self.refresh && now_ms() < c.valid_until_ms {
                     return Ok((c.values.clone(), c.version));
                 }
+                stale = Some((c.values.clone(), c.version));
             }
         }
         let mut coordinators = self.coordinators.lock().await;
@@ -94,6 +97,36 @@ impl SecretFetcher {
             let mut identity = self.identity.lock().await;
             if identity.has_changed().unwrap_or(false) {
                 coordinators.set_identity(identity.borrow_and_update().clone());
+            }
+        }
+        if let Some((values, version)) = stale {
+            let req = pb::CheckVersionRequest {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                audience: audience.to_owned(),
+            };
+            let checked = coordinators
+                .call_on("secret version", |ch| {
+                    let r = req.clone();
+                    async move { SecretServiceClient::new(ch).check_version(r).await }
+                })
+                .await;
+            match checked {
+                Ok(answer) => {
+                    if let Some(valid_until_ms) = still_current(version, now_ms(), &answer) {
+                        if let Ok(mut cache) = self.cache.lock() {
+                            if let Some(c) = cache.get_mut(&key) {
+                                c.fetched = Instant::now();
+                                c.valid_until_ms = valid_until_ms;
+                            }
+                        }
+                        return Ok((values, version));
+                    }
+                }
+                // A coordinator without the call: fetch as before.
+                Err(AgentError::Refused { status, .. })
+                    if status.code() == tonic::Code::Unimplemented => {}
+                Err(e) => return Err(e),
             }
         }
         let req = pb::IssueTokenRequest {
@@ -143,6 +176,22 @@ impl SecretFetcher {
         }
         Ok((values, version))
     }
+}
+
+/// When a version check finds the cached `version` still current at
+/// `now_ms`: until when the cached values may be used (the check proved the
+/// caller may still read the secret, as a new token would). `None`: fetch.
+fn still_current(version: u64, now_ms: i64, answer: &pb::CheckVersionResponse) -> Option<i64> {
+    if answer.version != version {
+        return None;
+    }
+    let token_life = now_ms.saturating_add(TOKEN_TTL_SECONDS as i64 * 1000);
+    let until = if answer.expires_at_ms == 0 {
+        token_life
+    } else {
+        token_life.min(answer.expires_at_ms)
+    };
+    (until > now_ms).then_some(until)
 }
 
 /// What a replica gets from its secrets.
@@ -358,6 +407,28 @@ mod tests {
         };
         let err = write_files(dir.path(), &missing, &values, uid, uid).expect_err("missing key");
         assert!(err.contains("no key \"TOKEN\""), "{err}");
+    }
+
+    #[test]
+    fn an_unchanged_version_keeps_the_cached_values_no_longer_than_a_token_or_the_secret() {
+        let answer = |version, expires_at_ms| pb::CheckVersionResponse {
+            version,
+            expires_at_ms,
+        };
+        let now = 1_000_000;
+        let token_life = now + TOKEN_TTL_SECONDS as i64 * 1000;
+        assert_eq!(still_current(3, now, &answer(3, 0)), Some(token_life));
+        assert_eq!(
+            still_current(3, now, &answer(3, now + 5)),
+            Some(now + 5),
+            "not past the secret's expiry"
+        );
+        assert_eq!(still_current(3, now, &answer(4, 0)), None, "changed: fetch");
+        assert_eq!(
+            still_current(3, now, &answer(3, now)),
+            None,
+            "expired: fetch"
+        );
     }
 
     fn nix_uid() -> u32 {

@@ -827,11 +827,14 @@ async fn refresh_secret_volumes(
 struct ChanWriter(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
 
 impl std::io::Write for ChanWriter {
+    /// Takes at most 64 KiB per call (`write_all` loops), so each tunnel
+    /// message stays far below the coordinator's limit on agent messages.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(64 * 1024);
         self.0
-            .send(buf.to_vec())
+            .send(buf[..n].to_vec())
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader gone"))?;
-        Ok(buf.len())
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -882,6 +885,8 @@ async fn serve_logs(
         return;
     }
     let path = rt.log_path(&container_id(&req.replica_id));
+    /// Bytes of log per tunnel message.
+    const LOG_CHUNK: usize = 64 * 1024;
     let rotation = cloudless_runtime::logs::Rotation::default();
     let lines = if req.tail_lines == 0 {
         usize::MAX
@@ -890,12 +895,23 @@ async fn serve_logs(
     };
     match cloudless_runtime::logs::tail(&path, lines, rotation) {
         Ok(tail) => {
-            for part in tail.chunks(256) {
-                let mut data = part.join("\n").into_bytes();
-                data.push(b'\n');
-                if up.send(chunk(data)).await.is_err() {
-                    return;
+            // Chunks of about 64 KiB: each tunnel message stays far below
+            // the coordinator's 1 MiB limit on agent messages, however long
+            // the lines.
+            let mut data = Vec::new();
+            for line in tail {
+                for piece in line.as_bytes().chunks(LOG_CHUNK) {
+                    data.extend_from_slice(piece);
+                    if data.len() >= LOG_CHUNK
+                        && up.send(chunk(std::mem::take(&mut data))).await.is_err()
+                    {
+                        return;
+                    }
                 }
+                data.push(b'\n');
+            }
+            if !data.is_empty() && up.send(chunk(data)).await.is_err() {
+                return;
             }
         }
         Err(e) => {

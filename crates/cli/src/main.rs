@@ -358,7 +358,8 @@ enum ClusterCmd {
     /// Change cluster configuration keys, e.g. `cluster set down_after_ms=8000`.
     /// Keys: cluster_name, heartbeat_interval_ms, suspect_after_missed_heartbeats,
     /// down_after_ms, leader_grace_ms, node_cert_lifetime_s,
-    /// audit_retention_days, secret_max_bytes,
+    /// audit_retention_days, secret_max_bytes, audit_max_records,
+    /// audit_aggregate_window_s, access_token_max_records,
     /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty}.
     Set {
         /// KEY=VALUE pairs.
@@ -397,6 +398,18 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
         }
         "secret_max_bytes" => {
             c.secret_max_bytes =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "audit_max_records" => {
+            c.audit_max_records =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "audit_aggregate_window_s" => {
+            c.audit_aggregate_window_s =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "access_token_max_records" => {
+            c.access_token_max_records =
                 u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
         }
         "scheduler_weights.locality" => w.locality = float(value)?,
@@ -863,6 +876,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "downAfterMs": c.down_after_ms, "leaderGraceMs": c.leader_grace_ms,
                 "nodeCertLifetimeS": c.node_cert_lifetime_s,
                 "auditRetentionDays": c.audit_retention_days, "secretMaxBytes": c.secret_max_bytes,
+                "auditMaxRecords": c.audit_max_records, "auditAggregateWindowS": c.audit_aggregate_window_s,
+                "accessTokenMaxRecords": c.access_token_max_records,
                 "schedulerWeights": { "locality": w.locality, "reliability": w.reliability, "cost": w.cost,
                     "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels }),
             )?;

@@ -473,6 +473,7 @@ pub(crate) async fn run(
                         "atMs": e.at_ms, "actor": e.actor, "source": e.source, "action": e.action,
                         "namespace": e.namespace, "name": e.name, "tokenId": e.token_id,
                         "allowed": e.allowed, "detail": e.detail,
+                        "count": e.count.max(1), "lastAtMs": e.last_at_ms.max(e.at_ms),
                     }))
                     .collect();
                 return print_json(&serde_json::Value::Array(v));
@@ -493,7 +494,11 @@ pub(crate) async fn run(
                         format!("{}/{}", e.namespace, e.name)
                     },
                     if e.allowed { "allowed" } else { "REFUSED" },
-                    e.detail
+                    if e.count > 1 {
+                        format!("{} (x{} until {})", e.detail, e.count, fmt_ms(e.last_at_ms))
+                    } else {
+                        e.detail
+                    }
                 );
             }
             Ok(())

@@ -16,6 +16,7 @@ mod raft_network;
 mod raft_service;
 mod rate_limit;
 mod reconciler;
+mod refusals;
 mod removal;
 mod secret_service;
 mod services;

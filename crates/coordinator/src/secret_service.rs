@@ -14,11 +14,12 @@ use cloudless_pki::Identity;
 use cloudless_proto::v1::secret_service_client::SecretServiceClient;
 use cloudless_proto::v1::secret_service_server::SecretService;
 use cloudless_proto::v1::{
-    AuditEntry, AuditRequest, AuditResponse, DeleteSecretRequest, DeleteSecretResponse,
-    GetSecretRequest, IssueTokenRequest, IssueTokenResponse, KeyInfoRequest, KeyInfoResponse,
-    KeyVersionInfo, ListSecretsRequest, ListSecretsResponse, PutSecretRequest, PutSecretResponse,
-    RetireMasterKeyRequest, RevealSecretRequest, RevealSecretResponse, RevokeTokenRequest,
-    RevokeTokenResponse, RotateMasterKeyRequest, RotateMasterKeyResponse, SecretMeta,
+    AuditEntry, AuditRequest, AuditResponse, CheckVersionRequest, CheckVersionResponse,
+    DeleteSecretRequest, DeleteSecretResponse, GetSecretRequest, IssueTokenRequest,
+    IssueTokenResponse, KeyInfoRequest, KeyInfoResponse, KeyVersionInfo, ListSecretsRequest,
+    ListSecretsResponse, PutSecretRequest, PutSecretResponse, RetireMasterKeyRequest,
+    RevealSecretRequest, RevealSecretResponse, RevokeTokenRequest, RevokeTokenResponse,
+    RotateMasterKeyRequest, RotateMasterKeyResponse, SecretMeta,
 };
 use cloudless_secrets::{AccessClaims, AccessTokenKey, KeyRing, SecretValues};
 use cloudless_state::{Command, Rejection, Response as SmResponse, SecretCommand};
@@ -32,6 +33,7 @@ use zeroize::Zeroizing;
 use crate::authz::Allow;
 use crate::coordinator::{now_ms, CoordinatorHandle};
 use crate::error::CoordinatorError;
+use crate::refusals::{Counted, Refusals, REFUSAL_FLUSH};
 use crate::services::{idempotency_key, leader_or_forward};
 
 /// Metadata key carrying the caller's identity on a forwarded call.
@@ -63,9 +65,13 @@ struct Ledger {
     /// counted since, of which not yet sent to Raft).
     counts: std::collections::HashMap<String, (u32, u32, u32)>,
     /// Allowed reads per token in this window: one audit record each,
-    /// with the count and the window (refusals are recorded one by one).
+    /// with the count and the window.
     reads: std::collections::HashMap<String, (AuditRecord, u32, i64)>,
-    audits: Vec<AuditRecord>,
+    /// Refusals, of any call, counted in memory and committed aggregated
+    /// at most every [`REFUSAL_FLUSH`].
+    refusals: Refusals,
+    /// When refusals were last committed.
+    refusals_flushed: Option<std::time::Instant>,
     flusher: bool,
 }
 
@@ -299,18 +305,28 @@ impl SecretApi {
         }
     }
 
-    /// Records a refusal decided before any command could carry it.
+    /// Records a refusal decided before any command could carry it: counted
+    /// in memory and committed aggregated (see [`crate::refusals`]), so a
+    /// caller cannot turn refusals into a Raft write each.
     async fn refuse(&self, mut audit: AuditRecord, status: Status) -> Status {
         audit.allowed = false;
         audit.detail = status.message().to_owned();
-        let actor = audit.actor.clone();
-        let cmd = Command::Secret(SecretCommand::Audit {
-            records: vec![audit],
-        });
-        if let Err(e) = self.write_by(&actor, cmd).await {
-            tracing::warn!(error = %e, "cannot record an audit refusal");
-        }
+        audit.at_ms = now_ms();
+        let mut ledger = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ledger.refusals.add(audit);
+        self.start_flusher(&mut ledger);
         status
+    }
+
+    /// Starts the ledger's flusher unless it runs.
+    fn start_flusher(&self, ledger: &mut Ledger) {
+        if !ledger.flusher {
+            ledger.flusher = true;
+            tokio::spawn(flush_ledger(self.handle.clone(), self.ledger.clone()));
+        }
     }
 
     /// Writes `cmd` for `actor`: in the node lane when a node caused it.
@@ -442,6 +458,61 @@ impl SecretApi {
             .any(|r| r.namespace == ns && r.workload == audience))
     }
 
+    /// The secret `ns/name` if `caller` may read it as `audience` (what
+    /// minting a token needs), else the refusal to record and answer.
+    fn readable(
+        &self,
+        caller: &Caller,
+        ns: &str,
+        name: &str,
+        audience: &str,
+    ) -> Result<Result<SecretRecord, Status>, Status> {
+        let secret = self
+            .handle
+            .reader()
+            .secret(ns, name)
+            .map_err(CoordinatorError::from)?;
+        let Some(secret) = secret else {
+            return Ok(Err(Status::not_found(format!(
+                "secret {ns}/{name} not found"
+            ))));
+        };
+        if !secret.audiences.iter().any(|a| a == audience) {
+            return Ok(Err(Status::permission_denied(format!(
+                "audience {audience:?} may not read {ns}/{name} (its audiences: {})",
+                secret.audiences.join(", ")
+            ))));
+        }
+        if !self.holds(caller, ns, audience)? {
+            return Ok(Err(Status::permission_denied(format!(
+                "{} runs no replica of workload {ns}/{audience}, so it does not hold that audience",
+                caller.actor
+            ))));
+        }
+        Ok(Ok(secret))
+    }
+
+    /// The current version of a secret the caller may read: no token, and
+    /// nothing written unless refused (then audited like a mint refusal).
+    async fn check_version(
+        &self,
+        caller: &Caller,
+        r: CheckVersionRequest,
+    ) -> Result<CheckVersionResponse, Status> {
+        let ns = namespace_or_default(r.namespace);
+        match self.readable(caller, &ns, &r.name, &r.audience)? {
+            Ok(secret) => Ok(CheckVersionResponse {
+                version: secret.current().map_or(0, |v| v.version),
+                expires_at_ms: secret.expires_at_ms,
+            }),
+            Err(status) => {
+                let mut audit = Self::audit(caller, "version-check", &ns, &r.name);
+                audit.detail = format!("audience {}", r.audience);
+                Err(self.refuse(audit, status).await)
+            }
+        }
+    }
+
     async fn issue(
         &self,
         caller: &Caller,
@@ -466,42 +537,8 @@ impl SecretApi {
                 "maxUses: {uses} is above the maximum of {MAX_TOKEN_USES}"
             )));
         }
-        let secret = self
-            .handle
-            .reader()
-            .secret(&ns, &r.name)
-            .map_err(CoordinatorError::from)?;
-        let Some(secret) = secret else {
-            return Err(self
-                .refuse(
-                    audit,
-                    Status::not_found(format!("secret {ns}/{} not found", r.name)),
-                )
-                .await);
-        };
-        if !secret.audiences.contains(&r.audience) {
-            return Err(self
-                .refuse(
-                    audit,
-                    Status::permission_denied(format!(
-                        "audience {:?} may not read {ns}/{} (its audiences: {})",
-                        r.audience,
-                        r.name,
-                        secret.audiences.join(", ")
-                    )),
-                )
-                .await);
-        }
-        if !self.holds(caller, &ns, &r.audience)? {
-            return Err(self
-                .refuse(
-                    audit,
-                    Status::permission_denied(format!(
-                        "{} runs no replica of workload {ns}/{}, so it does not hold that audience",
-                        caller.actor, r.audience
-                    )),
-                )
-                .await);
+        if let Err(status) = self.readable(caller, &ns, &r.name, &r.audience)? {
+            return Err(self.refuse(audit, status).await);
         }
         let now = now_ms();
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -664,7 +701,7 @@ impl SecretApi {
             audit.allowed = verdict.is_ok();
             if let Err(why) = &verdict {
                 audit.detail.clone_from(why);
-                ledger.audits.push(audit);
+                ledger.refusals.add(audit);
             } else {
                 if let Some(c) = ledger.counts.get_mut(&claims.jti) {
                     c.1 += 1;
@@ -677,10 +714,7 @@ impl SecretApi {
                 e.1 += 1;
                 e.0.at_ms = now;
             }
-            if !ledger.flusher {
-                ledger.flusher = true;
-                tokio::spawn(flush_ledger(self.handle.clone(), self.ledger.clone()));
-            }
+            self.start_flusher(&mut ledger);
             drop(ledger);
             match (verdict, secret) {
                 (Ok(()), Some(s)) => s,
@@ -885,7 +919,8 @@ impl SecretApi {
 }
 
 /// Commits the ledger's counts and audit records every [`LEDGER_FLUSH`]
-/// while there are any; stops when idle (the next use starts it again).
+/// (refusals at most every [`REFUSAL_FLUSH`]) while there are any; stops
+/// when idle (the next use or refusal starts it again).
 async fn flush_ledger(handle: CoordinatorHandle, ledger: Arc<Mutex<Ledger>>) {
     loop {
         tokio::time::sleep(LEDGER_FLUSH).await;
@@ -894,9 +929,15 @@ async fn flush_ledger(handle: CoordinatorHandle, ledger: Arc<Mutex<Ledger>>) {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let unsent = l.counts.values().any(|c| c.2 > 0);
-            if !unsent && l.audits.is_empty() && l.reads.is_empty() {
+            if !unsent && l.reads.is_empty() && l.refusals.is_empty() {
                 l.flusher = false;
                 return;
+            }
+            let refusals_due = !l.refusals.is_empty()
+                && l.refusals_flushed
+                    .is_none_or(|t| t.elapsed() >= REFUSAL_FLUSH);
+            if !unsent && l.reads.is_empty() && !refusals_due {
+                continue;
             }
             let mut uses = Vec::new();
             for (id, c) in &mut l.counts {
@@ -905,21 +946,42 @@ async fn flush_ledger(handle: CoordinatorHandle, ledger: Arc<Mutex<Ledger>>) {
                     c.2 = 0;
                 }
             }
-            let mut audits = std::mem::take(&mut l.audits);
-            for (_, (mut a, n, first)) in l.reads.drain() {
-                a.detail = if n == 1 {
-                    "1 use".to_owned()
-                } else {
-                    format!("{n} uses from {first} to {} (ms since the epoch)", a.at_ms)
-                };
-                audits.push(a);
+            let mut audits: Vec<Counted> = Vec::new();
+            if refusals_due {
+                l.refusals_flushed = Some(std::time::Instant::now());
+                audits = l.refusals.take();
             }
-            audits.sort_by_key(|a| a.at_ms);
+            for (_, (mut a, n, first)) in l.reads.drain() {
+                let last = a.at_ms;
+                a.at_ms = first;
+                a.detail = "many-use token".to_owned();
+                audits.push((a, n, last));
+            }
+            audits.sort_by_key(|a| a.0.at_ms);
             (uses, audits)
         };
         let (count, records) = (uses.iter().map(|u| u.1).sum::<u32>(), audits.len());
-        let cmd = Command::Secret(SecretCommand::RecordUses { uses, audits });
-        if let Err(e) = handle.write(None, cmd).await {
+        // In parts that each fit a Raft entry, however many tokens and
+        // actors the window saw.
+        let written = async {
+            handle
+                .write_in_parts(uses, |uses| {
+                    Command::Secret(SecretCommand::RecordCounted {
+                        uses,
+                        audits: Vec::new(),
+                    })
+                })
+                .await?;
+            handle
+                .write_in_parts(audits, |audits| {
+                    Command::Secret(SecretCommand::RecordCounted {
+                        uses: Vec::new(),
+                        audits,
+                    })
+                })
+                .await
+        };
+        if let Err(e) = written.await {
             tracing::warn!(
                 error = %e,
                 uses = count,
@@ -1059,6 +1121,30 @@ impl SecretService for SecretApi {
             |ch, r| async move {
                 SecretServiceClient::new(ch)
                     .issue_token(Self::forward(&caller, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn check_version(
+        &self,
+        req: Request<CheckVersionRequest>,
+    ) -> Result<Response<CheckVersionResponse>, Status> {
+        let caller = self.caller(&req, Allow::AdminOrNode)?;
+        let (this, c) = (self.clone(), caller.clone());
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r| async move {
+                this.handle.ensure_leader()?;
+                this.check_version(&c, r)
+                    .await
+                    .map_err(CoordinatorError::Status)
+            },
+            |ch, r| async move {
+                SecretServiceClient::new(ch)
+                    .check_version(Self::forward(&caller, r))
                     .await
             },
         )
@@ -1229,16 +1315,18 @@ impl SecretService for SecretApi {
         Ok(Response::new(AuditResponse {
             entries: records
                 .into_iter()
-                .map(|a| AuditEntry {
-                    at_ms: a.at_ms,
-                    actor: a.actor,
-                    source: a.source,
-                    action: a.action,
-                    namespace: a.namespace,
-                    name: a.secret,
-                    token_id: a.token_id,
-                    allowed: a.allowed,
-                    detail: a.detail,
+                .map(|e| AuditEntry {
+                    at_ms: e.record.at_ms,
+                    actor: e.record.actor,
+                    source: e.record.source,
+                    action: e.record.action,
+                    namespace: e.record.namespace,
+                    name: e.record.secret,
+                    token_id: e.record.token_id,
+                    allowed: e.record.allowed,
+                    detail: e.record.detail,
+                    count: e.count,
+                    last_at_ms: e.last_at_ms,
                 })
                 .collect(),
         }))

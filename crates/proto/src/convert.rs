@@ -554,6 +554,9 @@ impl From<t::ClusterConfig> for v1::ClusterConfig {
             labels: c.labels.into_iter().collect(),
             audit_retention_days: c.audit_retention_days,
             secret_max_bytes: c.secret_max_bytes,
+            audit_max_records: c.audit_max_records,
+            audit_aggregate_window_s: c.audit_aggregate_window_s,
+            access_token_max_records: c.access_token_max_records,
         }
     }
 }
@@ -598,6 +601,21 @@ pub fn cluster_config_from_wire(
             t::ClusterConfig::default().secret_max_bytes
         } else {
             c.secret_max_bytes
+        },
+        audit_max_records: if c.audit_max_records == 0 {
+            t::DEFAULT_AUDIT_MAX_RECORDS
+        } else {
+            c.audit_max_records
+        },
+        audit_aggregate_window_s: if c.audit_aggregate_window_s == 0 {
+            t::DEFAULT_AUDIT_AGGREGATE_WINDOW_S
+        } else {
+            c.audit_aggregate_window_s
+        },
+        access_token_max_records: if c.access_token_max_records == 0 {
+            t::DEFAULT_ACCESS_TOKEN_MAX_RECORDS
+        } else {
+            c.access_token_max_records
         },
     };
     config.validate().map(|()| config)

@@ -282,8 +282,9 @@ pub enum SecretCommand {
         audit: AuditRecord,
     },
     /// Appends audit records (refusals found before a command could run).
-    /// Every audit append drops records older than the cluster's
-    /// `audit_retention_days`.
+    /// Every audit append counts repeats within `audit_aggregate_window_s`
+    /// into one record and drops records older than `audit_retention_days`
+    /// and, beyond `audit_max_records`, the oldest.
     Audit {
         /// The records.
         records: Vec<AuditRecord>,
@@ -292,8 +293,8 @@ pub enum SecretCommand {
     /// parts after its `Rotate`, so no entry grows with the number of
     /// secrets). A data key is replaced only if it is still wrapped by
     /// `from_version` with the nonce the proposer read (a secret updated or
-    /// recreated meanwhile keeps its new key). Kept
-    /// last: older log entries decode by variant position.
+    /// recreated meanwhile keeps its new key). New variants go after the
+    /// existing ones: older log entries decode by variant position.
     RewrapKeys {
         /// The version the proposer rewrapped from.
         from_version: u32,
@@ -301,6 +302,16 @@ pub enum SecretCommand {
         to_version: u32,
         /// The rewrapped keys.
         keys: Vec<RewrappedKey>,
+    },
+    /// Like `RecordUses`, with each audit record standing for repeats the
+    /// leader counted in memory (reads with many-use tokens, refusals):
+    /// `(record, occurrences, latest occurrence in ms)`, the record's
+    /// `at_ms` being the first.
+    RecordCounted {
+        /// (token id, uses).
+        uses: Vec<(String, u32)>,
+        /// (record, occurrences, latest occurrence).
+        audits: Vec<(AuditRecord, u32, i64)>,
     },
 }
 

@@ -11,6 +11,7 @@ mod command;
 mod error;
 mod log_store;
 mod secrets;
+pub mod snapshot_file;
 pub use secrets::check_token_use;
 mod state_machine;
 mod type_config;
@@ -21,7 +22,7 @@ pub use command::{
 };
 pub use error::StateError;
 pub use log_store::LogStore;
-pub use state_machine::{StateMachine, StateReader};
+pub use state_machine::{StateMachine, StateReader, SNAPSHOT_DIR};
 pub use type_config::{CoordinatorNode, NodeId, Raft, TypeConfig};
 
 /// File name of the Raft log database inside the data directory.

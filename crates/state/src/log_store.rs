@@ -19,8 +19,11 @@ const KEY_FORMAT: &str = "format";
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
-/// Format 2: entries are postcard-encoded (format 1 used JSON).
-const FORMAT: u32 = 2;
+/// Format 2: entries are postcard-encoded (format 1 used JSON). Format 3:
+/// commands of the release that bounded node traffic (new fields in the
+/// cluster configuration and node records change their postcard encoding),
+/// so an older log is refused by its format, not misread.
+const FORMAT: u32 = 3;
 
 type SErr = StorageError<NodeId>;
 

@@ -2,10 +2,11 @@
 //! keyring, access tokens (uses counted, revocation at once) and the audit
 //! log. Nothing here sees plaintext or key material in the clear.
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use cloudless_types::{
-    AccessTokenRecord, AuditRecord, SecretKeyring, SecretRecord, SECRET_VERSIONS_KEPT,
+    AccessTokenRecord, AuditLogEntry, AuditRecord, SecretKeyring, SecretRecord,
+    SECRET_VERSIONS_KEPT,
 };
 
 use crate::command::{ClusterInfo, Rejection, Response, SecretCommand};
@@ -39,18 +40,65 @@ fn keyring(txn: &WriteTransaction) -> Result<SecretKeyring, String> {
     Ok(get_json(txn, SECRET_KEYS, KEYRING_KEY)?.unwrap_or_default())
 }
 
-/// Appends audit records (stamped with `now_ms` when 0) and drops those
-/// older than the cluster's retention.
+/// `<actor>\n<action>\n<allowed>\n<namespace>\n<secret>\n<refusal reason>` -> the `AUDIT` key
+/// of the record that counts repeats of it in the current window.
+pub(crate) const AUDIT_OPEN: TableDefinition<&str, &str> = TableDefinition::new("audit_open");
+/// Longest text kept in a stored audit field (actor, source, namespace,
+/// secret, token id, detail); refusals carry caller-chosen text.
+pub const AUDIT_FIELD_MAX: usize = 256;
+
+/// The cluster configuration, or the defaults before `InitCluster`.
+fn config(txn: &WriteTransaction) -> Result<cloudless_types::ClusterConfig, String> {
+    Ok(get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)?
+        .map(|c| c.config)
+        .unwrap_or_default())
+}
+
+fn truncate(s: &mut String) {
+    if s.len() > AUDIT_FIELD_MAX {
+        let mut cut = AUDIT_FIELD_MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+}
+
+/// Repeats of what: the actor, action and secret, and for a refusal its reason.
+fn aggregate_key(r: &AuditRecord) -> String {
+    let why = if r.allowed { "" } else { r.detail.as_str() };
+    format!(
+        "{}\n{}\n{}\n{}\n{}\n{why}",
+        r.actor, r.action, r.allowed, r.namespace, r.secret
+    )
+}
+
+/// Appends audit records (stamped with `now_ms` when 0). A read, token mint
+/// or refusal repeating one (same actor, action, outcome, secret and reason
+/// of refusal) first
+/// seen less than `audit_aggregate_window_s` ago is counted in that record
+/// instead. Then drops records older than `audit_retention_days` and, beyond
+/// `audit_max_records`, the oldest.
 fn append_audit(
     txn: &WriteTransaction,
     records: impl IntoIterator<Item = AuditRecord>,
     now_ms: i64,
 ) -> Result<(), String> {
-    let retention_days = get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)?
-        .map_or(cloudless_types::DEFAULT_AUDIT_RETENTION_DAYS, |c| {
-            c.config.audit_retention_days
-        });
+    append_counted(txn, records.into_iter().map(|r| (r, 1, 0)), now_ms)
+}
+
+/// [`append_audit`] of records standing for `count` occurrences, the latest
+/// at `last_at_ms` (0: at the record's `at_ms`).
+fn append_counted(
+    txn: &WriteTransaction,
+    records: impl IntoIterator<Item = (AuditRecord, u32, i64)>,
+    now_ms: i64,
+) -> Result<(), String> {
+    let config = config(txn)?;
+    let window_ms = i64::from(config.audit_aggregate_window_s) * 1000;
     let mut table = txn.open_table(AUDIT).map_err(|e| e.to_string())?;
+    let mut open = txn.open_table(AUDIT_OPEN).map_err(|e| e.to_string())?;
     let mut seq: u64 = match table.get(AUDIT_SEQ_KEY).map_err(|e| e.to_string())? {
         Some(v) => v
             .value()
@@ -58,37 +106,119 @@ fn append_audit(
             .map_err(|e| format!("audit sequence: {e}"))?,
         None => 0,
     };
-    for mut r in records {
+    for (mut r, n, last_at_ms) in records {
         if r.at_ms == 0 {
             r.at_ms = now_ms;
         }
-        let v = serde_json::to_string(&r).map_err(|e| e.to_string())?;
+        let n = n.max(1);
+        let last_at_ms = last_at_ms.max(r.at_ms);
+        for f in [
+            &mut r.actor,
+            &mut r.source,
+            &mut r.namespace,
+            &mut r.secret,
+            &mut r.token_id,
+            &mut r.detail,
+        ] {
+            truncate(f);
+        }
+        let agg = r.aggregates().then(|| aggregate_key(&r));
+        if let Some(agg) = &agg {
+            let at = open
+                .get(agg.as_str())
+                .map_err(|e| e.to_string())?
+                .map(|v| v.value().to_owned());
+            let existing = match &at {
+                Some(k) => table
+                    .get(k.as_str())
+                    .map_err(|e| e.to_string())?
+                    .and_then(|v| serde_json::from_str::<AuditLogEntry>(v.value()).ok()),
+                None => None,
+            };
+            if let (Some(k), Some(mut e)) = (at, existing) {
+                if r.at_ms.saturating_sub(e.record.at_ms) < window_ms {
+                    e.count = e.count.saturating_add(n);
+                    e.last_at_ms = e.last_at_ms.max(last_at_ms);
+                    e.record.detail = r.detail;
+                    e.record.source = r.source;
+                    e.record.token_id = r.token_id;
+                    let v = serde_json::to_string(&e).map_err(|e| e.to_string())?;
+                    table
+                        .insert(k.as_str(), v.as_str())
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
+            }
+        }
+        let key = format!("{seq:020}");
+        let entry = AuditLogEntry {
+            last_at_ms,
+            record: r,
+            count: n,
+        };
+        let v = serde_json::to_string(&entry).map_err(|e| e.to_string())?;
         table
-            .insert(format!("{seq:020}").as_str(), v.as_str())
+            .insert(key.as_str(), v.as_str())
             .map_err(|e| e.to_string())?;
+        if let Some(agg) = &agg {
+            open.insert(agg.as_str(), key.as_str())
+                .map_err(|e| e.to_string())?;
+        }
         seq += 1;
     }
     table
         .insert(AUDIT_SEQ_KEY, seq.to_string().as_str())
         .map_err(|e| e.to_string())?;
-    // Retention: records are in time order; drop from the front while old.
-    let cutoff = now_ms - i64::from(retention_days) * DAY_MS;
-    let mut old = Vec::new();
-    for item in table
-        .range::<&str>(..AUDIT_SEQ_KEY)
-        .map_err(|e| e.to_string())?
-    {
-        let (k, v) = item.map_err(|e| e.to_string())?;
-        let at = serde_json::from_str::<AuditRecord>(v.value())
-            .map(|r| r.at_ms)
-            .unwrap_or(i64::MAX);
-        if at >= cutoff {
+    // Retention: records are in time order; drop from the front while old
+    // or while over the cap (the sequence row sorts last and is not counted).
+    let cutoff = now_ms - i64::from(config.audit_retention_days) * DAY_MS;
+    let mut count = table.len().map_err(|e| e.to_string())?.saturating_sub(1);
+    let cap = u64::from(config.audit_max_records);
+    loop {
+        let Some((k, v)) = table
+            .first()
+            .map_err(|e| e.to_string())?
+            .map(|(k, v)| (k.value().to_owned(), v.value().to_owned()))
+        else {
+            break;
+        };
+        if k.as_str() >= AUDIT_SEQ_KEY {
             break;
         }
-        old.push(k.value().to_owned());
-    }
-    for k in old {
+        let entry = serde_json::from_str::<AuditLogEntry>(&v).ok();
+        let at = entry.as_ref().map_or(i64::MAX, |e| e.record.at_ms);
+        if at >= cutoff && count <= cap {
+            break;
+        }
         table.remove(k.as_str()).map_err(|e| e.to_string())?;
+        count = count.saturating_sub(1);
+        if let Some(e) = entry.filter(|e| e.record.aggregates()) {
+            let agg = aggregate_key(&e.record);
+            let points_here = open
+                .get(agg.as_str())
+                .map_err(|e| e.to_string())?
+                .is_some_and(|v| v.value() == k);
+            if points_here {
+                open.remove(agg.as_str()).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the soonest-expiring token records while there are more than `cap`.
+fn drop_tokens_over(txn: &WriteTransaction, cap: u64) -> Result<(), String> {
+    let mut tokens = txn.open_table(ACCESS_TOKENS).map_err(|e| e.to_string())?;
+    let mut expiry = txn
+        .open_table(ACCESS_TOKEN_EXPIRY)
+        .map_err(|e| e.to_string())?;
+    while tokens.len().map_err(|e| e.to_string())? > cap {
+        let Some((ek, _)) = expiry.pop_first().map_err(|e| e.to_string())? else {
+            break;
+        };
+        if let Some((_, id)) = ek.value().split_once('/') {
+            tokens.remove(id).map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }
@@ -394,6 +524,8 @@ pub(crate) fn apply(
                 ACCESS_TOKENS,
                 now_ms - TOKEN_RECORD_GRACE_MS,
             )?;
+            // And never more than the cap: the soonest to expire go first.
+            drop_tokens_over(txn, u64::from(config(txn)?.access_token_max_records))?;
             audited(txn, audit.clone(), now_ms, Ok(Response::SecretDone))
         }
         SecretCommand::UseToken { id, actor, audit } => {
@@ -433,6 +565,16 @@ pub(crate) fn apply(
                 }
             }
             append_audit(txn, audits.iter().cloned(), now_ms)?;
+            Ok(Response::SecretDone)
+        }
+        SecretCommand::RecordCounted { uses, audits } => {
+            for (id, n) in uses {
+                if let Some(mut t) = get_json::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)? {
+                    t.uses = t.uses.saturating_add(*n);
+                    put_json(txn, ACCESS_TOKENS, id, &t)?;
+                }
+            }
+            append_counted(txn, audits.iter().cloned(), now_ms)?;
             Ok(Response::SecretDone)
         }
         SecretCommand::RevokeToken { id, audit } => {

@@ -3,9 +3,7 @@
 //! Every data table maps a string key to a JSON value, so a snapshot is a
 //! generic dump of [`DATA_TABLES`] and a new table only needs listing there.
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,20 +21,22 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
-    AccessTokenRecord, AuditRecord, EventRecord, IdentityMaterial, JoinTokenRecord, NodePhase,
-    NodeRecord, ReplicaRecord, ReplicaState, Resources, Revision, SecretKeyring, SecretRecord,
-    Workload, REVISION_HISTORY,
+    AccessTokenRecord, AuditLogEntry, AuditRecord, EventRecord, IdentityMaterial, JoinTokenRecord,
+    NodePhase, NodeRecord, ReplicaRecord, ReplicaState, Resources, Revision, SecretKeyring,
+    SecretRecord, Workload, REVISION_HISTORY,
 };
 
 use crate::command::{
     ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, Request, Response,
 };
 use crate::error::{io_err, StateError};
+use crate::snapshot_file::{Frame, SnapshotFileError, SnapshotReader, SnapshotWriter};
 use crate::type_config::{CoordinatorNode, NodeId, TypeConfig};
 
 /// Raft bookkeeping: last applied log id, membership, format.
 const SYSTEM: TableDefinition<&str, &str> = TableDefinition::new("system");
-/// The current snapshot: "meta" and "data".
+/// The current snapshot: "meta" (JSON) and "file" (its name in the snapshot
+/// directory).
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 /// The cluster record under key "cluster".
@@ -71,8 +71,9 @@ const NODE_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("node_re
 const WORKLOAD_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("workload_replicas");
 
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 17] = [
+const DATA_TABLES: [TableDefinition<&str, &str>; 18] = [
     crate::secrets::SECRETS,
+    crate::secrets::AUDIT_OPEN,
     crate::secrets::SECRET_KEYS,
     crate::secrets::ACCESS_TOKENS,
     crate::secrets::ACCESS_TOKEN_EXPIRY,
@@ -92,9 +93,15 @@ const DATA_TABLES: [TableDefinition<&str, &str>; 17] = [
 ];
 
 /// Tables whose values are plain ids (indexes), not JSON records.
-const INDEX_TABLES: [TableDefinition<&str, &str>; 3] =
-    [NODE_NAMES, NODE_REPLICAS, WORKLOAD_REPLICAS];
+const INDEX_TABLES: [TableDefinition<&str, &str>; 4] = [
+    NODE_NAMES,
+    NODE_REPLICAS,
+    WORKLOAD_REPLICAS,
+    crate::secrets::AUDIT_OPEN,
+];
 
+/// Directory of snapshot files, next to the state database.
+pub const SNAPSHOT_DIR: &str = "snapshots";
 const KEY_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "last_membership";
 const KEY_FORMAT: &str = "format";
@@ -112,16 +119,12 @@ struct IdempotencyRecord {
     response: Response,
 }
 
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    /// table name -> key -> JSON value
-    tables: BTreeMap<String, BTreeMap<String, String>>,
-}
-
 /// The state machine handed to openraft. Cheap to clone (shares the database).
 #[derive(Clone)]
 pub struct StateMachine {
     path: PathBuf,
+    /// Where snapshot files live (`snapshots/` next to the database).
+    snapshot_dir: PathBuf,
     db: Arc<Database>,
     snapshot_seq: Arc<AtomicU64>,
     apply_latency: Histogram,
@@ -215,7 +218,14 @@ impl StateMachine {
                     }
                 }
             }
-            txn.open_table(SNAPSHOT).map_err(|e| se(&e))?;
+            {
+                // Format 1 kept the whole snapshot as one value; it is
+                // dropped (openraft builds a new one when it needs one).
+                let mut snap = txn.open_table(SNAPSHOT).map_err(|e| se(&e))?;
+                if snap.remove("data").map_err(|e| se(&e))?.is_some() {
+                    snap.remove("meta").map_err(|e| se(&e))?;
+                }
+            }
             for def in DATA_TABLES {
                 let table = txn.open_table(def).map_err(|e| se(&e))?;
                 if INDEX_TABLES.iter().any(|t| t.name() == def.name()) {
@@ -235,8 +245,26 @@ impl StateMachine {
             }
         }
         txn.commit().map_err(|e| se(&e))?;
+        let snapshot_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join(SNAPSHOT_DIR);
+        std::fs::create_dir_all(&snapshot_dir).map_err(|source| StateError::DataDir {
+            path: snapshot_dir.clone(),
+            source,
+        })?;
+        // Half-written snapshots of a previous run.
+        if let Ok(dir) = std::fs::read_dir(&snapshot_dir) {
+            for f in dir.flatten() {
+                if f.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
+            snapshot_dir,
             db: Arc::new(db),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             apply_latency,
@@ -352,68 +380,162 @@ impl StateMachine {
     fn build(&self) -> Result<Snapshot<TypeConfig>, String> {
         let txn = self.db.begin_read().map_err(|e| e.to_string())?;
         let (last_applied, last_membership) = read_applied(&txn)?;
-        let mut tables = BTreeMap::new();
-        for def in DATA_TABLES {
-            let table = txn.open_table(def).map_err(|e| e.to_string())?;
-            let mut rows = BTreeMap::new();
-            for item in table.iter().map_err(|e| e.to_string())? {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                rows.insert(k.value().to_owned(), v.value().to_owned());
-            }
-            tables.insert(def.name().to_owned(), rows);
-        }
-        drop(txn);
-        let data = serde_json::to_vec(&SnapshotData { tables }).map_err(|e| e.to_string())?;
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
+        let tmp = self.snapshot_dir.join(format!("{snapshot_id}.snap.tmp"));
+        let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let mut w =
+            SnapshotWriter::new(std::io::BufWriter::new(file)).map_err(|e| e.to_string())?;
+        for def in DATA_TABLES {
+            let table = txn.open_table(def).map_err(|e| e.to_string())?;
+            w.table(def.name()).map_err(|e| e.to_string())?;
+            for item in table.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                w.row(k.value(), v.value()).map_err(|e| e.to_string())?;
+            }
+        }
+        drop(txn);
+        let file = w
+            .finish()
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .map_err(|e| format!("{}: {}", tmp.display(), e.error()))?;
+        file.sync_all()
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        drop(file);
         let meta = SnapshotMeta {
             last_log_id: last_applied,
             last_membership,
             snapshot_id,
         };
-        self.store_snapshot(&meta, &data)?;
+        // Opened before it is renamed: the handle stays valid even if a
+        // newer snapshot replaces this one at once.
+        let file = std::fs::File::open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        self.commit_snapshot_file(&meta, &tmp, None)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 
-    fn store_snapshot(
+    /// Renames the finished snapshot file `tmp` into place and records it as
+    /// the current snapshot (in `txn` when given, else in its own durable
+    /// transaction) unless the current one is newer (a build racing an
+    /// install); removes the other snapshot files.
+    fn commit_snapshot_file(
         &self,
         meta: &SnapshotMeta<NodeId, CoordinatorNode>,
-        data: &[u8],
+        tmp: &Path,
+        txn: Option<WriteTransaction>,
     ) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
-        {
-            let mut table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
-            let m = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
-            table
-                .insert("meta", m.as_slice())
-                .map_err(|e| e.to_string())?;
-            table.insert("data", data).map_err(|e| e.to_string())?;
+        let name = format!("{}.snap", meta.snapshot_id);
+        let path = self.snapshot_dir.join(&name);
+        std::fs::rename(tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Ok(dir) = std::fs::File::open(&self.snapshot_dir) {
+            dir.sync_all()
+                .map_err(|e| format!("{}: {e}", self.snapshot_dir.display()))?;
         }
-        txn.commit().map_err(|e| e.to_string())
+        let txn = match txn {
+            Some(t) => t,
+            None => self.db.begin_write().map_err(|e| e.to_string())?,
+        };
+        let newer_kept = {
+            let mut table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
+            let current = table.get("meta").map_err(|e| e.to_string())?.and_then(|v| {
+                serde_json::from_slice::<SnapshotMeta<NodeId, CoordinatorNode>>(v.value()).ok()
+            });
+            let newer_kept = current.is_some_and(|c| c.last_log_id > meta.last_log_id);
+            if !newer_kept {
+                let m = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+                table
+                    .insert("meta", m.as_slice())
+                    .map_err(|e| e.to_string())?;
+                table
+                    .insert("file", name.as_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
+            newer_kept
+        };
+        txn.commit().map_err(|e| e.to_string())?;
+        if newer_kept {
+            // Ours goes with the next snapshot's clean-up.
+            return Ok(());
+        }
+        // Open handles (a snapshot being sent) keep their file until closed.
+        if let Ok(dir) = std::fs::read_dir(&self.snapshot_dir) {
+            for f in dir.flatten() {
+                let n = f.file_name();
+                let n = n.to_string_lossy();
+                if n != name.as_str() && n.ends_with(".snap") {
+                    if let Err(e) = std::fs::remove_file(f.path()) {
+                        tracing::warn!(file = %f.path().display(), error = %e, "cannot remove an old snapshot");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
+    /// A new anonymous file for a snapshot being received (unlinked at once,
+    /// so an interrupted transfer leaves nothing behind).
+    fn receiving_file(&self) -> Result<std::fs::File, String> {
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .snapshot_dir
+            .join(format!("receiving-{}-{seq}.tmp", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(file)
+    }
+
+    /// Replaces the state with the snapshot in `file`, read one row at a
+    /// time into one write transaction, and keeps a copy as the current
+    /// snapshot.
     fn install(
         &self,
         meta: &SnapshotMeta<NodeId, CoordinatorNode>,
-        data: &[u8],
+        mut file: std::fs::File,
     ) -> Result<(), String> {
-        let parsed: SnapshotData = serde_json::from_slice(data)
-            .map_err(|e| format!("snapshot {} does not decode: {e}", meta.snapshot_id))?;
+        use std::io::{Seek, SeekFrom};
+        let bad = |e: SnapshotFileError| format!("snapshot {} is invalid: {e}", meta.snapshot_id);
+        file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         for def in DATA_TABLES {
             let mut table = txn.open_table(def).map_err(|e| e.to_string())?;
             table.retain(|_, _| false).map_err(|e| e.to_string())?;
-            if let Some(rows) = parsed.tables.get(def.name()) {
-                for (k, v) in rows {
-                    table
-                        .insert(k.as_str(), v.as_str())
-                        .map_err(|e| e.to_string())?;
+        }
+        {
+            let mut reader =
+                SnapshotReader::new(std::io::BufReader::new(&mut file)).map_err(bad)?;
+            let mut table: Option<redb::Table<&str, &str>> = None;
+            while let Some(frame) = reader.next_frame().map_err(bad)? {
+                match frame {
+                    Frame::Table(name) => {
+                        let Some(def) = DATA_TABLES.iter().find(|d| d.name() == name) else {
+                            return Err(format!(
+                                "snapshot {} has an unknown table {name:?}",
+                                meta.snapshot_id
+                            ));
+                        };
+                        drop(table.take());
+                        table = Some(txn.open_table(*def).map_err(|e| e.to_string())?);
+                    }
+                    Frame::Row(k, v) => {
+                        table
+                            .as_mut()
+                            .ok_or_else(|| bad(SnapshotFileError::RowOutsideTable))?
+                            .insert(k.as_str(), v.as_str())
+                            .map_err(|e| e.to_string())?;
+                    }
                 }
             }
         }
@@ -427,29 +549,45 @@ impl StateMachine {
             system
                 .insert(KEY_MEMBERSHIP, m.as_str())
                 .map_err(|e| e.to_string())?;
-            let mut snap = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
-            let mb = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
-            snap.insert("meta", mb.as_slice())
-                .map_err(|e| e.to_string())?;
-            snap.insert("data", data).map_err(|e| e.to_string())?;
         }
-        txn.commit().map_err(|e| e.to_string())
+        // Keep the received file as the current snapshot (copied, streamed).
+        file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        let tmp = self
+            .snapshot_dir
+            .join(format!("{}.snap.tmp", meta.snapshot_id));
+        let mut copy =
+            std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::io::copy(&mut file, &mut copy).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        copy.sync_all()
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        drop(copy);
+        self.commit_snapshot_file(meta, &tmp, Some(txn))?;
+        Ok(())
     }
 
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, String> {
         let txn = self.db.begin_read().map_err(|e| e.to_string())?;
         let table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
-        let (Some(meta), Some(data)) = (
+        let (Some(meta), Some(name)) = (
             table.get("meta").map_err(|e| e.to_string())?,
-            table.get("data").map_err(|e| e.to_string())?,
+            table.get("file").map_err(|e| e.to_string())?,
         ) else {
             return Ok(None);
         };
         let meta: SnapshotMeta<NodeId, CoordinatorNode> = serde_json::from_slice(meta.value())
             .map_err(|e| format!("stored snapshot meta is corrupt: {e}"))?;
+        let name = String::from_utf8_lossy(name.value()).into_owned();
+        let path = self.snapshot_dir.join(&name);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            // Gone (removed by hand, or a crash between rename and commit):
+            // openraft builds a new one when it needs one.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data.value().to_vec())),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
     }
 }
@@ -1207,6 +1345,15 @@ impl StateReader {
         self.get(crate::secrets::ACCESS_TOKENS, id)
     }
 
+    /// How many access token records are kept.
+    pub fn access_token_count(&self) -> Result<u64, StateError> {
+        self.read(|txn| {
+            txn.open_table(crate::secrets::ACCESS_TOKENS)
+                .and_then(|t| Ok(redb::ReadableTableMetadata::len(&t)?))
+                .map_err(|e| e.to_string())
+        })
+    }
+
     /// An access token and the secret it names, read together.
     pub fn token_and_secret(
         &self,
@@ -1234,12 +1381,13 @@ impl StateReader {
         })
     }
 
-    /// Audit records passing `filter`, oldest first, at most `limit` (the newest).
+    /// Audit log entries whose record passes `filter`, oldest first, at
+    /// most `limit` (the newest).
     pub fn audit(
         &self,
         filter: impl Fn(&AuditRecord) -> bool,
         limit: usize,
-    ) -> Result<Vec<AuditRecord>, StateError> {
+    ) -> Result<Vec<AuditLogEntry>, StateError> {
         self.read(|txn| {
             let table = txn
                 .open_table(crate::secrets::AUDIT)
@@ -1250,8 +1398,9 @@ impl StateReader {
                 if k.value().starts_with('~') {
                     continue;
                 }
-                let r: AuditRecord = serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
-                if filter(&r) {
+                let r: AuditLogEntry =
+                    serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
+                if filter(&r.record) {
                     if out.len() == limit {
                         out.pop_front();
                     }
@@ -1450,17 +1599,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, SErr> {
+        let file = self
+            .receiving_file()
+            .map_err(|e| io_err!(write_state_machine, e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, CoordinatorNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), SErr> {
+        let file = snapshot.into_std().await;
         let r = self
-            .install(meta, snapshot.get_ref())
+            .install(meta, file)
             .map_err(|e| io_err!(write_state_machine, e));
         self.removals.fetch_add(1, Ordering::Release);
         self.secret_changes.fetch_add(1, Ordering::Release);
@@ -1922,8 +2075,10 @@ mod tests {
         let all = reader.audit(|_| true, 1000).expect("audit");
         assert!(all
             .iter()
-            .any(|a| !a.allowed && a.detail.contains("issued to")));
-        assert!(all.iter().any(|a| !a.allowed && a.action == "create"));
+            .any(|a| !a.record.allowed && a.record.detail.contains("issued to")));
+        assert!(all
+            .iter()
+            .any(|a| !a.record.allowed && a.record.action == "create"));
         // Retention (default 90 days): an append 91 days later drops them.
         apply(
             &sm.db,
@@ -1934,7 +2089,7 @@ mod tests {
         );
         let left = reader.audit(|_| true, 1000).expect("audit");
         assert_eq!(left.len(), 1, "{left:?}");
-        assert_eq!(left[0].at_ms, 91 * day);
+        assert_eq!(left[0].record.at_ms, 91 * day);
 
         // Token records go an hour after their expiry, on the next mint:
         // t1 and t2 expired at day 10; t3 (expiring at day 100) stays.
@@ -2322,7 +2477,7 @@ mod tests {
                 &db,
                 Command::SetNodeLabels {
                     node_id: "ghost".into(),
-                    set: BTreeMap::new(),
+                    set: std::collections::BTreeMap::new(),
                     remove: Vec::new(),
                 },
                 6000,

@@ -1,7 +1,6 @@
 //! The openraft type configuration.
 
 use std::fmt;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +30,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = CoordinatorNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

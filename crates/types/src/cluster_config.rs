@@ -61,6 +61,32 @@ pub struct ClusterConfig {
     /// Largest secret (its values together) in bytes. Default 65536.
     #[serde(default = "default_secret_max_bytes")]
     pub secret_max_bytes: u32,
+    /// Most secret audit records kept; the oldest go first beyond it.
+    /// Default 100000 (about 25 MB); 1000..=10000000.
+    #[serde(default = "default_audit_max_records")]
+    pub audit_max_records: u32,
+    /// Repeated reads, token mints and refusals by one actor on one secret
+    /// within this many seconds are one audit record with a count. Default
+    /// 3600; 1..=86400.
+    #[serde(default = "default_audit_aggregate_window_s")]
+    pub audit_aggregate_window_s: u32,
+    /// Most access token records kept; beyond it the soonest to expire go
+    /// first (their tokens are then refused as unknown). Default 100000;
+    /// 1000..=10000000.
+    #[serde(default = "default_access_token_max_records")]
+    pub access_token_max_records: u32,
+}
+
+fn default_audit_max_records() -> u32 {
+    crate::DEFAULT_AUDIT_MAX_RECORDS
+}
+
+fn default_audit_aggregate_window_s() -> u32 {
+    crate::DEFAULT_AUDIT_AGGREGATE_WINDOW_S
+}
+
+fn default_access_token_max_records() -> u32 {
+    crate::DEFAULT_ACCESS_TOKEN_MAX_RECORDS
 }
 
 fn default_audit_retention_days() -> u32 {
@@ -84,6 +110,9 @@ impl Default for ClusterConfig {
             labels: BTreeMap::new(),
             audit_retention_days: default_audit_retention_days(),
             secret_max_bytes: default_secret_max_bytes(),
+            audit_max_records: default_audit_max_records(),
+            audit_aggregate_window_s: default_audit_aggregate_window_s(),
+            access_token_max_records: default_access_token_max_records(),
         }
     }
 }
@@ -139,6 +168,30 @@ impl ClusterConfig {
             errs.push(
                 "secret_max_bytes",
                 format!("{} is outside 1..=1048576", self.secret_max_bytes),
+            );
+        }
+        if !(1000..=10_000_000).contains(&self.audit_max_records) {
+            errs.push(
+                "audit_max_records",
+                format!("{} is outside 1000..=10000000", self.audit_max_records),
+            );
+        }
+        if !(1..=86_400).contains(&self.audit_aggregate_window_s) {
+            errs.push(
+                "audit_aggregate_window_s",
+                format!(
+                    "{} is outside 1..=86400 (one day)",
+                    self.audit_aggregate_window_s
+                ),
+            );
+        }
+        if !(1000..=10_000_000).contains(&self.access_token_max_records) {
+            errs.push(
+                "access_token_max_records",
+                format!(
+                    "{} is outside 1000..=10000000",
+                    self.access_token_max_records
+                ),
             );
         }
         if !(60..=31 * 24 * 3600).contains(&self.node_cert_lifetime_s) {
@@ -200,5 +253,34 @@ mod tests {
         assert!(fields.contains(&"heartbeat_interval_ms"), "{errs}");
         assert!(fields.contains(&"scheduler_weights.cost"), "{errs}");
         assert!(fields.contains(&"scheduler_weights"), "{errs}");
+    }
+
+    #[test]
+    fn state_caps_are_bounded_and_default_when_absent() {
+        let c = ClusterConfig {
+            audit_max_records: 10,
+            audit_aggregate_window_s: 0,
+            access_token_max_records: 20_000_000,
+            ..ClusterConfig::default()
+        };
+        let errs = c.validate().expect_err("caps out of range accepted");
+        let fields: Vec<_> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "audit_max_records",
+                "audit_aggregate_window_s",
+                "access_token_max_records"
+            ],
+            "{errs}"
+        );
+        // A record stored before the caps existed reads with the defaults.
+        let mut old = serde_json::to_value(ClusterConfig::default()).expect("json");
+        let obj = old.as_object_mut().expect("object");
+        obj.remove("audit_max_records");
+        obj.remove("audit_aggregate_window_s");
+        obj.remove("access_token_max_records");
+        let back: ClusterConfig = serde_json::from_value(old).expect("old record");
+        assert_eq!(back, ClusterConfig::default());
     }
 }

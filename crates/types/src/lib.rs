@@ -22,10 +22,11 @@ pub use node_capacity::{
     check_capacity_bounds, placement_capacity, CapacityOutOfBounds, CAPACITY_LIMITS, GROWTH_FACTOR,
 };
 pub use secret::{
-    check_secret_key, check_secret_names, AccessTokenRecord, AuditRecord, SecretCiphertext,
-    SecretKeyVersion, SecretKeyring, SecretRecord, SecretVersion, DEFAULT_AUDIT_RETENTION_DAYS,
-    DEFAULT_SECRET_LIMIT, DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS, MAX_TOKEN_USES,
-    SECRET_VERSIONS_KEPT,
+    check_secret_key, check_secret_names, AccessTokenRecord, AuditLogEntry, AuditRecord,
+    SecretCiphertext, SecretKeyVersion, SecretKeyring, SecretRecord, SecretVersion,
+    DEFAULT_ACCESS_TOKEN_MAX_RECORDS, DEFAULT_AUDIT_AGGREGATE_WINDOW_S, DEFAULT_AUDIT_MAX_RECORDS,
+    DEFAULT_AUDIT_RETENTION_DAYS, DEFAULT_SECRET_LIMIT, DEFAULT_TOKEN_TTL_SECONDS,
+    MAX_TOKEN_TTL_SECONDS, MAX_TOKEN_USES, SECRET_VERSIONS_KEPT,
 };
 pub use validation::{check_labels, parse_duration_secs, FieldError, ValidationErrors};
 pub use workload::{

@@ -17,6 +17,12 @@ pub const MAX_TOKEN_TTL_SECONDS: u64 = 24 * 3600;
 pub const MAX_TOKEN_USES: u32 = 1_000_000;
 /// Default audit retention: 90 days.
 pub const DEFAULT_AUDIT_RETENTION_DAYS: u32 = 90;
+/// Default cap on secret audit records.
+pub const DEFAULT_AUDIT_MAX_RECORDS: u32 = 100_000;
+/// Default window in which repeats become one audit record: 1 hour.
+pub const DEFAULT_AUDIT_AGGREGATE_WINDOW_S: u32 = 3600;
+/// Default cap on access token records.
+pub const DEFAULT_ACCESS_TOKEN_MAX_RECORDS: u32 = 100_000;
 
 /// A secret value encrypted under a data key, the data key wrapped by a
 /// master key version. Everything base64; safe to store and replicate.
@@ -149,6 +155,34 @@ pub struct AuditRecord {
     pub allowed: bool,
     /// Why it was refused, or a detail.
     pub detail: String,
+}
+
+impl AuditRecord {
+    /// Whether repeats of this record within a window may be counted in one
+    /// stored record: reads, token mints and uses, and every refusal. Changes
+    /// (create, update, delete, revoke, rotate, retire) are always kept apart.
+    pub fn aggregates(&self) -> bool {
+        !self.allowed || matches!(self.action.as_str(), "read" | "token-mint" | "token-use")
+    }
+}
+
+/// One stored audit log record: an [`AuditRecord`] (its `at_ms` the first
+/// occurrence) and how many times it happened within the aggregation window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditLogEntry {
+    /// The first occurrence (with the latest `detail`, `source` and `token_id`).
+    #[serde(flatten)]
+    pub record: AuditRecord,
+    /// Occurrences counted in this record (1 for a single one).
+    #[serde(default = "one")]
+    pub count: u32,
+    /// The latest occurrence, ms since the epoch.
+    #[serde(default)]
+    pub last_at_ms: i64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Checks a secret value key: 1-253 characters of letters, digits, `.`, `_`, `-`.
