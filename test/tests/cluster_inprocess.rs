@@ -423,3 +423,49 @@ async fn concurrent_writes_share_entries_but_get_their_own_answers() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_is_refused_when_it_leaves_a_rollout_or_drain_no_room() {
+    let cluster = InProcessCluster::start(1, |_| {}).await;
+    let addr = cluster.addr(0);
+    let mut w = cloudless_test::workload("tight", 5);
+    if let Some(spec) = w.spec.as_mut() {
+        spec.rollout = Some(pb::Rollout {
+            max_surge: 0,
+            max_unavailable: 1,
+            min_available: Some(3),
+            ..Default::default()
+        });
+    }
+    pb::workload_service_client::WorkloadServiceClient::new(cloudless_test::channel(&addr))
+        .apply(pb::ApplyWorkloadRequest {
+            write: None,
+            workload: Some(w),
+        })
+        .await
+        .expect("apply");
+    let err =
+        pb::workload_service_client::WorkloadServiceClient::new(cloudless_test::channel(&addr))
+            .scale(pb::ScaleWorkloadRequest {
+                name: "tight".into(),
+                replicas: 3,
+                ..Default::default()
+            })
+            .await
+            .expect_err("a scale leaving minAvailable 3 of 3 with maxSurge 0 was accepted");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("spec.rollout.minAvailable"),
+        "{}",
+        err.message()
+    );
+    let ok =
+        pb::workload_service_client::WorkloadServiceClient::new(cloudless_test::channel(&addr))
+            .scale(pb::ScaleWorkloadRequest {
+                name: "tight".into(),
+                replicas: 4,
+                ..Default::default()
+            })
+            .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}

@@ -251,6 +251,9 @@ impl NodeService for NodeApi {
             req,
             |r: EnrollRequest| async move {
                 check_name(&r.name)?;
+                // Only the leader's state is sure to hold a token just
+                // created; a follower forwards before any work.
+                h.ensure_leader()?;
                 let keys = h.identity_keys()?;
                 let lifetime = h.cluster()?.config.node_cert_lifetime_s;
                 let now = now_ms();

@@ -236,8 +236,19 @@ impl WorkloadService for WorkloadApi {
                     )));
                 }
                 let key = idempotency_key(r.write.as_ref())?;
+                let namespace = namespace_or_default(r.namespace);
+                // The new count must leave the workload's rollout (and a
+                // drain, which moves replicas under the same rules) room to
+                // progress, as `apply` checks.
+                if let Some(w) = h.reader().workload(&namespace, &r.name)? {
+                    let mut spec = w.spec;
+                    spec.replicas = r.replicas;
+                    let mut errs = cloudless_types::ValidationErrors::default();
+                    spec.validate_into("spec", &mut errs);
+                    errs.into_result()?;
+                }
                 let cmd = Command::ScaleWorkload {
-                    namespace: namespace_or_default(r.namespace),
+                    namespace,
                     name: r.name,
                     replicas: r.replicas,
                 };

@@ -16,9 +16,13 @@ use std::io::{Read, Write};
 
 /// The first bytes of every snapshot file (format version 1).
 pub const MAGIC: &[u8; 8] = b"CLDSNAP1";
-/// Longest table name, key or value accepted (a secret is at most 1 MiB of
-/// plaintext; its record is a few times that in base64 JSON).
-pub const MAX_FIELD: u32 = 16 << 20;
+/// Longest table name, key or value a reader accepts. The writer never
+/// refuses a row the state holds (a failed snapshot build stops openraft),
+/// and the largest row the state can hold (a workload with its revision
+/// history, or an idempotency record holding one, at the largest entry
+/// size) stays below this. A field is read as its bytes arrive, so a
+/// corrupt length costs no more memory than the bytes actually sent.
+pub const MAX_FIELD: u32 = 1 << 30;
 
 const TAG_END: u8 = 0;
 const TAG_TABLE: u8 = 1;
@@ -88,11 +92,7 @@ impl<W: Write> SnapshotWriter<W> {
 
     fn field(&mut self, bytes: &[u8]) -> Result<(), SnapshotFileError> {
         let len = u32::try_from(bytes.len())
-            .ok()
-            .filter(|l| *l <= MAX_FIELD)
-            .ok_or(SnapshotFileError::FieldTooLong {
-                len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
-            })?;
+            .map_err(|_| SnapshotFileError::FieldTooLong { len: u32::MAX })?;
         self.out.write_all(&len.to_le_bytes())?;
         self.out.write_all(bytes)?;
         Ok(())

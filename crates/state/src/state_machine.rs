@@ -431,6 +431,12 @@ impl StateMachine {
         tmp: &Path,
         txn: Option<WriteTransaction>,
     ) -> Result<(), String> {
+        if !safe_snapshot_id(&meta.snapshot_id) {
+            return Err(format!(
+                "snapshot id {:?} cannot name a file",
+                meta.snapshot_id
+            ));
+        }
         let name = format!("{}.snap", meta.snapshot_id);
         let path = self.snapshot_dir.join(&name);
         std::fs::rename(tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -549,6 +555,12 @@ impl StateMachine {
             system
                 .insert(KEY_MEMBERSHIP, m.as_str())
                 .map_err(|e| e.to_string())?;
+        }
+        if !safe_snapshot_id(&meta.snapshot_id) {
+            return Err(format!(
+                "snapshot id {:?} cannot name a file",
+                meta.snapshot_id
+            ));
         }
         // Keep the received file as the current snapshot (copied, streamed).
         file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
@@ -1625,6 +1637,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.current_snapshot()
             .map_err(|e| io_err!(read_state_machine, e))
     }
+}
+
+/// Whether a snapshot id (from the leader) can name a file in the snapshot
+/// directory: letters, digits, `-`, `_` and `.` only, and not `.` or `..`.
+fn safe_snapshot_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
