@@ -154,7 +154,41 @@ pub struct Mesh {
     node_id: String,
     local: Arc<Local>,
     upstreams: Mutex<HashMap<(String, String), Vec<Endpoint>>>,
+    /// Replica ids of every remote upstream endpoint now: a stream carried
+    /// to a replica that leaves them (its node removed, the replica gone)
+    /// is cut, not left to whoever still answers on it.
+    live_endpoints: LiveEndpoints,
     next: AtomicUsize,
+}
+
+/// The replica ids that are remote upstream endpoints now, watched by the
+/// streams carried to them.
+#[derive(Debug)]
+struct LiveEndpoints(tokio::sync::watch::Sender<Arc<HashSet<String>>>);
+
+impl Default for LiveEndpoints {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(Arc::default()))
+    }
+}
+
+impl LiveEndpoints {
+    fn replace(&self, live: HashSet<String>) {
+        self.0.send_replace(Arc::new(live));
+    }
+
+    /// Resolves once `replica_id` is no longer an endpoint.
+    async fn gone(&self, replica_id: &str) {
+        let mut live = self.0.subscribe();
+        loop {
+            if !live.borrow_and_update().contains(replica_id) {
+                return;
+            }
+            if live.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 impl Mesh {
@@ -177,6 +211,7 @@ impl Mesh {
             node_id: node_id.to_owned(),
             local,
             upstreams: Mutex::default(),
+            live_endpoints: LiveEndpoints::default(),
             next: AtomicUsize::new(0),
         }))
     }
@@ -219,7 +254,14 @@ impl Mesh {
             }
             map.insert((set.namespace.clone(), set.workload.clone()), endpoints);
         }
+        let live: HashSet<String> = map
+            .values()
+            .flatten()
+            .filter(|e| e.node_id != self.node_id)
+            .map(|e| e.replica_id.clone())
+            .collect();
         *lock(&self.upstreams) = map;
+        self.live_endpoints.replace(live);
     }
 
     /// Records where a local replica runs now (`None`: it stopped).
@@ -305,7 +347,16 @@ impl Mesh {
                 let peer = Identity::Node(e.node_id.clone());
                 match self.overlay.open(&peer, &target(&e.replica_id, port)).await {
                     Ok(mut s) => {
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut s).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut tcp, &mut s) => {}
+                            () = self.live_endpoints.gone(&e.replica_id) => {
+                                tracing::info!(
+                                    replica = %e.replica_id,
+                                    node_id = %e.node_id,
+                                    "cut a stream to a replica that is no longer an endpoint"
+                                );
+                            }
+                        }
                         return Ok(());
                     }
                     Err(err) => errors.push(err.to_string()),
@@ -402,6 +453,27 @@ pub fn advertise(listen: SocketAddr, coordinators: &[String]) -> Option<SocketAd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stream_to_a_replica_ends_when_it_stops_being_an_endpoint() {
+        let live = LiveEndpoints::default();
+        live.replace(["r-on-b".to_owned(), "r-on-c".to_owned()].into());
+        let gone = live.gone("r-on-b");
+        tokio::pin!(gone);
+        // Still an endpoint: the stream goes on, through unrelated changes.
+        live.replace(["r-on-b".to_owned()].into());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), &mut gone)
+                .await
+                .is_err(),
+            "cut while still an endpoint"
+        );
+        // Its node is removed: the replica leaves every upstream set.
+        live.replace(HashSet::new());
+        tokio::time::timeout(std::time::Duration::from_secs(1), gone)
+            .await
+            .expect("the stream was not cut");
+    }
 
     #[test]
     fn targets_round_trip_and_bad_ones_are_refused() {

@@ -538,7 +538,7 @@ impl AgentService for AgentApi {
                 tokio::select! {
                     m = inbound.message() => match m {
                         // Answers count only for requests sent to this node.
-                        Ok(Some(up)) => { tunnels.deliver(&id, up); }
+                        Ok(Some(up)) => { tunnels.deliver(&id, up).await; }
                         Ok(None) | Err(_) => break,
                     },
                     () = stopping.cancelled() => break,

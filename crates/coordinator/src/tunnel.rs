@@ -84,6 +84,9 @@ impl Drop for Pending {
     }
 }
 
+/// How long a request's reader may fall behind before its answer is cut.
+const SLOW_CALLER: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Tunnels {
     /// Records `node`'s tunnel (replacing an older one); returns its
     /// generation and a token cancelled when the tunnel is cut.
@@ -134,7 +137,12 @@ impl Tunnels {
 
     /// Hands an answer that arrived on `from`'s tunnel to the request
     /// waiting for it, if that request went to `from`.
-    pub(crate) fn deliver(&self, from: &str, up: TunnelUp) -> Delivery {
+    ///
+    /// A caller that reads slowly slows the node's tunnel down (the agent
+    /// sends within its flow-control window), so output is never dropped
+    /// while it keeps up within [`SLOW_CALLER`]; one that stops reading
+    /// loses the rest of its answer, not the tunnel.
+    pub(crate) async fn deliver(&self, from: &str, up: TunnelUp) -> Delivery {
         let tx = match self.pending.lock().ok().and_then(|p| {
             p.get(&up.request_id)
                 .map(|w| (w.node == from).then(|| w.tx.clone()))
@@ -148,8 +156,11 @@ impl Tunnels {
         };
         let end = up.end;
         let id = up.request_id;
-        if tx.try_send(up).is_err() || end {
-            // A caller too slow to keep up loses the rest, not the tunnel.
+        let sent = matches!(
+            tokio::time::timeout(SLOW_CALLER, tx.send(up)).await,
+            Ok(Ok(()))
+        );
+        if !sent || end {
             if let Ok(mut p) = self.pending.lock() {
                 p.remove(&id);
             }
@@ -254,19 +265,21 @@ mod tests {
 
         // Another node sends an answer under the id b was given: dropped.
         assert_eq!(
-            tunnels.deliver("evil", answer(sent.request_id, "forged")),
+            tunnels
+                .deliver("evil", answer(sent.request_id, "forged"))
+                .await,
             Delivery::WrongNode
         );
         assert!(answers.try_recv().is_err(), "a forged answer got through");
         // b's own answer arrives, and ends the request.
         assert_eq!(
-            tunnels.deliver("b", answer(sent.request_id, "real")),
+            tunnels.deliver("b", answer(sent.request_id, "real")).await,
             Delivery::Accepted
         );
         let got = answers.recv().await.expect("b's answer");
         assert_eq!(got.exec_output.expect("output").stdout, b"real");
         assert_eq!(
-            tunnels.deliver("b", answer(sent.request_id, "late")),
+            tunnels.deliver("b", answer(sent.request_id, "late")).await,
             Delivery::Unknown
         );
     }
@@ -294,7 +307,10 @@ mod tests {
         assert!(tunnels.cut("b"));
         assert!(cut.is_cancelled(), "the tunnel's stream is not told to end");
         assert!(tunnels.nodes().is_empty());
-        assert_eq!(tunnels.deliver("b", answer(second, "x")), Delivery::Unknown);
+        assert_eq!(
+            tunnels.deliver("b", answer(second, "x")).await,
+            Delivery::Unknown
+        );
         assert!(
             answers.recv().await.is_none(),
             "the waiting exec did not end"
