@@ -118,6 +118,13 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+fn enroll_key(remote: Option<SocketAddr>) -> String {
+    remote.map_or_else(
+        || "unknown".to_owned(),
+        |a| crate::rate_limit::address_key(a.ip()),
+    )
+}
+
 fn leader_of(f: &ForwardToLeader<NodeId, CoordinatorNode>) -> CoordinatorError {
     CoordinatorError::NotLeader {
         leader: f
@@ -239,14 +246,13 @@ impl CoordinatorHandle {
         })
     }
 
-    /// Takes one enrollment token for the caller at `remote`.
+    /// Refuses enrollment from `remote` while its failed attempts are over
+    /// their rate (a fleet enrolling behind one address is not slowed down;
+    /// guessing or replaying tokens is).
     pub(crate) fn admit_enroll(&self, remote: Option<SocketAddr>) -> Result<(), CoordinatorError> {
-        let key = remote.map_or_else(
-            || "unknown".to_owned(),
-            |a| crate::rate_limit::address_key(a.ip()),
-        );
+        let key = enroll_key(remote);
         let limiter = &self.inner.enrolls;
-        if limiter.try_take(&key, std::time::Instant::now()) {
+        if limiter.has_token(&key, std::time::Instant::now()) {
             return Ok(());
         }
         let rate = limiter.rate();
@@ -256,6 +262,14 @@ impl CoordinatorHandle {
             rate_per_s: rate.per_s,
             burst: rate.burst,
         })
+    }
+
+    /// Counts a failed enrollment attempt from `remote`.
+    pub(crate) fn enroll_failed(&self, remote: Option<SocketAddr>) {
+        let _ = self
+            .inner
+            .enrolls
+            .try_take(&enroll_key(remote), std::time::Instant::now());
     }
 
     /// Proposes a `command` a node's request caused, in the node lane: it

@@ -237,16 +237,17 @@ impl NodeService for NodeApi {
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
         // Enrollment needs no certificate: anyone holding an old token can
-        // call it, so each source address gets a rate (a follower forwarding
-        // an enrollment has already counted it).
+        // call it, so failed attempts from each source address get a rate (a
+        // follower forwarding an enrollment has already counted it).
         let forwarded_by_peer =
             crate::authz::require(&self.handle, &req, crate::authz::Allow::Coordinator).is_ok()
                 && self.handle.tls_ca_pem().is_some();
-        if !forwarded_by_peer {
-            self.handle.admit_enroll(req.remote_addr())?;
+        let remote = (!forwarded_by_peer).then(|| req.remote_addr());
+        if let Some(remote) = remote {
+            self.handle.admit_enroll(remote)?;
         }
         let h = self.handle.clone();
-        leader_or_forward(
+        let answer = leader_or_forward(
             &self.handle,
             req,
             |r: EnrollRequest| async move {
@@ -295,7 +296,17 @@ impl NodeService for NodeApi {
             },
             |ch, r| async move { NodeServiceClient::new(ch).enroll(r).await },
         )
-        .await
+        .await;
+        if let (Err(status), Some(remote)) = (&answer, remote) {
+            // Only a refusal of the caller's own making counts against it.
+            if !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::ResourceExhausted
+            ) {
+                self.handle.enroll_failed(remote);
+            }
+        }
+        answer
     }
 
     async fn list(

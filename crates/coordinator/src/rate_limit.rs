@@ -46,6 +46,20 @@ impl RateLimiter {
         self.rate
     }
 
+    /// Whether `key`'s bucket holds a token at `now` (none is taken).
+    pub fn has_token(&self, key: &str, now: Instant) -> bool {
+        let per_s = f64::from(self.rate.per_s.max(1));
+        let burst = f64::from(self.rate.burst.max(1));
+        let buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        buckets.get(key).is_none_or(|b| {
+            let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+            (b.tokens + elapsed * per_s).min(burst) >= 1.0
+        })
+    }
+
     /// Takes one token from `key`'s bucket at `now`; `false` when it is empty.
     pub fn try_take(&self, key: &str, now: Instant) -> bool {
         let per_s = f64::from(self.rate.per_s.max(1));
@@ -113,6 +127,9 @@ mod tests {
         assert!(!l.try_take("node:a", t0 + Duration::from_millis(100)));
         // Another caller is not affected.
         assert!(l.try_take("node:b", t0));
+        assert!(!l.has_token("node:a", t0 + Duration::from_millis(100)));
+        assert!(l.has_token("node:a", t0 + Duration::from_millis(200)));
+        assert!(l.has_token("node:never-seen", t0));
         // A long pause refills only up to the burst.
         let later = t0 + Duration::from_secs(60);
         assert_eq!((0..20).filter(|_| l.try_take("node:a", later)).count(), 5);
