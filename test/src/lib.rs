@@ -441,6 +441,9 @@ pub struct ProcessNode {
     /// Append stderr (logs, at `CLOUDLESS_TEST_COORDINATOR_LOG` or
     /// `info,openraft=warn`) to this file instead of the test's stderr.
     pub log_file: Option<PathBuf>,
+    /// Serve plaintext (`--insecure-plaintext`), the default for these test
+    /// processes; `false` for mTLS (a master key given or created by `init`).
+    pub plaintext: bool,
     /// The process while running.
     pub child: Option<std::process::Child>,
 }
@@ -454,6 +457,7 @@ impl ProcessNode {
             http: format!("127.0.0.1:{}", free_port()),
             listen: None,
             log_file: None,
+            plaintext: true,
             child: None,
         }
     }
@@ -494,6 +498,16 @@ impl ProcessNode {
             Some(l) => cmd.args(["--listen", l, "--advertise", &self.grpc]),
             None => cmd.args(["--listen", &self.grpc]),
         };
+        if self.plaintext {
+            cmd.arg("--insecure-plaintext");
+            let anywhere = self.listen.as_ref().is_some_and(|l| {
+                l.parse::<std::net::SocketAddr>()
+                    .map_or(true, |a| !a.ip().is_loopback())
+            });
+            if anywhere {
+                cmd.arg("--insecure-plaintext-anywhere");
+            }
+        }
         if let Some(j) = join {
             cmd.args(["--join", j]);
         }
@@ -603,6 +617,7 @@ pub async fn start_process_cluster_on(
         Vec::new()
     };
     for (i, n) in nodes.iter_mut().enumerate() {
+        n.plaintext = !tls;
         if log_files {
             n.log_file = Some(dir.join(format!("c{i}.log")));
         }

@@ -175,6 +175,7 @@ fn damaged_data_dir_is_a_clear_startup_error() {
         &grpc,
         "--http",
         &http,
+        "--insecure-plaintext",
     ];
     let (code, err) = run_to_exit(&args);
     assert_eq!(code, 3, "{err}");

@@ -15,6 +15,7 @@ use cloudless_proto::v1::{self as pb, ReadConsistency, ReadOptions, WriteOptions
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
+mod admin;
 mod secrets;
 
 #[derive(Parser, Debug)]
@@ -53,6 +54,9 @@ enum Cmd {
     /// Coordinator membership and status.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Admin certificates: renew yours, issue to others, revoke, list.
+    #[command(subcommand)]
+    Admin(admin::AdminCmd),
     /// Create or update the workload in a manifest (YAML or JSON).
     Apply {
         /// Manifest file, or - for standard input.
@@ -359,7 +363,7 @@ enum ClusterCmd {
     /// Keys: cluster_name, heartbeat_interval_ms, suspect_after_missed_heartbeats,
     /// down_after_ms, leader_grace_ms, node_cert_lifetime_s,
     /// audit_retention_days, secret_max_bytes, audit_max_records,
-    /// audit_aggregate_window_s, access_token_max_records,
+    /// audit_aggregate_window_s, access_token_max_records, admin_cert_lifetime_s,
     /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty}.
     Set {
         /// KEY=VALUE pairs.
@@ -408,6 +412,7 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
             c.audit_aggregate_window_s =
                 u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
         }
+        "admin_cert_lifetime_s" => c.admin_cert_lifetime_s = int(value)?,
         "access_token_max_records" => {
             c.access_token_max_records =
                 u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
@@ -729,7 +734,17 @@ struct Tls {
     key: String,
 }
 
-fn load_config(path: &std::path::Path) -> Result<(Vec<String>, Option<Tls>), Failure> {
+/// Replaces control characters (terminal escapes) in text from the cluster
+/// before it is printed.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+type LoadedConfig = (Vec<String>, Option<(Tls, admin::CredentialPaths)>);
+
+fn load_config(path: &std::path::Path) -> Result<LoadedConfig, Failure> {
     use std::os::unix::fs::PermissionsExt;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -753,11 +768,14 @@ fn load_config(path: &std::path::Path) -> Result<(Vec<String>, Option<Tls>), Fai
             let read = |p: &std::path::Path| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
             };
-            Some(Tls {
-                ca: read(&ca)?,
-                cert: read(&cert)?,
-                key: read(&key)?,
-            })
+            Some((
+                Tls {
+                    ca: read(&ca)?,
+                    cert: read(&cert)?,
+                    key: read(&key)?,
+                },
+                admin::CredentialPaths { cert, key },
+            ))
         }
         (None, None, None) => None,
         _ => {
@@ -771,9 +789,13 @@ fn load_config(path: &std::path::Path) -> Result<(Vec<String>, Option<Tls>), Fai
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let (file_servers, tls) = match &cli.config {
+    let (file_servers, credentials) = match &cli.config {
         Some(p) => load_config(p)?,
         None => (Vec::new(), None),
+    };
+    let (tls, paths) = match credentials {
+        Some((t, p)) => (Some(t), Some(p)),
+        None => (None, None),
     };
     let servers: Vec<String> = match &cli.server {
         Some(s) => s
@@ -784,7 +806,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         None if !file_servers.is_empty() => file_servers,
         None => vec!["127.0.0.1:7400".to_owned()],
     };
-    let target = Target { servers, tls };
+    let mut target = Target { servers, tls };
+    // Every command keeps the admin certificate alive: renewed with two
+    // thirds of its lifetime gone (`admin renew` does it at once).
+    if let Some(p) = &paths {
+        if !matches!(cli.command, Cmd::Admin(admin::AdminCmd::Renew)) {
+            if let Some(cert) = admin::renew_if_due(&target, p, false).await? {
+                if let Some(t) = target.tls.as_mut() {
+                    t.cert = cert;
+                }
+            }
+        }
+    }
     let servers = &target;
     match cli.command {
         Cmd::Cluster(ClusterCmd::Status) => {
@@ -1371,6 +1404,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Secrets(cmd) => secrets::run(cmd, servers, cli.output, cli.stale).await?,
+        Cmd::Admin(cmd) => admin::run(cmd, servers, paths.as_ref(), cli.output).await?,
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "cloudlessctl", &mut std::io::stdout());

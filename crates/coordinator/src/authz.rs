@@ -33,10 +33,20 @@ const VERIFIED_FOR: Duration = Duration::from_secs(60);
 /// Most certificates remembered; the cache is cleared when full.
 const CACHE_LIMIT: usize = 65_536;
 
+/// What a verified client certificate says.
+#[derive(Debug, Clone)]
+struct Verified {
+    identity: Identity,
+    /// When it was issued, Unix seconds.
+    issued_at_s: i64,
+    /// When it expires, Unix seconds.
+    not_after_s: i64,
+}
+
 /// Identities of recently verified client certificates, by certificate bytes.
 #[derive(Debug, Default)]
 pub(crate) struct PeerCache {
-    map: Mutex<HashMap<Vec<u8>, (Identity, Instant)>>,
+    map: Mutex<HashMap<Vec<u8>, (Verified, Instant)>>,
     /// Node ids seen enrolled, with the state's removal generation at the time.
     nodes: Mutex<HashMap<String, u64>>,
 }
@@ -71,23 +81,33 @@ impl PeerCache {
         Ok(exists)
     }
 
-    fn identity(&self, ca_pem: &str, der: &[u8]) -> Result<Identity, Status> {
+    fn identity(&self, ca_pem: &str, der: &[u8]) -> Result<Verified, Status> {
         let mut map = self
             .map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((id, at)) = map.get(der) {
-            if at.elapsed() < VERIFIED_FOR {
-                return Ok(id.clone());
+        if let Some((v, at)) = map.get(der) {
+            // An expired certificate on a long-lived connection is refused
+            // from its expiry on, not up to VERIFIED_FOR later.
+            if at.elapsed() < VERIFIED_FOR && now_ms() / 1000 <= v.not_after_s {
+                return Ok(v.clone());
             }
         }
-        let identity = verify_with_ca_cert(ca_pem, der, now_ms() / 1000)
-            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+        let refused = |e: cloudless_pki::PkiError| {
+            Status::unauthenticated(format!("client certificate refused: {e}"))
+        };
+        let identity = verify_with_ca_cert(ca_pem, der, now_ms() / 1000).map_err(refused)?;
+        let info = cloudless_pki::inspect_certificate_der(der).map_err(refused)?;
+        let verified = Verified {
+            identity,
+            issued_at_s: info.not_before + cloudless_pki::BACKDATE_S,
+            not_after_s: info.not_after,
+        };
         if map.len() >= CACHE_LIMIT {
             map.clear();
         }
-        map.insert(der.to_vec(), (identity.clone(), Instant::now()));
-        Ok(identity)
+        map.insert(der.to_vec(), (verified.clone(), Instant::now()));
+        Ok(verified)
     }
 }
 
@@ -100,6 +120,41 @@ pub(crate) fn node_still_enrolled(handle: &CoordinatorHandle, id: &str) -> Resul
             "node {id} has been removed from the cluster; enroll it again with a new join token"
         )))
     }
+}
+
+/// Refuses a certificate whose identity was withdrawn after it was issued:
+/// a revoked admin, a removed coordinator (nodes are checked by the caller).
+fn still_trusted(
+    handle: &CoordinatorHandle,
+    identity: &Identity,
+    issued_at_s: i64,
+) -> Result<(), Status> {
+    let read_err = |e: cloudless_state::StateError| {
+        Status::internal(format!("cannot read the access records: {e}"))
+    };
+    match identity {
+        Identity::Admin(name) => {
+            let record = handle.reader().admin(name).map_err(read_err)?;
+            if record.is_some_and(|r| issued_at_s <= r.revoked_before_s) {
+                return Err(Status::permission_denied(format!(
+                    "admin {name:?} was revoked; ask another admin for a new certificate (cloudlessctl admin issue {name})"
+                )));
+            }
+        }
+        Identity::Coordinator(id) => {
+            // A removal records the retirement before the membership change
+            // that follows it, so the leader being removed is heard until
+            // then.
+            if handle.reader().coordinator_retired(*id).map_err(read_err)? && !handle.is_member(*id)
+            {
+                return Err(Status::permission_denied(format!(
+                    "coordinator {id} was removed from the cluster; its certificate is no longer accepted"
+                )));
+            }
+        }
+        Identity::Node(_) => {}
+    }
+    Ok(())
 }
 
 /// Checks the caller of `req` against `allow`. A coordinator serving
@@ -124,7 +179,12 @@ pub(crate) fn require<T>(
             "a client certificate from this cluster's CA is required (cloudlessctl --config <data_dir>/admin/cloudlessctl.toml)",
         ));
     };
-    let identity = handle.peer_cache().identity(ca_pem, leaf.as_ref())?;
+    let Verified {
+        identity,
+        issued_at_s,
+        ..
+    } = handle.peer_cache().identity(ca_pem, leaf.as_ref())?;
+    still_trusted(handle, &identity, issued_at_s)?;
     let ok = matches!(
         (allow, &identity),
         (Allow::Admin, Identity::Admin(_) | Identity::Coordinator(_))
@@ -180,11 +240,14 @@ mod tests {
             .expect("issue");
         let cache = PeerCache::default();
         for _ in 0..2 {
-            assert_eq!(
-                cache
-                    .identity(ca.cert_pem(), &der(&admin.cert_pem))
-                    .expect("ok"),
-                Identity::Admin("a".into())
+            let v = cache
+                .identity(ca.cert_pem(), &der(&admin.cert_pem))
+                .expect("ok");
+            assert_eq!(v.identity, Identity::Admin("a".into()));
+            assert!(
+                (v.issued_at_s - now).abs() <= 1,
+                "issued at {}",
+                v.issued_at_s
             );
         }
         let err = cache

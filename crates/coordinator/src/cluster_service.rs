@@ -5,9 +5,11 @@ use std::time::Duration;
 use cloudless_proto::v1::cluster_service_client::ClusterServiceClient;
 use cloudless_proto::v1::cluster_service_server::ClusterService;
 use cloudless_proto::v1::{
-    CoordinatorStatus, GetConfigRequest, GetConfigResponse, JoinCoordinatorRequest,
-    JoinCoordinatorResponse, LocalStatusRequest, RemoveCoordinatorRequest,
-    RemoveCoordinatorResponse, SetConfigRequest, SetConfigResponse, StatusRequest, StatusResponse,
+    AdminCertificate, CoordinatorStatus, GetConfigRequest, GetConfigResponse, IssueAdminRequest,
+    JoinCoordinatorRequest, JoinCoordinatorResponse, ListAdminsRequest, ListAdminsResponse,
+    LocalStatusRequest, RemoveCoordinatorRequest, RemoveCoordinatorResponse, RenewAdminRequest,
+    RevokeAdminRequest, RevokeAdminResponse, SetConfigRequest, SetConfigResponse, StatusRequest,
+    StatusResponse,
 };
 use cloudless_state::{Command, Response as SmResponse};
 use tonic::{Request, Response, Status};
@@ -210,6 +212,94 @@ impl ClusterService for ClusterApi {
                 }
             },
             |ch, r| async move { ClusterServiceClient::new(ch).set_config(r).await },
+        )
+        .await
+    }
+
+    async fn renew_admin(
+        &self,
+        req: Request<RenewAdminRequest>,
+    ) -> Result<Response<AdminCertificate>, Status> {
+        // A revoked or expired certificate never gets here (authz).
+        let name = crate::admins::caller(&self.handle, &req)?;
+        let h = self.handle.clone();
+        let (local_name, remote_name) = (name.clone(), name);
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RenewAdminRequest| async move {
+                crate::admins::issue(&h, &local_name, &r.csr_pem, &local_name).await
+            },
+            |ch, r| async move {
+                ClusterServiceClient::new(ch)
+                    .renew_admin(crate::admins::forward_as(&remote_name, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn issue_admin(
+        &self,
+        req: Request<IssueAdminRequest>,
+    ) -> Result<Response<AdminCertificate>, Status> {
+        let by = crate::admins::caller(&self.handle, &req)?;
+        let h = self.handle.clone();
+        let (local_by, remote_by) = (by.clone(), by);
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: IssueAdminRequest| async move {
+                crate::admins::issue(&h, &r.name, &r.csr_pem, &local_by).await
+            },
+            |ch, r| async move {
+                ClusterServiceClient::new(ch)
+                    .issue_admin(crate::admins::forward_as(&remote_by, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn revoke_admin(
+        &self,
+        req: Request<RevokeAdminRequest>,
+    ) -> Result<Response<RevokeAdminResponse>, Status> {
+        let by = crate::admins::caller(&self.handle, &req)?;
+        let h = self.handle.clone();
+        let (local_by, remote_by) = (by.clone(), by);
+        leader_or_forward(
+            &self.handle,
+            req,
+            |r: RevokeAdminRequest| async move {
+                let admin = crate::admins::revoke(&h, &r.name, &local_by).await?;
+                Ok(RevokeAdminResponse { admin: Some(admin) })
+            },
+            |ch, r| async move {
+                ClusterServiceClient::new(ch)
+                    .revoke_admin(crate::admins::forward_as(&remote_by, r))
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn list_admins(
+        &self,
+        req: Request<ListAdminsRequest>,
+    ) -> Result<Response<ListAdminsResponse>, Status> {
+        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
+        let h = self.handle.clone();
+        leader_or_forward(
+            &self.handle,
+            req,
+            |_r: ListAdminsRequest| async move {
+                h.read_barrier(None).await?;
+                Ok(ListAdminsResponse {
+                    admins: crate::admins::list(&h)?,
+                })
+            },
+            |ch, r| async move { ClusterServiceClient::new(ch).list_admins(r).await },
         )
         .await
     }

@@ -88,6 +88,15 @@ pub struct CoordinatorConfig {
     pub raft: RaftConfig,
     /// Per-caller rate limits.
     pub limits: LimitsConfig,
+    /// Serve plaintext gRPC where every caller is an administrator, with no
+    /// master key and no mTLS (`--insecure-plaintext`). Only on a loopback
+    /// `listen_addr` unless [`Self::insecure_plaintext_anywhere`].
+    pub insecure_plaintext: bool,
+    /// Allow plaintext on a non-loopback address (`--insecure-plaintext-anywhere`).
+    pub insecure_plaintext_anywhere: bool,
+    /// Lifetime of this coordinator's own certificate; it is renewed, without
+    /// a restart, two thirds into it. Default 30 days.
+    pub coordinator_cert_lifetime: Duration,
 }
 
 /// Everything wrong with a configuration, one problem per line.
@@ -115,6 +124,7 @@ impl fmt::Display for ConfigError {
 enum Kind {
     Int,
     Str,
+    Bool,
 }
 
 /// Every key: dotted path, type, default.
@@ -123,11 +133,14 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("data_dir", Kind::Str, "/var/lib/cloudless/coordinator"),
     ("listen_addr", Kind::Str, "0.0.0.0:7400"),
     ("advertise_addr", Kind::Str, ""),
-    ("http_addr", Kind::Str, "0.0.0.0:7401"),
+    ("http_addr", Kind::Str, "127.0.0.1:7401"),
     ("log_format", Kind::Str, "text"),
     ("log_filter", Kind::Str, "info,openraft=warn"),
     ("cluster.name", Kind::Str, "cloudless"),
     ("master_key_file", Kind::Str, ""),
+    ("insecure_plaintext", Kind::Bool, "false"),
+    ("insecure_plaintext_anywhere", Kind::Bool, "false"),
+    ("tls.coordinator_cert_lifetime_s", Kind::Int, "2592000"),
     ("tls_sans", Kind::Str, ""),
     ("overlay_listen", Kind::Str, ""),
     ("raft.heartbeat_interval_ms", Kind::Int, "100"),
@@ -206,6 +219,14 @@ impl CoordinatorConfig {
                                     None => problems
                                         .push(format!("{origin}: expected a string, found {v}")),
                                 },
+                                Some((k, Kind::Bool)) => match v.as_bool() {
+                                    Some(b) => {
+                                        values.insert(k, (Value::Str(b.to_string()), origin));
+                                    }
+                                    None => problems.push(format!(
+                                        "{origin}: expected true or false, found {v}"
+                                    )),
+                                },
                             }
                         }
                     }
@@ -223,7 +244,7 @@ impl CoordinatorConfig {
                         problems.push(format!("{origin}: expected an integer, found {raw:?}"))
                     }
                 },
-                Some((k, Kind::Str)) => {
+                Some((k, Kind::Str | Kind::Bool)) => {
                     values.insert(k, (Value::Str(raw.to_owned()), origin));
                 }
             };
@@ -339,8 +360,44 @@ impl CoordinatorConfig {
                 }
             },
         };
-        let (mk, _) = get_str("master_key_file");
+        let (mk, mk_origin) = get_str("master_key_file");
         let master_key_file = (!mk.trim().is_empty()).then(|| PathBuf::from(mk.trim()));
+        let get_bool = |k: &str, problems: &mut Vec<String>| -> bool {
+            let (v, origin) = get_str(k);
+            match v.trim() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" | "" => false,
+                other => {
+                    problems.push(format!("{origin}: {other:?} is not true or false"));
+                    false
+                }
+            }
+        };
+        let insecure_plaintext = get_bool("insecure_plaintext", &mut problems);
+        let insecure_plaintext_anywhere = get_bool("insecure_plaintext_anywhere", &mut problems);
+        if insecure_plaintext && master_key_file.is_some() {
+            problems.push(format!(
+                "{mk_origin}: a master key and insecure_plaintext exclude each other (with a master key the coordinator serves mTLS)"
+            ));
+        }
+        if insecure_plaintext && !insecure_plaintext_anywhere && !listen_addr.ip().is_loopback() {
+            problems.push(format!(
+                "insecure_plaintext: listen_addr {listen_addr} is not a loopback address; plaintext gRPC makes every caller an administrator \
+                 and lets anyone on the network rewrite the Raft log. Serve mTLS (drop --insecure-plaintext), listen on 127.0.0.1, \
+                 or add --insecure-plaintext-anywhere if this network is truly trusted"
+            ));
+        }
+        if insecure_plaintext_anywhere && !insecure_plaintext {
+            problems.push(
+                "insecure_plaintext_anywhere: has no effect without insecure_plaintext".to_owned(),
+            );
+        }
+        let coordinator_cert_lifetime = Duration::from_secs(get_int(
+            "tls.coordinator_cert_lifetime_s",
+            10,
+            365 * 24 * 3600,
+            &mut problems,
+        ) as u64);
         let hb = get_int("raft.heartbeat_interval_ms", 10, 10_000, &mut problems) as u64;
         let emin = get_int("raft.election_timeout_min_ms", 50, 60_000, &mut problems) as u64;
         let emax = get_int("raft.election_timeout_max_ms", 50, 60_000, &mut problems) as u64;
@@ -418,6 +475,9 @@ impl CoordinatorConfig {
                 test_link_bytes_per_s,
             },
             limits,
+            insecure_plaintext,
+            insecure_plaintext_anywhere,
+            coordinator_cert_lifetime,
         })
     }
 
@@ -428,6 +488,9 @@ impl CoordinatorConfig {
                 ("data_dir".into(), data_dir.display().to_string()),
                 ("listen_addr".into(), listen_addr.to_string()),
                 ("http_addr".into(), http_addr.to_string()),
+                // Plaintext unless the caller sets `master_key_file` (which
+                // wins) or clears this.
+                ("insecure_plaintext".into(), "true".into()),
             ],
             ..ConfigSources::default()
         };

@@ -81,7 +81,8 @@ struct HandleInner {
     raft: Raft,
     reader: StateReader,
     committed: Arc<AtomicU64>,
-    peers: Mutex<HashMap<String, Channel>>,
+    /// Channels to other coordinators, with the TLS generation they present.
+    peers: Mutex<HashMap<String, (u64, Channel)>>,
     proposer: ProposerHandle,
     master_key: Option<Arc<cloudless_pki::MasterKey>>,
     master_key_source: String,
@@ -377,16 +378,31 @@ impl CoordinatorHandle {
             .peers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = peers.get(address) {
-            return Ok(c.clone());
+        let generation = self.inner.tls.as_ref().map_or(0, |t| t.generation());
+        if let Some((g, c)) = peers.get(address) {
+            // A channel made before a renewal presents the old certificate.
+            if *g == generation {
+                return Ok(c.clone());
+            }
         }
         let ch = crate::tls::endpoint(address, self.inner.tls.as_deref())
             .map_err(CoordinatorError::InvalidArgument)?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
-        peers.insert(address.to_owned(), ch.clone());
+        peers.insert(address.to_owned(), (generation, ch.clone()));
         Ok(ch)
+    }
+
+    /// Whether `node_id` is in the Raft membership this coordinator knows.
+    pub(crate) fn is_member(&self, node_id: NodeId) -> bool {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .any(|(id, _)| *id == node_id)
     }
 
     /// Current members with their roles.
@@ -504,6 +520,11 @@ impl CoordinatorHandle {
                 "node {node_id} is the only voter; a cluster cannot remove its last voter"
             )));
         }
+        // Its certificate is refused once it is no longer a member
+        // (authz::still_trusted); recorded first, so that a removal that
+        // went through always has it.
+        self.write(None, Command::RetireCoordinator { node_id })
+            .await?;
         let change = if is_voter {
             ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
         } else {
@@ -586,7 +607,7 @@ impl Coordinator {
     /// Opens the data dir, starts Raft, binds the listeners and serves.
     pub async fn start(config: CoordinatorConfig, mode: StartMode) -> Result<Self, StartError> {
         let (master_key, master_key_source) =
-            crate::identity::load_master_key(config.master_key_file.as_deref())?;
+            crate::identity::resolve_master_key(&config, mode == StartMode::Init)?;
         let id = resolve_node_id(&config.data_dir, config.node_id)?;
         let tls = crate::tls::prepare(&config, id, master_key.as_deref(), mode == StartMode::Init)?;
         let stored_identity = crate::tls::stored_material(&config.data_dir)?;
@@ -731,7 +752,11 @@ impl Coordinator {
             }),
         };
 
-        let server_tls = tls.as_ref().map(|t| t.server_config());
+        let server_tls = tls
+            .as_ref()
+            .map(|t| t.server_config())
+            .transpose()
+            .map_err(StartError::Tls)?;
         let api_task = tokio::spawn(crate::services::serve(
             handle.clone(),
             listener,
@@ -777,6 +802,13 @@ impl Coordinator {
             tokio::spawn(crate::reconciler::run(handle.clone(), bg_cancel.clone())),
             tokio::spawn(crate::removal::run(handle.clone(), bg_cancel.clone())),
         ];
+        if let Some(tls) = &tls {
+            bg_tasks.push(tokio::spawn(renew_certificate(
+                handle.clone(),
+                tls.clone(),
+                bg_cancel.clone(),
+            )));
+        }
 
         match mode {
             StartMode::Init => {
@@ -946,6 +978,40 @@ async fn ensure_cluster_record(
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// Renews this coordinator's certificate two thirds into its lifetime, for
+/// the gRPC server, the channels to other coordinators and the relay.
+async fn renew_certificate(
+    handle: CoordinatorHandle,
+    tls: Arc<crate::tls::TlsMaterial>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let wait_s = (tls.renew_at() - now_ms() / 1000).max(1);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(u64::try_from(wait_s).unwrap_or(1))) => {}
+        }
+        if let Err(e) = tls.renew() {
+            tracing::error!(error = %e, not_after = tls.not_after(), "cannot renew this coordinator's certificate; retrying in 30 s");
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+            continue;
+        }
+        if let Some(relay) = handle.relay_overlay() {
+            match tls.overlay_tls() {
+                Ok(o) => {
+                    if let Err(e) = relay.reload_tls(&o) {
+                        tracing::error!(error = %e, "the relay keeps its old certificate");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "the relay keeps its old certificate"),
+            }
         }
     }
 }

@@ -88,6 +88,80 @@ impl CoordinatorHandle {
     }
 }
 
+/// The master key's file in the data dir when `master_key_file` is not set.
+pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
+
+/// The master key this coordinator starts with: the configured file, else
+/// `CLOUDLESS_MASTER_KEY`, else `<data_dir>/master.key`, which `init` of a
+/// new cluster creates (0600). Without one a coordinator refuses to start,
+/// unless it was told to serve insecure plaintext.
+pub(crate) fn resolve_master_key(
+    config: &crate::config::CoordinatorConfig,
+    init: bool,
+) -> Result<(Option<Arc<MasterKey>>, String), crate::coordinator::StartError> {
+    use crate::coordinator::StartError;
+    let (key, source) = load_master_key(config.master_key_file.as_deref())?;
+    if key.is_some() {
+        return Ok((key, source));
+    }
+    if config.insecure_plaintext {
+        tracing::warn!(
+            listen = %config.listen_addr,
+            "insecure_plaintext: gRPC is PLAINTEXT and every caller is an administrator; agents cannot enroll"
+        );
+        return Ok((None, "none (insecure_plaintext)".into()));
+    }
+    let path = config.data_dir.join(DEFAULT_MASTER_KEY_FILE);
+    if path.exists() {
+        return Ok(load_master_key(Some(&path))?);
+    }
+    let fresh = init && !config.data_dir.join(cloudless_state::LOG_FILE).exists();
+    if !fresh {
+        return Err(StartError::Tls(format!(
+            "no master key: {} does not exist and neither master_key_file nor CLOUDLESS_MASTER_KEY is set. \
+             Copy the cluster's master key there (with tls/identity.json, from a coordinator of this cluster), \
+             or start with --insecure-plaintext on a loopback address",
+            path.display()
+        )));
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+    }
+    .map_err(|e| StartError::Tls(format!("{}: {e}", config.data_dir.display())))?;
+    let key = MasterKey::generate()?;
+    let mut text = key.to_base64();
+    text.push('\n');
+    write_new_private(&path, text.as_bytes())
+        .map_err(|e| StartError::Tls(format!("cannot create {}: {e}", path.display())))?;
+    tracing::info!(
+        path = %path.display(),
+        "created the cluster's master key (0600): every coordinator that joins needs a copy, with tls/identity.json; keep a backup off this host"
+    );
+    Ok((Some(Arc::new(key)), format!("file {}", path.display())))
+}
+
+/// Creates `path` (never overwriting) with mode 0600 and `contents`, synced
+/// with its directory.
+fn write_new_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Loads the master key named by the configuration (`master_key_file`),
 /// else from `CLOUDLESS_MASTER_KEY` (base64) if set; with where it came from.
 pub(crate) fn load_master_key(

@@ -1,5 +1,6 @@
 //! The Cloudless coordinator: a Raft-replicated control plane with a gRPC API.
 
+mod admins;
 mod agent_service;
 mod authz;
 mod cluster_service;
@@ -27,3 +28,4 @@ mod workload_service;
 pub use config::{ConfigError, ConfigSources, CoordinatorConfig};
 pub use coordinator::{now_ms, Coordinator, CoordinatorHandle, StartError, StartMode};
 pub use error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
+pub use tls::issue_admin_offline;

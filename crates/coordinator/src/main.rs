@@ -41,6 +41,19 @@ enum Cmd {
     },
     /// Check the configuration and print it, without starting anything.
     CheckConfig(Common),
+    /// Break-glass: issue an admin certificate from this coordinator's data
+    /// dir and master key, without the cluster (when every admin
+    /// certificate has expired). Normally use `cloudlessctl admin issue`.
+    AdminCert {
+        #[command(flatten)]
+        common: Common,
+        /// The admin's name (its certificate is `cloudless://admin/<name>`).
+        #[arg(long, default_value = "admin")]
+        name: String,
+        /// Directory for ca.crt, admin.crt, admin.key and cloudlessctl.toml.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a new random master key to PATH (mode 0600; never overwrites).
     GenMasterKey {
         /// Where to write it.
@@ -68,6 +81,15 @@ struct Common {
     /// Overrides `node_id`.
     #[arg(long)]
     node_id: Option<String>,
+    /// Serve plaintext gRPC with no master key, where every caller is an
+    /// administrator and agents cannot enroll. Refused on a non-loopback
+    /// listen address unless --insecure-plaintext-anywhere.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// With --insecure-plaintext: allow a non-loopback listen address
+    /// (anyone who reaches it can rewrite the cluster).
+    #[arg(long)]
+    insecure_plaintext_anywhere: bool,
     /// Overrides any key: --set raft.heartbeat_interval_ms=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -85,6 +107,17 @@ impl Common {
         ] {
             if let Some(v) = v {
                 flags.push((key.to_owned(), v.clone()));
+            }
+        }
+        for (key, on) in [
+            ("insecure_plaintext", self.insecure_plaintext),
+            (
+                "insecure_plaintext_anywhere",
+                self.insecure_plaintext_anywhere,
+            ),
+        ] {
+            if on {
+                flags.push((key.to_owned(), "true".to_owned()));
             }
         }
         for kv in &self.set {
@@ -110,6 +143,7 @@ fn main() -> ExitCode {
         Cmd::Init(c) => (c, Some(StartMode::Init)),
         Cmd::Run { common, join } => (common, Some(StartMode::Run { join })),
         Cmd::CheckConfig(c) => (c, None),
+        Cmd::AdminCert { common, name, out } => return admin_cert(&common, &name, &out),
     };
     let config = match common
         .sources()
@@ -164,6 +198,33 @@ fn main() -> ExitCode {
         telemetry.shutdown();
     }
     code
+}
+
+fn admin_cert(common: &Common, name: &str, out: &std::path::Path) -> ExitCode {
+    let config = match common
+        .sources()
+        .and_then(|s| CoordinatorConfig::load(&s).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cloudless-coordinator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cloudless_coordinator::issue_admin_offline(&config, name, out) {
+        Ok(()) => {
+            println!(
+                "wrote admin {name:?} credentials to {}; use: cloudlessctl --config {}",
+                out.display(),
+                out.join("cloudlessctl.toml").display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cloudless-coordinator: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn gen_master_key(path: &std::path::Path) -> ExitCode {

@@ -85,6 +85,11 @@ impl Network {
         Self { tls, plan }
     }
 
+    /// The TLS generation channels made now present (see `TlsMaterial::renew`).
+    fn generation(&self) -> u64 {
+        self.tls.as_ref().map_or(0, |t| t.generation())
+    }
+
     fn channel(&self, target: NodeId, node: &CoordinatorNode) -> Result<Channel, String> {
         crate::tls::endpoint(&node.address, self.tls.as_deref())
             .map(|e| {
@@ -106,6 +111,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             control: self.channel(target, node),
             bulk: self.channel(target, node),
+            network: self.clone(),
+            node: node.clone(),
+            generation: self.generation(),
             plan: self.plan,
             in_flight: None,
             missed: None,
@@ -136,6 +144,10 @@ pub struct PeerClient {
     target: NodeId,
     control: Result<Channel, String>,
     bulk: Result<Channel, String>,
+    network: Network,
+    node: CoordinatorNode,
+    /// The TLS generation the channels present.
+    generation: u64,
     plan: LinkPlan,
     in_flight: Option<InFlight>,
     /// (vote, prev, entries) of a bulk append that missed its own deadline:
@@ -224,6 +236,17 @@ where
 }
 
 impl PeerClient {
+    /// Rebuilds the channels after this coordinator's certificate was
+    /// renewed (the old one would expire on long-lived connections).
+    fn refresh(&mut self) {
+        let generation = self.network.generation();
+        if generation != self.generation {
+            self.control = self.network.channel(self.target, &self.node);
+            self.bulk = self.network.channel(self.target, &self.node);
+            self.generation = generation;
+        }
+    }
+
     fn channel<E: std::error::Error>(
         &self,
         bulk: bool,
@@ -292,6 +315,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> AppendResult {
+        self.refresh();
         let entries = rpc.entries.len() as u64;
         if entries == 0 {
             // Heartbeats never wait behind a bulk transfer.
@@ -381,6 +405,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, CoordinatorNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
+        self.refresh();
         self.call(Method::InstallSnapshot, &rpc, &option, true)
             .await
     }
@@ -390,6 +415,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, CoordinatorNode, RaftError<NodeId>>> {
+        self.refresh();
         self.call(Method::Vote, &rpc, &option, false).await
     }
 }

@@ -32,20 +32,75 @@ const MAX_AGENT_MESSAGE: usize = 1024 * 1024;
 /// How long a forwarded call may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves Raft and the public API on `listener` until `cancel` fires.
+/// TLS handshakes in progress at once; more connections wait in the
+/// listener's backlog.
+const MAX_HANDSHAKES: usize = 256;
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections on `listener` and yields them once their TLS
+/// handshake is done. The server certificate is looked up at each handshake
+/// (`tls::TlsMaterial::server_config`), so a renewed certificate is served
+/// at once.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    cancel: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                () = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Without it, Nagle holds a response's trailing TLS record until
+            // the client's delayed ACK (~40 ms tails under load).
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Serves Raft and the public API on `listener` until `cancel` fires: mTLS
+/// with `tls`, plaintext without.
 pub async fn serve(
     handle: CoordinatorHandle,
     listener: tokio::net::TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     cancel: CancellationToken,
 ) {
-    // The builder's `tcp_nodelay` is ignored for a listener we bind ourselves:
-    // without it on each accepted socket, Nagle holds a response's trailing
-    // TLS record until the client's delayed ACK (~40 ms tails under load).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // A span per API call (Raft's own traffic is left out), continuing the
     // caller's trace when it sent a `traceparent`.
-    let mut builder = tonic::transport::Server::builder().trace_fn(|req| {
+    let builder = tonic::transport::Server::builder().trace_fn(|req| {
         let path = req.uri().path();
         if path.starts_with("/cloudless.v1.RaftService/") {
             tracing::Span::none()
@@ -53,16 +108,8 @@ pub async fn serve(
             cloudless_telemetry::grpc_span(path, req.headers())
         }
     });
-    if let Some(tls) = tls {
-        builder = match builder.tls_config(tls) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "invalid TLS configuration; not serving");
-                return;
-            }
-        };
-    }
-    let result = builder
+    let mut builder = builder;
+    let router = builder
         .add_service(
             RaftServiceServer::new(RaftGrpc::new(handle.clone()))
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -80,9 +127,24 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_AGENT_MESSAGE),
         )
         .add_service(SecretServiceServer::new(SecretApi::new(handle.clone())))
-        .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)))
-        .serve_with_incoming_shutdown(incoming, cancel.cancelled())
-        .await;
+        .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)));
+    let result = match tls {
+        Some(config) => {
+            let incoming = tls_incoming(listener, config, cancel.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+                .await
+        }
+        None => {
+            // The builder's `tcp_nodelay` is ignored for a listener we bind
+            // ourselves.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }

@@ -20,7 +20,10 @@ pub const DEFAULT_NODE_CERT_LIFETIME: u64 = 24 * 60 * 60;
 /// Lifetime of the CA certificate: 10 years.
 const CA_LIFETIME: i64 = 10 * 365 * 24 * 60 * 60;
 /// Certificates start a minute in the past to tolerate clock skew.
-const BACKDATE: i64 = 60;
+const BACKDATE: i64 = BACKDATE_S;
+/// How far before its issue time a certificate's validity starts (clock
+/// skew between the issuer and the checker).
+pub const BACKDATE_S: i64 = 60;
 /// Associated data binding the sealed CA key to its purpose.
 const CA_KEY_CONTEXT: &str = "cloudless/ca-key/v1";
 
@@ -389,6 +392,20 @@ pub fn new_csr(identity: &Identity) -> Result<(String, Zeroizing<String>), PkiEr
 /// enrolling, since the coordinator assigns its node id.
 pub fn new_anonymous_csr() -> Result<(String, Zeroizing<String>), PkiError> {
     csr_with(Vec::new())
+}
+
+/// A CSR naming no identity for the key in `key_pem` (renewing a
+/// certificate without changing its key, so key and certificate files can
+/// never disagree).
+pub fn csr_for_key(key_pem: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Parse {
+        what: "private key",
+        detail: e.to_string(),
+    })?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    let csr = p.serialize_request(&key).map_err(gen_err)?;
+    csr.pem().map_err(gen_err)
 }
 
 fn csr_with(sans: Vec<SanType>) -> Result<(String, Zeroizing<String>), PkiError> {

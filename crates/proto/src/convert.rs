@@ -557,6 +557,7 @@ impl From<t::ClusterConfig> for v1::ClusterConfig {
             audit_max_records: c.audit_max_records,
             audit_aggregate_window_s: c.audit_aggregate_window_s,
             access_token_max_records: c.access_token_max_records,
+            admin_cert_lifetime_s: c.admin_cert_lifetime_s,
         }
     }
 }
@@ -616,6 +617,11 @@ pub fn cluster_config_from_wire(
             t::DEFAULT_ACCESS_TOKEN_MAX_RECORDS
         } else {
             c.access_token_max_records
+        },
+        admin_cert_lifetime_s: if c.admin_cert_lifetime_s == 0 {
+            t::ClusterConfig::DEFAULT_ADMIN_CERT_LIFETIME_S
+        } else {
+            c.admin_cert_lifetime_s
         },
     };
     config.validate().map(|()| config)

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use cloudless_types::{
-    AccessTokenRecord, AuditRecord, ClusterConfig, EventRecord, IdentityMaterial, JoinTokenRecord,
-    NodePhase, NodeRecord, NodeStatus, ReplicaRecord, ReplicaState, SecretCiphertext,
-    SecretKeyVersion, SecretKeyring, SecretRecord, SecretVersion, Workload,
+    AccessTokenRecord, AdminRecord, AuditRecord, ClusterConfig, EventRecord, IdentityMaterial,
+    JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, ReplicaRecord, ReplicaState,
+    SecretCiphertext, SecretKeyVersion, SecretKeyring, SecretRecord, SecretVersion, Workload,
 };
 
 /// One log entry's payload: the requests a coordinator batched together.
@@ -187,6 +187,16 @@ pub enum Command {
     AcceptNodeCapacity {
         /// Node id.
         node_id: String,
+    },
+    /// Stores an admin's record (issued, renewed or revoked).
+    PutAdmin {
+        /// The record as it is to be.
+        record: AdminRecord,
+    },
+    /// Refuses a removed coordinator's certificate from now on.
+    RetireCoordinator {
+        /// Its Raft node id.
+        node_id: u64,
     },
 }
 
@@ -426,6 +436,10 @@ pub enum Response {
     SecretDone,
     /// A secret was deleted or a token revoked (cached copies are stale).
     SecretChanged,
+    /// `PutAdmin` applied.
+    Admin(AdminRecord),
+    /// `RetireCoordinator` applied.
+    CoordinatorRetired,
 }
 
 /// Why a command changed nothing. Deterministic: every replica rejects alike.

@@ -70,8 +70,12 @@ const NODE_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("node_re
 /// `namespace/name/replica_id` -> replica id.
 const WORKLOAD_REPLICAS: TableDefinition<&str, &str> = TableDefinition::new("workload_replicas");
 
+/// `admin/<name>` -> AdminRecord; `coordinator/<id>` -> RetiredCoordinator.
+const ACCESS: TableDefinition<&str, &str> = TableDefinition::new("access");
+
 /// Tables copied into snapshots.
-const DATA_TABLES: [TableDefinition<&str, &str>; 18] = [
+const DATA_TABLES: [TableDefinition<&str, &str>; 19] = [
+    ACCESS,
     crate::secrets::SECRETS,
     crate::secrets::AUDIT_OPEN,
     crate::secrets::SECRET_KEYS,
@@ -1069,6 +1073,18 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
             put_json(txn, NODES, node_id, &n)?;
             Response::Node(n)
         }
+        Command::PutAdmin { record } => {
+            put_json(txn, ACCESS, &format!("admin/{}", record.name), record)?;
+            Response::Admin(record.clone())
+        }
+        Command::RetireCoordinator { node_id } => {
+            let r = cloudless_types::RetiredCoordinator {
+                node_id: *node_id,
+                at_ms: now_ms,
+            };
+            put_json(txn, ACCESS, &format!("coordinator/{node_id}"), &r)?;
+            Response::CoordinatorRetired
+        }
         Command::AcceptNodeCapacity { node_id } => {
             let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
                 return Ok(Response::Rejected(Rejection::NodeNotFound {
@@ -1462,6 +1478,36 @@ impl StateReader {
         self.read(|txn| {
             let table = txn.open_table(NODES).map_err(|e| e.to_string())?;
             let found = table.get(id).map_err(|e| e.to_string())?.is_some();
+            Ok(found)
+        })
+    }
+
+    /// The record of admin `name`, if one was ever issued or revoked.
+    pub fn admin(&self, name: &str) -> Result<Option<cloudless_types::AdminRecord>, StateError> {
+        self.get(ACCESS, &format!("admin/{name}"))
+    }
+
+    /// Every admin record.
+    pub fn admins(&self) -> Result<Vec<cloudless_types::AdminRecord>, StateError> {
+        self.read(|txn| {
+            let table = txn.open_table(ACCESS).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for item in table.range("admin/".."admin0").map_err(|e| e.to_string())? {
+                let (_, v) = item.map_err(|e| e.to_string())?;
+                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Whether coordinator `id` was removed from the cluster.
+    pub fn coordinator_retired(&self, id: u64) -> Result<bool, StateError> {
+        self.read(|txn| {
+            let table = txn.open_table(ACCESS).map_err(|e| e.to_string())?;
+            let found = table
+                .get(format!("coordinator/{id}").as_str())
+                .map_err(|e| e.to_string())?
+                .is_some();
             Ok(found)
         })
     }

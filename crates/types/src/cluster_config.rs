@@ -75,6 +75,15 @@ pub struct ClusterConfig {
     /// 1000..=10000000.
     #[serde(default = "default_access_token_max_records")]
     pub access_token_max_records: u32,
+    /// Lifetime of admin certificates in seconds; `cloudlessctl` renews its
+    /// own with two thirds gone. Default 604800 (7 days); 10..=31536000
+    /// (below an hour only for tests).
+    #[serde(default = "default_admin_cert_lifetime_s")]
+    pub admin_cert_lifetime_s: u64,
+}
+
+fn default_admin_cert_lifetime_s() -> u64 {
+    ClusterConfig::DEFAULT_ADMIN_CERT_LIFETIME_S
 }
 
 fn default_audit_max_records() -> u32 {
@@ -113,6 +122,7 @@ impl Default for ClusterConfig {
             audit_max_records: default_audit_max_records(),
             audit_aggregate_window_s: default_audit_aggregate_window_s(),
             access_token_max_records: default_access_token_max_records(),
+            admin_cert_lifetime_s: default_admin_cert_lifetime_s(),
         }
     }
 }
@@ -122,6 +132,9 @@ fn default_node_cert_lifetime_s() -> u64 {
 }
 
 impl ClusterConfig {
+    /// Default lifetime of admin certificates: 7 days.
+    pub const DEFAULT_ADMIN_CERT_LIFETIME_S: u64 = 7 * 24 * 3600;
+
     /// Reports every invalid field at once.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
@@ -191,6 +204,15 @@ impl ClusterConfig {
                 format!(
                     "{} is outside 1000..=10000000",
                     self.access_token_max_records
+                ),
+            );
+        }
+        if !(10..=365 * 24 * 3600).contains(&self.admin_cert_lifetime_s) {
+            errs.push(
+                "admin_cert_lifetime_s",
+                format!(
+                    "{} is outside 10..=31536000 (ten seconds to a year)",
+                    self.admin_cert_lifetime_s
                 ),
             );
         }

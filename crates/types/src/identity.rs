@@ -172,3 +172,30 @@ impl NodeRecord {
         crate::placement_capacity(&self.status.capacity, &self.trusted_capacity)
     }
 }
+
+/// An operator's admin identity (`Admin(name)` certificates). Certificates
+/// issued at or before `revoked_before_s` are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRecord {
+    /// The name in the certificate (`cloudless://admin/<name>`).
+    pub name: String,
+    /// When the newest certificate was issued, Unix seconds.
+    pub issued_at_s: i64,
+    /// When the newest certificate expires, Unix seconds.
+    pub not_after_s: i64,
+    /// Who issued or last renewed it.
+    pub issued_by: String,
+    /// Certificates issued at or before this time are refused (0: none).
+    pub revoked_before_s: i64,
+    /// Revoked, and not issued again since.
+    pub revoked: bool,
+}
+
+/// A coordinator removed from the cluster: its certificate is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredCoordinator {
+    /// Its Raft node id.
+    pub node_id: u64,
+    /// When it was removed, Unix milliseconds.
+    pub at_ms: i64,
+}

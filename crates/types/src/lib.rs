@@ -16,7 +16,8 @@ pub use container::{
     SecurityContextSpec, StorageMedium, Upstream, Volume, VolumeMount, MAX_DISCONNECT_SECONDS,
 };
 pub use identity::{
-    IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus, SealedSecret,
+    AdminRecord, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus,
+    RetiredCoordinator, SealedSecret,
 };
 pub use node_capacity::{
     check_capacity_bounds, placement_capacity, CapacityOutOfBounds, CAPACITY_LIMITS, GROWTH_FACTOR,
