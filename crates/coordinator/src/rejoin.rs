@@ -108,7 +108,7 @@ pub(crate) async fn rejoin(
         node_id = %node_id,
         expired_at_s = grant.not_after,
         not_after_ms,
-        "node rejoined with its previous key"
+        "node rejoined, proving it holds its expired certificate's key"
     );
     Ok(RejoinResponse {
         node_id,
