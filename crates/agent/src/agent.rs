@@ -1,6 +1,7 @@
 //! The agent's main loop: identity (load, or enroll once with a join token),
 //! heartbeats at the period the cluster asks for, renewal at two thirds of
-//! the certificate's lifetime.
+//! the certificate's lifetime, and rejoining (no token, proof of the old
+//! key) when the certificate expired while the device was offline.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,6 +14,8 @@ use crate::{enroll, AgentError, Coordinators, DeviceProbe, NodeIdentity};
 
 /// How long to wait before retrying after the coordinators could not be reached.
 const RETRY: Duration = Duration::from_millis(500);
+/// How long to wait between rejoin attempts at start-up while no coordinator answers.
+const REJOIN_RETRY: Duration = Duration::from_secs(2);
 
 /// What the agent needs to start.
 #[derive(Debug, Clone)]
@@ -40,17 +43,40 @@ pub struct AgentConfig {
     pub overlay_hole_punching: bool,
 }
 
-fn now_s() -> i64 {
+pub(crate) fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Loads the node identity, or enrolls with the join token when there is none.
+/// Loads the node identity, or enrolls with the join token when there is
+/// none. A stored certificate that has expired is renewed by rejoining
+/// (retried until a coordinator answers).
 pub async fn load_or_enroll(config: &AgentConfig) -> Result<NodeIdentity, AgentError> {
     if let Some(id) = NodeIdentity::load(&config.data_dir)? {
-        tracing::info!(node_id = %id.node_id, not_after = id.not_after, "using the stored node identity");
-        return Ok(id);
+        if !id.expired_at(now_s()) {
+            tracing::info!(node_id = %id.node_id, not_after = id.not_after, "using the stored node identity");
+            return Ok(id);
+        }
+        tracing::warn!(
+            node_id = %id.node_id,
+            not_after = id.not_after,
+            "the node certificate expired while the agent was stopped; rejoining with its key"
+        );
+        loop {
+            match crate::rejoin(&config.coordinators, &id).await {
+                Ok(renewed) => {
+                    renewed.save(&config.data_dir)?;
+                    tracing::info!(node_id = %renewed.node_id, not_after = renewed.not_after, "rejoined the cluster");
+                    return Ok(renewed);
+                }
+                Err(e @ AgentError::Unreachable(_)) => {
+                    tracing::warn!(error = %e, "rejoin failed; retrying");
+                    tokio::time::sleep(REJOIN_RETRY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
     let Some(token) = &config.join_token else {
         return Err(AgentError::Config(format!(
@@ -138,7 +164,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let mut last_phase = String::new();
     loop {
         if now_s() >= coordinators.identity().renew_at() {
-            match coordinators.renew().await {
+            match refresh(&mut coordinators, &config.coordinators).await {
                 Ok(renewed) => {
                     renewed.save(&config.data_dir)?;
                     tracing::info!(not_after = renewed.not_after, "node certificate renewed");
@@ -154,7 +180,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                     identity_tx.send_replace(renewed.clone());
                     coordinators.set_identity(renewed);
                 }
-                Err(AgentError::Removed(m)) => return Err(AgentError::Removed(m)),
+                Err(e @ (AgentError::Removed(_) | AgentError::RejoinRefused { .. })) => {
+                    return Err(e)
+                }
                 Err(e) => tracing::warn!(error = %e, "certificate renewal failed; retrying"),
             }
         }
@@ -199,5 +227,30 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 }
             }
         }
+    }
+}
+
+/// A new certificate: renewed over mTLS while the current one is valid by
+/// this device's clock, else by rejoining. When renewal fails although the
+/// certificate looks valid here, the coordinators' clocks may see it expired
+/// (TLS then refuses it), so a rejoin is tried too; its refusal is final
+/// only once the certificate has expired by this clock.
+async fn refresh(
+    coordinators: &mut Coordinators,
+    addresses: &[String],
+) -> Result<NodeIdentity, AgentError> {
+    let current = coordinators.identity().clone();
+    if current.expired_at(now_s()) {
+        tracing::warn!(node_id = %current.node_id, not_after = current.not_after, "the node certificate expired; rejoining with its key");
+        return crate::rejoin(addresses, &current).await;
+    }
+    match coordinators.renew().await {
+        Ok(renewed) => Ok(renewed),
+        Err(e @ AgentError::Removed(_)) => Err(e),
+        Err(renew_error) => match crate::rejoin(addresses, &current).await {
+            Ok(renewed) => Ok(renewed),
+            Err(e @ AgentError::Removed(_)) => Err(e),
+            Err(_) => Err(renew_error),
+        },
     }
 }

@@ -85,6 +85,71 @@ pub async fn enroll(
     Err(AgentError::Unreachable(last))
 }
 
+/// Rejoins after this node's certificate expired (or TLS refuses it): a
+/// fresh key and CSR, with a proof signed by the old certificate's key, sent
+/// with the old certificate over TLS that trusts the cluster CA and presents
+/// no client certificate. Returns the new identity (not yet saved).
+pub async fn rejoin(
+    coordinators: &[String],
+    old: &NodeIdentity,
+) -> Result<NodeIdentity, AgentError> {
+    let (csr_pem, key_pem) = cloudless_pki::new_anonymous_csr()
+        .map_err(|e| AgentError::Identity(format!("cannot make a key pair: {e}")))?;
+    let mut last = String::from("no coordinator addresses configured");
+    for address in coordinators {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&old.ca_pem))
+            .domain_name(host_of(address));
+        let channel = endpoint(address, tls)?.connect_lazy();
+        // Signed per attempt: the coordinator accepts a recent signing time only.
+        let signed_at = crate::agent::now_s();
+        let req = pb::RejoinRequest {
+            cert_pem: old.cert_pem.clone(),
+            csr_pem: csr_pem.clone(),
+            signed_at_s: signed_at,
+            proof: old.rejoin_proof(&csr_pem, signed_at)?,
+        };
+        match NodeServiceClient::new(channel).rejoin(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let renewed = NodeIdentity::new(
+                    r.certificate_pem,
+                    Zeroizing::new(key_pem.to_string()),
+                    r.ca_certificate_pem,
+                )?;
+                if renewed.node_id != old.node_id {
+                    return Err(AgentError::Identity(format!(
+                        "rejoin returned a certificate for {}, not {}",
+                        renewed.node_id, old.node_id
+                    )));
+                }
+                return Ok(renewed);
+            }
+            Err(s) if is_removal(&s) => return Err(AgentError::Removed(s.message().to_owned())),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable
+                        | Code::Unknown
+                        | Code::Cancelled
+                        | Code::DeadlineExceeded
+                        | Code::ResourceExhausted
+                        | Code::Internal
+                ) =>
+            {
+                last = format!("{address}: {}", s.message());
+            }
+            Err(s) => {
+                return Err(AgentError::RejoinRefused {
+                    node_id: old.node_id.clone(),
+                    reason: s.message().to_owned(),
+                })
+            }
+        }
+    }
+    Err(AgentError::Unreachable(last))
+}
+
 /// An open heartbeat stream to the leader.
 #[derive(Debug)]
 struct BeatStream {

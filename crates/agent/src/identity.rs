@@ -103,6 +103,24 @@ impl NodeIdentity {
         Ok(())
     }
 
+    /// Whether the certificate has expired at `now` (Unix seconds).
+    pub fn expired_at(&self, now: i64) -> bool {
+        now >= self.not_after
+    }
+
+    /// The proof for `NodeService.Rejoin`: this certificate's key signs the
+    /// cluster, this node, `signed_at` and the new CSR.
+    pub fn rejoin_proof(&self, csr_pem: &str, signed_at: i64) -> Result<Vec<u8>, AgentError> {
+        cloudless_pki::sign_rejoin_proof(
+            &self.ca_pem,
+            &self.cert_pem,
+            &self.key_pem,
+            csr_pem,
+            signed_at,
+        )
+        .map_err(|e| AgentError::Identity(e.to_string()))
+    }
+
     /// When to renew: two thirds into the certificate's lifetime, Unix seconds.
     pub fn renew_at(&self) -> i64 {
         self.not_before + (self.not_after - self.not_before) * 2 / 3

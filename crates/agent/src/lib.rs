@@ -1,5 +1,6 @@
 //! The Cloudless agent's control-plane half: enrollment with a join token,
-//! the node identity on disk, renewal, and heartbeats to the leader.
+//! the node identity on disk, renewal, rejoining after the certificate
+//! expired offline, and heartbeats to the leader.
 //! (Running containers arrives with the runtime crate.)
 
 mod agent;
@@ -13,7 +14,7 @@ pub mod workloads;
 use std::path::Path;
 
 pub use agent::{load_or_enroll, run, AgentConfig};
-pub use client::{enroll, Coordinators};
+pub use client::{enroll, rejoin, Coordinators};
 pub use identity::NodeIdentity;
 pub use sysinfo::DeviceProbe;
 pub use workloads::RuntimeConfig;
@@ -49,6 +50,16 @@ pub enum AgentError {
     /// The cluster removed this node; it must enroll again.
     #[error("this node was removed from the cluster: {0}")]
     Removed(String),
+    /// The node's certificate expired and the cluster refuses to renew it
+    /// without a join token (past the rejoin grace, rejoining turned off, a
+    /// newer certificate exists, or the proof failed).
+    #[error("the cluster refused to let node {node_id} rejoin: {reason} (to enroll again, remove node.key and node.crt from the agent's data dir and start it with --join-token <new token> --ca-cert <ca.crt>)")]
+    RejoinRefused {
+        /// The node.
+        node_id: String,
+        /// The coordinator's answer.
+        reason: String,
+    },
 }
 
 impl AgentError {

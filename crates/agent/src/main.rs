@@ -2,7 +2,9 @@
 //! its identity fresh and heartbeats to the coordinators until SIGINT or SIGTERM.
 //!
 //! Exit codes: 0 clean shutdown; 2 invalid flags or configuration; 4 the
-//! node was removed from the cluster; 1 any other failure.
+//! node was removed from the cluster; 5 the certificate expired and the
+//! cluster refuses to let the node rejoin (past the grace: enroll again with a
+//! new join token); 1 any other failure.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -199,6 +201,10 @@ fn main() -> ExitCode {
             Err(e @ AgentError::Removed(_)) => {
                 tracing::error!(error = %e, "stopping");
                 ExitCode::from(4)
+            }
+            Err(e @ AgentError::RejoinRefused { .. }) => {
+                tracing::error!(error = %e, "stopping");
+                ExitCode::from(5)
             }
             Err(e) => {
                 tracing::error!(error = %e, "agent failed");

@@ -364,6 +364,7 @@ enum ClusterCmd {
     /// down_after_ms, leader_grace_ms, node_cert_lifetime_s,
     /// audit_retention_days, secret_max_bytes, audit_max_records,
     /// audit_aggregate_window_s, access_token_max_records, admin_cert_lifetime_s,
+    /// node_rejoin_grace_s,
     /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty}.
     Set {
         /// KEY=VALUE pairs.
@@ -417,6 +418,7 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
             c.access_token_max_records =
                 u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
         }
+        "node_rejoin_grace_s" => c.node_rejoin_grace_s = Some(int(value)?),
         "scheduler_weights.locality" => w.locality = float(value)?,
         "scheduler_weights.reliability" => w.reliability = float(value)?,
         "scheduler_weights.cost" => w.cost = float(value)?,
@@ -911,6 +913,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "auditRetentionDays": c.audit_retention_days, "secretMaxBytes": c.secret_max_bytes,
                 "auditMaxRecords": c.audit_max_records, "auditAggregateWindowS": c.audit_aggregate_window_s,
                 "accessTokenMaxRecords": c.access_token_max_records,
+                "nodeRejoinGraceS": c.node_rejoin_grace_s,
                 "schedulerWeights": { "locality": w.locality, "reliability": w.reliability, "cost": w.cost,
                     "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels }),
             )?;

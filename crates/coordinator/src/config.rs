@@ -46,10 +46,10 @@ pub struct LimitsConfig {
     pub node_writes_per_s: u32,
     /// Burst of such writes. Default 100.
     pub node_write_burst: u32,
-    /// Enrollment attempts per second from one source address (IPv6: one /64).
-    /// Default 5.
+    /// Failed enrollment and rejoin attempts per second from one source
+    /// address (IPv6: one /64). Default 5.
     pub enrolls_per_s: u32,
-    /// Burst of enrollment attempts. Default 20.
+    /// Burst of failed enrollment and rejoin attempts. Default 20.
     pub enroll_burst: u32,
 }
 

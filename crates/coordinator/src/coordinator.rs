@@ -247,10 +247,14 @@ impl CoordinatorHandle {
         })
     }
 
-    /// Refuses enrollment from `remote` while its failed attempts are over
-    /// their rate (a fleet enrolling behind one address is not slowed down;
-    /// guessing or replaying tokens is).
-    pub(crate) fn admit_enroll(&self, remote: Option<SocketAddr>) -> Result<(), CoordinatorError> {
+    /// Refuses enrollment or rejoin (`what`) from `remote` while its failed
+    /// attempts are over their rate (a fleet enrolling behind one address is
+    /// not slowed down; guessing or replaying tokens or proofs is).
+    pub(crate) fn admit_enroll(
+        &self,
+        remote: Option<SocketAddr>,
+        what: &'static str,
+    ) -> Result<(), CoordinatorError> {
         let key = enroll_key(remote);
         let limiter = &self.inner.enrolls;
         if limiter.has_token(&key, std::time::Instant::now()) {
@@ -259,13 +263,13 @@ impl CoordinatorHandle {
         let rate = limiter.rate();
         Err(CoordinatorError::RateLimited {
             who: format!("address {key}"),
-            what: "enrollment attempts",
+            what,
             rate_per_s: rate.per_s,
             burst: rate.burst,
         })
     }
 
-    /// Counts a failed enrollment attempt from `remote`.
+    /// Counts a failed enrollment or rejoin attempt from `remote`.
     pub(crate) fn enroll_failed(&self, remote: Option<SocketAddr>) {
         let _ = self
             .inner

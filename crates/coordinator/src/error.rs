@@ -1,9 +1,11 @@
 //! Coordinator errors and their one mapping to gRPC status codes.
 
-use cloudless_pki::{PkiError, TokenError};
+use cloudless_pki::{PkiError, RejoinError, TokenError};
 use cloudless_state::{Rejection, StateError};
 use cloudless_types::ValidationErrors;
 use tonic::{Code, Status};
+
+use crate::rejoin::RejoinRefusal;
 
 /// gRPC metadata key carrying the leader's address on `Unavailable` answers.
 pub const LEADER_HINT_KEY: &str = "x-cloudless-leader";
@@ -49,6 +51,12 @@ pub enum CoordinatorError {
     /// A certificate or CSR problem.
     #[error(transparent)]
     Pki(#[from] PkiError),
+    /// A rejoin's proof was refused (the message names the field).
+    #[error(transparent)]
+    Rejoin(#[from] RejoinError),
+    /// A rejoin with a sound proof that the cluster refuses.
+    #[error(transparent)]
+    RejoinRefused(#[from] RejoinRefusal),
     /// Identity features are unavailable on this coordinator.
     #[error("{0}")]
     NoIdentity(String),
@@ -129,6 +137,23 @@ impl From<CoordinatorError> for Status {
                 | PkiError::CsrWantsCa
                 | PkiError::Parse { .. } => Code::InvalidArgument,
                 _ => Code::Internal,
+            },
+            CoordinatorError::Rejoin(r) => match r {
+                RejoinError::TooLarge { .. } | RejoinError::Parse { .. } => Code::InvalidArgument,
+                RejoinError::UnknownIssuer
+                | RejoinError::NotANode { .. }
+                | RejoinError::Stale { .. }
+                | RejoinError::UnsupportedKey { .. }
+                | RejoinError::BadProof => Code::Unauthenticated,
+                RejoinError::PastGrace { .. } => Code::FailedPrecondition,
+                RejoinError::Sign(_) => Code::Internal,
+            },
+            // "removed" with PermissionDenied is what agents read as removal.
+            CoordinatorError::RejoinRefused(r) => match r {
+                RejoinRefusal::Disabled => Code::FailedPrecondition,
+                RejoinRefusal::Removed { .. } | RejoinRefusal::Superseded { .. } => {
+                    Code::PermissionDenied
+                }
             },
             CoordinatorError::NoIdentity(_) => Code::FailedPrecondition,
             CoordinatorError::Membership(_) => Code::FailedPrecondition,

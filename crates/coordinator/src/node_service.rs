@@ -1,4 +1,4 @@
-//! `NodeService`: join tokens, enrollment and node records.
+//! `NodeService`: join tokens, enrollment, rejoin and node records.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +9,8 @@ use cloudless_proto::v1::{
     CreateJoinTokenRequest, CreateJoinTokenResponse, EnrollRequest, EnrollResponse, GetNodeRequest,
     GetNodeResponse, JoinTokenInfo, LabelNodeRequest, ListJoinTokensRequest,
     ListJoinTokensResponse, ListNodesRequest, ListNodesResponse, NodeActionRequest,
-    NodeActionResponse, NodePhase, RevokeJoinTokenRequest, RevokeJoinTokenResponse,
+    NodeActionResponse, NodePhase, RejoinRequest, RejoinResponse, RevokeJoinTokenRequest,
+    RevokeJoinTokenResponse,
 };
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::{JoinTokenRecord, NodeRecord, ValidationErrors};
@@ -162,6 +163,40 @@ fn check_name(name: &str) -> Result<(), CoordinatorError> {
 }
 
 impl NodeApi {
+    /// Runs `call`, which needs no client certificate (enrollment, rejoin):
+    /// anyone can call it, so the failed attempts from each source address
+    /// get a rate (`what` names them). A follower forwarding the call has
+    /// already counted it.
+    async fn failures_limited<T, R, F, Fut>(
+        &self,
+        req: Request<T>,
+        what: &'static str,
+        call: F,
+    ) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let forwarded_by_peer =
+            crate::authz::require(&self.handle, &req, crate::authz::Allow::Coordinator).is_ok()
+                && self.handle.tls_ca_pem().is_some();
+        let remote = (!forwarded_by_peer).then(|| req.remote_addr());
+        if let Some(remote) = remote {
+            self.handle.admit_enroll(remote, what)?;
+        }
+        let answer = call(req).await;
+        if let (Err(status), Some(remote)) = (&answer, remote) {
+            // Only a refusal of the caller's own making counts against it.
+            if !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::ResourceExhausted
+            ) {
+                self.handle.enroll_failed(remote);
+            }
+        }
+        answer
+    }
+
     async fn flags(
         &self,
         req: Request<NodeActionRequest>,
@@ -230,83 +265,92 @@ fn usable_join_token(
     Ok(())
 }
 
+/// Enrolls a device on the leader: checks the join token, signs its CSR for
+/// a new node id and records the node.
+async fn enroll_on_leader(
+    h: &CoordinatorHandle,
+    r: EnrollRequest,
+) -> Result<EnrollResponse, CoordinatorError> {
+    check_name(&r.name)?;
+    // Only the leader's state is sure to hold a token just
+    // created; a follower forwards before any work.
+    h.ensure_leader()?;
+    let keys = h.identity_keys()?;
+    let lifetime = h.cluster()?.config.node_cert_lifetime_s;
+    let now = now_ms();
+    let claims = keys.tokens.verify(&r.join_token, now / 1000)?;
+    // A spent, revoked or unknown token is refused from the local
+    // state before any signature or Raft write (the state machine
+    // checks again when the enrollment applies).
+    usable_join_token(h, &claims.jti, now)?;
+    let node_id = format!("n{}", random_hex(6));
+    // Sign first: a bad CSR must not use up the token.
+    let issued = keys.ca.sign_csr(
+        &r.csr_pem,
+        &Identity::Node(node_id.clone()),
+        lifetime,
+        now / 1000,
+    )?;
+    let node = NodeRecord::new(
+        node_id.clone(),
+        r.name,
+        claims.jti.clone(),
+        issued.not_after.saturating_mul(1000),
+    );
+    let (resp, _) = h
+        .write(
+            None,
+            Command::EnrollNode {
+                token_id: claims.jti,
+                node,
+            },
+        )
+        .await?;
+    let node = node_answer(resp)?;
+    tracing::info!(node_id = %node.id, name = %node.name, "node enrolled");
+    Ok(EnrollResponse {
+        node_id: node.id,
+        certificate_pem: issued.cert_pem,
+        ca_certificate_pem: keys.ca.cert_pem().to_owned(),
+    })
+}
+
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn enroll(
         &self,
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        // Enrollment needs no certificate: anyone holding an old token can
-        // call it, so failed attempts from each source address get a rate (a
-        // follower forwarding an enrollment has already counted it).
-        let forwarded_by_peer =
-            crate::authz::require(&self.handle, &req, crate::authz::Allow::Coordinator).is_ok()
-                && self.handle.tls_ca_pem().is_some();
-        let remote = (!forwarded_by_peer).then(|| req.remote_addr());
-        if let Some(remote) = remote {
-            self.handle.admit_enroll(remote)?;
-        }
         let h = self.handle.clone();
-        let answer = leader_or_forward(
-            &self.handle,
-            req,
-            |r: EnrollRequest| async move {
-                check_name(&r.name)?;
-                // Only the leader's state is sure to hold a token just
-                // created; a follower forwards before any work.
-                h.ensure_leader()?;
-                let keys = h.identity_keys()?;
-                let lifetime = h.cluster()?.config.node_cert_lifetime_s;
-                let now = now_ms();
-                let claims = keys.tokens.verify(&r.join_token, now / 1000)?;
-                // A spent, revoked or unknown token is refused from the local
-                // state before any signature or Raft write (the state machine
-                // checks again when the enrollment applies).
-                usable_join_token(&h, &claims.jti, now)?;
-                let node_id = format!("n{}", random_hex(6));
-                // Sign first: a bad CSR must not use up the token.
-                let issued = keys.ca.sign_csr(
-                    &r.csr_pem,
-                    &Identity::Node(node_id.clone()),
-                    lifetime,
-                    now / 1000,
-                )?;
-                let node = NodeRecord::new(
-                    node_id.clone(),
-                    r.name,
-                    claims.jti.clone(),
-                    issued.not_after.saturating_mul(1000),
-                );
-                let (resp, _) = h
-                    .write(
-                        None,
-                        Command::EnrollNode {
-                            token_id: claims.jti,
-                            node,
-                        },
-                    )
-                    .await?;
-                let node = node_answer(resp)?;
-                tracing::info!(node_id = %node.id, name = %node.name, "node enrolled");
-                Ok(EnrollResponse {
-                    node_id: node.id,
-                    certificate_pem: issued.cert_pem,
-                    ca_certificate_pem: keys.ca.cert_pem().to_owned(),
-                })
-            },
-            |ch, r| async move { NodeServiceClient::new(ch).enroll(r).await },
-        )
-        .await;
-        if let (Err(status), Some(remote)) = (&answer, remote) {
-            // Only a refusal of the caller's own making counts against it.
-            if !matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::ResourceExhausted
-            ) {
-                self.handle.enroll_failed(remote);
-            }
-        }
-        answer
+        self.failures_limited(req, "enrollment attempts", |req| async move {
+            let local = h.clone();
+            leader_or_forward(
+                &h,
+                req,
+                |r: EnrollRequest| async move { enroll_on_leader(&local, r).await },
+                |ch, r| async move { NodeServiceClient::new(ch).enroll(r).await },
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn rejoin(
+        &self,
+        req: Request<RejoinRequest>,
+    ) -> Result<Response<RejoinResponse>, Status> {
+        let h = self.handle.clone();
+        self.failures_limited(req, "rejoin attempts", |req| async move {
+            let local = h.clone();
+            leader_or_forward(
+                &h,
+                req,
+                |r: RejoinRequest| async move { crate::rejoin::rejoin(&local, r).await },
+                |ch, r| async move { NodeServiceClient::new(ch).rejoin(r).await },
+            )
+            .await
+        })
+        .await
     }
 
     async fn list(

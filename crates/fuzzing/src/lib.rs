@@ -110,7 +110,9 @@ fn ca() -> &'static ClusterCa {
 }
 
 /// A certificate signing request as enrollment and renewal receive it: the
-/// bytes as PEM text, and as the DER body of a PEM block.
+/// bytes as PEM text, and as the DER body of a PEM block; and the same bytes
+/// as the old certificate (and proof) of a rejoin, which is never granted to
+/// a certificate the CA did not issue.
 pub fn csr(data: &[u8]) {
     use base64::Engine as _;
     let node = Identity::Node("n1".into());
@@ -129,6 +131,24 @@ pub fn csr(data: &[u8]) {
         assert_eq!(info.identity, node, "signed for another identity");
     }
     let _ = cloudless_pki::inspect_certificate_der(data);
+    let cert_pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::engine::general_purpose::STANDARD.encode(data)
+    );
+    let text = String::from_utf8_lossy(data);
+    for cert in [cert_pem.as_str(), &text] {
+        let proof = cloudless_pki::RejoinProof {
+            cert_pem: cert,
+            csr_pem: &text,
+            signed_at: now,
+            signature: data,
+        };
+        let granted = cloudless_pki::verify_rejoin_proof(ca().cert_pem(), &proof, now, u64::MAX);
+        assert!(
+            granted.is_err(),
+            "a rejoin granted to a certificate the CA did not issue"
+        );
+    }
 }
 
 /// Raft traffic and storage: a log entry as the log store reads it, the

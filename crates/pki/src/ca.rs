@@ -293,17 +293,11 @@ pub fn verify_with_ca_cert(
     now: i64,
 ) -> Result<Identity, PkiError> {
     let ca_der = pem_to_der(ca_cert_pem, "CA certificate")?;
-    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Parse {
-        what: "CA certificate",
-        detail: e.to_string(),
-    })?;
     let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| PkiError::Parse {
         what: "certificate",
         detail: e.to_string(),
     })?;
-    if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
-        return Err(PkiError::UnknownIssuer);
-    }
+    check_issued_by(&ca_der, &cert)?;
     let (nb, na) = (
         cert.validity().not_before.timestamp(),
         cert.validity().not_after.timestamp(),
@@ -315,6 +309,19 @@ pub fn verify_with_ca_cert(
         });
     }
     identity_of(&cert)
+}
+
+/// Checks that `cert` was signed by the CA certificate `ca_der`, whatever
+/// its validity period.
+pub(crate) fn check_issued_by(ca_der: &[u8], cert: &X509Certificate<'_>) -> Result<(), PkiError> {
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|e| PkiError::Parse {
+        what: "CA certificate",
+        detail: e.to_string(),
+    })?;
+    if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
+        return Err(PkiError::UnknownIssuer);
+    }
+    Ok(())
 }
 
 /// What a certificate says, read without verifying it (for a holder
@@ -349,7 +356,7 @@ pub fn inspect_certificate_der(der: &[u8]) -> Result<CertificateInfo, PkiError> 
 }
 
 /// The identity in a parsed certificate: exactly one `cloudless://` URI SAN.
-fn identity_of(cert: &X509Certificate<'_>) -> Result<Identity, PkiError> {
+pub(crate) fn identity_of(cert: &X509Certificate<'_>) -> Result<Identity, PkiError> {
     let sans = cert
         .subject_alternative_name()
         .map_err(|e| PkiError::Identity(format!("a malformed subject alternative name ({e})")))?;

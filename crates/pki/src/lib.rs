@@ -1,6 +1,7 @@
 //! Cloudless identity primitives: the cluster CA, certificate issuance from
 //! CSRs, peer identities carried in a URI SAN, the master-key envelope that
-//! protects the CA key at rest, and signed join tokens.
+//! protects the CA key at rest, signed join tokens, and the proof with which
+//! a device whose certificate expired rejoins.
 //!
 //! Nothing here logs or formats key material: key types redact themselves in
 //! `Debug`, and secrets are zeroed on drop.
@@ -9,6 +10,7 @@ mod ca;
 mod envelope;
 mod error;
 mod identity;
+mod rejoin;
 mod token;
 
 pub use ca::{
@@ -19,4 +21,8 @@ pub use ca::{
 pub use envelope::{MasterKey, Sealed};
 pub use error::PkiError;
 pub use identity::Identity;
+pub use rejoin::{
+    sign_rejoin_proof, verify_rejoin_proof, RejoinError, RejoinGrant, RejoinProof,
+    REJOIN_CLOCK_SKEW_S, REJOIN_MAX_PEM_BYTES, REJOIN_MAX_PROOF_BYTES,
+};
 pub use token::{JoinTokenClaims, TokenError, TokenKey};

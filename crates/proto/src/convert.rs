@@ -558,6 +558,7 @@ impl From<t::ClusterConfig> for v1::ClusterConfig {
             audit_aggregate_window_s: c.audit_aggregate_window_s,
             access_token_max_records: c.access_token_max_records,
             admin_cert_lifetime_s: c.admin_cert_lifetime_s,
+            node_rejoin_grace_s: Some(c.node_rejoin_grace_s),
         }
     }
 }
@@ -623,6 +624,9 @@ pub fn cluster_config_from_wire(
         } else {
             c.admin_cert_lifetime_s
         },
+        node_rejoin_grace_s: c
+            .node_rejoin_grace_s
+            .unwrap_or(t::DEFAULT_NODE_REJOIN_GRACE_S),
     };
     config.validate().map(|()| config)
 }

@@ -22,8 +22,9 @@ const KEY_PURGED: &str = "last_purged";
 /// Format 2: entries are postcard-encoded (format 1 used JSON). Format 3:
 /// commands of the release that bounded node traffic (new fields in the
 /// cluster configuration and node records change their postcard encoding),
-/// so an older log is refused by its format, not misread.
-const FORMAT: u32 = 3;
+/// so an older log is refused by its format, not misread. Format 4: the
+/// cluster configuration's `node_rejoin_grace_s`.
+const FORMAT: u32 = 4;
 
 type SErr = StorageError<NodeId>;
 

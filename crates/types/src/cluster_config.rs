@@ -75,6 +75,12 @@ pub struct ClusterConfig {
     /// 1000..=10000000.
     #[serde(default = "default_access_token_max_records")]
     pub access_token_max_records: u32,
+    /// How long after its certificate expired a node may still rejoin
+    /// without a join token, by proving it holds the old certificate's key,
+    /// in seconds. 0 turns rejoining off. Default 2592000 (30 days);
+    /// 0..=31536000 (one year).
+    #[serde(default = "default_node_rejoin_grace_s")]
+    pub node_rejoin_grace_s: u64,
     /// Lifetime of admin certificates in seconds; `cloudlessctl` renews its
     /// own with two thirds gone. Default 604800 (7 days); 10..=31536000
     /// (below an hour only for tests).
@@ -96,6 +102,15 @@ fn default_audit_aggregate_window_s() -> u32 {
 
 fn default_access_token_max_records() -> u32 {
     crate::DEFAULT_ACCESS_TOKEN_MAX_RECORDS
+}
+
+/// Default of [`ClusterConfig::node_rejoin_grace_s`]: 30 days.
+pub const DEFAULT_NODE_REJOIN_GRACE_S: u64 = 30 * 24 * 3600;
+/// Longest [`ClusterConfig::node_rejoin_grace_s`]: one year.
+pub const MAX_NODE_REJOIN_GRACE_S: u64 = 365 * 24 * 3600;
+
+fn default_node_rejoin_grace_s() -> u64 {
+    DEFAULT_NODE_REJOIN_GRACE_S
 }
 
 fn default_audit_retention_days() -> u32 {
@@ -123,6 +138,7 @@ impl Default for ClusterConfig {
             audit_aggregate_window_s: default_audit_aggregate_window_s(),
             access_token_max_records: default_access_token_max_records(),
             admin_cert_lifetime_s: default_admin_cert_lifetime_s(),
+            node_rejoin_grace_s: default_node_rejoin_grace_s(),
         }
     }
 }
@@ -225,6 +241,15 @@ impl ClusterConfig {
                 ),
             );
         }
+        if self.node_rejoin_grace_s > MAX_NODE_REJOIN_GRACE_S {
+            errs.push(
+                "node_rejoin_grace_s",
+                format!(
+                    "{} is above {MAX_NODE_REJOIN_GRACE_S} (one year); 0 turns rejoining off",
+                    self.node_rejoin_grace_s
+                ),
+            );
+        }
         let w = &self.scheduler_weights;
         for (name, v) in [
             ("locality", w.locality),
@@ -302,7 +327,28 @@ mod tests {
         obj.remove("audit_max_records");
         obj.remove("audit_aggregate_window_s");
         obj.remove("access_token_max_records");
+        obj.remove("node_rejoin_grace_s");
         let back: ClusterConfig = serde_json::from_value(old).expect("old record");
         assert_eq!(back, ClusterConfig::default());
+    }
+
+    #[test]
+    fn rejoin_grace_is_bounded_and_zero_turns_it_off() {
+        let off = ClusterConfig {
+            node_rejoin_grace_s: 0,
+            ..ClusterConfig::default()
+        };
+        assert_eq!(off.validate(), Ok(()));
+        let c = ClusterConfig {
+            node_rejoin_grace_s: MAX_NODE_REJOIN_GRACE_S + 1,
+            ..ClusterConfig::default()
+        };
+        let errs = c.validate().expect_err("grace above a year accepted");
+        let fields: Vec<_> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["node_rejoin_grace_s"], "{errs}");
+        assert_eq!(
+            ClusterConfig::default().node_rejoin_grace_s,
+            DEFAULT_NODE_REJOIN_GRACE_S
+        );
     }
 }

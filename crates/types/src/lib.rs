@@ -9,7 +9,9 @@ mod secret;
 mod validation;
 mod workload;
 
-pub use cluster_config::{ClusterConfig, SchedulerWeights};
+pub use cluster_config::{
+    ClusterConfig, SchedulerWeights, DEFAULT_NODE_REJOIN_GRACE_S, MAX_NODE_REJOIN_GRACE_S,
+};
 pub use container::{
     Capabilities, ContainerPort, Disconnect, EmptyDir, HostPath, KeyToPath, Protocol,
     ReconnectPolicy, SeccompProfileSpec, SeccompType, SecretEnv, SecretKeyRef, SecretVolume,
