@@ -142,6 +142,7 @@ fn container_config(
                 source,
                 read_only: m.read_only || v.secret.is_some(),
                 field: format!("volumeMounts[{i}]"),
+                volume: v.name.clone(),
             })
         })
         .collect();

@@ -704,7 +704,11 @@ impl Containerd {
             namespace: self.namespace.clone(),
             ..node.clone()
         };
-        let built = crate::spec::build(c, &image.process, &node)?;
+        let mut built = crate::spec::build(c, &image.process, &node)?;
+        // Host paths are opened beneath their allowed prefix, held open
+        // until the task exists, and checked in it before it starts.
+        let host_paths = crate::HeldHostPaths::open(&c.mounts, &node.allowed_host_paths)?;
+        host_paths.apply(&mut built.spec);
         let spec_json = serde_json::to_vec(&built.spec)
             .map_err(|e| RuntimeError::Internal(format!("encoding the spec: {e}")))?;
         let log_path = self.log_path(&c.id);
@@ -730,8 +734,10 @@ impl Containerd {
                 spec_json,
                 mounts,
                 &log_path,
+                &host_paths,
             )
             .await;
+        drop(host_paths);
         match result {
             Ok(pid) => Ok(Started {
                 id: c.id.clone(),
@@ -754,6 +760,7 @@ impl Containerd {
         spec_json: Vec<u8>,
         mounts: Vec<Mount>,
         log_path: &Path,
+        host_paths: &crate::HeldHostPaths,
     ) -> Result<u32, RuntimeError> {
         let container = cd::Container {
             id: c.id.clone(),
@@ -803,6 +810,9 @@ impl Containerd {
             .await
             .map_err(|s| status("creating the task", s))?
             .into_inner();
+        // Before any process of the container runs: its host paths are the
+        // files checked beneath their prefixes.
+        host_paths.verify_in(created.pid)?;
         copy_output(&fifo, log_path)?;
         drop(holder);
         tasks
