@@ -16,7 +16,7 @@ pub use agent::{load_or_enroll, run, AgentConfig};
 pub use client::{enroll, Coordinators};
 pub use identity::NodeIdentity;
 pub use sysinfo::DeviceProbe;
-pub use workloads::RuntimeConfig;
+pub use workloads::{RuntimeConfig, SecurityPolicyConfig, DEFAULT_PIDS_LIMIT};
 
 /// Why the agent failed.
 #[derive(Debug, thiserror::Error)]

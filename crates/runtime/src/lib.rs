@@ -30,7 +30,7 @@ pub use model::{
     SecurityContext,
 };
 pub use runtime_trait::ContainerRuntime;
-pub use spec::{build as build_spec, BuiltSpec, DEFAULT_APPARMOR_PROFILE};
+pub use spec::{build as build_spec, process_ids, BuiltSpec, DEFAULT_APPARMOR_PROFILE};
 pub use supervisor::{
     Backoff, LastExit, ReplicaPhase, ReplicaSpec, ReplicaStatus, RestartPolicy, Supervisor,
 };

@@ -36,6 +36,20 @@ pub const APPARMOR_UNCONFINED: &str = "unconfined";
 /// `cloudless_container_t` (config/selinux/cloudless.te).
 pub const SELINUX_CONTAINER_TYPES: &[&str] = &["container_t", "cloudless_container_t"];
 
+/// `NET_ADMIN`, `cap_net_admin` or `CAP_NET_ADMIN` as the runtime spec
+/// spells it (`CAP_NET_ADMIN`), if it is a Linux capability.
+pub fn capability_name(name: &str) -> Option<String> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("CAP_") {
+        upper
+    } else {
+        format!("CAP_{upper}")
+    };
+    serde_json::from_value::<oci_spec::runtime::Capability>(serde_json::Value::String(full.clone()))
+        .ok()
+        .map(|_| full)
+}
+
 fn invalid(field: &str, problem: String) -> SpecError {
     SpecError::Invalid {
         field: field.into(),

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use oci_spec::runtime::{Capability, Spec};
+use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 
 use crate::model::{ContainerConfig, ImageProcess, NodePolicy, Notice};
@@ -62,19 +62,8 @@ fn invalid(field: &str, problem: impl Into<String>) -> SpecError {
 /// the known capabilities and the node's policy.
 fn capability(name: &str, i: usize, node: &NodePolicy) -> Result<String, SpecError> {
     let field = format!("securityContext.capabilities.add[{i}]");
-    let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("CAP_") {
-        upper
-    } else {
-        format!("CAP_{upper}")
-    };
-    let known: Result<Capability, _> = serde_json::from_value(Value::String(full.clone()));
-    if known.is_err() {
-        return Err(invalid(
-            &field,
-            format!("{name:?} is not a Linux capability"),
-        ));
-    }
+    let full = crate::policy::capability_name(name)
+        .ok_or_else(|| invalid(&field, format!("{name:?} is not a Linux capability")))?;
     crate::policy::check_capability(&full, &field, node)?;
     Ok(full)
 }
@@ -155,6 +144,17 @@ fn image_user(user: &str) -> Result<(Option<u32>, Option<u32>), String> {
         Some(uid) => Ok((Some(uid), gid.or(Some(0)))),
         None => Err(u.to_owned()),
     }
+}
+
+/// The uid and gid the container's process runs as: `runAsUser` and
+/// `runAsGroup` over the image's numeric user, else root. (A named image
+/// user without `runAsUser` is refused by [`build`]; here it counts as root.)
+pub fn process_ids(c: &ContainerConfig, image: &ImageProcess) -> (u32, u32) {
+    let (img_uid, img_gid) = image_user(&image.user).unwrap_or((None, None));
+    (
+        c.security.run_as_user.or(img_uid).unwrap_or(0),
+        c.security.run_as_group.or(img_gid).unwrap_or(0),
+    )
 }
 
 /// Builds the runtime spec for `c` running `image` on a node with `node`'s
@@ -256,7 +256,7 @@ pub fn build(
             if !node.allow_host_namespaces {
                 return Err(invalid(
                     field,
-                    "host namespaces are not allowed on this node (node config allow_host_namespaces)",
+                    "host namespaces are not allowed on this node (node policy allow_host_namespaces: agent --allow-host-namespaces, or CLOUDLESS_AGENT_ALLOW_HOST_NAMESPACES=true)",
                 ));
             }
         } else {

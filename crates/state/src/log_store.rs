@@ -22,8 +22,10 @@ const KEY_PURGED: &str = "last_purged";
 /// Format 2: entries are postcard-encoded (format 1 used JSON). Format 3:
 /// commands of the release that bounded node traffic (new fields in the
 /// cluster configuration and node records change their postcard encoding),
-/// so an older log is refused by its format, not misread.
-const FORMAT: u32 = 3;
+/// so an older log is refused by its format, not misread. Format 4:
+/// resources carry `pids` (a per-replica limit), which changes the encoding
+/// of workload specs and node records.
+const FORMAT: u32 = 4;
 
 type SErr = StorageError<NodeId>;
 
