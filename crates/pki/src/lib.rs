@@ -12,8 +12,9 @@ mod identity;
 mod token;
 
 pub use ca::{
-    inspect_certificate, inspect_certificate_der, new_anonymous_csr, new_csr, verify_with_ca_cert,
-    CertificateInfo, ClusterCa, IssuedCertificate, DEFAULT_NODE_CERT_LIFETIME,
+    inspect_certificate, inspect_certificate_der, key_matches_certificate, new_anonymous_csr,
+    new_csr, verify_with_ca_cert, CertificateInfo, ClusterCa, IssuedCertificate,
+    DEFAULT_NODE_CERT_LIFETIME,
 };
 pub use envelope::{MasterKey, Sealed};
 pub use error::PkiError;
