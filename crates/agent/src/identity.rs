@@ -271,6 +271,7 @@ mod tests {
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(true)
             .mode(0o600)
             .open(dir.path().join(KEY_FILE))
             .and_then(|mut f| f.write_all(first.key_pem.as_bytes()))

@@ -112,6 +112,16 @@ fn status(what: &str, s: tonic::Status) -> RuntimeError {
     }
 }
 
+/// What a container is created with, besides its rootfs.
+struct Prepared<'a> {
+    /// The containerd runtime handler.
+    handler: &'a str,
+    /// The runtime spec, JSON.
+    spec_json: Vec<u8>,
+    /// Its host paths, open, checked in the created task before it starts.
+    host_paths: &'a crate::HeldHostPaths,
+}
+
 impl Containerd {
     /// Connects to containerd's socket and checks it answers.
     pub async fn connect(
@@ -730,11 +740,13 @@ impl Containerd {
             .create_and_start(
                 c,
                 image,
-                &built.runtime_handler,
-                spec_json,
+                Prepared {
+                    handler: &built.runtime_handler,
+                    spec_json,
+                    host_paths: &host_paths,
+                },
                 mounts,
                 &log_path,
-                &host_paths,
             )
             .await;
         drop(host_paths);
@@ -756,12 +768,15 @@ impl Containerd {
         &self,
         c: &ContainerConfig,
         image: &ImageRef,
-        handler: &str,
-        spec_json: Vec<u8>,
+        prepared: Prepared<'_>,
         mounts: Vec<Mount>,
         log_path: &Path,
-        host_paths: &crate::HeldHostPaths,
     ) -> Result<u32, RuntimeError> {
+        let Prepared {
+            handler,
+            spec_json,
+            host_paths,
+        } = prepared;
         let container = cd::Container {
             id: c.id.clone(),
             labels: HashMap::from([(MANAGED_LABEL.to_owned(), "true".to_owned())]),

@@ -347,7 +347,7 @@ mod tests {
         // Something else at the destination: refused.
         let mut wrong = m.clone();
         wrong.destination = prefix.join("other").display().to_string();
-        let held = HeldHostPaths::open(&[m], &[prefix.clone()]).expect("open");
+        let held = HeldHostPaths::open(&[m], std::slice::from_ref(&prefix)).expect("open");
         let moved = HeldHostPaths {
             held: held
                 .held
