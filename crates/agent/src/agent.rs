@@ -49,10 +49,23 @@ pub(crate) fn now_s() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// Makes the data dir (identity, logs, volumes, secrets) readable by its
+/// owner only: 0700, also when an older agent made it with the umask's mode.
+pub fn private_dir(dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| AgentError::io(dir, e))
+}
+
 /// Loads the node identity, or enrolls with the join token when there is
 /// none. A stored certificate that has expired is renewed by rejoining
 /// (retried until a coordinator answers).
 pub async fn load_or_enroll(config: &AgentConfig) -> Result<NodeIdentity, AgentError> {
+    private_dir(&config.data_dir)?;
     if let Some(id) = NodeIdentity::load(&config.data_dir)? {
         if !id.expired_at(now_s()) {
             tracing::info!(node_id = %id.node_id, not_after = id.not_after, "using the stored node identity");

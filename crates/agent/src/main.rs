@@ -75,6 +75,28 @@ struct Cli {
     /// Directory of seccomp profiles for `seccompProfile.type: Localhost`.
     #[arg(long, default_value = "/etc/cloudless/seccomp")]
     seccomp_dir: PathBuf,
+    /// Capability workloads may add beyond Docker's default set
+    /// (repeatable or comma-separated; `ALL` allows any; none by default).
+    #[arg(
+        long = "allow-capability",
+        env = "CLOUDLESS_AGENT_ALLOW_CAPABILITIES",
+        value_delimiter = ','
+    )]
+    allowed_capabilities: Vec<String>,
+    /// Workloads may run without a seccomp filter, or with a `Localhost`
+    /// profile that allows by default.
+    #[arg(long, env = "CLOUDLESS_AGENT_ALLOW_UNCONFINED_SECCOMP")]
+    allow_unconfined_seccomp: bool,
+    /// Workloads may name their own AppArmor profile (`unconfined`, or one
+    /// loaded on this host) instead of the agent's.
+    #[arg(long, env = "CLOUDLESS_AGENT_ALLOW_APPARMOR_OVERRIDE")]
+    allow_apparmor_override: bool,
+    /// Workloads may set an SELinux label whose type is not `container_t`.
+    #[arg(long, env = "CLOUDLESS_AGENT_ALLOW_SELINUX_OVERRIDE")]
+    allow_selinux_override: bool,
+    /// Workloads may share the host's network namespace (`hostNetwork`).
+    #[arg(long, env = "CLOUDLESS_AGENT_ALLOW_HOST_NAMESPACES")]
+    allow_host_namespaces: bool,
     /// How long replicas keep running (and restarting) without any
     /// coordinator before they are stopped, unless their workload sets
     /// disconnect.stopOnClientAfterSeconds: 90s, 30m, 1h, 7d; 0 = forever.
@@ -128,6 +150,17 @@ fn host_name() -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cloudless_telemetry::init_logging(cloudless_telemetry::LogFormat::Text, &cli.log_filter);
+    // Checked before anything starts (the runner checks again).
+    for c in &cli.allowed_capabilities {
+        if !c.trim().eq_ignore_ascii_case("ALL")
+            && cloudless_runtime::policy::capability_name(c).is_none()
+        {
+            eprintln!(
+                "--allow-capability {c:?}: not a Linux capability (NET_ADMIN, CAP_SYS_PTRACE, ALL)"
+            );
+            return ExitCode::from(2);
+        }
+    }
     let join_token = match (&cli.join_token_file, std::env::var("CLOUDLESS_JOIN_TOKEN")) {
         (Some(p), _) => match std::fs::read_to_string(p) {
             Ok(t) => Some(Zeroizing::new(t.trim().to_owned())),
@@ -168,6 +201,14 @@ fn main() -> ExitCode {
             secret_refresh: std::time::Duration::from_secs(cli.secret_refresh.max(1)),
             allowed_host_paths: cli.allowed_host_paths,
             seccomp_dir: Some(cli.seccomp_dir),
+            security: cloudless_agent::SecurityPolicyConfig {
+                allowed_capabilities: cli.allowed_capabilities,
+                allow_unconfined_seccomp: cli.allow_unconfined_seccomp,
+                allow_apparmor_override: cli.allow_apparmor_override,
+                allow_selinux_override: cli.allow_selinux_override,
+                allow_host_namespaces: cli.allow_host_namespaces,
+            },
+            apparmor_dir: data_dir.join("apparmor"),
             max_disconnected: (cli.max_disconnected > 0)
                 .then(|| std::time::Duration::from_secs(cli.max_disconnected)),
         }),

@@ -5,7 +5,8 @@
 //! tmpfs that never touches the disk.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -286,8 +287,19 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
 
 /// Mounts a private tmpfs at `dir` (unless one is there from before an
 /// agent restart); the files written into it live in memory only.
+/// The `secrets/` tree and each replica's directory in it are 0700.
 pub fn mount_tmpfs(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Made by an older agent with the umask's mode: private from now on.
+    for d in dir.ancestors().skip(1).take(2) {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", d.display()))?;
+    }
     if is_mountpoint(dir) {
         return Ok(());
     }
@@ -340,8 +352,15 @@ pub fn write_files(
         })?;
         let tmp = dir.join(format!(".{file}.tmp"));
         let target = dir.join(&file);
-        std::fs::write(&tmp, value.as_slice()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o400))
+        // Created 0400 from the start: never readable by others, not even
+        // for a moment.
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(value.as_slice()))
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
         std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
             .map_err(|e| format!("{}: {e}", tmp.display()))?;

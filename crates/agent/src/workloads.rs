@@ -28,6 +28,9 @@ const REPORT_EVERY: Duration = Duration::from_millis(250);
 const RECONNECTED: Duration = Duration::from_secs(3);
 /// Longest a container id may be (containerd's limit is 76).
 const MAX_CONTAINER_ID: usize = 76;
+/// Most processes and threads in a container whose workload sets no
+/// `limits.pids`: a fork bomb stops there instead of exhausting the device.
+pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
 
 /// Where and how the agent runs containers.
 #[derive(Debug, Clone)]
@@ -52,10 +55,35 @@ pub struct RuntimeConfig {
     pub allowed_host_paths: Vec<PathBuf>,
     /// Seccomp profiles for `Localhost`.
     pub seccomp_dir: Option<PathBuf>,
+    /// What workloads' `securityContext` may ask of this device beyond the
+    /// defaults.
+    pub security: SecurityPolicyConfig,
+    /// Where the agent writes its AppArmor profile before loading it.
+    pub apparmor_dir: PathBuf,
     /// How long replicas keep running without any coordinator before they
     /// are stopped (unless their workload's
     /// `disconnect.stopOnClientAfterSeconds` says otherwise); `None`: forever.
     pub max_disconnected: Option<Duration>,
+}
+
+/// What workloads may ask of this device beyond the defaults (all off by
+/// default): the node policy's settings, from agent flags or environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityPolicyConfig {
+    /// Capabilities allowed beyond Docker's default set (`NET_ADMIN`;
+    /// `ALL`): `--allow-capability`, `CLOUDLESS_AGENT_ALLOW_CAPABILITIES`.
+    pub allowed_capabilities: Vec<String>,
+    /// `seccompProfile: Unconfined`, or a `Localhost` profile that allows by
+    /// default: `--allow-unconfined-seccomp`.
+    pub allow_unconfined_seccomp: bool,
+    /// `appArmorProfile` other than `runtime/default` (`unconfined`, or a
+    /// loaded profile): `--allow-apparmor-override`.
+    pub allow_apparmor_override: bool,
+    /// `seLinuxLabel` with a type other than `container_t`:
+    /// `--allow-selinux-override`.
+    pub allow_selinux_override: bool,
+    /// `hostNetwork` (and other host namespaces): `--allow-host-namespaces`.
+    pub allow_host_namespaces: bool,
 }
 
 /// The container id for a replica: the replica id, shortened in the middle
@@ -142,6 +170,7 @@ fn container_config(
                 source,
                 read_only: m.read_only || v.secret.is_some(),
                 field: format!("volumeMounts[{i}]"),
+                volume: v.name.clone(),
             })
         })
         .collect();
@@ -154,7 +183,12 @@ fn container_config(
         limits: Limits {
             cpu_millis: spec.limits.cpu_millis,
             memory_bytes: spec.limits.memory_bytes,
-            pids: 0,
+            pids: i64::try_from(if spec.limits.pids == 0 {
+                DEFAULT_PIDS_LIMIT
+            } else {
+                spec.limits.pids
+            })
+            .unwrap_or(i64::MAX),
         },
         security,
         mounts,
@@ -162,9 +196,16 @@ fn container_config(
     }
 }
 
-/// Makes the replica's `emptyDir` directories (world-writable, as in
-/// Kubernetes, so that a non-root user can write to them).
-fn prepare_volumes(config: &ContainerConfig, volume_base: &std::path::Path) -> std::io::Result<()> {
+/// Makes the replica's `emptyDir` directories, never world-writable: owned
+/// by the container's uid and gid with mode 0770 when it runs as a non-root
+/// user, else root's with mode 0755 (as root the container needs no
+/// capability to write there; other host users cannot).
+fn prepare_volumes(
+    config: &ContainerConfig,
+    volume_base: &std::path::Path,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for m in &config.mounts {
         if let MountSource::ReplicaDir(dir) = &m.source {
@@ -172,7 +213,14 @@ fn prepare_volumes(config: &ContainerConfig, volume_base: &std::path::Path) -> s
                 continue;
             }
             std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
+            let mode = if uid == 0 {
+                std::os::unix::fs::chown(dir, Some(0), Some(0))?;
+                0o755
+            } else {
+                std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+                0o770
+            };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
         }
     }
     Ok(())
@@ -318,20 +366,58 @@ impl Runner {
         .await
         .map_err(|e| AgentError::Config(format!("--containerd-socket: {e}")))?;
         let host = HostSecurity::detect();
-        if !host.apparmor {
-            tracing::warn!(
-                reason = "AppArmorUnavailable",
-                "AppArmor is not enabled on this host: containers run without an AppArmor profile"
-            );
-        }
+        // The agent's own AppArmor profile, loaded before any container
+        // names it; never named unless the kernel lists it.
+        let apparmor_profile = match cloudless_runtime::apparmor::load_profile(
+            host.apparmor,
+            &config.apparmor_dir,
+            std::path::Path::new(cloudless_runtime::apparmor::PARSER),
+            std::path::Path::new(cloudless_runtime::apparmor::PROFILES_FILE),
+        ) {
+            Ok(name) => {
+                tracing::info!(profile = %name, "AppArmor profile loaded");
+                Some(name)
+            }
+            Err(cloudless_runtime::AppArmorError::Disabled) => {
+                tracing::warn!(
+                    reason = "AppArmorUnavailable",
+                    "AppArmor is not enabled on this host: its profile is not loaded and containers run without an AppArmor profile"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    reason = "AppArmorProfileNotLoaded",
+                    error = %e,
+                    "!!! AppArmor is enabled but the agent's profile could not be loaded: containers run with the runtime's default (no AppArmor profile) !!!"
+                );
+                None
+            }
+        };
         if !host.selinux {
             tracing::warn!(
                 reason = "SELinuxUnavailable",
                 "SELinux is not enabled on this host: containers run without an SELinux label"
             );
         }
+        let sec = &config.security;
+        for c in &sec.allowed_capabilities {
+            if !c.trim().eq_ignore_ascii_case("ALL")
+                && cloudless_runtime::policy::capability_name(c).is_none()
+            {
+                return Err(AgentError::Config(format!(
+                    "--allow-capability {c:?}: not a Linux capability (NET_ADMIN, CAP_SYS_PTRACE, ALL)"
+                )));
+            }
+        }
         let mut policy = NodePolicy {
+            allow_host_namespaces: sec.allow_host_namespaces,
+            allow_unconfined_seccomp: sec.allow_unconfined_seccomp,
+            allowed_capabilities: sec.allowed_capabilities.clone(),
+            allow_apparmor_override: sec.allow_apparmor_override,
+            allow_selinux_override: sec.allow_selinux_override,
             apparmor_enabled: host.apparmor,
+            apparmor_profile,
             selinux_enabled: host.selinux,
             namespace: config.namespace.clone(),
             allowed_host_paths: config.allowed_host_paths.clone(),
@@ -667,8 +753,9 @@ async fn replica_task(
     for (k, v) in std::mem::take(&mut resolved.env) {
         container.env.insert(k, v);
     }
-    let uid = spec.security_context.run_as_user.unwrap_or(0);
-    let gid = spec.security_context.run_as_group.unwrap_or(0);
+    // Who the process runs as (runAsUser, else the image's numeric user):
+    // its secret files and emptyDir directories are made for it.
+    let (uid, gid) = cloudless_runtime::process_ids(&container, &image.process);
     let secret_volumes: Vec<(PathBuf, cloudless_types::SecretVolume)> = spec
         .volumes
         .iter()
@@ -720,7 +807,7 @@ async fn replica_task(
             ))
         });
     let dir = volume_dir(&volume_base, &container.id);
-    if let Err(e) = prepare_volumes(&container, &volume_base) {
+    if let Err(e) = prepare_volumes(&container, &volume_base, uid, gid) {
         set(status(
             &id,
             "Failed",
@@ -1246,3 +1333,7 @@ mod tests {
         assert!(w.message.contains("OOM"));
     }
 }
+
+#[cfg(test)]
+#[path = "workloads_test.rs"]
+mod hardening_tests;

@@ -556,13 +556,20 @@ pub struct Coordinator {
 }
 
 /// Reads `<data_dir>/node_id`, or creates it with `configured` (or a random id when 0).
+/// The data dir is made 0700 (also when it exists with a wider mode).
 fn resolve_node_id(data_dir: &Path, configured: u64) -> Result<NodeId, StartError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| {
-        StartError::NodeId(format!(
-            "cannot create data dir {}: {e}",
-            data_dir.display()
-        ))
-    })?;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .and_then(|()| std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| {
+            StartError::NodeId(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
     let path = data_dir.join("node_id");
     match std::fs::read_to_string(&path) {
         Ok(text) => {

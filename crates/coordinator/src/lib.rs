@@ -29,5 +29,5 @@ mod workload_service;
 pub use config::{ConfigError, ConfigSources, CoordinatorConfig};
 pub use coordinator::{now_ms, Coordinator, CoordinatorHandle, StartError, StartMode};
 pub use error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
-pub use tls::issue_admin_offline;
 pub use rejoin::RejoinRefusal;
+pub use tls::issue_admin_offline;

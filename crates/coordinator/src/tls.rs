@@ -61,15 +61,18 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> StartError {
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), StartError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
+    // A leftover temporary file would keep its mode: start afresh, 0600.
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| io_err(&tmp, e))?;
-    f.write_all(contents)
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| f.write_all(contents))
         .and_then(|()| f.sync_all())
         .map_err(|e| io_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
@@ -453,5 +456,36 @@ pub(crate) fn endpoint(address: &str, tls: Option<&TlsMaterial>) -> Result<Endpo
             .tls_config(t.client_config(host_of(address)))
             .map_err(|e| e.to_string()),
         None => Ok(ep),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    }
+
+    /// Every write leaves a private file 0600, even over a wider file or a
+    /// leftover temporary file of another mode.
+    #[test]
+    fn private_files_are_0600_after_every_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("coordinator.key");
+        write_private(&key, b"one").expect("write");
+        assert_eq!(mode(&key), 0o600);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::write(key.with_extension("tmp"), b"stale").expect("write");
+        std::fs::set_permissions(
+            key.with_extension("tmp"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .expect("chmod");
+        write_private(&key, b"two").expect("rewrite");
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(std::fs::read(&key).expect("read"), b"two");
+        assert!(!key.with_extension("tmp").exists());
     }
 }

@@ -379,6 +379,22 @@ pub(crate) fn identity_of(cert: &X509Certificate<'_>) -> Result<Identity, PkiErr
     }
 }
 
+/// Whether `key_pem` is the private key of the certificate `cert_pem` (a
+/// key and certificate written apart can be torn by a crash mid-renewal).
+pub fn key_matches_certificate(cert_pem: &str, key_pem: &str) -> Result<bool, PkiError> {
+    use rcgen::PublicKeyData as _;
+    let der = pem_to_der(cert_pem, "certificate")?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Parse {
+        what: "certificate",
+        detail: e.to_string(),
+    })?;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Parse {
+        what: "private key",
+        detail: e.to_string(),
+    })?;
+    Ok(key.der_bytes() == cert.public_key().subject_public_key.data.as_ref())
+}
+
 /// Decodes the first PEM block.
 pub(crate) fn pem_to_der(pem: &str, what: &'static str) -> Result<Vec<u8>, PkiError> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| PkiError::Parse {

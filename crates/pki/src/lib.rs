@@ -14,9 +14,9 @@ mod rejoin;
 mod token;
 
 pub use ca::{
-    csr_for_key, inspect_certificate, inspect_certificate_der, new_anonymous_csr, new_csr,
-    verify_with_ca_cert, CertificateInfo, ClusterCa, IssuedCertificate, BACKDATE_S,
-    DEFAULT_NODE_CERT_LIFETIME,
+    csr_for_key, inspect_certificate, inspect_certificate_der, key_matches_certificate,
+    new_anonymous_csr, new_csr, verify_with_ca_cert, CertificateInfo, ClusterCa, IssuedCertificate,
+    BACKDATE_S, DEFAULT_NODE_CERT_LIFETIME,
 };
 pub use envelope::{MasterKey, Sealed};
 pub use error::PkiError;

@@ -14,6 +14,7 @@ impl From<t::Resources> for v1::Resources {
             memory_bytes: r.memory_bytes,
             storage_bytes: r.storage_bytes,
             bandwidth_bps: r.bandwidth_bps,
+            pids: r.pids,
         }
     }
 }
@@ -25,6 +26,7 @@ impl From<v1::Resources> for t::Resources {
             memory_bytes: r.memory_bytes,
             storage_bytes: r.storage_bytes,
             bandwidth_bps: r.bandwidth_bps,
+            pids: r.pids,
         }
     }
 }

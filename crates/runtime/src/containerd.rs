@@ -112,6 +112,16 @@ fn status(what: &str, s: tonic::Status) -> RuntimeError {
     }
 }
 
+/// What a container is created with, besides its rootfs.
+struct Prepared<'a> {
+    /// The containerd runtime handler.
+    handler: &'a str,
+    /// The runtime spec, JSON.
+    spec_json: Vec<u8>,
+    /// Its host paths, open, checked in the created task before it starts.
+    host_paths: &'a crate::HeldHostPaths,
+}
+
 impl Containerd {
     /// Connects to containerd's socket and checks it answers.
     pub async fn connect(
@@ -704,7 +714,11 @@ impl Containerd {
             namespace: self.namespace.clone(),
             ..node.clone()
         };
-        let built = crate::spec::build(c, &image.process, &node)?;
+        let mut built = crate::spec::build(c, &image.process, &node)?;
+        // Host paths are opened beneath their allowed prefix, held open
+        // until the task exists, and checked in it before it starts.
+        let host_paths = crate::HeldHostPaths::open(&c.mounts, &node.allowed_host_paths)?;
+        host_paths.apply(&mut built.spec);
         let spec_json = serde_json::to_vec(&built.spec)
             .map_err(|e| RuntimeError::Internal(format!("encoding the spec: {e}")))?;
         let log_path = self.log_path(&c.id);
@@ -726,12 +740,16 @@ impl Containerd {
             .create_and_start(
                 c,
                 image,
-                &built.runtime_handler,
-                spec_json,
+                Prepared {
+                    handler: &built.runtime_handler,
+                    spec_json,
+                    host_paths: &host_paths,
+                },
                 mounts,
                 &log_path,
             )
             .await;
+        drop(host_paths);
         match result {
             Ok(pid) => Ok(Started {
                 id: c.id.clone(),
@@ -750,11 +768,15 @@ impl Containerd {
         &self,
         c: &ContainerConfig,
         image: &ImageRef,
-        handler: &str,
-        spec_json: Vec<u8>,
+        prepared: Prepared<'_>,
         mounts: Vec<Mount>,
         log_path: &Path,
     ) -> Result<u32, RuntimeError> {
+        let Prepared {
+            handler,
+            spec_json,
+            host_paths,
+        } = prepared;
         let container = cd::Container {
             id: c.id.clone(),
             labels: HashMap::from([(MANAGED_LABEL.to_owned(), "true".to_owned())]),
@@ -803,6 +825,9 @@ impl Containerd {
             .await
             .map_err(|s| status("creating the task", s))?
             .into_inner();
+        // Before any process of the container runs: its host paths are the
+        // files checked beneath their prefixes.
+        host_paths.verify_in(created.pid)?;
         copy_output(&fifo, log_path)?;
         drop(holder);
         tasks

@@ -5,7 +5,9 @@ use std::path::Path;
 /// Kernel security features found on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostSecurity {
-    /// AppArmor is enabled (`/sys/module/apparmor/parameters/enabled` says `Y`).
+    /// AppArmor is enabled (`/sys/module/apparmor/parameters/enabled` says
+    /// `Y`) and its securityfs is there (`/sys/kernel/security/apparmor`),
+    /// so profiles can be loaded and listed.
     pub apparmor: bool,
     /// SELinux is enabled (selinuxfs is mounted).
     pub selinux: bool,
@@ -22,7 +24,8 @@ impl HostSecurity {
     /// Probes a file system rooted at `root` (tests use fixtures).
     pub fn detect_at(root: &Path) -> Self {
         let apparmor = std::fs::read_to_string(root.join("sys/module/apparmor/parameters/enabled"))
-            .is_ok_and(|s| s.trim() == "Y");
+            .is_ok_and(|s| s.trim() == "Y")
+            && root.join("sys/kernel/security/apparmor").is_dir();
         let selinux = root.join("sys/fs/selinux/enforce").exists();
         let cgroup_v2 = root.join("sys/fs/cgroup/cgroup.controllers").exists();
         Self {
@@ -51,6 +54,9 @@ mod tests {
         let aa = dir.path().join("sys/module/apparmor/parameters");
         std::fs::create_dir_all(&aa).expect("mkdir");
         std::fs::write(aa.join("enabled"), "Y\n").expect("write");
+        // Enabled, but without securityfs no profile can be loaded.
+        assert!(!HostSecurity::detect_at(dir.path()).apparmor);
+        std::fs::create_dir_all(dir.path().join("sys/kernel/security/apparmor")).expect("mkdir");
         std::fs::create_dir_all(dir.path().join("sys/fs/selinux")).expect("mkdir");
         std::fs::write(dir.path().join("sys/fs/selinux/enforce"), "1").expect("write");
         let found = HostSecurity::detect_at(dir.path());

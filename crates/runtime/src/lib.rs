@@ -3,11 +3,14 @@
 //! the host has them), built from what the workload asks and what the node
 //! allows.
 
+pub mod apparmor;
 mod containerd;
 mod host;
+mod host_path;
 pub mod image;
 pub mod logs;
 mod model;
+pub mod policy;
 pub mod probe;
 pub mod registry;
 mod runtime_trait;
@@ -18,14 +21,16 @@ pub mod test_support;
 
 use std::path::Path;
 
+pub use apparmor::AppArmorError;
 pub use containerd::{Containerd, Exit, ImageRef, Started, TaskState, Usage, MANAGED_LABEL};
 pub use host::HostSecurity;
+pub use host_path::HeldHostPaths;
 pub use model::{
     ContainerConfig, ImageProcess, Limits, Mount, MountSource, NodePolicy, Notice, SeccompProfile,
     SecurityContext,
 };
 pub use runtime_trait::ContainerRuntime;
-pub use spec::{build as build_spec, BuiltSpec, DEFAULT_APPARMOR_PROFILE};
+pub use spec::{build as build_spec, process_ids, BuiltSpec, DEFAULT_APPARMOR_PROFILE};
 pub use supervisor::{
     Backoff, LastExit, ReplicaPhase, ReplicaSpec, ReplicaStatus, RestartPolicy, Supervisor,
 };

@@ -34,7 +34,9 @@ pub struct SecurityContext {
     pub capabilities_add: Vec<String>,
     /// The seccomp filter.
     pub seccomp: SeccompProfile,
-    /// AppArmor profile name (default `cloudless-default` where AppArmor is enabled).
+    /// AppArmor profile name; `None` or `runtime/default`: the node's own
+    /// profile (`cloudless-default`, where AppArmor is enabled and the agent
+    /// loaded it).
     pub apparmor_profile: Option<String>,
     /// SELinux process label (where SELinux is enabled).
     pub selinux_label: Option<String>,
@@ -64,7 +66,7 @@ impl Default for SecurityContext {
     }
 }
 
-/// Resource limits; 0 means unlimited.
+/// Resource limits; 0 means unlimited (the agent always sets pids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Limits {
     /// CPU limit in millicores (CFS quota); also sets the shares.
@@ -109,6 +111,8 @@ pub struct Mount {
     pub read_only: bool,
     /// The field to name in errors (e.g. `volumeMounts[0]`).
     pub field: String,
+    /// The volume's name, for errors (may be empty).
+    pub volume: String,
 }
 
 /// Where a mount comes from.
@@ -142,12 +146,27 @@ pub struct ImageProcess {
 pub struct NodePolicy {
     /// Containers may share host namespaces.
     pub allow_host_namespaces: bool,
-    /// Containers may run without a seccomp filter.
+    /// Containers may run without a seccomp filter, or with a `Localhost`
+    /// profile whose default action allows (which filters next to nothing).
     pub allow_unconfined_seccomp: bool,
+    /// Capabilities containers may add beyond Docker's default set
+    /// (`NET_ADMIN` or `CAP_NET_ADMIN`; `ALL` allows any).
+    pub allowed_capabilities: Vec<String>,
+    /// Containers may name their own AppArmor profile (`unconfined`, or a
+    /// profile loaded in the kernel) instead of the node's.
+    pub allow_apparmor_override: bool,
+    /// Containers may set an SELinux label whose type is not `container_t`.
+    pub allow_selinux_override: bool,
     /// Where `Localhost` seccomp profiles live.
     pub seccomp_dir: PathBuf,
     /// AppArmor is enabled in this kernel.
     pub apparmor_enabled: bool,
+    /// The AppArmor profile containers get by default: set only once the
+    /// agent has loaded it and seen it listed by the kernel; `None` names no
+    /// profile (the runtime's default).
+    pub apparmor_profile: Option<String>,
+    /// The kernel's list of loaded AppArmor profiles.
+    pub apparmor_profiles_file: PathBuf,
     /// SELinux is enabled in this kernel.
     pub selinux_enabled: bool,
     /// Runtime classes this node advertises, with their containerd runtime
@@ -165,8 +184,13 @@ impl Default for NodePolicy {
         Self {
             allow_host_namespaces: false,
             allow_unconfined_seccomp: false,
+            allowed_capabilities: Vec::new(),
+            allow_apparmor_override: false,
+            allow_selinux_override: false,
             seccomp_dir: PathBuf::from("/etc/cloudless/seccomp"),
             apparmor_enabled: false,
+            apparmor_profile: None,
+            apparmor_profiles_file: PathBuf::from(crate::apparmor::PROFILES_FILE),
             selinux_enabled: false,
             runtime_handlers: BTreeMap::from([(
                 "runc".to_owned(),

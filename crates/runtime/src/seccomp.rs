@@ -262,9 +262,6 @@ const DEFAULT_EXTRA: &[&str] = &[
     "io_pgetevents_time64",
     "io_setup",
     "io_submit",
-    "io_uring_enter",
-    "io_uring_register",
-    "io_uring_setup",
     "ipc",
     "lchown",
     "lchown32",
@@ -443,7 +440,19 @@ pub fn localhost(dir: &Path, name: &str) -> Result<Value, SpecError> {
     Ok(value)
 }
 
-/// The `linux.seccomp` value for `profile`, or `None` for no filter.
+/// Whether a profile lets through every system call it does not list:
+/// default action allow, log (allow and log) or trace (up to whatever
+/// tracer attaches).
+fn allows_by_default(profile: &Value) -> bool {
+    matches!(
+        profile["defaultAction"].as_str(),
+        Some("SCMP_ACT_ALLOW" | "SCMP_ACT_LOG" | "SCMP_ACT_TRACE")
+    )
+}
+
+/// The `linux.seccomp` value for `profile`, or `None` for no filter. A
+/// `Localhost` profile that allows by default needs the same permission as
+/// `Unconfined`.
 pub fn for_profile(
     profile: &SeccompProfile,
     node: &NodePolicy,
@@ -451,13 +460,30 @@ pub fn for_profile(
     match profile {
         SeccompProfile::RuntimeDefault => Ok(Some(runtime_default())),
         SeccompProfile::Strict => Ok(Some(strict())),
-        SeccompProfile::Localhost(name) => localhost(&node.seccomp_dir, name).map(Some),
+        SeccompProfile::Localhost(name) => {
+            let profile = localhost(&node.seccomp_dir, name)?;
+            // A default-allow profile filters next to nothing: the same
+            // permission as no filter at all.
+            if allows_by_default(&profile) && !node.allow_unconfined_seccomp {
+                return Err(SpecError::Invalid {
+                    field: "securityContext.seccompProfile.localhostProfile".into(),
+                    problem: format!(
+                        "{name:?} allows every system call it does not list (defaultAction {}), \
+                         which counts as Unconfined, and this node does not allow unconfined seccomp \
+                         (node policy allow_unconfined_seccomp: agent --allow-unconfined-seccomp, \
+                         or CLOUDLESS_AGENT_ALLOW_UNCONFINED_SECCOMP=true)",
+                        profile["defaultAction"].as_str().unwrap_or("?")
+                    ),
+                });
+            }
+            Ok(Some(profile))
+        }
         SeccompProfile::Unconfined if node.allow_unconfined_seccomp => Ok(None),
         SeccompProfile::Unconfined => Err(SpecError::Invalid {
             field: "securityContext.seccompProfile.type".into(),
-            problem:
-                "Unconfined is not allowed on this node (node config allow_unconfined_seccomp)"
-                    .into(),
+            problem: "Unconfined is not allowed on this node (node policy allow_unconfined_seccomp: \
+                      agent --allow-unconfined-seccomp, or CLOUDLESS_AGENT_ALLOW_UNCONFINED_SECCOMP=true)"
+                .into(),
         }),
     }
 }
@@ -495,6 +521,9 @@ mod tests {
             );
         }
         for dangerous in [
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
             "mount",
             "ptrace",
             "bpf",
@@ -537,6 +566,56 @@ mod tests {
             assert!(err.contains("localhostProfile"), "{err}");
             assert!(err.contains(expect), "{err}");
         }
+    }
+
+    #[test]
+    fn a_default_allow_localhost_profile_counts_as_unconfined() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The shipped sample is one of them.
+        let shipped = std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../config/seccomp/deny-mkdir.json"
+        ));
+        std::fs::copy(shipped, dir.path().join("deny-mkdir.json")).expect("copy");
+        std::fs::write(
+            dir.path().join("log.json"),
+            r#"{"defaultAction":"SCMP_ACT_LOG"}"#,
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("allowlist.json"),
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read","write","exit_group"],"action":"SCMP_ACT_ALLOW"}]}"#,
+        )
+        .expect("write");
+        let node = NodePolicy {
+            seccomp_dir: dir.path().to_path_buf(),
+            ..NodePolicy::default()
+        };
+        for name in ["deny-mkdir.json", "log.json"] {
+            let err = for_profile(&SeccompProfile::Localhost(name.into()), &node)
+                .expect_err(name)
+                .to_string();
+            assert!(
+                err.starts_with("securityContext.seccompProfile.localhostProfile: ")
+                    && err.contains("counts as Unconfined")
+                    && err.contains("--allow-unconfined-seccomp"),
+                "{err}"
+            );
+        }
+        assert!(
+            for_profile(&SeccompProfile::Localhost("allowlist.json".into()), &node)
+                .expect("an allow-list")
+                .is_some()
+        );
+        let open = NodePolicy {
+            allow_unconfined_seccomp: true,
+            ..node
+        };
+        assert!(
+            for_profile(&SeccompProfile::Localhost("deny-mkdir.json".into()), &open)
+                .expect("allowed")
+                .is_some()
+        );
     }
 
     #[test]

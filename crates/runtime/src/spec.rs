@@ -4,14 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use oci_spec::runtime::{Capability, Spec};
+use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 
 use crate::model::{ContainerConfig, ImageProcess, NodePolicy, Notice};
 use crate::{seccomp, SpecError};
 
-/// AppArmor profile applied when the workload names none.
-pub const DEFAULT_APPARMOR_PROFILE: &str = "cloudless-default";
+/// AppArmor profile applied when the workload names none (where AppArmor is
+/// enabled and the agent loaded it).
+pub const DEFAULT_APPARMOR_PROFILE: &str = crate::apparmor::PROFILE_NAME;
 /// CFS period in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -57,22 +58,14 @@ fn invalid(field: &str, problem: impl Into<String>) -> SpecError {
     }
 }
 
-/// `NET_ADMIN` or `CAP_NET_ADMIN` as the spec spells it, checked.
-fn capability(name: &str, i: usize) -> Result<String, SpecError> {
-    let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("CAP_") {
-        upper
-    } else {
-        format!("CAP_{upper}")
-    };
-    let known: Result<Capability, _> = serde_json::from_value(Value::String(full.clone()));
-    match known {
-        Ok(_) => Ok(full),
-        Err(_) => Err(invalid(
-            &format!("securityContext.capabilities.add[{i}]"),
-            format!("{name:?} is not a Linux capability"),
-        )),
-    }
+/// `NET_ADMIN` or `CAP_NET_ADMIN` as the spec spells it, checked against
+/// the known capabilities and the node's policy.
+fn capability(name: &str, i: usize, node: &NodePolicy) -> Result<String, SpecError> {
+    let field = format!("securityContext.capabilities.add[{i}]");
+    let full = crate::policy::capability_name(name)
+        .ok_or_else(|| invalid(&field, format!("{name:?} is not a Linux capability")))?;
+    crate::policy::check_capability(&full, &field, node)?;
+    Ok(full)
 }
 
 /// Default size of a memory-backed volume: 64 MiB.
@@ -151,6 +144,17 @@ fn image_user(user: &str) -> Result<(Option<u32>, Option<u32>), String> {
         Some(uid) => Ok((Some(uid), gid.or(Some(0)))),
         None => Err(u.to_owned()),
     }
+}
+
+/// The uid and gid the container's process runs as: `runAsUser` and
+/// `runAsGroup` over the image's numeric user, else root. (A named image
+/// user without `runAsUser` is refused by [`build`]; here it counts as root.)
+pub fn process_ids(c: &ContainerConfig, image: &ImageProcess) -> (u32, u32) {
+    let (img_uid, img_gid) = image_user(&image.user).unwrap_or((None, None));
+    (
+        c.security.run_as_user.or(img_uid).unwrap_or(0),
+        c.security.run_as_group.or(img_gid).unwrap_or(0),
+    )
 }
 
 /// Builds the runtime spec for `c` running `image` on a node with `node`'s
@@ -234,7 +238,7 @@ pub fn build(
         .capabilities_add
         .iter()
         .enumerate()
-        .map(|(i, n)| capability(n, i))
+        .map(|(i, n)| capability(n, i, node))
         .collect::<Result<Vec<_>, _>>()?;
 
     // Namespaces: private unless asked for and allowed.
@@ -252,7 +256,7 @@ pub fn build(
             if !node.allow_host_namespaces {
                 return Err(invalid(
                     field,
-                    "host namespaces are not allowed on this node (node config allow_host_namespaces)",
+                    "host namespaces are not allowed on this node (node policy allow_host_namespaces: agent --allow-host-namespaces, or CLOUDLESS_AGENT_ALLOW_HOST_NAMESPACES=true)",
                 ));
             }
         } else {
@@ -298,23 +302,14 @@ pub fn build(
         "noNewPrivileges": true,
     });
 
-    if node.apparmor_enabled {
-        process["apparmorProfile"] = json!(sec
-            .apparmor_profile
-            .clone()
-            .unwrap_or_else(|| DEFAULT_APPARMOR_PROFILE.into()));
-    } else {
-        notices.push(Notice {
-            reason: "AppArmorUnavailable",
-            message: format!(
-                "AppArmor is not enabled in this kernel; profile {:?} was not applied",
-                sec.apparmor_profile
-                    .as_deref()
-                    .unwrap_or(DEFAULT_APPARMOR_PROFILE)
-            ),
-        });
+    // Never a profile the kernel has not loaded: runc refuses those.
+    let (profile, notice) = crate::policy::apparmor_profile(sec.apparmor_profile.as_deref(), node)?;
+    if let Some(p) = profile {
+        process["apparmorProfile"] = json!(p);
     }
+    notices.extend(notice);
     if let Some(label) = &sec.selinux_label {
+        crate::policy::check_selinux(label, node)?;
         if node.selinux_enabled {
             process["selinuxLabel"] = json!(label);
         } else {
@@ -508,6 +503,7 @@ mod tests {
             source,
             read_only,
             field: format!("volumeMounts[{i}]"),
+            volume: format!("v{i}"),
         };
         c.mounts = vec![
             mount("/scratch", MountSource::Tmpfs(1 << 20), false, 0),
@@ -589,6 +585,23 @@ mod tests {
                 "securityContext.hostNetwork",
             ),
             (
+                Box::new(|c, _| {
+                    c.security.capabilities_add =
+                        vec!["NET_BIND_SERVICE".into(), "SYS_ADMIN".into()]
+                }),
+                "securityContext.capabilities.add[1]",
+            ),
+            (
+                Box::new(|c, _| c.security.apparmor_profile = Some("unconfined".into())),
+                "securityContext.appArmorProfile",
+            ),
+            (
+                Box::new(|c, _| {
+                    c.security.selinux_label = Some("system_u:system_r:spc_t:s0".into())
+                }),
+                "securityContext.seLinuxLabel",
+            ),
+            (
                 Box::new(|c, _| c.security.seccomp = SeccompProfile::Unconfined),
                 "securityContext.seccompProfile.type",
             ),
@@ -644,10 +657,20 @@ mod tests {
         let reasons: Vec<&str> = off.notices.iter().map(|n| n.reason).collect();
         assert_eq!(reasons, ["AppArmorUnavailable", "SELinuxUnavailable"]);
         assert!(decode(&off)["process"].get("apparmorProfile").is_none());
-        let on = NodePolicy {
+        // AppArmor on, but the agent could not load its profile: no profile
+        // is named (runc would refuse the container), and that is reported.
+        let unloaded = NodePolicy {
             apparmor_enabled: true,
             selinux_enabled: true,
             ..NodePolicy::default()
+        };
+        let b = build(&c, &image(), &unloaded).expect("spec");
+        assert!(decode(&b)["process"].get("apparmorProfile").is_none());
+        let reasons: Vec<&str> = b.notices.iter().map(|n| n.reason).collect();
+        assert_eq!(reasons, ["AppArmorProfileNotLoaded"]);
+        let on = NodePolicy {
+            apparmor_profile: Some(DEFAULT_APPARMOR_PROFILE.into()),
+            ..unloaded
         };
         let b = build(&c, &image(), &on).expect("spec");
         assert!(b.notices.is_empty());

@@ -254,6 +254,65 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     assert!(rt.managed().await.expect("list").is_empty());
 }
 
+/// A symbolic link planted under an allowed hostPath prefix cannot lead the
+/// mount out of it: the source is opened beneath the prefix and mounted
+/// through the open file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_path_symlinks_cannot_escape_the_allowed_prefix() {
+    require_containerd!();
+    let (daemon, rt) = start_daemon().await;
+    let image = busybox(&daemon, &rt).await;
+    let prefix = daemon.dir.path().join("shared");
+    std::fs::create_dir_all(prefix.join("data")).expect("mkdir");
+    std::fs::write(prefix.join("data/hello"), "from the host\n").expect("write");
+    std::os::unix::fs::symlink("/", prefix.join("root")).expect("symlink");
+    let node = NodePolicy {
+        allowed_host_paths: vec![prefix.clone()],
+        ..NodePolicy::default()
+    };
+    let with_host_path = |id: &str, path: PathBuf| {
+        let mut c = sh(id, "cat /mnt/hello; ls /mnt");
+        c.mounts = vec![cloudless_runtime::Mount {
+            destination: "/mnt".into(),
+            source: cloudless_runtime::MountSource::HostPath(path),
+            read_only: true,
+            field: "volumeMounts[0]".into(),
+            volume: "shared".into(),
+        }];
+        c
+    };
+
+    // The host's /etc through the planted link: refused, nothing created.
+    let c = with_host_path("escape", prefix.join("root/etc"));
+    let err = rt.start(&c, &image, &node).await.expect_err("escaped");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("volumeMounts[0].hostPath: volume \"shared\"")
+            && text.contains("outside the allowed directory"),
+        "{text}"
+    );
+    assert!(rt.managed().await.expect("list").is_empty());
+
+    // A real directory under the prefix is mounted (through the open file).
+    let c = with_host_path("inside", prefix.join("data"));
+    let started = rt.start(&c, &image, &node).await.expect("start");
+    let exit = tokio::time::timeout(Duration::from_secs(30), rt.wait("inside"))
+        .await
+        .expect("container did not exit")
+        .expect("wait");
+    rt.remove("inside").await;
+    let mut out = String::new();
+    for _ in 0..30 {
+        out = std::fs::read_to_string(&started.log_path).expect("log");
+        if out.contains("hello\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(exit.code, 0, "{out}");
+    assert!(out.contains("from the host"), "{out}");
+}
+
 mod supervised {
     use super::*;
     use cloudless_runtime::probe::{Probe, ProbeAction};

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use cloudless_runtime::{seccomp, DEFAULT_APPARMOR_PROFILE};
+use cloudless_runtime::{apparmor, seccomp, DEFAULT_APPARMOR_PROFILE};
 
 fn config_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config"))
@@ -17,6 +17,11 @@ fn the_apparmor_profile_defines_the_default_profile_name() {
         "the shipped profile must be named {DEFAULT_APPARMOR_PROFILE}"
     );
     assert!(text.contains("deny mount"), "containers must not mount");
+    assert_eq!(
+        text,
+        apparmor::profile_text(DEFAULT_APPARMOR_PROFILE),
+        "config/apparmor/cloudless-default must be the profile the agent generates and loads"
+    );
 }
 
 #[test]

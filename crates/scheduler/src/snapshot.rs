@@ -337,6 +337,7 @@ impl ClusterSnapshot {
             memory_bytes: n.reserved[1],
             storage_bytes: n.reserved[2],
             bandwidth_bps: n.reserved[3],
+            pids: 0,
         })
     }
 }

@@ -31,15 +31,77 @@ pub const LOG_FILE: &str = "raft-log.redb";
 pub const STATE_FILE: &str = "state.redb";
 
 /// Opens (or creates) both stores in `dir`, checking that every stored record decodes.
+/// The directory is made 0700 and the stores 0600: they hold workload
+/// environments, audit records, the node inventory and the sealed CA key.
 pub fn open_stores(
     dir: &std::path::Path,
     apply_latency: prometheus_client::metrics::histogram::Histogram,
 ) -> Result<(LogStore, StateMachine), StateError> {
-    std::fs::create_dir_all(dir).map_err(|source| StateError::DataDir {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    let data_dir = |source| StateError::DataDir {
         path: dir.to_path_buf(),
         source,
-    })?;
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(data_dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(data_dir)?;
+    for name in [LOG_FILE, STATE_FILE] {
+        let path = dir.join(name);
+        // Created 0600 before redb initialises it (an empty file is a new
+        // database); one made earlier with the umask's mode is narrowed.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|_| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
+            .map_err(|source| StateError::DataDir { path, source })?;
+    }
     let log = LogStore::open(&dir.join(LOG_FILE))?;
     let sm = StateMachine::open(&dir.join(STATE_FILE), apply_latency)?;
     Ok((log, sm))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    }
+
+    /// The data dir is 0700 and the stores 0600, also when an older
+    /// version made them with the umask's modes.
+    #[test]
+    fn the_data_dir_and_stores_are_private() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("data");
+        {
+            let (_log, _sm) = super::open_stores(
+                &dir,
+                prometheus_client::metrics::histogram::Histogram::new([1.0]),
+            )
+            .expect("open");
+        }
+        assert_eq!(mode(&dir), 0o700);
+        for f in [super::LOG_FILE, super::STATE_FILE] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (_log, _sm) = super::open_stores(
+            &dir,
+            prometheus_client::metrics::histogram::Histogram::new([1.0]),
+        )
+        .expect("reopen");
+        assert_eq!(mode(&dir), 0o700);
+        for f in [super::LOG_FILE, super::STATE_FILE] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+    }
 }

@@ -23,7 +23,9 @@ const KEY_PURGED: &str = "last_purged";
 /// commands of the release that bounded node traffic (new fields in the
 /// cluster configuration and node records change their postcard encoding),
 /// so an older log is refused by its format, not misread. Format 4: the
-/// cluster configuration's `node_rejoin_grace_s`.
+/// cluster configuration's `node_rejoin_grace_s` and `admin_cert_lifetime_s`,
+/// and resources' `pids` (a per-replica limit), which change the encoding of
+/// cluster configurations, workload specs and node records.
 const FORMAT: u32 = 4;
 
 type SErr = StorageError<NodeId>;

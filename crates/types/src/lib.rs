@@ -35,7 +35,8 @@ pub use validation::{check_labels, parse_duration_secs, FieldError, ValidationEr
 pub use workload::{
     parse_manifest, AntiAffinity, EventRecord, HttpGet, Placement, PlacementStrategy, ProbeSpec,
     ReplicaRecord, ReplicaState, Resources, RestartPolicy, Revision, Rollout, RolloutStrategy,
-    TcpSocket, Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_REPLICAS, REVISION_HISTORY,
+    TcpSocket, Workload, WorkloadSpec, DEFAULT_NAMESPACE, MAX_PIDS_LIMIT, MAX_REPLICAS,
+    MIN_PIDS_LIMIT, REVISION_HISTORY,
 };
 
 /// Identifier of a coordinator in the Raft group.

@@ -22,6 +22,8 @@ pub const CAPACITY_LIMITS: Resources = Resources {
     memory_bytes: 16 << 40,
     storage_bytes: 1 << 50,
     bandwidth_bps: 400_000_000_000,
+    // Not a capacity: a per-replica limit.
+    pids: 0,
 };
 
 /// A resource may grow to this multiple of its trusted value without an admin.
@@ -93,6 +95,7 @@ pub fn placement_capacity(
             reported.bandwidth_bps,
             trusted.bandwidth_bps,
         ),
+        pids: 0,
     };
     (capacity, held)
 }

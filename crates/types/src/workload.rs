@@ -28,7 +28,17 @@ pub struct Resources {
     /// Network bandwidth in bits per second.
     #[serde(default)]
     pub bandwidth_bps: u64,
+    /// Most processes and threads (`limits` only; 0: the agent's default,
+    /// 4096).
+    #[serde(default)]
+    pub pids: u64,
 }
+
+/// The most `limits.pids` may be (Linux's `PID_MAX_LIMIT`).
+pub const MAX_PIDS_LIMIT: u64 = 4_194_304;
+/// The least `limits.pids` may be: room for runc's own threads while it
+/// starts the container, and a shell.
+pub const MIN_PIDS_LIMIT: u64 = 16;
 
 /// What a workload runs and how much of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -533,6 +543,21 @@ impl WorkloadSpec {
                     format!("{lim} is below the request of {req}"),
                 );
             }
+        }
+        if self.limits.pids != 0 && !(MIN_PIDS_LIMIT..=MAX_PIDS_LIMIT).contains(&self.limits.pids) {
+            errs.push(
+                format!("{prefix}.limits.pids"),
+                format!(
+                    "{} is outside {MIN_PIDS_LIMIT}..={MAX_PIDS_LIMIT} (0 or unset: the node's default of 4096)",
+                    self.limits.pids
+                ),
+            );
+        }
+        if self.requests.pids != 0 {
+            errs.push(
+                format!("{prefix}.requests.pids"),
+                "pids is a limit only (set limits.pids)",
+            );
         }
         check_labels(errs, &format!("{prefix}.labels"), &self.labels);
         check_labels(

@@ -81,6 +81,7 @@ fn cluster(n: usize, rng: &mut Rng) -> Vec<NodeInfo> {
                 memory_bytes: gib * GIB,
                 storage_bytes: 200 * GIB,
                 bandwidth_bps: 1_000_000_000,
+                pids: 0,
             };
             let reserved = if rng.chance(30) {
                 let f = 20 + rng.below(60);

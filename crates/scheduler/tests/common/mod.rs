@@ -14,6 +14,7 @@ pub fn res(cpu: u64, mem_gib: u64) -> Resources {
         memory_bytes: mem_gib * GIB,
         storage_bytes: 0,
         bandwidth_bps: 0,
+        pids: 0,
     }
 }
 
