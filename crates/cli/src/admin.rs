@@ -52,11 +52,14 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Failure> 
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |e: std::io::Error| failure(1, format!("{}: {e}", path.display()));
-    let tmp = path.with_extension("tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    // A leftover temporary file would keep its old mode: start afresh.
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)
         .map_err(io)?;

@@ -413,7 +413,7 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
             c.audit_aggregate_window_s =
                 u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
         }
-        "admin_cert_lifetime_s" => c.admin_cert_lifetime_s = int(value)?,
+        "admin_cert_lifetime_s" => c.admin_cert_lifetime_s = Some(int(value)?),
         "access_token_max_records" => {
             c.access_token_max_records =
                 u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
@@ -813,10 +813,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     // thirds of its lifetime gone (`admin renew` does it at once).
     if let Some(p) = &paths {
         if !matches!(cli.command, Cmd::Admin(admin::AdminCmd::Renew)) {
-            if let Some(cert) = admin::renew_if_due(&target, p, false).await? {
-                if let Some(t) = target.tls.as_mut() {
-                    t.cert = cert;
+            match admin::renew_if_due(&target, p, false).await {
+                Ok(Some(cert)) => {
+                    if let Some(t) = target.tls.as_mut() {
+                        t.cert = cert;
+                    }
                 }
+                Ok(None) => {}
+                // Still valid for a third of its lifetime: the command goes on.
+                Err(f) if f.code != 2 => {
+                    eprintln!(
+                        "cloudlessctl: warning: cannot renew the admin certificate now: {:#}",
+                        f.error
+                    );
+                }
+                Err(f) => return Err(f),
             }
         }
     }

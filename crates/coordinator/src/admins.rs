@@ -18,6 +18,8 @@ use crate::error::CoordinatorError;
 /// Carries the admin a follower forwards a call for; believed only from a
 /// coordinator's certificate.
 pub(crate) const ACTOR_KEY: &str = "x-cloudless-actor";
+/// When the forwarded admin's certificate was issued (Unix seconds).
+pub(crate) const ACTOR_ISSUED_KEY: &str = "x-cloudless-actor-issued-at";
 /// Longest CSR accepted.
 const MAX_CSR_BYTES: usize = 16 * 1024;
 
@@ -42,32 +44,48 @@ pub(crate) fn check_name(field: &str, name: &str) -> Result<(), CoordinatorError
     }
 }
 
+/// The admin acting: its name and when its certificate was issued.
+#[derive(Debug, Clone)]
+pub(crate) struct Actor {
+    pub(crate) name: String,
+    pub(crate) issued_at_s: i64,
+}
+
 /// Who is calling: the admin named in the certificate, or, for a call a
-/// follower forwarded, the admin it names in [`ACTOR_KEY`].
-pub(crate) fn caller<T>(handle: &CoordinatorHandle, req: &Request<T>) -> Result<String, Status> {
-    match crate::authz::require(handle, req, Allow::Admin)? {
-        Identity::Admin(name) => Ok(name),
-        Identity::Coordinator(id) => req
-            .metadata()
-            .get(ACTOR_KEY)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|a| a.strip_prefix("admin:"))
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                Status::permission_denied(format!(
+/// follower forwarded, the admin it names in [`ACTOR_KEY`] and
+/// [`ACTOR_ISSUED_KEY`], checked again against this coordinator's records
+/// (a follower that has not applied a revocation yet is not the last word).
+pub(crate) fn caller<T>(handle: &CoordinatorHandle, req: &Request<T>) -> Result<Actor, Status> {
+    let header = |k: &str| req.metadata().get(k).and_then(|v| v.to_str().ok());
+    match crate::authz::require_issued(handle, req, Allow::Admin)? {
+        (Identity::Admin(name), issued_at_s) => Ok(Actor { name, issued_at_s }),
+        (Identity::Coordinator(id), _) => {
+            let name = header(ACTOR_KEY).and_then(|a| a.strip_prefix("admin:"));
+            let issued = header(ACTOR_ISSUED_KEY).and_then(|v| v.parse::<i64>().ok());
+            let (Some(name), Some(issued_at_s)) = (name, issued) else {
+                return Err(Status::permission_denied(format!(
                     "coordinator {id} did not say which admin it acts for; only admins manage admin certificates"
-                ))
-            }),
-        other => Err(Status::permission_denied(format!(
+                )));
+            };
+            crate::authz::still_trusted(handle, &Identity::Admin(name.to_owned()), issued_at_s)?;
+            Ok(Actor {
+                name: name.to_owned(),
+                issued_at_s,
+            })
+        }
+        (other, _) => Err(Status::permission_denied(format!(
             "{other} may not manage admin certificates"
         ))),
     }
 }
 
 /// Adds the acting admin to a request a follower forwards.
-pub(crate) fn forward_as<T>(admin: &str, mut r: Request<T>) -> Request<T> {
-    if let Ok(v) = format!("admin:{admin}").parse() {
+pub(crate) fn forward_as<T>(actor: &Actor, mut r: Request<T>) -> Request<T> {
+    if let Ok(v) = format!("admin:{}", actor.name).parse() {
         r.metadata_mut().insert(ACTOR_KEY, v);
+    }
+    if let Ok(v) = actor.issued_at_s.to_string().parse() {
+        r.metadata_mut().insert(ACTOR_ISSUED_KEY, v);
     }
     r
 }
@@ -86,22 +104,32 @@ fn info(r: AdminRecord) -> AdminInfo {
 async fn put(
     handle: &CoordinatorHandle,
     record: AdminRecord,
+    actor: &Actor,
 ) -> Result<AdminRecord, CoordinatorError> {
-    let (resp, _) = handle.write(None, Command::PutAdmin { record }).await?;
+    let command = Command::PutAdmin {
+        record,
+        actor: Some((actor.name.clone(), actor.issued_at_s)),
+    };
+    let (resp, _) = handle.write(None, command).await?;
     match resp {
         SmResponse::Admin(r) => Ok(r),
+        SmResponse::Rejected(r) => Err(CoordinatorError::Rejected(r)),
         other => Err(CoordinatorError::Fatal(format!(
             "unexpected state machine answer {other:?}"
         ))),
     }
 }
 
-/// Signs `csr_pem` for admin `name` (on the leader) and records it.
+/// Signs `csr_pem` for admin `name` (on the leader) and records it. A
+/// renewal (`name` is the actor's own) keeps the name's revocation; an
+/// issue by another admin is dated after it, so the new certificate is
+/// accepted while the revoked ones stay refused.
 pub(crate) async fn issue(
     handle: &CoordinatorHandle,
     name: &str,
     csr_pem: &str,
-    issued_by: &str,
+    actor: &Actor,
+    renewal: bool,
 ) -> Result<AdminCertificate, CoordinatorError> {
     check_name("name", name)?;
     if csr_pem.len() > MAX_CSR_BYTES {
@@ -114,28 +142,36 @@ pub(crate) async fn issue(
     let keys = handle.identity_keys()?;
     let lifetime = handle.cluster()?.config.admin_cert_lifetime_s;
     let previous = handle.reader().admin(name)?;
-    // Strictly after any revocation of the name, so the new certificate is
-    // not refused with the old ones.
     let now = now_ms() / 1000;
-    let at = previous
-        .as_ref()
-        .map_or(now, |r| now.max(r.revoked_before_s + 1));
+    let revoked_before = previous.as_ref().map_or(0, |r| r.revoked_before_s);
+    let at = if renewal {
+        now
+    } else {
+        now.max(revoked_before + 1)
+    };
     let issued = keys
         .ca
         .sign_csr(csr_pem, &Identity::Admin(name.to_owned()), lifetime, at)?;
+    // The first issuer is kept across renewals.
+    let issued_by = match (&previous, renewal) {
+        (Some(p), true) if !p.issued_by.is_empty() => p.issued_by.clone(),
+        _ => actor.name.clone(),
+    };
+    // The state machine refuses it if a revocation committed meanwhile.
     let record = put(
         handle,
         AdminRecord {
             name: name.to_owned(),
             issued_at_s: at,
             not_after_s: issued.not_after,
-            issued_by: issued_by.to_owned(),
-            revoked_before_s: previous.map_or(0, |r| r.revoked_before_s),
+            issued_by,
+            revoked_before_s: revoked_before,
             revoked: false,
         },
+        actor,
     )
     .await?;
-    tracing::info!(admin = %name, %issued_by, not_after = issued.not_after, "admin certificate issued");
+    tracing::info!(admin = %name, by = %actor.name, renewal, not_after = issued.not_after, "admin certificate issued");
     Ok(AdminCertificate {
         name: record.name,
         cert_pem: issued.cert_pem,
@@ -144,18 +180,19 @@ pub(crate) async fn issue(
     })
 }
 
-/// Refuses every certificate of admin `name` issued until now.
+/// Refuses every certificate of admin `name` issued until now (or until its
+/// newest one, if the leader that issued it had a clock ahead of ours).
 pub(crate) async fn revoke(
     handle: &CoordinatorHandle,
     name: &str,
-    revoked_by: &str,
+    actor: &Actor,
 ) -> Result<AdminInfo, CoordinatorError> {
     check_name("name", name)?;
     handle.ensure_leader()?;
     let now = now_ms() / 1000;
     let record = match handle.reader().admin(name)? {
         Some(r) => AdminRecord {
-            revoked_before_s: now,
+            revoked_before_s: now.max(r.issued_at_s),
             revoked: true,
             ..r
         },
@@ -168,8 +205,8 @@ pub(crate) async fn revoke(
             revoked: true,
         },
     };
-    let record = put(handle, record).await?;
-    tracing::warn!(admin = %name, %revoked_by, "admin revoked");
+    let record = put(handle, record, actor).await?;
+    tracing::warn!(admin = %name, by = %actor.name, "admin revoked");
     Ok(info(record))
 }
 

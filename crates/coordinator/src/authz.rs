@@ -124,7 +124,7 @@ pub(crate) fn node_still_enrolled(handle: &CoordinatorHandle, id: &str) -> Resul
 
 /// Refuses a certificate whose identity was withdrawn after it was issued:
 /// a revoked admin, a removed coordinator (nodes are checked by the caller).
-fn still_trusted(
+pub(crate) fn still_trusted(
     handle: &CoordinatorHandle,
     identity: &Identity,
     issued_at_s: i64,
@@ -165,13 +165,23 @@ pub(crate) fn require<T>(
     req: &Request<T>,
     allow: Allow,
 ) -> Result<Identity, Status> {
+    require_issued(handle, req, allow).map(|(identity, _)| identity)
+}
+
+/// [`require`], with the time the caller's certificate was issued (Unix
+/// seconds; 0 in plaintext mode).
+pub(crate) fn require_issued<T>(
+    handle: &CoordinatorHandle,
+    req: &Request<T>,
+    allow: Allow,
+) -> Result<(Identity, i64), Status> {
     let Some(ca_pem) = handle.tls_ca_pem() else {
         if allow == Allow::Node {
             return Err(Status::failed_precondition(
                 "agent APIs need mTLS: this coordinator runs without a master key",
             ));
         }
-        return Ok(Identity::Admin("plaintext".into()));
+        return Ok((Identity::Admin("plaintext".into()), 0));
     };
     let certs = req.peer_certs();
     let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
@@ -200,7 +210,7 @@ pub(crate) fn require<T>(
             // The certificate outlives a removal; the record does not.
             node_still_enrolled(handle, id)?;
         }
-        Ok(identity)
+        Ok((identity, issued_at_s))
     } else {
         let what = match allow {
             Allow::Admin => "administrative APIs",

@@ -221,18 +221,18 @@ impl ClusterService for ClusterApi {
         req: Request<RenewAdminRequest>,
     ) -> Result<Response<AdminCertificate>, Status> {
         // A revoked or expired certificate never gets here (authz).
-        let name = crate::admins::caller(&self.handle, &req)?;
+        let actor = crate::admins::caller(&self.handle, &req)?;
         let h = self.handle.clone();
-        let (local_name, remote_name) = (name.clone(), name);
+        let (local, remote) = (actor.clone(), actor);
         leader_or_forward(
             &self.handle,
             req,
             |r: RenewAdminRequest| async move {
-                crate::admins::issue(&h, &local_name, &r.csr_pem, &local_name).await
+                crate::admins::issue(&h, &local.name, &r.csr_pem, &local, true).await
             },
             |ch, r| async move {
                 ClusterServiceClient::new(ch)
-                    .renew_admin(crate::admins::forward_as(&remote_name, r))
+                    .renew_admin(crate::admins::forward_as(&remote, r))
                     .await
             },
         )
@@ -250,7 +250,7 @@ impl ClusterService for ClusterApi {
             &self.handle,
             req,
             |r: IssueAdminRequest| async move {
-                crate::admins::issue(&h, &r.name, &r.csr_pem, &local_by).await
+                crate::admins::issue(&h, &r.name, &r.csr_pem, &local_by, false).await
             },
             |ch, r| async move {
                 ClusterServiceClient::new(ch)

@@ -1001,10 +1001,15 @@ async fn renew_certificate(
     cancel: CancellationToken,
 ) {
     loop {
-        let wait_s = (tls.renew_at() - now_ms() / 1000).max(1);
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(u64::try_from(wait_s).unwrap_or(1))) => {}
+        // Short sleeps against the wall clock: a suspended host or a clock
+        // jump must not carry the certificate past its expiry.
+        let wait_s = (tls.renew_at() - now_ms() / 1000).clamp(0, 60);
+        if wait_s > 0 {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(wait_s.unsigned_abs())) => {}
+            }
+            continue;
         }
         if let Err(e) = tls.renew() {
             tracing::error!(error = %e, not_after = tls.not_after(), "cannot renew this coordinator's certificate; retrying in 30 s");

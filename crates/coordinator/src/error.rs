@@ -129,6 +129,7 @@ impl From<CoordinatorError> for Status {
                     Code::FailedPrecondition
                 }
                 Rejection::SecretConflict(_) => Code::Aborted,
+                Rejection::AdminRevoked { .. } => Code::PermissionDenied,
             },
             CoordinatorError::Token(_) => Code::Unauthenticated,
             CoordinatorError::Pki(p) => match p {

@@ -32,16 +32,54 @@ const MAX_AGENT_MESSAGE: usize = 1024 * 1024;
 /// How long a forwarded call may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// TLS handshakes in progress at once; more connections wait in the
-/// listener's backlog.
+/// TLS handshakes in progress at once; a connection beyond it is closed at
+/// once (the listener keeps accepting).
 const MAX_HANDSHAKES: usize = 256;
+/// TLS handshakes in progress at once from one source address.
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 /// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handshakes in progress, per source address.
+#[derive(Default)]
+struct Handshakes(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl Handshakes {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a handshake from `ip`; `false` when it has too many already.
+    fn start(&self, ip: std::net::IpAddr) -> bool {
+        let mut map = self.lock();
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn finish(&self, ip: std::net::IpAddr) {
+        let mut map = self.lock();
+        if let Some(n) = map.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+}
 
 /// Accepts TCP connections on `listener` and yields them once their TLS
 /// handshake is done. The server certificate is looked up at each handshake
 /// (`tls::TlsMaterial::server_config`), so a renewed certificate is served
-/// at once.
+/// at once. Handshakes are bounded in number, per source address and in
+/// time, so silent connections cannot starve other callers.
 fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: std::sync::Arc<rustls::ServerConfig>,
@@ -52,11 +90,9 @@ fn tls_incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_address = std::sync::Arc::new(Handshakes::default());
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let accepted = tokio::select! {
                 () = cancel.cancelled() => return,
                 a = listener.accept() => a,
@@ -70,14 +106,25 @@ fn tls_incoming(
                     continue;
                 }
             };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
+            if !per_address.start(peer.ip()) {
+                tracing::debug!(%peer, "too many TLS handshakes from this address; connection closed");
+                continue;
+            }
             // Without it, Nagle holds a response's trailing TLS record until
             // the client's delayed ACK (~40 ms tails under load).
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let per_address = per_address.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                per_address.finish(peer.ip());
+                drop(permit);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }

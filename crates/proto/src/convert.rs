@@ -559,7 +559,7 @@ impl From<t::ClusterConfig> for v1::ClusterConfig {
             audit_max_records: c.audit_max_records,
             audit_aggregate_window_s: c.audit_aggregate_window_s,
             access_token_max_records: c.access_token_max_records,
-            admin_cert_lifetime_s: c.admin_cert_lifetime_s,
+            admin_cert_lifetime_s: Some(c.admin_cert_lifetime_s),
             node_rejoin_grace_s: Some(c.node_rejoin_grace_s),
         }
     }
@@ -621,11 +621,9 @@ pub fn cluster_config_from_wire(
         } else {
             c.access_token_max_records
         },
-        admin_cert_lifetime_s: if c.admin_cert_lifetime_s == 0 {
-            t::ClusterConfig::DEFAULT_ADMIN_CERT_LIFETIME_S
-        } else {
-            c.admin_cert_lifetime_s
-        },
+        admin_cert_lifetime_s: c
+            .admin_cert_lifetime_s
+            .unwrap_or(t::ClusterConfig::DEFAULT_ADMIN_CERT_LIFETIME_S),
         node_rejoin_grace_s: c
             .node_rejoin_grace_s
             .unwrap_or(t::DEFAULT_NODE_REJOIN_GRACE_S),

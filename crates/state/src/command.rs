@@ -188,10 +188,15 @@ pub enum Command {
         /// Node id.
         node_id: String,
     },
-    /// Stores an admin's record (issued, renewed or revoked).
+    /// Stores an admin's record (issued, renewed or revoked). Refused when
+    /// `actor` (the admin acting, with its certificate's issue time) is
+    /// revoked, or when an issued certificate falls under a revocation; a
+    /// revocation time only ever grows.
     PutAdmin {
         /// The record as it is to be.
         record: AdminRecord,
+        /// The acting admin and when its certificate was issued, Unix seconds.
+        actor: Option<(String, i64)>,
     },
     /// Refuses a removed coordinator's certificate from now on.
     RetireCoordinator {
@@ -536,5 +541,12 @@ pub enum Rejection {
     IdempotencyKeyReused {
         /// The key.
         key: String,
+    },
+    /// The acting admin, or the certificate being issued, falls under a
+    /// revocation of that admin name.
+    #[error("admin {name:?} was revoked; ask another admin for a new certificate (cloudlessctl admin issue {name})")]
+    AdminRevoked {
+        /// The admin name.
+        name: String,
     },
 }
