@@ -32,46 +32,70 @@ const MAX_AGENT_MESSAGE: usize = 1024 * 1024;
 /// How long a forwarded call may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// TLS handshakes in progress at once; a connection beyond it is closed at
-/// once (the listener keeps accepting).
+/// TLS handshakes in progress at once.
 const MAX_HANDSHAKES: usize = 256;
-/// TLS handshakes in progress at once from one source address.
+/// TLS handshakes in progress at once from one source address; more
+/// connections from it wait their turn, so silent connections from one
+/// address cannot hold the handshake slots other callers need.
 const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
-/// How long a client may take to finish its TLS handshake.
+/// Connections accepted and not yet through their handshake, from one
+/// address and in all; beyond these a new connection is closed at once.
+const MAX_PENDING_PER_ADDRESS: usize = 1024;
+const MAX_PENDING: usize = 8192;
+/// How long a client may take to finish its TLS handshake once it started.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an accepted connection may wait for a handshake slot.
+const HANDSHAKE_QUEUE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Handshakes in progress, per source address.
+type AddressSlots =
+    std::collections::HashMap<std::net::IpAddr, (std::sync::Arc<tokio::sync::Semaphore>, usize)>;
+
+/// Connections waiting for or in their handshake, per source address.
 #[derive(Default)]
-struct Handshakes(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+struct Pending {
+    by_address: std::sync::Mutex<AddressSlots>,
+    total: std::sync::atomic::AtomicUsize,
+}
 
-impl Handshakes {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
-        self.0
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AddressSlots> {
+        self.by_address
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Counts a handshake from `ip`; `false` when it has too many already.
-    fn start(&self, ip: std::net::IpAddr) -> bool {
-        let mut map = self.lock();
-        let n = map.entry(ip).or_insert(0);
-        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
-            return false;
+    /// Counts a connection from `ip` and hands out its address's handshake
+    /// slots; `None` when too many are pending.
+    fn start(&self, ip: std::net::IpAddr) -> Option<std::sync::Arc<tokio::sync::Semaphore>> {
+        use std::sync::atomic::Ordering;
+        if self.total.load(Ordering::Relaxed) >= MAX_PENDING {
+            return None;
         }
-        *n += 1;
-        true
+        let mut map = self.lock();
+        let entry = map.entry(ip).or_insert_with(|| {
+            (
+                std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_PER_ADDRESS)),
+                0,
+            )
+        });
+        if entry.1 >= MAX_PENDING_PER_ADDRESS {
+            return None;
+        }
+        entry.1 += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(entry.0.clone())
     }
 
     fn finish(&self, ip: std::net::IpAddr) {
         let mut map = self.lock();
-        if let Some(n) = map.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(entry) = map.get_mut(&ip) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
                 map.remove(&ip);
             }
         }
+        self.total
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -79,7 +103,7 @@ impl Handshakes {
 /// handshake is done. The server certificate is looked up at each handshake
 /// (`tls::TlsMaterial::server_config`), so a renewed certificate is served
 /// at once. Handshakes are bounded in number, per source address and in
-/// time, so silent connections cannot starve other callers.
+/// time, and the listener never stops accepting.
 fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: std::sync::Arc<rustls::ServerConfig>,
@@ -90,7 +114,7 @@ fn tls_incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let per_address = std::sync::Arc::new(Handshakes::default());
+    let pending = std::sync::Arc::new(Pending::default());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -106,30 +130,31 @@ fn tls_incoming(
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(%peer, "too many TLS handshakes in progress; connection closed");
+            let Some(address_slots) = pending.start(peer.ip()) else {
+                tracing::debug!(%peer, "too many connections waiting for a TLS handshake; closed");
                 continue;
             };
-            if !per_address.start(peer.ip()) {
-                tracing::debug!(%peer, "too many TLS handshakes from this address; connection closed");
-                continue;
-            }
             // Without it, Nagle holds a response's trailing TLS record until
             // the client's delayed ACK (~40 ms tails under load).
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let per_address = per_address.clone();
+            let (acceptor, tx, slots, pending) =
+                (acceptor.clone(), tx.clone(), slots.clone(), pending.clone());
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                per_address.finish(peer.ip());
-                drop(permit);
+                let handshake = tokio::time::timeout(HANDSHAKE_QUEUE_TIMEOUT, async {
+                    let _mine = address_slots.acquire_owned().await.ok()?;
+                    let _any = slots.acquire_owned().await.ok()?;
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                        .await
+                        .ok()
+                })
+                .await;
+                pending.finish(peer.ip());
                 match handshake {
-                    Ok(Ok(stream)) => {
+                    Ok(Some(Ok(stream))) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Some(Err(e))) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    _ => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });
         }
