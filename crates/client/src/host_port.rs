@@ -114,6 +114,20 @@ impl HostPort {
         }
     }
 
+    /// The same host with another port (refused when 0).
+    pub fn with_port(&self, port: u16) -> Result<Self, HostPortError> {
+        if port == 0 {
+            return Err(HostPortError::BadPort {
+                address: self.to_string(),
+                port: "0".into(),
+            });
+        }
+        Ok(Self {
+            host: self.host.clone(),
+            port,
+        })
+    }
+
     /// The host without brackets: the TLS server name to check.
     pub fn host(&self) -> &str {
         &self.host
@@ -172,6 +186,8 @@ mod tests {
         assert_eq!((a.host(), a.port()), ("::1", 7400));
         assert!(a.is_ipv6());
         assert_eq!(a.to_string(), "[::1]:7400");
+        assert_eq!(a.with_port(9000).expect("valid").to_string(), "[::1]:9000");
+        assert!(a.with_port(0).is_err());
         let b = ok("[fd00:1:2::3]:443");
         assert_eq!(b.host(), "fd00:1:2::3");
         assert_eq!(b.to_string(), "[fd00:1:2::3]:443");
