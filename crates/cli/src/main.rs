@@ -1769,6 +1769,40 @@ mod tests {
     }
 
     #[test]
+    fn call_errors_keep_their_exit_codes() {
+        let exhausted = call_failure(
+            CallError::Exhausted {
+                address: "a:1".into(),
+                attempts: 4,
+                status: tonic::Status::unavailable("no leader"),
+            },
+            false,
+        );
+        assert_eq!(exhausted.code, 3);
+        assert_eq!(exhausted.error.to_string(), "unavailable: no leader");
+        let refused = call_failure(
+            CallError::Refused {
+                address: "a:1".into(),
+                status: tonic::Status::not_found("no workload web"),
+            },
+            false,
+        );
+        assert_eq!(refused.code, 1);
+        assert_eq!(refused.error.to_string(), "not found: no workload web");
+        assert_eq!(call_failure(CallError::NoServers, false).code, 2);
+        let bad = call_failure(
+            CallError::Address(cloudless_client::HostPort::parse("::1:7400").expect_err("v6")),
+            false,
+        );
+        assert_eq!(bad.code, 2);
+        assert!(
+            bad.error.to_string().starts_with("--server: \"::1:7400\""),
+            "{:#}",
+            bad.error
+        );
+    }
+
+    #[test]
     fn node_label_arguments_set_with_equals_and_remove_with_a_trailing_dash() {
         let args: Vec<String> = ["tier=secure", "zone-", "empty="]
             .map(str::to_owned)
