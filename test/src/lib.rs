@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cloudless_coordinator::{Coordinator, CoordinatorConfig, StartMode};
 use cloudless_proto::v1 as pb;
 use pb::workload_service_client::WorkloadServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
 pub fn free_port() -> u16 {
@@ -61,12 +61,11 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
     }
 }
 
-/// Client TLS settings per server address, registered by clusters that run mTLS.
+/// Client credentials per server address, registered by clusters that run mTLS.
 fn tls_registry(
-) -> &'static std::sync::Mutex<std::collections::HashMap<String, tonic::transport::ClientTlsConfig>>
-{
+) -> &'static std::sync::Mutex<std::collections::HashMap<String, cloudless_client::ClientTls>> {
     static REG: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<String, tonic::transport::ClientTlsConfig>>,
+        std::sync::Mutex<std::collections::HashMap<String, cloudless_client::ClientTls>>,
     > = std::sync::OnceLock::new();
     REG.get_or_init(Default::default)
 }
@@ -76,31 +75,32 @@ fn tls_registry(
 pub fn register_admin_tls(addr: &str, admin_dir: &Path) {
     let read =
         |f: &str| std::fs::read_to_string(admin_dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_owned();
-    let cfg = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")))
-        .identity(tonic::transport::Identity::from_pem(
-            read("admin.crt"),
-            read("admin.key"),
-        ))
-        .domain_name(host);
+    let tls = cloudless_client::ClientTls::new(
+        read("ca.crt"),
+        read("admin.crt"),
+        zeroize::Zeroizing::new(read("admin.key")),
+    );
     tls_registry()
         .lock()
         .expect("registry")
-        .insert(addr.to_owned(), cfg);
+        .insert(addr.to_owned(), tls);
 }
 
-/// A lazily connected channel to `addr` (mTLS when registered).
+/// A lazily connected channel to `addr` (mTLS when registered): 1 s to
+/// connect, 10 s per call.
 pub fn channel(addr: &str) -> Channel {
-    let tls = tls_registry().lock().expect("registry").get(addr).cloned();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}")).expect("valid address");
-    if let Some(t) = tls {
-        ep = ep.tls_config(t).expect("client TLS config");
-    }
-    ep.connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy()
+    let address = cloudless_client::HostPort::parse(addr).expect("valid address");
+    let tls = tls_registry()
+        .lock()
+        .expect("registry")
+        .get(addr)
+        .map(|t| t.config_for(&address));
+    let options = cloudless_client::ChannelOptions {
+        connect_timeout: Duration::from_secs(1),
+        call_timeout: Some(Duration::from_secs(10)),
+        keep_alive: None,
+    };
+    cloudless_client::channel(&address, tls, &options).expect("client channel")
 }
 
 /// A small workload named `name`.

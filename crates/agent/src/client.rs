@@ -1,44 +1,64 @@
 //! Connections to the coordinators: enrollment (any coordinator, with the
 //! cluster CA to trust and no client certificate yet) and the agent API
-//! (mTLS with the node certificate, following the leader hint).
+//! (mTLS with the node certificate, following the leader hint through
+//! [`cloudless_client::Cluster`]).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
+use cloudless_client::{
+    server_only_tls, BackoffPolicy, CallError, ChannelOptions, Cluster, ClusterOptions, HostPort,
+    RetryPolicy,
+};
 use cloudless_proto::v1 as pb;
 use pb::agent_service_client::AgentServiceClient;
 use pb::node_service_client::NodeServiceClient;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use zeroize::Zeroizing;
 
 use crate::{AgentError, NodeIdentity};
 
-/// Metadata key of the leader's address on `Unavailable` answers.
-const LEADER_HINT_KEY: &str = "x-cloudless-leader";
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn host_of(address: &str) -> &str {
-    if let Some(rest) = address.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
+/// 2 s to connect, 5 s per call, keep-alive pings every 20 s.
+fn channel_options() -> ChannelOptions {
+    ChannelOptions {
+        connect_timeout: Duration::from_secs(2),
+        call_timeout: Some(CALL_TIMEOUT),
+        keep_alive: Some(Duration::from_secs(20)),
     }
-    address.rsplit_once(':').map_or(address, |(h, _)| h)
 }
 
-fn endpoint(address: &str, tls: ClientTlsConfig) -> Result<Endpoint, AgentError> {
-    Endpoint::from_shared(format!("https://{address}"))
-        .map_err(|e| AgentError::Config(format!("coordinator address {address:?}: {e}")))?
-        .tls_config(tls)
-        .map_err(|e| AgentError::Config(format!("TLS for {address}: {e}")))
-        .map(|ep| {
-            ep.connect_timeout(CONNECT_TIMEOUT)
-                .timeout(CALL_TIMEOUT)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(20))
-        })
+/// The agent's calls go on to the next coordinator after these answers (an
+/// unreachable or overloaded coordinator, or one that is not the leader),
+/// pausing 50 ms to 1 s when no leader is named.
+fn cluster_options() -> ClusterOptions {
+    ClusterOptions {
+        channel: channel_options(),
+        retry: RetryPolicy {
+            max_attempts: None,
+            backoff: BackoffPolicy {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(1),
+            },
+            retry_on: vec![
+                Code::Unavailable,
+                Code::Unknown,
+                Code::Cancelled,
+                Code::DeadlineExceeded,
+            ],
+        },
+    }
+}
+
+/// A channel to `address` that trusts `ca_pem` and presents no certificate.
+fn anonymous_channel(address: &str, ca_pem: &str) -> Result<Channel, AgentError> {
+    let hp = HostPort::parse(address)
+        .map_err(|e| AgentError::Config(format!("coordinator address {e}")))?;
+    cloudless_client::channel(&hp, Some(server_only_tls(ca_pem, &hp)), &channel_options())
+        .map_err(|e| AgentError::Config(format!("coordinator address {address:?}: {e}")))
 }
 
 /// Enrolls this device: makes a key pair here, sends a CSR with `token` to
@@ -53,10 +73,7 @@ pub async fn enroll(
         .map_err(|e| AgentError::Identity(format!("cannot make a key pair: {e}")))?;
     let mut last = String::from("no coordinator addresses configured");
     for address in coordinators {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
-            .domain_name(host_of(address));
-        let channel = endpoint(address, tls)?.connect_lazy();
+        let channel = anonymous_channel(address, ca_pem)?;
         let req = pb::EnrollRequest {
             join_token: token.to_owned(),
             csr_pem: csr_pem.clone(),
@@ -97,10 +114,7 @@ pub async fn rejoin(
         .map_err(|e| AgentError::Identity(format!("cannot make a key pair: {e}")))?;
     let mut last = String::from("no coordinator addresses configured");
     for address in coordinators {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&old.ca_pem))
-            .domain_name(host_of(address));
-        let channel = endpoint(address, tls)?.connect_lazy();
+        let channel = anonymous_channel(address, &old.ca_pem)?;
         // Signed per attempt: the coordinator accepts a recent signing time only.
         let signed_at = crate::agent::now_s();
         let req = pb::RejoinRequest {
@@ -162,15 +176,13 @@ pub(crate) fn is_removal(s: &Status) -> bool {
     s.code() == Code::PermissionDenied && s.message().contains("removed")
 }
 
-/// The agent's view of the coordinators: addresses, the last known leader,
-/// one mTLS channel per address, and the heartbeat stream.
+/// The agent's view of the coordinators: the leader-following client
+/// (addresses, last known leader, one mTLS channel per address) and the
+/// heartbeat stream.
 #[derive(Debug)]
 pub struct Coordinators {
-    addresses: Vec<String>,
+    cluster: Cluster,
     identity: NodeIdentity,
-    preferred: Option<String>,
-    next: usize,
-    channels: HashMap<String, Channel>,
     beats: Option<BeatStream>,
 }
 
@@ -178,11 +190,8 @@ impl Coordinators {
     /// Coordinators at `addresses`, called with `identity`.
     pub fn new(addresses: Vec<String>, identity: NodeIdentity) -> Self {
         Self {
-            addresses,
+            cluster: Cluster::new(addresses, Some(identity.client_tls()), cluster_options()),
             identity,
-            preferred: None,
-            next: 0,
-            channels: HashMap::new(),
             beats: None,
         }
     }
@@ -194,40 +203,25 @@ impl Coordinators {
 
     /// Switches to a renewed identity; new connections present it.
     pub fn set_identity(&mut self, identity: NodeIdentity) {
+        self.cluster.set_tls(Some(identity.client_tls()));
         self.identity = identity;
-        self.channels.clear();
         self.beats = None;
     }
 
     /// The (cached) mTLS channel to the coordinator at `address`.
     pub fn channel(&mut self, address: &str) -> Result<Channel, AgentError> {
-        if let Some(c) = self.channels.get(address) {
-            return Ok(c.clone());
-        }
-        let ch = endpoint(address, self.identity.client_tls(host_of(address)))?.connect_lazy();
-        self.channels.insert(address.to_owned(), ch.clone());
-        Ok(ch)
+        self.cluster.channel(address).map_err(|e| call_error("", e))
     }
 
     /// After `address` could not serve a call: follow the leader hint in `s`
     /// (one connection is enough, so the one to `address` is dropped), or
     /// move on to the next configured address.
     fn move_on(&mut self, address: &str, s: &Status) {
-        self.channels.remove(address);
-        let hint = s
-            .metadata()
-            .get(LEADER_HINT_KEY)
-            .and_then(|v| v.to_str().ok())
-            .filter(|h| *h != address)
-            .map(str::to_owned);
-        if hint.is_none() {
-            self.next = self.next.wrapping_add(1);
-        }
-        self.preferred = hint;
+        self.cluster.failed(address, s);
     }
 
     /// Calls the leader: the last known one, else each address in turn,
-    /// following `x-cloudless-leader` hints.
+    /// following leader hints.
     pub async fn call<T, F, Fut>(&mut self, what: &'static str, mut f: F) -> Result<T, AgentError>
     where
         F: FnMut(AgentServiceClient<Channel>) -> Fut,
@@ -238,59 +232,12 @@ impl Coordinators {
     }
 
     /// Like [`Coordinators::call`], for any service on the channel.
-    pub async fn call_on<T, F, Fut>(
-        &mut self,
-        what: &'static str,
-        mut f: F,
-    ) -> Result<T, AgentError>
+    pub async fn call_on<T, F, Fut>(&mut self, what: &'static str, f: F) -> Result<T, AgentError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let attempts = self.addresses.len() * 2 + 2;
-        let mut last = String::new();
-        for _ in 0..attempts {
-            let address = match &self.preferred {
-                Some(a) => a.clone(),
-                None => {
-                    let Some(a) = self.addresses.get(self.next % self.addresses.len().max(1))
-                    else {
-                        return Err(AgentError::Config(
-                            "no coordinator addresses configured".into(),
-                        ));
-                    };
-                    a.clone()
-                }
-            };
-            let channel = self.channel(&address)?;
-            match f(channel).await {
-                Ok(r) => {
-                    self.preferred = Some(address);
-                    return Ok(r.into_inner());
-                }
-                Err(s) if is_removal(&s) => {
-                    return Err(AgentError::Removed(s.message().to_owned()));
-                }
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::Unavailable
-                            | Code::Unknown
-                            | Code::Cancelled
-                            | Code::DeadlineExceeded
-                    ) =>
-                {
-                    last = format!("{address}: {}", s.message());
-                    self.move_on(&address, &s);
-                    if self.preferred.is_none() {
-                        // Unreachable, or no leader yet: pause before the next one.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                Err(status) => return Err(AgentError::Refused { what, status }),
-            }
-        }
-        Err(AgentError::Unreachable(last))
+        self.cluster.call(f).await.map_err(|e| call_error(what, e))
     }
 
     /// One heartbeat, on the long-lived heartbeat stream to the leader
@@ -329,13 +276,13 @@ impl Coordinators {
                 Ok(Err(s)) => {
                     last = s.message().to_owned();
                     self.beats = None;
-                    let address = self.preferred.clone().unwrap_or_default();
+                    let address = self.cluster.preferred().unwrap_or_default();
                     self.move_on(&address, &s);
                 }
                 Ok(Ok(None)) | Err(_) => {
                     last = "the heartbeat stream ended".into();
                     self.beats = None;
-                    let address = self.preferred.clone().unwrap_or_default();
+                    let address = self.cluster.preferred().unwrap_or_default();
                     self.move_on(&address, &Status::unavailable(last.clone()));
                 }
             }
@@ -371,14 +318,70 @@ impl Coordinators {
     }
 }
 
+/// The agent's error for a call through the cluster client: removal,
+/// refusal, no coordinator reachable, or bad configuration.
+fn call_error(what: &'static str, e: CallError) -> AgentError {
+    match e {
+        CallError::Refused { status, .. } if is_removal(&status) => {
+            AgentError::Removed(status.message().to_owned())
+        }
+        CallError::Refused { status, .. } => AgentError::Refused { what, status },
+        CallError::Exhausted {
+            address, status, ..
+        } => AgentError::Unreachable(format!("{address}: {}", status.message())),
+        CallError::NoServers => AgentError::Config("no coordinator addresses configured".into()),
+        CallError::Address(e) => AgentError::Config(format!("coordinator address {e}")),
+        CallError::Endpoint(e) => AgentError::Config(format!("coordinator connection: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::*;
 
     #[test]
-    fn host_of_strips_ports_and_brackets() {
-        assert_eq!(host_of("127.0.0.1:7400"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:7400"), "::1");
-        assert_eq!(host_of("coord-1.example:7400"), "coord-1.example");
+    fn removal_refusal_and_exhaustion_map_to_the_agent_errors() {
+        let removed = call_error(
+            "heartbeat",
+            CallError::Refused {
+                address: "a:1".into(),
+                status: Status::permission_denied("node n1 was removed"),
+            },
+        );
+        assert!(matches!(removed, AgentError::Removed(_)), "{removed:?}");
+        let refused = call_error(
+            "heartbeat",
+            CallError::Refused {
+                address: "a:1".into(),
+                status: Status::invalid_argument("bad"),
+            },
+        );
+        assert!(
+            matches!(
+                refused,
+                AgentError::Refused {
+                    what: "heartbeat",
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        let gone = call_error(
+            "heartbeat",
+            CallError::Exhausted {
+                address: "a:1".into(),
+                attempts: 4,
+                status: Status::unavailable("connection refused"),
+            },
+        );
+        assert_eq!(
+            gone.to_string(),
+            "no coordinator reachable (a:1: connection refused)"
+        );
+        let bad = call_error(
+            "heartbeat",
+            CallError::Address(HostPort::parse("::1:7400").expect_err("bare v6")),
+        );
+        assert!(bad.to_string().contains("brackets"), "{bad}");
     }
 }

@@ -203,15 +203,14 @@ impl NodeIdentity {
             .map_err(|e| AgentError::Identity(e.to_string()))
     }
 
-    /// TLS client settings presenting this identity and trusting the cluster CA.
-    pub fn client_tls(&self, host: &str) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                self.key_pem.as_bytes(),
-            ))
-            .domain_name(host)
+    /// mTLS client credentials presenting this identity and trusting the
+    /// cluster CA.
+    pub fn client_tls(&self) -> cloudless_client::ClientTls {
+        cloudless_client::ClientTls::new(
+            self.ca_pem.clone(),
+            self.cert_pem.clone(),
+            self.key_pem.clone(),
+        )
     }
 }
 

@@ -32,12 +32,7 @@ pub(crate) enum AdminCmd {
     List,
 }
 
-/// Where this config's admin credentials live, to renew them in place.
-#[derive(Debug, Clone)]
-pub(crate) struct CredentialPaths {
-    pub(crate) cert: PathBuf,
-    pub(crate) key: PathBuf,
-}
+pub(crate) use cloudless_client::CredentialPaths;
 
 fn failure(code: u8, message: String) -> Failure {
     Failure {
@@ -90,10 +85,10 @@ pub(crate) async fn renew_if_due(
     paths: &CredentialPaths,
     force: bool,
 ) -> Result<Option<String>, Failure> {
-    let Some(tls) = &target.tls else {
+    let Some(tls) = target.tls() else {
         return Ok(None);
     };
-    let info = cloudless_pki::inspect_certificate(&tls.cert)
+    let info = cloudless_pki::inspect_certificate(&tls.cert_pem)
         .map_err(|e| failure(2, format!("{}: {e}", paths.cert.display())))?;
     let now = now_s();
     if now >= info.not_after {
@@ -114,7 +109,7 @@ pub(crate) async fn renew_if_due(
     if !force && now < renew_at {
         return Ok(None);
     }
-    let csr_pem = cloudless_pki::csr_for_key(&tls.key)
+    let csr_pem = cloudless_pki::csr_for_key(&tls.key_pem)
         .map_err(|e| failure(2, format!("{}: {e}", paths.key.display())))?;
     let cert = call(target, |ch| {
         let csr_pem = csr_pem.clone();
@@ -175,7 +170,7 @@ pub(crate) async fn run(
             write_atomic(&out.join("admin.key"), key_pem.as_bytes(), 0o600)?;
             write_atomic(&out.join("admin.crt"), cert.cert_pem.as_bytes(), 0o644)?;
             let servers = target
-                .servers
+                .servers()
                 .iter()
                 .map(|s| format!("{s:?}"))
                 .collect::<Vec<_>>()

@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use cloudless_client::{
+    BackoffPolicy, CallError, ChannelOptions, ClientConfig, Cluster, ClusterOptions, RetryPolicy,
+};
 use cloudless_proto::v1::cluster_service_client::ClusterServiceClient;
 use cloudless_proto::v1::node_service_client::NodeServiceClient;
 use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
 use cloudless_proto::v1::{self as pb, ReadConsistency, ReadOptions, WriteOptions};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 mod admin;
@@ -476,76 +479,58 @@ fn code_name(c: Code) -> &'static str {
     }
 }
 
-/// Calls `f` on each server in turn; follows a leader hint once.
-async fn call<T, F, Fut>(target: &Target, mut f: F) -> Result<T, Failure>
+/// How `cloudlessctl` connects: 2 s to connect, 30 s per call; a call that
+/// finds no leader is retried (every server, twice, then once more) with
+/// pauses of at most 0.5 s.
+fn cluster_options() -> ClusterOptions {
+    ClusterOptions {
+        channel: ChannelOptions::default(),
+        retry: RetryPolicy {
+            backoff: BackoffPolicy {
+                base: Duration::from_millis(100),
+                cap: Duration::from_millis(500),
+            },
+            ..RetryPolicy::default()
+        },
+    }
+}
+
+/// Calls `f` on the leader: each server in turn, following leader hints and
+/// retrying `Unavailable` answers (see [`cluster_options`]).
+async fn call<T, F, Fut>(target: &Target, f: F) -> Result<T, Failure>
 where
     F: FnMut(Channel) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut queue = target.servers.clone();
-    let mut last = None;
-    let mut i = 0;
-    while i < queue.len() && i < 8 {
-        let addr = queue[i].clone();
-        i += 1;
-        let scheme = if target.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .with_context(|| format!("--server: {addr:?} is not a host:port address"))?;
-        if let Some(t) = &target.tls {
-            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-            endpoint = endpoint
-                .tls_config(
-                    tonic::transport::ClientTlsConfig::new()
-                        .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca))
-                        .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
-                        .domain_name(host),
-                )
-                .context("TLS configuration")?;
-        }
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
-            .connect_lazy();
-        match f(channel).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s) if s.code() == Code::Unavailable => {
-                if let Some(hint) = s
-                    .metadata()
-                    .get(cloudless_leader_key())
-                    .and_then(|v| v.to_str().ok())
-                {
-                    if !queue.iter().any(|q| q == hint) {
-                        queue.insert(i, hint.to_owned());
-                    }
-                }
-                last = Some(s);
-            }
-            Err(s) => {
-                let mut f = status_failure(s);
-                if target.tls.is_none() && f.error.to_string().contains("h2 protocol error") {
-                    f.error = f.error.context(
-                        "the coordinator speaks mTLS: pass --config <data_dir>/admin/cloudlessctl.toml (written by `cloudless-coordinator init`)",
-                    );
-                }
-                return Err(f);
-            }
-        }
-    }
-    Err(match last {
-        Some(s) => status_failure(s),
-        None => Failure {
-            code: 2,
-            error: anyhow::anyhow!("--server: no coordinator address given"),
-        },
-    })
+    target
+        .call(f)
+        .await
+        .map_err(|e| call_failure(e, target.tls().is_none()))
 }
 
-fn cloudless_leader_key() -> &'static str {
-    "x-cloudless-leader"
+/// The failure (and exit code) of a call that found no answer.
+fn call_failure(e: CallError, plaintext: bool) -> Failure {
+    match e {
+        CallError::Exhausted { status, .. } => status_failure(status),
+        CallError::Refused { status, .. } => {
+            let mut f = status_failure(status);
+            if plaintext && f.error.to_string().contains("h2 protocol error") {
+                f.error = f.error.context(
+                    "the coordinator speaks mTLS: pass --config <data_dir>/admin/cloudlessctl.toml (written by `cloudless-coordinator init`)",
+                );
+            }
+            f
+        }
+        CallError::NoServers => Failure::usage("--server: no coordinator address given"),
+        CallError::Address(e) => Failure {
+            code: 2,
+            error: anyhow::anyhow!("--server: {e}"),
+        },
+        CallError::Endpoint(e) => Failure {
+            code: 2,
+            error: anyhow::Error::new(e),
+        },
+    }
 }
 
 fn read_opts(stale: bool) -> Option<ReadOptions> {
@@ -712,29 +697,8 @@ async fn wait_drained(servers: &Target, id: &str, timeout: Duration) -> Result<(
     }
 }
 
-/// Where and how to connect.
-struct Target {
-    servers: Vec<String>,
-    tls: Option<Tls>,
-}
-
-/// What the config file holds.
-#[derive(serde::Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct CtlConfig {
-    servers: Vec<String>,
-    ca: Option<std::path::PathBuf>,
-    cert: Option<std::path::PathBuf>,
-    key: Option<std::path::PathBuf>,
-}
-
-/// mTLS client credentials loaded from the config file.
-#[derive(Clone)]
-struct Tls {
-    ca: String,
-    cert: String,
-    key: String,
-}
+/// Where and how to connect: the coordinators, with mTLS when configured.
+type Target = Cluster;
 
 /// Replaces control characters (terminal escapes) in text from the cluster
 /// before it is printed.
@@ -744,60 +708,13 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-type LoadedConfig = (Vec<String>, Option<(Tls, admin::CredentialPaths)>);
-
-fn load_config(path: &std::path::Path) -> Result<LoadedConfig, Failure> {
-    use std::os::unix::fs::PermissionsExt;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let cfg: CtlConfig = toml::from_str(&text).with_context(|| path.display().to_string())?;
-    let tls = match (cfg.ca, cfg.cert, cfg.key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            let mode = std::fs::metadata(&key)
-                .with_context(|| key.display().to_string())?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                return Err(Failure {
-                    code: 2,
-                    error: anyhow::anyhow!(
-                        "{}: private key is readable by group or others (mode {:o}); run chmod 600 on it",
-                        key.display(),
-                        mode & 0o777
-                    ),
-                });
-            }
-            let read = |p: &std::path::Path| {
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-            };
-            Some((
-                Tls {
-                    ca: read(&ca)?,
-                    cert: read(&cert)?,
-                    key: read(&key)?,
-                },
-                admin::CredentialPaths { cert, key },
-            ))
-        }
-        (None, None, None) => None,
-        _ => {
-            return Err(Failure {
-                code: 2,
-                error: anyhow::anyhow!("{}: ca, cert and key go together", path.display()),
-            })
-        }
-    };
-    Ok((cfg.servers, tls))
-}
-
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let (file_servers, credentials) = match &cli.config {
-        Some(p) => load_config(p)?,
-        None => (Vec::new(), None),
-    };
-    let (tls, paths) = match credentials {
-        Some((t, p)) => (Some(t), Some(p)),
-        None => (None, None),
+    let (file_servers, tls, paths) = match &cli.config {
+        Some(p) => {
+            let c = ClientConfig::load(p)?;
+            (c.servers, c.tls, c.credential_paths)
+        }
+        None => (Vec::new(), None, None),
     };
     let servers: Vec<String> = match &cli.server {
         Some(s) => s
@@ -808,15 +725,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         None if !file_servers.is_empty() => file_servers,
         None => vec!["127.0.0.1:7400".to_owned()],
     };
-    let mut target = Target { servers, tls };
+    let mut target = Target::new(servers, tls, cluster_options());
     // Every command keeps the admin certificate alive: renewed with two
     // thirds of its lifetime gone (`admin renew` does it at once).
     if let Some(p) = &paths {
         if !matches!(cli.command, Cmd::Admin(admin::AdminCmd::Renew)) {
             match admin::renew_if_due(&target, p, false).await {
                 Ok(Some(cert)) => {
-                    if let Some(t) = target.tls.as_mut() {
-                        t.cert = cert;
+                    if let Some(mut t) = target.tls().cloned() {
+                        t.cert_pem = cert;
+                        target.set_tls(Some(t));
                     }
                 }
                 Ok(None) => {}
@@ -1848,6 +1766,40 @@ mod tests {
             let err = set_config_key(&mut c, bad).expect_err(bad);
             assert!(err.contains(named), "{err}");
         }
+    }
+
+    #[test]
+    fn call_errors_keep_their_exit_codes() {
+        let exhausted = call_failure(
+            CallError::Exhausted {
+                address: "a:1".into(),
+                attempts: 4,
+                status: tonic::Status::unavailable("no leader"),
+            },
+            false,
+        );
+        assert_eq!(exhausted.code, 3);
+        assert_eq!(exhausted.error.to_string(), "unavailable: no leader");
+        let refused = call_failure(
+            CallError::Refused {
+                address: "a:1".into(),
+                status: tonic::Status::not_found("no workload web"),
+            },
+            false,
+        );
+        assert_eq!(refused.code, 1);
+        assert_eq!(refused.error.to_string(), "not found: no workload web");
+        assert_eq!(call_failure(CallError::NoServers, false).code, 2);
+        let bad = call_failure(
+            CallError::Address(cloudless_client::HostPort::parse("::1:7400").expect_err("v6")),
+            false,
+        );
+        assert_eq!(bad.code, 2);
+        assert!(
+            bad.error.to_string().starts_with("--server: \"::1:7400\""),
+            "{:#}",
+            bad.error
+        );
     }
 
     #[test]

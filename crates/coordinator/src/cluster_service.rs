@@ -32,16 +32,9 @@ impl ClusterApi {
 }
 
 fn check_address(field: &str, address: &str) -> Result<(), CoordinatorError> {
-    let ok = address.rsplit_once(':').is_some_and(|(h, p)| {
-        !h.is_empty() && !h.contains(char::is_whitespace) && p.parse::<u16>().is_ok_and(|p| p != 0)
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(CoordinatorError::InvalidArgument(format!(
-            "{field}: {address:?} is not a host:port address"
-        )))
-    }
+    cloudless_client::HostPort::parse(address)
+        .map(|_| ())
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("{field}: {e}")))
 }
 
 #[tonic::async_trait]

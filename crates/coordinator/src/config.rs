@@ -306,10 +306,8 @@ impl CoordinatorConfig {
                 ));
             }
             advertise_addr = listen_addr.to_string();
-        } else if !valid_host_port(&advertise_addr) {
-            problems.push(format!(
-                "{adv_origin}: {advertise_addr:?} is not a host:port address"
-            ));
+        } else if let Err(e) = cloudless_client::HostPort::parse(&advertise_addr) {
+            problems.push(format!("{adv_origin}: {e}"));
         }
         let (fmt_raw, fmt_origin) = get_str("log_format");
         let log_format = match fmt_raw.as_str() {
@@ -502,13 +500,6 @@ fn default_of(key: &str) -> &'static str {
     KEYS.iter()
         .find(|(n, _, _)| *n == key)
         .map_or("", |(_, _, d)| d)
-}
-
-fn valid_host_port(s: &str) -> bool {
-    match s.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
-        None => false,
-    }
 }
 
 fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {

@@ -665,11 +665,11 @@ impl Coordinator {
                     .local_addr()
                     .map_err(|e| bind_err(e.to_string()))?
                     .port();
-                let host = config
-                    .advertise_addr
-                    .rsplit_once(':')
-                    .map_or(config.advertise_addr.as_str(), |(h, _)| h);
-                Some((overlay, format!("{host}:{port}")))
+                // The advertised host with the relay's port (IPv6 in brackets).
+                let relay_addr = cloudless_client::HostPort::parse(&config.advertise_addr)
+                    .and_then(|a| a.with_port(port))
+                    .map_err(|e| bind_err(format!("advertise_addr: {e}")))?;
+                Some((overlay, relay_addr.to_string()))
             }
             _ => None,
         };

@@ -7,10 +7,8 @@ use tonic::{Code, Status};
 
 use crate::rejoin::RejoinRefusal;
 
-/// gRPC metadata key carrying the leader's address on `Unavailable` answers.
-pub const LEADER_HINT_KEY: &str = "x-cloudless-leader";
-/// gRPC metadata key marking a call already forwarded by a follower (no second hop).
-pub const FORWARDED_KEY: &str = "x-cloudless-forwarded";
+/// The metadata keys, declared once in the client crate.
+pub use cloudless_client::{FORWARDED_KEY, LEADER_HINT_KEY};
 
 /// Why a coordinator call failed.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use cloudless_client::HostPort;
 use cloudless_pki::{ClusterCa, Identity, MasterKey, Sealed};
 use cloudless_types::IdentityMaterial;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -107,12 +108,6 @@ fn private_dir(dir: &Path) -> Result<(), StartError> {
         .map_err(|e| io_err(dir, e))
 }
 
-fn host_of(address: &str) -> &str {
-    address.rsplit_once(':').map_or(address, |(h, _)| {
-        h.trim_start_matches('[').trim_end_matches(']')
-    })
-}
-
 /// The stored identity material of this cluster, if `identity.json` exists.
 pub(crate) fn stored_material(data_dir: &Path) -> Result<Option<IdentityMaterial>, StartError> {
     let path = data_dir.join("tls").join("identity.json");
@@ -172,7 +167,9 @@ pub(crate) fn prepare(
         }
     };
     let ca = unseal_ca(&material, master)?;
-    let mut names = vec![host_of(&config.advertise_addr).to_owned()];
+    let advertised = HostPort::parse(&config.advertise_addr)
+        .map_err(|e| StartError::Tls(format!("advertise_addr: {e}")))?;
+    let mut names = vec![advertised.host().to_owned()];
     names.extend(config.tls_sans.iter().cloned());
     let tls = TlsMaterial {
         ca_pem: ca.cert_pem().to_owned(),
@@ -449,11 +446,12 @@ impl rustls::server::ResolvesServerCert for CurrentCert {
 /// An endpoint to another coordinator: https with our identity when TLS is on.
 pub(crate) fn endpoint(address: &str, tls: Option<&TlsMaterial>) -> Result<Endpoint, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let ep = Endpoint::from_shared(format!("{scheme}://{address}"))
+    let host = HostPort::parse(address).map_err(|e| e.to_string())?;
+    let ep = Endpoint::from_shared(format!("{scheme}://{host}"))
         .map_err(|e| format!("address {address:?}: {e}"))?;
     match tls {
         Some(t) => ep
-            .tls_config(t.client_config(host_of(address)))
+            .tls_config(t.client_config(host.host()))
             .map_err(|e| e.to_string()),
         None => Ok(ep),
     }

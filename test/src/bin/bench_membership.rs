@@ -233,15 +233,20 @@ fn flood(
         let (cert, key, stop, sent) = (cert.clone(), key.clone(), stop.clone(), sent.clone());
         let (report, csr) = (report.clone(), csr.clone());
         rt.spawn(async move {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .identity(tonic::transport::Identity::from_pem(cert, key))
-                .domain_name("127.0.0.1");
-            let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("https://{addr}")) else {
+            let Ok(address) = cloudless_client::HostPort::parse(&addr) else {
                 return;
             };
-            let Ok(ep) = ep.tls_config(tls) else { return };
-            let mut client = AgentServiceClient::new(ep.connect_lazy());
+            let tls = cloudless_client::ClientTls::new(ca, cert, zeroize::Zeroizing::new(key))
+                .config_for(&address);
+            // No call timeout: the flood measures how the coordinator copes.
+            let options = cloudless_client::ChannelOptions {
+                call_timeout: None,
+                ..Default::default()
+            };
+            let Ok(ch) = cloudless_client::channel(&address, Some(tls), &options) else {
+                return;
+            };
+            let mut client = AgentServiceClient::new(ch);
             let mut beat = DeviceProbe::default().heartbeat();
             let mut k = 0u64;
             while !stop.is_cancelled() {
