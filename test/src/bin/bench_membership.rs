@@ -198,15 +198,19 @@ async fn admin_writes(leader: &str, tag: &str, secs: u64) -> anyhow::Result<Hist
     Ok(h)
 }
 
-/// One enrolled node doing everything it may as fast as it can: maximal
-/// status reports, certificate renewals, heartbeats whose status changes
-/// every beat, 16 callers at once; on threads of its own.
+/// One enrolled node sending maximal status reports, certificate renewals
+/// and heartbeats whose status changes every beat, 16 callers at once, on
+/// threads of its own: `per_s` requests per second in all (its write rate
+/// limit), or as fast as it can (`None`).
 fn flood(
     shared: &Arc<Shared>,
     cert: String,
     key: String,
     stop: CancellationToken,
+    per_s: Option<u32>,
 ) -> anyhow::Result<(tokio::runtime::Runtime, Arc<AtomicU64>)> {
+    const CALLERS: u32 = 16;
+    let pause = per_s.map(|r| Duration::from_secs_f64(f64::from(CALLERS) / f64::from(r.max(1))));
     use pb::agent_service_client::AgentServiceClient;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -225,7 +229,7 @@ fn flood(
             .collect(),
     };
     let (csr, _) = cloudless_pki::new_anonymous_csr()?;
-    for f in 0..16 {
+    for f in 0..CALLERS as usize {
         let (addr, ca) = (
             shared.addresses[f % shared.addresses.len()].clone(),
             shared.ca_pem.clone(),
@@ -265,6 +269,9 @@ fn flood(
                     }
                 };
                 sent.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = pause {
+                    tokio::time::sleep(p).await;
+                }
             }
         });
     }
@@ -290,23 +297,34 @@ async fn hostile(
         .await?
         .into_inner();
     let mut rows = Vec::new();
-    for flooding in [false, true] {
+    // The node's write rate limit (coordinator default `limits.node_writes_per_s`).
+    let at_limit = Some(20);
+    for (what, flooding) in [
+        ("quiet", None),
+        ("one node at its rate limit (20 req/s)", Some(at_limit)),
+        ("one node as fast as it can", Some(None)),
+    ] {
         let stop = CancellationToken::new();
-        let flooder = if flooding {
-            Some(flood(
+        let flooder = match flooding {
+            Some(per_s) => Some(flood(
                 shared,
                 enrolled.certificate_pem.clone(),
                 key.to_string(),
                 stop.clone(),
-            )?)
-        } else {
-            None
+                per_s,
+            )?),
+            None => None,
         };
         tokio::time::sleep(Duration::from_secs(2)).await;
         if let Ok(mut h) = shared.hist.lock() {
             h.reset();
         }
-        let admin = admin_writes(leader, if flooding { "hostile" } else { "quiet" }, secs).await?;
+        let tag = if flooding.is_some() {
+            "hostile"
+        } else {
+            "quiet"
+        };
+        let admin = admin_writes(leader, &format!("{tag}{}", rows.len()), secs).await?;
         stop.cancel();
         let beats = shared
             .hist
@@ -317,31 +335,23 @@ async fn hostile(
             rt.shutdown_background();
             sent.load(Ordering::Relaxed)
         });
-        rows.push((
-            flooding,
-            ms(&beats, 0.99),
-            ms(&admin, 0.99),
-            admin.len(),
-            sent,
-        ));
+        rows.push((what, ms(&beats, 0.99), ms(&admin, 0.99), admin.len(), sent));
     }
     println!();
     println!("| {agents} agents, {secs} s each | heartbeat p99 ms | admin write p99 ms | admin writes | hostile requests |");
     println!("|---|---:|---:|---:|---:|");
-    for (flooding, hb, aw, n, sent) in &rows {
-        let what = if *flooding {
-            "one node flooding"
-        } else {
-            "quiet"
-        };
+    for (what, hb, aw, n, sent) in &rows {
         println!("| {what} | {hb:.2} | {aw:.2} | {n} | {sent} |");
     }
-    let (q, f) = (&rows[0], &rows[1]);
-    println!(
-        "| ratio flooding / quiet | {:.2} | {:.2} | | |",
-        f.1 / q.1.max(0.001),
-        f.2 / q.2.max(0.001)
-    );
+    let q = &rows[0];
+    for f in &rows[1..] {
+        println!(
+            "| ratio {} / quiet | {:.2} | {:.2} | | |",
+            f.0,
+            f.1 / q.1.max(0.001),
+            f.2 / q.2.max(0.001)
+        );
+    }
     Ok(())
 }
 
