@@ -292,3 +292,46 @@ pub(crate) fn idempotency_key(
         Some(k) => Ok(Some(k.to_owned())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_address_waits_for_its_own_handshake_slots_and_others_are_not_held_up() {
+        let pending = Pending::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = (
+            "192.0.2.1".parse().expect("ip"),
+            "192.0.2.2".parse().expect("ip"),
+        );
+        // A's silent connections take all of A's slots...
+        let slots_a = pending.start(a).expect("counted");
+        let held: Vec<_> = (0..MAX_HANDSHAKES_PER_ADDRESS)
+            .map(|_| slots_a.clone().try_acquire_owned().expect("slot"))
+            .collect();
+        assert!(
+            slots_a.clone().try_acquire_owned().is_err(),
+            "A's next connection waits"
+        );
+        // ...and B still gets one at once.
+        let slots_b = pending.start(b).expect("counted");
+        assert!(slots_b.try_acquire_owned().is_ok());
+        drop(held);
+        assert!(slots_a.try_acquire_owned().is_ok(), "A's turn comes");
+
+        // Beyond the pending bound of one address, its connections are closed.
+        for _ in 1..MAX_PENDING_PER_ADDRESS {
+            pending.start(a).expect("counted");
+        }
+        assert!(pending.start(a).is_none());
+        assert!(
+            pending.start(b).is_some(),
+            "another address is not affected"
+        );
+        pending.finish(a);
+        assert!(
+            pending.start(a).is_some(),
+            "a finished handshake frees a place"
+        );
+    }
+}
