@@ -86,6 +86,25 @@ pub fn register_admin_tls(addr: &str, admin_dir: &Path) {
         .insert(addr.to_owned(), tls);
 }
 
+/// A channel to `addr` over TLS trusting `ca_pem`, presenting `identity`
+/// (certificate and key PEM) or no client certificate; the server name is
+/// 127.0.0.1.
+pub fn tls_channel(addr: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Channel {
+    let mut cfg = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name("127.0.0.1");
+    if let Some((cert, key)) = identity {
+        cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("address")
+        .tls_config(cfg)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy()
+}
+
 /// A lazily connected channel to `addr` (mTLS when registered): 1 s to
 /// connect, 10 s per call.
 pub fn channel(addr: &str) -> Channel {

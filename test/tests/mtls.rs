@@ -8,28 +8,10 @@ use cloudless_proto::v1 as pb;
 use cloudless_test::{channel, InProcessCluster};
 use pb::node_service_client::NodeServiceClient;
 use pb::workload_service_client::WorkloadServiceClient;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+use tonic::transport::Endpoint;
 use tracing::info;
 
-fn tls_channel(
-    addr: &str,
-    ca_pem: &str,
-    identity: Option<(&str, &str)>,
-) -> tonic::transport::Channel {
-    let mut cfg = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name("127.0.0.1");
-    if let Some((cert, key)) = identity {
-        cfg = cfg.identity(TlsIdentity::from_pem(cert, key));
-    }
-    Endpoint::from_shared(format!("https://{addr}"))
-        .expect("address")
-        .tls_config(cfg)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy()
-}
+use cloudless_test::tls_channel;
 
 async fn list_workloads(ch: tonic::transport::Channel) -> Result<usize, tonic::Status> {
     WorkloadServiceClient::new(ch)

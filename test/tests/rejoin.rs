@@ -18,7 +18,6 @@ use pb::cluster_service_client::ClusterServiceClient;
 use pb::node_service_client::NodeServiceClient;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 use tonic::Code;
 use tracing::info;
 use zeroize::Zeroizing;
@@ -143,25 +142,7 @@ async fn wait_ready(cluster: &InProcessCluster, name: &str) {
 }
 
 /// A TLS channel trusting the cluster CA, presenting `identity` if given.
-fn tls_channel(
-    addr: &str,
-    ca_pem: &str,
-    identity: Option<(&str, &str)>,
-) -> tonic::transport::Channel {
-    let mut cfg = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name("127.0.0.1");
-    if let Some((cert, key)) = identity {
-        cfg = cfg.identity(TlsIdentity::from_pem(cert, key));
-    }
-    Endpoint::from_shared(format!("https://{addr}"))
-        .expect("address")
-        .tls_config(cfg)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy()
-}
+use cloudless_test::tls_channel;
 
 /// A rejoin call by hand, the proof signed by `key_pem` for a fresh CSR.
 async fn rejoin_with(

@@ -14,24 +14,10 @@ use cloudless_test::{free_port, workspace_binary, InProcessCluster, ProcessNode}
 use pb::cluster_service_client::ClusterServiceClient;
 use pb::node_service_client::NodeServiceClient;
 use pb::workload_service_client::WorkloadServiceClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tracing::info;
 
-fn tls_channel(addr: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Channel {
-    let mut cfg = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name("127.0.0.1");
-    if let Some((cert, key)) = identity {
-        cfg = cfg.identity(Identity::from_pem(cert, key));
-    }
-    Endpoint::from_shared(format!("https://{addr}"))
-        .expect("address")
-        .tls_config(cfg)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy()
-}
+use cloudless_test::tls_channel;
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
