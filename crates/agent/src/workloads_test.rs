@@ -129,14 +129,7 @@ async fn until(
     what: &str,
     f: impl Fn(&ReplicaStatus) -> bool,
 ) -> ReplicaStatus {
-    let got = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| f(s)))
-        .await
-        .map(|r| r.map(|s| s.clone()));
-    match got {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => panic!("supervisor gone while waiting for {what}"),
-        Err(_) => panic!("timed out waiting for {what}: {:?}", *rx.borrow()),
-    }
+    cloudless_runtime::test_support::wait_for_status(rx, what, Duration::from_secs(60), f).await
 }
 
 /// A workload asking for what the device does not allow fails with the

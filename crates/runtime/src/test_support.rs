@@ -341,3 +341,21 @@ impl LocalRegistry {
         Ok(this)
     }
 }
+
+/// Waits up to `timeout` for a supervised replica's status to satisfy `f`;
+/// panics naming `what` (and the last status) otherwise. For tests.
+pub async fn wait_for_status(
+    rx: &mut tokio::sync::watch::Receiver<crate::ReplicaStatus>,
+    what: &str,
+    timeout: Duration,
+    f: impl Fn(&crate::ReplicaStatus) -> bool,
+) -> crate::ReplicaStatus {
+    let got = tokio::time::timeout(timeout, rx.wait_for(|s| f(s)))
+        .await
+        .map(|r| r.map(|s| s.clone()));
+    match got {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => panic!("supervisor gone while waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}: {:?}", *rx.borrow()),
+    }
+}

@@ -346,14 +346,7 @@ mod supervised {
         what: &str,
         f: impl Fn(&ReplicaStatus) -> bool,
     ) -> ReplicaStatus {
-        let got = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| f(s)))
-            .await
-            .map(|r| r.map(|s| s.clone()));
-        match got {
-            Ok(Ok(s)) => s,
-            Ok(Err(_)) => panic!("supervisor gone while waiting for {what}"),
-            Err(_) => panic!("timed out waiting for {what}: {:?}", *rx.borrow()),
-        }
+        cloudless_runtime::test_support::wait_for_status(rx, what, Duration::from_secs(30), f).await
     }
 
     fn probe(action: ProbeAction) -> Probe {
