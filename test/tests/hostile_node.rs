@@ -225,6 +225,78 @@ async fn a_node_that_writes_too_fast_is_told_to_slow_down_and_admins_are_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_over_its_byte_rate_or_at_a_follower_is_refused_before_its_body_is_read() {
+    let cluster = InProcessCluster::start(3, |c| {
+        c.limits.node_write_bytes_per_s = 1024;
+        c.limits.node_write_burst_bytes = 64 << 10;
+    })
+    .await;
+    let leader = cluster.wait_for_leader().await;
+    let addr = cluster.addr(leader);
+    let ca = ca_pem(&cluster);
+    let token = join_token(&addr, 1).await;
+    let (_id, cert, key) = enroll(&addr, &token, "tablet-1").await;
+    // Over the agent API's 1 MiB message limit: read, it would be refused
+    // as too large (OUT_OF_RANGE), so any other answer was given without
+    // reading it.
+    let huge = report((0..2_900).map(|i| format!("{i:0>256}")), &"m".repeat(1024));
+
+    info!("phase: a follower answers UNAVAILABLE with the leader hint without reading the body");
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    let mut at_follower =
+        AgentServiceClient::new(node_channel(&cluster.addr(follower), &ca, &cert, &key));
+    let err = at_follower
+        .report_status(huge.clone())
+        .await
+        .expect_err("a follower accepted a report");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.metadata()
+            .get(cloudless_client::LEADER_HINT_KEY)
+            .is_some(),
+        "no leader hint in {err:?}"
+    );
+
+    info!("phase: reports within the byte burst are served, then the node is refused by bytes");
+    let mut agent = AgentServiceClient::new(node_channel(&addr, &ca, &cert, &key));
+    // About 55 KB each: the first fits the 64 KiB burst, the second goes
+    // into debt, the third finds no credit.
+    let medium = report((0..50).map(|i| format!("forged-{i}")), &"m".repeat(1024));
+    for n in 0..2 {
+        agent
+            .report_status(medium.clone())
+            .await
+            .unwrap_or_else(|e| panic!("report {n} within the burst refused: {e:?}"));
+    }
+    let err = agent
+        .report_status(medium.clone())
+        .await
+        .expect_err("a node past its byte burst was served");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("exceeded its rate of 1024 bytes of write requests per second"),
+        "{}",
+        err.message()
+    );
+    let err = agent
+        .report_status(huge)
+        .await
+        .expect_err("an oversized report was served");
+    assert_eq!(
+        err.code(),
+        Code::ResourceExhausted,
+        "the body was read before the byte rate was checked: {err:?}"
+    );
+
+    info!("phase: heartbeats still pass while the node is refused writes");
+    agent
+        .heartbeat(pb::HeartbeatRequest::default())
+        .await
+        .expect("a heartbeat was refused while the node is over its byte rate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_spent_join_token_is_refused_before_any_signature_or_write() {
     let cluster = InProcessCluster::start(3, |c| {
         c.limits.enrolls_per_s = 2;

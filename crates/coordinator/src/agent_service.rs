@@ -458,6 +458,8 @@ impl AgentService for AgentApi {
         // UNAVAILABLE with the leader hint, as for heartbeats.
         self.handle.ensure_leader()?;
         self.handle.admit_node_write(&id)?;
+        self.handle
+            .charge_node_bytes(&id, prost::Message::encoded_len(req.get_ref()));
         let updates = status_updates(&self.handle, &id, req.into_inner())?;
         // A report of every replica a big node holds can exceed what one
         // Raft entry may carry: write it in parts.
@@ -561,6 +563,8 @@ impl AgentService for AgentApi {
         self.handle.ensure_leader()?;
         // Before the signature: a flood of renewals costs the leader nothing.
         self.handle.admit_node_write(&id)?;
+        self.handle
+            .charge_node_bytes(&id, prost::Message::encoded_len(req.get_ref()));
         let h = &self.handle;
         let keys = h.identity_keys()?;
         let lifetime = h.cluster()?.config.node_cert_lifetime_s;

@@ -35,8 +35,8 @@ const CACHE_LIMIT: usize = 65_536;
 
 /// What a verified client certificate says.
 #[derive(Debug, Clone)]
-struct Verified {
-    identity: Identity,
+pub(crate) struct Verified {
+    pub(crate) identity: Identity,
     /// When it was issued, Unix seconds.
     issued_at_s: i64,
     /// When it expires, Unix seconds.
@@ -81,7 +81,7 @@ impl PeerCache {
         Ok(exists)
     }
 
-    fn identity(&self, ca_pem: &str, der: &[u8]) -> Result<Verified, Status> {
+    pub(crate) fn identity(&self, ca_pem: &str, der: &[u8]) -> Result<Verified, Status> {
         let mut map = self
             .map
             .lock()

@@ -46,6 +46,12 @@ pub struct LimitsConfig {
     pub node_writes_per_s: u32,
     /// Burst of such writes. Default 100.
     pub node_write_burst: u32,
+    /// Bytes per second of requests that write (status reports, renewals)
+    /// one node may send: a node over it is refused before its next request
+    /// body is read. Default 64 KiB/s.
+    pub node_write_bytes_per_s: u32,
+    /// Burst of such bytes. Default 2 MiB (two full status reports).
+    pub node_write_burst_bytes: u32,
     /// Failed enrollment and rejoin attempts per second from one source
     /// address (IPv6: one /64). Default 5.
     pub enrolls_per_s: u32,
@@ -154,6 +160,8 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("raft.test_link_bytes_per_s", Kind::Int, "0"),
     ("limits.node_writes_per_s", Kind::Int, "20"),
     ("limits.node_write_burst", Kind::Int, "100"),
+    ("limits.node_write_bytes_per_s", Kind::Int, "65536"),
+    ("limits.node_write_burst_bytes", Kind::Int, "2097152"),
     ("limits.enrolls_per_s", Kind::Int, "5"),
     ("limits.enroll_burst", Kind::Int, "20"),
 ];
@@ -438,10 +446,24 @@ impl CoordinatorConfig {
             i64::from(u32::MAX),
             &mut problems,
         ) as u64;
+        let node_write_bytes_per_s = get_int(
+            "limits.node_write_bytes_per_s",
+            1024,
+            1 << 30,
+            &mut problems,
+        ) as u32;
+        let node_write_burst_bytes = get_int(
+            "limits.node_write_burst_bytes",
+            64 << 10,
+            1 << 30,
+            &mut problems,
+        ) as u32;
         let mut rate = |k: &str| get_int(k, 1, 1_000_000, &mut problems) as u32;
         let limits = LimitsConfig {
             node_writes_per_s: rate("limits.node_writes_per_s"),
             node_write_burst: rate("limits.node_write_burst"),
+            node_write_bytes_per_s,
+            node_write_burst_bytes,
             enrolls_per_s: rate("limits.enrolls_per_s"),
             enroll_burst: rate("limits.enroll_burst"),
         };

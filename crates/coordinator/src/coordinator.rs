@@ -101,6 +101,7 @@ struct HandleInner {
     /// Writes each node may cause.
     node_writes: crate::rate_limit::RateLimiter,
     /// Enrollment attempts per source address.
+    node_write_bytes: crate::rate_limit::RateLimiter,
     enrolls: crate::rate_limit::RateLimiter,
 }
 
@@ -234,6 +235,7 @@ impl CoordinatorHandle {
     /// Takes one of `node_id`'s write tokens, or says it has none left.
     /// Call before any costly work a node's request causes.
     pub(crate) fn admit_node_write(&self, node_id: &str) -> Result<(), CoordinatorError> {
+        self.node_write_bytes_left(node_id)?;
         let limiter = &self.inner.node_writes;
         if limiter.try_take(node_id, std::time::Instant::now()) {
             return Ok(());
@@ -245,6 +247,31 @@ impl CoordinatorHandle {
             rate_per_s: rate.per_s,
             burst: rate.burst,
         })
+    }
+
+    /// Refuses `node_id` while it has sent more bytes of write requests than
+    /// its byte rate allows (see [`Self::charge_node_bytes`]); nothing is taken.
+    pub(crate) fn node_write_bytes_left(&self, node_id: &str) -> Result<(), CoordinatorError> {
+        let limiter = &self.inner.node_write_bytes;
+        if limiter.has_token(node_id, std::time::Instant::now()) {
+            return Ok(());
+        }
+        let rate = limiter.rate();
+        Err(CoordinatorError::RateLimited {
+            who: format!("node {node_id}"),
+            what: "bytes of write requests",
+            rate_per_s: rate.per_s,
+            burst: rate.burst,
+        })
+    }
+
+    /// Counts `bytes` of a write request `node_id` sent against its byte rate.
+    pub(crate) fn charge_node_bytes(&self, node_id: &str, bytes: usize) {
+        self.inner.node_write_bytes.charge(
+            node_id,
+            u64::try_from(bytes).unwrap_or(u64::MAX),
+            std::time::Instant::now(),
+        );
     }
 
     /// Refuses enrollment or rejoin (`what`) from `remote` while its failed
@@ -755,6 +782,10 @@ impl Coordinator {
                 node_writes: crate::rate_limit::RateLimiter::new(crate::rate_limit::Rate {
                     per_s: config.limits.node_writes_per_s,
                     burst: config.limits.node_write_burst,
+                }),
+                node_write_bytes: crate::rate_limit::RateLimiter::new(crate::rate_limit::Rate {
+                    per_s: config.limits.node_write_bytes_per_s,
+                    burst: config.limits.node_write_burst_bytes,
                 }),
                 enrolls: crate::rate_limit::RateLimiter::new(crate::rate_limit::Rate {
                     per_s: config.limits.enrolls_per_s,

@@ -1,6 +1,7 @@
 //! The Cloudless coordinator: a Raft-replicated control plane with a gRPC API.
 
 mod admins;
+mod admission;
 mod agent_service;
 mod authz;
 mod cluster_service;

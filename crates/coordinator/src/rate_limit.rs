@@ -62,6 +62,33 @@ impl RateLimiter {
 
     /// Takes one token from `key`'s bucket at `now`; `false` when it is empty.
     pub fn try_take(&self, key: &str, now: Instant) -> bool {
+        self.with_bucket(key, now, |tokens| {
+            if *tokens >= 1.0 {
+                *tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Takes `amount` from `key`'s bucket at `now`, into debt if it holds
+    /// less (at most one burst deep): for a cost known only once the work is
+    /// done, such as the size of a request. The caller has no token again
+    /// until the debt is paid off at the rate.
+    pub fn charge(&self, key: &str, amount: u64, now: Instant) {
+        let burst = f64::from(self.rate.burst.max(1));
+        #[allow(clippy::cast_precision_loss)] // sizes far below 2^52
+        let amount = amount as f64;
+        self.with_bucket(key, now, |tokens| {
+            *tokens = (*tokens - amount).max(-burst);
+            true
+        });
+    }
+
+    /// Runs `f` on `key`'s bucket refilled to `now`; `false` without running
+    /// it when no more callers can be tracked.
+    fn with_bucket(&self, key: &str, now: Instant, f: impl FnOnce(&mut f64) -> bool) -> bool {
         let per_s = f64::from(self.rate.per_s.max(1));
         let burst = f64::from(self.rate.burst.max(1));
         let mut buckets = self
@@ -84,12 +111,7 @@ impl RateLimiter {
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * per_s).min(burst);
         b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        f(&mut b.tokens)
     }
 }
 
@@ -133,6 +155,26 @@ mod tests {
         // A long pause refills only up to the burst.
         let later = t0 + Duration::from_secs(60);
         assert_eq!((0..20).filter(|_| l.try_take("node:a", later)).count(), 5);
+    }
+
+    #[test]
+    fn a_charge_past_empty_is_debt_paid_off_at_the_rate() {
+        // Bytes: 1,000 per second, 4,000 at once.
+        let l = RateLimiter::new(Rate {
+            per_s: 1000,
+            burst: 4000,
+        });
+        let t0 = Instant::now();
+        l.charge("node:a", 10_000, t0);
+        // Debt is at most one burst deep: 4 s to credit again, not 6.
+        assert!(!l.has_token("node:a", t0 + Duration::from_millis(3990)));
+        assert!(l.has_token("node:a", t0 + Duration::from_millis(4010)));
+        assert!(l.has_token("node:b", t0));
+        // A charge within the credit leaves some.
+        l.charge("node:b", 3000, t0);
+        assert!(l.has_token("node:b", t0));
+        l.charge("node:b", 1000, t0);
+        assert!(!l.has_token("node:b", t0));
     }
 
     #[test]

@@ -194,10 +194,11 @@ pub async fn serve(
             NodeServiceServer::new(NodeApi::new(handle.clone()))
                 .max_decoding_message_size(MAX_NODE_SERVICE_MESSAGE),
         )
-        .add_service(
+        .add_service(crate::admission::NodeAdmission::new(
             AgentServiceServer::new(AgentApi::new(handle.clone()))
                 .max_decoding_message_size(MAX_AGENT_MESSAGE),
-        )
+            handle.clone(),
+        ))
         .add_service(SecretServiceServer::new(SecretApi::new(handle.clone())))
         .add_service(WorkloadServiceServer::new(WorkloadApi::new(handle)));
     let result = match tls {

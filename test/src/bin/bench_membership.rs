@@ -15,6 +15,7 @@ use cloudless_proto::v1 as pb;
 use cloudless_test::{channel, start_process_cluster, wait_all_healthy};
 use hdrhistogram::Histogram;
 use pb::node_service_client::NodeServiceClient;
+use pb::workload_service_client::WorkloadServiceClient;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -37,10 +38,15 @@ struct Args {
     /// Concurrent enrollments while populating.
     #[arg(long, default_value_t = 32)]
     enroll_concurrency: usize,
-    /// Seconds of each window of the hostile-node comparison (quiet, then
-    /// one node flooding at its rate limit) at the last agent count; 0 skips it.
+    /// Seconds of each window of the hostile-node comparison (quiet, one
+    /// node flooding at its rate limits, one node as fast as it can) at the
+    /// last agent count; 0 skips it.
     #[arg(long, default_value_t = 20)]
     hostile_seconds: u64,
+    /// Rounds of those windows, interleaved so that the machine's drift
+    /// falls on every condition alike.
+    #[arg(long, default_value_t = 3)]
+    hostile_rounds: usize,
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -184,13 +190,28 @@ async fn enroll_many(
 }
 
 /// Sequential admin writes through the leader for `secs`; their latencies.
-async fn admin_writes(leader: &str, tag: &str, secs: u64) -> anyhow::Result<Histogram<u64>> {
+async fn admin_writes(
+    client: &mut WorkloadServiceClient<tonic::transport::Channel>,
+    tag: &str,
+    secs: u64,
+) -> anyhow::Result<Histogram<u64>> {
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let end = Instant::now() + Duration::from_secs(secs);
     let mut i = 0;
     while Instant::now() < end {
         let t0 = Instant::now();
-        cloudless_test::apply(leader, &format!("{tag}-{i}"), 0).await?;
+        // A few workloads changed over and over: the state stays the same
+        // size from window to window, so later windows pay no more.
+        let mut w = cloudless_test::workload(&format!("admin-{}", i % 8), 0);
+        if let Some(spec) = w.spec.as_mut() {
+            spec.env.insert("CHANGE".into(), format!("{tag}-{i}"));
+        }
+        client
+            .apply(pb::ApplyWorkloadRequest {
+                write: None,
+                workload: Some(w),
+            })
+            .await?;
         h.record(t0.elapsed().as_micros() as u64)?;
         i += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -198,19 +219,30 @@ async fn admin_writes(leader: &str, tag: &str, secs: u64) -> anyhow::Result<Hist
     Ok(h)
 }
 
+/// A node's write limits (the coordinator defaults `limits.node_writes_per_s`
+/// and `limits.node_write_bytes_per_s`).
+#[derive(Clone, Copy)]
+struct Limits {
+    requests_per_s: f64,
+    bytes_per_s: f64,
+}
+
 /// One enrolled node sending maximal status reports, certificate renewals
 /// and heartbeats whose status changes every beat, 16 callers at once, on
-/// threads of its own: `per_s` requests per second in all (its write rate
-/// limit), or as fast as it can (`None`).
+/// threads of its own: paced to use all of its write `limits` (reports as
+/// many bytes per second as it may send, renewals and heartbeats the rest of
+/// its requests per second), or as fast as it can (`None`).
 fn flood(
     shared: &Arc<Shared>,
     cert: String,
     key: String,
     stop: CancellationToken,
-    per_s: Option<u32>,
+    limits: Option<Limits>,
 ) -> anyhow::Result<(tokio::runtime::Runtime, Arc<AtomicU64>)> {
     const CALLERS: u32 = 16;
-    let pause = per_s.map(|r| Duration::from_secs_f64(f64::from(CALLERS) / f64::from(r.max(1))));
+    // Callers f % 3 == 0 send reports, the others renewals and heartbeats.
+    let reporters = f64::from((0..CALLERS).filter(|f| f % 3 == 0).count() as u32);
+    let others = f64::from(CALLERS) - reporters;
     use pb::agent_service_client::AgentServiceClient;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -228,8 +260,25 @@ fn flood(
             })
             .collect(),
     };
+    let report_bytes = prost::Message::encoded_len(&report) as f64;
+    let (report_pause, other_pause) = match limits {
+        Some(l) => {
+            let reports_per_s = l.bytes_per_s / report_bytes;
+            let rest = (l.requests_per_s - reports_per_s).max(0.1);
+            (
+                Some(Duration::from_secs_f64(reporters / reports_per_s)),
+                Some(Duration::from_secs_f64(others / rest)),
+            )
+        }
+        None => (None, None),
+    };
     let (csr, _) = cloudless_pki::new_anonymous_csr()?;
     for f in 0..CALLERS as usize {
+        let pause = if f % 3 == 0 {
+            report_pause
+        } else {
+            other_pause
+        };
         let (addr, ca) = (
             shared.addresses[f % shared.addresses.len()].clone(),
             shared.ca_pem.clone(),
@@ -279,12 +328,14 @@ fn flood(
 }
 
 /// Heartbeat p99 of the other agents and admin write p99, quiet and with one
-/// hostile node flooding, in the same run.
+/// hostile node flooding, in the same run: `rounds` rounds of the three
+/// windows, each `secs` long, each condition's samples pooled over the rounds.
 async fn hostile(
     shared: &Arc<Shared>,
     leader: &str,
     agents: usize,
     secs: u64,
+    rounds: usize,
 ) -> anyhow::Result<()> {
     let token = new_token(leader, 1).await?;
     let (csr, key) = cloudless_pki::new_anonymous_csr()?;
@@ -296,60 +347,93 @@ async fn hostile(
         })
         .await?
         .into_inner();
-    let mut rows = Vec::new();
-    // The node's write rate limit (coordinator default `limits.node_writes_per_s`).
-    let at_limit = Some(20);
-    for (what, flooding) in [
+    // One connection, as a client that stays open would use: the figure is
+    // the write's latency, not a TLS handshake's.
+    let mut admin = WorkloadServiceClient::new(channel(leader));
+    let at_limit = Some(Limits {
+        requests_per_s: 20.0,
+        bytes_per_s: 65536.0,
+    });
+    let conditions = [
         ("quiet", None),
-        ("one node at its rate limit (20 req/s)", Some(at_limit)),
+        (
+            "one node at its rate limits (20 req/s, 64 KiB/s)",
+            Some(at_limit),
+        ),
         ("one node as fast as it can", Some(None)),
-    ] {
-        let stop = CancellationToken::new();
-        let flooder = match flooding {
-            Some(per_s) => Some(flood(
-                shared,
-                enrolled.certificate_pem.clone(),
-                key.to_string(),
-                stop.clone(),
-                per_s,
-            )?),
-            None => None,
-        };
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        if let Ok(mut h) = shared.hist.lock() {
-            h.reset();
+    ];
+    let new_hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3);
+    let mut pooled = Vec::new();
+    for _ in &conditions {
+        pooled.push((new_hist()?, new_hist()?, 0u64));
+    }
+    let mut per_round = Vec::new();
+    for round in 0..rounds {
+        for (c, (what, flooding)) in conditions.iter().enumerate() {
+            let stop = CancellationToken::new();
+            let flooder = match flooding {
+                Some(limits) => Some(flood(
+                    shared,
+                    enrolled.certificate_pem.clone(),
+                    key.to_string(),
+                    stop.clone(),
+                    *limits,
+                )?),
+                None => None,
+            };
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Ok(mut h) = shared.hist.lock() {
+                h.reset();
+            }
+            let writes = admin_writes(&mut admin, &format!("h{round}-{c}"), secs).await?;
+            stop.cancel();
+            let beats = shared
+                .hist
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_else(|e| e.into_inner().clone());
+            let sent = flooder.map_or(0, |(rt, sent)| {
+                rt.shutdown_background();
+                sent.load(Ordering::Relaxed)
+            });
+            per_round.push((round + 1, *what, ms(&beats, 0.99), ms(&writes, 0.99)));
+            let p = &mut pooled[c];
+            p.0.add(&beats)?;
+            p.1.add(&writes)?;
+            p.2 += sent;
+            // Let the flood's last requests drain before the next window.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let tag = if flooding.is_some() {
-            "hostile"
-        } else {
-            "quiet"
-        };
-        let admin = admin_writes(leader, &format!("{tag}{}", rows.len()), secs).await?;
-        stop.cancel();
-        let beats = shared
-            .hist
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
-        let sent = flooder.map_or(0, |(rt, sent)| {
-            rt.shutdown_background();
-            sent.load(Ordering::Relaxed)
-        });
-        rows.push((what, ms(&beats, 0.99), ms(&admin, 0.99), admin.len(), sent));
     }
     println!();
-    println!("| {agents} agents, {secs} s each | heartbeat p99 ms | admin write p99 ms | admin writes | hostile requests |");
-    println!("|---|---:|---:|---:|---:|");
-    for (what, hb, aw, n, sent) in &rows {
-        println!("| {what} | {hb:.2} | {aw:.2} | {n} | {sent} |");
+    println!(
+        "| {agents} agents, round, {secs} s windows | heartbeat p99 ms | admin write p99 ms |"
+    );
+    println!("|---|---:|---:|");
+    for (round, what, hb, aw) in &per_round {
+        println!("| {round}: {what} | {hb:.2} | {aw:.2} |");
     }
-    let q = &rows[0];
-    for f in &rows[1..] {
+    println!();
+    println!("| {agents} agents, {rounds} x {secs} s pooled | heartbeat p50 ms | heartbeat p99 ms | admin write p50 ms | admin write p99 ms | admin writes | hostile requests |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for ((what, _), (hb, aw, sent)) in conditions.iter().zip(&pooled) {
         println!(
-            "| ratio {} / quiet | {:.2} | {:.2} | | |",
-            f.0,
-            f.1 / q.1.max(0.001),
-            f.2 / q.2.max(0.001)
+            "| {what} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {sent} |",
+            ms(hb, 0.5),
+            ms(hb, 0.99),
+            ms(aw, 0.5),
+            ms(aw, 0.99),
+            aw.len()
+        );
+    }
+    let q = &pooled[0];
+    for ((what, _), f) in conditions.iter().zip(&pooled).skip(1) {
+        println!(
+            "| ratio {what} / quiet | {:.2} | {:.2} | {:.2} | {:.2} | | |",
+            ms(&f.0, 0.5) / ms(&q.0, 0.5).max(0.001),
+            ms(&f.0, 0.99) / ms(&q.0, 0.99).max(0.001),
+            ms(&f.1, 0.5) / ms(&q.1, 0.5).max(0.001),
+            ms(&f.1, 0.99) / ms(&q.1, 0.99).max(0.001),
         );
     }
     Ok(())
@@ -443,7 +527,14 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.hostile_seconds > 0 {
-        hostile(&shared, &leader_addr, sims.len(), args.hostile_seconds).await?;
+        hostile(
+            &shared,
+            &leader_addr,
+            sims.len(),
+            args.hostile_seconds,
+            args.hostile_rounds.max(1),
+        )
+        .await?;
     }
 
     // Join convergence under the full load: token presented to Ready on every coordinator.
