@@ -30,8 +30,9 @@ bench-raft:
 # 100 / 1,000 / 5,000 / 10,000 nodes, 100,000 replicas each, pinned to one core.
 # Simulated agents over real mTLS against 3 coordinator processes; needs
 # about 2 file descriptors per agent in this process and the leader. At the
-# last count, heartbeat and admin write p99 quiet and then with one hostile
-# node flooding at its rate limit (--hostile-seconds, 0 skips).
+# last count, heartbeat and admin write p99: quiet, with one hostile node
+# flooding at its rate limits and as fast as it can, in interleaved rounds
+# (--hostile-rounds, --hostile-seconds; 0 seconds skips).
 bench-membership:
 	$(CARGO) build --release --bins
 	ulimit -n $$(ulimit -Hn) && ./target/release/bench-membership
