@@ -12,34 +12,7 @@ use cloudless_proto::v1 as pb;
 use pb::workload_service_client::WorkloadServiceClient;
 use tonic::transport::Channel;
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
-
-/// Reports a test that cannot run here: under CI (`CI` set) that is a
-/// failure; elsewhere it is printed and listed in `$CLOUDLESS_SKIP_LOG`, so
-/// the summary counts it as skipped, not passed.
-pub fn skip_test(message: String) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "cannot run in CI: {message}"
-    );
-    eprintln!("\n!!!!!!!! SKIPPED {message} !!!!!!!!\n");
-    if let Some(path) = std::env::var_os("CLOUDLESS_SKIP_LOG") {
-        use std::io::Write as _;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "{message}");
-        }
-    }
-}
+pub use cloudless_runtime::test_support::{free_port, skip_test};
 
 /// Installs the test log subscriber once.
 pub fn init_test_logging() {

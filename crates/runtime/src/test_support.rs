@@ -150,6 +150,45 @@ impl Drop for Daemon {
     }
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on, for a test to hand to a
+/// server it starts. See [`free_port_on`].
+pub fn free_port() -> u16 {
+    free_port_on("127.0.0.1")
+}
+
+/// A TCP port on `ip` that nothing listens on now, chosen below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`) so that no outgoing
+/// connection can take it between this call and the server's bind (the
+/// flake of binding port 0 and releasing it), and never the same twice in
+/// one process. Each process starts at its own place in the range.
+pub fn free_port_on(ip: &str) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOW + 1_000 {
+        let span = ephemeral_low - LOW;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let Ok(port) = u16::try_from(LOW + (start + n) % span) else {
+                continue;
+            };
+            if std::net::TcpListener::bind((ip, port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: the kernel's choice.
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a port")
+}
+
 /// Reports a test that cannot run here: under CI (`CI` set) that is a
 /// failure; elsewhere it is printed and listed in `$CLOUDLESS_SKIP_LOG`, so
 /// the summary counts it as skipped, not passed.
@@ -294,10 +333,30 @@ impl LocalRegistry {
         tls: Option<(&Path, &Path)>,
         ip: &str,
     ) -> Result<Self, RuntimeError> {
-        let port = std::net::TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| RuntimeError::io(Path::new("127.0.0.1:0"), e))?;
+        // A port the registry failed to bind (taken meanwhile) is retried
+        // with another.
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::start_on(work, storage, extra, tls, ip, free_port_on(ip))? {
+                Ok(started) => return Ok(started),
+                Err(log) => last = log,
+            }
+        }
+        Err(RuntimeError::Unavailable(format!(
+            "docker-registry could not bind a port: {last}"
+        )))
+    }
+
+    /// Starts a registry on `ip`:`port`; `Ok(Err(log))` when it could not
+    /// bind that port.
+    fn start_on(
+        work: &Path,
+        storage: &Path,
+        extra: &str,
+        tls: Option<(&Path, &Path)>,
+        ip: &str,
+        port: u16,
+    ) -> Result<Result<Self, String>, RuntimeError> {
         let tag = format!("registry-{port}");
         let tls_yaml = tls.map_or(String::new(), |(c, k)| {
             format!(
@@ -323,22 +382,34 @@ impl LocalRegistry {
             .stderr(err)
             .spawn()
             .map_err(|e| RuntimeError::Unavailable(format!("cannot start {REGISTRY_BIN}: {e}")))?;
-        let this = Self {
+        let mut this = Self {
             child,
             host: format!("{ip}:{port}"),
             log,
         };
+        // Ready when the registry itself says it listens and a connection
+        // is accepted (a connection alone could reach someone else).
         let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect((ip, port)).is_err() {
+        loop {
+            let text = std::fs::read_to_string(&this.log).unwrap_or_default();
+            if let Ok(Some(status)) = this.child.try_wait() {
+                if text.contains("address already in use") {
+                    return Ok(Err(text));
+                }
+                return Err(RuntimeError::Unavailable(format!(
+                    "docker-registry exited ({status}): {text}"
+                )));
+            }
+            if text.contains("listening on") && std::net::TcpStream::connect((ip, port)).is_ok() {
+                return Ok(Ok(this));
+            }
             if Instant::now() > deadline {
                 return Err(RuntimeError::Unavailable(format!(
-                    "docker-registry did not listen: {}",
-                    std::fs::read_to_string(&this.log).unwrap_or_default()
+                    "docker-registry did not listen: {text}"
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(this)
     }
 }
 

@@ -8,7 +8,6 @@
 //! .ci/run); skips with a loud message otherwise.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +16,7 @@ use base64::Engine as _;
 use cloudless_runtime::image::{host_platform, sha256_digest, OciArchive};
 use cloudless_runtime::registry::{Credentials, PullProgress, RegistryClient, RegistryConfig};
 use cloudless_runtime::test_support::{
-    missing_prerequisite, write_busybox_archive, Daemon, LocalRegistry, REGISTRY_BIN,
+    free_port, missing_prerequisite, write_busybox_archive, Daemon, LocalRegistry, REGISTRY_BIN,
 };
 use cloudless_runtime::{ContainerConfig, Containerd, NodePolicy, RuntimeError};
 use serde_json::json;
@@ -36,13 +35,6 @@ macro_rules! require_registry {
             return;
         }
     };
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn registry(
