@@ -73,3 +73,58 @@ async fn a_flood_of_refusals_is_a_few_raft_writes_and_every_refusal_is_counted()
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_updates_of_one_secret_all_commit_as_consecutive_versions() {
+    const WRITERS: u64 = 8;
+    let cluster = InProcessCluster::start(3, |_| {}).await;
+    let leader = cluster.wait_for_leader().await;
+    let addr = cluster.addr(leader);
+    let put = |value: String| pb::PutSecretRequest {
+        namespace: "prod".into(),
+        name: "db".into(),
+        data: [("PASSWORD".to_owned(), value.into_bytes())].into(),
+        audiences: vec!["api".into()],
+        ..Default::default()
+    };
+    SecretServiceClient::new(channel(&addr))
+        .create(put("v1".into()))
+        .await
+        .expect("create");
+
+    info!("phase: {WRITERS} updates of the same secret at once");
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let (addr, req) = (addr.clone(), put(format!("writer-{i}")));
+            tokio::spawn(async move { SecretServiceClient::new(channel(&addr)).update(req).await })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for w in writers {
+        let meta = w
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("a concurrent update was refused: {e:?}"))
+            .into_inner()
+            .meta
+            .expect("meta");
+        versions.push(meta.version);
+    }
+    versions.sort_unstable();
+    assert_eq!(
+        versions,
+        (2..2 + WRITERS).collect::<Vec<_>>(),
+        "each update is its own version"
+    );
+    let meta = SecretServiceClient::new(channel(&addr))
+        .get(pb::GetSecretRequest {
+            namespace: "prod".into(),
+            name: "db".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(meta.version, 1 + WRITERS);
+    cluster.shutdown().await;
+}

@@ -443,6 +443,92 @@ fn replica_id(w: &Workload) -> String {
     )
 }
 
+/// Where one pass's new replicas go.
+#[derive(Debug, Default)]
+pub(crate) struct Placements {
+    /// New replicas, Pending on their node.
+    pub placed: Vec<ReplicaRecord>,
+    /// Replicas to stop to make room for a replica of a workload at least 10
+    /// higher in priority: (victim replica id, the preempting workload's
+    /// `namespace/name`). Their workloads get replacements in a later pass.
+    pub preempted: Vec<(String, String)>,
+    /// Workloads (index) with replicas no node can take, and why.
+    pub unplaced: Vec<(usize, String)>,
+}
+
+/// Places the replicas `plan` asks for on `nodes`, which hold `remaining`
+/// (the replicas left after the plan's removals). Pure but for the random
+/// suffix of new replica ids.
+pub(crate) fn schedule(
+    plan: &Plan,
+    workloads: &[Workload],
+    nodes: &[NodeRecord],
+    remaining: &[ReplicaRecord],
+    weights: cloudless_types::SchedulerWeights,
+    now_ms: i64,
+) -> Result<Placements, crate::error::CoordinatorError> {
+    let mut out = Placements::default();
+    if plan.place.is_empty() {
+        return Ok(out);
+    }
+    // Every replica this snapshot placed, in order: the scheduler names one
+    // it evicts again `<workload>#<n>`, n counting its placements from 1.
+    let mut placed: Vec<Option<ReplicaRecord>> = Vec::new();
+    let infos = node_infos(nodes, remaining);
+    let mut snapshot = ClusterSnapshot::new(&infos, weights)
+        .map_err(|e| crate::error::CoordinatorError::Fatal(format!("scheduler input: {e}")))?;
+    for (index, count) in &plan.place {
+        let w = &workloads[*index];
+        let key = format!("{}/{}", w.namespace, w.name);
+        let req = workload_request(w, *count);
+        let decisions = match snapshot.place(&req, now_ms, false) {
+            Ok(d) => d,
+            Err(e) => {
+                out.unplaced.push((*index, e.to_string()));
+                continue;
+            }
+        };
+        for d in decisions {
+            match d {
+                Decision::Placed(p) => {
+                    for victim in p.preempted {
+                        // A victim placed earlier in this same pass is not
+                        // in the state yet: it is simply not placed.
+                        let earlier = victim
+                            .rsplit_once('#')
+                            .and_then(|(_, n)| n.parse::<usize>().ok())
+                            .and_then(|n| placed.get_mut(n.checked_sub(1)?));
+                        match earlier {
+                            Some(slot) => *slot = None,
+                            None => out.preempted.push((victim, key.clone())),
+                        }
+                    }
+                    placed.push(Some(ReplicaRecord {
+                        id: replica_id(w),
+                        namespace: w.namespace.clone(),
+                        workload: w.name.clone(),
+                        template: w.template,
+                        spec: w.spec.clone(),
+                        node_id: p.node,
+                        state: ReplicaState::Pending,
+                        exit_code: None,
+                        restarts: 0,
+                        message: String::new(),
+                        created_at_ms: 0,
+                        updated_at_ms: 0,
+                        ready_at_ms: 0,
+                        disconnected_at_ms: 0,
+                        score: p.score,
+                    }));
+                }
+                Decision::Unplaced(u) => out.unplaced.push((*index, u.to_string())),
+            }
+        }
+    }
+    out.placed = placed.into_iter().flatten().collect();
+    Ok(out)
+}
+
 /// Runs passes while this coordinator leads, until `cancel`.
 pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
     let reader = handle.reader().clone();
@@ -562,49 +648,42 @@ async fn pass(
         .filter(|r| !removed.contains(r.id.as_str()))
         .cloned()
         .collect();
-    let mut placed = Vec::new();
-    if !plan.place.is_empty() {
-        let infos = node_infos(&nodes, &remaining);
-        let mut snapshot = ClusterSnapshot::new(&infos, cluster.config.scheduler_weights)
-            .map_err(|e| crate::error::CoordinatorError::Fatal(format!("scheduler input: {e}")))?;
-        for (index, count) in &plan.place {
-            let w = &workloads[*index];
-            let key = format!("{}/{}", w.namespace, w.name);
-            let req = workload_request(w, *count);
-            let decisions = match snapshot.place(&req, now_ms(), false) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(workload = %key, error = %e, "cannot schedule");
-                    continue;
-                }
-            };
-            for d in decisions {
-                match d {
-                    Decision::Placed(p) => placed.push(ReplicaRecord {
-                        id: replica_id(w),
-                        namespace: w.namespace.clone(),
-                        workload: w.name.clone(),
-                        template: w.template,
-                        spec: w.spec.clone(),
-                        node_id: p.node,
-                        state: ReplicaState::Pending,
-                        exit_code: None,
-                        restarts: 0,
-                        message: String::new(),
-                        created_at_ms: 0,
-                        updated_at_ms: 0,
-                        ready_at_ms: 0,
-                        disconnected_at_ms: 0,
-                        score: p.score,
-                    }),
-                    Decision::Unplaced(u) => {
-                        // Once per workload generation, not every pass.
-                        if unplaced_logged.insert(key.clone(), w.generation) != Some(w.generation) {
-                            tracing::warn!(workload = %key, reasons = %u, "replica cannot be placed");
-                        }
-                    }
-                }
-            }
+    let Placements {
+        placed,
+        preempted,
+        unplaced,
+    } = schedule(
+        &plan,
+        &workloads,
+        &nodes,
+        &remaining,
+        cluster.config.scheduler_weights,
+        now_ms(),
+    )?;
+    for (index, reasons) in unplaced {
+        let w = &workloads[index];
+        let key = format!("{}/{}", w.namespace, w.name);
+        // Once per workload generation, not every pass.
+        if unplaced_logged.insert(key.clone(), w.generation) != Some(w.generation) {
+            tracing::warn!(workload = %key, reasons = %reasons, "replica cannot be placed");
+        }
+    }
+    for (victim, by) in &preempted {
+        if let Some(r) = replicas.iter().find(|r| &r.id == victim) {
+            tracing::info!(replica = %victim, node = %r.node_id, by = %by, "preempting replica");
+            events.push(event(
+                &r.namespace,
+                &r.workload,
+                "Preempted",
+                format!(
+                    "replica {victim} on {}: stopped to make room for {by} (priority {} is at least 10 higher); a replacement is placed elsewhere",
+                    node_name(&r.node_id),
+                    workloads
+                        .iter()
+                        .find(|w| format!("{}/{}", w.namespace, w.name) == *by)
+                        .map_or(0, |w| w.spec.priority),
+                ),
+            ));
         }
     }
     for (id, reason, why) in &plan.remove {
@@ -627,8 +706,15 @@ async fn pass(
             format!("replica {} on {}", r.id, node_name(&r.node_id)),
         ));
     }
-    if !plan.remove.is_empty() {
-        let ids: Vec<String> = plan.remove.iter().map(|(id, _, _)| id.clone()).collect();
+    if !plan.remove.is_empty() || !preempted.is_empty() {
+        // Victims go in the same writes as the removals, before the
+        // replicas that take their place.
+        let ids: Vec<String> = plan
+            .remove
+            .iter()
+            .map(|(id, _, _)| id.clone())
+            .chain(preempted.iter().map(|(id, _)| id.clone()))
+            .collect();
         handle
             .write_in_parts(ids, |ids| Command::RemoveReplicas { ids })
             .await?;
@@ -1043,6 +1129,81 @@ mod tests {
             ..Default::default()
         };
         n
+    }
+
+    /// One pass: the plan, then where its replicas go.
+    fn pass_of(
+        workloads: &[Workload],
+        replicas: &[ReplicaRecord],
+        nodes: &[NodeRecord],
+    ) -> (Plan, Placements) {
+        let p = plan(workloads, replicas, nodes, 1_000);
+        let removed: HashSet<&str> = p.remove.iter().map(|(id, _, _)| id.as_str()).collect();
+        let remaining: Vec<ReplicaRecord> = replicas
+            .iter()
+            .filter(|r| !removed.contains(r.id.as_str()))
+            .cloned()
+            .collect();
+        let placements = schedule(
+            &p,
+            workloads,
+            nodes,
+            &remaining,
+            cloudless_types::SchedulerWeights::default(),
+            1_000,
+        )
+        .expect("schedule");
+        (p, placements)
+    }
+
+    #[test]
+    fn a_high_priority_replica_on_a_full_node_stops_a_low_one_which_is_replaced_elsewhere() {
+        let cpu = |w: &mut Workload, millis: u64, priority: i32| {
+            w.spec.requests.cpu_millis = millis;
+            w.spec.priority = priority;
+        };
+        let mut batch = workload(1, 1);
+        batch.name = "batch".into();
+        cpu(&mut batch, 3000, 0);
+        let mut db = workload(1, 1);
+        db.name = "db".into();
+        cpu(&mut db, 3000, 100);
+        let mut low = replica("default.batch-1-aaaaaaaa", "a", 1, ReplicaState::Ready);
+        low.workload = "batch".into();
+        low.spec = batch.spec.clone();
+        // Node a, the only one, is full with the batch replica.
+        let nodes = [ready_with("a", 4000, 4000)];
+        let workloads = [batch.clone(), db.clone()];
+        let (_, first) = pass_of(&workloads, std::slice::from_ref(&low), &nodes);
+        assert_eq!(first.placed.len(), 1, "{first:?}");
+        assert_eq!(first.placed[0].workload, "db");
+        assert_eq!(first.placed[0].node_id, "a");
+        assert_eq!(
+            first.preempted,
+            [(low.id.clone(), "default/db".to_owned())],
+            "the high-priority replica was placed on a full node without stopping anyone"
+        );
+
+        // Next pass: the victim is gone from the state, the batch workload
+        // is one short, and a node with room takes its replacement.
+        let mut db_replica = first.placed[0].clone();
+        db_replica.state = ReplicaState::Running;
+        let nodes = [ready_with("a", 4000, 4000), ready_with("b", 4000, 4000)];
+        let (_, second) = pass_of(&workloads, std::slice::from_ref(&db_replica), &nodes);
+        assert!(second.preempted.is_empty(), "{second:?}");
+        assert_eq!(second.placed.len(), 1, "{second:?}");
+        assert_eq!(second.placed[0].workload, "batch");
+        assert_eq!(second.placed[0].node_id, "b");
+
+        // With nowhere to go, the batch replica waits: it never evicts the
+        // higher-priority one back (no ping-pong).
+        let nodes = [ready_with("a", 4000, 4000)];
+        let (_, third) = pass_of(&workloads, std::slice::from_ref(&db_replica), &nodes);
+        assert!(
+            third.placed.is_empty() && third.preempted.is_empty(),
+            "{third:?}"
+        );
+        assert_eq!(third.unplaced.len(), 1, "{third:?}");
     }
 
     #[test]

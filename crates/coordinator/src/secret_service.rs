@@ -36,6 +36,10 @@ use crate::error::CoordinatorError;
 use crate::refusals::{Counted, Refusals, REFUSAL_FLUSH};
 use crate::services::{idempotency_key, leader_or_forward};
 
+/// Attempts of one secret write that conflicts with concurrent writes of the
+/// same secret (each round, one of them wins).
+const PUT_ATTEMPTS: u32 = 10;
+
 /// Metadata key carrying the caller's identity on a forwarded call.
 const ACTOR_KEY: &str = "x-cloudless-actor";
 /// Metadata key carrying the caller's address on a forwarded call.
@@ -390,7 +394,17 @@ impl SecretApi {
         let keys: Vec<String> = values.keys().cloned().collect();
         let expires = (r.ttl_seconds > 0)
             .then(|| now_ms() + i64::try_from(r.ttl_seconds).unwrap_or(i64::MAX / 2) * 1000);
-        for _ in 0..3 {
+        // Concurrent updates of one secret each seal the next version; the
+        // state machine takes one per version and rejects the rest as a
+        // conflict, which are sealed again on the new current version.
+        for attempt in 0..PUT_ATTEMPTS {
+            if attempt > 0 {
+                let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 20;
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    5 * u64::from(attempt) + jitter,
+                ))
+                .await;
+            }
             let ring = self.active_keyring().await?;
             let current = self
                 .handle
@@ -422,24 +436,30 @@ impl SecretApi {
                 },
                 audit: Self::audit(caller, action, &ns, &r.name),
             });
-            let (resp, commit) = self.handle.write(key.clone(), cmd).await?;
-            match resp {
-                SmResponse::SecretStored(rec) => {
+            // The proposer turns a rejection into an error.
+            match self.handle.write(key.clone(), cmd).await {
+                Ok((SmResponse::SecretStored(rec), commit)) => {
                     return Ok(PutSecretResponse {
                         meta: Some(meta(&rec)),
                         commit: Some(commit),
                     })
                 }
-                SmResponse::Rejected(Rejection::SecretConflict(_)) if !create => continue,
-                SmResponse::Rejected(rej) => return Err(rej.into()),
-                other => {
+                Err(CoordinatorError::Rejected(Rejection::SecretConflict(why))) => {
+                    tracing::debug!(namespace = %ns, name = %r.name, attempt, %why, "secret write conflicted; sealing again");
+                }
+                Err(e) => return Err(e),
+                Ok((other, _)) => {
                     return Err(CoordinatorError::Fatal(format!(
                         "unexpected state machine answer {other:?}"
                     )))
                 }
             }
         }
-        Err(Rejection::SecretConflict(format!("{ns}/{}: concurrent updates", r.name)).into())
+        Err(Rejection::SecretConflict(format!(
+            "{ns}/{}: still conflicting with concurrent updates after {PUT_ATTEMPTS} attempts; retry",
+            r.name
+        ))
+        .into())
     }
 
     /// Whether `caller` may hold `audience` for a secret in `ns`.

@@ -789,7 +789,12 @@ fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, Strin
         }
     }
     let response = apply_command(txn, &req.command, req.proposed_at_ms)?;
-    if let Some(key) = req.idempotency_key {
+    // A rejected request changed nothing: its key is not remembered, so the
+    // same key can carry the retry (after a conflict, say).
+    if let (Some(key), false) = (
+        req.idempotency_key,
+        matches!(response, Response::Rejected(_)),
+    ) {
         let rec = IdempotencyRecord {
             command: req.command,
             response: response.clone(),
@@ -1947,6 +1952,91 @@ mod tests {
             let back: Proposal = postcard::from_bytes(&bytes).expect("decode");
             assert_eq!(back, p);
         }
+    }
+
+    #[test]
+    fn a_rejected_request_leaves_its_idempotency_key_for_the_retry() {
+        use crate::command::SecretCommand as S;
+        use cloudless_types::{AuditRecord, SecretCiphertext, SecretKeyVersion, SecretVersion};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm =
+            StateMachine::open(&dir.path().join("s.redb"), Histogram::new([1.0])).expect("open");
+        let audit = |action: &str| AuditRecord {
+            at_ms: 0,
+            actor: "admin:t".into(),
+            source: String::new(),
+            action: action.into(),
+            namespace: "prod".into(),
+            secret: "cache".into(),
+            token_id: String::new(),
+            allowed: true,
+            detail: String::new(),
+        };
+        let version = |v: u64| SecretVersion {
+            version: v,
+            ciphertext: SecretCiphertext {
+                key_version: 1,
+                dek_nonce: "a".into(),
+                dek: "b".into(),
+                nonce: "c".into(),
+                data: "d".into(),
+            },
+            keys: vec!["PASSWORD".into()],
+            size: 5,
+            created_at_ms: 0,
+        };
+        apply(
+            &sm.db,
+            Command::Secret(S::InitKeyring {
+                key: SecretKeyVersion {
+                    version: 1,
+                    nonce: "n".into(),
+                    sealed: "s".into(),
+                    created_at_ms: 0,
+                    retired: false,
+                },
+            }),
+            0,
+        );
+        // A rejected request leaves its idempotency key free for the retry;
+        // an applied one answers its replay with the same response.
+        let keyed = |v: u64| {
+            let txn = sm.db.begin_write().expect("txn");
+            let r = apply_request(
+                &txn,
+                Request {
+                    idempotency_key: Some("retry-1".into()),
+                    proposed_at_ms: 0,
+                    command: Command::Secret(S::Put {
+                        namespace: "prod".into(),
+                        name: "cache".into(),
+                        version: version(v),
+                        create: true,
+                        audiences: None,
+                        immutable: false,
+                        expires_at_ms: None,
+                        audit: audit("create"),
+                    }),
+                },
+            )
+            .expect("apply");
+            txn.commit().expect("commit");
+            r
+        };
+        assert!(matches!(
+            keyed(5),
+            Response::Rejected(Rejection::SecretConflict(_))
+        ));
+        let stored = keyed(1);
+        assert!(
+            matches!(&stored, Response::SecretStored(r) if r.name == "cache"),
+            "the retry under the same key was refused: {stored:?}"
+        );
+        assert_eq!(keyed(1), stored, "a replay is answered from the record");
+        assert!(matches!(
+            keyed(2),
+            Response::Rejected(Rejection::IdempotencyKeyReused { .. })
+        ));
     }
 
     #[test]
