@@ -157,43 +157,49 @@ impl TokenKey {
     /// Checks a compact JWT's shape, algorithm (HS256 only) and signature
     /// (constant time) and returns its claims as JSON bytes.
     pub fn verify_signature(&self, token: &str) -> Result<Vec<u8>, TokenError> {
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::Malformed(format!(
-                "longer than {MAX_TOKEN_LEN} bytes"
-            )));
-        }
-        let mut parts = token.trim().split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed(
-                "expected three dot-separated parts".into(),
-            ));
-        };
-        let header: serde_json::Value = b64()
-            .decode(h)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| TokenError::Malformed("header is not base64url JSON".into()))?;
-        let alg = header
-            .get("alg")
-            .and_then(|a| a.as_str())
-            .unwrap_or_default();
-        if alg != "HS256" {
-            return Err(TokenError::Algorithm(alg.to_owned()));
-        }
-        let sig = b64()
-            .decode(s)
-            .map_err(|_| TokenError::Malformed("signature is not base64url".into()))?;
-        let signing_input_len = h.len() + 1 + p.len();
-        let signing_input = &token.trim()[..signing_input_len];
-        hmac::verify(&self.hmac_key(), signing_input.as_bytes(), &sig)
-            .map_err(|_| TokenError::BadSignature)?;
-        b64()
-            .decode(p)
-            .map_err(|_| TokenError::Malformed("claims are not base64url".into()))
+        verify_hs256(&self.hmac_key(), token)
     }
+}
 
+/// [`TokenKey::verify_signature`] with any HMAC-SHA256 key.
+fn verify_hs256(key: &hmac::Key, token: &str) -> Result<Vec<u8>, TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed(format!(
+            "longer than {MAX_TOKEN_LEN} bytes"
+        )));
+    }
+    let mut parts = token.trim().split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
+    };
+    let header: serde_json::Value = b64()
+        .decode(h)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| TokenError::Malformed("header is not base64url JSON".into()))?;
+    let alg = header
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .unwrap_or_default();
+    if alg != "HS256" {
+        return Err(TokenError::Algorithm(alg.to_owned()));
+    }
+    let sig = b64()
+        .decode(s)
+        .map_err(|_| TokenError::Malformed("signature is not base64url".into()))?;
+    let signing_input_len = h.len() + 1 + p.len();
+    let signing_input = &token.trim()[..signing_input_len];
+    hmac::verify(key, signing_input.as_bytes(), &sig).map_err(|_| TokenError::BadSignature)?;
+    b64()
+        .decode(p)
+        .map_err(|_| TokenError::Malformed("claims are not base64url".into()))
+}
+
+impl TokenKey {
     /// Verifies signature (constant time), algorithm, type and validity at `now`.
     pub fn verify(&self, token: &str, now: i64) -> Result<JoinTokenClaims, TokenError> {
         let payload = self.verify_signature(token)?;
@@ -220,6 +226,34 @@ impl TokenKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 7515, appendix A.1: the HS256 example (its JWK key, its token).
+    #[test]
+    fn the_rfc_7515_hs256_example_verifies_and_a_changed_byte_does_not() {
+        let key = b64()
+            .decode("AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow")
+            .expect("key");
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &key);
+        let token = "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9\
+            .eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ\
+            .dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let claims = verify_hs256(&key, token).expect("the RFC's token verifies");
+        assert_eq!(
+            claims,
+            b"{\"iss\":\"joe\",\r\n \"exp\":1300819380,\r\n \"http://example.com/is_root\":true}"
+        );
+        // The RFC's signature is what our HMAC computes over its input.
+        let (input, sig) = token.rsplit_once('.').expect("three parts");
+        assert_eq!(
+            b64().encode(hmac::sign(&key, input.as_bytes()).as_ref()),
+            sig
+        );
+        let forged = token.replacen("eyJpc3MiOiJqb2", "eyJpc3MiOiJqb3", 1);
+        assert!(matches!(
+            verify_hs256(&key, &forged),
+            Err(TokenError::BadSignature)
+        ));
+    }
 
     fn claims(now: i64, ttl: u64) -> JoinTokenClaims {
         JoinTokenClaims::new(
