@@ -173,7 +173,7 @@ struct BeatStream {
 
 /// The coordinators' answer when this node's record was removed.
 pub(crate) fn is_removal(s: &Status) -> bool {
-    s.code() == Code::PermissionDenied && s.message().contains("removed")
+    cloudless_client::reason(s) == Some(cloudless_client::Reason::NodeRemoved)
 }
 
 /// The agent's view of the coordinators: the leader-following client
@@ -345,10 +345,24 @@ mod tests {
             "heartbeat",
             CallError::Refused {
                 address: "a:1".into(),
-                status: Status::permission_denied("node n1 was removed"),
+                status: cloudless_client::errors::refusal(
+                    Code::PermissionDenied,
+                    "node n1 was removed",
+                    cloudless_client::Reason::NodeRemoved,
+                    [],
+                ),
             },
         );
         assert!(matches!(removed, AgentError::Removed(_)), "{removed:?}");
+        // The word alone, without the typed reason, is not a removal.
+        let worded = call_error(
+            "heartbeat",
+            CallError::Refused {
+                address: "a:1".into(),
+                status: Status::permission_denied("node n1 was removed"),
+            },
+        );
+        assert!(!matches!(worded, AgentError::Removed(_)), "{worded:?}");
         let refused = call_error(
             "heartbeat",
             CallError::Refused {

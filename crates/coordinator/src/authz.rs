@@ -116,9 +116,14 @@ pub(crate) fn node_still_enrolled(handle: &CoordinatorHandle, id: &str) -> Resul
     if handle.peer_cache().node_enrolled(handle, id)? {
         Ok(())
     } else {
-        Err(Status::permission_denied(format!(
-            "node {id} has been removed from the cluster; enroll it again with a new join token"
-        )))
+        Err(cloudless_client::errors::refusal(
+            tonic::Code::PermissionDenied,
+            format!(
+                "node {id} has been removed from the cluster; enroll it again with a new join token"
+            ),
+            cloudless_client::Reason::NodeRemoved,
+            [(cloudless_client::errors::NODE_ID, id.to_owned())],
+        ))
     }
 }
 

@@ -147,7 +147,7 @@ impl From<CoordinatorError> for Status {
                 RejoinError::PastGrace { .. } => Code::FailedPrecondition,
                 RejoinError::Sign(_) => Code::Internal,
             },
-            // "removed" with PermissionDenied is what agents read as removal.
+            // Removed carries Reason::NodeRemoved: agents stop and exit.
             CoordinatorError::RejoinRefused(r) => match r {
                 RejoinRefusal::Disabled => Code::FailedPrecondition,
                 RejoinRefusal::Removed { .. } | RejoinRefusal::Superseded { .. } => {
@@ -162,11 +162,29 @@ impl From<CoordinatorError> for Status {
                 Code::ResourceExhausted
             }
         };
-        let mut status = Status::new(code, msg);
+        use cloudless_client::errors::{refusal, Reason, LEADER_ADDRESS, LEADER_ID, NODE_ID};
+        let mut status = match &e {
+            CoordinatorError::NotLeader { leader } => refusal(
+                code,
+                msg,
+                Reason::NotLeader,
+                leader.iter().flat_map(|(id, addr)| {
+                    [(LEADER_ID, id.to_string()), (LEADER_ADDRESS, addr.clone())]
+                }),
+            ),
+            CoordinatorError::RateLimited { .. } | CoordinatorError::Overloaded(_) => {
+                refusal(code, msg, Reason::RateLimited, [])
+            }
+            CoordinatorError::RejoinRefused(RejoinRefusal::Removed { node_id }) => {
+                refusal(code, msg, Reason::NodeRemoved, [(NODE_ID, node_id.clone())])
+            }
+            _ => Status::new(code, msg),
+        };
         if let CoordinatorError::NotLeader {
             leader: Some((_, addr)),
         } = &e
         {
+            // Also as plain metadata, for clients of earlier releases.
             if let Ok(v) = addr.parse() {
                 status.metadata_mut().insert(LEADER_HINT_KEY, v);
             }
