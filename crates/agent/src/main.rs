@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 // The system allocator, on purpose: with mimalloc the agent's resident
-// memory was 40-54 MiB (its per-thread segments), with glibc's about 13 MiB
+// memory was 40.5-46 MiB (its per-thread segments), with glibc's about 14.5 MiB
 // for the same work (docs/benchmarks.md). Devices care about memory more
 // than the agent's allocation speed.
 

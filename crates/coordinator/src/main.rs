@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-/// mimalloc: measurably less CPU than glibc malloc on the write path (docs/benchmarks.md).
+/// mimalloc on the coordinator (its write path allocates per request); its
+/// gain is not yet measured apart from other changes (docs/adr/0005-allocators.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use cloudless_coordinator::{ConfigSources, Coordinator, CoordinatorConfig, StartMode};
