@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay fuzz fuzz-build demo demo-stop clean
+.PHONY: build test lint verify deny audit fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay fuzz fuzz-build demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -16,6 +16,19 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Before sending a change: formatting, clippy, the tests (those that need
+# root or a missing tool report themselves skipped when not run as root), and
+# cargo-deny's licence, ban and source checks (deny.toml).
+verify: lint test deny
+
+deny:
+	@$(CARGO) deny --version >/dev/null 2>&1 || { echo "cargo-deny is not installed: cargo install cargo-deny --locked"; exit 1; }
+	$(CARGO) deny check licenses bans sources
+
+# Known vulnerabilities (RustSec); fetches the advisory database from GitHub.
+audit:
+	$(CARGO) deny check advisories
 
 fmt:
 	$(CARGO) fmt --all
