@@ -703,6 +703,7 @@ impl Coordinator {
         let mut registry = Registry::default();
         let metrics = RaftMetrics::register(&mut registry);
         let membership_metrics = crate::membership::MembershipMetrics::register(&mut registry);
+        let reconcile_metrics = crate::reconciler::ReconcileMetrics::register(&mut registry);
         let relay_metrics = relay
             .as_ref()
             .map(|(o, _)| RelayMetrics::register(&mut registry, o.clone()));
@@ -841,7 +842,11 @@ impl Coordinator {
             http_task,
             tokio::spawn(metrics.run(raft.clone(), committed, bg_cancel.clone())),
             tokio::spawn(crate::membership::run(handle.clone(), bg_cancel.clone())),
-            tokio::spawn(crate::reconciler::run(handle.clone(), bg_cancel.clone())),
+            tokio::spawn(crate::reconciler::run(
+                handle.clone(),
+                reconcile_metrics,
+                bg_cancel.clone(),
+            )),
             tokio::spawn(crate::removal::run(handle.clone(), bg_cancel.clone())),
         ];
         if let Some(tls) = &tls {

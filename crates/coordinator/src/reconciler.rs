@@ -14,7 +14,7 @@ use cloudless_scheduler::{
     AntiAffinity, ClusterSnapshot, Decision, NodeInfo, Phase, PowerSource, RunningReplica,
     Strategy, WorkloadRequest,
 };
-use cloudless_state::{Command, StateReader};
+use cloudless_state::{Command, ReconcileDecision, Rollback, StateReader};
 use cloudless_types::{
     EventRecord, NodePhase, NodeRecord, ReplicaRecord, ReplicaState, RolloutStrategy, Workload,
 };
@@ -530,7 +530,56 @@ pub(crate) fn schedule(
 }
 
 /// Runs passes while this coordinator leads, until `cancel`.
-pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
+/// The reconcile loop's metrics (docs/metrics.md).
+#[derive(Debug, Clone)]
+pub(crate) struct ReconcileMetrics {
+    passes: prometheus_client::metrics::counter::Counter,
+    decisions: prometheus_client::metrics::counter::Counter,
+    entries: prometheus_client::metrics::counter::Counter,
+    seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl ReconcileMetrics {
+    /// Registers every metric in `registry`.
+    pub(crate) fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self {
+            passes: Default::default(),
+            decisions: Default::default(),
+            entries: Default::default(),
+            seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_1, 2.0, 16),
+            ),
+        };
+        let r = registry.sub_registry_with_prefix("cloudless_reconcile");
+        r.register(
+            "passes",
+            "Reconcile passes run by this coordinator as leader",
+            m.passes.clone(),
+        );
+        r.register(
+            "decisions",
+            "Passes that decided something and committed it",
+            m.decisions.clone(),
+        );
+        r.register(
+            "raft_entries",
+            "Raft commands reconcile passes committed (one per decision unless it was split)",
+            m.entries.clone(),
+        );
+        r.register(
+            "pass_seconds",
+            "Time of one pass: read, decide and commit",
+            m.seconds.clone(),
+        );
+        m
+    }
+}
+
+pub(crate) async fn run(
+    handle: CoordinatorHandle,
+    metrics: ReconcileMetrics,
+    cancel: CancellationToken,
+) {
     let reader = handle.reader().clone();
     let mut changes = reader.changes();
     let mut unplaced_logged: HashMap<String, u64> = HashMap::new();
@@ -547,9 +596,17 @@ pub(crate) async fn run(handle: CoordinatorHandle, cancel: CancellationToken) {
         // Debounce: let a burst of commits settle into one pass.
         tokio::time::sleep(Duration::from_millis(20)).await;
         changes.borrow_and_update();
-        if let Err(e) = pass(&handle, &reader, &mut unplaced_logged).await {
-            tracing::warn!(error = %e, "reconcile pass failed; retrying");
+        let started = std::time::Instant::now();
+        metrics.passes.inc();
+        match pass(&handle, &reader, &mut unplaced_logged).await {
+            Ok(0) => {}
+            Ok(entries) => {
+                metrics.decisions.inc();
+                metrics.entries.inc_by(entries);
+            }
+            Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying"),
         }
+        metrics.seconds.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -557,13 +614,54 @@ async fn pass(
     handle: &CoordinatorHandle,
     reader: &StateReader,
     unplaced_logged: &mut HashMap<String, u64>,
-) -> Result<(), crate::error::CoordinatorError> {
+) -> Result<u64, crate::error::CoordinatorError> {
     let cluster = handle.cluster()?;
     let workloads = reader.workloads(None)?;
     let replicas = reader.replicas()?;
     let nodes = reader.nodes()?;
-    let plan = plan(&workloads, &replicas, &nodes, now_ms());
-    let mut events: Vec<EventRecord> = Vec::new();
+    let (decision, unplaced) = decide(
+        &workloads,
+        &replicas,
+        &nodes,
+        cluster.config.scheduler_weights,
+        now_ms(),
+    )?;
+    for (index, reasons) in unplaced {
+        let w = &workloads[index];
+        let key = format!("{}/{}", w.namespace, w.name);
+        // Once per workload generation, not every pass.
+        if unplaced_logged.insert(key.clone(), w.generation) != Some(w.generation) {
+            tracing::warn!(workload = %key, reasons = %reasons, "replica cannot be placed");
+        }
+    }
+    if decision.is_empty() {
+        return Ok(0);
+    }
+    for e in &decision.events {
+        tracing::info!(workload = %format!("{}/{}", e.namespace, e.object), reason = %e.reason, "{}", e.message);
+    }
+    let budget = handle.part_bytes();
+    let mut entries = 0;
+    for part in split_decision(decision, budget) {
+        handle.write(None, Command::Reconcile(part)).await?;
+        entries += 1;
+    }
+    Ok(entries)
+}
+
+/// The whole decision of one pass over the applied state at `now_ms`: what
+/// to roll back, mark Unknown, remove, place and clear, with an event for
+/// each, and the workloads (index) with replicas no node can take. Pure but
+/// for the random suffix of new replica ids.
+pub(crate) fn decide(
+    workloads: &[Workload],
+    replicas: &[ReplicaRecord],
+    nodes: &[NodeRecord],
+    weights: cloudless_types::SchedulerWeights,
+    now_ms: i64,
+) -> Result<(ReconcileDecision, Vec<(usize, String)>), crate::error::CoordinatorError> {
+    let plan = plan(workloads, replicas, nodes, now_ms);
+    let mut d = ReconcileDecision::default();
     let event = |namespace: &str, object: &str, reason: &str, message: String| EventRecord {
         at_ms: 0,
         kind: "Workload".into(),
@@ -578,14 +676,10 @@ async fn pass(
             .find(|n| n.id == id)
             .map_or_else(|| id.to_owned(), |n| n.name.clone())
     };
+    let find = |id: &str| replicas.iter().find(|r| r.id == id);
     for (index, spec) in &plan.rollback {
         let w = &workloads[*index];
-        tracing::warn!(
-            workload = %format!("{}/{}", w.namespace, w.name),
-            image = %spec.image,
-            "rollout missed its progress deadline: rolling back to the previous template"
-        );
-        events.push(event(
+        d.events.push(event(
             &w.namespace,
             &w.name,
             "RolledBack",
@@ -594,54 +688,33 @@ async fn pass(
                 w.spec.rollout.progress_deadline_seconds, spec.image
             ),
         ));
-        let mut back = w.clone();
-        back.spec = spec.clone();
-        handle
-            .write(
-                None,
-                Command::PutWorkload {
-                    workload: back,
-                    cause: "rollback".into(),
-                },
-            )
-            .await?;
+        d.rollbacks.push(Rollback {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            from_template: w.template,
+            spec: spec.clone(),
+        });
     }
-    let find = |id: &str| replicas.iter().find(|r| r.id == id);
     for id in &plan.mark_unknown {
         if let Some(r) = find(id) {
             let w = workloads
                 .iter()
                 .find(|w| w.namespace == r.namespace && w.name == r.workload);
-            let d = w.map_or(r.spec.disconnect, |w| w.spec.disconnect);
-            events.push(event(
+            let disconnect = w.map_or(r.spec.disconnect, |w| w.spec.disconnect);
+            d.events.push(event(
                 &r.namespace,
                 &r.workload,
                 "Unknown",
                 format!(
                     "replica {id} on {}: its node is down; kept for up to {} s (disconnect.lostAfterSeconds){}",
                     node_name(&r.node_id),
-                    d.lost_after_seconds,
-                    if d.replace { ", a replacement is placed meanwhile" } else { "" }
+                    disconnect.lost_after_seconds,
+                    if disconnect.replace { ", a replacement is placed meanwhile" } else { "" }
                 ),
             ));
         }
     }
-    if !plan.mark_unknown.is_empty() {
-        handle
-            .write_in_parts(plan.mark_unknown.clone(), |ids| {
-                Command::MarkReplicasUnknown { ids, unknown: true }
-            })
-            .await?;
-    }
-    if plan.remove.is_empty() && plan.place.is_empty() {
-        clear_reconnected(handle, &plan, &replicas, &mut events, &node_name).await?;
-        if !events.is_empty() {
-            handle
-                .write_in_parts(events, |events| Command::RecordEvents { events })
-                .await?;
-        }
-        return Ok(());
-    }
+    d.mark_unknown.clone_from(&plan.mark_unknown);
     let removed: HashSet<&str> = plan.remove.iter().map(|(id, _, _)| id.as_str()).collect();
     let remaining: Vec<ReplicaRecord> = replicas
         .iter()
@@ -652,123 +725,123 @@ async fn pass(
         placed,
         preempted,
         unplaced,
-    } = schedule(
-        &plan,
-        &workloads,
-        &nodes,
-        &remaining,
-        cluster.config.scheduler_weights,
-        now_ms(),
-    )?;
-    for (index, reasons) in unplaced {
-        let w = &workloads[index];
-        let key = format!("{}/{}", w.namespace, w.name);
-        // Once per workload generation, not every pass.
-        if unplaced_logged.insert(key.clone(), w.generation) != Some(w.generation) {
-            tracing::warn!(workload = %key, reasons = %reasons, "replica cannot be placed");
-        }
-    }
-    for (victim, by) in &preempted {
-        if let Some(r) = replicas.iter().find(|r| &r.id == victim) {
-            tracing::info!(replica = %victim, node = %r.node_id, by = %by, "preempting replica");
-            events.push(event(
-                &r.namespace,
-                &r.workload,
-                "Preempted",
-                format!(
-                    "replica {victim} on {}: stopped to make room for {by} (priority {} is at least 10 higher); a replacement is placed elsewhere",
-                    node_name(&r.node_id),
-                    workloads
-                        .iter()
-                        .find(|w| format!("{}/{}", w.namespace, w.name) == *by)
-                        .map_or(0, |w| w.spec.priority),
-                ),
-            ));
-        }
-    }
+    } = schedule(&plan, workloads, nodes, &remaining, weights, now_ms)?;
     for (id, reason, why) in &plan.remove {
-        tracing::info!(replica = %id, reason, why, "removing replica");
-        if let Some(r) = replicas.iter().find(|r| &r.id == id) {
-            events.push(event(
+        if let Some(r) = find(id) {
+            d.events.push(event(
                 &r.namespace,
                 &r.workload,
                 reason,
                 format!("replica {id} on {}: {why}", node_name(&r.node_id)),
             ));
         }
+        d.remove.push(id.clone());
+    }
+    for (victim, by) in preempted {
+        if let Some(r) = find(&victim) {
+            let priority = workloads
+                .iter()
+                .find(|w| format!("{}/{}", w.namespace, w.name) == by)
+                .map_or(0, |w| w.spec.priority);
+            d.events.push(event(
+                &r.namespace,
+                &r.workload,
+                "Preempted",
+                format!(
+                    "replica {victim} on {}: stopped to make room for {by} (priority {priority} is at least 10 higher); a replacement is placed elsewhere",
+                    node_name(&r.node_id),
+                ),
+            ));
+        }
+        // Removed in the same decision as the replicas taking their place.
+        d.remove.push(victim);
     }
     for r in &placed {
-        tracing::info!(replica = %r.id, node = %r.node_id, "placing replica");
-        events.push(event(
+        d.events.push(event(
             &r.namespace,
             &r.workload,
             "Scheduled",
             format!("replica {} on {}", r.id, node_name(&r.node_id)),
         ));
     }
-    if !plan.remove.is_empty() || !preempted.is_empty() {
-        // Victims go in the same writes as the removals, before the
-        // replicas that take their place.
-        let ids: Vec<String> = plan
-            .remove
-            .iter()
-            .map(|(id, _, _)| id.clone())
-            .chain(preempted.iter().map(|(id, _)| id.clone()))
-            .collect();
-        handle
-            .write_in_parts(ids, |ids| Command::RemoveReplicas { ids })
-            .await?;
-    }
-    if !placed.is_empty() {
-        handle
-            .write_in_parts(placed, |replicas| Command::PlaceReplicas { replicas })
-            .await?;
-    }
-    clear_reconnected(handle, &plan, &replicas, &mut events, &node_name).await?;
-    if !events.is_empty() {
-        handle
-            .write_in_parts(events, |events| Command::RecordEvents { events })
-            .await?;
-    }
-    Ok(())
-}
-
-/// Clears Unknown from returning replicas that stay (after any removals of
-/// the same pass were committed).
-async fn clear_reconnected(
-    handle: &CoordinatorHandle,
-    plan: &Plan,
-    replicas: &[ReplicaRecord],
-    events: &mut Vec<EventRecord>,
-    node_name: &(dyn Fn(&str) -> String + Sync),
-) -> Result<(), crate::error::CoordinatorError> {
-    if plan.reconnected.is_empty() {
-        return Ok(());
-    }
+    d.place = placed;
     for id in &plan.reconnected {
-        if let Some(r) = replicas.iter().find(|r| &r.id == id) {
-            events.push(EventRecord {
-                at_ms: 0,
-                kind: "Workload".into(),
-                namespace: r.namespace.clone(),
-                object: r.workload.clone(),
-                reason: "Reconnected".into(),
-                message: format!(
+        if let Some(r) = find(id) {
+            d.events.push(event(
+                &r.namespace,
+                &r.workload,
+                "Reconnected",
+                format!(
                     "replica {id} on {}: its node is back and the replica stays",
                     node_name(&r.node_id)
                 ),
-            });
+            ));
         }
     }
-    handle
-        .write_in_parts(plan.reconnected.clone(), |ids| {
-            Command::MarkReplicasUnknown {
-                ids,
-                unknown: false,
-            }
-        })
-        .await?;
-    Ok(())
+    d.clear_unknown.clone_from(&plan.reconnected);
+    Ok((d, unplaced))
+}
+
+/// `d` as one command when it fits `budget` bytes (the usual case), else as
+/// consecutive commands each holding a slice of one part, in the order the
+/// state machine applies the parts.
+fn split_decision(d: ReconcileDecision, budget: usize) -> Vec<ReconcileDecision> {
+    if postcard::experimental::serialized_size(&d).is_ok_and(|n| n <= budget) {
+        return vec![d];
+    }
+    fn split<T: serde::Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
+        crate::proposer::split_by_size(items, usize::MAX, budget)
+    }
+    let mut out = Vec::new();
+    out.extend(
+        split(d.rollbacks, budget)
+            .into_iter()
+            .map(|rollbacks| ReconcileDecision {
+                rollbacks,
+                ..ReconcileDecision::default()
+            }),
+    );
+    out.extend(
+        split(d.mark_unknown, budget)
+            .into_iter()
+            .map(|mark_unknown| ReconcileDecision {
+                mark_unknown,
+                ..ReconcileDecision::default()
+            }),
+    );
+    out.extend(
+        split(d.remove, budget)
+            .into_iter()
+            .map(|remove| ReconcileDecision {
+                remove,
+                ..ReconcileDecision::default()
+            }),
+    );
+    out.extend(
+        split(d.place, budget)
+            .into_iter()
+            .map(|place| ReconcileDecision {
+                place,
+                ..ReconcileDecision::default()
+            }),
+    );
+    out.extend(
+        split(d.clear_unknown, budget)
+            .into_iter()
+            .map(|clear_unknown| ReconcileDecision {
+                clear_unknown,
+                ..ReconcileDecision::default()
+            }),
+    );
+    out.extend(
+        split(d.events, budget)
+            .into_iter()
+            .map(|events| ReconcileDecision {
+                events,
+                ..ReconcileDecision::default()
+            }),
+    );
+    out
 }
 
 #[cfg(test)]
@@ -1255,6 +1328,97 @@ mod tests {
         assert_eq!(removed(&p), ["orphan"]);
         assert_eq!(p.remove[0].1, "Lost");
         assert_eq!(p.place, [(0, 1)]);
+    }
+
+    #[test]
+    fn one_pass_is_one_decision_with_its_removals_placements_and_events() {
+        let nodes = [ready_with("a", 4000, 4000)];
+        let replicas = [
+            replica("kept", "a", 1, ReplicaState::Ready),
+            replica("orphan", "gone", 1, ReplicaState::Ready),
+        ];
+        let (d, unplaced) = decide(
+            &[workload(2, 1)],
+            &replicas,
+            &nodes,
+            cloudless_types::SchedulerWeights::default(),
+            0,
+        )
+        .expect("decide");
+        assert!(unplaced.is_empty(), "{unplaced:?}");
+        assert_eq!(d.remove, ["orphan"]);
+        assert_eq!(d.place.len(), 1);
+        assert_eq!(d.place[0].node_id, "a");
+        let reasons: Vec<&str> = d.events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(reasons, ["Lost", "Scheduled"]);
+        // It fits one Raft entry: one command for the whole pass.
+        assert_eq!(split_decision(d.clone(), 256 << 10), std::slice::from_ref(&d));
+
+        // Nothing to do: an empty decision, nothing written.
+        let settled = [
+            replica("kept", "a", 1, ReplicaState::Ready),
+            replica("other", "a", 1, ReplicaState::Ready),
+        ];
+        let (d, _) = decide(
+            &[workload(2, 1)],
+            &settled,
+            &nodes,
+            cloudless_types::SchedulerWeights::default(),
+            0,
+        )
+        .expect("decide");
+        assert!(d.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn a_decision_too_large_for_one_entry_is_split_in_the_order_it_applies() {
+        let d = ReconcileDecision {
+            remove: (0..50).map(|i| format!("old-{i}")).collect(),
+            place: (0..50)
+                .map(|i| replica(&format!("new-{i}"), "a", 1, ReplicaState::Pending))
+                .collect(),
+            clear_unknown: vec!["back".into()],
+            events: vec![EventRecord {
+                at_ms: 0,
+                kind: "Workload".into(),
+                namespace: "default".into(),
+                object: "web".into(),
+                reason: "Scheduled".into(),
+                message: "m".into(),
+            }],
+            ..ReconcileDecision::default()
+        };
+        let parts = split_decision(d.clone(), 1024);
+        assert!(parts.len() > 3, "{} parts", parts.len());
+        for p in &parts {
+            assert!(
+                postcard::experimental::serialized_size(p).expect("size") <= 1024 + 512,
+                "a part of {} bytes",
+                postcard::experimental::serialized_size(p).expect("size")
+            );
+        }
+        // Concatenated, the parts are the decision, removals before
+        // placements before clearing before events.
+        let mut joined = ReconcileDecision::default();
+        let mut order = Vec::new();
+        for p in parts {
+            for (name, empty) in [
+                ("remove", p.remove.is_empty()),
+                ("place", p.place.is_empty()),
+                ("clear", p.clear_unknown.is_empty()),
+                ("events", p.events.is_empty()),
+            ] {
+                if !empty && order.last() != Some(&name) {
+                    order.push(name);
+                }
+            }
+            joined.remove.extend(p.remove);
+            joined.place.extend(p.place);
+            joined.clear_unknown.extend(p.clear_unknown);
+            joined.events.extend(p.events);
+        }
+        assert_eq!(order, ["remove", "place", "clear", "events"]);
+        assert_eq!(joined, d);
     }
 
     /// Runs passes until nothing changes: placed replicas come up on `to`

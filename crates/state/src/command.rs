@@ -203,6 +203,58 @@ pub enum Command {
         /// Its Raft node id.
         node_id: u64,
     },
+    /// The whole decision of one reconcile pass, applied at once (appended
+    /// last: variants are numbered by position in the log encoding).
+    Reconcile(ReconcileDecision),
+}
+
+/// What one reconcile pass decided, applied atomically in this order:
+/// rollbacks, replicas marked Unknown, removals, placements, Unknown
+/// cleared, events. Every part is computed by the leader from the state it
+/// read; a part that no longer fits the state when applied (a replica
+/// already gone, a workload changed since) is skipped, as in the separate
+/// commands it replaces.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReconcileDecision {
+    /// Rollouts to undo.
+    pub rollbacks: Vec<Rollback>,
+    /// Replicas of Down nodes kept as Unknown.
+    pub mark_unknown: Vec<String>,
+    /// Replicas to remove (lost, failed, surplus, replaced, preempted).
+    pub remove: Vec<String>,
+    /// New replicas.
+    pub place: Vec<ReplicaRecord>,
+    /// Unknown replicas whose node is back and that stay.
+    pub clear_unknown: Vec<String>,
+    /// Events of the pass.
+    pub events: Vec<EventRecord>,
+}
+
+impl ReconcileDecision {
+    /// Whether the pass decided nothing.
+    pub fn is_empty(&self) -> bool {
+        self.rollbacks.is_empty()
+            && self.mark_unknown.is_empty()
+            && self.remove.is_empty()
+            && self.place.is_empty()
+            && self.clear_unknown.is_empty()
+            && self.events.is_empty()
+    }
+}
+
+/// A rollout undone: the workload goes back to `spec`, unless its template
+/// is no longer `from_template` (someone applied a newer spec meanwhile,
+/// which wins).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// Namespace of the workload.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The template whose rollout missed its deadline.
+    pub from_template: u64,
+    /// The previous template's spec.
+    pub spec: cloudless_types::WorkloadSpec,
 }
 
 /// Commands on secrets, their master keys, access tokens and the audit log.

@@ -17,8 +17,8 @@ mod state_machine;
 mod type_config;
 
 pub use command::{
-    ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, Rejection, ReplicaUpdate, Request,
-    Response, RewrappedKey, SecretCommand,
+    ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, ReconcileDecision, Rejection,
+    ReplicaUpdate, Request, Response, RewrappedKey, Rollback, SecretCommand,
 };
 pub use error::StateError;
 pub use log_store::LogStore;

@@ -126,6 +126,27 @@ async fn failure_trials(c: &mut Cluster, trials: usize, profile: &str) {
     line("end to end", &total);
 }
 
+/// The text of `http_addr`/metrics (empty when it cannot be read).
+fn scrape(http_addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut conn) = std::net::TcpStream::connect(http_addr) else {
+        return String::new();
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(conn, "GET /metrics HTTP/1.0\r\nHost: {http_addr}\r\n\r\n");
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    text
+}
+
+/// The value of the sample `name` (without labels) in a Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
@@ -219,6 +240,19 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // How many Raft entries each reconcile decision took (every coordinator
+    // has led only as long as this run; the counters are per process).
+    let (mut decisions, mut entries) = (0.0, 0.0);
+    for n in &c.coordinators {
+        let text = scrape(&n.http);
+        decisions += metric(&text, "cloudless_reconcile_decisions_total");
+        entries += metric(&text, "cloudless_reconcile_raft_entries_total");
+    }
+    println!(
+        "reconcile: {decisions} decisions committed as {entries} Raft entries ({:.2} per decision)",
+        entries / decisions.max(1.0)
+    );
 
     // Leader loss to the API answering again.
     let mut leader_loss = hist();
