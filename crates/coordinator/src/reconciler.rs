@@ -1352,7 +1352,10 @@ mod tests {
         let reasons: Vec<&str> = d.events.iter().map(|e| e.reason.as_str()).collect();
         assert_eq!(reasons, ["Lost", "Scheduled"]);
         // It fits one Raft entry: one command for the whole pass.
-        assert_eq!(split_decision(d.clone(), 256 << 10), std::slice::from_ref(&d));
+        assert_eq!(
+            split_decision(d.clone(), 256 << 10),
+            std::slice::from_ref(&d)
+        );
 
         // Nothing to do: an empty decision, nothing written.
         let settled = [
