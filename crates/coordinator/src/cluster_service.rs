@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
-use crate::services::{idempotency_key, leader_or_forward};
+use crate::services::{admin_call, idempotency_key, leader_or_forward};
 
 /// The `ClusterService` implementation.
 #[derive(Debug, Clone)]
@@ -100,9 +100,8 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<JoinCoordinatorRequest>,
     ) -> Result<Response<JoinCoordinatorResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: JoinCoordinatorRequest| async move {
@@ -127,9 +126,8 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<RemoveCoordinatorRequest>,
     ) -> Result<Response<RemoveCoordinatorResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: RemoveCoordinatorRequest| async move {
@@ -153,9 +151,8 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<GetConfigRequest>,
     ) -> Result<Response<GetConfigResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: GetConfigRequest| async move {
@@ -175,9 +172,8 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<SetConfigRequest>,
     ) -> Result<Response<SetConfigResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: SetConfigRequest| async move {
@@ -281,9 +277,8 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<ListAdminsRequest>,
     ) -> Result<Response<ListAdminsResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |_r: ListAdminsRequest| async move {

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::{now_ms, CoordinatorHandle};
 use crate::error::CoordinatorError;
-use crate::services::{idempotency_key, leader_or_forward};
+use crate::services::{admin_call, idempotency_key, leader_or_forward};
 
 /// Default join token lifetime when the request leaves it 0: one hour.
 const DEFAULT_TOKEN_TTL_S: u64 = 3600;
@@ -357,9 +357,8 @@ impl NodeService for NodeApi {
         &self,
         req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: ListNodesRequest| async move {
@@ -379,9 +378,8 @@ impl NodeService for NodeApi {
     }
 
     async fn get(&self, req: Request<GetNodeRequest>) -> Result<Response<GetNodeResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: GetNodeRequest| async move {
@@ -426,9 +424,8 @@ impl NodeService for NodeApi {
         &self,
         req: Request<NodeActionRequest>,
     ) -> Result<Response<NodeActionResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: NodeActionRequest| async move {
@@ -448,9 +445,8 @@ impl NodeService for NodeApi {
         &self,
         req: Request<LabelNodeRequest>,
     ) -> Result<Response<NodeActionResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: LabelNodeRequest| async move {
@@ -472,9 +468,8 @@ impl NodeService for NodeApi {
         &self,
         req: Request<NodeActionRequest>,
     ) -> Result<Response<NodeActionResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: NodeActionRequest| async move {
@@ -498,9 +493,8 @@ impl NodeService for NodeApi {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: CreateJoinTokenRequest| async move {
@@ -574,9 +568,8 @@ impl NodeService for NodeApi {
         &self,
         req: Request<ListJoinTokensRequest>,
     ) -> Result<Response<ListJoinTokensResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: ListJoinTokensRequest| async move {
@@ -599,9 +592,8 @@ impl NodeService for NodeApi {
         &self,
         req: Request<RevokeJoinTokenRequest>,
     ) -> Result<Response<RevokeJoinTokenResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: RevokeJoinTokenRequest| async move {

@@ -223,6 +223,25 @@ pub async fn serve(
     }
 }
 
+/// An administrative call: refused unless the caller holds an admin (or
+/// coordinator) certificate, then served by [`leader_or_forward`].
+pub(crate) async fn admin_call<Req, Resp, L, LF, R, RF>(
+    handle: &CoordinatorHandle,
+    request: Request<Req>,
+    local: L,
+    remote: R,
+) -> Result<Response<Resp>, Status>
+where
+    Req: Clone,
+    L: FnOnce(Req) -> LF,
+    LF: Future<Output = Result<Resp, CoordinatorError>>,
+    R: FnOnce(Channel, Request<Req>) -> RF,
+    RF: Future<Output = Result<Response<Resp>, Status>>,
+{
+    crate::authz::require(handle, &request, crate::authz::Allow::Admin)?;
+    leader_or_forward(handle, request, local, remote).await
+}
+
 /// Runs `local`; if this coordinator is not the leader and the call was not
 /// already forwarded, sends the same request to the leader with `remote`.
 pub(crate) async fn leader_or_forward<Req, Resp, L, LF, R, RF>(

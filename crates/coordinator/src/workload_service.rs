@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
-use crate::services::{idempotency_key, leader_or_forward};
+use crate::services::{admin_call, idempotency_key};
 
 /// The `WorkloadService` implementation.
 #[derive(Debug, Clone)]
@@ -112,9 +112,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<ApplyWorkloadRequest>,
     ) -> Result<Response<ApplyWorkloadResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: ApplyWorkloadRequest| async move {
@@ -141,9 +140,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<GetWorkloadRequest>,
     ) -> Result<Response<GetWorkloadResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: GetWorkloadRequest| async move {
@@ -170,9 +168,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<ListWorkloadsRequest>,
     ) -> Result<Response<ListWorkloadsResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: ListWorkloadsRequest| async move {
@@ -195,9 +192,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<DeleteWorkloadRequest>,
     ) -> Result<Response<DeleteWorkloadResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: DeleteWorkloadRequest| async move {
@@ -221,9 +217,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<ScaleWorkloadRequest>,
     ) -> Result<Response<ScaleWorkloadResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: ScaleWorkloadRequest| async move {
@@ -297,9 +292,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<RolloutHistoryRequest>,
     ) -> Result<Response<RolloutHistoryResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: RolloutHistoryRequest| async move {
@@ -329,9 +323,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<RolloutUndoRequest>,
     ) -> Result<Response<RolloutUndoResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: RolloutUndoRequest| async move {
@@ -658,9 +651,8 @@ impl WorkloadService for WorkloadApi {
         &self,
         req: Request<ListReplicasRequest>,
     ) -> Result<Response<ListReplicasResponse>, Status> {
-        crate::authz::require(&self.handle, &req, crate::authz::Allow::Admin)?;
         let h = self.handle.clone();
-        leader_or_forward(
+        admin_call(
             &self.handle,
             req,
             |r: ListReplicasRequest| async move {
