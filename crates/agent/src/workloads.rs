@@ -14,8 +14,7 @@ use cloudless_runtime::probe::{Probe, ProbeAction};
 use cloudless_runtime::registry::{RegistryClient, RegistryConfig};
 use cloudless_runtime::{
     Backoff, ContainerConfig, Containerd, HostSecurity, ImageRef, Limits, Mount, MountSource,
-    NodePolicy, ReplicaPhase, ReplicaSpec, RestartPolicy, SeccompProfile, SecurityContext,
-    Supervisor,
+    NodePolicy, ReplicaPhase, ReplicaSpec, SeccompProfile, SecurityContext, Supervisor,
 };
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -845,11 +844,7 @@ async fn replica_task(
     let replica = ReplicaSpec {
         container,
         image,
-        restart: match spec.restart_policy {
-            cloudless_types::RestartPolicy::OnFailure => RestartPolicy::OnFailure,
-            cloudless_types::RestartPolicy::Never => RestartPolicy::Never,
-            cloudless_types::RestartPolicy::Always => RestartPolicy::Always,
-        },
+        restart: spec.restart_policy,
         liveness: spec.liveness_probe.as_ref().and_then(probe),
         readiness: spec.readiness_probe.as_ref().and_then(probe),
         stop_grace: Duration::from_secs(10),

@@ -117,7 +117,7 @@ fn replica(c: ContainerConfig, image: &ImageRef) -> ReplicaSpec {
     ReplicaSpec {
         container: c,
         image: image.clone(),
-        restart: RestartPolicy::Never,
+        restart: cloudless_types::RestartPolicy::Never,
         liveness: None,
         readiness: None,
         stop_grace: Duration::from_secs(1),

@@ -11,8 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use cloudless_scheduler::{
-    AntiAffinity, ClusterSnapshot, Decision, NodeInfo, Phase, PowerSource, RunningReplica,
-    Strategy, WorkloadRequest,
+    ClusterSnapshot, Decision, NodeInfo, Phase, PowerSource, RunningReplica, WorkloadRequest,
 };
 use cloudless_state::{Command, ReconcileDecision, Rollback, StateReader};
 use cloudless_types::{
@@ -418,16 +417,8 @@ pub(crate) fn workload_request(w: &Workload, count: usize) -> WorkloadRequest {
         zones: p.zones.clone(),
         regions: p.regions.clone(),
         node_selector: p.node_selector.clone(),
-        anti_affinity: match p.anti_affinity {
-            cloudless_types::AntiAffinity::None => AntiAffinity::None,
-            cloudless_types::AntiAffinity::Node => AntiAffinity::Node,
-            cloudless_types::AntiAffinity::Zone => AntiAffinity::Zone,
-        },
-        strategy: match p.strategy {
-            cloudless_types::PlacementStrategy::Auto => Strategy::Auto,
-            cloudless_types::PlacementStrategy::Spread => Strategy::Spread,
-            cloudless_types::PlacementStrategy::Binpack => Strategy::Binpack,
-        },
+        anti_affinity: p.anti_affinity,
+        strategy: p.strategy,
         ..WorkloadRequest::default()
     }
 }

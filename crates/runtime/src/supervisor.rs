@@ -12,16 +12,10 @@ use tokio_util::sync::CancellationToken;
 use crate::probe::{check, Probe};
 use crate::{ContainerConfig, ContainerRuntime, ImageRef, NodePolicy, RuntimeError, TaskState};
 
-/// When an exited container is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestartPolicy {
-    /// Always (also after a clean exit).
-    Always,
-    /// After a non-zero exit or a liveness failure.
-    OnFailure,
-    /// Never.
-    Never,
-}
+/// When an exited container is started again: the workload's own type.
+/// `Always` restarts also after a clean exit, `OnFailure` after a non-zero
+/// exit or a liveness failure, `Never` never.
+pub use cloudless_types::RestartPolicy;
 
 /// Restart delays: doubling from `initial` up to `max`; back to `initial`
 /// once a container has run for `reset_after`.

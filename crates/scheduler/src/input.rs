@@ -160,29 +160,10 @@ pub struct PreferredTerm {
     pub expression: MatchExpression,
 }
 
-/// Replica anti-affinity within one workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AntiAffinity {
-    /// None required.
-    #[default]
-    None,
-    /// At most one replica per node.
-    Node,
-    /// At most one replica per zone.
-    Zone,
-}
-
-/// Placement strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Strategy {
-    /// Binpack for one replica, spread across zones for more.
-    #[default]
-    Auto,
-    /// Fill the fullest nodes first.
-    Binpack,
-    /// Spread across zones, then prefer emptier nodes.
-    Spread,
-}
+/// Replica anti-affinity within one workload, and the placement strategy:
+/// the workload's own types, one definition for the manifest, the state
+/// and the scheduler.
+pub use cloudless_types::{AntiAffinity, PlacementStrategy as Strategy};
 
 /// What to place.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
