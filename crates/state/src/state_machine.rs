@@ -1875,6 +1875,40 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_of_another_format_is_refused_by_name_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.redb");
+        drop(StateMachine::open(&path, Histogram::new([1.0])).expect("create"));
+        let set_format = |v: &str| {
+            let db = Database::create(&path).expect("reopen raw");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(SYSTEM)
+                .expect("table")
+                .insert(KEY_FORMAT, v)
+                .expect("insert");
+            txn.commit().expect("commit");
+        };
+        set_format("2");
+        let err = StateMachine::open(&path, Histogram::new([1.0])).expect_err("format 2 opened");
+        assert!(matches!(err, StateError::Format { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("state.redb") && text.contains("format 2") && text.contains("format 1"),
+            "{text}"
+        );
+        // Refused, not rewritten: the file still says format 2.
+        let db = Database::create(&path).expect("reopen raw");
+        let txn = db.begin_read().expect("read");
+        let stored = txn
+            .open_table(SYSTEM)
+            .expect("table")
+            .get(KEY_FORMAT)
+            .expect("get")
+            .map(|v| v.value().to_owned());
+        assert_eq!(stored.as_deref(), Some("2"));
+    }
+
+    #[test]
     fn events_are_numbered_filtered_and_kept_up_to_the_retention() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sm =
