@@ -120,6 +120,21 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The refusal of `who`, over `limiter`'s rate of `what`.
+fn rate_limited(
+    limiter: &crate::rate_limit::RateLimiter,
+    who: String,
+    what: &'static str,
+) -> CoordinatorError {
+    let rate = limiter.rate();
+    CoordinatorError::RateLimited {
+        who,
+        what,
+        rate_per_s: rate.per_s,
+        burst: rate.burst,
+    }
+}
+
 fn enroll_key(remote: Option<SocketAddr>) -> String {
     remote.map_or_else(
         || "unknown".to_owned(),
@@ -240,13 +255,7 @@ impl CoordinatorHandle {
         if limiter.try_take(node_id, std::time::Instant::now()) {
             return Ok(());
         }
-        let rate = limiter.rate();
-        Err(CoordinatorError::RateLimited {
-            who: format!("node {node_id}"),
-            what: "writes",
-            rate_per_s: rate.per_s,
-            burst: rate.burst,
-        })
+        Err(rate_limited(limiter, format!("node {node_id}"), "writes"))
     }
 
     /// Refuses `node_id` while it has sent more bytes of write requests than
@@ -256,13 +265,11 @@ impl CoordinatorHandle {
         if limiter.has_token(node_id, std::time::Instant::now()) {
             return Ok(());
         }
-        let rate = limiter.rate();
-        Err(CoordinatorError::RateLimited {
-            who: format!("node {node_id}"),
-            what: "bytes of write requests",
-            rate_per_s: rate.per_s,
-            burst: rate.burst,
-        })
+        Err(rate_limited(
+            limiter,
+            format!("node {node_id}"),
+            "bytes of write requests",
+        ))
     }
 
     /// Counts `bytes` of a write request `node_id` sent against its byte rate.
@@ -287,13 +294,7 @@ impl CoordinatorHandle {
         if limiter.has_token(&key, std::time::Instant::now()) {
             return Ok(());
         }
-        let rate = limiter.rate();
-        Err(CoordinatorError::RateLimited {
-            who: format!("address {key}"),
-            what,
-            rate_per_s: rate.per_s,
-            burst: rate.burst,
-        })
+        Err(rate_limited(limiter, format!("address {key}"), what))
     }
 
     /// Counts a failed enrollment or rejoin attempt from `remote`.

@@ -780,59 +780,45 @@ fn split_decision(d: ReconcileDecision, budget: usize) -> Vec<ReconcileDecision>
     if postcard::experimental::serialized_size(&d).is_ok_and(|n| n <= budget) {
         return vec![d];
     }
-    fn split<T: serde::Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
+    /// `items` in parts of at most `budget` bytes, each part its own decision.
+    fn parts<T: serde::Serialize>(
+        items: Vec<T>,
+        budget: usize,
+        part: fn(Vec<T>) -> ReconcileDecision,
+    ) -> impl Iterator<Item = ReconcileDecision> {
         crate::proposer::split_by_size(items, usize::MAX, budget)
+            .into_iter()
+            .map(part)
     }
-    let mut out = Vec::new();
-    out.extend(
-        split(d.rollbacks, budget)
-            .into_iter()
-            .map(|rollbacks| ReconcileDecision {
-                rollbacks,
-                ..ReconcileDecision::default()
-            }),
-    );
-    out.extend(
-        split(d.mark_unknown, budget)
-            .into_iter()
-            .map(|mark_unknown| ReconcileDecision {
-                mark_unknown,
-                ..ReconcileDecision::default()
-            }),
-    );
-    out.extend(
-        split(d.remove, budget)
-            .into_iter()
-            .map(|remove| ReconcileDecision {
-                remove,
-                ..ReconcileDecision::default()
-            }),
-    );
-    out.extend(
-        split(d.place, budget)
-            .into_iter()
-            .map(|place| ReconcileDecision {
-                place,
-                ..ReconcileDecision::default()
-            }),
-    );
-    out.extend(
-        split(d.clear_unknown, budget)
-            .into_iter()
-            .map(|clear_unknown| ReconcileDecision {
-                clear_unknown,
-                ..ReconcileDecision::default()
-            }),
-    );
-    out.extend(
-        split(d.events, budget)
-            .into_iter()
-            .map(|events| ReconcileDecision {
-                events,
-                ..ReconcileDecision::default()
-            }),
-    );
-    out
+    parts(d.rollbacks, budget, |rollbacks| ReconcileDecision {
+        rollbacks,
+        ..ReconcileDecision::default()
+    })
+    .chain(parts(d.mark_unknown, budget, |mark_unknown| {
+        ReconcileDecision {
+            mark_unknown,
+            ..ReconcileDecision::default()
+        }
+    }))
+    .chain(parts(d.remove, budget, |remove| ReconcileDecision {
+        remove,
+        ..ReconcileDecision::default()
+    }))
+    .chain(parts(d.place, budget, |place| ReconcileDecision {
+        place,
+        ..ReconcileDecision::default()
+    }))
+    .chain(parts(d.clear_unknown, budget, |clear_unknown| {
+        ReconcileDecision {
+            clear_unknown,
+            ..ReconcileDecision::default()
+        }
+    }))
+    .chain(parts(d.events, budget, |events| ReconcileDecision {
+        events,
+        ..ReconcileDecision::default()
+    }))
+    .collect()
 }
 
 #[cfg(test)]
