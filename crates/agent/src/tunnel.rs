@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cloudless_proto::v1 as pb;
-use cloudless_runtime::Containerd;
+use cloudless_runtime::ContainerRuntime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::workloads::container_id;
+use crate::workloads::{container_id, AgentRuntime};
 use crate::{Coordinators, NodeIdentity};
 
 /// A `Write` that hands each write to an async task (for `logs::follow`).
@@ -43,8 +43,8 @@ fn safe_replica_id(id: &str) -> bool {
 
 /// Answers one logs request: the last lines, then (with follow) what is
 /// appended until cancelled.
-async fn serve_logs(
-    rt: Containerd,
+async fn serve_logs<R: ContainerRuntime>(
+    rt: R,
     id: u64,
     req: pb::LogsRequest,
     up: tokio::sync::mpsc::Sender<pb::TunnelUp>,
@@ -145,8 +145,8 @@ const DEFAULT_EXEC: Duration = Duration::from_secs(60);
 
 /// Runs one command in a replica's container and answers with its output,
 /// in chunks as it comes, then its exit code.
-async fn serve_exec(
-    rt: Containerd,
+async fn serve_exec<R: AgentRuntime>(
+    rt: R,
     id: u64,
     req: pb::ExecRequest,
     up: tokio::sync::mpsc::Sender<pb::TunnelUp>,
@@ -224,10 +224,10 @@ async fn serve_exec(
 
 /// Keeps a `Tunnel` stream open to one coordinator and answers what comes
 /// down it, until `cancel`.
-pub async fn tunnel(
+pub async fn tunnel<R: AgentRuntime>(
     address: String,
     mut identity: watch::Receiver<NodeIdentity>,
-    rt: Containerd,
+    rt: R,
     cancel: CancellationToken,
 ) {
     let mut coordinators =

@@ -8,6 +8,7 @@ mod config;
 mod plan;
 mod replica;
 mod runner;
+mod runtime;
 mod spec;
 mod status;
 
@@ -23,6 +24,7 @@ use crate::{AgentError, Coordinators, NodeIdentity};
 pub use crate::tunnel::tunnel;
 pub use config::{RuntimeConfig, SecurityPolicyConfig};
 pub use runner::Runner;
+pub use runtime::AgentRuntime;
 pub use spec::{container_id, DEFAULT_PIDS_LIMIT};
 
 /// How often changed replica states are sent (one call for all of them).
@@ -63,11 +65,11 @@ pub async fn run(
     contact: Contact,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
-    runner.secrets = Some(Arc::new(crate::secrets::SecretFetcher::new(
+    runner.set_secrets(Some(Arc::new(crate::secrets::SecretFetcher::new(
         addresses.clone(),
         identity.clone(),
         runner.secret_refresh,
-    )));
+    ))));
     for address in &addresses {
         tokio::spawn(tunnel(
             address.clone(),

@@ -3,18 +3,17 @@
 //! long without a coordinator, and collects their states for the report.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cloudless_proto::v1 as pb;
 use cloudless_runtime::registry::{RegistryClient, RegistryConfig};
-use cloudless_runtime::{Containerd, HostSecurity, ImageRef, NodePolicy, Supervisor};
-use tokio::sync::Mutex;
+use cloudless_runtime::{Containerd, HostSecurity, NodePolicy, Supervisor};
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{diff, Diff};
-use super::replica::{replica_task, Paths};
+use super::replica::{replica_task, Paths, ReplicaCtx};
+use super::runtime::AgentRuntime;
 use super::spec::container_id;
 use super::status::status;
 use super::RuntimeConfig;
@@ -28,31 +27,25 @@ struct Slot {
     stop_after: Option<Duration>,
 }
 
-/// Runs the replicas assigned to this node.
-pub struct Runner {
-    rt: Containerd,
-    supervisor: Supervisor<Containerd>,
-    registry: Arc<RegistryClient>,
-    images: Arc<Mutex<HashMap<String, ImageRef>>>,
+/// Runs the replicas assigned to this node, on containerd unless a test
+/// gives it another runtime.
+pub struct Runner<R = Containerd> {
+    /// What each replica task gets.
+    ctx: ReplicaCtx<R>,
     slots: HashMap<String, Slot>,
-    statuses: Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>,
     reported: HashMap<String, pb::ReplicaStatus>,
     adopted: bool,
     stopping: tokio::task::JoinSet<()>,
-    volume_dir: PathBuf,
-    secret_dir: PathBuf,
+    /// How often secrets in use are read again.
     pub(super) secret_refresh: Duration,
-    pub(super) secrets: Option<Arc<crate::secrets::SecretFetcher>>,
     max_disconnected: Option<Duration>,
     /// Replicas stopped because the agent lost every coordinator for
     /// longer than they may run alone; started again on reconnection if
     /// still assigned.
     parked: std::collections::HashSet<String>,
-    /// Service traffic between workloads (upstreams), when the overlay runs.
-    mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
-impl std::fmt::Debug for Runner {
+impl<R> std::fmt::Debug for Runner<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner")
             .field("replicas", &self.slots.len())
@@ -60,7 +53,7 @@ impl std::fmt::Debug for Runner {
     }
 }
 
-impl Runner {
+impl Runner<Containerd> {
     /// Connects to containerd and prepares the registry client.
     pub async fn new(config: &RuntimeConfig) -> Result<Self, AgentError> {
         let rt = Containerd::connect(
@@ -143,24 +136,47 @@ impl Runner {
             ca_pem,
         })
         .map_err(|e| AgentError::Config(format!("--registry-ca: {e}")))?;
-        Ok(Self {
-            supervisor: Supervisor::new(rt.clone(), policy),
-            rt,
-            registry: Arc::new(registry),
-            images: Arc::default(),
+        Ok(Runner::with_runtime(rt, policy, registry, config))
+    }
+}
+
+impl<R: AgentRuntime> Runner<R> {
+    /// A runner of replicas on `rt` under the node's `policy`, pulling
+    /// through `registry`, with `config`'s volume and secret directories,
+    /// secret refresh and disconnection limit.
+    pub(crate) fn with_runtime(
+        rt: R,
+        policy: NodePolicy,
+        registry: RegistryClient,
+        config: &RuntimeConfig,
+    ) -> Self {
+        Self {
+            ctx: ReplicaCtx {
+                supervisor: Supervisor::new(rt.clone(), policy),
+                rt,
+                registry: Arc::new(registry),
+                images: Arc::default(),
+                statuses: Arc::default(),
+                paths: Paths {
+                    volumes: config.volume_dir.clone(),
+                    secrets: config.secret_dir.clone(),
+                },
+                secrets: None,
+                mesh: None,
+            },
             slots: HashMap::new(),
-            statuses: Arc::default(),
             reported: HashMap::new(),
             adopted: false,
             stopping: tokio::task::JoinSet::new(),
-            volume_dir: config.volume_dir.clone(),
-            secret_dir: config.secret_dir.clone(),
             secret_refresh: config.secret_refresh,
-            secrets: None,
             max_disconnected: config.max_disconnected,
             parked: std::collections::HashSet::new(),
-            mesh: None,
-        })
+        }
+    }
+
+    /// Reads the secrets of replicas started from now on through `source`.
+    pub(crate) fn set_secrets(&mut self, source: Option<Arc<dyn crate::secrets::SecretSource>>) {
+        self.ctx.secrets = source;
     }
 
     /// Stops the replicas that may not run this long without a coordinator
@@ -183,7 +199,7 @@ impl Runner {
             );
             slot.cancel.cancel();
             let _ = slot.task.await;
-            if let Ok(mut s) = self.statuses.lock() {
+            if let Ok(mut s) = self.ctx.statuses.lock() {
                 s.insert(
                     id.clone(),
                     status(
@@ -207,15 +223,15 @@ impl Runner {
         !self.parked.is_empty()
     }
 
-    /// Makes the running replicas match `set`.
     /// Uses `mesh` for the upstreams of replicas started from now on.
     pub fn set_mesh(&mut self, mesh: Option<Arc<crate::mesh::Mesh>>) {
-        self.mesh = mesh;
+        self.ctx.mesh = mesh;
     }
 
+    /// Makes the running replicas match `set`.
     pub async fn apply(&mut self, set: &pb::AssignmentSet) {
         self.parked.clear();
-        if let Some(m) = &self.mesh {
+        if let Some(m) = &self.ctx.mesh {
             m.update(set);
         }
         if !self.adopted {
@@ -226,7 +242,7 @@ impl Runner {
                 .iter()
                 .map(|a| container_id(&a.replica_id))
                 .collect();
-            match self.supervisor.adopt(&desired).await {
+            match self.ctx.supervisor.adopt(&desired).await {
                 Ok(adopted) => {
                     if !adopted.is_empty() {
                         tracing::info!(count = adopted.len(), "adopting running containers");
@@ -255,7 +271,7 @@ impl Runner {
                     let _ = slot.task.await;
                 });
             }
-            if let Ok(mut s) = self.statuses.lock() {
+            if let Ok(mut s) = self.ctx.statuses.lock() {
                 s.remove(&id);
             }
             self.reported.remove(&id);
@@ -274,20 +290,10 @@ impl Runner {
             tracing::info!(replica = %a.replica_id, image = %spec.image, "starting a replica");
             let cancel = CancellationToken::new();
             let task = tokio::spawn(replica_task(
-                self.rt.clone(),
-                self.supervisor.clone(),
-                self.registry.clone(),
-                self.images.clone(),
+                self.ctx.clone(),
                 a.clone(),
                 spec,
                 cancel.clone(),
-                self.statuses.clone(),
-                Paths {
-                    volumes: self.volume_dir.clone(),
-                    secrets: self.secret_dir.clone(),
-                },
-                self.secrets.clone(),
-                self.mesh.clone(),
             ));
             self.slots.insert(
                 a.replica_id.clone(),
@@ -303,7 +309,7 @@ impl Runner {
 
     /// States that changed since the last successful report.
     pub fn changed(&self) -> Vec<pb::ReplicaStatus> {
-        let Ok(now) = self.statuses.lock() else {
+        let Ok(now) = self.ctx.statuses.lock() else {
             return Vec::new();
         };
         now.iter()
@@ -319,9 +325,9 @@ impl Runner {
         }
     }
 
-    /// The containerd client (for log requests).
-    pub fn runtime(&self) -> Containerd {
-        self.rt.clone()
+    /// The container runtime (for log and exec requests).
+    pub fn runtime(&self) -> R {
+        self.ctx.rt.clone()
     }
 
     /// Replicas being run.
