@@ -9,6 +9,7 @@ mod identity;
 pub mod mesh;
 pub mod secrets;
 mod sysinfo;
+mod tunnel;
 pub mod workloads;
 
 use std::path::Path;

@@ -179,6 +179,33 @@ impl SecretFetcher {
     }
 }
 
+/// A secret read: its values and version, or why it could not be.
+pub type SecretFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(Arc<Values>, u64), AgentError>> + Send + 'a>,
+>;
+
+/// Where replicas' secrets are read: the coordinators ([`SecretFetcher`]),
+/// or a table in the unit tests.
+pub trait SecretSource: Send + Sync {
+    /// The values and version of secret `namespace/name`, read as
+    /// `audience` (the workload).
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str, audience: &'a str) -> SecretFuture<'a>;
+
+    /// How often secrets in use are read again (secret volumes follow
+    /// updates).
+    fn refresh(&self) -> Duration;
+}
+
+impl SecretSource for SecretFetcher {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str, audience: &'a str) -> SecretFuture<'a> {
+        Box::pin(SecretFetcher::get(self, namespace, name, audience))
+    }
+
+    fn refresh(&self) -> Duration {
+        self.refresh
+    }
+}
+
 /// When a version check finds the cached `version` still current at
 /// `now_ms`: until when the cached values may be used (the check proved the
 /// caller may still read the secret, as a new token would). `None`: fetch.
@@ -217,7 +244,7 @@ impl std::fmt::Debug for Resolved {
 
 /// Reads every secret `spec` refers to for workload `workload` in `namespace`.
 pub async fn resolve(
-    fetcher: &SecretFetcher,
+    fetcher: &dyn SecretSource,
     namespace: &str,
     workload: &str,
     spec: &WorkloadSpec,

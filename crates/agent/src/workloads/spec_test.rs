@@ -5,10 +5,16 @@
 //! containerd; under CI that is a failure).
 
 use super::*;
+use crate::workloads::status::wire_status;
 use cloudless_runtime::test_support::{
     missing_prerequisite, skip_test, write_busybox_archive, Daemon,
 };
 use cloudless_runtime::ReplicaStatus;
+use cloudless_runtime::{
+    Backoff, Containerd, ImageRef, NodePolicy, ReplicaPhase, ReplicaSpec, Supervisor,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 fn workload(json: serde_json::Value) -> (pb::Assignment, cloudless_types::WorkloadSpec) {
     let spec: cloudless_types::WorkloadSpec = serde_json::from_value(json).expect("spec");

@@ -1,0 +1,388 @@
+//! One replica's life on this node: pull its image, read its secrets, make
+//! its volumes, then supervise its container (and keep its secret volumes
+//! and upstream listeners current) until it is stopped.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudless_proto::v1 as pb;
+use cloudless_runtime::registry::RegistryClient;
+use cloudless_runtime::{Backoff, ImageRef, ReplicaSpec, Supervisor};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::runtime::AgentRuntime;
+use super::spec::{container_config, prepare_volumes, probe, volume_dir};
+use super::status::{status, wire_status};
+use crate::secrets::SecretSource;
+
+/// The latest state of each replica, by replica id (what the report sends).
+pub(crate) type Statuses = Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>;
+
+/// Where a replica's volumes go.
+#[derive(Debug, Clone)]
+pub(crate) struct Paths {
+    /// Its `emptyDir` volumes: `<volumes>/<container>/<volume>`.
+    pub(crate) volumes: PathBuf,
+    /// Its secret volumes: `<secrets>/<container>/<volume>`.
+    pub(crate) secrets: PathBuf,
+}
+
+/// What every replica task shares with the runner that starts it.
+pub(crate) struct ReplicaCtx<R> {
+    /// The container runtime.
+    pub(crate) rt: R,
+    /// Runs containers on `rt` under the node's policy.
+    pub(crate) supervisor: Supervisor<R>,
+    /// Pulls images.
+    pub(crate) registry: Arc<RegistryClient>,
+    /// Images pulled so far, by reference.
+    pub(crate) images: Arc<Mutex<HashMap<String, ImageRef>>>,
+    /// Where each replica reports its state.
+    pub(crate) statuses: Statuses,
+    /// Where volumes go.
+    pub(crate) paths: Paths,
+    /// Where secrets are read (`None`: replicas that need one fail).
+    pub(crate) secrets: Option<Arc<dyn SecretSource>>,
+    /// Service traffic between workloads (upstreams), when the overlay runs.
+    pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
+}
+
+impl<R: Clone> Clone for ReplicaCtx<R> {
+    fn clone(&self) -> Self {
+        Self {
+            rt: self.rt.clone(),
+            supervisor: self.supervisor.clone(),
+            registry: self.registry.clone(),
+            images: self.images.clone(),
+            statuses: self.statuses.clone(),
+            paths: self.paths.clone(),
+            secrets: self.secrets.clone(),
+            mesh: self.mesh.clone(),
+        }
+    }
+}
+
+/// One replica being run: what it was assigned and how to report it.
+struct Replica<R> {
+    ctx: ReplicaCtx<R>,
+    a: pb::Assignment,
+    spec: cloudless_types::WorkloadSpec,
+    cancel: CancellationToken,
+}
+
+impl<R> Replica<R> {
+    fn id(&self) -> &str {
+        &self.a.replica_id
+    }
+
+    /// Records the replica's state for the next report.
+    fn set(&self, s: pb::ReplicaStatus) {
+        if let Ok(mut m) = self.ctx.statuses.lock() {
+            m.insert(s.replica_id.clone(), s);
+        }
+    }
+
+    /// Records that the replica is waiting (`Pending`) and why.
+    fn pending(&self, message: String) {
+        self.set(status(self.id(), "Pending", None, 0, message));
+    }
+
+    /// Records that the replica cannot run (`Failed`) and why.
+    fn failed(&self, message: String) {
+        self.set(status(self.id(), "Failed", None, 0, message));
+    }
+}
+
+/// Runs one replica until `cancel`: pull, secrets, volumes, supervise.
+pub(crate) async fn replica_task<R: AgentRuntime>(
+    ctx: ReplicaCtx<R>,
+    a: pb::Assignment,
+    spec: cloudless_types::WorkloadSpec,
+    cancel: CancellationToken,
+) {
+    let r = Replica {
+        ctx,
+        a,
+        spec,
+        cancel,
+    };
+    r.pending("pulling the image".into());
+    let Some(image) = pull(&r).await else {
+        return;
+    };
+    // Secrets: read with a token for this workload, retried until they
+    // can be (a secret created after the workload, a coordinator away).
+    let Some(mut resolved) = read_secrets(&r).await else {
+        return;
+    };
+    let paths = &r.ctx.paths;
+    let mut container = container_config(&r.a, &r.spec, &paths.volumes, &paths.secrets);
+    for (k, v) in std::mem::take(&mut resolved.env) {
+        container.env.insert(k, v);
+    }
+    // Who the process runs as (runAsUser, else the image's numeric user):
+    // its secret files and emptyDir directories are made for it.
+    let (uid, gid) = cloudless_runtime::process_ids(&container, &image.process);
+    let secret_volumes = SecretVolumes::of(&r.spec, &paths.secrets, &container.id);
+    if let Err(e) = secret_volumes.mount(&resolved, uid, gid) {
+        r.failed(format!("secret volume: {e}"));
+        secret_volumes.unmount_all();
+        return;
+    }
+    let refresher = (!secret_volumes.vols.is_empty())
+        .then(|| r.ctx.secrets.clone())
+        .flatten()
+        .map(|source| {
+            let refresh = SecretRefresh {
+                source,
+                vols: secret_volumes.vols.clone(),
+                versions: resolved.versions.clone(),
+                namespace: r.a.namespace.clone(),
+                workload: r.a.workload.clone(),
+                uid,
+                gid,
+                replica: r.id().to_owned(),
+            };
+            tokio::spawn(refresh.run(r.cancel.clone()))
+        });
+    let dir = volume_dir(&paths.volumes, &container.id);
+    if let Err(e) = prepare_volumes(&container, &paths.volumes, uid, gid) {
+        r.failed(format!("cannot make its volumes in {}: {e}", dir.display()));
+        return;
+    }
+    let replica = ReplicaSpec {
+        container,
+        image,
+        restart: r.spec.restart_policy,
+        liveness: r.spec.liveness_probe.as_ref().and_then(probe),
+        readiness: r.spec.readiness_probe.as_ref().and_then(probe),
+        stop_grace: Duration::from_secs(10),
+    };
+    supervise(&r, replica).await;
+    if let Some(task) = refresher {
+        task.abort();
+    }
+    secret_volumes.unmount_all();
+    // The container is gone: so is its scratch space.
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(replica = %r.id(), error = %e, "cannot remove its volumes");
+        }
+    }
+}
+
+/// The replica's image: from the node's cache, else pulled (retried with
+/// back-off until it can be). `None`: cancelled.
+async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
+    let (ctx, image) = (&r.ctx, &r.spec.image);
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let cached = ctx.images.lock().await.get(image).cloned();
+        if let Some(i) = cached {
+            return Some(i);
+        }
+        let pulled = tokio::select! {
+            p = ctx.rt.pull(&ctx.registry, image) => p,
+            () = r.cancel.cancelled() => return None,
+        };
+        match pulled {
+            Ok(i) => {
+                ctx.images.lock().await.insert(image.clone(), i.clone());
+                return Some(i);
+            }
+            Err(e) => {
+                tracing::warn!(replica = %r.id(), image = %image, error = %e, "image pull failed; retrying");
+                r.pending(format!(
+                    "image pull failed (retrying in {}s): {e}",
+                    delay.as_secs()
+                ));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = r.cancel.cancelled() => return None,
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// Every secret the replica refers to, read as its workload (retried with
+/// back-off until they can be). `None`: cancelled, or this agent cannot
+/// read secrets (then the replica is `Failed`).
+async fn read_secrets<R>(r: &Replica<R>) -> Option<crate::secrets::Resolved> {
+    if r.spec.secret_names().is_empty() {
+        return Some(crate::secrets::Resolved::default());
+    }
+    let Some(source) = r.ctx.secrets.clone() else {
+        r.failed("this agent cannot read secrets".into());
+        return None;
+    };
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match crate::secrets::resolve(&*source, &r.a.namespace, &r.a.workload, &r.spec).await {
+            Ok(resolved) => return Some(resolved),
+            Err(e) => {
+                tracing::warn!(replica = %r.id(), error = %e, "cannot read its secrets; retrying");
+                r.pending(format!(
+                    "waiting for secrets (retrying in {}s): {e}",
+                    delay.as_secs()
+                ));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = r.cancel.cancelled() => return None,
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// A replica's secret volumes: each a tmpfs directory holding the secret's
+/// files.
+struct SecretVolumes {
+    /// The replica's directory under the secrets base.
+    replica_dir: PathBuf,
+    /// Each volume's directory and what it holds.
+    vols: Vec<(PathBuf, cloudless_types::SecretVolume)>,
+}
+
+impl SecretVolumes {
+    fn of(spec: &cloudless_types::WorkloadSpec, base: &std::path::Path, container: &str) -> Self {
+        let vols = spec
+            .volumes
+            .iter()
+            .filter_map(|v| {
+                v.secret
+                    .clone()
+                    .map(|sv| (crate::secrets::volume_dir(base, container, &v.name), sv))
+            })
+            .collect();
+        Self {
+            replica_dir: base.join(container),
+            vols,
+        }
+    }
+
+    /// Mounts each volume's tmpfs and writes the secret's files, owned by
+    /// `uid:gid`.
+    fn mount(&self, resolved: &crate::secrets::Resolved, uid: u32, gid: u32) -> Result<(), String> {
+        for (d, sv) in &self.vols {
+            crate::secrets::mount_tmpfs(d)?;
+            let values = resolved
+                .values
+                .get(&sv.secret_name)
+                .ok_or_else(|| format!("secret {} was not read", sv.secret_name))?;
+            crate::secrets::write_files(d, sv, values, uid, gid)?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts every volume and removes the replica's directory.
+    fn unmount_all(&self) {
+        for (d, _) in &self.vols {
+            crate::secrets::unmount(d);
+        }
+        let _ = std::fs::remove_dir(&self.replica_dir);
+    }
+}
+
+/// Runs the replica's container until `cancel`, reporting each state the
+/// supervisor sees and keeping its upstream listeners in the current
+/// container process's network namespace (made again when it restarts,
+/// dropped when it stops).
+async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
+    let (mut rx, task) = r
+        .ctx
+        .supervisor
+        .run(replica, Backoff::default(), r.cancel.clone());
+    let mesh = &r.ctx.mesh;
+    let id = r.id();
+    let mut pid = None;
+    let mut listeners: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    loop {
+        let now = rx.borrow_and_update().clone();
+        r.set(wire_status(id, &now));
+        if now.pid != pid {
+            pid = now.pid;
+            listeners.drain(..).for_each(|l| l.abort());
+            if let Some(m) = mesh {
+                m.set_pid(id, pid);
+                if let Some(p) = pid {
+                    listeners = m
+                        .listen_upstreams(id, &r.a.namespace, &r.spec.upstreams, p)
+                        .await;
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+    listeners.drain(..).for_each(|l| l.abort());
+    if let Some(m) = mesh {
+        m.set_pid(id, None);
+    }
+    let _ = task.await;
+}
+
+/// Keeps a replica's secret volumes current.
+struct SecretRefresh {
+    /// Where the secrets are read.
+    source: Arc<dyn SecretSource>,
+    /// Each volume's directory and what it holds.
+    vols: Vec<(PathBuf, cloudless_types::SecretVolume)>,
+    /// The version of each secret its files hold, by secret name.
+    versions: HashMap<String, u64>,
+    /// The replica's namespace.
+    namespace: String,
+    /// The replica's workload (the audience secrets are read as).
+    workload: String,
+    /// The files' owner.
+    uid: u32,
+    /// The files' group.
+    gid: u32,
+    /// The replica (for the log).
+    replica: String,
+}
+
+impl SecretRefresh {
+    /// Rewrites the volumes' files when their secrets change (read again
+    /// every `source.refresh()`), until `cancel`.
+    async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.source.refresh()) => {}
+                () = cancel.cancelled() => return,
+            }
+            for (dir, sv) in &self.vols {
+                let replica = &self.replica;
+                match self
+                    .source
+                    .get(&self.namespace, &sv.secret_name, &self.workload)
+                    .await
+                {
+                    Ok((values, version))
+                        if self.versions.get(&sv.secret_name) != Some(&version) =>
+                    {
+                        match crate::secrets::write_files(dir, sv, &values, self.uid, self.gid) {
+                            Ok(()) => {
+                                tracing::info!(replica = %replica, secret = %sv.secret_name, version, "secret volume updated");
+                                self.versions.insert(sv.secret_name.clone(), version);
+                            }
+                            Err(e) => {
+                                tracing::warn!(replica = %replica, error = %e, "cannot update a secret volume")
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(replica = %replica, error = %e, "cannot refresh a secret")
+                    }
+                }
+            }
+        }
+    }
+}
