@@ -8,8 +8,12 @@ use clap::Subcommand;
 use cloudless_proto::v1::cluster_service_client::ClusterServiceClient;
 use cloudless_proto::v1::{self as pb};
 
-use crate::{call, print_json, Failure, Output, Target};
+use crate::client::{call, Failure, Target};
+use crate::cmd::Ctx;
+use crate::output::sanitize;
+use crate::Exit;
 
+/// `cloudlessctl admin` subcommands.
 #[derive(Subcommand, Debug)]
 pub(crate) enum AdminCmd {
     /// Renew this config's admin certificate now (same key, new validity).
@@ -34,11 +38,8 @@ pub(crate) enum AdminCmd {
 
 pub(crate) use cloudless_client::CredentialPaths;
 
-fn failure(code: u8, message: String) -> Failure {
-    Failure {
-        code,
-        error: anyhow::anyhow!("{message}"),
-    }
+fn failure(exit: Exit, message: String) -> Failure {
+    Failure::new(exit, anyhow::anyhow!("{message}"))
 }
 
 /// Replaces `path` with `contents` (mode `mode`) through a synced temporary
@@ -46,7 +47,7 @@ fn failure(code: u8, message: String) -> Failure {
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Failure> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| failure(1, format!("{}: {e}", path.display()));
+    let io = |e: std::io::Error| failure(Exit::Failed, format!("{}: {e}", path.display()));
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     let tmp = path.with_file_name(name);
@@ -89,11 +90,11 @@ pub(crate) async fn renew_if_due(
         return Ok(None);
     };
     let info = cloudless_pki::inspect_certificate(&tls.cert_pem)
-        .map_err(|e| failure(2, format!("{}: {e}", paths.cert.display())))?;
+        .map_err(|e| failure(Exit::Usage, format!("{}: {e}", paths.cert.display())))?;
     let now = now_s();
     if now >= info.not_after {
         return Err(failure(
-            2,
+            Exit::Usage,
             format!(
                 "{}: the admin certificate expired at {} (Unix seconds); ask another admin for a new one \
                  (cloudlessctl admin issue NAME --out DIR), or on a coordinator host run \
@@ -110,7 +111,7 @@ pub(crate) async fn renew_if_due(
         return Ok(None);
     }
     let csr_pem = cloudless_pki::csr_for_key(&tls.key_pem)
-        .map_err(|e| failure(2, format!("{}: {e}", paths.key.display())))?;
+        .map_err(|e| failure(Exit::Usage, format!("{}: {e}", paths.key.display())))?;
     let cert = call(target, |ch| {
         let csr_pem = csr_pem.clone();
         async move {
@@ -130,12 +131,42 @@ pub(crate) async fn renew_if_due(
     Ok(Some(cert.cert_pem))
 }
 
+/// Keeps the admin certificate alive before every command (but `admin
+/// renew`): renewed with two thirds of its lifetime gone. A renewal that
+/// fails for a reason other than bad credentials (exit code 2), e.g. an
+/// older coordinator answering `UNIMPLEMENTED`, only warns: the certificate
+/// is still valid for a third of its lifetime and the command goes on.
+pub(crate) async fn keep_alive(
+    target: &mut Target,
+    paths: &CredentialPaths,
+) -> Result<(), Failure> {
+    match renew_if_due(target, paths, false).await {
+        Ok(Some(cert)) => {
+            if let Some(mut t) = target.tls().cloned() {
+                t.cert_pem = cert;
+                target.set_tls(Some(t));
+            }
+        }
+        Ok(None) => {}
+        // Still valid for a third of its lifetime: the command goes on.
+        Err(f) if f.code != Exit::Usage.code() => {
+            eprintln!(
+                "cloudlessctl: warning: cannot renew the admin certificate now: {:#}",
+                f.error
+            );
+        }
+        Err(f) => return Err(f),
+    }
+    Ok(())
+}
+
+/// Runs an `admin` command; `paths` are the `--config` file's credentials.
 pub(crate) async fn run(
     cmd: AdminCmd,
-    target: &Target,
+    ctx: &Ctx,
     paths: Option<&CredentialPaths>,
-    output: Output,
 ) -> Result<(), Failure> {
+    let target = &ctx.target;
     match cmd {
         AdminCmd::Renew => {
             let Some(paths) = paths else {
@@ -147,7 +178,7 @@ pub(crate) async fn run(
         }
         AdminCmd::Issue { name, out } => {
             let (csr_pem, key_pem) = cloudless_pki::new_anonymous_csr()
-                .map_err(|e| failure(1, format!("cannot make a key: {e}")))?;
+                .map_err(|e| failure(Exit::Failed, format!("cannot make a key: {e}")))?;
             let cert = call(target, |ch| {
                 let req = pb::IssueAdminRequest {
                     name: name.clone(),
@@ -162,10 +193,10 @@ pub(crate) async fn run(
                     .recursive(true)
                     .mode(0o700)
                     .create(&out)
-                    .map_err(|e| failure(1, format!("{}: {e}", out.display())))?;
+                    .map_err(|e| failure(Exit::Failed, format!("{}: {e}", out.display())))?;
             }
             let out = std::fs::canonicalize(&out)
-                .map_err(|e| failure(1, format!("{}: {e}", out.display())))?;
+                .map_err(|e| failure(Exit::Failed, format!("{}: {e}", out.display())))?;
             write_atomic(&out.join("ca.crt"), cert.ca_pem.as_bytes(), 0o644)?;
             write_atomic(&out.join("admin.key"), key_pem.as_bytes(), 0o600)?;
             write_atomic(&out.join("admin.crt"), cert.cert_pem.as_bytes(), 0o644)?;
@@ -208,7 +239,7 @@ pub(crate) async fn run(
                     .await
             })
             .await?;
-            if output != Output::Table {
+            if ctx.output.is_structured() {
                 let rows: Vec<_> = r
                     .admins
                     .iter()
@@ -219,7 +250,7 @@ pub(crate) async fn run(
                         })
                     })
                     .collect();
-                return print_json(&rows);
+                return ctx.output.print(&rows);
             }
             println!(
                 "{:<24} {:<12} {:<12} {:<24} REVOKED",
@@ -228,10 +259,10 @@ pub(crate) async fn run(
             for a in r.admins {
                 println!(
                     "{:<24} {:<12} {:<12} {:<24} {}",
-                    crate::sanitize(&a.name),
+                    sanitize(&a.name),
                     a.issued_at,
                     a.not_after,
-                    crate::sanitize(&a.issued_by),
+                    sanitize(&a.issued_by),
                     if a.revoked { "yes" } else { "no" }
                 );
             }

@@ -8,10 +8,11 @@ use cloudless_proto::v1::secret_service_client::SecretServiceClient;
 use cloudless_proto::v1::{self as pb, WriteOptions};
 use zeroize::Zeroizing;
 
-use crate::{
-    call, fmt_ms, human, now_ms, parse_duration, print_json, read_opts, Failure, Output, Target,
-};
+use crate::client::{call, Failure, Target};
+use crate::cmd::{parse_duration, Ctx};
+use crate::output::{fmt_ms, human, now_ms, Output};
 
+/// `cloudlessctl secrets` subcommands.
 #[derive(Subcommand, Debug)]
 pub(crate) enum SecretsCmd {
     /// Create a secret: `secrets create production/postgres-creds --data
@@ -170,10 +171,10 @@ fn meta_json(m: &pb::SecretMeta) -> serde_json::Value {
     })
 }
 
-fn print_values(data: &HashMap<String, Vec<u8>>, structured: bool) -> Result<(), Failure> {
+fn print_values(data: &HashMap<String, Vec<u8>>, output: Output) -> Result<(), Failure> {
     let mut keys: Vec<&String> = data.keys().collect();
     keys.sort();
-    if structured {
+    if output.is_structured() {
         let map: serde_json::Map<String, serde_json::Value> = keys
             .iter()
             .map(|k| {
@@ -183,7 +184,7 @@ fn print_values(data: &HashMap<String, Vec<u8>>, structured: bool) -> Result<(),
                 )
             })
             .collect();
-        return print_json(&serde_json::Value::Object(map));
+        return output.print(&serde_json::Value::Object(map));
     }
     for k in keys {
         let v = Zeroizing::new(String::from_utf8_lossy(&data[k]).into_owned());
@@ -203,13 +204,11 @@ async fn reveal(servers: &Target, token: String) -> Result<pb::RevealSecretRespo
     .await
 }
 
-pub(crate) async fn run(
-    cmd: SecretsCmd,
-    servers: &Target,
-    output: Output,
-    stale: bool,
-) -> Result<(), Failure> {
-    let structured = output != Output::Table;
+/// Runs a `secrets` command.
+pub(crate) async fn run(cmd: SecretsCmd, ctx: &Ctx) -> Result<(), Failure> {
+    let servers = &ctx.target;
+    let output = ctx.output;
+    let structured = output.is_structured();
     match cmd {
         SecretsCmd::Create {
             name,
@@ -228,7 +227,7 @@ pub(crate) async fn run(
                 immutable,
                 idempotency_key,
                 true,
-                structured,
+                output,
             )
             .await
         }
@@ -248,7 +247,7 @@ pub(crate) async fn run(
                 false,
                 idempotency_key,
                 false,
-                structured,
+                output,
             )
             .await
         }
@@ -258,7 +257,7 @@ pub(crate) async fn run(
             audience,
         } => {
             let (ns, n) = split(&name);
-            let read = read_opts(stale);
+            let read = ctx.read_opts();
             let m = call(servers, |ch| {
                 let req = pb::GetSecretRequest {
                     read,
@@ -270,7 +269,7 @@ pub(crate) async fn run(
             .await?;
             if !show {
                 if structured {
-                    return print_json(&meta_json(&m));
+                    return output.print(&meta_json(&m));
                 }
                 println!("Name:        {}/{}", m.namespace, m.name);
                 println!("Version:     {} (master key v{})", m.version, m.key_version);
@@ -307,10 +306,10 @@ pub(crate) async fn run(
             })
             .await?;
             let r = reveal(servers, t.token).await?;
-            print_values(&r.data, structured)
+            print_values(&r.data, output)
         }
         SecretsCmd::List { namespace } => {
-            let read = read_opts(stale);
+            let read = ctx.read_opts();
             let r = call(servers, |ch| {
                 let req = pb::ListSecretsRequest {
                     read,
@@ -320,7 +319,7 @@ pub(crate) async fn run(
             })
             .await?;
             if structured {
-                return print_json(&serde_json::Value::Array(
+                return output.print(&serde_json::Value::Array(
                     r.secrets.iter().map(meta_json).collect(),
                 ));
             }
@@ -378,7 +377,7 @@ pub(crate) async fn run(
             })
             .await?;
             if structured {
-                return print_json(&serde_json::json!({
+                return output.print(&serde_json::json!({
                     "tokenId": r.token_id, "token": r.token, "expiresAtMs": r.expires_at_ms, "maxUses": r.max_uses,
                 }));
             }
@@ -412,7 +411,7 @@ pub(crate) async fn run(
                 token
             };
             let r = reveal(servers, token).await?;
-            print_values(&r.data, structured)
+            print_values(&r.data, output)
         }
         SecretsCmd::RotateMasterKey => {
             let r = call(servers, |ch| {
@@ -434,7 +433,7 @@ pub(crate) async fn run(
                 async move { SecretServiceClient::new(ch).retire_master_key(req).await }
             })
             .await?;
-            print_keys(&r, structured)
+            print_keys(&r, output)
         }
         SecretsCmd::KeyInfo => {
             let r = call(servers, |ch| async move {
@@ -443,7 +442,7 @@ pub(crate) async fn run(
                     .await
             })
             .await?;
-            print_keys(&r, structured)
+            print_keys(&r, output)
         }
         SecretsCmd::Audit {
             secret,
@@ -476,7 +475,7 @@ pub(crate) async fn run(
                         "count": e.count.max(1), "lastAtMs": e.last_at_ms.max(e.at_ms),
                     }))
                     .collect();
-                return print_json(&serde_json::Value::Array(v));
+                return output.print(&serde_json::Value::Array(v));
             }
             println!(
                 "{:<20} {:<22} {:<13} {:<28} {:<8} DETAIL",
@@ -506,14 +505,14 @@ pub(crate) async fn run(
     }
 }
 
-fn print_keys(r: &pb::KeyInfoResponse, structured: bool) -> Result<(), Failure> {
-    if structured {
+fn print_keys(r: &pb::KeyInfoResponse, output: Output) -> Result<(), Failure> {
+    if output.is_structured() {
         let v: Vec<_> = r
             .keys
             .iter()
             .map(|k| serde_json::json!({"version": k.version, "active": k.active, "dataKeys": k.data_keys, "createdAtMs": k.created_at_ms}))
             .collect();
-        return print_json(&serde_json::json!({"rootKey": r.root_key_source, "keys": v}));
+        return output.print(&serde_json::json!({"rootKey": r.root_key_source, "keys": v}));
     }
     println!("root key: {}", r.root_key_source);
     println!(
@@ -542,7 +541,7 @@ async fn put(
     immutable: bool,
     idempotency_key: Option<String>,
     create: bool,
-    structured: bool,
+    output: Output,
 ) -> Result<(), Failure> {
     let (ns, n) = split(name);
     let data = values.collect()?;
@@ -568,8 +567,8 @@ async fn put(
     })
     .await?;
     let m = r.meta.unwrap_or_default();
-    if structured {
-        return print_json(&meta_json(&m));
+    if output.is_structured() {
+        return output.print(&meta_json(&m));
     }
     println!(
         "secret {}/{} {} (version {}, {} keys)",

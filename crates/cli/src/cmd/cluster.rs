@@ -1,0 +1,239 @@
+//! `cloudlessctl cluster`: coordinator membership and status, and the
+//! cluster configuration record.
+
+use clap::Subcommand;
+use cloudless_proto::v1::cluster_service_client::ClusterServiceClient;
+use cloudless_proto::v1::{self as pb};
+
+use crate::client::{call, Failure};
+use crate::cmd::Ctx;
+use crate::Exit;
+
+/// `cloudlessctl cluster` subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum ClusterCmd {
+    /// Members, leader, term, and commit/applied index per coordinator.
+    Status,
+    /// Remove a coordinator by node id.
+    Remove { node_id: u64 },
+    /// Show the cluster configuration record.
+    Config,
+    /// Change cluster configuration keys, e.g. `cluster set down_after_ms=8000`.
+    /// Keys: cluster_name, heartbeat_interval_ms, suspect_after_missed_heartbeats,
+    /// down_after_ms, leader_grace_ms, node_cert_lifetime_s,
+    /// audit_retention_days, secret_max_bytes, audit_max_records,
+    /// audit_aggregate_window_s, access_token_max_records, admin_cert_lifetime_s,
+    /// node_rejoin_grace_s,
+    /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty}.
+    Set {
+        /// KEY=VALUE pairs.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+}
+
+/// Applies `key=value` to a cluster configuration; the error names the key.
+fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String> {
+    let (key, value) = setting
+        .split_once('=')
+        .ok_or_else(|| format!("{setting:?}: expected KEY=VALUE"))?;
+    let int = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{key}: {v:?} is not a non-negative integer"))
+    };
+    let float = |v: &str| {
+        v.parse::<f64>()
+            .map_err(|_| format!("{key}: {v:?} is not a number"))
+    };
+    let w = c.scheduler_weights.get_or_insert_with(Default::default);
+    match key {
+        "cluster_name" => c.cluster_name = value.to_owned(),
+        "heartbeat_interval_ms" => c.heartbeat_interval_ms = int(value)?,
+        "suspect_after_missed_heartbeats" => {
+            c.suspect_after_missed_heartbeats =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "down_after_ms" => c.down_after_ms = int(value)?,
+        "leader_grace_ms" => c.leader_grace_ms = int(value)?,
+        "node_cert_lifetime_s" => c.node_cert_lifetime_s = int(value)?,
+        "audit_retention_days" => {
+            c.audit_retention_days =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "secret_max_bytes" => {
+            c.secret_max_bytes =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "audit_max_records" => {
+            c.audit_max_records =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "audit_aggregate_window_s" => {
+            c.audit_aggregate_window_s =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "admin_cert_lifetime_s" => c.admin_cert_lifetime_s = Some(int(value)?),
+        "access_token_max_records" => {
+            c.access_token_max_records =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "node_rejoin_grace_s" => c.node_rejoin_grace_s = Some(int(value)?),
+        "scheduler_weights.locality" => w.locality = float(value)?,
+        "scheduler_weights.reliability" => w.reliability = float(value)?,
+        "scheduler_weights.cost" => w.cost = float(value)?,
+        "scheduler_weights.utilization" => w.utilization = float(value)?,
+        "scheduler_weights.network_penalty" => w.network_penalty = float(value)?,
+        other => return Err(format!("{other:?} is not a cluster configuration key")),
+    }
+    Ok(())
+}
+
+/// Runs a `cluster` command.
+pub(crate) async fn run(cmd: ClusterCmd, ctx: &Ctx) -> Result<(), Failure> {
+    let servers = &ctx.target;
+    match cmd {
+        ClusterCmd::Status => {
+            let s = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .status(pb::StatusRequest {})
+                    .await
+            })
+            .await?;
+            if ctx.output.is_structured() {
+                let coords: Vec<_> = s.coordinators.iter().map(|c| serde_json::json!({
+                    "nodeId": c.node_id, "address": c.address, "reachable": c.reachable, "state": c.state,
+                    "term": c.term, "leaderId": c.leader_id, "lastLogIndex": c.last_log_index,
+                    "commitIndex": c.commit_index, "appliedIndex": c.applied_index,
+                    "snapshotIndex": c.snapshot_index, "error": c.error })).collect();
+                return ctx.output.print(
+                    &serde_json::json!({ "clusterId": s.cluster_id, "clusterName": s.cluster_name,
+                    "leaderId": s.leader_id, "term": s.term, "coordinators": coords }),
+                );
+            }
+            println!(
+                "cluster {} ({})  leader {}  term {}",
+                s.cluster_name, s.cluster_id, s.leader_id, s.term
+            );
+            println!(
+                "{:<20} {:<22} {:<8} {:<10} {:>6} {:>10} {:>10} {:>10}",
+                "NODE", "ADDRESS", "ROLE", "STATE", "TERM", "LAST-LOG", "COMMIT", "APPLIED"
+            );
+            for c in &s.coordinators {
+                let role = s
+                    .members
+                    .iter()
+                    .find(|m| m.node_id == c.node_id)
+                    .map_or("?", |m| {
+                        if m.role == pb::member::Role::Voter as i32 {
+                            "voter"
+                        } else {
+                            "learner"
+                        }
+                    });
+                if c.reachable {
+                    println!(
+                        "{:<20} {:<22} {:<8} {:<10} {:>6} {:>10} {:>10} {:>10}",
+                        c.node_id,
+                        c.address,
+                        role,
+                        c.state,
+                        c.term,
+                        c.last_log_index,
+                        c.commit_index,
+                        c.applied_index
+                    );
+                } else {
+                    println!(
+                        "{:<20} {:<22} {:<8} unreachable: {}",
+                        c.node_id, c.address, role, c.error
+                    );
+                }
+            }
+        }
+        ClusterCmd::Remove { node_id } => {
+            let r = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .remove_coordinator(pb::RemoveCoordinatorRequest {
+                        write: None,
+                        node_id,
+                    })
+                    .await
+            })
+            .await?;
+            println!(
+                "removed coordinator {node_id}; {} member(s) remain",
+                r.members.len()
+            );
+        }
+        ClusterCmd::Config => {
+            let read = ctx.read_opts();
+            let r = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .get_config(pb::GetConfigRequest { read })
+                    .await
+            })
+            .await?;
+            let c = r.config.unwrap_or_default();
+            let w = c.scheduler_weights.unwrap_or_default();
+            ctx.output.print(
+                &serde_json::json!({ "revision": r.revision, "clusterName": c.cluster_name,
+                "heartbeatIntervalMs": c.heartbeat_interval_ms, "suspectAfterMissedHeartbeats": c.suspect_after_missed_heartbeats,
+                "downAfterMs": c.down_after_ms, "leaderGraceMs": c.leader_grace_ms,
+                "nodeCertLifetimeS": c.node_cert_lifetime_s,
+                "auditRetentionDays": c.audit_retention_days, "secretMaxBytes": c.secret_max_bytes,
+                "auditMaxRecords": c.audit_max_records, "auditAggregateWindowS": c.audit_aggregate_window_s,
+                "accessTokenMaxRecords": c.access_token_max_records,
+                "nodeRejoinGraceS": c.node_rejoin_grace_s,
+                "schedulerWeights": { "locality": w.locality, "reliability": w.reliability, "cost": w.cost,
+                    "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels }),
+            )?;
+        }
+        ClusterCmd::Set { settings } => {
+            let current = call(servers, |ch| async move {
+                ClusterServiceClient::new(ch)
+                    .get_config(pb::GetConfigRequest { read: None })
+                    .await
+            })
+            .await?;
+            let mut config = current.config.unwrap_or_default();
+            for s in &settings {
+                set_config_key(&mut config, s)
+                    .map_err(|e| Failure::new(Exit::Usage, anyhow::anyhow!(e)))?;
+            }
+            let r = call(servers, |ch| {
+                let req = pb::SetConfigRequest {
+                    write: None,
+                    config: Some(config.clone()),
+                    expected_revision: current.revision,
+                };
+                async move { ClusterServiceClient::new(ch).set_config(req).await }
+            })
+            .await?;
+            println!("cluster configuration is now at revision {}", r.revision);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_set_changes_named_keys_and_names_bad_ones() {
+        let mut c = pb::ClusterConfig::default();
+        set_config_key(&mut c, "down_after_ms=8000").expect("valid");
+        set_config_key(&mut c, "scheduler_weights.cost=0.2").expect("valid");
+        assert_eq!(c.down_after_ms, 8000);
+        assert_eq!(c.scheduler_weights.map(|w| w.cost), Some(0.2));
+        for (bad, named) in [
+            ("down_after_ms=-1", "down_after_ms"),
+            ("heartbeat_interval_ms", "KEY=VALUE"),
+            ("no_such_key=1", "no_such_key"),
+            ("scheduler_weights.cost=lots", "scheduler_weights.cost"),
+        ] {
+            let err = set_config_key(&mut c, bad).expect_err(bad);
+            assert!(err.contains(named), "{err}");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! `cloudlessctl describe`: a workload's spec, status, replicas (with node
+//! and state), placement explanation and latest events.
+
+use clap::Args;
+use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
+use cloudless_proto::v1::{self as pb};
+
+use crate::client::{call, status_failure, Failure};
+use crate::cmd::workload::{replica_json, workload_json};
+use crate::cmd::Ctx;
+use crate::output::{human, now_ms};
+
+/// `describe`'s arguments.
+#[derive(Args, Debug)]
+pub(crate) struct DescribeArgs {
+    #[arg(value_parser = ["workload", "wl"])]
+    kind: String,
+    name: String,
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+}
+
+/// Prints the workload, or with `-o json`/`-o yaml` the workload and its
+/// replicas.
+pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
+    let servers = &ctx.target;
+    let DescribeArgs {
+        name, namespace, ..
+    } = args;
+    let read = ctx.read_opts();
+    let w = call(servers, |ch| {
+        let req = pb::GetWorkloadRequest {
+            read,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        async move { WorkloadServiceClient::new(ch).get(req).await }
+    })
+    .await?
+    .workload
+    .unwrap_or_default();
+    let replicas = call(servers, |ch| {
+        let req = pb::ListReplicasRequest {
+            read,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        async move { WorkloadServiceClient::new(ch).list_replicas(req).await }
+    })
+    .await?
+    .replicas;
+    if ctx.output.is_structured() {
+        let mut v = workload_json(&w);
+        v["replicas"] = serde_json::Value::Array(replicas.iter().map(replica_json).collect());
+        return ctx.output.print(&v);
+    }
+    let spec = w.spec.clone().unwrap_or_default();
+    let st = w.status.unwrap_or_default();
+    println!("Name:         {}/{}", w.namespace, w.name);
+    println!("Image:        {}", spec.image);
+    println!("Generation:   {} (template {})", w.generation, w.template);
+    println!(
+        "Replicas:     {} desired, {} assigned, {} up to date, {} ready",
+        spec.replicas, st.current_replicas, st.updated_replicas, st.ready_replicas
+    );
+    if let Some(p) = &spec.placement {
+        println!(
+            "Placement:    zones {:?}, strategy {}, anti-affinity {}",
+            p.zones,
+            if p.strategy.is_empty() {
+                "Auto"
+            } else {
+                &p.strategy
+            },
+            if p.anti_affinity.is_empty() {
+                "None"
+            } else {
+                &p.anti_affinity
+            }
+        );
+    }
+    println!(
+        "Restart:      {}",
+        if spec.restart_policy.is_empty() {
+            "Always"
+        } else {
+            &spec.restart_policy
+        }
+    );
+    if let Some(r) = &spec.rollout {
+        println!(
+            "Rollout:      {} maxSurge {}, maxUnavailable {}, minAvailable {}, progress deadline {}s",
+            if r.strategy.is_empty() { "RollingUpdate" } else { &r.strategy },
+            r.max_surge,
+            r.max_unavailable,
+            r.min_available.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+            r.progress_deadline_seconds
+        );
+    }
+    let typed = cloudless_types::WorkloadSpec::from(spec.clone());
+    if !typed.ports.is_empty() {
+        let ports: Vec<String> = typed
+            .ports
+            .iter()
+            .map(|p| {
+                let n = if p.name.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} ", p.name)
+                };
+                format!("{n}{}/{:?}", p.container_port, p.protocol)
+            })
+            .collect();
+        println!("Ports:        {}", ports.join(", "));
+    }
+    let sc = &typed.security_context;
+    println!(
+        "Security:     user {}, non-root {}, read-only root {}, capabilities [{}], seccomp {:?}",
+        sc.run_as_user
+            .map_or_else(|| "image".to_owned(), |u| u.to_string()),
+        sc.run_as_non_root,
+        sc.read_only_root_filesystem,
+        sc.capabilities.effective().join(", "),
+        sc.seccomp_profile.kind
+    );
+    for m in &typed.volume_mounts {
+        let v = typed.volumes.iter().find(|v| v.name == m.name);
+        let kind = match v {
+            Some(v) if v.host_path.is_some() => format!(
+                "hostPath {}",
+                v.host_path.as_ref().map(|h| h.path.as_str()).unwrap_or("")
+            ),
+            Some(v) => format!(
+                "emptyDir {:?}",
+                v.empty_dir.map(|e| e.medium).unwrap_or_default()
+            ),
+            None => "?".into(),
+        };
+        println!(
+            "Volume:       {} at {}{} ({kind})",
+            m.name,
+            m.mount_path,
+            if m.read_only { " read-only" } else { "" }
+        );
+    }
+    let d = typed.disconnect;
+    if d.lost_after_seconds > 0 || d.stop_on_client_after_seconds.is_some() {
+        println!(
+            "Disconnect:   lost after {}s, replace {}, agent stops after {}, reconcile {:?}",
+            d.lost_after_seconds,
+            d.replace,
+            d.stop_on_client_after_seconds
+                .map_or_else(|| "its --max-disconnected".to_owned(), |s| format!("{s}s")),
+            d.reconcile
+        );
+    }
+    let explained = call(servers, |ch| {
+        let req = pb::ExplainPlacementRequest {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        async move { WorkloadServiceClient::new(ch).explain_placement(req).await }
+    })
+    .await;
+    let events = {
+        let mut stream = call(servers, |ch| {
+            let req = pb::EventsRequest {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                watch: false,
+            };
+            async move { WorkloadServiceClient::new(ch).events(req).await }
+        })
+        .await?;
+        let mut v = Vec::new();
+        while let Some(e) = stream.message().await.map_err(status_failure)? {
+            v.push(e);
+        }
+        v
+    };
+    println!("Replicas:");
+    let now = now_ms();
+    for x in &replicas {
+        println!(
+            "  {:<44} {:<10} {:<12} template {:<3} restarts {:<3} age {:<6} {}",
+            x.id,
+            x.state,
+            if x.node_name.is_empty() {
+                &x.node_id
+            } else {
+                &x.node_name
+            },
+            x.template,
+            x.restarts,
+            human((now - x.created_at_ms).max(0) / 1000),
+            x.message
+        );
+    }
+    match explained {
+        Ok(e) => {
+            println!(
+                "Placement explanation (one more replica, strategy {}):",
+                e.strategy
+            );
+            for n in &e.nodes {
+                println!(
+                    "  {:<16} zone {:<8} replicas {:<3} {} {}",
+                    n.node_name,
+                    if n.zone.is_empty() { "-" } else { &n.zone },
+                    n.replicas_here,
+                    if n.eligible {
+                        format!("score {:>5.1}", n.score)
+                    } else {
+                        "ineligible ".to_owned()
+                    },
+                    n.reasons.join("; ")
+                );
+            }
+        }
+        Err(f) => println!("Placement explanation: unavailable ({:#})", f.error),
+    }
+    println!("Events (latest 15):");
+    for e in events.iter().rev().take(15).rev() {
+        println!(
+            "  {:<8} {:<18} {}",
+            human((now - e.at_ms).max(0) / 1000),
+            e.reason,
+            e.message
+        );
+    }
+    Ok(())
+}
