@@ -485,7 +485,10 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(rs) = self.replicas(name).await {
-                if rs.len() == n && rs.iter().all(|r| r.state == "Ready") && check(&rs) {
+                if rs.len() == n
+                    && rs.iter().all(|r| r.state() == pb::ReplicaState::Ready)
+                    && check(&rs)
+                {
                     return rs;
                 }
                 assert!(
@@ -612,7 +615,10 @@ impl ReplicaSampler {
                         .await
                     {
                         let rs = r.into_inner().replicas;
-                        let ready = rs.iter().filter(|r| r.state == "Ready").count();
+                        let ready = rs
+                            .iter()
+                            .filter(|r| r.state() == pb::ReplicaState::Ready)
+                            .count();
                         s.min_ready = s.min_ready.min(ready);
                         s.max_total = s.max_total.max(rs.len());
                         s.count += 1;

@@ -539,7 +539,7 @@ pub async fn process_leader(nodes: &[ProcessNode]) -> Option<usize> {
             let leader = s
                 .coordinators
                 .iter()
-                .find(|c| c.state == "Leader" && c.reachable)?;
+                .find(|c| c.state() == pb::RaftServerState::Leader && c.reachable)?;
             return nodes
                 .iter()
                 .position(|n| n.grpc == leader.address && n.child.is_some());
@@ -566,7 +566,9 @@ pub async fn wait_all_healthy(nodes: &[ProcessNode]) -> anyhow::Result<usize> {
                 // 2 x election_timeout_max), which is not what a benchmark measures.
                 if s.members.len() == nodes.len()
                     && s.coordinators.iter().all(|c| {
-                        c.reachable && c.state != "Learner" && c.applied_index == leader_log
+                        c.reachable
+                            && c.state() != pb::RaftServerState::Learner
+                            && c.applied_index == leader_log
                     })
                 {
                     return Ok(l);

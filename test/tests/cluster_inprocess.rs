@@ -69,7 +69,7 @@ async fn election_replication_and_follower_writes() {
     assert_eq!(
         s.coordinators
             .iter()
-            .filter(|c| c.state == "Leader")
+            .filter(|c| c.state() == cloudless_proto::v1::RaftServerState::Leader)
             .count(),
         1
     );
@@ -286,11 +286,34 @@ async fn malformed_requests_get_invalid_argument_naming_the_field() {
             write: None,
             node_id: 9,
             address: "no-port".into(),
+            log_format: cloudless_state::LOG_FORMAT,
         })
         .await
         .expect_err("bad join accepted");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("address"), "{}", err.message());
+
+    // A coordinator of another release's log format cannot join (it would
+    // misread the log): refused by name before anything changes.
+    let err = ClusterServiceClient::new(channel(&follower))
+        .join_coordinator(pb::JoinCoordinatorRequest {
+            write: None,
+            node_id: 9,
+            address: "127.0.0.1:1".into(),
+            log_format: cloudless_state::LOG_FORMAT + 1,
+        })
+        .await
+        .expect_err("a join of another log format accepted");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().starts_with(&format!(
+            "coordinator 9 uses Raft log format {} and this coordinator format {}",
+            cloudless_state::LOG_FORMAT + 1,
+            cloudless_state::LOG_FORMAT
+        )),
+        "{}",
+        err.message()
+    );
 
     let mut cfg: pb::ClusterConfig = cloudless_types::ClusterConfig::default().into();
     cfg.heartbeat_interval_ms = 1;
@@ -313,6 +336,7 @@ async fn malformed_requests_get_invalid_argument_naming_the_field() {
     let err = pb::raft_service_client::RaftServiceClient::new(channel(&follower))
         .append_entries(pb::RaftPayload {
             data: b"\xff\x00garbage".to_vec(),
+            log_format: cloudless_state::LOG_FORMAT,
         })
         .await
         .expect_err("an admin certificate reached Raft");

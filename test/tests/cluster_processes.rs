@@ -38,9 +38,9 @@ async fn sigkilled_leader_loses_no_acknowledged_write_and_restarts_from_disk() {
     loop {
         if let Some(s) = cluster_status(&seed).await {
             if s.members.len() == 3
-                && s.coordinators
-                    .iter()
-                    .all(|c| c.reachable && c.state != "Learner")
+                && s.coordinators.iter().all(|c| {
+                    c.reachable && c.state() != cloudless_proto::v1::RaftServerState::Learner
+                })
             {
                 break;
             }
@@ -221,7 +221,7 @@ async fn killed_follower_catches_up_by_snapshot_and_members_change_through_cloud
         s.members.len() == 3
             && s.coordinators
                 .iter()
-                .all(|c| c.reachable && c.state != "Learner")
+                .all(|c| c.reachable && c.state() != cloudless_proto::v1::RaftServerState::Learner)
     }) {
         assert!(
             tokio::time::Instant::now() < deadline,

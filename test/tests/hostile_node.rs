@@ -92,7 +92,7 @@ fn report(ids: impl IntoIterator<Item = String>, message: &str) -> pb::ReportSta
             .into_iter()
             .map(|id| pb::ReplicaStatus {
                 replica_id: id,
-                state: "Running".into(),
+                state: pb::ReplicaState::Running.into(),
                 message: message.to_owned(),
                 ..Default::default()
             })

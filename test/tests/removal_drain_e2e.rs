@@ -97,9 +97,11 @@ async fn drain_moves_replicas_within_the_floor_and_removal_replaces_them_at_once
     loop {
         let rs = c.replicas("web").await.unwrap_or_default();
         let moved = rs.len() == 3
-            && rs
-                .iter()
-                .all(|r| r.node_name == "agent-a" && (r.state == "Running" || r.state == "Ready"));
+            && rs.iter().all(|r| {
+                r.node_name == "agent-a"
+                    && (r.state() == cloudless_proto::v1::ReplicaState::Running
+                        || r.state() == cloudless_proto::v1::ReplicaState::Ready)
+            });
         if moved {
             break;
         }

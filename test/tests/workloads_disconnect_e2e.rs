@@ -113,7 +113,9 @@ async fn a_cut_off_agent_keeps_its_replicas_and_resyncs_without_duplicates() {
         "the initial placement",
         Duration::from_secs(30),
         |all| {
-            all.values().flatten().all(|r| r.state == "Ready")
+            all.values()
+                .flatten()
+                .all(|r| r.state() == cloudless_proto::v1::ReplicaState::Ready)
                 && on(&all["keep"], "agent-a").len() == 1
                 && on(&all["swap"], "agent-a").len() == 1
                 && on(&all["park"], "agent-a").len() == 1
@@ -145,18 +147,19 @@ async fn a_cut_off_agent_keeps_its_replicas_and_resyncs_without_duplicates() {
         |all| {
             let keep_ok = all["keep"]
                 .iter()
-                .any(|r| r.id == keep_a && r.state == "Unknown")
+                .any(|r| r.id == keep_a && r.state() == cloudless_proto::v1::ReplicaState::Unknown)
                 && on(&all["keep"], "agent-b").len() == 2
                 && on(&all["keep"], "agent-b")
                     .iter()
-                    .all(|r| r.state == "Ready");
+                    .all(|r| r.state() == cloudless_proto::v1::ReplicaState::Ready);
             let swap_ok = all["swap"].len() == 2
-                && all["swap"]
-                    .iter()
-                    .all(|r| r.node_name == "agent-b" && r.state == "Ready");
+                && all["swap"].iter().all(|r| {
+                    r.node_name == "agent-b"
+                        && r.state() == cloudless_proto::v1::ReplicaState::Ready
+                });
             let park_ok = all["park"].len() == 1
                 && all["park"][0].id == park_a
-                && all["park"][0].state == "Unknown";
+                && all["park"][0].state() == cloudless_proto::v1::ReplicaState::Unknown;
             keep_ok && swap_ok && park_ok
         },
     )
@@ -191,13 +194,15 @@ async fn a_cut_off_agent_keeps_its_replicas_and_resyncs_without_duplicates() {
     netns.restore();
     let after = wait_for(&c, "the resync", Duration::from_secs(60), |all| {
         let keep_ok = all["keep"].len() == 2
-            && all["keep"].iter().all(|r| r.state == "Ready")
+            && all["keep"]
+                .iter()
+                .all(|r| r.state() == cloudless_proto::v1::ReplicaState::Ready)
             && all["keep"].iter().any(|r| r.id == keep_a);
         let swap_ok =
             all["swap"].len() == 2 && all["swap"].iter().all(|r| r.node_name == "agent-b");
         let park_ok = all["park"].len() == 1
             && all["park"][0].id == park_a
-            && all["park"][0].state == "Ready";
+            && all["park"][0].state() == cloudless_proto::v1::ReplicaState::Ready;
         keep_ok && swap_ok && park_ok
     })
     .await;

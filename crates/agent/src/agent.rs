@@ -174,7 +174,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         .with_labels(config.labels.clone())
         .with_overlay_addresses(overlay_addresses.iter().map(ToString::to_string).collect());
     let mut interval = Duration::from_secs(1);
-    let mut last_phase = String::new();
+    let mut last_phase = None;
     loop {
         if now_s() >= coordinators.identity().renew_at() {
             match refresh(&mut coordinators, &config.coordinators).await {
@@ -206,9 +206,16 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 if r.heartbeat_interval_ms > 0 {
                     interval = Duration::from_millis(r.heartbeat_interval_ms);
                 }
-                if r.phase != last_phase {
-                    tracing::info!(phase = %r.phase, "node phase");
-                    last_phase = r.phase;
+                // A coordinator of the previous release sends the name only.
+                let phase = cloudless_proto::enums::required::<cloudless_proto::v1::NodePhase>(
+                    r.phase,
+                    &r.legacy_phase,
+                    "phase",
+                )
+                .ok();
+                if phase.is_some() && phase != last_phase {
+                    tracing::info!(phase = ?phase, "node phase");
+                    last_phase = phase;
                 }
             }
             Err(AgentError::Removed(m)) => return Err(AgentError::Removed(m)),

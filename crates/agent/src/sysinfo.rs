@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use cloudless_proto::v1 as pb;
+use cloudless_proto::WireEnum as _;
+use cloudless_types::{ClosedSet as _, NodeCondition, PowerSource};
 
 /// Below this share of available memory the node reports `MemoryPressure`.
 const MEMORY_PRESSURE_AVAILABLE: f64 = 0.05;
@@ -91,9 +93,9 @@ impl DeviceProbe {
         Some((total.saturating_sub(idle), total))
     }
 
-    fn power(&self) -> (String, u32) {
+    fn power(&self) -> (PowerSource, u32) {
         let Ok(entries) = std::fs::read_dir(&self.power_root) else {
-            return ("mains".into(), 0);
+            return (PowerSource::Mains, 0);
         };
         for e in entries.flatten() {
             let p = e.path();
@@ -104,10 +106,10 @@ impl DeviceProbe {
             };
             if read("type") == "Battery" && read("status") == "Discharging" {
                 let pct = read("capacity").parse::<u32>().unwrap_or(0).min(100);
-                return ("battery".into(), pct);
+                return (PowerSource::Battery, pct);
             }
         }
-        ("mains".into(), 0)
+        (PowerSource::Mains, 0)
     }
 
     /// A heartbeat describing the device now.
@@ -123,7 +125,7 @@ impl DeviceProbe {
         self.last_cpu = self.cpu_counters();
         let mut conditions = Vec::new();
         if mem_total > 0 && (mem_available as f64) < mem_total as f64 * MEMORY_PRESSURE_AVAILABLE {
-            conditions.push("MemoryPressure".to_owned());
+            conditions.push(NodeCondition::MemoryPressure);
         }
         let (power_source, battery_percent) = self.power();
         pb::HeartbeatRequest {
@@ -138,8 +140,13 @@ impl DeviceProbe {
                 ..Default::default()
             }),
             labels: self.labels.clone().into_iter().collect(),
-            conditions,
-            power_source,
+            legacy_conditions: conditions.iter().map(|c| c.name().to_owned()).collect(),
+            conditions: conditions
+                .into_iter()
+                .map(pb::NodeCondition::wire)
+                .collect(),
+            legacy_power_source: power_source.name().to_owned(),
+            power_source: pb::PowerSource::wire(power_source),
             battery_percent,
             overlay_addresses: self.overlay_addresses.clone(),
         }
@@ -171,10 +178,18 @@ mod tests {
             1_000_000 * 1024
         );
         assert_eq!(hb.usage.expect("usage").memory_bytes, 980_000 * 1024);
-        assert_eq!(hb.conditions, vec!["MemoryPressure".to_owned()]);
         assert_eq!(
-            (hb.power_source.as_str(), hb.battery_percent),
-            ("battery", 42)
+            hb.conditions().collect::<Vec<_>>(),
+            [pb::NodeCondition::MemoryPressure]
+        );
+        assert_eq!(
+            (hb.power_source(), hb.battery_percent),
+            (pb::PowerSource::Battery, 42)
+        );
+        // The twins, for coordinators of the previous release.
+        assert_eq!(
+            (hb.legacy_power_source.as_str(), hb.legacy_conditions),
+            ("battery", vec!["MemoryPressure".to_owned()])
         );
         assert_eq!(hb.labels.get("arch").map(String::as_str), Some(arch()));
     }
@@ -184,6 +199,6 @@ mod tests {
         let mut probe = DeviceProbe::default();
         let hb = probe.heartbeat();
         assert!(hb.capacity.expect("capacity").cpu_millis >= 1000);
-        assert_eq!(hb.power_source, "mains");
+        assert_eq!(hb.power_source(), pb::PowerSource::Mains);
     }
 }

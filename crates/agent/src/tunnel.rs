@@ -55,7 +55,9 @@ async fn serve_logs<R: ContainerRuntime>(
         request_id: id,
         chunk: Some(pb::LogChunk {
             replica_id: replica_id.clone(),
-            stream: "stdout".into(),
+            // containerd's log file interleaves both streams.
+            stream: pb::LogStream::Stdout.into(),
+            legacy_stream: "stdout".into(),
             data,
         }),
         end: false,

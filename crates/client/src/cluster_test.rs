@@ -41,6 +41,7 @@ impl RaftService for Fake {
         match &self.answer {
             Answer::Serve(name) => Ok(Response::new(RaftPayload {
                 data: name.as_bytes().to_vec(),
+                log_format: 0,
             })),
             Answer::Hint(leader) => {
                 let mut s = Status::unavailable("not the leader");

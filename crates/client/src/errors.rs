@@ -63,6 +63,33 @@ pub fn refusal<'a>(
     )
 }
 
+/// An INVALID_ARGUMENT status whose `google.rpc.BadRequest` detail lists
+/// each `(field, problem)`.
+pub fn invalid_fields<'a>(
+    message: impl Into<String>,
+    violations: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Status {
+    let mut details = ErrorDetails::new();
+    for (field, problem) in violations {
+        details.add_bad_request_violation(field, problem);
+    }
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// The `(field, problem)` pairs of a status's `google.rpc.BadRequest` detail.
+pub fn field_violations(status: &Status) -> Vec<(String, String)> {
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| {
+            b.field_violations
+                .iter()
+                .map(|v| (v.field.clone(), v.description.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The Cloudless reason `status` carries, if any (a detail of another domain
 /// or an unknown reason is none).
 pub fn reason(status: &Status) -> Option<Reason> {
@@ -114,5 +141,29 @@ mod tests {
             ),
         );
         assert_eq!(reason(&foreign), None);
+    }
+
+    #[test]
+    fn field_violations_survive_the_wire_encoding() {
+        let s = invalid_fields(
+            "spec.replicas: must be at most 10000",
+            [
+                ("spec.replicas", "must be at most 10000"),
+                ("spec.image", "is required"),
+            ],
+        );
+        let back = Status::from_header_map(s.into_http::<()>().headers()).expect("status");
+        assert_eq!(back.code(), Code::InvalidArgument);
+        assert_eq!(
+            field_violations(&back),
+            [
+                (
+                    "spec.replicas".to_owned(),
+                    "must be at most 10000".to_owned()
+                ),
+                ("spec.image".to_owned(), "is required".to_owned())
+            ]
+        );
+        assert!(field_violations(&Status::invalid_argument("x")).is_empty());
     }
 }

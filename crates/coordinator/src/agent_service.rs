@@ -12,8 +12,9 @@ use cloudless_proto::v1::{
     ReportStatusResponse, TunnelDown, TunnelUp, UpstreamEndpoint, UpstreamSet,
     WatchAssignmentsRequest,
 };
+use cloudless_proto::{enums, v1, WireEnum as _};
 use cloudless_state::{Command, ReplicaUpdate, Response as SmResponse};
-use cloudless_types::{NodeStatus, ReplicaState, Resources};
+use cloudless_types::{ClosedSet as _, NodeStatus, PowerSource, ReplicaState, Resources};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::authz::{require, Allow};
@@ -26,13 +27,6 @@ const MAX_LABELS: usize = 64;
 const MAX_CONDITIONS: usize = 16;
 /// Overlay addresses a heartbeat may report.
 const MAX_OVERLAY_ADDRESSES: usize = 8;
-/// Conditions an agent may report.
-const CONDITIONS: [&str; 4] = [
-    "MemoryPressure",
-    "DiskPressure",
-    "PIDPressure",
-    "NetworkUnavailable",
-];
 
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
@@ -83,23 +77,18 @@ fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), Coor
             ),
         );
     }
-    for (i, c) in r.conditions.iter().enumerate() {
-        if !CONDITIONS.contains(&c.as_str()) {
-            return bad(
-                &format!("conditions[{i}]"),
-                format!("{c:?} is not one of {}", CONDITIONS.join(", ")),
-            );
-        }
-    }
-    let power_source = match r.power_source.as_str() {
-        "" | "mains" => "mains",
-        "battery" => "battery",
-        other => {
-            return bad(
-                "power_source",
-                format!("{other:?} is neither \"mains\" nor \"battery\""),
-            )
-        }
+    let mut conditions = enums::required_list::<v1::NodeCondition>(
+        &r.conditions,
+        &r.legacy_conditions,
+        "conditions",
+    )
+    .map_err(CoordinatorError::from)?;
+    // Agents of the release before the enum sent "" for mains.
+    let power_source = if r.power_source == 0 && r.legacy_power_source.is_empty() {
+        PowerSource::Mains
+    } else {
+        enums::required::<v1::PowerSource>(r.power_source, &r.legacy_power_source, "power_source")
+            .map_err(CoordinatorError::from)?
     };
     let Ok(battery_percent) = u8::try_from(r.battery_percent) else {
         return bad(
@@ -133,16 +122,16 @@ fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), Coor
     let capacity: Resources = r.capacity.map(Into::into).unwrap_or_default();
     cloudless_types::check_capacity_bounds(&capacity)
         .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
-    let mut conditions = r.conditions;
     conditions.sort();
     conditions.dedup();
     let status = NodeStatus {
         overlay_addresses: r.overlay_addresses,
         capacity,
         reported_labels: labels,
-        conditions,
-        power_source: power_source.to_owned(),
-        battery_percent: if power_source == "battery" {
+        // Stored by name (the log format keeps strings here).
+        conditions: conditions.iter().map(|c| c.name().to_owned()).collect(),
+        power_source: power_source.name().to_owned(),
+        battery_percent: if power_source == PowerSource::Battery {
             battery_percent
         } else {
             0
@@ -179,12 +168,12 @@ fn status_updates(
     let mut seen = std::collections::HashSet::new();
     let mut updates = Vec::new();
     for (i, r) in req.replicas.into_iter().enumerate() {
-        let state = ReplicaState::parse(&r.state).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "replicas[{i}].state: {:?} is not one of Pending, Running, Ready, Failed, Succeeded",
-                r.state.chars().take(32).collect::<String>()
-            ))
-        })?;
+        let state = enums::required::<v1::ReplicaState>(
+            r.state,
+            &r.legacy_state,
+            &format!("replicas[{i}].state"),
+        )
+        .map_err(CoordinatorError::from)?;
         if r.replica_id.is_empty() || r.replica_id.len() > 256 {
             return Err(Status::invalid_argument(format!(
                 "replicas[{i}].replica_id: must be 1 to 256 characters"
@@ -231,10 +220,11 @@ fn beat(
         .heartbeat(id, status, usage, || handle.admit_node_write(id).is_ok());
     Ok(HeartbeatResponse {
         heartbeat_interval_ms: answer.interval_ms,
-        phase: answer
+        legacy_phase: answer
             .phase
-            .map(|p| p.as_str().to_owned())
+            .map(|p| p.name().to_owned())
             .unwrap_or_default(),
+        phase: answer.phase.map_or(0, v1::NodePhase::wire),
     })
 }
 
@@ -749,9 +739,12 @@ mod tests {
     #[test]
     fn heartbeat_fields_are_checked_by_name() {
         let ok = HeartbeatRequest {
-            power_source: "battery".into(),
+            power_source: v1::PowerSource::Battery.into(),
             battery_percent: 40,
-            conditions: vec!["DiskPressure".into(), "DiskPressure".into()],
+            conditions: vec![
+                v1::NodeCondition::DiskPressure.into(),
+                v1::NodeCondition::DiskPressure.into(),
+            ],
             overlay_addresses: vec!["192.0.2.7:7600".into(), "[2001:db8::1]:7600".into()],
             ..Default::default()
         };
@@ -759,18 +752,37 @@ mod tests {
         assert_eq!(status.battery_percent, 40);
         assert_eq!(status.overlay_addresses.len(), 2);
         assert_eq!(status.conditions, vec!["DiskPressure".to_owned()]);
+        // An agent of the previous release sends the string twins only.
+        let legacy = HeartbeatRequest {
+            legacy_power_source: "battery".into(),
+            battery_percent: 40,
+            legacy_conditions: vec!["MemoryPressure".into()],
+            ..Default::default()
+        };
+        let (status, _) = status_from_wire(legacy).expect("valid");
+        assert_eq!(
+            (status.power_source.as_str(), status.conditions),
+            ("battery", vec!["MemoryPressure".to_owned()])
+        );
         for (req, field) in [
             (
                 HeartbeatRequest {
                     battery_percent: 101,
-                    power_source: "battery".into(),
+                    power_source: v1::PowerSource::Battery.into(),
                     ..Default::default()
                 },
                 "battery_percent",
             ),
             (
                 HeartbeatRequest {
-                    power_source: "solar".into(),
+                    legacy_power_source: "solar".into(),
+                    ..Default::default()
+                },
+                "power_source",
+            ),
+            (
+                HeartbeatRequest {
+                    power_source: 17,
                     ..Default::default()
                 },
                 "power_source",
@@ -788,7 +800,7 @@ mod tests {
             ),
             (
                 HeartbeatRequest {
-                    conditions: vec!["Sad".into()],
+                    conditions: vec![v1::NodeCondition::Unspecified.into()],
                     ..Default::default()
                 },
                 "conditions[0]",

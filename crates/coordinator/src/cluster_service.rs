@@ -111,6 +111,11 @@ impl ClusterService for ClusterApi {
                     ));
                 }
                 check_address("address", &r.address)?;
+                cloudless_state::check_peer_log_format(
+                    &format!("coordinator {}", r.node_id),
+                    r.log_format,
+                )
+                .map_err(CoordinatorError::FailedPrecondition)?;
                 let commit = h.join(r.node_id, r.address).await?;
                 Ok(JoinCoordinatorResponse {
                     members: h.members(),

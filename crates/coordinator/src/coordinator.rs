@@ -461,7 +461,8 @@ impl CoordinatorHandle {
             node_id: self.inner.id,
             address: self.inner.address.clone(),
             reachable: true,
-            state: format!("{:?}", m.state),
+            legacy_state: format!("{:?}", m.state),
+            state: raft_server_state(m.state).into(),
             term: m.current_term,
             leader_id: m.current_leader.unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
@@ -1093,6 +1094,7 @@ async fn join_cluster(handle: CoordinatorHandle, target: String, cancel: Cancell
                 write: None,
                 node_id: handle.id(),
                 address: handle.address().to_owned(),
+                log_format: cloudless_state::LOG_FORMAT,
             });
             req.set_timeout(Duration::from_secs(60));
             client
@@ -1180,5 +1182,16 @@ impl RelayMetrics {
                 () = cancel.cancelled() => return,
             }
         }
+    }
+}
+
+/// The one conversion of openraft's server state to the wire.
+pub(crate) fn raft_server_state(s: openraft::ServerState) -> v1::RaftServerState {
+    match s {
+        openraft::ServerState::Leader => v1::RaftServerState::Leader,
+        openraft::ServerState::Follower => v1::RaftServerState::Follower,
+        openraft::ServerState::Candidate => v1::RaftServerState::Candidate,
+        openraft::ServerState::Learner => v1::RaftServerState::Learner,
+        openraft::ServerState::Shutdown => v1::RaftServerState::Shutdown,
     }
 }

@@ -90,6 +90,12 @@ pub enum CoordinatorError {
     },
 }
 
+impl From<cloudless_types::FieldError> for CoordinatorError {
+    fn from(e: cloudless_types::FieldError) -> Self {
+        CoordinatorError::Invalid(ValidationErrors(vec![e]))
+    }
+}
+
 impl From<CoordinatorError> for Status {
     fn from(e: CoordinatorError) -> Status {
         if let CoordinatorError::Status(s) = e {
@@ -178,6 +184,12 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::RejoinRefused(RejoinRefusal::Removed { node_id }) => {
                 refusal(code, msg, Reason::NodeRemoved, [(NODE_ID, node_id.clone())])
             }
+            CoordinatorError::Invalid(errs) => cloudless_client::errors::invalid_fields(
+                msg,
+                errs.0
+                    .iter()
+                    .map(|f| (f.field.as_str(), f.problem.as_str())),
+            ),
             _ => Status::new(code, msg),
         };
         if let CoordinatorError::NotLeader {

@@ -9,7 +9,7 @@ use cloudless_proto::v1::{
     CreateJoinTokenRequest, CreateJoinTokenResponse, EnrollRequest, EnrollResponse, GetNodeRequest,
     GetNodeResponse, JoinTokenInfo, LabelNodeRequest, ListJoinTokensRequest,
     ListJoinTokensResponse, ListNodesRequest, ListNodesResponse, NodeActionRequest,
-    NodeActionResponse, NodePhase, RejoinRequest, RejoinResponse, RevokeJoinTokenRequest,
+    NodeActionResponse, RejoinRequest, RejoinResponse, RevokeJoinTokenRequest,
     RevokeJoinTokenResponse,
 };
 use cloudless_state::{Command, Rejection, Response as SmResponse};
@@ -51,19 +51,26 @@ fn random_hex(bytes: usize) -> String {
 pub(crate) fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
     let (capacity, unverified) = n.placement_capacity();
     let labels = n.labels;
-    let phase = match n.phase {
-        cloudless_types::NodePhase::Pending => NodePhase::Pending,
-        cloudless_types::NodePhase::Ready => NodePhase::Ready,
-        cloudless_types::NodePhase::Suspect => NodePhase::Suspect,
-        cloudless_types::NodePhase::Down => NodePhase::Down,
-    };
+    use cloudless_proto::WireEnum as _;
+    use cloudless_types::ClosedSet as _;
+    // Stored by name, checked when reported: a name this release does not
+    // know (none today) is left out of the enum list, kept in the twin.
+    let conditions = n
+        .status
+        .conditions
+        .iter()
+        .filter_map(|c| cloudless_types::NodeCondition::from_name(c))
+        .map(cloudless_proto::v1::NodeCondition::wire)
+        .collect();
+    let power_source = cloudless_types::PowerSource::from_name(&n.status.power_source)
+        .map_or(0, cloudless_proto::v1::PowerSource::wire);
     cloudless_proto::v1::Node {
         region: labels.get("region").cloned().unwrap_or_default(),
         zone: labels.get("zone").cloned().unwrap_or_default(),
         arch: labels.get("arch").cloned().unwrap_or_default(),
         id: n.id,
         name: n.name,
-        phase: phase as i32,
+        phase: cloudless_proto::v1::NodePhase::wire(n.phase),
         cordoned: n.cordoned,
         draining: n.draining,
         labels: labels.into_iter().collect(),
@@ -76,8 +83,10 @@ pub(crate) fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
         enrolled_at_ms: n.enrolled_at_ms,
         cert_not_after_ms: n.cert_not_after_ms,
         phase_since_ms: n.phase_since_ms,
-        conditions: n.status.conditions,
-        power_source: n.status.power_source,
+        conditions,
+        power_source,
+        legacy_conditions: n.status.conditions,
+        legacy_power_source: n.status.power_source,
         battery_percent: u32::from(n.status.battery_percent),
         overlay_addresses: n.status.overlay_addresses,
         down_count: n.down_count,

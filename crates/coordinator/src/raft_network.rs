@@ -199,7 +199,10 @@ where
     Resp: DeserializeOwned,
     E: std::error::Error + DeserializeOwned,
 {
-    let mut request = tonic::Request::new(RaftPayload { data });
+    let mut request = tonic::Request::new(RaftPayload {
+        data,
+        log_format: cloudless_state::LOG_FORMAT,
+    });
     request.set_timeout(timeout);
     let mut client = RaftServiceClient::new(channel)
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -222,16 +225,22 @@ where
     let reply = reply.map_err(|status| {
         let e = WireError(format!("{} to node {target}: {status}", method.name()));
         match status.code() {
-            // No connection: openraft backs off before trying again.
-            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&e)),
+            // No connection, or a peer of another log format (it will not
+            // change by retrying at once): openraft backs off.
+            tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
             // A slow answer is not a dead peer: a back-off (500 ms, with no
             // heartbeats) would outlast the election timeout and depose a
             // leader that is merely busy.
             _ => RPCError::Network(NetworkError::new(&e)),
         }
     })?;
-    let result: Result<Resp, E> = postcard::from_bytes(&reply.into_inner().data)
-        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    let reply = reply.into_inner();
+    cloudless_state::check_peer_log_format(&format!("node {target}"), reply.log_format)
+        .map_err(|e| RPCError::Unreachable(Unreachable::new(&WireError(e))))?;
+    let result: Result<Resp, E> =
+        postcard::from_bytes(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
     result.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
 }
 

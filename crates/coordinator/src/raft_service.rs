@@ -33,14 +33,28 @@ impl RaftGrpc {
     }
 }
 
+/// The request's payload, if the sender speaks this release's log format
+/// (decoding another format's payload could misread it).
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>, what: &str) -> Result<T, Status> {
-    postcard::from_bytes(&req.into_inner().data)
+    let peer = req.remote_addr().map_or_else(
+        || "the sender".to_owned(),
+        |a| format!("the coordinator at {a}"),
+    );
+    let p = req.into_inner();
+    cloudless_state::check_peer_log_format(&peer, p.log_format)
+        .map_err(Status::failed_precondition)?;
+    postcard::from_bytes(&p.data)
         .map_err(|e| Status::invalid_argument(format!("malformed {what} payload: {e}")))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
     postcard::to_allocvec(value)
-        .map(|data| Response::new(RaftPayload { data }))
+        .map(|data| {
+            Response::new(RaftPayload {
+                data,
+                log_format: cloudless_state::LOG_FORMAT,
+            })
+        })
         .map_err(|e| Status::internal(format!("encoding raft response: {e}")))
 }
 

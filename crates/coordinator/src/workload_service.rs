@@ -11,8 +11,9 @@ use cloudless_proto::v1::{
     RolloutStatusResponse, RolloutUndoRequest, RolloutUndoResponse, ScaleWorkloadRequest,
     ScaleWorkloadResponse,
 };
+use cloudless_proto::{v1, WireEnum as _};
 use cloudless_state::{Command, Rejection, Response as SmResponse};
-use cloudless_types::DEFAULT_NAMESPACE;
+use cloudless_types::{ClosedSet as _, DEFAULT_NAMESPACE};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::CoordinatorHandle;
@@ -460,7 +461,8 @@ impl WorkloadService for WorkloadApi {
         });
         Ok(Response::new(ExplainPlacementResponse {
             nodes: out,
-            strategy: format!("{:?}", w.spec.placement.strategy),
+            legacy_strategy: w.spec.placement.strategy.name().to_owned(),
+            strategy: v1::PlacementStrategy::wire(w.spec.placement.strategy),
         }))
     }
 
@@ -513,7 +515,8 @@ impl WorkloadService for WorkloadApi {
                     } else {
                         Ok(LogChunk {
                             replica_id: rep.id.clone(),
-                            stream: "error".into(),
+                            legacy_stream: "error".into(),
+                            stream: v1::LogStream::Error.into(),
                             data: why.into_bytes(),
                         })
                     }
@@ -717,7 +720,8 @@ impl WorkloadService for WorkloadApi {
         };
         let to_wire = |e: cloudless_types::EventRecord| Event {
             at_ms: e.at_ms,
-            kind: e.kind,
+            kind: cloudless_types::ObjectKind::from_name(&e.kind).map_or(0, v1::ObjectKind::wire),
+            legacy_kind: e.kind,
             object: if e.namespace.is_empty() {
                 e.object
             } else {

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use cloudless_types as t;
+use cloudless_types::{self as t, ClosedSet as _};
 
+use crate::enums::{defaulted, WireEnum};
 use crate::v1;
 
 impl From<t::Resources> for v1::Resources {
@@ -47,15 +48,19 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 zones: s.placement.zones,
                 regions: s.placement.regions,
                 node_selector: s.placement.node_selector.into_iter().collect(),
-                anti_affinity: format!("{:?}", s.placement.anti_affinity),
-                strategy: format!("{:?}", s.placement.strategy),
+                legacy_anti_affinity: s.placement.anti_affinity.name().into(),
+                legacy_strategy: s.placement.strategy.name().into(),
+                anti_affinity: Some(v1::AntiAffinity::wire(s.placement.anti_affinity)),
+                strategy: Some(v1::PlacementStrategy::wire(s.placement.strategy)),
             }),
-            restart_policy: format!("{:?}", s.restart_policy),
+            legacy_restart_policy: s.restart_policy.name().into(),
+            restart_policy: Some(v1::RestartPolicy::wire(s.restart_policy)),
             rollout: Some(v1::Rollout {
                 max_surge: s.rollout.max_surge,
                 max_unavailable: s.rollout.max_unavailable,
                 progress_deadline_seconds: s.rollout.progress_deadline_seconds,
-                strategy: format!("{:?}", s.rollout.strategy),
+                legacy_strategy: s.rollout.strategy.name().into(),
+                strategy: Some(v1::RolloutStrategy::wire(s.rollout.strategy)),
                 min_available: s.rollout.min_available,
             }),
             readiness_probe: s.readiness_probe.map(probe_to_wire),
@@ -66,7 +71,8 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 .map(|p| v1::ContainerPort {
                     name: p.name,
                     container_port: u32::from(p.container_port),
-                    protocol: format!("{:?}", p.protocol),
+                    legacy_protocol: p.protocol.name().into(),
+                    protocol: Some(v1::Protocol::wire(p.protocol)),
                 })
                 .collect(),
             security_context: Some(security_to_wire(s.security_context)),
@@ -76,7 +82,8 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 .map(|v| v1::Volume {
                     name: v.name,
                     empty_dir: v.empty_dir.map(|e| v1::EmptyDir {
-                        medium: format!("{:?}", e.medium),
+                        legacy_medium: e.medium.name().into(),
+                        medium: Some(v1::StorageMedium::wire(e.medium)),
                         size_limit_bytes: e.size_limit_bytes,
                     }),
                     host_path: v.host_path.map(|h| v1::HostPath { path: h.path }),
@@ -124,7 +131,8 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 lost_after_seconds: s.disconnect.lost_after_seconds,
                 replace: Some(s.disconnect.replace),
                 stop_on_client_after_seconds: s.disconnect.stop_on_client_after_seconds,
-                reconcile: format!("{:?}", s.disconnect.reconcile),
+                legacy_reconcile: s.disconnect.reconcile.name().into(),
+                reconcile: Some(v1::ReconnectPolicy::wire(s.disconnect.reconcile)),
             }),
         }
     }
@@ -138,35 +146,12 @@ fn security_to_wire(c: t::SecurityContextSpec) -> v1::SecurityContext {
         read_only_root_filesystem: c.read_only_root_filesystem,
         capabilities_add: c.capabilities.add,
         capabilities_drop: c.capabilities.drop,
-        seccomp_type: format!("{:?}", c.seccomp_profile.kind),
+        legacy_seccomp_type: c.seccomp_profile.kind.name().into(),
+        seccomp_type: Some(v1::SeccompProfileType::wire(c.seccomp_profile.kind)),
         seccomp_localhost_profile: c.seccomp_profile.localhost_profile.unwrap_or_default(),
         app_armor_profile: c.app_armor_profile.unwrap_or_default(),
         se_linux_label: c.se_linux_label.unwrap_or_default(),
         host_network: c.host_network,
-    }
-}
-
-/// One of `options` by its wire name ("" gives the first); anything else is
-/// reported under `field` and gives the first.
-fn wire_enum<T: Copy>(
-    value: &str,
-    options: &[(&str, T)],
-    field: String,
-    errs: &mut t::ValidationErrors,
-) -> T {
-    if value.is_empty() {
-        return options[0].1;
-    }
-    match options.iter().find(|(name, _)| *name == value) {
-        Some((_, v)) => *v,
-        None => {
-            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-            errs.push(
-                field,
-                format!("{value:?} is not one of {}", names.join(", ")),
-            );
-            options[0].1
-        }
     }
 }
 
@@ -179,7 +164,6 @@ fn security_from_wire(
     path: &str,
     errs: &mut t::ValidationErrors,
 ) -> t::SecurityContextSpec {
-    use t::SeccompType as S;
     t::SecurityContextSpec {
         run_as_user: c.run_as_user,
         run_as_group: c.run_as_group,
@@ -190,15 +174,11 @@ fn security_from_wire(
             drop: c.capabilities_drop,
         },
         seccomp_profile: t::SeccompProfileSpec {
-            kind: wire_enum(
-                &c.seccomp_type,
-                &[
-                    ("RuntimeDefault", S::RuntimeDefault),
-                    ("Strict", S::Strict),
-                    ("Localhost", S::Localhost),
-                    ("Unconfined", S::Unconfined),
-                ],
-                format!("{path}.seccompProfile.type"),
+            kind: defaulted::<v1::SeccompProfileType>(
+                c.seccomp_type,
+                &c.legacy_seccomp_type,
+                &format!("{path}.seccompProfile.type"),
+                t::SeccompType::default(),
                 errs,
             ),
             localhost_profile: non_empty(c.seccomp_localhost_profile),
@@ -231,10 +211,11 @@ fn container_from_wire(
                 &format!("{path}.ports[{i}].containerPort"),
                 errs,
             ),
-            protocol: wire_enum(
-                &p.protocol,
-                &[("TCP", t::Protocol::TCP), ("UDP", t::Protocol::UDP)],
-                format!("{path}.ports[{i}].protocol"),
+            protocol: defaulted::<v1::Protocol>(
+                p.protocol,
+                &p.legacy_protocol,
+                &format!("{path}.ports[{i}].protocol"),
+                t::Protocol::default(),
                 errs,
             ),
         })
@@ -251,13 +232,11 @@ fn container_from_wire(
         .map(|(i, v)| t::Volume {
             name: v.name,
             empty_dir: v.empty_dir.map(|e| t::EmptyDir {
-                medium: wire_enum(
-                    &e.medium,
-                    &[
-                        ("Disk", t::StorageMedium::Disk),
-                        ("Memory", t::StorageMedium::Memory),
-                    ],
-                    format!("{path}.volumes[{i}].emptyDir.medium"),
+                medium: defaulted::<v1::StorageMedium>(
+                    e.medium,
+                    &e.legacy_medium,
+                    &format!("{path}.volumes[{i}].emptyDir.medium"),
+                    t::StorageMedium::default(),
                     errs,
                 ),
                 size_limit_bytes: e.size_limit_bytes,
@@ -284,24 +263,21 @@ fn container_from_wire(
             read_only: m.read_only,
         })
         .collect();
-    let disconnect = s.disconnect.take().map_or_else(Default::default, |d| {
-        use t::ReconnectPolicy as R;
-        t::Disconnect {
+    let disconnect = s
+        .disconnect
+        .take()
+        .map_or_else(Default::default, |d| t::Disconnect {
             lost_after_seconds: d.lost_after_seconds,
             replace: d.replace.unwrap_or(true),
             stop_on_client_after_seconds: d.stop_on_client_after_seconds,
-            reconcile: wire_enum(
-                &d.reconcile,
-                &[
-                    ("KeepReplacement", R::KeepReplacement),
-                    ("KeepOriginal", R::KeepOriginal),
-                    ("BestScore", R::BestScore),
-                ],
-                format!("{path}.disconnect.reconcile"),
+            reconcile: defaulted::<v1::ReconnectPolicy>(
+                d.reconcile,
+                &d.legacy_reconcile,
+                &format!("{path}.disconnect.reconcile"),
+                t::ReconnectPolicy::default(),
                 errs,
             ),
-        }
-    });
+        });
     (ports, security, volumes, mounts, disconnect)
 }
 
@@ -361,34 +337,25 @@ pub fn spec_from_wire(
     let (ports, security_context, volumes, volume_mounts, disconnect) =
         container_from_wire(&mut s, path, errs);
     let placement = s.placement.unwrap_or_default();
-    let anti_affinity = wire_enum(
-        &placement.anti_affinity,
-        &[
-            ("None", t::AntiAffinity::None),
-            ("Node", t::AntiAffinity::Node),
-            ("Zone", t::AntiAffinity::Zone),
-        ],
-        format!("{path}.placement.antiAffinity"),
+    let anti_affinity = defaulted::<v1::AntiAffinity>(
+        placement.anti_affinity,
+        &placement.legacy_anti_affinity,
+        &format!("{path}.placement.antiAffinity"),
+        t::AntiAffinity::default(),
         errs,
     );
-    let strategy = wire_enum(
-        &placement.strategy,
-        &[
-            ("Auto", t::PlacementStrategy::Auto),
-            ("Spread", t::PlacementStrategy::Spread),
-            ("Binpack", t::PlacementStrategy::Binpack),
-        ],
-        format!("{path}.placement.strategy"),
+    let strategy = defaulted::<v1::PlacementStrategy>(
+        placement.strategy,
+        &placement.legacy_strategy,
+        &format!("{path}.placement.strategy"),
+        t::PlacementStrategy::default(),
         errs,
     );
-    let restart_policy = wire_enum(
-        &s.restart_policy,
-        &[
-            ("Always", t::RestartPolicy::Always),
-            ("OnFailure", t::RestartPolicy::OnFailure),
-            ("Never", t::RestartPolicy::Never),
-        ],
-        format!("{path}.restartPolicy"),
+    let restart_policy = defaulted::<v1::RestartPolicy>(
+        s.restart_policy,
+        &s.legacy_restart_policy,
+        &format!("{path}.restartPolicy"),
+        t::RestartPolicy::default(),
         errs,
     );
     t::WorkloadSpec {
@@ -410,14 +377,11 @@ pub fn spec_from_wire(
         },
         restart_policy,
         rollout: s.rollout.map_or_else(t::Rollout::default, |r| t::Rollout {
-            strategy: wire_enum(
-                &r.strategy,
-                &[
-                    ("RollingUpdate", t::RolloutStrategy::RollingUpdate),
-                    ("Recreate", t::RolloutStrategy::Recreate),
-                    ("BlueGreen", t::RolloutStrategy::BlueGreen),
-                ],
-                format!("{path}.rollout.type"),
+            strategy: defaulted::<v1::RolloutStrategy>(
+                r.strategy,
+                &r.legacy_strategy,
+                &format!("{path}.rollout.type"),
+                t::RolloutStrategy::default(),
                 errs,
             ),
             max_surge: r.max_surge,
@@ -641,10 +605,15 @@ impl From<t::ReplicaRecord> for v1::Replica {
             template: r.template,
             node_id: r.node_id,
             node_name: String::new(),
-            state: if r.disconnected_at_ms > 0 {
+            legacy_state: if r.disconnected_at_ms > 0 {
                 "Unknown".to_owned()
             } else {
-                r.state.as_str().to_owned()
+                r.state.name().to_owned()
+            },
+            state: if r.disconnected_at_ms > 0 {
+                v1::ReplicaState::Unknown.into()
+            } else {
+                v1::ReplicaState::wire(r.state)
             },
             exit_code: r.exit_code,
             restarts: r.restarts,
@@ -666,12 +635,15 @@ mod tests {
             ..Default::default()
         }
         .into();
-        spec.restart_policy = "Sometimes".into();
+        // A client of the previous release sends only the string twins.
+        spec.restart_policy = None;
+        spec.legacy_restart_policy = "Sometimes".into();
         if let Some(p) = spec.placement.as_mut() {
-            p.strategy = "Random".into();
+            p.strategy = None;
+            p.legacy_strategy = "Random".into();
         }
         if let Some(r) = spec.rollout.as_mut() {
-            r.strategy = "Canary".into();
+            r.strategy = Some(0);
         }
         let mut errs = t::ValidationErrors::default();
         let back = spec_from_wire(spec, "spec", &mut errs);
@@ -685,11 +657,17 @@ mod tests {
             ]
         );
         assert_eq!(
+            errs.0[2].problem,
+            "ROLLOUT_STRATEGY_UNSPECIFIED is not allowed: give one of \
+             ROLLOUT_STRATEGY_ROLLING_UPDATE, ROLLOUT_STRATEGY_RECREATE, \
+             ROLLOUT_STRATEGY_BLUE_GREEN (leave it unset for ROLLOUT_STRATEGY_ROLLING_UPDATE)"
+        );
+        assert_eq!(
             errs.0[1].problem,
             "\"Sometimes\" is not one of Always, OnFailure, Never"
         );
         assert_eq!(back.restart_policy, t::RestartPolicy::Always);
-        // Empty strings take the default; known names round-trip.
+        // Unset fields take the default; known values round-trip.
         let mut ok: v1::WorkloadSpec = t::WorkloadSpec {
             image: "busybox".into(),
             restart_policy: t::RestartPolicy::Never,

@@ -8,4 +8,6 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod enums;
 pub use convert::{cluster_config_from_wire, workload_from_wire};
+pub use enums::WireEnum;

@@ -25,6 +25,30 @@ pub use log_store::LogStore;
 pub use state_machine::{StateMachine, StateReader, SNAPSHOT_DIR};
 pub use type_config::{CoordinatorNode, NodeId, Raft, TypeConfig};
 
+/// The Raft log format this release writes and reads (ADR 0007). Coordinators
+/// exchange it: a coordinator joins, and takes Raft traffic from, only peers
+/// of the same format.
+pub const LOG_FORMAT: u32 = log_store::FORMAT;
+
+/// The log format of releases that did not send theirs (the field reads 0):
+/// every such release that could run in a cluster with this one wrote 4.
+pub const LOG_FORMAT_UNSENT: u32 = 4;
+
+/// Whether a peer that sent `sent` (0: not sent) speaks this release's log
+/// format; the error names both formats and what to do.
+pub fn check_peer_log_format(peer: &str, sent: u32) -> Result<(), String> {
+    let theirs = if sent == 0 { LOG_FORMAT_UNSENT } else { sent };
+    if theirs == LOG_FORMAT {
+        Ok(())
+    } else {
+        Err(format!(
+            "{peer} uses Raft log format {theirs} and this coordinator format {LOG_FORMAT}: \
+             coordinators of different log formats cannot share a cluster \
+             (see \"Upgrading\" in docs/operations.md)"
+        ))
+    }
+}
+
 /// File name of the Raft log database inside the data directory.
 pub const LOG_FILE: &str = "raft-log.redb";
 /// File name of the state machine database inside the data directory.
@@ -68,6 +92,35 @@ pub fn open_stores(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn peers_of_another_log_format_are_refused_by_name_and_silence_means_the_last_unsent_one() {
+        assert_eq!(
+            super::check_peer_log_format("node 2", super::LOG_FORMAT),
+            Ok(())
+        );
+        assert_eq!(
+            super::check_peer_log_format("node 2", 0),
+            if super::LOG_FORMAT == super::LOG_FORMAT_UNSENT {
+                Ok(())
+            } else {
+                Err(format!(
+                    "node 2 uses Raft log format 4 and this coordinator format {}: coordinators of different log formats cannot share a cluster (see \"Upgrading\" in docs/operations.md)",
+                    super::LOG_FORMAT
+                ))
+            }
+        );
+        let err =
+            super::check_peer_log_format("node 3", super::LOG_FORMAT + 1).expect_err("refused");
+        assert!(
+            err.starts_with(&format!(
+                "node 3 uses Raft log format {} and this coordinator format {}",
+                super::LOG_FORMAT + 1,
+                super::LOG_FORMAT
+            )),
+            "{err}"
+        );
+    }
+
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(p: &std::path::Path) -> u32 {

@@ -26,7 +26,7 @@ const KEY_PURGED: &str = "last_purged";
 /// cluster configuration's `node_rejoin_grace_s` and `admin_cert_lifetime_s`,
 /// and resources' `pids` (a per-replica limit), which change the encoding of
 /// cluster configurations, workload specs and node records.
-const FORMAT: u32 = 4;
+pub(crate) const FORMAT: u32 = 4;
 
 type SErr = StorageError<NodeId>;
 

@@ -62,12 +62,7 @@ pub enum NodePhase {
 impl NodePhase {
     /// The phase's name as the CLI shows it.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Ready => "Ready",
-            Self::Suspect => "Suspect",
-            Self::Down => "Down",
-        }
+        crate::ClosedSet::name(self)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Cloudless domain types. No I/O, no async: everything here is plain data and
 //! the validation rules that keep bad input out of the Raft log.
 
+mod closed_set;
 mod cluster_config;
 mod container;
 mod identity;
@@ -9,6 +10,7 @@ mod secret;
 mod validation;
 mod workload;
 
+pub use closed_set::{ClosedSet, LogStream, NodeCondition, ObjectKind, PowerSource};
 pub use cluster_config::{
     ClusterConfig, SchedulerWeights, DEFAULT_NODE_REJOIN_GRACE_S, MAX_NODE_REJOIN_GRACE_S,
 };

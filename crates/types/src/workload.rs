@@ -379,27 +379,14 @@ pub enum ReplicaState {
 }
 
 impl ReplicaState {
-    /// Its name as shown and sent on the wire.
+    /// Its name as shown and sent in the deprecated string fields.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Running => "Running",
-            Self::Ready => "Ready",
-            Self::Failed => "Failed",
-            Self::Succeeded => "Succeeded",
-        }
+        crate::ClosedSet::name(self)
     }
 
-    /// Parses a wire name.
+    /// Parses a name.
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "Pending" => Self::Pending,
-            "Running" => Self::Running,
-            "Ready" => Self::Ready,
-            "Failed" => Self::Failed,
-            "Succeeded" => Self::Succeeded,
-            _ => return None,
-        })
+        crate::ClosedSet::from_name(s)
     }
 }
 

@@ -50,9 +50,9 @@ async fn wait_voters(c: &Cluster) {
         if let Some(l) = process_leader(&c.coordinators).await {
             if let Some(s) = cluster_status(&c.coordinators[l].grpc).await {
                 if s.coordinators.len() == c.coordinators.len()
-                    && s.coordinators
-                        .iter()
-                        .all(|m| m.reachable && m.state != "Learner")
+                    && s.coordinators.iter().all(|m| {
+                        m.reachable && m.state() != cloudless_proto::v1::RaftServerState::Learner
+                    })
                 {
                     return;
                 }

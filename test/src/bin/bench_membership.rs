@@ -254,7 +254,7 @@ fn flood(
         replicas: (0..500)
             .map(|i| pb::ReplicaStatus {
                 replica_id: format!("{i:0>256}"),
-                state: "Running".into(),
+                state: pb::ReplicaState::Running.into(),
                 message: "m".repeat(1000),
                 ..Default::default()
             })

@@ -116,9 +116,11 @@ async fn main() -> anyhow::Result<()> {
                 if elected_ms.is_none() {
                     for o in &others {
                         if cluster_status(o).await.is_some_and(|s| {
-                            s.coordinators
-                                .iter()
-                                .any(|c| c.state == "Leader" && c.reachable && c.address == *o)
+                            s.coordinators.iter().any(|c| {
+                                c.state() == cloudless_proto::v1::RaftServerState::Leader
+                                    && c.reachable
+                                    && c.address == *o
+                            })
                         }) {
                             elected_ms = Some(killed_at.elapsed().as_millis());
                         }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use cloudless_proto::v1 as pb;
 use cloudless_runtime::registry::RegistryClient;
 use cloudless_runtime::{Backoff, ImageRef, ReplicaSpec, Supervisor};
+use cloudless_types::ReplicaState;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -87,12 +88,12 @@ impl<R> Replica<R> {
 
     /// Records that the replica is waiting (`Pending`) and why.
     fn pending(&self, message: String) {
-        self.set(status(self.id(), "Pending", None, 0, message));
+        self.set(status(self.id(), ReplicaState::Pending, None, 0, message));
     }
 
     /// Records that the replica cannot run (`Failed`) and why.
     fn failed(&self, message: String) {
-        self.set(status(self.id(), "Failed", None, 0, message));
+        self.set(status(self.id(), ReplicaState::Failed, None, 0, message));
     }
 }
 

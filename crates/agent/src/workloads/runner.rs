@@ -204,7 +204,7 @@ impl<R: AgentRuntime> Runner<R> {
                     id.clone(),
                     status(
                         &id,
-                        "Pending",
+                        cloudless_types::ReplicaState::Pending,
                         None,
                         0,
                         format!(

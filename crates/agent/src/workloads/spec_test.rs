@@ -162,7 +162,7 @@ async fn a_security_context_the_device_does_not_allow_is_refused_with_the_reason
     );
     let s = until(&mut rx, "the refusal", |s| s.phase == ReplicaPhase::Failed).await;
     let wire = wire_status(&a.replica_id, &s);
-    assert_eq!(wire.state, "Failed");
+    assert_eq!(wire.state(), pb::ReplicaState::Failed);
     assert!(
         wire.message
             .starts_with("securityContext.capabilities.add[1]: CAP_SYS_ADMIN")
@@ -181,7 +181,11 @@ async fn a_security_context_the_device_does_not_allow_is_refused_with_the_reason
     );
     let (mut rx, _task) = allowing.run(replica(c, &image), Backoff::default(), cancel.clone());
     let s = until(&mut rx, "the run", |s| s.phase == ReplicaPhase::Exited).await;
-    assert_eq!(wire_status(&a.replica_id, &s).state, "Succeeded", "{s:?}");
+    assert_eq!(
+        wire_status(&a.replica_id, &s).state(),
+        pb::ReplicaState::Succeeded,
+        "{s:?}"
+    );
     cancel.cancel();
 }
 

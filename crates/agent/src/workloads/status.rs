@@ -2,18 +2,23 @@
 //! cluster's replica states.
 
 use cloudless_proto::v1 as pb;
+use cloudless_proto::WireEnum as _;
 use cloudless_runtime::ReplicaPhase;
+use cloudless_types::{ClosedSet as _, ReplicaState};
 
+/// A status report entry (with the state's string twin, which coordinators
+/// of the previous release read).
 pub(crate) fn status(
     replica_id: &str,
-    state: &str,
+    state: ReplicaState,
     exit_code: Option<i32>,
     restarts: u32,
     message: String,
 ) -> pb::ReplicaStatus {
     pb::ReplicaStatus {
         replica_id: replica_id.to_owned(),
-        state: state.to_owned(),
+        state: pb::ReplicaState::wire(state),
+        legacy_state: state.name().to_owned(),
         exit_code,
         restarts,
         message,
@@ -35,11 +40,11 @@ pub(crate) fn wire_status(
         }
     }
     let state = match s.phase {
-        ReplicaPhase::Starting => "Pending",
-        ReplicaPhase::Running if s.ready => "Ready",
-        ReplicaPhase::Running | ReplicaPhase::BackOff => "Running",
-        ReplicaPhase::Exited if code == Some(0) => "Succeeded",
-        ReplicaPhase::Exited | ReplicaPhase::Failed => "Failed",
+        ReplicaPhase::Starting => ReplicaState::Pending,
+        ReplicaPhase::Running if s.ready => ReplicaState::Ready,
+        ReplicaPhase::Running | ReplicaPhase::BackOff => ReplicaState::Running,
+        ReplicaPhase::Exited if code == Some(0) => ReplicaState::Succeeded,
+        ReplicaPhase::Exited | ReplicaPhase::Failed => ReplicaState::Failed,
     };
     status(replica_id, state, code, s.restarts, message)
 }
@@ -58,23 +63,26 @@ mod tests {
             last_exit: None,
             message: String::new(),
         };
-        assert_eq!(wire_status("r", &s).state, "Ready");
+        assert_eq!(wire_status("r", &s).state(), pb::ReplicaState::Ready);
         s.ready = false;
-        assert_eq!(wire_status("r", &s).state, "Running");
+        assert_eq!(wire_status("r", &s).state(), pb::ReplicaState::Running);
         s.phase = ReplicaPhase::Exited;
         s.last_exit = Some(cloudless_runtime::LastExit {
             code: 0,
             oom_killed: false,
             liveness_failed: false,
         });
-        assert_eq!(wire_status("r", &s).state, "Succeeded");
+        assert_eq!(wire_status("r", &s).state(), pb::ReplicaState::Succeeded);
         s.last_exit = Some(cloudless_runtime::LastExit {
             code: 137,
             oom_killed: true,
             liveness_failed: false,
         });
         let w = wire_status("r", &s);
-        assert_eq!((w.state.as_str(), w.exit_code), ("Failed", Some(137)));
+        assert_eq!(
+            (w.state(), w.legacy_state.as_str(), w.exit_code),
+            (pb::ReplicaState::Failed, "Failed", Some(137))
+        );
         assert!(w.message.contains("OOM"));
     }
 }

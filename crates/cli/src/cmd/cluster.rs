@@ -101,7 +101,7 @@ pub(crate) async fn run(cmd: ClusterCmd, ctx: &Ctx) -> Result<(), Failure> {
             .await?;
             if ctx.output.is_structured() {
                 let coords: Vec<_> = s.coordinators.iter().map(|c| serde_json::json!({
-                    "nodeId": c.node_id, "address": c.address, "reachable": c.reachable, "state": c.state,
+                    "nodeId": c.node_id, "address": c.address, "reachable": c.reachable, "state": c.state_name(),
                     "term": c.term, "leaderId": c.leader_id, "lastLogIndex": c.last_log_index,
                     "commitIndex": c.commit_index, "appliedIndex": c.applied_index,
                     "snapshotIndex": c.snapshot_index, "error": c.error })).collect();
@@ -136,7 +136,7 @@ pub(crate) async fn run(cmd: ClusterCmd, ctx: &Ctx) -> Result<(), Failure> {
                         c.node_id,
                         c.address,
                         role,
-                        c.state,
+                        c.state_name(),
                         c.term,
                         c.last_log_index,
                         c.commit_index,

@@ -2,8 +2,10 @@
 //! and state), placement explanation and latest events.
 
 use clap::Args;
+use cloudless_proto::enums::shown;
 use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
 use cloudless_proto::v1::{self as pb};
+use cloudless_types::ClosedSet as _;
 
 use crate::client::{call, status_failure, Failure};
 use crate::cmd::workload::{replica_json, workload_json};
@@ -63,41 +65,28 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
         "Replicas:     {} desired, {} assigned, {} up to date, {} ready",
         spec.replicas, st.current_replicas, st.updated_replicas, st.ready_replicas
     );
-    if let Some(p) = &spec.placement {
+    let typed = cloudless_types::WorkloadSpec::from(spec.clone());
+    if spec.placement.is_some() {
+        let p = &typed.placement;
         println!(
             "Placement:    zones {:?}, strategy {}, anti-affinity {}",
             p.zones,
-            if p.strategy.is_empty() {
-                "Auto"
-            } else {
-                &p.strategy
-            },
-            if p.anti_affinity.is_empty() {
-                "None"
-            } else {
-                &p.anti_affinity
-            }
+            p.strategy.name(),
+            p.anti_affinity.name()
         );
     }
-    println!(
-        "Restart:      {}",
-        if spec.restart_policy.is_empty() {
-            "Always"
-        } else {
-            &spec.restart_policy
-        }
-    );
-    if let Some(r) = &spec.rollout {
+    println!("Restart:      {}", typed.restart_policy.name());
+    if spec.rollout.is_some() {
+        let r = &typed.rollout;
         println!(
             "Rollout:      {} maxSurge {}, maxUnavailable {}, minAvailable {}, progress deadline {}s",
-            if r.strategy.is_empty() { "RollingUpdate" } else { &r.strategy },
+            r.strategy.name(),
             r.max_surge,
             r.max_unavailable,
             r.min_available.map_or_else(|| "-".to_owned(), |m| m.to_string()),
             r.progress_deadline_seconds
         );
     }
-    let typed = cloudless_types::WorkloadSpec::from(spec.clone());
     if !typed.ports.is_empty() {
         let ports: Vec<String> = typed
             .ports
@@ -108,20 +97,20 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
                 } else {
                     format!("{} ", p.name)
                 };
-                format!("{n}{}/{:?}", p.container_port, p.protocol)
+                format!("{n}{}/{}", p.container_port, p.protocol.name())
             })
             .collect();
         println!("Ports:        {}", ports.join(", "));
     }
     let sc = &typed.security_context;
     println!(
-        "Security:     user {}, non-root {}, read-only root {}, capabilities [{}], seccomp {:?}",
+        "Security:     user {}, non-root {}, read-only root {}, capabilities [{}], seccomp {}",
         sc.run_as_user
             .map_or_else(|| "image".to_owned(), |u| u.to_string()),
         sc.run_as_non_root,
         sc.read_only_root_filesystem,
         sc.capabilities.effective().join(", "),
-        sc.seccomp_profile.kind
+        sc.seccomp_profile.kind.name()
     );
     for m in &typed.volume_mounts {
         let v = typed.volumes.iter().find(|v| v.name == m.name);
@@ -184,7 +173,7 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
         println!(
             "  {:<44} {:<10} {:<12} template {:<3} restarts {:<3} age {:<6} {}",
             x.id,
-            x.state,
+            x.state_name(),
             if x.node_name.is_empty() {
                 &x.node_id
             } else {
@@ -200,7 +189,7 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
         Ok(e) => {
             println!(
                 "Placement explanation (one more replica, strategy {}):",
-                e.strategy
+                shown::<pb::PlacementStrategy>(e.strategy, &e.legacy_strategy)
             );
             for n in &e.nodes {
                 println!(

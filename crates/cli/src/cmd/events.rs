@@ -2,6 +2,7 @@
 //! changes.
 
 use clap::Args;
+use cloudless_proto::enums::shown;
 use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
 use cloudless_proto::v1::{self as pb};
 
@@ -54,14 +55,14 @@ pub(crate) async fn run(args: EventsArgs, ctx: &Ctx) -> Result<(), Failure> {
     while let Some(e) = stream.message().await.map_err(status_failure)? {
         if structured {
             ctx.output.print(&serde_json::json!({
-                "atMs": e.at_ms, "kind": e.kind, "object": e.object,
+                "atMs": e.at_ms, "kind": shown::<pb::ObjectKind>(e.kind, &e.legacy_kind), "object": e.object,
                 "reason": e.reason, "message": e.message,
             }))?;
         } else {
             println!(
                 "{:<8} {:<9} {:<24} {:<18} {}",
                 human((now_ms() - e.at_ms).max(0) / 1000),
-                e.kind,
+                shown::<pb::ObjectKind>(e.kind, &e.legacy_kind),
                 e.object,
                 e.reason,
                 e.message

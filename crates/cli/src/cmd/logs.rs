@@ -51,7 +51,7 @@ pub(crate) async fn run(args: LogsArgs, ctx: &Ctx) -> Result<(), Failure> {
     let prefix = replica.is_none();
     let mut partial: std::collections::HashMap<String, String> = Default::default();
     while let Some(chunk) = stream.message().await.map_err(status_failure)? {
-        if chunk.stream == "error" {
+        if chunk.stream() == pb::LogStream::Error || chunk.legacy_stream == "error" {
             eprintln!(
                 "{}: {}",
                 chunk.replica_id,

@@ -1,6 +1,7 @@
 //! `cloudlessctl node` (and `get nodes`): enrolled nodes, their labels,
 //! cordon, drain and removal.
 
+use cloudless_proto::enums::shown;
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -218,7 +219,7 @@ async fn wait_drained(servers: &Target, id: &str, timeout: Duration) -> Result<(
         let left: Vec<String> = replicas
             .iter()
             .filter(|r| r.node_id == id)
-            .map(|r| format!("{} ({})", r.id, r.state))
+            .map(|r| format!("{} ({})", r.id, r.state_name()))
             .collect();
         if left.is_empty() {
             println!("node {id} drained: it holds no replica");
@@ -261,14 +262,20 @@ async fn wait_drained(servers: &Target, id: &str, timeout: Duration) -> Result<(
     }
 }
 
-fn phase_name(n: &pb::Node) -> &'static str {
-    match pb::NodePhase::try_from(n.phase).unwrap_or_default() {
-        pb::NodePhase::Pending => "Pending",
-        pb::NodePhase::Ready => "Ready",
-        pb::NodePhase::Suspect => "Suspect",
-        pb::NodePhase::Down => "Down",
-        pb::NodePhase::Unspecified => "Unknown",
+fn phase_name(n: &pb::Node) -> String {
+    shown::<pb::NodePhase>(n.phase, "")
+}
+
+/// The node's conditions by name (or as a coordinator of the previous
+/// release sent them).
+fn conditions(n: &pb::Node) -> Vec<String> {
+    if n.conditions.is_empty() {
+        return n.legacy_conditions.clone();
     }
+    n.conditions
+        .iter()
+        .map(|c| shown::<pb::NodeCondition>(*c, ""))
+        .collect()
 }
 
 fn node_json(n: &pb::Node) -> serde_json::Value {
@@ -279,10 +286,10 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
     };
     serde_json::json!({ "id": n.id, "name": n.name, "phase": phase_name(n), "phaseSinceMs": n.phase_since_ms,
         "cordoned": n.cordoned, "draining": n.draining, "labels": n.labels, "zone": n.zone, "region": n.region,
-        "arch": n.arch, "capacity": res(&n.capacity), "usage": res(&n.usage), "conditions": n.conditions,
+        "arch": n.arch, "capacity": res(&n.capacity), "usage": res(&n.usage), "conditions": conditions(n),
         "reportedLabels": n.reported_labels, "reportedCapacity": res(&n.reported_capacity),
         "capacityUnverified": n.capacity_unverified,
-        "powerSource": n.power_source, "batteryPercent": n.battery_percent, "reliability": n.reliability,
+        "powerSource": shown::<pb::PowerSource>(n.power_source, &n.legacy_power_source), "batteryPercent": n.battery_percent, "reliability": n.reliability,
         "downCount": n.down_count, "lastHeartbeatMs": n.last_heartbeat_ms, "overlayAddresses": n.overlay_addresses,
         "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms })
 }

@@ -171,7 +171,7 @@ async fn get_replicas(args: GetArgs, ctx: &Ctx) -> Result<(), Failure> {
         println!(
             "{:<44} {:<10} {:<12} {:>8} {:>5} {:<8} {}",
             x.id,
-            x.state,
+            x.state_name(),
             if x.node_name.is_empty() {
                 &x.node_id
             } else {
@@ -329,7 +329,7 @@ pub(crate) fn workload_json(w: &pb::Workload) -> serde_json::Value {
 pub(crate) fn replica_json(r: &pb::Replica) -> serde_json::Value {
     serde_json::json!({
         "id": r.id, "namespace": r.namespace, "workload": r.workload, "template": r.template,
-        "nodeId": r.node_id, "nodeName": r.node_name, "state": r.state, "exitCode": r.exit_code,
+        "nodeId": r.node_id, "nodeName": r.node_name, "state": r.state_name(), "exitCode": r.exit_code,
         "restarts": r.restarts, "message": r.message, "image": r.image,
         "createdAtMs": r.created_at_ms, "updatedAtMs": r.updated_at_ms,
     })
