@@ -19,6 +19,9 @@ use super::status::status;
 use super::RuntimeConfig;
 use crate::AgentError;
 
+/// Contact this recent counts as reconnected.
+const RECONNECTED: Duration = Duration::from_secs(3);
+
 struct Slot {
     template: u64,
     cancel: CancellationToken,
@@ -223,6 +226,14 @@ impl<R: AgentRuntime> Runner<R> {
         !self.parked.is_empty()
     }
 
+    /// Whether to ask for a fresh assignment set now, `without_contact`
+    /// since a coordinator last answered: replicas were stopped for lack of
+    /// a coordinator and one answers again (the fresh set starts again
+    /// what is still assigned here).
+    pub fn should_resync(&self, without_contact: Duration) -> bool {
+        self.has_parked() && without_contact < RECONNECTED
+    }
+
     /// Uses `mesh` for the upstreams of replicas started from now on.
     pub fn set_mesh(&mut self, mesh: Option<Arc<crate::mesh::Mesh>>) {
         self.ctx.mesh = mesh;
@@ -351,3 +362,7 @@ impl<R: AgentRuntime> Runner<R> {
         while self.stopping.join_next().await.is_some() {}
     }
 }
+
+#[cfg(test)]
+#[path = "runner_test.rs"]
+mod tests;
