@@ -21,6 +21,9 @@ use crate::AgentError;
 
 /// Contact this recent counts as reconnected.
 const RECONNECTED: Duration = Duration::from_secs(3);
+/// Most replica states one report carries: a coordinator refuses a longer
+/// one (its `MAX_STATUS_ENTRIES`).
+const MAX_REPORT: usize = 512;
 
 struct Slot {
     template: u64,
@@ -241,7 +244,6 @@ impl<R: AgentRuntime> Runner<R> {
 
     /// Makes the running replicas match `set`.
     pub async fn apply(&mut self, set: &pb::AssignmentSet) {
-        self.parked.clear();
         if let Some(m) = &self.ctx.mesh {
             m.update(set);
         }
@@ -270,7 +272,8 @@ impl<R: AgentRuntime> Runner<R> {
             .iter()
             .map(|(id, slot)| (id.as_str(), slot.template))
             .collect();
-        let Diff { stop, start } = diff(&running, &set.assignments);
+        let Diff { stop, start } = diff(&running, &self.parked, &set.assignments);
+        self.parked.clear();
         for id in stop {
             if let Some(slot) = self.slots.remove(&id) {
                 tracing::info!(replica = %id, "stopping a replica no longer assigned here");
@@ -326,6 +329,7 @@ impl<R: AgentRuntime> Runner<R> {
         now.iter()
             .filter(|(id, s)| self.reported.get(*id) != Some(s))
             .map(|(_, s)| s.clone())
+            .take(MAX_REPORT)
             .collect()
     }
 

@@ -15,7 +15,7 @@ use cloudless_runtime::NodePolicy;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::Runner;
+use super::{Runner, MAX_REPORT};
 use crate::secrets::{SecretFuture, SecretSource, Values};
 use crate::workloads::fake_runtime::FakeRuntime;
 use crate::workloads::{container_id, RuntimeConfig};
@@ -434,6 +434,15 @@ fn is_mountpoint(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// Unmounts a secret volume a failed test left behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        crate::secrets::unmount(&self.0);
+    }
+}
+
 /// Secret volumes are tmpfs mounts, which need root.
 fn can_mount(test: &str) -> bool {
     if is_root() {
@@ -465,6 +474,7 @@ async fn a_secret_volume_is_rewritten_when_the_secret_changes_and_unmounted_with
     let id = container_id(&app.replica_id);
     let volume = crate::secrets::volume_dir(&node.dir.path().join("secrets"), &id, "creds");
     let file = volume.join("password");
+    let _unmount = Unmount(volume.clone());
     node.runner.apply(&set(&[&app])).await;
     node.until_state(&app.replica_id, "Ready").await;
     assert!(
@@ -513,4 +523,113 @@ async fn a_secret_volume_is_rewritten_when_the_secret_changes_and_unmounted_with
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!is_mountpoint(&volume));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_no_longer_assigned_is_not_reported_again() {
+    let mut node = Node::new(None);
+    let web = assignment("web", serde_json::json!({}));
+    node.runner.apply(&set(&[&web])).await;
+    node.until_state(&web.replica_id, "Ready").await;
+    let sent = node.runner.changed();
+    node.runner.reported(sent);
+
+    node.runner.apply(&set(&[])).await;
+    node.until_gone(&container_id(&web.replica_id)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(node.state(&web.replica_id), None);
+    assert_eq!(node.runner.changed(), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_stopped_while_cut_off_and_moved_away_meanwhile_is_forgotten() {
+    let mut node = Node::new(None);
+    let edge = assignment(
+        "edge",
+        serde_json::json!({"disconnect": {"stopOnClientAfterSeconds": 60}}),
+    );
+    node.runner.apply(&set(&[&edge])).await;
+    node.until_state(&edge.replica_id, "Ready").await;
+    let sent = node.runner.changed();
+    node.runner.reported(sent);
+    node.runner
+        .enforce_disconnect(Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        node.state(&edge.replica_id).expect("state").state,
+        "Pending"
+    );
+
+    // Back in touch; the cluster has moved it to another node meanwhile.
+    assert!(node.runner.should_resync(Duration::from_secs(1)));
+    node.runner.apply(&set(&[])).await;
+    assert_eq!(node.state(&edge.replica_id), None);
+    assert_eq!(node.runner.changed(), []);
+    assert!(!node.runner.should_resync(Duration::from_secs(1)));
+    assert_eq!(node.rt.starts(&container_id(&edge.replica_id)), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_never_lists_more_replicas_than_a_coordinator_accepts() {
+    let mut node = Node::new(None);
+    let many: Vec<pb::Assignment> = (0..MAX_REPORT + 88)
+        .map(|i| assignment(&format!("w{i}"), serde_json::json!({})))
+        .collect();
+    node.runner
+        .apply(&set(&many.iter().collect::<Vec<_>>()))
+        .await;
+    for a in &many {
+        node.until_state(&a.replica_id, "Ready").await;
+    }
+    let first = node.runner.changed();
+    assert_eq!(first.len(), MAX_REPORT);
+    node.runner.reported(first);
+    let rest = node.runner.changed();
+    assert_eq!(rest.len(), 88);
+    node.runner.reported(rest);
+    assert_eq!(node.runner.changed(), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_cannot_make_its_volumes_leaves_no_secret_mounted() {
+    if !can_mount("secret volume cleanup") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    // emptyDir volumes cannot be made under a file.
+    let not_a_dir = dir.path().join("volumes");
+    std::fs::write(&not_a_dir, b"").expect("file");
+    let mut node = Node::in_dir(dir, None, Some(not_a_dir));
+    let secrets = Arc::new(TableSecrets {
+        secrets: Mutex::default(),
+        refresh: Duration::from_secs(5),
+    });
+    secrets.put("db", 1, &[("password", "first")]);
+    node.runner.set_secrets(Some(secrets));
+    let app = assignment(
+        "app",
+        serde_json::json!({
+            "volumes": [
+                {"name": "creds", "secret": {"secretName": "db"}},
+                {"name": "scratch", "emptyDir": {}},
+            ],
+            "volumeMounts": [
+                {"name": "creds", "mountPath": "/creds"},
+                {"name": "scratch", "mountPath": "/scratch"},
+            ],
+        }),
+    );
+    let id = container_id(&app.replica_id);
+    let volume = crate::secrets::volume_dir(&node.dir.path().join("secrets"), &id, "creds");
+    let _unmount = Unmount(volume.clone());
+    node.runner.apply(&set(&[&app])).await;
+    let s = node.until_state(&app.replica_id, "Failed").await;
+    assert!(
+        s.message.starts_with("cannot make its volumes"),
+        "{}",
+        s.message
+    );
+    assert!(!is_mountpoint(&volume), "the secret stays mounted");
+    assert!(!volume.exists(), "{} is left", volume.display());
+    assert_eq!(node.rt.starts(&id), 0);
 }
