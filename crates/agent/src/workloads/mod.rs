@@ -3,6 +3,12 @@
 //! supervising containers), stop what it no longer assigns, and report
 //! replica states back in batches. Without a coordinator the agent keeps
 //! running (and restarting) what it was last assigned.
+//!
+//! `plan` decides (pure: assignments against what runs), `runner` executes
+//! its decisions, one `replica` task per replica (pull, secrets, volumes,
+//! supervise), on any [`AgentRuntime`]; `spec` and `status` translate
+//! between the manifest, the runtime and the wire. This file is the loop
+//! that talks to the coordinators.
 
 mod config;
 #[cfg(test)]
