@@ -1,7 +1,9 @@
-//! The Cloudless agent's control-plane half: enrollment with a join token,
-//! the node identity on disk, renewal, rejoining after the certificate
-//! expired offline, and heartbeats to the leader.
-//! (Running containers arrives with the runtime crate.)
+//! The Cloudless agent: enrollment with a join token, the node identity on
+//! disk, renewal, rejoining after the certificate expired offline, and
+//! heartbeats to the leader; running the replicas assigned to the node
+//! (`workloads`: a pure diff of assignments against what runs, executed by a
+//! runner over the runtime crate's `ContainerRuntime`), their secrets, the
+//! overlay mesh between them, and operators' logs and exec (`tunnel`).
 
 mod agent;
 mod client;

@@ -287,3 +287,103 @@ pub async fn tunnel<R: AgentRuntime>(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::fake_runtime::FakeRuntime;
+
+    /// What went up for one request: the data, and the error it ended with.
+    async fn answer(
+        mut up: tokio::sync::mpsc::Receiver<pb::TunnelUp>,
+        id: u64,
+    ) -> (Vec<u8>, String, Option<i32>) {
+        let (mut data, mut exit) = (Vec::new(), None);
+        while let Some(m) = up.recv().await {
+            assert_eq!(m.request_id, id);
+            if let Some(c) = m.chunk {
+                data.extend(c.data);
+            }
+            if let Some(o) = m.exec_output {
+                data.extend(o.stdout);
+                exit = exit.or(o.exit_code);
+            }
+            if m.end {
+                return (data, m.error, exit);
+            }
+        }
+        panic!("request {id} never ended");
+    }
+
+    #[tokio::test]
+    async fn a_logs_request_answers_the_last_lines_and_a_path_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = FakeRuntime::new(dir.path());
+        for line in ["one", "two", "three"] {
+            rt.log("default.web-1", line);
+        }
+        let request = |replica_id: &str| pb::LogsRequest {
+            replica_id: replica_id.into(),
+            tail_lines: 2,
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        serve_logs(
+            rt.clone(),
+            7,
+            request("default.web-1"),
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+        let (data, error, _) = answer(rx, 7).await;
+        assert_eq!(
+            (data.as_slice(), error.as_str()),
+            (&b"two\nthree\n"[..], "")
+        );
+
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        serve_logs(
+            rt,
+            8,
+            request("../default.web-1"),
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+        let (data, error, _) = answer(rx, 8).await;
+        assert!(data.is_empty());
+        assert_eq!(error, "replica_id: not a replica id");
+    }
+
+    #[tokio::test]
+    async fn an_exec_request_answers_the_output_then_the_exit_code() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = FakeRuntime::new(dir.path());
+        rt.left_running("default.web-1");
+        let request = |command: &[&str]| pb::ExecRequest {
+            replica_id: "default.web-1".into(),
+            command: command.iter().map(|c| (*c).to_owned()).collect(),
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        serve_exec(
+            rt.clone(),
+            3,
+            request(&["echo", "hi"]),
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+        let (data, error, exit) = answer(rx, 3).await;
+        assert_eq!(
+            (data.as_slice(), error.as_str(), exit),
+            (&b"echo hi\n"[..], "", Some(0))
+        );
+
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        serve_exec(rt, 4, request(&[]), tx, CancellationToken::new()).await;
+        let (_, error, exit) = answer(rx, 4).await;
+        assert_eq!((error.as_str(), exit), ("command: must not be empty", None));
+    }
+}

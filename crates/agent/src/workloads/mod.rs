@@ -3,8 +3,16 @@
 //! supervising containers), stop what it no longer assigns, and report
 //! replica states back in batches. Without a coordinator the agent keeps
 //! running (and restarting) what it was last assigned.
+//!
+//! `plan` decides (pure: assignments against what runs), `runner` executes
+//! its decisions, one `replica` task per replica (pull, secrets, volumes,
+//! supervise), on any [`AgentRuntime`]; `spec` and `status` translate
+//! between the manifest, the runtime and the wire. This file is the loop
+//! that talks to the coordinators.
 
 mod config;
+#[cfg(test)]
+pub(crate) mod fake_runtime;
 mod plan;
 mod replica;
 mod runner;
@@ -29,8 +37,6 @@ pub use spec::{container_id, DEFAULT_PIDS_LIMIT};
 
 /// How often changed replica states are sent (one call for all of them).
 const REPORT_EVERY: Duration = Duration::from_millis(250);
-/// Contact this recent counts as reconnected.
-const RECONNECTED: Duration = Duration::from_secs(3);
 
 /// When the agent last heard from a coordinator (a heartbeat answer).
 #[derive(Debug, Clone)]
@@ -130,7 +136,7 @@ pub async fn run(
                 _ = report.tick() => {
                     let without = contact.elapsed();
                     runner.enforce_disconnect(without).await;
-                    if runner.has_parked() && without < RECONNECTED {
+                    if runner.should_resync(without) {
                         // Back in touch: a fresh full set restarts what is
                         // still assigned here.
                         tracing::info!("coordinators reachable again; resyncing assignments");

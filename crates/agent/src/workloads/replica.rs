@@ -79,10 +79,14 @@ impl<R> Replica<R> {
         &self.a.replica_id
     }
 
-    /// Records the replica's state for the next report.
+    /// Records the replica's state for the next report, unless it is being
+    /// stopped: the runner then forgets it or records why itself (checked
+    /// under the lock, which the runner takes only after cancelling).
     fn set(&self, s: pb::ReplicaStatus) {
         if let Ok(mut m) = self.ctx.statuses.lock() {
-            m.insert(s.replica_id.clone(), s);
+            if !self.cancel.is_cancelled() {
+                m.insert(s.replica_id.clone(), s);
+            }
         }
     }
 
@@ -133,6 +137,13 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
         secret_volumes.unmount_all();
         return;
     }
+    let dir = volume_dir(&paths.volumes, &container.id);
+    if let Err(e) = prepare_volumes(&container, &paths.volumes, uid, gid) {
+        r.failed(format!("cannot make its volumes in {}: {e}", dir.display()));
+        // Its secrets do not stay on the node without it.
+        secret_volumes.unmount_all();
+        return;
+    }
     let refresher = (!secret_volumes.vols.is_empty())
         .then(|| r.ctx.secrets.clone())
         .flatten()
@@ -149,11 +160,6 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
             };
             tokio::spawn(refresh.run(r.cancel.clone()))
         });
-    let dir = volume_dir(&paths.volumes, &container.id);
-    if let Err(e) = prepare_volumes(&container, &paths.volumes, uid, gid) {
-        r.failed(format!("cannot make its volumes in {}: {e}", dir.display()));
-        return;
-    }
     let replica = ReplicaSpec {
         container,
         image,

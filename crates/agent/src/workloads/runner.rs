@@ -19,6 +19,12 @@ use super::status::status;
 use super::RuntimeConfig;
 use crate::AgentError;
 
+/// Contact this recent counts as reconnected.
+const RECONNECTED: Duration = Duration::from_secs(3);
+/// Most replica states one report carries: a coordinator refuses a longer
+/// one (its `MAX_STATUS_ENTRIES`).
+const MAX_REPORT: usize = 512;
+
 struct Slot {
     template: u64,
     cancel: CancellationToken,
@@ -223,6 +229,14 @@ impl<R: AgentRuntime> Runner<R> {
         !self.parked.is_empty()
     }
 
+    /// Whether to ask for a fresh assignment set now, `without_contact`
+    /// since a coordinator last answered: replicas were stopped for lack of
+    /// a coordinator and one answers again (the fresh set starts again
+    /// what is still assigned here).
+    pub fn should_resync(&self, without_contact: Duration) -> bool {
+        self.has_parked() && without_contact < RECONNECTED
+    }
+
     /// Uses `mesh` for the upstreams of replicas started from now on.
     pub fn set_mesh(&mut self, mesh: Option<Arc<crate::mesh::Mesh>>) {
         self.ctx.mesh = mesh;
@@ -230,7 +244,6 @@ impl<R: AgentRuntime> Runner<R> {
 
     /// Makes the running replicas match `set`.
     pub async fn apply(&mut self, set: &pb::AssignmentSet) {
-        self.parked.clear();
         if let Some(m) = &self.ctx.mesh {
             m.update(set);
         }
@@ -259,7 +272,8 @@ impl<R: AgentRuntime> Runner<R> {
             .iter()
             .map(|(id, slot)| (id.as_str(), slot.template))
             .collect();
-        let Diff { stop, start } = diff(&running, &set.assignments);
+        let Diff { stop, start } = diff(&running, &self.parked, &set.assignments);
+        self.parked.clear();
         for id in stop {
             if let Some(slot) = self.slots.remove(&id) {
                 tracing::info!(replica = %id, "stopping a replica no longer assigned here");
@@ -315,6 +329,7 @@ impl<R: AgentRuntime> Runner<R> {
         now.iter()
             .filter(|(id, s)| self.reported.get(*id) != Some(s))
             .map(|(_, s)| s.clone())
+            .take(MAX_REPORT)
             .collect()
     }
 
@@ -351,3 +366,7 @@ impl<R: AgentRuntime> Runner<R> {
         while self.stopping.join_next().await.is_some() {}
     }
 }
+
+#[cfg(test)]
+#[path = "runner_test.rs"]
+mod tests;

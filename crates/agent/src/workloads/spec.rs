@@ -23,8 +23,16 @@ pub fn container_id(replica_id: &str) -> String {
     if replica_id.len() <= MAX_CONTAINER_ID {
         return replica_id.to_owned();
     }
-    let tail = &replica_id[replica_id.len() - 9..];
-    format!("{}{tail}", &replica_id[..MAX_CONTAINER_ID - 9])
+    // Cut on character boundaries: the id comes over the network.
+    let mut tail = replica_id.len() - 9;
+    while !replica_id.is_char_boundary(tail) {
+        tail += 1;
+    }
+    let mut head = MAX_CONTAINER_ID - (replica_id.len() - tail);
+    while !replica_id.is_char_boundary(head) {
+        head -= 1;
+    }
+    format!("{}{}", &replica_id[..head], &replica_id[tail..])
 }
 
 /// The directory of a replica's `emptyDir` volumes.
@@ -192,6 +200,25 @@ mod tests {
         let long = format!("{}.{}-3-abcdef12", "n".repeat(63), "w".repeat(63));
         let id = container_id(&long);
         assert_eq!(id.len(), MAX_CONTAINER_ID);
+        assert!(id.ends_with("-abcdef12"), "{id}");
+    }
+
+    #[test]
+    fn a_long_replica_id_that_is_not_ascii_is_shortened_without_a_panic() {
+        // The coordinator sends only DNS labels, but the agent does not
+        // panic on what comes over the network.
+        for long in [
+            format!("{}-abcdef12", "é".repeat(60)),
+            format!("{}é-abcdef1", "n".repeat(80)),
+            "€".repeat(40),
+        ] {
+            let id = container_id(&long);
+            assert!(
+                (MAX_CONTAINER_ID - 3..=MAX_CONTAINER_ID).contains(&id.len()),
+                "{id}"
+            );
+        }
+        let id = container_id(&format!("{}-abcdef12", "é".repeat(60)));
         assert!(id.ends_with("-abcdef12"), "{id}");
     }
 }
