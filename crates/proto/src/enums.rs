@@ -217,6 +217,13 @@ impl v1::Replica {
     }
 }
 
+impl v1::ReplicaStatus {
+    /// Its state's name (`Ready`), else its string twin, else `-`.
+    pub fn state_name(&self) -> String {
+        shown::<v1::ReplicaState>(self.state, &self.legacy_state)
+    }
+}
+
 impl v1::CoordinatorStatus {
     /// Its Raft state for people (`Leader`, `Follower`, ...).
     pub fn state_name(&self) -> String {

@@ -93,7 +93,8 @@ impl Node {
 
     /// Waits until `replica` is reported `state`.
     async fn until_state(&self, replica: &str, state: &str) -> pb::ReplicaStatus {
-        self.until(replica, state, |s| s.state == state).await
+        self.until(replica, state, |s| s.state_name() == state)
+            .await
     }
 
     /// Waits until the runtime has no container `id` any more.
@@ -143,7 +144,7 @@ async fn always_restarts_a_container_after_a_clean_exit_and_after_a_failure() {
     node.rt.exit(&id, 0);
     let s = node
         .until(&web.replica_id, "a restart after exit 0", |s| {
-            s.restarts == 1 && s.state == "Ready"
+            s.restarts == 1 && s.state_name() == "Ready"
         })
         .await;
     assert_eq!(s.exit_code, Some(0), "{s:?}");
@@ -152,7 +153,7 @@ async fn always_restarts_a_container_after_a_clean_exit_and_after_a_failure() {
     node.rt.exit(&id, 1);
     let s = node
         .until(&web.replica_id, "a restart after exit 1", |s| {
-            s.restarts == 2 && s.state == "Ready"
+            s.restarts == 2 && s.state_name() == "Ready"
         })
         .await;
     assert_eq!(s.exit_code, Some(1), "{s:?}");
@@ -170,7 +171,7 @@ async fn on_failure_restarts_after_a_non_zero_exit_and_not_after_a_clean_one() {
     node.rt.exit(&id, 3);
     let s = node
         .until(&job.replica_id, "a restart after exit 3", |s| {
-            s.restarts == 1 && s.state == "Ready"
+            s.restarts == 1 && s.state_name() == "Ready"
         })
         .await;
     assert_eq!(s.exit_code, Some(3));
@@ -188,7 +189,7 @@ async fn on_failure_restarts_after_a_non_zero_exit_and_not_after_a_clean_one() {
         node.rt.containers()
     );
     assert_eq!(
-        node.state(&job.replica_id).expect("state").state,
+        node.state(&job.replica_id).expect("state").state_name(),
         "Succeeded"
     );
 }
@@ -240,7 +241,7 @@ async fn a_replica_is_running_but_not_ready_until_its_readiness_probe_passes() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let s = node.state(&api.replica_id).expect("state");
-        assert_eq!(s.state, "Running", "{s:?}");
+        assert_eq!(s.state_name(), "Running", "{s:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let s = node.state(&api.replica_id).expect("state");
@@ -271,7 +272,7 @@ async fn a_missing_image_keeps_the_replica_pending_with_the_reason_until_it_can_
             s.message.starts_with("image pull failed")
         })
         .await;
-    assert_eq!(s.state, "Pending");
+    assert_eq!(s.state_name(), "Pending");
     assert!(s.message.contains("registry.local/app:2"), "{}", s.message);
     assert_eq!(node.rt.starts(&container_id(&app.replica_id)), 0);
 
@@ -325,7 +326,7 @@ async fn replicas_stop_after_their_disconnect_limit_and_start_again_once_in_touc
     assert_eq!(node.rt.stops(&edge_id), 1);
     assert!(!node.rt.containers().contains(&edge_id), "removed");
     let s = node.state(&edge.replica_id).expect("state");
-    assert_eq!(s.state, "Pending");
+    assert_eq!(s.state_name(), "Pending");
     assert!(
         s.message.contains("disconnect.stopOnClientAfterSeconds"),
         "{}",
@@ -348,8 +349,10 @@ async fn replicas_stop_after_their_disconnect_limit_and_start_again_once_in_touc
         "a coordinator answers again: ask for the assignments"
     );
     node.runner.apply(&assigned).await;
-    node.until(&edge.replica_id, "a new start", |s| s.state == "Ready")
-        .await;
+    node.until(&edge.replica_id, "a new start", |s| {
+        s.state_name() == "Ready"
+    })
+    .await;
     assert_eq!(node.rt.starts(&edge_id), 2);
     assert_eq!(node.rt.starts(&keep_id), 1, "the other one ran on");
     assert!(!node.runner.should_resync(Duration::from_secs(1)));
@@ -556,7 +559,7 @@ async fn a_replica_stopped_while_cut_off_and_moved_away_meanwhile_is_forgotten()
         .enforce_disconnect(Duration::from_secs(60))
         .await;
     assert_eq!(
-        node.state(&edge.replica_id).expect("state").state,
+        node.state(&edge.replica_id).expect("state").state_name(),
         "Pending"
     );
 
