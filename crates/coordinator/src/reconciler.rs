@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use cloudless_scheduler::{
-    ClusterSnapshot, Decision, NodeInfo, Phase, PowerSource, RunningReplica, WorkloadRequest,
+    ClusterSnapshot, Decision, NodeInfo, RunningReplica, WorkloadRequest,
 };
 use cloudless_state::{Command, ReconcileDecision, Rollback, StateReader};
 use cloudless_types::{
@@ -68,18 +68,18 @@ pub(crate) fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Ve
     nodes
         .iter()
         .filter_map(|n| {
-            let phase = match n.phase {
-                NodePhase::Ready => Phase::Ready,
-                NodePhase::Suspect => Phase::Suspect,
-                NodePhase::Pending | NodePhase::Down => return None,
-            };
+            // Nodes that never heartbeat, or are gone, are not candidates
+            // (nor listed in explanations).
+            if matches!(n.phase, NodePhase::Pending | NodePhase::Down) {
+                return None;
+            }
             let labels = node_labels(n);
             Some(NodeInfo {
                 id: n.id.clone(),
                 region: first_label(&labels, &REGION_LABELS),
                 zone: first_label(&labels, &ZONE_LABELS),
                 taints: Vec::new(),
-                phase,
+                phase: n.phase,
                 cordoned: n.cordoned,
                 draining: n.draining,
                 // Bounded and held on sudden growth (`node_capacity`).
@@ -87,13 +87,10 @@ pub(crate) fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Ve
                 reserved: cloudless_types::Resources::default(),
                 reliability: n.reliability.clamp(0.0, 1.0),
                 cost_per_unit: 0.0,
-                power: if n.status.power_source == "battery" {
-                    PowerSource::Battery {
-                        percent: n.status.battery_percent.min(100),
-                    }
-                } else {
-                    PowerSource::Mains
-                },
+                // Stored by name (checked when reported).
+                power: <cloudless_types::PowerSource as cloudless_types::ClosedSet>::from_name(&n.status.power_source)
+                    .unwrap_or_default(),
+                battery_percent: n.status.battery_percent.min(100),
                 arch: labels.get("arch").cloned().unwrap_or_default(),
                 rtt_ms: BTreeMap::new(),
                 runtime_classes: vec!["runc".to_owned()],

@@ -2,14 +2,14 @@
 
 use std::fmt;
 
-use crate::input::{AntiAffinity, Operator, TaintEffect, TolerationOperator};
-use crate::place::Compiled;
+use crate::compiled::Compiled;
+use crate::input::{AntiAffinity, TaintEffect};
 use crate::snapshot::{ClusterSnapshot, Node, Schedulable};
 
 /// Why a node was removed from consideration (the first failing check).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FilterReason {
-    /// Phase is Suspect or Down.
+    /// Phase is Pending, Suspect or Down.
     NotReady,
     /// Cordoned.
     Cordoned,
@@ -168,63 +168,6 @@ pub(crate) fn check(
         }
     }
     Ok(())
-}
-
-/// A compiled label requirement.
-#[derive(Debug, Clone)]
-pub(crate) struct Expr {
-    pub(crate) key: u32,
-    pub(crate) operator: Operator,
-    pub(crate) values: Vec<u32>,
-}
-
-impl Expr {
-    pub(crate) fn matches(&self, node: &Node) -> bool {
-        let v = node.label(self.key);
-        match self.operator {
-            Operator::In => v.is_some_and(|v| self.values.contains(&v)),
-            Operator::NotIn => v.is_none_or(|v| !self.values.contains(&v)),
-            Operator::Exists => v.is_some(),
-            Operator::DoesNotExist => v.is_none(),
-        }
-    }
-}
-
-/// A compiled toleration.
-#[derive(Debug, Clone)]
-pub(crate) struct Tol {
-    /// `None`: every key (empty key with Exists).
-    pub(crate) key: Option<u32>,
-    pub(crate) operator: TolerationOperator,
-    pub(crate) value: u32,
-    pub(crate) effect: Option<TaintEffect>,
-    pub(crate) seconds: Option<u64>,
-}
-
-impl Compiled {
-    pub(crate) fn tolerates(
-        &self,
-        key: u32,
-        value: u32,
-        effect: TaintEffect,
-        added_at_ms: i64,
-    ) -> bool {
-        self.tolerations.iter().any(|t| {
-            let key_ok = t.key.is_none_or(|k| k == key);
-            let value_ok = t.operator == TolerationOperator::Exists || t.value == value;
-            let effect_ok = t.effect.is_none_or(|e| e == effect);
-            let time_ok = match (effect, t.seconds) {
-                (TaintEffect::NoExecute, Some(s)) => {
-                    self.now_ms
-                        < added_at_ms.saturating_add(
-                            i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX),
-                        )
-                }
-                _ => true,
-            };
-            key_ok && value_ok && effect_ok && time_ok
-        })
-    }
 }
 
 /// Formats per-reason counts: "7 nodes: insufficient memory; 3 nodes: zone not in [eu-a]".

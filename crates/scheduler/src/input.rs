@@ -2,30 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudless_types::Resources;
-
-/// A node's liveness as committed by the control plane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Heartbeating.
-    Ready,
-    /// Missed heartbeats.
-    Suspect,
-    /// Gone.
-    Down,
-}
-
-/// Where a node's power comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PowerSource {
-    /// Wall power.
-    Mains,
-    /// Battery, with charge in percent (0-100).
-    Battery {
-        /// Charge level.
-        percent: u8,
-    },
-}
+use cloudless_types::{NodePhase, PowerSource, Resources};
 
 /// Taint effects, with Kubernetes semantics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,8 +78,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Taints.
     pub taints: Vec<Taint>,
-    /// Phase.
-    pub phase: Phase,
+    /// Liveness: only Ready nodes take replicas.
+    pub phase: NodePhase,
     /// Cordoned by an operator.
     pub cordoned: bool,
     /// Being drained.
@@ -117,6 +94,8 @@ pub struct NodeInfo {
     pub cost_per_unit: f64,
     /// Power source.
     pub power: PowerSource,
+    /// Battery charge in percent (0-100) when on battery.
+    pub battery_percent: u8,
     /// CPU architecture (`amd64`, `arm64`, ...).
     pub arch: String,
     /// Measured round-trip time to regions, in ms.

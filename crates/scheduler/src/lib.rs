@@ -9,6 +9,7 @@
 //! replica, scanning from where the previous decision stopped; zone spread
 //! scans zone by zone through a per-zone index.
 
+mod compiled;
 mod explain;
 mod filter;
 mod input;
@@ -16,11 +17,13 @@ mod place;
 mod score;
 mod snapshot;
 
+/// The domain's node phase and power source, used as they are.
+pub use cloudless_types::{NodePhase, PowerSource};
 pub use explain::{CandidateScore, Decision, Placement, Unplaced};
 pub use filter::FilterReason;
 pub use input::{
-    AntiAffinity, MatchExpression, NodeInfo, Operator, Phase, PowerSource, PreferredTerm,
-    RunningReplica, Strategy, Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
+    AntiAffinity, MatchExpression, NodeInfo, Operator, PreferredTerm, RunningReplica, Strategy,
+    Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
 };
 pub use place::NodeVerdict;
 pub use snapshot::{ClusterSnapshot, SchedulerError};

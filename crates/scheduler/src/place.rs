@@ -1,145 +1,21 @@
 //! Placing replicas: compile the request, scan, score, reserve, preempt.
 
-use cloudless_types::MAX_REPLICAS;
-
+use crate::compiled::Compiled;
 use crate::explain::{CandidateScore, Decision, Placement, Unplaced};
-use crate::filter::{check, describe, Expr, FilterReason, Tol, REASONS};
-use crate::input::{AntiAffinity, Operator, Strategy, TolerationOperator, WorkloadRequest};
+use crate::filter::{check, describe, FilterReason, REASONS};
+use crate::input::WorkloadRequest;
 use crate::score::{score, Factors};
-use crate::snapshot::{res, ClusterSnapshot, Res, Resident, ResidentId, SchedulerError, UNKNOWN};
+use crate::snapshot::{ClusterSnapshot, Resident, ResidentId, SchedulerError};
 
 /// How many candidates an explanation lists.
 const EXPLAIN_TOP: usize = 5;
 /// A replica may evict replicas whose priority is at least this much lower.
 pub const PREEMPTION_PRIORITY_GAP: i32 = 10;
 
-/// A request with every string resolved against the snapshot.
-#[derive(Debug, Clone)]
-pub(crate) struct Compiled {
-    pub(crate) workload: u32,
-    pub(crate) requests: Res,
-    pub(crate) regions: Vec<u32>,
-    pub(crate) primary_region: Option<u32>,
-    pub(crate) zones: Vec<u32>,
-    pub(crate) selector: Vec<(u32, u32)>,
-    pub(crate) required: Vec<Expr>,
-    pub(crate) preferred: Vec<(u32, Expr)>,
-    pub(crate) preferred_total: u32,
-    pub(crate) anti_affinity: AntiAffinity,
-    pub(crate) tolerations: Vec<Tol>,
-    pub(crate) spread: bool,
-    pub(crate) binpack: bool,
-    pub(crate) priority: i32,
-    pub(crate) arch: Option<u32>,
-    pub(crate) runtime_class: u32,
-    pub(crate) long_running: bool,
-    pub(crate) now_ms: i64,
-}
-
 /// One node's verdict: its factor scores, or the first constraint it fails.
 pub type NodeVerdict = Result<CandidateScore, FilterReason>;
 
-fn invalid(req: &WorkloadRequest, field: &'static str, problem: String) -> SchedulerError {
-    SchedulerError::InvalidRequest {
-        workload: req.workload.clone(),
-        field,
-        problem,
-    }
-}
-
 impl ClusterSnapshot {
-    fn compile(&mut self, req: &WorkloadRequest, now_ms: i64) -> Result<Compiled, SchedulerError> {
-        if req.workload.is_empty() {
-            return Err(invalid(req, "workload", "must not be empty".into()));
-        }
-        if req.replicas > MAX_REPLICAS {
-            return Err(invalid(
-                req,
-                "replicas",
-                format!("{} is above {MAX_REPLICAS}", req.replicas),
-            ));
-        }
-        for t in &req.preferred {
-            if !(1..=100).contains(&t.weight) {
-                return Err(invalid(
-                    req,
-                    "preferred.weight",
-                    format!("{} is outside 1..=100", t.weight),
-                ));
-            }
-        }
-        let exprs_ok = req
-            .required
-            .iter()
-            .chain(req.preferred.iter().map(|p| &p.expression))
-            .all(|e| {
-                matches!(e.operator, Operator::Exists | Operator::DoesNotExist)
-                    || !e.values.is_empty()
-            });
-        if !exprs_ok {
-            return Err(invalid(
-                req,
-                "affinity",
-                "In and NotIn need at least one value".into(),
-            ));
-        }
-        let s = &self.strings;
-        let expr = |e: &crate::input::MatchExpression| Expr {
-            key: s.get(&e.key),
-            operator: e.operator,
-            values: e.values.iter().map(|v| s.get(v)).collect(),
-        };
-        let regions: Vec<u32> = req.regions.iter().map(|r| s.get(r)).collect();
-        let spread = match req.strategy {
-            Strategy::Auto => req.replicas > 1,
-            Strategy::Spread => true,
-            Strategy::Binpack => false,
-        };
-        let compiled = Compiled {
-            workload: UNKNOWN,
-            requests: res(&req.requests),
-            primary_region: regions.first().copied(),
-            regions,
-            zones: req.zones.iter().map(|z| s.get(z)).collect(),
-            selector: req
-                .node_selector
-                .iter()
-                .map(|(k, v)| (s.get(k), s.get(v)))
-                .collect(),
-            required: req.required.iter().map(expr).collect(),
-            preferred: req
-                .preferred
-                .iter()
-                .map(|p| (p.weight, expr(&p.expression)))
-                .collect(),
-            preferred_total: req.preferred.iter().map(|p| p.weight).sum(),
-            anti_affinity: req.anti_affinity,
-            tolerations: req
-                .tolerations
-                .iter()
-                .map(|t| Tol {
-                    key: (!(t.key.is_empty() && t.operator == TolerationOperator::Exists))
-                        .then(|| s.get(&t.key)),
-                    operator: t.operator,
-                    value: s.get(&t.value),
-                    effect: t.effect,
-                    seconds: t.toleration_seconds,
-                })
-                .collect(),
-            spread,
-            binpack: !spread,
-            priority: req.priority,
-            arch: req.arch.as_deref().map(|a| s.get(a)),
-            runtime_class: req.runtime_class.as_deref().map_or(self.runc, |r| s.get(r)),
-            long_running: req.long_running,
-            now_ms,
-        };
-        Ok(Compiled {
-            workload: self.strings.intern(&req.workload),
-            ..compiled
-        })
-    }
-
     /// Places `req.replicas` replicas, reserving resources as it goes, and
     /// returns one decision per replica. With `explain`, placed replicas list
     /// their best candidates with factor scores.

@@ -1,7 +1,7 @@
 //! Soft preferences: a 0-100 score for each feasible node.
 
+use crate::compiled::Compiled;
 use crate::input::TaintEffect;
-use crate::place::Compiled;
 use crate::snapshot::{ClusterSnapshot, Node};
 
 /// Round-trip time that counts as the full network penalty.

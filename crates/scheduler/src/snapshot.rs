@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use cloudless_types::{Resources, SchedulerWeights};
 
-use crate::input::{NodeInfo, Phase, PowerSource, TaintEffect};
+use crate::input::{NodeInfo, TaintEffect};
+use cloudless_types::{NodePhase, PowerSource};
 
 /// Sentinel for a string the snapshot has never seen: matches nothing.
 pub(crate) const UNKNOWN: u32 = u32::MAX;
@@ -209,7 +210,8 @@ impl ClusterSnapshot {
                     format!("{} must be finite and >= 0", n.cost_per_unit),
                 ));
             }
-            if let PowerSource::Battery { percent } = n.power {
+            if n.power == PowerSource::Battery {
+                let percent = n.battery_percent;
                 if percent > 100 {
                     return Err(bad("power", format!("battery at {percent}% is above 100")));
                 }
@@ -277,14 +279,16 @@ impl ClusterSnapshot {
                 zone,
                 arch: strings.intern(&n.arch),
                 schedulable: match (n.phase, n.cordoned, n.draining) {
-                    (Phase::Suspect | Phase::Down, _, _) => Schedulable::NotReady,
-                    (Phase::Ready, true, _) => Schedulable::Cordoned,
-                    (Phase::Ready, false, true) => Schedulable::Draining,
-                    (Phase::Ready, false, false) => Schedulable::Yes,
+                    (NodePhase::Pending | NodePhase::Suspect | NodePhase::Down, _, _) => {
+                        Schedulable::NotReady
+                    }
+                    (NodePhase::Ready, true, _) => Schedulable::Cordoned,
+                    (NodePhase::Ready, false, true) => Schedulable::Draining,
+                    (NodePhase::Ready, false, false) => Schedulable::Yes,
                 },
                 battery: match n.power {
                     PowerSource::Mains => None,
-                    PowerSource::Battery { percent } => Some(percent),
+                    PowerSource::Battery => Some(n.battery_percent),
                 },
                 capacity: res(&n.capacity),
                 reserved,

@@ -4,8 +4,8 @@
 mod common;
 
 use cloudless_scheduler::{
-    AntiAffinity, ClusterSnapshot, Decision, FilterReason, MatchExpression, NodeInfo, Operator,
-    Phase, PowerSource, PreferredTerm, RunningReplica, Strategy, Taint, TaintEffect, Toleration,
+    AntiAffinity, ClusterSnapshot, Decision, FilterReason, MatchExpression, NodeInfo, NodePhase,
+    Operator, PowerSource, PreferredTerm, RunningReplica, Strategy, Taint, TaintEffect, Toleration,
     TolerationOperator, WorkloadRequest,
 };
 use cloudless_types::SchedulerWeights;
@@ -66,13 +66,13 @@ fn each_filter_removes_its_nodes_with_its_reason() {
     };
     filter_case(
         "suspect",
-        with(&|n| n.phase = Phase::Suspect),
+        with(&|n| n.phase = NodePhase::Suspect),
         &base,
         FilterReason::NotReady,
     );
     filter_case(
         "down",
-        with(&|n| n.phase = Phase::Down),
+        with(&|n| n.phase = NodePhase::Down),
         &base,
         FilterReason::NotReady,
     );
@@ -422,7 +422,8 @@ fn factors_move_the_choice() {
     );
     // battery: long-running services avoid battery nodes, batch work does not care
     let mut phone = node("a-phone", "z1");
-    phone.power = PowerSource::Battery { percent: 40 };
+    phone.power = PowerSource::Battery;
+    phone.battery_percent = 40;
     let mut s = snap(&[phone.clone(), node("b-server", "z1")]);
     let svc = WorkloadRequest {
         long_running: true,

@@ -5,8 +5,8 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 
 use cloudless_scheduler::{
-    AntiAffinity, ClusterSnapshot, Decision, NodeInfo, Phase, RunningReplica, Strategy as Placing,
-    Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
+    AntiAffinity, ClusterSnapshot, Decision, NodeInfo, NodePhase, RunningReplica,
+    Strategy as Placing, Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
 };
 use cloudless_types::{Resources, SchedulerWeights};
 use common::{node, res};
@@ -51,7 +51,7 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
                 });
             }
             match dice {
-                0 => n.phase = Phase::Down,
+                0 => n.phase = NodePhase::Down,
                 1 => n.cordoned = true,
                 _ => {}
             }
@@ -133,7 +133,7 @@ fn feasible(
     on_node: u32,
     in_zone: u32,
 ) -> bool {
-    n.phase == Phase::Ready
+    n.phase == NodePhase::Ready
         && !n.cordoned
         && !n.draining
         && !untolerated_hard_taint(n, r)
@@ -175,7 +175,7 @@ proptest! {
         for node_id in placements(&decisions).into_iter().flatten() {
             let n = by_id[node_id.as_str()];
             prop_assert!(!untolerated_hard_taint(n, &req), "placed on {} despite its taint", n.id);
-            prop_assert!(n.phase == Phase::Ready && !n.cordoned);
+            prop_assert!(n.phase == NodePhase::Ready && !n.cordoned);
             let on_node = per_node.entry(node_id.clone()).or_default();
             *on_node += 1;
             let in_zone = per_zone.entry(n.zone.clone()).or_default();

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use cloudless_scheduler::{
-    AntiAffinity, ClusterSnapshot, Decision, MatchExpression, NodeInfo, Operator, Phase,
+    AntiAffinity, ClusterSnapshot, Decision, MatchExpression, NodeInfo, NodePhase, Operator,
     PowerSource, PreferredTerm, Strategy, Taint, TaintEffect, Toleration, TolerationOperator,
     WorkloadRequest,
 };
@@ -143,9 +143,9 @@ fn cluster(n: usize, rng: &mut Rng) -> Vec<NodeInfo> {
                 labels,
                 taints,
                 phase: if rng.chance(2) {
-                    Phase::Suspect
+                    NodePhase::Suspect
                 } else {
-                    Phase::Ready
+                    NodePhase::Ready
                 },
                 cordoned: rng.chance(1),
                 draining: false,
@@ -154,12 +154,11 @@ fn cluster(n: usize, rng: &mut Rng) -> Vec<NodeInfo> {
                 reliability: 0.5 + rng.unit() * 0.5,
                 cost_per_unit: 0.5 + rng.unit() * 2.0,
                 power: if rng.chance(20) {
-                    PowerSource::Battery {
-                        percent: rng.below(101) as u8,
-                    }
+                    PowerSource::Battery
                 } else {
                     PowerSource::Mains
                 },
+                battery_percent: rng.below(101) as u8,
                 arch: if rng.chance(15) { "arm64" } else { "amd64" }.into(),
                 rtt_ms,
                 runtime_classes: if rng.chance(10) {

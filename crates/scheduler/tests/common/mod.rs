@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudless_scheduler::{NodeInfo, Phase, PowerSource, WorkloadRequest};
+use cloudless_scheduler::{NodeInfo, NodePhase, PowerSource, WorkloadRequest};
 use cloudless_types::Resources;
 
 pub const GIB: u64 = 1 << 30;
@@ -26,7 +26,7 @@ pub fn node(id: &str, zone: &str) -> NodeInfo {
         zone: zone.into(),
         labels: BTreeMap::new(),
         taints: Vec::new(),
-        phase: Phase::Ready,
+        phase: NodePhase::Ready,
         cordoned: false,
         draining: false,
         capacity: res(4000, 8),
@@ -34,6 +34,7 @@ pub fn node(id: &str, zone: &str) -> NodeInfo {
         reliability: 0.9,
         cost_per_unit: 1.0,
         power: PowerSource::Mains,
+        battery_percent: 0,
         arch: "amd64".into(),
         rtt_ms: BTreeMap::new(),
         runtime_classes: Vec::new(),
