@@ -10,9 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use cloudless_scheduler::{
-    ClusterSnapshot, Decision, NodeInfo, RunningReplica, WorkloadRequest,
-};
+use cloudless_scheduler::{ClusterSnapshot, Decision, NodeInfo, RunningReplica, WorkloadRequest};
 use cloudless_state::{Command, ReconcileDecision, Rollback, StateReader};
 use cloudless_types::{
     EventRecord, NodePhase, NodeRecord, ReplicaRecord, ReplicaState, RolloutStrategy, Workload,
@@ -88,8 +86,10 @@ pub(crate) fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Ve
                 reliability: n.reliability.clamp(0.0, 1.0),
                 cost_per_unit: 0.0,
                 // Stored by name (checked when reported).
-                power: <cloudless_types::PowerSource as cloudless_types::ClosedSet>::from_name(&n.status.power_source)
-                    .unwrap_or_default(),
+                power: <cloudless_types::PowerSource as cloudless_types::ClosedSet>::from_name(
+                    &n.status.power_source,
+                )
+                .unwrap_or_default(),
                 battery_percent: n.status.battery_percent.min(100),
                 arch: labels.get("arch").cloned().unwrap_or_default(),
                 rtt_ms: BTreeMap::new(),

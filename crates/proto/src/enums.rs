@@ -272,6 +272,18 @@ mod tests {
             "{}",
             wire_names::<W>()
         );
+        // Each wire value is the domain value of the same name (a swapped
+        // pair would still round-trip, so check the names).
+        for (w, d) in W::PAIRS {
+            assert!(
+                w.proto_name()
+                    .replace('_', "")
+                    .ends_with(&d.name().to_uppercase()),
+                "{} is paired with {}",
+                w.proto_name(),
+                d.name()
+            );
+        }
         // UNSPECIFIED is refused by field.
         let e = required::<W>(0, "", "spec.x").expect_err("refused");
         assert_eq!(e.field, "spec.x");
