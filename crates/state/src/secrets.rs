@@ -2,7 +2,7 @@
 //! keyring, access tokens (uses counted, revocation at once) and the audit
 //! log. Nothing here sees plaintext or key material in the clear.
 
-use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction};
 
 use cloudless_types::{
     AccessTokenRecord, AuditLogEntry, AuditRecord, SecretKeyring, SecretRecord,
@@ -289,6 +289,23 @@ pub fn check_token_use(
     }
 }
 
+/// The first secret (by key) with a data key wrapped by master key `version`.
+fn wrapped_by(txn: &WriteTransaction, version: u32) -> Result<Option<String>, String> {
+    let table = txn.open_table(SECRETS).map_err(|e| e.to_string())?;
+    for item in table.iter().map_err(|e| e.to_string())? {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let r: SecretRecord = serde_json::from_str(v.value())
+            .map_err(|e| format!("{} record {:?} is corrupt: {e}", SECRETS.name(), k.value()))?;
+        if r.versions
+            .iter()
+            .any(|x| x.ciphertext.key_version == version)
+        {
+            return Ok(Some(k.value().to_owned()));
+        }
+    }
+    Ok(None)
+}
+
 /// Applies one secret command.
 pub(crate) fn apply(
     txn: &WriteTransaction,
@@ -478,28 +495,19 @@ pub(crate) fn apply(
                         "master key version {version} is unknown or already retired"
                     )));
                 }
-                let table = txn
-                    .open_table(SECRETS)
-                    .map_err(|e| Rejection::Keyring(e.to_string()))?;
-                for item in table
-                    .iter()
-                    .map_err(|e| Rejection::Keyring(e.to_string()))?
-                {
-                    let (k, v) = item.map_err(|e| Rejection::Keyring(e.to_string()))?;
-                    let r: SecretRecord = serde_json::from_str(v.value())
-                        .map_err(|e| Rejection::Keyring(e.to_string()))?;
-                    if r.versions
-                        .iter()
-                        .any(|x| x.ciphertext.key_version == *version)
-                    {
-                        return Err(Rejection::Keyring(format!(
-                            "secret {} still has a data key wrapped by version {version}; rotate again first",
-                            k.value()
-                        )));
-                    }
-                }
                 Ok(())
             })();
+            // Read faults are errors, not refusals: only what is stored
+            // decides the answer, the same on every coordinator.
+            let outcome = match outcome {
+                Ok(()) => match wrapped_by(txn, *version)? {
+                    Some(k) => Err(Rejection::Keyring(format!(
+                        "secret {k} still has a data key wrapped by version {version}; rotate again first"
+                    ))),
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
             let outcome = match outcome {
                 Ok(()) => {
                     ring.keys.retain(|k| k.version != *version);

@@ -3003,4 +3003,51 @@ mod tests {
             .iter()
             .all(|m| m.contains("alpha") && m.contains("removed")));
     }
+
+    /// A record that does not decode is a storage fault, not a refusal:
+    /// answering `Rejected` (and auditing it) from one coordinator's
+    /// unreadable table would make its state differ from its peers'.
+    #[test]
+    fn retiring_a_key_over_an_undecodable_secret_is_an_error_not_a_refusal() {
+        use crate::command::SecretCommand as S;
+        use cloudless_types::{AuditRecord, SecretKeyVersion};
+        let db = db();
+        let key = |v: u32| SecretKeyVersion {
+            version: v,
+            nonce: "n".into(),
+            sealed: "s".into(),
+            created_at_ms: 0,
+            retired: false,
+        };
+        let audit = AuditRecord {
+            at_ms: 0,
+            actor: "admin:t".into(),
+            source: String::new(),
+            action: "retire".into(),
+            namespace: String::new(),
+            secret: String::new(),
+            token_id: String::new(),
+            allowed: true,
+            detail: String::new(),
+        };
+        apply(&db, Command::Secret(S::InitKeyring { key: key(1) }), 0);
+        apply(
+            &db,
+            Command::Secret(S::Rotate {
+                key: key(2),
+                expected_active: 1,
+                rewrapped: vec![],
+                audit: audit.clone(),
+            }),
+            0,
+        );
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(crate::secrets::SECRETS)
+            .expect("table")
+            .insert("prod/db", r#"{"namespace":"prod"}"#)
+            .expect("insert");
+        let r = apply_command(&txn, &Command::Secret(S::Retire { version: 1, audit }), 0);
+        let err = r.expect_err("an undecodable secret was answered as a refusal");
+        assert!(err.contains("secrets") && err.contains("prod/db"), "{err}");
+    }
 }
