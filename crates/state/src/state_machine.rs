@@ -1660,7 +1660,13 @@ impl StateReader {
     ) -> Result<(Vec<(u64, EventRecord)>, EventCursor), StateError> {
         self.read(|txn| {
             let table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
-            let start = after.map_or_else(|| format!("{:020}", 0), |a| format!("{:020}", a + 1));
+            let start = match after.map(|a| a.checked_add(1)) {
+                None => 0,
+                Some(Some(next)) => next,
+                // Nothing sorts after the largest sequence.
+                Some(None) => return Ok((Vec::new(), after)),
+            };
+            let start = format!("{start:020}");
             let mut out = Vec::new();
             let mut last = after;
             for item in table
@@ -3049,5 +3055,36 @@ mod tests {
         let r = apply_command(&txn, &Command::Secret(S::Retire { version: 1, audit }), 0);
         let err = r.expect_err("an undecodable secret was answered as a refusal");
         assert!(err.contains("secrets") && err.contains("prod/db"), "{err}");
+    }
+
+    /// A cursor at the largest sequence (a key read from disk) is past the
+    /// end: nothing after it, and no overflow.
+    #[test]
+    fn an_event_cursor_at_the_largest_sequence_reads_nothing_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm =
+            StateMachine::open(&dir.path().join("s.redb"), Histogram::new([1.0])).expect("open");
+        let ev = EventRecord {
+            at_ms: 1,
+            kind: "Workload".into(),
+            namespace: "default".into(),
+            object: "web".into(),
+            reason: "Scheduled".into(),
+            message: String::new(),
+        };
+        let txn = sm.db.begin_write().expect("txn");
+        txn.open_table(EVENTS)
+            .expect("table")
+            .insert(
+                format!("{:020}", u64::MAX).as_str(),
+                serde_json::to_string(&ev).expect("encode").as_str(),
+            )
+            .expect("insert");
+        txn.commit().expect("commit");
+        let reader = sm.reader();
+        let (all, last) = reader.events(None, |_| true).expect("read");
+        assert_eq!((all.len(), last), (1, Some(u64::MAX)));
+        let (more, last) = reader.events(last, |_| true).expect("read");
+        assert_eq!((more.len(), last), (0, Some(u64::MAX)));
     }
 }
