@@ -1500,10 +1500,10 @@ impl StateReader {
                 let r: AuditLogEntry =
                     serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
                 if filter(&r.record) {
-                    if out.len() == limit {
+                    out.push_back(r);
+                    if out.len() > limit {
                         out.pop_front();
                     }
-                    out.push_back(r);
                 }
             }
             Ok(out.into())
@@ -3086,5 +3086,45 @@ mod tests {
         assert_eq!((all.len(), last), (1, Some(u64::MAX)));
         let (more, last) = reader.events(last, |_| true).expect("read");
         assert_eq!((more.len(), last), (0, Some(u64::MAX)));
+    }
+
+    /// `audit(_, limit)` returns at most `limit` entries, the newest.
+    #[test]
+    fn the_audit_read_returns_at_most_its_limit_even_zero() {
+        use crate::command::SecretCommand as S;
+        use cloudless_types::AuditRecord;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm =
+            StateMachine::open(&dir.path().join("s.redb"), Histogram::new([1.0])).expect("open");
+        let record = |i: i64| AuditRecord {
+            at_ms: i,
+            actor: format!("admin:{i}"),
+            source: String::new(),
+            action: "update".into(),
+            namespace: "prod".into(),
+            secret: "db".into(),
+            token_id: String::new(),
+            allowed: true,
+            detail: String::new(),
+        };
+        apply(
+            &sm.db,
+            Command::Secret(S::Audit {
+                records: (1..=3).map(record).collect(),
+            }),
+            10,
+        );
+        let reader = sm.reader();
+        let at = |limit: usize| -> Vec<i64> {
+            reader
+                .audit(|_| true, limit)
+                .expect("audit")
+                .iter()
+                .map(|e| e.record.at_ms)
+                .collect()
+        };
+        assert_eq!(at(10), [1, 2, 3]);
+        assert_eq!(at(2), [2, 3]);
+        assert_eq!(at(0), Vec::<i64>::new());
     }
 }
