@@ -4,7 +4,11 @@ use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
+use serde::de::DeserializeOwned;
 
 use cloudless_types::{
     AccessTokenRecord, AuditLogEntry, AuditRecord, EventRecord, IdentityMaterial, JoinTokenRecord,
@@ -13,11 +17,11 @@ use cloudless_types::{
 
 use crate::changes::Changes;
 use crate::command::ClusterInfo;
-use crate::error::StateError;
+use crate::error::{ApplyError, RedbContext, StateError};
 use crate::tables::{
-    admin_key, read_applied, retired_coordinator_key, secret_key, workload_key, Applied, ACCESS,
-    ACCESS_TOKENS, AUDIT, CLUSTER, CLUSTER_KEY, EVENTS, IDENTITY, IDENTITY_KEY, JOIN_TOKENS,
-    KEYRING_KEY, NODES, NODE_REPLICAS, REPLICAS, SECRETS, SECRET_KEYS, WORKLOADS,
+    admin_key, decode, read_applied, retired_coordinator_key, secret_key, workload_key, Applied,
+    ACCESS, ACCESS_TOKENS, AUDIT, CLUSTER, CLUSTER_KEY, EVENTS, IDENTITY, IDENTITY_KEY,
+    JOIN_TOKENS, KEYRING_KEY, NODES, NODE_REPLICAS, REPLICAS, SECRETS, SECRET_KEYS, WORKLOADS,
     WORKLOAD_REPLICAS,
 };
 
@@ -50,32 +54,31 @@ impl StateReader {
         }
     }
 
+    /// Runs `f` in a read transaction.
     fn read<T>(
         &self,
-        f: impl FnOnce(&ReadTransaction) -> Result<T, String>,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, ApplyError>,
     ) -> Result<T, StateError> {
-        let txn = self
-            .db
+        self.db
             .begin_read()
-            .map_err(|e| StateError::storage(&self.path, e))?;
-        f(&txn).map_err(|e| StateError::storage(&self.path, e))
+            .in_txn("begin")
+            .and_then(|txn| f(&txn))
+            .map_err(|e| e.into_state_error(&self.path))
     }
 
-    fn get<T: serde::de::DeserializeOwned>(
+    fn get<T: DeserializeOwned>(
         &self,
         def: TableDefinition<&str, &str>,
         key: &str,
     ) -> Result<Option<T>, StateError> {
-        self.read(|txn| {
-            let table = txn.open_table(def).map_err(|e| e.to_string())?;
-            let v = table.get(key).map_err(|e| e.to_string())?;
-            match v {
-                Some(v) => serde_json::from_str(v.value())
-                    .map(Some)
-                    .map_err(|e| e.to_string()),
-                None => Ok(None),
-            }
-        })
+        self.read(|txn| lookup(txn, def, key))
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &str>,
+    ) -> Result<Vec<T>, StateError> {
+        self.read(|txn| prefixed(txn, def, ""))
     }
 
     /// The cluster record, once `InitCluster` has been applied.
@@ -90,27 +93,8 @@ impl StateReader {
 
     /// Workloads in `namespace`, or in every namespace when `None`, ordered by namespace and name.
     pub fn workloads(&self, namespace: Option<&str>) -> Result<Vec<Workload>, StateError> {
-        self.read(|txn| {
-            let table = txn.open_table(WORKLOADS).map_err(|e| e.to_string())?;
-            let prefix = namespace.map(|ns| format!("{ns}/"));
-            let iter = match &prefix {
-                Some(p) => table
-                    .range::<&str>(p.as_str()..)
-                    .map_err(|e| e.to_string())?,
-                None => table.iter().map_err(|e| e.to_string())?,
-            };
-            let mut out = Vec::new();
-            for item in iter {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                if let Some(p) = &prefix {
-                    if !k.value().starts_with(p.as_str()) {
-                        break;
-                    }
-                }
-                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
-            }
-            Ok(out)
-        })
+        let prefix = namespace.map(|ns| format!("{ns}/")).unwrap_or_default();
+        self.read(|txn| prefixed(txn, WORKLOADS, &prefix))
     }
 
     /// One secret (ciphertext and metadata).
@@ -120,22 +104,8 @@ impl StateReader {
 
     /// Secrets in `namespace` (every namespace when `None`), by name.
     pub fn secrets(&self, namespace: Option<&str>) -> Result<Vec<SecretRecord>, StateError> {
-        self.read(|txn| {
-            let table = txn.open_table(SECRETS).map_err(|e| e.to_string())?;
-            let prefix = namespace.map(|ns| format!("{ns}/")).unwrap_or_default();
-            let mut out = Vec::new();
-            for item in table
-                .range::<&str>(prefix.as_str()..)
-                .map_err(|e| e.to_string())?
-            {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                if !k.value().starts_with(prefix.as_str()) {
-                    break;
-                }
-                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
-            }
-            Ok(out)
-        })
+        let prefix = namespace.map(|ns| format!("{ns}/")).unwrap_or_default();
+        self.read(|txn| prefixed(txn, SECRETS, &prefix))
     }
 
     /// The sealed master keyring.
@@ -152,8 +122,9 @@ impl StateReader {
     pub fn access_token_count(&self) -> Result<u64, StateError> {
         self.read(|txn| {
             txn.open_table(ACCESS_TOKENS)
-                .and_then(|t| Ok(redb::ReadableTableMetadata::len(&t)?))
-                .map_err(|e| e.to_string())
+                .at(ACCESS_TOKENS, "open")?
+                .len()
+                .at(ACCESS_TOKENS, "len")
         })
     }
 
@@ -163,20 +134,10 @@ impl StateReader {
         id: &str,
     ) -> Result<(Option<AccessTokenRecord>, Option<SecretRecord>), StateError> {
         self.read(|txn| {
-            let get =
-                |def: TableDefinition<&str, &str>, key: &str| -> Result<Option<String>, String> {
-                    let table = txn.open_table(def).map_err(|e| e.to_string())?;
-                    let v = table.get(key).map_err(|e| e.to_string())?;
-                    Ok(v.map(|v| v.value().to_owned()))
-                };
-            let Some(t) = get(ACCESS_TOKENS, id)? else {
+            let Some(t) = lookup::<AccessTokenRecord>(txn, ACCESS_TOKENS, id)? else {
                 return Ok((None, None));
             };
-            let t: AccessTokenRecord = serde_json::from_str(&t).map_err(|e| e.to_string())?;
-            let s = get(SECRETS, &secret_key(&t.namespace, &t.secret))?
-                .map(|s| serde_json::from_str::<SecretRecord>(&s))
-                .transpose()
-                .map_err(|e| e.to_string())?;
+            let s = lookup(txn, SECRETS, &secret_key(&t.namespace, &t.secret))?;
             Ok((Some(t), s))
         })
     }
@@ -189,15 +150,14 @@ impl StateReader {
         limit: usize,
     ) -> Result<Vec<AuditLogEntry>, StateError> {
         self.read(|txn| {
-            let table = txn.open_table(AUDIT).map_err(|e| e.to_string())?;
+            let table = txn.open_table(AUDIT).at(AUDIT, "open")?;
             let mut out = std::collections::VecDeque::new();
-            for item in table.iter().map_err(|e| e.to_string())? {
-                let (k, v) = item.map_err(|e| e.to_string())?;
+            for item in table.iter().at(AUDIT, "iter")? {
+                let (k, v) = item.at(AUDIT, "iter")?;
                 if k.value().starts_with('~') {
                     continue;
                 }
-                let r: AuditLogEntry =
-                    serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
+                let r: AuditLogEntry = decode(AUDIT, k.value(), v.value())?;
                 if filter(&r.record) {
                     out.push_back(r);
                     if out.len() > limit {
@@ -229,7 +189,6 @@ impl StateReader {
         self.get(NODES, id)
     }
 
-    /// Every node, by id.
     /// A counter that changes whenever a node may have been removed: a cached
     /// "node exists" answer taken at the same value is still true.
     pub fn removal_generation(&self) -> u64 {
@@ -245,11 +204,7 @@ impl StateReader {
 
     /// Whether node `id` is enrolled (a key lookup; no decoding).
     pub fn node_exists(&self, id: &str) -> Result<bool, StateError> {
-        self.read(|txn| {
-            let table = txn.open_table(NODES).map_err(|e| e.to_string())?;
-            let found = table.get(id).map_err(|e| e.to_string())?.is_some();
-            Ok(found)
-        })
+        self.read(|txn| exists(txn, NODES, id))
     }
 
     /// The record of admin `name`, if one was ever issued or revoked.
@@ -259,47 +214,17 @@ impl StateReader {
 
     /// Every admin record.
     pub fn admins(&self) -> Result<Vec<cloudless_types::AdminRecord>, StateError> {
-        self.read(|txn| {
-            let table = txn.open_table(ACCESS).map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
-            for item in table.range("admin/".."admin0").map_err(|e| e.to_string())? {
-                let (_, v) = item.map_err(|e| e.to_string())?;
-                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
-            }
-            Ok(out)
-        })
+        self.read(|txn| prefixed(txn, ACCESS, &admin_key("")))
     }
 
     /// Whether coordinator `id` was removed from the cluster.
     pub fn coordinator_retired(&self, id: u64) -> Result<bool, StateError> {
-        self.read(|txn| {
-            let table = txn.open_table(ACCESS).map_err(|e| e.to_string())?;
-            let found = table
-                .get(retired_coordinator_key(id).as_str())
-                .map_err(|e| e.to_string())?
-                .is_some();
-            Ok(found)
-        })
+        self.read(|txn| exists(txn, ACCESS, &retired_coordinator_key(id)))
     }
 
-    /// Every node record.
+    /// Every node record, by id.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
         self.all(NODES)
-    }
-
-    fn all<T: serde::de::DeserializeOwned>(
-        &self,
-        def: TableDefinition<&str, &str>,
-    ) -> Result<Vec<T>, StateError> {
-        self.read(|txn| {
-            let table = txn.open_table(def).map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
-            for item in table.iter().map_err(|e| e.to_string())? {
-                let (_, v) = item.map_err(|e| e.to_string())?;
-                out.push(serde_json::from_str(v.value()).map_err(|e| e.to_string())?);
-            }
-            Ok(out)
-        })
     }
 
     /// Every replica.
@@ -326,22 +251,23 @@ impl StateReader {
         self.indexed(WORKLOAD_REPLICAS, &format!("{namespace}/{name}/"))
     }
 
+    /// The replicas named by the rows of `index` whose key starts with `prefix`.
     fn indexed(
         &self,
         index: TableDefinition<&str, &str>,
         prefix: &str,
     ) -> Result<Vec<ReplicaRecord>, StateError> {
         self.read(|txn| {
-            let idx = txn.open_table(index).map_err(|e| e.to_string())?;
-            let table = txn.open_table(REPLICAS).map_err(|e| e.to_string())?;
+            let idx = txn.open_table(index).at(index, "open")?;
+            let table = txn.open_table(REPLICAS).at(REPLICAS, "open")?;
             let mut out = Vec::new();
-            for item in idx.range::<&str>(prefix..).map_err(|e| e.to_string())? {
-                let (k, v) = item.map_err(|e| e.to_string())?;
+            for item in idx.range::<&str>(prefix..).at(index, "range")? {
+                let (k, v) = item.at(index, "range")?;
                 if !k.value().starts_with(prefix) {
                     break;
                 }
-                if let Some(r) = table.get(v.value()).map_err(|e| e.to_string())? {
-                    out.push(serde_json::from_str(r.value()).map_err(|e| e.to_string())?);
+                if let Some(r) = table.get(v.value()).at(REPLICAS, "get")? {
+                    out.push(decode(REPLICAS, v.value(), r.value())?);
                 }
             }
             Ok(out)
@@ -358,7 +284,7 @@ impl StateReader {
         filter: impl Fn(&EventRecord) -> bool,
     ) -> Result<(Vec<(u64, EventRecord)>, EventCursor), StateError> {
         self.read(|txn| {
-            let table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+            let table = txn.open_table(EVENTS).at(EVENTS, "open")?;
             let start = match after.map(|a| a.checked_add(1)) {
                 None => 0,
                 Some(Some(next)) => next,
@@ -368,16 +294,13 @@ impl StateReader {
             let start = format!("{start:020}");
             let mut out = Vec::new();
             let mut last = after;
-            for item in table
-                .range::<&str>(start.as_str()..)
-                .map_err(|e| e.to_string())?
-            {
-                let (k, v) = item.map_err(|e| e.to_string())?;
+            for item in table.range::<&str>(start.as_str()..).at(EVENTS, "range")? {
+                let (k, v) = item.at(EVENTS, "range")?;
                 let Ok(seq) = k.value().parse::<u64>() else {
                     continue;
                 };
                 last = Some(seq);
-                let ev: EventRecord = serde_json::from_str(v.value()).map_err(|e| e.to_string())?;
+                let ev: EventRecord = decode(EVENTS, k.value(), v.value())?;
                 if filter(&ev) {
                     out.push((seq, ev));
                 }
@@ -396,6 +319,46 @@ impl StateReader {
     pub fn applied(&self) -> Result<Applied, StateError> {
         self.read(read_applied)
     }
+}
+
+/// The record under `key` in `def`, decoded.
+fn lookup<T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    def: TableDefinition<&str, &str>,
+    key: &str,
+) -> Result<Option<T>, ApplyError> {
+    let table = txn.open_table(def).at(def, "open")?;
+    let v = table.get(key).at(def, "get")?;
+    v.map(|v| decode(def, key, v.value())).transpose()
+}
+
+/// Whether `def` has a row under `key` (not decoded).
+fn exists(
+    txn: &ReadTransaction,
+    def: TableDefinition<&str, &str>,
+    key: &str,
+) -> Result<bool, ApplyError> {
+    let table = txn.open_table(def).at(def, "open")?;
+    let found = table.get(key).at(def, "get")?.is_some();
+    Ok(found)
+}
+
+/// The records of `def` whose key starts with `prefix`, in key order.
+fn prefixed<T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    def: TableDefinition<&str, &str>,
+    prefix: &str,
+) -> Result<Vec<T>, ApplyError> {
+    let table = txn.open_table(def).at(def, "open")?;
+    let mut out = Vec::new();
+    for item in table.range::<&str>(prefix..).at(def, "range")? {
+        let (k, v) = item.at(def, "range")?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        out.push(decode(def, k.value(), v.value())?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -477,5 +440,33 @@ mod tests {
         assert_eq!(at(10), [1, 2, 3]);
         assert_eq!(at(2), [2, 3]);
         assert_eq!(at(0), Vec::<i64>::new());
+    }
+
+    /// A record that does not decode is reported as corrupt, naming the
+    /// file, the table and the key.
+    #[test]
+    fn an_undecodable_record_is_reported_as_corrupt_by_table_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let sm = StateMachine::open(&path, Histogram::new([1.0])).expect("open");
+        let txn = sm.db().begin_write().expect("txn");
+        txn.open_table(NODES)
+            .expect("table")
+            .insert("n1", r#"{"id":"n1"}"#)
+            .expect("insert");
+        txn.commit().expect("commit");
+        let reader = sm.reader();
+        for err in [
+            reader.node("n1").expect_err("decoded"),
+            reader.nodes().expect_err("decoded"),
+        ] {
+            let StateError::Corrupt { path: p, what, .. } = &err else {
+                panic!("not reported as corrupt: {err}");
+            };
+            assert_eq!((p, what.as_str()), (&path, r#"nodes record "n1""#));
+        }
+        assert!(reader
+            .node_exists("n1")
+            .expect("a key lookup decodes nothing"));
     }
 }

@@ -57,7 +57,7 @@ impl Snapshots {
 
     pub(crate) fn build(&self) -> Result<Snapshot<TypeConfig>, String> {
         let txn = self.db.begin_read().map_err(|e| e.to_string())?;
-        let (last_applied, last_membership) = read_applied(&txn)?;
+        let (last_applied, last_membership) = read_applied(&txn).map_err(|e| e.to_string())?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),

@@ -15,7 +15,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 use crate::apply::apply_entries;
 use crate::changes::Changes;
 use crate::command::ProposalResult;
-use crate::error::{io_err, StateError};
+use crate::error::{io_err, ApplyError, RedbContext, StateError};
 use crate::reader::StateReader;
 use crate::snapshot::Snapshots;
 use crate::tables::{
@@ -148,8 +148,8 @@ impl StateMachine {
     fn apply_committed(
         &self,
         entries: Vec<Entry<TypeConfig>>,
-    ) -> Result<Vec<ProposalResult>, String> {
-        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+    ) -> Result<Vec<ProposalResult>, ApplyError> {
+        let mut txn = self.db.begin_write().in_txn("begin")?;
         let durable = {
             let mut d = self
                 .durable
@@ -165,10 +165,10 @@ impl StateMachine {
         };
         if !durable {
             txn.set_durability(redb::Durability::None)
-                .map_err(|e| e.to_string())?;
+                .in_txn("set the durability of")?;
         }
         let out = apply_entries(&txn, entries)?;
-        txn.commit().map_err(|e| e.to_string())?;
+        txn.commit().in_txn("commit")?;
         self.changes.committed(&out);
         Ok(out)
     }

@@ -8,8 +8,10 @@
 
 use openraft::{LogId, StoredMembership};
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::error::{ApplyError, RedbContext};
 use crate::type_config::{CoordinatorNode, NodeId};
 
 /// Raft bookkeeping: last applied log id, membership, format.
@@ -134,36 +136,46 @@ pub(crate) type Applied = (
 );
 
 /// Reads the last applied log id and membership from [`SYSTEM`].
-pub(crate) fn read_applied(txn: &ReadTransaction) -> Result<Applied, String> {
-    let system = txn.open_table(SYSTEM).map_err(|e| e.to_string())?;
-    let applied = match system.get(KEY_APPLIED).map_err(|e| e.to_string())? {
-        Some(v) => {
-            serde_json::from_str(v.value()).map_err(|e| format!("last_applied is corrupt: {e}"))?
-        }
+pub(crate) fn read_applied(txn: &ReadTransaction) -> Result<Applied, ApplyError> {
+    let system = txn.open_table(SYSTEM).at(SYSTEM, "open")?;
+    let applied = match system.get(KEY_APPLIED).at(SYSTEM, "get")? {
+        Some(v) => decode(SYSTEM, KEY_APPLIED, v.value())?,
         None => None,
     };
-    let membership = match system.get(KEY_MEMBERSHIP).map_err(|e| e.to_string())? {
-        Some(v) => serde_json::from_str(v.value())
-            .map_err(|e| format!("last_membership is corrupt: {e}"))?,
+    let membership = match system.get(KEY_MEMBERSHIP).at(SYSTEM, "get")? {
+        Some(v) => decode(SYSTEM, KEY_MEMBERSHIP, v.value())?,
         None => StoredMembership::default(),
     };
     Ok((applied, membership))
 }
 
+/// Decodes the record `value` stored under `key` in `table`.
+pub(crate) fn decode<T: DeserializeOwned>(
+    table: impl TableHandle,
+    key: &str,
+    value: &str,
+) -> Result<T, ApplyError> {
+    serde_json::from_str(value).map_err(|e| ApplyError::decode(&table, key, e))
+}
+
+/// Encodes `value`, to be stored under `key` in `table`.
+pub(crate) fn encode<T: Serialize>(
+    table: impl TableHandle,
+    key: &str,
+    value: &T,
+) -> Result<String, ApplyError> {
+    serde_json::to_string(value).map_err(|e| ApplyError::encode(&table, key, e))
+}
+
 /// The record under `key` in `def`, decoded.
-pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
+pub(crate) fn get_json<T: DeserializeOwned>(
     txn: &WriteTransaction,
     def: TableDefinition<&str, &str>,
     key: &str,
-) -> Result<Option<T>, String> {
-    let table = txn.open_table(def).map_err(|e| e.to_string())?;
-    let v = table.get(key).map_err(|e| e.to_string())?;
-    match v {
-        Some(v) => serde_json::from_str(v.value())
-            .map(Some)
-            .map_err(|e| format!("{} record {key:?} is corrupt: {e}", def.name())),
-        None => Ok(None),
-    }
+) -> Result<Option<T>, ApplyError> {
+    let table = txn.open_table(def).at(def, "open")?;
+    let v = table.get(key).at(def, "get")?;
+    v.map(|v| decode(def, key, v.value())).transpose()
 }
 
 /// Stores `value` under `key` in `def`, encoded.
@@ -172,9 +184,39 @@ pub(crate) fn put_json<T: Serialize>(
     def: TableDefinition<&str, &str>,
     key: &str,
     value: &T,
-) -> Result<(), String> {
-    let v = serde_json::to_string(value).map_err(|e| e.to_string())?;
-    let mut table = txn.open_table(def).map_err(|e| e.to_string())?;
-    table.insert(key, v.as_str()).map_err(|e| e.to_string())?;
+) -> Result<(), ApplyError> {
+    let v = encode(def, key, value)?;
+    let mut table = txn.open_table(def).at(def, "open")?;
+    table.insert(key, v.as_str()).at(def, "insert")?;
     Ok(())
+}
+
+/// Stores the plain `value` (an id, or `null` in an expiry index) under
+/// `key` in `def`.
+pub(crate) fn put_raw(
+    txn: &WriteTransaction,
+    def: TableDefinition<&str, &str>,
+    key: &str,
+    value: &str,
+) -> Result<(), ApplyError> {
+    txn.open_table(def)
+        .at(def, "open")?
+        .insert(key, value)
+        .at(def, "insert")?;
+    Ok(())
+}
+
+/// Removes `key` from `def`; whether it was there.
+pub(crate) fn remove(
+    txn: &WriteTransaction,
+    def: TableDefinition<&str, &str>,
+    key: &str,
+) -> Result<bool, ApplyError> {
+    let removed = txn
+        .open_table(def)
+        .at(def, "open")?
+        .remove(key)
+        .at(def, "remove")?
+        .is_some();
+    Ok(removed)
 }

@@ -6,6 +6,7 @@ use redb::WriteTransaction;
 use cloudless_types::{AdminRecord, RetiredCoordinator};
 
 use crate::command::{Rejection, Response};
+use crate::error::ApplyError;
 use crate::tables::{admin_key, get_json, put_json, retired_coordinator_key, ACCESS};
 
 /// `PutAdmin`: stores an admin record. Refused when the acting admin was
@@ -15,8 +16,8 @@ pub(super) fn put_admin(
     txn: &WriteTransaction,
     record: &AdminRecord,
     actor: Option<&(String, i64)>,
-) -> Result<Response, String> {
-    let revoked_before = |name: &str| -> Result<i64, String> {
+) -> Result<Response, ApplyError> {
+    let revoked_before = |name: &str| -> Result<i64, ApplyError> {
         Ok(get_json::<AdminRecord>(txn, ACCESS, &admin_key(name))?
             .map_or(0, |r| r.revoked_before_s))
     };
@@ -43,7 +44,7 @@ pub(super) fn retire_coordinator(
     txn: &WriteTransaction,
     node_id: u64,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let r = RetiredCoordinator {
         node_id,
         at_ms: now_ms,

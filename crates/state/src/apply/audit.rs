@@ -8,7 +8,8 @@ use cloudless_types::{AuditLogEntry, AuditRecord};
 
 use super::cluster::config;
 use crate::command::{Rejection, Response};
-use crate::tables::{AUDIT, AUDIT_OPEN};
+use crate::error::{ApplyError, RedbContext};
+use crate::tables::{decode, encode, AUDIT, AUDIT_OPEN};
 
 /// Longest text kept in a stored audit field (actor, source, namespace,
 /// secret, token id, detail); refusals carry caller-chosen text.
@@ -48,7 +49,7 @@ pub(super) fn append_audit(
     txn: &WriteTransaction,
     records: impl IntoIterator<Item = AuditRecord>,
     now_ms: i64,
-) -> Result<(), String> {
+) -> Result<(), ApplyError> {
     append_counted(txn, records.into_iter().map(|r| (r, 1, 0)), now_ms)
 }
 
@@ -58,16 +59,13 @@ pub(super) fn append_counted(
     txn: &WriteTransaction,
     records: impl IntoIterator<Item = (AuditRecord, u32, i64)>,
     now_ms: i64,
-) -> Result<(), String> {
+) -> Result<(), ApplyError> {
     let config = config(txn)?;
     let window_ms = i64::from(config.audit_aggregate_window_s) * 1000;
-    let mut table = txn.open_table(AUDIT).map_err(|e| e.to_string())?;
-    let mut open = txn.open_table(AUDIT_OPEN).map_err(|e| e.to_string())?;
-    let mut seq: u64 = match table.get(AUDIT_SEQ_KEY).map_err(|e| e.to_string())? {
-        Some(v) => v
-            .value()
-            .parse()
-            .map_err(|e| format!("audit sequence: {e}"))?,
+    let mut table = txn.open_table(AUDIT).at(AUDIT, "open")?;
+    let mut open = txn.open_table(AUDIT_OPEN).at(AUDIT_OPEN, "open")?;
+    let mut seq: u64 = match table.get(AUDIT_SEQ_KEY).at(AUDIT, "get")? {
+        Some(v) => decode(AUDIT, AUDIT_SEQ_KEY, v.value())?,
         None => 0,
     };
     for (mut r, n, last_at_ms) in records {
@@ -90,12 +88,12 @@ pub(super) fn append_counted(
         if let Some(agg) = &agg {
             let at = open
                 .get(agg.as_str())
-                .map_err(|e| e.to_string())?
+                .at(AUDIT_OPEN, "get")?
                 .map(|v| v.value().to_owned());
             let existing = match &at {
                 Some(k) => table
                     .get(k.as_str())
-                    .map_err(|e| e.to_string())?
+                    .at(AUDIT, "get")?
                     .and_then(|v| serde_json::from_str::<AuditLogEntry>(v.value()).ok()),
                 None => None,
             };
@@ -106,10 +104,8 @@ pub(super) fn append_counted(
                     e.record.detail = r.detail;
                     e.record.source = r.source;
                     e.record.token_id = r.token_id;
-                    let v = serde_json::to_string(&e).map_err(|e| e.to_string())?;
-                    table
-                        .insert(k.as_str(), v.as_str())
-                        .map_err(|e| e.to_string())?;
+                    let v = encode(AUDIT, &k, &e)?;
+                    table.insert(k.as_str(), v.as_str()).at(AUDIT, "insert")?;
                     continue;
                 }
             }
@@ -120,28 +116,26 @@ pub(super) fn append_counted(
             record: r,
             count: n,
         };
-        let v = serde_json::to_string(&entry).map_err(|e| e.to_string())?;
-        table
-            .insert(key.as_str(), v.as_str())
-            .map_err(|e| e.to_string())?;
+        let v = encode(AUDIT, &key, &entry)?;
+        table.insert(key.as_str(), v.as_str()).at(AUDIT, "insert")?;
         if let Some(agg) = &agg {
             open.insert(agg.as_str(), key.as_str())
-                .map_err(|e| e.to_string())?;
+                .at(AUDIT_OPEN, "insert")?;
         }
         seq += 1;
     }
     table
         .insert(AUDIT_SEQ_KEY, seq.to_string().as_str())
-        .map_err(|e| e.to_string())?;
+        .at(AUDIT, "insert")?;
     // Retention: records are in time order; drop from the front while old
     // or while over the cap (the sequence row sorts last and is not counted).
     let cutoff = now_ms - i64::from(config.audit_retention_days) * DAY_MS;
-    let mut count = table.len().map_err(|e| e.to_string())?.saturating_sub(1);
+    let mut count = table.len().at(AUDIT, "len")?.saturating_sub(1);
     let cap = u64::from(config.audit_max_records);
     loop {
         let Some((k, v)) = table
             .first()
-            .map_err(|e| e.to_string())?
+            .at(AUDIT, "first")?
             .map(|(k, v)| (k.value().to_owned(), v.value().to_owned()))
         else {
             break;
@@ -154,16 +148,16 @@ pub(super) fn append_counted(
         if at >= cutoff && count <= cap {
             break;
         }
-        table.remove(k.as_str()).map_err(|e| e.to_string())?;
+        table.remove(k.as_str()).at(AUDIT, "remove")?;
         count = count.saturating_sub(1);
         if let Some(e) = entry.filter(|e| e.record.aggregates()) {
             let agg = aggregate_key(&e.record);
             let points_here = open
                 .get(agg.as_str())
-                .map_err(|e| e.to_string())?
+                .at(AUDIT_OPEN, "get")?
                 .is_some_and(|v| v.value() == k);
             if points_here {
-                open.remove(agg.as_str()).map_err(|e| e.to_string())?;
+                open.remove(agg.as_str()).at(AUDIT_OPEN, "remove")?;
             }
         }
     }
@@ -176,7 +170,7 @@ pub(super) fn audited(
     mut audit: AuditRecord,
     now_ms: i64,
     outcome: Result<Response, Rejection>,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     match &outcome {
         Ok(_) => audit.allowed = true,
         Err(why) => {

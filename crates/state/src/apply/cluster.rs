@@ -6,6 +6,7 @@ use redb::WriteTransaction;
 use cloudless_types::{ClusterConfig, IdentityMaterial};
 
 use crate::command::{ClusterInfo, Rejection, Response};
+use crate::error::ApplyError;
 use crate::tables::{get_json, put_json, CLUSTER, CLUSTER_KEY, IDENTITY, IDENTITY_KEY};
 
 /// `InitCluster`: records the cluster's id and first configuration, once.
@@ -14,7 +15,7 @@ pub(super) fn init(
     cluster_id: &str,
     config: &ClusterConfig,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     if let Some(existing) = get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)? {
         return Ok(Response::Rejected(Rejection::AlreadyInitialized {
             cluster_id: existing.cluster_id,
@@ -36,7 +37,7 @@ pub(super) fn set_config(
     txn: &WriteTransaction,
     config: &ClusterConfig,
     expected_revision: Option<u64>,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let Some(mut info) = get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)? else {
         return Ok(Response::Rejected(Rejection::NotInitialized));
     };
@@ -58,7 +59,7 @@ pub(super) fn set_config(
 pub(super) fn init_identity(
     txn: &WriteTransaction,
     material: &IdentityMaterial,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     if get_json::<IdentityMaterial>(txn, IDENTITY, IDENTITY_KEY)?.is_some() {
         return Ok(Response::Rejected(Rejection::IdentityAlreadyInitialized));
     }
@@ -67,7 +68,7 @@ pub(super) fn init_identity(
 }
 
 /// The cluster configuration, or the defaults before `InitCluster`.
-pub(super) fn config(txn: &WriteTransaction) -> Result<ClusterConfig, String> {
+pub(super) fn config(txn: &WriteTransaction) -> Result<ClusterConfig, ApplyError> {
     Ok(get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)?
         .map(|c| c.config)
         .unwrap_or_default())

@@ -6,7 +6,8 @@ use redb::{ReadableTable, WriteTransaction};
 use cloudless_types::EventRecord;
 
 use crate::command::Response;
-use crate::tables::EVENTS;
+use crate::error::{ApplyError, RedbContext};
+use crate::tables::{decode, encode, EVENTS};
 
 /// Events kept; older ones are dropped as new ones arrive.
 pub const EVENT_RETENTION: u64 = 10_000;
@@ -17,7 +18,7 @@ pub(super) fn record(
     txn: &WriteTransaction,
     events: &[EventRecord],
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     append_events(txn, events, now_ms)?;
     Ok(Response::EventsRecorded(
         u32::try_from(events.len()).unwrap_or(u32::MAX),
@@ -30,13 +31,13 @@ pub(super) fn append_events(
     txn: &WriteTransaction,
     events: &[EventRecord],
     now_ms: i64,
-) -> Result<(), String> {
+) -> Result<(), ApplyError> {
     if events.is_empty() {
         return Ok(());
     }
-    let mut table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
-    let mut seq: u64 = match table.get(EVENT_SEQ_KEY).map_err(|e| e.to_string())? {
-        Some(v) => serde_json::from_str(v.value()).map_err(|e| e.to_string())?,
+    let mut table = txn.open_table(EVENTS).at(EVENTS, "open")?;
+    let mut seq: u64 = match table.get(EVENT_SEQ_KEY).at(EVENTS, "get")? {
+        Some(v) => decode(EVENTS, EVENT_SEQ_KEY, v.value())?,
         None => 0,
     };
     for ev in events {
@@ -44,21 +45,22 @@ pub(super) fn append_events(
         if ev.at_ms == 0 {
             ev.at_ms = now_ms;
         }
-        let v = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
+        let key = format!("{seq:020}");
+        let v = encode(EVENTS, &key, &ev)?;
         table
-            .insert(format!("{seq:020}").as_str(), v.as_str())
-            .map_err(|e| e.to_string())?;
+            .insert(key.as_str(), v.as_str())
+            .at(EVENTS, "insert")?;
         seq += 1;
     }
     table
         .insert(EVENT_SEQ_KEY, seq.to_string().as_str())
-        .map_err(|e| e.to_string())?;
+        .at(EVENTS, "insert")?;
     // Retention: drop the oldest beyond the limit.
     if seq > EVENT_RETENTION {
         let cutoff = format!("{:020}", seq - EVENT_RETENTION);
         table
             .retain_in::<&str, _>(..cutoff.as_str(), |_, _| false)
-            .map_err(|e| e.to_string())?;
+            .at(EVENTS, "retain")?;
     }
     Ok(())
 }

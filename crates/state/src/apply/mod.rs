@@ -27,8 +27,10 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Proposal, ProposalResult, Rejection, Request, Response};
+use crate::error::{ApplyError, RedbContext};
 use crate::tables::{
-    get_json, put_json, IDEMPOTENCY, IDEMPOTENCY_EXPIRY, KEY_APPLIED, KEY_MEMBERSHIP, SYSTEM,
+    encode, get_json, put_json, put_raw, IDEMPOTENCY, IDEMPOTENCY_EXPIRY, KEY_APPLIED,
+    KEY_MEMBERSHIP, SYSTEM,
 };
 use crate::type_config::TypeConfig;
 
@@ -48,7 +50,7 @@ struct IdempotencyRecord {
 pub(crate) fn apply_entries(
     txn: &WriteTransaction,
     entries: Vec<Entry<TypeConfig>>,
-) -> Result<Vec<ProposalResult>, String> {
+) -> Result<Vec<ProposalResult>, ApplyError> {
     let mut out = Vec::with_capacity(entries.len());
     let mut last_applied = None;
     let mut membership = None;
@@ -67,24 +69,24 @@ pub(crate) fn apply_entries(
             }
         }
     }
-    let mut system = txn.open_table(SYSTEM).map_err(|e| e.to_string())?;
+    let mut system = txn.open_table(SYSTEM).at(SYSTEM, "open")?;
     if let Some(la) = last_applied {
-        let v = serde_json::to_string(&la).map_err(|e| e.to_string())?;
+        let v = encode(SYSTEM, KEY_APPLIED, &la)?;
         system
             .insert(KEY_APPLIED, v.as_str())
-            .map_err(|e| e.to_string())?;
+            .at(SYSTEM, "insert")?;
     }
     if let Some(m) = membership {
-        let v = serde_json::to_string(&m).map_err(|e| e.to_string())?;
+        let v = encode(SYSTEM, KEY_MEMBERSHIP, &m)?;
         system
             .insert(KEY_MEMBERSHIP, v.as_str())
-            .map_err(|e| e.to_string())?;
+            .at(SYSTEM, "insert")?;
     }
     Ok(out)
 }
 
 /// Applies a batch in order. Deterministic: uses only the proposal and the state.
-fn apply_proposal(txn: &WriteTransaction, p: Proposal) -> Result<ProposalResult, String> {
+fn apply_proposal(txn: &WriteTransaction, p: Proposal) -> Result<ProposalResult, ApplyError> {
     if let Some(latest) = p.requests.iter().map(|r| r.proposed_at_ms).max() {
         expire_idempotency(txn, latest)?;
     }
@@ -97,7 +99,7 @@ fn apply_proposal(txn: &WriteTransaction, p: Proposal) -> Result<ProposalResult,
 }
 
 /// Applies one request.
-fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, String> {
+fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, ApplyError> {
     if let Some(key) = &req.idempotency_key {
         if let Some(rec) = get_json::<IdempotencyRecord>(txn, IDEMPOTENCY, key)? {
             return Ok(if rec.command == req.command {
@@ -119,17 +121,14 @@ fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, Strin
             response: response.clone(),
         };
         put_json(txn, IDEMPOTENCY, &key, &rec)?;
-        let mut exp = txn
-            .open_table(IDEMPOTENCY_EXPIRY)
-            .map_err(|e| e.to_string())?;
         let ek = format!("{:020}/{key}", req.proposed_at_ms.max(0));
-        exp.insert(ek.as_str(), "null").map_err(|e| e.to_string())?;
+        put_raw(txn, IDEMPOTENCY_EXPIRY, &ek, "null")?;
     }
     Ok(response)
 }
 
 /// Forgets idempotency keys proposed more than the retention period before `now_ms`.
-fn expire_idempotency(txn: &WriteTransaction, now_ms: i64) -> Result<(), String> {
+fn expire_idempotency(txn: &WriteTransaction, now_ms: i64) -> Result<(), ApplyError> {
     drop_indexed_before(
         txn,
         IDEMPOTENCY_EXPIRY,
@@ -145,32 +144,33 @@ fn drop_indexed_before(
     index: TableDefinition<&str, &str>,
     data: TableDefinition<&str, &str>,
     cutoff_ms: i64,
-) -> Result<(), String> {
+) -> Result<(), ApplyError> {
     let cutoff = format!("{:020}", cutoff_ms.max(0));
-    let mut idx = txn.open_table(index).map_err(|e| e.to_string())?;
+    let mut idx = txn.open_table(index).at(index, "open")?;
     let mut expired = Vec::new();
-    for item in idx
-        .range::<&str>(..cutoff.as_str())
-        .map_err(|e| e.to_string())?
-    {
-        let (k, _) = item.map_err(|e| e.to_string())?;
+    for item in idx.range::<&str>(..cutoff.as_str()).at(index, "range")? {
+        let (k, _) = item.at(index, "range")?;
         expired.push(k.value().to_owned());
     }
     if expired.is_empty() {
         return Ok(());
     }
-    let mut records = txn.open_table(data).map_err(|e| e.to_string())?;
+    let mut records = txn.open_table(data).at(data, "open")?;
     for ek in expired {
-        idx.remove(ek.as_str()).map_err(|e| e.to_string())?;
+        idx.remove(ek.as_str()).at(index, "remove")?;
         if let Some((_, key)) = ek.split_once('/') {
-            records.remove(key).map_err(|e| e.to_string())?;
+            records.remove(key).at(data, "remove")?;
         }
     }
     Ok(())
 }
 
 /// Applies one command.
-fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<Response, String> {
+fn apply_command(
+    txn: &WriteTransaction,
+    cmd: &Command,
+    now_ms: i64,
+) -> Result<Response, ApplyError> {
     match cmd {
         Command::InitCluster { cluster_id, config } => {
             cluster::init(txn, cluster_id, config, now_ms)
@@ -211,7 +211,7 @@ fn apply_command(txn: &WriteTransaction, cmd: &Command, now_ms: i64) -> Result<R
         Command::MarkReplicasUnknown { ids, unknown } => {
             replicas::mark_unknown(txn, ids, *unknown, now_ms)
         }
-        Command::RemoveReplicas { ids } => replicas::remove(txn, ids),
+        Command::RemoveReplicas { ids } => replicas::remove_all(txn, ids),
         Command::UpdateReplicas { updates } => replicas::update(txn, updates, now_ms),
         Command::RecordEvents { events } => events::record(txn, events, now_ms),
         Command::PutAdmin { record, actor } => access::put_admin(txn, record, actor.as_ref()),

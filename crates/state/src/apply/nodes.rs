@@ -13,13 +13,16 @@ use cloudless_types::{
 use super::events::append_events;
 use super::replicas::{index_ids, remove_replica};
 use crate::command::{NodeUpdate, Rejection, Response};
-use crate::tables::{get_json, put_json, JOIN_TOKENS, NODES, NODE_NAMES, NODE_REPLICAS, REPLICAS};
+use crate::error::{ApplyError, RedbContext};
+use crate::tables::{
+    self, get_json, put_json, put_raw, JOIN_TOKENS, NODES, NODE_NAMES, NODE_REPLICAS, REPLICAS,
+};
 
 /// `CreateJoinToken`: stores a new join token.
 pub(super) fn create_join_token(
     txn: &WriteTransaction,
     token: &JoinTokenRecord,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     if get_json::<JoinTokenRecord>(txn, JOIN_TOKENS, &token.id)?.is_some() {
         return Ok(Response::Rejected(Rejection::JoinToken {
             id: token.id.clone(),
@@ -34,7 +37,7 @@ pub(super) fn create_join_token(
 pub(super) fn revoke_join_token(
     txn: &WriteTransaction,
     token_id: &str,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let Some(mut t) = get_json::<JoinTokenRecord>(txn, JOIN_TOKENS, token_id)? else {
         return Ok(Response::Rejected(Rejection::JoinToken {
             id: token_id.to_owned(),
@@ -53,7 +56,7 @@ pub(super) fn enroll(
     token_id: &str,
     node: &NodeRecord,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let refuse = |problem: String| {
         Ok(Response::Rejected(Rejection::JoinToken {
             id: token_id.to_owned(),
@@ -73,10 +76,10 @@ pub(super) fn enroll(
         return refuse(format!("has been used {} of {} times", t.uses, t.max_uses));
     }
     let taken = {
-        let names = txn.open_table(NODE_NAMES).map_err(|e| e.to_string())?;
+        let names = txn.open_table(NODE_NAMES).at(NODE_NAMES, "open")?;
         let by_name = names
             .get(node.name.as_str())
-            .map_err(|e| e.to_string())?
+            .at(NODE_NAMES, "get")?
             .map(|v| v.value().to_owned());
         drop(names);
         match by_name {
@@ -100,10 +103,7 @@ pub(super) fn enroll(
         ..node.clone()
     };
     put_json(txn, NODES, &record.id, &record)?;
-    txn.open_table(NODE_NAMES)
-        .map_err(|e| e.to_string())?
-        .insert(record.name.as_str(), record.id.as_str())
-        .map_err(|e| e.to_string())?;
+    put_raw(txn, NODE_NAMES, &record.name, &record.id)?;
     Ok(Response::Node(record))
 }
 
@@ -113,7 +113,7 @@ pub(super) fn set_flags(
     node_id: &str,
     cordoned: Option<bool>,
     draining: Option<bool>,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
         return Ok(not_found(node_id));
     };
@@ -136,7 +136,7 @@ pub(super) fn set_labels(
     node_id: &str,
     set: &BTreeMap<String, String>,
     remove: &[String],
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
         return Ok(not_found(node_id));
     };
@@ -150,7 +150,10 @@ pub(super) fn set_labels(
 }
 
 /// `AcceptNodeCapacity`: trusts the capacity the node last reported.
-pub(super) fn accept_capacity(txn: &WriteTransaction, node_id: &str) -> Result<Response, String> {
+pub(super) fn accept_capacity(
+    txn: &WriteTransaction,
+    node_id: &str,
+) -> Result<Response, ApplyError> {
     let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
         return Ok(not_found(node_id));
     };
@@ -165,18 +168,12 @@ pub(super) fn remove(
     txn: &WriteTransaction,
     node_id: &str,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let Some(n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
         return Ok(not_found(node_id));
     };
-    txn.open_table(NODES)
-        .map_err(|e| e.to_string())?
-        .remove(node_id)
-        .map_err(|e| e.to_string())?;
-    txn.open_table(NODE_NAMES)
-        .map_err(|e| e.to_string())?
-        .remove(n.name.as_str())
-        .map_err(|e| e.to_string())?;
+    tables::remove(txn, NODES, node_id)?;
+    tables::remove(txn, NODE_NAMES, &n.name)?;
     // Its replicas go in the same entry: nothing supervises them any
     // more, so they are neither counted as running, nor endpoints,
     // nor callers; the reconciler places replacements at once.
@@ -208,7 +205,7 @@ pub(super) fn update(
     txn: &WriteTransaction,
     updates: &[NodeUpdate],
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let mut applied = 0u32;
     for u in updates {
         let Some(mut n) = get_json::<NodeRecord>(txn, NODES, &u.node_id)? else {
@@ -226,7 +223,7 @@ pub(super) fn renew_cert(
     txn: &WriteTransaction,
     node_id: &str,
     cert_not_after_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let Some(mut n) = get_json::<NodeRecord>(txn, NODES, node_id)? else {
         return Ok(not_found(node_id));
     };

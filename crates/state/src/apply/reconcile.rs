@@ -7,6 +7,7 @@ use cloudless_types::Workload;
 use super::events::append_events;
 use super::{replicas, workloads};
 use crate::command::{ReconcileDecision, Response};
+use crate::error::ApplyError;
 use crate::tables::{get_json, workload_key, WORKLOADS};
 
 /// Applies the parts of `d` in order (rollbacks, replicas marked Unknown,
@@ -17,7 +18,7 @@ pub(super) fn apply(
     txn: &WriteTransaction,
     d: &ReconcileDecision,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let mut changed = 0u32;
     for rb in &d.rollbacks {
         let key = workload_key(&rb.namespace, &rb.name);
@@ -35,7 +36,7 @@ pub(super) fn apply(
     }
     let parts = [
         replicas::mark_unknown(txn, &d.mark_unknown, true, now_ms)?,
-        replicas::remove(txn, &d.remove)?,
+        replicas::remove_all(txn, &d.remove)?,
         replicas::place(txn, &d.place, now_ms)?,
         replicas::mark_unknown(txn, &d.clear_unknown, false, now_ms)?,
     ];

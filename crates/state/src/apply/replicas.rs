@@ -10,8 +10,10 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use cloudless_types::{NodeRecord, ReplicaRecord, ReplicaState, Workload};
 
 use crate::command::{ReplicaUpdate, Response};
+use crate::error::{ApplyError, RedbContext};
 use crate::tables::{
-    get_json, put_json, NODES, NODE_REPLICAS, REPLICAS, WORKLOADS, WORKLOAD_REPLICAS,
+    get_json, put_json, put_raw, remove, NODES, NODE_REPLICAS, REPLICAS, WORKLOADS,
+    WORKLOAD_REPLICAS,
 };
 
 /// `PlaceReplicas`: stores new replicas, skipping any whose workload moved
@@ -20,7 +22,7 @@ pub(super) fn place(
     txn: &WriteTransaction,
     replicas: &[ReplicaRecord],
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let mut placed = 0u32;
     for r in replicas {
         let w = get_json::<Workload>(txn, WORKLOADS, &r.workload_key())?;
@@ -37,17 +39,18 @@ pub(super) fn place(
             ..r.clone()
         };
         put_json(txn, REPLICAS, &r.id, &rec)?;
-        txn.open_table(NODE_REPLICAS)
-            .map_err(|e| e.to_string())?
-            .insert(format!("{}/{}", r.node_id, r.id).as_str(), r.id.as_str())
-            .map_err(|e| e.to_string())?;
-        txn.open_table(WORKLOAD_REPLICAS)
-            .map_err(|e| e.to_string())?
-            .insert(
-                format!("{}/{}", r.workload_key(), r.id).as_str(),
-                r.id.as_str(),
-            )
-            .map_err(|e| e.to_string())?;
+        put_raw(
+            txn,
+            NODE_REPLICAS,
+            &format!("{}/{}", r.node_id, r.id),
+            &r.id,
+        )?;
+        put_raw(
+            txn,
+            WORKLOAD_REPLICAS,
+            &format!("{}/{}", r.workload_key(), r.id),
+            &r.id,
+        )?;
         placed += 1;
     }
     Ok(Response::ReplicasChanged(placed))
@@ -60,7 +63,7 @@ pub(super) fn mark_unknown(
     ids: &[String],
     unknown: bool,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let mut changed = 0u32;
     for id in ids {
         let Some(mut r) = get_json::<ReplicaRecord>(txn, REPLICAS, id)? else {
@@ -77,7 +80,7 @@ pub(super) fn mark_unknown(
 }
 
 /// `RemoveReplicas`: removes replicas (those already gone are skipped).
-pub(super) fn remove(txn: &WriteTransaction, ids: &[String]) -> Result<Response, String> {
+pub(super) fn remove_all(txn: &WriteTransaction, ids: &[String]) -> Result<Response, ApplyError> {
     let mut removed = 0u32;
     for id in ids {
         if remove_replica(txn, id)? {
@@ -93,7 +96,7 @@ pub(super) fn update(
     txn: &WriteTransaction,
     updates: &[ReplicaUpdate],
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let mut changed = 0u32;
     for u in updates {
         let Some(mut r) = get_json::<ReplicaRecord>(txn, REPLICAS, &u.id)? else {
@@ -123,11 +126,11 @@ pub(super) fn index_ids(
     txn: &WriteTransaction,
     def: TableDefinition<&str, &str>,
     prefix: &str,
-) -> Result<Vec<String>, String> {
-    let table = txn.open_table(def).map_err(|e| e.to_string())?;
+) -> Result<Vec<String>, ApplyError> {
+    let table = txn.open_table(def).at(def, "open")?;
     let mut out = Vec::new();
-    for item in table.range::<&str>(prefix..).map_err(|e| e.to_string())? {
-        let (k, v) = item.map_err(|e| e.to_string())?;
+    for item in table.range::<&str>(prefix..).at(def, "range")? {
+        let (k, v) = item.at(def, "range")?;
         if !k.value().starts_with(prefix) {
             break;
         }
@@ -137,22 +140,17 @@ pub(super) fn index_ids(
 }
 
 /// Removes a replica and its index rows; false when it did not exist.
-pub(super) fn remove_replica(txn: &WriteTransaction, id: &str) -> Result<bool, String> {
+pub(super) fn remove_replica(txn: &WriteTransaction, id: &str) -> Result<bool, ApplyError> {
     let Some(r) = get_json::<ReplicaRecord>(txn, REPLICAS, id)? else {
         return Ok(false);
     };
-    txn.open_table(REPLICAS)
-        .map_err(|e| e.to_string())?
-        .remove(id)
-        .map_err(|e| e.to_string())?;
-    txn.open_table(NODE_REPLICAS)
-        .map_err(|e| e.to_string())?
-        .remove(format!("{}/{id}", r.node_id).as_str())
-        .map_err(|e| e.to_string())?;
-    txn.open_table(WORKLOAD_REPLICAS)
-        .map_err(|e| e.to_string())?
-        .remove(format!("{}/{id}", r.workload_key()).as_str())
-        .map_err(|e| e.to_string())?;
+    remove(txn, REPLICAS, id)?;
+    remove(txn, NODE_REPLICAS, &format!("{}/{id}", r.node_id))?;
+    remove(
+        txn,
+        WORKLOAD_REPLICAS,
+        &format!("{}/{id}", r.workload_key()),
+    )?;
     Ok(true)
 }
 

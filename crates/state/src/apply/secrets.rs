@@ -2,7 +2,7 @@
 //! keyring and access tokens (uses counted, revocation at once), each
 //! audited. Nothing here sees plaintext or key material in the clear.
 
-use redb::{ReadableTable, ReadableTableMetadata, TableHandle, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use cloudless_types::{AccessTokenRecord, SecretKeyring, SecretRecord, SECRET_VERSIONS_KEPT};
 
@@ -10,9 +10,10 @@ use super::audit::{append_audit, append_counted, audited};
 use super::cluster::config;
 use super::drop_indexed_before;
 use crate::command::{Rejection, Response, SecretCommand};
+use crate::error::{ApplyError, RedbContext};
 use crate::tables::{
-    get_json, put_json, secret_key, ACCESS_TOKENS, ACCESS_TOKEN_EXPIRY, KEYRING_KEY, SECRETS,
-    SECRET_KEYS,
+    decode, get_json, put_json, put_raw, remove, secret_key, ACCESS_TOKENS, ACCESS_TOKEN_EXPIRY,
+    KEYRING_KEY, SECRETS, SECRET_KEYS,
 };
 
 /// How long a token's record outlives its expiry. Until then a late use is
@@ -21,22 +22,22 @@ use crate::tables::{
 pub const TOKEN_RECORD_GRACE_MS: i64 = 3_600_000;
 
 /// The sealed master keyring (empty before `InitKeyring`).
-fn keyring(txn: &WriteTransaction) -> Result<SecretKeyring, String> {
+fn keyring(txn: &WriteTransaction) -> Result<SecretKeyring, ApplyError> {
     Ok(get_json(txn, SECRET_KEYS, KEYRING_KEY)?.unwrap_or_default())
 }
 
 /// Removes the soonest-expiring token records while there are more than `cap`.
-fn drop_tokens_over(txn: &WriteTransaction, cap: u64) -> Result<(), String> {
-    let mut tokens = txn.open_table(ACCESS_TOKENS).map_err(|e| e.to_string())?;
+fn drop_tokens_over(txn: &WriteTransaction, cap: u64) -> Result<(), ApplyError> {
+    let mut tokens = txn.open_table(ACCESS_TOKENS).at(ACCESS_TOKENS, "open")?;
     let mut expiry = txn
         .open_table(ACCESS_TOKEN_EXPIRY)
-        .map_err(|e| e.to_string())?;
-    while tokens.len().map_err(|e| e.to_string())? > cap {
-        let Some((ek, _)) = expiry.pop_first().map_err(|e| e.to_string())? else {
+        .at(ACCESS_TOKEN_EXPIRY, "open")?;
+    while tokens.len().at(ACCESS_TOKENS, "len")? > cap {
+        let Some((ek, _)) = expiry.pop_first().at(ACCESS_TOKEN_EXPIRY, "pop_first")? else {
             break;
         };
         if let Some((_, id)) = ek.value().split_once('/') {
-            tokens.remove(id).map_err(|e| e.to_string())?;
+            tokens.remove(id).at(ACCESS_TOKENS, "remove")?;
         }
     }
     Ok(())
@@ -92,12 +93,11 @@ pub fn check_token_use(
 }
 
 /// The first secret (by key) with a data key wrapped by master key `version`.
-fn wrapped_by(txn: &WriteTransaction, version: u32) -> Result<Option<String>, String> {
-    let table = txn.open_table(SECRETS).map_err(|e| e.to_string())?;
-    for item in table.iter().map_err(|e| e.to_string())? {
-        let (k, v) = item.map_err(|e| e.to_string())?;
-        let r: SecretRecord = serde_json::from_str(v.value())
-            .map_err(|e| format!("{} record {:?} is corrupt: {e}", SECRETS.name(), k.value()))?;
+fn wrapped_by(txn: &WriteTransaction, version: u32) -> Result<Option<String>, ApplyError> {
+    let table = txn.open_table(SECRETS).at(SECRETS, "open")?;
+    for item in table.iter().at(SECRETS, "iter")? {
+        let (k, v) = item.at(SECRETS, "iter")?;
+        let r: SecretRecord = decode(SECRETS, k.value(), v.value())?;
         if r.versions
             .iter()
             .any(|x| x.ciphertext.key_version == version)
@@ -113,7 +113,7 @@ pub(crate) fn apply(
     txn: &WriteTransaction,
     cmd: &SecretCommand,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     match cmd {
         SecretCommand::InitKeyring { key } => {
             let mut ring = keyring(txn)?;
@@ -222,13 +222,7 @@ pub(crate) fn apply(
             audit,
         } => {
             let key = secret_key(namespace, name);
-            let removed = txn
-                .open_table(SECRETS)
-                .map_err(|e| e.to_string())?
-                .remove(key.as_str())
-                .map_err(|e| e.to_string())?
-                .is_some();
-            let outcome = if removed {
+            let outcome = if remove(txn, SECRETS, &key)? {
                 Ok(Response::SecretChanged)
             } else {
                 Err(Rejection::SecretNotFound {
@@ -322,10 +316,12 @@ pub(crate) fn apply(
         }
         SecretCommand::MintToken { token, audit } => {
             put_json(txn, ACCESS_TOKENS, &token.id, token)?;
-            txn.open_table(ACCESS_TOKEN_EXPIRY)
-                .map_err(|e| e.to_string())?
-                .insert(expiry_key(token.expires_at_ms, &token.id).as_str(), "null")
-                .map_err(|e| e.to_string())?;
+            put_raw(
+                txn,
+                ACCESS_TOKEN_EXPIRY,
+                &expiry_key(token.expires_at_ms, &token.id),
+                "null",
+            )?;
             // The table holds about one grace period's worth of expired
             // tokens however many agents mint (one single-use token per read).
             drop_indexed_before(

@@ -6,7 +6,8 @@ use cloudless_types::{Revision, Workload, REVISION_HISTORY};
 
 use super::replicas::{index_ids, remove_replica};
 use crate::command::{Rejection, Response};
-use crate::tables::{get_json, put_json, workload_key, WORKLOADS, WORKLOAD_REPLICAS};
+use crate::error::ApplyError;
+use crate::tables::{get_json, put_json, remove, workload_key, WORKLOADS, WORKLOAD_REPLICAS};
 
 /// `PutWorkload`: creates or updates a workload. A new template (a spec
 /// change beyond the replica count) is a new revision; the history keeps
@@ -16,7 +17,7 @@ pub(super) fn put(
     workload: &Workload,
     cause: &str,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let key = workload_key(&workload.namespace, &workload.name);
     let existing = get_json::<Workload>(txn, WORKLOADS, &key)?;
     let created = existing.is_none();
@@ -71,7 +72,7 @@ pub(super) fn scale(
     name: &str,
     replicas: u32,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let key = workload_key(namespace, name);
     let Some(mut w) = get_json::<Workload>(txn, WORKLOADS, &key)? else {
         return Ok(Response::Rejected(Rejection::WorkloadNotFound {
@@ -96,15 +97,9 @@ pub(super) fn delete(
     txn: &WriteTransaction,
     namespace: &str,
     name: &str,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     let key = workload_key(namespace, name);
-    let mut table = txn.open_table(WORKLOADS).map_err(|e| e.to_string())?;
-    let removed = table
-        .remove(key.as_str())
-        .map_err(|e| e.to_string())?
-        .is_some();
-    drop(table);
-    if removed {
+    if remove(txn, WORKLOADS, &key)? {
         let ids = index_ids(txn, WORKLOAD_REPLICAS, &format!("{key}/"))?;
         for id in ids {
             remove_replica(txn, &id)?;
