@@ -18,6 +18,7 @@ mod command;
 mod error;
 mod log_store;
 mod reader;
+mod seq_log;
 mod snapshot;
 pub mod snapshot_file;
 mod state_machine;

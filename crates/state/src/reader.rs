@@ -18,6 +18,7 @@ use cloudless_types::{
 use crate::changes::Changes;
 use crate::command::ClusterInfo;
 use crate::error::{ApplyError, RedbContext, StateError};
+use crate::seq_log::entry_key;
 use crate::tables::{
     admin_key, decode, read_applied, retired_coordinator_key, secret_key, workload_key, Applied,
     ACCESS, ACCESS_TOKENS, AUDIT, CLUSTER, CLUSTER_KEY, EVENTS, IDENTITY, IDENTITY_KEY,
@@ -154,6 +155,7 @@ impl StateReader {
             let mut out = std::collections::VecDeque::new();
             for item in table.iter().at(AUDIT, "iter")? {
                 let (k, v) = item.at(AUDIT, "iter")?;
+                // The sequence row.
                 if k.value().starts_with('~') {
                     continue;
                 }
@@ -291,11 +293,12 @@ impl StateReader {
                 // Nothing sorts after the largest sequence.
                 Some(None) => return Ok((Vec::new(), after)),
             };
-            let start = format!("{start:020}");
+            let start = entry_key(start);
             let mut out = Vec::new();
             let mut last = after;
             for item in table.range::<&str>(start.as_str()..).at(EVENTS, "range")? {
                 let (k, v) = item.at(EVENTS, "range")?;
+                // The sequence row.
                 let Ok(seq) = k.value().parse::<u64>() else {
                     continue;
                 };

@@ -2,20 +2,20 @@
 //! commands, repeats within a window counted in one record, and retention by
 //! age and count (both from the cluster configuration).
 
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
 use cloudless_types::{AuditLogEntry, AuditRecord};
 
 use super::cluster::config;
 use crate::command::{Rejection, Response};
 use crate::error::{ApplyError, RedbContext};
-use crate::tables::{decode, encode, AUDIT, AUDIT_OPEN};
+use crate::seq_log::SeqLog;
+use crate::tables::{AUDIT, AUDIT_OPEN};
 
 /// Longest text kept in a stored audit field (actor, source, namespace,
 /// secret, token id, detail); refusals carry caller-chosen text.
 pub const AUDIT_FIELD_MAX: usize = 256;
 
-const AUDIT_SEQ_KEY: &str = "~seq";
 const DAY_MS: i64 = 86_400_000;
 
 /// Cuts `s` to [`AUDIT_FIELD_MAX`] bytes (at a character boundary), marked with `…`.
@@ -62,12 +62,8 @@ pub(super) fn append_counted(
 ) -> Result<(), ApplyError> {
     let config = config(txn)?;
     let window_ms = i64::from(config.audit_aggregate_window_s) * 1000;
-    let mut table = txn.open_table(AUDIT).at(AUDIT, "open")?;
+    let mut log = SeqLog::open(txn, AUDIT)?;
     let mut open = txn.open_table(AUDIT_OPEN).at(AUDIT_OPEN, "open")?;
-    let mut seq: u64 = match table.get(AUDIT_SEQ_KEY).at(AUDIT, "get")? {
-        Some(v) => decode(AUDIT, AUDIT_SEQ_KEY, v.value())?,
-        None => 0,
-    };
     for (mut r, n, last_at_ms) in records {
         if r.at_ms == 0 {
             r.at_ms = now_ms;
@@ -91,10 +87,9 @@ pub(super) fn append_counted(
                 .at(AUDIT_OPEN, "get")?
                 .map(|v| v.value().to_owned());
             let existing = match &at {
-                Some(k) => table
-                    .get(k.as_str())
-                    .at(AUDIT, "get")?
-                    .and_then(|v| serde_json::from_str::<AuditLogEntry>(v.value()).ok()),
+                Some(k) => log
+                    .get_raw(k)?
+                    .and_then(|v| serde_json::from_str::<AuditLogEntry>(&v).ok()),
                 None => None,
             };
             if let (Some(k), Some(mut e)) = (at, existing) {
@@ -104,51 +99,34 @@ pub(super) fn append_counted(
                     e.record.detail = r.detail;
                     e.record.source = r.source;
                     e.record.token_id = r.token_id;
-                    let v = encode(AUDIT, &k, &e)?;
-                    table.insert(k.as_str(), v.as_str()).at(AUDIT, "insert")?;
+                    log.replace(&k, &e)?;
                     continue;
                 }
             }
         }
-        let key = format!("{seq:020}");
-        let entry = AuditLogEntry {
+        let key = log.append(&AuditLogEntry {
             last_at_ms,
             record: r,
             count: n,
-        };
-        let v = encode(AUDIT, &key, &entry)?;
-        table.insert(key.as_str(), v.as_str()).at(AUDIT, "insert")?;
+        })?;
         if let Some(agg) = &agg {
             open.insert(agg.as_str(), key.as_str())
                 .at(AUDIT_OPEN, "insert")?;
         }
-        seq += 1;
     }
-    table
-        .insert(AUDIT_SEQ_KEY, seq.to_string().as_str())
-        .at(AUDIT, "insert")?;
+    log.store_next()?;
     // Retention: records are in time order; drop from the front while old
-    // or while over the cap (the sequence row sorts last and is not counted).
+    // or while over the cap.
     let cutoff = now_ms - i64::from(config.audit_retention_days) * DAY_MS;
-    let mut count = table.len().at(AUDIT, "len")?.saturating_sub(1);
+    let mut count = log.len()?;
     let cap = u64::from(config.audit_max_records);
-    loop {
-        let Some((k, v)) = table
-            .first()
-            .at(AUDIT, "first")?
-            .map(|(k, v)| (k.value().to_owned(), v.value().to_owned()))
-        else {
-            break;
-        };
-        if k.as_str() >= AUDIT_SEQ_KEY {
-            break;
-        }
+    while let Some((k, v)) = log.oldest()? {
         let entry = serde_json::from_str::<AuditLogEntry>(&v).ok();
         let at = entry.as_ref().map_or(i64::MAX, |e| e.record.at_ms);
         if at >= cutoff && count <= cap {
             break;
         }
-        table.remove(k.as_str()).at(AUDIT, "remove")?;
+        log.remove(&k)?;
         count = count.saturating_sub(1);
         if let Some(e) = entry.filter(|e| e.record.aggregates()) {
             let agg = aggregate_key(&e.record);

@@ -1,17 +1,17 @@
 //! Events: `RecordEvents`, and the append every command that reports
 //! events uses.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::WriteTransaction;
 
 use cloudless_types::EventRecord;
 
 use crate::command::Response;
-use crate::error::{ApplyError, RedbContext};
-use crate::tables::{decode, encode, EVENTS};
+use crate::error::ApplyError;
+use crate::seq_log::SeqLog;
+use crate::tables::EVENTS;
 
 /// Events kept; older ones are dropped as new ones arrive.
 pub const EVENT_RETENTION: u64 = 10_000;
-const EVENT_SEQ_KEY: &str = "~seq";
 
 /// `RecordEvents`: appends events.
 pub(super) fn record(
@@ -35,32 +35,18 @@ pub(super) fn append_events(
     if events.is_empty() {
         return Ok(());
     }
-    let mut table = txn.open_table(EVENTS).at(EVENTS, "open")?;
-    let mut seq: u64 = match table.get(EVENT_SEQ_KEY).at(EVENTS, "get")? {
-        Some(v) => decode(EVENTS, EVENT_SEQ_KEY, v.value())?,
-        None => 0,
-    };
+    let mut log = SeqLog::open(txn, EVENTS)?;
     for ev in events {
         let mut ev = ev.clone();
         if ev.at_ms == 0 {
             ev.at_ms = now_ms;
         }
-        let key = format!("{seq:020}");
-        let v = encode(EVENTS, &key, &ev)?;
-        table
-            .insert(key.as_str(), v.as_str())
-            .at(EVENTS, "insert")?;
-        seq += 1;
+        log.append(&ev)?;
     }
-    table
-        .insert(EVENT_SEQ_KEY, seq.to_string().as_str())
-        .at(EVENTS, "insert")?;
+    let next = log.store_next()?;
     // Retention: drop the oldest beyond the limit.
-    if seq > EVENT_RETENTION {
-        let cutoff = format!("{:020}", seq - EVENT_RETENTION);
-        table
-            .retain_in::<&str, _>(..cutoff.as_str(), |_, _| false)
-            .at(EVENTS, "retain")?;
+    if next > EVENT_RETENTION {
+        log.drop_before(next - EVENT_RETENTION)?;
     }
     Ok(())
 }
