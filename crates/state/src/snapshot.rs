@@ -7,15 +7,78 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{Snapshot, SnapshotMeta};
-use redb::{Database, ReadableDatabase, ReadableTable, TableHandle, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction,
+};
 
-use crate::error::StateError;
+use crate::error::{ApplyError, RedbContext, StateError};
 use crate::snapshot_file::{Frame, SnapshotFileError, SnapshotReader, SnapshotWriter};
-use crate::tables::{read_applied, DATA_TABLES, KEY_APPLIED, KEY_MEMBERSHIP, SNAPSHOT, SYSTEM};
+use crate::tables::{
+    encode, read_applied, DATA_TABLES, KEY_APPLIED, KEY_MEMBERSHIP, SNAPSHOT, SYSTEM,
+};
 use crate::type_config::{CoordinatorNode, NodeId, TypeConfig};
 
 /// Directory of snapshot files, next to the state database.
 pub const SNAPSHOT_DIR: &str = "snapshots";
+/// [`SNAPSHOT`] key of the current snapshot's meta (JSON).
+const META_KEY: &str = "meta";
+/// [`SNAPSHOT`] key of the current snapshot's file name.
+const FILE_KEY: &str = "file";
+
+/// Why a snapshot could not be built, installed or found.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SnapshotError {
+    /// Reading or writing the state database failed.
+    #[error(transparent)]
+    State(#[from] ApplyError),
+    /// A file or directory in the snapshot directory could not be created,
+    /// written, read, renamed or synced.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Writing a snapshot file failed.
+    #[error("{path}: {source}")]
+    Write {
+        /// The snapshot file being written.
+        path: PathBuf,
+        /// What went wrong.
+        source: SnapshotFileError,
+    },
+    /// The received snapshot file could not be read back.
+    #[error("received snapshot {id}: {source}")]
+    Received {
+        /// The snapshot id.
+        id: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A received snapshot does not decode.
+    #[error("snapshot {id} is invalid: {source}")]
+    Invalid {
+        /// The snapshot id.
+        id: String,
+        /// What is wrong with it.
+        source: SnapshotFileError,
+    },
+    /// A received snapshot has a table this release does not know.
+    #[error("snapshot {id} has an unknown table {table:?}")]
+    UnknownTable {
+        /// The snapshot id.
+        id: String,
+        /// The table's name.
+        table: String,
+    },
+    /// A snapshot id (from the leader) that cannot name a file.
+    #[error("snapshot id {id:?} cannot name a file")]
+    UnsafeId {
+        /// The id.
+        id: String,
+    },
+}
 
 /// The snapshots of one state database. Cheap to clone.
 #[derive(Clone)]
@@ -55,34 +118,42 @@ impl Snapshots {
         })
     }
 
-    pub(crate) fn build(&self) -> Result<Snapshot<TypeConfig>, String> {
-        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
-        let (last_applied, last_membership) = read_applied(&txn).map_err(|e| e.to_string())?;
+    /// Writes the applied state into a new snapshot file and makes it the
+    /// current snapshot.
+    pub(crate) fn build(&self) -> Result<Snapshot<TypeConfig>, SnapshotError> {
+        let txn = self.db.begin_read().in_txn("begin")?;
+        let (last_applied, last_membership) = read_applied(&txn)?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
         let tmp = self.dir.join(format!("{snapshot_id}.snap.tmp"));
-        let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let mut w =
-            SnapshotWriter::new(std::io::BufWriter::new(file)).map_err(|e| e.to_string())?;
+        let io = |source| SnapshotError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let write = |source| SnapshotError::Write {
+            path: tmp.clone(),
+            source,
+        };
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = SnapshotWriter::new(std::io::BufWriter::new(file)).map_err(write)?;
         for def in DATA_TABLES {
-            let table = txn.open_table(def).map_err(|e| e.to_string())?;
-            w.table(def.name()).map_err(|e| e.to_string())?;
-            for item in table.iter().map_err(|e| e.to_string())? {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                w.row(k.value(), v.value()).map_err(|e| e.to_string())?;
+            let table = txn.open_table(def).at(def, "open")?;
+            w.table(def.name()).map_err(write)?;
+            for item in table.iter().at(def, "iter")? {
+                let (k, v) = item.at(def, "iter")?;
+                w.row(k.value(), v.value()).map_err(write)?;
             }
         }
         drop(txn);
         let file = w
             .finish()
-            .map_err(|e| e.to_string())?
+            .map_err(write)?
             .into_inner()
-            .map_err(|e| format!("{}: {}", tmp.display(), e.error()))?;
-        file.sync_all()
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            .map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
         drop(file);
         let meta = SnapshotMeta {
             last_log_id: last_applied,
@@ -91,7 +162,7 @@ impl Snapshots {
         };
         // Opened before it is renamed: the handle stays valid even if a
         // newer snapshot replaces this one at once.
-        let file = std::fs::File::open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let file = std::fs::File::open(&tmp).map_err(io)?;
         self.commit_file(&meta, &tmp, None)?;
         Ok(Snapshot {
             meta,
@@ -108,42 +179,40 @@ impl Snapshots {
         meta: &SnapshotMeta<NodeId, CoordinatorNode>,
         tmp: &Path,
         txn: Option<WriteTransaction>,
-    ) -> Result<(), String> {
-        if !safe_snapshot_id(&meta.snapshot_id) {
-            return Err(format!(
-                "snapshot id {:?} cannot name a file",
-                meta.snapshot_id
-            ));
-        }
+    ) -> Result<(), SnapshotError> {
+        check_id(&meta.snapshot_id)?;
         let name = format!("{}.snap", meta.snapshot_id);
         let path = self.dir.join(&name);
-        std::fs::rename(tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::rename(tmp, &path).map_err(|source| SnapshotError::Io { path, source })?;
         if let Ok(dir) = std::fs::File::open(&self.dir) {
-            dir.sync_all()
-                .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+            dir.sync_all().map_err(|source| SnapshotError::Io {
+                path: self.dir.clone(),
+                source,
+            })?;
         }
         let txn = match txn {
             Some(t) => t,
-            None => self.db.begin_write().map_err(|e| e.to_string())?,
+            None => self.db.begin_write().in_txn("begin")?,
         };
         let newer_kept = {
-            let mut table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
-            let current = table.get("meta").map_err(|e| e.to_string())?.and_then(|v| {
+            let mut table = txn.open_table(SNAPSHOT).at(SNAPSHOT, "open")?;
+            let current = table.get(META_KEY).at(SNAPSHOT, "get")?.and_then(|v| {
                 serde_json::from_slice::<SnapshotMeta<NodeId, CoordinatorNode>>(v.value()).ok()
             });
             let newer_kept = current.is_some_and(|c| c.last_log_id > meta.last_log_id);
             if !newer_kept {
-                let m = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+                let m = serde_json::to_vec(meta)
+                    .map_err(|e| ApplyError::encode(&SNAPSHOT, META_KEY, e))?;
                 table
-                    .insert("meta", m.as_slice())
-                    .map_err(|e| e.to_string())?;
+                    .insert(META_KEY, m.as_slice())
+                    .at(SNAPSHOT, "insert")?;
                 table
-                    .insert("file", name.as_bytes())
-                    .map_err(|e| e.to_string())?;
+                    .insert(FILE_KEY, name.as_bytes())
+                    .at(SNAPSHOT, "insert")?;
             }
             newer_kept
         };
-        txn.commit().map_err(|e| e.to_string())?;
+        txn.commit().in_txn("commit")?;
         if newer_kept {
             // Ours goes with the next snapshot's clean-up.
             return Ok(());
@@ -165,20 +234,19 @@ impl Snapshots {
 
     /// A new anonymous file for a snapshot being received (unlinked at once,
     /// so an interrupted transfer leaves nothing behind).
-    pub(crate) fn receiving_file(&self) -> Result<std::fs::File, String> {
+    pub(crate) fn receiving_file(&self) -> Result<std::fs::File, SnapshotError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let path = self
             .dir
             .join(format!("receiving-{}-{seq}.tmp", std::process::id()));
-        let file = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(file)
+            .and_then(|file| std::fs::remove_file(&path).map(|()| file))
+            .map_err(|source| SnapshotError::Io { path, source })
     }
 
     /// Replaces the state with the snapshot in `file`, read one row at a
@@ -188,82 +256,86 @@ impl Snapshots {
         &self,
         meta: &SnapshotMeta<NodeId, CoordinatorNode>,
         mut file: std::fs::File,
-    ) -> Result<(), String> {
+    ) -> Result<(), SnapshotError> {
         use std::io::{Seek, SeekFrom};
-        let bad = |e: SnapshotFileError| format!("snapshot {} is invalid: {e}", meta.snapshot_id);
-        file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let bad = |source| SnapshotError::Invalid {
+            id: meta.snapshot_id.clone(),
+            source,
+        };
+        let received = |source| SnapshotError::Received {
+            id: meta.snapshot_id.clone(),
+            source,
+        };
+        file.seek(SeekFrom::Start(0)).map_err(received)?;
+        let txn = self.db.begin_write().in_txn("begin")?;
         for def in DATA_TABLES {
-            let mut table = txn.open_table(def).map_err(|e| e.to_string())?;
-            table.retain(|_, _| false).map_err(|e| e.to_string())?;
+            let mut table = txn.open_table(def).at(def, "open")?;
+            table.retain(|_, _| false).at(def, "retain")?;
         }
         {
             let mut reader =
                 SnapshotReader::new(std::io::BufReader::new(&mut file)).map_err(bad)?;
-            let mut table: Option<redb::Table<&str, &str>> = None;
+            let mut table: Option<OpenTable> = None;
             while let Some(frame) = reader.next_frame().map_err(bad)? {
                 match frame {
                     Frame::Table(name) => {
                         let Some(def) = DATA_TABLES.iter().find(|d| d.name() == name) else {
-                            return Err(format!(
-                                "snapshot {} has an unknown table {name:?}",
-                                meta.snapshot_id
-                            ));
+                            return Err(SnapshotError::UnknownTable {
+                                id: meta.snapshot_id.clone(),
+                                table: name,
+                            });
                         };
                         drop(table.take());
-                        table = Some(txn.open_table(*def).map_err(|e| e.to_string())?);
+                        table = Some((*def, txn.open_table(*def).at(*def, "open")?));
                     }
                     Frame::Row(k, v) => {
-                        table
+                        let (def, table) = table
                             .as_mut()
-                            .ok_or_else(|| bad(SnapshotFileError::RowOutsideTable))?
-                            .insert(k.as_str(), v.as_str())
-                            .map_err(|e| e.to_string())?;
+                            .ok_or_else(|| bad(SnapshotFileError::RowOutsideTable))?;
+                        table.insert(k.as_str(), v.as_str()).at(*def, "insert")?;
                     }
                 }
             }
         }
         {
-            let mut system = txn.open_table(SYSTEM).map_err(|e| e.to_string())?;
-            let la = serde_json::to_string(&meta.last_log_id).map_err(|e| e.to_string())?;
+            let mut system = txn.open_table(SYSTEM).at(SYSTEM, "open")?;
+            let la = encode(SYSTEM, KEY_APPLIED, &meta.last_log_id)?;
             system
                 .insert(KEY_APPLIED, la.as_str())
-                .map_err(|e| e.to_string())?;
-            let m = serde_json::to_string(&meta.last_membership).map_err(|e| e.to_string())?;
+                .at(SYSTEM, "insert")?;
+            let m = encode(SYSTEM, KEY_MEMBERSHIP, &meta.last_membership)?;
             system
                 .insert(KEY_MEMBERSHIP, m.as_str())
-                .map_err(|e| e.to_string())?;
+                .at(SYSTEM, "insert")?;
         }
-        if !safe_snapshot_id(&meta.snapshot_id) {
-            return Err(format!(
-                "snapshot id {:?} cannot name a file",
-                meta.snapshot_id
-            ));
-        }
+        check_id(&meta.snapshot_id)?;
         // Keep the received file as the current snapshot (copied, streamed).
-        file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        file.seek(SeekFrom::Start(0)).map_err(received)?;
         let tmp = self.dir.join(format!("{}.snap.tmp", meta.snapshot_id));
-        let mut copy =
-            std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::io::copy(&mut file, &mut copy).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        copy.sync_all()
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let io = |source| SnapshotError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let mut copy = std::fs::File::create(&tmp).map_err(io)?;
+        std::io::copy(&mut file, &mut copy).map_err(io)?;
+        copy.sync_all().map_err(io)?;
         drop(copy);
         self.commit_file(meta, &tmp, Some(txn))?;
         Ok(())
     }
 
-    pub(crate) fn current(&self) -> Result<Option<Snapshot<TypeConfig>>, String> {
-        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
-        let table = txn.open_table(SNAPSHOT).map_err(|e| e.to_string())?;
+    /// The current snapshot, if there is one and its file is still there.
+    pub(crate) fn current(&self) -> Result<Option<Snapshot<TypeConfig>>, SnapshotError> {
+        let txn = self.db.begin_read().in_txn("begin")?;
+        let table = txn.open_table(SNAPSHOT).at(SNAPSHOT, "open")?;
         let (Some(meta), Some(name)) = (
-            table.get("meta").map_err(|e| e.to_string())?,
-            table.get("file").map_err(|e| e.to_string())?,
+            table.get(META_KEY).at(SNAPSHOT, "get")?,
+            table.get(FILE_KEY).at(SNAPSHOT, "get")?,
         ) else {
             return Ok(None);
         };
         let meta: SnapshotMeta<NodeId, CoordinatorNode> = serde_json::from_slice(meta.value())
-            .map_err(|e| format!("stored snapshot meta is corrupt: {e}"))?;
+            .map_err(|e| ApplyError::decode(&SNAPSHOT, META_KEY, e))?;
         let name = String::from_utf8_lossy(name.value()).into_owned();
         let path = self.dir.join(&name);
         let file = match std::fs::File::open(&path) {
@@ -271,12 +343,27 @@ impl Snapshots {
             // Gone (removed by hand, or a crash between rename and commit):
             // openraft builds a new one when it needs one.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(source) => return Err(SnapshotError::Io { path, source }),
         };
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
+    }
+}
+
+/// A data table open for writing, with its definition (which names it in errors).
+type OpenTable<'txn> = (
+    TableDefinition<'static, &'static str, &'static str>,
+    redb::Table<'txn, &'static str, &'static str>,
+);
+
+/// Refuses a snapshot id that cannot name a file (see [`safe_snapshot_id`]).
+fn check_id(id: &str) -> Result<(), SnapshotError> {
+    if safe_snapshot_id(id) {
+        Ok(())
+    } else {
+        Err(SnapshotError::UnsafeId { id: id.to_owned() })
     }
 }
 
@@ -290,4 +377,63 @@ fn safe_snapshot_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshots(dir: &Path) -> Snapshots {
+        let path = dir.join("state.redb");
+        let db = Database::create(&path).expect("db");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(SNAPSHOT).expect("table");
+        txn.commit().expect("commit");
+        Snapshots::open(&path, Arc::new(db)).expect("open")
+    }
+
+    fn file_with_table(name: &str) -> std::fs::File {
+        let mut w = SnapshotWriter::new(Vec::new()).expect("writer");
+        w.table(name).expect("table");
+        w.row("k", "null").expect("row");
+        let bytes = w.finish().expect("finish");
+        let mut f = tempfile::tempfile().expect("file");
+        std::io::Write::write_all(&mut f, &bytes).expect("write");
+        f
+    }
+
+    fn meta(id: &str) -> SnapshotMeta<NodeId, CoordinatorNode> {
+        SnapshotMeta {
+            snapshot_id: id.into(),
+            ..SnapshotMeta::default()
+        }
+    }
+
+    #[test]
+    fn a_received_snapshot_is_refused_by_what_is_wrong_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = snapshots(dir.path());
+        let err = s
+            .install(&meta("s1"), file_with_table("bogus"))
+            .expect_err("unknown table installed");
+        assert!(
+            matches!(&err, SnapshotError::UnknownTable { id, table } if id == "s1" && table == "bogus"),
+            "{err}"
+        );
+        let err = s
+            .install(&meta("../s2"), file_with_table("nodes"))
+            .expect_err("unsafe id installed");
+        assert!(
+            matches!(&err, SnapshotError::UnsafeId { id } if id == "../s2"),
+            "{err}"
+        );
+        let mut junk = tempfile::tempfile().expect("file");
+        std::io::Write::write_all(&mut junk, b"not a snapshot").expect("write");
+        let err = s.install(&meta("s3"), junk).expect_err("junk installed");
+        assert!(
+            matches!(&err, SnapshotError::Invalid { id, .. } if id == "s3"),
+            "{err}"
+        );
+        assert!(s.current().expect("current").is_none(), "nothing was kept");
+    }
 }
