@@ -121,7 +121,7 @@ fn apply_request(txn: &WriteTransaction, req: Request) -> Result<Response, Apply
             response: response.clone(),
         };
         put_json(txn, IDEMPOTENCY, &key, &rec)?;
-        let ek = format!("{:020}/{key}", req.proposed_at_ms.max(0));
+        let ek = expiry_key(req.proposed_at_ms, &key);
         put_raw(txn, IDEMPOTENCY_EXPIRY, &ek, "null")?;
     }
     Ok(response)
@@ -137,7 +137,13 @@ fn expire_idempotency(txn: &WriteTransaction, now_ms: i64) -> Result<(), ApplyEr
     )
 }
 
-/// With `index` keyed `<ms, 20 digits>/<key>`: removes every index entry
+/// The key of `key` in an expiry index: `<ms, 20 digits>/<key>`, so the
+/// index sorts by time (negative times count as 0).
+fn expiry_key(ms: i64, key: &str) -> String {
+    format!("{:020}/{key}", ms.max(0))
+}
+
+/// With `index` keyed by [`expiry_key`]: removes every index entry
 /// before `cutoff_ms` and the `data` records they name.
 fn drop_indexed_before(
     txn: &WriteTransaction,

@@ -8,7 +8,7 @@ use cloudless_types::{AccessTokenRecord, SecretKeyring, SecretRecord, SECRET_VER
 
 use super::audit::{append_audit, append_counted, audited};
 use super::cluster::config;
-use super::drop_indexed_before;
+use super::{drop_indexed_before, expiry_key};
 use crate::command::{Rejection, Response, SecretCommand};
 use crate::error::{ApplyError, RedbContext};
 use crate::tables::{
@@ -41,11 +41,6 @@ fn drop_tokens_over(txn: &WriteTransaction, cap: u64) -> Result<(), ApplyError> 
         }
     }
     Ok(())
-}
-
-/// [`ACCESS_TOKEN_EXPIRY`] key of a token.
-fn expiry_key(expires_at_ms: i64, id: &str) -> String {
-    format!("{:020}/{id}", expires_at_ms.max(0))
 }
 
 /// Whether `actor` may use `token` now to read `secret`, with `pending`
