@@ -41,10 +41,9 @@ fn aggregate_key(r: &AuditRecord) -> String {
 
 /// Appends audit records (stamped with `now_ms` when 0). A read, token mint
 /// or refusal repeating one (same actor, action, outcome, secret and reason
-/// of refusal) first
-/// seen less than `audit_aggregate_window_s` ago is counted in that record
-/// instead. Then drops records older than `audit_retention_days` and, beyond
-/// `audit_max_records`, the oldest.
+/// of refusal) first seen less than `audit_aggregate_window_s` ago is
+/// counted in that record instead. Then drops records older than
+/// `audit_retention_days` and, beyond `audit_max_records`, the oldest.
 pub(super) fn append_audit(
     txn: &WriteTransaction,
     records: impl IntoIterator<Item = AuditRecord>,
