@@ -602,3 +602,89 @@ pub enum Rejection {
         name: String,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_with_full_workload_specs_survive_the_log_encoding() {
+        // The log is postcard (not self-describing): every field must be
+        // written, whatever its value.
+        let spec = cloudless_types::WorkloadSpec {
+            image: "busybox".into(),
+            readiness_probe: Some(cloudless_types::ProbeSpec {
+                exec: Some(vec!["true".into()]),
+                ..Default::default()
+            }),
+            rollout: cloudless_types::Rollout {
+                min_available: Some(2),
+                ..Default::default()
+            },
+            security_context: cloudless_types::SecurityContextSpec {
+                run_as_user: Some(1000),
+                seccomp_profile: cloudless_types::SeccompProfileSpec {
+                    kind: cloudless_types::SeccompType::Localhost,
+                    localhost_profile: Some("p.json".into()),
+                },
+                ..Default::default()
+            },
+            volumes: vec![
+                cloudless_types::Volume {
+                    name: "scratch".into(),
+                    empty_dir: Some(cloudless_types::EmptyDir::default()),
+                    host_path: None,
+                    secret: None,
+                },
+                cloudless_types::Volume {
+                    name: "creds".into(),
+                    secret: Some(cloudless_types::SecretVolume {
+                        secret_name: "db".into(),
+                        items: vec![cloudless_types::KeyToPath {
+                            key: "PASSWORD".into(),
+                            path: "password".into(),
+                        }],
+                    }),
+                    ..Default::default()
+                },
+            ],
+            secret_env: vec![cloudless_types::SecretEnv {
+                name: "DB_PASSWORD".into(),
+                secret_key_ref: cloudless_types::SecretKeyRef {
+                    name: "db".into(),
+                    key: "PASSWORD".into(),
+                },
+            }],
+            disconnect: cloudless_types::Disconnect {
+                lost_after_seconds: 60,
+                stop_on_client_after_seconds: Some(30),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for spec in [cloudless_types::WorkloadSpec::default(), spec] {
+            let p = Proposal {
+                requests: vec![Request {
+                    idempotency_key: None,
+                    proposed_at_ms: 1,
+                    command: Command::PutWorkload {
+                        workload: Workload {
+                            namespace: "default".into(),
+                            name: "web".into(),
+                            spec,
+                            generation: 0,
+                            created_at_ms: 0,
+                            updated_at_ms: 0,
+                            template: 0,
+                            revisions: Vec::new(),
+                        },
+                        cause: "apply".into(),
+                    },
+                }],
+            };
+            let bytes = postcard::to_allocvec(&p).expect("encode");
+            let back: Proposal = postcard::from_bytes(&bytes).expect("decode");
+            assert_eq!(back, p);
+        }
+    }
+}

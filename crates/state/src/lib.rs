@@ -6,23 +6,35 @@
 //! machine and the current snapshot). Log appends are group-committed: each
 //! append is visible at once and a flusher thread makes everything pending
 //! durable with one fsync before openraft is told the entries are on disk.
+//!
+//! The state side: `tables` lists the tables of `state.redb`; `apply`
+//! applies committed entries to them (one submodule per command family);
+//! `reader` serves the applied state; `snapshot` builds and installs
+//! snapshots; `state_machine` ties these to openraft.
 
+mod apply;
+mod changes;
 mod command;
 mod error;
 mod log_store;
-mod secrets;
+mod reader;
+mod seq_log;
+mod snapshot;
 pub mod snapshot_file;
-pub use secrets::check_token_use;
 mod state_machine;
+mod tables;
 mod type_config;
 
+pub use apply::secrets::check_token_use;
 pub use command::{
     ClusterInfo, Command, NodeUpdate, Proposal, ProposalResult, ReconcileDecision, Rejection,
     ReplicaUpdate, Request, Response, RewrappedKey, Rollback, SecretCommand,
 };
 pub use error::StateError;
 pub use log_store::LogStore;
-pub use state_machine::{StateMachine, StateReader, SNAPSHOT_DIR};
+pub use reader::StateReader;
+pub use snapshot::SNAPSHOT_DIR;
+pub use state_machine::StateMachine;
 pub use type_config::{CoordinatorNode, NodeId, Raft, TypeConfig};
 
 /// The Raft log format this release writes and reads (ADR 0007). Coordinators

@@ -1,248 +1,46 @@
-//! Secrets in the state machine: ciphertext records, the sealed master
-//! keyring, access tokens (uses counted, revocation at once) and the audit
-//! log. Nothing here sees plaintext or key material in the clear.
+//! Secrets: `SecretCommand`s on ciphertext records, the sealed master
+//! keyring and access tokens (uses counted, revocation at once), each
+//! audited. Nothing here sees plaintext or key material in the clear.
 
-use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use cloudless_types::{
-    AccessTokenRecord, AuditLogEntry, AuditRecord, SecretKeyring, SecretRecord,
-    SECRET_VERSIONS_KEPT,
+use cloudless_types::{AccessTokenRecord, SecretKeyring, SecretRecord, SECRET_VERSIONS_KEPT};
+
+use super::audit::{append_audit, append_counted, audited};
+use super::cluster::config;
+use super::{drop_indexed_before, expiry_key};
+use crate::command::{Rejection, Response, SecretCommand};
+use crate::error::{ApplyError, RedbContext};
+use crate::tables::{
+    decode, get_json, put_json, put_raw, remove, secret_key, ACCESS_TOKENS, ACCESS_TOKEN_EXPIRY,
+    KEYRING_KEY, SECRETS, SECRET_KEYS,
 };
 
-use crate::command::{ClusterInfo, Rejection, Response, SecretCommand};
-use crate::state_machine::{get_json, put_json, CLUSTER, CLUSTER_KEY};
-
-/// `namespace/name` -> SecretRecord.
-pub(crate) const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
-/// `keyring` -> SecretKeyring.
-pub(crate) const SECRET_KEYS: TableDefinition<&str, &str> = TableDefinition::new("secret_keys");
-/// token id -> AccessTokenRecord.
-pub(crate) const ACCESS_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("access_tokens");
-/// `<expiry ms, 20 digits>/<token id>` -> `null`: token records by expiry,
-/// so expired ones can be dropped.
-pub(crate) const ACCESS_TOKEN_EXPIRY: TableDefinition<&str, &str> =
-    TableDefinition::new("access_token_expiry");
 /// How long a token's record outlives its expiry. Until then a late use is
 /// refused as expired by the record too; after it the JWT's own `exp` check
 /// refuses it (the record is gone, and so is the use count).
 pub const TOKEN_RECORD_GRACE_MS: i64 = 3_600_000;
-/// `<sequence, 20 digits>` -> AuditRecord; `~seq` holds the next sequence.
-pub(crate) const AUDIT: TableDefinition<&str, &str> = TableDefinition::new("audit");
-pub(crate) const KEYRING_KEY: &str = "keyring";
-const AUDIT_SEQ_KEY: &str = "~seq";
-const DAY_MS: i64 = 86_400_000;
 
-pub(crate) fn secret_key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
-}
-
-fn keyring(txn: &WriteTransaction) -> Result<SecretKeyring, String> {
+/// The sealed master keyring (empty before `InitKeyring`).
+fn keyring(txn: &WriteTransaction) -> Result<SecretKeyring, ApplyError> {
     Ok(get_json(txn, SECRET_KEYS, KEYRING_KEY)?.unwrap_or_default())
 }
 
-/// `<actor>\n<action>\n<allowed>\n<namespace>\n<secret>\n<refusal reason>` -> the `AUDIT` key
-/// of the record that counts repeats of it in the current window.
-pub(crate) const AUDIT_OPEN: TableDefinition<&str, &str> = TableDefinition::new("audit_open");
-/// Longest text kept in a stored audit field (actor, source, namespace,
-/// secret, token id, detail); refusals carry caller-chosen text.
-pub const AUDIT_FIELD_MAX: usize = 256;
-
-/// The cluster configuration, or the defaults before `InitCluster`.
-fn config(txn: &WriteTransaction) -> Result<cloudless_types::ClusterConfig, String> {
-    Ok(get_json::<ClusterInfo>(txn, CLUSTER, CLUSTER_KEY)?
-        .map(|c| c.config)
-        .unwrap_or_default())
-}
-
-fn truncate(s: &mut String) {
-    if s.len() > AUDIT_FIELD_MAX {
-        let mut cut = AUDIT_FIELD_MAX;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-}
-
-/// Repeats of what: the actor, action and secret, and for a refusal its reason.
-fn aggregate_key(r: &AuditRecord) -> String {
-    let why = if r.allowed { "" } else { r.detail.as_str() };
-    format!(
-        "{}\n{}\n{}\n{}\n{}\n{why}",
-        r.actor, r.action, r.allowed, r.namespace, r.secret
-    )
-}
-
-/// Appends audit records (stamped with `now_ms` when 0). A read, token mint
-/// or refusal repeating one (same actor, action, outcome, secret and reason
-/// of refusal) first
-/// seen less than `audit_aggregate_window_s` ago is counted in that record
-/// instead. Then drops records older than `audit_retention_days` and, beyond
-/// `audit_max_records`, the oldest.
-fn append_audit(
-    txn: &WriteTransaction,
-    records: impl IntoIterator<Item = AuditRecord>,
-    now_ms: i64,
-) -> Result<(), String> {
-    append_counted(txn, records.into_iter().map(|r| (r, 1, 0)), now_ms)
-}
-
-/// [`append_audit`] of records standing for `count` occurrences, the latest
-/// at `last_at_ms` (0: at the record's `at_ms`).
-fn append_counted(
-    txn: &WriteTransaction,
-    records: impl IntoIterator<Item = (AuditRecord, u32, i64)>,
-    now_ms: i64,
-) -> Result<(), String> {
-    let config = config(txn)?;
-    let window_ms = i64::from(config.audit_aggregate_window_s) * 1000;
-    let mut table = txn.open_table(AUDIT).map_err(|e| e.to_string())?;
-    let mut open = txn.open_table(AUDIT_OPEN).map_err(|e| e.to_string())?;
-    let mut seq: u64 = match table.get(AUDIT_SEQ_KEY).map_err(|e| e.to_string())? {
-        Some(v) => v
-            .value()
-            .parse()
-            .map_err(|e| format!("audit sequence: {e}"))?,
-        None => 0,
-    };
-    for (mut r, n, last_at_ms) in records {
-        if r.at_ms == 0 {
-            r.at_ms = now_ms;
-        }
-        let n = n.max(1);
-        let last_at_ms = last_at_ms.max(r.at_ms);
-        for f in [
-            &mut r.actor,
-            &mut r.source,
-            &mut r.namespace,
-            &mut r.secret,
-            &mut r.token_id,
-            &mut r.detail,
-        ] {
-            truncate(f);
-        }
-        let agg = r.aggregates().then(|| aggregate_key(&r));
-        if let Some(agg) = &agg {
-            let at = open
-                .get(agg.as_str())
-                .map_err(|e| e.to_string())?
-                .map(|v| v.value().to_owned());
-            let existing = match &at {
-                Some(k) => table
-                    .get(k.as_str())
-                    .map_err(|e| e.to_string())?
-                    .and_then(|v| serde_json::from_str::<AuditLogEntry>(v.value()).ok()),
-                None => None,
-            };
-            if let (Some(k), Some(mut e)) = (at, existing) {
-                if r.at_ms.saturating_sub(e.record.at_ms) < window_ms {
-                    e.count = e.count.saturating_add(n);
-                    e.last_at_ms = e.last_at_ms.max(last_at_ms);
-                    e.record.detail = r.detail;
-                    e.record.source = r.source;
-                    e.record.token_id = r.token_id;
-                    let v = serde_json::to_string(&e).map_err(|e| e.to_string())?;
-                    table
-                        .insert(k.as_str(), v.as_str())
-                        .map_err(|e| e.to_string())?;
-                    continue;
-                }
-            }
-        }
-        let key = format!("{seq:020}");
-        let entry = AuditLogEntry {
-            last_at_ms,
-            record: r,
-            count: n,
-        };
-        let v = serde_json::to_string(&entry).map_err(|e| e.to_string())?;
-        table
-            .insert(key.as_str(), v.as_str())
-            .map_err(|e| e.to_string())?;
-        if let Some(agg) = &agg {
-            open.insert(agg.as_str(), key.as_str())
-                .map_err(|e| e.to_string())?;
-        }
-        seq += 1;
-    }
-    table
-        .insert(AUDIT_SEQ_KEY, seq.to_string().as_str())
-        .map_err(|e| e.to_string())?;
-    // Retention: records are in time order; drop from the front while old
-    // or while over the cap (the sequence row sorts last and is not counted).
-    let cutoff = now_ms - i64::from(config.audit_retention_days) * DAY_MS;
-    let mut count = table.len().map_err(|e| e.to_string())?.saturating_sub(1);
-    let cap = u64::from(config.audit_max_records);
-    loop {
-        let Some((k, v)) = table
-            .first()
-            .map_err(|e| e.to_string())?
-            .map(|(k, v)| (k.value().to_owned(), v.value().to_owned()))
-        else {
-            break;
-        };
-        if k.as_str() >= AUDIT_SEQ_KEY {
-            break;
-        }
-        let entry = serde_json::from_str::<AuditLogEntry>(&v).ok();
-        let at = entry.as_ref().map_or(i64::MAX, |e| e.record.at_ms);
-        if at >= cutoff && count <= cap {
-            break;
-        }
-        table.remove(k.as_str()).map_err(|e| e.to_string())?;
-        count = count.saturating_sub(1);
-        if let Some(e) = entry.filter(|e| e.record.aggregates()) {
-            let agg = aggregate_key(&e.record);
-            let points_here = open
-                .get(agg.as_str())
-                .map_err(|e| e.to_string())?
-                .is_some_and(|v| v.value() == k);
-            if points_here {
-                open.remove(agg.as_str()).map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Removes the soonest-expiring token records while there are more than `cap`.
-fn drop_tokens_over(txn: &WriteTransaction, cap: u64) -> Result<(), String> {
-    let mut tokens = txn.open_table(ACCESS_TOKENS).map_err(|e| e.to_string())?;
+fn drop_tokens_over(txn: &WriteTransaction, cap: u64) -> Result<(), ApplyError> {
+    let mut tokens = txn.open_table(ACCESS_TOKENS).at(ACCESS_TOKENS, "open")?;
     let mut expiry = txn
         .open_table(ACCESS_TOKEN_EXPIRY)
-        .map_err(|e| e.to_string())?;
-    while tokens.len().map_err(|e| e.to_string())? > cap {
-        let Some((ek, _)) = expiry.pop_first().map_err(|e| e.to_string())? else {
+        .at(ACCESS_TOKEN_EXPIRY, "open")?;
+    while tokens.len().at(ACCESS_TOKENS, "len")? > cap {
+        let Some((ek, _)) = expiry.pop_first().at(ACCESS_TOKEN_EXPIRY, "pop_first")? else {
             break;
         };
         if let Some((_, id)) = ek.value().split_once('/') {
-            tokens.remove(id).map_err(|e| e.to_string())?;
+            tokens.remove(id).at(ACCESS_TOKENS, "remove")?;
         }
     }
     Ok(())
-}
-
-fn expiry_key(expires_at_ms: i64, id: &str) -> String {
-    format!("{:020}/{id}", expires_at_ms.max(0))
-}
-
-/// Stores `audit` with `allowed` and `detail` set, then returns `r`.
-fn audited(
-    txn: &WriteTransaction,
-    mut audit: AuditRecord,
-    now_ms: i64,
-    outcome: Result<Response, Rejection>,
-) -> Result<Response, String> {
-    match &outcome {
-        Ok(_) => audit.allowed = true,
-        Err(why) => {
-            audit.allowed = false;
-            audit.detail = why.to_string();
-        }
-    }
-    append_audit(txn, [audit], now_ms)?;
-    Ok(outcome.unwrap_or_else(Response::Rejected))
 }
 
 /// Whether `actor` may use `token` now to read `secret`, with `pending`
@@ -289,12 +87,28 @@ pub fn check_token_use(
     }
 }
 
+/// The first secret (by key) with a data key wrapped by master key `version`.
+fn wrapped_by(txn: &WriteTransaction, version: u32) -> Result<Option<String>, ApplyError> {
+    let table = txn.open_table(SECRETS).at(SECRETS, "open")?;
+    for item in table.iter().at(SECRETS, "iter")? {
+        let (k, v) = item.at(SECRETS, "iter")?;
+        let r: SecretRecord = decode(SECRETS, k.value(), v.value())?;
+        if r.versions
+            .iter()
+            .any(|x| x.ciphertext.key_version == version)
+        {
+            return Ok(Some(k.value().to_owned()));
+        }
+    }
+    Ok(None)
+}
+
 /// Applies one secret command.
 pub(crate) fn apply(
     txn: &WriteTransaction,
     cmd: &SecretCommand,
     now_ms: i64,
-) -> Result<Response, String> {
+) -> Result<Response, ApplyError> {
     match cmd {
         SecretCommand::InitKeyring { key } => {
             let mut ring = keyring(txn)?;
@@ -403,13 +217,7 @@ pub(crate) fn apply(
             audit,
         } => {
             let key = secret_key(namespace, name);
-            let removed = txn
-                .open_table(SECRETS)
-                .map_err(|e| e.to_string())?
-                .remove(key.as_str())
-                .map_err(|e| e.to_string())?
-                .is_some();
-            let outcome = if removed {
+            let outcome = if remove(txn, SECRETS, &key)? {
                 Ok(Response::SecretChanged)
             } else {
                 Err(Rejection::SecretNotFound {
@@ -478,28 +286,19 @@ pub(crate) fn apply(
                         "master key version {version} is unknown or already retired"
                     )));
                 }
-                let table = txn
-                    .open_table(SECRETS)
-                    .map_err(|e| Rejection::Keyring(e.to_string()))?;
-                for item in table
-                    .iter()
-                    .map_err(|e| Rejection::Keyring(e.to_string()))?
-                {
-                    let (k, v) = item.map_err(|e| Rejection::Keyring(e.to_string()))?;
-                    let r: SecretRecord = serde_json::from_str(v.value())
-                        .map_err(|e| Rejection::Keyring(e.to_string()))?;
-                    if r.versions
-                        .iter()
-                        .any(|x| x.ciphertext.key_version == *version)
-                    {
-                        return Err(Rejection::Keyring(format!(
-                            "secret {} still has a data key wrapped by version {version}; rotate again first",
-                            k.value()
-                        )));
-                    }
-                }
                 Ok(())
             })();
+            // Read faults are errors, not refusals: only what is stored
+            // decides the answer, the same on every coordinator.
+            let outcome = match outcome {
+                Ok(()) => match wrapped_by(txn, *version)? {
+                    Some(k) => Err(Rejection::Keyring(format!(
+                        "secret {k} still has a data key wrapped by version {version}; rotate again first"
+                    ))),
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
             let outcome = match outcome {
                 Ok(()) => {
                     ring.keys.retain(|k| k.version != *version);
@@ -512,13 +311,15 @@ pub(crate) fn apply(
         }
         SecretCommand::MintToken { token, audit } => {
             put_json(txn, ACCESS_TOKENS, &token.id, token)?;
-            txn.open_table(ACCESS_TOKEN_EXPIRY)
-                .map_err(|e| e.to_string())?
-                .insert(expiry_key(token.expires_at_ms, &token.id).as_str(), "null")
-                .map_err(|e| e.to_string())?;
+            put_raw(
+                txn,
+                ACCESS_TOKEN_EXPIRY,
+                &expiry_key(token.expires_at_ms, &token.id),
+                "null",
+            )?;
             // The table holds about one grace period's worth of expired
             // tokens however many agents mint (one single-use token per read).
-            crate::state_machine::drop_indexed_before(
+            drop_indexed_before(
                 txn,
                 ACCESS_TOKEN_EXPIRY,
                 ACCESS_TOKENS,
@@ -632,3 +433,7 @@ pub(crate) fn apply(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "secrets_test.rs"]
+mod tests;
