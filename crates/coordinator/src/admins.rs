@@ -12,8 +12,9 @@ use cloudless_types::AdminRecord;
 use tonic::{Request, Status};
 
 use crate::authz::Allow;
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 
 /// Carries the admin a follower forwards a call for; believed only from a
 /// coordinator's certificate.

@@ -18,8 +18,9 @@ use cloudless_types::{ClosedSet as _, NodeStatus, PowerSource, ReplicaState, Res
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::authz::{require, Allow};
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 
 /// Most labels one heartbeat may report.
 const MAX_LABELS: usize = 64;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use cloudless_pki::{verify_with_ca_cert, Identity};
 use tonic::{Request, Status};
 
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
+use crate::handle::CoordinatorHandle;
 
 /// Who a method admits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

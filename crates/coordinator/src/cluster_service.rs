@@ -14,8 +14,8 @@ use cloudless_proto::v1::{
 use cloudless_state::{Command, Response as SmResponse};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 use crate::services::{admin_call, idempotency_key, leader_or_forward};
 
 /// The `ClusterService` implementation.

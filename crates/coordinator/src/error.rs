@@ -1,4 +1,7 @@
-//! Coordinator errors and their one mapping to gRPC status codes.
+//! Coordinator errors and their one mapping to gRPC status codes, and why a
+//! coordinator could not start.
+
+use std::net::SocketAddr;
 
 use cloudless_pki::{PkiError, RejoinError, TokenError};
 use cloudless_state::{Rejection, StateError};
@@ -203,4 +206,34 @@ impl From<CoordinatorError> for Status {
         }
         status
     }
+}
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be used.
+    #[error(transparent)]
+    State(#[from] cloudless_state::StateError),
+    /// TLS material is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The master key file is unusable.
+    #[error(transparent)]
+    MasterKey(#[from] cloudless_pki::PkiError),
+    /// The `node_id` file is unreadable or does not match the configuration.
+    #[error("{0}")]
+    NodeId(String),
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Raft refused the configuration or failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use cloudless_pki::{ClusterCa, MasterKey, Sealed, TokenKey};
 use cloudless_types::{IdentityMaterial, SealedSecret};
 
-use crate::coordinator::CoordinatorHandle;
-use crate::error::CoordinatorError;
+use crate::error::{CoordinatorError, StartError};
+use crate::handle::CoordinatorHandle;
 
 /// Associated data binding the sealed token key to its purpose.
 const TOKEN_KEY_CONTEXT: &str = "cloudless/token-key/v1";
@@ -98,8 +98,7 @@ pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
 pub(crate) fn resolve_master_key(
     config: &crate::config::CoordinatorConfig,
     init: bool,
-) -> Result<(Option<Arc<MasterKey>>, String), crate::coordinator::StartError> {
-    use crate::coordinator::StartError;
+) -> Result<(Option<Arc<MasterKey>>, String), StartError> {
     let (key, source) = load_master_key(config.master_key_file.as_deref())?;
     if key.is_some() {
         return Ok((key, source));

@@ -20,7 +20,8 @@ use cloudless_types::{
 use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
+use crate::handle::CoordinatorHandle;
 
 /// Longest wait between passes.
 const TICK: Duration = Duration::from_millis(500);

@@ -9,8 +9,9 @@ use cloudless_pki::{verify_rejoin_proof, Identity, RejoinProof};
 use cloudless_proto::v1::{RejoinRequest, RejoinResponse};
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 
 /// Why the cluster refuses a rejoin whose proof holds.
 #[derive(Debug, thiserror::Error)]

@@ -31,8 +31,9 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::authz::Allow;
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 use crate::refusals::{Counted, Refusals, REFUSAL_FLUSH};
 use crate::services::{idempotency_key, leader_or_forward};
 

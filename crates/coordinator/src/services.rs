@@ -15,8 +15,8 @@ use tonic::{Request, Response, Status};
 
 use crate::agent_service::AgentApi;
 use crate::cluster_service::ClusterApi;
-use crate::coordinator::CoordinatorHandle;
 use crate::error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
+use crate::handle::CoordinatorHandle;
 use crate::node_service::NodeApi;
 use crate::raft_network::MAX_RAFT_MESSAGE;
 use crate::raft_service::RaftGrpc;

@@ -17,7 +17,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use zeroize::Zeroizing;
 
 use crate::config::CoordinatorConfig;
-use crate::coordinator::StartError;
+use crate::error::StartError;
 
 /// Admin certificate written by `init` (and by `admin-cert`): as short as
 /// the cluster's admin certificates, which `cloudlessctl` renews.
@@ -149,7 +149,7 @@ pub(crate) fn prepare(
     let material = match stored_material(&config.data_dir)? {
         Some(m) => m,
         None if init && !config.data_dir.join(cloudless_state::LOG_FILE).exists() => {
-            let now = crate::coordinator::now_ms() / 1000;
+            let now = crate::clock::now_ms() / 1000;
             let m = crate::identity::new_material(master, &config.cluster_name, now)
                 .map_err(|e| StartError::Tls(e.to_string()))?;
             let json = serde_json::to_vec_pretty(&m).map_err(|e| StartError::Tls(e.to_string()))?;
@@ -188,7 +188,7 @@ pub(crate) fn prepare(
 
 /// A leaf that is replaced before anything uses it (the resolver needs one).
 fn placeholder_leaf() -> Result<Leaf, StartError> {
-    let now = crate::coordinator::now_ms() / 1000;
+    let now = crate::clock::now_ms() / 1000;
     let ca = ClusterCa::generate("placeholder", now).map_err(|e| StartError::Tls(e.to_string()))?;
     let issued = ca
         .issue(&Identity::Coordinator(0), &[], 60, now)
@@ -295,7 +295,7 @@ pub fn issue_admin_offline(
         ))
     })?;
     let ca = unseal_ca(&material, &master)?;
-    let now = crate::coordinator::now_ms() / 1000;
+    let now = crate::clock::now_ms() / 1000;
     write_admin_credentials(
         &ca,
         name,
@@ -338,7 +338,7 @@ impl TlsMaterial {
     /// serves it from now on (new connections; `tls/coordinator.{crt,key}`
     /// are rewritten for operators and tools).
     pub(crate) fn renew(&self) -> Result<(), String> {
-        let now = crate::coordinator::now_ms() / 1000;
+        let now = crate::clock::now_ms() / 1000;
         let issued = self
             .ca
             .issue(

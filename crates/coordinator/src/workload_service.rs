@@ -16,8 +16,8 @@ use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::{ClosedSet as _, DEFAULT_NAMESPACE};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 use crate::services::{admin_call, idempotency_key};
 
 /// The `WorkloadService` implementation.
@@ -416,7 +416,7 @@ impl WorkloadService for WorkloadApi {
         let verdicts = snapshot
             .evaluate(
                 &crate::reconciler::workload_request(&w, 1),
-                crate::coordinator::now_ms(),
+                crate::clock::now_ms(),
             )
             .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
         let mut out: Vec<NodeScore> = Vec::new();
