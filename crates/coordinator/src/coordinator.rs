@@ -244,7 +244,6 @@ impl Coordinator {
             liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),
             tunnels: Arc::default(),
             relay,
-            callers: Mutex::default(),
             stopping: api_cancel.clone(),
             node_writes: crate::rate_limit::RateLimiter::new(crate::rate_limit::Rate {
                 per_s: config.limits.node_writes_per_s,

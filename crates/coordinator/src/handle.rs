@@ -47,9 +47,6 @@ pub(crate) struct HandleInner {
     pub(crate) tunnels: Arc<crate::tunnel::Tunnels>,
     /// The overlay relay and the address agents dial it at.
     pub(crate) relay: Option<(cloudless_overlay::Overlay, String)>,
-    /// Who calls each workload through upstreams, at a state revision:
-    /// computed once per change for every agent's assignment watch.
-    pub(crate) callers: Mutex<Option<(u64, Arc<crate::agent_service::Callers>)>>,
     /// Fires when the API stops; long-lived streams end on it.
     pub(crate) stopping: CancellationToken,
     /// Writes each node may cause.
@@ -109,28 +106,6 @@ impl CoordinatorHandle {
     /// This coordinator's node id.
     pub fn id(&self) -> NodeId {
         self.inner.id
-    }
-
-    /// The cached callers map, if computed at `revision`; else `compute`s
-    /// and caches it.
-    pub(crate) fn callers_at<E>(
-        &self,
-        revision: u64,
-        compute: impl FnOnce() -> Result<crate::agent_service::Callers, E>,
-    ) -> Result<Arc<crate::agent_service::Callers>, E> {
-        let mut cached = self
-            .inner
-            .callers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((r, c)) = cached.as_ref() {
-            if *r == revision {
-                return Ok(c.clone());
-            }
-        }
-        let c = Arc::new(compute()?);
-        *cached = Some((revision, c.clone()));
-        Ok(c)
     }
 
     /// The overlay relay's endpoint, when it runs.

@@ -3,6 +3,7 @@
 mod admins;
 mod admission;
 mod agent_service;
+mod assignments;
 mod authz;
 mod clock;
 mod cluster_service;
