@@ -240,7 +240,7 @@ impl Coordinator {
             master_key_source,
             identity: Mutex::default(),
             tls: tls.clone(),
-            peer_cache: crate::authz::PeerCache::default(),
+            peer_cache: crate::peer_cache::PeerCache::default(),
             liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),
             tunnels: Arc::default(),
             relay,

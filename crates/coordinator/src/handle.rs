@@ -42,7 +42,7 @@ pub(crate) struct HandleInner {
     pub(crate) master_key_source: String,
     pub(crate) identity: Mutex<Option<Arc<crate::identity::IdentityKeys>>>,
     pub(crate) tls: Option<Arc<crate::tls::TlsMaterial>>,
-    pub(crate) peer_cache: crate::authz::PeerCache,
+    pub(crate) peer_cache: crate::peer_cache::PeerCache,
     pub(crate) liveness: Arc<crate::membership::Liveness>,
     pub(crate) tunnels: Arc<crate::tunnel::Tunnels>,
     /// The overlay relay and the address agents dial it at.
@@ -316,7 +316,7 @@ impl CoordinatorHandle {
         Err(CoordinatorError::NotLeader { leader })
     }
 
-    pub(crate) fn peer_cache(&self) -> &crate::authz::PeerCache {
+    pub(crate) fn peer_cache(&self) -> &crate::peer_cache::PeerCache {
         &self.inner.peer_cache
     }
 

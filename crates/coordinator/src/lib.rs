@@ -16,6 +16,7 @@ mod leader_lease;
 mod membership;
 mod metrics;
 mod node_service;
+mod peer_cache;
 mod proposer;
 mod raft_network;
 mod raft_service;
