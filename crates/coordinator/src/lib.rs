@@ -25,6 +25,7 @@ mod reconciler;
 mod refusals;
 mod rejoin;
 mod removal;
+mod scheduler_input;
 mod secret_service;
 mod services;
 mod tls;

@@ -409,13 +409,13 @@ impl WorkloadService for WorkloadApi {
         let nodes = reader.nodes().map_err(CoordinatorError::from)?;
         let replicas = reader.replicas().map_err(CoordinatorError::from)?;
         let cluster = self.handle.cluster()?;
-        let infos = crate::reconciler::node_infos(&nodes, &replicas);
+        let infos = crate::scheduler_input::node_infos(&nodes, &replicas);
         let mut snapshot =
             cloudless_scheduler::ClusterSnapshot::new(&infos, cluster.config.scheduler_weights)
                 .map_err(|e| CoordinatorError::Fatal(format!("scheduler input: {e}")))?;
         let verdicts = snapshot
             .evaluate(
-                &crate::reconciler::workload_request(&w, 1),
+                &crate::scheduler_input::workload_request(&w, 1),
                 crate::clock::now_ms(),
             )
             .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
@@ -428,7 +428,7 @@ impl WorkloadService for WorkloadApi {
                     .count(),
             )
             .unwrap_or(u32::MAX);
-            let labels = crate::reconciler::node_labels(n);
+            let labels = crate::scheduler_input::node_labels(n);
             let zone = labels.get("zone").cloned().unwrap_or_default();
             let verdict = verdicts.iter().find(|(id, _)| *id == n.id).map(|(_, v)| v);
             let (eligible, score, reasons) = match verdict {
