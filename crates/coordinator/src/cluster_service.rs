@@ -15,8 +15,8 @@ use cloudless_state::{Command, Response as SmResponse};
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
+use crate::forward::{admin_call, idempotency_key, leader_or_forward};
 use crate::handle::CoordinatorHandle;
-use crate::services::{admin_call, idempotency_key, leader_or_forward};
 
 /// The `ClusterService` implementation.
 #[derive(Debug, Clone)]

@@ -264,7 +264,7 @@ impl Coordinator {
             .map(|t| t.server_config())
             .transpose()
             .map_err(StartError::Tls)?;
-        let api_task = tokio::spawn(crate::services::serve(
+        let api_task = tokio::spawn(crate::serve::serve(
             handle.clone(),
             listener,
             server_tls,

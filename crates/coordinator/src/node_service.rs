@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status};
 
 use crate::clock::now_ms;
 use crate::error::CoordinatorError;
+use crate::forward::{admin_call, idempotency_key, leader_or_forward};
 use crate::handle::CoordinatorHandle;
-use crate::services::{admin_call, idempotency_key, leader_or_forward};
 
 /// Default join token lifetime when the request leaves it 0: one hour.
 const DEFAULT_TOKEN_TTL_S: u64 = 3600;

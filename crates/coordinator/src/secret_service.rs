@@ -33,9 +33,9 @@ use zeroize::Zeroizing;
 use crate::authz::Allow;
 use crate::clock::now_ms;
 use crate::error::CoordinatorError;
+use crate::forward::{idempotency_key, leader_or_forward};
 use crate::handle::CoordinatorHandle;
 use crate::refusals::{Counted, Refusals, REFUSAL_FLUSH};
-use crate::services::{idempotency_key, leader_or_forward};
 
 /// Attempts of one secret write that conflicts with concurrent writes of the
 /// same secret (each round, one of them wins).

@@ -17,8 +17,8 @@ use cloudless_types::{ClosedSet as _, DEFAULT_NAMESPACE};
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
+use crate::forward::{admin_call, idempotency_key};
 use crate::handle::CoordinatorHandle;
-use crate::services::{admin_call, idempotency_key};
 
 /// The `WorkloadService` implementation.
 #[derive(Debug, Clone)]
