@@ -22,6 +22,7 @@ use crate::clock::now_ms;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, StartError};
 use crate::handle::{CoordinatorHandle, HandleInner};
+use crate::identity::IdentityCache;
 use crate::metrics::{RaftMetrics, RelayMetrics};
 use crate::raft_network::{Network, MAX_RAFT_MESSAGE};
 
@@ -238,7 +239,7 @@ impl Coordinator {
             proposer,
             master_key,
             master_key_source,
-            identity: Mutex::default(),
+            identity: IdentityCache::default(),
             tls: tls.clone(),
             peer_cache: crate::peer_cache::PeerCache::default(),
             liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::clock::now_ms;
 use crate::error::CoordinatorError;
+use crate::identity::{IdentityCache, IdentityKeys};
 use crate::proposer::{write_error, ProposerHandle};
 
 /// Cheap-to-clone handle used by the API services.
@@ -40,7 +41,7 @@ pub(crate) struct HandleInner {
     pub(crate) proposer: ProposerHandle,
     pub(crate) master_key: Option<Arc<cloudless_pki::MasterKey>>,
     pub(crate) master_key_source: String,
-    pub(crate) identity: Mutex<Option<Arc<crate::identity::IdentityKeys>>>,
+    pub(crate) identity: IdentityCache,
     pub(crate) tls: Option<Arc<crate::tls::TlsMaterial>>,
     pub(crate) peer_cache: crate::peer_cache::PeerCache,
     pub(crate) liveness: Arc<crate::membership::Liveness>,
@@ -329,8 +330,9 @@ impl CoordinatorHandle {
         self.inner.master_key_source.clone()
     }
 
-    pub(crate) fn identity_cache(&self) -> &Mutex<Option<Arc<crate::identity::IdentityKeys>>> {
-        &self.inner.identity
+    /// The unsealed CA and token key (cached after the first use).
+    pub(crate) fn identity_keys(&self) -> Result<Arc<IdentityKeys>, CoordinatorError> {
+        self.inner.identity.keys(self.master_key(), self.reader())
     }
 
     /// A (cached) channel to another coordinator.

@@ -33,10 +33,9 @@ mod tls;
 mod tunnel;
 mod workload_service;
 
+pub use admins::issue_admin_offline;
 pub use clock::now_ms;
 pub use config::{ConfigError, ConfigSources, CoordinatorConfig};
 pub use coordinator::{Coordinator, StartMode};
-pub use error::{CoordinatorError, StartError, FORWARDED_KEY, LEADER_HINT_KEY};
+pub use error::{CoordinatorError, RejoinRefusal, StartError, FORWARDED_KEY, LEADER_HINT_KEY};
 pub use handle::CoordinatorHandle;
-pub use rejoin::RejoinRefusal;
-pub use tls::issue_admin_offline;
