@@ -12,7 +12,7 @@ use cloudless_types::{SecretKeyring, SecretRecord, SecretVersion};
 use tonic::Status;
 use zeroize::Zeroizing;
 
-use super::cache::{PlainValues, PLAIN_LIMIT};
+use super::cache::PlainValues;
 use super::caller::Caller;
 use super::SecretApi;
 use crate::clock::now_ms;
@@ -107,12 +107,7 @@ impl SecretApi {
             current.version,
             current.ciphertext.key_version,
         );
-        let cached = self
-            .plain
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&key)
-            .cloned();
+        let cached = self.plain.get(&key);
         let values = match cached {
             Some(v) => v,
             None => {
@@ -137,14 +132,7 @@ impl SecretApi {
                         .into_iter()
                         .collect(),
                 );
-                let mut cache = self
-                    .plain
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if cache.len() >= PLAIN_LIMIT {
-                    cache.clear();
-                }
-                cache.insert(key, values.clone());
+                self.plain.insert(key, values.clone());
                 values
             }
         };

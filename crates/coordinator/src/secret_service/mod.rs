@@ -43,7 +43,7 @@ mod ledger;
 mod put;
 mod tokens;
 
-use cache::{HotRecords, PlainCache};
+use cache::{BoundedMap, HotRecord, PlainValues, HOT_LIMIT, PLAIN_LIMIT};
 use keys::RingCache;
 use ledger::Ledger;
 
@@ -54,11 +54,12 @@ pub struct SecretApi {
     ring: Arc<RingCache>,
     tokens: Arc<Mutex<Option<Arc<AccessTokenKey>>>>,
     ledger: Arc<Mutex<Ledger>>,
-    hot: Arc<Mutex<HotRecords>>,
+    /// Records of many-use tokens, by token id.
+    hot: Arc<BoundedMap<String, HotRecord>>,
     /// Tokens whose signature verified (by exact text), with their claims.
-    verified: Arc<Mutex<std::collections::HashMap<String, Arc<AccessClaims>>>>,
+    verified: Arc<BoundedMap<String, Arc<AccessClaims>>>,
     /// Decrypted values by (secret, version, master key version); memory only.
-    plain: Arc<Mutex<PlainCache>>,
+    plain: Arc<BoundedMap<(String, u64, u32), PlainValues>>,
     /// Reads are answered from local state only inside it.
     lease: crate::leader_lease::LeaderLease,
 }
@@ -105,9 +106,9 @@ impl SecretApi {
             ring: Arc::default(),
             tokens: Arc::default(),
             ledger: Arc::default(),
-            hot: Arc::default(),
-            verified: Arc::default(),
-            plain: Arc::default(),
+            hot: Arc::new(BoundedMap::new(HOT_LIMIT)),
+            verified: Arc::new(BoundedMap::new(HOT_LIMIT)),
+            plain: Arc::new(BoundedMap::new(PLAIN_LIMIT)),
         }
     }
 

@@ -13,7 +13,6 @@ use cloudless_types::{
 };
 use tonic::Status;
 
-use super::cache::HOT_LIMIT;
 use super::caller::Caller;
 use super::ledger::STRICT_USES;
 use super::{namespace_or_default, SecretApi};
@@ -100,25 +99,12 @@ impl SecretApi {
     ) -> Result<RevealSecretResponse, Status> {
         let now = now_ms();
         let mut audit = Self::audit(caller, "read", "", "");
-        let cached_claims = self
-            .verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&r.token)
-            .filter(|c| now < c.exp)
-            .cloned();
+        let cached_claims = self.verified.get(&r.token).filter(|c| now < c.exp);
         let verified = match cached_claims {
             Some(c) => Ok(c),
             None => self.access_key()?.verify(&r.token, now).map(|c| {
                 let c = Arc::new(c);
-                let mut v = self
-                    .verified
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if v.len() >= HOT_LIMIT {
-                    v.clear();
-                }
-                v.insert(r.token.clone(), c.clone());
+                self.verified.insert(r.token.clone(), c.clone());
                 c
             }),
         };
@@ -151,11 +137,9 @@ impl SecretApi {
         let generation = reader.secret_generation();
         let hot = self
             .hot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&claims.jti)
             .filter(|(g, _, _)| *g == generation)
-            .map(|(_, t, s)| (t.clone(), s.clone()));
+            .map(|(_, t, s)| (t, s));
         let (token, secret) = match hot {
             Some((t, s)) => (Some(t), s),
             None => {
@@ -164,14 +148,8 @@ impl SecretApi {
                     .map_err(CoordinatorError::from)?;
                 let (t, s) = (t.map(Arc::new), s.map(Arc::new));
                 if let Some(tok) = t.as_ref().filter(|t| t.max_uses > STRICT_USES) {
-                    let mut hot = self
-                        .hot
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if hot.len() >= HOT_LIMIT {
-                        hot.clear();
-                    }
-                    hot.insert(claims.jti.clone(), (generation, tok.clone(), s.clone()));
+                    self.hot
+                        .insert(claims.jti.clone(), (generation, tok.clone(), s.clone()));
                 }
                 (t, s)
             }
