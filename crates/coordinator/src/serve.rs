@@ -22,7 +22,8 @@ use crate::workload_service::WorkloadApi;
 /// Largest message a NodeService call may send (enrollment: a token and a CSR).
 const MAX_NODE_SERVICE_MESSAGE: usize = 256 * 1024;
 /// Largest message an agent may send: a status report of
-/// [`crate::agent_service::MAX_STATUS_ENTRIES`] replicas, or a tunnel frame.
+/// [`crate::agent_service::status_report::MAX_STATUS_ENTRIES`] replicas, or a
+/// tunnel frame.
 const MAX_AGENT_MESSAGE: usize = 1024 * 1024;
 
 /// TLS handshakes in progress at once.

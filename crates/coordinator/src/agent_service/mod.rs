@@ -1,7 +1,6 @@
 //! `AgentService`: what enrolled agents call, authenticated by their node
 //! certificate. The node id comes from the certificate, never from a field.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -12,9 +11,9 @@ use cloudless_proto::v1::{
     RenewRequest, RenewResponse, ReportStatusRequest, ReportStatusResponse, TunnelDown, TunnelUp,
     WatchAssignmentsRequest,
 };
-use cloudless_proto::{enums, v1, WireEnum as _};
-use cloudless_state::{Command, ReplicaUpdate, Response as SmResponse};
-use cloudless_types::{ClosedSet as _, NodeStatus, PowerSource, Resources};
+use cloudless_proto::{v1, WireEnum as _};
+use cloudless_state::{Command, Response as SmResponse};
+use cloudless_types::ClosedSet as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::assignments::{assignments, CallersCache, NodeView};
@@ -23,12 +22,11 @@ use crate::clock::now_ms;
 use crate::error::CoordinatorError;
 use crate::handle::CoordinatorHandle;
 
-/// Most labels one heartbeat may report.
-const MAX_LABELS: usize = 64;
-/// Most conditions one heartbeat may report.
-const MAX_CONDITIONS: usize = 16;
-/// Overlay addresses a heartbeat may report.
-const MAX_OVERLAY_ADDRESSES: usize = 8;
+mod heartbeat;
+mod status_report;
+
+use heartbeat::status_from_wire;
+use status_report::status_updates;
 
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
@@ -55,167 +53,7 @@ fn node_id(identity: Identity) -> Result<String, Status> {
     }
 }
 
-/// The device status in a heartbeat, checked field by field.
-fn status_from_wire(r: HeartbeatRequest) -> Result<(NodeStatus, Resources), CoordinatorError> {
-    let bad = |field: &str, problem: String| {
-        Err(CoordinatorError::InvalidArgument(format!(
-            "{field}: {problem}"
-        )))
-    };
-    if r.labels.len() > MAX_LABELS {
-        return bad(
-            "labels",
-            format!(
-                "{} labels, at most {MAX_LABELS} are allowed",
-                r.labels.len()
-            ),
-        );
-    }
-    let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
-    let mut errs = cloudless_types::ValidationErrors::default();
-    cloudless_types::check_labels(&mut errs, "labels", &labels);
-    errs.into_result()?;
-    if r.conditions.len() > MAX_CONDITIONS {
-        return bad(
-            "conditions",
-            format!(
-                "{} conditions, at most {MAX_CONDITIONS} are allowed",
-                r.conditions.len()
-            ),
-        );
-    }
-    let mut conditions = enums::required_list::<v1::NodeCondition>(
-        &r.conditions,
-        &r.legacy_conditions,
-        "conditions",
-    )
-    .map_err(CoordinatorError::from)?;
-    // Agents of the release before the enum sent "" for mains.
-    let power_source = if r.power_source == 0 && r.legacy_power_source.is_empty() {
-        PowerSource::Mains
-    } else {
-        enums::required::<v1::PowerSource>(r.power_source, &r.legacy_power_source, "power_source")
-            .map_err(CoordinatorError::from)?
-    };
-    let Ok(battery_percent) = u8::try_from(r.battery_percent) else {
-        return bad(
-            "battery_percent",
-            format!("{} is above 100", r.battery_percent),
-        );
-    };
-    if battery_percent > 100 {
-        return bad("battery_percent", format!("{battery_percent} is above 100"));
-    }
-    if r.overlay_addresses.len() > MAX_OVERLAY_ADDRESSES {
-        return bad(
-            "overlay_addresses",
-            format!(
-                "{} addresses, at most {MAX_OVERLAY_ADDRESSES} are allowed",
-                r.overlay_addresses.len()
-            ),
-        );
-    }
-    for (i, a) in r.overlay_addresses.iter().enumerate() {
-        match a.parse::<std::net::SocketAddr>() {
-            Ok(sa) if sa.port() != 0 && !sa.ip().is_unspecified() => {}
-            _ => {
-                return bad(
-                    &format!("overlay_addresses[{i}]"),
-                    format!("{a:?} is not a reachable ip:port"),
-                )
-            }
-        }
-    }
-    let capacity: Resources = r.capacity.map(Into::into).unwrap_or_default();
-    cloudless_types::check_capacity_bounds(&capacity)
-        .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
-    conditions.sort();
-    conditions.dedup();
-    let status = NodeStatus {
-        overlay_addresses: r.overlay_addresses,
-        capacity,
-        reported_labels: labels,
-        // Stored by name (the log format keeps strings here).
-        conditions: conditions.iter().map(|c| c.name().to_owned()).collect(),
-        power_source: power_source.name().to_owned(),
-        battery_percent: if power_source == PowerSource::Battery {
-            battery_percent
-        } else {
-            0
-        },
-    };
-    Ok((status, r.usage.map(Into::into).unwrap_or_default()))
-}
-
 /// Records one heartbeat from `id` and answers it.
-/// Most replicas one status report may list.
-pub(crate) const MAX_STATUS_ENTRIES: usize = 512;
-
-/// The updates a node's status report makes: checked field by field, only
-/// for replicas assigned to the node (others are dropped: a report can race
-/// a removal), each replica at most once.
-fn status_updates(
-    handle: &CoordinatorHandle,
-    id: &str,
-    req: ReportStatusRequest,
-) -> Result<Vec<ReplicaUpdate>, Status> {
-    if req.replicas.len() > MAX_STATUS_ENTRIES {
-        return Err(Status::invalid_argument(format!(
-            "replicas: {} entries; a report lists at most {MAX_STATUS_ENTRIES}",
-            req.replicas.len()
-        )));
-    }
-    let assigned: std::collections::HashSet<String> = handle
-        .reader()
-        .node_replicas(id)
-        .map_err(CoordinatorError::from)?
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    let mut seen = std::collections::HashSet::new();
-    let mut updates = Vec::new();
-    for (i, r) in req.replicas.into_iter().enumerate() {
-        let state = enums::required::<v1::ReplicaState>(
-            r.state,
-            &r.legacy_state,
-            &format!("replicas[{i}].state"),
-        )
-        .map_err(CoordinatorError::from)?;
-        if r.replica_id.is_empty() || r.replica_id.len() > 256 {
-            return Err(Status::invalid_argument(format!(
-                "replicas[{i}].replica_id: must be 1 to 256 characters"
-            )));
-        }
-        if !seen.insert(r.replica_id.clone()) {
-            return Err(Status::invalid_argument(format!(
-                "replicas[{i}].replica_id: {:?} is listed twice",
-                r.replica_id
-            )));
-        }
-        if !assigned.contains(&r.replica_id) {
-            tracing::debug!(node_id = %id, replica = %r.replica_id, "status for a replica not assigned to the node; dropped");
-            continue;
-        }
-        let mut message = r.message;
-        if message.len() > 1024 {
-            let mut cut = 1024;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        updates.push(ReplicaUpdate {
-            id: r.replica_id,
-            node_id: id.to_owned(),
-            state,
-            exit_code: r.exit_code,
-            restarts: r.restarts,
-            message,
-        });
-    }
-    Ok(updates)
-}
-
 fn beat(
     handle: &CoordinatorHandle,
     id: &str,
@@ -327,7 +165,7 @@ impl AgentService for AgentApi {
         self.handle.admit_node_write(&id)?;
         self.handle
             .charge_node_bytes(&id, prost::Message::encoded_len(req.get_ref()));
-        let updates = status_updates(&self.handle, &id, req.into_inner())?;
+        let updates = status_updates(self.handle.reader(), &id, req.into_inner())?;
         // A report of every replica a big node holds can exceed what one
         // Raft entry may carry: write it in parts.
         for part in crate::proposer::split_by_size(updates, usize::MAX, self.handle.part_bytes()) {
@@ -463,113 +301,5 @@ impl AgentService for AgentApi {
             ca_certificate_pem: keys.ca.cert_pem().to_owned(),
             not_after_ms,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heartbeat_fields_are_checked_by_name() {
-        let ok = HeartbeatRequest {
-            power_source: v1::PowerSource::Battery.into(),
-            battery_percent: 40,
-            conditions: vec![
-                v1::NodeCondition::DiskPressure.into(),
-                v1::NodeCondition::DiskPressure.into(),
-            ],
-            overlay_addresses: vec!["192.0.2.7:7600".into(), "[2001:db8::1]:7600".into()],
-            ..Default::default()
-        };
-        let (status, _) = status_from_wire(ok).expect("valid");
-        assert_eq!(status.battery_percent, 40);
-        assert_eq!(status.overlay_addresses.len(), 2);
-        assert_eq!(status.conditions, vec!["DiskPressure".to_owned()]);
-        // An agent of the previous release sends the string twins only.
-        let legacy = HeartbeatRequest {
-            legacy_power_source: "battery".into(),
-            battery_percent: 40,
-            legacy_conditions: vec!["MemoryPressure".into()],
-            ..Default::default()
-        };
-        let (status, _) = status_from_wire(legacy).expect("valid");
-        assert_eq!(
-            (status.power_source.as_str(), status.conditions),
-            ("battery", vec!["MemoryPressure".to_owned()])
-        );
-        for (req, field) in [
-            (
-                HeartbeatRequest {
-                    battery_percent: 101,
-                    power_source: v1::PowerSource::Battery.into(),
-                    ..Default::default()
-                },
-                "battery_percent",
-            ),
-            (
-                HeartbeatRequest {
-                    legacy_power_source: "solar".into(),
-                    ..Default::default()
-                },
-                "power_source",
-            ),
-            (
-                HeartbeatRequest {
-                    power_source: 17,
-                    ..Default::default()
-                },
-                "power_source",
-            ),
-            (
-                HeartbeatRequest {
-                    capacity: Some(cloudless_proto::v1::Resources {
-                        cpu_millis: 1_000_000_000,
-                        memory_bytes: 1 << 50,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                "capacity.cpuMillis",
-            ),
-            (
-                HeartbeatRequest {
-                    conditions: vec![v1::NodeCondition::Unspecified.into()],
-                    ..Default::default()
-                },
-                "conditions[0]",
-            ),
-            (
-                HeartbeatRequest {
-                    labels: [("Bad Key!".to_owned(), "v".to_owned())].into(),
-                    ..Default::default()
-                },
-                "labels",
-            ),
-            (
-                HeartbeatRequest {
-                    overlay_addresses: vec!["192.0.2.7:7600".into(), "0.0.0.0:7600".into()],
-                    ..Default::default()
-                },
-                "overlay_addresses[1]",
-            ),
-            (
-                HeartbeatRequest {
-                    overlay_addresses: vec!["example.org:7600".into()],
-                    ..Default::default()
-                },
-                "overlay_addresses[0]",
-            ),
-            (
-                HeartbeatRequest {
-                    overlay_addresses: vec!["192.0.2.7:7600".into(); 9],
-                    ..Default::default()
-                },
-                "overlay_addresses",
-            ),
-        ] {
-            let err = status_from_wire(req).expect_err("invalid heartbeat accepted");
-            assert!(err.to_string().contains(field), "{err} should name {field}");
-        }
     }
 }
