@@ -23,7 +23,7 @@ use crate::error::CoordinatorError;
 use crate::handle::CoordinatorHandle;
 
 mod heartbeat;
-mod status_report;
+pub(crate) mod status_report;
 
 use heartbeat::status_from_wire;
 use status_report::status_updates;
