@@ -5,6 +5,8 @@
 //! before it is refused (`authz::still_trusted`); a certificate issued for
 //! the name afterwards is accepted again.
 
+use std::path::Path;
+
 use cloudless_pki::Identity;
 use cloudless_proto::v1::{AdminCertificate, AdminInfo};
 use cloudless_state::{Command, Response as SmResponse};
@@ -12,8 +14,10 @@ use cloudless_types::AdminRecord;
 use tonic::{Request, Status};
 
 use crate::authz::Allow;
-use crate::coordinator::{now_ms, CoordinatorHandle};
-use crate::error::CoordinatorError;
+use crate::clock::now_ms;
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, StartError};
+use crate::handle::CoordinatorHandle;
 
 /// Carries the admin a follower forwards a call for; believed only from a
 /// coordinator's certificate.
@@ -213,6 +217,37 @@ pub(crate) async fn revoke(
 /// Every admin record.
 pub(crate) fn list(handle: &CoordinatorHandle) -> Result<Vec<AdminInfo>, CoordinatorError> {
     Ok(handle.reader().admins()?.into_iter().map(info).collect())
+}
+
+/// Break-glass: issues admin `name` a certificate from this coordinator's
+/// data dir and master key, without the cluster (for when every admin
+/// certificate has expired). Writes the bundle to `out`.
+pub fn issue_admin_offline(
+    config: &CoordinatorConfig,
+    name: &str,
+    out: &Path,
+) -> Result<(), StartError> {
+    check_name("--name", name).map_err(|e| StartError::Tls(e.to_string()))?;
+    let (master, _) = crate::identity::resolve_master_key(config, false)?;
+    let master = master.ok_or_else(|| {
+        StartError::Tls("a coordinator without a master key has no CA to issue from".into())
+    })?;
+    let material = crate::tls::stored_material(&config.data_dir)?.ok_or_else(|| {
+        StartError::Tls(format!(
+            "{} holds no cluster identity (tls/identity.json)",
+            config.data_dir.display()
+        ))
+    })?;
+    let ca = crate::tls::unseal_ca(&material, &master)?;
+    let now = now_ms() / 1000;
+    crate::tls::write_admin_credentials(
+        &ca,
+        name,
+        out,
+        &config.advertise_addr,
+        crate::tls::ADMIN_CERT_LIFETIME,
+        now,
+    )
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use cloudless_pki::Identity;
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 
 /// Agent calls only the leader serves (followers answer UNAVAILABLE with
 /// the leader hint).

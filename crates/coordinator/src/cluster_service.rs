@@ -14,9 +14,9 @@ use cloudless_proto::v1::{
 use cloudless_state::{Command, Response as SmResponse};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
-use crate::services::{admin_call, idempotency_key, leader_or_forward};
+use crate::forward::{admin_call, idempotency_key, leader_or_forward};
+use crate::handle::CoordinatorHandle;
 
 /// The `ClusterService` implementation.
 #[derive(Debug, Clone)]

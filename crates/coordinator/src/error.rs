@@ -1,11 +1,12 @@
-//! Coordinator errors and their one mapping to gRPC status codes.
+//! Coordinator errors and their one mapping to gRPC status codes, and why a
+//! coordinator could not start.
+
+use std::net::SocketAddr;
 
 use cloudless_pki::{PkiError, RejoinError, TokenError};
 use cloudless_state::{Rejection, StateError};
 use cloudless_types::ValidationErrors;
 use tonic::{Code, Status};
-
-use crate::rejoin::RejoinRefusal;
 
 /// The metadata keys, declared once in the client crate.
 pub use cloudless_client::{FORWARDED_KEY, LEADER_HINT_KEY};
@@ -87,6 +88,31 @@ pub enum CoordinatorError {
         rate_per_s: u32,
         /// Burst.
         burst: u32,
+    },
+}
+
+/// Why the cluster refuses a rejoin whose proof holds.
+#[derive(Debug, thiserror::Error)]
+pub enum RejoinRefusal {
+    /// The cluster's `node_rejoin_grace_s` is 0.
+    #[error("rejoining is turned off in this cluster (node_rejoin_grace_s is 0); enroll the device again with a new join token")]
+    Disabled,
+    /// The node's record is gone: an operator removed it.
+    #[error("node {node_id} was removed from the cluster; enroll the device again with a new join token")]
+    Removed {
+        /// The node.
+        node_id: String,
+    },
+    /// The certificate is older than the node's latest: only the newest one
+    /// may rejoin, so a copy of an old key and certificate is useless.
+    #[error("cert_pem: node {node_id} holds a newer certificate (valid until {latest_ms} ms) than this one (until {presented_ms} ms); only the latest may rejoin, so enroll the device again with a new join token")]
+    Superseded {
+        /// The node.
+        node_id: String,
+        /// End of validity of the presented certificate, Unix ms.
+        presented_ms: i64,
+        /// End of validity of the latest certificate issued, Unix ms.
+        latest_ms: i64,
     },
 }
 
@@ -203,4 +229,34 @@ impl From<CoordinatorError> for Status {
         }
         status
     }
+}
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be used.
+    #[error(transparent)]
+    State(#[from] cloudless_state::StateError),
+    /// TLS material is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The master key file is unusable.
+    #[error(transparent)]
+    MasterKey(#[from] cloudless_pki::PkiError),
+    /// The `node_id` file is unreadable or does not match the configuration.
+    #[error("{0}")]
+    NodeId(String),
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Raft refused the configuration or failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
 }

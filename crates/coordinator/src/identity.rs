@@ -1,13 +1,13 @@
 //! The cluster CA and token key as this coordinator uses them: created at
 //! `init`, stored sealed in Raft, unsealed on demand with the master key.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cloudless_pki::{ClusterCa, MasterKey, Sealed, TokenKey};
+use cloudless_state::StateReader;
 use cloudless_types::{IdentityMaterial, SealedSecret};
 
-use crate::coordinator::CoordinatorHandle;
-use crate::error::CoordinatorError;
+use crate::error::{CoordinatorError, StartError};
 
 /// Associated data binding the sealed token key to its purpose.
 const TOKEN_KEY_CONTEXT: &str = "cloudless/token-key/v1";
@@ -47,22 +47,32 @@ pub(crate) fn new_material(
     })
 }
 
-impl CoordinatorHandle {
-    /// The unsealed CA and token key (cached after the first use).
-    pub(crate) fn identity_keys(&self) -> Result<Arc<IdentityKeys>, CoordinatorError> {
+/// The identity keys once unsealed; held by the handle
+/// ([`crate::handle::CoordinatorHandle::identity_keys`]).
+#[derive(Default)]
+pub(crate) struct IdentityCache(Mutex<Option<Arc<IdentityKeys>>>);
+
+impl IdentityCache {
+    /// The unsealed CA and token key (cached after the first use), opened
+    /// with `master` from the material in the applied state.
+    pub(crate) fn keys(
+        &self,
+        master: Option<&MasterKey>,
+        reader: &StateReader,
+    ) -> Result<Arc<IdentityKeys>, CoordinatorError> {
         let mut cached = self
-            .identity_cache()
+            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(k) = cached.as_ref() {
             return Ok(k.clone());
         }
-        let master = self.master_key().ok_or_else(|| {
+        let master = master.ok_or_else(|| {
             CoordinatorError::NoIdentity(
                 "this coordinator has no master key; set master_key_file to the cluster's master key".into(),
             )
         })?;
-        let material = self.reader().identity()?.ok_or_else(|| {
+        let material = reader.identity()?.ok_or_else(|| {
             CoordinatorError::NoIdentity(
                 "the cluster has no CA yet; it is created by `init` with a master key".into(),
             )
@@ -98,8 +108,7 @@ pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
 pub(crate) fn resolve_master_key(
     config: &crate::config::CoordinatorConfig,
     init: bool,
-) -> Result<(Option<Arc<MasterKey>>, String), crate::coordinator::StartError> {
-    use crate::coordinator::StartError;
+) -> Result<(Option<Arc<MasterKey>>, String), StartError> {
     let (key, source) = load_master_key(config.master_key_file.as_deref())?;
     if key.is_some() {
         return Ok((key, source));

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 
-use crate::coordinator::CoordinatorHandle;
 use crate::error::CoordinatorError;
+use crate::handle::CoordinatorHandle;
 
 /// One confirmed lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
+use crate::handle::CoordinatorHandle;
 
 /// A tick this late means the process was paused.
 const PAUSE_GAP: Duration = Duration::from_secs(2);

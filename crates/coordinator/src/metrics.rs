@@ -1,7 +1,9 @@
-//! Raft metrics for Prometheus, fed from openraft's metrics watch.
+//! Raft metrics for Prometheus, fed from openraft's metrics watch, and the
+//! overlay relay's, copied from its endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cloudless_state::Raft;
 use openraft::ServerState;
@@ -124,6 +126,73 @@ impl RaftMetrics {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+}
+
+/// Prometheus counters of the overlay relay (docs/metrics.md), copied from
+/// the endpoint's own counters every second.
+pub(crate) struct RelayMetrics {
+    overlay: cloudless_overlay::Overlay,
+    relayed: prometheus_client::metrics::counter::Counter,
+    refused: prometheus_client::metrics::counter::Counter,
+    accepted: prometheus_client::metrics::counter::Counter,
+    peers: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl RelayMetrics {
+    pub(crate) fn register(registry: &mut Registry, overlay: cloudless_overlay::Overlay) -> Self {
+        let m = RelayMetrics {
+            overlay,
+            relayed: Default::default(),
+            refused: Default::default(),
+            accepted: Default::default(),
+            peers: Default::default(),
+        };
+        let r = registry.sub_registry_with_prefix("cloudless_overlay");
+        r.register(
+            "streams_relayed",
+            "Streams this coordinator relayed between two nodes",
+            m.relayed.clone(),
+        );
+        r.register(
+            "streams_refused",
+            "Overlay streams refused (bad request, unreachable node)",
+            m.refused.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Overlay connections accepted after the certificate check",
+            m.accepted.clone(),
+        );
+        r.register(
+            "connected_peers",
+            "Nodes with a live overlay connection to this relay",
+            m.peers.clone(),
+        );
+        m
+    }
+
+    pub(crate) async fn run(metrics: Option<Self>, cancel: CancellationToken) {
+        let Some(m) = metrics else { return };
+        let mut last = cloudless_overlay::OverlayStats::default();
+        loop {
+            let now = m.overlay.stats();
+            m.relayed
+                .inc_by(now.streams_relayed.saturating_sub(last.streams_relayed));
+            m.refused
+                .inc_by(now.streams_refused.saturating_sub(last.streams_refused));
+            m.accepted.inc_by(
+                now.connections_accepted
+                    .saturating_sub(last.connections_accepted),
+            );
+            m.peers
+                .set(i64::try_from(m.overlay.connected_peers().len()).unwrap_or(i64::MAX));
+            last = now;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = cancel.cancelled() => return,
             }
         }
     }

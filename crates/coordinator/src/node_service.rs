@@ -16,9 +16,10 @@ use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::{JoinTokenRecord, NodeRecord, ValidationErrors};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{now_ms, CoordinatorHandle};
+use crate::clock::now_ms;
 use crate::error::CoordinatorError;
-use crate::services::{admin_call, idempotency_key, leader_or_forward};
+use crate::forward::{admin_call, idempotency_key, leader_or_forward};
+use crate::handle::CoordinatorHandle;
 
 /// Default join token lifetime when the request leaves it 0: one hour.
 const DEFAULT_TOKEN_TTL_S: u64 = 3600;

@@ -5,7 +5,7 @@ use cloudless_proto::v1::RaftPayload;
 use cloudless_state::Raft;
 
 use crate::authz::{require, Allow};
-use crate::coordinator::CoordinatorHandle;
+use crate::handle::CoordinatorHandle;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};

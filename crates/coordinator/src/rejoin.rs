@@ -9,33 +9,9 @@ use cloudless_pki::{verify_rejoin_proof, Identity, RejoinProof};
 use cloudless_proto::v1::{RejoinRequest, RejoinResponse};
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 
-use crate::coordinator::{now_ms, CoordinatorHandle};
-use crate::error::CoordinatorError;
-
-/// Why the cluster refuses a rejoin whose proof holds.
-#[derive(Debug, thiserror::Error)]
-pub enum RejoinRefusal {
-    /// The cluster's `node_rejoin_grace_s` is 0.
-    #[error("rejoining is turned off in this cluster (node_rejoin_grace_s is 0); enroll the device again with a new join token")]
-    Disabled,
-    /// The node's record is gone: an operator removed it.
-    #[error("node {node_id} was removed from the cluster; enroll the device again with a new join token")]
-    Removed {
-        /// The node.
-        node_id: String,
-    },
-    /// The certificate is older than the node's latest: only the newest one
-    /// may rejoin, so a copy of an old key and certificate is useless.
-    #[error("cert_pem: node {node_id} holds a newer certificate (valid until {latest_ms} ms) than this one (until {presented_ms} ms); only the latest may rejoin, so enroll the device again with a new join token")]
-    Superseded {
-        /// The node.
-        node_id: String,
-        /// End of validity of the presented certificate, Unix ms.
-        presented_ms: i64,
-        /// End of validity of the latest certificate issued, Unix ms.
-        latest_ms: i64,
-    },
-}
+use crate::clock::now_ms;
+use crate::error::{CoordinatorError, RejoinRefusal};
+use crate::handle::CoordinatorHandle;
 
 /// Serves one rejoin on the leader (a follower's state may lag behind a
 /// removal or a renewal).

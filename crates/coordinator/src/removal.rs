@@ -9,7 +9,7 @@ use cloudless_pki::Identity;
 use cloudless_state::StateReader;
 use tokio_util::sync::CancellationToken;
 
-use crate::coordinator::CoordinatorHandle;
+use crate::handle::CoordinatorHandle;
 
 /// The relay's admission: coordinators, and nodes while their record
 /// exists in this coordinator's applied state.

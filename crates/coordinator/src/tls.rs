@@ -17,11 +17,12 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use zeroize::Zeroizing;
 
 use crate::config::CoordinatorConfig;
-use crate::coordinator::StartError;
+use crate::error::StartError;
 
 /// Admin certificate written by `init` (and by `admin-cert`): as short as
 /// the cluster's admin certificates, which `cloudlessctl` renews.
-const ADMIN_CERT_LIFETIME: u64 = cloudless_types::ClusterConfig::DEFAULT_ADMIN_CERT_LIFETIME_S;
+pub(crate) const ADMIN_CERT_LIFETIME: u64 =
+    cloudless_types::ClusterConfig::DEFAULT_ADMIN_CERT_LIFETIME_S;
 
 /// This coordinator's current certificate and key.
 struct Leaf {
@@ -120,7 +121,10 @@ pub(crate) fn stored_material(data_dir: &Path) -> Result<Option<IdentityMaterial
     }
 }
 
-fn unseal_ca(material: &IdentityMaterial, master: &MasterKey) -> Result<ClusterCa, StartError> {
+pub(crate) fn unseal_ca(
+    material: &IdentityMaterial,
+    master: &MasterKey,
+) -> Result<ClusterCa, StartError> {
     let sealed = Sealed {
         nonce: material.ca_key.nonce.clone(),
         ciphertext: material.ca_key.ciphertext.clone(),
@@ -149,7 +153,7 @@ pub(crate) fn prepare(
     let material = match stored_material(&config.data_dir)? {
         Some(m) => m,
         None if init && !config.data_dir.join(cloudless_state::LOG_FILE).exists() => {
-            let now = crate::coordinator::now_ms() / 1000;
+            let now = crate::clock::now_ms() / 1000;
             let m = crate::identity::new_material(master, &config.cluster_name, now)
                 .map_err(|e| StartError::Tls(e.to_string()))?;
             let json = serde_json::to_vec_pretty(&m).map_err(|e| StartError::Tls(e.to_string()))?;
@@ -188,7 +192,7 @@ pub(crate) fn prepare(
 
 /// A leaf that is replaced before anything uses it (the resolver needs one).
 fn placeholder_leaf() -> Result<Leaf, StartError> {
-    let now = crate::coordinator::now_ms() / 1000;
+    let now = crate::clock::now_ms() / 1000;
     let ca = ClusterCa::generate("placeholder", now).map_err(|e| StartError::Tls(e.to_string()))?;
     let issued = ca
         .issue(&Identity::Coordinator(0), &[], 60, now)
@@ -240,7 +244,7 @@ fn write_admin_bundle(
 
 /// Issues admin `name` a key and certificate and writes them to `dir` with
 /// the CA certificate and a `cloudlessctl.toml` naming `server`.
-fn write_admin_credentials(
+pub(crate) fn write_admin_credentials(
     ca: &ClusterCa,
     name: &str,
     dir: &Path,
@@ -275,37 +279,6 @@ fn write_admin_credentials(
     Ok(())
 }
 
-/// Break-glass: issues admin `name` a certificate from this coordinator's
-/// data dir and master key, without the cluster (for when every admin
-/// certificate has expired). Writes the bundle to `out`.
-pub fn issue_admin_offline(
-    config: &CoordinatorConfig,
-    name: &str,
-    out: &Path,
-) -> Result<(), StartError> {
-    crate::admins::check_name("--name", name).map_err(|e| StartError::Tls(e.to_string()))?;
-    let (master, _) = crate::identity::resolve_master_key(config, false)?;
-    let master = master.ok_or_else(|| {
-        StartError::Tls("a coordinator without a master key has no CA to issue from".into())
-    })?;
-    let material = stored_material(&config.data_dir)?.ok_or_else(|| {
-        StartError::Tls(format!(
-            "{} holds no cluster identity (tls/identity.json)",
-            config.data_dir.display()
-        ))
-    })?;
-    let ca = unseal_ca(&material, &master)?;
-    let now = crate::coordinator::now_ms() / 1000;
-    write_admin_credentials(
-        &ca,
-        name,
-        out,
-        &config.advertise_addr,
-        ADMIN_CERT_LIFETIME,
-        now,
-    )
-}
-
 impl TlsMaterial {
     fn current(&self) -> Arc<Leaf> {
         self.leaf
@@ -338,7 +311,7 @@ impl TlsMaterial {
     /// serves it from now on (new connections; `tls/coordinator.{crt,key}`
     /// are rewritten for operators and tools).
     pub(crate) fn renew(&self) -> Result<(), String> {
-        let now = crate::coordinator::now_ms() / 1000;
+        let now = crate::clock::now_ms() / 1000;
         let issued = self
             .ca
             .issue(

@@ -1,6 +1,5 @@
-//! gRPC server set-up and the follower-to-leader forwarding every service uses.
+//! The gRPC server: every service on one listener, with TLS accepted here.
 
-use std::future::Future;
 use std::time::Duration;
 
 use cloudless_proto::v1::agent_service_server::AgentServiceServer;
@@ -10,13 +9,10 @@ use cloudless_proto::v1::raft_service_server::RaftServiceServer;
 use cloudless_proto::v1::secret_service_server::SecretServiceServer;
 use cloudless_proto::v1::workload_service_server::WorkloadServiceServer;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
 
 use crate::agent_service::AgentApi;
 use crate::cluster_service::ClusterApi;
-use crate::coordinator::CoordinatorHandle;
-use crate::error::{CoordinatorError, FORWARDED_KEY, LEADER_HINT_KEY};
+use crate::handle::CoordinatorHandle;
 use crate::node_service::NodeApi;
 use crate::raft_network::MAX_RAFT_MESSAGE;
 use crate::raft_service::RaftGrpc;
@@ -26,11 +22,9 @@ use crate::workload_service::WorkloadApi;
 /// Largest message a NodeService call may send (enrollment: a token and a CSR).
 const MAX_NODE_SERVICE_MESSAGE: usize = 256 * 1024;
 /// Largest message an agent may send: a status report of
-/// [`crate::agent_service::MAX_STATUS_ENTRIES`] replicas, or a tunnel frame.
+/// [`crate::agent_service::status_report::MAX_STATUS_ENTRIES`] replicas, or a
+/// tunnel frame.
 const MAX_AGENT_MESSAGE: usize = 1024 * 1024;
-
-/// How long a forwarded call may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// TLS handshakes in progress at once.
 const MAX_HANDSHAKES: usize = 256;
@@ -220,96 +214,6 @@ pub async fn serve(
     };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
-    }
-}
-
-/// An administrative call: refused unless the caller holds an admin (or
-/// coordinator) certificate, then served by [`leader_or_forward`].
-pub(crate) async fn admin_call<Req, Resp, L, LF, R, RF>(
-    handle: &CoordinatorHandle,
-    request: Request<Req>,
-    local: L,
-    remote: R,
-) -> Result<Response<Resp>, Status>
-where
-    Req: Clone,
-    L: FnOnce(Req) -> LF,
-    LF: Future<Output = Result<Resp, CoordinatorError>>,
-    R: FnOnce(Channel, Request<Req>) -> RF,
-    RF: Future<Output = Result<Response<Resp>, Status>>,
-{
-    crate::authz::require(handle, &request, crate::authz::Allow::Admin)?;
-    leader_or_forward(handle, request, local, remote).await
-}
-
-/// Runs `local`; if this coordinator is not the leader and the call was not
-/// already forwarded, sends the same request to the leader with `remote`.
-pub(crate) async fn leader_or_forward<Req, Resp, L, LF, R, RF>(
-    handle: &CoordinatorHandle,
-    request: Request<Req>,
-    local: L,
-    remote: R,
-) -> Result<Response<Resp>, Status>
-where
-    Req: Clone,
-    L: FnOnce(Req) -> LF,
-    LF: Future<Output = Result<Resp, CoordinatorError>>,
-    R: FnOnce(Channel, Request<Req>) -> RF,
-    RF: Future<Output = Result<Response<Resp>, Status>>,
-{
-    let forwarded = request.metadata().contains_key(FORWARDED_KEY);
-    let req = request.into_inner();
-    match local(req.clone()).await {
-        Ok(r) => Ok(Response::new(r)),
-        Err(CoordinatorError::NotLeader {
-            leader: Some((leader_id, address)),
-        }) if !forwarded && leader_id != handle.id() => {
-            let channel = handle.peer_channel(&address)?;
-            let mut fwd = Request::new(req);
-            fwd.metadata_mut().insert(
-                FORWARDED_KEY,
-                tonic::metadata::MetadataValue::from_static("1"),
-            );
-            fwd.set_timeout(FORWARD_TIMEOUT);
-            propagate_trace(fwd.metadata_mut());
-            tracing::debug!(leader_id, %address, "forwarding to the leader");
-            remote(channel, fwd).await.map_err(|mut status| {
-                if status.code() == tonic::Code::Unavailable {
-                    if let Ok(v) = address.parse() {
-                        status.metadata_mut().insert(LEADER_HINT_KEY, v);
-                    }
-                }
-                status
-            })
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Adds the current span's trace context (`traceparent`) to a call made on
-/// its behalf, so the callee's spans join the same trace.
-pub(crate) fn propagate_trace(metadata: &mut tonic::metadata::MetadataMap) {
-    for (k, v) in cloudless_telemetry::trace_headers() {
-        if let (Ok(k), Ok(v)) = (
-            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
-            tonic::metadata::MetadataValue::try_from(v.as_str()),
-        ) {
-            metadata.insert(k, v);
-        }
-    }
-}
-
-/// The idempotency key of a mutating request, checked.
-pub(crate) fn idempotency_key(
-    write: Option<&cloudless_proto::v1::WriteOptions>,
-) -> Result<Option<String>, CoordinatorError> {
-    match write.map(|w| w.idempotency_key.as_str()) {
-        None | Some("") => Ok(None),
-        Some(k) if k.len() > 128 => Err(CoordinatorError::InvalidArgument(format!(
-            "write.idempotency_key: {} bytes long, at most 128 are allowed",
-            k.len()
-        ))),
-        Some(k) => Ok(Some(k.to_owned())),
     }
 }
 

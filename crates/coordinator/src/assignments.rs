@@ -1,0 +1,319 @@
+//! What a node is told on its assignment watch: its replicas, the Ready
+//! endpoints of the workloads they name as upstreams, and which nodes may
+//! call its workloads. Read from the applied state alone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use cloudless_proto::v1::{Assignment, InboundSet, UpstreamEndpoint, UpstreamSet};
+use cloudless_state::StateReader;
+use cloudless_types::ReplicaState;
+
+use crate::error::CoordinatorError;
+
+/// What a node is told: its assignments (by replica id), the endpoints of
+/// the workloads they name as upstreams, and who may call its workloads.
+pub(crate) type NodeView = (Vec<Assignment>, Vec<UpstreamSet>, Vec<InboundSet>);
+
+/// (namespace, workload) -> the nodes running a replica of a workload (same
+/// namespace) that lists it as an upstream.
+pub(crate) type Callers = BTreeMap<(String, String), BTreeSet<String>>;
+
+/// Who calls each workload through upstreams, at a state revision:
+/// computed once per change for every agent's assignment watch.
+#[derive(Debug, Default)]
+pub(crate) struct CallersCache(Mutex<Option<(u64, Arc<Callers>)>>);
+
+impl CallersCache {
+    /// The cached callers map, if computed at `revision`; else `compute`s
+    /// and caches it.
+    fn at<E>(
+        &self,
+        revision: u64,
+        compute: impl FnOnce() -> Result<Callers, E>,
+    ) -> Result<Arc<Callers>, E> {
+        let mut cached = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((r, c)) = cached.as_ref() {
+            if *r == revision {
+                return Ok(c.clone());
+            }
+        }
+        let c = Arc::new(compute()?);
+        *cached = Some((revision, c.clone()));
+        Ok(c)
+    }
+}
+
+fn callers(reader: &StateReader) -> Result<Callers, CoordinatorError> {
+    let mut callers = Callers::new();
+    for w in reader.workloads(None)? {
+        let targets: Vec<(String, String)> = w
+            .spec
+            .upstreams
+            .iter()
+            .map(|u| (w.namespace.clone(), u.workload.clone()))
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        let nodes: BTreeSet<String> = reader
+            .workload_replicas(&w.namespace, &w.name)?
+            .into_iter()
+            .map(|r| r.node_id)
+            .collect();
+        for t in targets {
+            callers.entry(t).or_default().extend(nodes.iter().cloned());
+        }
+    }
+    Ok(callers)
+}
+
+/// Who may open overlay streams to each workload in `local`.
+fn inbound(callers: &Callers, local: &BTreeSet<(String, String)>) -> Vec<InboundSet> {
+    local
+        .iter()
+        .map(|(namespace, workload)| InboundSet {
+            namespace: namespace.clone(),
+            workload: workload.clone(),
+            node_ids: callers
+                .get(&(namespace.clone(), workload.clone()))
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The node's assignments, ordered by replica id, the endpoints of the
+/// workloads they name as upstreams, and who may call them.
+/// At state `revision` (the callers map is shared by every watch at it).
+pub(crate) fn assignments(
+    reader: &StateReader,
+    callers_cache: &CallersCache,
+    node_id: &str,
+    revision: u64,
+) -> Result<NodeView, CoordinatorError> {
+    let replicas = reader.node_replicas(node_id)?;
+    let local: BTreeSet<(String, String)> = replicas
+        .iter()
+        .map(|r| (r.namespace.clone(), r.workload.clone()))
+        .collect();
+    let inbound = if local.is_empty() {
+        Vec::new()
+    } else {
+        let map: Arc<Callers> = callers_cache.at(revision, || callers(reader))?;
+        inbound(&map, &local)
+    };
+    let upstreams = upstream_sets(reader, &replicas)?;
+    let assignments = replicas
+        .into_iter()
+        .map(|r| Assignment {
+            replica_id: r.id,
+            workload: r.workload,
+            namespace: r.namespace,
+            generation: r.template,
+            spec: Some(r.spec.into()),
+        })
+        .collect();
+    Ok((assignments, upstreams, inbound))
+}
+
+/// The Ready endpoints of every workload `replicas` name as upstreams.
+/// Replicas leave with their node (`RemoveNode`), so a removed node is
+/// never an endpoint.
+fn upstream_sets(
+    reader: &StateReader,
+    replicas: &[cloudless_types::ReplicaRecord],
+) -> Result<Vec<UpstreamSet>, CoordinatorError> {
+    let wanted: BTreeSet<(String, String)> = replicas
+        .iter()
+        .flat_map(|r| {
+            r.spec
+                .upstreams
+                .iter()
+                .map(|u| (r.namespace.clone(), u.workload.clone()))
+        })
+        .collect();
+    let mut nodes: HashMap<String, Vec<String>> = HashMap::new();
+    let mut upstreams = Vec::with_capacity(wanted.len());
+    for (namespace, workload) in wanted {
+        let mut endpoints = Vec::new();
+        for r in reader.workload_replicas(&namespace, &workload)? {
+            if r.state != ReplicaState::Ready {
+                continue;
+            }
+            let overlay_addresses = match nodes.get(&r.node_id) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = reader
+                        .node(&r.node_id)?
+                        .map(|n| n.status.overlay_addresses)
+                        .unwrap_or_default();
+                    nodes.insert(r.node_id.clone(), a.clone());
+                    a
+                }
+            };
+            endpoints.push(UpstreamEndpoint {
+                replica_id: r.id,
+                node_id: r.node_id,
+                overlay_addresses,
+            });
+        }
+        upstreams.push(UpstreamSet {
+            namespace,
+            workload,
+            endpoints,
+        });
+    }
+    Ok(upstreams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudless_state::{Command, Proposal, Request as SmRequest, StateMachine};
+    use cloudless_types::{
+        JoinTokenRecord, NodeRecord, ReplicaRecord, Upstream, Workload, WorkloadSpec,
+    };
+    use openraft::storage::RaftStateMachine;
+
+    /// Applies `commands` to `sm`, one log entry each from index `first`.
+    async fn apply(sm: &mut StateMachine, first: u64, commands: Vec<Command>) {
+        let entries = commands
+            .into_iter()
+            .zip(first..)
+            .map(
+                |(command, index)| openraft::Entry::<cloudless_state::TypeConfig> {
+                    log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                    payload: openraft::EntryPayload::Normal(Proposal {
+                        requests: vec![SmRequest {
+                            idempotency_key: None,
+                            proposed_at_ms: 1,
+                            command,
+                        }],
+                    }),
+                },
+            );
+        sm.apply(entries.collect::<Vec<_>>()).await.expect("apply");
+    }
+
+    fn replica(id: &str, workload: &Workload, node: &str) -> ReplicaRecord {
+        ReplicaRecord {
+            id: id.into(),
+            namespace: workload.namespace.clone(),
+            workload: workload.name.clone(),
+            template: 1,
+            spec: workload.spec.clone(),
+            node_id: node.into(),
+            state: ReplicaState::Ready,
+            exit_code: None,
+            restarts: 0,
+            message: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ready_at_ms: 0,
+            disconnected_at_ms: 0,
+            score: 0.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removed_node_is_neither_a_caller_nor_an_endpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let workload = |name: &str, upstream: Option<&str>| Workload {
+            namespace: "default".into(),
+            name: name.into(),
+            spec: WorkloadSpec {
+                image: "busybox".into(),
+                replicas: 2,
+                upstreams: upstream
+                    .map(|u| Upstream {
+                        workload: u.into(),
+                        port: 80,
+                        local_port: 8080,
+                    })
+                    .into_iter()
+                    .collect(),
+                ..WorkloadSpec::default()
+            },
+            generation: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            template: 0,
+            revisions: Vec::new(),
+        };
+        let (db, web) = (workload("db", None), workload("web", Some("db")));
+        let token = JoinTokenRecord {
+            id: "t".into(),
+            created_at_ms: 0,
+            expires_at_ms: i64::MAX,
+            max_uses: 9,
+            uses: 0,
+            revoked: false,
+            labels: Default::default(),
+        };
+        let mut commands = vec![Command::CreateJoinToken { token }];
+        for n in ["n1", "n2", "stolen"] {
+            commands.push(Command::EnrollNode {
+                token_id: "t".into(),
+                node: NodeRecord::new(n.into(), n.into(), "t".into(), 0),
+            });
+        }
+        for w in [&db, &web] {
+            commands.push(Command::PutWorkload {
+                workload: w.clone(),
+                cause: "apply".into(),
+            });
+        }
+        commands.push(Command::PlaceReplicas {
+            replicas: vec![
+                replica("db-1", &db, "n1"),
+                replica("db-2", &db, "stolen"),
+                replica("web-1", &web, "n2"),
+                replica("web-2", &web, "stolen"),
+            ],
+        });
+        let mut sm = StateMachine::open(
+            &dir.path().join("state.redb"),
+            prometheus_client::metrics::histogram::Histogram::new([1.0]),
+        )
+        .expect("state");
+        apply(&mut sm, 1, commands).await;
+        let reader = sm.reader();
+        let key = ("default".to_owned(), "db".to_owned());
+        let web_on_n2 = reader.node_replicas("n2").expect("read");
+        let endpoints = |reader: &cloudless_state::StateReader| -> Vec<String> {
+            upstream_sets(reader, &web_on_n2).expect("upstreams")[0]
+                .endpoints
+                .iter()
+                .map(|e| e.node_id.clone())
+                .collect()
+        };
+        assert_eq!(
+            callers(&reader).expect("callers")[&key],
+            BTreeSet::from(["n2".to_owned(), "stolen".to_owned()])
+        );
+        assert_eq!(endpoints(&reader), ["n1", "stolen"]);
+
+        apply(
+            &mut sm,
+            100,
+            vec![Command::RemoveNode {
+                node_id: "stolen".into(),
+            }],
+        )
+        .await;
+        assert_eq!(
+            callers(&reader).expect("callers")[&key],
+            BTreeSet::from(["n2".to_owned()]),
+            "a removed node may still open streams to db"
+        );
+        assert_eq!(
+            endpoints(&reader),
+            ["n1"],
+            "a removed node is still an endpoint"
+        );
+    }
+}
