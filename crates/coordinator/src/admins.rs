@@ -67,9 +67,9 @@ pub(crate) fn caller<T>(handle: &CoordinatorHandle, req: &Request<T>) -> Result<
             let name = header(ACTOR_KEY).and_then(|a| a.strip_prefix("admin:"));
             let issued = header(ACTOR_ISSUED_KEY).and_then(|v| v.parse::<i64>().ok());
             let (Some(name), Some(issued_at_s)) = (name, issued) else {
-                return Err(Status::permission_denied(format!(
+                return Err(Status::from(CoordinatorError::Denied(format!(
                     "coordinator {id} did not say which admin it acts for; only admins manage admin certificates"
-                )));
+                ))));
             };
             crate::authz::still_trusted(handle, &Identity::Admin(name.to_owned()), issued_at_s)?;
             Ok(Actor {
@@ -77,9 +77,9 @@ pub(crate) fn caller<T>(handle: &CoordinatorHandle, req: &Request<T>) -> Result<
                 issued_at_s,
             })
         }
-        (other, _) => Err(Status::permission_denied(format!(
+        (other, _) => Err(Status::from(CoordinatorError::Denied(format!(
             "{other} may not manage admin certificates"
-        ))),
+        )))),
     }
 }
 

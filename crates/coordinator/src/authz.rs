@@ -5,6 +5,7 @@
 use cloudless_pki::Identity;
 use tonic::{Request, Status};
 
+use crate::error::CoordinatorError;
 use crate::handle::CoordinatorHandle;
 use crate::peer_cache::Verified;
 
@@ -46,15 +47,17 @@ pub(crate) fn still_trusted(
     issued_at_s: i64,
 ) -> Result<(), Status> {
     let read_err = |e: cloudless_state::StateError| {
-        Status::internal(format!("cannot read the access records: {e}"))
+        Status::from(CoordinatorError::Internal(format!(
+            "cannot read the access records: {e}"
+        )))
     };
     match identity {
         Identity::Admin(name) => {
             let record = handle.reader().admin(name).map_err(read_err)?;
             if record.is_some_and(|r| issued_at_s <= r.revoked_before_s) {
-                return Err(Status::permission_denied(format!(
+                return Err(Status::from(CoordinatorError::Denied(format!(
                     "admin {name:?} was revoked; ask another admin for a new certificate (cloudlessctl admin issue {name})"
-                )));
+                ))));
             }
         }
         Identity::Coordinator(id) => {
@@ -63,9 +66,9 @@ pub(crate) fn still_trusted(
             // then.
             if handle.reader().coordinator_retired(*id).map_err(read_err)? && !handle.is_member(*id)
             {
-                return Err(Status::permission_denied(format!(
+                return Err(Status::from(CoordinatorError::Denied(format!(
                     "coordinator {id} was removed from the cluster; its certificate is no longer accepted"
-                )));
+                ))));
             }
         }
         Identity::Node(_) => {}
@@ -93,17 +96,17 @@ pub(crate) fn require_issued<T>(
 ) -> Result<(Identity, i64), Status> {
     let Some(ca_pem) = handle.tls_ca_pem() else {
         if allow == Allow::Node {
-            return Err(Status::failed_precondition(
-                "agent APIs need mTLS: this coordinator runs without a master key",
-            ));
+            return Err(Status::from(CoordinatorError::FailedPrecondition(
+                String::from("agent APIs need mTLS: this coordinator runs without a master key"),
+            )));
         }
         return Ok((Identity::Admin("plaintext".into()), 0));
     };
     let certs = req.peer_certs();
     let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
-        return Err(Status::unauthenticated(
+        return Err(Status::from(CoordinatorError::Unauthenticated(String::from(
             "a client certificate from this cluster's CA is required (cloudlessctl --config <data_dir>/admin/cloudlessctl.toml)",
-        ));
+        ))));
     };
     let Verified {
         identity,
@@ -134,8 +137,8 @@ pub(crate) fn require_issued<T>(
             Allow::Node => "agent APIs",
             Allow::AdminOrNode => "administrative or agent APIs",
         };
-        Err(Status::permission_denied(format!(
+        Err(Status::from(CoordinatorError::Denied(format!(
             "{identity} may not call {what}"
-        )))
+        ))))
     }
 }

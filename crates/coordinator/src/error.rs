@@ -14,7 +14,8 @@ pub use cloudless_client::{FORWARDED_KEY, LEADER_HINT_KEY};
 /// Why a coordinator call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
-    /// The request is malformed; the message names the field.
+    /// The request is malformed; the message is `field: problem` (the field
+    /// travels as a `google.rpc.BadRequest` violation too).
     #[error("invalid request: {0}")]
     InvalidArgument(String),
     /// An answer already decided (and audited) as a gRPC status.
@@ -23,6 +24,22 @@ pub enum CoordinatorError {
     /// The request is well formed but the current state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Denied(String),
+    /// The caller's credentials are refused.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// This coordinator cannot serve the call now (shutting down, no path
+    /// to the node); another may.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of this coordinator (storage, encoding), not of the request.
+    #[error("{0}")]
+    Internal(String),
     /// The request's fields failed validation.
     #[error("invalid request: {0}")]
     Invalid(#[from] ValidationErrors),
@@ -116,6 +133,17 @@ pub enum RejoinRefusal {
     },
 }
 
+/// The `(field, problem)` of an `InvalidArgument` message written as
+/// `field: problem`, when its head is a field path (`replicas[3].state`).
+fn field_of(message: &str) -> Option<(&str, &str)> {
+    let (field, problem) = message.split_once(": ")?;
+    let path = !field.is_empty()
+        && field
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
+    path.then_some((field, problem))
+}
+
 impl From<cloudless_types::FieldError> for CoordinatorError {
     fn from(e: cloudless_types::FieldError) -> Self {
         CoordinatorError::Invalid(ValidationErrors(vec![e]))
@@ -134,6 +162,11 @@ impl From<CoordinatorError> for Status {
                 Code::InvalidArgument
             }
             CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordinatorError::NotFound(_) => Code::NotFound,
+            CoordinatorError::Denied(_) => Code::PermissionDenied,
+            CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
+            CoordinatorError::Unavailable(_) => Code::Unavailable,
+            CoordinatorError::Internal(_) => Code::Internal,
             CoordinatorError::NotLeader { .. } | CoordinatorError::NotInitialized => {
                 Code::Unavailable
             }
@@ -210,6 +243,9 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::RejoinRefused(RejoinRefusal::Removed { node_id }) => {
                 refusal(code, msg, Reason::NodeRemoved, [(NODE_ID, node_id.clone())])
             }
+            CoordinatorError::InvalidArgument(m) => {
+                cloudless_client::errors::invalid_fields(msg.clone(), field_of(m))
+            }
             CoordinatorError::Invalid(errs) => cloudless_client::errors::invalid_fields(
                 msg,
                 errs.0
@@ -259,4 +295,71 @@ pub enum StartError {
     /// Raft refused the configuration or failed to start.
     #[error("raft: {0}")]
     Raft(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudless_client::errors::field_violations;
+
+    /// Each error kind has its one code, and field problems travel as typed
+    /// violations a client reads without parsing the message.
+    #[test]
+    fn errors_map_to_one_code_each_and_fields_travel_as_violations() {
+        let cases = [
+            (
+                CoordinatorError::NotFound("no replica r1".into()),
+                Code::NotFound,
+            ),
+            (
+                CoordinatorError::Denied("x may not".into()),
+                Code::PermissionDenied,
+            ),
+            (
+                CoordinatorError::Unauthenticated("bad cert".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                CoordinatorError::Unavailable("shutting down".into()),
+                Code::Unavailable,
+            ),
+            (CoordinatorError::Internal("disk".into()), Code::Internal),
+            (
+                CoordinatorError::FailedPrecondition("busy".into()),
+                Code::FailedPrecondition,
+            ),
+        ];
+        for (e, code) in cases {
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(field_violations(&s).is_empty());
+        }
+        let s = Status::from(CoordinatorError::InvalidArgument(
+            "replicas[3].replica_id: must be 1 to 256 characters".into(),
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            field_violations(&s),
+            [(
+                "replicas[3].replica_id".to_owned(),
+                "must be 1 to 256 characters".to_owned()
+            )]
+        );
+        let s = Status::from(CoordinatorError::from(cloudless_types::FieldError {
+            field: "power_source".into(),
+            problem: "17 is not a value of this release".into(),
+        }));
+        assert_eq!(
+            field_violations(&s),
+            [(
+                "power_source".to_owned(),
+                "17 is not a value of this release".to_owned()
+            )]
+        );
+        // A message without a field path carries no violation.
+        let s = Status::from(CoordinatorError::InvalidArgument(
+            "malformed append_entries payload: eof".into(),
+        ));
+        assert!(field_violations(&s).is_empty());
+    }
 }

@@ -11,6 +11,7 @@ use cloudless_state::StateReader;
 use tonic::Status;
 
 use crate::clock::now_ms;
+use crate::error::CoordinatorError;
 
 /// How long a verified client certificate is trusted without re-checking
 /// (signature, validity period, identity). TLS verified the chain at the
@@ -52,9 +53,11 @@ impl PeerCache {
         if lock().get(id) == Some(&generation) {
             return Ok(true);
         }
-        let exists = reader
-            .node_exists(id)
-            .map_err(|e| Status::internal(format!("cannot read the node record: {e}")))?;
+        let exists = reader.node_exists(id).map_err(|e| {
+            Status::from(CoordinatorError::Internal(format!(
+                "cannot read the node record: {e}"
+            )))
+        })?;
         let mut nodes = lock();
         if exists {
             if nodes.len() >= CACHE_LIMIT {
@@ -80,7 +83,9 @@ impl PeerCache {
             }
         }
         let refused = |e: cloudless_pki::PkiError| {
-            Status::unauthenticated(format!("client certificate refused: {e}"))
+            Status::from(CoordinatorError::Unauthenticated(format!(
+                "client certificate refused: {e}"
+            )))
         };
         let identity = verify_with_ca_cert(ca_pem, der, now_ms() / 1000).map_err(refused)?;
         let info = cloudless_pki::inspect_certificate_der(der).map_err(refused)?;

@@ -5,6 +5,7 @@ use cloudless_proto::v1::RaftPayload;
 use cloudless_state::Raft;
 
 use crate::authz::{require, Allow};
+use crate::error::CoordinatorError;
 use crate::handle::CoordinatorHandle;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,9 +43,12 @@ fn decode<T: DeserializeOwned>(req: Request<RaftPayload>, what: &str) -> Result<
     );
     let p = req.into_inner();
     cloudless_state::check_peer_log_format(&peer, p.log_format)
-        .map_err(Status::failed_precondition)?;
-    postcard::from_bytes(&p.data)
-        .map_err(|e| Status::invalid_argument(format!("malformed {what} payload: {e}")))
+        .map_err(|e| Status::from(CoordinatorError::FailedPrecondition(e)))?;
+    postcard::from_bytes(&p.data).map_err(|e| {
+        Status::from(CoordinatorError::InvalidArgument(format!(
+            "malformed {what} payload: {e}"
+        )))
+    })
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
@@ -55,7 +59,11 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
                 log_format: cloudless_state::LOG_FORMAT,
             })
         })
-        .map_err(|e| Status::internal(format!("encoding raft response: {e}")))
+        .map_err(|e| {
+            Status::from(CoordinatorError::Internal(format!(
+                "encoding raft response: {e}"
+            )))
+        })
 }
 
 #[tonic::async_trait]

@@ -49,7 +49,9 @@ impl AgentApi {
 fn node_id(identity: Identity) -> Result<String, Status> {
     match identity {
         Identity::Node(id) => Ok(id),
-        other => Err(Status::permission_denied(format!("{other} is not a node"))),
+        other => Err(Status::from(CoordinatorError::Denied(format!(
+            "{other} is not a node"
+        )))),
     }
 }
 
@@ -128,7 +130,7 @@ impl AgentService for AgentApi {
                     r = changes.changed() => if r.is_err() { return },
                     () = tx.closed() => return,
                     () = handle.stopping().cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("this coordinator is shutting down"))).await;
+                        let _ = tx.send(Err(Status::from(CoordinatorError::Unavailable(String::from("this coordinator is shutting down"))))).await;
                         return;
                     }
                 }
@@ -199,7 +201,7 @@ impl AgentService for AgentApi {
             let next = tokio::select! {
                 m = inbound.message() => m,
                 () = handle.stopping().cancelled() => {
-                    return Some((Err(Status::unavailable("this coordinator is shutting down")), None));
+                    return Some((Err(Status::from(CoordinatorError::Unavailable(String::from("this coordinator is shutting down")))), None));
                 }
             };
             match next {
@@ -291,9 +293,9 @@ impl AgentService for AgentApi {
             })
             .await?;
         if !matches!(resp, SmResponse::Node(_)) {
-            return Err(Status::internal(format!(
+            return Err(Status::from(CoordinatorError::Internal(format!(
                 "unexpected state machine answer {resp:?}"
-            )));
+            ))));
         }
         tracing::info!(node_id = %id, not_after_ms, "node certificate renewed");
         Ok(Response::new(RenewResponse {

@@ -20,10 +20,10 @@ pub(super) fn status_updates(
     req: ReportStatusRequest,
 ) -> Result<Vec<ReplicaUpdate>, Status> {
     if req.replicas.len() > MAX_STATUS_ENTRIES {
-        return Err(Status::invalid_argument(format!(
+        return Err(Status::from(CoordinatorError::InvalidArgument(format!(
             "replicas: {} entries; a report lists at most {MAX_STATUS_ENTRIES}",
             req.replicas.len()
-        )));
+        ))));
     }
     let assigned: std::collections::HashSet<String> = reader
         .node_replicas(id)
@@ -41,15 +41,15 @@ pub(super) fn status_updates(
         )
         .map_err(CoordinatorError::from)?;
         if r.replica_id.is_empty() || r.replica_id.len() > 256 {
-            return Err(Status::invalid_argument(format!(
+            return Err(Status::from(CoordinatorError::InvalidArgument(format!(
                 "replicas[{i}].replica_id: must be 1 to 256 characters"
-            )));
+            ))));
         }
         if !seen.insert(r.replica_id.clone()) {
-            return Err(Status::invalid_argument(format!(
+            return Err(Status::from(CoordinatorError::InvalidArgument(format!(
                 "replicas[{i}].replica_id: {:?} is listed twice",
                 r.replica_id
-            )));
+            ))));
         }
         if !assigned.contains(&r.replica_id) {
             tracing::debug!(node_id = %id, replica = %r.replica_id, "status for a replica not assigned to the node; dropped");

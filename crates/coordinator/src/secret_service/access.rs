@@ -46,21 +46,21 @@ impl SecretApi {
             .secret(ns, name)
             .map_err(CoordinatorError::from)?;
         let Some(secret) = secret else {
-            return Ok(Err(Status::not_found(format!(
+            return Ok(Err(Status::from(CoordinatorError::NotFound(format!(
                 "secret {ns}/{name} not found"
-            ))));
+            )))));
         };
         if !secret.audiences.iter().any(|a| a == audience) {
-            return Ok(Err(Status::permission_denied(format!(
+            return Ok(Err(Status::from(CoordinatorError::Denied(format!(
                 "audience {audience:?} may not read {ns}/{name} (its audiences: {})",
                 secret.audiences.join(", ")
-            ))));
+            )))));
         }
         if !self.holds(caller, ns, audience)? {
-            return Ok(Err(Status::permission_denied(format!(
+            return Ok(Err(Status::from(CoordinatorError::Denied(format!(
                 "{} runs no replica of workload {ns}/{audience}, so it does not hold that audience",
                 caller.actor
-            ))));
+            )))));
         }
         Ok(Ok(secret))
     }

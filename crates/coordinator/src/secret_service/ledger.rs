@@ -132,8 +132,10 @@ impl SecretApi {
         drop(ledger);
         match (verdict, secret) {
             (Ok(()), Some(s)) => Ok(s),
-            (Err(why), _) => Err(Status::permission_denied(why)),
-            (Ok(()), None) => Err(Status::not_found("the secret is gone")),
+            (Err(why), _) => Err(Status::from(CoordinatorError::Denied(why))),
+            (Ok(()), None) => Err(Status::from(CoordinatorError::NotFound(String::from(
+                "the secret is gone",
+            )))),
         }
     }
 }

@@ -178,10 +178,10 @@ impl SecretService for SecretApi {
             .map_err(CoordinatorError::from)?
         {
             Some(s) => Ok(Response::new(meta(&s))),
-            None => Err(Status::not_found(format!(
+            None => Err(Status::from(CoordinatorError::NotFound(format!(
                 "secret {ns}/{} not found",
                 r.name
-            ))),
+            )))),
         }
     }
 
@@ -305,9 +305,9 @@ impl SecretService for SecretApi {
                         let s = this
                             .refuse(
                                 audit,
-                                Status::permission_denied(
+                                Status::from(CoordinatorError::Denied(String::from(
                                     "only an admin or the token's holder may revoke it",
-                                ),
+                                ))),
                             )
                             .await;
                         return Err(CoordinatorError::Status(s));

@@ -54,7 +54,7 @@ impl SecretApi {
         }
         if !errs.0.is_empty() {
             let audit = Self::audit(caller, action, &ns, &r.name);
-            let status = Status::invalid_argument(format!("invalid request: {errs}"));
+            let status = Status::from(CoordinatorError::Invalid(errs));
             return Err(CoordinatorError::Status(self.refuse(audit, status).await));
         }
         let values: SecretValues = r

@@ -35,14 +35,14 @@ impl SecretApi {
         };
         let uses = if r.max_uses == 0 { 1 } else { r.max_uses };
         if ttl > MAX_TOKEN_TTL_SECONDS {
-            return Err(Status::invalid_argument(format!(
+            return Err(Status::from(CoordinatorError::InvalidArgument(format!(
                 "ttlSeconds: {ttl} is above the maximum of {MAX_TOKEN_TTL_SECONDS} (24 h)"
-            )));
+            ))));
         }
         if uses > MAX_TOKEN_USES {
-            return Err(Status::invalid_argument(format!(
+            return Err(Status::from(CoordinatorError::InvalidArgument(format!(
                 "maxUses: {uses} is above the maximum of {MAX_TOKEN_USES}"
-            )));
+            ))));
         }
         if let Err(status) = self.readable(caller, &ns, &r.name, &r.audience)? {
             return Err(self.refuse(audit, status).await);
@@ -62,7 +62,7 @@ impl SecretApi {
                 exp: expires,
                 typ: String::new(),
             })
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::from(CoordinatorError::Internal(e.to_string())))?;
         audit.token_id.clone_from(&id);
         let record = AccessTokenRecord {
             id: id.clone(),
@@ -119,7 +119,10 @@ impl SecretApi {
                     audit.token_id = c.jti;
                 }
                 return Err(self
-                    .refuse(audit, Status::unauthenticated(e.to_string()))
+                    .refuse(
+                        audit,
+                        Status::from(CoordinatorError::Unauthenticated(e.to_string())),
+                    )
                     .await);
             }
         };
@@ -170,16 +173,20 @@ impl SecretApi {
                 .await?;
             match resp {
                 SmResponse::SecretAccess(Ok(rec)) => Arc::new(rec),
-                SmResponse::SecretAccess(Err(why)) => return Err(Status::permission_denied(why)),
+                SmResponse::SecretAccess(Err(why)) => {
+                    return Err(Status::from(CoordinatorError::Denied(why)))
+                }
                 other => {
-                    return Err(Status::internal(format!(
+                    return Err(Status::from(CoordinatorError::Internal(format!(
                         "unexpected state machine answer {other:?}"
-                    )))
+                    ))))
                 }
             }
         };
         let Some(current) = record.current() else {
-            return Err(Status::not_found("the secret has no version"));
+            return Err(Status::from(CoordinatorError::NotFound(String::from(
+                "the secret has no version",
+            ))));
         };
         let values = self.decrypted(&record, current)?;
         let valid_until = match (claims.exp, record.expires_at_ms) {

@@ -36,7 +36,7 @@ pub(super) async fn logs(
             .collect()
     };
     if replicas.is_empty() {
-        return Err(Status::not_found(format!(
+        return Err(Status::from(CoordinatorError::NotFound(format!(
             "no replicas of {ns}/{}{}",
             r.name,
             if r.replica_id.is_empty() {
@@ -44,7 +44,7 @@ pub(super) async fn logs(
             } else {
                 format!(" with id {}", r.replica_id)
             }
-        )));
+        ))));
     }
     let single = replicas.len() == 1;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<LogChunk, Status>>(64);
@@ -61,7 +61,7 @@ pub(super) async fn logs(
         tokio::spawn(async move {
             let problem = |why: String| {
                 if single {
-                    Err(Status::unavailable(why))
+                    Err(Status::from(CoordinatorError::Unavailable(why)))
                 } else {
                     Ok(LogChunk {
                         replica_id: rep.id.clone(),
@@ -113,13 +113,15 @@ pub(super) async fn exec(
     crate::authz::require(handle, &req, crate::authz::Allow::Admin)?;
     let mut r = req.into_inner();
     if r.command.is_empty() {
-        return Err(Status::invalid_argument("command: must not be empty"));
+        return Err(Status::from(CoordinatorError::InvalidArgument(
+            String::from("command: must not be empty"),
+        )));
     }
     if r.timeout_seconds > MAX_EXEC_SECONDS {
-        return Err(Status::invalid_argument(format!(
+        return Err(Status::from(CoordinatorError::InvalidArgument(format!(
             "timeoutSeconds: {} is above the maximum of {MAX_EXEC_SECONDS}",
             r.timeout_seconds
-        )));
+        ))));
     }
     let ns = namespace_or_default(std::mem::take(&mut r.namespace));
     let reader = handle.reader();
@@ -143,10 +145,10 @@ pub(super) async fn exec(
             )
         });
         all.into_iter().next().ok_or_else(|| {
-            Status::failed_precondition(format!(
+            Status::from(CoordinatorError::FailedPrecondition(format!(
                 "{ns}/{} has no Running replica to exec in",
                 r.name
-            ))
+            )))
         })?
     } else {
         reader
@@ -154,7 +156,10 @@ pub(super) async fn exec(
             .map_err(CoordinatorError::from)?
             .filter(|x| r.name.is_empty() || (x.namespace == ns && x.workload == r.name))
             .ok_or_else(|| {
-                Status::not_found(format!("no replica {} of {ns}/{}", r.replica_id, r.name))
+                Status::from(CoordinatorError::NotFound(format!(
+                    "no replica {} of {ns}/{}",
+                    r.replica_id, r.name
+                )))
             })?
     };
     let down = ExecRequest {
@@ -164,10 +169,10 @@ pub(super) async fn exec(
         ..r
     };
     let Some((pending, mut answers)) = handle.tunnels().exec(&replica.node_id, down).await else {
-        return Err(Status::unavailable(format!(
+        return Err(Status::from(CoordinatorError::Unavailable(format!(
             "replica {}: its node {} has no tunnel to this coordinator (agent down or not connected yet)",
             replica.id, replica.node_id
-        )));
+        ))));
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<ExecOutput, Status>>(64);
     tokio::spawn(async move {
@@ -181,9 +186,8 @@ pub(super) async fn exec(
             if up.end {
                 if !up.error.is_empty() {
                     let _ = tx
-                        .send(Err(Status::failed_precondition(format!(
-                            "replica {}: {}",
-                            replica.id, up.error
+                        .send(Err(Status::from(CoordinatorError::FailedPrecondition(
+                            format!("replica {}: {}", replica.id, up.error),
                         ))))
                         .await;
                 }
@@ -191,10 +195,10 @@ pub(super) async fn exec(
             }
         }
         let _ = tx
-            .send(Err(Status::unavailable(format!(
+            .send(Err(Status::from(CoordinatorError::Unavailable(format!(
                 "replica {}: the agent's tunnel closed before the command finished",
                 replica.id
-            ))))
+            )))))
             .await;
     });
     Ok(Response::new(Box::pin(
