@@ -170,7 +170,7 @@ impl Coordinator {
         };
         let mut registry = Registry::default();
         let metrics = RaftMetrics::register(&mut registry);
-        let membership_metrics = crate::membership::MembershipMetrics::register(&mut registry);
+        let membership_metrics = crate::liveness::MembershipMetrics::register(&mut registry);
         let reconcile_metrics = crate::reconciler::ReconcileMetrics::register(&mut registry);
         let relay_metrics = relay
             .as_ref()
@@ -242,7 +242,7 @@ impl Coordinator {
             identity: IdentityCache::default(),
             tls: tls.clone(),
             peer_cache: crate::peer_cache::PeerCache::default(),
-            liveness: Arc::new(crate::membership::Liveness::new(membership_metrics)),
+            liveness: Arc::new(crate::liveness::Liveness::new(membership_metrics)),
             tunnels: Arc::default(),
             relay,
             stopping: api_cancel.clone(),

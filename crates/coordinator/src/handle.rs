@@ -44,7 +44,7 @@ pub(crate) struct HandleInner {
     pub(crate) identity: IdentityCache,
     pub(crate) tls: Option<Arc<crate::tls::TlsMaterial>>,
     pub(crate) peer_cache: crate::peer_cache::PeerCache,
-    pub(crate) liveness: Arc<crate::membership::Liveness>,
+    pub(crate) liveness: Arc<crate::liveness::Liveness>,
     pub(crate) tunnels: Arc<crate::tunnel::Tunnels>,
     /// The overlay relay and the address agents dial it at.
     pub(crate) relay: Option<(cloudless_overlay::Overlay, String)>,
@@ -296,7 +296,7 @@ impl CoordinatorHandle {
         &self.inner.tunnels
     }
 
-    pub(crate) fn liveness(&self) -> Arc<crate::membership::Liveness> {
+    pub(crate) fn liveness(&self) -> Arc<crate::liveness::Liveness> {
         self.inner.liveness.clone()
     }
 

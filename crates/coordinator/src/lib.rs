@@ -14,6 +14,7 @@ mod forward;
 mod handle;
 mod identity;
 mod leader_lease;
+mod liveness;
 mod membership;
 mod metrics;
 mod node_service;
