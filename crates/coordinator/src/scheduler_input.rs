@@ -26,6 +26,11 @@ pub(crate) fn node_labels(n: &NodeRecord) -> BTreeMap<String, String> {
     n.labels.clone()
 }
 
+/// The zone placement sees for `n` (the first of [`ZONE_LABELS`] it has).
+pub(crate) fn node_zone(n: &NodeRecord) -> String {
+    first_label(&node_labels(n), &ZONE_LABELS)
+}
+
 fn first_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> String {
     keys.iter()
         .find_map(|k| labels.get(*k))
@@ -106,6 +111,20 @@ pub(crate) fn workload_request(w: &Workload, count: usize) -> WorkloadRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The zone an explanation shows is the one placement uses, whichever
+    /// of the zone labels the node carries.
+    #[test]
+    fn a_node_zone_comes_from_any_zone_label_as_placement_reads_it() {
+        let mut n = NodeRecord::new("n1".into(), "a".into(), "t".into(), 0);
+        n.phase = NodePhase::Ready;
+        n.labels = [("topology.kubernetes.io/zone".to_owned(), "b".to_owned())].into();
+        assert_eq!(node_zone(&n), "b");
+        assert_eq!(node_infos(&[n.clone()], &[])[0].zone, "b");
+        n.labels.insert("zone".into(), "a".into());
+        assert_eq!(node_zone(&n), "a");
+        assert_eq!(node_infos(&[n], &[])[0].zone, "a");
+    }
     use cloudless_scheduler::{ClusterSnapshot, Decision};
     use cloudless_types::WorkloadSpec;
 

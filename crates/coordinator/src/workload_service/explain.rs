@@ -43,8 +43,8 @@ pub(super) async fn explain_placement(
                 .count(),
         )
         .unwrap_or(u32::MAX);
-        let labels = crate::scheduler_input::node_labels(n);
-        let zone = labels.get("zone").cloned().unwrap_or_default();
+        // The zone placement reads (any of the zone labels).
+        let zone = crate::scheduler_input::node_zone(n);
         let verdict = verdicts.iter().find(|(id, _)| *id == n.id).map(|(_, v)| v);
         let (eligible, score, reasons) = match verdict {
             Some(Ok(c)) => (
