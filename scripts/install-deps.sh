@@ -4,7 +4,8 @@
 # busybox-static (the test image), apparmor (apparmor_parser, to check the
 # agent's generated profile) and docker-registry (the registry the pull
 # tests serve it from), iproute2 and iptables (the network-cut and NAT
-# traversal tests' namespaces and routers), and
+# traversal tests' namespaces and routers), containernetworking-plugins
+# (the CNI plugins that give each replica its network), and
 # Rust if missing.
 set -euo pipefail
 SUDO=""
@@ -12,7 +13,8 @@ if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 $SUDO apt-get update
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
   protobuf-compiler build-essential pkg-config curl ca-certificates git \
-  containerd runc busybox-static apparmor docker-registry iproute2 iptables
+  containerd runc busybox-static apparmor docker-registry iproute2 iptables \
+  containernetworking-plugins
 if ! command -v cargo >/dev/null 2>&1; then
   if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     echo "cargo is in $HOME/.cargo/bin: add it to PATH" >&2

@@ -1,0 +1,282 @@
+//! The node's firewall for replicas, in iptables' filter table. Forwarded
+//! traffic passes the node's chain (`<prefix>-FWD`, jumped to first from
+//! `FORWARD`): answers to replicas and new connections to them (published
+//! ports, the node's bridge) are accepted, and what a replica sends out goes
+//! through its own egress chain (`<prefix>-E-<hash>`), which accepts what
+//! its policy allows and rejects the rest. Without these rules a host whose
+//! `FORWARD` policy is `DROP` (Docker sets it) would drop every replica's
+//! egress. Source NAT (masquerade) is the bridge plugin's.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::NetworkError;
+
+/// The longest an iptables call waits for the xtables lock, in seconds.
+const LOCK_WAIT_S: &str = "10";
+
+/// Destinations a replica may reach outside the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRule {
+    /// The destination network.
+    pub cidr: IpNet,
+    /// TCP and UDP ports; empty: every port and protocol.
+    pub ports: Vec<u16>,
+}
+
+impl EgressRule {
+    /// Everything (`0.0.0.0/0`, every port).
+    pub fn any() -> Self {
+        Self {
+            cidr: "0.0.0.0/0".parse().expect("a valid network"),
+            ports: Vec::new(),
+        }
+    }
+}
+
+/// The replica firewall of one node.
+#[derive(Debug, Clone)]
+pub struct Firewall {
+    /// Chain name prefix (`CLOUDLESS`).
+    prefix: String,
+    /// The node's replica subnet.
+    subnet: IpNet,
+    /// Networks inside the cluster (replicas of every node, service
+    /// addresses): not egress, always allowed here.
+    internal: Vec<IpNet>,
+}
+
+impl Firewall {
+    /// The firewall for replicas in `subnet`. `prefix` names the chains (at
+    /// most 12 characters: iptables chain names are short).
+    pub fn new(prefix: &str, subnet: IpNet, internal: Vec<IpNet>) -> Result<Self, NetworkError> {
+        if prefix.is_empty()
+            || prefix.len() > 12
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(NetworkError::Config {
+                field: "chain_prefix",
+                message: format!("{prefix:?}: 1 to 12 letters, digits or '-'"),
+            });
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            subnet,
+            internal,
+        })
+    }
+
+    /// The node chain's name.
+    pub fn node_chain(&self) -> String {
+        format!("{}-FWD", self.prefix)
+    }
+
+    /// The egress chain of container `id`.
+    pub fn egress_chain(&self, id: &str) -> String {
+        format!("{}-E-{:012x}", self.prefix, fnv1a(id) & 0xffff_ffff_ffff)
+    }
+
+    /// Makes the node chain (again: idempotent) and puts the jump to it
+    /// first in `FORWARD`.
+    pub async fn install(&self) -> Result<(), NetworkError> {
+        let chain = self.node_chain();
+        ensure_chain(&chain).await?;
+        let subnet = self.subnet.to_string();
+        let base: [&[&str]; 2] = [
+            &[
+                "-d",
+                &subnet,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ],
+            &["-d", &subnet, "-j", "ACCEPT"],
+        ];
+        for rule in base {
+            ensure_rule(&chain, rule, false).await?;
+        }
+        ensure_rule("FORWARD", &["-j", &chain], true).await
+    }
+
+    /// Removes the node chain and the jump to it (with every replica's rules).
+    pub async fn uninstall(&self) -> Result<(), NetworkError> {
+        let chain = self.node_chain();
+        for id in self.chains_in_use().await? {
+            delete_chain(&id).await?;
+        }
+        while iptables(&["-C", "FORWARD", "-j", &chain]).await.is_ok() {
+            iptables(&["-D", "FORWARD", "-j", &chain]).await?;
+        }
+        delete_chain(&chain).await
+    }
+
+    /// Sets what replica `id` at `addr` may reach: its egress chain holds
+    /// exactly `rules` (written anew), and the node chain sends its traffic
+    /// there.
+    pub async fn set_egress(
+        &self,
+        id: &str,
+        addr: IpAddr,
+        rules: &[EgressRule],
+    ) -> Result<(), NetworkError> {
+        let chain = self.egress_chain(id);
+        ensure_chain(&chain).await?;
+        iptables(&["-F", &chain]).await?;
+        for net in &self.internal {
+            iptables(&["-A", &chain, "-d", &net.to_string(), "-j", "ACCEPT"]).await?;
+        }
+        // Replicas have IPv4 addresses only: IPv6 rules cannot match.
+        for r in rules.iter().filter(|r| matches!(r.cidr, IpNet::V4(_))) {
+            let cidr = r.cidr.to_string();
+            if r.ports.is_empty() {
+                iptables(&["-A", &chain, "-d", &cidr, "-j", "ACCEPT"]).await?;
+                continue;
+            }
+            for port in &r.ports {
+                let port = port.to_string();
+                for proto in ["tcp", "udp"] {
+                    iptables(&[
+                        "-A", &chain, "-d", &cidr, "-p", proto, "--dport", &port, "-j", "ACCEPT",
+                    ])
+                    .await?;
+                }
+            }
+        }
+        iptables(&[
+            "-A",
+            &chain,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-admin-prohibited",
+        ])
+        .await?;
+        let src = format!("{addr}/32");
+        ensure_rule(&self.node_chain(), &["-s", &src, "-j", &chain], false).await
+    }
+
+    /// Removes replica `id`'s egress chain and the jump to it.
+    pub async fn remove_egress(&self, id: &str) -> Result<(), NetworkError> {
+        let chain = self.egress_chain(id);
+        self.drop_jumps_to(&chain).await?;
+        delete_chain(&chain).await
+    }
+
+    /// Every rule of the node chain that jumps to `chain` goes.
+    async fn drop_jumps_to(&self, chain: &str) -> Result<(), NetworkError> {
+        let node = self.node_chain();
+        let Ok(listed) = iptables(&["-S", &node]).await else {
+            return Ok(());
+        };
+        for line in listed.lines() {
+            let Some(rule) = line.strip_prefix(&format!("-A {node} ")) else {
+                continue;
+            };
+            let words: Vec<&str> = rule.split_whitespace().collect();
+            if words.windows(2).any(|w| w == ["-j", chain]) {
+                let mut args = vec!["-D", node.as_str()];
+                args.extend(words);
+                iptables(&args).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The egress chains of this firewall that exist.
+    async fn chains_in_use(&self) -> Result<Vec<String>, NetworkError> {
+        let prefix = format!("-N {}-E-", self.prefix);
+        let listed = iptables(&["-S"]).await?;
+        Ok(listed
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.strip_prefix("-N "))
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+/// 64-bit FNV-1a (stable chain names across agent restarts and releases).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Runs `iptables -w <args>` on the filter table; its stdout.
+pub(crate) async fn iptables(args: &[&str]) -> Result<String, NetworkError> {
+    let out = tokio::process::Command::new("iptables")
+        .arg("-w")
+        .arg(LOCK_WAIT_S)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| NetworkError::Firewall {
+            args: args.join(" "),
+            message: format!("cannot run iptables: {e}"),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetworkError::Firewall {
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+async fn ensure_chain(chain: &str) -> Result<(), NetworkError> {
+    if iptables(&["-S", chain]).await.is_err() {
+        iptables(&["-N", chain]).await?;
+    }
+    Ok(())
+}
+
+async fn ensure_rule(chain: &str, rule: &[&str], first: bool) -> Result<(), NetworkError> {
+    let mut check = vec!["-C", chain];
+    check.extend_from_slice(rule);
+    if iptables(&check).await.is_ok() {
+        return Ok(());
+    }
+    let mut add = if first {
+        vec!["-I", chain, "1"]
+    } else {
+        vec!["-A", chain]
+    };
+    add.extend_from_slice(rule);
+    iptables(&add).await.map(drop)
+}
+
+async fn delete_chain(chain: &str) -> Result<(), NetworkError> {
+    if iptables(&["-S", chain]).await.is_err() {
+        return Ok(());
+    }
+    iptables(&["-F", chain]).await?;
+    iptables(&["-X", chain]).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_fit_iptables_and_are_stable() {
+        let fw = Firewall::new("CLOUDLESS", "10.0.0.0/24".parse().expect("net"), vec![])
+            .expect("firewall");
+        let c = fw.egress_chain("default-web-0123456789abcdef");
+        assert!(c.len() <= 28, "{c}");
+        assert_eq!(c, fw.egress_chain("default-web-0123456789abcdef"));
+        assert_ne!(c, fw.egress_chain("default-web-0123456789abcdeg"));
+        assert!(Firewall::new(
+            "A-VERY-LONG-PREFIX",
+            "10.0.0.0/24".parse().expect("net"),
+            vec![]
+        )
+        .is_err());
+    }
+}

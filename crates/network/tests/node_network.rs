@@ -1,0 +1,475 @@
+//! The node's replica network against the real CNI plugins, iptables and
+//! network namespaces (as root): a replica reaches "the internet" (a server
+//! in a namespace of its own) through the node, a replica whose egress
+//! policy does not allow it is refused, a published port answers at the
+//! node's address, a rate limit holds, an agent restart keeps addresses,
+//! and a detach leaves no veth, rule, lease or namespace behind.
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cloudless_network::netns::run_in;
+use cloudless_network::{
+    AttachRequest, Bandwidth, EgressRule, HostPort, NodeNetwork, NodeNetworkConfig, Protocol,
+};
+
+/// One test's node and internet: a bridge and subnet of its own, chains of
+/// its own, and an "internet" namespace joined to the host by a veth pair
+/// (host side `.1`, internet `.2` of a /30).
+struct Site {
+    n: u8,
+    dir: tempfile::TempDir,
+    internet: String,
+}
+
+impl Site {
+    fn new(n: u8) -> Option<Self> {
+        if let Some(why) = cannot_run() {
+            skip_test(format!("node_network: {why}"));
+            return None;
+        }
+        let internet = format!("cldt-inet{n}");
+        let s = Self {
+            n,
+            dir: tempfile::tempdir().expect("tempdir"),
+            internet,
+        };
+        s.cleanup();
+        let (host_if, inet_if) = (format!("cldth{n}"), format!("cldti{n}"));
+        sh(&format!("ip netns add {}", s.internet));
+        sh(&format!(
+            "ip link add {host_if} type veth peer name {inet_if} netns {}",
+            s.internet
+        ));
+        sh(&format!("ip addr add {}/30 dev {host_if}", s.host_ip()));
+        sh(&format!("ip link set {host_if} up"));
+        let inet = &s.internet;
+        sh(&format!(
+            "ip -n {inet} addr add {}/30 dev {inet_if}",
+            s.internet_ip()
+        ));
+        sh(&format!("ip -n {inet} link set {inet_if} up"));
+        sh(&format!("ip -n {inet} link set lo up"));
+        Some(s)
+    }
+
+    fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(203, 0, 113, self.n * 4 + 1)
+    }
+
+    fn internet_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(203, 0, 113, self.n * 4 + 2)
+    }
+
+    fn bridge(&self) -> String {
+        format!("cldtbr{}", self.n)
+    }
+
+    fn prefix(&self) -> String {
+        format!("CLDT{}", self.n)
+    }
+
+    fn config(&self) -> NodeNetworkConfig {
+        NodeNetworkConfig {
+            subnet: format!("10.251.{}.0/24", self.n).parse().expect("net"),
+            internal: vec!["10.251.0.0/16".parse().expect("net")],
+            bridge: self.bridge(),
+            cni_bin_dir: "/usr/lib/cni".into(),
+            state_dir: self.dir.path().join("state"),
+            netns_dir: self.dir.path().join("netns"),
+            chain_prefix: self.prefix(),
+        }
+    }
+
+    /// Serves on the internet at `port`: answers each connection with
+    /// `hello from the internet` and counts what it is sent.
+    fn serve(&self, port: u16) -> std::sync::mpsc::Receiver<(usize, Duration)> {
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = PathBuf::from(format!("/var/run/netns/{}", self.internet));
+        let addr = SocketAddr::from((self.internet_ip(), port));
+        std::thread::spawn(move || {
+            let listener = run_in(&path, move || {
+                TcpListener::bind(addr).map_err(|e| e.to_string())
+            })
+            .expect("listening on the internet");
+            ready_tx.send(()).expect("ready");
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let _ = c.write_all(b"hello from the internet\n");
+                    let started = Instant::now();
+                    let mut buf = vec![0; 64 * 1024];
+                    let mut total = 0;
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n;
+                    }
+                    let _ = tx.send((total, started.elapsed()));
+                });
+            }
+        });
+        ready.recv().expect("server started");
+        rx
+    }
+
+    fn cleanup(&self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.internet])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("cldth{}", self.n)])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .status();
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.cleanup();
+        let _ = Command::new("umount")
+            .args(["-l", &self.dir.path().join("netns").display().to_string()])
+            .status();
+    }
+}
+
+fn request(id: &str) -> AttachRequest {
+    AttachRequest {
+        container_id: id.into(),
+        host_ports: vec![],
+        egress: vec![EgressRule::any()],
+        bandwidth: Bandwidth::default(),
+    }
+}
+
+/// Connects from inside `netns` to `to`: the first line it is sent.
+fn fetch(netns: &Path, to: SocketAddr) -> Result<String, String> {
+    run_in(netns, move || {
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| format!("connecting to {to}: {e}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let mut line = [0; 64];
+        let n = c.read(&mut line).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&line[..n]).trim().to_owned())
+    })
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_reach_the_internet_within_their_egress_policy_and_leave_nothing_behind() {
+    let Some(site) = Site::new(1) else { return };
+    let _served = site.serve(8080);
+    let internet = SocketAddr::from((site.internet_ip(), 8080));
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+
+    // A replica with the default policy reaches the internet.
+    let a = net.attach(&request("cldt1-a")).await.expect("attach a");
+    assert!(site.config().subnet.contains(&a.address), "{a:?}");
+    let lease = site.dir.path().join("state/ipam/cloudless");
+    assert!(
+        lease.join(a.address.to_string()).exists(),
+        "its address is leased"
+    );
+    assert_eq!(
+        fetch(&a.netns, internet).as_deref(),
+        Ok("hello from the internet")
+    );
+
+    // One allowed only another network and another port is refused.
+    let mut only = request("cldt1-b");
+    only.egress = vec![
+        EgressRule {
+            cidr: "192.0.2.0/24".parse().expect("net"),
+            ports: vec![],
+        },
+        EgressRule {
+            cidr: format!("{}/32", site.internet_ip()).parse().expect("net"),
+            ports: vec![443],
+        },
+    ];
+    let b = net.attach(&only).await.expect("attach b");
+    assert_ne!(a.address, b.address);
+    let refused = fetch(&b.netns, internet).expect_err("egress refused");
+    assert!(refused.contains("connecting"), "{refused}");
+    // Its policy opened to the port: allowed.
+    only.egress[1].ports.push(8080);
+    let b2 = net.attach(&only).await.expect("attach b again");
+    assert_eq!(b2, b, "re-attaching keeps the address");
+    assert_eq!(
+        fetch(&b.netns, internet).as_deref(),
+        Ok("hello from the internet")
+    );
+
+    // Replicas on one node reach each other over the bridge.
+    let a_addr = SocketAddr::from((a.address, 7000));
+    let listener = run_in(&a.netns, move || {
+        TcpListener::bind(a_addr).map_err(|e| e.to_string())
+    })
+    .expect("listening in a");
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = listener.accept() {
+            let _ = c.write_all(b"hello from a\n");
+        }
+    });
+    assert_eq!(fetch(&b.netns, a_addr).as_deref(), Ok("hello from a"));
+
+    // Detached: nothing of either is left.
+    net.detach("cldt1-a").await.expect("detach a");
+    net.detach("cldt1-b").await.expect("detach b");
+    net.detach("cldt1-b")
+        .await
+        .expect("detaching twice is fine");
+    assert_nothing_left(&site, &["cldt1-a", "cldt1-b"], &[a.address, b.address]);
+    net.uninstall().await.expect("uninstall");
+    let rules = iptables_save();
+    assert!(!rules.contains(&site.prefix()), "{rules}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_port_answers_at_the_nodes_address() {
+    let Some(site) = Site::new(2) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    let mut req = request("cldt2-web");
+    req.host_ports = vec![HostPort {
+        host_port: 18082,
+        container_port: 80,
+        protocol: Protocol::Tcp,
+    }];
+    let web = net.attach(&req).await.expect("attach");
+    let addr = SocketAddr::from((web.address, 80));
+    let listener = run_in(&web.netns, move || {
+        TcpListener::bind(addr).map_err(|e| e.to_string())
+    })
+    .expect("listening in the replica");
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = c.write_all(b"hello from the replica\n");
+        }
+    });
+    let published = SocketAddr::from((site.host_ip(), 18082));
+    // From the host's own namespace, at its address.
+    let mut c = TcpStream::connect_timeout(&published, Duration::from_secs(3))
+        .expect("connect from the host");
+    let mut line = String::new();
+    c.read_to_string(&mut line).expect("read");
+    assert_eq!(line.trim(), "hello from the replica");
+    // From outside the node (the internet namespace).
+    let outside = PathBuf::from(format!("/var/run/netns/{}", site.internet));
+    assert_eq!(
+        fetch(&outside, published).as_deref(),
+        Ok("hello from the replica")
+    );
+    net.detach("cldt2-web").await.expect("detach");
+    assert_nothing_left(&site, &["cldt2-web"], &[web.address]);
+    assert!(
+        fetch(&outside, published).is_err(),
+        "the port is no longer published"
+    );
+    net.uninstall().await.expect("uninstall");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_restart_keeps_addresses_and_collects_what_is_no_longer_assigned() {
+    let Some(site) = Site::new(3) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    let kept = net.attach(&request("cldt3-kept")).await.expect("attach");
+    let gone = net.attach(&request("cldt3-gone")).await.expect("attach");
+    // A process in the namespace holds a socket across the "restart".
+    let addr = SocketAddr::from((kept.address, 7000));
+    let listener = run_in(&kept.netns, move || {
+        TcpListener::bind(addr).map_err(|e| e.to_string())
+    })
+    .expect("listen");
+    drop(net);
+
+    let net = NodeNetwork::open(site.config()).await.expect("open again");
+    assert_eq!(
+        net.attached().expect("attached"),
+        BTreeSet::from(["cldt3-gone".to_owned(), "cldt3-kept".to_owned()])
+    );
+    let again = net.attach(&request("cldt3-kept")).await.expect("re-attach");
+    assert_eq!(again, kept, "same namespace and address after a restart");
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = listener.accept() {
+            let _ = c.write_all(b"still here\n");
+        }
+    });
+    let gone_ns = gone.netns.clone();
+    assert_eq!(fetch(&gone_ns, addr).as_deref(), Ok("still here"));
+
+    let collected = net
+        .collect(&BTreeSet::from(["cldt3-kept".to_owned()]))
+        .await
+        .expect("collect");
+    assert_eq!(collected, vec!["cldt3-gone".to_owned()]);
+    assert_nothing_left_but(&site, 1, &["cldt3-gone"], &[gone.address]);
+    net.detach("cldt3-kept").await.expect("detach");
+    assert_nothing_left(&site, &["cldt3-kept"], &[kept.address]);
+    net.uninstall().await.expect("uninstall");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bandwidth_limit_holds_within_a_fifth() {
+    let Some(site) = Site::new(4) else { return };
+    let served = site.serve(9000);
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    let mut req = request("cldt4-slow");
+    let limit_bps: u64 = 16_000_000;
+    req.bandwidth = Bandwidth {
+        ingress_bps: limit_bps,
+        egress_bps: limit_bps,
+    };
+    let slow = net.attach(&req).await.expect("attach");
+    // Four seconds' worth of data out of the replica.
+    let bytes = usize::try_from(limit_bps / 8 * 4).expect("fits");
+    let to = SocketAddr::from((site.internet_ip(), 9000));
+    let sent = run_in(&slow.netns, move || {
+        let mut c =
+            TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        let chunk = vec![7u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            c.write_all(&chunk[..n]).map_err(|e| e.to_string())?;
+            left -= n;
+        }
+        c.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        Ok(())
+    });
+    sent.expect("sent");
+    let (got, took) = served
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server counted");
+    assert_eq!(got, bytes);
+    let rate = got as f64 * 8.0 / took.as_secs_f64();
+    let ratio = rate / limit_bps as f64;
+    eprintln!("egress: {rate:.0} bit/s against a limit of {limit_bps} ({ratio:.2})");
+    assert!(
+        (0.8..=1.2).contains(&ratio),
+        "rate {rate:.0} bit/s, ratio {ratio:.2}"
+    );
+    net.detach("cldt4-slow").await.expect("detach");
+    assert_nothing_left(&site, &["cldt4-slow"], &[slow.address]);
+    net.uninstall().await.expect("uninstall");
+}
+
+/// No veth on the bridge, rule, address lease or namespace of `ids` (at
+/// `addrs`) is left.
+fn assert_nothing_left(site: &Site, ids: &[&str], addrs: &[Ipv4Addr]) {
+    assert_nothing_left_but(site, 0, ids, addrs);
+}
+
+/// As [`assert_nothing_left`] while `attached` other replicas keep their
+/// veths.
+fn assert_nothing_left_but(site: &Site, attached: usize, ids: &[&str], addrs: &[Ipv4Addr]) {
+    let ports = out("ip", &["-o", "link", "show", "master", &site.bridge()]);
+    assert_eq!(
+        ports.lines().count(),
+        attached,
+        "veths on the bridge: {ports}"
+    );
+    let rules = iptables_save();
+    for id in ids {
+        assert!(!rules.contains(id), "rules of {id} left:\n{rules}");
+        assert!(
+            !site.dir.path().join("netns").join(id).exists(),
+            "namespace of {id} left"
+        );
+        assert!(
+            !site
+                .dir
+                .path()
+                .join("state/cni")
+                .join(format!("{id}.json"))
+                .exists(),
+            "record of {id} left"
+        );
+    }
+    for a in addrs {
+        let a = a.to_string();
+        let lease = site.dir.path().join("state/ipam/cloudless").join(&a);
+        assert!(!lease.exists(), "lease of {a} left");
+        let mentions: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.split([' ', '/']).any(|w| w == a))
+            .collect();
+        assert!(mentions.is_empty(), "rules for {a} left: {mentions:?}");
+    }
+}
+
+fn iptables_save() -> String {
+    out("iptables-save", &[])
+}
+
+fn out(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().expect("runs");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn sh(cmd: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{cmd} failed");
+}
+
+/// Why this test cannot run here, if it cannot.
+fn cannot_run() -> Option<String> {
+    if !nix_is_root() {
+        return Some("needs root (network namespaces, iptables)".into());
+    }
+    for need in [
+        "/usr/lib/cni/bridge",
+        "/usr/lib/cni/portmap",
+        "/usr/lib/cni/bandwidth",
+    ] {
+        if !Path::new(need).exists() {
+            return Some(format!(
+                "{need} missing (apt-get install containernetworking-plugins)"
+            ));
+        }
+    }
+    if Command::new("iptables").arg("-V").output().is_err() {
+        return Some("iptables missing".into());
+    }
+    None
+}
+
+fn nix_is_root() -> bool {
+    out("id", &["-u"]).trim() == "0"
+}
+
+/// Reports a test that cannot run here: under CI (`CI` set) that is a
+/// failure; elsewhere it is printed and listed in `$CLOUDLESS_SKIP_LOG`, so
+/// the summary counts it as skipped, not passed.
+fn skip_test(message: String) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "cannot run in CI: {message}"
+    );
+    eprintln!("\n!!!!!!!! SKIPPED {message} !!!!!!!!\n");
+    if let Some(path) = std::env::var_os("CLOUDLESS_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{message}");
+        }
+    }
+}
