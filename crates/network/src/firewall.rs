@@ -104,8 +104,83 @@ impl Firewall {
         ensure_rule("FORWARD", &["-j", &chain], true).await
     }
 
+    /// Sends replicas' TCP connections to service addresses (`services`)
+    /// to the node's proxy at `gateway:proxy_port`, and lets replicas reach
+    /// the proxy and the resolver (`dns_port`, UDP and TCP) on the gateway
+    /// even where the host's `INPUT` policy drops.
+    pub async fn install_services(
+        &self,
+        services: IpNet,
+        gateway: IpAddr,
+        proxy_port: u16,
+        dns_port: u16,
+    ) -> Result<(), NetworkError> {
+        let (subnet, services) = (self.subnet.to_string(), services.to_string());
+        let nat = self.services_chain();
+        ensure_chain_in("nat", &nat).await?;
+        iptables(&["-t", "nat", "-F", &nat]).await?;
+        let to = format!("{gateway}:{proxy_port}");
+        iptables(&[
+            "-t",
+            "nat",
+            "-A",
+            &nat,
+            "-s",
+            &subnet,
+            "-d",
+            &services,
+            "-p",
+            "tcp",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ])
+        .await?;
+        ensure_rule_in("nat", "PREROUTING", &["-j", &nat], true).await?;
+        let input = self.input_chain();
+        ensure_chain(&input).await?;
+        iptables(&["-F", &input]).await?;
+        let gw = gateway.to_string();
+        for (proto, port) in [("tcp", proxy_port), ("tcp", dns_port), ("udp", dns_port)] {
+            let port = port.to_string();
+            iptables(&[
+                "-A", &input, "-s", &subnet, "-d", &gw, "-p", proto, "--dport", &port, "-j",
+                "ACCEPT",
+            ])
+            .await?;
+        }
+        ensure_rule("INPUT", &["-j", &input], true).await
+    }
+
+    /// The nat chain of service addresses.
+    fn services_chain(&self) -> String {
+        format!("{}-SVC", self.prefix)
+    }
+
+    /// The input chain of the proxy and resolver.
+    fn input_chain(&self) -> String {
+        format!("{}-IN", self.prefix)
+    }
+
     /// Removes the node chain and the jump to it (with every replica's rules).
     pub async fn uninstall(&self) -> Result<(), NetworkError> {
+        let nat = self.services_chain();
+        while iptables(&["-t", "nat", "-C", "PREROUTING", "-j", &nat])
+            .await
+            .is_ok()
+        {
+            iptables(&["-t", "nat", "-D", "PREROUTING", "-j", &nat]).await?;
+        }
+        if iptables(&["-t", "nat", "-S", &nat]).await.is_ok() {
+            iptables(&["-t", "nat", "-F", &nat]).await?;
+            iptables(&["-t", "nat", "-X", &nat]).await?;
+        }
+        let input = self.input_chain();
+        while iptables(&["-C", "INPUT", "-j", &input]).await.is_ok() {
+            iptables(&["-D", "INPUT", "-j", &input]).await?;
+        }
+        delete_chain(&input).await?;
         let chain = self.node_chain();
         for id in self.chains_in_use().await? {
             delete_chain(&id).await?;
@@ -228,6 +303,33 @@ pub(crate) async fn iptables(args: &[&str]) -> Result<String, NetworkError> {
             message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+async fn ensure_chain_in(table: &str, chain: &str) -> Result<(), NetworkError> {
+    if iptables(&["-t", table, "-S", chain]).await.is_err() {
+        iptables(&["-t", table, "-N", chain]).await?;
+    }
+    Ok(())
+}
+
+async fn ensure_rule_in(
+    table: &str,
+    chain: &str,
+    rule: &[&str],
+    first: bool,
+) -> Result<(), NetworkError> {
+    let mut check = vec!["-t", table, "-C", chain];
+    check.extend_from_slice(rule);
+    if iptables(&check).await.is_ok() {
+        return Ok(());
+    }
+    let mut add = if first {
+        vec!["-t", table, "-I", chain, "1"]
+    } else {
+        vec!["-t", table, "-A", chain]
+    };
+    add.extend_from_slice(rule);
+    iptables(&add).await.map(drop)
 }
 
 async fn ensure_chain(chain: &str) -> Result<(), NetworkError> {

@@ -11,12 +11,16 @@
 //! `collect` what no replica owns any more. [`cni`] runs plugins,
 //! [`netns`] makes the namespaces, [`firewall`] writes the rules.
 
+pub mod balancer;
 pub mod cni;
+pub mod dns;
 mod error;
 pub mod firewall;
 pub mod netns;
 mod node;
+pub mod proxy;
 mod routes;
+pub mod services;
 
 pub use error::NetworkError;
 pub use firewall::EgressRule;

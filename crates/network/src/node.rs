@@ -37,6 +37,13 @@ pub struct NodeNetworkConfig {
     pub netns_dir: PathBuf,
     /// Prefix of the node's iptables chains. Default `CLOUDLESS`.
     pub chain_prefix: String,
+    /// The cluster's service addresses (VIPs): replicas' connections to
+    /// them go to the node's proxy. `None`: no services.
+    pub service_cidr: Option<Ipv4Net>,
+    /// The proxy's port on the bridge's address. Default 7681.
+    pub proxy_port: u16,
+    /// The resolver's port on the bridge's address. Default 53.
+    pub dns_port: u16,
 }
 
 /// A port's protocol.
@@ -159,6 +166,18 @@ impl NodeNetwork {
             config.internal.clone(),
         )?;
         firewall.install().await?;
+        let gateway = gateway(config.subnet);
+        ensure_bridge(&config.bridge, gateway, config.subnet.prefix_len()).await?;
+        if let Some(services) = config.service_cidr {
+            firewall
+                .install_services(
+                    IpNet::V4(services),
+                    IpAddr::V4(gateway),
+                    config.proxy_port,
+                    config.dns_port,
+                )
+                .await?;
+        }
         Ok(Self {
             config,
             plugins,
@@ -171,6 +190,12 @@ impl NodeNetwork {
     /// The settings.
     pub fn config(&self) -> &NodeNetworkConfig {
         &self.config
+    }
+
+    /// The bridge's address: replicas' gateway, where the node's resolver
+    /// and service proxy listen.
+    pub fn gateway(&self) -> Ipv4Addr {
+        gateway(self.config.subnet)
     }
 
     /// Connects a replica (idempotent): its namespace, its address on the
@@ -342,6 +367,57 @@ impl NodeNetwork {
     }
 }
 
+/// The first address of `subnet` (the bridge's; host-local hands out the
+/// others).
+fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
+    subnet.hosts().next().unwrap_or(subnet.network())
+}
+
+/// Makes the node's bridge with its address (the bridge plugin would make
+/// it with the first replica; the resolver and the proxy need it before).
+async fn ensure_bridge(bridge: &str, gw: Ipv4Addr, prefix: u8) -> Result<(), NetworkError> {
+    let ip = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .await
+            .map_err(|e| NetworkError::Config {
+                field: "bridge",
+                message: format!("cannot run ip: {e}"),
+            })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(NetworkError::Config {
+                field: "bridge",
+                message: format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            })
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    if ip(s(&["link", "show", bridge])).await.is_err() {
+        // A MAC address of its own: a bridge without one takes its lowest
+        // port's, which changes as replicas come and go (and the bridge
+        // plugin's CHECK compares it with the add's result).
+        let h = gw.octets();
+        let mac = format!("02:c1:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3]);
+        ip(s(&[
+            "link", "add", "name", bridge, "address", &mac, "type", "bridge",
+        ]))
+        .await?;
+    }
+    let addr = format!("{gw}/{prefix}");
+    let shown = ip(s(&["-4", "addr", "show", "dev", bridge])).await?;
+    if !shown.contains(&format!("inet {addr} ")) {
+        ip(s(&["addr", "add", &addr, "dev", bridge])).await?;
+    }
+    ip(s(&["link", "set", bridge, "up"])).await.map(drop)
+}
+
 /// Container ids name files and namespaces: a path separator or a dot
 /// name would escape the directory.
 fn check_id(id: &str) -> Result<(), NetworkError> {
@@ -466,6 +542,9 @@ mod tests {
             state_dir: "/var/lib/cloudless/network".into(),
             netns_dir: "/run/cloudless/netns".into(),
             chain_prefix: "CLOUDLESS".into(),
+            service_cidr: None,
+            proxy_port: 7681,
+            dns_port: 53,
         }
     }
 

@@ -82,6 +82,9 @@ impl Site {
             state_dir: self.dir.path().join("state"),
             netns_dir: self.dir.path().join("netns"),
             chain_prefix: self.prefix(),
+            service_cidr: Some(format!("10.252.{}.0/24", self.n).parse().expect("net")),
+            proxy_port: 7681,
+            dns_port: 53,
         }
     }
 
@@ -142,6 +145,13 @@ impl Drop for Site {
     }
 }
 
+/// A container id unique to this run (a crashed earlier run may have left
+/// rules named after its ids).
+#[allow(non_snake_case)]
+fn ID(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
 fn request(id: &str) -> AttachRequest {
     AttachRequest {
         container_id: id.into(),
@@ -173,7 +183,10 @@ async fn replicas_reach_the_internet_within_their_egress_policy_and_leave_nothin
     let net = NodeNetwork::open(site.config()).await.expect("open");
 
     // A replica with the default policy reaches the internet.
-    let a = net.attach(&request("cldt1-a")).await.expect("attach a");
+    let a = net
+        .attach(&request(&ID("cldt1-a")))
+        .await
+        .expect("attach a");
     assert!(site.config().subnet.contains(&a.address), "{a:?}");
     let lease = site.dir.path().join("state/ipam/cloudless");
     assert!(
@@ -186,7 +199,7 @@ async fn replicas_reach_the_internet_within_their_egress_policy_and_leave_nothin
     );
 
     // One allowed only another network and another port is refused.
-    let mut only = request("cldt1-b");
+    let mut only = request(&ID("cldt1-b"));
     only.egress = vec![
         EgressRule {
             cidr: "192.0.2.0/24".parse().expect("net"),
@@ -224,12 +237,16 @@ async fn replicas_reach_the_internet_within_their_egress_policy_and_leave_nothin
     assert_eq!(fetch(&b.netns, a_addr).as_deref(), Ok("hello from a"));
 
     // Detached: nothing of either is left.
-    net.detach("cldt1-a").await.expect("detach a");
-    net.detach("cldt1-b").await.expect("detach b");
-    net.detach("cldt1-b")
+    net.detach(&ID("cldt1-a")).await.expect("detach a");
+    net.detach(&ID("cldt1-b")).await.expect("detach b");
+    net.detach(&ID("cldt1-b"))
         .await
         .expect("detaching twice is fine");
-    assert_nothing_left(&site, &["cldt1-a", "cldt1-b"], &[a.address, b.address]);
+    assert_nothing_left(
+        &site,
+        &[ID("cldt1-a"), ID("cldt1-b")],
+        &[a.address, b.address],
+    );
     net.uninstall().await.expect("uninstall");
     let rules = iptables_save();
     assert!(!rules.contains(&site.prefix()), "{rules}");
@@ -239,7 +256,7 @@ async fn replicas_reach_the_internet_within_their_egress_policy_and_leave_nothin
 async fn a_published_port_answers_at_the_nodes_address() {
     let Some(site) = Site::new(2) else { return };
     let net = NodeNetwork::open(site.config()).await.expect("open");
-    let mut req = request("cldt2-web");
+    let mut req = request(&ID("cldt2-web"));
     req.host_ports = vec![HostPort {
         host_port: 18082,
         container_port: 80,
@@ -270,8 +287,8 @@ async fn a_published_port_answers_at_the_nodes_address() {
         fetch(&outside, published).as_deref(),
         Ok("hello from the replica")
     );
-    net.detach("cldt2-web").await.expect("detach");
-    assert_nothing_left(&site, &["cldt2-web"], &[web.address]);
+    net.detach(&ID("cldt2-web")).await.expect("detach");
+    assert_nothing_left(&site, &[ID("cldt2-web")], &[web.address]);
     assert!(
         fetch(&outside, published).is_err(),
         "the port is no longer published"
@@ -283,8 +300,14 @@ async fn a_published_port_answers_at_the_nodes_address() {
 async fn an_agent_restart_keeps_addresses_and_collects_what_is_no_longer_assigned() {
     let Some(site) = Site::new(3) else { return };
     let net = NodeNetwork::open(site.config()).await.expect("open");
-    let kept = net.attach(&request("cldt3-kept")).await.expect("attach");
-    let gone = net.attach(&request("cldt3-gone")).await.expect("attach");
+    let kept = net
+        .attach(&request(&ID("cldt3-kept")))
+        .await
+        .expect("attach");
+    let gone = net
+        .attach(&request(&ID("cldt3-gone")))
+        .await
+        .expect("attach");
     // A process in the namespace holds a socket across the "restart".
     let addr = SocketAddr::from((kept.address, 7000));
     let listener = run_in(&kept.netns, move || {
@@ -296,9 +319,12 @@ async fn an_agent_restart_keeps_addresses_and_collects_what_is_no_longer_assigne
     let net = NodeNetwork::open(site.config()).await.expect("open again");
     assert_eq!(
         net.attached().expect("attached"),
-        BTreeSet::from(["cldt3-gone".to_owned(), "cldt3-kept".to_owned()])
+        BTreeSet::from([ID("cldt3-gone").to_owned(), ID("cldt3-kept").to_owned()])
     );
-    let again = net.attach(&request("cldt3-kept")).await.expect("re-attach");
+    let again = net
+        .attach(&request(&ID("cldt3-kept")))
+        .await
+        .expect("re-attach");
     assert_eq!(again, kept, "same namespace and address after a restart");
     std::thread::spawn(move || {
         if let Ok((mut c, _)) = listener.accept() {
@@ -309,13 +335,13 @@ async fn an_agent_restart_keeps_addresses_and_collects_what_is_no_longer_assigne
     assert_eq!(fetch(&gone_ns, addr).as_deref(), Ok("still here"));
 
     let collected = net
-        .collect(&BTreeSet::from(["cldt3-kept".to_owned()]))
+        .collect(&BTreeSet::from([ID("cldt3-kept").to_owned()]))
         .await
         .expect("collect");
-    assert_eq!(collected, vec!["cldt3-gone".to_owned()]);
-    assert_nothing_left_but(&site, 1, &["cldt3-gone"], &[gone.address]);
-    net.detach("cldt3-kept").await.expect("detach");
-    assert_nothing_left(&site, &["cldt3-kept"], &[kept.address]);
+    assert_eq!(collected, vec![ID("cldt3-gone").to_owned()]);
+    assert_nothing_left_but(&site, 1, &[ID("cldt3-gone")], &[gone.address]);
+    net.detach(&ID("cldt3-kept")).await.expect("detach");
+    assert_nothing_left(&site, &[ID("cldt3-kept")], &[kept.address]);
     net.uninstall().await.expect("uninstall");
 }
 
@@ -324,7 +350,7 @@ async fn a_bandwidth_limit_holds_within_a_fifth() {
     let Some(site) = Site::new(4) else { return };
     let served = site.serve(9000);
     let net = NodeNetwork::open(site.config()).await.expect("open");
-    let mut req = request("cldt4-slow");
+    let mut req = request(&ID("cldt4-slow"));
     let limit_bps: u64 = 16_000_000;
     req.bandwidth = Bandwidth {
         ingress_bps: limit_bps,
@@ -362,20 +388,20 @@ async fn a_bandwidth_limit_holds_within_a_fifth() {
         (0.8..=1.2).contains(&ratio),
         "rate {rate:.0} bit/s, ratio {ratio:.2}"
     );
-    net.detach("cldt4-slow").await.expect("detach");
-    assert_nothing_left(&site, &["cldt4-slow"], &[slow.address]);
+    net.detach(&ID("cldt4-slow")).await.expect("detach");
+    assert_nothing_left(&site, &[ID("cldt4-slow")], &[slow.address]);
     net.uninstall().await.expect("uninstall");
 }
 
 /// No veth on the bridge, rule, address lease or namespace of `ids` (at
 /// `addrs`) is left.
-fn assert_nothing_left(site: &Site, ids: &[&str], addrs: &[Ipv4Addr]) {
+fn assert_nothing_left(site: &Site, ids: &[String], addrs: &[Ipv4Addr]) {
     assert_nothing_left_but(site, 0, ids, addrs);
 }
 
 /// As [`assert_nothing_left`] while `attached` other replicas keep their
 /// veths.
-fn assert_nothing_left_but(site: &Site, attached: usize, ids: &[&str], addrs: &[Ipv4Addr]) {
+fn assert_nothing_left_but(site: &Site, attached: usize, ids: &[String], addrs: &[Ipv4Addr]) {
     let ports = out("ip", &["-o", "link", "show", "master", &site.bridge()]);
     assert_eq!(
         ports.lines().count(),
@@ -384,7 +410,7 @@ fn assert_nothing_left_but(site: &Site, attached: usize, ids: &[&str], addrs: &[
     );
     let rules = iptables_save();
     for id in ids {
-        assert!(!rules.contains(id), "rules of {id} left:\n{rules}");
+        assert!(!rules.contains(id.as_str()), "rules of {id} left:\n{rules}");
         assert!(
             !site.dir.path().join("netns").join(id).exists(),
             "namespace of {id} left"
@@ -472,4 +498,219 @@ fn skip_test(message: String) {
             let _ = writeln!(f, "{message}");
         }
     }
+}
+
+/// Fails every dial (the test has no other node).
+struct NoRemote;
+
+impl cloudless_network::proxy::Dialer for NoRemote {
+    fn dial<'a>(
+        &'a self,
+        e: &'a cloudless_network::services::Endpoint,
+        _port: u16,
+        _caller: &'a cloudless_network::proxy::Caller,
+    ) -> cloudless_network::proxy::DialFuture<'a> {
+        Box::pin(async move { Err(format!("{} is on another node", e.replica_id)) })
+    }
+}
+
+/// A replica at `netns`/`addr` answering each connection with `name`,
+/// holding it open until the client closes.
+fn serve_name(netns: &Path, addr: SocketAddr, name: &str) {
+    let listener = run_in(netns, move || {
+        TcpListener::bind(addr).map_err(|e| e.to_string())
+    })
+    .expect("listen in the replica");
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { return };
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let _ = c.write_all(format!("{name}\n").as_bytes());
+                let mut buf = [0u8; 64];
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_vip_and_name_reach_its_replicas_on_this_node() {
+    use cloudless_network::balancer::Here;
+    use cloudless_network::proxy::{BridgeDialer, Caller, ServiceProxy};
+    use cloudless_network::services::{
+        Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
+    };
+    let Some(site) = Site::new(5) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    let (s1, s2, client, other) = (
+        ID("cldt5-api1"),
+        ID("cldt5-api2"),
+        ID("cldt5-web"),
+        ID("cldt5-x"),
+    );
+    let a1 = net.attach(&request(&s1)).await.expect("attach");
+    let a2 = net.attach(&request(&s2)).await.expect("attach");
+    let c = net.attach(&request(&client)).await.expect("attach");
+    let o = net.attach(&request(&other)).await.expect("attach");
+    serve_name(&a1.netns, SocketAddr::from((a1.address, 8080)), "api-1");
+    serve_name(&a2.netns, SocketAddr::from((a2.address, 8080)), "api-2");
+    let vip = Ipv4Addr::new(10, 252, 5, 10);
+    let endpoint = |id: &str, a: Ipv4Addr| Endpoint {
+        replica_id: id.to_owned(),
+        node_id: "n1".into(),
+        address: Some(a),
+        zone: "a".into(),
+        region: String::new(),
+    };
+    let service = |endpoints: Vec<Endpoint>| Service {
+        namespace: "default".into(),
+        name: "api".into(),
+        vip,
+        ports: vec![ServicePort {
+            port: 8080,
+            udp: false,
+        }],
+        policy: LoadBalancing::RoundRobin,
+        allow_from: vec![],
+        weights: Default::default(),
+        endpoints,
+    };
+    let services = SharedServices::default();
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![service(vec![
+            endpoint(&s1, a1.address),
+            endpoint(&s2, a2.address),
+        ])],
+    ));
+    let (client_ip, other_ip) = (c.address, o.address);
+    let proxy = ServiceProxy::new(
+        services.clone(),
+        Here {
+            node_id: "n1".into(),
+            zone: "a".into(),
+            region: String::new(),
+        },
+        std::sync::Arc::new(BridgeDialer {
+            node_id: "n1".into(),
+            remote: NoRemote,
+        }),
+        std::sync::Arc::new(move |ip| {
+            if ip == std::net::IpAddr::V4(client_ip) {
+                Some(Caller::Workload {
+                    namespace: "default".into(),
+                    workload: "web".into(),
+                })
+            } else if ip == std::net::IpAddr::V4(other_ip) {
+                Some(Caller::Workload {
+                    namespace: "other".into(),
+                    workload: "x".into(),
+                })
+            } else {
+                None
+            }
+        }),
+    );
+    let gw = net.gateway();
+    let listener = tokio::net::TcpListener::bind((gw, 7681))
+        .await
+        .expect("proxy listens");
+    let proxy_task = tokio::spawn(proxy.clone().serve_vips(listener));
+    let upstreams = cloudless_network::dns::upstreams(
+        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    );
+    let resolver = cloudless_network::dns::Resolver::new(services.clone(), upstreams);
+    let dns_tasks = resolver
+        .serve(SocketAddr::from((gw, 53)))
+        .await
+        .expect("resolver");
+
+    // The name resolves to the VIP from inside the replica's namespace.
+    let resolved = run_in(&c.netns, move || {
+        dns_a(SocketAddr::from((gw, 53)), "api.default.cloudless.local")
+    })
+    .expect("dns");
+    assert_eq!(resolved, Some(vip));
+
+    // Connections to the VIP reach both replicas, in turn.
+    let to = SocketAddr::from((vip, 8080));
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let name = fetch(&c.netns, to).expect("through the VIP");
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        [("api-1".to_owned(), 5), ("api-2".to_owned(), 5)].into()
+    );
+
+    // Another namespace is not admitted (no allowFrom).
+    assert!(
+        fetch(&o.netns, to).map_or(true, |got| got.is_empty()),
+        "refused"
+    );
+
+    // A connection held to api-1 is cut when api-1 leaves the service, and
+    // every new one goes to api-2.
+    let held = run_in(&c.netns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())
+    })
+    .expect("connect");
+    let mut held = held;
+    let mut line = [0u8; 16];
+    let n = held.read(&mut line).expect("first line");
+    let first = String::from_utf8_lossy(&line[..n]).trim().to_owned();
+    let (gone, stays) = if first == "api-1" {
+        (&s1, (&s2, a2.address))
+    } else {
+        (&s2, (&s1, a1.address))
+    };
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![service(vec![endpoint(stays.0, stays.1)])],
+    ));
+    held.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    assert!(
+        matches!(held.read(&mut line), Ok(0)),
+        "the held connection to {gone} is cut"
+    );
+    for _ in 0..5 {
+        let name = fetch(&c.netns, to).expect("through the VIP");
+        assert_ne!(name, first, "no connection goes to the endpoint that left");
+    }
+
+    proxy_task.abort();
+    for t in dns_tasks {
+        t.abort();
+    }
+    for id in [&s1, &s2, &client, &other] {
+        net.detach(id).await.expect("detach");
+    }
+    net.uninstall().await.expect("uninstall");
+    let rules = iptables_save();
+    assert!(!rules.contains(&site.prefix()), "{rules}");
+}
+
+/// Asks `server` (UDP) for the A record of `name`.
+fn dns_a(server: SocketAddr, name: &str) -> Result<Option<Ipv4Addr>, String> {
+    // A hand-made query: id 1, recursion desired, one question, type A.
+    let mut q = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).map_err(|e| e.to_string())?);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    s.send_to(&q, server).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).map_err(|e| e.to_string())?;
+    // The last four bytes of a one-answer A reply are the address.
+    let answers = u16::from_be_bytes([buf[6], buf[7]]);
+    Ok((answers == 1 && n >= 4)
+        .then(|| Ipv4Addr::new(buf[n - 4], buf[n - 3], buf[n - 2], buf[n - 1])))
 }

@@ -98,6 +98,10 @@ pub struct ContainerConfig {
     pub runtime_class: Option<String>,
     /// Extra mounts (volumes).
     pub mounts: Vec<Mount>,
+    /// The network namespace to join (the replica's, made by the node's
+    /// container network); `None`: a fresh one with only loopback.
+    /// Ignored with `securityContext.hostNetwork`.
+    pub network_namespace: Option<std::path::PathBuf>,
 }
 
 /// A volume mounted into the container.

@@ -259,6 +259,8 @@ pub fn build(
                     "host namespaces are not allowed on this node (node policy allow_host_namespaces: agent --allow-host-namespaces, or CLOUDLESS_AGENT_ALLOW_HOST_NAMESPACES=true)",
                 ));
             }
+        } else if let (Some(path), "network") = (&c.network_namespace, ns) {
+            namespaces.push(json!({ "type": ns, "path": path }));
         } else {
             namespaces.push(json!({ "type": ns }));
         }
@@ -492,6 +494,34 @@ mod tests {
         // No capabilities asked for: none at all.
         let v = decode(&build(&container(), &image(), &NodePolicy::default()).expect("spec"));
         assert_eq!(v["process"]["capabilities"]["bounding"], json!([]));
+    }
+
+    #[test]
+    fn a_replica_joins_the_network_namespace_its_node_made_for_it() {
+        let network = |c: &ContainerConfig, node: &NodePolicy| {
+            let v = decode(&build(c, &image(), node).expect("spec"));
+            v["linux"]["namespaces"]
+                .as_array()
+                .expect("namespaces")
+                .iter()
+                .find(|n| n["type"] == "network")
+                .cloned()
+        };
+        let mut c = container();
+        let node = NodePolicy::default();
+        assert_eq!(network(&c, &node), Some(json!({ "type": "network" })));
+        c.network_namespace = Some("/run/cloudless/netns/web-1".into());
+        assert_eq!(
+            network(&c, &node),
+            Some(json!({ "type": "network", "path": "/run/cloudless/netns/web-1" }))
+        );
+        // hostNetwork (where allowed) wins: no namespace of its own.
+        c.security.host_network = true;
+        let allowed = NodePolicy {
+            allow_host_namespaces: true,
+            ..NodePolicy::default()
+        };
+        assert_eq!(network(&c, &allowed), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// Applets linked in `/bin`.
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "mkdir", "id", "touch", "ls", "true", "false", "grep", "head",
-    "wc", "yes", "dd", "rm", "env", "httpd", "nc", "od",
+    "wc", "yes", "dd", "rm", "env", "httpd", "nc", "od", "wget", "nslookup", "ip", "hostname",
 ];
 
 fn tar_bytes(

@@ -1,0 +1,339 @@
+//! The node's service proxy. Connections from replicas to a service's
+//! virtual IP are redirected by the node's firewall to this proxy (one
+//! listener on the bridge's address); it reads where the connection was
+//! headed (`SO_ORIGINAL_DST`), checks that the calling workload may reach
+//! the service, and carries the connection to an endpoint picked by the
+//! service's policy: over the bridge when the endpoint runs here, over the
+//! overlay when it runs elsewhere (the [`Dialer`] decides how). Ingress
+//! listeners hand their connections to the same path. A connection to an
+//! endpoint that leaves the service (its replica stopped or no longer
+//! Ready, its node Suspect, Down or removed) is cut at once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::balancer::{Balancer, Here};
+use crate::services::{Endpoint, Service, SharedServices};
+
+/// A byte stream to an endpoint.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// A boxed stream to an endpoint.
+pub type Stream = Box<dyn AsyncStream>;
+
+/// What a dial returns.
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = Result<Stream, String>> + Send + 'a>>;
+
+/// Who opens a connection to a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// A replica of this workload.
+    Workload {
+        /// Its namespace.
+        namespace: String,
+        /// Its workload.
+        workload: String,
+    },
+    /// The outside world, through this node's ingress.
+    Ingress,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Workload {
+                namespace,
+                workload,
+            } => write!(f, "{namespace}/{workload}"),
+            Self::Ingress => f.write_str("ingress"),
+        }
+    }
+}
+
+/// Opens streams to endpoints.
+pub trait Dialer: Send + Sync + 'static {
+    /// A stream to `port` of endpoint `e` for `caller`.
+    fn dial<'a>(&'a self, e: &'a Endpoint, port: u16, caller: &'a Caller) -> DialFuture<'a>;
+}
+
+/// Finds the workload of a replica on this node by its address.
+pub type CallerLookup = Arc<dyn Fn(IpAddr) -> Option<Caller> + Send + Sync>;
+
+/// The longest a connection to one endpoint may take before the next is
+/// tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most endpoints tried for one connection.
+const MAX_TRIES: usize = 3;
+/// Most connections carried at once (more wait in the accept queue).
+const MAX_CONNECTIONS: usize = 16_384;
+
+/// The node's service proxy.
+pub struct ServiceProxy {
+    services: SharedServices,
+    balancer: Balancer,
+    here: Here,
+    open: Mutex<HashMap<String, usize>>,
+    dialer: Arc<dyn Dialer>,
+    callers: CallerLookup,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for ServiceProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceProxy")
+            .field("here", &self.here)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts an open connection to a replica while it lives.
+struct OpenGuard<'a> {
+    open: &'a Mutex<HashMap<String, usize>>,
+    replica: String,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.replica) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.replica);
+            }
+        }
+    }
+}
+
+impl ServiceProxy {
+    /// A proxy for `services` on the node `here`, dialing through `dialer`
+    /// and telling callers apart with `callers`.
+    pub fn new(
+        services: SharedServices,
+        here: Here,
+        dialer: Arc<dyn Dialer>,
+        callers: CallerLookup,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            services,
+            balancer: Balancer::default(),
+            here,
+            open: Mutex::default(),
+            dialer,
+            callers,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        })
+    }
+
+    /// Open connections from this node, by replica.
+    pub fn open_connections(&self) -> HashMap<String, usize> {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Carries connections redirected from service VIPs, until aborted.
+    pub async fn serve_vips(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((conn, from)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.vip_connection(conn, from).await {
+                    tracing::debug!(from = %from, error = %e, "service connection refused");
+                }
+                drop(slot);
+            });
+        }
+    }
+
+    async fn vip_connection(&self, conn: TcpStream, from: SocketAddr) -> Result<(), String> {
+        let to = original_dst(&conn).ok_or("no original destination")?;
+        let table = self.services.get();
+        let svc = table
+            .by_vip(*to.ip())
+            .ok_or_else(|| format!("{} is no service", to.ip()))?;
+        if !svc.has_tcp_port(to.port()) {
+            return Err(format!(
+                "{}/{} has no TCP port {}",
+                svc.namespace,
+                svc.name,
+                to.port()
+            ));
+        }
+        let caller = (self.callers)(from.ip())
+            .ok_or_else(|| format!("{} is no replica of this node", from.ip()))?;
+        self.carry(conn, &svc, to.port(), &caller).await
+    }
+
+    /// Carries ingress connections to port `port` of service
+    /// `namespace/name`, until aborted.
+    pub async fn serve_ingress(
+        self: Arc<Self>,
+        listener: TcpListener,
+        namespace: String,
+        name: String,
+        port: u16,
+    ) {
+        loop {
+            let Ok((conn, from)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            let (ns, n) = (namespace.clone(), name.clone());
+            tokio::spawn(async move {
+                let found = me
+                    .services
+                    .get()
+                    .services()
+                    .find(|s| s.namespace == ns && s.name == n)
+                    .cloned();
+                let done = match found {
+                    Some(svc) => me.carry(conn, &svc, port, &Caller::Ingress).await,
+                    None => Err(format!("no service {ns}/{n}")),
+                };
+                if let Err(e) = done {
+                    tracing::debug!(from = %from, error = %e, "ingress connection failed");
+                }
+                drop(slot);
+            });
+        }
+    }
+
+    /// Carries `conn` to an endpoint of `svc` (the policy's pick, else the
+    /// next ones), until either side closes or the endpoint leaves.
+    pub async fn carry(
+        &self,
+        mut conn: TcpStream,
+        svc: &Service,
+        port: u16,
+        caller: &Caller,
+    ) -> Result<(), String> {
+        if let Caller::Workload { namespace, .. } = caller {
+            if !svc.admits(namespace) {
+                return Err(format!(
+                    "{caller} may not connect to {}/{} (its allowFrom)",
+                    svc.namespace, svc.name
+                ));
+            }
+        }
+        let _ = conn.set_nodelay(true);
+        let mut errors = Vec::new();
+        let order = self
+            .balancer
+            .order(svc, &self.here, &self.open_connections());
+        if order.is_empty() {
+            return Err(format!(
+                "{}/{} has no Ready endpoint",
+                svc.namespace, svc.name
+            ));
+        }
+        for e in order.into_iter().take(MAX_TRIES) {
+            let dialed =
+                tokio::time::timeout(CONNECT_TIMEOUT, self.dialer.dial(e, port, caller)).await;
+            let mut upstream = match dialed {
+                Ok(Ok(s)) => s,
+                Ok(Err(err)) => {
+                    errors.push(format!("{}: {err}", e.replica_id));
+                    continue;
+                }
+                Err(_) => {
+                    errors.push(format!(
+                        "{}: no answer in {CONNECT_TIMEOUT:?}",
+                        e.replica_id
+                    ));
+                    continue;
+                }
+            };
+            *self
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(e.replica_id.clone())
+                .or_insert(0) += 1;
+            let _guard = OpenGuard {
+                open: &self.open,
+                replica: e.replica_id.clone(),
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream) => {}
+                () = self.left(svc.vip, &e.replica_id) => {
+                    tracing::info!(replica = %e.replica_id, service = %svc.name, "cut a connection to an endpoint that left its service");
+                }
+            }
+            return Ok(());
+        }
+        Err(errors.join("; "))
+    }
+
+    /// Resolves once `replica` is no longer an endpoint of the service at
+    /// `vip`.
+    async fn left(&self, vip: Ipv4Addr, replica: &str) {
+        let mut rx = self.services.subscribe();
+        loop {
+            let still = rx
+                .borrow_and_update()
+                .by_vip(vip)
+                .is_some_and(|s| s.endpoints.iter().any(|e| e.replica_id == replica));
+            if !still {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Where a redirected connection was headed.
+fn original_dst(s: &TcpStream) -> Option<SocketAddrV4> {
+    let a = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::OriginalDst).ok()?;
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+        u16::from_be(a.sin_port),
+    ))
+}
+
+/// Dials endpoints on this node straight over the bridge (their address),
+/// and hands the others to `remote`.
+#[derive(Debug)]
+pub struct BridgeDialer<R> {
+    /// This node.
+    pub node_id: String,
+    /// Dials endpoints on other nodes.
+    pub remote: R,
+}
+
+impl<R: Dialer> Dialer for BridgeDialer<R> {
+    fn dial<'a>(&'a self, e: &'a Endpoint, port: u16, caller: &'a Caller) -> DialFuture<'a> {
+        Box::pin(async move {
+            match (e.node_id == self.node_id, e.address) {
+                (true, Some(addr)) => {
+                    let s = TcpStream::connect((addr, port))
+                        .await
+                        .map_err(|err| format!("{addr}:{port}: {err}"))?;
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::new(s) as Stream)
+                }
+                _ => self.remote.dial(e, port, caller).await,
+            }
+        })
+    }
+}
