@@ -94,8 +94,8 @@ pub struct EgressRule {
 #[serde(default)]
 pub struct NetworkConfig {
     /// The range every replica address comes from, cut into one subnet per
-    /// node. Default `10.244.0.0/16`. Cannot change while any node holds a
-    /// subnet from it.
+    /// node. Default `10.244.0.0/16`. While nodes hold subnets it may only
+    /// grow to a range that still contains every one of them.
     pub cluster_cidr: String,
     /// Prefix length of each node's subnet, longer than the cluster range's
     /// and at most 30 (IPv4) or 126 (IPv6). Default 24 (254 replicas per
@@ -163,11 +163,14 @@ impl NetworkConfig {
             .validate_into(&format!("{prefix}.default_egress"), errs);
     }
 
-    /// Whether a change from `self` to `other` moves node subnets (the
-    /// cluster range or the node prefix), which is refused while any node
-    /// holds one.
-    pub fn moves_subnets(&self, other: &NetworkConfig) -> bool {
-        self.cluster_cidr != other.cluster_cidr || self.node_prefix_len != other.node_prefix_len
+    /// Whether `subnet` (as stored) is one of the node subnets these
+    /// settings define: a `/node_prefix_len` inside `cluster_cidr`. A
+    /// change that leaves a node's subnet outside is refused.
+    pub fn holds_node_subnet(&self, subnet: &str) -> bool {
+        match (self.cluster_cidr.parse::<IpNet>(), subnet.parse::<IpNet>()) {
+            (Ok(cluster), Ok(s)) => s.prefix_len() == self.node_prefix_len && cluster.contains(&s),
+            _ => false,
+        }
     }
 
     /// The lowest node subnet of the cluster range that is not in `used`
@@ -354,6 +357,22 @@ mod tests {
             pick(&["10.0.0.0/24", "10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24"]),
             None
         );
+    }
+
+    #[test]
+    fn a_wider_range_still_holds_the_node_subnets_another_does_not() {
+        let mut c = NetworkConfig::default();
+        assert!(c.holds_node_subnet("10.244.7.0/24"));
+        c.cluster_cidr = "10.240.0.0/12".into();
+        assert!(c.holds_node_subnet("10.244.7.0/24"), "wider");
+        c.node_prefix_len = 25;
+        assert!(!c.holds_node_subnet("10.244.7.0/24"), "another prefix");
+        c = NetworkConfig {
+            cluster_cidr: "10.245.0.0/16".into(),
+            ..NetworkConfig::default()
+        };
+        assert!(!c.holds_node_subnet("10.244.7.0/24"), "another range");
+        assert!(!c.holds_node_subnet("garbage"));
     }
 
     #[test]
