@@ -1,19 +1,58 @@
 //! What a node is told on its assignment watch: its replicas, the Ready
-//! endpoints of the workloads they name as upstreams, and which nodes may
-//! call its workloads. Read from the applied state alone.
+//! endpoints of the workloads they name as upstreams, which nodes may call
+//! its workloads, and its replica network. Read from the applied state
+//! alone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use cloudless_proto::v1::{Assignment, InboundSet, UpstreamEndpoint, UpstreamSet};
+use cloudless_proto::v1::{
+    Assignment, AssignmentSet, InboundSet, NodeNetwork, UpstreamEndpoint, UpstreamSet,
+};
 use cloudless_state::StateReader;
-use cloudless_types::ReplicaState;
+use cloudless_types::{NetworkConfig, ReplicaState};
 
 use crate::error::CoordinatorError;
 
 /// What a node is told: its assignments (by replica id), the endpoints of
-/// the workloads they name as upstreams, and who may call its workloads.
-pub(crate) type NodeView = (Vec<Assignment>, Vec<UpstreamSet>, Vec<InboundSet>);
+/// the workloads they name as upstreams, who may call its workloads, and
+/// its replica network.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NodeView {
+    /// Its replicas, by replica id.
+    pub(crate) assignments: Vec<Assignment>,
+    /// Ready endpoints of the workloads they name as upstreams.
+    pub(crate) upstreams: Vec<UpstreamSet>,
+    /// Who may open overlay streams to its workloads.
+    pub(crate) inbound: Vec<InboundSet>,
+    /// Its subnet and the cluster's network settings; `None` while it has
+    /// no subnet.
+    pub(crate) network: Option<NodeNetwork>,
+}
+
+impl NodeView {
+    /// The message the watch sends at state `revision`.
+    pub(crate) fn to_set(&self, revision: u64) -> AssignmentSet {
+        AssignmentSet {
+            revision,
+            assignments: self.assignments.clone(),
+            upstreams: self.upstreams.clone(),
+            inbound: self.inbound.clone(),
+            network: self.network.clone(),
+        }
+    }
+}
+
+/// What a node with `subnet` needs of the cluster's network settings.
+pub(crate) fn node_network(subnet: &str, network: &NetworkConfig) -> NodeNetwork {
+    NodeNetwork {
+        subnet: subnet.to_owned(),
+        cluster_cidr: network.cluster_cidr.clone(),
+        cluster_domain: network.cluster_domain.clone(),
+        default_egress: Some(network.default_egress.clone().into()),
+        service_cidr: network.service_cidr.clone(),
+    }
+}
 
 /// (namespace, workload) -> the nodes running a replica of a workload (same
 /// namespace) that lists it as an upstream.
@@ -87,7 +126,7 @@ fn inbound(callers: &Callers, local: &BTreeSet<(String, String)>) -> Vec<Inbound
 }
 
 /// The node's assignments, ordered by replica id, the endpoints of the
-/// workloads they name as upstreams, and who may call them.
+/// workloads they name as upstreams, who may call them, and its network.
 /// At state `revision` (the callers map is shared by every watch at it).
 pub(crate) fn assignments(
     reader: &StateReader,
@@ -117,7 +156,22 @@ pub(crate) fn assignments(
             spec: Some(r.spec.into()),
         })
         .collect();
-    Ok((assignments, upstreams, inbound))
+    let network = match reader.node(node_id)?.and_then(|n| n.subnet) {
+        Some(subnet) => {
+            let config = reader
+                .cluster()?
+                .map(|c| c.config.network)
+                .unwrap_or_default();
+            Some(node_network(&subnet, &config))
+        }
+        None => None,
+    };
+    Ok(NodeView {
+        assignments,
+        upstreams,
+        inbound,
+        network,
+    })
 }
 
 /// The Ready endpoints of every workload `replicas` name as upstreams.
@@ -216,7 +270,71 @@ mod tests {
             ready_at_ms: 0,
             disconnected_at_ms: 0,
             score: 0.0,
+            address: String::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_node_is_told_its_subnet_and_the_cluster_network() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sm = StateMachine::open(
+            &dir.path().join("state.redb"),
+            prometheus_client::metrics::histogram::Histogram::new([1.0]),
+        )
+        .expect("state");
+        let mut config = cloudless_types::ClusterConfig::default();
+        config.network.cluster_domain = "home.arpa".into();
+        config.network.default_egress = cloudless_types::EgressPolicy::default();
+        let token = JoinTokenRecord {
+            id: "t".into(),
+            created_at_ms: 0,
+            expires_at_ms: i64::MAX,
+            max_uses: 9,
+            uses: 0,
+            revoked: false,
+            labels: Default::default(),
+        };
+        let enroll = |id: &str, assign_subnet: bool| Command::EnrollNode {
+            token_id: "t".into(),
+            node: NodeRecord::new(id.into(), id.into(), "t".into(), 0),
+            assign_subnet,
+        };
+        apply(
+            &mut sm,
+            1,
+            vec![
+                Command::InitCluster {
+                    cluster_id: "c".into(),
+                    config,
+                },
+                Command::CreateJoinToken { token },
+                enroll("n1", true),
+                enroll("n2", true),
+                enroll("old", false),
+            ],
+        )
+        .await;
+        let reader = sm.reader();
+        let cache = CallersCache::default();
+        let view = assignments(&reader, &cache, "n2", 1).expect("view");
+        let network = view.network.clone().expect("n2 has a subnet");
+        assert_eq!(network.subnet, "10.244.1.0/24");
+        assert_eq!(network.cluster_cidr, "10.244.0.0/16");
+        assert_eq!(network.service_cidr, "10.96.0.0/16");
+        assert_eq!(network.cluster_domain, "home.arpa");
+        assert_eq!(
+            network.default_egress.map(|e| e.allow.len()),
+            Some(0),
+            "the configured default: no egress"
+        );
+        assert_eq!(view.to_set(7).network, view.network);
+        assert_eq!(
+            assignments(&reader, &cache, "old", 1)
+                .expect("view")
+                .network,
+            None,
+            "no subnet, no network yet"
+        );
     }
 
     #[tokio::test]
@@ -259,6 +377,7 @@ mod tests {
             commands.push(Command::EnrollNode {
                 token_id: "t".into(),
                 node: NodeRecord::new(n.into(), n.into(), "t".into(), 0),
+                assign_subnet: true,
             });
         }
         for w in [&db, &web] {

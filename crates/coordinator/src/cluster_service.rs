@@ -183,7 +183,13 @@ impl ClusterService for ClusterApi {
             req,
             |r: SetConfigRequest| async move {
                 let key = idempotency_key(r.write.as_ref())?;
-                let config = cloudless_proto::cluster_config_from_wire(r.config)?;
+                // An absent network section is unchanged: a client that
+                // does not know it (an older one) cannot reset it.
+                let keep_network = r.config.as_ref().is_some_and(|c| c.network.is_none());
+                let mut config = cloudless_proto::cluster_config_from_wire(r.config)?;
+                if keep_network {
+                    config.network = h.cluster()?.config.network;
+                }
                 let expected_revision = (r.expected_revision != 0).then_some(r.expected_revision);
                 let (resp, commit) = h
                     .write(

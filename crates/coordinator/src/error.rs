@@ -193,6 +193,8 @@ impl From<CoordinatorError> for Status {
                 }
                 Rejection::SecretConflict(_) => Code::Aborted,
                 Rejection::AdminRevoked { .. } => Code::PermissionDenied,
+                Rejection::SubnetsExhausted { .. } => Code::ResourceExhausted,
+                Rejection::SubnetInUse { .. } => Code::FailedPrecondition,
             },
             CoordinatorError::Token(_) => Code::Unauthenticated,
             CoordinatorError::Pki(p) => match p {
@@ -326,6 +328,23 @@ mod tests {
             (CoordinatorError::Internal("disk".into()), Code::Internal),
             (
                 CoordinatorError::FailedPrecondition("busy".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                CoordinatorError::Rejected(Rejection::SubnetsExhausted {
+                    name: "phone-9".into(),
+                    cluster_cidr: "10.244.0.0/16".into(),
+                    prefix_len: 24,
+                }),
+                Code::ResourceExhausted,
+            ),
+            (
+                CoordinatorError::Rejected(Rejection::SubnetInUse {
+                    node: "n1".into(),
+                    subnet: "10.244.0.0/24".into(),
+                    cluster_cidr: "10.245.0.0/16".into(),
+                    prefix_len: 24,
+                }),
                 Code::FailedPrecondition,
             ),
         ];

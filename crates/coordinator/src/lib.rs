@@ -18,6 +18,7 @@ mod liveness;
 mod membership;
 mod metrics;
 mod node_service;
+mod node_subnets;
 mod peer_cache;
 mod proposer;
 mod raft_network;

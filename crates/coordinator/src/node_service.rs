@@ -91,6 +91,7 @@ pub(crate) fn to_wire(n: NodeRecord) -> cloudless_proto::v1::Node {
         battery_percent: u32::from(n.status.battery_percent),
         overlay_addresses: n.status.overlay_addresses,
         down_count: n.down_count,
+        subnet: n.subnet.unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -313,6 +314,7 @@ async fn enroll_on_leader(
             Command::EnrollNode {
                 token_id: claims.jti,
                 node,
+                assign_subnet: true,
             },
         )
         .await?;

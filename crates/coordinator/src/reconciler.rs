@@ -413,6 +413,7 @@ pub(crate) fn schedule(
                         ready_at_ms: 0,
                         disconnected_at_ms: 0,
                         score: p.score,
+                        address: String::new(),
                     }));
                 }
                 Decision::Unplaced(u) => out.unplaced.push((*index, u.to_string())),
@@ -513,6 +514,17 @@ async fn pass(
     let workloads = reader.workloads(None)?;
     let replicas = reader.replicas()?;
     let nodes = reader.nodes()?;
+    let mut entries = 0;
+    if let Some(assign) = crate::node_subnets::assign_missing(&nodes, &cluster.config.network) {
+        if let Command::AssignNodeSubnets { node_ids } = &assign {
+            tracing::info!(
+                nodes = node_ids.len(),
+                "giving replica subnets to nodes enrolled before subnets existed"
+            );
+        }
+        handle.write(None, assign).await?;
+        entries += 1;
+    }
     let (decision, unplaced) = decide(
         &workloads,
         &replicas,
@@ -529,13 +541,12 @@ async fn pass(
         }
     }
     if decision.is_empty() {
-        return Ok(0);
+        return Ok(entries);
     }
     for e in &decision.events {
         tracing::info!(workload = %format!("{}/{}", e.namespace, e.object), reason = %e.reason, "{}", e.message);
     }
     let budget = handle.part_bytes();
-    let mut entries = 0;
     for part in split_decision(decision, budget) {
         handle.write(None, Command::Reconcile(part)).await?;
         entries += 1;
@@ -769,6 +780,7 @@ mod tests {
             ready_at_ms: 0,
             disconnected_at_ms: 0,
             score: 0.0,
+            address: String::new(),
         }
     }
 

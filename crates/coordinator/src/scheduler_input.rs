@@ -50,6 +50,7 @@ pub(crate) fn node_infos(nodes: &[NodeRecord], replicas: &[ReplicaRecord]) -> Ve
                 workload: r.workload_key(),
                 priority: r.spec.priority,
                 requests: r.spec.requests,
+                host_ports: r.spec.host_ports(),
             });
     }
     nodes
@@ -104,6 +105,7 @@ pub(crate) fn workload_request(w: &Workload, count: usize) -> WorkloadRequest {
         node_selector: p.node_selector.clone(),
         anti_affinity: p.anti_affinity,
         strategy: p.strategy,
+        host_ports: w.spec.host_ports(),
         ..WorkloadRequest::default()
     }
 }
@@ -213,5 +215,54 @@ mod tests {
         assert_eq!(place_one(&w, std::slice::from_ref(&jumper)), None);
         let honest = ready_with("honest", 4000, 4000);
         assert_eq!(place_one(&w, &[jumper, honest]).as_deref(), Some("honest"));
+    }
+
+    /// A replica already holding a host port keeps another workload that
+    /// publishes it off its node, and explains why.
+    #[test]
+    fn a_published_host_port_keeps_other_replicas_publishing_it_off_the_node() {
+        let port = |host_port| cloudless_types::ContainerPort {
+            container_port: 8080,
+            host_port,
+            ..Default::default()
+        };
+        let mut web = workload();
+        web.spec.ports = vec![port(80)];
+        let mut api = workload();
+        api.name = "api".into();
+        api.spec.ports = vec![port(80)];
+        let a = ready_with("a", 4000, 4000);
+        let b = ready_with("b", 4000, 4000);
+        let running = ReplicaRecord {
+            id: "default.web-1-x".into(),
+            namespace: "default".into(),
+            workload: "web".into(),
+            template: 1,
+            spec: web.spec.clone(),
+            node_id: "a".into(),
+            state: cloudless_types::ReplicaState::Ready,
+            exit_code: None,
+            restarts: 0,
+            message: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ready_at_ms: 0,
+            disconnected_at_ms: 0,
+            score: 0.0,
+            address: String::new(),
+        };
+        let infos = node_infos(&[a, b], &[running]);
+        let mut snapshot =
+            ClusterSnapshot::new(&infos, cloudless_types::SchedulerWeights::default())
+                .expect("snapshot");
+        let verdicts = snapshot
+            .evaluate(&workload_request(&api, 1), 0)
+            .expect("evaluate");
+        let a = verdicts.iter().find(|(id, _)| id == "a").expect("a");
+        assert_eq!(
+            a.1.as_ref().map(|_| ()).map_err(ToString::to_string),
+            Err("host port 80/TCP is taken by default/web".to_owned())
+        );
+        assert!(verdicts.iter().any(|(id, v)| id == "b" && v.is_ok()));
     }
 }

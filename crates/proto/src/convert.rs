@@ -73,6 +73,7 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                     container_port: u32::from(p.container_port),
                     legacy_protocol: p.protocol.name().into(),
                     protocol: Some(v1::Protocol::wire(p.protocol)),
+                    host_port: u32::from(p.host_port),
                 })
                 .collect(),
             security_context: Some(security_to_wire(s.security_context)),
@@ -134,7 +135,96 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 legacy_reconcile: s.disconnect.reconcile.name().into(),
                 reconcile: Some(v1::ReconnectPolicy::wire(s.disconnect.reconcile)),
             }),
+            egress: s.egress.map(Into::into),
         }
+    }
+}
+
+impl From<t::EgressPolicy> for v1::EgressPolicy {
+    fn from(e: t::EgressPolicy) -> Self {
+        Self {
+            allow: e
+                .allow
+                .into_iter()
+                .map(|r| v1::EgressRule {
+                    cidr: r.cidr,
+                    ports: r.ports.into_iter().map(u32::from).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// An egress policy from the wire; ports above 65535 are reported in
+/// `errs` under `path` (`spec.egress`) and dropped. The networks are
+/// checked by validation (`EgressPolicy::validate_into`).
+pub fn egress_from_wire(
+    e: v1::EgressPolicy,
+    path: &str,
+    errs: &mut t::ValidationErrors,
+) -> t::EgressPolicy {
+    t::EgressPolicy {
+        allow: e
+            .allow
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| t::EgressRule {
+                cidr: r.cidr,
+                ports: r
+                    .ports
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(j, p)| {
+                        u16::try_from(p)
+                            .map_err(|_| {
+                                errs.push(
+                                    format!("{path}.allow[{i}].ports[{j}]"),
+                                    format!("{p} is not a port (1-65535)"),
+                                );
+                            })
+                            .ok()
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+impl From<t::NetworkConfig> for v1::NetworkConfig {
+    fn from(n: t::NetworkConfig) -> Self {
+        Self {
+            cluster_cidr: n.cluster_cidr,
+            node_prefix_len: u32::from(n.node_prefix_len),
+            cluster_domain: n.cluster_domain,
+            service_cidr: n.service_cidr,
+            default_egress: Some(n.default_egress.into()),
+        }
+    }
+}
+
+/// A network section from the wire: empty fields take their defaults, an
+/// unset `default_egress` allows everything; a prefix length above 255 is
+/// reported in `errs` (validation checks the rest).
+fn network_from_wire(n: v1::NetworkConfig, errs: &mut t::ValidationErrors) -> t::NetworkConfig {
+    let d = t::NetworkConfig::default();
+    let or = |v: String, default: String| if v.is_empty() { default } else { v };
+    t::NetworkConfig {
+        cluster_cidr: or(n.cluster_cidr, d.cluster_cidr),
+        node_prefix_len: match n.node_prefix_len {
+            0 => d.node_prefix_len,
+            p => u8::try_from(p).unwrap_or_else(|_| {
+                errs.push(
+                    "network.node_prefix_len",
+                    format!("{p} is not a prefix length"),
+                );
+                0
+            }),
+        },
+        cluster_domain: or(n.cluster_domain, d.cluster_domain),
+        service_cidr: or(n.service_cidr, d.service_cidr),
+        default_egress: n.default_egress.map_or(d.default_egress, |e| {
+            egress_from_wire(e, "network.default_egress", errs)
+        }),
     }
 }
 
@@ -218,6 +308,7 @@ fn container_from_wire(
                 t::Protocol::default(),
                 errs,
             ),
+            host_port: port_from_wire(p.host_port, &format!("{path}.ports[{i}].hostPort"), errs),
         })
         .collect();
     let security = s
@@ -429,6 +520,9 @@ pub fn spec_from_wire(
                 ),
             })
             .collect(),
+        egress: s
+            .egress
+            .map(|e| egress_from_wire(e, &format!("{path}.egress"), errs)),
     }
 }
 
@@ -525,19 +619,24 @@ impl From<t::ClusterConfig> for v1::ClusterConfig {
             access_token_max_records: c.access_token_max_records,
             admin_cert_lifetime_s: Some(c.admin_cert_lifetime_s),
             node_rejoin_grace_s: Some(c.node_rejoin_grace_s),
+            network: Some(c.network.into()),
         }
     }
 }
 
-/// A cluster configuration from the wire, validated.
+/// A cluster configuration from the wire, validated. An absent `network`
+/// reads as the defaults (a coordinator keeps the stored one instead).
 pub fn cluster_config_from_wire(
     c: Option<v1::ClusterConfig>,
 ) -> Result<t::ClusterConfig, t::ValidationErrors> {
+    let mut errs = t::ValidationErrors::default();
     let Some(c) = c else {
-        let mut errs = t::ValidationErrors::default();
         errs.push("config", "is required");
         return Err(errs);
     };
+    let network = c.network.map_or_else(t::NetworkConfig::default, |n| {
+        network_from_wire(n, &mut errs)
+    });
     let weights = c
         .scheduler_weights
         .map_or_else(t::SchedulerWeights::default, |w| t::SchedulerWeights {
@@ -591,8 +690,12 @@ pub fn cluster_config_from_wire(
         node_rejoin_grace_s: c
             .node_rejoin_grace_s
             .unwrap_or(t::DEFAULT_NODE_REJOIN_GRACE_S),
+        network,
     };
-    config.validate().map(|()| config)
+    if let Err(e) = config.validate() {
+        errs.0.extend(e.0);
+    }
+    errs.into_result().map(|()| config)
 }
 
 impl From<t::ReplicaRecord> for v1::Replica {
@@ -620,6 +723,7 @@ impl From<t::ReplicaRecord> for v1::Replica {
             message: r.message,
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            address: r.address,
         }
     }
 }
@@ -679,5 +783,32 @@ mod tests {
         let back = spec_from_wire(ok, "spec", &mut errs);
         assert!(errs.0.is_empty(), "{errs}");
         assert_eq!(back.restart_policy, t::RestartPolicy::Never);
+    }
+
+    #[test]
+    fn an_empty_network_section_is_the_defaults_and_an_empty_policy_allows_nothing() {
+        let mut wire: v1::ClusterConfig = t::ClusterConfig::default().into();
+        wire.network = Some(v1::NetworkConfig::default());
+        let c = cluster_config_from_wire(Some(wire.clone())).expect("valid");
+        assert_eq!(c.network, t::NetworkConfig::default());
+        wire.network = None;
+        let c = cluster_config_from_wire(Some(wire.clone())).expect("valid");
+        assert_eq!(c.network, t::NetworkConfig::default());
+        wire.network = Some(v1::NetworkConfig {
+            default_egress: Some(v1::EgressPolicy::default()),
+            node_prefix_len: 300,
+            ..Default::default()
+        });
+        let errs = cluster_config_from_wire(Some(wire.clone())).expect_err("prefix 300");
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields[0], "network.node_prefix_len", "{errs}");
+        if let Some(n) = wire.network.as_mut() {
+            n.node_prefix_len = 0;
+        }
+        let c = cluster_config_from_wire(Some(wire)).expect("valid");
+        assert!(
+            c.network.default_egress.allow.is_empty(),
+            "no egress at all"
+        );
     }
 }

@@ -9,5 +9,5 @@ pub mod v1 {
 
 mod convert;
 pub mod enums;
-pub use convert::{cluster_config_from_wire, spec_from_wire, workload_from_wire};
+pub use convert::{cluster_config_from_wire, egress_from_wire, spec_from_wire, workload_from_wire};
 pub use enums::WireEnum;

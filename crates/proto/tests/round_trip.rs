@@ -117,6 +117,18 @@ fn volume() -> impl Strategy<Value = t::Volume> {
         })
 }
 
+fn egress() -> impl Strategy<Value = t::EgressPolicy> {
+    proptest::collection::vec(
+        (
+            "[0-9a-f:./]{0,20}",
+            proptest::collection::vec(any::<u16>(), 0..3),
+        )
+            .prop_map(|(cidr, ports)| t::EgressRule { cidr, ports }),
+        0..3,
+    )
+    .prop_map(|allow| t::EgressPolicy { allow })
+}
+
 fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
     let head = (
         word(),
@@ -194,11 +206,12 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
         );
     let containers = (
         proptest::collection::vec(
-            (word(), any::<u16>(), one_of::<t::Protocol>()).prop_map(
-                |(name, container_port, protocol)| t::ContainerPort {
+            (word(), any::<u16>(), one_of::<t::Protocol>(), any::<u16>()).prop_map(
+                |(name, container_port, protocol, host_port)| t::ContainerPort {
                     name,
                     container_port,
                     protocol,
+                    host_port,
                 },
             ),
             0..3,
@@ -255,6 +268,7 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
         proptest::option::of(probe()),
         security,
         containers,
+        proptest::option::of(egress()),
     )
         .prop_map(
             |(
@@ -266,6 +280,7 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
                 liveness_probe,
                 security_context,
                 (ports, volumes, volume_mounts, disconnect, secret_env, upstreams),
+                egress,
             )| t::WorkloadSpec {
                 image,
                 command,
@@ -288,6 +303,7 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
                 disconnect,
                 secret_env,
                 upstreams,
+                egress,
             },
         )
 }
@@ -344,6 +360,7 @@ proptest! {
         disconnected in any::<bool>(),
         exit_code in proptest::option::of(any::<i32>()),
         restarts in any::<u32>(),
+        address in "([0-9]{1,3}\\.){3}[0-9]{1,3}|",
     ) {
         let r = t::ReplicaRecord {
             id: "r1".into(),
@@ -361,8 +378,10 @@ proptest! {
             ready_at_ms: 0,
             disconnected_at_ms: if disconnected { 5 } else { 0 },
             score: 0.0,
+            address: address.clone(),
         };
         let wire = through_the_wire(&v1::Replica::from(r));
+        prop_assert_eq!(&wire.address, &address);
         let want = if disconnected { "Unknown" } else { state.name() };
         prop_assert_eq!(wire.state_name(), want);
         prop_assert_eq!(wire.legacy_state.as_str(), want);
@@ -380,7 +399,26 @@ proptest! {
         retention in 1u32..3650,
         admin_lifetime in 3600u64..(30 * 86_400),
         grace in 0u64..(30 * 86_400),
+        (second_octet, service_prefix, node_extra) in (0u8..=255, 12u8..=24, 1u8..=8),
+        domain in "[a-z]{1,8}(\\.[a-z]{1,8}){0,2}",
+        rules in proptest::collection::vec((any::<u8>(), proptest::collection::vec(1u16.., 0..3)), 0..3),
     ) {
+        let default_egress = t::EgressPolicy {
+            allow: rules
+                .into_iter()
+                .map(|(octet, ports)| t::EgressRule {
+                    cidr: format!("{octet}.0.0.0/8"),
+                    ports,
+                })
+                .collect(),
+        };
+        let network = t::NetworkConfig {
+            cluster_cidr: format!("100.{second_octet}.0.0/16"),
+            node_prefix_len: 16 + node_extra,
+            cluster_domain: domain,
+            service_cidr: format!("172.16.0.0/{service_prefix}"),
+            default_egress,
+        };
         let c = t::ClusterConfig {
             cluster_name: name,
             heartbeat_interval_ms: heartbeat,
@@ -389,11 +427,40 @@ proptest! {
             audit_retention_days: retention,
             admin_cert_lifetime_s: admin_lifetime,
             node_rejoin_grace_s: grace,
+            network,
             ..t::ClusterConfig::default()
         };
-        prop_assume!(c.validate().is_ok());
+        prop_assert_eq!(c.validate(), Ok(()));
         let wire = through_the_wire(&v1::ClusterConfig::from(c.clone()));
         prop_assert_eq!(cloudless_proto::cluster_config_from_wire(Some(wire)).expect("valid"), c);
+    }
+
+    /// Ports travel as u32: anything above 65535 is refused, naming the field.
+    #[test]
+    fn a_port_above_65535_on_the_wire_is_refused_by_field(port in 65_536u32..) {
+        let mut wire: v1::WorkloadSpec = t::WorkloadSpec {
+            image: "busybox".into(),
+            ports: vec![t::ContainerPort {
+                container_port: 8080,
+                ..Default::default()
+            }],
+            egress: Some(t::EgressPolicy {
+                allow: vec![t::EgressRule {
+                    cidr: "0.0.0.0/0".into(),
+                    ports: vec![443],
+                }],
+            }),
+            ..Default::default()
+        }
+        .into();
+        wire.ports[0].host_port = port;
+        if let Some(e) = wire.egress.as_mut() {
+            e.allow[0].ports.push(port);
+        }
+        let mut errs = t::ValidationErrors::default();
+        cloudless_proto::spec_from_wire(wire, "spec", &mut errs);
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        prop_assert_eq!(fields, ["spec.ports[0].hostPort", "spec.egress.allow[0].ports[1]"]);
     }
 
     /// Every value of every enum, on the wire as a number, reads back as

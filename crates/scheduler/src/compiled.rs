@@ -29,6 +29,7 @@ pub(crate) struct Compiled {
     pub(crate) arch: Option<u32>,
     pub(crate) runtime_class: u32,
     pub(crate) long_running: bool,
+    pub(crate) host_ports: Vec<(u16, cloudless_types::Protocol)>,
     pub(crate) now_ms: i64,
 }
 
@@ -186,6 +187,7 @@ impl ClusterSnapshot {
             arch: req.arch.as_deref().map(|a| s.get(a)),
             runtime_class: req.runtime_class.as_deref().map_or(self.runc, |r| s.get(r)),
             long_running: req.long_running,
+            host_ports: req.host_ports.clone(),
             now_ms,
         };
         Ok(Compiled {

@@ -33,6 +33,9 @@ pub enum FilterReason {
     AntiAffinityNode,
     /// Its zone already runs a replica of the workload (zone anti-affinity).
     AntiAffinityZone,
+    /// A replica there (of any workload, this one's included) holds a node
+    /// port the replica would publish.
+    HostPort,
     /// Not enough unreserved CPU.
     InsufficientCpu,
     /// Not enough unreserved memory.
@@ -43,7 +46,7 @@ pub enum FilterReason {
     InsufficientBandwidth,
 }
 
-pub(crate) const REASONS: usize = 16;
+pub(crate) const REASONS: usize = 17;
 
 impl FilterReason {
     pub(crate) const ALL: [FilterReason; REASONS] = [
@@ -59,6 +62,7 @@ impl FilterReason {
         Self::Taint,
         Self::AntiAffinityNode,
         Self::AntiAffinityZone,
+        Self::HostPort,
         Self::InsufficientCpu,
         Self::InsufficientMemory,
         Self::InsufficientStorage,
@@ -85,6 +89,7 @@ impl fmt::Display for FilterReason {
             Self::Taint => "untolerated taint",
             Self::AntiAffinityNode => "anti-affinity (node already runs a replica)",
             Self::AntiAffinityZone => "anti-affinity (zone already runs a replica)",
+            Self::HostPort => "host port taken",
             Self::InsufficientCpu => "insufficient cpu",
             Self::InsufficientMemory => "insufficient memory",
             Self::InsufficientStorage => "insufficient storage",
@@ -159,6 +164,11 @@ pub(crate) fn check(
             }
         }
     }
+    // Not freed by preemption: a node where the port is held is no
+    // candidate at all.
+    if node.taken_port(&c.host_ports).is_some() {
+        return Err(FilterReason::HostPort);
+    }
     if !skip_resources {
         for (i, reason) in RESOURCE_REASONS.iter().enumerate() {
             let need = c.requests[i];
@@ -168,6 +178,92 @@ pub(crate) fn check(
         }
     }
     Ok(())
+}
+
+/// A node the filters removed, with the reason in words
+/// (`host port 8080/TCP is taken by default/web`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filtered {
+    /// The first check it failed.
+    pub reason: FilterReason,
+    /// The reason for people, with the specifics of this node.
+    pub detail: String,
+}
+
+impl fmt::Display for Filtered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+fn port_name((port, protocol): (u16, cloudless_types::Protocol)) -> String {
+    format!("{port}/{protocol:?}")
+}
+
+/// Why `node` failed `reason`, in words, with this node's specifics.
+pub(crate) fn detail(
+    snap: &ClusterSnapshot,
+    node: &Node,
+    c: &Compiled,
+    reason: FilterReason,
+) -> String {
+    let list = |ids: &[u32]| {
+        ids.iter()
+            .map(|i| snap.strings.name(*i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match reason {
+        FilterReason::Region => format!("region not in [{}]", list(&c.regions)),
+        FilterReason::Zone => format!("zone not in [{}]", list(&c.zones)),
+        FilterReason::HostPort => match node.taken_port(&c.host_ports) {
+            Some((port, holder)) => format!(
+                "host port {} is taken by {}",
+                port_name(port),
+                snap.strings.name(holder)
+            ),
+            None => reason.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Every requested node port some node holds, with who holds it:
+/// `8080/TCP (by default/web)`, for an unplaced replica's reasons.
+fn taken_ports(snap: &ClusterSnapshot, c: &Compiled) -> String {
+    let mut taken: Vec<((u16, bool), String, Vec<&str>)> = Vec::new();
+    for node in &snap.nodes {
+        for r in &node.residents {
+            for p in r.host_ports.iter().filter(|p| c.host_ports.contains(p)) {
+                let key = (p.0, p.1 == cloudless_types::Protocol::UDP);
+                let holder = snap.strings.name(r.workload);
+                match taken.iter_mut().find(|(k, _, _)| *k == key) {
+                    Some((_, _, holders)) => {
+                        if !holders.contains(&holder) {
+                            holders.push(holder);
+                        }
+                    }
+                    None => taken.push((key, port_name(*p), vec![holder])),
+                }
+            }
+        }
+    }
+    taken.sort_by_key(|t| t.0);
+    taken
+        .into_iter()
+        .map(|(_, port, mut holders)| {
+            holders.sort_unstable();
+            let more = holders.len().saturating_sub(3);
+            holders.truncate(3);
+            let by = holders.join(", ");
+            if more > 0 {
+                format!("{port} (by {by} and {more} more)")
+            } else {
+                format!("{port} (by {by})")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Formats per-reason counts: "7 nodes: insufficient memory; 3 nodes: zone not in [eu-a]".
@@ -190,6 +286,7 @@ pub(crate) fn describe(
             let detail = match r {
                 FilterReason::Region => format!("region not in [{}]", list(&c.regions)),
                 FilterReason::Zone => format!("zone not in [{}]", list(&c.zones)),
+                FilterReason::HostPort => format!("host port taken: {}", taken_ports(snap, c)),
                 other => other.to_string(),
             };
             (*r, counts[r.index()], detail)

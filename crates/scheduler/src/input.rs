@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudless_types::{NodePhase, PowerSource, Resources};
+use cloudless_types::{NodePhase, PowerSource, Protocol, Resources};
 
 /// Taint effects, with Kubernetes semantics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,6 +63,9 @@ pub struct RunningReplica {
     pub priority: i32,
     /// What it reserves.
     pub requests: Resources,
+    /// The node ports it holds: published `hostPort`s, or every container
+    /// port with host networking (`WorkloadSpec::host_ports`).
+    pub host_ports: Vec<(u16, Protocol)>,
 }
 
 /// One node as the scheduler sees it.
@@ -177,4 +180,7 @@ pub struct WorkloadRequest {
     pub runtime_class: Option<String>,
     /// A long-running service (battery-powered nodes score lower).
     pub long_running: bool,
+    /// The node ports each replica takes: a node where any of them is held
+    /// (by any replica, this workload's included) is not eligible.
+    pub host_ports: Vec<(u16, Protocol)>,
 }

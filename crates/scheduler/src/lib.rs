@@ -17,10 +17,10 @@ mod place;
 mod score;
 mod snapshot;
 
-/// The domain's node phase and power source, used as they are.
-pub use cloudless_types::{NodePhase, PowerSource};
+/// The domain's node phase, power source and port protocol, used as they are.
+pub use cloudless_types::{NodePhase, PowerSource, Protocol};
 pub use explain::{CandidateScore, Decision, Placement, Unplaced};
-pub use filter::FilterReason;
+pub use filter::{FilterReason, Filtered};
 pub use input::{
     AntiAffinity, MatchExpression, NodeInfo, Operator, PreferredTerm, RunningReplica, Strategy,
     Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,

@@ -2,7 +2,7 @@
 
 use crate::compiled::Compiled;
 use crate::explain::{CandidateScore, Decision, Placement, Unplaced};
-use crate::filter::{check, describe, FilterReason, REASONS};
+use crate::filter::{check, describe, detail, Filtered, REASONS};
 use crate::input::WorkloadRequest;
 use crate::score::{score, Factors};
 use crate::snapshot::{ClusterSnapshot, Resident, ResidentId, SchedulerError};
@@ -13,7 +13,7 @@ const EXPLAIN_TOP: usize = 5;
 pub const PREEMPTION_PRIORITY_GAP: i32 = 10;
 
 /// One node's verdict: its factor scores, or the first constraint it fails.
-pub type NodeVerdict = Result<CandidateScore, FilterReason>;
+pub type NodeVerdict = Result<CandidateScore, Filtered>;
 
 impl ClusterSnapshot {
     /// Places `req.replicas` replicas, reserving resources as it goes, and
@@ -50,7 +50,10 @@ impl ClusterSnapshot {
                         let f = score(self, node, &c);
                         Ok(self.candidate(u32::try_from(i).unwrap_or(u32::MAX), &f))
                     }
-                    Err(reason) => Err(reason),
+                    Err(reason) => Err(Filtered {
+                        reason,
+                        detail: detail(self, node, &c, reason),
+                    }),
                 };
                 (name, verdict)
             })
@@ -216,6 +219,7 @@ impl ClusterSnapshot {
             workload: c.workload,
             priority: c.priority,
             requests: c.requests,
+            host_ports: c.host_ports.clone().into_boxed_slice(),
         });
         *self.zone_counts.entry((c.workload, node.zone)).or_insert(0) += 1;
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use cloudless_types::{Resources, SchedulerWeights};
 
 use crate::input::{NodeInfo, TaintEffect};
-use cloudless_types::{NodePhase, PowerSource};
+use cloudless_types::{NodePhase, PowerSource, Protocol};
 
 /// Sentinel for a string the snapshot has never seen: matches nothing.
 pub(crate) const UNKNOWN: u32 = u32::MAX;
@@ -102,6 +102,8 @@ pub(crate) struct Resident {
     pub(crate) workload: u32,
     pub(crate) priority: i32,
     pub(crate) requests: Res,
+    /// Node ports it holds (usually none).
+    pub(crate) host_ports: Box<[(u16, Protocol)]>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +135,19 @@ pub(crate) enum Schedulable {
 }
 
 impl Node {
+    /// The first of `ports` a resident holds, with the resident's workload.
+    pub(crate) fn taken_port(&self, ports: &[(u16, Protocol)]) -> Option<((u16, Protocol), u32)> {
+        if ports.is_empty() {
+            return None;
+        }
+        self.residents.iter().find_map(|r| {
+            r.host_ports
+                .iter()
+                .find(|p| ports.contains(p))
+                .map(|p| (*p, r.workload))
+        })
+    }
+
     pub(crate) fn label(&self, key: u32) -> Option<u32> {
         self.labels
             .binary_search_by_key(&key, |(k, _)| *k)
@@ -270,6 +285,7 @@ impl ClusterSnapshot {
                     workload,
                     priority: r.priority,
                     requests: req,
+                    host_ports: r.host_ports.clone().into_boxed_slice(),
                 });
             }
             max_cost = max_cost.max(n.cost_per_unit as f32);

@@ -4,9 +4,9 @@
 mod common;
 
 use cloudless_scheduler::{
-    AntiAffinity, ClusterSnapshot, Decision, FilterReason, MatchExpression, NodeInfo, NodePhase,
-    Operator, PowerSource, PreferredTerm, RunningReplica, Strategy, Taint, TaintEffect, Toleration,
-    TolerationOperator, WorkloadRequest,
+    AntiAffinity, ClusterSnapshot, Decision, FilterReason, Filtered, MatchExpression, NodeInfo,
+    NodePhase, Operator, PowerSource, PreferredTerm, Protocol, RunningReplica, Strategy, Taint,
+    TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
 };
 use cloudless_types::SchedulerWeights;
 use common::{node, request, res, GIB};
@@ -539,6 +539,7 @@ fn preemption_evicts_lowest_priority_fewest_victims() {
         workload: "batch".into(),
         priority: prio,
         requests: res(cpu, 1),
+        host_ports: Vec::new(),
     };
     a.replicas = vec![
         low("a-big", 0, 3000),
@@ -632,5 +633,163 @@ fn bad_input_is_refused_with_the_field() {
         err.to_string()
             .contains("preferred.weight: 0 is outside 1..=100"),
         "{err}"
+    );
+}
+
+/// A replica of `workload` holding `ports` on its node.
+fn holder(id: &str, workload: &str, priority: i32, ports: &[(u16, Protocol)]) -> RunningReplica {
+    RunningReplica {
+        id: id.into(),
+        workload: workload.into(),
+        priority,
+        requests: res(100, 0),
+        host_ports: ports.to_vec(),
+    }
+}
+
+fn with_host_ports(mut r: WorkloadRequest, ports: &[(u16, Protocol)]) -> WorkloadRequest {
+    r.host_ports = ports.to_vec();
+    r
+}
+
+#[test]
+fn a_node_where_the_host_port_is_taken_is_filtered_with_the_holder_named() {
+    let tcp = (8080, Protocol::TCP);
+    let mut a = node("a", "z1");
+    a.replicas.push(holder("web-1", "default/web", 0, &[tcp]));
+    let req = with_host_ports(request("default/api", 1, 100, 1), &[tcp]);
+    let mut s = snap(&[a.clone(), node("b", "z1")]);
+    assert_eq!(placed_on(&s.place(&req, 0, false).expect("place")[0]), "b");
+
+    let mut s = snap(std::slice::from_ref(&a));
+    let d = s.place(&req, 0, false).expect("place");
+    assert_eq!(unplaced_reasons(&d[0]), [(FilterReason::HostPort, 1)]);
+    let Decision::Unplaced(u) = &d[0] else {
+        panic!("placed")
+    };
+    assert_eq!(
+        u.to_string(),
+        "1 node: host port taken: 8080/TCP (by default/web)"
+    );
+    let verdicts = snap(&[a]).evaluate(&req, 0).expect("evaluate");
+    assert_eq!(
+        verdicts[0].1,
+        Err(Filtered {
+            reason: FilterReason::HostPort,
+            detail: "host port 8080/TCP is taken by default/web".into()
+        })
+    );
+    assert_eq!(
+        verdicts[0]
+            .1
+            .as_ref()
+            .map(|_| ())
+            .map_err(ToString::to_string),
+        Err("host port 8080/TCP is taken by default/web".to_owned())
+    );
+}
+
+#[test]
+fn another_port_or_protocol_does_not_conflict() {
+    let mut a = node("a", "z1");
+    a.replicas
+        .push(holder("web-1", "default/web", 0, &[(8080, Protocol::TCP)]));
+    for ports in [[(8080, Protocol::UDP)], [(8081, Protocol::TCP)]] {
+        let req = with_host_ports(request("default/api", 1, 100, 1), &ports);
+        let mut s = snap(std::slice::from_ref(&a));
+        assert_eq!(
+            placed_on(&s.place(&req, 0, false).expect("place")[0]),
+            "a",
+            "{ports:?}"
+        );
+    }
+}
+
+#[test]
+fn replicas_publishing_a_host_port_never_share_a_node() {
+    let req = WorkloadRequest {
+        strategy: Strategy::Binpack,
+        ..with_host_ports(request("default/web", 3, 100, 1), &[(80, Protocol::TCP)])
+    };
+    let mut s = snap(&[node("a", "z1"), node("b", "z1")]);
+    let d = s.place(&req, 0, false).expect("place");
+    assert_eq!(placed_count(&d), 2);
+    assert_ne!(placed_on(&d[0]), placed_on(&d[1]));
+    assert_eq!(unplaced_reasons(&d[2]), [(FilterReason::HostPort, 2)]);
+    // Its own replicas already running count too.
+    let mut a = node("a", "z1");
+    a.replicas
+        .push(holder("web-0", "default/web", 0, &[(80, Protocol::TCP)]));
+    let mut s = snap(&[a, node("b", "z1")]);
+    let one = WorkloadRequest { replicas: 1, ..req };
+    assert_eq!(placed_on(&s.place(&one, 0, false).expect("place")[0]), "b");
+}
+
+#[test]
+fn preemption_does_not_free_a_host_port() {
+    let mut a = node("a", "z1");
+    a.replicas.push(holder(
+        "batch-1",
+        "default/batch",
+        0,
+        &[(80, Protocol::TCP)],
+    ));
+    let req = WorkloadRequest {
+        priority: 100,
+        ..with_host_ports(request("default/web", 1, 100, 1), &[(80, Protocol::TCP)])
+    };
+    let mut s = snap(&[a]);
+    let d = s.place(&req, 0, false).expect("place");
+    assert_eq!(unplaced_reasons(&d[0]), [(FilterReason::HostPort, 1)]);
+}
+
+#[test]
+fn bandwidth_is_placed_against_capacity_and_a_node_reporting_none_refuses_only_requests_for_it() {
+    const MBPS: u64 = 1_000_000;
+    // The node reports no bandwidth (as agents did before they measured it).
+    let silent = node("silent", "z1");
+    assert_eq!(silent.capacity.bandwidth_bps, 0);
+    let none = request("default/web", 1, 100, 1);
+    let mut s = snap(std::slice::from_ref(&silent));
+    assert_eq!(
+        placed_on(&s.place(&none, 0, false).expect("place")[0]),
+        "silent"
+    );
+    let mut wants = request("default/stream", 2, 100, 1);
+    wants.requests.bandwidth_bps = 600 * MBPS;
+    let mut s = snap(std::slice::from_ref(&silent));
+    let d = s.place(&wants, 0, false).expect("place");
+    assert_eq!(
+        unplaced_reasons(&d[0]),
+        [(FilterReason::InsufficientBandwidth, 1)]
+    );
+    // A node reporting 1 Gbit/s takes one 600 Mbit/s replica, not two.
+    let mut gigabit = node("gigabit", "z1");
+    gigabit.capacity.bandwidth_bps = 1000 * MBPS;
+    let mut s = snap(&[silent, gigabit]);
+    let d = s.place(&wants, 0, false).expect("place");
+    assert_eq!(placed_on(&d[0]), "gigabit");
+    assert_eq!(
+        unplaced_reasons(&d[1]),
+        [(FilterReason::InsufficientBandwidth, 2)]
+    );
+    assert_eq!(
+        s.reserved("gigabit").expect("node").bandwidth_bps,
+        600 * MBPS
+    );
+}
+
+#[test]
+fn storage_is_placed_against_capacity_like_cpu_and_memory() {
+    let mut wants = request("default/db", 2, 100, 1);
+    wants.requests.storage_bytes = 60 * GIB;
+    let mut disk = node("disk", "z1");
+    disk.capacity.storage_bytes = 100 * GIB;
+    let mut s = snap(&[disk, node("diskless", "z1")]);
+    let d = s.place(&wants, 0, false).expect("place");
+    assert_eq!(placed_on(&d[0]), "disk");
+    assert_eq!(
+        unplaced_reasons(&d[1]),
+        [(FilterReason::InsufficientStorage, 2)]
     );
 }

@@ -5,7 +5,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 
 use cloudless_scheduler::{
-    AntiAffinity, ClusterSnapshot, Decision, NodeInfo, NodePhase, RunningReplica,
+    AntiAffinity, ClusterSnapshot, Decision, NodeInfo, NodePhase, Protocol, RunningReplica,
     Strategy as Placing, Taint, TaintEffect, Toleration, TolerationOperator, WorkloadRequest,
 };
 use cloudless_types::{Resources, SchedulerWeights};
@@ -64,6 +64,7 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
                     workload: "web".into(),
                     priority: 0,
                     requests: res(100, 0),
+                    host_ports: Vec::new(),
                 })
                 .collect();
             n
@@ -249,6 +250,42 @@ proptest! {
                 (Decision::Placed(p), None) => prop_assert!(false, "placed on {} but the oracle found no feasible node", p.node),
                 (Decision::Unplaced(u), Some(_)) => prop_assert!(false, "unplaced ({}) but the oracle found a feasible node", u),
             }
+        }
+    }
+
+    #[test]
+    fn a_host_port_is_never_held_twice_on_a_node(
+        nodes in arb_cluster(),
+        mut req in arb_request(),
+        holders in proptest::collection::vec(any::<bool>(), 30),
+    ) {
+        let port = (8080, Protocol::TCP);
+        let mut nodes = nodes;
+        for (n, holds) in nodes.iter_mut().zip(&holders) {
+            if *holds {
+                n.replicas.push(RunningReplica {
+                    id: format!("{}-proxy", n.id),
+                    workload: "proxy".into(),
+                    priority: 0,
+                    requests: Resources::default(),
+                    host_ports: vec![port],
+                });
+            }
+        }
+        req.host_ports = vec![port];
+        // Preemption never frees the port, whatever the priorities.
+        req.priority = 1000;
+        let mut snap = ClusterSnapshot::new(&nodes, SchedulerWeights::default()).expect("valid");
+        let d = snap.place(&req, 0, false).expect("place");
+        let mut used = std::collections::HashSet::new();
+        for p in d.iter().filter_map(|d| match d {
+            Decision::Placed(p) => Some(p),
+            Decision::Unplaced(_) => None,
+        }) {
+            let n = nodes.iter().find(|n| n.id == p.node).expect("known node");
+            prop_assert!(!n.replicas.iter().any(|r| r.host_ports.contains(&port)), "{} already held the port", n.id);
+            prop_assert!(used.insert(p.node.clone()), "two replicas on {}", p.node);
+            prop_assert!(!p.preempted.iter().any(|v| v.ends_with("-proxy")), "evicted a holder: {:?}", p.preempted);
         }
     }
 }

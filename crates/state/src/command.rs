@@ -106,6 +106,12 @@ pub enum Command {
         token_id: String,
         /// The node to record.
         node: NodeRecord,
+        /// Give the node the lowest free replica subnet of the cluster's
+        /// `network.cluster_cidr` (refused when none is free). Always true
+        /// from log format 5; entries of format 4 read as false, so that
+        /// replaying them gives the state they gave.
+        #[serde(default)]
+        assign_subnet: bool,
     },
     /// Cordons, uncordons or drains a node.
     SetNodeFlags {
@@ -206,6 +212,15 @@ pub enum Command {
     /// The whole decision of one reconcile pass, applied at once (appended
     /// last: variants are numbered by position in the log encoding).
     Reconcile(ReconcileDecision),
+    /// Gives each listed node without a replica subnet the lowest free one
+    /// of the cluster's `network.cluster_cidr`, in order (nodes enrolled
+    /// before subnets existed; the leader proposes it). Nodes gone or
+    /// already holding a subnet are skipped; nodes left when the range is
+    /// exhausted keep none.
+    AssignNodeSubnets {
+        /// Node ids.
+        node_ids: Vec<String>,
+    },
 }
 
 /// What one reconcile pass decided, applied atomically in this order:
@@ -417,6 +432,10 @@ pub struct ReplicaUpdate {
     pub restarts: u32,
     /// Detail.
     pub message: String,
+    /// Its address on the node's bridge; empty: not reported (the stored
+    /// one stays). Checked by the coordinator before it is proposed.
+    #[serde(default)]
+    pub address: String,
 }
 
 /// A change to one node's liveness or reported status.
@@ -474,7 +493,8 @@ pub enum Response {
     Node(NodeRecord),
     /// `RemoveNode` applied.
     NodeRemoved,
-    /// `UpdateNodes` applied to this many nodes (the others no longer exist).
+    /// `UpdateNodes` applied to this many nodes (the others no longer
+    /// exist), or `AssignNodeSubnets` gave this many nodes a subnet.
     NodesUpdated(u32),
     /// `PlaceReplicas`, `RemoveReplicas`, `UpdateReplicas` or
     /// `MarkReplicasUnknown` changed this many replicas.
@@ -601,6 +621,29 @@ pub enum Rejection {
         /// The admin name.
         name: String,
     },
+    /// An enrolling node finds no free replica subnet in the cluster range.
+    #[error("no replica subnet is free for node {name:?}: every /{prefix_len} of {cluster_cidr} is taken; remove nodes, or widen network.cluster_cidr (cloudlessctl cluster set network.cluster_cidr=...)")]
+    SubnetsExhausted {
+        /// The node's name.
+        name: String,
+        /// The cluster range.
+        cluster_cidr: String,
+        /// The node prefix length.
+        prefix_len: u8,
+    },
+    /// A network configuration that would leave a node's subnet outside
+    /// the node subnets it defines.
+    #[error("network: node {node} holds subnet {subnet}, which is not a /{prefix_len} of {cluster_cidr}; node subnets cannot move (a wider cluster_cidr with the same node_prefix_len is fine)")]
+    SubnetInUse {
+        /// The node id.
+        node: String,
+        /// Its subnet.
+        subnet: String,
+        /// The cluster range asked for.
+        cluster_cidr: String,
+        /// The node prefix length asked for.
+        prefix_len: u8,
+    },
 }
 
 #[cfg(test)]
@@ -660,6 +703,18 @@ mod tests {
                 stop_on_client_after_seconds: Some(30),
                 ..Default::default()
             },
+            ports: vec![cloudless_types::ContainerPort {
+                name: "http".into(),
+                container_port: 8080,
+                protocol: cloudless_types::Protocol::TCP,
+                host_port: 80,
+            }],
+            egress: Some(cloudless_types::EgressPolicy {
+                allow: vec![cloudless_types::EgressRule {
+                    cidr: "203.0.113.0/24".into(),
+                    ports: vec![443],
+                }],
+            }),
             ..Default::default()
         };
         for spec in [cloudless_types::WorkloadSpec::default(), spec] {

@@ -16,6 +16,7 @@ mod apply;
 mod changes;
 mod command;
 mod error;
+mod legacy;
 mod log_store;
 mod reader;
 mod seq_log;

@@ -25,8 +25,13 @@ const KEY_PURGED: &str = "last_purged";
 /// so an older log is refused by its format, not misread. Format 4: the
 /// cluster configuration's `node_rejoin_grace_s` and `admin_cert_lifetime_s`,
 /// and resources' `pids` (a per-replica limit), which change the encoding of
-/// cluster configurations, workload specs and node records.
-pub(crate) const FORMAT: u32 = 4;
+/// cluster configurations, workload specs and node records. Format 5:
+/// replica networking (`hostPort`, `egress`, the cluster's `network`, node
+/// subnets, replica addresses, `EnrollNode.assign_subnet`); a format-4 log
+/// is rewritten in format 5 when it is opened (see `crate::legacy`).
+pub(crate) const FORMAT: u32 = 5;
+/// The format before [`FORMAT`], which [`LogStore::open`] rewrites.
+const PREVIOUS_FORMAT: u32 = 4;
 
 type SErr = StorageError<NodeId>;
 
@@ -205,10 +210,13 @@ impl LogStore {
 }
 
 /// Creates the tables on a new file; on an existing one checks the format and
-/// that every record decodes, so corruption is reported at start-up.
+/// that every record decodes, so corruption is reported at start-up. A log
+/// of the previous format is rewritten in this one, in the same
+/// transaction: the file holds either format entirely, never a mix.
 fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
     let se = |e: &dyn std::fmt::Display| StateError::storage(path, e);
     let txn = db.begin_write().map_err(|e| se(&e))?;
+    let mut migrate = false;
     {
         let mut meta = txn.open_table(META).map_err(|e| se(&e))?;
         let found = meta
@@ -221,6 +229,11 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
                 meta.insert(KEY_FORMAT, v.as_bytes()).map_err(|e| se(&e))?;
             }
             Some(v) if v == FORMAT.to_string().as_bytes() => {}
+            Some(v) if v == PREVIOUS_FORMAT.to_string().as_bytes() => {
+                migrate = true;
+                let v = FORMAT.to_string();
+                meta.insert(KEY_FORMAT, v.as_bytes()).map_err(|e| se(&e))?;
+            }
             Some(v) => {
                 return Err(StateError::Format {
                     path: path.to_path_buf(),
@@ -240,8 +253,9 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
                 }
             }
         }
-        let logs = txn.open_table(LOGS).map_err(|e| se(&e))?;
+        let mut logs = txn.open_table(LOGS).map_err(|e| se(&e))?;
         let mut expected: Option<u64> = None;
+        let mut rewritten: Vec<(u64, Vec<u8>)> = Vec::new();
         for item in logs.iter().map_err(|e| se(&e))? {
             let (k, v) = item.map_err(|e| se(&e))?;
             let index = k.value();
@@ -250,8 +264,16 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
                 what: format!("log entry {index}"),
                 detail,
             };
-            let entry: Entry<TypeConfig> =
-                postcard::from_bytes(v.value()).map_err(|e| corrupt(e.to_string()))?;
+            let entry: Entry<TypeConfig> = if migrate {
+                let entry: Entry<TypeConfig> =
+                    crate::legacy::from_postcard(v.value(), crate::legacy::SINCE_FORMAT_4)
+                        .map_err(|e| corrupt(format!("format {PREVIOUS_FORMAT}: {e}")))?;
+                let bytes = postcard::to_allocvec(&entry).map_err(|e| corrupt(e.to_string()))?;
+                rewritten.push((index, bytes));
+                entry
+            } else {
+                postcard::from_bytes(v.value()).map_err(|e| corrupt(e.to_string()))?
+            };
             if entry.get_log_id().index != index {
                 return Err(corrupt(format!(
                     "stored under index {index} but holds index {}",
@@ -265,6 +287,12 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
             }
             expected = Some(index + 1);
         }
+        for (index, bytes) in &rewritten {
+            logs.insert(*index, bytes.as_slice()).map_err(|e| se(&e))?;
+        }
+    }
+    if migrate {
+        tracing::info!(path = %path.display(), from = PREVIOUS_FORMAT, to = FORMAT, "raft log rewritten in the current format");
     }
     txn.commit().map_err(|e| se(&e))
 }
@@ -520,6 +548,103 @@ mod tests {
             err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
+    }
+
+    fn set_format(path: &Path, format: &[u8]) {
+        let db = Database::create(path).expect("reopen raw");
+        let txn = db.begin_write().expect("write");
+        txn.open_table(META)
+            .expect("table")
+            .insert(KEY_FORMAT, format)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+
+    fn format_of(path: &Path) -> Vec<u8> {
+        format_in(&Database::create(path).expect("reopen raw"))
+    }
+
+    fn format_in(db: &Database) -> Vec<u8> {
+        let txn = db.begin_read().expect("read");
+        let meta = txn.open_table(META).expect("table");
+        let v = meta.get(KEY_FORMAT).expect("get").expect("format");
+        v.value().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_log_of_the_previous_format_is_rewritten_once_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        write_entries(&path, 3, 10);
+        // An enrollment as format 4 wrote it: the same bytes as now without
+        // the two fields added since (`NodeRecord.subnet`, None, and
+        // `EnrollNode.assign_subnet`, false: one zero byte each, last).
+        let enroll: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 4),
+            payload: openraft::EntryPayload::Normal(crate::Proposal {
+                requests: vec![crate::Request {
+                    idempotency_key: None,
+                    proposed_at_ms: 7,
+                    command: crate::Command::EnrollNode {
+                        token_id: "t".into(),
+                        node: cloudless_types::NodeRecord::new(
+                            "n1".into(),
+                            "n1".into(),
+                            "t".into(),
+                            9,
+                        ),
+                        assign_subnet: false,
+                    },
+                }],
+            }),
+        };
+        let now = postcard::to_allocvec(&enroll).expect("encode");
+        assert_eq!(now[now.len() - 2..], [0, 0]);
+        {
+            let db = Database::create(&path).expect("reopen raw");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(LOGS)
+                .expect("table")
+                .insert(4, &now[..now.len() - 2])
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        set_format(&path, b"4");
+        let mut log = LogStore::open(&path).expect("a format-4 log opens");
+        assert_eq!(format_in(&log.inner.db), b"5");
+        let entries = log.try_get_log_entries(1..5).await.expect("read");
+        assert_eq!(entries.len(), 4);
+        assert_eq!(entries[3], enroll, "the enrollment reads with the defaults");
+        drop(log);
+        // Opening again changes nothing.
+        let mut log = LogStore::open(&path).expect("reopen");
+        assert_eq!(format_in(&log.inner.db), b"5");
+        assert_eq!(log.try_get_log_entries(1..5).await.expect("read"), entries);
+    }
+
+    #[test]
+    fn a_previous_format_log_that_does_not_decode_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        write_entries(&path, 2, 10);
+        {
+            let db = Database::create(&path).expect("reopen raw");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(LOGS)
+                .expect("table")
+                .insert(3, b"\xff\xff".as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        set_format(&path, b"4");
+        let err = LogStore::open(&path).expect_err("corrupt entry accepted");
+        assert!(
+            err.to_string().contains("log entry 3 is corrupt: format 4"),
+            "{err}"
+        );
+        assert_eq!(format_of(&path), b"4", "the file is left as it was");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::validation::{check_labels, ValidationErrors};
+use crate::NetworkConfig;
 
 /// Weights of the scheduler's scoring factors. Each is in `[0, 1]` and the
 /// five add up to 1 (within 0.001).
@@ -86,6 +87,10 @@ pub struct ClusterConfig {
     /// (below an hour only for tests).
     #[serde(default = "default_admin_cert_lifetime_s")]
     pub admin_cert_lifetime_s: u64,
+    /// The replica network: address ranges, cluster domain and the default
+    /// egress policy (see [`NetworkConfig`] for each default).
+    #[serde(default)]
+    pub network: NetworkConfig,
 }
 
 fn default_admin_cert_lifetime_s() -> u64 {
@@ -139,6 +144,7 @@ impl Default for ClusterConfig {
             access_token_max_records: default_access_token_max_records(),
             admin_cert_lifetime_s: default_admin_cert_lifetime_s(),
             node_rejoin_grace_s: default_node_rejoin_grace_s(),
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -273,6 +279,7 @@ impl ClusterConfig {
             );
         }
         check_labels(&mut errs, "labels", &self.labels);
+        self.network.validate_into("network", &mut errs);
         errs.into_result()
     }
 }
@@ -328,8 +335,27 @@ mod tests {
         obj.remove("audit_aggregate_window_s");
         obj.remove("access_token_max_records");
         obj.remove("node_rejoin_grace_s");
+        obj.remove("network");
         let back: ClusterConfig = serde_json::from_value(old).expect("old record");
         assert_eq!(back, ClusterConfig::default());
+    }
+
+    #[test]
+    fn the_network_section_defaults_field_by_field_and_is_validated() {
+        // A network section missing fields (a later release may add some)
+        // takes the defaults of the missing ones.
+        let mut v = serde_json::to_value(ClusterConfig::default()).expect("json");
+        v["network"] = serde_json::json!({ "cluster_cidr": "10.200.0.0/16" });
+        let c: ClusterConfig = serde_json::from_value(v).expect("partial network");
+        assert_eq!(c.network.cluster_cidr, "10.200.0.0/16");
+        assert_eq!(c.network.node_prefix_len, 24);
+        assert_eq!(c.network.default_egress, crate::EgressPolicy::allow_all());
+        assert_eq!(c.validate(), Ok(()));
+        let mut bad = c;
+        bad.network.service_cidr = "10.200.16.0/20".into();
+        let errs = bad.validate().expect_err("overlapping ranges accepted");
+        let fields: Vec<_> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["network.service_cidr"], "{errs}");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::validation::{check_dns_label, ValidationErrors};
 
-/// A port the container listens on (informational for now: containers get a
-/// private network namespace unless `securityContext.hostNetwork`).
+/// A port the container listens on, in its own network namespace (or the
+/// node's, with `securityContext.hostNetwork`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ContainerPort {
@@ -20,6 +20,11 @@ pub struct ContainerPort {
     /// `TCP` (default) or `UDP`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Publishes the port on this port of the replica's node (0, the
+    /// default: not published). The scheduler puts no two replicas that
+    /// publish the same port and protocol on one node.
+    #[serde(default)]
+    pub host_port: u16,
 }
 
 /// Another workload's TCP port, reachable from inside this workload's
@@ -391,6 +396,7 @@ pub(crate) fn validate(
     errs: &mut ValidationErrors,
 ) {
     let mut seen_ports = HashSet::new();
+    let mut seen_host_ports = HashSet::new();
     let mut seen_names = HashSet::new();
     for (i, p) in ports.iter().enumerate() {
         let f = format!("{prefix}.ports[{i}]");
@@ -402,6 +408,23 @@ pub(crate) fn validate(
                 format!("{f}.containerPort"),
                 format!("{} {:?} is listed twice", p.container_port, p.protocol),
             );
+        }
+        if p.host_port != 0 {
+            if !seen_host_ports.insert((p.host_port, p.protocol)) {
+                errs.push(
+                    format!("{f}.hostPort"),
+                    format!("{} {:?} is published twice", p.host_port, p.protocol),
+                );
+            }
+            if sec.host_network && p.host_port != p.container_port {
+                errs.push(
+                    format!("{f}.hostPort"),
+                    format!(
+                        "{} differs from containerPort {} while securityContext.hostNetwork is set (the container listens on the node's ports)",
+                        p.host_port, p.container_port
+                    ),
+                );
+            }
         }
         if !p.name.is_empty() {
             check_dns_label(errs, &format!("{f}.name"), &p.name);

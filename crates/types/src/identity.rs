@@ -132,6 +132,11 @@ pub struct NodeRecord {
     /// what an admin accepted (see `node_capacity`).
     #[serde(default)]
     pub trusted_capacity: Resources,
+    /// Its replica subnet (`10.244.3.0/24`), cut from the cluster's
+    /// `network.cluster_cidr` when it enrolled; `None` for a node enrolled
+    /// before subnets existed, until the leader gives it one.
+    #[serde(default)]
+    pub subnet: Option<String>,
 }
 
 fn default_reliability() -> f64 {
@@ -158,6 +163,7 @@ impl NodeRecord {
             reliability: default_reliability(),
             status: NodeStatus::default(),
             trusted_capacity: Resources::default(),
+            subnet: None,
         }
     }
 

@@ -5,6 +5,7 @@ mod closed_set;
 mod cluster_config;
 mod container;
 mod identity;
+mod network;
 mod node_capacity;
 mod secret;
 mod validation;
@@ -22,6 +23,10 @@ pub use container::{
 pub use identity::{
     AdminRecord, IdentityMaterial, JoinTokenRecord, NodePhase, NodeRecord, NodeStatus,
     RetiredCoordinator, SealedSecret,
+};
+pub use network::{
+    EgressPolicy, EgressRule, NetworkConfig, MAX_EGRESS_PORTS, MAX_EGRESS_RULES,
+    MAX_NODE_PREFIX_LEN_V4, MAX_NODE_PREFIX_LEN_V6,
 };
 pub use node_capacity::{
     check_capacity_bounds, placement_capacity, CapacityOutOfBounds, CAPACITY_LIMITS, GROWTH_FACTOR,

@@ -8,6 +8,7 @@ use crate::container::{
     ContainerPort, Disconnect, SecretEnv, SecurityContextSpec, Upstream, Volume, VolumeMount,
 };
 use crate::validation::{check_dns_label, check_labels, ValidationErrors};
+use crate::{EgressPolicy, Protocol};
 
 /// Namespace used when none is given.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -107,6 +108,11 @@ pub struct WorkloadSpec {
     /// Other workloads' ports reachable at 127.0.0.1 inside the containers.
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
+    /// Where the replicas may connect outside the cluster (`None`: the
+    /// cluster's `network.default_egress`). Added last: log entries of
+    /// earlier formats decode without it (see `cloudless-state`).
+    #[serde(default)]
+    pub egress: Option<EgressPolicy>,
 }
 
 fn one() -> u32 {
@@ -428,6 +434,10 @@ pub struct ReplicaRecord {
     /// (`disconnect.reconcile: BestScore` keeps the highest).
     #[serde(default)]
     pub score: f64,
+    /// Its IP address on its node's bridge, as the agent reported it
+    /// (empty: not reported yet).
+    #[serde(default)]
+    pub address: String,
 }
 
 impl ReplicaRecord {
@@ -465,6 +475,27 @@ impl WorkloadSpec {
         let mut a = self.clone();
         a.replicas = other.replicas;
         &a == other
+    }
+
+    /// The node ports each replica takes: every published `hostPort`, and
+    /// with `securityContext.hostNetwork` every `containerPort` (the
+    /// container listens on the node's ports). Sorted, each once.
+    pub fn host_ports(&self) -> Vec<(u16, Protocol)> {
+        let mut ports: Vec<(u16, Protocol)> = self
+            .ports
+            .iter()
+            .filter_map(|p| {
+                if self.security_context.host_network {
+                    Some((p.container_port, p.protocol))
+                } else {
+                    (p.host_port != 0).then_some((p.host_port, p.protocol))
+                }
+            })
+            .filter(|(port, _)| *port != 0)
+            .collect();
+        ports.sort_by_key(|(port, protocol)| (*port, *protocol == Protocol::UDP));
+        ports.dedup();
+        ports
     }
 
     /// The secrets it reads (env and volumes), each once.
@@ -587,6 +618,9 @@ impl WorkloadSpec {
         }
         crate::container::validate_secret_env(prefix, &self.secret_env, &self.env, errs);
         crate::container::validate_upstreams(prefix, &self.upstreams, &self.ports, errs);
+        if let Some(egress) = &self.egress {
+            egress.validate_into(&format!("{prefix}.egress"), errs);
+        }
         crate::container::validate(
             prefix,
             &self.ports,
@@ -867,6 +901,83 @@ mod tests {
             format!("{base}    - {{workload: api, port: 80, localPort: 9000, host: x}}\n");
         let err = parse_manifest(&unknown).expect_err("unknown field");
         assert!(err.to_string().contains("unknown field `host`"), "{err}");
+    }
+
+    #[test]
+    fn host_ports_are_published_once_per_protocol() {
+        let base = "apiVersion: cloudless.dev/v1\nkind: Workload\nmetadata:\n  name: web\nspec:\n  image: busybox:1\n  ports:\n";
+        let ok = format!(
+            "{base}    - {{containerPort: 8080, hostPort: 80}}\n    - {{containerPort: 5353, protocol: UDP, hostPort: 80}}\n    - {{containerPort: 9090}}\n"
+        );
+        let w = parse_manifest(&ok).expect("valid host ports");
+        assert_eq!(w.spec.ports[0].host_port, 80);
+        assert_eq!(w.spec.ports[2].host_port, 0, "hostPort defaults to 0");
+        assert_eq!(
+            w.spec.host_ports(),
+            [(80, crate::Protocol::TCP), (80, crate::Protocol::UDP)]
+        );
+        let twice = format!(
+            "{base}    - {{containerPort: 8080, hostPort: 80}}\n    - {{containerPort: 8081, hostPort: 80}}\n"
+        );
+        let err = parse_manifest(&twice).expect_err("a host port published twice");
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.ports[1].hostPort"], "{err}");
+        assert!(
+            err.to_string().contains("80 TCP is published twice"),
+            "{err}"
+        );
+        let too_big = format!("{base}    - {{containerPort: 8080, hostPort: 70000}}\n");
+        assert!(parse_manifest(&too_big).is_err());
+        let without_container_port = format!("{base}    - {{hostPort: 80}}\n");
+        let err = parse_manifest(&without_container_port).expect_err("no containerPort");
+        assert!(err.to_string().contains("containerPort"), "{err}");
+    }
+
+    #[test]
+    fn host_network_takes_every_container_port_on_the_node() {
+        let text = "apiVersion: cloudless.dev/v1\nkind: Workload\nmetadata:\n  name: dns\nspec:\n  image: busybox:1\n  securityContext:\n    hostNetwork: true\n  ports:\n    - {containerPort: 53, protocol: UDP}\n    - {containerPort: 53, hostPort: 53}\n";
+        let w = parse_manifest(text).expect("valid");
+        assert_eq!(
+            w.spec.host_ports(),
+            [(53, crate::Protocol::TCP), (53, crate::Protocol::UDP)]
+        );
+        let other = text.replace("hostPort: 53", "hostPort: 5353");
+        let err = parse_manifest(&other).expect_err("hostPort differs under hostNetwork");
+        assert_eq!(err.0[0].field, "spec.ports[1].hostPort", "{err}");
+    }
+
+    #[test]
+    fn egress_policies_parse_and_every_bad_rule_is_named() {
+        let base = "apiVersion: cloudless.dev/v1\nkind: Workload\nmetadata:\n  name: web\nspec:\n  image: busybox:1\n";
+        let w = parse_manifest(base).expect("valid");
+        assert_eq!(w.spec.egress, None, "no egress: the cluster default");
+        let ok = format!(
+            "{base}  egress:\n    allow:\n      - {{cidr: 203.0.113.0/24, ports: [443]}}\n      - {{cidr: \"2001:db8::/32\"}}\n"
+        );
+        let w = parse_manifest(&ok).expect("valid egress");
+        let egress = w.spec.egress.expect("egress");
+        assert_eq!(egress.allow[0].ports, [443]);
+        assert!(egress.allow[1].ports.is_empty(), "no ports: every port");
+        let none = format!("{base}  egress:\n    allow: []\n");
+        let w = parse_manifest(&none).expect("no egress at all");
+        assert_eq!(w.spec.egress.map(|e| e.allow.len()), Some(0));
+        let bad = format!(
+            "{base}  egress:\n    allow:\n      - {{cidr: 203.0.113.7, ports: [443, 0]}}\n      - {{cidr: 10.1.2.3/8}}\n"
+        );
+        let err = parse_manifest(&bad).expect_err("bad egress accepted");
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.egress.allow[0].cidr",
+                "spec.egress.allow[0].ports[1]",
+                "spec.egress.allow[1].cidr",
+            ],
+            "{err}"
+        );
+        let unknown = format!("{base}  egress:\n    deny: []\n");
+        let err = parse_manifest(&unknown).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `deny`"), "{err}");
     }
 
     #[test]

@@ -115,13 +115,7 @@ impl AgentService for AgentApi {
                     }
                 };
                 if last.as_ref() != Some(&set) {
-                    let msg = AssignmentSet {
-                        revision,
-                        assignments: set.0.clone(),
-                        upstreams: set.1.clone(),
-                        inbound: set.2.clone(),
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
+                    if tx.send(Ok(set.to_set(revision))).await.is_err() {
                         return;
                     }
                     last = Some(set);

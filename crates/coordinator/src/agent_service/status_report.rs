@@ -10,6 +10,36 @@ use crate::error::CoordinatorError;
 
 /// Most replicas one status report may list.
 pub(crate) const MAX_STATUS_ENTRIES: usize = 512;
+/// Longest replica address a report may carry.
+pub(crate) const MAX_ADDRESS_LEN: usize = 64;
+
+/// The address a report gives a replica on a node with `subnet`: an IP
+/// address inside the node's subnet, or empty (unchanged). Anything else is
+/// dropped with a warning, without refusing the rest of the report: a node
+/// can only claim addresses of its own subnet.
+fn checked_address(
+    node_id: &str,
+    replica: &str,
+    address: String,
+    subnet: Option<&ipnet::IpNet>,
+) -> String {
+    if address.is_empty() {
+        return address;
+    }
+    let problem = if address.len() > MAX_ADDRESS_LEN {
+        format!("longer than {MAX_ADDRESS_LEN} characters")
+    } else {
+        match (address.parse::<std::net::IpAddr>(), subnet) {
+            (Err(_), _) => "not an IP address".to_owned(),
+            (Ok(_), None) => "the node has no replica subnet".to_owned(),
+            (Ok(ip), Some(net)) if !net.contains(&ip) => format!("outside the node's subnet {net}"),
+            (Ok(ip), Some(_)) => return ip.to_string(),
+        }
+    };
+    let shown: String = address.chars().take(MAX_ADDRESS_LEN).collect();
+    tracing::warn!(node_id = %node_id, replica = %replica, address = %shown, "reported replica address ignored: {problem}");
+    String::new()
+}
 
 /// The updates a node's status report makes: checked field by field, only
 /// for replicas assigned to the node (others are dropped: a report can race
@@ -31,6 +61,11 @@ pub(super) fn status_updates(
         .into_iter()
         .map(|r| r.id)
         .collect();
+    let subnet: Option<ipnet::IpNet> = reader
+        .node(id)
+        .map_err(CoordinatorError::from)?
+        .and_then(|n| n.subnet)
+        .and_then(|s| s.parse().ok());
     let mut seen = std::collections::HashSet::new();
     let mut updates = Vec::new();
     for (i, r) in req.replicas.into_iter().enumerate() {
@@ -63,6 +98,7 @@ pub(super) fn status_updates(
             }
             message.truncate(cut);
         }
+        let address = checked_address(id, &r.replica_id, r.address, subnet.as_ref());
         updates.push(ReplicaUpdate {
             id: r.replica_id,
             node_id: id.to_owned(),
@@ -70,7 +106,31 @@ pub(super) fn status_updates(
             exit_code: r.exit_code,
             restarts: r.restarts,
             message,
+            address,
         });
     }
     Ok(updates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reported_address_is_kept_only_inside_the_nodes_subnet() {
+        let net: ipnet::IpNet = "10.244.3.0/24".parse().expect("net");
+        let check = |a: &str, subnet| checked_address("n1", "r1", a.to_owned(), subnet);
+        assert_eq!(check("10.244.3.7", Some(&net)), "10.244.3.7");
+        assert_eq!(check("", Some(&net)), "", "empty: unchanged");
+        assert_eq!(check("10.244.4.7", Some(&net)), "", "another node's subnet");
+        assert_eq!(check("10.244.3.7", None), "", "a node without a subnet");
+        assert_eq!(check("not-an-ip", Some(&net)), "");
+        assert_eq!(check(&"1".repeat(65), Some(&net)), "");
+        let v6: ipnet::IpNet = "fd00:244:0:3::/64".parse().expect("net");
+        assert_eq!(
+            check("fd00:244:0:3:0:0:0:9", Some(&v6)),
+            "fd00:244:0:3::9",
+            "stored in its canonical form"
+        );
+    }
 }

@@ -49,6 +49,21 @@ pub(super) fn set_config(
             }));
         }
     }
+    // Node subnets never move: the new settings must still hold each one.
+    if info.config.network != config.network {
+        for n in super::nodes::all(txn)? {
+            if let Some(subnet) = n.subnet {
+                if !config.network.holds_node_subnet(&subnet) {
+                    return Ok(Response::Rejected(Rejection::SubnetInUse {
+                        node: n.id,
+                        subnet,
+                        cluster_cidr: config.network.cluster_cidr.clone(),
+                        prefix_len: config.network.node_prefix_len,
+                    }));
+                }
+            }
+        }
+    }
     info.config = config.clone();
     info.revision += 1;
     put_json(txn, CLUSTER, CLUSTER_KEY, &info)?;

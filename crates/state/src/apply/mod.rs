@@ -195,7 +195,12 @@ fn apply_command(
         Command::DeleteWorkload { namespace, name } => workloads::delete(txn, namespace, name),
         Command::CreateJoinToken { token } => nodes::create_join_token(txn, token),
         Command::RevokeJoinToken { token_id } => nodes::revoke_join_token(txn, token_id),
-        Command::EnrollNode { token_id, node } => nodes::enroll(txn, token_id, node, now_ms),
+        Command::EnrollNode {
+            token_id,
+            node,
+            assign_subnet,
+        } => nodes::enroll(txn, token_id, node, *assign_subnet, now_ms),
+        Command::AssignNodeSubnets { node_ids } => nodes::assign_subnets(txn, node_ids),
         Command::SetNodeFlags {
             node_id,
             cordoned,

@@ -1,6 +1,13 @@
 //! Join tokens and nodes: `CreateJoinToken`, `RevokeJoinToken`,
 //! `EnrollNode`, `SetNodeFlags`, `SetNodeLabels`, `AcceptNodeCapacity`,
-//! `RemoveNode`, `UpdateNodes`, `RenewNodeCert`.
+//! `RemoveNode`, `UpdateNodes`, `RenewNodeCert`, `AssignNodeSubnets`.
+//!
+//! Replica subnets: a node gets the lowest `/node_prefix_len` of the
+//! cluster's `network.cluster_cidr` that no node record holds, when it
+//! enrolls (or, enrolled before subnets existed, through
+//! `AssignNodeSubnets`). It keeps it for as long as its record exists
+//! (renewals and rejoins keep the record); `RemoveNode` deletes the record,
+//! which frees the subnet for the next enrollment.
 
 use std::collections::BTreeMap;
 
@@ -50,11 +57,13 @@ pub(super) fn revoke_join_token(
 }
 
 /// `EnrollNode`: admits a node with a valid join token under a free name,
-/// counting the token's use.
+/// counting the token's use, and (with `assign_subnet`) gives it a replica
+/// subnet.
 pub(super) fn enroll(
     txn: &WriteTransaction,
     token_id: &str,
     node: &NodeRecord,
+    assign_subnet: bool,
     now_ms: i64,
 ) -> Result<Response, ApplyError> {
     let refuse = |problem: String| {
@@ -93,6 +102,21 @@ pub(super) fn enroll(
             id,
         }));
     }
+    let subnet = if assign_subnet {
+        let network = super::cluster::config(txn)?.network;
+        let nodes = all(txn)?;
+        let Some(free) = network.free_node_subnet(nodes.iter().filter_map(|n| n.subnet.as_deref()))
+        else {
+            return Ok(Response::Rejected(Rejection::SubnetsExhausted {
+                name: node.name.clone(),
+                cluster_cidr: network.cluster_cidr,
+                prefix_len: network.node_prefix_len,
+            }));
+        };
+        Some(free.to_string())
+    } else {
+        node.subnet.clone()
+    };
     t.uses += 1;
     put_json(txn, JOIN_TOKENS, token_id, &t)?;
     let record = NodeRecord {
@@ -100,6 +124,7 @@ pub(super) fn enroll(
         token_id: token_id.to_owned(),
         labels: t.labels.clone(),
         phase_since_ms: now_ms,
+        subnet,
         ..node.clone()
     };
     put_json(txn, NODES, &record.id, &record)?;
@@ -230,6 +255,46 @@ pub(super) fn renew_cert(
     n.cert_not_after_ms = cert_not_after_ms;
     put_json(txn, NODES, node_id, &n)?;
     Ok(Response::Node(n))
+}
+
+/// `AssignNodeSubnets`: gives each listed node that has none the lowest
+/// free subnet, in the order listed; skips nodes gone or holding one, and
+/// stops when the range is exhausted.
+pub(super) fn assign_subnets(
+    txn: &WriteTransaction,
+    node_ids: &[String],
+) -> Result<Response, ApplyError> {
+    let network = super::cluster::config(txn)?.network;
+    let mut used: Vec<String> = all(txn)?.into_iter().filter_map(|n| n.subnet).collect();
+    let mut assigned = 0u32;
+    for id in node_ids {
+        let Some(mut n) = get_json::<NodeRecord>(txn, NODES, id)? else {
+            continue;
+        };
+        if n.subnet.is_some() {
+            continue;
+        }
+        let Some(free) = network.free_node_subnet(used.iter().map(String::as_str)) else {
+            break;
+        };
+        let subnet = free.to_string();
+        used.push(subnet.clone());
+        n.subnet = Some(subnet);
+        put_json(txn, NODES, id, &n)?;
+        assigned += 1;
+    }
+    Ok(Response::NodesUpdated(assigned))
+}
+
+/// Every node record.
+pub(super) fn all(txn: &WriteTransaction) -> Result<Vec<NodeRecord>, ApplyError> {
+    let table = txn.open_table(NODES).at(NODES, "open")?;
+    let mut out = Vec::new();
+    for item in table.iter().at(NODES, "iter")? {
+        let (k, v) = item.at(NODES, "iter")?;
+        out.push(tables::decode(NODES, k.value(), v.value())?);
+    }
+    Ok(out)
 }
 
 fn not_found(node_id: &str) -> Response {

@@ -42,6 +42,7 @@ fn node_names_are_unique_phases_accumulate_uptime_and_removal_frees_the_name() {
     let enroll = |id: &str, name: &str| Command::EnrollNode {
         token_id: "t1".into(),
         node: NodeRecord::new(id.into(), name.into(), "t1".into(), 0),
+        assign_subnet: true,
     };
     assert!(matches!(
         apply(&db, enroll("n1", "alpha"), 1000),
@@ -130,6 +131,7 @@ fn only_admin_commands_change_placement_labels_and_trusted_capacity() {
         Command::EnrollNode {
             token_id: "t1".into(),
             node: NodeRecord::new("n1".into(), "alpha".into(), "t1".into(), 0),
+            assign_subnet: true,
         },
         1000,
     );
@@ -219,6 +221,7 @@ fn removing_a_node_removes_its_replicas_in_the_same_entry_with_an_event_each() {
             Command::EnrollNode {
                 token_id: "t1".into(),
                 node: NodeRecord::new(id.into(), name.into(), "t1".into(), 0),
+                assign_subnet: true,
             },
             0,
         );
@@ -263,6 +266,7 @@ fn removing_a_node_removes_its_replicas_in_the_same_entry_with_an_event_each() {
         ready_at_ms: 0,
         disconnected_at_ms: 0,
         score: 0.0,
+        address: String::new(),
     };
     let placed = apply(
         sm.db(),
@@ -317,4 +321,183 @@ fn removing_a_node_removes_its_replicas_in_the_same_entry_with_an_event_each() {
     assert!(lost
         .iter()
         .all(|m| m.contains("alpha") && m.contains("removed")));
+}
+
+/// A database with an initialised cluster whose replica range holds four
+/// /24 subnets, and a join token for `uses` enrollments.
+fn small_network(uses: u32) -> Database {
+    let db = db();
+    let mut config = cloudless_types::ClusterConfig::default();
+    config.network.cluster_cidr = "10.0.0.0/22".into();
+    apply(
+        &db,
+        Command::InitCluster {
+            cluster_id: "c".into(),
+            config,
+        },
+        0,
+    );
+    let token = JoinTokenRecord {
+        id: "t1".into(),
+        created_at_ms: 0,
+        expires_at_ms: 1_000_000,
+        max_uses: uses,
+        uses: 0,
+        revoked: false,
+        labels: Default::default(),
+    };
+    apply(&db, Command::CreateJoinToken { token }, 0);
+    db
+}
+
+fn enroll_as(db: &Database, id: &str, assign_subnet: bool) -> Response {
+    apply(
+        db,
+        Command::EnrollNode {
+            token_id: "t1".into(),
+            node: NodeRecord::new(id.into(), id.into(), "t1".into(), 0),
+            assign_subnet,
+        },
+        1000,
+    )
+}
+
+fn subnet(db: &Database, id: &str) -> Option<String> {
+    node(db, id).subnet
+}
+
+#[test]
+fn every_enrolled_node_gets_its_own_subnet_the_lowest_free_one() {
+    let db = small_network(10);
+    for id in ["n1", "n2", "n3"] {
+        assert!(matches!(enroll_as(&db, id, true), Response::Node(_)));
+    }
+    assert_eq!(subnet(&db, "n1").as_deref(), Some("10.0.0.0/24"));
+    assert_eq!(subnet(&db, "n2").as_deref(), Some("10.0.1.0/24"));
+    assert_eq!(subnet(&db, "n3").as_deref(), Some("10.0.2.0/24"));
+    // Renewing the certificate (as a rejoin does) keeps the record and so
+    // the subnet.
+    apply(
+        &db,
+        Command::RenewNodeCert {
+            node_id: "n2".into(),
+            cert_not_after_ms: 99,
+        },
+        2000,
+    );
+    assert_eq!(subnet(&db, "n2").as_deref(), Some("10.0.1.0/24"));
+}
+
+#[test]
+fn a_removed_nodes_subnet_goes_to_the_next_enrollment() {
+    let db = small_network(10);
+    for id in ["n1", "n2", "n3"] {
+        enroll_as(&db, id, true);
+    }
+    apply(
+        &db,
+        Command::RemoveNode {
+            node_id: "n2".into(),
+        },
+        2000,
+    );
+    enroll_as(&db, "n4", true);
+    assert_eq!(subnet(&db, "n4").as_deref(), Some("10.0.1.0/24"));
+    enroll_as(&db, "n5", true);
+    assert_eq!(subnet(&db, "n5").as_deref(), Some("10.0.3.0/24"));
+}
+
+#[test]
+fn an_enrollment_is_refused_when_every_subnet_is_taken() {
+    let db = small_network(10);
+    for id in ["n1", "n2", "n3", "n4"] {
+        assert!(matches!(enroll_as(&db, id, true), Response::Node(_)));
+    }
+    let r = enroll_as(&db, "n5", true);
+    let Response::Rejected(rejection @ Rejection::SubnetsExhausted { .. }) = r else {
+        panic!("a fifth node enrolled in a range of four subnets: {r:?}")
+    };
+    let msg = rejection.to_string();
+    assert!(msg.contains("every /24 of 10.0.0.0/22 is taken"), "{msg}");
+    // Nothing changed: no record, the token's use not counted.
+    let txn = db.begin_write().expect("txn");
+    assert!(get_json::<NodeRecord>(&txn, NODES, "n5")
+        .expect("read")
+        .is_none());
+    let t = get_json::<JoinTokenRecord>(&txn, JOIN_TOKENS, "t1")
+        .expect("read")
+        .expect("token");
+    assert_eq!(t.uses, 4);
+}
+
+#[test]
+fn nodes_enrolled_before_subnets_get_one_when_the_leader_asks() {
+    let db = small_network(10);
+    // Two nodes as format-4 enrollments left them, one enrolled since.
+    enroll_as(&db, "old1", false);
+    enroll_as(&db, "new", true);
+    enroll_as(&db, "old2", false);
+    assert_eq!(subnet(&db, "old1"), None);
+    assert_eq!(subnet(&db, "new").as_deref(), Some("10.0.0.0/24"));
+    let r = apply(
+        &db,
+        Command::AssignNodeSubnets {
+            node_ids: vec!["old2".into(), "ghost".into(), "new".into(), "old1".into()],
+        },
+        2000,
+    );
+    assert_eq!(
+        r,
+        Response::NodesUpdated(2),
+        "the gone and the served are skipped"
+    );
+    assert_eq!(subnet(&db, "old2").as_deref(), Some("10.0.1.0/24"));
+    assert_eq!(subnet(&db, "old1").as_deref(), Some("10.0.2.0/24"));
+    assert_eq!(subnet(&db, "new").as_deref(), Some("10.0.0.0/24"));
+    // With the range exhausted, the rest keep none.
+    enroll_as(&db, "n4", true);
+    enroll_as(&db, "old3", false);
+    let r = apply(
+        &db,
+        Command::AssignNodeSubnets {
+            node_ids: vec!["old3".into()],
+        },
+        3000,
+    );
+    assert_eq!(r, Response::NodesUpdated(0));
+    assert_eq!(subnet(&db, "old3"), None);
+}
+
+#[test]
+fn a_network_change_may_widen_the_range_but_never_move_a_subnet() {
+    let db = small_network(10);
+    enroll_as(&db, "n1", true);
+    enroll_as(&db, "n2", true);
+    let set = |cidr: &str, prefix: u8| {
+        let mut config = cloudless_types::ClusterConfig::default();
+        config.network.cluster_cidr = cidr.into();
+        config.network.node_prefix_len = prefix;
+        apply(
+            &db,
+            Command::SetClusterConfig {
+                config,
+                expected_revision: None,
+            },
+            2000,
+        )
+    };
+    for (cidr, prefix) in [
+        ("10.0.0.0/24", 26),
+        ("10.1.0.0/22", 24),
+        ("10.0.0.0/23", 25),
+    ] {
+        let r = set(cidr, prefix);
+        assert!(
+            matches!(&r, Response::Rejected(Rejection::SubnetInUse { node, .. }) if node == "n1"),
+            "{cidr} /{prefix}: {r:?}"
+        );
+    }
+    assert!(matches!(set("10.0.0.0/16", 24), Response::ConfigSet(_)));
+    enroll_as(&db, "n3", true);
+    assert_eq!(subnet(&db, "n3").as_deref(), Some("10.0.2.0/24"));
 }

@@ -115,6 +115,9 @@ pub(super) fn update(
         r.exit_code = u.exit_code;
         r.restarts = u.restarts;
         r.message.clone_from(&u.message);
+        if !u.address.is_empty() {
+            r.address.clone_from(&u.address);
+        }
         put_json(txn, REPLICAS, &u.id, &r)?;
         changed += 1;
     }
@@ -186,6 +189,7 @@ mod tests {
             Command::EnrollNode {
                 token_id: "t1".into(),
                 node: NodeRecord::new("n1".into(), "alpha".into(), "t1".into(), 0),
+                assign_subnet: true,
             },
             0,
         );
@@ -228,6 +232,7 @@ mod tests {
             ready_at_ms: 0,
             disconnected_at_ms: 0,
             score: 0.0,
+            address: String::new(),
         };
         // A stale template and an unknown node are skipped.
         let r = apply(
@@ -243,7 +248,7 @@ mod tests {
         );
         assert_eq!(r, Response::ReplicasChanged(1));
         // A report from another node is ignored.
-        let update = |node: &str| Command::UpdateReplicas {
+        let update = |node: &str, address: &str| Command::UpdateReplicas {
             updates: vec![ReplicaUpdate {
                 id: "r1".into(),
                 node_id: node.into(),
@@ -251,14 +256,20 @@ mod tests {
                 exit_code: None,
                 restarts: 0,
                 message: String::new(),
+                address: address.into(),
             }],
         };
         assert_eq!(
-            apply(sm.db(), update("n2"), 6),
+            apply(sm.db(), update("n2", "10.244.9.9"), 6),
             Response::ReplicasChanged(0)
         );
         assert_eq!(
-            apply(sm.db(), update("n1"), 6),
+            apply(sm.db(), update("n1", "10.244.0.5"), 6),
+            Response::ReplicasChanged(1)
+        );
+        // A report without an address keeps the stored one.
+        assert_eq!(
+            apply(sm.db(), update("n1", ""), 7),
             Response::ReplicasChanged(1)
         );
         drop(sm);
@@ -270,6 +281,10 @@ mod tests {
         assert_eq!(
             (on_node[0].state, on_node[0].ready_at_ms),
             (ReplicaState::Ready, 6)
+        );
+        assert_eq!(
+            on_node[0].address, "10.244.0.5",
+            "the reported address is stored"
         );
         assert_eq!(
             reader
