@@ -20,7 +20,7 @@ pub use agent::{load_or_enroll, run, AgentConfig};
 pub use client::{enroll, rejoin, Coordinators};
 pub use identity::NodeIdentity;
 pub use sysinfo::DeviceProbe;
-pub use workloads::{RuntimeConfig, SecurityPolicyConfig, DEFAULT_PIDS_LIMIT};
+pub use workloads::{NetworkSettings, RuntimeConfig, SecurityPolicyConfig, DEFAULT_PIDS_LIMIT};
 
 /// Why the agent failed.
 #[derive(Debug, thiserror::Error)]

@@ -68,6 +68,26 @@ struct Cli {
     /// Do not run workloads (membership and heartbeats only).
     #[arg(long)]
     no_workloads: bool,
+    /// Run replicas without a network of their own (loopback only: no
+    /// address, egress, published ports or service names).
+    #[arg(long)]
+    no_container_network: bool,
+    /// Where the CNI plugins are.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    cni_bin_dir: PathBuf,
+    /// Where replicas' network namespace files are.
+    #[arg(long, default_value = "/run/cloudless/netns")]
+    netns_dir: PathBuf,
+    /// The node's bridge for replicas (one per agent on a host).
+    #[arg(long, default_value = "cld0")]
+    bridge: String,
+    /// Prefix of the node's iptables chains (one per agent on a host; at
+    /// most 12 characters).
+    #[arg(long, default_value = "CLOUDLESS")]
+    firewall_chain_prefix: String,
+    /// The service proxy's port on the bridge's address.
+    #[arg(long, default_value_t = 7681)]
+    proxy_port: u16,
     /// Device directory workloads may mount as a hostPath volume, with
     /// everything under it (repeatable; none by default).
     #[arg(long = "allow-host-path")]
@@ -211,6 +231,14 @@ fn main() -> ExitCode {
             apparmor_dir: data_dir.join("apparmor"),
             max_disconnected: (cli.max_disconnected > 0)
                 .then(|| std::time::Duration::from_secs(cli.max_disconnected)),
+            network: (!cli.no_container_network).then(|| cloudless_agent::NetworkSettings {
+                cni_bin_dir: cli.cni_bin_dir,
+                state_dir: data_dir.join("network"),
+                netns_dir: cli.netns_dir,
+                bridge: cli.bridge,
+                chain_prefix: cli.firewall_chain_prefix,
+                proxy_port: cli.proxy_port,
+            }),
         }),
         data_dir,
     };

@@ -15,6 +15,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use cloudless_network::proxy::Caller;
+use cloudless_network::services::SharedServices;
 use cloudless_overlay::{ConnectFuture, Overlay, Resolver};
 use cloudless_pki::Identity;
 use cloudless_proto::v1 as pb;
@@ -32,6 +34,31 @@ fn parse_target(target: &str) -> Option<(&str, u16)> {
     let (id, port) = rest.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
     (!id.is_empty() && port != 0).then_some((id, port))
+}
+
+/// How the overlay names a port of a replica reached through its service,
+/// with the caller: `service/<id>:<port>@<namespace>/<workload>` or
+/// `service/<id>:<port>@ingress`.
+pub fn service_target(replica_id: &str, port: u16, caller: &Caller) -> String {
+    format!("service/{replica_id}:{port}@{caller}")
+}
+
+fn parse_service_target(target: &str) -> Option<(&str, u16, Caller)> {
+    let rest = target.strip_prefix("service/")?;
+    let (dest, caller) = rest.split_once('@')?;
+    let (id, port) = dest.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let caller = match caller.split_once('/') {
+        None if caller == "ingress" => Caller::Ingress,
+        Some((namespace, workload)) if !namespace.is_empty() && !workload.is_empty() => {
+            Caller::Workload {
+                namespace: namespace.to_owned(),
+                workload: workload.to_owned(),
+            }
+        }
+        _ => return None,
+    };
+    (!id.is_empty() && port != 0).then_some((id, port, caller))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -54,6 +81,24 @@ struct Local {
     /// (namespace, workload) -> nodes running a workload that lists it as
     /// an upstream.
     callers: Mutex<HashMap<(String, String), HashSet<String>>>,
+    /// Local replicas' addresses on the node's bridge.
+    addresses: Mutex<HashMap<String, Ipv4Addr>>,
+    /// Who may reach services here.
+    access: Mutex<ServiceAccess>,
+    /// The cluster's services.
+    services: SharedServices,
+}
+
+/// Who may reach the replicas of a service on this node, from the
+/// assignments.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServiceAccess {
+    /// (namespace, workload) -> the nodes running its replicas.
+    pub runs: HashMap<(String, String), HashSet<String>>,
+    /// The nodes that carry ingress.
+    pub ingress_nodes: HashSet<String>,
+    /// (namespace, workload, port) routed from ingress.
+    pub ingress_routes: HashSet<(String, String, u16)>,
 }
 
 impl Local {
@@ -101,7 +146,75 @@ impl Local {
         }
     }
 
+    /// Whether node `origin` may reach port `port` of local replica
+    /// `replica_id` through its service, for `caller`: the service admits
+    /// the caller's namespace and `origin` runs a replica of the caller
+    /// (or carries ingress routed to that port).
+    fn service_allowed(
+        &self,
+        origin: &str,
+        replica_id: &str,
+        port: u16,
+        caller: &Caller,
+    ) -> Result<(), String> {
+        let (ns, workload) = lock(&self.workloads)
+            .get(replica_id)
+            .cloned()
+            .ok_or_else(|| format!("replica {replica_id} is not assigned to this node"))?;
+        let table = self.services.get();
+        let svc = table
+            .services()
+            .find(|s| s.namespace == ns && s.name == workload)
+            .cloned()
+            .ok_or_else(|| format!("{ns}/{workload} is no service"))?;
+        if !svc.has_tcp_port(port) {
+            return Err(format!("{ns}/{workload} has no TCP port {port}"));
+        }
+        let access = lock(&self.access);
+        match caller {
+            Caller::Ingress => {
+                if access.ingress_nodes.contains(origin)
+                    && access
+                        .ingress_routes
+                        .contains(&(ns.clone(), workload.clone(), port))
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "node {origin} carries no ingress to {ns}/{workload}:{port}"
+                    ))
+                }
+            }
+            Caller::Workload {
+                namespace,
+                workload: w,
+            } => {
+                if !svc.admits(namespace) {
+                    return Err(format!(
+                        "{caller} may not connect to {ns}/{workload} (its allowFrom)"
+                    ));
+                }
+                if !access
+                    .runs
+                    .get(&(namespace.clone(), w.clone()))
+                    .is_some_and(|nodes| nodes.contains(origin))
+                {
+                    return Err(format!("node {origin} runs no replica of {caller}"));
+                }
+                Ok(())
+            }
+        }
+    }
+
     async fn connect(&self, replica_id: &str, port: u16) -> Result<TcpStream, String> {
+        let address = lock(&self.addresses).get(replica_id).copied();
+        if let Some(a) = address {
+            let s = TcpStream::connect((a, port))
+                .await
+                .map_err(|e| format!("replica {replica_id} at {a}:{port}: {e}"))?;
+            let _ = s.set_nodelay(true);
+            return Ok(s);
+        }
         let pid = lock(&self.pids)
             .get(replica_id)
             .copied()
@@ -132,6 +245,10 @@ impl Resolver for ReplicaResolver {
             let Identity::Node(node) = origin else {
                 return Err(format!("{origin} does not carry workload traffic"));
             };
+            if let Some((id, port, caller)) = parse_service_target(target) {
+                self.0.service_allowed(node, id, port, &caller)?;
+                return self.0.connect(id, port).await;
+            }
             let (id, port) =
                 parse_target(target).ok_or_else(|| format!("bad target {target:?}"))?;
             self.0.allowed(node, id)?;
@@ -140,9 +257,15 @@ impl Resolver for ReplicaResolver {
     }
 
     fn still_allows(&self, origin: &Identity, target: &str) -> bool {
-        match (origin, parse_target(target)) {
-            (Identity::Node(node), Some((id, _))) => self.0.allowed(node, id).is_ok(),
-            _ => false,
+        let Identity::Node(node) = origin else {
+            return false;
+        };
+        if let Some((id, port, caller)) = parse_service_target(target) {
+            return self.0.service_allowed(node, id, port, &caller).is_ok();
+        }
+        match parse_target(target) {
+            Some((id, _)) => self.0.allowed(node, id).is_ok(),
+            None => false,
         }
     }
 }
@@ -262,6 +385,54 @@ impl Mesh {
             .collect();
         *lock(&self.upstreams) = map;
         self.live_endpoints.replace(live);
+    }
+
+    /// The cluster's services this node's streams are checked against.
+    pub fn services(&self) -> SharedServices {
+        self.local.services.clone()
+    }
+
+    /// Takes who may reach services here (from the assignments), and cuts
+    /// the streams no longer allowed.
+    pub fn set_service_access(&self, access: ServiceAccess) {
+        let changed = {
+            let mut now = lock(&self.local.access);
+            let changed = *now != access;
+            *now = access;
+            changed
+        };
+        if changed {
+            let cut = self.overlay.recheck_streams();
+            if cut > 0 {
+                tracing::info!(streams = cut, "cut service streams no longer allowed");
+            }
+        }
+    }
+
+    /// Records a local replica's address on the bridge (`None`: it has
+    /// none any more).
+    pub fn set_address(&self, replica_id: &str, address: Option<Ipv4Addr>) {
+        let mut addresses = lock(&self.local.addresses);
+        match address {
+            Some(a) => addresses.insert(replica_id.to_owned(), a),
+            None => addresses.remove(replica_id),
+        };
+    }
+
+    /// Opens a stream to `port` of replica `replica_id` on node `node_id`
+    /// through its service, for `caller`.
+    pub async fn open_service_stream(
+        &self,
+        node_id: &str,
+        replica_id: &str,
+        port: u16,
+        caller: &Caller,
+    ) -> Result<cloudless_overlay::OverlayStream, String> {
+        let peer = Identity::Node(node_id.to_owned());
+        self.overlay
+            .open(&peer, &service_target(replica_id, port, caller))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Records where a local replica runs now (`None`: it stopped).

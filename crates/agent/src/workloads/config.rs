@@ -36,6 +36,30 @@ pub struct RuntimeConfig {
     /// are stopped (unless their workload's
     /// `disconnect.stopOnClientAfterSeconds` says otherwise); `None`: forever.
     pub max_disconnected: Option<Duration>,
+    /// How replicas get their network; `None`: each has only loopback
+    /// (`--no-container-network`).
+    pub network: Option<NetworkSettings>,
+}
+
+/// Where and how the node's container network is made (the subnet comes
+/// from the coordinators).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSettings {
+    /// The CNI plugins (`--cni-bin-dir`, default `/usr/lib/cni`).
+    pub cni_bin_dir: PathBuf,
+    /// Add results and address leases (`<data dir>/network`).
+    pub state_dir: PathBuf,
+    /// Replicas' namespace files (`--netns-dir`, default
+    /// `/run/cloudless/netns`).
+    pub netns_dir: PathBuf,
+    /// The node's bridge (`--bridge`, default `cld0`).
+    pub bridge: String,
+    /// Prefix of the node's iptables chains (`--firewall-chain-prefix`,
+    /// default `CLOUDLESS`).
+    pub chain_prefix: String,
+    /// The service proxy's port on the bridge's address (`--proxy-port`,
+    /// default 7681).
+    pub proxy_port: u16,
 }
 
 /// What workloads may ask of this device beyond the defaults (all off by

@@ -13,6 +13,7 @@
 mod config;
 #[cfg(test)]
 pub(crate) mod fake_runtime;
+mod network;
 mod plan;
 mod replica;
 mod runner;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{AgentError, Coordinators, NodeIdentity};
 
 pub use crate::tunnel::tunnel;
-pub use config::{RuntimeConfig, SecurityPolicyConfig};
+pub use config::{NetworkSettings, RuntimeConfig, SecurityPolicyConfig};
 pub use runner::Runner;
 pub use runtime::AgentRuntime;
 pub use spec::{container_id, DEFAULT_PIDS_LIMIT};

@@ -49,6 +49,10 @@ pub(crate) struct ReplicaCtx<R> {
     pub(crate) secrets: Option<Arc<dyn SecretSource>>,
     /// Service traffic between workloads (upstreams), when the overlay runs.
     pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// The node's container network (`None`: replicas have only loopback).
+    pub(crate) network: Option<Arc<cloudless_network::NodeNetwork>>,
+    /// The cluster's egress policy for workloads that set none.
+    pub(crate) default_egress: Option<Arc<cloudless_types::EgressPolicy>>,
 }
 
 impl<R: Clone> Clone for ReplicaCtx<R> {
@@ -62,6 +66,8 @@ impl<R: Clone> Clone for ReplicaCtx<R> {
             paths: self.paths.clone(),
             secrets: self.secrets.clone(),
             mesh: self.mesh.clone(),
+            network: self.network.clone(),
+            default_egress: self.default_egress.clone(),
         }
     }
 }
@@ -72,6 +78,8 @@ struct Replica<R> {
     a: pb::Assignment,
     spec: cloudless_types::WorkloadSpec,
     cancel: CancellationToken,
+    /// Its address on the node's bridge, once it has one.
+    address: Option<std::net::Ipv4Addr>,
 }
 
 impl<R> Replica<R> {
@@ -82,7 +90,10 @@ impl<R> Replica<R> {
     /// Records the replica's state for the next report, unless it is being
     /// stopped: the runner then forgets it or records why itself (checked
     /// under the lock, which the runner takes only after cancelling).
-    fn set(&self, s: pb::ReplicaStatus) {
+    fn set(&self, mut s: pb::ReplicaStatus) {
+        if let Some(a) = self.address {
+            s.address = a.to_string();
+        }
         if let Ok(mut m) = self.ctx.statuses.lock() {
             if !self.cancel.is_cancelled() {
                 m.insert(s.replica_id.clone(), s);
@@ -108,11 +119,12 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
     spec: cloudless_types::WorkloadSpec,
     cancel: CancellationToken,
 ) {
-    let r = Replica {
+    let mut r = Replica {
         ctx,
         a,
         spec,
         cancel,
+        address: None,
     };
     r.pending("pulling the image".into());
     let Some(image) = pull(&r).await else {
@@ -160,6 +172,24 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
             };
             tokio::spawn(refresh.run(r.cancel.clone()))
         });
+    // Its network: a namespace of its own on the node's bridge, kept
+    // across container restarts (and agent restarts).
+    let network = match attach(&r, &container.id).await {
+        Attached::Yes(att) => {
+            r.address = Some(att.address);
+            container.network_namespace = Some(att.netns);
+            true
+        }
+        Attached::NoNetwork => false,
+        Attached::Cancelled => {
+            if let Some(task) = refresher {
+                task.abort();
+            }
+            secret_volumes.unmount_all();
+            return;
+        }
+    };
+    let container_id = container.id.clone();
     let replica = ReplicaSpec {
         container,
         image,
@@ -173,10 +203,57 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
         task.abort();
     }
     secret_volumes.unmount_all();
+    // The container is gone: so is its network (address, ports, rules).
+    if let (true, Some(net)) = (network, &r.ctx.network) {
+        if let Err(e) = net.detach(&container_id).await {
+            tracing::warn!(replica = %r.id(), error = %e, "cannot remove its network");
+        }
+    }
     // The container is gone: so is its scratch space.
     if dir.exists() {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(replica = %r.id(), error = %e, "cannot remove its volumes");
+        }
+    }
+}
+
+/// What became of a replica's network.
+enum Attached {
+    /// It has one.
+    Yes(cloudless_network::Attachment),
+    /// The node has none to give (or the replica uses the host's).
+    NoNetwork,
+    /// Cancelled while trying.
+    Cancelled,
+}
+
+/// Attaches the replica to the node's network (retried with back-off
+/// until it can be).
+async fn attach<R>(r: &Replica<R>, container_id: &str) -> Attached {
+    let Some(net) = r.ctx.network.clone() else {
+        return Attached::NoNetwork;
+    };
+    if r.spec.security_context.host_network {
+        return Attached::NoNetwork;
+    }
+    let req =
+        super::network::attach_request(container_id, &r.spec, r.ctx.default_egress.as_deref());
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match net.attach(&req).await {
+            Ok(att) => return Attached::Yes(att),
+            Err(e) => {
+                tracing::warn!(replica = %r.id(), error = %e, "cannot make its network; retrying");
+                r.pending(format!(
+                    "cannot make its network (retrying in {}s): {e}",
+                    delay.as_secs()
+                ));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = r.cancel.cancelled() => return Attached::Cancelled,
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
         }
     }
 }

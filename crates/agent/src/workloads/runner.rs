@@ -49,6 +49,10 @@ pub struct Runner<R = Containerd> {
     /// longer than they may run alone; started again on reconnection if
     /// still assigned.
     parked: std::collections::HashSet<String>,
+    /// The node's container network.
+    net: super::network::NodeNet,
+    /// Whether replica networks left from an earlier run were collected.
+    collected: bool,
 }
 
 impl<R> std::fmt::Debug for Runner<R> {
@@ -169,6 +173,8 @@ impl<R: AgentRuntime> Runner<R> {
                 },
                 secrets: None,
                 mesh: None,
+                network: None,
+                default_egress: None,
             },
             slots: HashMap::new(),
             reported: HashMap::new(),
@@ -177,6 +183,8 @@ impl<R: AgentRuntime> Runner<R> {
             secret_refresh: config.secret_refresh,
             max_disconnected: config.max_disconnected,
             parked: std::collections::HashSet::new(),
+            net: super::network::NodeNet::new(config.network.clone()),
+            collected: false,
         }
     }
 
@@ -246,6 +254,28 @@ impl<R: AgentRuntime> Runner<R> {
     pub async fn apply(&mut self, set: &pb::AssignmentSet) {
         if let Some(m) = &self.ctx.mesh {
             m.update(set);
+        }
+        self.ctx.network = self.net.open(set.network.as_ref()).await;
+        self.ctx.default_egress = self.net.default_egress.clone().map(Arc::new);
+        if let (false, Some(net)) = (self.collected, &self.ctx.network) {
+            // Networks of replicas no longer assigned here (stopped while
+            // the agent was down) go; the others are kept for adoption.
+            let desired = set
+                .assignments
+                .iter()
+                .map(|a| container_id(&a.replica_id))
+                .collect();
+            match net.collect(&desired).await {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(
+                        count = gone.len(),
+                        "removed networks of replicas no longer assigned here"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot list replica networks"),
+            }
+            self.collected = true;
         }
         if !self.adopted {
             // First set after a start: containers we ran before are adopted

@@ -57,6 +57,7 @@ impl Node {
             security: Default::default(),
             apparmor_dir: dir.path().to_owned(),
             max_disconnected,
+            network: None,
         };
         let registry = RegistryClient::new(RegistryConfig::default()).expect("registry client");
         let runner = Runner::with_runtime(rt.clone(), NodePolicy::default(), registry, &config);

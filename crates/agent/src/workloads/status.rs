@@ -22,6 +22,7 @@ pub(crate) fn status(
         exit_code,
         restarts,
         message,
+        address: String::new(),
     }
 }
 
