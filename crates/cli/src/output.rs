@@ -15,12 +15,20 @@ pub(crate) enum Output {
     Table,
     Json,
     Yaml,
+    /// A table with more columns where a command has them (`get replicas`:
+    /// ADDRESS; `get nodes`: SUBNET), else the table.
+    Wide,
 }
 
 impl Output {
     /// JSON or YAML was asked for (not a table).
     pub(crate) fn is_structured(self) -> bool {
-        self != Output::Table
+        matches!(self, Output::Json | Output::Yaml)
+    }
+
+    /// The wide table was asked for.
+    pub(crate) fn is_wide(self) -> bool {
+        self == Output::Wide
     }
 
     /// Prints `v` as YAML with `-o yaml`, else as JSON (commands that have no

@@ -24,7 +24,10 @@ pub(crate) enum ClusterCmd {
     /// audit_retention_days, secret_max_bytes, audit_max_records,
     /// audit_aggregate_window_s, access_token_max_records, admin_cert_lifetime_s,
     /// node_rejoin_grace_s,
-    /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty}.
+    /// scheduler_weights.{locality,reliability,cost,utilization,network_penalty},
+    /// network.{cluster_cidr,node_prefix_len,cluster_domain,service_cidr},
+    /// network.default_egress (all, none, or a policy in YAML/JSON such as
+    /// '{allow: [{cidr: 0.0.0.0/0, ports: [443]}]}').
     Set {
         /// KEY=VALUE pairs.
         #[arg(required = true)]
@@ -46,7 +49,20 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
             .map_err(|_| format!("{key}: {v:?} is not a number"))
     };
     let w = c.scheduler_weights.get_or_insert_with(Default::default);
+    // The section as the coordinator holds it (`cluster set` reads it
+    // first); an older coordinator sends none: start from the defaults.
+    let n = c
+        .network
+        .get_or_insert_with(|| cloudless_types::NetworkConfig::default().into());
     match key {
+        "network.cluster_cidr" => n.cluster_cidr = value.to_owned(),
+        "network.node_prefix_len" => {
+            n.node_prefix_len =
+                u32::try_from(int(value)?).map_err(|_| format!("{key}: {value} is too large"))?
+        }
+        "network.cluster_domain" => n.cluster_domain = value.to_owned(),
+        "network.service_cidr" => n.service_cidr = value.to_owned(),
+        "network.default_egress" => n.default_egress = Some(egress_setting(value)?.into()),
         "cluster_name" => c.cluster_name = value.to_owned(),
         "heartbeat_interval_ms" => c.heartbeat_interval_ms = int(value)?,
         "suspect_after_missed_heartbeats" => {
@@ -86,6 +102,23 @@ fn set_config_key(c: &mut pb::ClusterConfig, setting: &str) -> Result<(), String
         other => return Err(format!("{other:?} is not a cluster configuration key")),
     }
     Ok(())
+}
+
+/// `network.default_egress`: `all`, `none`, or a policy as a manifest
+/// writes it (YAML or JSON).
+fn egress_setting(value: &str) -> Result<cloudless_types::EgressPolicy, String> {
+    let key = "network.default_egress";
+    let policy = match value.trim() {
+        "all" => cloudless_types::EgressPolicy::allow_all(),
+        "none" => cloudless_types::EgressPolicy::default(),
+        text => serde_yaml_ng::from_str(text).map_err(|e| {
+            format!("{key}: {e} (give all, none, or e.g. '{{allow: [{{cidr: 0.0.0.0/0, ports: [443]}}]}}')")
+        })?,
+    };
+    let mut errs = cloudless_types::ValidationErrors::default();
+    policy.validate_into(key, &mut errs);
+    errs.into_result().map_err(|e| e.to_string())?;
+    Ok(policy)
 }
 
 /// Runs a `cluster` command.
@@ -175,6 +208,17 @@ pub(crate) async fn run(cmd: ClusterCmd, ctx: &Ctx) -> Result<(), Failure> {
             .await?;
             let c = r.config.unwrap_or_default();
             let w = c.scheduler_weights.unwrap_or_default();
+            let network = c.network.clone().map(|n| {
+                let egress = n.default_egress.clone().map(|e| {
+                    e.allow
+                        .iter()
+                        .map(|r| serde_json::json!({ "cidr": r.cidr, "ports": r.ports }))
+                        .collect::<Vec<_>>()
+                });
+                serde_json::json!({ "clusterCidr": n.cluster_cidr, "nodePrefixLen": n.node_prefix_len,
+                    "clusterDomain": n.cluster_domain, "serviceCidr": n.service_cidr,
+                    "defaultEgress": { "allow": egress } })
+            });
             ctx.output.print(
                 &serde_json::json!({ "revision": r.revision, "clusterName": c.cluster_name,
                 "heartbeatIntervalMs": c.heartbeat_interval_ms, "suspectAfterMissedHeartbeats": c.suspect_after_missed_heartbeats,
@@ -185,7 +229,8 @@ pub(crate) async fn run(cmd: ClusterCmd, ctx: &Ctx) -> Result<(), Failure> {
                 "accessTokenMaxRecords": c.access_token_max_records,
                 "nodeRejoinGraceS": c.node_rejoin_grace_s,
                 "schedulerWeights": { "locality": w.locality, "reliability": w.reliability, "cost": w.cost,
-                    "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels }),
+                    "utilization": w.utilization, "networkPenalty": w.network_penalty }, "labels": c.labels,
+                "network": network }),
             )?;
         }
         ClusterCmd::Set { settings } => {
@@ -231,6 +276,48 @@ mod tests {
             ("heartbeat_interval_ms", "KEY=VALUE"),
             ("no_such_key=1", "no_such_key"),
             ("scheduler_weights.cost=lots", "scheduler_weights.cost"),
+        ] {
+            let err = set_config_key(&mut c, bad).expect_err(bad);
+            assert!(err.contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn cluster_set_changes_the_network_section() {
+        let mut c = pb::ClusterConfig::default();
+        set_config_key(&mut c, "network.cluster_cidr=10.200.0.0/16").expect("valid");
+        set_config_key(&mut c, "network.node_prefix_len=26").expect("valid");
+        set_config_key(&mut c, "network.default_egress=none").expect("valid");
+        let n = c.network.clone().expect("network");
+        assert_eq!(n.cluster_cidr, "10.200.0.0/16");
+        assert_eq!(n.node_prefix_len, 26);
+        assert_eq!(
+            n.service_cidr, "10.96.0.0/16",
+            "the others keep their values"
+        );
+        assert_eq!(n.default_egress.map(|e| e.allow.len()), Some(0));
+        set_config_key(
+            &mut c,
+            "network.default_egress={allow: [{cidr: 203.0.113.0/24, ports: [443]}]}",
+        )
+        .expect("a policy");
+        let e = c
+            .network
+            .clone()
+            .and_then(|n| n.default_egress)
+            .expect("egress");
+        assert_eq!(
+            (e.allow[0].cidr.as_str(), e.allow[0].ports.as_slice()),
+            ("203.0.113.0/24", &[443][..])
+        );
+        set_config_key(&mut c, "network.default_egress=all").expect("all");
+        for (bad, named) in [
+            (
+                "network.default_egress={allow: [{cidr: everywhere}]}",
+                "network.default_egress.allow[0].cidr",
+            ),
+            ("network.default_egress=sometimes", "network.default_egress"),
+            ("network.node_prefix_len=x", "network.node_prefix_len"),
         ] {
             let err = set_config_key(&mut c, bad).expect_err(bad);
             assert!(err.contains(named), "{err}");

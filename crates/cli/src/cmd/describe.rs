@@ -10,7 +10,7 @@ use cloudless_types::ClosedSet as _;
 use crate::client::{call, status_failure, Failure};
 use crate::cmd::workload::{replica_json, workload_json};
 use crate::cmd::Ctx;
-use crate::output::{human, now_ms};
+use crate::output::{human, now_ms, sanitize};
 
 /// `describe`'s arguments.
 #[derive(Args, Debug)]
@@ -97,11 +97,17 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
                 } else {
                     format!("{} ", p.name)
                 };
-                format!("{n}{}/{}", p.container_port, p.protocol.name())
+                let host = if p.host_port == 0 {
+                    String::new()
+                } else {
+                    format!(" (node port {})", p.host_port)
+                };
+                format!("{n}{}/{}{host}", p.container_port, p.protocol.name())
             })
             .collect();
         println!("Ports:        {}", ports.join(", "));
     }
+    println!("Egress:       {}", egress_line(typed.egress.as_ref()));
     let sc = &typed.security_context;
     println!(
         "Security:     user {}, non-root {}, read-only root {}, capabilities [{}], seccomp {}",
@@ -170,20 +176,7 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
     println!("Replicas:");
     let now = now_ms();
     for x in &replicas {
-        println!(
-            "  {:<44} {:<10} {:<12} template {:<3} restarts {:<3} age {:<6} {}",
-            x.id,
-            x.state_name(),
-            if x.node_name.is_empty() {
-                &x.node_id
-            } else {
-                &x.node_name
-            },
-            x.template,
-            x.restarts,
-            human((now - x.created_at_ms).max(0) / 1000),
-            x.message
-        );
+        println!("{}", replica_line(x, now));
     }
     match explained {
         Ok(e) => {
@@ -218,4 +211,86 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// One replica under `Replicas:`, with its address (`-` until reported).
+fn replica_line(x: &pb::Replica, now: i64) -> String {
+    format!(
+        "  {:<44} {:<10} {:<12} address {:<15} template {:<3} restarts {:<3} age {:<6} {}",
+        x.id,
+        x.state_name(),
+        if x.node_name.is_empty() {
+            &x.node_id
+        } else {
+            &x.node_name
+        },
+        if x.address.is_empty() {
+            "-".to_owned()
+        } else {
+            sanitize(&x.address)
+        },
+        x.template,
+        x.restarts,
+        human((now - x.created_at_ms).max(0) / 1000),
+        x.message
+    )
+}
+
+/// The workload's egress policy in one line.
+fn egress_line(egress: Option<&cloudless_types::EgressPolicy>) -> String {
+    let Some(e) = egress else {
+        return "the cluster default (network.default_egress)".to_owned();
+    };
+    if e.allow.is_empty() {
+        return "none".to_owned();
+    }
+    e.allow
+        .iter()
+        .map(|r| {
+            if r.ports.is_empty() {
+                r.cidr.clone()
+            } else {
+                let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+                format!("{} ports {}", r.cidr, ports.join(","))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_line_shows_its_address_or_a_dash() {
+        let mut r = pb::Replica {
+            id: "default.web-1-a".into(),
+            node_name: "phone-1".into(),
+            address: "10.244.0.5".into(),
+            ..Default::default()
+        };
+        assert!(replica_line(&r, 0).contains("address 10.244.0.5 "));
+        r.address.clear();
+        assert!(replica_line(&r, 0).contains("address -  "));
+    }
+
+    #[test]
+    fn the_egress_line_tells_default_none_and_rules_apart() {
+        assert!(egress_line(None).contains("cluster default"));
+        let mut e = cloudless_types::EgressPolicy::default();
+        assert_eq!(egress_line(Some(&e)), "none");
+        e.allow.push(cloudless_types::EgressRule {
+            cidr: "203.0.113.0/24".into(),
+            ports: vec![443, 80],
+        });
+        e.allow.push(cloudless_types::EgressRule {
+            cidr: "0.0.0.0/0".into(),
+            ports: Vec::new(),
+        });
+        assert_eq!(
+            egress_line(Some(&e)),
+            "203.0.113.0/24 ports 443,80; 0.0.0.0/0"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use cloudless_proto::v1::{self as pb};
 
 use crate::client::{call, Failure, Target};
 use crate::cmd::{parse_duration, Ctx};
-use crate::output::fmt_ms;
+use crate::output::{fmt_ms, sanitize};
 use crate::Exit;
 
 /// `cloudlessctl node` subcommands.
@@ -148,11 +148,36 @@ pub(crate) async fn list(ctx: &Ctx) -> Result<(), Failure> {
             .output
             .print(&nodes.iter().map(node_json).collect::<Vec<_>>());
     }
-    println!(
-        "{:<16} {:<20} {:<28} {:<11} {:<12} LABELS",
-        "ID", "NAME", "STATUS", "RELIABILITY", "CERT-EXPIRES"
+    print!("{}", nodes_table(&nodes, ctx.output.is_wide()));
+    Ok(())
+}
+
+/// The `get nodes` table; `wide` adds the SUBNET column (`-` when the node
+/// has none yet).
+fn nodes_table(nodes: &[pb::Node], wide: bool) -> String {
+    let subnet = |s: &str| {
+        if !wide {
+            String::new()
+        } else if s.is_empty() {
+            format!("{:<20} ", "-")
+        } else {
+            format!("{:<20} ", sanitize(s))
+        }
+    };
+    let mut out = format!(
+        "{:<16} {:<20} {:<28} {:<11} {:<12} {}LABELS\n",
+        "ID",
+        "NAME",
+        "STATUS",
+        "RELIABILITY",
+        "CERT-EXPIRES",
+        if wide {
+            format!("{:<20} ", "SUBNET")
+        } else {
+            String::new()
+        }
     );
-    for n in &nodes {
+    for n in nodes {
         let status = match (n.draining, n.cordoned) {
             (true, _) => format!("{},Draining", phase_name(n)),
             (false, true) => format!("{},SchedulingDisabled", phase_name(n)),
@@ -160,17 +185,18 @@ pub(crate) async fn list(ctx: &Ctx) -> Result<(), Failure> {
         };
         let mut labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
-        println!(
-            "{:<16} {:<20} {:<28} {:<11.2} {:<12} {}",
+        out.push_str(&format!(
+            "{:<16} {:<20} {:<28} {:<11.2} {:<12} {}{}\n",
             n.id,
             n.name,
             status,
             n.reliability,
             fmt_ms(n.cert_not_after_ms),
+            subnet(&n.subnet),
             labels.join(",")
-        );
+        ));
     }
-    Ok(())
+    out
 }
 
 /// `node cordon`, `uncordon`, `drain` (then waits for it) and `remove`;
@@ -291,7 +317,7 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
         "capacityUnverified": n.capacity_unverified,
         "powerSource": shown::<pb::PowerSource>(n.power_source, &n.legacy_power_source), "batteryPercent": n.battery_percent, "reliability": n.reliability,
         "downCount": n.down_count, "lastHeartbeatMs": n.last_heartbeat_ms, "overlayAddresses": n.overlay_addresses,
-        "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms })
+        "enrolledAtMs": n.enrolled_at_ms, "certNotAfterMs": n.cert_not_after_ms, "subnet": n.subnet })
 }
 
 #[cfg(test)]
@@ -311,5 +337,24 @@ mod tests {
             let err = parse_label_changes(&[bad.to_owned()]).expect_err(bad);
             assert!(err.contains("neither key=value nor key-"), "{err}");
         }
+    }
+
+    #[test]
+    fn get_nodes_wide_adds_the_subnet_column_and_node_get_shows_it() {
+        let node = |id: &str, subnet: &str| pb::Node {
+            id: id.into(),
+            name: id.into(),
+            phase: pb::NodePhase::Ready as i32,
+            subnet: subnet.into(),
+            ..Default::default()
+        };
+        let nodes = [node("n1", "10.244.0.0/24"), node("old", "")];
+        let wide = nodes_table(&nodes, true);
+        let lines: Vec<&str> = wide.lines().collect();
+        let column = lines[0].find("SUBNET").expect("header");
+        assert_eq!(&lines[1][column..column + 13], "10.244.0.0/24", "{wide}");
+        assert_eq!(&lines[2][column..column + 2], "- ", "{wide}");
+        assert!(!nodes_table(&nodes, false).contains("SUBNET"));
+        assert_eq!(node_json(&nodes[0])["subnet"], "10.244.0.0/24");
     }
 }

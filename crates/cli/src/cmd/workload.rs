@@ -12,7 +12,7 @@ use cloudless_proto::v1::{self as pb, WriteOptions};
 use crate::client::{call, Failure};
 use crate::cmd::rollout::wait_rollout;
 use crate::cmd::{node, Ctx};
-use crate::output::{human, now_ms};
+use crate::output::{human, now_ms, sanitize};
 use crate::Exit;
 
 /// `apply`'s arguments.
@@ -162,14 +162,42 @@ async fn get_replicas(args: GetArgs, ctx: &Ctx) -> Result<(), Failure> {
             .output
             .print(&r.replicas.iter().map(replica_json).collect::<Vec<_>>());
     }
-    println!(
-        "{:<44} {:<10} {:<12} {:>8} {:>5} {:<8} MESSAGE",
-        "REPLICA", "STATE", "NODE", "RESTARTS", "EXIT", "AGE"
+    print!(
+        "{}",
+        replicas_table(&r.replicas, ctx.output.is_wide(), now_ms())
     );
-    let now = now_ms();
-    for x in &r.replicas {
-        println!(
-            "{:<44} {:<10} {:<12} {:>8} {:>5} {:<8} {}",
+    Ok(())
+}
+
+/// The `get replicas` table; `wide` adds the ADDRESS column (`-` when the
+/// agent has not reported one).
+fn replicas_table(replicas: &[pb::Replica], wide: bool, now: i64) -> String {
+    let address = |a: &str| {
+        if !wide {
+            String::new()
+        } else if a.is_empty() {
+            format!("{:<39} ", "-")
+        } else {
+            format!("{:<39} ", sanitize(a))
+        }
+    };
+    let mut out = format!(
+        "{:<44} {:<10} {:<12} {}{:>8} {:>5} {:<8} MESSAGE\n",
+        "REPLICA",
+        "STATE",
+        "NODE",
+        if wide {
+            format!("{:<39} ", "ADDRESS")
+        } else {
+            String::new()
+        },
+        "RESTARTS",
+        "EXIT",
+        "AGE"
+    );
+    for x in replicas {
+        out.push_str(&format!(
+            "{:<44} {:<10} {:<12} {}{:>8} {:>5} {:<8} {}\n",
             x.id,
             x.state_name(),
             if x.node_name.is_empty() {
@@ -177,13 +205,14 @@ async fn get_replicas(args: GetArgs, ctx: &Ctx) -> Result<(), Failure> {
             } else {
                 &x.node_name
             },
+            address(&x.address),
             x.restarts,
             x.exit_code.map_or("-".to_owned(), |c| c.to_string()),
             human((now - x.created_at_ms).max(0) / 1000),
             x.message
-        );
+        ));
     }
-    Ok(())
+    out
 }
 
 /// `get workloads`, `get wl [NAME]`, `get workload NAME`.
@@ -331,7 +360,7 @@ pub(crate) fn replica_json(r: &pb::Replica) -> serde_json::Value {
         "id": r.id, "namespace": r.namespace, "workload": r.workload, "template": r.template,
         "nodeId": r.node_id, "nodeName": r.node_name, "state": r.state_name(), "exitCode": r.exit_code,
         "restarts": r.restarts, "message": r.message, "image": r.image,
-        "createdAtMs": r.created_at_ms, "updatedAtMs": r.updated_at_ms,
+        "createdAtMs": r.created_at_ms, "updatedAtMs": r.updated_at_ms, "address": r.address,
     })
 }
 
@@ -368,5 +397,35 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn get_replicas_wide_adds_the_address_column() {
+        let cli = Cli::try_parse_from(["cloudlessctl", "get", "replicas", "-o", "wide"])
+            .expect("-o wide parses");
+        assert!(cli.output.is_wide() && !cli.output.is_structured());
+        let replica = |id: &str, address: &str| pb::Replica {
+            id: id.into(),
+            node_name: "phone-1".into(),
+            state: pb::ReplicaState::Ready as i32,
+            created_at_ms: 0,
+            address: address.into(),
+            ..Default::default()
+        };
+        let replicas = [
+            replica("default.web-1-a", "10.244.0.5"),
+            replica("default.web-1-b", ""),
+        ];
+        let wide = replicas_table(&replicas, true, 90_000);
+        let lines: Vec<&str> = wide.lines().collect();
+        assert!(lines[0].contains(" ADDRESS "), "{wide}");
+        let column = lines[0].find("ADDRESS").expect("header");
+        assert_eq!(&lines[1][column..column + 10], "10.244.0.5", "{wide}");
+        assert_eq!(&lines[2][column..column + 2], "- ", "{wide}");
+        let narrow = replicas_table(&replicas, false, 90_000);
+        assert!(
+            !narrow.contains("ADDRESS") && !narrow.contains("10.244.0.5"),
+            "{narrow}"
+        );
     }
 }
