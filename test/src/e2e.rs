@@ -30,6 +30,8 @@ pub struct NetNs {
     /// The host end's address (reachable from both sides while up, and
     /// from the host always).
     pub host_ip: String,
+    /// The address inside the namespace.
+    pub ns_ip: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -61,6 +63,7 @@ impl NetNs {
             name: name.clone(),
             host_if: host_if.clone(),
             host_ip: host_ip.clone(),
+            ns_ip: ns_ip.clone(),
         };
         ip(&["netns", "add", &name])?;
         ip(&[
@@ -108,7 +111,15 @@ pub struct Options {
     pub netns_zone: Option<String>,
     /// Extra flags for every agent.
     pub agent_args: Vec<String>,
+    /// Give replicas networks of their own (CNI bridge per agent, a cluster
+    /// range of this cluster's own); else agents run with
+    /// `--no-container-network`.
+    pub container_network: bool,
 }
+
+/// Clusters with container networks started by this process (each gets a
+/// range of its own).
+static NETWORK_CLUSTERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Why the end-to-end set-up cannot run here, if it cannot.
 pub fn missing() -> Option<String> {
@@ -144,6 +155,43 @@ impl AgentProc {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Removes the iptables chains named `<prefix>-*` (an agent's node chains,
+/// left when it is killed) and the rules that jump to them.
+pub fn remove_chains(prefix: &str) {
+    for table in ["filter", "nat"] {
+        let Ok(out) = Command::new("iptables").args(["-t", table, "-S"]).output() else {
+            return;
+        };
+        let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ours = format!("{prefix}-");
+        for rule in listed.lines().filter(|l| l.starts_with("-A ")) {
+            let words: Vec<&str> = rule.split_whitespace().collect();
+            let jumps = words
+                .windows(2)
+                .any(|w| w[0] == "-j" && w[1].starts_with(&ours));
+            if jumps && !words[1].starts_with(&ours) {
+                let mut args = vec!["-t", table, "-D"];
+                args.extend(&words[1..]);
+                let _ = Command::new("iptables").args(&args).output();
+            }
+        }
+        for chain in listed.lines().filter_map(|l| l.strip_prefix("-N ")) {
+            if chain.starts_with(&ours) {
+                let _ = Command::new("iptables")
+                    .args(["-t", table, "-F", chain])
+                    .output();
+            }
+        }
+        for chain in listed.lines().filter_map(|l| l.strip_prefix("-N ")) {
+            if chain.starts_with(&ours) {
+                let _ = Command::new("iptables")
+                    .args(["-t", table, "-X", chain])
+                    .output();
+            }
         }
     }
 }
@@ -191,6 +239,17 @@ impl Drop for Cluster {
         for a in &mut self.agents {
             a.sigkill();
             kill_containers(&a.namespace);
+        }
+        if self.options.container_network {
+            for a in &self.agents {
+                let (bridge, prefix) = self.network_names(&a.name);
+                let _ = ip(&["link", "del", &bridge]);
+                remove_chains(&prefix);
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(a.data_dir.join("netns"))
+                    .status();
+            }
         }
         for c in &mut self.coordinators {
             // A stopped (SIGSTOP) process still dies on SIGKILL.
@@ -260,6 +319,16 @@ impl Cluster {
             options,
             ns,
         };
+        if cluster.options.container_network {
+            let k = NETWORK_CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let second = 100 + (std::process::id() + k) % 100;
+            cluster.ctl_ok(&[
+                "cluster",
+                "set",
+                &format!("network.cluster_cidr=10.{second}.0.0/16"),
+                &format!("network.service_cidr=10.{}.0.0/16", second + 100),
+            ]);
+        }
         for zone in ["a", "b"] {
             cluster.start_agent(zone);
         }
@@ -399,10 +468,38 @@ impl Cluster {
             .arg(self.daemon.socket())
             .args(["--containerd-namespace", namespace])
             .args(["--insecure-registry", &self.registry.host])
+            .args(self.network_args(name, data_dir))
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn cloudless-agent")
+    }
+
+    /// The container network flags of agent `name`: a bridge, chains and
+    /// namespace directory of its own (several agents share this host).
+    fn network_args(&self, name: &str, data_dir: &Path) -> Vec<String> {
+        if !self.options.container_network {
+            return vec!["--no-container-network".into()];
+        }
+        let (bridge, prefix) = self.network_names(name);
+        vec![
+            "--bridge".into(),
+            bridge,
+            "--firewall-chain-prefix".into(),
+            prefix,
+            "--netns-dir".into(),
+            data_dir.join("netns").display().to_string(),
+        ]
+    }
+
+    /// The bridge and iptables chain prefix of agent `name`.
+    pub fn network_names(&self, name: &str) -> (String, String) {
+        let tail = &self.ns[self.ns.len().saturating_sub(6)..];
+        let zone = name.rsplit('-').next().unwrap_or(name);
+        (
+            format!("cl{tail}{zone}"),
+            format!("CL{tail}{zone}").to_uppercase(),
+        )
     }
 
     /// The last lines of every agent's log.
