@@ -121,6 +121,7 @@ async fn secrets_are_scoped_audited_rotated_and_never_written_in_clear() {
     let mut c = Cluster::start_with(Options {
         netns_zone: None,
         agent_args: vec!["--secret-refresh".into(), "1s".into()],
+        ..Options::default()
     })
     .await;
     ok(

@@ -68,7 +68,7 @@ async fn a_cut_off_agent_keeps_its_replicas_and_resyncs_without_duplicates() {
     require_e2e!();
     let mut c = Cluster::start_with(Options {
         netns_zone: Some("a".into()),
-        agent_args: Vec::new(),
+        ..Options::default()
     })
     .await;
     let spread = "  placement:\n    strategy: Spread\n";
