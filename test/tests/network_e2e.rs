@@ -84,7 +84,7 @@ impl Drop for Internet {
     }
 }
 
-fn node_of<'a>(rs: &'a [pb::Replica]) -> Vec<&'a str> {
+fn node_of(rs: &[pb::Replica]) -> Vec<&str> {
     rs.iter().map(|r| r.node_id.as_str()).collect()
 }
 
