@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint verify deny audit fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay fuzz fuzz-build demo demo-stop clean
+.PHONY: build test lint verify deny audit fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay bench-net fuzz fuzz-build demo demo-stop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -70,6 +70,11 @@ bench-e2e:
 bench-secrets:
 	$(CARGO) build --release --bins
 	./target/release/bench-secrets
+
+# Needs root: bridges, namespaces and iptables rules of its own (removed after).
+bench-net:
+	$(CARGO) build --release -p cloudless-test --bin bench-net
+	./target/release/bench-net
 
 bench-overlay:
 	$(CARGO) build --release --bins

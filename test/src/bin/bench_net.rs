@@ -1,0 +1,435 @@
+//! `make bench-net` (as root): the container network's service paths
+//! against a direct connection between two replicas over the bridge, in one
+//! run. Two "nodes" on this host (two bridges with subnets of their own,
+//! each with its firewall and service proxy, joined by the QUIC overlay on
+//! loopback), replicas in network namespaces made by the CNI plugins, and
+//! an "outside" namespace reaching the ingress. Paths, each measured as
+//! bulk throughput of one connection, 64-byte round trips (p50/p99) and new
+//! connections per second (connect, one round trip, close):
+//! - direct: replica to replica over node A's bridge (the baseline);
+//! - service VIP, same node: through A's proxy to the replica on A;
+//! - raw overlay stream, A to B (the cross-node baseline);
+//! - service VIP, across nodes: through A's proxy and the overlay to B;
+//! - ingress: from outside to node A's ingress port, to the replica on A.
+//!
+//! Prints Markdown tables for docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use cloudless_network::balancer::Here;
+use cloudless_network::netns::run_in;
+use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialer, ServiceProxy, Stream};
+use cloudless_network::services::{
+    Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
+};
+use cloudless_network::{AttachRequest, Bandwidth, EgressRule, NodeNetwork, NodeNetworkConfig};
+use cloudless_overlay::{Overlay, OverlayConfig, OverlayTls, StaticResolver};
+use cloudless_pki::{ClusterCa, Identity};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// MiB sent per bulk transfer.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+    /// Round trips per latency row.
+    #[arg(long, default_value_t = 5000)]
+    round_trips: usize,
+    /// Seconds of new connections per row.
+    #[arg(long, default_value_t = 3)]
+    connect_seconds: u64,
+}
+
+const SINK: u16 = 9000;
+const ECHO: u16 = 9001;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn sh(cmd: &str) {
+    let _ = Command::new("sh").args(["-c", cmd]).status();
+}
+
+fn node_config(dir: &Path, n: u8) -> NodeNetworkConfig {
+    NodeNetworkConfig {
+        subnet: format!("10.250.{n}.0/24").parse().expect("net"),
+        internal: vec!["10.250.0.0/16".parse().expect("net")],
+        bridge: format!("clbn{n}"),
+        cni_bin_dir: "/usr/lib/cni".into(),
+        state_dir: dir.join(format!("node{n}")),
+        netns_dir: dir.join(format!("netns{n}")),
+        chain_prefix: format!("CLBN{n}"),
+        service_cidr: Some("10.250.100.0/24".parse().expect("net")),
+        proxy_port: 7681,
+        dns_port: 53,
+    }
+}
+
+fn attach_request(id: &str) -> AttachRequest {
+    AttachRequest {
+        container_id: id.into(),
+        host_ports: vec![],
+        egress: vec![EgressRule::any()],
+        bandwidth: Bandwidth::default(),
+    }
+}
+
+/// A sink (answers with the byte count) and an echo (64-byte messages) in
+/// the namespace at `netns`, on `addr`.
+fn serve(netns: &Path, addr: Ipv4Addr) -> anyhow::Result<()> {
+    for (port, echo) in [(SINK, false), (ECHO, true)] {
+        let l = run_in(netns, move || {
+            let l = std::net::TcpListener::bind((addr, port)).map_err(|e| e.to_string())?;
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Ok(l)
+        })?;
+        let l = TcpListener::from_std(l)?;
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    if echo {
+                        let mut buf = [0u8; 64];
+                        while s.read_exact(&mut buf).await.is_ok() {
+                            if s.write_all(&buf).await.is_err() {
+                                break;
+                            }
+                        }
+                    } else {
+                        let mut buf = vec![0u8; 1 << 16];
+                        let mut n = 0u64;
+                        while let Ok(k) = s.read(&mut buf).await {
+                            if k == 0 {
+                                break;
+                            }
+                            n += k as u64;
+                        }
+                        let _ = s.write_all(&n.to_be_bytes()).await;
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Dials endpoints on node B through the overlay from A.
+struct OverlayDialer {
+    overlay: Overlay,
+}
+
+impl Dialer for OverlayDialer {
+    fn dial<'a>(&'a self, e: &'a Endpoint, port: u16, caller: &'a Caller) -> DialFuture<'a> {
+        Box::pin(async move {
+            let target = cloudless_agent::mesh::service_target(&e.replica_id, port, caller);
+            let s = self
+                .overlay
+                .open(&Identity::Node(e.node_id.clone()), &target)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(s) as Stream)
+        })
+    }
+}
+
+fn overlay(ca: &ClusterCa, id: &str, resolver: StaticResolver) -> anyhow::Result<Overlay> {
+    let me = Identity::Node(id.into());
+    let issued = ca.issue(&me, &[], 3600, now())?;
+    let key = issued
+        .key_pem
+        .ok_or_else(|| anyhow::anyhow!("no key issued"))?;
+    let (tls, _) = OverlayTls::new(ca.cert_pem(), &issued.cert_pem, key)?;
+    let config = OverlayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..OverlayConfig::default()
+    };
+    Ok(Overlay::bind(config, tls, me, Arc::new(resolver))?)
+}
+
+async fn bulk<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, mib: usize) -> anyhow::Result<f64> {
+    let chunk = vec![7u8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..mib {
+        s.write_all(&chunk).await?;
+    }
+    s.shutdown().await?;
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).await?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        u64::from_be_bytes(n) == (mib as u64) << 20,
+        "the sink counted {} bytes",
+        u64::from_be_bytes(n)
+    );
+    Ok(mib as f64 * 8.0 / 1024.0 / secs)
+}
+
+async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    n: usize,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (msg, mut back) = ([1u8; 64], [0u8; 64]);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+        h.record(t.elapsed().as_micros().max(1) as u64)?;
+    }
+    Ok(h)
+}
+
+/// Where a path's connections go, and from which namespace.
+#[derive(Clone)]
+enum Path2 {
+    /// TCP from the namespace at the path to this address.
+    Tcp(PathBuf, Ipv4Addr),
+    /// An overlay stream from A to the target on B.
+    Overlay(Arc<Overlay>, String),
+}
+
+/// One row: throughput, round trips, connections per second.
+struct Row {
+    gbps: f64,
+    rtt: Histogram<u64>,
+    conns_per_s: f64,
+}
+
+async fn connect(
+    path: &Path2,
+    port: u16,
+) -> anyhow::Result<Box<dyn cloudless_network::proxy::AsyncStream>> {
+    Ok(match path {
+        Path2::Tcp(netns, addr) => {
+            let to = SocketAddr::from((*addr, port));
+            let s = run_in(netns, move || {
+                let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                    .map_err(|e| format!("{to}: {e}"))?;
+                s.set_nodelay(true).map_err(|e| e.to_string())?;
+                s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                Ok(s)
+            })?;
+            Box::new(TcpStream::from_std(s)?)
+        }
+        Path2::Overlay(o, target) => {
+            let t = target.replace("{port}", &port.to_string());
+            Box::new(o.open(&Identity::Node("B".into()), &t).await?)
+        }
+    })
+}
+
+async fn measure(path: &Path2, args: &Args) -> anyhow::Result<Row> {
+    let gbps = bulk(connect(path, SINK).await?, args.mib).await?;
+    let rtt = round_trips(connect(path, ECHO).await?, args.round_trips).await?;
+    let deadline = Instant::now() + Duration::from_secs(args.connect_seconds);
+    let started = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let mut s = connect(path, ECHO).await?;
+        let (msg, mut back) = ([1u8; 64], [0u8; 64]);
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+        drop(s);
+        n += 1;
+    }
+    Ok(Row {
+        gbps,
+        rtt,
+        conns_per_s: n as f64 / started.elapsed().as_secs_f64(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    sh("ip netns del clbn-out 2>/dev/null; ip link del clbn-h 2>/dev/null; ip link del clbn1 2>/dev/null; ip link del clbn2 2>/dev/null");
+    let a = NodeNetwork::open(node_config(dir.path(), 1)).await?;
+    let b = NodeNetwork::open(node_config(dir.path(), 2)).await?;
+    let client = a.attach(&attach_request("bench-client")).await?;
+    let server_a = a.attach(&attach_request("bench-server-a")).await?;
+    let server_b = b.attach(&attach_request("bench-server-b")).await?;
+    serve(&server_a.netns, server_a.address)?;
+    serve(&server_b.netns, server_b.address)?;
+    // Outside: a namespace joined to the host by a veth.
+    sh(
+        "ip netns add clbn-out && ip link add clbn-h type veth peer name clbn-o netns clbn-out \
+        && ip addr add 10.250.200.1/30 dev clbn-h && ip link set clbn-h up \
+        && ip -n clbn-out addr add 10.250.200.2/30 dev clbn-o && ip -n clbn-out link set clbn-o up \
+        && ip -n clbn-out link set lo up",
+    );
+
+    // The overlay: B connects service streams to its replica.
+    let ca = ClusterCa::generate("bench", now())?;
+    let caller = Caller::Workload {
+        namespace: "bench".into(),
+        workload: "client".into(),
+    };
+    let mut resolver = StaticResolver::default();
+    for port in [SINK, ECHO] {
+        for c in [&caller, &Caller::Ingress] {
+            resolver = resolver.with(
+                &cloudless_agent::mesh::service_target("bench-server-b", port, c),
+                SocketAddr::from((server_b.address, port)),
+            );
+        }
+    }
+    let oa = Arc::new(overlay(&ca, "A", StaticResolver::default())?);
+    let ob = overlay(&ca, "B", resolver)?;
+    oa.set_peer(Identity::Node("B".into()), vec![ob.local_addr()?]);
+
+    let vip_a: Ipv4Addr = "10.250.100.10".parse()?;
+    let vip_b: Ipv4Addr = "10.250.100.11".parse()?;
+    let service = |name: &str, vip, replica: &str, node: &str, addr| Service {
+        namespace: "bench".into(),
+        name: name.into(),
+        vip,
+        ports: vec![
+            ServicePort {
+                port: SINK,
+                udp: false,
+            },
+            ServicePort {
+                port: ECHO,
+                udp: false,
+            },
+        ],
+        policy: LoadBalancing::RoundRobin,
+        allow_from: vec![],
+        weights: BTreeMap::new(),
+        endpoints: vec![Endpoint {
+            replica_id: replica.into(),
+            node_id: node.into(),
+            address: Some(addr),
+            zone: String::new(),
+            region: String::new(),
+        }],
+    };
+    let services = SharedServices::default();
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![
+            service("on-a", vip_a, "bench-server-a", "A", server_a.address),
+            service("on-b", vip_b, "bench-server-b", "B", server_b.address),
+        ],
+    ));
+    let client_ip = client.address;
+    let who = caller.clone();
+    let proxy = ServiceProxy::new(
+        services,
+        Here {
+            node_id: "A".into(),
+            ..Here::default()
+        },
+        Arc::new(BridgeDialer {
+            node_id: "A".into(),
+            remote: OverlayDialer {
+                overlay: (*oa).clone(),
+            },
+        }),
+        Arc::new(move |ip| (ip == std::net::IpAddr::V4(client_ip)).then(|| who.clone())),
+    );
+    let l = TcpListener::bind((a.gateway(), 7681)).await?;
+    tokio::spawn(proxy.clone().serve_vips(l));
+    for port in [SINK, ECHO] {
+        let l = TcpListener::bind(("10.250.200.1", port)).await?;
+        tokio::spawn(
+            proxy
+                .clone()
+                .serve_ingress(l, "bench".into(), "on-a".into(), port),
+        );
+    }
+
+    let outside = PathBuf::from("/var/run/netns/clbn-out");
+    let overlay_target = cloudless_agent::mesh::service_target("bench-server-b", 0, &caller)
+        .replace(":0@", ":{port}@");
+    let paths = [
+        (
+            "direct, replica to replica over the bridge (baseline)",
+            Path2::Tcp(client.netns.clone(), server_a.address),
+        ),
+        (
+            "service VIP, same node",
+            Path2::Tcp(client.netns.clone(), vip_a),
+        ),
+        (
+            "raw overlay stream A to B (cross-node baseline)",
+            Path2::Overlay(oa.clone(), overlay_target),
+        ),
+        (
+            "service VIP, across nodes (overlay)",
+            Path2::Tcp(client.netns.clone(), vip_b),
+        ),
+        (
+            "ingress from outside to a replica on the ingress node",
+            Path2::Tcp(outside, "10.250.200.1".parse()?),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (label, p) in &paths {
+        let r = measure(p, &args).await?;
+        eprintln!(
+            "{label}: {:.2} Gbit/s, p50 {} us",
+            r.gbps,
+            r.rtt.value_at_quantile(0.5)
+        );
+        rows.push((*label, r));
+    }
+    println!(
+        "\nOne connection each: bulk {} MiB, {} round trips of 64 bytes, new connections for {} s:\n",
+        args.mib, args.round_trips, args.connect_seconds
+    );
+    println!("| path | Gbit/s | p50 us | p99 us | new connections/s |");
+    println!("|---|---:|---:|---:|---:|");
+    for (label, r) in &rows {
+        println!(
+            "| {label} | {:.2} | {} | {} | {:.0} |",
+            r.gbps,
+            r.rtt.value_at_quantile(0.5),
+            r.rtt.value_at_quantile(0.99),
+            r.conns_per_s
+        );
+    }
+    let p50 = |i: usize| rows[i].1.rtt.value_at_quantile(0.5) as f64;
+    println!("\nAgainst the targets:\n");
+    println!(
+        "- same-node service path: {:.0}% of direct throughput (target at least 80%), {:+.0} us p50 (target at most +50)",
+        100.0 * rows[1].1.gbps / rows[0].1.gbps,
+        p50(1) - p50(0)
+    );
+    println!(
+        "- cross-node service path: {:.0}% of the raw overlay stream's throughput (target within 10%), {:+.0} us p50",
+        100.0 * rows[3].1.gbps / rows[2].1.gbps,
+        p50(3) - p50(2)
+    );
+    println!(
+        "- ingress: {:+.0} us p50 over direct (target at most +200)",
+        p50(4) - p50(0)
+    );
+
+    for id in ["bench-client", "bench-server-a"] {
+        a.detach(id).await?;
+    }
+    b.detach("bench-server-b").await?;
+    a.uninstall().await?;
+    b.uninstall().await?;
+    sh("ip netns del clbn-out; ip link del clbn-h 2>/dev/null; ip link del clbn1; ip link del clbn2");
+    for n in [1, 2] {
+        sh(&format!(
+            "umount -l {}",
+            dir.path().join(format!("netns{n}")).display()
+        ));
+    }
+    Ok(())
+}
