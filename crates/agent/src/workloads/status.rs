@@ -22,6 +22,8 @@ pub(crate) fn status(
         exit_code,
         restarts,
         message,
+        // Empty: unchanged. Set once replicas get their own network.
+        address: String::new(),
     }
 }
 
