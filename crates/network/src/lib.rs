@@ -21,6 +21,7 @@ mod node;
 pub mod proxy;
 mod routes;
 pub mod services;
+pub mod splice;
 
 pub use error::NetworkError;
 pub use firewall::EgressRule;

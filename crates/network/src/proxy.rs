@@ -29,8 +29,29 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
 /// A boxed stream to an endpoint.
 pub type Stream = Box<dyn AsyncStream>;
 
+/// A connection to an endpoint.
+pub enum Dialed {
+    /// A TCP connection (an endpoint on this node): bytes are spliced
+    /// between the two sockets inside the kernel.
+    Tcp(TcpStream),
+    /// Any other stream (the overlay): bytes are copied.
+    Stream(Stream),
+}
+
 /// What a dial returns.
-pub type DialFuture<'a> = Pin<Box<dyn Future<Output = Result<Stream, String>> + Send + 'a>>;
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = Result<Dialed, String>> + Send + 'a>>;
+
+impl std::fmt::Debug for Dialed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(t) => f.debug_tuple("Tcp").field(t).finish(),
+            Self::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+/// Buffer per direction when copying to and from a stream.
+const COPY_BUFFER: usize = 256 * 1024;
 
 /// Who opens a connection to a service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -79,7 +100,7 @@ const MAX_CONNECTIONS: usize = 16_384;
 pub struct ServiceProxy {
     services: SharedServices,
     balancer: Balancer,
-    here: Here,
+    here: Mutex<Here>,
     open: Mutex<HashMap<String, usize>>,
     dialer: Arc<dyn Dialer>,
     callers: CallerLookup,
@@ -88,9 +109,7 @@ pub struct ServiceProxy {
 
 impl std::fmt::Debug for ServiceProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceProxy")
-            .field("here", &self.here)
-            .finish_non_exhaustive()
+        f.debug_struct("ServiceProxy").finish_non_exhaustive()
     }
 }
 
@@ -124,12 +143,17 @@ impl ServiceProxy {
         Arc::new(Self {
             services,
             balancer: Balancer::default(),
-            here,
+            here: Mutex::new(here),
             open: Mutex::default(),
             dialer,
             callers,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         })
+    }
+
+    /// Where this node is (its zone and region may change with its labels).
+    pub fn set_here(&self, here: Here) {
+        *self.here.lock().unwrap_or_else(PoisonError::into_inner) = here;
     }
 
     /// Open connections from this node, by replica.
@@ -236,9 +260,12 @@ impl ServiceProxy {
         }
         let _ = conn.set_nodelay(true);
         let mut errors = Vec::new();
-        let order = self
-            .balancer
-            .order(svc, &self.here, &self.open_connections());
+        let here = self
+            .here
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let order = self.balancer.order(svc, &here, &self.open_connections());
         if order.is_empty() {
             return Err(format!(
                 "{}/{} has no Ready endpoint",
@@ -272,8 +299,24 @@ impl ServiceProxy {
                 open: &self.open,
                 replica: e.replica_id.clone(),
             };
+            let copy = async {
+                match &mut upstream {
+                    Dialed::Tcp(t) => {
+                        let _ = crate::splice::splice_bidirectional(&conn, t).await;
+                    }
+                    Dialed::Stream(s) => {
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut conn,
+                            s,
+                            COPY_BUFFER,
+                            COPY_BUFFER,
+                        )
+                        .await;
+                    }
+                }
+            };
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream) => {}
+                () = copy => {}
                 () = self.left(svc.vip, &e.replica_id) => {
                     tracing::info!(replica = %e.replica_id, service = %svc.name, "cut a connection to an endpoint that left its service");
                 }
@@ -330,7 +373,7 @@ impl<R: Dialer> Dialer for BridgeDialer<R> {
                         .await
                         .map_err(|err| format!("{addr}:{port}: {err}"))?;
                     let _ = s.set_nodelay(true);
-                    Ok(Box::new(s) as Stream)
+                    Ok(Dialed::Tcp(s))
                 }
                 _ => self.remote.dial(e, port, caller).await,
             }
