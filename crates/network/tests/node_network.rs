@@ -714,3 +714,166 @@ fn dns_a(server: SocketAddr, name: &str) -> Result<Option<Ipv4Addr>, String> {
     Ok((answers == 1 && n >= 4)
         .then(|| Ipv4Addr::new(buf[n - 4], buf[n - 3], buf[n - 2], buf[n - 1])))
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_hold_over_real_connections_through_the_vip() {
+    use cloudless_network::balancer::Here;
+    use cloudless_network::proxy::{Caller, ServiceProxy};
+    use cloudless_network::services::{
+        Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
+    };
+    let Some(site) = Site::new(6) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    // Three replicas "in" zones a, a and b (all on this node), a caller in a.
+    let names = [
+        ID("cldt6-a1"),
+        ID("cldt6-a2"),
+        ID("cldt6-b1"),
+        ID("cldt6-web"),
+    ];
+    let mut atts = Vec::new();
+    for n in &names {
+        atts.push(net.attach(&request(n)).await.expect("attach"));
+    }
+    for (i, zone_name) in ["a1", "a2", "b1"].iter().enumerate() {
+        serve_name(
+            &atts[i].netns,
+            SocketAddr::from((atts[i].address, 8080)),
+            zone_name,
+        );
+    }
+    let vip = Ipv4Addr::new(10, 252, 6, 10);
+    let service = |policy, weights: &[(&str, u32)]| Service {
+        namespace: "default".into(),
+        name: "api".into(),
+        vip,
+        ports: vec![ServicePort {
+            port: 8080,
+            udp: false,
+        }],
+        policy,
+        allow_from: vec![],
+        weights: weights.iter().map(|(z, w)| ((*z).to_owned(), *w)).collect(),
+        endpoints: ["a", "a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, zone)| Endpoint {
+                replica_id: names[i].clone(),
+                // Not this node: locality must choose by zone.
+                node_id: format!("n{i}"),
+                address: Some(atts[i].address),
+                zone: (*zone).into(),
+                region: "eu".into(),
+            })
+            .collect(),
+    };
+    let services = SharedServices::default();
+    let caller_ip = atts[3].address;
+    let proxy = ServiceProxy::new(
+        services.clone(),
+        Here {
+            node_id: "here".into(),
+            zone: "a".into(),
+            region: "eu".into(),
+        },
+        // Every endpoint answers over the bridge (all run on this host).
+        std::sync::Arc::new(LocalDialer),
+        std::sync::Arc::new(move |ip| {
+            (ip == std::net::IpAddr::V4(caller_ip)).then(|| Caller::Workload {
+                namespace: "default".into(),
+                workload: "web".into(),
+            })
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind((net.gateway(), 7681))
+        .await
+        .expect("listen");
+    let task = tokio::spawn(proxy.clone().serve_vips(listener));
+    let to = SocketAddr::from((vip, 8080));
+    let web = atts[3].netns.clone();
+    let count = |n: usize| {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let got = fetch(&web, to).expect("through the VIP");
+            *seen.entry(got).or_default() += 1;
+        }
+        seen
+    };
+
+    // Locality: zone-a callers stay on zone-a replicas while one is Ready.
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![service(LoadBalancing::Locality, &[])],
+    ));
+    let seen = count(40);
+    assert_eq!(seen.get("b1"), None, "{seen:?}");
+    assert_eq!((seen["a1"], seen["a2"]), (20, 20));
+
+    // Weighted: a:b = 1:2 per zone weight (a1, a2 weigh 1 each, b1 2)
+    // over 1,000 connections, within 10%.
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![service(LoadBalancing::Weighted, &[("a", 1), ("b", 2)])],
+    ));
+    let seen = count(1000);
+    for (name, want) in [("a1", 250.0), ("a2", 250.0), ("b1", 500.0)] {
+        let got = seen.get(name).copied().unwrap_or(0) as f64;
+        assert!(
+            (got - want).abs() <= want * 0.1,
+            "{name}: {got} of 1000, want {want}: {seen:?}"
+        );
+    }
+
+    // Least connections: 30 long-lived connections spread within one of even.
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![service(LoadBalancing::LeastConnections, &[])],
+    ));
+    let mut held = Vec::new();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..30 {
+        let (name, conn) = run_in(&web, move || {
+            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .map_err(|e| e.to_string())?;
+            c.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
+            let mut line = [0u8; 32];
+            let n = c.read(&mut line).map_err(|e| e.to_string())?;
+            Ok((String::from_utf8_lossy(&line[..n]).trim().to_owned(), c))
+        })
+        .expect("connect");
+        *seen.entry(name).or_default() += 1;
+        held.push(conn);
+        // The proxy counts it once it has dialed (before the first byte).
+    }
+    let (min, max) = (seen.values().min().copied(), seen.values().max().copied());
+    assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{seen:?}");
+    assert_eq!(proxy.open_connections().values().sum::<usize>(), 30);
+    drop(held);
+
+    task.abort();
+    for n in &names {
+        net.detach(n).await.expect("detach");
+    }
+    net.uninstall().await.expect("uninstall");
+}
+
+/// Dials every endpoint at its address (all run on this host).
+struct LocalDialer;
+
+impl cloudless_network::proxy::Dialer for LocalDialer {
+    fn dial<'a>(
+        &'a self,
+        e: &'a cloudless_network::services::Endpoint,
+        port: u16,
+        _caller: &'a cloudless_network::proxy::Caller,
+    ) -> cloudless_network::proxy::DialFuture<'a> {
+        Box::pin(async move {
+            let a = e.address.ok_or("no address")?;
+            let s = tokio::net::TcpStream::connect((a, port))
+                .await
+                .map_err(|err| err.to_string())?;
+            Ok(cloudless_network::proxy::Dialed::Tcp(s))
+        })
+    }
+}
