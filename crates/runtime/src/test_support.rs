@@ -19,6 +19,7 @@ pub const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "mkdir", "id", "touch", "ls", "true", "false", "grep", "head",
     "wc", "yes", "dd", "rm", "env", "httpd", "nc", "od", "wget", "nslookup", "ip", "hostname",
+    "awk", "tail", "cut", "sed", "tr",
 ];
 
 fn tar_bytes(

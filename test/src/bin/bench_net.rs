@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use cloudless_network::balancer::Here;
 use cloudless_network::netns::run_in;
-use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialer, ServiceProxy, Stream};
+use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialed, Dialer, ServiceProxy};
 use cloudless_network::services::{
     Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
 };
@@ -138,7 +138,7 @@ impl Dialer for OverlayDialer {
                 .open(&Identity::Node(e.node_id.clone()), &target)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(Box::new(s) as Stream)
+            Ok(Dialed::Stream(Box::new(s)))
         })
     }
 }
