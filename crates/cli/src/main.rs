@@ -51,7 +51,7 @@ enum Cmd {
     Admin(admin::AdminCmd),
     /// Create or update the workload in a manifest (YAML or JSON).
     Apply(workload::ApplyArgs),
-    /// List workloads (or show one), nodes, or replicas.
+    /// List workloads (or show one), nodes, replicas, or services.
     Get(workload::GetArgs),
     /// Delete a workload.
     Delete(workload::DeleteArgs),
@@ -64,7 +64,8 @@ enum Cmd {
     /// Enrolled nodes.
     #[command(subcommand)]
     Node(node::NodeCmd),
-    /// A workload's spec, status and replicas (with node and state).
+    /// A workload's spec, status and replicas (with node and state), or a
+    /// service's address, name, policy and endpoints.
     Describe(describe::DescribeArgs),
     /// Rollout progress of a workload.
     #[command(subcommand)]

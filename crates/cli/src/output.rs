@@ -16,7 +16,8 @@ pub(crate) enum Output {
     Json,
     Yaml,
     /// A table with more columns where a command has them (`get replicas`:
-    /// ADDRESS; `get nodes`: SUBNET), else the table.
+    /// ADDRESS; `get nodes`: SUBNET; `get services`: ALLOW-FROM, INGRESS),
+    /// else the table.
     Wide,
 }
 

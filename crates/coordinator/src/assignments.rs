@@ -1,10 +1,10 @@
 //! What a node is told on its assignment watch: its replicas, the Ready
 //! endpoints of the workloads they name as upstreams, which nodes may call
-//! its workloads, and its replica network. Read from the applied state
-//! alone.
+//! its workloads, its replica network, and the cluster's services. Read
+//! from the applied state alone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cloudless_proto::v1::{
     Assignment, AssignmentSet, InboundSet, NodeNetwork, UpstreamEndpoint, UpstreamSet,
@@ -13,10 +13,12 @@ use cloudless_state::StateReader;
 use cloudless_types::{NetworkConfig, ReplicaState};
 
 use crate::error::CoordinatorError;
+use crate::revision_cache::RevisionCache;
+use crate::services::ClusterServices;
 
 /// What a node is told: its assignments (by replica id), the endpoints of
-/// the workloads they name as upstreams, who may call its workloads, and
-/// its replica network.
+/// the workloads they name as upstreams, who may call its workloads, its
+/// replica network and the cluster's services.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NodeView {
     /// Its replicas, by replica id.
@@ -28,6 +30,11 @@ pub(crate) struct NodeView {
     /// Its subnet and the cluster's network settings; `None` while it has
     /// no subnet.
     pub(crate) network: Option<NodeNetwork>,
+    /// Every service with its endpoints, who runs what, the ingress nodes
+    /// (the same for every node at one revision).
+    pub(crate) services: Arc<ClusterServices>,
+    /// Whether this node is labelled for ingress.
+    pub(crate) ingress: bool,
 }
 
 impl NodeView {
@@ -39,6 +46,10 @@ impl NodeView {
             upstreams: self.upstreams.clone(),
             inbound: self.inbound.clone(),
             network: self.network.clone(),
+            services: self.services.services.clone(),
+            runs: self.services.runs.clone(),
+            ingress_node_ids: self.services.ingress_node_ids.clone(),
+            ingress: self.ingress,
         }
     }
 }
@@ -58,32 +69,15 @@ pub(crate) fn node_network(subnet: &str, network: &NetworkConfig) -> NodeNetwork
 /// namespace) that lists it as an upstream.
 pub(crate) type Callers = BTreeMap<(String, String), BTreeSet<String>>;
 
-/// Who calls each workload through upstreams, at a state revision:
-/// computed once per change for every agent's assignment watch.
+/// What every assignment watch on a coordinator shares: the parts of the
+/// views that are the same for every node, each computed once per state
+/// revision.
 #[derive(Debug, Default)]
-pub(crate) struct CallersCache(Mutex<Option<(u64, Arc<Callers>)>>);
-
-impl CallersCache {
-    /// The cached callers map, if computed at `revision`; else `compute`s
-    /// and caches it.
-    fn at<E>(
-        &self,
-        revision: u64,
-        compute: impl FnOnce() -> Result<Callers, E>,
-    ) -> Result<Arc<Callers>, E> {
-        let mut cached = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((r, c)) = cached.as_ref() {
-            if *r == revision {
-                return Ok(c.clone());
-            }
-        }
-        let c = Arc::new(compute()?);
-        *cached = Some((revision, c.clone()));
-        Ok(c)
-    }
+pub(crate) struct WatchCaches {
+    /// Who calls each workload through upstreams.
+    callers: RevisionCache<Callers>,
+    /// The cluster's services.
+    services: RevisionCache<ClusterServices>,
 }
 
 fn callers(reader: &StateReader) -> Result<Callers, CoordinatorError> {
@@ -126,11 +120,12 @@ fn inbound(callers: &Callers, local: &BTreeSet<(String, String)>) -> Vec<Inbound
 }
 
 /// The node's assignments, ordered by replica id, the endpoints of the
-/// workloads they name as upstreams, who may call them, and its network.
-/// At state `revision` (the callers map is shared by every watch at it).
+/// workloads they name as upstreams, who may call them, its network and
+/// the cluster's services. At state `revision` (the callers map and the
+/// services are shared by every watch at it).
 pub(crate) fn assignments(
     reader: &StateReader,
-    callers_cache: &CallersCache,
+    caches: &WatchCaches,
     node_id: &str,
     revision: u64,
 ) -> Result<NodeView, CoordinatorError> {
@@ -142,7 +137,7 @@ pub(crate) fn assignments(
     let inbound = if local.is_empty() {
         Vec::new()
     } else {
-        let map: Arc<Callers> = callers_cache.at(revision, || callers(reader))?;
+        let map: Arc<Callers> = caches.callers.at(revision, || callers(reader))?;
         inbound(&map, &local)
     };
     let upstreams = upstream_sets(reader, &replicas)?;
@@ -156,6 +151,10 @@ pub(crate) fn assignments(
             spec: Some(r.spec.into()),
         })
         .collect();
+    let services = caches
+        .services
+        .at(revision, || ClusterServices::read(reader))?;
+    let ingress = services.ingress_labelled.contains(node_id);
     let network = match reader.node(node_id)?.and_then(|n| n.subnet) {
         Some(subnet) => {
             let config = reader
@@ -171,6 +170,8 @@ pub(crate) fn assignments(
         upstreams,
         inbound,
         network,
+        services,
+        ingress,
     })
 }
 
@@ -315,7 +316,7 @@ mod tests {
         )
         .await;
         let reader = sm.reader();
-        let cache = CallersCache::default();
+        let cache = WatchCaches::default();
         let view = assignments(&reader, &cache, "n2", 1).expect("view");
         let network = view.network.clone().expect("n2 has a subnet");
         assert_eq!(network.subnet, "10.244.1.0/24");
@@ -361,6 +362,7 @@ mod tests {
             updated_at_ms: 0,
             template: 0,
             revisions: Vec::new(),
+            vip: None,
         };
         let (db, web) = (workload("db", None), workload("web", Some("db")));
         let token = JoinTokenRecord {
@@ -384,6 +386,7 @@ mod tests {
             commands.push(Command::PutWorkload {
                 workload: w.clone(),
                 cause: "apply".into(),
+                assign_vip: true,
             });
         }
         commands.push(Command::PlaceReplicas {

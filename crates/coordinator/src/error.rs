@@ -193,8 +193,15 @@ impl From<CoordinatorError> for Status {
                 }
                 Rejection::SecretConflict(_) => Code::Aborted,
                 Rejection::AdminRevoked { .. } => Code::PermissionDenied,
-                Rejection::SubnetsExhausted { .. } => Code::ResourceExhausted,
-                Rejection::SubnetInUse { .. } => Code::FailedPrecondition,
+                Rejection::SubnetsExhausted { .. } | Rejection::VipsExhausted { .. } => {
+                    Code::ResourceExhausted
+                }
+                Rejection::SubnetInUse { .. } | Rejection::VipInUse { .. } => {
+                    Code::FailedPrecondition
+                }
+                // A field of the request conflicts with the state: invalid,
+                // with the field as a violation (below).
+                Rejection::IngressPortTaken { .. } => Code::InvalidArgument,
             },
             CoordinatorError::Token(_) => Code::Unauthenticated,
             CoordinatorError::Pki(p) => match p {
@@ -254,6 +261,16 @@ impl From<CoordinatorError> for Status {
                     .iter()
                     .map(|f| (f.field.as_str(), f.problem.as_str())),
             ),
+            CoordinatorError::Rejected(Rejection::IngressPortTaken { field, .. }) => {
+                let problem = msg
+                    .strip_prefix(&format!("{field}: "))
+                    .unwrap_or(&msg)
+                    .to_owned();
+                cloudless_client::errors::invalid_fields(
+                    msg.clone(),
+                    [(field.as_str(), problem.as_str())],
+                )
+            }
             _ => Status::new(code, msg),
         };
         if let CoordinatorError::NotLeader {
@@ -348,11 +365,47 @@ mod tests {
                 Code::FailedPrecondition,
             ),
         ];
+        let cases = cases.into_iter().chain([
+            (
+                CoordinatorError::Rejected(Rejection::VipsExhausted {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    service_cidr: "10.96.0.0/30".into(),
+                }),
+                Code::ResourceExhausted,
+            ),
+            (
+                CoordinatorError::Rejected(Rejection::VipInUse {
+                    workload: "default/web".into(),
+                    vip: "10.96.0.2".into(),
+                    service_cidr: "10.97.0.0/16".into(),
+                }),
+                Code::FailedPrecondition,
+            ),
+        ]);
         for (e, code) in cases {
             let s = Status::from(e);
             assert_eq!(s.code(), code, "{}", s.message());
             assert!(field_violations(&s).is_empty());
         }
+        // A taken ingress port is the request's field.
+        let s = Status::from(CoordinatorError::Rejected(Rejection::IngressPortTaken {
+            field: "spec.ports[0].ingressPort".into(),
+            port: 80,
+            holder: "default/web".into(),
+        }));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "spec.ports[0].ingressPort: 80 is taken by default/web"
+        );
+        assert_eq!(
+            field_violations(&s),
+            [(
+                "spec.ports[0].ingressPort".to_owned(),
+                "80 is taken by default/web".to_owned()
+            )]
+        );
         let s = Status::from(CoordinatorError::InvalidArgument(
             "replicas[3].replica_id: must be 1 to 256 characters".into(),
         ));

@@ -525,6 +525,16 @@ async fn pass(
         handle.write(None, assign).await?;
         entries += 1;
     }
+    if let Some(assign) = crate::service_vips::assign_missing(&workloads, &cluster.config.network) {
+        if let Command::AssignServiceVips { workloads } = &assign {
+            tracing::info!(
+                workloads = workloads.len(),
+                "giving service VIPs to workloads stored before services existed"
+            );
+        }
+        handle.write(None, assign).await?;
+        entries += 1;
+    }
     let (decision, unplaced) = decide(
         &workloads,
         &replicas,
@@ -754,6 +764,7 @@ mod tests {
             updated_at_ms: 0,
             template,
             revisions: Vec::new(),
+            vip: None,
         }
     }
 

@@ -31,6 +31,12 @@ pub(crate) fn node_zone(n: &NodeRecord) -> String {
     first_label(&node_labels(n), &ZONE_LABELS)
 }
 
+/// The region placement sees for `n` (the first of [`REGION_LABELS`] it
+/// has).
+pub(crate) fn node_region(n: &NodeRecord) -> String {
+    first_label(&node_labels(n), &REGION_LABELS)
+}
+
 fn first_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> String {
     keys.iter()
         .find_map(|k| labels.get(*k))
@@ -144,6 +150,7 @@ mod tests {
             updated_at_ms: 0,
             template: 1,
             revisions: Vec::new(),
+            vip: None,
         }
     }
 

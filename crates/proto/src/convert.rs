@@ -74,6 +74,7 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                     legacy_protocol: p.protocol.name().into(),
                     protocol: Some(v1::Protocol::wire(p.protocol)),
                     host_port: u32::from(p.host_port),
+                    ingress_port: u32::from(p.ingress_port),
                 })
                 .collect(),
             security_context: Some(security_to_wire(s.security_context)),
@@ -136,7 +137,38 @@ impl From<t::WorkloadSpec> for v1::WorkloadSpec {
                 reconcile: Some(v1::ReconnectPolicy::wire(s.disconnect.reconcile)),
             }),
             egress: s.egress.map(Into::into),
+            service: Some(s.service.into()),
         }
+    }
+}
+
+impl From<t::ServiceSpec> for v1::ServiceSpec {
+    fn from(s: t::ServiceSpec) -> Self {
+        Self {
+            load_balancing: Some(v1::LoadBalancing::wire(s.load_balancing)),
+            allow_from: s.allow_from,
+            zone_weights: s.zone_weights.into_iter().collect(),
+        }
+    }
+}
+
+/// A service section from the wire: an unset policy is the default; the
+/// rest is checked by validation (`ServiceSpec::validate_into`).
+fn service_from_wire(
+    s: v1::ServiceSpec,
+    path: &str,
+    errs: &mut t::ValidationErrors,
+) -> t::ServiceSpec {
+    t::ServiceSpec {
+        load_balancing: defaulted::<v1::LoadBalancing>(
+            s.load_balancing,
+            "",
+            &format!("{path}.loadBalancing"),
+            t::LoadBalancing::default(),
+            errs,
+        ),
+        allow_from: s.allow_from,
+        zone_weights: s.zone_weights.into_iter().collect(),
     }
 }
 
@@ -309,6 +341,11 @@ fn container_from_wire(
                 errs,
             ),
             host_port: port_from_wire(p.host_port, &format!("{path}.ports[{i}].hostPort"), errs),
+            ingress_port: port_from_wire(
+                p.ingress_port,
+                &format!("{path}.ports[{i}].ingressPort"),
+                errs,
+            ),
         })
         .collect();
     let security = s
@@ -523,6 +560,9 @@ pub fn spec_from_wire(
         egress: s
             .egress
             .map(|e| egress_from_wire(e, &format!("{path}.egress"), errs)),
+        service: s.service.map_or_else(t::ServiceSpec::default, |v| {
+            service_from_wire(v, &format!("{path}.service"), errs)
+        }),
     }
 }
 
@@ -557,6 +597,7 @@ impl From<t::Workload> for v1::Workload {
                 ..Default::default()
             }),
             template: w.template,
+            vip: w.vip.unwrap_or_default(),
         }
     }
 }
@@ -587,6 +628,7 @@ pub fn workload_from_wire(w: Option<v1::Workload>) -> Result<t::Workload, t::Val
         updated_at_ms: 0,
         template: 0,
         revisions: Vec::new(),
+        vip: None,
     };
     if let Err(e) = workload.validate() {
         errs.0.extend(e.0);

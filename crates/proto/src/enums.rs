@@ -87,6 +87,10 @@ wire_enum!(RolloutStrategy => t::RolloutStrategy {
 });
 wire_enum!(LogStream => t::LogStream { Stdout => Stdout, Stderr => Stderr, Error => Error });
 wire_enum!(ObjectKind => t::ObjectKind { Workload => Workload, Node => Node });
+wire_enum!(LoadBalancing => t::LoadBalancing {
+    RoundRobin => RoundRobin, LeastConnections => LeastConnections,
+    Locality => Locality, Weighted => Weighted,
+});
 
 fn wire_names<W: WireEnum>() -> String {
     W::PAIRS
@@ -313,6 +317,7 @@ mod tests {
         check::<v1::RolloutStrategy>();
         check::<v1::LogStream>();
         check::<v1::ObjectKind>();
+        check::<v1::LoadBalancing>();
         // UNKNOWN is what coordinators say about a Down node's replica; it
         // is no state an agent may report.
         let e =

@@ -129,6 +129,21 @@ fn egress() -> impl Strategy<Value = t::EgressPolicy> {
     .prop_map(|allow| t::EgressPolicy { allow })
 }
 
+fn service() -> impl Strategy<Value = t::ServiceSpec> {
+    (
+        one_of::<t::LoadBalancing>(),
+        proptest::collection::vec(prop_oneof![word(), Just("*".to_owned())], 0..3),
+        proptest::collection::btree_map(word(), any::<u32>(), 0..3),
+    )
+        .prop_map(
+            |(load_balancing, allow_from, zone_weights)| t::ServiceSpec {
+                load_balancing,
+                allow_from,
+                zone_weights,
+            },
+        )
+}
+
 fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
     let head = (
         word(),
@@ -206,14 +221,22 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
         );
     let containers = (
         proptest::collection::vec(
-            (word(), any::<u16>(), one_of::<t::Protocol>(), any::<u16>()).prop_map(
-                |(name, container_port, protocol, host_port)| t::ContainerPort {
-                    name,
-                    container_port,
-                    protocol,
-                    host_port,
-                },
-            ),
+            (
+                word(),
+                any::<u16>(),
+                one_of::<t::Protocol>(),
+                any::<u16>(),
+                any::<u16>(),
+            )
+                .prop_map(
+                    |(name, container_port, protocol, host_port, ingress_port)| t::ContainerPort {
+                        name,
+                        container_port,
+                        protocol,
+                        host_port,
+                        ingress_port,
+                    },
+                ),
             0..3,
         ),
         proptest::collection::vec(volume(), 0..3),
@@ -268,7 +291,7 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
         proptest::option::of(probe()),
         security,
         containers,
-        proptest::option::of(egress()),
+        (proptest::option::of(egress()), service()),
     )
         .prop_map(
             |(
@@ -280,7 +303,7 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
                 liveness_probe,
                 security_context,
                 (ports, volumes, volume_mounts, disconnect, secret_env, upstreams),
-                egress,
+                (egress, service),
             )| t::WorkloadSpec {
                 image,
                 command,
@@ -304,6 +327,7 @@ fn spec() -> impl Strategy<Value = t::WorkloadSpec> {
                 secret_env,
                 upstreams,
                 egress,
+                service,
             },
         )
 }
@@ -454,13 +478,71 @@ proptest! {
         }
         .into();
         wire.ports[0].host_port = port;
+        wire.ports[0].ingress_port = port;
         if let Some(e) = wire.egress.as_mut() {
             e.allow[0].ports.push(port);
         }
         let mut errs = t::ValidationErrors::default();
         cloudless_proto::spec_from_wire(wire, "spec", &mut errs);
         let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
-        prop_assert_eq!(fields, ["spec.ports[0].hostPort", "spec.egress.allow[0].ports[1]"]);
+        prop_assert_eq!(
+            fields,
+            [
+                "spec.ports[0].hostPort",
+                "spec.ports[0].ingressPort",
+                "spec.egress.allow[0].ports[1]"
+            ]
+        );
+    }
+
+    /// An unset service section, or an unset policy in it, is the default;
+    /// LOAD_BALANCING_UNSPECIFIED and unknown numbers are refused by field.
+    #[test]
+    fn a_service_policy_is_defaulted_when_unset_and_refused_when_unspecified(raw in -3i32..16) {
+        let mut wire: v1::WorkloadSpec = t::WorkloadSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        }
+        .into();
+        wire.service = None;
+        let mut errs = t::ValidationErrors::default();
+        let back = cloudless_proto::spec_from_wire(wire.clone(), "spec", &mut errs);
+        prop_assert!(errs.0.is_empty(), "{}", errs);
+        prop_assert_eq!(back.service, t::ServiceSpec::default());
+        wire.service = Some(v1::ServiceSpec {
+            load_balancing: Some(raw),
+            ..Default::default()
+        });
+        let back = cloudless_proto::spec_from_wire(wire, "spec", &mut errs);
+        match v1::LoadBalancing::try_from(raw).ok().and_then(WireEnum::to_domain) {
+            Some(d) => {
+                prop_assert!(errs.0.is_empty(), "{}", errs);
+                prop_assert_eq!(back.service.load_balancing, d);
+            }
+            None => {
+                let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+                prop_assert_eq!(fields, ["spec.service.loadBalancing"]);
+            }
+        }
+    }
+
+    /// A stored workload's virtual IP travels as a string, empty for none.
+    #[test]
+    fn a_workload_vip_is_on_the_wire(octet in any::<u8>(), none in any::<bool>()) {
+        let vip = (!none).then(|| format!("10.96.0.{octet}"));
+        let w = t::Workload {
+            namespace: "prod".into(),
+            name: "web".into(),
+            spec: t::WorkloadSpec::default(),
+            generation: 1,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            template: 1,
+            revisions: Vec::new(),
+            vip: vip.clone(),
+        };
+        let wire = through_the_wire(&v1::Workload::from(w));
+        prop_assert_eq!(wire.vip, vip.unwrap_or_default());
     }
 
     /// Every value of every enum, on the wire as a number, reads back as
@@ -491,5 +573,6 @@ proptest! {
         check::<v1::RolloutStrategy>(raw)?;
         check::<v1::LogStream>(raw)?;
         check::<v1::ObjectKind>(raw)?;
+        check::<v1::LoadBalancing>(raw)?;
     }
 }

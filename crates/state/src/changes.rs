@@ -15,9 +15,9 @@ pub(crate) struct Changes {
     /// Bumped after every commit that changed a secret, the keyring or a
     /// token's revocation (and every snapshot install).
     secrets: Arc<AtomicU64>,
-    /// Bumped after every commit that changed replicas, workloads or nodes
-    /// (and every snapshot install): assignment watches and the reconciler
-    /// wake on it.
+    /// Bumped after every commit that changed replicas, workloads (their
+    /// VIPs too) or nodes (and every snapshot install): assignment watches
+    /// and the reconciler wake on it.
     watch: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -58,6 +58,7 @@ impl Changes {
                     | Response::ReplicasChanged(_)
                     | Response::WorkloadStored { .. }
                     | Response::WorkloadDeleted
+                    | Response::VipsAssigned(_)
                     | Response::ConfigSet(_)
                     | Response::EventsRecorded(_)
             )

@@ -61,12 +61,21 @@ pub enum Command {
         /// Only apply if the stored revision equals this.
         expected_revision: Option<u64>,
     },
-    /// Creates or updates a workload; generation and timestamps are set in apply.
+    /// Creates or updates a workload; generation, timestamps and the
+    /// service VIP are set in apply. Refused when one of its ingress ports
+    /// is another workload's.
     PutWorkload {
-        /// The workload (validated by the proposer).
+        /// The workload (validated by the proposer; its `vip` is ignored).
         workload: Workload,
         /// Why, recorded with a new revision: `apply`, `rollback`, `undo to N`.
         cause: String,
+        /// Give the workload, if it has ports and no VIP yet, the lowest
+        /// free virtual IP of the cluster's `network.service_cidr` (refused
+        /// when none is free). Always true from log format 6; entries of
+        /// earlier formats read as false, so that replaying them gives the
+        /// state they gave.
+        #[serde(default)]
+        assign_vip: bool,
     },
     /// Changes a workload's replica count.
     ScaleWorkload {
@@ -220,6 +229,15 @@ pub enum Command {
     AssignNodeSubnets {
         /// Node ids.
         node_ids: Vec<String>,
+    },
+    /// Gives each listed workload that has ports and no service VIP the
+    /// lowest free virtual IP of the cluster's `network.service_cidr`, in
+    /// order (workloads stored before services existed; the leader
+    /// proposes it). Workloads gone, without ports or already holding a
+    /// VIP are skipped; those left when the range is exhausted keep none.
+    AssignServiceVips {
+        /// `(namespace, name)` of each workload.
+        workloads: Vec<(String, String)>,
     },
 }
 
@@ -517,6 +535,8 @@ pub enum Response {
     Admin(AdminRecord),
     /// `RetireCoordinator` applied.
     CoordinatorRetired,
+    /// `AssignServiceVips` gave this many workloads a virtual IP.
+    VipsAssigned(u32),
 }
 
 /// Why a command changed nothing. Deterministic: every replica rejects alike.
@@ -631,6 +651,38 @@ pub enum Rejection {
         /// The node prefix length.
         prefix_len: u8,
     },
+    /// A new workload with ports finds no free virtual IP in the service
+    /// range.
+    #[error("no service virtual IP is free for workload {namespace}/{name}: every address of {service_cidr} is taken; delete workloads, or widen network.service_cidr (cloudlessctl cluster set network.service_cidr=...)")]
+    VipsExhausted {
+        /// The workload's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// The service range.
+        service_cidr: String,
+    },
+    /// A workload's ingress port is another workload's.
+    #[error("{field}: {port} is taken by {holder}")]
+    IngressPortTaken {
+        /// The field (`spec.ports[0].ingressPort`).
+        field: String,
+        /// The port.
+        port: u16,
+        /// The workload holding it, `namespace/name`.
+        holder: String,
+    },
+    /// A network configuration whose service range would leave a
+    /// workload's virtual IP outside.
+    #[error("network: workload {workload} holds virtual IP {vip}, which is not in service_cidr {service_cidr}; virtual IPs cannot move (a wider range holding every one is fine)")]
+    VipInUse {
+        /// The workload, `namespace/name`.
+        workload: String,
+        /// Its VIP.
+        vip: String,
+        /// The service range asked for.
+        service_cidr: String,
+    },
     /// A network configuration that would leave a node's subnet outside
     /// the node subnets it defines.
     #[error("network: node {node} holds subnet {subnet}, which is not a /{prefix_len} of {cluster_cidr}; node subnets cannot move (a wider cluster_cidr with the same node_prefix_len is fine)")]
@@ -708,6 +760,7 @@ mod tests {
                 container_port: 8080,
                 protocol: cloudless_types::Protocol::TCP,
                 host_port: 80,
+                ingress_port: 8080,
             }],
             egress: Some(cloudless_types::EgressPolicy {
                 allow: vec![cloudless_types::EgressRule {
@@ -715,6 +768,11 @@ mod tests {
                     ports: vec![443],
                 }],
             }),
+            service: cloudless_types::ServiceSpec {
+                load_balancing: cloudless_types::LoadBalancing::Weighted,
+                allow_from: vec!["*".into()],
+                zone_weights: [("a".to_owned(), 3)].into(),
+            },
             ..Default::default()
         };
         for spec in [cloudless_types::WorkloadSpec::default(), spec] {
@@ -732,8 +790,10 @@ mod tests {
                             updated_at_ms: 0,
                             template: 0,
                             revisions: Vec::new(),
+                            vip: Some("10.96.0.2".into()),
                         },
                         cause: "apply".into(),
+                        assign_vip: true,
                     },
                 }],
             };

@@ -4,14 +4,16 @@
 //! no names and no count, so a field added to a type inside a command
 //! changes how every later byte of the entry decodes (ADR 0007, rule 2).
 //! Fields added since format 4 are all `#[serde(default)]` and last in
-//! their struct, so a format-4 entry is read by telling postcard that each
-//! grown struct still has its format-4 fields: serde's derived code then
-//! fills the rest with their defaults. [`Legacy`] wraps a deserializer and
-//! does exactly that for the structs in a [`Grown`] table, everywhere in
-//! the value (in vectors, options, maps and enum variants too).
+//! their struct, so an entry of format 4 or 5 is read by telling postcard
+//! that each grown struct still has the fields it had then: serde's
+//! derived code then fills the rest with their defaults. [`Legacy`] wraps a
+//! deserializer and does exactly that for the structs in a [`Grown`]
+//! table, everywhere in the value (in vectors, options, maps and enum
+//! variants too). There is one table per earlier format ([`SINCE_FORMAT_4`],
+//! [`SINCE_FORMAT_5`]); each names the fields the types have now.
 //!
-//! The log store uses it once, at open, to rewrite a format-4 log in the
-//! current format (`log_store.rs`).
+//! The log store uses them once, at open, to rewrite a log of an earlier
+//! format in the current one (`log_store.rs`).
 
 use std::fmt;
 
@@ -30,41 +32,82 @@ pub(crate) struct Grown {
     pub(crate) then: usize,
 }
 
-/// What grew between log format 4 and 5: replica networking (hostPort,
-/// egress, the cluster network section, node subnets, replica addresses).
+/// `ContainerPort`'s fields now.
+const CONTAINER_PORT: &[&str] = &[
+    "name",
+    "containerPort",
+    "protocol",
+    "hostPort",
+    "ingressPort",
+];
+
+/// `WorkloadSpec`'s fields now.
+const WORKLOAD_SPEC: &[&str] = &[
+    "image",
+    "command",
+    "args",
+    "env",
+    "replicas",
+    "requests",
+    "limits",
+    "labels",
+    "priority",
+    "placement",
+    "restartPolicy",
+    "rollout",
+    "readinessProbe",
+    "livenessProbe",
+    "ports",
+    "securityContext",
+    "volumes",
+    "volumeMounts",
+    "disconnect",
+    "secretEnv",
+    "upstreams",
+    "egress",
+    "service",
+];
+
+/// `Workload`'s fields now.
+const WORKLOAD: &[&str] = &[
+    "namespace",
+    "name",
+    "spec",
+    "generation",
+    "created_at_ms",
+    "updated_at_ms",
+    "template",
+    "revisions",
+    "vip",
+];
+
+/// `Command::PutWorkload`'s fields now: entries of formats 4 and 5 gave no
+/// VIP, and replaying them must not either.
+const PUT_WORKLOAD: &[&str] = &["workload", "cause", "assign_vip"];
+
+/// What grew between log format 4 and now: replica networking in format 5
+/// (hostPort, egress, the cluster network section, node subnets, replica
+/// addresses) and services in format 6 (see [`SINCE_FORMAT_5`]).
 pub(crate) const SINCE_FORMAT_4: &[Grown] = &[
     Grown {
         owner: "ContainerPort",
-        now: &["name", "containerPort", "protocol", "hostPort"],
+        now: CONTAINER_PORT,
         then: 3,
     },
     Grown {
         owner: "WorkloadSpec",
-        now: &[
-            "image",
-            "command",
-            "args",
-            "env",
-            "replicas",
-            "requests",
-            "limits",
-            "labels",
-            "priority",
-            "placement",
-            "restartPolicy",
-            "rollout",
-            "readinessProbe",
-            "livenessProbe",
-            "ports",
-            "securityContext",
-            "volumes",
-            "volumeMounts",
-            "disconnect",
-            "secretEnv",
-            "upstreams",
-            "egress",
-        ],
+        now: WORKLOAD_SPEC,
         then: 21,
+    },
+    Grown {
+        owner: "Workload",
+        now: WORKLOAD,
+        then: 8,
+    },
+    Grown {
+        owner: "Command",
+        now: PUT_WORKLOAD,
+        then: 2,
     },
     Grown {
         owner: "ClusterConfig",
@@ -151,6 +194,31 @@ pub(crate) const SINCE_FORMAT_4: &[Grown] = &[
     Grown {
         owner: "Command",
         now: &["token_id", "node", "assign_subnet"],
+        then: 2,
+    },
+];
+
+/// What grew between log format 5 and 6: services (`spec.service`,
+/// `ports[].ingressPort`, workload VIPs, `PutWorkload.assign_vip`).
+pub(crate) const SINCE_FORMAT_5: &[Grown] = &[
+    Grown {
+        owner: "ContainerPort",
+        now: CONTAINER_PORT,
+        then: 4,
+    },
+    Grown {
+        owner: "WorkloadSpec",
+        now: WORKLOAD_SPEC,
+        then: 22,
+    },
+    Grown {
+        owner: "Workload",
+        now: WORKLOAD,
+        then: 8,
+    },
+    Grown {
+        owner: "Command",
+        now: PUT_WORKLOAD,
         then: 2,
     },
 ];
@@ -651,26 +719,38 @@ mod tests {
         }
     }
 
-    /// The table describes the types as they are: a field added to one of
+    /// The tables describe the types as they are: a field added to one of
     /// them without a new table (and a new log format) fails here.
     #[test]
-    fn the_format_4_table_matches_the_types() {
+    fn the_tables_match_the_types() {
         use cloudless_types as t;
         let types = [
             fields_of::<t::ContainerPort>(),
             fields_of::<t::WorkloadSpec>(),
+            fields_of::<t::Workload>(),
             fields_of::<t::ClusterConfig>(),
             fields_of::<t::NodeRecord>(),
             fields_of::<t::ReplicaRecord>(),
             fields_of::<crate::ReplicaUpdate>(),
         ];
-        for c in types {
-            let grown = SINCE_FORMAT_4
-                .iter()
-                .find(|g| g.owner == c.0)
-                .unwrap_or_else(|| panic!("{} is not in the table", c.0));
-            assert_eq!(grown.now, c.1, "{}", c.0);
-            assert!(grown.then < grown.now.len(), "{}", c.0);
+        for (table, grown_since_5) in [(SINCE_FORMAT_4, false), (SINCE_FORMAT_5, true)] {
+            for c in &types {
+                let grown = table.iter().find(|g| g.owner == c.0);
+                let since_5 = ["ContainerPort", "WorkloadSpec", "Workload"].contains(&c.0);
+                if grown_since_5 && !since_5 {
+                    assert!(grown.is_none(), "{} did not grow in format 6", c.0);
+                    continue;
+                }
+                let grown = grown.unwrap_or_else(|| panic!("{} is not in the table", c.0));
+                assert_eq!(grown.now, c.1, "{}", c.0);
+                assert!(grown.then < grown.now.len(), "{}", c.0);
+            }
         }
+        // The commands' grown variants, by their fields' names.
+        let put = SINCE_FORMAT_5
+            .iter()
+            .find(|g| g.owner == "Command")
+            .expect("PutWorkload");
+        assert_eq!(put.now, PUT_WORKLOAD);
     }
 }

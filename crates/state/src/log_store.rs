@@ -27,11 +27,16 @@ const KEY_PURGED: &str = "last_purged";
 /// and resources' `pids` (a per-replica limit), which change the encoding of
 /// cluster configurations, workload specs and node records. Format 5:
 /// replica networking (`hostPort`, `egress`, the cluster's `network`, node
-/// subnets, replica addresses, `EnrollNode.assign_subnet`); a format-4 log
-/// is rewritten in format 5 when it is opened (see `crate::legacy`).
-pub(crate) const FORMAT: u32 = 5;
-/// The format before [`FORMAT`], which [`LogStore::open`] rewrites.
-const PREVIOUS_FORMAT: u32 = 4;
+/// subnets, replica addresses, `EnrollNode.assign_subnet`). Format 6:
+/// services (`spec.service`, `ports[].ingressPort`, workload VIPs,
+/// `PutWorkload.assign_vip`, `Command::AssignServiceVips`). A log of format
+/// 4 or 5 is rewritten in format 6 when it is opened (see `crate::legacy`).
+pub(crate) const FORMAT: u32 = 6;
+/// The earlier formats [`LogStore::open`] rewrites, with what grew since each.
+const PREVIOUS_FORMATS: [(u32, &[crate::legacy::Grown]); 2] = [
+    (4, crate::legacy::SINCE_FORMAT_4),
+    (5, crate::legacy::SINCE_FORMAT_5),
+];
 
 type SErr = StorageError<NodeId>;
 
@@ -211,12 +216,12 @@ impl LogStore {
 
 /// Creates the tables on a new file; on an existing one checks the format and
 /// that every record decodes, so corruption is reported at start-up. A log
-/// of the previous format is rewritten in this one, in the same
+/// of an earlier format is rewritten in this one, in the same
 /// transaction: the file holds either format entirely, never a mix.
 fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
     let se = |e: &dyn std::fmt::Display| StateError::storage(path, e);
     let txn = db.begin_write().map_err(|e| se(&e))?;
-    let mut migrate = false;
+    let mut migrate: Option<(u32, &[crate::legacy::Grown])> = None;
     {
         let mut meta = txn.open_table(META).map_err(|e| se(&e))?;
         let found = meta
@@ -229,8 +234,15 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
                 meta.insert(KEY_FORMAT, v.as_bytes()).map_err(|e| se(&e))?;
             }
             Some(v) if v == FORMAT.to_string().as_bytes() => {}
-            Some(v) if v == PREVIOUS_FORMAT.to_string().as_bytes() => {
-                migrate = true;
+            Some(v)
+                if PREVIOUS_FORMATS
+                    .iter()
+                    .any(|(f, _)| v == f.to_string().as_bytes()) =>
+            {
+                migrate = PREVIOUS_FORMATS
+                    .iter()
+                    .find(|(f, _)| v == f.to_string().as_bytes())
+                    .copied();
                 let v = FORMAT.to_string();
                 meta.insert(KEY_FORMAT, v.as_bytes()).map_err(|e| se(&e))?;
             }
@@ -264,10 +276,9 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
                 what: format!("log entry {index}"),
                 detail,
             };
-            let entry: Entry<TypeConfig> = if migrate {
-                let entry: Entry<TypeConfig> =
-                    crate::legacy::from_postcard(v.value(), crate::legacy::SINCE_FORMAT_4)
-                        .map_err(|e| corrupt(format!("format {PREVIOUS_FORMAT}: {e}")))?;
+            let entry: Entry<TypeConfig> = if let Some((from, grown)) = migrate {
+                let entry: Entry<TypeConfig> = crate::legacy::from_postcard(v.value(), grown)
+                    .map_err(|e| corrupt(format!("format {from}: {e}")))?;
                 let bytes = postcard::to_allocvec(&entry).map_err(|e| corrupt(e.to_string()))?;
                 rewritten.push((index, bytes));
                 entry
@@ -291,8 +302,8 @@ fn check_and_init(db: &Database, path: &Path) -> Result<(), StateError> {
             logs.insert(*index, bytes.as_slice()).map_err(|e| se(&e))?;
         }
     }
-    if migrate {
-        tracing::info!(path = %path.display(), from = PREVIOUS_FORMAT, to = FORMAT, "raft log rewritten in the current format");
+    if let Some((from, _)) = migrate {
+        tracing::info!(path = %path.display(), from, to = FORMAT, "raft log rewritten in the current format");
     }
     txn.commit().map_err(|e| se(&e))
 }
@@ -612,15 +623,74 @@ mod tests {
         }
         set_format(&path, b"4");
         let mut log = LogStore::open(&path).expect("a format-4 log opens");
-        assert_eq!(format_in(&log.inner.db), b"5");
+        assert_eq!(format_in(&log.inner.db), b"6");
         let entries = log.try_get_log_entries(1..5).await.expect("read");
         assert_eq!(entries.len(), 4);
         assert_eq!(entries[3], enroll, "the enrollment reads with the defaults");
         drop(log);
         // Opening again changes nothing.
         let mut log = LogStore::open(&path).expect("reopen");
-        assert_eq!(format_in(&log.inner.db), b"5");
+        assert_eq!(format_in(&log.inner.db), b"6");
         assert_eq!(log.try_get_log_entries(1..5).await.expect("read"), entries);
+    }
+
+    #[tokio::test]
+    async fn a_format_5_log_is_rewritten_with_workloads_read_as_they_were() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        write_entries(&path, 3, 10);
+        // A workload as format 5 wrote it: no ports, no revisions, and none
+        // of the fields added since (`spec.service`: three zero bytes at
+        // the spec's end; `vip`: None; `assign_vip`: false).
+        let put: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 4),
+            payload: openraft::EntryPayload::Normal(crate::Proposal {
+                requests: vec![crate::Request {
+                    idempotency_key: None,
+                    proposed_at_ms: 7,
+                    command: crate::Command::PutWorkload {
+                        workload: cloudless_types::Workload {
+                            namespace: "default".into(),
+                            name: "web".into(),
+                            spec: cloudless_types::WorkloadSpec {
+                                image: "busybox".into(),
+                                ..Default::default()
+                            },
+                            generation: 0,
+                            created_at_ms: 0,
+                            updated_at_ms: 0,
+                            template: 0,
+                            revisions: Vec::new(),
+                            vip: None,
+                        },
+                        cause: "apply".into(),
+                        assign_vip: false,
+                    },
+                }],
+            }),
+        };
+        let now = postcard::to_allocvec(&put).expect("encode");
+        let n = now.len();
+        // ... spec, service [0 0 0], generation..revisions [0 0 0 0 0],
+        // vip [0], cause [5 a p p l y], assign_vip [0].
+        assert_eq!(now[n - 16..n - 7], [0; 9]);
+        assert_eq!(now[n - 7..], [5, b'a', b'p', b'p', b'l', b'y', 0]);
+        let old: Vec<u8> = [&now[..n - 16], &now[n - 13..n - 8], &now[n - 7..n - 1]].concat();
+        {
+            let db = Database::create(&path).expect("reopen raw");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(LOGS)
+                .expect("table")
+                .insert(4, old.as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        set_format(&path, b"5");
+        let mut log = LogStore::open(&path).expect("a format-5 log opens");
+        assert_eq!(format_in(&log.inner.db), b"6");
+        let entries = log.try_get_log_entries(1..5).await.expect("read");
+        assert_eq!(entries[3], put, "the workload reads with the defaults");
     }
 
     #[test]

@@ -119,6 +119,7 @@ fn kind(c: &Command) -> String {
         Command::RetireCoordinator { .. } => "RetireCoordinator",
         Command::Reconcile(_) => "Reconcile",
         Command::AssignNodeSubnets { .. } => "AssignNodeSubnets",
+        Command::AssignServiceVips { .. } => "AssignServiceVips",
         Command::Secret(s) => {
             return format!(
                 "Secret::{}",
@@ -173,7 +174,7 @@ fn dump(r: &StateReader) -> Value {
 /// since the fixture's release, after checking each holds its default
 /// there (nothing an old release wrote can set them): replica networking
 /// (`hostPort`, `egress`, the cluster's `network`, node subnets, replica
-/// addresses).
+/// addresses) and services (`ingressPort`, `service`, workload VIPs).
 fn without_added_fields(mut v: Value) -> Value {
     fn strip(v: &mut Value, network: &Value) {
         match v {
@@ -184,6 +185,9 @@ fn without_added_fields(mut v: Value) -> Value {
                     ("subnet", Value::Null),
                     ("address", json!("")),
                     ("network", network.clone()),
+                    ("ingressPort", json!(0)),
+                    ("service", json!(t::ServiceSpec::default())),
+                    ("vip", Value::Null),
                 ] {
                     if let Some(found) = map.get(key) {
                         assert_eq!(found, &default, "{key} of an old record");
@@ -233,8 +237,8 @@ async fn a_data_dir_of_the_previous_release_opens_and_serves_the_same_state() {
             }
             EntryPayload::Normal(p) => {
                 for r in &p.requests {
-                    // Format-4 enrollments gave no subnet; read now, they
-                    // still do not.
+                    // Format-4 enrollments gave no subnet, and workloads
+                    // no VIP; read now, they still do not.
                     if let Command::EnrollNode {
                         assign_subnet,
                         node,
@@ -242,6 +246,14 @@ async fn a_data_dir_of_the_previous_release_opens_and_serves_the_same_state() {
                     } = &r.command
                     {
                         assert!(!assign_subnet && node.subnet.is_none(), "{r:?}");
+                    }
+                    if let Command::PutWorkload {
+                        assign_vip,
+                        workload,
+                        ..
+                    } = &r.command
+                    {
+                        assert!(!assign_vip && workload.vip.is_none(), "{r:?}");
                     }
                 }
                 kinds.extend(p.requests.iter().map(|r| kind(&r.command)));
@@ -337,6 +349,38 @@ async fn a_data_dir_of_the_previous_release_opens_and_serves_the_same_state() {
         .filter_map(|n| n.subnet)
         .collect();
     assert_eq!(subnets.len(), nodes.len(), "one subnet each: {subnets:?}");
+    // So do workloads with ports stored before services existed.
+    let workloads: Vec<t::Workload> = reader.workloads(None).expect("read");
+    assert!(workloads.iter().all(|w| w.vip.is_none()));
+    raft.client_write(proposal(
+        T0 + 102_000,
+        Command::AssignServiceVips {
+            workloads: workloads
+                .iter()
+                .map(|w| (w.namespace.clone(), w.name.clone()))
+                .collect(),
+        },
+    ))
+    .await
+    .expect("VIPs for the old workloads");
+    for w in reader.workloads(None).expect("read") {
+        assert_eq!(
+            w.vip.is_some(),
+            !w.spec.ports.is_empty(),
+            "{}/{}: {:?}",
+            w.namespace,
+            w.name,
+            w.vip
+        );
+    }
+    assert_eq!(
+        reader
+            .workload("prod", "web")
+            .expect("read")
+            .and_then(|w| w.vip)
+            .as_deref(),
+        Some("10.96.0.2")
+    );
     raft.shutdown().await.expect("shutdown");
 }
 
@@ -539,6 +583,7 @@ fn workload(name: &str, spec: t::WorkloadSpec) -> t::Workload {
         updated_at_ms: 0,
         template: 0,
         revisions: Vec::new(),
+        vip: None,
     }
 }
 
@@ -795,6 +840,7 @@ fn history() -> Vec<Vec<Request>> {
                 Command::PutWorkload {
                     workload: workload("web", web1.clone()),
                     cause: "apply".into(),
+                    assign_vip: false,
                 },
             )
         }],
@@ -803,6 +849,7 @@ fn history() -> Vec<Vec<Request>> {
             Command::PutWorkload {
                 workload: workload("api", api.clone()),
                 cause: "apply".into(),
+                assign_vip: false,
             },
         )],
         vec![req(
@@ -880,6 +927,7 @@ fn history() -> Vec<Vec<Request>> {
             Command::PutWorkload {
                 workload: workload("web", web2),
                 cause: "apply".into(),
+                assign_vip: false,
             },
         )],
         vec![req(

@@ -147,6 +147,12 @@ closed_set!(crate::RolloutStrategy {
     Recreate = "Recreate",
     BlueGreen = "BlueGreen",
 });
+closed_set!(crate::LoadBalancing {
+    RoundRobin = "RoundRobin",
+    LeastConnections = "LeastConnections",
+    Locality = "Locality",
+    Weighted = "Weighted",
+});
 
 #[cfg(test)]
 mod tests {
@@ -197,5 +203,7 @@ mod tests {
         serde_named::<crate::PlacementStrategy>();
         round_trip::<crate::RolloutStrategy>();
         serde_named::<crate::RolloutStrategy>();
+        round_trip::<crate::LoadBalancing>();
+        serde_named::<crate::LoadBalancing>();
     }
 }

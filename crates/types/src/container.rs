@@ -25,6 +25,13 @@ pub struct ContainerPort {
     /// publish the same port and protocol on one node.
     #[serde(default)]
     pub host_port: u16,
+    /// The port every ingress node (a node labelled `ingress=true`) listens
+    /// on and forwards, over TCP, to this port of a Ready replica anywhere
+    /// in the cluster (0, the default: none). TCP only; unique within the
+    /// workload, and the cluster refuses one another workload holds. Added
+    /// last: log entries of earlier formats decode without it.
+    #[serde(default)]
+    pub ingress_port: u16,
 }
 
 /// Another workload's TCP port, reachable from inside this workload's
@@ -397,6 +404,7 @@ pub(crate) fn validate(
 ) {
     let mut seen_ports = HashSet::new();
     let mut seen_host_ports = HashSet::new();
+    let mut seen_ingress_ports = HashSet::new();
     let mut seen_names = HashSet::new();
     for (i, p) in ports.iter().enumerate() {
         let f = format!("{prefix}.ports[{i}]");
@@ -422,6 +430,22 @@ pub(crate) fn validate(
                     format!(
                         "{} differs from containerPort {} while securityContext.hostNetwork is set (the container listens on the node's ports)",
                         p.host_port, p.container_port
+                    ),
+                );
+            }
+        }
+        if p.ingress_port != 0 {
+            if p.protocol != Protocol::TCP {
+                errs.push(
+                    format!("{f}.ingressPort"),
+                    format!("ingress carries TCP only; this port is {:?}", p.protocol),
+                );
+            } else if !seen_ingress_ports.insert(p.ingress_port) {
+                errs.push(
+                    format!("{f}.ingressPort"),
+                    format!(
+                        "{} is used by another port of this workload",
+                        p.ingress_port
                     ),
                 );
             }

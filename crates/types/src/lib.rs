@@ -8,6 +8,7 @@ mod identity;
 mod network;
 mod node_capacity;
 mod secret;
+mod service;
 mod validation;
 mod workload;
 
@@ -37,6 +38,9 @@ pub use secret::{
     DEFAULT_ACCESS_TOKEN_MAX_RECORDS, DEFAULT_AUDIT_AGGREGATE_WINDOW_S, DEFAULT_AUDIT_MAX_RECORDS,
     DEFAULT_AUDIT_RETENTION_DAYS, DEFAULT_SECRET_LIMIT, DEFAULT_TOKEN_TTL_SECONDS,
     MAX_TOKEN_TTL_SECONDS, MAX_TOKEN_USES, SECRET_VERSIONS_KEPT,
+};
+pub use service::{
+    LoadBalancing, ServiceSpec, ALL_NAMESPACES, MAX_ALLOW_FROM, MAX_ZONE_WEIGHT, MAX_ZONE_WEIGHTS,
 };
 pub use validation::{check_labels, parse_duration_secs, FieldError, ValidationErrors};
 pub use workload::{

@@ -189,6 +189,49 @@ impl NetworkConfig {
             .find(|s| !used.contains(s))
     }
 
+    /// The lowest service virtual IP of `service_cidr` not in `used` (as
+    /// stored, e.g. `10.96.0.7`): the range's network address, its first
+    /// address (kept back, as Kubernetes keeps it for its API) and its last
+    /// (the IPv4 broadcast) are never given. `None` when every one is taken
+    /// or the settings do not parse (they are validated before they are
+    /// stored).
+    pub fn free_service_vip<'a>(&self, used: impl IntoIterator<Item = &'a str>) -> Option<IpAddr> {
+        let range: IpNet = self.service_cidr.parse().ok()?;
+        let used: HashSet<IpAddr> = used
+            .into_iter()
+            .filter_map(|s| s.parse::<IpAddr>().ok())
+            .collect();
+        let (first, last) = match range {
+            IpNet::V4(n) => (
+                u128::from(u32::from(n.network())),
+                u128::from(u32::from(n.broadcast())),
+            ),
+            IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+        };
+        let as_ip = |v: u128| -> Option<IpAddr> {
+            match range {
+                IpNet::V4(_) => u32::try_from(v)
+                    .ok()
+                    .map(|v| IpAddr::V4(std::net::Ipv4Addr::from(v))),
+                IpNet::V6(_) => Some(IpAddr::V6(std::net::Ipv6Addr::from(v))),
+            }
+        };
+        // At most `used.len() + 1` candidates are looked at.
+        (first.checked_add(2)?..last)
+            .filter_map(as_ip)
+            .find(|ip| !used.contains(ip))
+    }
+
+    /// Whether `vip` (as stored) is one these settings could give: inside
+    /// `service_cidr`. A change that leaves a workload's VIP outside is
+    /// refused.
+    pub fn holds_service_vip(&self, vip: &str) -> bool {
+        match (self.service_cidr.parse::<IpNet>(), vip.parse::<IpAddr>()) {
+            (Ok(range), Ok(ip)) => range.contains(&ip),
+            _ => false,
+        }
+    }
+
     /// How many node subnets the cluster range holds (saturating).
     pub fn node_subnet_count(&self) -> u128 {
         let Ok(cluster) = self.cluster_cidr.parse::<IpNet>() else {
@@ -357,6 +400,47 @@ mod tests {
             pick(&["10.0.0.0/24", "10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24"]),
             None
         );
+    }
+
+    #[test]
+    fn the_lowest_free_service_vip_skips_the_network_first_and_last_addresses() {
+        let c = NetworkConfig {
+            service_cidr: "10.96.0.0/29".into(),
+            ..NetworkConfig::default()
+        };
+        let pick = |used: &[&str]| {
+            c.free_service_vip(used.iter().copied())
+                .map(|ip| ip.to_string())
+        };
+        assert_eq!(pick(&[]).as_deref(), Some("10.96.0.2"));
+        assert_eq!(
+            pick(&["10.96.0.2", "10.96.0.4", "garbage"]).as_deref(),
+            Some("10.96.0.3")
+        );
+        let all = [
+            "10.96.0.2",
+            "10.96.0.3",
+            "10.96.0.4",
+            "10.96.0.5",
+            "10.96.0.6",
+        ];
+        assert_eq!(pick(&all), None, "10.96.0.7 is the broadcast");
+        let tiny = NetworkConfig {
+            service_cidr: "10.96.0.0/31".into(),
+            ..NetworkConfig::default()
+        };
+        assert_eq!(tiny.free_service_vip([]), None);
+        let v6 = NetworkConfig {
+            service_cidr: "fd00:96::/112".into(),
+            ..NetworkConfig::default()
+        };
+        assert_eq!(
+            v6.free_service_vip(["fd00:96::2"]).map(|ip| ip.to_string()),
+            Some("fd00:96::3".to_owned())
+        );
+        assert!(c.holds_service_vip("10.96.0.3"));
+        assert!(!c.holds_service_vip("10.96.1.3"));
+        assert!(!c.holds_service_vip("garbage"));
     }
 
     #[test]

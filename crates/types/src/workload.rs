@@ -8,7 +8,7 @@ use crate::container::{
     ContainerPort, Disconnect, SecretEnv, SecurityContextSpec, Upstream, Volume, VolumeMount,
 };
 use crate::validation::{check_dns_label, check_labels, ValidationErrors};
-use crate::{EgressPolicy, Protocol};
+use crate::{EgressPolicy, Protocol, ServiceSpec};
 
 /// Namespace used when none is given.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -113,6 +113,10 @@ pub struct WorkloadSpec {
     /// earlier formats decode without it (see `cloudless-state`).
     #[serde(default)]
     pub egress: Option<EgressPolicy>,
+    /// How its ports are reached under its virtual IP and DNS name: load
+    /// balancing, who may connect. Added last, like `egress`.
+    #[serde(default)]
+    pub service: ServiceSpec,
 }
 
 fn one() -> u32 {
@@ -350,6 +354,12 @@ pub struct Workload {
     /// at most [`REVISION_HISTORY`]; kept by the state machine.
     #[serde(default)]
     pub revisions: Vec<Revision>,
+    /// Its service's virtual IP, from the cluster's `network.service_cidr`
+    /// (`None`: it has no ports, or it was stored before services existed
+    /// and the leader has not given it one yet). Allocated and kept by the
+    /// state machine: whatever a proposer puts here is ignored.
+    #[serde(default)]
+    pub vip: Option<String>,
 }
 
 /// How many revisions a workload keeps.
@@ -498,6 +508,16 @@ impl WorkloadSpec {
         ports
     }
 
+    /// `(ingressPort, containerPort)` of every port routed from ingress, in
+    /// the order declared.
+    pub fn ingress_ports(&self) -> Vec<(u16, u16)> {
+        self.ports
+            .iter()
+            .filter(|p| p.ingress_port != 0)
+            .map(|p| (p.ingress_port, p.container_port))
+            .collect()
+    }
+
     /// The secrets it reads (env and volumes), each once.
     pub fn secret_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -621,6 +641,8 @@ impl WorkloadSpec {
         if let Some(egress) = &self.egress {
             egress.validate_into(&format!("{prefix}.egress"), errs);
         }
+        self.service
+            .validate_into(&format!("{prefix}.service"), !self.ports.is_empty(), errs);
         crate::container::validate(
             prefix,
             &self.ports,
@@ -699,6 +721,7 @@ pub fn parse_manifest(text: &str) -> Result<Workload, ValidationErrors> {
         updated_at_ms: 0,
         template: 0,
         revisions: Vec::new(),
+        vip: None,
     };
     if let Err(e) = w.validate() {
         errs.0.extend(e.0);
@@ -978,6 +1001,52 @@ mod tests {
         let unknown = format!("{base}  egress:\n    deny: []\n");
         let err = parse_manifest(&unknown).expect_err("unknown field");
         assert!(err.to_string().contains("unknown field `deny`"), "{err}");
+    }
+
+    #[test]
+    fn service_settings_and_ingress_ports_parse_and_every_bad_one_is_named() {
+        let base = "apiVersion: cloudless.dev/v1\nkind: Workload\nmetadata:\n  name: web\nspec:\n  image: busybox:1\n  ports:\n";
+        let w = parse_manifest(&format!("{base}    - {{containerPort: 8080}}\n")).expect("valid");
+        assert_eq!(w.spec.service, crate::ServiceSpec::default(), "defaults");
+        assert_eq!(w.spec.ports[0].ingress_port, 0, "ingressPort defaults to 0");
+        assert_eq!(w.vip, None);
+        let ok = format!(
+            "{base}    - {{containerPort: 8080, ingressPort: 80}}\n    - {{containerPort: 8443, ingressPort: 443}}\n  service:\n    loadBalancing: Weighted\n    allowFrom: [dev, \"*\"]\n    zoneWeights: {{a: 3, b: 1}}\n"
+        );
+        let w = parse_manifest(&ok).expect("valid service");
+        let s = &w.spec.service;
+        assert_eq!(s.load_balancing, crate::LoadBalancing::Weighted);
+        assert_eq!(s.allow_from, ["dev", "*"]);
+        assert_eq!(s.zone_weights.get("a"), Some(&3));
+        assert_eq!(w.spec.ingress_ports(), [(80, 8080), (443, 8443)]);
+        let bad = format!(
+            "{base}    - {{containerPort: 8080, ingressPort: 80}}\n    - {{containerPort: 8081, ingressPort: 80}}\n    - {{containerPort: 53, protocol: UDP, ingressPort: 53}}\n  service:\n    allowFrom: [dev, Ops]\n    zoneWeights: {{a: 0}}\n"
+        );
+        let err = parse_manifest(&bad).expect_err("bad service accepted");
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.service.allowFrom[1]",
+                "spec.service.zoneWeights",
+                "spec.service.zoneWeights.a",
+                "spec.ports[1].ingressPort",
+                "spec.ports[2].ingressPort",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("TCP only"), "{err}");
+        let unknown =
+            format!("{base}    - {{containerPort: 8080}}\n  service:\n    sticky: true\n");
+        let err = parse_manifest(&unknown).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `sticky`"), "{err}");
+        let policy =
+            format!("{base}    - {{containerPort: 8080}}\n  service:\n    loadBalancing: Random\n");
+        let err = parse_manifest(&policy).expect_err("unknown policy");
+        assert!(
+            err.to_string().contains("unknown variant `Random`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `cloudlessctl describe`: a workload's spec, status, replicas (with node
-//! and state), placement explanation and latest events.
+//! `cloudlessctl describe`: a workload's spec, status, virtual IP, replicas
+//! (with node and state), placement explanation and latest events; `describe
+//! service` is in [`crate::cmd::service`].
 
 use clap::Args;
 use cloudless_proto::enums::shown;
@@ -15,7 +16,7 @@ use crate::output::{human, now_ms, sanitize};
 /// `describe`'s arguments.
 #[derive(Args, Debug)]
 pub(crate) struct DescribeArgs {
-    #[arg(value_parser = ["workload", "wl"])]
+    #[arg(value_parser = ["workload", "wl", "service", "svc"])]
     kind: String,
     name: String,
     #[arg(long, short = 'n', default_value = "default")]
@@ -23,12 +24,17 @@ pub(crate) struct DescribeArgs {
 }
 
 /// Prints the workload, or with `-o json`/`-o yaml` the workload and its
-/// replicas.
+/// replicas; or the service (`describe service`).
 pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
     let servers = &ctx.target;
     let DescribeArgs {
-        name, namespace, ..
+        kind,
+        name,
+        namespace,
     } = args;
+    if matches!(kind.as_str(), "service" | "svc") {
+        return crate::cmd::service::describe(ctx, &name, &namespace).await;
+    }
     let read = ctx.read_opts();
     let w = call(servers, |ch| {
         let req = pb::GetWorkloadRequest {
@@ -61,6 +67,14 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
     println!("Name:         {}/{}", w.namespace, w.name);
     println!("Image:        {}", spec.image);
     println!("Generation:   {} (template {})", w.generation, w.template);
+    println!(
+        "VIP:          {}",
+        if w.vip.is_empty() {
+            "-".to_owned()
+        } else {
+            sanitize(&w.vip)
+        }
+    );
     println!(
         "Replicas:     {} desired, {} assigned, {} up to date, {} ready",
         spec.replicas, st.current_replicas, st.updated_replicas, st.ready_replicas
@@ -102,7 +116,16 @@ pub(crate) async fn run(args: DescribeArgs, ctx: &Ctx) -> Result<(), Failure> {
                 } else {
                     format!(" (node port {})", p.host_port)
                 };
-                format!("{n}{}/{}{host}", p.container_port, p.protocol.name())
+                let ingress = if p.ingress_port == 0 {
+                    String::new()
+                } else {
+                    format!(" (ingress {})", p.ingress_port)
+                };
+                format!(
+                    "{n}{}/{}{host}{ingress}",
+                    p.container_port,
+                    p.protocol.name()
+                )
             })
             .collect();
         println!("Ports:        {}", ports.join(", "));

@@ -15,6 +15,7 @@ pub(crate) mod logs;
 pub(crate) mod node;
 pub(crate) mod rollout;
 pub(crate) mod secrets;
+pub(crate) mod service;
 pub(crate) mod token;
 pub(crate) mod workload;
 

@@ -1,6 +1,6 @@
 //! `cloudlessctl apply`, `get`, `delete` and `scale`: workloads (and, for
-//! `get`, their replicas and the nodes), plus the JSON shapes of a workload
-//! and a replica that `describe` shares.
+//! `get`, their replicas, the nodes and the services), plus the JSON shapes
+//! of a workload and a replica that `describe` shares.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use cloudless_proto::v1::{self as pb, WriteOptions};
 
 use crate::client::{call, Failure};
 use crate::cmd::rollout::wait_rollout;
-use crate::cmd::{node, Ctx};
+use crate::cmd::{node, service, Ctx};
 use crate::output::{human, now_ms, sanitize};
 use crate::Exit;
 
@@ -38,7 +38,7 @@ pub(crate) struct GetArgs {
     /// What to get.
     #[arg(value_enum)]
     kind: GetKind,
-    /// A workload name.
+    /// A workload name (a service is named after its workload).
     name: Option<String>,
     /// Namespace (default: all for lists, "default" for one).
     #[arg(long, short = 'n')]
@@ -56,6 +56,9 @@ enum GetKind {
     Replica,
     Nodes,
     Node,
+    Services,
+    Service,
+    Svc,
 }
 
 /// `delete`'s arguments.
@@ -131,11 +134,14 @@ pub(crate) async fn apply(args: ApplyArgs, ctx: &Ctx) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `get`: workloads (all, or one by name), replicas, or nodes.
+/// `get`: workloads (all, or one by name), replicas, nodes, or services.
 pub(crate) async fn get(args: GetArgs, ctx: &Ctx) -> Result<(), Failure> {
     match args.kind {
         GetKind::Replicas | GetKind::Replica => get_replicas(args, ctx).await,
         GetKind::Nodes | GetKind::Node => node::list(ctx).await,
+        GetKind::Services | GetKind::Service | GetKind::Svc => {
+            service::get(ctx, args.name.as_deref(), args.namespace.as_deref()).await
+        }
         GetKind::Workloads | GetKind::Workload | GetKind::Wl => get_workloads(args, ctx).await,
     }
 }
@@ -348,7 +354,7 @@ pub(crate) fn workload_json(w: &pb::Workload) -> serde_json::Value {
             "desiredReplicas": st.desired_replicas, "readyReplicas": st.ready_replicas,
             "updatedReplicas": st.updated_replicas, "currentReplicas": st.current_replicas,
         })),
-        "createdAtMs": w.created_at_ms, "updatedAtMs": w.updated_at_ms,
+        "createdAtMs": w.created_at_ms, "updatedAtMs": w.updated_at_ms, "vip": w.vip,
         "spec": { "image": spec.image, "replicas": spec.replicas, "command": spec.command,
                   "args": spec.args, "env": spec.env, "labels": spec.labels, "priority": spec.priority }
     })
@@ -381,6 +387,9 @@ mod tests {
             ("replica", GetKind::Replica),
             ("nodes", GetKind::Nodes),
             ("node", GetKind::Node),
+            ("services", GetKind::Services),
+            ("service", GetKind::Service),
+            ("svc", GetKind::Svc),
         ] {
             let cli = Cli::try_parse_from(["cloudlessctl", "get", spelling, "web", "-n", "prod"])
                 .unwrap_or_else(|e| panic!("get {spelling}: {e}"));

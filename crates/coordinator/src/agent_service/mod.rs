@@ -16,7 +16,7 @@ use cloudless_state::{Command, Response as SmResponse};
 use cloudless_types::ClosedSet as _;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::assignments::{assignments, CallersCache, NodeView};
+use crate::assignments::WatchCaches;
 use crate::authz::{require, Allow};
 use crate::clock::now_ms;
 use crate::error::CoordinatorError;
@@ -24,6 +24,7 @@ use crate::handle::CoordinatorHandle;
 
 mod heartbeat;
 pub(crate) mod status_report;
+mod watch;
 
 use heartbeat::status_from_wire;
 use status_report::status_updates;
@@ -33,7 +34,7 @@ use status_report::status_updates;
 pub struct AgentApi {
     handle: CoordinatorHandle,
     /// Shared by every assignment watch on this coordinator.
-    callers: Arc<CallersCache>,
+    caches: Arc<WatchCaches>,
 }
 
 impl AgentApi {
@@ -41,7 +42,7 @@ impl AgentApi {
     pub fn new(handle: CoordinatorHandle) -> Self {
         Self {
             handle,
-            callers: Arc::default(),
+            caches: Arc::default(),
         }
     }
 }
@@ -96,40 +97,15 @@ impl AgentService for AgentApi {
         // running what they were assigned through a leader change.
         let id = node_id(require(&self.handle, &req, Allow::Node)?)?;
         let handle = self.handle.clone();
-        let callers = self.callers.clone();
-        let mut changes = handle.reader().changes();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<AssignmentSet, Status>>(4);
-        tokio::spawn(async move {
-            let mut last: Option<NodeView> = None;
-            loop {
-                let revision = *changes.borrow_and_update();
-                if let Err(status) = crate::authz::node_still_enrolled(&handle, &id) {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-                let set = match assignments(handle.reader(), &callers, &id, revision) {
-                    Ok(set) => set,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                if last.as_ref() != Some(&set) {
-                    if tx.send(Ok(set.to_set(revision))).await.is_err() {
-                        return;
-                    }
-                    last = Some(set);
-                }
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
-                    () = tx.closed() => return,
-                    () = handle.stopping().cancelled() => {
-                        let _ = tx.send(Err(Status::from(CoordinatorError::Unavailable(String::from("this coordinator is shutting down"))))).await;
-                        return;
-                    }
-                }
-            }
-        });
+        tokio::spawn(watch::send_views(
+            self.handle.reader().clone(),
+            self.caches.clone(),
+            id.clone(),
+            tx,
+            move || crate::authz::node_still_enrolled(&handle, &id),
+            self.handle.stopping().clone(),
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

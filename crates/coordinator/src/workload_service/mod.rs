@@ -2,7 +2,8 @@
 //!
 //! This file holds the service, the workload and replica reads and writes,
 //! and the helpers its parts share; [`rollout`], [`explain`] (placement),
-//! [`logs_exec`] and [`events`] serve the rest.
+//! [`logs_exec`], [`events`] and [`services`] (`ListServices`) serve the
+//! rest.
 
 use cloudless_proto::v1::workload_service_client::WorkloadServiceClient;
 use cloudless_proto::v1::workload_service_server::WorkloadService;
@@ -10,9 +11,10 @@ use cloudless_proto::v1::{
     ApplyWorkloadRequest, ApplyWorkloadResponse, DeleteWorkloadRequest, DeleteWorkloadResponse,
     Event, EventsRequest, ExecOutput, ExecRequest, ExplainPlacementRequest,
     ExplainPlacementResponse, GetWorkloadRequest, GetWorkloadResponse, ListReplicasRequest,
-    ListReplicasResponse, ListWorkloadsRequest, ListWorkloadsResponse, LogChunk, LogsRequest,
-    RolloutHistoryRequest, RolloutHistoryResponse, RolloutStatusRequest, RolloutStatusResponse,
-    RolloutUndoRequest, RolloutUndoResponse, ScaleWorkloadRequest, ScaleWorkloadResponse,
+    ListReplicasResponse, ListServicesRequest, ListServicesResponse, ListWorkloadsRequest,
+    ListWorkloadsResponse, LogChunk, LogsRequest, RolloutHistoryRequest, RolloutHistoryResponse,
+    RolloutStatusRequest, RolloutStatusResponse, RolloutUndoRequest, RolloutUndoResponse,
+    ScaleWorkloadRequest, ScaleWorkloadResponse,
 };
 use cloudless_state::{Command, Rejection, Response as SmResponse};
 use cloudless_types::DEFAULT_NAMESPACE;
@@ -26,6 +28,7 @@ mod events;
 mod explain;
 mod logs_exec;
 mod rollout;
+mod services;
 
 /// The `WorkloadService` implementation.
 #[derive(Debug, Clone)]
@@ -127,6 +130,7 @@ impl WorkloadService for WorkloadApi {
                 let cmd = Command::PutWorkload {
                     workload,
                     cause: "apply".into(),
+                    assign_vip: true,
                 };
                 let (resp, commit) = h.write(key, cmd).await?;
                 let (w, created) = stored(resp)?;
@@ -349,6 +353,13 @@ impl WorkloadService for WorkloadApi {
             |ch, r| async move { WorkloadServiceClient::new(ch).list_replicas(r).await },
         )
         .await
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        services::list(&self.handle, req).await
     }
 
     type EventsStream = Stream<Event>;

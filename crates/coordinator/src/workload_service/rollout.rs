@@ -128,6 +128,7 @@ pub(super) async fn undo(
             let cmd = Command::PutWorkload {
                 workload: back,
                 cause: format!("undo to {restored}"),
+                assign_vip: true,
             };
             let (resp, commit) = h.write(key, cmd).await?;
             let (stored_w, _) = stored(resp)?;

@@ -63,6 +63,18 @@ pub(super) fn set_config(
                 }
             }
         }
+        // Nor do service VIPs.
+        for w in super::workloads::all(txn)? {
+            if let Some(vip) = w.vip {
+                if !config.network.holds_service_vip(&vip) {
+                    return Ok(Response::Rejected(Rejection::VipInUse {
+                        workload: format!("{}/{}", w.namespace, w.name),
+                        vip,
+                        service_cidr: config.network.service_cidr.clone(),
+                    }));
+                }
+            }
+        }
     }
     info.config = config.clone();
     info.revision += 1;

@@ -186,7 +186,12 @@ fn apply_command(
             expected_revision,
         } => cluster::set_config(txn, config, *expected_revision),
         Command::InitIdentity { material } => cluster::init_identity(txn, material),
-        Command::PutWorkload { workload, cause } => workloads::put(txn, workload, cause, now_ms),
+        Command::PutWorkload {
+            workload,
+            cause,
+            assign_vip,
+        } => workloads::put(txn, workload, cause, now_ms, *assign_vip),
+        Command::AssignServiceVips { workloads } => workloads::assign_vips(txn, workloads),
         Command::ScaleWorkload {
             namespace,
             name,

@@ -240,12 +240,14 @@ fn removing_a_node_removes_its_replicas_in_the_same_entry_with_an_event_each() {
         updated_at_ms: 0,
         template: 0,
         revisions: Vec::new(),
+        vip: None,
     };
     apply(
         sm.db(),
         Command::PutWorkload {
             workload: w,
             cause: "apply".into(),
+            assign_vip: true,
         },
         0,
     );

@@ -207,12 +207,14 @@ mod tests {
             updated_at_ms: 0,
             template: 0,
             revisions: Vec::new(),
+            vip: None,
         };
         apply(
             sm.db(),
             Command::PutWorkload {
                 workload: w,
                 cause: "apply".into(),
+                assign_vip: true,
             },
             0,
         );

@@ -1,33 +1,80 @@
-//! Workloads: `PutWorkload`, `ScaleWorkload`, `DeleteWorkload`.
+//! Workloads: `PutWorkload`, `ScaleWorkload`, `DeleteWorkload`,
+//! `AssignServiceVips`.
+//!
+//! Service virtual IPs: a workload with ports gets the lowest free address
+//! of the cluster's `network.service_cidr` (see
+//! `NetworkConfig::free_service_vip`) when it is created (or, stored before
+//! services existed, through `AssignServiceVips`). It keeps it across spec
+//! updates, also while it has no ports; `DeleteWorkload` removes the record,
+//! which frees the address for the next workload.
+//!
+//! Ingress ports are the cluster's: a `PutWorkload` naming one that
+//! another workload's current spec holds is refused.
 
-use redb::WriteTransaction;
+use redb::{ReadableTable, WriteTransaction};
 
-use cloudless_types::{Revision, Workload, REVISION_HISTORY};
+use cloudless_types::{Revision, Workload, WorkloadSpec, REVISION_HISTORY};
 
 use super::replicas::{index_ids, remove_replica};
 use crate::command::{Rejection, Response};
-use crate::error::ApplyError;
-use crate::tables::{get_json, put_json, remove, workload_key, WORKLOADS, WORKLOAD_REPLICAS};
+use crate::error::{ApplyError, RedbContext};
+use crate::tables::{self, get_json, put_json, remove, workload_key, WORKLOADS, WORKLOAD_REPLICAS};
 
 /// `PutWorkload`: creates or updates a workload. A new template (a spec
 /// change beyond the replica count) is a new revision; the history keeps
-/// the last [`REVISION_HISTORY`].
+/// the last [`REVISION_HISTORY`]. With `assign_vip`, a workload with ports
+/// and no VIP gets one.
 pub(super) fn put(
     txn: &WriteTransaction,
     workload: &Workload,
     cause: &str,
     now_ms: i64,
+    assign_vip: bool,
 ) -> Result<Response, ApplyError> {
     let key = workload_key(&workload.namespace, &workload.name);
     let existing = get_json::<Workload>(txn, WORKLOADS, &key)?;
     let created = existing.is_none();
+    let held = existing.as_ref().and_then(|w| w.vip.clone());
+    let needs_vip = assign_vip && held.is_none() && !workload.spec.ports.is_empty();
+    let others = if needs_vip || !workload.spec.ingress_ports().is_empty() {
+        all(txn)?
+            .into_iter()
+            .filter(|w| {
+                (w.namespace.as_str(), w.name.as_str()) != (&workload.namespace, &workload.name)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if let Some(&(index, port, ref holder)) = taken_ingress_ports(&others, &workload.spec).first() {
+        return Ok(Response::Rejected(Rejection::IngressPortTaken {
+            field: format!("spec.ports[{index}].ingressPort"),
+            port,
+            holder: holder.clone(),
+        }));
+    }
+    let vip = if needs_vip {
+        let network = super::cluster::config(txn)?.network;
+        match network.free_service_vip(others.iter().filter_map(|w| w.vip.as_deref())) {
+            Some(ip) => Some(ip.to_string()),
+            None => {
+                return Ok(Response::Rejected(Rejection::VipsExhausted {
+                    namespace: workload.namespace.clone(),
+                    name: workload.name.clone(),
+                    service_cidr: network.service_cidr,
+                }))
+            }
+        }
+    } else {
+        held
+    };
     let revision = |template: u64| Revision {
         template,
         spec: workload.spec.clone(),
         at_ms: now_ms,
         cause: cause.to_owned(),
     };
-    let stored = match existing {
+    let mut stored = match existing {
         Some(old) if old.spec == workload.spec => old,
         Some(old) if old.spec.same_template(&workload.spec) => Workload {
             spec: workload.spec.clone(),
@@ -58,11 +105,77 @@ pub(super) fn put(
             ..workload.clone()
         },
     };
+    stored.vip = vip;
     put_json(txn, WORKLOADS, &key, &stored)?;
     Ok(Response::WorkloadStored {
         workload: stored,
         created,
     })
+}
+
+/// `(port index, ingress port, holder as namespace/name)` of each ingress
+/// port of `spec` that one of `others` holds in its current spec.
+pub(super) fn taken_ingress_ports(
+    others: &[Workload],
+    spec: &WorkloadSpec,
+) -> Vec<(usize, u16, String)> {
+    spec.ports
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.ingress_port != 0)
+        .filter_map(|(i, p)| {
+            others
+                .iter()
+                .find(|w| {
+                    w.spec
+                        .ports
+                        .iter()
+                        .any(|q| q.ingress_port == p.ingress_port)
+                })
+                .map(|w| (i, p.ingress_port, workload_key(&w.namespace, &w.name)))
+        })
+        .collect()
+}
+
+/// `AssignServiceVips`: gives each listed workload that has ports and no
+/// VIP the lowest free one, in the order listed; skips workloads gone,
+/// without ports or holding one, and stops when the range is exhausted.
+pub(super) fn assign_vips(
+    txn: &WriteTransaction,
+    workloads: &[(String, String)],
+) -> Result<Response, ApplyError> {
+    let network = super::cluster::config(txn)?.network;
+    let mut used: Vec<String> = all(txn)?.into_iter().filter_map(|w| w.vip).collect();
+    let mut assigned = 0u32;
+    for (namespace, name) in workloads {
+        let key = workload_key(namespace, name);
+        let Some(mut w) = get_json::<Workload>(txn, WORKLOADS, &key)? else {
+            continue;
+        };
+        if w.vip.is_some() || w.spec.ports.is_empty() {
+            continue;
+        }
+        let Some(free) = network.free_service_vip(used.iter().map(String::as_str)) else {
+            break;
+        };
+        let vip = free.to_string();
+        used.push(vip.clone());
+        w.vip = Some(vip);
+        put_json(txn, WORKLOADS, &key, &w)?;
+        assigned += 1;
+    }
+    Ok(Response::VipsAssigned(assigned))
+}
+
+/// Every workload record.
+pub(super) fn all(txn: &WriteTransaction) -> Result<Vec<Workload>, ApplyError> {
+    let table = txn.open_table(WORKLOADS).at(WORKLOADS, "open")?;
+    let mut out = Vec::new();
+    for item in table.iter().at(WORKLOADS, "iter")? {
+        let (k, v) = item.at(WORKLOADS, "iter")?;
+        out.push(tables::decode(WORKLOADS, k.value(), v.value())?);
+    }
+    Ok(out)
 }
 
 /// `ScaleWorkload`: sets the replica count.
@@ -114,74 +227,5 @@ pub(super) fn delete(
 }
 
 #[cfg(test)]
-mod tests {
-    use prometheus_client::metrics::histogram::Histogram;
-
-    use super::*;
-    use crate::apply::testing::apply;
-    use crate::command::Command;
-    use crate::StateMachine;
-
-    #[test]
-    fn template_changes_make_revisions_and_the_history_is_bounded() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sm =
-            StateMachine::open(&dir.path().join("s.redb"), Histogram::new([1.0])).expect("open");
-        let put = |image: &str, replicas: u32, cause: &str, at: i64| {
-            let w = Workload {
-                namespace: "default".into(),
-                name: "web".into(),
-                spec: cloudless_types::WorkloadSpec {
-                    image: image.into(),
-                    replicas,
-                    ..Default::default()
-                },
-                generation: 0,
-                created_at_ms: 0,
-                updated_at_ms: 0,
-                template: 0,
-                revisions: Vec::new(),
-            };
-            match apply(
-                sm.db(),
-                Command::PutWorkload {
-                    workload: w,
-                    cause: cause.into(),
-                },
-                at,
-            ) {
-                Response::WorkloadStored { workload, .. } => workload,
-                other => panic!("{other:?}"),
-            }
-        };
-        let w = put("busybox:1", 2, "apply", 10);
-        assert_eq!((w.template, w.revisions.len()), (1, 1));
-        // The replica count alone is not a new revision.
-        let w = put("busybox:1", 5, "apply", 20);
-        assert_eq!((w.template, w.revisions.len()), (1, 1));
-        let w = put("busybox:2", 5, "apply", 30);
-        let w2 = put("busybox:1", 5, "undo to 1", 40);
-        assert_eq!(w.template, 2);
-        assert_eq!(w2.template, 3, "an undo is a new revision");
-        let history: Vec<(u64, &str, &str, i64)> = w2
-            .revisions
-            .iter()
-            .map(|r| (r.template, r.spec.image.as_str(), r.cause.as_str(), r.at_ms))
-            .collect();
-        assert_eq!(
-            history,
-            [
-                (1, "busybox:1", "apply", 10),
-                (2, "busybox:2", "apply", 30),
-                (3, "busybox:1", "undo to 1", 40)
-            ]
-        );
-        let mut last = w2;
-        for i in 0..12 {
-            last = put(&format!("busybox:{}", 10 + i), 5, "apply", 50 + i);
-        }
-        assert_eq!(last.revisions.len(), REVISION_HISTORY);
-        assert_eq!(last.revisions.last().map(|r| r.template), Some(15));
-        assert_eq!(last.revisions[0].template, 6, "the oldest are dropped");
-    }
-}
+#[path = "workloads_test.rs"]
+mod tests;
