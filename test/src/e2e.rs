@@ -325,8 +325,8 @@ impl Cluster {
             cluster.ctl_ok(&[
                 "cluster",
                 "set",
-                &format!("network.cluster_cidr=10.{second}.0.0/16"),
-                &format!("network.service_cidr=10.{}.0.0/16", second + 100),
+                &format!("network.cluster_cidr=10.{second}.0.0/17"),
+                &format!("network.service_cidr=10.{second}.128.0/17"),
             ]);
         }
         for zone in ["a", "b"] {

@@ -93,6 +93,7 @@ fn agent_config(
         overlay_listen: None,
         overlay_advertise: Vec::new(),
         overlay_hole_punching: false,
+        bandwidth_bps: None,
     }
 }
 

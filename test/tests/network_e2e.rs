@@ -16,6 +16,18 @@ use std::time::{Duration, Instant};
 use cloudless_proto::v1 as pb;
 use cloudless_test::e2e::{Cluster, NetNs, Options};
 
+/// One installation at a time (2 cores).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Skips (loudly) where the end-to-end set-up or the CNI plugins are missing.
+fn missing() -> Option<String> {
+    cloudless_test::e2e::missing().or_else(|| {
+        (!Path::new("/usr/lib/cni/bridge").exists()).then(|| {
+            "the CNI plugins are missing (apt-get install containernetworking-plugins)".to_owned()
+        })
+    })
+}
+
 /// A workload manifest of the test image running `script`.
 fn manifest(c: &Cluster, name: &str, replicas: u32, script: &str, extra: &str) -> PathBuf {
     let path = c.dir.path().join(format!("{name}.yaml"));
@@ -90,14 +102,11 @@ fn node_of(rs: &[pb::Replica]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_get_a_network_of_their_own() {
-    if let Some(why) = cloudless_test::e2e::missing().or_else(|| {
-        (!Path::new("/usr/lib/cni/bridge").exists()).then(|| {
-            "the CNI plugins are missing (apt-get install containernetworking-plugins)".to_owned()
-        })
-    }) {
+    if let Some(why) = missing() {
         cloudless_test::skip_test(format!("container network end to end: {why}"));
         return;
     }
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start_with(Options {
         container_network: true,
         ..Options::default()
@@ -334,4 +343,235 @@ fn http_get(at: SocketAddr) -> Result<String, String> {
 fn out(cmd: &str, args: &[&str]) -> String {
     let o = Command::new(cmd).args(args).output().expect("runs");
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The IP a name resolves to inside a replica (busybox nslookup through the
+/// node's resolver, whose answer is the last `Address:` line).
+const RESOLVE: &str = "ip=$(nslookup NAME 2>/dev/null | awk \"/^Address: /{a=\\$2} END{print a}\")";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy() {
+    if let Some(why) = missing() {
+        cloudless_test::skip_test(format!("services end to end: {why}"));
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start_with(Options {
+        container_network: true,
+        ..Options::default()
+    })
+    .await;
+    let internet = Internet::start(c.dir.path(), "unused\n");
+
+    tracing::info!("phase 1: api by its short name, answered from replicas on both nodes");
+    let serve = "mkdir -p /tmp/w && echo hello from $CLOUDLESS_REPLICA > /tmp/w/index.html && exec httpd -f -p 8080 -h /tmp/w";
+    let api = "  ports:\n    - containerPort: 8080\n      ingressPort: 18443\n  placement:\n    antiAffinity: Node\n";
+    apply(&c, &manifest(&c, "api", 2, serve, api));
+    let apis = c
+        .wait_ready("api", 2, Duration::from_secs(90), |_| true)
+        .await;
+    let call = |name: &str| {
+        format!(
+            "while true; do {}; if [ -n \"$ip\" ]; then echo \"RESOLVED $ip\"; printf \"GET /index.html HTTP/1.0\\r\\n\\r\\n\" | nc -w 2 $ip 8080 | grep hello || echo FAILED; else echo UNRESOLVED; fi; sleep 0.3; done",
+            RESOLVE.replace("NAME", name)
+        )
+    };
+    apply(&c, &manifest(&c, "client", 1, &call("api"), ""));
+    c.wait_ready("client", 1, Duration::from_secs(60), |_| true)
+        .await;
+    let vip = c
+        .ctl_ok(&["get", "services"])
+        .lines()
+        .find(|l| l.contains(" api "))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .expect("api's VIP in get services");
+    eventually(
+        "client reaches both api replicas by name",
+        Duration::from_secs(40),
+        || {
+            let text = logs(&c, "client");
+            let both = apis
+                .iter()
+                .all(|r| text.contains(&format!("hello from {}", r.id)));
+            (both && text.contains(&format!("RESOLVED {vip}")))
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await;
+    let described = c.ctl_ok(&["describe", "service", "api"]);
+    for r in &apis {
+        assert!(
+            described.contains(&r.id),
+            "describe service lists {}:\n{described}",
+            r.id
+        );
+    }
+
+    tracing::info!("phase 2: after a scale-down no connection goes to the gone replica after 2 s");
+    let one = manifest(&c, "api", 1, serve, api);
+    apply(&c, &one);
+    let left = c
+        .wait_ready("api", 1, Duration::from_secs(60), |_| true)
+        .await;
+    let gone: Vec<&pb::Replica> = apis.iter().filter(|r| r.id != left[0].id).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = logs(&c, "client").lines().count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let text = logs(&c, "client");
+    let fresh: Vec<&str> = text.lines().skip(before.saturating_sub(1)).collect();
+    for g in &gone {
+        assert!(
+            !fresh
+                .iter()
+                .any(|l| l.contains(&format!("hello from {}", g.id))),
+            "a connection went to {} after it left: {fresh:#?}",
+            g.id
+        );
+    }
+    assert!(
+        fresh
+            .iter()
+            .any(|l| l.contains(&format!("hello from {}", left[0].id))),
+        "{fresh:#?}"
+    );
+
+    tracing::info!(
+        "phase 3: another namespace needs the qualified name and the target's allowFrom"
+    );
+    let other = c.dir.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(manifest(
+            &c,
+            "caller",
+            1,
+            &call("api.default.cloudless.local"),
+            "",
+        ))
+        .expect("manifest")
+        .replace(
+            "metadata:\n  name: caller\n",
+            "metadata:\n  name: caller\n  namespace: other\n",
+        ),
+    )
+    .expect("manifest");
+    apply(&c, &other);
+    eventually(
+        "the other namespace resolves but is refused",
+        Duration::from_secs(60),
+        || {
+            let out = c.ctl(&["logs", "caller", "-n", "other", "--tail", "20"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text.contains(&format!("RESOLVED {vip}")) && !text.contains("hello from"))
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await;
+    let allowed = format!("{api}  service:\n    allowFrom: [other]\n");
+    apply(&c, &manifest(&c, "api", 1, serve, &allowed));
+    eventually("allowFrom admits it", Duration::from_secs(40), || {
+        let out = c.ctl(&["logs", "caller", "-n", "other", "--tail", "20"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("hello from").then_some(()).ok_or(text)
+    })
+    .await;
+
+    tracing::info!("phase 4: ingress from outside the cluster reaches replicas on every node");
+    apply(&c, &manifest(&c, "api", 2, serve, &allowed));
+    let apis = c
+        .wait_ready("api", 2, Duration::from_secs(60), |_| true)
+        .await;
+    let a_id = node_id_of(&c, "agent-a");
+    c.ctl_ok(&["node", "label", &a_id, "ingress=true"]);
+    let outside = PathBuf::from(format!("/var/run/netns/{}", internet.ns.name));
+    let at = SocketAddr::from((
+        internet
+            .ns
+            .host_ip
+            .parse::<std::net::Ipv4Addr>()
+            .expect("ip"),
+        18443,
+    ));
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "ingress answers: {seen:?}");
+        if let Ok(line) = first_line_from(&outside, at) {
+            if let Some(r) = apis.iter().find(|r| line.contains(&r.id)) {
+                seen.insert(r.id.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!(
+        "phase 5: with agent-b killed, no ingress connection fails once its replica left"
+    );
+    let on_b: Vec<String> = {
+        let b_id = node_id_of(&c, "agent-b");
+        apis.iter()
+            .filter(|r| r.node_id == b_id)
+            .map(|r| r.id.clone())
+            .collect()
+    };
+    assert_eq!(on_b.len(), 1, "one api replica on agent-b: {apis:#?}");
+    c.agents[1].sigkill();
+    eventually(
+        "agent-b's replica leaves the rotation",
+        Duration::from_secs(30),
+        || {
+            let text = c.ctl_ok(&["describe", "service", "api"]);
+            (!text.contains(&on_b[0])).then_some(()).ok_or(text)
+        },
+    )
+    .await;
+    for i in 0..20 {
+        let line = first_line_from(&outside, at)
+            .unwrap_or_else(|e| panic!("ingress connection {i} failed: {e}"));
+        assert!(line.starts_with("hello from"), "connection {i}: {line:?}");
+        assert!(
+            !line.contains(&on_b[0]),
+            "connection {i} went to the killed node: {line}"
+        );
+    }
+}
+
+/// The id of node `name` (from `get nodes -o wide`).
+fn node_id_of(c: &Cluster, name: &str) -> String {
+    let out = c.ctl_ok(&["get", "nodes", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("nodes json");
+    v.as_array()
+        .or_else(|| v["nodes"].as_array())
+        .and_then(|nodes| {
+            nodes
+                .iter()
+                .find(|n| n["name"] == name)
+                .and_then(|n| n["id"].as_str().or_else(|| n["nodeId"].as_str()))
+        })
+        .unwrap_or_else(|| panic!("node {name} in {out}"))
+        .to_owned()
+}
+
+/// GETs /index.html from the namespace at `netns` at `to`: the body's
+/// `hello from ...` line.
+fn first_line_from(netns: &Path, to: SocketAddr) -> Result<String, String> {
+    use std::io::Write as _;
+    cloudless_network::netns::run_in(netns, move || {
+        let mut s =
+            TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+        Ok(body
+            .lines()
+            .find(|l| l.starts_with("hello from"))
+            .unwrap_or_default()
+            .to_owned())
+    })
+    .map_err(|e| e.to_string())
 }

@@ -77,6 +77,7 @@ impl Agent {
             overlay_listen: None,
             overlay_advertise: Vec::new(),
             overlay_hole_punching: false,
+            bandwidth_bps: None,
         };
         let cancel = CancellationToken::new();
         Self {

@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub overlay_advertise: Vec<std::net::SocketAddr>,
     /// Try NAT hole punching before relaying.
     pub overlay_hole_punching: bool,
+    /// The node's bandwidth in bits per second for placement; `None`: the
+    /// default route's link speed, where the kernel knows it.
+    pub bandwidth_bps: Option<u64>,
 }
 
 pub(crate) fn now_s() -> i64 {
@@ -159,6 +162,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         Some(rc) => {
             let mut runner = crate::workloads::Runner::new(rc).await?;
             runner.set_mesh(mesh.clone());
+            runner.set_node_id(&identity.node_id);
             Some(tokio::spawn(crate::workloads::run(
                 config.coordinators.clone(),
                 identity_rx,
@@ -172,7 +176,11 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let mut coordinators = Coordinators::new(config.coordinators.clone(), identity);
     let mut probe = DeviceProbe::default()
         .with_labels(config.labels.clone())
+        .with_bandwidth(config.bandwidth_bps)
         .with_overlay_addresses(overlay_addresses.iter().map(ToString::to_string).collect());
+    if let Some(rc) = &config.runtime {
+        probe = probe.with_storage_dir(&rc.volume_dir);
+    }
     let mut interval = Duration::from_secs(1);
     let mut last_phase = None;
     loop {

@@ -10,6 +10,7 @@ mod client;
 mod identity;
 pub mod mesh;
 pub mod secrets;
+mod services;
 mod sysinfo;
 mod tunnel;
 pub mod workloads;

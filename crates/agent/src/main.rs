@@ -85,6 +85,11 @@ struct Cli {
     /// most 12 characters).
     #[arg(long, default_value = "CLOUDLESS")]
     firewall_chain_prefix: String,
+    /// The node's bandwidth in bits per second, for placing workloads that
+    /// request bandwidth (default: the default route's link speed, where
+    /// the kernel knows it; virtual links mostly do not).
+    #[arg(long)]
+    bandwidth: Option<u64>,
     /// The service proxy's port on the bridge's address.
     #[arg(long, default_value_t = 7681)]
     proxy_port: u16,
@@ -205,6 +210,7 @@ fn main() -> ExitCode {
         overlay_listen: cli.overlay_listen.0,
         overlay_advertise: cli.overlay_advertise,
         overlay_hole_punching: cli.overlay_hole_punching,
+        bandwidth_bps: cli.bandwidth.filter(|b| *b > 0),
         coordinators: cli.coordinators,
         name: cli.name.unwrap_or_else(host_name),
         join_token,

@@ -409,6 +409,16 @@ impl Mesh {
         }
     }
 
+    /// Where node `node_id`'s overlay endpoint listens (`ip:port` strings;
+    /// ones that do not parse are skipped).
+    pub fn set_peer_addresses(&self, node_id: &str, addresses: &[String]) {
+        let addresses: Vec<SocketAddr> = addresses.iter().filter_map(|a| a.parse().ok()).collect();
+        if !addresses.is_empty() {
+            self.overlay
+                .set_peer(Identity::Node(node_id.to_owned()), addresses);
+        }
+    }
+
     /// Records a local replica's address on the bridge (`None`: it has
     /// none any more).
     pub fn set_address(&self, replica_id: &str, address: Option<Ipv4Addr>) {

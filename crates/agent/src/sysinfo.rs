@@ -19,6 +19,14 @@ pub struct DeviceProbe {
     last_cpu: Option<(u64, u64)>,
     labels: BTreeMap<String, String>,
     overlay_addresses: Vec<String>,
+    /// Where replicas' volumes go: its file system's size is the node's
+    /// storage capacity.
+    storage_dir: Option<PathBuf>,
+    /// The node's bandwidth in bits per second, when set by the operator;
+    /// else the default route's link speed.
+    bandwidth_bps: Option<u64>,
+    /// Where network interfaces are listed (`/sys/class/net`).
+    net_root: PathBuf,
 }
 
 /// CPU architecture in OCI spelling.
@@ -52,7 +60,66 @@ impl DeviceProbe {
             last_cpu: None,
             labels,
             overlay_addresses: Vec::new(),
+            storage_dir: None,
+            bandwidth_bps: None,
+            net_root: PathBuf::from("/sys/class/net"),
         }
+    }
+
+    /// Reports the size of `dir`'s file system as the storage capacity.
+    pub fn with_storage_dir(mut self, dir: &Path) -> Self {
+        self.storage_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// Reports `bps` as the bandwidth capacity (else the default route's
+    /// link speed, where the kernel knows it).
+    pub fn with_bandwidth(mut self, bps: Option<u64>) -> Self {
+        self.bandwidth_bps = bps;
+        self
+    }
+
+    /// Reads interfaces under `root` instead of `/sys/class/net` (tests).
+    pub fn with_net_root(mut self, root: &Path) -> Self {
+        self.net_root = root.to_owned();
+        self
+    }
+
+    /// (total, used) bytes of the storage directory's file system.
+    fn storage(&self) -> (u64, u64) {
+        let Some(dir) = &self.storage_dir else {
+            return (0, 0);
+        };
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(v) => {
+                let frag = v.fragment_size();
+                let total = v.blocks().saturating_mul(frag);
+                let free = v.blocks_available().saturating_mul(frag);
+                (total, total.saturating_sub(free))
+            }
+            Err(_) => (0, 0),
+        }
+    }
+
+    /// The node's bandwidth in bits per second: the operator's figure, else
+    /// the link speed of the default route's interface (0: unknown, as for
+    /// most virtual interfaces).
+    fn bandwidth(&self) -> u64 {
+        if let Some(b) = self.bandwidth_bps {
+            return b;
+        }
+        let routes = std::fs::read_to_string(self.proc_root.join("net/route")).unwrap_or_default();
+        let Some(iface) = routes.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&"00000000")).then(|| f.first().map(|s| (*s).to_owned()))?
+        }) else {
+            return 0;
+        };
+        std::fs::read_to_string(self.net_root.join(iface).join("speed"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .and_then(|mbps| u64::try_from(mbps).ok())
+            .map_or(0, |mbps| mbps.saturating_mul(1_000_000))
     }
 
     /// Adds labels the agent reports besides `arch` and `os`.
@@ -128,15 +195,19 @@ impl DeviceProbe {
             conditions.push(NodeCondition::MemoryPressure);
         }
         let (power_source, battery_percent) = self.power();
+        let (storage_total, storage_used) = self.storage();
         pb::HeartbeatRequest {
             capacity: Some(pb::Resources {
                 cpu_millis: cpus * 1000,
                 memory_bytes: mem_total,
+                storage_bytes: storage_total,
+                bandwidth_bps: self.bandwidth(),
                 ..Default::default()
             }),
             usage: Some(pb::Resources {
                 cpu_millis: cpu_used,
                 memory_bytes: mem_total.saturating_sub(mem_available),
+                storage_bytes: storage_used,
                 ..Default::default()
             }),
             labels: self.labels.clone().into_iter().collect(),
@@ -192,6 +263,62 @@ mod tests {
             ("battery", vec!["MemoryPressure".to_owned()])
         );
         assert_eq!(hb.labels.get("arch").map(String::as_str), Some(arch()));
+    }
+
+    #[test]
+    fn storage_and_bandwidth_capacity_come_from_the_volume_disk_and_the_default_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proc_root = dir.path().join("proc");
+        let net = dir.path().join("net");
+        std::fs::create_dir_all(proc_root.join("net")).expect("mkdir");
+        std::fs::create_dir_all(net.join("eth0")).expect("mkdir");
+        std::fs::write(
+            proc_root.join("net/route"),
+            "Iface\tDestination\tGateway\tFlags\nlo\t0000007F\t00000000\t0001\neth0\t00000000\t0102A8C0\t0003\n",
+        )
+        .expect("write");
+        std::fs::write(net.join("eth0/speed"), "1000\n").expect("write");
+        let probe = DeviceProbe::new(&proc_root, &dir.path().join("power"))
+            .with_net_root(&net)
+            .with_storage_dir(dir.path());
+        let cap = probe.clone_heartbeat().capacity.expect("capacity");
+        assert_eq!(cap.bandwidth_bps, 1_000_000_000);
+        assert!(
+            cap.storage_bytes > 0,
+            "the temp dir's file system has a size"
+        );
+        // A virtual link without a speed: unknown, unless the operator says.
+        std::fs::write(net.join("eth0/speed"), "-1\n").expect("write");
+        assert_eq!(
+            probe
+                .clone_heartbeat()
+                .capacity
+                .expect("capacity")
+                .bandwidth_bps,
+            0
+        );
+        let declared = DeviceProbe::new(&proc_root, &dir.path().join("power"))
+            .with_net_root(&net)
+            .with_bandwidth(Some(50_000_000));
+        assert_eq!(
+            declared
+                .clone_heartbeat()
+                .capacity
+                .expect("capacity")
+                .bandwidth_bps,
+            50_000_000
+        );
+    }
+
+    impl DeviceProbe {
+        /// A heartbeat from a copy (the probe keeps CPU counters).
+        fn clone_heartbeat(&self) -> pb::HeartbeatRequest {
+            let mut p = DeviceProbe::new(&self.proc_root, &self.power_root)
+                .with_net_root(&self.net_root)
+                .with_bandwidth(self.bandwidth_bps);
+            p.storage_dir.clone_from(&self.storage_dir);
+            p.heartbeat()
+        }
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub(crate) fn node_network(subnet: &str, network: &NetworkConfig) -> NodeNetwork
         cluster_domain: network.cluster_domain.clone(),
         default_egress: Some(network.default_egress.clone().into()),
         service_cidr: network.service_cidr.clone(),
+        zone: String::new(),
+        region: String::new(),
     }
 }
 
@@ -155,14 +157,22 @@ pub(crate) fn assignments(
         .services
         .at(revision, || ClusterServices::read(reader))?;
     let ingress = services.ingress_labelled.contains(node_id);
-    let network = match reader.node(node_id)?.and_then(|n| n.subnet) {
-        Some(subnet) => {
-            let config = reader
-                .cluster()?
-                .map(|c| c.config.network)
-                .unwrap_or_default();
-            Some(node_network(&subnet, &config))
-        }
+    let network = match reader.node(node_id)? {
+        Some(n) => match &n.subnet {
+            Some(subnet) => {
+                let config = reader
+                    .cluster()?
+                    .map(|c| c.config.network)
+                    .unwrap_or_default();
+                let mut net = node_network(subnet, &config);
+                // Where the node is, as placement sees it (its service
+                // proxy's locality).
+                net.zone = crate::scheduler_input::node_zone(&n);
+                net.region = crate::scheduler_input::node_region(&n);
+                Some(net)
+            }
+            None => None,
+        },
         None => None,
     };
     Ok(NodeView {

@@ -53,6 +53,8 @@ pub(crate) struct ReplicaCtx<R> {
     pub(crate) network: Option<Arc<cloudless_network::NodeNetwork>>,
     /// The cluster's egress policy for workloads that set none.
     pub(crate) default_egress: Option<Arc<cloudless_types::EgressPolicy>>,
+    /// The node's resolver and service proxy (with the network).
+    pub(crate) services: Option<Arc<crate::services::ServicePlane>>,
 }
 
 impl<R: Clone> Clone for ReplicaCtx<R> {
@@ -68,6 +70,7 @@ impl<R: Clone> Clone for ReplicaCtx<R> {
             mesh: self.mesh.clone(),
             network: self.network.clone(),
             default_egress: self.default_egress.clone(),
+            services: self.services.clone(),
         }
     }
 }
@@ -178,6 +181,28 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
         Attached::Yes(att) => {
             r.address = Some(att.address);
             container.network_namespace = Some(att.netns);
+            if let Some(plane) = &r.ctx.services {
+                // Names through the node's resolver; its connections to
+                // service addresses are this workload's.
+                match plane.register(
+                    r.id(),
+                    &container.id,
+                    att.address,
+                    &r.a.namespace,
+                    &r.a.workload,
+                ) {
+                    Ok(resolv) => container.mounts.push(cloudless_runtime::Mount {
+                        destination: "/etc/resolv.conf".into(),
+                        source: cloudless_runtime::MountSource::ReplicaDir(resolv),
+                        read_only: true,
+                        field: "resolv.conf".into(),
+                        volume: String::new(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(replica = %r.id(), error = %e, "cannot write its resolv.conf; it resolves no service names")
+                    }
+                }
+            }
             true
         }
         Attached::NoNetwork => false,
@@ -204,6 +229,9 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
     }
     secret_volumes.unmount_all();
     // The container is gone: so is its network (address, ports, rules).
+    if let (Some(plane), Some(a)) = (&r.ctx.services, r.address) {
+        plane.unregister(r.id(), &container_id, a);
+    }
     if let (true, Some(net)) = (network, &r.ctx.network) {
         if let Err(e) = net.detach(&container_id).await {
             tracing::warn!(replica = %r.id(), error = %e, "cannot remove its network");

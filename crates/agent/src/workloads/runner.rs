@@ -53,6 +53,8 @@ pub struct Runner<R = Containerd> {
     net: super::network::NodeNet,
     /// Whether replica networks left from an earlier run were collected.
     collected: bool,
+    /// This node (for the service proxy's locality).
+    node_id: String,
 }
 
 impl<R> std::fmt::Debug for Runner<R> {
@@ -175,6 +177,7 @@ impl<R: AgentRuntime> Runner<R> {
                 mesh: None,
                 network: None,
                 default_egress: None,
+                services: None,
             },
             slots: HashMap::new(),
             reported: HashMap::new(),
@@ -185,7 +188,13 @@ impl<R: AgentRuntime> Runner<R> {
             parked: std::collections::HashSet::new(),
             net: super::network::NodeNet::new(config.network.clone()),
             collected: false,
+            node_id: String::new(),
         }
+    }
+
+    /// This node's id (the service proxy tells its own endpoints apart).
+    pub fn set_node_id(&mut self, node_id: &str) {
+        node_id.clone_into(&mut self.node_id);
     }
 
     /// Reads the secrets of replicas started from now on through `source`.
@@ -257,6 +266,18 @@ impl<R: AgentRuntime> Runner<R> {
         }
         self.ctx.network = self.net.open(set.network.as_ref()).await;
         self.ctx.default_egress = self.net.default_egress.clone().map(Arc::new);
+        if let (None, Some(net)) = (&self.ctx.services, &self.ctx.network) {
+            let here = cloudless_network::balancer::Here {
+                node_id: self.node_id.clone(),
+                ..Default::default()
+            };
+            let plane =
+                crate::services::ServicePlane::start(net, here, self.ctx.mesh.clone()).await;
+            self.ctx.services = Some(Arc::new(plane));
+        }
+        if let Some(plane) = &self.ctx.services {
+            plane.update(set).await;
+        }
         if let (false, Some(net)) = (self.collected, &self.ctx.network) {
             // Networks of replicas no longer assigned here (stopped while
             // the agent was down) go; the others are kept for adoption.

@@ -1,0 +1,400 @@
+//! The node's service plane: the resolver and the service proxy on the
+//! bridge's address, the ingress listeners of an ingress node, and what
+//! each replica is told about names (its `resolv.conf`). Fed by the
+//! assignment watch: every service with its Ready endpoints, which nodes run
+//! which workloads, which nodes carry ingress.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cloudless_network::balancer::Here;
+use cloudless_network::dns::Resolver;
+use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialed, Dialer, ServiceProxy};
+use cloudless_network::services::{
+    Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
+};
+use cloudless_network::NodeNetwork;
+use cloudless_proto::v1 as pb;
+use tokio::task::JoinHandle;
+
+use crate::mesh::{Mesh, ServiceAccess};
+
+/// Replicas on this node by address: who a connection to a VIP comes from.
+type Callers = Arc<Mutex<HashMap<IpAddr, Caller>>>;
+
+/// An open ingress listener: the service (namespace, workload), its port,
+/// and the task.
+type IngressListener = (String, String, u16, JoinHandle<()>);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Dials endpoints on other nodes through the overlay.
+struct OverlayDialer(Option<Arc<Mesh>>);
+
+impl Dialer for OverlayDialer {
+    fn dial<'a>(&'a self, e: &'a Endpoint, port: u16, caller: &'a Caller) -> DialFuture<'a> {
+        Box::pin(async move {
+            let mesh = self
+                .0
+                .as_ref()
+                .ok_or("this agent runs no overlay (other nodes' replicas are out of reach)")?;
+            let s = mesh
+                .open_service_stream(&e.node_id, &e.replica_id, port, caller)
+                .await?;
+            Ok(Dialed::Stream(Box::new(s)))
+        })
+    }
+}
+
+/// The node's service plane.
+pub(crate) struct ServicePlane {
+    services: SharedServices,
+    callers: Callers,
+    proxy: Arc<ServiceProxy>,
+    mesh: Option<Arc<Mesh>>,
+    node_id: String,
+    gateway: Ipv4Addr,
+    resolv_dir: PathBuf,
+    domain: Mutex<String>,
+    /// The resolver's and the proxy's tasks.
+    tasks: Vec<JoinHandle<()>>,
+    /// Ingress listeners by port, with the route they carry.
+    ingress: Mutex<HashMap<u16, IngressListener>>,
+}
+
+impl std::fmt::Debug for ServicePlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServicePlane")
+            .field("gateway", &self.gateway)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ServicePlane {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for (_, (_, _, _, t)) in lock(&self.ingress).drain() {
+            t.abort();
+        }
+    }
+}
+
+impl ServicePlane {
+    /// Starts the resolver and the proxy on `net`'s bridge address for the
+    /// node `here`. What cannot listen is logged (replicas then lack names
+    /// or VIPs, not their network).
+    pub(crate) async fn start(net: &NodeNetwork, here: Here, mesh: Option<Arc<Mesh>>) -> Self {
+        let services = mesh
+            .as_ref()
+            .map_or_else(SharedServices::default, |m| m.services());
+        let callers: Callers = Arc::default();
+        let lookup = callers.clone();
+        let proxy = ServiceProxy::new(
+            services.clone(),
+            here.clone(),
+            Arc::new(BridgeDialer {
+                node_id: here.node_id.clone(),
+                remote: OverlayDialer(mesh.clone()),
+            }),
+            Arc::new(move |ip| lock(&lookup).get(&ip).cloned()),
+        );
+        let gateway = net.gateway();
+        let config = net.config();
+        let mut tasks = Vec::new();
+        let upstreams = cloudless_network::dns::upstreams(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        );
+        let dns_at = SocketAddr::from((gateway, config.dns_port));
+        match Resolver::new(services.clone(), upstreams)
+            .serve(dns_at)
+            .await
+        {
+            Ok(t) => tasks.extend(t),
+            Err(e) => tracing::warn!(
+                reason = "ResolverUnavailable",
+                error = %e,
+                "!!! the node's resolver cannot listen: replicas cannot resolve service names !!!"
+            ),
+        }
+        let proxy_at = SocketAddr::from((gateway, config.proxy_port));
+        match tokio::net::TcpListener::bind(proxy_at).await {
+            Ok(l) => tasks.push(tokio::spawn(proxy.clone().serve_vips(l))),
+            Err(e) => tracing::warn!(
+                reason = "ServiceProxyUnavailable",
+                error = %e,
+                at = %proxy_at,
+                "!!! the service proxy cannot listen: connections to service addresses fail !!!"
+            ),
+        }
+        tracing::info!(resolver = %dns_at, proxy = %proxy_at, "service plane ready");
+        Self {
+            services,
+            callers,
+            proxy,
+            mesh,
+            node_id: here.node_id,
+            gateway,
+            resolv_dir: config.state_dir.join("resolv"),
+            domain: Mutex::new(String::new()),
+            tasks,
+            ingress: Mutex::default(),
+        }
+    }
+
+    /// Takes the services, who runs what and the ingress routes from an
+    /// assignment set.
+    pub(crate) async fn update(&self, set: &pb::AssignmentSet) {
+        let domain = set
+            .network
+            .as_ref()
+            .map(|n| n.cluster_domain.clone())
+            .unwrap_or_default();
+        *lock(&self.domain) = domain.clone();
+        if let Some(n) = &set.network {
+            self.proxy.set_here(Here {
+                node_id: self.node_id.clone(),
+                zone: n.zone.clone(),
+                region: n.region.clone(),
+            });
+        }
+        let table = table_of(&domain, &set.services);
+        if let Some(m) = &self.mesh {
+            for s in &set.services {
+                for e in &s.endpoints {
+                    if e.node_id != self.node_id {
+                        m.set_peer_addresses(&e.node_id, &e.overlay_addresses);
+                    }
+                }
+            }
+            m.set_service_access(access_of(set));
+        }
+        self.services.set(table);
+        self.update_ingress(set).await;
+    }
+
+    /// Opens, keeps or closes ingress listeners to match `set` (only on an
+    /// ingress node).
+    async fn update_ingress(&self, set: &pb::AssignmentSet) {
+        let wanted: BTreeMap<u16, (String, String, u16)> = if set.ingress {
+            set.services
+                .iter()
+                .flat_map(|s| {
+                    s.ports.iter().filter_map(|p| {
+                        let ingress = u16::try_from(p.ingress_port).ok().filter(|p| *p != 0)?;
+                        let port = u16::try_from(p.port).ok()?;
+                        Some((ingress, (s.namespace.clone(), s.workload.clone(), port)))
+                    })
+                })
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let mut open = {
+            let mut ingress = lock(&self.ingress);
+            ingress.retain(|port, (ns, w, target, task)| {
+                let keep = wanted.get(port) == Some(&(ns.clone(), w.clone(), *target));
+                if !keep {
+                    task.abort();
+                    tracing::info!(port, "ingress listener closed");
+                }
+                keep
+            });
+            ingress.keys().copied().collect::<HashSet<u16>>()
+        };
+        for (port, (ns, w, target)) in wanted {
+            if !open.insert(port) {
+                continue;
+            }
+            match tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await {
+                Ok(l) => {
+                    tracing::info!(port, service = %format!("{ns}/{w}"), target, "ingress listening");
+                    let task = tokio::spawn(self.proxy.clone().serve_ingress(
+                        l,
+                        ns.clone(),
+                        w.clone(),
+                        target,
+                    ));
+                    lock(&self.ingress).insert(port, (ns, w, target, task));
+                }
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "cannot listen for ingress");
+                    open.remove(&port);
+                }
+            }
+        }
+    }
+
+    /// Records that replica `replica_id` of `namespace/workload` has
+    /// `address` on this node (its connections to VIPs are its), and writes
+    /// its `resolv.conf`: this node's resolver, the search path of its
+    /// namespace. The file to mount at `/etc/resolv.conf`.
+    pub(crate) fn register(
+        &self,
+        replica_id: &str,
+        container_id: &str,
+        address: Ipv4Addr,
+        namespace: &str,
+        workload: &str,
+    ) -> std::io::Result<PathBuf> {
+        lock(&self.callers).insert(
+            IpAddr::V4(address),
+            Caller::Workload {
+                namespace: namespace.to_owned(),
+                workload: workload.to_owned(),
+            },
+        );
+        if let Some(m) = &self.mesh {
+            m.set_address(replica_id, Some(address));
+        }
+        let domain = lock(&self.domain).clone();
+        write_resolv_conf(
+            &self.resolv_dir,
+            container_id,
+            self.gateway,
+            namespace,
+            &domain,
+        )
+    }
+
+    /// Forgets a replica registered before.
+    pub(crate) fn unregister(&self, replica_id: &str, container_id: &str, address: Ipv4Addr) {
+        lock(&self.callers).remove(&IpAddr::V4(address));
+        if let Some(m) = &self.mesh {
+            m.set_address(replica_id, None);
+        }
+        let _ = std::fs::remove_file(self.resolv_dir.join(container_id));
+    }
+}
+
+/// Writes `<dir>/<container>`: the resolver at `gateway`, searching the
+/// replica's namespace, then the cluster domain.
+fn write_resolv_conf(
+    dir: &Path,
+    container_id: &str,
+    gateway: Ipv4Addr,
+    namespace: &str,
+    domain: &str,
+) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(container_id);
+    let search = if domain.is_empty() {
+        String::new()
+    } else {
+        format!("search {namespace}.{domain} {domain}\n")
+    };
+    let text = format!("nameserver {gateway}\n{search}options ndots:5\n");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// The service table of an assignment set's services.
+fn table_of(domain: &str, services: &[pb::Service]) -> ServiceTable {
+    let services = services
+        .iter()
+        .filter_map(|s| {
+            let vip = s.vip.parse().ok()?;
+            Some(Service {
+                namespace: s.namespace.clone(),
+                name: s.workload.clone(),
+                vip,
+                ports: s
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        Some(ServicePort {
+                            port: u16::try_from(p.port).ok()?,
+                            udp: p.protocol() == pb::Protocol::Udp,
+                        })
+                    })
+                    .collect(),
+                policy: match s.load_balancing() {
+                    pb::LoadBalancing::LeastConnections => LoadBalancing::LeastConnections,
+                    pb::LoadBalancing::Locality => LoadBalancing::Locality,
+                    pb::LoadBalancing::Weighted => LoadBalancing::Weighted,
+                    _ => LoadBalancing::RoundRobin,
+                },
+                allow_from: s.allow_from.clone(),
+                weights: s
+                    .zone_weights
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        replica_id: e.replica_id.clone(),
+                        node_id: e.node_id.clone(),
+                        address: e.address.parse().ok(),
+                        zone: e.zone.clone(),
+                        region: e.region.clone(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    ServiceTable::new(domain, services)
+}
+
+/// Who may reach services here, from an assignment set.
+fn access_of(set: &pb::AssignmentSet) -> ServiceAccess {
+    ServiceAccess {
+        runs: set
+            .runs
+            .iter()
+            .map(|r| {
+                (
+                    (r.namespace.clone(), r.workload.clone()),
+                    r.node_ids.iter().cloned().collect(),
+                )
+            })
+            .collect(),
+        ingress_nodes: set.ingress_node_ids.iter().cloned().collect(),
+        ingress_routes: set
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .filter(|p| p.ingress_port != 0)
+                    .filter_map(|p| {
+                        Some((
+                            s.namespace.clone(),
+                            s.workload.clone(),
+                            u16::try_from(p.port).ok()?,
+                        ))
+                    })
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_resolves_through_its_node_and_searches_its_namespace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_resolv_conf(
+            dir.path(),
+            "web-1",
+            [10, 244, 3, 1].into(),
+            "prod",
+            "cloudless.local",
+        )
+        .expect("write");
+        assert_eq!(
+            std::fs::read_to_string(path).expect("read"),
+            "nameserver 10.244.3.1\nsearch prod.cloudless.local cloudless.local\noptions ndots:5\n"
+        );
+    }
+}
