@@ -18,7 +18,33 @@ BIN="${CLOUDLESS_BIN:-target/release}"
 PORTS=(7400 7410 7420)
 REGISTRY=127.0.0.1:7500
 
+# Removes the iptables chains named <prefix>-* and the rules jumping to them.
+remove_chains() {
+  for table in filter nat; do
+    iptables -t "$table" -S 2>/dev/null | grep -- "-j $1-" | grep -v "^-A $1-" | sed 's/^-A /-D /' |
+      while read -r rule; do eval iptables -t "$table" "$rule" 2>/dev/null || true; done
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk -v p="-N $1-" 'index($0, p) == 1 {print $2}'); do
+      iptables -t "$table" -F "$chain" 2>/dev/null || true
+    done
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk -v p="-N $1-" 'index($0, p) == 1 {print $2}'); do
+      iptables -t "$table" -X "$chain" 2>/dev/null || true
+    done
+  done
+}
+
 stop() {
+  if [[ -f "$DIR/c1/admin/cloudlessctl.toml" ]] && compgen -G "$DIR/a-*.pid" >/dev/null; then
+    # Deleted workloads give back their replicas' networks (veths, address
+    # leases, port mappings, rules) through the agents.
+    CTL=("$BIN/cloudlessctl" --config "$DIR/c1/admin/cloudlessctl.toml" --server "127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}")
+    for w in $("${CTL[@]}" get workloads -o json 2>/dev/null | grep -o '"name": "[^"]*"' | cut -d'"' -f4); do
+      "${CTL[@]}" delete workload "$w" >/dev/null 2>&1 || true
+    done
+    for _ in $(seq 1 60); do
+      [[ -z "$("${CTL[@]}" get replicas 2>/dev/null | tail -n +2)" ]] && break
+      sleep 0.25
+    done
+  fi
   if compgen -G "$DIR/*.pid" >/dev/null; then
     # Agents first. A stopped agent leaves its containers running (edge
     # autonomy), so the demo removes them itself before containerd goes.
@@ -43,6 +69,11 @@ stop() {
     done
   fi
   pkill -f "containerd-shim-runc-v2 -namespace cloudless-demo" 2>/dev/null || true
+  # The agents' bridges and node chains.
+  for zone in a b; do
+    ip link del "cld-$zone" 2>/dev/null || true
+    remove_chains "CLOUDLESS-${zone^^}"
+  done
   # Mounts containerd left (container root file systems).
   { grep -F " $DIR/" /proc/mounts 2>/dev/null || true; } | awk '{print $2}' | sort -r | while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
@@ -147,7 +178,9 @@ for zone in a b; do
   "$BIN/cloudless-agent" --data-dir "$DIR/$agent" --coordinator "$COORDS" --name "$agent" \
     --join-token-file "$DIR/join-token-$zone" --ca-cert "$DIR/c1/admin/ca.crt" \
     --containerd-socket "$DIR/containerd/containerd.sock" --containerd-namespace "cloudless-demo-$zone" \
-    --insecure-registry "$REGISTRY" --overlay-listen "127.0.0.1:0" >"$DIR/a-$zone.log" 2>&1 &
+    --insecure-registry "$REGISTRY" --overlay-listen "127.0.0.1:0" \
+    --bridge "cld-$zone" --firewall-chain-prefix "CLOUDLESS-${zone^^}" --netns-dir "$DIR/$agent/netns" \
+    >"$DIR/a-$zone.log" 2>&1 &
   echo $! >"$DIR/a-$zone.pid"
 done
 for _ in $(seq 1 100); do
@@ -172,6 +205,14 @@ echo "==> cloudlessctl apply -f examples/api.yaml, then examples/web.yaml (web r
 sleep 6
 echo "==> cloudlessctl logs web --tail 2 (answers from api replicas on the other agent)"
 "${CTL[@]}" logs web --tail 2
+echo "==> cloudlessctl apply -f examples/caller.yaml (finds api by its name through the node's resolver, connects to its service address)"
+"${CTL[@]}" apply -f examples/caller.yaml --wait --timeout 120
+sleep 6
+echo "==> cloudlessctl get services; logs caller --tail 2"
+"${CTL[@]}" get services
+"${CTL[@]}" logs caller --tail 2
+echo "==> cloudlessctl get replicas -o wide (each replica's address on its node's subnet)"
+"${CTL[@]}" get replicas -o wide
 echo
 echo "Cluster is running (logs in $DIR). Metrics: curl http://127.0.0.1:$((PORTS[0] + 1))/metrics"
 echo "cloudlessctl: ${CTL[*]}"
