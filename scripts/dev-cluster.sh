@@ -21,12 +21,12 @@ REGISTRY=127.0.0.1:7500
 # Removes the iptables chains named <prefix>-* and the rules jumping to them.
 remove_chains() {
   for table in filter nat; do
-    iptables -t "$table" -S 2>/dev/null | grep -- "-j $1-" | grep -v "^-A $1-" | sed 's/^-A /-D /' |
-      while read -r rule; do eval iptables -t "$table" "$rule" 2>/dev/null || true; done
-    for chain in $(iptables -t "$table" -S 2>/dev/null | awk -v p="-N $1-" 'index($0, p) == 1 {print $2}'); do
+    { iptables -t "$table" -S 2>/dev/null || true; } | { grep -- "-j $1-" || true; } | { grep -v "^-A $1-" || true; } |
+      sed 's/^-A /-D /' | while read -r rule; do eval iptables -t "$table" "$rule" 2>/dev/null || true; done
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk -v p="-N $1-" 'index($0, p) == 1 {print $2}' || true); do
       iptables -t "$table" -F "$chain" 2>/dev/null || true
     done
-    for chain in $(iptables -t "$table" -S 2>/dev/null | awk -v p="-N $1-" 'index($0, p) == 1 {print $2}'); do
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk -v p="-N $1-" 'index($0, p) == 1 {print $2}' || true); do
       iptables -t "$table" -X "$chain" 2>/dev/null || true
     done
   done
@@ -40,8 +40,10 @@ stop() {
     for w in $("${CTL[@]}" get workloads -o json 2>/dev/null | grep -o '"name": "[^"]*"' | cut -d'"' -f4); do
       "${CTL[@]}" delete workload "$w" >/dev/null 2>&1 || true
     done
-    for _ in $(seq 1 60); do
-      [[ -z "$("${CTL[@]}" get replicas 2>/dev/null | tail -n +2)" ]] && break
+    # The replicas leave the state at once; their agents stop them and give
+    # their networks back within the stop grace period.
+    for _ in $(seq 1 120); do
+      compgen -G "$DIR/agent-*/network/cni/*.json" >/dev/null || break
       sleep 0.25
     done
   fi
