@@ -164,8 +164,13 @@ impl ServiceProxy {
             .clone()
     }
 
-    /// Carries connections redirected from service VIPs, until aborted.
-    pub async fn serve_vips(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts on `listener` until aborted, handling each connection on a
+    /// task of its own while a slot is free (more wait in the backlog).
+    async fn accept_loop<F, Fut>(self: Arc<Self>, listener: TcpListener, handle: F)
+    where
+        F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         loop {
             let Ok((conn, from)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -174,14 +179,22 @@ impl ServiceProxy {
             let Ok(slot) = self.slots.clone().acquire_owned().await else {
                 return;
             };
-            let me = self.clone();
+            let work = handle(self.clone(), conn, from);
             tokio::spawn(async move {
-                if let Err(e) = me.vip_connection(conn, from).await {
-                    tracing::debug!(from = %from, error = %e, "service connection refused");
-                }
+                work.await;
                 drop(slot);
             });
         }
+    }
+
+    /// Carries connections redirected from service VIPs, until aborted.
+    pub async fn serve_vips(self: Arc<Self>, listener: TcpListener) {
+        self.accept_loop(listener, |me, conn, from| async move {
+            if let Err(e) = me.vip_connection(conn, from).await {
+                tracing::debug!(from = %from, error = %e, "service connection refused");
+            }
+        })
+        .await;
     }
 
     async fn vip_connection(&self, conn: TcpStream, from: SocketAddr) -> Result<(), String> {
@@ -212,17 +225,9 @@ impl ServiceProxy {
         name: String,
         port: u16,
     ) {
-        loop {
-            let Ok((conn, from)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(slot) = self.slots.clone().acquire_owned().await else {
-                return;
-            };
-            let me = self.clone();
+        self.accept_loop(listener, move |me, conn, from| {
             let (ns, n) = (namespace.clone(), name.clone());
-            tokio::spawn(async move {
+            async move {
                 let found = me
                     .services
                     .get()
@@ -236,9 +241,9 @@ impl ServiceProxy {
                 if let Err(e) = done {
                     tracing::debug!(from = %from, error = %e, "ingress connection failed");
                 }
-                drop(slot);
-            });
-        }
+            }
+        })
+        .await;
     }
 
     /// Carries `conn` to an endpoint of `svc` (the policy's pick, else the

@@ -9,7 +9,7 @@ use cloudless_proto::v1::{self as pb};
 use cloudless_types::ClosedSet as _;
 
 use crate::client::{call, status_failure, Failure};
-use crate::cmd::workload::{replica_json, workload_json};
+use crate::cmd::workload::{replica_json, replica_node, workload_json};
 use crate::cmd::Ctx;
 use crate::output::{human, now_ms, sanitize};
 
@@ -242,11 +242,7 @@ fn replica_line(x: &pb::Replica, now: i64) -> String {
         "  {:<44} {:<10} {:<12} address {:<15} template {:<3} restarts {:<3} age {:<6} {}",
         x.id,
         x.state_name(),
-        if x.node_name.is_empty() {
-            &x.node_id
-        } else {
-            &x.node_name
-        },
+        replica_node(x),
         if x.address.is_empty() {
             "-".to_owned()
         } else {

@@ -206,11 +206,7 @@ fn replicas_table(replicas: &[pb::Replica], wide: bool, now: i64) -> String {
             "{:<44} {:<10} {:<12} {}{:>8} {:>5} {:<8} {}\n",
             x.id,
             x.state_name(),
-            if x.node_name.is_empty() {
-                &x.node_id
-            } else {
-                &x.node_name
-            },
+            replica_node(x),
             address(&x.address),
             x.restarts,
             x.exit_code.map_or("-".to_owned(), |c| c.to_string()),
@@ -368,6 +364,15 @@ pub(crate) fn replica_json(r: &pb::Replica) -> serde_json::Value {
         "restarts": r.restarts, "message": r.message, "image": r.image,
         "createdAtMs": r.created_at_ms, "updatedAtMs": r.updated_at_ms, "address": r.address,
     })
+}
+
+/// Where a replica runs, for people: its node's name, else its id.
+pub(crate) fn replica_node(x: &pb::Replica) -> &str {
+    if x.node_name.is_empty() {
+        &x.node_id
+    } else {
+        &x.node_name
+    }
 }
 
 #[cfg(test)]
