@@ -206,8 +206,18 @@ impl Local {
         }
     }
 
-    async fn connect(&self, replica_id: &str, port: u16) -> Result<TcpStream, String> {
-        let address = lock(&self.addresses).get(replica_id).copied();
+    /// A connection to `port` of local replica `replica_id`: at its address
+    /// on the bridge (`via_bridge`, services), else on 127.0.0.1 inside its
+    /// namespace (upstreams, as before replicas had addresses).
+    async fn connect(
+        &self,
+        replica_id: &str,
+        port: u16,
+        via_bridge: bool,
+    ) -> Result<TcpStream, String> {
+        let address = via_bridge
+            .then(|| lock(&self.addresses).get(replica_id).copied())
+            .flatten();
         if let Some(a) = address {
             let s = TcpStream::connect((a, port))
                 .await
@@ -247,12 +257,12 @@ impl Resolver for ReplicaResolver {
             };
             if let Some((id, port, caller)) = parse_service_target(target) {
                 self.0.service_allowed(node, id, port, &caller)?;
-                return self.0.connect(id, port).await;
+                return self.0.connect(id, port, true).await;
             }
             let (id, port) =
                 parse_target(target).ok_or_else(|| format!("bad target {target:?}"))?;
             self.0.allowed(node, id)?;
-            self.0.connect(id, port).await
+            self.0.connect(id, port, false).await
         })
     }
 
@@ -395,17 +405,11 @@ impl Mesh {
     /// Takes who may reach services here (from the assignments), and cuts
     /// the streams no longer allowed.
     pub fn set_service_access(&self, access: ServiceAccess) {
-        let changed = {
-            let mut now = lock(&self.local.access);
-            let changed = *now != access;
-            *now = access;
-            changed
-        };
-        if changed {
-            let cut = self.overlay.recheck_streams();
-            if cut > 0 {
-                tracing::info!(streams = cut, "cut service streams no longer allowed");
-            }
+        *lock(&self.local.access) = access;
+        // Also when only a service's allowFrom changed (the table).
+        let cut = self.overlay.recheck_streams();
+        if cut > 0 {
+            tracing::info!(streams = cut, "cut service streams no longer allowed");
         }
     }
 
@@ -517,7 +521,7 @@ impl Mesh {
         for i in 0..endpoints.len() {
             let e = &endpoints[(start + i) % endpoints.len()];
             if e.node_id == self.node_id {
-                match self.local.connect(&e.replica_id, port).await {
+                match self.local.connect(&e.replica_id, port, false).await {
                     Ok(mut s) => {
                         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut s).await;
                         return Ok(());

@@ -111,10 +111,9 @@ impl ServicePlane {
             &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         );
         let dns_at = SocketAddr::from((gateway, config.dns_port));
-        match Resolver::new(services.clone(), upstreams)
-            .serve(dns_at)
-            .await
-        {
+        let resolver =
+            Resolver::new(services.clone(), upstreams).only_from(ipnet::IpNet::V4(config.subnet));
+        match resolver.serve(dns_at).await {
             Ok(t) => tasks.extend(t),
             Err(e) => tracing::warn!(
                 reason = "ResolverUnavailable",
@@ -172,9 +171,12 @@ impl ServicePlane {
                     }
                 }
             }
+        }
+        // The new table first: streams are rechecked against it.
+        self.services.set(table);
+        if let Some(m) = &self.mesh {
             m.set_service_access(access_of(set));
         }
-        self.services.set(table);
         self.update_ingress(set).await;
     }
 
@@ -195,18 +197,30 @@ impl ServicePlane {
         } else {
             BTreeMap::new()
         };
-        let mut open = {
+        let closed: Vec<JoinHandle<()>> = {
             let mut ingress = lock(&self.ingress);
-            ingress.retain(|port, (ns, w, target, task)| {
-                let keep = wanted.get(port) == Some(&(ns.clone(), w.clone(), *target));
-                if !keep {
+            let gone: Vec<u16> = ingress
+                .iter()
+                .filter(|(port, (ns, w, target, _))| {
+                    wanted.get(port) != Some(&(ns.clone(), w.clone(), *target))
+                })
+                .map(|(port, _)| *port)
+                .collect();
+            gone.into_iter()
+                .filter_map(|port| ingress.remove(&port))
+                .map(|(_, _, _, task)| {
                     task.abort();
-                    tracing::info!(port, "ingress listener closed");
-                }
-                keep
-            });
-            ingress.keys().copied().collect::<HashSet<u16>>()
+                    task
+                })
+                .collect()
         };
+        // A closed listener's socket is gone once its task has ended: only
+        // then can its port be bound again (for a changed route).
+        for task in closed {
+            let _ = task.await;
+            tracing::info!("ingress listener closed");
+        }
+        let mut open: HashSet<u16> = lock(&self.ingress).keys().copied().collect();
         for (port, (ns, w, target)) in wanted {
             if !open.insert(port) {
                 continue;

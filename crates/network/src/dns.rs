@@ -99,6 +99,8 @@ pub struct Resolver {
     services: SharedServices,
     upstreams: Arc<Vec<SocketAddr>>,
     forwards: Arc<tokio::sync::Semaphore>,
+    /// Who may ask (the node's replicas); `None`: anyone who reaches it.
+    clients: Option<ipnet::IpNet>,
 }
 
 impl Resolver {
@@ -108,7 +110,19 @@ impl Resolver {
             services,
             upstreams: Arc::new(upstreams),
             forwards: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)),
+            clients: None,
         }
+    }
+
+    /// Answers only queries from `clients` (the node's replica subnet): the
+    /// host's neighbours get no forwarder into the host's resolvers.
+    pub fn only_from(mut self, clients: ipnet::IpNet) -> Self {
+        self.clients = Some(clients);
+        self
+    }
+
+    fn admits(&self, from: std::net::IpAddr) -> bool {
+        self.clients.is_none_or(|c| c.contains(&from))
     }
 
     /// Serves on `addr` (UDP and TCP) until the returned tasks are aborted.
@@ -135,6 +149,9 @@ impl Resolver {
             let Ok((n, from)) = sock.recv_from(&mut buf).await else {
                 continue;
             };
+            if !self.admits(from.ip()) {
+                continue;
+            }
             let query = buf[..n].to_vec();
             match answer(&self.services, &query) {
                 Answer::Local(bytes) => {
@@ -171,7 +188,8 @@ impl Resolver {
             if s.connect(up).await.is_err() || s.send(query).await.is_err() {
                 continue;
             }
-            let mut buf = vec![0u8; 4096];
+            // Answers can be as large as UDP allows (EDNS).
+            let mut buf = vec![0u8; 65_535];
             if let Ok(Ok(n)) = tokio::time::timeout(FORWARD_TIMEOUT, s.recv(&mut buf)).await {
                 buf.truncate(n);
                 return Some(buf);
@@ -183,9 +201,12 @@ impl Resolver {
     async fn serve_tcp(self, listener: TcpListener) {
         let conns = Arc::new(tokio::sync::Semaphore::new(MAX_TCP));
         loop {
-            let Ok((c, _)) = listener.accept().await else {
+            let Ok((c, from)) = listener.accept().await else {
                 continue;
             };
+            if !self.admits(from.ip()) {
+                continue;
+            }
             let Ok(permit) = conns.clone().try_acquire_owned() else {
                 continue;
             };

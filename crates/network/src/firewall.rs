@@ -13,6 +13,10 @@ use ipnet::IpNet;
 
 use crate::NetworkError;
 
+/// Where replicas' jumps to their egress chains go in the node chain (after
+/// the answers and the published ports, before the refusals).
+const EGRESS_JUMPS_AT: usize = 3;
+
 /// The longest an iptables call waits for the xtables lock, in seconds.
 const LOCK_WAIT_S: &str = "10";
 
@@ -79,27 +83,87 @@ impl Firewall {
         format!("{}-E-{:012x}", self.prefix, fnv1a(id) & 0xffff_ffff_ffff)
     }
 
-    /// Makes the node chain (again: idempotent) and puts the jump to it
-    /// first in `FORWARD`.
-    pub async fn install(&self) -> Result<(), NetworkError> {
-        let chain = self.node_chain();
-        ensure_chain(&chain).await?;
+    /// The node chain's fixed rules: answers either way; new connections
+    /// into replicas only when the node's firewall translated them
+    /// (published ports); each replica's own traffic goes to its egress
+    /// chain (jumps inserted between these, at [`EGRESS_JUMPS_AT`]);
+    /// anything else into or out of the subnet is refused (the host's
+    /// neighbours cannot route to replicas, and a packet from an address
+    /// no replica holds leaves through no egress policy).
+    fn base_rules(&self) -> Vec<Vec<String>> {
         let subnet = self.subnet.to_string();
-        let base: [&[&str]; 2] = [
-            &[
-                "-d",
-                &subnet,
+        let rule = |r: &[&str]| r.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        vec![
+            rule(&[
                 "-m",
                 "conntrack",
                 "--ctstate",
                 "RELATED,ESTABLISHED",
                 "-j",
                 "ACCEPT",
-            ],
-            &["-d", &subnet, "-j", "ACCEPT"],
-        ];
-        for rule in base {
-            ensure_rule(&chain, rule, false).await?;
+            ]),
+            rule(&[
+                "-d",
+                &subnet,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "DNAT",
+                "-j",
+                "ACCEPT",
+            ]),
+            rule(&[
+                "-d",
+                &subnet,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-admin-prohibited",
+            ]),
+            rule(&[
+                "-s",
+                &subnet,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-admin-prohibited",
+            ]),
+        ]
+    }
+
+    /// Makes the node chain (idempotent: a chain of this layout is kept with
+    /// the replicas' jumps; another is written anew) and puts the jump to it
+    /// first in `FORWARD`.
+    pub async fn install(&self) -> Result<(), NetworkError> {
+        let chain = self.node_chain();
+        ensure_chain(&chain).await?;
+        let base = self.base_rules();
+        let listed = iptables(&["-S", &chain]).await?;
+        let prefix = format!("-A {chain} ");
+        let rules: Vec<&str> = listed
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .collect();
+        let (head, tail) = (&base[..EGRESS_JUMPS_AT - 1], &base[EGRESS_JUMPS_AT - 1..]);
+        let same = |have: &[&str], want: &[Vec<String>]| {
+            have.len() == want.len()
+                && have.iter().zip(want).all(|(h, w)| {
+                    // iptables -S spells some matches out (`-m conntrack`
+                    // stays, REJECT keeps its option): compare the words.
+                    h.split_whitespace().collect::<Vec<_>>()
+                        == w.iter().map(String::as_str).collect::<Vec<_>>()
+                })
+        };
+        let laid_out = rules.len() >= base.len()
+            && same(&rules[..head.len()], head)
+            && same(&rules[rules.len() - tail.len()..], tail);
+        if !laid_out {
+            iptables(&["-F", &chain]).await?;
+            for r in &base {
+                let mut args = vec!["-A", chain.as_str()];
+                args.extend(r.iter().map(String::as_str));
+                iptables(&args).await?;
+            }
         }
         ensure_rule("FORWARD", &["-j", &chain], true).await
     }
@@ -203,8 +267,22 @@ impl Firewall {
         let chain = self.egress_chain(id);
         ensure_chain(&chain).await?;
         iptables(&["-F", &chain]).await?;
+        // The node's own replicas; never the rest of the cluster's ranges
+        // (other nodes' replicas and services are reached through the
+        // proxy, so a packet headed there directly is not let out).
+        iptables(&["-A", &chain, "-d", &self.subnet.to_string(), "-j", "ACCEPT"]).await?;
         for net in &self.internal {
-            iptables(&["-A", &chain, "-d", &net.to_string(), "-j", "ACCEPT"]).await?;
+            iptables(&[
+                "-A",
+                &chain,
+                "-d",
+                &net.to_string(),
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-admin-prohibited",
+            ])
+            .await?;
         }
         // Replicas have IPv4 addresses only: IPv6 rules cannot match.
         for r in rules.iter().filter(|r| matches!(r.cidr, IpNet::V4(_))) {
@@ -233,7 +311,20 @@ impl Firewall {
         ])
         .await?;
         let src = format!("{addr}/32");
-        ensure_rule(&self.node_chain(), &["-s", &src, "-j", &chain], false).await
+        let node = self.node_chain();
+        // One jump per address: one left by a replica whose detach failed
+        // must not hand its policy to the next holder of the address.
+        self.drop_rules(|words| {
+            words.windows(2).any(|w| w == ["-s", src.as_str()]) && !words.contains(&chain.as_str())
+        })
+        .await?;
+        let mut check = vec!["-C", node.as_str(), "-s", &src, "-j", &chain];
+        if iptables(&check).await.is_err() {
+            let at = EGRESS_JUMPS_AT.to_string();
+            check = vec!["-I", node.as_str(), &at, "-s", &src, "-j", &chain];
+            iptables(&check).await?;
+        }
+        Ok(())
     }
 
     /// Removes replica `id`'s egress chain and the jump to it.
@@ -245,6 +336,12 @@ impl Firewall {
 
     /// Every rule of the node chain that jumps to `chain` goes.
     async fn drop_jumps_to(&self, chain: &str) -> Result<(), NetworkError> {
+        self.drop_rules(|words| words.windows(2).any(|w| w == ["-j", chain]))
+            .await
+    }
+
+    /// Every rule of the node chain whose words `pick` goes.
+    async fn drop_rules(&self, pick: impl Fn(&[&str]) -> bool) -> Result<(), NetworkError> {
         let node = self.node_chain();
         let Ok(listed) = iptables(&["-S", &node]).await else {
             return Ok(());
@@ -254,7 +351,7 @@ impl Firewall {
                 continue;
             };
             let words: Vec<&str> = rule.split_whitespace().collect();
-            if words.windows(2).any(|w| w == ["-j", chain]) {
+            if pick(&words) {
                 let mut args = vec!["-D", node.as_str()];
                 args.extend(words);
                 iptables(&args).await?;

@@ -322,8 +322,8 @@ impl ServiceProxy {
             };
             tokio::select! {
                 () = copy => {}
-                () = self.left(svc.vip, &e.replica_id) => {
-                    tracing::info!(replica = %e.replica_id, service = %svc.name, "cut a connection to an endpoint that left its service");
+                () = self.left(svc.vip, &e.replica_id, caller) => {
+                    tracing::info!(replica = %e.replica_id, service = %svc.name, caller = %caller, "cut a connection: its endpoint left the service or the service no longer admits the caller");
                 }
             }
             return Ok(());
@@ -332,14 +332,17 @@ impl ServiceProxy {
     }
 
     /// Resolves once `replica` is no longer an endpoint of the service at
-    /// `vip`.
-    async fn left(&self, vip: Ipv4Addr, replica: &str) {
+    /// `vip`, or the service no longer admits `caller`.
+    async fn left(&self, vip: Ipv4Addr, replica: &str, caller: &Caller) {
         let mut rx = self.services.subscribe();
         loop {
-            let still = rx
-                .borrow_and_update()
-                .by_vip(vip)
-                .is_some_and(|s| s.endpoints.iter().any(|e| e.replica_id == replica));
+            let still = rx.borrow_and_update().by_vip(vip).is_some_and(|s| {
+                s.endpoints.iter().any(|e| e.replica_id == replica)
+                    && match caller {
+                        Caller::Workload { namespace, .. } => s.admits(namespace),
+                        Caller::Ingress => true,
+                    }
+            });
             if !still {
                 return;
             }

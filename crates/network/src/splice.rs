@@ -16,7 +16,29 @@ const CHUNK: usize = 1 << 20;
 /// Copies both ways until both directions have ended (each end's write side
 /// is shut when the other's read side ends); the bytes each way.
 pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    let (ab, ba) = tokio::join!(one_way(a, b), one_way(b, a));
+    // A failure either way (a reset) ends both: the other direction would
+    // otherwise wait on an idle peer for ever.
+    let end_both = || {
+        for s in [a, b] {
+            let _ = nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+    };
+    let (ab, ba) = tokio::join!(
+        async {
+            let r = one_way(a, b).await;
+            if r.is_err() {
+                end_both();
+            }
+            r
+        },
+        async {
+            let r = one_way(b, a).await;
+            if r.is_err() {
+                end_both();
+            }
+            r
+        }
+    );
     Ok((ab?, ba?))
 }
 

@@ -262,6 +262,8 @@ async fn a_published_port_answers_at_the_nodes_address() {
         container_port: 80,
         protocol: Protocol::Tcp,
     }];
+    // No egress at all: answers to its published port still go out.
+    req.egress = vec![];
     let web = net.attach(&req).await.expect("attach");
     let addr = SocketAddr::from((web.address, 80));
     let listener = run_in(&web.netns, move || {
@@ -286,6 +288,18 @@ async fn a_published_port_answers_at_the_nodes_address() {
     assert_eq!(
         fetch(&outside, published).as_deref(),
         Ok("hello from the replica")
+    );
+    // A neighbour that routes the replica subnet through the node reaches
+    // no replica port directly, published or not.
+    sh(&format!(
+        "ip -n {} route add {} via {}",
+        site.internet,
+        site.config().subnet,
+        site.host_ip()
+    ));
+    assert!(
+        fetch(&outside, SocketAddr::from((web.address, 80))).is_err(),
+        "a replica's own address is not reachable from outside the node"
     );
     net.detach(&ID("cldt2-web")).await.expect("detach");
     assert_nothing_left(&site, &[ID("cldt2-web")], &[web.address]);

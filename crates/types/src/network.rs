@@ -128,8 +128,23 @@ impl Default for NetworkConfig {
 impl NetworkConfig {
     /// Reports every invalid field with paths under `prefix` (`network`).
     pub fn validate_into(&self, prefix: &str, errs: &mut ValidationErrors) {
-        let cluster = check_network(errs, &format!("{prefix}.cluster_cidr"), &self.cluster_cidr);
-        let service = check_network(errs, &format!("{prefix}.service_cidr"), &self.service_cidr);
+        let mut cluster =
+            check_network(errs, &format!("{prefix}.cluster_cidr"), &self.cluster_cidr);
+        let mut service =
+            check_network(errs, &format!("{prefix}.service_cidr"), &self.service_cidr);
+        // Agents give replicas IPv4 addresses only (docs/networking.md).
+        for (field, net) in [
+            ("cluster_cidr", &mut cluster),
+            ("service_cidr", &mut service),
+        ] {
+            if let Some(n @ IpNet::V6(_)) = *net {
+                errs.push(
+                    format!("{prefix}.{field}"),
+                    format!("{n} is an IPv6 network; replicas have IPv4 addresses only"),
+                );
+                *net = None;
+            }
+        }
         if let Some(cluster) = cluster {
             let max = match cluster {
                 IpNet::V4(_) => MAX_NODE_PREFIX_LEN_V4,
@@ -352,8 +367,8 @@ mod tests {
             ("10.244.0.0/16", 17, true),
             ("10.244.0.0/16", 30, true),
             ("10.244.0.0/16", 31, false),
-            ("fd00:244::/48", 64, true),
-            ("fd00:244::/48", 127, false),
+            // Replicas have IPv4 addresses only.
+            ("fd00:244::/48", 64, false),
         ] {
             let c = NetworkConfig {
                 cluster_cidr: cidr.into(),

@@ -153,6 +153,37 @@ pub(crate) fn attach_request(
     }
 }
 
+/// Why the node cannot publish `ports`, if it cannot: a port the node's
+/// own resolver or service proxy answers on, or one a process of the node
+/// listens on (its SSH, the overlay, a coordinator): the port mapping would
+/// take the node's own traffic.
+pub(crate) fn host_ports_refused(ports: &[HostPort], net: &NodeNetworkConfig) -> Option<String> {
+    ports.iter().find_map(|p| {
+        let (port, proto) = (p.host_port, p.protocol);
+        let name = match proto {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        };
+        if port == net.dns_port {
+            return Some(format!(
+                "hostPort {port}/{name}: the node's resolver answers there"
+            ));
+        }
+        if port == net.proxy_port && proto == Protocol::Tcp {
+            return Some(format!(
+                "hostPort {port}/{name}: the node's service proxy listens there"
+            ));
+        }
+        let taken = match proto {
+            Protocol::Tcp => std::net::TcpListener::bind(("0.0.0.0", port)).err(),
+            Protocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", port)).err(),
+        };
+        taken
+            .filter(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+            .map(|_| format!("hostPort {port}/{name}: a process of the node listens there"))
+    })
+}
+
 /// A policy's rules (validated when the workload was applied; a rule that
 /// does not parse allows nothing).
 fn egress_rules(policy: &EgressPolicy) -> Vec<EgressRule> {
@@ -217,6 +248,39 @@ mod tests {
                 ingress_bps: 8_000_000,
                 egress_bps: 8_000_000
             }
+        );
+    }
+
+    #[test]
+    fn ports_the_node_uses_itself_are_not_published() {
+        let config = NodeNetworkConfig {
+            subnet: "10.244.3.0/24".parse().expect("net"),
+            internal: vec![],
+            bridge: "cld0".into(),
+            cni_bin_dir: "/usr/lib/cni".into(),
+            state_dir: "/tmp".into(),
+            netns_dir: "/tmp".into(),
+            chain_prefix: "CLOUDLESS".into(),
+            service_cidr: None,
+            proxy_port: 7681,
+            dns_port: 53,
+        };
+        let port = |host_port, protocol| HostPort {
+            host_port,
+            container_port: 80,
+            protocol,
+        };
+        let why = host_ports_refused(&[port(53, Protocol::Udp)], &config).expect("refused");
+        assert!(why.contains("53/UDP") && why.contains("resolver"), "{why}");
+        assert!(host_ports_refused(&[port(7681, Protocol::Tcp)], &config).is_some());
+        let busy = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+        let taken = busy.local_addr().expect("addr").port();
+        let why = host_ports_refused(&[port(taken, Protocol::Tcp)], &config).expect("refused");
+        assert!(why.contains("listens there"), "{why}");
+        drop(busy);
+        assert_eq!(
+            host_ports_refused(&[port(taken, Protocol::Tcp)], &config),
+            None
         );
     }
 

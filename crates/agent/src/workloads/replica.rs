@@ -206,7 +206,7 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
             true
         }
         Attached::NoNetwork => false,
-        Attached::Cancelled => {
+        Attached::Cancelled | Attached::Refused => {
             if let Some(task) = refresher {
                 task.abort();
             }
@@ -253,6 +253,8 @@ enum Attached {
     NoNetwork,
     /// Cancelled while trying.
     Cancelled,
+    /// It cannot have one here (the reason is reported).
+    Refused,
 }
 
 /// Attaches the replica to the node's network (retried with back-off
@@ -266,6 +268,10 @@ async fn attach<R>(r: &Replica<R>, container_id: &str) -> Attached {
     }
     let req =
         super::network::attach_request(container_id, &r.spec, r.ctx.default_egress.as_deref());
+    if let Some(why) = super::network::host_ports_refused(&req.host_ports, net.config()) {
+        r.failed(why);
+        return Attached::Refused;
+    }
     let mut delay = Duration::from_secs(1);
     loop {
         match net.attach(&req).await {
