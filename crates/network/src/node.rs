@@ -44,6 +44,11 @@ pub struct NodeNetworkConfig {
     pub proxy_port: u16,
     /// The resolver's port on the bridge's address. Default 53.
     pub dns_port: u16,
+    /// Isolate replicas from each other on the bridge (each may talk to the
+    /// bridge's own address, through which the proxy, published ports and
+    /// the outside reach it, but not straight to another replica's: their
+    /// services' `allowFrom` then holds on this node too). Default true.
+    pub isolate_replicas: bool,
 }
 
 /// A port's protocol.
@@ -270,6 +275,9 @@ impl NodeNetwork {
             return Err(e);
         }
         let att = self.attachment_of(&kept)?;
+        if self.config.isolate_replicas {
+            isolate(&kept.result, &self.config.bridge).await?;
+        }
         self.firewall
             .set_egress(id, IpAddr::V4(att.address), &req.egress)
             .await?;
@@ -364,6 +372,42 @@ impl NodeNetwork {
     /// Removes the node's firewall chain (replicas must be detached first).
     pub async fn uninstall(&self) -> Result<(), NetworkError> {
         self.firewall.uninstall().await
+    }
+}
+
+/// Marks the replica's bridge port (the host end of its veth, from the add's
+/// result) isolated: the bridge forwards nothing between isolated ports.
+async fn isolate(result: &Value, bridge: &str) -> Result<(), NetworkError> {
+    let veth = result["interfaces"].as_array().and_then(|l| {
+        l.iter()
+            .filter(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
+            .filter_map(|i| i["name"].as_str())
+            .find(|n| *n != bridge)
+    });
+    let Some(veth) = veth else {
+        return Err(NetworkError::Config {
+            field: "isolate_replicas",
+            message: "the bridge plugin's result names no host-side veth".into(),
+        });
+    };
+    let out = tokio::process::Command::new("bridge")
+        .args(["link", "set", "dev", veth, "isolated", "on"])
+        .output()
+        .await
+        .map_err(|e| NetworkError::Config {
+            field: "isolate_replicas",
+            message: format!("cannot run bridge (iproute2): {e}"),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetworkError::Config {
+            field: "isolate_replicas",
+            message: format!(
+                "bridge link set dev {veth} isolated on: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
     }
 }
 
@@ -545,6 +589,7 @@ mod tests {
             service_cidr: None,
             proxy_port: 7681,
             dns_port: 53,
+            isolate_replicas: true,
         }
     }
 

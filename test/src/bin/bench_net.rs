@@ -76,6 +76,8 @@ fn node_config(dir: &Path, n: u8) -> NodeNetworkConfig {
         service_cidr: Some("10.250.100.0/24".parse().expect("net")),
         proxy_port: 7681,
         dns_port: 53,
+        // The baseline is a connection straight between two replicas.
+        isolate_replicas: false,
     }
 }
 

@@ -113,6 +113,7 @@ fn node_config(s: &NetworkSettings, n: &pb::NodeNetwork) -> Result<NodeNetworkCo
         service_cidr: n.service_cidr.parse().ok(),
         proxy_port: s.proxy_port,
         dns_port: 53,
+        isolate_replicas: true,
     })
 }
 
@@ -264,6 +265,7 @@ mod tests {
             service_cidr: None,
             proxy_port: 7681,
             dns_port: 53,
+            isolate_replicas: true,
         };
         let port = |host_port, protocol| HostPort {
             host_port,
