@@ -1,6 +1,7 @@
 //! Test harness: coordinator clusters over real loopback gRPC, in-process or
 //! as separate processes, and small API helpers.
 
+pub mod bench;
 pub mod e2e;
 pub mod proxy;
 

@@ -270,7 +270,14 @@ impl ServiceProxy {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let order = self.balancer.order(svc, &here, &self.open_connections());
+        // Only least connections reads the counts: no copy per connection
+        // otherwise.
+        let open = if svc.policy == crate::services::LoadBalancing::LeastConnections {
+            self.open_connections()
+        } else {
+            HashMap::new()
+        };
+        let order = self.balancer.order(svc, &here, &open);
         if order.is_empty() {
             return Err(format!(
                 "{}/{} has no Ready endpoint",

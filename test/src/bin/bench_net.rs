@@ -31,6 +31,7 @@ use cloudless_network::services::{
 use cloudless_network::{AttachRequest, Bandwidth, EgressRule, NodeNetwork, NodeNetworkConfig};
 use cloudless_overlay::{Overlay, OverlayConfig, OverlayTls, StaticResolver};
 use cloudless_pki::{ClusterCa, Identity};
+use cloudless_test::bench::bulk;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -160,24 +161,6 @@ fn overlay(ca: &ClusterCa, id: &str, resolver: StaticResolver) -> anyhow::Result
         ..OverlayConfig::default()
     };
     Ok(Overlay::bind(config, tls, me, Arc::new(resolver))?)
-}
-
-async fn bulk<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, mib: usize) -> anyhow::Result<f64> {
-    let chunk = vec![7u8; 1 << 20];
-    let started = Instant::now();
-    for _ in 0..mib {
-        s.write_all(&chunk).await?;
-    }
-    s.shutdown().await?;
-    let mut n = [0u8; 8];
-    s.read_exact(&mut n).await?;
-    let secs = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        u64::from_be_bytes(n) == (mib as u64) << 20,
-        "the sink counted {} bytes",
-        u64::from_be_bytes(n)
-    );
-    Ok(mib as f64 * 8.0 / 1024.0 / secs)
 }
 
 async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
