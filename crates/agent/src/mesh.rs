@@ -531,17 +531,16 @@ impl Mesh {
             } else {
                 let peer = Identity::Node(e.node_id.clone());
                 match self.overlay.open(&peer, &target(&e.replica_id, port)).await {
-                    Ok(mut s) => {
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut tcp, &mut s) => {}
-                            () = self.live_endpoints.gone(&e.replica_id) => {
-                                tracing::info!(
-                                    replica = %e.replica_id,
-                                    node_id = %e.node_id,
-                                    "cut a stream to a replica that is no longer an endpoint"
-                                );
-                            }
-                        }
+                    Ok(s) => {
+                        let gone = async {
+                            self.live_endpoints.gone(&e.replica_id).await;
+                            tracing::info!(
+                                replica = %e.replica_id,
+                                node_id = %e.node_id,
+                                "cut a stream to a replica that is no longer an endpoint"
+                            );
+                        };
+                        let _ = s.join_tcp_until(&mut tcp, gone, 0).await;
                         return Ok(());
                     }
                     Err(err) => errors.push(err.to_string()),
@@ -549,6 +548,22 @@ impl Mesh {
             }
         }
         Err(errors.join("; "))
+    }
+}
+
+/// An overlay stream carrying a replica's connection for the service proxy:
+/// the bytes go between the socket and QUIC without a buffer in between.
+#[derive(Debug)]
+pub struct OverlayCarry(pub cloudless_overlay::OverlayStream);
+
+impl cloudless_network::proxy::Carry for OverlayCarry {
+    fn carry<'a>(
+        self: Box<Self>,
+        tcp: &'a mut TcpStream,
+    ) -> cloudless_network::proxy::CarryFuture<'a> {
+        Box::pin(async move {
+            let _ = self.0.join_tcp(tcp).await;
+        })
     }
 }
 

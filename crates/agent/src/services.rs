@@ -19,7 +19,7 @@ use cloudless_network::NodeNetwork;
 use cloudless_proto::v1 as pb;
 use tokio::task::JoinHandle;
 
-use crate::mesh::{Mesh, ServiceAccess};
+use crate::mesh::{Mesh, OverlayCarry, ServiceAccess};
 
 /// Replicas on this node by address: who a connection to a VIP comes from.
 type Callers = Arc<Mutex<HashMap<IpAddr, Caller>>>;
@@ -45,7 +45,7 @@ impl Dialer for OverlayDialer {
             let s = mesh
                 .open_service_stream(&e.node_id, &e.replica_id, port, caller)
                 .await?;
-            Ok(Dialed::Stream(Box::new(s)))
+            Ok(Dialed::Carry(Box::new(OverlayCarry(s))))
         })
     }
 }

@@ -374,7 +374,7 @@ impl Firewall {
 }
 
 /// 64-bit FNV-1a (stable chain names across agent restarts and releases).
-fn fnv1a(s: &str) -> u64 {
+pub(crate) fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

@@ -18,6 +18,7 @@ mod error;
 pub mod firewall;
 pub mod netns;
 mod node;
+pub mod portlock;
 pub mod proxy;
 mod routes;
 pub mod services;

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::cni::{Attached, Cache, Invocation, Plugins, CNI_VERSION};
 use crate::firewall::{EgressRule, Firewall};
 use crate::netns::NetnsDir;
+use crate::portlock::AddressLocks;
 use crate::NetworkError;
 
 /// The interface of a replica inside its namespace.
@@ -113,6 +114,8 @@ pub struct NodeNetwork {
     cache: Cache,
     netns: NetnsDir,
     firewall: Firewall,
+    /// `None` where the host cannot lock bridge ports (warned at open).
+    locks: Option<AddressLocks>,
 }
 
 impl NodeNetwork {
@@ -183,12 +186,14 @@ impl NodeNetwork {
                 )
                 .await?;
         }
+        let locks = AddressLocks::install(&config.chain_prefix).await;
         Ok(Self {
             config,
             plugins,
             cache,
             netns,
             firewall,
+            locks,
         })
     }
 
@@ -221,6 +226,7 @@ impl NodeNetwork {
                     .is_ok();
             if intact && kept.list == conflist(&self.config, req) {
                 let att = self.attachment_of(&kept)?;
+                self.lock(&kept, att.address).await?;
                 self.firewall
                     .set_egress(id, IpAddr::V4(att.address), &req.egress)
                     .await?;
@@ -278,11 +284,32 @@ impl NodeNetwork {
         if self.config.isolate_replicas {
             isolate(&kept.result, &self.config.bridge).await?;
         }
+        self.lock(&kept, att.address).await?;
         self.firewall
             .set_egress(id, IpAddr::V4(att.address), &req.egress)
             .await?;
         tracing::info!(container = %id, address = %att.address, "replica network attached");
         Ok(att)
+    }
+
+    /// Locks the replica's bridge port to its MAC and address.
+    async fn lock(&self, kept: &Attached, address: Ipv4Addr) -> Result<(), NetworkError> {
+        let Some(locks) = &self.locks else {
+            return Ok(());
+        };
+        let id = &kept.invocation.container_id;
+        let port = host_port(&kept.result, &self.config.bridge);
+        let mac = container_mac(&kept.result);
+        let (Some(port), Some(mac)) = (port, mac) else {
+            return Err(NetworkError::Plugin {
+                plugin: "bridge".into(),
+                command: "ADD",
+                container: id.clone(),
+                message: "its result names no host-side veth or no MAC address in the container"
+                    .into(),
+            });
+        };
+        locks.lock(id, port, mac, address).await
     }
 
     fn attachment_of(&self, kept: &Attached) -> Result<Attachment, NetworkError> {
@@ -312,8 +339,16 @@ impl NodeNetwork {
     pub async fn detach(&self, id: &str) -> Result<(), NetworkError> {
         check_id(id)?;
         let mut first = self.firewall.remove_egress(id).await.err();
+        if let Some(locks) = &self.locks {
+            if let Err(e) = locks.unlock(id).await {
+                first.get_or_insert(e);
+            }
+        }
         match self.cache.get(id) {
             Some(kept) => {
+                if let Some((address, _)) = kept.ipv4() {
+                    drop_foreign_addresses(&kept.invocation.netns, address).await;
+                }
                 if let Err(e) = self
                     .plugins
                     .del(&kept.list, &kept.invocation, Some(&kept.result))
@@ -369,22 +404,91 @@ impl NodeNetwork {
         Ok(gone)
     }
 
-    /// Removes the node's firewall chain (replicas must be detached first).
+    /// Removes the node's firewall chain and address locks (replicas must be
+    /// detached first).
     pub async fn uninstall(&self) -> Result<(), NetworkError> {
-        self.firewall.uninstall().await
+        let locks = match &self.locks {
+            Some(l) => l.uninstall().await,
+            None => Ok(()),
+        };
+        self.firewall.uninstall().await.and(locks)
     }
+
+    /// Whether replicas' bridge ports are locked to their addresses.
+    pub fn locks_addresses(&self) -> bool {
+        self.locks.is_some()
+    }
+}
+
+/// Removes the IPv4 addresses on the replica's interface other than
+/// `keep`, the one it was given. A replica with `CAP_NET_ADMIN` can add
+/// addresses; the bridge plugin's DEL undoes the masquerade of every
+/// address it finds there and fails on one it did not add, which would
+/// leave the replica's own rules behind. Best effort: a namespace already
+/// gone has nothing to remove.
+async fn drop_foreign_addresses(netns: &std::path::Path, keep: Ipv4Addr) {
+    if !netns.exists() {
+        return;
+    }
+    let netns = netns.to_owned();
+    let done = tokio::task::spawn_blocking(move || {
+        crate::netns::run_in(&netns, move || {
+            // A child forked from this thread lives in the namespace too.
+            let listed = std::process::Command::new("ip")
+                .args(["-4", "-o", "addr", "show", "dev", IFNAME])
+                .output()
+                .map_err(|e| format!("ip addr show: {e}"))?;
+            let text = String::from_utf8_lossy(&listed.stdout);
+            for cidr in text
+                .lines()
+                .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+            {
+                let ours = cidr
+                    .split('/')
+                    .next()
+                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                    == Some(keep);
+                if !ours {
+                    let _ = std::process::Command::new("ip")
+                        .args(["addr", "del", cidr, "dev", IFNAME])
+                        .output();
+                    tracing::warn!(address = %cidr, "removed an address the replica added to its interface");
+                }
+            }
+            Ok(())
+        })
+    })
+    .await;
+    if let Ok(Err(e)) = done {
+        tracing::debug!(error = %e, "cannot look at the replica's addresses before its delete");
+    }
+}
+
+/// The host end of the replica's veth (its bridge port), from the add's
+/// result.
+fn host_port<'a>(result: &'a Value, bridge: &str) -> Option<&'a str> {
+    result["interfaces"].as_array().and_then(|l| {
+        l.iter()
+            .filter(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
+            .filter_map(|i| i["name"].as_str())
+            .find(|n| *n != bridge)
+    })
+}
+
+/// The MAC address of the replica's interface, from the add's result.
+fn container_mac(result: &Value) -> Option<&str> {
+    result["interfaces"].as_array().and_then(|l| {
+        l.iter()
+            .filter(|i| i["sandbox"].as_str().is_some_and(|s| !s.is_empty()))
+            .find(|i| i["name"].as_str() == Some(IFNAME))
+            .and_then(|i| i["mac"].as_str())
+    })
 }
 
 /// Marks the replica's bridge port (the host end of its veth, from the add's
 /// result) isolated: the bridge forwards nothing between isolated ports.
 async fn isolate(result: &Value, bridge: &str) -> Result<(), NetworkError> {
-    let veth = result["interfaces"].as_array().and_then(|l| {
-        l.iter()
-            .filter(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
-            .filter_map(|i| i["name"].as_str())
-            .find(|n| *n != bridge)
-    });
-    let Some(veth) = veth else {
+    let Some(veth) = host_port(result, bridge) else {
         return Err(NetworkError::Config {
             field: "isolate_replicas",
             message: "the bridge plugin's result names no host-side veth".into(),

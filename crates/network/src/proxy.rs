@@ -34,9 +34,22 @@ pub enum Dialed {
     /// A TCP connection (an endpoint on this node): bytes are spliced
     /// between the two sockets inside the kernel.
     Tcp(TcpStream),
-    /// Any other stream (the overlay): bytes are copied.
+    /// A stream that carries the connection by itself (the overlay hands
+    /// what it reads from the socket to QUIC without copying it again).
+    Carry(Box<dyn Carry>),
+    /// Any other stream: bytes are copied through a buffer.
     Stream(Stream),
 }
+
+/// What a stream that carries a connection by itself must do.
+pub trait Carry: Send {
+    /// Carries bytes both ways between `tcp` and this stream until both
+    /// directions have ended or either fails.
+    fn carry<'a>(self: Box<Self>, tcp: &'a mut TcpStream) -> CarryFuture<'a>;
+}
+
+/// What [`Carry::carry`] returns.
+pub type CarryFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// What a dial returns.
 pub type DialFuture<'a> = Pin<Box<dyn Future<Output = Result<Dialed, String>> + Send + 'a>>;
@@ -45,6 +58,7 @@ impl std::fmt::Debug for Dialed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Tcp(t) => f.debug_tuple("Tcp").field(t).finish(),
+            Self::Carry(_) => f.write_str("Carry"),
             Self::Stream(_) => f.write_str("Stream"),
         }
     }
@@ -287,7 +301,7 @@ impl ServiceProxy {
         for e in order.into_iter().take(MAX_TRIES) {
             let dialed =
                 tokio::time::timeout(CONNECT_TIMEOUT, self.dialer.dial(e, port, caller)).await;
-            let mut upstream = match dialed {
+            let upstream = match dialed {
                 Ok(Ok(s)) => s,
                 Ok(Err(err)) => {
                     errors.push(format!("{}: {err}", e.replica_id));
@@ -312,14 +326,15 @@ impl ServiceProxy {
                 replica: e.replica_id.clone(),
             };
             let copy = async {
-                match &mut upstream {
+                match upstream {
                     Dialed::Tcp(t) => {
-                        let _ = crate::splice::splice_bidirectional(&conn, t).await;
+                        let _ = crate::splice::splice_bidirectional(&conn, &t).await;
                     }
-                    Dialed::Stream(s) => {
+                    Dialed::Carry(c) => c.carry(&mut conn).await,
+                    Dialed::Stream(mut s) => {
                         let _ = tokio::io::copy_bidirectional_with_sizes(
                             &mut conn,
-                            s,
+                            &mut s,
                             COPY_BUFFER,
                             COPY_BUFFER,
                         )

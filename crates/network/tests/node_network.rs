@@ -905,3 +905,113 @@ impl cloudless_network::proxy::Dialer for LocalDialer {
         })
     }
 }
+
+/// Runs `cmd` in the namespace at `netns`; its stdout.
+fn in_netns(netns: &Path, cmd: &str) -> String {
+    out(
+        "nsenter",
+        &[&format!("--net={}", netns.display()), "sh", "-c", cmd],
+    )
+}
+
+/// Sends one UDP datagram from `from` (an address of the namespace at
+/// `netns`) to `to`.
+fn send_udp(netns: &Path, from: Ipv4Addr, to: SocketAddr) {
+    run_in(netns, move || {
+        let s = std::net::UdpSocket::bind((from, 0)).map_err(|e| format!("bind {from}: {e}"))?;
+        s.send_to(b"who am i", to).map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .expect("sending from the replica");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cannot_claim_a_neighbours_address_on_the_bridge() {
+    let Some(site) = Site::new(7) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    assert!(
+        net.locks_addresses(),
+        "this host's nftables has the bridge family (Debian: apt-get install nftables)"
+    );
+    let (ida, idb) = (ID("cldt7-a"), ID("cldt7-b"));
+    let a = net.attach(&request(&ida)).await.expect("attach a");
+    let b = net.attach(&request(&idb)).await.expect("attach b");
+    let gw = net.gateway();
+    // The node listens where replicas may reach it (its resolver's port).
+    let node = std::net::UdpSocket::bind((gw, 53)).expect("bind on the gateway");
+    node.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let receive = || {
+        let mut buf = [0u8; 64];
+        node.recv_from(&mut buf).ok().map(|(_, from)| from.ip())
+    };
+    let bridge_mac = out(
+        "cat",
+        &[&format!("/sys/class/net/{}/address", site.bridge())],
+    );
+    let a_mac = in_netns(&a.netns, "ip -br link show eth0 | awk '{print $3}'");
+    assert!(!a_mac.trim().is_empty(), "replica a's MAC");
+
+    // A datagram from a's own address arrives, from it.
+    send_udp(&a.netns, a.address, SocketAddr::from((gw, 53)));
+    assert_eq!(receive(), Some(std::net::IpAddr::V4(a.address)));
+
+    // a takes b's address as well. With the gateway's MAC known (no ARP),
+    // a datagram from b's address leaves a's port and is dropped there.
+    in_netns(
+        &a.netns,
+        &format!(
+            "ip addr add {}/32 dev eth0 && ip neigh replace {gw} lladdr {} dev eth0 nud permanent",
+            b.address,
+            bridge_mac.trim()
+        ),
+    );
+    send_udp(&a.netns, b.address, SocketAddr::from((gw, 53)));
+    assert_eq!(receive(), None, "a datagram claiming b's address arrived");
+
+    // Asking for the gateway's MAC in b's name (an ARP request whose sender
+    // is b's address and a's MAC) teaches the node nothing.
+    sh(&format!(
+        "ip neigh del {} dev {} 2>/dev/null; true",
+        b.address,
+        site.bridge()
+    ));
+    in_netns(&a.netns, &format!("ip neigh del {gw} dev eth0"));
+    send_udp(&a.netns, b.address, SocketAddr::from((gw, 53)));
+    std::thread::sleep(Duration::from_millis(500));
+    let learned = out(
+        "ip",
+        &[
+            "neigh",
+            "show",
+            &b.address.to_string(),
+            "dev",
+            &site.bridge(),
+        ],
+    );
+    assert!(
+        !learned.contains(a_mac.trim()),
+        "the node took a's MAC for b's address: {learned}"
+    );
+    assert_eq!(receive(), None);
+
+    // b itself still reaches the node.
+    send_udp(&b.netns, b.address, SocketAddr::from((gw, 53)));
+    assert_eq!(receive(), Some(std::net::IpAddr::V4(b.address)));
+
+    // Detached, the locks are gone too; a's extra address does not stop
+    // its delete (the bridge plugin would fail on it).
+    net.detach(&ida).await.expect("detach a");
+    net.detach(&idb).await.expect("detach b");
+    let table = site.prefix();
+    let listed = out("nft", &["list", "table", "bridge", &table]);
+    assert!(
+        !listed.contains("jump p_"),
+        "a lock is left after detach: {listed}"
+    );
+    net.uninstall().await.expect("uninstall");
+    assert!(
+        !out("nft", &["list", "tables"]).contains(&format!("bridge {table}")),
+        "the table is left after uninstall"
+    );
+}

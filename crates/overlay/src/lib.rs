@@ -19,6 +19,7 @@
 
 mod admission;
 mod mesh;
+mod pipe;
 mod tls;
 pub mod wire;
 

@@ -541,8 +541,8 @@ impl Overlay {
                 let (peer, target) = (peer.clone(), target.clone());
                 tokio::spawn(async move {
                     match overlay.open(&peer, &target).await {
-                        Ok(mut stream) => {
-                            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                        Ok(stream) => {
+                            let _ = stream.join_tcp(&mut tcp).await;
                         }
                         Err(e) => {
                             tracing::warn!(%from, %peer, %target, error = %e, "overlay forward failed");
@@ -760,14 +760,10 @@ impl Overlay {
                         let key = self.inner.next_served.fetch_add(1, Ordering::Relaxed);
                         let cut = tokio_util::sync::CancellationToken::new();
                         lock(&self.inner.served).insert(key, (origin, target, cut.clone()));
-                        let mut stream = OverlayStream { send, recv };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream) => {}
-                            () = cut.cancelled() => {
-                                let _ = stream.send.reset(NOT_ADMITTED.into());
-                                let _ = stream.recv.stop(NOT_ADMITTED.into());
-                            }
-                        }
+                        let stream = OverlayStream { send, recv };
+                        let _ = stream
+                            .join_tcp_until(&mut tcp, cut.cancelled(), NOT_ADMITTED)
+                            .await;
                         lock(&self.inner.served).remove(&key);
                     }
                     Err(why) => self.refuse(&mut send, why).await,
@@ -859,13 +855,13 @@ impl Overlay {
                     Err(e) => Err(e),
                 };
                 match onward {
-                    Ok(mut far) => {
+                    Ok(far) => {
                         if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
                             return;
                         }
                         self.inner.counters.relayed.fetch_add(1, Ordering::Relaxed);
-                        let mut near = OverlayStream { send, recv };
-                        let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
+                        let near = OverlayStream { send, recv };
+                        let _ = near.join(far).await;
                     }
                     Err(OverlayError::Refused { reason, .. }) => {
                         self.refuse(&mut send, reason).await;
@@ -880,8 +876,8 @@ impl Overlay {
 /// One forwarded connection: read what the far end's target sends, write to it.
 #[derive(Debug)]
 pub struct OverlayStream {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    pub(crate) send: quinn::SendStream,
+    pub(crate) recv: quinn::RecvStream,
 }
 
 impl AsyncRead for OverlayStream {

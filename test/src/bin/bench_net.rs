@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use cloudless_agent::mesh::OverlayCarry;
 use cloudless_network::balancer::Here;
 use cloudless_network::netns::run_in;
 use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialed, Dialer, ServiceProxy};
@@ -34,7 +35,7 @@ use cloudless_pki::{ClusterCa, Identity};
 use cloudless_test::bench::bulk;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -92,42 +93,47 @@ fn attach_request(id: &str) -> AttachRequest {
 }
 
 /// A sink (answers with the byte count) and an echo (64-byte messages) in
-/// the namespace at `netns`, on `addr`.
+/// the namespace at `netns`, on `addr`. They run on threads of their own,
+/// not on the runtime the proxies use: in a cluster the replicas are
+/// processes of their own.
 fn serve(netns: &Path, addr: Ipv4Addr) -> anyhow::Result<()> {
     for (port, echo) in [(SINK, false), (ECHO, true)] {
         let l = run_in(netns, move || {
-            let l = std::net::TcpListener::bind((addr, port)).map_err(|e| e.to_string())?;
-            l.set_nonblocking(true).map_err(|e| e.to_string())?;
-            Ok(l)
+            std::net::TcpListener::bind((addr, port)).map_err(|e| e.to_string())
         })?;
-        let l = TcpListener::from_std(l)?;
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+        std::thread::spawn(move || {
+            while let Ok((s, _)) = l.accept() {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    if echo {
-                        let mut buf = [0u8; 64];
-                        while s.read_exact(&mut buf).await.is_ok() {
-                            if s.write_all(&buf).await.is_err() {
-                                break;
-                            }
-                        }
-                    } else {
-                        let mut buf = vec![0u8; 1 << 16];
-                        let mut n = 0u64;
-                        while let Ok(k) = s.read(&mut buf).await {
-                            if k == 0 {
-                                break;
-                            }
-                            n += k as u64;
-                        }
-                        let _ = s.write_all(&n.to_be_bytes()).await;
-                    }
+                std::thread::spawn(move || {
+                    let _ = if echo { echo_std(s) } else { sink_std(s) };
                 });
             }
         });
     }
     Ok(())
+}
+
+fn echo_std(mut s: std::net::TcpStream) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 64];
+    loop {
+        s.read_exact(&mut buf)?;
+        s.write_all(&buf)?;
+    }
+}
+
+fn sink_std(mut s: std::net::TcpStream) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    s.write_all(&n.to_be_bytes())
 }
 
 /// Dials endpoints on node B through the overlay from A.
@@ -144,7 +150,7 @@ impl Dialer for OverlayDialer {
                 .open(&Identity::Node(e.node_id.clone()), &target)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(Dialed::Stream(Box::new(s)))
+            Ok(Dialed::Carry(Box::new(OverlayCarry(s))))
         })
     }
 }
@@ -194,45 +200,109 @@ struct Row {
     conns_per_s: f64,
 }
 
-async fn connect(
-    path: &Path2,
-    port: u16,
-) -> anyhow::Result<Box<dyn cloudless_network::proxy::AsyncStream>> {
+/// A connection on a path: a replica's socket (used from a thread of its
+/// own, as a process would), or an overlay stream opened by node A.
+enum Conn {
+    Replica(std::net::TcpStream),
+    Overlay(cloudless_overlay::OverlayStream),
+}
+
+async fn connect(path: &Path2, port: u16) -> anyhow::Result<Conn> {
     Ok(match path {
         Path2::Tcp(netns, addr) => {
             let to = SocketAddr::from((*addr, port));
-            let s = run_in(netns, move || {
+            Conn::Replica(run_in(netns, move || {
                 let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
                     .map_err(|e| format!("{to}: {e}"))?;
                 s.set_nodelay(true).map_err(|e| e.to_string())?;
-                s.set_nonblocking(true).map_err(|e| e.to_string())?;
                 Ok(s)
-            })?;
-            Box::new(TcpStream::from_std(s)?)
+            })?)
         }
         Path2::Overlay(o, target) => {
             let t = target.replace("{port}", &port.to_string());
-            Box::new(o.open(&Identity::Node("B".into()), &t).await?)
+            Conn::Overlay(o.open(&Identity::Node("B".into()), &t).await?)
         }
     })
+}
+
+/// Sends `mib` MiB to the sink; Gbit/s.
+async fn bulk_on(c: Conn, mib: usize) -> anyhow::Result<f64> {
+    match c {
+        Conn::Replica(s) => tokio::task::spawn_blocking(move || bulk_std(s, mib)).await?,
+        Conn::Overlay(s) => bulk(s, mib).await,
+    }
+}
+
+fn bulk_std(mut s: std::net::TcpStream, mib: usize) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let chunk = vec![7u8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..mib {
+        s.write_all(&chunk)?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n)?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        u64::from_be_bytes(n) == (mib as u64) << 20,
+        "the sink counted {} bytes",
+        u64::from_be_bytes(n)
+    );
+    Ok(mib as f64 * 8.0 / 1024.0 / secs)
+}
+
+/// `n` 64-byte round trips; their histogram in microseconds.
+async fn round_trips_on(c: Conn, n: usize) -> anyhow::Result<Histogram<u64>> {
+    match c {
+        Conn::Replica(mut s) => {
+            tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Write};
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                let (msg, mut back) = ([1u8; 64], [0u8; 64]);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    s.write_all(&msg)?;
+                    s.read_exact(&mut back)?;
+                    h.record(t.elapsed().as_micros().max(1) as u64)?;
+                }
+                Ok(h)
+            })
+            .await?
+        }
+        Conn::Overlay(s) => round_trips(s, n).await,
+    }
+}
+
+/// One new connection's round trip.
+async fn one_exchange(path: &Path2) -> anyhow::Result<()> {
+    let (msg, mut back) = ([1u8; 64], [0u8; 64]);
+    match connect(path, ECHO).await? {
+        Conn::Replica(mut s) => {
+            use std::io::{Read, Write};
+            s.write_all(&msg)?;
+            s.read_exact(&mut back)?;
+        }
+        Conn::Overlay(mut s) => {
+            s.write_all(&msg).await?;
+            s.read_exact(&mut back).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Measures one path; new connections only when `connections` (each
 /// leaves a socket in TIME_WAIT for a minute: later rounds would measure
 /// the port range, not the path).
 async fn measure(path: &Path2, args: &Args, connections: bool) -> anyhow::Result<Row> {
-    let gbps = bulk(connect(path, SINK).await?, args.mib).await?;
-    let rtt = round_trips(connect(path, ECHO).await?, args.round_trips).await?;
+    let gbps = bulk_on(connect(path, SINK).await?, args.mib).await?;
+    let rtt = round_trips_on(connect(path, ECHO).await?, args.round_trips).await?;
     let seconds = if connections { args.connect_seconds } else { 0 };
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut n = 0u64;
     while Instant::now() < deadline {
-        let mut s = connect(path, ECHO).await?;
-        let (msg, mut back) = ([1u8; 64], [0u8; 64]);
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
-        drop(s);
+        one_exchange(path).await?;
         n += 1;
     }
     Ok(Row {
