@@ -540,7 +540,8 @@ impl Mesh {
                                 "cut a stream to a replica that is no longer an endpoint"
                             );
                         };
-                        let _ = s.join_tcp_until(&mut tcp, gone, 0).await;
+                        let moved = std::sync::atomic::AtomicU64::new(0);
+                        let _ = s.join_tcp_until(&mut tcp, gone, 0, &moved).await;
                         return Ok(());
                     }
                     Err(err) => errors.push(err.to_string()),
@@ -560,9 +561,13 @@ impl cloudless_network::proxy::Carry for OverlayCarry {
     fn carry<'a>(
         self: Box<Self>,
         tcp: &'a mut TcpStream,
+        moved: &'a std::sync::atomic::AtomicU64,
     ) -> cloudless_network::proxy::CarryFuture<'a> {
         Box::pin(async move {
-            let _ = self.0.join_tcp(tcp).await;
+            let _ = self
+                .0
+                .join_tcp_until(tcp, std::future::pending(), 0, moved)
+                .await;
         })
     }
 }

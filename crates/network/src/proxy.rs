@@ -13,21 +13,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::balancer::{Balancer, Here};
 use crate::services::{Endpoint, Service, SharedServices};
-
-/// A byte stream to an endpoint.
-pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
-
-/// A boxed stream to an endpoint.
-pub type Stream = Box<dyn AsyncStream>;
 
 /// A connection to an endpoint.
 pub enum Dialed {
@@ -37,15 +30,14 @@ pub enum Dialed {
     /// A stream that carries the connection by itself (the overlay hands
     /// what it reads from the socket to QUIC without copying it again).
     Carry(Box<dyn Carry>),
-    /// Any other stream: bytes are copied through a buffer.
-    Stream(Stream),
 }
 
 /// What a stream that carries a connection by itself must do.
 pub trait Carry: Send {
     /// Carries bytes both ways between `tcp` and this stream until both
-    /// directions have ended or either fails.
-    fn carry<'a>(self: Box<Self>, tcp: &'a mut TcpStream) -> CarryFuture<'a>;
+    /// directions have ended or either fails, adding the bytes it moves to
+    /// `moved` as it goes (how the proxy sees a connection is idle).
+    fn carry<'a>(self: Box<Self>, tcp: &'a mut TcpStream, moved: &'a AtomicU64) -> CarryFuture<'a>;
 }
 
 /// What [`Carry::carry`] returns.
@@ -59,13 +51,9 @@ impl std::fmt::Debug for Dialed {
         match self {
             Self::Tcp(t) => f.debug_tuple("Tcp").field(t).finish(),
             Self::Carry(_) => f.write_str("Carry"),
-            Self::Stream(_) => f.write_str("Stream"),
         }
     }
 }
-
-/// Buffer per direction when copying to and from a stream.
-const COPY_BUFFER: usize = 256 * 1024;
 
 /// Who opens a connection to a service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -110,6 +98,28 @@ const MAX_TRIES: usize = 3;
 /// Most connections carried at once (more wait in the accept queue).
 const MAX_CONNECTIONS: usize = 16_384;
 
+/// What one source may hold of the proxy, and how long a connection may
+/// stay quiet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyLimits {
+    /// Most connections open at once from one address (a replica of this
+    /// node, or a client of the ingress); more are closed as accepted, so
+    /// no one source takes every slot.
+    pub per_source: usize,
+    /// A connection that carries no byte either way for this long is
+    /// closed (its slot freed).
+    pub idle_timeout: Duration,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        Self {
+            per_source: 1024,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// The node's service proxy.
 pub struct ServiceProxy {
     services: SharedServices,
@@ -119,6 +129,8 @@ pub struct ServiceProxy {
     dialer: Arc<dyn Dialer>,
     callers: CallerLookup,
     slots: Arc<tokio::sync::Semaphore>,
+    limits: ProxyLimits,
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -154,6 +166,17 @@ impl ServiceProxy {
         dialer: Arc<dyn Dialer>,
         callers: CallerLookup,
     ) -> Arc<Self> {
+        Self::with_limits(services, here, dialer, callers, ProxyLimits::default())
+    }
+
+    /// [`new`](Self::new) with other limits.
+    pub fn with_limits(
+        services: SharedServices,
+        here: Here,
+        dialer: Arc<dyn Dialer>,
+        callers: CallerLookup,
+        limits: ProxyLimits,
+    ) -> Arc<Self> {
         Arc::new(Self {
             services,
             balancer: Balancer::default(),
@@ -162,6 +185,8 @@ impl ServiceProxy {
             dialer,
             callers,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            limits,
+            per_source: Arc::default(),
         })
     }
 
@@ -190,6 +215,12 @@ impl ServiceProxy {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Some(source) =
+                SourceGuard::take(&self.per_source, from.ip(), self.limits.per_source)
+            else {
+                tracing::debug!(from = %from, limit = self.limits.per_source, "closed a connection: its source holds the most it may");
+                continue;
+            };
             let Ok(slot) = self.slots.clone().acquire_owned().await else {
                 return;
             };
@@ -197,6 +228,7 @@ impl ServiceProxy {
             tokio::spawn(async move {
                 work.await;
                 drop(slot);
+                drop(source);
             });
         }
     }
@@ -325,27 +357,22 @@ impl ServiceProxy {
                 open: &self.open,
                 replica: e.replica_id.clone(),
             };
+            let moved = AtomicU64::new(0);
             let copy = async {
                 match upstream {
                     Dialed::Tcp(t) => {
-                        let _ = crate::splice::splice_bidirectional(&conn, &t).await;
+                        let _ = crate::splice::splice_bidirectional(&conn, &t, &moved).await;
                     }
-                    Dialed::Carry(c) => c.carry(&mut conn).await,
-                    Dialed::Stream(mut s) => {
-                        let _ = tokio::io::copy_bidirectional_with_sizes(
-                            &mut conn,
-                            &mut s,
-                            COPY_BUFFER,
-                            COPY_BUFFER,
-                        )
-                        .await;
-                    }
+                    Dialed::Carry(c) => c.carry(&mut conn, &moved).await,
                 }
             };
             tokio::select! {
                 () = copy => {}
                 () = self.left(svc.vip, &e.replica_id, caller) => {
                     tracing::info!(replica = %e.replica_id, service = %svc.name, caller = %caller, "cut a connection: its endpoint left the service or the service no longer admits the caller");
+                }
+                () = idle(&moved, self.limits.idle_timeout) => {
+                    tracing::debug!(replica = %e.replica_id, service = %svc.name, caller = %caller, "closed an idle connection");
                 }
             }
             return Ok(());
@@ -370,6 +397,62 @@ impl ServiceProxy {
             }
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Resolves once `moved` has not changed for `timeout`.
+async fn idle(moved: &AtomicU64, timeout: Duration) {
+    let tick = (timeout / 4).max(Duration::from_millis(50));
+    let mut seen = moved.load(Ordering::Relaxed);
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= timeout {
+            return;
+        }
+    }
+}
+
+/// Counts a connection against its source while it lives.
+struct SourceGuard {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl SourceGuard {
+    /// A place for one more connection from `source`, if it holds fewer
+    /// than `limit`.
+    fn take(
+        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        source: IpAddr,
+        limit: usize,
+    ) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = c.entry(source).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = c.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.source);
             }
         }
     }
@@ -408,5 +491,167 @@ impl<R: Dialer> Dialer for BridgeDialer<R> {
                 _ => self.remote.dial(e, port, caller).await,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::services::{LoadBalancing, ServicePort, ServiceTable};
+
+    /// Endpoints on other nodes are out of reach here.
+    struct NoRemote;
+
+    impl Dialer for NoRemote {
+        fn dial<'a>(&'a self, _: &'a Endpoint, _: u16, _: &'a Caller) -> DialFuture<'a> {
+            Box::pin(async { Err("no other node".to_owned()) })
+        }
+    }
+
+    /// An echo server on 127.0.0.1; its port.
+    async fn echo_server() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// An ingress listener of a proxy with `limits`, carrying to a service
+    /// whose one endpoint is the echo server; the listener's address.
+    async fn ingress(limits: ProxyLimits) -> SocketAddr {
+        let port = echo_server().await;
+        let svc = Service {
+            namespace: "ns".into(),
+            name: "api".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 1),
+            ports: vec![ServicePort { port, udp: false }],
+            policy: LoadBalancing::RoundRobin,
+            allow_from: vec![],
+            weights: BTreeMap::new(),
+            endpoints: vec![Endpoint {
+                replica_id: "r1".into(),
+                node_id: "n1".into(),
+                address: Some(Ipv4Addr::LOCALHOST),
+                zone: String::new(),
+                region: String::new(),
+            }],
+        };
+        let services = SharedServices::default();
+        services.set(ServiceTable::new("cluster.local", vec![svc]));
+        let proxy = ServiceProxy::with_limits(
+            services,
+            Here {
+                node_id: "n1".into(),
+                ..Here::default()
+            },
+            Arc::new(BridgeDialer {
+                node_id: "n1".into(),
+                remote: NoRemote,
+            }),
+            Arc::new(|_| None),
+            limits,
+        );
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(proxy.serve_ingress(l, "ns".into(), "api".into(), port));
+        addr
+    }
+
+    /// Sends `msg` and reads the echo; `None` if the connection is closed.
+    async fn exchange(s: &mut TcpStream, msg: &[u8]) -> Option<Vec<u8>> {
+        s.write_all(msg).await.ok()?;
+        let mut back = vec![0u8; msg.len()];
+        match tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut back)).await {
+            Ok(Ok(_)) => Some(back),
+            _ => None,
+        }
+    }
+
+    /// Whether the proxy closed `s` (an end or a reset within 3 s).
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_at_most_its_share_of_connections() {
+        let at = ingress(ProxyLimits {
+            per_source: 2,
+            idle_timeout: Duration::from_secs(3600),
+        })
+        .await;
+        let mut c1 = TcpStream::connect(at).await.expect("connect");
+        let mut c2 = TcpStream::connect(at).await.expect("connect");
+        assert_eq!(
+            exchange(&mut c1, b"one").await.as_deref(),
+            Some(&b"one"[..])
+        );
+        assert_eq!(
+            exchange(&mut c2, b"two").await.as_deref(),
+            Some(&b"two"[..])
+        );
+        let mut c3 = TcpStream::connect(at).await.expect("connect");
+        assert!(closed(&mut c3).await, "a third connection was carried");
+        // The first two still work; once one closes, there is room again.
+        assert_eq!(
+            exchange(&mut c1, b"again").await.as_deref(),
+            Some(&b"again"[..])
+        );
+        drop(c1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let mut c4 = TcpStream::connect(at).await.expect("connect");
+            if exchange(&mut c4, b"four").await.as_deref() == Some(&b"four"[..]) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no room after a connection closed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_is_closed_and_a_busy_one_kept() {
+        let at = ingress(ProxyLimits {
+            per_source: 16,
+            idle_timeout: Duration::from_millis(400),
+        })
+        .await;
+        let mut quiet = TcpStream::connect(at).await.expect("connect");
+        let mut busy = TcpStream::connect(at).await.expect("connect");
+        assert!(exchange(&mut quiet, b"hi").await.is_some());
+        // Busy: a message every 100 ms for 1.5 s, each echoed.
+        for i in 0..15u8 {
+            assert_eq!(
+                exchange(&mut busy, &[i]).await.as_deref(),
+                Some(&[i][..]),
+                "the busy connection was cut"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            closed(&mut quiet).await,
+            "the quiet connection is still open"
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
@@ -14,8 +15,13 @@ use tokio::net::TcpStream;
 const CHUNK: usize = 1 << 20;
 
 /// Copies both ways until both directions have ended (each end's write side
-/// is shut when the other's read side ends); the bytes each way.
-pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
+/// is shut when the other's read side ends); the bytes each way. Every byte
+/// moved is added to `moved` as it goes.
+pub async fn splice_bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    moved: &AtomicU64,
+) -> io::Result<(u64, u64)> {
     // A failure either way (a reset) ends both: the other direction would
     // otherwise wait on an idle peer for ever.
     let end_both = || {
@@ -25,14 +31,14 @@ pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u
     };
     let (ab, ba) = tokio::join!(
         async {
-            let r = one_way(a, b).await;
+            let r = one_way(a, b, moved).await;
             if r.is_err() {
                 end_both();
             }
             r
         },
         async {
-            let r = one_way(b, a).await;
+            let r = one_way(b, a, moved).await;
             if r.is_err() {
                 end_both();
             }
@@ -49,7 +55,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
     let (pr, pw) = pipe()?;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
@@ -83,6 +89,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             }
         }
         total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -106,7 +113,12 @@ mod tests {
             .await
             .expect("connect");
         let (mut server, _) = l2.accept().await.expect("accept");
-        let copier = tokio::spawn(async move { splice_bidirectional(&a, &b).await });
+        let copier = tokio::spawn(async move {
+            let moved = AtomicU64::new(0);
+            let r = splice_bidirectional(&a, &b, &moved).await;
+            assert_eq!(moved.load(Ordering::Relaxed), (5 << 20) + 4);
+            r
+        });
         let big = vec![7u8; 5 << 20];
         let sent = big.clone();
         let writer = tokio::spawn(async move {

@@ -761,8 +761,9 @@ impl Overlay {
                         let cut = tokio_util::sync::CancellationToken::new();
                         lock(&self.inner.served).insert(key, (origin, target, cut.clone()));
                         let stream = OverlayStream { send, recv };
+                        let moved = AtomicU64::new(0);
                         let _ = stream
-                            .join_tcp_until(&mut tcp, cut.cancelled(), NOT_ADMITTED)
+                            .join_tcp_until(&mut tcp, cut.cancelled(), NOT_ADMITTED, &moved)
                             .await;
                         lock(&self.inner.served).remove(&key);
                     }

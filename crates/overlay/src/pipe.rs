@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -33,17 +34,20 @@ impl OverlayStream {
     /// direction would otherwise wait on an idle peer for ever). The bytes
     /// carried to the overlay and from it.
     pub async fn join_tcp(self, tcp: &mut TcpStream) -> io::Result<(u64, u64)> {
-        self.join_tcp_until(tcp, std::future::pending(), FAILED)
+        let moved = AtomicU64::new(0);
+        self.join_tcp_until(tcp, std::future::pending(), FAILED, &moved)
             .await
     }
 
     /// [`join_tcp`](Self::join_tcp), or until `cut` resolves: then the
-    /// stream is reset (and stopped) with `code`, and `tcp` shut.
+    /// stream is reset (and stopped) with `code`, and `tcp` shut. Every
+    /// byte carried either way is added to `moved` as it goes.
     pub async fn join_tcp_until(
         self,
         tcp: &mut TcpStream,
         cut: impl Future<Output = ()>,
         code: u32,
+        moved: &AtomicU64,
     ) -> io::Result<(u64, u64)> {
         let OverlayStream { mut send, mut recv } = self;
         let (mut from_tcp, mut to_tcp) = tcp.split();
@@ -59,14 +63,17 @@ impl OverlayStream {
                 }
                 total += n as u64;
                 send.write_chunk(buf.split().freeze()).await?;
+                moved.fetch_add(n as u64, Ordering::Relaxed);
             }
         };
         let down = async {
             let mut total = 0u64;
             let mut chunks: [Bytes; CHUNKS] = std::array::from_fn(|_| Bytes::new());
             while let Some(n) = recv.read_chunks(&mut chunks).await? {
-                total += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
+                let bytes = chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
                 write_all_vectored(&mut to_tcp, &mut chunks[..n]).await?;
+                total += bytes;
+                moved.fetch_add(bytes, Ordering::Relaxed);
             }
             to_tcp.shutdown().await?;
             Ok::<_, io::Error>(total)
