@@ -18,8 +18,10 @@ BIN="${CLOUDLESS_BIN:-target/release}"
 PORTS=(7400 7410 7420)
 REGISTRY=127.0.0.1:7500
 
-# Removes the iptables chains named <prefix>-* and the rules jumping to them.
+# Removes the iptables chains named <prefix>-* and the rules jumping to them,
+# and the address locks (the nftables bridge table named after the prefix).
 remove_chains() {
+  nft delete table bridge "${1//-/_}" 2>/dev/null || true
   for table in filter nat; do
     { iptables -t "$table" -S 2>/dev/null || true; } | { grep -- "-j $1-" || true; } | { grep -v "^-A $1-" || true; } |
       sed 's/^-A /-D /' | while read -r rule; do eval iptables -t "$table" "$rule" 2>/dev/null || true; done

@@ -160,8 +160,12 @@ impl AgentProc {
 }
 
 /// Removes the iptables chains named `<prefix>-*` (an agent's node chains,
-/// left when it is killed) and the rules that jump to them.
+/// left when it is killed) and the rules that jump to them, and its
+/// address locks (the nftables bridge table named after the prefix).
 pub fn remove_chains(prefix: &str) {
+    let _ = Command::new("nft")
+        .args(["delete", "table", "bridge", &prefix.replace('-', "_")])
+        .output();
     for table in ["filter", "nat"] {
         let Ok(out) = Command::new("iptables").args(["-t", table, "-S"]).output() else {
             return;
@@ -190,6 +194,57 @@ pub fn remove_chains(prefix: &str) {
             if chain.starts_with(&ours) {
                 let _ = Command::new("iptables")
                     .args(["-t", table, "-X", chain])
+                    .output();
+            }
+        }
+    }
+}
+
+/// Removes the bridge plugin's masquerade rules and chains of the replicas
+/// whose CNI results are kept in `cache` (an agent killed with replicas
+/// attached never ran their DEL).
+pub fn remove_cni_masquerades(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    let ids: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_owned)
+        })
+        .collect();
+    for id in ids {
+        let tag = format!("id: \"{id}\" */");
+        // Highest rule first: deleting renumbers the ones after it (a few
+        // rounds at most: a rule that cannot be deleted is left).
+        for _ in 0..8 {
+            let Ok(out) = Command::new("iptables")
+                .args(["-t", "nat", "-L", "POSTROUTING", "--line-numbers", "-n"])
+                .output()
+            else {
+                return;
+            };
+            let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            let Some((n, chain)) = listed
+                .lines()
+                .rev()
+                .find(|l| l.ends_with(&tag))
+                .and_then(|l| {
+                    let mut w = l.split_whitespace();
+                    Some((w.next()?.to_owned(), w.next()?.to_owned()))
+                })
+            else {
+                break;
+            };
+            let _ = Command::new("iptables")
+                .args(["-t", "nat", "-D", "POSTROUTING", &n])
+                .output();
+            for op in ["-F", "-X"] {
+                let _ = Command::new("iptables")
+                    .args(["-t", "nat", op, &chain])
                     .output();
             }
         }
@@ -245,6 +300,7 @@ impl Drop for Cluster {
                 let (bridge, prefix) = self.network_names(&a.name);
                 let _ = ip(&["link", "del", &bridge]);
                 remove_chains(&prefix);
+                remove_cni_masquerades(&a.data_dir.join("network/cni"));
                 let _ = Command::new("umount")
                     .arg("-l")
                     .arg(a.data_dir.join("netns"))

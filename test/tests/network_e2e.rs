@@ -121,7 +121,7 @@ async fn replicas_get_a_network_of_their_own() {
     // segfaults looking up the service "http" without NSS), so HTTP is
     // spoken with nc.
     let fetch = format!(
-        "while true; do if printf \"GET /index.html HTTP/1.0\\r\\n\\r\\n\" | nc -w 2 {} 8080 | grep internet; then echo FETCHED; else echo REFUSED; fi; sleep 1; done",
+        "s=$(cut -d\" \" -f22 /proc/1/stat); while true; do if printf \"GET /index.html HTTP/1.0\\r\\n\\r\\n\" | nc -w 2 {} 8080 | grep internet; then echo FETCHED $s; else echo REFUSED $s; fi; sleep 1; done",
         internet.ns.ns_ip
     );
     apply(
@@ -277,6 +277,51 @@ async fn replicas_get_a_network_of_their_own() {
             r.id
         );
     }
+
+    tracing::info!(
+        "phase 4b: a replica whose network broke while its agent was down starts again in a new one"
+    );
+    // Each line the fetcher prints ends with when its container started.
+    let a_id = node_id_of(&c, "agent-a");
+    let on_a = after
+        .iter()
+        .find(|r| r.node_id == a_id)
+        .expect("a fetcher on agent-a")
+        .id
+        .clone();
+    let fetched_by = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("[{on_a}]")) && l.contains("FETCHED"))
+            .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+            .collect()
+    };
+    let first_start = fetched_by(&logs(&c, "fetcher"))
+        .pop()
+        .expect("the fetcher on agent-a fetched");
+    c.agents[0].sigkill();
+    let (bridge_a, _) = c.network_names(&c.agents[0].name);
+    for l in out("ip", &["-o", "link", "show", "master", &bridge_a]).lines() {
+        if let Some(v) = l.split(": ").nth(1) {
+            let v = v.split('@').next().unwrap_or(v);
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", v])
+                .status();
+        }
+    }
+    c.restart_agent(0);
+    eventually(
+        "the fetcher on agent-a fetches again from a container started anew",
+        Duration::from_secs(90),
+        || {
+            let text = logs(&c, "fetcher");
+            fetched_by(&text)
+                .iter()
+                .any(|s| *s != first_start)
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await;
 
     tracing::info!("phase 5: deleted workloads leave no veth, rule or lease behind");
     for w in ["fetcher", "blocked", "web", "web2"] {

@@ -479,3 +479,34 @@ mod tests {
         .is_err());
     }
 }
+
+/// Removes the bridge plugin's masquerade for container `id` if its DEL
+/// left it: the plugin undoes the masquerade of the addresses it finds on
+/// the container's interface, so when that interface is gone (its veth
+/// deleted while the agent was down) the rule in the nat `POSTROUTING`
+/// and its `CNI-<hash>` chain stay. Both are found by the comment the
+/// plugin gives them (`name: "<network>" id: "<id>"`).
+pub(crate) async fn remove_cni_masquerade(network: &str, id: &str) -> Result<(), NetworkError> {
+    let listed = iptables(&["-t", "nat", "-L", "POSTROUTING", "--line-numbers", "-n"]).await?;
+    let tag = format!("name: \"{network}\" id: \"{id}\" */");
+    let mut found: Vec<(u32, String)> = listed
+        .lines()
+        .filter(|l| l.ends_with(&tag))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let n = w.next()?.parse().ok()?;
+            Some((n, w.next()?.to_owned()))
+        })
+        .collect();
+    // Highest first: deleting a rule renumbers the ones after it.
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    for (n, chain) in found {
+        iptables(&["-t", "nat", "-D", "POSTROUTING", &n.to_string()]).await?;
+        if chain.starts_with("CNI-") {
+            let _ = iptables(&["-t", "nat", "-F", &chain]).await;
+            let _ = iptables(&["-t", "nat", "-X", &chain]).await;
+        }
+        tracing::info!(container = %id, chain = %chain, "removed a masquerade the CNI delete left behind");
+    }
+    Ok(())
+}

@@ -104,6 +104,11 @@ pub struct Attachment {
     pub address: Ipv4Addr,
     /// Its gateway (the bridge).
     pub gateway: Option<Ipv4Addr>,
+    /// Whether this is the network an earlier attach made (an agent
+    /// restart found it intact); `false` when it was made now. A container
+    /// still running from before in a network made now sits in the old,
+    /// broken namespace: it must be started again.
+    pub kept: bool,
 }
 
 /// The node's replica network.
@@ -225,7 +230,10 @@ impl NodeNetwork {
                     .inspect_err(|e| tracing::warn!(container = %id, error = %e, "its network is not as added; making it again"))
                     .is_ok();
             if intact && kept.list == conflist(&self.config, req) {
-                let att = self.attachment_of(&kept)?;
+                let att = Attachment {
+                    kept: true,
+                    ..self.attachment_of(&kept)?
+                };
                 self.lock(&kept, att.address).await?;
                 self.firewall
                     .set_egress(id, IpAddr::V4(att.address), &req.egress)
@@ -323,6 +331,7 @@ impl NodeNetwork {
             netns: kept.invocation.netns.clone(),
             address,
             gateway,
+            kept: false,
         })
     }
 
@@ -371,6 +380,9 @@ impl NodeNetwork {
                 }
             }
             None => {}
+        }
+        if let Err(e) = crate::firewall::remove_cni_masquerade(NETWORK, id).await {
+            first.get_or_insert(e);
         }
         if let Err(e) = self.netns.remove(id) {
             first.get_or_insert(e);
@@ -515,6 +527,9 @@ async fn isolate(result: &Value, bridge: &str) -> Result<(), NetworkError> {
     }
 }
 
+/// The CNI network's name (in the plugins' rules and address leases).
+const NETWORK: &str = "cloudless";
+
 /// The first address of `subnet` (the bridge's; host-local hands out the
 /// others).
 fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
@@ -637,7 +652,7 @@ fn conflist(config: &NodeNetworkConfig, req: &AttachRequest) -> Value {
     if req.bandwidth != Bandwidth::default() {
         plugins.push(json!({ "type": "bandwidth", "capabilities": { "bandwidth": true } }));
     }
-    json!({ "cniVersion": CNI_VERSION, "name": "cloudless", "plugins": plugins })
+    json!({ "cniVersion": CNI_VERSION, "name": NETWORK, "plugins": plugins })
 }
 
 /// The capability values of `req`.

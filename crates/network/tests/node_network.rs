@@ -125,6 +125,10 @@ impl Site {
     }
 
     fn cleanup(&self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "bridge", &self.prefix()])
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.internet])
             .status();
@@ -218,7 +222,11 @@ async fn replicas_reach_the_internet_within_their_egress_policy_and_leave_nothin
     // Its policy opened to the port: allowed.
     only.egress[1].ports.push(8080);
     let b2 = net.attach(&only).await.expect("attach b again");
-    assert_eq!(b2, b, "re-attaching keeps the address");
+    assert_eq!(
+        (b2.address, b2.kept),
+        (b.address, true),
+        "re-attaching keeps the address"
+    );
     assert_eq!(
         fetch(&b.netns, internet).as_deref(),
         Ok("hello from the internet")
@@ -350,7 +358,12 @@ async fn an_agent_restart_keeps_addresses_and_collects_what_is_no_longer_assigne
         .attach(&request(&ID("cldt3-kept")))
         .await
         .expect("re-attach");
-    assert_eq!(again, kept, "same namespace and address after a restart");
+    assert_eq!(
+        (&again.netns, again.address, again.kept),
+        (&kept.netns, kept.address, true),
+        "same namespace and address after a restart"
+    );
+    assert!(!kept.kept, "made by the first attach");
     std::thread::spawn(move || {
         if let Ok((mut c, _)) = listener.accept() {
             let _ = c.write_all(b"still here\n");
@@ -368,8 +381,21 @@ async fn an_agent_restart_keeps_addresses_and_collects_what_is_no_longer_assigne
         .expect("collect");
     assert_eq!(collected, vec![ID("cldt3-gone").to_owned()]);
     assert_nothing_left_but(&site, 1, &[ID("cldt3-gone")], &[gone.address]);
+    // Its veth deleted (someone cleaned the host up), the next attach finds
+    // the network broken and makes it again: not kept, so a container
+    // still running in the old namespace is started again.
+    let veths = out("ip", &["-o", "link", "show", "master", &site.bridge()]);
+    for v in veths.lines().filter_map(|l| l.split(": ").nth(1)) {
+        sh(&format!("ip link del {}", v.split('@').next().unwrap_or(v)));
+    }
+    let remade = net
+        .attach(&request(&ID("cldt3-kept")))
+        .await
+        .expect("re-attach a broken network");
+    assert!(!remade.kept, "{remade:?}");
+    assert!(site.config().subnet.contains(&remade.address));
     net.detach(&ID("cldt3-kept")).await.expect("detach");
-    assert_nothing_left(&site, &[ID("cldt3-kept")], &[kept.address]);
+    assert_nothing_left(&site, &[ID("cldt3-kept")], &[kept.address, remade.address]);
     net.uninstall().await.expect("uninstall");
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cloudless_proto::v1 as pb;
 use cloudless_runtime::registry::RegistryClient;
-use cloudless_runtime::{Backoff, ImageRef, ReplicaSpec, Supervisor};
+use cloudless_runtime::{Backoff, ImageRef, ReplicaSpec, Supervisor, TaskState};
 use cloudless_types::ReplicaState;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -179,6 +179,9 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
     // across container restarts (and agent restarts).
     let network = match attach(&r, &container.id).await {
         Attached::Yes(att) => {
+            if !att.kept {
+                restart_into_new_network(&r, &container.id).await;
+            }
             r.address = Some(att.address);
             container.network_namespace = Some(att.netns);
             if let Some(plane) = &r.ctx.services {
@@ -243,6 +246,22 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
             tracing::warn!(replica = %r.id(), error = %e, "cannot remove its volumes");
         }
     }
+}
+
+/// Stops and removes the replica's container if it still runs from this
+/// agent's earlier life: its network was made anew (the old one was
+/// broken, e.g. its veth deleted while the agent was down), and the
+/// container sits in the old namespace. The supervisor then starts it in
+/// the new one instead of adopting it.
+async fn restart_into_new_network<R: AgentRuntime>(r: &Replica<R>, id: &str) {
+    if !matches!(r.ctx.rt.task_state(id).await, Ok(TaskState::Running(_))) {
+        return;
+    }
+    tracing::warn!(replica = %r.id(), "its network was broken and is made anew; starting its container again in it");
+    if let Err(e) = r.ctx.rt.stop(id, Duration::from_secs(10)).await {
+        tracing::warn!(replica = %r.id(), error = %e, "cannot stop its container");
+    }
+    r.ctx.rt.remove(id).await;
 }
 
 /// What became of a replica's network.
