@@ -499,7 +499,7 @@ pub(crate) async fn remove_cni_masquerade(network: &str, id: &str) -> Result<(),
         })
         .collect();
     // Highest first: deleting a rule renumbers the ones after it.
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     for (n, chain) in found {
         iptables(&["-t", "nat", "-D", "POSTROUTING", &n.to_string()]).await?;
         if chain.starts_with("CNI-") {
