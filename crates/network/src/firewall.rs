@@ -459,27 +459,6 @@ async fn delete_chain(chain: &str) -> Result<(), NetworkError> {
     iptables(&["-X", chain]).await.map(drop)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_names_fit_iptables_and_are_stable() {
-        let fw = Firewall::new("CLOUDLESS", "10.0.0.0/24".parse().expect("net"), vec![])
-            .expect("firewall");
-        let c = fw.egress_chain("default-web-0123456789abcdef");
-        assert!(c.len() <= 28, "{c}");
-        assert_eq!(c, fw.egress_chain("default-web-0123456789abcdef"));
-        assert_ne!(c, fw.egress_chain("default-web-0123456789abcdeg"));
-        assert!(Firewall::new(
-            "A-VERY-LONG-PREFIX",
-            "10.0.0.0/24".parse().expect("net"),
-            vec![]
-        )
-        .is_err());
-    }
-}
-
 /// Removes the bridge plugin's masquerade for container `id` if its DEL
 /// left it: the plugin undoes the masquerade of the addresses it finds on
 /// the container's interface, so when that interface is gone (its veth
@@ -509,4 +488,25 @@ pub(crate) async fn remove_cni_masquerade(network: &str, id: &str) -> Result<(),
         tracing::info!(container = %id, chain = %chain, "removed a masquerade the CNI delete left behind");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_fit_iptables_and_are_stable() {
+        let fw = Firewall::new("CLOUDLESS", "10.0.0.0/24".parse().expect("net"), vec![])
+            .expect("firewall");
+        let c = fw.egress_chain("default-web-0123456789abcdef");
+        assert!(c.len() <= 28, "{c}");
+        assert_eq!(c, fw.egress_chain("default-web-0123456789abcdef"));
+        assert_ne!(c, fw.egress_chain("default-web-0123456789abcdeg"));
+        assert!(Firewall::new(
+            "A-VERY-LONG-PREFIX",
+            "10.0.0.0/24".parse().expect("net"),
+            vec![]
+        )
+        .is_err());
+    }
 }
