@@ -466,24 +466,41 @@ async fn delete_chain(chain: &str) -> Result<(), NetworkError> {
 /// and its `CNI-<hash>` chain stay. Both are found by the comment the
 /// plugin gives them (`name: "<network>" id: "<id>"`).
 pub(crate) async fn remove_cni_masquerade(network: &str, id: &str) -> Result<(), NetworkError> {
-    let listed = iptables(&["-t", "nat", "-L", "POSTROUTING", "--line-numbers", "-n"]).await?;
-    let tag = format!("name: \"{network}\" id: \"{id}\" */");
-    let mut found: Vec<(u32, String)> = listed
-        .lines()
-        .filter(|l| l.ends_with(&tag))
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let n = w.next()?.parse().ok()?;
-            Some((n, w.next()?.to_owned()))
-        })
-        .collect();
-    // Highest first: deleting a rule renumbers the ones after it.
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    for (n, chain) in found {
-        iptables(&["-t", "nat", "-D", "POSTROUTING", &n.to_string()]).await?;
+    // By the rule's text, not its position: other replicas' rules come and
+    // go meanwhile.
+    let listed = iptables(&["-t", "nat", "-S", "POSTROUTING"]).await?;
+    let comment = format!("name: \"{network}\" id: \"{id}\"");
+    let quoted = format!("name: \\\"{network}\\\" id: \\\"{id}\\\"");
+    for rule in listed.lines().filter(|l| l.contains(&quoted)) {
+        let words: Vec<&str> = rule.split_whitespace().collect();
+        let after = |flag: &str| {
+            words
+                .iter()
+                .rposition(|w| *w == flag)
+                .and_then(|i| words.get(i + 1))
+                .copied()
+        };
+        let (Some(source), Some(chain)) = (after("-s"), after("-j")) else {
+            continue;
+        };
+        iptables(&[
+            "-t",
+            "nat",
+            "-D",
+            "POSTROUTING",
+            "-s",
+            source,
+            "-m",
+            "comment",
+            "--comment",
+            &comment,
+            "-j",
+            chain,
+        ])
+        .await?;
         if chain.starts_with("CNI-") {
-            let _ = iptables(&["-t", "nat", "-F", &chain]).await;
-            let _ = iptables(&["-t", "nat", "-X", &chain]).await;
+            let _ = iptables(&["-t", "nat", "-F", chain]).await;
+            let _ = iptables(&["-t", "nat", "-X", chain]).await;
         }
         tracing::info!(container = %id, chain = %chain, "removed a masquerade the CNI delete left behind");
     }

@@ -432,8 +432,8 @@ impl NodeNetwork {
     }
 }
 
-/// Removes the IPv4 addresses on the replica's interface other than
-/// `keep`, the one it was given. A replica with `CAP_NET_ADMIN` can add
+/// Removes the addresses on the replica's interface other than `keep`,
+/// the one it was given (and IPv6 link-local). A replica with `CAP_NET_ADMIN` can add
 /// addresses; the bridge plugin's DEL undoes the masquerade of every
 /// address it finds there and fails on one it did not add, which would
 /// leave the replica's own rules behind. Best effort: a namespace already
@@ -447,20 +447,23 @@ async fn drop_foreign_addresses(netns: &std::path::Path, keep: Ipv4Addr) {
         crate::netns::run_in(&netns, move || {
             // A child forked from this thread lives in the namespace too.
             let listed = std::process::Command::new("ip")
-                .args(["-4", "-o", "addr", "show", "dev", IFNAME])
+                .args(["-o", "addr", "show", "dev", IFNAME])
                 .output()
                 .map_err(|e| format!("ip addr show: {e}"))?;
             let text = String::from_utf8_lossy(&listed.stdout);
-            for cidr in text
-                .lines()
-                .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
-            {
-                let ours = cidr
-                    .split('/')
-                    .next()
-                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
-                    == Some(keep);
-                if !ours {
+            for cidr in text.lines().filter_map(|l| {
+                l.split_whitespace()
+                    .skip_while(|w| *w != "inet" && *w != "inet6")
+                    .nth(1)
+            }) {
+                let addr = cidr.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
+                let keeps = match addr {
+                    Some(IpAddr::V4(a)) => a == keep,
+                    // The kernel's own link-local address stays.
+                    Some(IpAddr::V6(a)) => a.segments()[0] & 0xffc0 == 0xfe80,
+                    None => true,
+                };
+                if !keeps {
                     let _ = std::process::Command::new("ip")
                         .args(["addr", "del", cidr, "dev", IFNAME])
                         .output();

@@ -96,9 +96,15 @@ impl AddressLocks {
     /// Removes replica `id`'s lock (nothing if it has none).
     pub async fn unlock(&self, id: &str) -> Result<(), NetworkError> {
         let (t, c) = (&self.table, Self::chain(id));
-        // No map (someone deleted the table): no lock left to remove.
-        let Ok(listed) = nft(&["-j", "list", "map", "bridge", t, "ports"]).await else {
-            return Ok(());
+        let listed = match nft(&["-j", "list", "map", "bridge", t, "ports"]).await {
+            Ok(l) => l,
+            // No map (someone deleted the table): no lock left to remove.
+            Err(NetworkError::Firewall { message, .. })
+                if message.contains("No such file or directory") =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         };
         let ports = ports_jumping_to(&listed, &c);
         let mut script = String::new();

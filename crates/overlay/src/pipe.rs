@@ -21,6 +21,9 @@ use crate::mesh::OverlayStream;
 /// Most bytes read from a socket at once.
 const CHUNK: usize = 256 * 1024;
 
+/// Below this much room left in the read block, a new block is taken.
+const MIN_READ: usize = 16 * 1024;
+
 /// Most chunks (about a packet each) taken from QUIC at once.
 const CHUNKS: usize = 128;
 
@@ -55,7 +58,13 @@ impl OverlayStream {
             let mut total = 0u64;
             let mut buf = BytesMut::new();
             loop {
-                buf.reserve(CHUNK);
+                // Reads share one block until it is nearly used up: a block
+                // handed to QUIC stays alive until every chunk cut from it
+                // is acknowledged, so a block per (small) read would hold
+                // 256 KiB per chunk in flight.
+                if buf.capacity() < MIN_READ {
+                    buf.reserve(CHUNK);
+                }
                 let n = from_tcp.read_buf(&mut buf).await?;
                 if n == 0 {
                     let _ = send.finish();

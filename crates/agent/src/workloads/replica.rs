@@ -254,14 +254,27 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
 /// container sits in the old namespace. The supervisor then starts it in
 /// the new one instead of adopting it.
 async fn restart_into_new_network<R: AgentRuntime>(r: &Replica<R>, id: &str) {
-    if !matches!(r.ctx.rt.task_state(id).await, Ok(TaskState::Running(_))) {
-        return;
+    let mut delay = Duration::from_secs(1);
+    while matches!(r.ctx.rt.task_state(id).await, Ok(TaskState::Running(_))) {
+        tracing::warn!(replica = %r.id(), "its network was broken and is made anew; starting its container again in it");
+        if let Err(e) = r.ctx.rt.stop(id, Duration::from_secs(10)).await {
+            tracing::warn!(replica = %r.id(), error = %e, "cannot stop its container");
+        }
+        r.ctx.rt.remove(id).await;
+        if !matches!(r.ctx.rt.task_state(id).await, Ok(TaskState::Running(_))) {
+            return;
+        }
+        // Adopting it would leave it in the broken namespace: try again.
+        r.pending(format!(
+            "cannot stop its container to move it into its new network (retrying in {}s)",
+            delay.as_secs()
+        ));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = r.cancel.cancelled() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
     }
-    tracing::warn!(replica = %r.id(), "its network was broken and is made anew; starting its container again in it");
-    if let Err(e) = r.ctx.rt.stop(id, Duration::from_secs(10)).await {
-        tracing::warn!(replica = %r.id(), error = %e, "cannot stop its container");
-    }
-    r.ctx.rt.remove(id).await;
 }
 
 /// What became of a replica's network.
