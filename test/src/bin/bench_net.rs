@@ -9,6 +9,8 @@
 //! - direct: replica to replica over node A's bridge (the baseline);
 //! - service VIP, same node: through A's proxy to the replica on A;
 //! - raw overlay stream, A to B (the cross-node baseline);
+//! - a replica's connection through a plain overlay forward from A to B (what
+//!   `upstreams` use: the overlay with the replica's TCP hop, no VIP, no proxy);
 //! - service VIP, across nodes: through A's proxy and the overlay to B;
 //! - ingress: from outside to node A's ingress port, to the replica on A.
 //!
@@ -55,6 +57,9 @@ struct Args {
 
 const SINK: u16 = 9000;
 const ECHO: u16 = 9001;
+/// A's overlay forward to B's sink and echo.
+const FORWARD_SINK: u16 = 9100;
+const FORWARD_ECHO: u16 = 9101;
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -189,6 +194,9 @@ async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
 enum Path2 {
     /// TCP from the namespace at the path to this address.
     Tcp(PathBuf, Ipv4Addr),
+    /// TCP from the namespace at the path to A's overlay forward at this
+    /// address (its own ports for the sink and the echo).
+    Forward(PathBuf, Ipv4Addr),
     /// An overlay stream from A to the target on B.
     Overlay(Arc<Overlay>, String),
 }
@@ -209,7 +217,12 @@ enum Conn {
 
 async fn connect(path: &Path2, port: u16) -> anyhow::Result<Conn> {
     Ok(match path {
-        Path2::Tcp(netns, addr) => {
+        Path2::Tcp(netns, addr) | Path2::Forward(netns, addr) => {
+            let port = match (path, port) {
+                (Path2::Forward(..), SINK) => FORWARD_SINK,
+                (Path2::Forward(..), _) => FORWARD_ECHO,
+                _ => port,
+            };
             let to = SocketAddr::from((*addr, port));
             Conn::Replica(run_in(netns, move || {
                 let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
@@ -434,6 +447,14 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    // A plain overlay forward on A's bridge address (as `upstreams` use):
+    // a replica's TCP connection carried to B without VIP or proxy.
+    for (port, to) in [(FORWARD_SINK, SINK), (FORWARD_ECHO, ECHO)] {
+        let l = TcpListener::bind((a.gateway(), port)).await?;
+        let target = cloudless_agent::mesh::service_target("bench-server-b", to, &caller);
+        let _forward = oa.forward(l, Identity::Node("B".into()), target);
+    }
+
     let outside = PathBuf::from("/var/run/netns/clbn-out");
     let overlay_target = cloudless_agent::mesh::service_target("bench-server-b", 0, &caller)
         .replace(":0@", ":{port}@");
@@ -449,6 +470,10 @@ async fn main() -> anyhow::Result<()> {
         (
             "raw overlay stream A to B (cross-node baseline)",
             Path2::Overlay(oa.clone(), overlay_target),
+        ),
+        (
+            "replica to B's replica through a plain overlay forward (no VIP, no proxy)",
+            Path2::Forward(client.netns.clone(), a.gateway()),
         ),
         (
             "service VIP, across nodes (overlay)",
@@ -502,12 +527,17 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "- cross-node service path: {:.0}% of the raw overlay stream's throughput (target within 10%), {:+.0} us p50",
-        100.0 * rows[3].1.gbps / rows[2].1.gbps,
-        p50(3) - p50(2)
+        100.0 * rows[4].1.gbps / rows[2].1.gbps,
+        p50(4) - p50(2)
+    );
+    println!(
+        "- cross-node service path: {:.0}% of a replica's connection through a plain overlay forward, {:+.0} us p50",
+        100.0 * rows[4].1.gbps / rows[3].1.gbps,
+        p50(4) - p50(3)
     );
     println!(
         "- ingress: {:+.0} us p50 over direct (target at most +200)",
-        p50(4) - p50(0)
+        p50(5) - p50(0)
     );
 
     for id in ["bench-client", "bench-server-a"] {
