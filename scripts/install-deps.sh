@@ -14,7 +14,7 @@ $SUDO apt-get update
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
   protobuf-compiler build-essential pkg-config curl ca-certificates git \
   containerd runc busybox-static apparmor docker-registry iproute2 iptables \
-  containernetworking-plugins nftables
+  containernetworking-plugins nftables conntrack
 if ! command -v cargo >/dev/null 2>&1; then
   if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     echo "cargo is in $HOME/.cargo/bin: add it to PATH" >&2

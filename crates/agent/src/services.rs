@@ -15,7 +15,7 @@ use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialed, Dialer,
 use cloudless_network::services::{
     Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
 };
-use cloudless_network::NodeNetwork;
+use cloudless_network::{fastpath, NodeNetwork};
 use cloudless_proto::v1 as pb;
 use tokio::task::JoinHandle;
 
@@ -64,6 +64,8 @@ pub(crate) struct ServicePlane {
     tasks: Vec<JoinHandle<()>>,
     /// Ingress listeners by port, with the route they carry.
     ingress: Mutex<HashMap<u16, IngressListener>>,
+    /// Told when a replica comes or goes (the kernel path's callers).
+    callers_changed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for ServicePlane {
@@ -131,6 +133,14 @@ impl ServicePlane {
                 "!!! the service proxy cannot listen: connections to service addresses fail !!!"
             ),
         }
+        let callers_changed = Arc::new(tokio::sync::Notify::new());
+        tasks.push(tokio::spawn(kernel_path(
+            net.clone(),
+            services.clone(),
+            callers.clone(),
+            callers_changed.clone(),
+            here.node_id.clone(),
+        )));
         tracing::info!(resolver = %dns_at, proxy = %proxy_at, "service plane ready");
         Self {
             services,
@@ -143,6 +153,7 @@ impl ServicePlane {
             domain: Mutex::new(String::new()),
             tasks,
             ingress: Mutex::default(),
+            callers_changed,
         }
     }
 
@@ -263,6 +274,7 @@ impl ServicePlane {
                 workload: workload.to_owned(),
             },
         );
+        self.callers_changed.notify_one();
         if let Some(m) = &self.mesh {
             m.set_address(replica_id, Some(address));
         }
@@ -279,10 +291,57 @@ impl ServicePlane {
     /// Forgets a replica registered before.
     pub(crate) fn unregister(&self, replica_id: &str, container_id: &str, address: Ipv4Addr) {
         lock(&self.callers).remove(&IpAddr::V4(address));
+        self.callers_changed.notify_one();
         if let Some(m) = &self.mesh {
             m.set_address(replica_id, None);
         }
         let _ = std::fs::remove_file(self.resolv_dir.join(container_id));
+    }
+}
+
+/// Keeps the node's kernel path (see `cloudless_network::fastpath`) in step
+/// with the services and this node's replicas: rewritten on every change,
+/// and the connections of endpoints that left or callers no longer
+/// admitted cut. After a start the rules of the agent's earlier life serve
+/// until the first table with services arrives.
+async fn kernel_path(
+    net: NodeNetwork,
+    services: SharedServices,
+    callers: Callers,
+    callers_changed: Arc<tokio::sync::Notify>,
+    node_id: String,
+) {
+    let mut rx = services.subscribe();
+    let mut served: Option<Vec<fastpath::FastRoute>> = None;
+    loop {
+        let table = rx.borrow_and_update().clone();
+        let who = lock(&callers).clone();
+        let routes = fastpath::routes(&table, &who, &node_id);
+        let first_table = served.is_some() || table.services().next().is_some();
+        if first_table && served.as_ref() != Some(&routes) {
+            match net.set_fast_routes(&routes).await {
+                Ok(()) => {
+                    if let Some(before) = &served {
+                        fastpath::cut(&fastpath::to_cut(before, &table, &who, &node_id)).await;
+                    }
+                    tracing::debug!(routes = routes.len(), "kernel path updated");
+                    served = Some(routes);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot update the kernel path; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = callers_changed.notified() => {}
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::fastpath::FastRoute;
 use crate::NetworkError;
 
 /// Where replicas' jumps to their egress chains go in the node chain (after
@@ -49,6 +50,9 @@ pub struct Firewall {
     /// Networks inside the cluster (replicas of every node, service
     /// addresses): not egress, always allowed here.
     internal: Vec<IpNet>,
+    /// Whether a replica's own traffic to another replica of the node is
+    /// refused (where the bridge's frames pass these rules).
+    isolate: bool,
 }
 
 impl Firewall {
@@ -70,7 +74,15 @@ impl Firewall {
             prefix: prefix.to_owned(),
             subnet,
             internal,
+            isolate: false,
         })
+    }
+
+    /// Whether replicas' own connections to each other are refused (those
+    /// the node translated, to a service or a published port, pass).
+    #[must_use]
+    pub fn isolating(self, isolate: bool) -> Self {
+        Self { isolate, ..self }
     }
 
     /// The node chain's name.
@@ -183,6 +195,34 @@ impl Firewall {
         let nat = self.services_chain();
         ensure_chain_in("nat", &nat).await?;
         iptables(&["-t", "nat", "-F", &nat]).await?;
+        // The kernel path first (its rules are kept across a restart);
+        // what it does not take goes to the proxy.
+        let fast = self.fast_chain();
+        ensure_chain_in("nat", &fast).await?;
+        iptables(&["-t", "nat", "-A", &nat, "-j", &fast]).await?;
+        // Replicas reach replicas of this bridge through the kernel path
+        // from the bridge's address (their ports cannot reach each other).
+        let post = self.hairpin_chain();
+        ensure_chain_in("nat", &post).await?;
+        iptables(&["-t", "nat", "-F", &post]).await?;
+        iptables(&[
+            "-t",
+            "nat",
+            "-A",
+            &post,
+            "-s",
+            &subnet,
+            "-d",
+            &subnet,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "DNAT",
+            "-j",
+            "MASQUERADE",
+        ])
+        .await?;
+        ensure_rule_in("nat", "POSTROUTING", &["-j", &post], true).await?;
         let to = format!("{gateway}:{proxy_port}");
         iptables(&[
             "-t",
@@ -222,6 +262,44 @@ impl Firewall {
         format!("{}-SVC", self.prefix)
     }
 
+    /// The nat chain of the kernel path (see [`crate::fastpath`]).
+    fn fast_chain(&self) -> String {
+        format!("{}-FAST", self.prefix)
+    }
+
+    /// The nat chain of the kernel path's hairpin masquerade.
+    fn hairpin_chain(&self) -> String {
+        format!("{}-HAIR", self.prefix)
+    }
+
+    /// The nat chain spreading one kernel-path route over its endpoints.
+    fn route_chain(&self, r: &FastRoute) -> String {
+        format!(
+            "{}-K-{:012x}",
+            self.prefix,
+            fnv1a(&format!("{}:{}", r.vip, r.port)) & 0xffff_ffff_ffff
+        )
+    }
+
+    /// Makes the kernel path hold exactly `routes` (in one transaction),
+    /// then removes route chains no longer used.
+    pub async fn set_fast_routes(&self, routes: &[FastRoute]) -> Result<(), NetworkError> {
+        let fast = self.fast_chain();
+        let script = crate::fastpath::restore_script(&fast, routes, |r| self.route_chain(r));
+        crate::fastpath::restore(&script).await?;
+        let wanted: std::collections::BTreeSet<String> =
+            routes.iter().map(|r| self.route_chain(r)).collect();
+        let ours = format!("{}-K-", self.prefix);
+        let listed = iptables(&["-t", "nat", "-S"]).await?;
+        for chain in listed.lines().filter_map(|l| l.strip_prefix("-N ")) {
+            if chain.starts_with(&ours) && !wanted.contains(chain) {
+                iptables(&["-t", "nat", "-F", chain]).await?;
+                iptables(&["-t", "nat", "-X", chain]).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The input chain of the proxy and resolver.
     fn input_chain(&self) -> String {
         format!("{}-IN", self.prefix)
@@ -239,6 +317,36 @@ impl Firewall {
         if iptables(&["-t", "nat", "-S", &nat]).await.is_ok() {
             iptables(&["-t", "nat", "-F", &nat]).await?;
             iptables(&["-t", "nat", "-X", &nat]).await?;
+        }
+        let post = self.hairpin_chain();
+        while iptables(&["-t", "nat", "-C", "POSTROUTING", "-j", &post])
+            .await
+            .is_ok()
+        {
+            iptables(&["-t", "nat", "-D", "POSTROUTING", "-j", &post]).await?;
+        }
+        let fast = self.fast_chain();
+        let ours = format!("{}-K-", self.prefix);
+        let listed = iptables(&["-t", "nat", "-S"]).await?;
+        let mut chains: Vec<&str> = listed
+            .lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .filter(|c| c.starts_with(&ours))
+            .collect();
+        // The jumps to the route chains go first.
+        chains.insert(0, &fast);
+        chains.push(&post);
+        for chain in chains {
+            if iptables(&["-t", "nat", "-S", chain]).await.is_ok() {
+                iptables(&["-t", "nat", "-F", chain]).await?;
+            }
+        }
+        for chain in listed
+            .lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .filter(|c| c.starts_with(&ours) || *c == fast || *c == post)
+        {
+            iptables(&["-t", "nat", "-X", chain]).await?;
         }
         let input = self.input_chain();
         while iptables(&["-C", "INPUT", "-j", &input]).await.is_ok() {
@@ -267,10 +375,27 @@ impl Firewall {
         let chain = self.egress_chain(id);
         ensure_chain(&chain).await?;
         iptables(&["-F", &chain]).await?;
-        // The node's own replicas; never the rest of the cluster's ranges
-        // (other nodes' replicas and services are reached through the
-        // proxy, so a packet headed there directly is not let out).
-        iptables(&["-A", &chain, "-d", &self.subnet.to_string(), "-j", "ACCEPT"]).await?;
+        // The node's own replicas (unless they are kept apart: then only
+        // through a service or a published port, translated before this);
+        // never the rest of the cluster's ranges (other nodes' replicas and
+        // services are reached through the proxy, so a packet headed there
+        // directly is not let out).
+        let subnet = self.subnet.to_string();
+        if self.isolate {
+            iptables(&[
+                "-A",
+                &chain,
+                "-d",
+                &subnet,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-admin-prohibited",
+            ])
+            .await?;
+        } else {
+            iptables(&["-A", &chain, "-d", &subnet, "-j", "ACCEPT"]).await?;
+        }
         for net in &self.internal {
             iptables(&[
                 "-A",

@@ -15,6 +15,7 @@ pub mod balancer;
 pub mod cni;
 pub mod dns;
 mod error;
+pub mod fastpath;
 pub mod firewall;
 pub mod netns;
 mod node;

@@ -121,6 +121,11 @@ pub struct NodeNetwork {
     firewall: Firewall,
     /// `None` where the host cannot lock bridge ports (warned at open).
     locks: Option<AddressLocks>,
+    /// Whether replicas are kept apart by isolating their bridge ports
+    /// (where the bridge's frames pass no iptables rules); else the node's
+    /// firewall refuses replica-to-replica frames itself, which lets the
+    /// kernel path bridge a translated connection between two of them.
+    port_isolation: bool,
 }
 
 impl NodeNetwork {
@@ -173,14 +178,16 @@ impl NodeNetwork {
         }
         let cache = Cache::open(&config.state_dir.join("cni"))?;
         let netns = NetnsDir::open(&config.netns_dir)?;
+        let gateway = gateway(config.subnet);
+        ensure_bridge(&config.bridge, gateway, config.subnet.prefix_len()).await?;
+        let bridge_filtered = filter_bridged(&config.bridge).await;
         let firewall = Firewall::new(
             &config.chain_prefix,
             IpNet::V4(config.subnet),
             config.internal.clone(),
-        )?;
+        )?
+        .isolating(config.isolate_replicas);
         firewall.install().await?;
-        let gateway = gateway(config.subnet);
-        ensure_bridge(&config.bridge, gateway, config.subnet.prefix_len()).await?;
         if let Some(services) = config.service_cidr {
             firewall
                 .install_services(
@@ -192,6 +199,7 @@ impl NodeNetwork {
                 .await?;
         }
         let locks = AddressLocks::install(&config.chain_prefix).await;
+        let port_isolation = config.isolate_replicas && !bridge_filtered;
         Ok(Self {
             config,
             plugins,
@@ -199,6 +207,7 @@ impl NodeNetwork {
             netns,
             firewall,
             locks,
+            port_isolation,
         })
     }
 
@@ -234,6 +243,7 @@ impl NodeNetwork {
                     kept: true,
                     ..self.attachment_of(&kept)?
                 };
+                isolate(&kept.result, &self.config.bridge, self.port_isolation).await?;
                 self.lock(&kept, att.address).await?;
                 self.firewall
                     .set_egress(id, IpAddr::V4(att.address), &req.egress)
@@ -289,9 +299,7 @@ impl NodeNetwork {
             return Err(e);
         }
         let att = self.attachment_of(&kept)?;
-        if self.config.isolate_replicas {
-            isolate(&kept.result, &self.config.bridge).await?;
-        }
+        isolate(&kept.result, &self.config.bridge, self.port_isolation).await?;
         self.lock(&kept, att.address).await?;
         self.firewall
             .set_egress(id, IpAddr::V4(att.address), &req.egress)
@@ -426,6 +434,15 @@ impl NodeNetwork {
         self.firewall.uninstall().await.and(locks)
     }
 
+    /// Makes the kernel path serve exactly `routes` (see
+    /// [`crate::fastpath`]).
+    pub async fn set_fast_routes(
+        &self,
+        routes: &[crate::fastpath::FastRoute],
+    ) -> Result<(), NetworkError> {
+        self.firewall.set_fast_routes(routes).await
+    }
+
     /// Whether replicas' bridge ports are locked to their addresses.
     pub fn locks_addresses(&self) -> bool {
         self.locks.is_some()
@@ -500,9 +517,45 @@ fn container_mac(result: &Value) -> Option<&str> {
     })
 }
 
+/// Has the bridge's IPv4 frames pass the iptables rules (`br_netfilter`,
+/// loaded if it is not; the bridge's own `nf_call_iptables`), as Docker and
+/// Kubernetes hosts do; whether they now do. Then a connection translated
+/// to a replica on the same bridge (the kernel path, published ports) is
+/// bridged straight to it, and the node's firewall, not port isolation,
+/// keeps replicas apart.
+async fn filter_bridged(bridge: &str) -> bool {
+    let sysctl = std::path::Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");
+    if !sysctl.exists() {
+        let _ = tokio::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .output()
+            .await;
+    }
+    if !sysctl.exists() {
+        tracing::warn!("no br_netfilter here: replicas are kept apart by isolating their bridge ports, and services served on this node go through the proxy");
+        return false;
+    }
+    let set = tokio::process::Command::new("ip")
+        .args([
+            "link",
+            "set",
+            "dev",
+            bridge,
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "1",
+        ])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    set || std::fs::read_to_string(sysctl).is_ok_and(|v| v.trim() == "1")
+}
+
 /// Marks the replica's bridge port (the host end of its veth, from the add's
-/// result) isolated: the bridge forwards nothing between isolated ports.
-async fn isolate(result: &Value, bridge: &str) -> Result<(), NetworkError> {
+/// result) isolated or not: the bridge forwards nothing between isolated
+/// ports.
+async fn isolate(result: &Value, bridge: &str, on: bool) -> Result<(), NetworkError> {
     let Some(veth) = host_port(result, bridge) else {
         return Err(NetworkError::Config {
             field: "isolate_replicas",
@@ -510,7 +563,14 @@ async fn isolate(result: &Value, bridge: &str) -> Result<(), NetworkError> {
         });
     };
     let out = tokio::process::Command::new("bridge")
-        .args(["link", "set", "dev", veth, "isolated", "on"])
+        .args([
+            "link",
+            "set",
+            "dev",
+            veth,
+            "isolated",
+            if on { "on" } else { "off" },
+        ])
         .output()
         .await
         .map_err(|e| NetworkError::Config {
@@ -523,7 +583,8 @@ async fn isolate(result: &Value, bridge: &str) -> Result<(), NetworkError> {
         Err(NetworkError::Config {
             field: "isolate_replicas",
             message: format!(
-                "bridge link set dev {veth} isolated on: {}",
+                "bridge link set dev {veth} isolated {}: {}",
+                if on { "on" } else { "off" },
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
         })

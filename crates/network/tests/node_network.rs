@@ -232,9 +232,9 @@ async fn replicas_reach_the_internet_within_their_egress_policy_and_leave_nothin
         Ok("hello from the internet")
     );
 
-    // Replicas on one node do not reach each other's addresses (their
-    // bridge ports are isolated: only through their services); the node
-    // itself does.
+    // Replicas on one node do not reach each other's addresses (the node's
+    // firewall refuses their frames, or their bridge ports are isolated:
+    // only through their services); the node itself does.
     let a_addr = SocketAddr::from((a.address, 7000));
     let listener = run_in(&a.netns, move || {
         TcpListener::bind(a_addr).map_err(|e| e.to_string())
@@ -1039,5 +1039,114 @@ async fn a_replica_cannot_claim_a_neighbours_address_on_the_bridge() {
     assert!(
         !out("nft", &["list", "tables"]).contains(&format!("bridge {table}")),
         "the table is left after uninstall"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kernel_path_serves_admitted_callers_and_cuts_an_endpoint_that_left() {
+    use cloudless_network::fastpath;
+    use cloudless_network::proxy::Caller;
+    use cloudless_network::services::{
+        Endpoint, LoadBalancing, Service, ServicePort, ServiceTable,
+    };
+    let Some(site) = Site::new(8) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    let (server, client, other) = (ID("cldt8-api"), ID("cldt8-web"), ID("cldt8-x"));
+    let s = net.attach(&request(&server)).await.expect("attach");
+    let c = net.attach(&request(&client)).await.expect("attach");
+    let o = net.attach(&request(&other)).await.expect("attach");
+    serve_name(&s.netns, SocketAddr::from((s.address, 8080)), "api");
+    let vip = Ipv4Addr::new(10, 252, 8, 10);
+    let table = |endpoints: Vec<Endpoint>| {
+        ServiceTable::new(
+            "cloudless.local",
+            vec![Service {
+                namespace: "shop".into(),
+                name: "api".into(),
+                vip,
+                ports: vec![ServicePort {
+                    port: 8080,
+                    udp: false,
+                }],
+                policy: LoadBalancing::RoundRobin,
+                allow_from: vec![],
+                weights: Default::default(),
+                endpoints,
+            }],
+        )
+    };
+    let with_api = table(vec![Endpoint {
+        replica_id: server.clone(),
+        node_id: "n1".into(),
+        address: Some(s.address),
+        zone: String::new(),
+        region: String::new(),
+    }]);
+    let callers = [
+        (c.address, "shop"), // the service's own namespace
+        (o.address, "other"),
+    ]
+    .into_iter()
+    .map(|(a, ns)| {
+        (
+            std::net::IpAddr::V4(a),
+            Caller::Workload {
+                namespace: ns.into(),
+                workload: "w".into(),
+            },
+        )
+    })
+    .collect();
+    let routes = fastpath::routes(&with_api, &callers, "n1");
+    net.set_fast_routes(&routes).await.expect("kernel path");
+
+    // No proxy runs here: the kernel alone carries the admitted caller.
+    let to = SocketAddr::from((vip, 8080));
+    assert_eq!(fetch(&c.netns, to).as_deref(), Ok("api"));
+    // Another namespace falls through to the proxy (absent here): refused.
+    assert!(
+        fetch(&o.netns, to).is_err(),
+        "another namespace got through"
+    );
+
+    // A connection open while its endpoint leaves is cut within 2 s.
+    let mut open = run_in(&c.netns, move || {
+        let mut conn =
+            TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        let mut line = [0u8; 4];
+        conn.read_exact(&mut line).map_err(|e| e.to_string())?;
+        Ok(conn)
+    })
+    .expect("an open connection");
+    let empty = table(vec![]);
+    let left = fastpath::routes(&empty, &callers, "n1");
+    net.set_fast_routes(&left).await.expect("kernel path");
+    let cuts = fastpath::to_cut(&routes, &empty, &callers, "n1");
+    assert_eq!(cuts.len(), 1, "{cuts:?}");
+    let started = Instant::now();
+    fastpath::cut(&cuts).await;
+    open.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let _ = open.write_all(b"still there?");
+    let mut buf = [0u8; 16];
+    let read = open.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && started.elapsed() < Duration::from_secs(2),
+        "the connection outlived its endpoint: {read:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "no answer instead of a cut: {read:?}"
+    );
+
+    for id in [&server, &client, &other] {
+        net.detach(id).await.expect("detach");
+    }
+    net.uninstall().await.expect("uninstall");
+    let nat = out("iptables-save", &["-t", "nat"]);
+    assert!(
+        !nat.contains(&format!("{}-", site.prefix())),
+        "kernel path chains left:\n{nat}"
     );
 }
