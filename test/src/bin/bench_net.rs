@@ -7,7 +7,8 @@
 //! bulk throughput of one connection, 64-byte round trips (p50/p99) and new
 //! connections per second (connect, one round trip, close):
 //! - direct: replica to replica over node A's bridge (the baseline);
-//! - service VIP, same node: through A's proxy to the replica on A;
+//! - service VIP, same node: through A's kernel path (DNAT) to the replica
+//!   on A, and through A's proxy (a least-connections service);
 //! - raw overlay stream, A to B (the cross-node baseline);
 //! - a replica's connection through a plain overlay forward from A to B (what
 //!   `upstreams` use: the overlay with the replica's TCP hop, no VIP, no proxy);
@@ -387,7 +388,8 @@ async fn main() -> anyhow::Result<()> {
 
     let vip_a: Ipv4Addr = "10.250.100.10".parse()?;
     let vip_b: Ipv4Addr = "10.250.100.11".parse()?;
-    let service = |name: &str, vip, replica: &str, node: &str, addr| Service {
+    let vip_a_proxied: Ipv4Addr = "10.250.100.12".parse()?;
+    let service = |name: &str, vip, replica: &str, node: &str, addr, policy| Service {
         namespace: "bench".into(),
         name: name.into(),
         vip,
@@ -401,7 +403,7 @@ async fn main() -> anyhow::Result<()> {
                 udp: false,
             },
         ],
-        policy: LoadBalancing::RoundRobin,
+        policy,
         allow_from: vec![],
         weights: BTreeMap::new(),
         endpoints: vec![Endpoint {
@@ -416,14 +418,37 @@ async fn main() -> anyhow::Result<()> {
     services.set(ServiceTable::new(
         "cloudless.local",
         vec![
-            service("on-a", vip_a, "bench-server-a", "A", server_a.address),
-            service("on-b", vip_b, "bench-server-b", "B", server_b.address),
+            service(
+                "on-a",
+                vip_a,
+                "bench-server-a",
+                "A",
+                server_a.address,
+                LoadBalancing::RoundRobin,
+            ),
+            // The same endpoint behind least connections: the proxy's path.
+            service(
+                "on-a-proxied",
+                vip_a_proxied,
+                "bench-server-a",
+                "A",
+                server_a.address,
+                LoadBalancing::LeastConnections,
+            ),
+            service(
+                "on-b",
+                vip_b,
+                "bench-server-b",
+                "B",
+                server_b.address,
+                LoadBalancing::RoundRobin,
+            ),
         ],
     ));
     let client_ip = client.address;
     let who = caller.clone();
     let proxy = ServiceProxy::new(
-        services,
+        services.clone(),
         Here {
             node_id: "A".into(),
             ..Here::default()
@@ -436,6 +461,16 @@ async fn main() -> anyhow::Result<()> {
         }),
         Arc::new(move |ip| (ip == std::net::IpAddr::V4(client_ip)).then(|| who.clone())),
     );
+    // Node A's kernel path, as its agent would set it: "on-a" is served
+    // wholly on A.
+    let callers =
+        std::collections::HashMap::from([(std::net::IpAddr::V4(client_ip), caller.clone())]);
+    a.set_fast_routes(&cloudless_network::fastpath::routes(
+        &services.get(),
+        &callers,
+        "A",
+    ))
+    .await?;
     let l = TcpListener::bind((a.gateway(), 7681)).await?;
     tokio::spawn(proxy.clone().serve_vips(l));
     for port in [SINK, ECHO] {
@@ -464,8 +499,12 @@ async fn main() -> anyhow::Result<()> {
             Path2::Tcp(client.netns.clone(), server_a.address),
         ),
         (
-            "service VIP, same node",
+            "service VIP, same node (the kernel path)",
             Path2::Tcp(client.netns.clone(), vip_a),
+        ),
+        (
+            "service VIP, same node, through the proxy (least connections)",
+            Path2::Tcp(client.netns.clone(), vip_a_proxied),
         ),
         (
             "raw overlay stream A to B (cross-node baseline)",
@@ -526,18 +565,23 @@ async fn main() -> anyhow::Result<()> {
         p50(1) - p50(0)
     );
     println!(
+        "- same-node service path through the proxy: {:.0}% of direct throughput, {:+.0} us p50",
+        100.0 * rows[2].1.gbps / rows[0].1.gbps,
+        p50(2) - p50(0)
+    );
+    println!(
         "- cross-node service path: {:.0}% of the raw overlay stream's throughput (target within 10%), {:+.0} us p50",
-        100.0 * rows[4].1.gbps / rows[2].1.gbps,
-        p50(4) - p50(2)
+        100.0 * rows[5].1.gbps / rows[3].1.gbps,
+        p50(5) - p50(3)
     );
     println!(
         "- cross-node service path: {:.0}% of a replica's connection through a plain overlay forward, {:+.0} us p50",
-        100.0 * rows[4].1.gbps / rows[3].1.gbps,
-        p50(4) - p50(3)
+        100.0 * rows[5].1.gbps / rows[4].1.gbps,
+        p50(5) - p50(4)
     );
     println!(
         "- ingress: {:+.0} us p50 over direct (target at most +200)",
-        p50(5) - p50(0)
+        p50(6) - p50(0)
     );
 
     for id in ["bench-client", "bench-server-a"] {
