@@ -185,6 +185,7 @@ async fn a_node_that_writes_too_fast_is_told_to_slow_down_and_admins_are_not() {
     let (csr, _key) = new_anonymous_csr().expect("csr");
     let mut ok = 0;
     let mut limited = None;
+    let started = std::time::Instant::now();
     for _ in 0..30 {
         match agent
             .renew(pb::RenewRequest {
@@ -200,7 +201,14 @@ async fn a_node_that_writes_too_fast_is_told_to_slow_down_and_admins_are_not() {
         }
     }
     let err = limited.expect("30 renewals in a row were all accepted");
-    assert!((5..=11).contains(&ok), "{ok} renewals passed a burst of 10");
+    // The burst, plus what the rate refilled while the renewals ran (a
+    // loaded machine answers slowly).
+    let took = started.elapsed();
+    let most = 11 + (5.0 * took.as_secs_f64()).ceil() as usize;
+    assert!(
+        (5..=most).contains(&ok),
+        "{ok} renewals passed a burst of 10 at 5/s in {took:?}"
+    );
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(
         err.message()
