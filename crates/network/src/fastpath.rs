@@ -251,30 +251,7 @@ pub(crate) fn restore_script(
 
 /// Runs `iptables-restore --noflush` with `script`.
 pub(crate) async fn restore(script: &str) -> Result<(), NetworkError> {
-    use tokio::io::AsyncWriteExt as _;
-    let fail = |message: String| NetworkError::Firewall {
-        args: "iptables-restore --noflush".into(),
-        message,
-    };
-    let mut child = tokio::process::Command::new("iptables-restore")
-        .args(["-w", "10", "--noflush"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("cannot run iptables-restore: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(script.as_bytes()).await;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
-    }
+    crate::firewall::run_script("iptables-restore", &["-w", "10", "--noflush"], script).await
 }
 
 #[cfg(test)]

@@ -632,6 +632,41 @@ pub(crate) async fn remove_cni_masquerade(network: &str, id: &str) -> Result<(),
     Ok(())
 }
 
+/// Runs `program args` with `script` on its standard input (one
+/// transaction for `nft -f -` and `iptables-restore`); what it said on
+/// failure names the command and the script's first line.
+pub(crate) async fn run_script(
+    program: &str,
+    args: &[&str],
+    script: &str,
+) -> Result<(), NetworkError> {
+    use tokio::io::AsyncWriteExt as _;
+    let command = format!("{program} {}", args.join(" "));
+    let fail = |message: String| NetworkError::Firewall {
+        args: format!("{command} ({})", script.lines().next().unwrap_or_default()),
+        message,
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes()).await;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

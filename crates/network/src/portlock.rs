@@ -185,35 +185,7 @@ async fn nft(args: &[&str]) -> Result<String, NetworkError> {
 
 /// Runs an nft script as one transaction (all of it or nothing).
 async fn nft_script(script: &str) -> Result<(), NetworkError> {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| NetworkError::Firewall {
-            args: "nft -f -".into(),
-            message: format!("cannot run nft: {e}"),
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(script.as_bytes()).await;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| NetworkError::Firewall {
-            args: "nft -f -".into(),
-            message: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetworkError::Firewall {
-            args: format!("nft -f - ({})", script.lines().next().unwrap_or_default()),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+    crate::firewall::run_script("nft", &["-f", "-"], script).await
 }
 
 #[cfg(test)]
