@@ -54,6 +54,22 @@ struct Args {
     /// Rounds over every path (interleaved); each figure is the median.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Run both "nodes" on every core. By default (with at least two
+    /// cores) node A (its runtime, its replicas, the outside client) runs
+    /// on core 0 and node B (its runtime and replica) on core 1, as two
+    /// devices would: otherwise work one node does for a path (the
+    /// replica's TCP hop into the node) takes CPU from the other node.
+    #[arg(long)]
+    shared_cores: bool,
+}
+
+/// Keeps the calling thread, and the threads it starts from now on, on
+/// `core`.
+fn pin(core: usize) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(core)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
 }
 
 const SINK: u16 = 9000;
@@ -102,12 +118,17 @@ fn attach_request(id: &str) -> AttachRequest {
 /// the namespace at `netns`, on `addr`. They run on threads of their own,
 /// not on the runtime the proxies use: in a cluster the replicas are
 /// processes of their own.
-fn serve(netns: &Path, addr: Ipv4Addr) -> anyhow::Result<()> {
+fn serve(netns: &Path, addr: Ipv4Addr, core: Option<usize>) -> anyhow::Result<()> {
     for (port, echo) in [(SINK, false), (ECHO, true)] {
         let l = run_in(netns, move || {
             std::net::TcpListener::bind((addr, port)).map_err(|e| e.to_string())
         })?;
         std::thread::spawn(move || {
+            if let Some(core) = core {
+                if let Err(e) = pin(core) {
+                    eprintln!("pinning a replica to core {core}: {e}");
+                }
+            }
             while let Ok((s, _)) = l.accept() {
                 let _ = s.set_nodelay(true);
                 std::thread::spawn(move || {
@@ -347,9 +368,40 @@ fn median_row(mut rs: Vec<Row>) -> Row {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = !args.shared_cores && cores >= 2;
+    if pinned {
+        // Threads inherit the mask: node A's runtime (one worker, as on a
+        // one-core device), its replicas and the outside client.
+        pin(0)?;
+    }
+    // Node B's runtime: its overlay endpoint and the streams it accepts.
+    let node_b = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(if pinned { 1 } else { cores })
+        .on_thread_start(move || {
+            if pinned {
+                if let Err(e) = pin(1) {
+                    eprintln!("pinning node B to core 1: {e}");
+                }
+            }
+        })
+        .enable_all()
+        .build()?;
+    let node_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(if pinned { 1 } else { cores })
+        .enable_all()
+        .build()?;
+    let result = node_a.block_on(run(args, node_b.handle().clone(), pinned));
+    node_b.shutdown_background();
+    result
+}
+
+async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow::Result<()> {
+    if pinned {
+        eprintln!("node A on core 0, node B on core 1 (--shared-cores to run both on every core)");
+    }
     let dir = tempfile::tempdir()?;
     sh("ip netns del clbn-out 2>/dev/null; ip link del clbn-h 2>/dev/null; ip link del clbn1 2>/dev/null; ip link del clbn2 2>/dev/null");
     let a = NodeNetwork::open(node_config(dir.path(), 1)).await?;
@@ -357,8 +409,8 @@ async fn main() -> anyhow::Result<()> {
     let client = a.attach(&attach_request("bench-client")).await?;
     let server_a = a.attach(&attach_request("bench-server-a")).await?;
     let server_b = b.attach(&attach_request("bench-server-b")).await?;
-    serve(&server_a.netns, server_a.address)?;
-    serve(&server_b.netns, server_b.address)?;
+    serve(&server_a.netns, server_a.address, None)?;
+    serve(&server_b.netns, server_b.address, pinned.then_some(1))?;
     // Outside: a namespace joined to the host by a veth.
     sh(
         "ip netns add clbn-out && ip link add clbn-h type veth peer name clbn-o netns clbn-out \
@@ -368,7 +420,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // The overlay: B connects service streams to its replica.
-    let ca = ClusterCa::generate("bench", now())?;
+    let ca = Arc::new(ClusterCa::generate("bench", now())?);
     let caller = Caller::Workload {
         namespace: "bench".into(),
         workload: "client".into(),
@@ -383,7 +435,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let oa = Arc::new(overlay(&ca, "A", StaticResolver::default())?);
-    let ob = overlay(&ca, "B", resolver)?;
+    let ca_b = ca.clone();
+    let ob = node_b
+        .spawn(async move { overlay(&ca_b, "B", resolver) })
+        .await??;
     oa.set_peer(Identity::Node("B".into()), vec![ob.local_addr()?]);
 
     let vip_a: Ipv4Addr = "10.250.100.10".parse()?;
