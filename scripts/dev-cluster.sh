@@ -182,7 +182,7 @@ for zone in a b; do
   "$BIN/cloudless-agent" --data-dir "$DIR/$agent" --coordinator "$COORDS" --name "$agent" \
     --join-token-file "$DIR/join-token-$zone" --ca-cert "$DIR/c1/admin/ca.crt" \
     --containerd-socket "$DIR/containerd/containerd.sock" --containerd-namespace "cloudless-demo-$zone" \
-    --insecure-registry "$REGISTRY" --overlay-listen "127.0.0.1:0" \
+    --insecure-registry "$REGISTRY" --overlay-listen "127.0.0.1:0" --metrics-addr "127.0.0.1:$([[ $zone == a ]] && echo 9464 || echo 9465)" \
     --bridge "cld-$zone" --firewall-chain-prefix "CLOUDLESS-${zone^^}" --netns-dir "$DIR/$agent/netns" \
     >"$DIR/a-$zone.log" 2>&1 &
   echo $! >"$DIR/a-$zone.pid"

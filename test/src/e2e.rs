@@ -147,6 +147,8 @@ pub struct AgentProc {
     pub data_dir: PathBuf,
     /// The process while running.
     pub child: Option<Child>,
+    /// Where it serves /metrics, /healthz and /readyz (`host:port`).
+    pub metrics_addr: String,
 }
 
 impl AgentProc {
@@ -446,27 +448,38 @@ impl Cluster {
         let name = format!("agent-{zone}");
         let data_dir = self.dir.path().join(&name);
         let namespace = format!("{}-{zone}", self.ns);
-        let child = self.spawn_agent(&name, &data_dir, &namespace, &token_file);
+        // A port of its own (several agents share this host).
+        let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .to_string();
+        let child = self.spawn_agent(&name, &data_dir, &namespace, &token_file, &metrics_addr);
         self.agents.push(AgentProc {
             name,
             zone: zone.to_owned(),
             namespace,
             data_dir,
             child: Some(child),
+            metrics_addr,
         });
     }
 
     /// Restarts agent `i` (killed before) with its stored identity.
     pub fn restart_agent(&mut self, i: usize) {
-        let (name, data_dir, namespace) = {
+        let (name, data_dir, namespace, metrics_addr) = {
             let a = &self.agents[i];
-            (a.name.clone(), a.data_dir.clone(), a.namespace.clone())
+            (
+                a.name.clone(),
+                a.data_dir.clone(),
+                a.namespace.clone(),
+                a.metrics_addr.clone(),
+            )
         };
         let token_file = self
             .dir
             .path()
             .join(format!("token-{}", self.agents[i].zone));
-        let child = self.spawn_agent(&name, &data_dir, &namespace, &token_file);
+        let child = self.spawn_agent(&name, &data_dir, &namespace, &token_file, &metrics_addr);
         self.agents[i].child = Some(child);
     }
 
@@ -476,6 +489,7 @@ impl Cluster {
         data_dir: &Path,
         namespace: &str,
         token_file: &Path,
+        metrics_addr: &str,
     ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -511,6 +525,7 @@ impl Cluster {
             // Several agents share this host: each takes a free overlay port
             // and advertises its address on the route to the coordinators.
             .args(["--overlay-listen", "0.0.0.0:0"])
+            .args(["--metrics-addr", metrics_addr])
             .args(&self.options.agent_args)
             .env(
                 "RUST_LOG",

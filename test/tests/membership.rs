@@ -94,6 +94,7 @@ fn agent_config(
         overlay_advertise: Vec::new(),
         overlay_hole_punching: false,
         bandwidth_bps: None,
+        metrics_listen: None,
     }
 }
 
@@ -391,6 +392,8 @@ fn spawn_agent_process(
             "--log-filter",
             "debug",
             "--no-workloads",
+            "--metrics-addr",
+            "off",
         ])
         .arg("--ca-cert")
         .arg(cluster.configs[0].data_dir.join("admin/ca.crt"))

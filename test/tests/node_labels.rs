@@ -91,6 +91,7 @@ async fn a_reported_label_attracts_nothing_until_an_admin_sets_it_with_cloudless
             overlay_advertise: Vec::new(),
             overlay_hole_punching: false,
             bandwidth_bps: None,
+            metrics_listen: None,
         },
         cancel.clone(),
     ));

@@ -78,6 +78,7 @@ impl Agent {
             overlay_advertise: Vec::new(),
             overlay_hole_punching: false,
             bandwidth_bps: None,
+            metrics_listen: None,
         };
         let cancel = CancellationToken::new();
         Self {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,8 @@ pub struct AgentConfig {
     /// The node's bandwidth in bits per second for placement; `None`: the
     /// default route's link speed, where the kernel knows it.
     pub bandwidth_bps: Option<u64>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub(crate) fn now_s() -> i64 {
@@ -114,6 +117,18 @@ pub async fn load_or_enroll(config: &AgentConfig) -> Result<NodeIdentity, AgentE
 
 /// Runs until `cancel` fires or the node is removed.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AgentError> {
+    // Bound first: a busy port fails start-up before anything runs.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Config(format!("--metrics-addr {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    cloudless_telemetry::register_process_metrics(&mut registry, "agent");
+    let metrics = crate::metrics::AgentMetrics::register(&mut registry);
     let identity = tokio::select! {
         r = load_or_enroll(&config) => r?,
         () = cancel.cancelled() => return Ok(()),
@@ -158,9 +173,18 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             cancel.child_token(),
         ));
     }
+    let mut collector = crate::metrics::NodeCollector {
+        statuses: crate::workloads::SharedStatuses::default(),
+        usage: None,
+        overlay: mesh.as_ref().map(|m| m.overlay().clone()),
+        contact: contact.clone(),
+    };
     let mut workloads = match &config.runtime {
         Some(rc) => {
             let mut runner = crate::workloads::Runner::new(rc).await?;
+            runner.set_metrics(metrics.clone());
+            collector.statuses = runner.statuses();
+            collector.usage = Some(runner.usage_fn());
             runner.set_mesh(mesh.clone());
             runner.set_node_id(&identity.node_id);
             Some(tokio::spawn(crate::workloads::run(
@@ -182,6 +206,27 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         probe = probe.with_storage_dir(&rc.volume_dir);
     }
     let mut interval = Duration::from_secs(1);
+    registry.register_collector(Box::new(collector));
+    if let Some(listener) = metrics_listener {
+        let connected = metrics.clone();
+        // Ready while the last heartbeat reached a coordinator.
+        let ready: cloudless_telemetry::Readiness = Arc::new(move || {
+            if connected.is_connected() {
+                Ok(())
+            } else {
+                Err("no coordinator reached by the last heartbeat".into())
+            }
+        });
+        let (addr, _task) = cloudless_telemetry::serve_http(
+            listener,
+            Arc::new(registry),
+            ready,
+            cancel.child_token(),
+        )
+        .await
+        .map_err(|e| AgentError::Config(format!("--metrics-addr: {e}")))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    }
     let mut last_phase = None;
     loop {
         if now_s() >= coordinators.identity().renew_at() {
@@ -208,7 +253,11 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             }
         }
         let started = tokio::time::Instant::now();
-        match coordinators.heartbeat(probe.heartbeat()).await {
+        let hb = probe.heartbeat();
+        metrics.power(&hb);
+        let beat = coordinators.heartbeat(hb).await;
+        metrics.heartbeat(beat.is_ok().then(|| started.elapsed()));
+        match beat {
             Ok(r) => {
                 contact.touch();
                 if r.heartbeat_interval_ms > 0 {

@@ -9,6 +9,7 @@ mod agent;
 mod client;
 mod identity;
 pub mod mesh;
+mod metrics;
 pub mod secrets;
 mod services;
 mod sysinfo;

@@ -134,8 +134,8 @@ struct Cli {
     /// UDP address of the overlay endpoint that carries service traffic
     /// between workloads on different nodes (QUIC, mutual TLS); `off` runs
     /// none.
-    #[arg(long, default_value = "0.0.0.0:7600", value_parser = parse_overlay_listen)]
-    overlay_listen: OverlayListen,
+    #[arg(long, default_value = "0.0.0.0:7600", value_parser = parse_listen)]
+    overlay_listen: ListenAddr,
     /// Address other nodes reach the overlay at (repeatable); default: the
     /// listen address, or this host's address on the route to the first
     /// coordinator.
@@ -146,17 +146,22 @@ struct Cli {
     /// hole punching): true or false.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     overlay_hole_punching: bool,
+    /// Where to serve /metrics (Prometheus), /healthz and /readyz (HTTP);
+    /// `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_listen)]
+    metrics_addr: ListenAddr,
 }
 
+/// An address to listen on, or `off`.
 #[derive(Debug, Clone, Copy)]
-struct OverlayListen(Option<std::net::SocketAddr>);
+struct ListenAddr(Option<std::net::SocketAddr>);
 
-fn parse_overlay_listen(s: &str) -> Result<OverlayListen, String> {
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     if s == "off" {
-        return Ok(OverlayListen(None));
+        return Ok(ListenAddr(None));
     }
     s.parse()
-        .map(|a| OverlayListen(Some(a)))
+        .map(|a| ListenAddr(Some(a)))
         .map_err(|e| format!("{s:?} is neither ip:port nor off: {e}"))
 }
 
@@ -211,6 +216,7 @@ fn main() -> ExitCode {
         overlay_advertise: cli.overlay_advertise,
         overlay_hole_punching: cli.overlay_hole_punching,
         bandwidth_bps: cli.bandwidth.filter(|b| *b > 0),
+        metrics_listen: cli.metrics_addr.0,
         coordinators: cli.coordinators,
         name: cli.name.unwrap_or_else(host_name),
         join_token,

@@ -169,7 +169,11 @@ impl Coordinator {
             _ => None,
         };
         let mut registry = Registry::default();
+        cloudless_telemetry::register_process_metrics(&mut registry, "coordinator");
+        let grpc_metrics = cloudless_telemetry::GrpcMetrics::register(&mut registry);
         let metrics = RaftMetrics::register(&mut registry);
+        let proposer_metrics = crate::proposer::ProposerMetrics::register(&mut registry);
+        let api_metrics = crate::metrics::ApiMetrics::register(&mut registry);
         let membership_metrics = crate::liveness::MembershipMetrics::register(&mut registry);
         let reconcile_metrics = crate::reconciler::ReconcileMetrics::register(&mut registry);
         let relay_metrics = relay
@@ -177,6 +181,13 @@ impl Coordinator {
             .map(|(o, _)| RelayMetrics::register(&mut registry, o.clone()));
         let (log, sm) =
             cloudless_state::open_stores(&config.data_dir, metrics.apply_latency.clone())?;
+        let sm = sm.with_snapshot_timer(metrics.snapshot_seconds.clone());
+        registry.register_collector(Box::new(crate::state_metrics::StateCollector {
+            reader: sm.reader(),
+            data_dir: config.data_dir.clone(),
+            node_id: id,
+            tls: tls.clone(),
+        }));
         let log = log.with_append_budget(config.raft.max_append_bytes);
         let reader = sm.reader();
         let committed = log.committed_index();
@@ -227,6 +238,7 @@ impl Coordinator {
             crate::proposer::ProposerLimits {
                 max_entry_bytes: config.raft.max_entry_bytes,
             },
+            proposer_metrics,
             bg_cancel.clone(),
         );
         let handle = CoordinatorHandle::new(HandleInner {
@@ -258,6 +270,7 @@ impl Coordinator {
                 per_s: config.limits.enrolls_per_s,
                 burst: config.limits.enroll_burst,
             }),
+            api_metrics,
         });
 
         let server_tls = tls
@@ -269,6 +282,7 @@ impl Coordinator {
             handle.clone(),
             listener,
             server_tls,
+            grpc_metrics,
             api_cancel.clone(),
         ));
 

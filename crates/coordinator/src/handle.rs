@@ -56,6 +56,8 @@ pub(crate) struct HandleInner {
     pub(crate) node_write_bytes: crate::rate_limit::RateLimiter,
     /// Enrollment attempts per source address.
     pub(crate) enrolls: crate::rate_limit::RateLimiter,
+    /// Counters of the secrets and enrollment APIs.
+    pub(crate) api_metrics: crate::metrics::ApiMetrics,
 }
 
 impl std::fmt::Debug for CoordinatorHandle {
@@ -290,6 +292,11 @@ impl CoordinatorHandle {
     /// Fires when this coordinator's API is stopping.
     pub(crate) fn stopping(&self) -> &CancellationToken {
         &self.inner.stopping
+    }
+
+    /// Counters of the secrets and enrollment APIs.
+    pub(crate) fn api_metrics(&self) -> &crate::metrics::ApiMetrics {
+        &self.inner.api_metrics
     }
 
     pub(crate) fn tunnels(&self) -> &Arc<crate::tunnel::Tunnels> {

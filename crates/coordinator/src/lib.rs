@@ -34,6 +34,7 @@ mod secret_service;
 mod serve;
 mod service_vips;
 mod services;
+mod state_metrics;
 mod tls;
 mod tunnel;
 mod workload_service;

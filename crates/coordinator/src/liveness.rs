@@ -61,6 +61,11 @@ pub(crate) struct PhaseLabel {
 impl MembershipMetrics {
     pub(crate) fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        // Every phase is exported from the start, at 0 (on followers too).
+        for (phase, _) in <NodePhase as cloudless_types::ClosedSet>::NAMES {
+            let _ = m.phase_changes.get_or_create(&PhaseLabel { phase });
+            let _ = m.nodes.get_or_create(&PhaseLabel { phase });
+        }
         let r = registry.sub_registry_with_prefix("cloudless_membership");
         r.register(
             "heartbeats",

@@ -27,6 +27,8 @@ pub struct RaftMetrics {
     leader_changes: Counter,
     /// Time to apply one batch of committed entries to the state machine.
     pub apply_latency: Histogram,
+    /// Time to build a snapshot.
+    pub snapshot_seconds: Histogram,
 }
 
 impl RaftMetrics {
@@ -43,6 +45,7 @@ impl RaftMetrics {
             voters: Gauge::default(),
             leader_changes: Counter::default(),
             apply_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            snapshot_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         let r = registry.sub_registry_with_prefix("cloudless_raft");
         r.register("term", "Current Raft term", m.term.clone());
@@ -91,6 +94,12 @@ impl RaftMetrics {
             "Time to apply a batch of committed entries",
             prometheus_client::registry::Unit::Seconds,
             m.apply_latency.clone(),
+        );
+        r.register_with_unit(
+            "snapshot",
+            "Time to build a snapshot of the state",
+            prometheus_client::registry::Unit::Seconds,
+            m.snapshot_seconds.clone(),
         );
         m
     }
@@ -195,5 +204,96 @@ impl RelayMetrics {
                 () = cancel.cancelled() => return,
             }
         }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: &'static str,
+}
+
+const SECRET_REFUSALS: [&str; 7] = [
+    "not_found",
+    "permission_denied",
+    "unauthenticated",
+    "invalid_argument",
+    "failed_precondition",
+    "resource_exhausted",
+    "other",
+];
+
+const JOIN_REFUSALS: [&str; 5] = ["invalid", "unknown", "revoked", "expired", "used_up"];
+
+/// Counters of the secrets and enrollment APIs (docs/metrics.md).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ApiMetrics {
+    pub(crate) secret_reads: Counter,
+    pub(crate) secret_mints: Counter,
+    pub(crate) secret_refusals: prometheus_client::metrics::family::Family<ReasonLabel, Counter>,
+    pub(crate) join_tokens_used: Counter,
+    pub(crate) join_tokens_refused:
+        prometheus_client::metrics::family::Family<ReasonLabel, Counter>,
+}
+
+impl ApiMetrics {
+    pub(crate) fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        // Every reason is exported from the start, at 0.
+        for reason in SECRET_REFUSALS {
+            let _ = m.secret_refusals.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in JOIN_REFUSALS {
+            let _ = m.join_tokens_refused.get_or_create(&ReasonLabel { reason });
+        }
+        let r = registry.sub_registry_with_prefix("cloudless");
+        r.register(
+            "secrets_reads",
+            "Secret values revealed to a caller",
+            m.secret_reads.clone(),
+        );
+        r.register(
+            "secrets_mints",
+            "Secret access tokens issued",
+            m.secret_mints.clone(),
+        );
+        r.register(
+            "secrets_refusals",
+            "Secret calls refused, by the status code the caller got",
+            m.secret_refusals.clone(),
+        );
+        r.register(
+            "join_tokens_used",
+            "Enrollments that used a join token",
+            m.join_tokens_used.clone(),
+        );
+        r.register(
+            "join_tokens_refused",
+            "Enrollments refused for their join token, by reason (invalid, unknown, revoked, expired, used_up)",
+            m.join_tokens_refused.clone(),
+        );
+        m
+    }
+
+    /// Counts a refused secret call by its status code.
+    pub(crate) fn secret_refused(&self, code: tonic::Code) {
+        let reason = match code {
+            tonic::Code::NotFound => "not_found",
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::InvalidArgument => "invalid_argument",
+            tonic::Code::FailedPrecondition => "failed_precondition",
+            tonic::Code::ResourceExhausted => "resource_exhausted",
+            _ => "other",
+        };
+        self.secret_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a join token refused for `reason`.
+    pub(crate) fn join_refused(&self, reason: &'static str) {
+        self.join_tokens_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 }

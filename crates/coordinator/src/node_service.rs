@@ -256,6 +256,16 @@ fn usable_join_token(
     now_ms: i64,
 ) -> Result<(), CoordinatorError> {
     let refuse = |problem: String| {
+        let reason = if problem.starts_with("is unknown") {
+            "unknown"
+        } else if problem.starts_with("was revoked") {
+            "revoked"
+        } else if problem.starts_with("expired") {
+            "expired"
+        } else {
+            "used_up"
+        };
+        h.api_metrics().join_refused(reason);
         Err(CoordinatorError::Rejected(Rejection::JoinToken {
             id: token_id.to_owned(),
             problem,
@@ -289,7 +299,10 @@ async fn enroll_on_leader(
     let keys = h.identity_keys()?;
     let lifetime = h.cluster()?.config.node_cert_lifetime_s;
     let now = now_ms();
-    let claims = keys.tokens.verify(&r.join_token, now / 1000)?;
+    let claims = keys
+        .tokens
+        .verify(&r.join_token, now / 1000)
+        .inspect_err(|_| h.api_metrics().join_refused("invalid"))?;
     // A spent, revoked or unknown token is refused from the local
     // state before any signature or Raft write (the state machine
     // checks again when the enrollment applies).
@@ -319,6 +332,7 @@ async fn enroll_on_leader(
         )
         .await?;
     let node = node_answer(resp)?;
+    h.api_metrics().join_tokens_used.inc();
     tracing::info!(node_id = %node.id, name = %node.name, "node enrolled");
     Ok(EnrollResponse {
         node_id: node.id,

@@ -182,6 +182,7 @@ pub fn spawn(
     raft: Raft,
     node_id: NodeId,
     limits: ProposerLimits,
+    metrics: ProposerMetrics,
     cancel: CancellationToken,
 ) -> (ProposerHandle, tokio::task::JoinHandle<()>) {
     let (cluster_tx, cluster_rx) = mpsc::channel(CLUSTER_QUEUE);
@@ -196,6 +197,7 @@ pub fn spawn(
         node_slots: Arc::new(Semaphore::new(NODE_IN_FLIGHT)),
         carry_cluster: None,
         carry_node: None,
+        metrics,
     };
     let task = tokio::spawn(worker.run(cancel));
     (
@@ -208,7 +210,46 @@ pub fn spawn(
     )
 }
 
+/// The proposer's metrics (docs/metrics.md).
+#[derive(Debug, Clone)]
+pub struct ProposerMetrics {
+    proposals: prometheus_client::metrics::counter::Counter,
+    batch_requests: prometheus_client::metrics::histogram::Histogram,
+    seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl ProposerMetrics {
+    /// Registers every metric in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        let m = Self {
+            proposals: Default::default(),
+            batch_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 17)),
+        };
+        let r = registry.sub_registry_with_prefix("cloudless_raft");
+        r.register(
+            "proposals",
+            "Requests this coordinator proposed to Raft as leader (each batch is one log entry)",
+            m.proposals.clone(),
+        );
+        r.register(
+            "proposal_batch_requests",
+            "Requests per proposed log entry",
+            m.batch_requests.clone(),
+        );
+        r.register_with_unit(
+            "proposal",
+            "Time from proposing a batch to its commit and apply",
+            prometheus_client::registry::Unit::Seconds,
+            m.seconds.clone(),
+        );
+        m
+    }
+}
+
 struct Worker {
+    metrics: ProposerMetrics,
     raft: Raft,
     node_id: NodeId,
     limits: ProposerLimits,
@@ -368,11 +409,17 @@ impl Worker {
     ) {
         let raft = self.raft.clone();
         let node_id = self.node_id;
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _permits = (permit, node_permit);
             let (requests, replies): (Vec<_>, Vec<_>) =
                 batch.items.into_iter().map(|q| (q.req, q.reply)).unzip();
-            match raft.client_write(Proposal { requests }).await {
+            metrics.proposals.inc_by(requests.len() as u64);
+            metrics.batch_requests.observe(requests.len() as f64);
+            let started = std::time::Instant::now();
+            let written = raft.client_write(Proposal { requests }).await;
+            metrics.seconds.observe(started.elapsed().as_secs_f64());
+            match written {
                 Ok(resp) => {
                     let commit = CommitInfo {
                         log_index: resp.log_id.index,

@@ -7,7 +7,12 @@
 //! when the state changes and every [`TICK`] otherwise. Agents learn their
 //! assignments from the committed records (`WatchAssignments`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::time::Duration;
 
 use cloudless_scheduler::{ClusterSnapshot, Decision};
@@ -348,6 +353,17 @@ pub(crate) struct Placements {
     pub preempted: Vec<(String, String)>,
     /// Workloads (index) with replicas no node can take, and why.
     pub unplaced: Vec<(usize, String)>,
+    /// What the scheduler did, for its metrics.
+    pub stats: ScheduleStats,
+}
+
+/// One pass's scheduling, counted: replicas placed, replicas no node could
+/// take by their most common reason, and the time the scheduler took.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct ScheduleStats {
+    pub placed: u64,
+    pub unplaced: BTreeMap<&'static str, u64>,
+    pub seconds: f64,
 }
 
 /// Places the replicas `plan` asks for on `nodes`, which hold `remaining`
@@ -365,6 +381,7 @@ pub(crate) fn schedule(
     if plan.place.is_empty() {
         return Ok(out);
     }
+    let started = std::time::Instant::now();
     // Every replica this snapshot placed, in order: the scheduler names one
     // it evicts again `<workload>#<n>`, n counting its placements from 1.
     let mut placed: Vec<Option<ReplicaRecord>> = Vec::new();
@@ -378,6 +395,7 @@ pub(crate) fn schedule(
         let decisions = match snapshot.place(&req, now_ms, false) {
             Ok(d) => d,
             Err(e) => {
+                *out.stats.unplaced.entry("invalid_request").or_default() += *count as u64;
                 out.unplaced.push((*index, e.to_string()));
                 continue;
             }
@@ -416,11 +434,17 @@ pub(crate) fn schedule(
                         address: String::new(),
                     }));
                 }
-                Decision::Unplaced(u) => out.unplaced.push((*index, u.to_string())),
+                Decision::Unplaced(u) => {
+                    let reason = u.reasons.first().map_or("no_nodes", |r| r.0.label());
+                    *out.stats.unplaced.entry(reason).or_default() += 1;
+                    out.unplaced.push((*index, u.to_string()));
+                }
             }
         }
     }
     out.placed = placed.into_iter().flatten().collect();
+    out.stats.placed = out.placed.len() as u64;
+    out.stats.seconds = started.elapsed().as_secs_f64();
     Ok(out)
 }
 
@@ -432,6 +456,54 @@ pub(crate) struct ReconcileMetrics {
     decisions: prometheus_client::metrics::counter::Counter,
     entries: prometheus_client::metrics::counter::Counter,
     seconds: prometheus_client::metrics::histogram::Histogram,
+    scheduled: Family<ResultLabel, Counter>,
+    schedule_seconds: Histogram,
+    unplaced: Family<ReasonLabel, Gauge>,
+}
+
+/// Why replicas wait besides the scheduler's filters: no node at all, or a
+/// request the scheduler refused.
+const UNPLACED_REASONS: [&str; 2] = ["no_nodes", "invalid_request"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+impl ReconcileMetrics {
+    /// Records one pass's scheduling; `None` when this coordinator does not
+    /// lead (then it has no unplaced replicas to report).
+    fn scheduled(&self, stats: Option<&ScheduleStats>) {
+        // Every reason is exported, at 0 when no replica waits for it.
+        for reason in UNPLACED_REASONS
+            .iter()
+            .copied()
+            .chain(cloudless_scheduler::FilterReason::ALL.map(|r| r.label()))
+        {
+            let n = stats.and_then(|s| s.unplaced.get(reason)).copied();
+            self.unplaced
+                .get_or_create(&ReasonLabel { reason })
+                .set(n.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
+        }
+        let Some(stats) = stats else {
+            return;
+        };
+        if stats.placed > 0 || !stats.unplaced.is_empty() {
+            self.schedule_seconds.observe(stats.seconds);
+        }
+        self.scheduled
+            .get_or_create(&ResultLabel { result: "placed" })
+            .inc_by(stats.placed);
+        let unplaced: u64 = stats.unplaced.values().sum();
+        self.scheduled
+            .get_or_create(&ResultLabel { result: "unplaced" })
+            .inc_by(unplaced);
+    }
 }
 
 impl ReconcileMetrics {
@@ -444,7 +516,31 @@ impl ReconcileMetrics {
             seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.000_1, 2.0, 16),
             ),
+            scheduled: Family::default(),
+            schedule_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            unplaced: Family::default(),
         };
+        m.scheduled(None);
+        for result in ["placed", "unplaced"] {
+            let _ = m.scheduled.get_or_create(&ResultLabel { result });
+        }
+        let s = registry.sub_registry_with_prefix("cloudless_scheduler");
+        s.register(
+            "decisions",
+            "Replicas the scheduler decided on as leader, by result (placed, unplaced)",
+            m.scheduled.clone(),
+        );
+        s.register_with_unit(
+            "decision",
+            "Time the scheduler took for one reconcile pass's new replicas",
+            prometheus_client::registry::Unit::Seconds,
+            m.schedule_seconds.clone(),
+        );
+        s.register(
+            "unplaced_replicas",
+            "Replicas no node could take in the last pass, by the most common reason",
+            m.unplaced.clone(),
+        );
         let r = registry.sub_registry_with_prefix("cloudless_reconcile");
         r.register(
             "passes",
@@ -486,6 +582,7 @@ pub(crate) async fn run(
         }
         let leading = handle.raft().metrics().borrow().state == ServerState::Leader;
         if !leading {
+            metrics.scheduled(None);
             continue;
         }
         // Debounce: let a burst of commits settle into one pass.
@@ -493,7 +590,7 @@ pub(crate) async fn run(
         changes.borrow_and_update();
         let started = std::time::Instant::now();
         metrics.passes.inc();
-        match pass(&handle, &reader, &mut unplaced_logged).await {
+        match pass(&handle, &reader, &mut unplaced_logged, &metrics).await {
             Ok(0) => {}
             Ok(entries) => {
                 metrics.decisions.inc();
@@ -509,6 +606,7 @@ async fn pass(
     handle: &CoordinatorHandle,
     reader: &StateReader,
     unplaced_logged: &mut HashMap<String, u64>,
+    metrics: &ReconcileMetrics,
 ) -> Result<u64, crate::error::CoordinatorError> {
     let cluster = handle.cluster()?;
     let workloads = reader.workloads(None)?;
@@ -535,13 +633,14 @@ async fn pass(
         handle.write(None, assign).await?;
         entries += 1;
     }
-    let (decision, unplaced) = decide(
+    let (decision, unplaced, stats) = decide(
         &workloads,
         &replicas,
         &nodes,
         cluster.config.scheduler_weights,
         now_ms(),
     )?;
+    metrics.scheduled(Some(&stats));
     for (index, reasons) in unplaced {
         let w = &workloads[index];
         let key = format!("{}/{}", w.namespace, w.name);
@@ -568,13 +667,17 @@ async fn pass(
 /// to roll back, mark Unknown, remove, place and clear, with an event for
 /// each, and the workloads (index) with replicas no node can take. Pure but
 /// for the random suffix of new replica ids.
+/// A pass's decision, the workloads (index) with replicas no node can take
+/// and why, and what the scheduler did.
+pub(crate) type Decided = (ReconcileDecision, Vec<(usize, String)>, ScheduleStats);
+
 pub(crate) fn decide(
     workloads: &[Workload],
     replicas: &[ReplicaRecord],
     nodes: &[NodeRecord],
     weights: cloudless_types::SchedulerWeights,
     now_ms: i64,
-) -> Result<(ReconcileDecision, Vec<(usize, String)>), crate::error::CoordinatorError> {
+) -> Result<Decided, crate::error::CoordinatorError> {
     let plan = plan(workloads, replicas, nodes, now_ms);
     let mut d = ReconcileDecision::default();
     let event = |namespace: &str, object: &str, reason: &str, message: String| EventRecord {
@@ -640,6 +743,7 @@ pub(crate) fn decide(
         placed,
         preempted,
         unplaced,
+        stats,
     } = schedule(&plan, workloads, nodes, &remaining, weights, now_ms)?;
     for (id, reason, why) in &plan.remove {
         if let Some(r) = find(id) {
@@ -694,7 +798,7 @@ pub(crate) fn decide(
         }
     }
     d.clear_unknown.clone_from(&plan.reconnected);
-    Ok((d, unplaced))
+    Ok((d, unplaced, stats))
 }
 
 /// `d` as one command when it fits `budget` bytes (the usual case), else as
@@ -1165,6 +1269,12 @@ mod tests {
             "{third:?}"
         );
         assert_eq!(third.unplaced.len(), 1, "{third:?}");
+        // Counted for the metrics by the reason that removed the node.
+        assert_eq!(
+            third.stats.unplaced,
+            BTreeMap::from([("insufficient_cpu", 1)]),
+            "{third:?}"
+        );
     }
 
     #[test]
@@ -1187,7 +1297,7 @@ mod tests {
             replica("kept", "a", 1, ReplicaState::Ready),
             replica("orphan", "gone", 1, ReplicaState::Ready),
         ];
-        let (d, unplaced) = decide(
+        let (d, unplaced, stats) = decide(
             &[workload(2, 1)],
             &replicas,
             &nodes,
@@ -1196,6 +1306,7 @@ mod tests {
         )
         .expect("decide");
         assert!(unplaced.is_empty(), "{unplaced:?}");
+        assert_eq!((stats.placed, stats.unplaced.len()), (1, 0));
         assert_eq!(d.remove, ["orphan"]);
         assert_eq!(d.place.len(), 1);
         assert_eq!(d.place[0].node_id, "a");
@@ -1212,7 +1323,7 @@ mod tests {
             replica("kept", "a", 1, ReplicaState::Ready),
             replica("other", "a", 1, ReplicaState::Ready),
         ];
-        let (d, _) = decide(
+        let (d, _, _) = decide(
             &[workload(2, 1)],
             &settled,
             &nodes,

@@ -162,6 +162,7 @@ pub async fn serve(
     handle: CoordinatorHandle,
     listener: tokio::net::TcpListener,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    metrics: cloudless_telemetry::GrpcMetrics,
     cancel: CancellationToken,
 ) {
     // A span per API call (Raft's own traffic is left out), continuing the
@@ -174,7 +175,7 @@ pub async fn serve(
             cloudless_telemetry::grpc_span(path, req.headers())
         }
     });
-    let mut builder = builder;
+    let mut builder = builder.layer(metrics.layer());
     let router = builder
         .add_service(
             RaftServiceServer::new(RaftGrpc::new(handle.clone()))

@@ -49,7 +49,8 @@ pub enum FilterReason {
 pub(crate) const REASONS: usize = 17;
 
 impl FilterReason {
-    pub(crate) const ALL: [FilterReason; REASONS] = [
+    /// Every reason, in declaration order.
+    pub const ALL: [FilterReason; REASONS] = [
         Self::NotReady,
         Self::Cordoned,
         Self::Draining,
@@ -71,6 +72,29 @@ impl FilterReason {
 
     pub(crate) fn index(self) -> usize {
         self as usize
+    }
+
+    /// A short snake_case name, for metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotReady => "not_ready",
+            Self::Cordoned => "cordoned",
+            Self::Draining => "draining",
+            Self::Architecture => "architecture",
+            Self::RuntimeClass => "runtime_class",
+            Self::Region => "region",
+            Self::Zone => "zone",
+            Self::NodeSelector => "node_selector",
+            Self::RequiredAffinity => "required_affinity",
+            Self::Taint => "taint",
+            Self::AntiAffinityNode => "anti_affinity_node",
+            Self::AntiAffinityZone => "anti_affinity_zone",
+            Self::HostPort => "host_port",
+            Self::InsufficientCpu => "insufficient_cpu",
+            Self::InsufficientMemory => "insufficient_memory",
+            Self::InsufficientStorage => "insufficient_storage",
+            Self::InsufficientBandwidth => "insufficient_bandwidth",
+        }
     }
 }
 

@@ -33,6 +33,8 @@ pub struct StateMachine {
     db: Arc<Database>,
     snapshots: Snapshots,
     apply_latency: Histogram,
+    /// Time to build a snapshot, when someone watches it.
+    snapshot_seconds: Option<Histogram>,
     /// When the last durable apply commit happened, and applies since.
     durable: Arc<std::sync::Mutex<(Instant, u64)>>,
     changes: Changes,
@@ -55,6 +57,12 @@ impl Debug for StateMachine {
 }
 
 impl StateMachine {
+    /// Records the time each snapshot this state machine builds takes.
+    pub fn with_snapshot_timer(mut self, seconds: Histogram) -> Self {
+        self.snapshot_seconds = Some(seconds);
+        self
+    }
+
     /// Opens or creates the state machine at `path`, checking the stored records decode.
     pub fn open(path: &Path, apply_latency: Histogram) -> Result<Self, StateError> {
         let db = Database::create(path).map_err(|source| StateError::Open {
@@ -127,6 +135,7 @@ impl StateMachine {
             db,
             snapshots,
             apply_latency,
+            snapshot_seconds: None,
             durable: Arc::new(std::sync::Mutex::new((Instant::now(), 0))),
             changes: Changes::new(),
         })
@@ -176,9 +185,15 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        self.snapshots
+        let started = Instant::now();
+        let built = self
+            .snapshots
             .build()
-            .map_err(|e| io_err!(write_state_machine, e))
+            .map_err(|e| io_err!(write_state_machine, e));
+        if let Some(h) = &self.snapshot_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        built
     }
 }
 

@@ -32,6 +32,7 @@ use crate::{AgentError, Coordinators, NodeIdentity};
 
 pub use crate::tunnel::tunnel;
 pub use config::{NetworkSettings, RuntimeConfig, SecurityPolicyConfig};
+pub(crate) use replica::Statuses as SharedStatuses;
 pub use runner::Runner;
 pub use runtime::AgentRuntime;
 pub use spec::{container_id, DEFAULT_PIDS_LIMIT};

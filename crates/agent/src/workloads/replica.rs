@@ -55,6 +55,8 @@ pub(crate) struct ReplicaCtx<R> {
     pub(crate) default_egress: Option<Arc<cloudless_types::EgressPolicy>>,
     /// The node's resolver and service proxy (with the network).
     pub(crate) services: Option<Arc<crate::services::ServicePlane>>,
+    /// Counts starts, exits and pulls.
+    pub(crate) metrics: crate::metrics::AgentMetrics,
 }
 
 impl<R: Clone> Clone for ReplicaCtx<R> {
@@ -71,6 +73,7 @@ impl<R: Clone> Clone for ReplicaCtx<R> {
             network: self.network.clone(),
             default_egress: self.default_egress.clone(),
             services: self.services.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -334,10 +337,13 @@ async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
         if let Some(i) = cached {
             return Some(i);
         }
+        let started = std::time::Instant::now();
         let pulled = tokio::select! {
             p = ctx.rt.pull(&ctx.registry, image) => p,
             () = r.cancel.cancelled() => return None,
         };
+        ctx.metrics
+            .pulled(pulled.is_ok(), started.elapsed().as_secs_f64());
         match pulled {
             Ok(i) => {
                 ctx.images.lock().await.insert(image.clone(), i.clone());
@@ -452,8 +458,10 @@ async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
     let id = r.id();
     let mut pid = None;
     let mut listeners: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut counted = Counted::default();
     loop {
         let now = rx.borrow_and_update().clone();
+        counted.count(&now, &r.ctx.metrics);
         r.set(wire_status(id, &now));
         if now.pid != pid {
             pid = now.pid;
@@ -476,6 +484,40 @@ async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
         m.set_pid(id, None);
     }
     let _ = task.await;
+}
+
+/// What a replica's metrics have counted of its supervisor's reports: a
+/// report may stand for several changes (the watch keeps the latest), so
+/// starts are counted by process and exits by the restart count.
+#[derive(Default)]
+struct Counted {
+    pid: Option<u32>,
+    restarts: u32,
+    exited: bool,
+}
+
+impl Counted {
+    fn count(&mut self, now: &cloudless_runtime::ReplicaStatus, m: &crate::metrics::AgentMetrics) {
+        if now.pid.is_some() && now.pid != self.pid {
+            m.started();
+        }
+        self.pid = now.pid;
+        let restarts = now.restarts.saturating_sub(self.restarts);
+        if restarts > 0 {
+            m.restarted(u64::from(restarts));
+        }
+        self.restarts = self.restarts.max(now.restarts);
+        // Every restart followed an exit; a final exit has none after it.
+        let last = matches!(
+            now.phase,
+            cloudless_runtime::ReplicaPhase::Exited | cloudless_runtime::ReplicaPhase::Failed
+        ) && now.last_exit.is_some();
+        let exits = u64::from(restarts) + u64::from(last && !self.exited);
+        self.exited |= last;
+        if let (Some(e), true) = (&now.last_exit, exits > 0) {
+            m.exited(e, exits);
+        }
+    }
 }
 
 /// Keeps a replica's secret volumes current.
@@ -533,6 +575,72 @@ impl SecretRefresh {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod counted_tests {
+    use super::Counted;
+    use cloudless_runtime::{LastExit, ReplicaPhase, ReplicaStatus};
+
+    fn status(
+        phase: ReplicaPhase,
+        pid: Option<u32>,
+        restarts: u32,
+        exit: Option<LastExit>,
+    ) -> ReplicaStatus {
+        ReplicaStatus {
+            phase,
+            ready: false,
+            restarts,
+            pid,
+            last_exit: exit,
+            message: String::new(),
+        }
+    }
+
+    fn scrape(r: &prometheus_client::registry::Registry) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, r).expect("encoded");
+        s
+    }
+
+    #[test]
+    fn starts_restarts_and_exits_are_counted_once_each_even_when_reports_merge() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let m = crate::metrics::AgentMetrics::register(&mut registry);
+        let mut c = Counted::default();
+        let oom = LastExit {
+            code: 137,
+            oom_killed: true,
+            liveness_failed: false,
+        };
+        let done = LastExit {
+            code: 0,
+            oom_killed: false,
+            liveness_failed: false,
+        };
+        c.count(&status(ReplicaPhase::Starting, None, 0, None), &m);
+        c.count(&status(ReplicaPhase::Running, Some(10), 0, None), &m);
+        // The same report again: nothing new.
+        c.count(&status(ReplicaPhase::Running, Some(10), 0, None), &m);
+        // Two OOM kills and restarts seen in one report (the watch keeps
+        // the latest: the process between was never seen running), then
+        // the third run completes for good.
+        c.count(&status(ReplicaPhase::Running, Some(30), 2, Some(oom)), &m);
+        c.count(&status(ReplicaPhase::Exited, None, 2, Some(done)), &m);
+        c.count(&status(ReplicaPhase::Exited, None, 2, Some(done)), &m);
+        let text = scrape(&registry);
+        for line in [
+            "cloudless_agent_container_starts_total 2",
+            "cloudless_agent_container_restarts_total 2",
+            "cloudless_agent_container_exits_total{reason=\"oom_killed\"} 2",
+            "cloudless_agent_container_exits_total{reason=\"completed\"} 1",
+            "cloudless_agent_container_exits_total{reason=\"error\"} 0",
+            "cloudless_agent_oom_kills_total 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }
     }
 }

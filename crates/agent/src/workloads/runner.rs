@@ -178,6 +178,7 @@ impl<R: AgentRuntime> Runner<R> {
                 network: None,
                 default_egress: None,
                 services: None,
+                metrics: crate::metrics::AgentMetrics::default(),
             },
             slots: HashMap::new(),
             reported: HashMap::new(),
@@ -257,6 +258,25 @@ impl<R: AgentRuntime> Runner<R> {
     /// Uses `mesh` for the upstreams of replicas started from now on.
     pub fn set_mesh(&mut self, mesh: Option<Arc<crate::mesh::Mesh>>) {
         self.ctx.mesh = mesh;
+    }
+
+    /// Counts containers started and exited and images pulled in `m`.
+    pub(crate) fn set_metrics(&mut self, m: crate::metrics::AgentMetrics) {
+        self.ctx.metrics = m;
+    }
+
+    /// Each replica's last status, as it changes.
+    pub(crate) fn statuses(&self) -> super::SharedStatuses {
+        self.ctx.statuses.clone()
+    }
+
+    /// A container's CPU seconds and memory bytes, read from its cgroup.
+    pub(crate) fn usage_fn(&self) -> crate::metrics::UsageFn
+    where
+        R: 'static,
+    {
+        let rt = self.ctx.rt.clone();
+        Arc::new(move |id: &str| rt.usage(id))
     }
 
     /// Makes the running replicas match `set`.

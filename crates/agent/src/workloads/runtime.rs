@@ -28,6 +28,13 @@ pub trait AgentRuntime: ContainerRuntime {
         timeout: Duration,
         out: tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> impl Future<Output = Result<u32, RuntimeError>> + Send;
+
+    /// CPU seconds and memory bytes container `id` used, from its cgroup;
+    /// `None` when it has none (not running) or the runtime cannot tell.
+    fn usage(&self, id: &str) -> Option<(f64, u64)> {
+        let _ = id;
+        None
+    }
 }
 
 impl AgentRuntime for Containerd {
@@ -47,5 +54,9 @@ impl AgentRuntime for Containerd {
         out: tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> impl Future<Output = Result<u32, RuntimeError>> + Send {
         Containerd::exec_streaming(self, id, argv, timeout, out)
+    }
+
+    fn usage(&self, id: &str) -> Option<(f64, u64)> {
+        Containerd::usage(self, id).map(|u| (u.cpu_ns as f64 / 1e9, u.memory_bytes))
     }
 }

@@ -52,6 +52,7 @@ impl SecretApi {
     /// caller cannot turn refusals into a Raft write each.
     pub(super) async fn refuse(&self, mut audit: AuditRecord, status: Status) -> Status {
         audit.allowed = false;
+        self.handle.api_metrics().secret_refused(status.code());
         audit.detail = status.message().to_owned();
         audit.at_ms = now_ms();
         let mut ledger = self

@@ -250,7 +250,11 @@ impl SecretService for SecretApi {
             req,
             |r| async move {
                 this.handle.ensure_leader()?;
-                this.issue(&c, r).await.map_err(CoordinatorError::Status)
+                let issued = this.issue(&c, r).await;
+                if issued.is_ok() {
+                    this.handle.api_metrics().secret_mints.inc();
+                }
+                issued.map_err(CoordinatorError::Status)
             },
             |ch, r| async move {
                 SecretServiceClient::new(ch)
@@ -347,7 +351,11 @@ impl SecretService for SecretApi {
             req,
             |r| async move {
                 this.handle.ensure_leader()?;
-                this.reveal(&c, r).await.map_err(CoordinatorError::Status)
+                let revealed = this.reveal(&c, r).await;
+                if revealed.is_ok() {
+                    this.handle.api_metrics().secret_reads.inc();
+                }
+                revealed.map_err(CoordinatorError::Status)
             },
             |ch, r| async move {
                 SecretServiceClient::new(ch)

@@ -1,0 +1,186 @@
+//! Metrics read from the committed state and the data directory at each
+//! scrape (docs/metrics.md): workloads, replicas by state, each workload's
+//! desired and ready replicas, certificate expiry of this coordinator and of
+//! every node, and the Raft files' sizes and the disk they are on. Every
+//! coordinator serves them from its own copy of the state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cloudless_state::StateReader;
+use cloudless_types::{ClosedSet, ReplicaState};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
+
+use crate::tls::TlsMaterial;
+
+/// See the module documentation.
+pub(crate) struct StateCollector {
+    pub reader: StateReader,
+    pub data_dir: PathBuf,
+    pub node_id: u64,
+    pub tls: Option<Arc<TlsMaterial>>,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateCollector")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes of the files directly in `dir` (0 when it cannot be read).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    g.encode(encoder.encode_descriptor(name, help, unit.as_ref(), g.metric_type())?)
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // The state cannot be read (a storage fault): the scrape still
+        // serves everything else, and the log says why.
+        let read = || -> Result<_, cloudless_state::StateError> {
+            Ok((
+                self.reader.workloads(None)?,
+                self.reader.replicas()?,
+                self.reader.nodes()?,
+            ))
+        };
+        match read() {
+            Ok((workloads, replicas, nodes)) => {
+                gauge(
+                    &mut encoder,
+                    "cloudless_workloads",
+                    "Workloads in the cluster",
+                    None,
+                    workloads.len() as f64,
+                )?;
+                let mut by_state = [0u64; ReplicaState::NAMES.len()];
+                let mut ready = std::collections::HashMap::<(&str, &str), u64>::new();
+                for r in &replicas {
+                    if let Some(i) = ReplicaState::NAMES.iter().position(|(_, s)| *s == r.state) {
+                        by_state[i] += 1;
+                    }
+                    if r.state == ReplicaState::Ready {
+                        *ready.entry((&r.namespace, &r.workload)).or_default() += 1;
+                    }
+                }
+                {
+                    let mut m = encoder.encode_descriptor(
+                        "cloudless_replicas",
+                        "Replicas in the cluster by state",
+                        None,
+                        prometheus_client::metrics::MetricType::Gauge,
+                    )?;
+                    for ((state, _), n) in ReplicaState::NAMES.iter().zip(by_state) {
+                        let labels = [("state", *state)];
+                        ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+                for (name, help, value) in [
+                    (
+                        "cloudless_workload_replicas_desired",
+                        "Replicas each workload asks for",
+                        true,
+                    ),
+                    (
+                        "cloudless_workload_replicas_ready",
+                        "Each workload's replicas that are Ready",
+                        false,
+                    ),
+                ] {
+                    let mut m = encoder.encode_descriptor(
+                        name,
+                        help,
+                        None,
+                        prometheus_client::metrics::MetricType::Gauge,
+                    )?;
+                    for w in &workloads {
+                        let n = if value {
+                            u64::from(w.spec.replicas)
+                        } else {
+                            ready
+                                .get(&(w.namespace.as_str(), w.name.as_str()))
+                                .copied()
+                                .unwrap_or(0)
+                        };
+                        let labels = [
+                            ("namespace", w.namespace.as_str()),
+                            ("workload", w.name.as_str()),
+                        ];
+                        ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+                let mut m = encoder.encode_descriptor(
+                    "cloudless_certificate_expiry_timestamp",
+                    "When a certificate expires (kind: coordinator or node; subject: its id or node name)",
+                    Some(&Unit::Seconds),
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?;
+                if let Some(tls) = &self.tls {
+                    let subject = self.node_id.to_string();
+                    let labels = [("kind", "coordinator"), ("subject", subject.as_str())];
+                    ConstGauge::new(tls.not_after() as f64).encode(m.encode_family(&labels)?)?;
+                }
+                for n in &nodes {
+                    let labels = [("kind", "node"), ("subject", n.name.as_str())];
+                    ConstGauge::new(n.cert_not_after_ms as f64 / 1000.0)
+                        .encode(m.encode_family(&labels)?)?;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot read the state"),
+        }
+        gauge(
+            &mut encoder,
+            "cloudless_raft_log",
+            "Size of the Raft log file",
+            Some(Unit::Bytes),
+            std::fs::metadata(self.data_dir.join(cloudless_state::LOG_FILE)).map_or(0, |m| m.len())
+                as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "cloudless_raft_snapshot",
+            "Size of the snapshot files",
+            Some(Unit::Bytes),
+            dir_bytes(&self.data_dir.join(cloudless_state::SNAPSHOT_DIR)) as f64,
+        )?;
+        if let Ok(fs) = nix::sys::statvfs::statvfs(&self.data_dir) {
+            let block = fs.fragment_size() as f64;
+            gauge(
+                &mut encoder,
+                "cloudless_raft_disk_free",
+                "Space left for unprivileged writers on the data directory's file system",
+                Some(Unit::Bytes),
+                fs.blocks_available() as f64 * block,
+            )?;
+            gauge(
+                &mut encoder,
+                "cloudless_raft_disk_total",
+                "Size of the data directory's file system",
+                Some(Unit::Bytes),
+                fs.blocks() as f64 * block,
+            )?;
+        }
+        Ok(())
+    }
+}

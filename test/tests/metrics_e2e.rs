@@ -1,0 +1,244 @@
+//! The metrics an operator relies on, from the real binaries (3 coordinator
+//! processes, 2 agents with their own containerd and registry): every metric
+//! docs/metrics.md lists is exported by a live coordinator or agent and
+//! nothing exported is missing from it, and the figures follow what the
+//! cluster does (enrollments, a workload's replicas, their containers and
+//! cgroups, heartbeats, gRPC calls). Needs root, containerd, runc,
+//! busybox-static and docker-registry (installed by .ci/run); skips loudly
+//! otherwise.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+use cloudless_test::e2e::Cluster;
+
+/// `GET path` over HTTP/1.0: the status code and the body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, body.to_owned())
+}
+
+/// The metric names a scrape declares, as docs/metrics.md lists them
+/// (counters with `_total`).
+fn declared(scrape: &str) -> BTreeSet<String> {
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| {
+            if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            }
+        })
+        .collect()
+}
+
+/// Samples: `name{labels}` → value.
+fn samples(scrape: &str) -> BTreeMap<String, f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+/// The sum of every sample of `name` whose labels contain all of `with`.
+fn sum(s: &BTreeMap<String, f64>, name: &str, with: &[&str]) -> f64 {
+    s.iter()
+        .filter(|(k, _)| {
+            (k.as_str() == name || k.starts_with(&format!("{name}{{")))
+                && with.iter().all(|w| k.contains(w))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// docs/metrics.md's names by section (`Every process`, `Coordinator`,
+/// `Agent`).
+fn documented() -> BTreeMap<String, BTreeSet<String>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+    let text = std::fs::read_to_string(path).expect("docs/metrics.md");
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in text.lines() {
+        if let Some(h) = line.strip_prefix("## ") {
+            section = h.trim().to_owned();
+        } else if let Some(cell) = line.strip_prefix("| `") {
+            let name = cell.split(['`', '{']).next().unwrap_or_default();
+            out.entry(section.clone())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+    out
+}
+
+fn compare(what: &str, exported: &BTreeSet<String>, documented: &BTreeSet<String>) {
+    let undocumented: Vec<_> = exported.difference(documented).collect();
+    let missing: Vec<_> = documented.difference(exported).collect();
+    assert!(
+        undocumented.is_empty() && missing.is_empty(),
+        "{what}: exported but not in docs/metrics.md: {undocumented:?}; in docs/metrics.md but not exported: {missing:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_metric_is_exported_and_follows_the_cluster() {
+    if let Some(why) = cloudless_test::e2e::missing() {
+        cloudless_test::skip_test(format!("metrics end to end: {why}"));
+        return;
+    }
+    let c = Cluster::start().await;
+    let manifest = c.manifest("metered", "1", 2, "hello");
+    c.ctl_ok(&[
+        "apply",
+        "-f",
+        &manifest.display().to_string(),
+        "--wait",
+        "--timeout",
+        "90",
+    ]);
+    c.wait_ready("metered", 2, Duration::from_secs(60), |_| true)
+        .await;
+
+    let docs = documented();
+    let both = docs.get("Every process").cloned().unwrap_or_default();
+    let section = |s: &str| -> BTreeSet<String> {
+        docs.get(s)
+            .cloned()
+            .unwrap_or_default()
+            .union(&both)
+            .cloned()
+            .collect()
+    };
+
+    // Coordinators: every one serves the same set of names.
+    let mut coordinators = BTreeMap::new();
+    for (i, p) in c.coordinators.iter().enumerate() {
+        let (code, body) = get(&p.http, "/metrics");
+        assert_eq!(code, 200, "coordinator {i}: {body}");
+        compare(
+            &format!("coordinator {i}"),
+            &declared(&body),
+            &section("Coordinator"),
+        );
+        for (k, v) in samples(&body) {
+            *coordinators.entry(k).or_insert(0.0) += v;
+        }
+    }
+    let all = |name: &str, with: &[&str]| sum(&coordinators, name, with);
+    // Each agent enrolled once, on whichever coordinator led.
+    assert_eq!(all("cloudless_join_tokens_used_total", &[]), 2.0);
+    assert!(
+        all(
+            "cloudless_scheduler_decisions_total",
+            &["result=\"placed\""]
+        ) >= 2.0,
+        "{coordinators:#?}"
+    );
+    // Each coordinator reads the same state: 3 x 2.
+    assert_eq!(
+        all(
+            "cloudless_workload_replicas_desired",
+            &["workload=\"metered\""]
+        ),
+        6.0
+    );
+    assert_eq!(
+        all(
+            "cloudless_workload_replicas_ready",
+            &["workload=\"metered\""]
+        ),
+        6.0
+    );
+    assert_eq!(all("cloudless_replicas", &["state=\"Ready\""]), 6.0);
+    // The apply went through the API: counted by service, method and code.
+    assert!(
+        all(
+            "cloudless_grpc_requests_total",
+            &[
+                "service=\"WorkloadService\"",
+                "method=\"Apply\"",
+                "code=\"Ok\""
+            ]
+        ) >= 1.0,
+        "{:#?}",
+        coordinators
+            .keys()
+            .filter(|k| k.starts_with("cloudless_grpc_requests_total"))
+            .collect::<Vec<_>>()
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    for agent in ["agent-a", "agent-b"] {
+        let expiry = sum(
+            &coordinators,
+            "cloudless_certificate_expiry_timestamp_seconds",
+            &["kind=\"node\"", &format!("subject=\"{agent}\"")],
+        ) / 3.0;
+        assert!(expiry > now, "{agent}'s certificate expiry {expiry}");
+    }
+    assert!(all("cloudless_raft_disk_total_bytes", &[]) > 0.0);
+    assert!(all("process_resident_memory_bytes", &[]) > 0.0);
+
+    // Agents.
+    let mut ready = 0.0;
+    for a in &c.agents {
+        let (code, body) = get(&a.metrics_addr, "/metrics");
+        assert_eq!(code, 200, "{}: {body}", a.name);
+        compare(&a.name, &declared(&body), &section("Agent"));
+        let s = samples(&body);
+        let here = sum(&s, "cloudless_agent_containers", &["state=\"Ready\""]);
+        ready += here;
+        assert_eq!(sum(&s, "cloudless_agent_connected", &[]), 1.0, "{}", a.name);
+        assert!(
+            sum(&s, "cloudless_agent_heartbeat_rtt_seconds_count", &[]) >= 1.0,
+            "{}",
+            a.name
+        );
+        assert!(
+            sum(&s, "cloudless_agent_container_starts_total", &[]) >= here,
+            "{}",
+            a.name
+        );
+        if here > 0.0 {
+            assert!(
+                sum(
+                    &s,
+                    "cloudless_agent_image_pulls_total",
+                    &["result=\"pulled\""]
+                ) >= 1.0,
+                "{}",
+                a.name
+            );
+            // Each of its replicas uses memory, read from its cgroup.
+            let with_memory = s
+                .iter()
+                .filter(|(k, v)| {
+                    k.starts_with("cloudless_agent_replica_memory_bytes{") && **v > 0.0
+                })
+                .count();
+            assert_eq!(with_memory as f64, here, "{}: {body}", a.name);
+        }
+        assert_eq!(get(&a.metrics_addr, "/healthz").0, 200);
+        assert_eq!(get(&a.metrics_addr, "/readyz").0, 200);
+    }
+    assert_eq!(ready, 2.0, "both replicas Ready on the agents");
+}
