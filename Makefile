@@ -3,7 +3,7 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint verify deny audit fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay bench-net fuzz fuzz-build demo demo-stop clean
+.PHONY: build test lint verify deny audit fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay bench-net fuzz fuzz-build demo demo-stop images compose-up compose-down compose-test clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -105,6 +105,24 @@ demo:
 
 demo-stop:
 	scripts/dev-cluster.sh stop
+
+# The compose dev cluster (deployments/compose/, docs/compose.md): images
+# built offline from the release binaries; 3 coordinators, 3 agents (zones a,
+# b, c), Prometheus, and Grafana where its image can be pulled.
+images:
+	scripts/images.sh
+
+compose-up:
+	scripts/compose-up.sh
+
+compose-down:
+	scripts/compose-down.sh
+
+# Up, 3 agents Ready, a workload Running with logs, dashboards and alert
+# rules against the live Prometheus, an agent stopped and its replicas
+# replaced, down with nothing left.
+compose-test:
+	scripts/compose-test.sh
 
 clean:
 	$(CARGO) clean

@@ -104,7 +104,14 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
         return;
     }
     let c = Cluster::start().await;
-    let manifest = c.manifest("metered", "1", 2, "hello");
+    // Ready through a readiness probe (counted by the agents).
+    let manifest = c.manifest_with(
+        "metered",
+        "1",
+        2,
+        "hello",
+        "  readinessProbe:\n    exec: [\"/bin/true\"]\n    periodSeconds: 1\n",
+    );
     c.ctl_ok(&[
         "apply",
         "-f",
@@ -219,6 +226,16 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
             a.name
         );
         if here > 0.0 {
+            // Its replicas became Ready through their readiness probe.
+            assert!(
+                sum(
+                    &s,
+                    "cloudless_agent_probe_results_total",
+                    &["probe=\"readiness\"", "result=\"success\""]
+                ) >= here,
+                "{}: {body}",
+                a.name
+            );
             assert!(
                 sum(
                     &s,

@@ -178,6 +178,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         usage: None,
         overlay: mesh.as_ref().map(|m| m.overlay().clone()),
         contact: contact.clone(),
+        probes: None,
     };
     let mut workloads = match &config.runtime {
         Some(rc) => {
@@ -185,6 +186,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             runner.set_metrics(metrics.clone());
             collector.statuses = runner.statuses();
             collector.usage = Some(runner.usage_fn());
+            collector.probes = Some(runner.probe_counts());
             runner.set_mesh(mesh.clone());
             runner.set_node_id(&identity.node_id);
             Some(tokio::spawn(crate::workloads::run(

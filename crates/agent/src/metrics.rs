@@ -209,6 +209,8 @@ pub(crate) struct NodeCollector {
     pub(crate) overlay: Option<cloudless_overlay::Overlay>,
     /// When the agent last reached a coordinator.
     pub(crate) contact: crate::workloads::Contact,
+    /// Probe results of every replica, from the supervisor.
+    pub(crate) probes: Option<Arc<cloudless_runtime::ProbeCounts>>,
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -279,6 +281,24 @@ impl Collector for NodeCollector {
             for (id, (_, mem)) in &used {
                 ConstGauge::new(*mem as f64)
                     .encode(m.encode_family(&[("replica", id.as_str())])?)?;
+            }
+        }
+        if let Some(p) = &self.probes {
+            use std::sync::atomic::Ordering::Relaxed;
+            let mut m = encoder.encode_descriptor(
+                "cloudless_agent_probe_results",
+                "Liveness and readiness probes run, by probe and result (success, failure)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (probe, result, n) in [
+                ("liveness", "success", &p.liveness_success),
+                ("liveness", "failure", &p.liveness_failure),
+                ("readiness", "success", &p.readiness_success),
+                ("readiness", "failure", &p.readiness_failure),
+            ] {
+                ConstCounter::new(n.load(Relaxed))
+                    .encode(m.encode_family(&[("probe", probe), ("result", result)])?)?;
             }
         }
         let disconnected = self.contact.elapsed().as_secs_f64();

@@ -32,7 +32,8 @@ pub use model::{
 pub use runtime_trait::ContainerRuntime;
 pub use spec::{build as build_spec, process_ids, BuiltSpec, DEFAULT_APPARMOR_PROFILE};
 pub use supervisor::{
-    Backoff, LastExit, ReplicaPhase, ReplicaSpec, ReplicaStatus, RestartPolicy, Supervisor,
+    Backoff, LastExit, ProbeCounts, ReplicaPhase, ReplicaSpec, ReplicaStatus, RestartPolicy,
+    Supervisor,
 };
 
 /// Why a container cannot be specified.

@@ -3,6 +3,7 @@
 //! probes that restart the container, readiness probes that gate traffic,
 //! and adoption of a container that already runs (after an agent restart).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -99,12 +100,33 @@ pub struct ReplicaStatus {
     pub message: String,
 }
 
+/// Probe results of every replica a supervisor runs, counted as they come.
+#[derive(Debug, Default)]
+pub struct ProbeCounts {
+    /// Liveness probes that passed.
+    pub liveness_success: std::sync::atomic::AtomicU64,
+    /// Liveness probes that failed (the container restarts after its
+    /// probe's failure threshold).
+    pub liveness_failure: std::sync::atomic::AtomicU64,
+    /// Readiness probes that passed.
+    pub readiness_success: std::sync::atomic::AtomicU64,
+    /// Readiness probes that failed.
+    pub readiness_failure: std::sync::atomic::AtomicU64,
+}
+
+impl ProbeCounts {
+    fn count(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runs replicas on one container runtime.
 #[derive(Debug, Clone)]
 pub struct Supervisor<R> {
     rt: R,
     node: NodePolicy,
     rotation: crate::logs::Rotation,
+    probes: Arc<ProbeCounts>,
 }
 
 enum Ended {
@@ -120,7 +142,14 @@ impl<R: ContainerRuntime> Supervisor<R> {
             rt,
             node,
             rotation: crate::logs::Rotation::default(),
+            probes: Arc::default(),
         }
+    }
+
+    /// The probe results of every replica this supervisor (and its clones)
+    /// runs.
+    pub fn probe_counts(&self) -> Arc<ProbeCounts> {
+        self.probes.clone()
     }
 
     /// Rotates container logs with `r` instead of the default (10 MiB, 3 kept).
@@ -237,11 +266,12 @@ impl<R: ContainerRuntime> Supervisor<R> {
             };
             let readiness = spec.readiness.clone().map(|p| {
                 let (rt, id, tx) = (self.rt.clone(), id.clone(), tx.clone());
-                tokio::spawn(async move { readiness_loop(&rt, &id, pid, &p, &tx).await })
+                let counts = self.probes.clone();
+                tokio::spawn(async move { readiness_loop(&rt, &id, pid, &p, &tx, &counts).await })
             });
             let ended = tokio::select! {
                 r = self.rt.wait(&id) => Ended::Exited(r.map_or(255, |e| e.code)),
-                m = liveness_loop(&self.rt, &id, pid, spec.liveness.as_ref()) => Ended::LivenessFailed(m),
+                m = liveness_loop(&self.rt, &id, pid, spec.liveness.as_ref(), &self.probes) => Ended::LivenessFailed(m),
                 () = cancel.cancelled() => Ended::Cancelled,
             };
             if let Some(r) = readiness {
@@ -329,6 +359,7 @@ async fn liveness_loop<R: ContainerRuntime>(
     id: &str,
     pid: u32,
     probe: Option<&Probe>,
+    counts: &ProbeCounts,
 ) -> String {
     let Some(p) = probe else {
         return std::future::pending().await;
@@ -337,8 +368,12 @@ async fn liveness_loop<R: ContainerRuntime>(
     let mut failures = 0;
     loop {
         match check(rt, id, pid, &p.action, p.timeout).await {
-            Ok(()) => failures = 0,
+            Ok(()) => {
+                ProbeCounts::count(&counts.liveness_success);
+                failures = 0;
+            }
             Err(why) => {
+                ProbeCounts::count(&counts.liveness_failure);
                 failures += 1;
                 if failures >= p.failure_threshold.max(1) {
                     return why;
@@ -356,12 +391,14 @@ async fn readiness_loop<R: ContainerRuntime>(
     pid: u32,
     p: &Probe,
     tx: &watch::Sender<ReplicaStatus>,
+    counts: &ProbeCounts,
 ) {
     tokio::time::sleep(p.initial_delay).await;
     let (mut ok, mut bad) = (0u32, 0u32);
     loop {
         match check(rt, id, pid, &p.action, p.timeout).await {
             Ok(()) => {
+                ProbeCounts::count(&counts.readiness_success);
                 ok += 1;
                 bad = 0;
                 if ok >= p.success_threshold.max(1) {
@@ -376,6 +413,7 @@ async fn readiness_loop<R: ContainerRuntime>(
                 }
             }
             Err(e) => {
+                ProbeCounts::count(&counts.readiness_failure);
                 bad += 1;
                 ok = 0;
                 tracing::debug!(container = %id, error = %e, "readiness probe failed");

@@ -270,6 +270,11 @@ impl<R: AgentRuntime> Runner<R> {
         self.ctx.statuses.clone()
     }
 
+    /// Probe results of every replica this runner runs.
+    pub(crate) fn probe_counts(&self) -> Arc<cloudless_runtime::ProbeCounts> {
+        self.ctx.supervisor.probe_counts()
+    }
+
     /// A container's CPU seconds and memory bytes, read from its cgroup.
     pub(crate) fn usage_fn(&self) -> crate::metrics::UsageFn
     where
