@@ -53,6 +53,10 @@ struct Cli {
     /// Log filter in RUST_LOG syntax.
     #[arg(long, default_value = "info")]
     log_filter: String,
+    /// Log lines as `text` or `json` (one object per line, as coordinators
+    /// with `log_format = "json"`).
+    #[arg(long, default_value = "text", value_parser = parse_log_format)]
+    log_format: cloudless_telemetry::LogFormat,
     /// containerd's socket.
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
     containerd_socket: PathBuf,
@@ -165,6 +169,14 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
         .map_err(|e| format!("{s:?} is neither ip:port nor off: {e}"))
 }
 
+fn parse_log_format(s: &str) -> Result<cloudless_telemetry::LogFormat, String> {
+    match s {
+        "text" => Ok(cloudless_telemetry::LogFormat::Text),
+        "json" => Ok(cloudless_telemetry::LogFormat::Json),
+        _ => Err(format!("{s:?}: expected text or json")),
+    }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -179,7 +191,7 @@ fn host_name() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cloudless_telemetry::init_logging(cloudless_telemetry::LogFormat::Text, &cli.log_filter);
+    cloudless_telemetry::init_logging(cli.log_format, &cli.log_filter);
     // Checked before anything starts (the runner checks again).
     for c in &cli.allowed_capabilities {
         if !c.trim().eq_ignore_ascii_case("ALL")
