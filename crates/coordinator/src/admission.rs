@@ -81,7 +81,8 @@ where
             http::Request<B>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
-        > + Clone
+        > + NamedService
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -96,7 +97,15 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().rsplit('/').next().unwrap_or_default();
+        // `/<service>/<method>` exactly: a longer path is no method of
+        // this service (the router answers it Unimplemented).
+        let path = req.uri().path();
+        let method = path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(S::NAME))
+            .and_then(|p| p.strip_prefix('/'))
+            .filter(|m| !m.contains('/'))
+            .unwrap_or_default();
         if let Some(status) = self.refusal(method, req.extensions()) {
             tracing::debug!(method, code = ?status.code(), "refused before reading the request");
             return Box::pin(std::future::ready(Ok(status.into_http())));

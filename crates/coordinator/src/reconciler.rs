@@ -435,7 +435,12 @@ pub(crate) fn schedule(
                     }));
                 }
                 Decision::Unplaced(u) => {
-                    let reason = u.reasons.first().map_or("no_nodes", |r| r.0.label());
+                    // A reason that removed no node: there was none.
+                    let reason = u
+                        .reasons
+                        .first()
+                        .filter(|r| r.1 > 0)
+                        .map_or("no_nodes", |r| r.0.label());
                     *out.stats.unplaced.entry(reason).or_default() += 1;
                     out.unplaced.push((*index, u.to_string()));
                 }
@@ -527,7 +532,7 @@ impl ReconcileMetrics {
         let s = registry.sub_registry_with_prefix("cloudless_scheduler");
         s.register(
             "decisions",
-            "Replicas the scheduler decided on as leader, by result (placed, unplaced)",
+            "Placements the scheduler attempted as leader, by result (placed; unplaced, counted at every pass a replica waits)",
             m.scheduled.clone(),
         );
         s.register_with_unit(

@@ -75,8 +75,15 @@ impl Collector for StateCollector {
                     workloads.len() as f64,
                 )?;
                 let mut by_state = [0u64; ReplicaState::NAMES.len()];
+                let mut unknown = 0u64;
                 let mut ready = std::collections::HashMap::<(&str, &str), u64>::new();
                 for r in &replicas {
+                    // On a Down node and kept for `lostAfterSeconds`: the
+                    // API shows it Unknown, and it serves nobody.
+                    if r.disconnected_at_ms > 0 {
+                        unknown += 1;
+                        continue;
+                    }
                     if let Some(i) = ReplicaState::NAMES.iter().position(|(_, s)| *s == r.state) {
                         by_state[i] += 1;
                     }
@@ -95,6 +102,8 @@ impl Collector for StateCollector {
                         let labels = [("state", *state)];
                         ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
                     }
+                    ConstGauge::new(unknown as f64)
+                        .encode(m.encode_family(&[("state", "Unknown")])?)?;
                 }
                 for (name, help, value) in [
                     (

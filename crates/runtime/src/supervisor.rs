@@ -96,6 +96,9 @@ pub struct ReplicaStatus {
     pub pid: Option<u32>,
     /// The last exit.
     pub last_exit: Option<LastExit>,
+    /// Container processes that ended so far (a stop the supervisor was
+    /// asked for is not counted).
+    pub exits: u32,
     /// Human-readable detail.
     pub message: String,
 }
@@ -194,6 +197,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             restarts: 0,
             pid: None,
             last_exit: None,
+            exits: 0,
             message: String::new(),
         });
         let this = self.clone();
@@ -326,6 +330,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     s.ready = false;
                     s.pid = None;
                     s.last_exit = Some(exit);
+                    s.exits += 1;
                     s.message = message;
                 });
                 return;
@@ -338,6 +343,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 s.ready = false;
                 s.pid = None;
                 s.last_exit = Some(exit);
+                s.exits += 1;
                 s.restarts += 1;
                 s.message = format!("{message}; restarting in {delay:?}");
             });

@@ -31,6 +31,9 @@ pub enum TelemetryError {
 struct AppState {
     registry: Arc<Registry>,
     ready: Readiness,
+    /// One scrape encodes at a time: collectors may read a lot (a
+    /// coordinator's state), and concurrent scrapes would only multiply it.
+    scrape: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves on an already bound `listener` until `cancel` fires. Returns the
@@ -52,7 +55,11 @@ pub async fn serve_http(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AppState { registry, ready });
+        .with_state(AppState {
+            registry,
+            ready,
+            scrape: Arc::new(tokio::sync::Semaphore::new(1)),
+        });
     let task = tokio::spawn(async move {
         let res = axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -75,9 +82,19 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => (
+    let _turn = state.scrape.acquire_owned().await;
+    // Off the async workers: collectors read files and the state.
+    let registry = state.registry.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry)
+            .map(|()| body)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    match encoded {
+        Ok(body) => (
             StatusCode::OK,
             [(
                 header::CONTENT_TYPE,

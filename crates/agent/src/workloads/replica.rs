@@ -488,12 +488,12 @@ async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
 
 /// What a replica's metrics have counted of its supervisor's reports: a
 /// report may stand for several changes (the watch keeps the latest), so
-/// starts are counted by process and exits by the restart count.
+/// starts are counted by process seen, restarts and exits by their counts.
 #[derive(Default)]
 struct Counted {
     pid: Option<u32>,
     restarts: u32,
-    exited: bool,
+    exits: u32,
 }
 
 impl Counted {
@@ -507,15 +507,11 @@ impl Counted {
             m.restarted(u64::from(restarts));
         }
         self.restarts = self.restarts.max(now.restarts);
-        // Every restart followed an exit; a final exit has none after it.
-        let last = matches!(
-            now.phase,
-            cloudless_runtime::ReplicaPhase::Exited | cloudless_runtime::ReplicaPhase::Failed
-        ) && now.last_exit.is_some();
-        let exits = u64::from(restarts) + u64::from(last && !self.exited);
-        self.exited |= last;
+        let exits = now.exits.saturating_sub(self.exits);
+        self.exits = self.exits.max(now.exits);
+        // Merged exits are counted with the reason of the latest.
         if let (Some(e), true) = (&now.last_exit, exits > 0) {
-            m.exited(e, exits);
+            m.exited(e, u64::from(exits));
         }
     }
 }
@@ -588,6 +584,7 @@ mod counted_tests {
         phase: ReplicaPhase,
         pid: Option<u32>,
         restarts: u32,
+        exits: u32,
         exit: Option<LastExit>,
     ) -> ReplicaStatus {
         ReplicaStatus {
@@ -596,6 +593,7 @@ mod counted_tests {
             restarts,
             pid,
             last_exit: exit,
+            exits,
             message: String::new(),
         }
     }
@@ -621,24 +619,33 @@ mod counted_tests {
             oom_killed: false,
             liveness_failed: false,
         };
-        c.count(&status(ReplicaPhase::Starting, None, 0, None), &m);
-        c.count(&status(ReplicaPhase::Running, Some(10), 0, None), &m);
+        c.count(&status(ReplicaPhase::Starting, None, 0, 0, None), &m);
+        c.count(&status(ReplicaPhase::Running, Some(10), 0, 0, None), &m);
         // The same report again: nothing new.
-        c.count(&status(ReplicaPhase::Running, Some(10), 0, None), &m);
+        c.count(&status(ReplicaPhase::Running, Some(10), 0, 0, None), &m);
         // Two OOM kills and restarts seen in one report (the watch keeps
         // the latest: the process between was never seen running), then
         // the third run completes for good.
-        c.count(&status(ReplicaPhase::Running, Some(30), 2, Some(oom)), &m);
-        c.count(&status(ReplicaPhase::Exited, None, 2, Some(done)), &m);
-        c.count(&status(ReplicaPhase::Exited, None, 2, Some(done)), &m);
+        c.count(
+            &status(ReplicaPhase::Running, Some(30), 2, 2, Some(oom)),
+            &m,
+        );
+        c.count(&status(ReplicaPhase::Exited, None, 2, 3, Some(done)), &m);
+        c.count(&status(ReplicaPhase::Exited, None, 2, 3, Some(done)), &m);
+        // Another replica is OOM-killed once, then stopped during its
+        // back-off: the stop keeps the last exit but is no exit of its own.
+        let mut other = Counted::default();
+        other.count(&status(ReplicaPhase::Running, Some(40), 0, 0, None), &m);
+        other.count(&status(ReplicaPhase::BackOff, None, 1, 1, Some(oom)), &m);
+        other.count(&status(ReplicaPhase::Exited, None, 1, 1, Some(oom)), &m);
         let text = scrape(&registry);
         for line in [
-            "cloudless_agent_container_starts_total 2",
-            "cloudless_agent_container_restarts_total 2",
-            "cloudless_agent_container_exits_total{reason=\"oom_killed\"} 2",
+            "cloudless_agent_container_starts_total 3",
+            "cloudless_agent_container_restarts_total 3",
+            "cloudless_agent_container_exits_total{reason=\"oom_killed\"} 3",
             "cloudless_agent_container_exits_total{reason=\"completed\"} 1",
             "cloudless_agent_container_exits_total{reason=\"error\"} 0",
-            "cloudless_agent_oom_kills_total 2",
+            "cloudless_agent_oom_kills_total 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }

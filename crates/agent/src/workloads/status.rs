@@ -62,6 +62,7 @@ mod tests {
             restarts: 2,
             pid: Some(1),
             last_exit: None,
+            exits: 0,
             message: String::new(),
         };
         assert_eq!(wire_status("r", &s).state(), pb::ReplicaState::Ready);
