@@ -228,6 +228,14 @@ def raft():
         (f'histogram_quantile(0.5, sum by (node, le) (rate(cloudless_raft_apply_latency_seconds_bucket{{job="coordinator"}}[{RATE}])))', "{{node}} p50"),
         (f'histogram_quantile(0.99, sum by (node, le) (rate(cloudless_raft_apply_latency_seconds_bucket{{job="coordinator"}}[{RATE}])))', "{{node}} p99"),
     ], unit="s", description="Time to apply one batch of committed entries.")
+    d.ts("Requests per log entry", [
+        (f'histogram_quantile(0.5, sum by (node, le) (rate(cloudless_raft_proposal_batch_requests_bucket{{job="coordinator"}}[{RATE}])))', "{{node}} p50"),
+        (f'histogram_quantile(0.99, sum by (node, le) (rate(cloudless_raft_proposal_batch_requests_bucket{{job="coordinator"}}[{RATE}])))', "{{node}} p99"),
+    ], w=8, description="How many requests the proposer batched into one Raft entry.")
+    d.ts("Snapshot build time", [
+        (f'histogram_quantile(0.99, sum by (node, le) (rate(cloudless_raft_snapshot_seconds_bucket{{job="coordinator"}}[{RATE}])))', "{{node}} p99"),
+    ], w=8, unit="s")
+    d.ts("Raft log size", [('cloudless_raft_log_bytes{job="coordinator"}', "{{node}}")], w=8, unit="bytes")
     d.ts("Snapshot size", [('cloudless_raft_snapshot_bytes{job="coordinator"}', "{{node}}")], w=8, unit="bytes")
     d.ts("Raft disk free", [('cloudless_raft_disk_free_bytes{job="coordinator"} / cloudless_raft_disk_total_bytes{job="coordinator"}', "{{node}}")],
          w=8, unit="percentunit", description="Free part of the file system holding each data dir (alert below 10 %).")
@@ -269,6 +277,12 @@ def scheduler():
     ], description="Above 1 when decisions are split to stay under raft.max_entry_bytes.")
     d.ts("Unplaced replicas by reason", [('max by (reason) (cloudless_scheduler_unplaced_replicas{job="coordinator"})', "{{reason}}")],
          stack=True, description="Replicas no node can take, by the reason the scheduler gives.")
+    d.ts("Scheduler decisions by result", [(f'sum by (result) (rate(cloudless_scheduler_decisions_total{{job="coordinator"}}[{RATE}]))', "{{result}}")],
+         unit="ops", description="placed: replicas given a node; unplaced: counted at every pass a replica waits.")
+    d.ts("Scheduler time per pass", [
+        (f'histogram_quantile(0.5, sum by (le) (rate(cloudless_scheduler_decision_seconds_bucket{{job="coordinator"}}[{RATE}])))', "p50"),
+        (f'histogram_quantile(0.99, sum by (le) (rate(cloudless_scheduler_decision_seconds_bucket{{job="coordinator"}}[{RATE}])))', "p99"),
+    ], unit="s")
     d.ts("Workloads and replicas", [
         ('max(cloudless_workloads{job="coordinator"})', "workloads"),
         ('sum(max by (state) (cloudless_replicas{job="coordinator"}))', "replicas"),
@@ -331,6 +345,10 @@ def workloads():
     d.ts("Containers per agent", [('sum by (node) (cloudless_agent_containers{job="agent"})', "{{node}}")], w=8, decimals=0)
     d.ts("Container starts", [(f'sum by (node) (increase(cloudless_agent_container_starts_total{{job="agent"}}[{RATE}]))', "{{node}}")],
          w=8, description="Starts and restarts.")
+    d.ts("Container restarts and OOM kills", [
+        (f'sum by (node) (increase(cloudless_agent_container_restarts_total{{job="agent"}}[{RATE}]))', "{{node}} restarts"),
+        (f'sum by (node) (increase(cloudless_agent_oom_kills_total{{job="agent"}}[{RATE}]))', "{{node}} OOM kills"),
+    ], w=8, decimals=0)
     d.ts("Container exits by reason", [(f'sum by (reason) (increase(cloudless_agent_container_exits_total{{job="agent"}}[{RATE}]))', "{{reason}}")],
          w=8)
     d.ts("Image pulls by result", [(f'sum by (result) (increase(cloudless_agent_image_pulls_total{{job="agent"}}[{RATE}]))', "{{result}}")],
@@ -365,6 +383,8 @@ def secrets():
     d = Dash("cloudless-secrets", "Cloudless / Secrets",
              "Secret reads and refusals, join tokens, certificate expiry.")
     d.ts("Secret reads", [(f'sum by (node) (rate(cloudless_secrets_reads_total{{job="coordinator"}}[{RATE}]))', "{{node}}")],
+         unit="ops")
+    d.ts("Secret access tokens issued", [(f'sum by (node) (rate(cloudless_secrets_mints_total{{job="coordinator"}}[{RATE}]))', "{{node}}")],
          unit="ops")
     d.ts("Secret refusals by reason", [(f'sum by (reason) (rate(cloudless_secrets_refusals_total{{job="coordinator"}}[{RATE}]))', "{{reason}}")],
          unit="ops")
