@@ -150,6 +150,33 @@ async fn new_token(addr: &str, uses: u32) -> anyhow::Result<String> {
         .token)
 }
 
+/// Room for every simulated node's replica subnet: a /28 each from
+/// 10.0.0.0/12 (65,536 nodes; the default /24s of 10.244.0.0/16 hold 256).
+async fn widen_node_subnets(addr: &str) -> anyhow::Result<()> {
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(channel(addr));
+    let cfg = c
+        .get_config(pb::GetConfigRequest { read: None })
+        .await?
+        .into_inner()
+        .config
+        .ok_or_else(|| anyhow::anyhow!("no cluster configuration"))?;
+    let network = pb::NetworkConfig {
+        cluster_cidr: "10.0.0.0/12".into(),
+        node_prefix_len: 28,
+        ..cfg.network.clone().unwrap_or_default()
+    };
+    c.set_config(pb::SetConfigRequest {
+        write: None,
+        config: Some(pb::ClusterConfig {
+            network: Some(network),
+            ..cfg
+        }),
+        expected_revision: 0,
+    })
+    .await?;
+    Ok(())
+}
+
 /// The committed phase of `id` on coordinator `addr` (local, stale read).
 async fn phase_on(addr: &str, id: &str) -> Option<i32> {
     NodeServiceClient::new(channel(addr))
@@ -447,6 +474,7 @@ async fn main() -> anyhow::Result<()> {
     let l = wait_all_healthy(&nodes).await?;
     let leader_pid = nodes[l].child.as_ref().map_or(0, std::process::Child::id);
     let leader_addr = nodes[l].grpc.clone();
+    widen_node_subnets(&leader_addr).await?;
     // The leader first, so enrollments need no forwarding hop.
     let mut addresses = vec![leader_addr.clone()];
     addresses.extend(
