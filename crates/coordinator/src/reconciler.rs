@@ -13,6 +13,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use crate::metrics::ReasonLabel;
 use std::time::Duration;
 
 use cloudless_scheduler::{ClusterSnapshot, Decision};
@@ -473,11 +475,6 @@ const UNPLACED_REASONS: [&str; 2] = ["no_nodes", "invalid_request"];
 #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct ReasonLabel {
-    reason: &'static str,
 }
 
 impl ReconcileMetrics {
