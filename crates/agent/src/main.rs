@@ -191,7 +191,6 @@ fn host_name() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cloudless_telemetry::init_logging(cli.log_format, &cli.log_filter);
     // Checked before anything starts (the runner checks again).
     for c in &cli.allowed_capabilities {
         if !c.trim().eq_ignore_ascii_case("ALL")
@@ -277,7 +276,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    // Logs, and traces over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    // (the exporter's connection runs on this runtime).
+    let telemetry = {
+        let _runtime = rt.enter();
+        cloudless_telemetry::init(Some("cloudless-agent"), cli.log_format, &cli.log_filter)
+    };
+    let code = rt.block_on(async move {
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
         tokio::spawn(async move {
@@ -304,7 +309,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    {
+        let _runtime = rt.enter();
+        telemetry.shutdown();
+    }
+    code
 }
 
 async fn wait_for_signal() {

@@ -151,6 +151,7 @@ pub(crate) fn assignments(
             namespace: r.namespace,
             generation: r.template,
             spec: Some(r.spec.into()),
+            trace_parent: r.trace,
         })
         .collect();
     let services = caches
@@ -282,6 +283,7 @@ mod tests {
             disconnected_at_ms: 0,
             score: 0.0,
             address: String::new(),
+            trace: String::new(),
         }
     }
 

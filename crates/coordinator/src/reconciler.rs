@@ -434,6 +434,7 @@ pub(crate) fn schedule(
                         disconnected_at_ms: 0,
                         score: p.score,
                         address: String::new(),
+                        trace: String::new(),
                     }));
                 }
                 Decision::Unplaced(u) => {
@@ -635,7 +636,7 @@ async fn pass(
         handle.write(None, assign).await?;
         entries += 1;
     }
-    let (decision, unplaced, stats) = decide(
+    let (mut decision, unplaced, stats) = decide(
         &workloads,
         &replicas,
         &nodes,
@@ -657,12 +658,47 @@ async fn pass(
     for e in &decision.events {
         tracing::info!(workload = %format!("{}/{}", e.namespace, e.object), reason = %e.reason, "{}", e.message);
     }
+    // Open until the decision is committed: the agents' spans of starting
+    // each new replica join its trace.
+    let _placing = placement_spans(&mut decision.place);
     let budget = handle.part_bytes();
     for part in split_decision(decision, budget) {
         handle.write(None, Command::Reconcile(part)).await?;
         entries += 1;
     }
     Ok(entries)
+}
+
+/// One span per workload given replicas in a pass (a trace of its own,
+/// `cloudless.reconciler/Place`), its context stored in each new replica's
+/// `trace` so the agent that runs it continues that trace. The spans end
+/// when dropped. Nothing is stored while traces are not exported.
+fn placement_spans(placed: &mut [ReplicaRecord]) -> Vec<tracing::Span> {
+    let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for r in placed.iter() {
+        *counts
+            .entry((r.namespace.clone(), r.workload.clone()))
+            .or_default() += 1;
+    }
+    let spans: BTreeMap<(String, String), tracing::Span> = counts
+        .into_iter()
+        .map(|((namespace, workload), n)| {
+            let span = tracing::info_span!(
+                parent: None,
+                "place",
+                otel.name = "cloudless.reconciler/Place",
+                workload = %format!("{namespace}/{workload}"),
+                replicas = n,
+            );
+            ((namespace, workload), span)
+        })
+        .collect();
+    for r in placed.iter_mut() {
+        if let Some(span) = spans.get(&(r.namespace.clone(), r.workload.clone())) {
+            r.trace = cloudless_telemetry::traceparent(span);
+        }
+    }
+    spans.into_values().collect()
 }
 
 /// The whole decision of one pass over the applied state at `now_ms`: what
@@ -898,6 +934,7 @@ mod tests {
             disconnected_at_ms: 0,
             score: 0.0,
             address: String::new(),
+            trace: String::new(),
         }
     }
 

@@ -257,6 +257,7 @@ mod tests {
             disconnected_at_ms: 0,
             score: 0.0,
             address: String::new(),
+            trace: String::new(),
         };
         let infos = node_infos(&[a, b], &[running]);
         let mut snapshot =

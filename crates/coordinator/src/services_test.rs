@@ -57,6 +57,7 @@ fn replica(
         disconnected_at_ms: 0,
         score: 0.0,
         address: address.into(),
+        trace: String::new(),
     }
 }
 

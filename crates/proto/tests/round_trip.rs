@@ -403,6 +403,7 @@ proptest! {
             disconnected_at_ms: if disconnected { 5 } else { 0 },
             score: 0.0,
             address: address.clone(),
+            trace: String::new(),
         };
         let wire = through_the_wire(&v1::Replica::from(r));
         prop_assert_eq!(&wire.address, &address);

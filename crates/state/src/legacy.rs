@@ -10,7 +10,8 @@
 //! deserializer and does exactly that for the structs in a [`Grown`]
 //! table, everywhere in the value (in vectors, options, maps and enum
 //! variants too). There is one table per earlier format ([`SINCE_FORMAT_4`],
-//! [`SINCE_FORMAT_5`]); each names the fields the types have now.
+//! [`SINCE_FORMAT_5`], [`SINCE_FORMAT_6`]); each names the fields the types
+//! have now.
 //!
 //! The log store uses them once, at open, to rewrite a log of an earlier
 //! format in the current one (`log_store.rs`).
@@ -81,13 +82,35 @@ const WORKLOAD: &[&str] = &[
     "vip",
 ];
 
+/// `ReplicaRecord`'s fields now.
+const REPLICA_RECORD: &[&str] = &[
+    "id",
+    "namespace",
+    "workload",
+    "template",
+    "spec",
+    "node_id",
+    "state",
+    "exit_code",
+    "restarts",
+    "message",
+    "created_at_ms",
+    "updated_at_ms",
+    "ready_at_ms",
+    "disconnected_at_ms",
+    "score",
+    "address",
+    "trace",
+];
+
 /// `Command::PutWorkload`'s fields now: entries of formats 4 and 5 gave no
 /// VIP, and replaying them must not either.
 const PUT_WORKLOAD: &[&str] = &["workload", "cause", "assign_vip"];
 
 /// What grew between log format 4 and now: replica networking in format 5
 /// (hostPort, egress, the cluster network section, node subnets, replica
-/// addresses) and services in format 6 (see [`SINCE_FORMAT_5`]).
+/// addresses), services in format 6 (see [`SINCE_FORMAT_5`]) and replicas'
+/// trace context in format 7 (see [`SINCE_FORMAT_6`]).
 pub(crate) const SINCE_FORMAT_4: &[Grown] = &[
     Grown {
         owner: "ContainerPort",
@@ -156,24 +179,7 @@ pub(crate) const SINCE_FORMAT_4: &[Grown] = &[
     },
     Grown {
         owner: "ReplicaRecord",
-        now: &[
-            "id",
-            "namespace",
-            "workload",
-            "template",
-            "spec",
-            "node_id",
-            "state",
-            "exit_code",
-            "restarts",
-            "message",
-            "created_at_ms",
-            "updated_at_ms",
-            "ready_at_ms",
-            "disconnected_at_ms",
-            "score",
-            "address",
-        ],
+        now: REPLICA_RECORD,
         then: 15,
     },
     Grown {
@@ -198,8 +204,9 @@ pub(crate) const SINCE_FORMAT_4: &[Grown] = &[
     },
 ];
 
-/// What grew between log format 5 and 6: services (`spec.service`,
-/// `ports[].ingressPort`, workload VIPs, `PutWorkload.assign_vip`).
+/// What grew between log format 5 and now: services in format 6
+/// (`spec.service`, `ports[].ingressPort`, workload VIPs,
+/// `PutWorkload.assign_vip`) and replicas' trace context in format 7.
 pub(crate) const SINCE_FORMAT_5: &[Grown] = &[
     Grown {
         owner: "ContainerPort",
@@ -221,7 +228,20 @@ pub(crate) const SINCE_FORMAT_5: &[Grown] = &[
         now: PUT_WORKLOAD,
         then: 2,
     },
+    Grown {
+        owner: "ReplicaRecord",
+        now: REPLICA_RECORD,
+        then: 16,
+    },
 ];
+
+/// What grew between log format 6 and 7: the trace context of the span
+/// that placed a replica (`ReplicaRecord.trace`).
+pub(crate) const SINCE_FORMAT_6: &[Grown] = &[Grown {
+    owner: "ReplicaRecord",
+    now: REPLICA_RECORD,
+    then: 16,
+}];
 
 /// The fields `owner` had in the old format, when it is in `table` with
 /// exactly `fields` now; else `fields`.
@@ -733,12 +753,21 @@ mod tests {
             fields_of::<t::ReplicaRecord>(),
             fields_of::<crate::ReplicaUpdate>(),
         ];
-        for (table, grown_since_5) in [(SINCE_FORMAT_4, false), (SINCE_FORMAT_5, true)] {
+        // Each table, with the types that grew since its format (`None`:
+        // all of them).
+        let tables: [(&[Grown], Option<&[&str]>); 3] = [
+            (SINCE_FORMAT_4, None),
+            (
+                SINCE_FORMAT_5,
+                Some(&["ContainerPort", "WorkloadSpec", "Workload", "ReplicaRecord"]),
+            ),
+            (SINCE_FORMAT_6, Some(&["ReplicaRecord"])),
+        ];
+        for (table, grew) in tables {
             for c in &types {
                 let grown = table.iter().find(|g| g.owner == c.0);
-                let since_5 = ["ContainerPort", "WorkloadSpec", "Workload"].contains(&c.0);
-                if grown_since_5 && !since_5 {
-                    assert!(grown.is_none(), "{} did not grow in format 6", c.0);
+                if grew.is_some_and(|grew| !grew.contains(&c.0)) {
+                    assert!(grown.is_none(), "{} did not grow since", c.0);
                     continue;
                 }
                 let grown = grown.unwrap_or_else(|| panic!("{} is not in the table", c.0));

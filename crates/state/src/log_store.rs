@@ -29,13 +29,16 @@ const KEY_PURGED: &str = "last_purged";
 /// replica networking (`hostPort`, `egress`, the cluster's `network`, node
 /// subnets, replica addresses, `EnrollNode.assign_subnet`). Format 6:
 /// services (`spec.service`, `ports[].ingressPort`, workload VIPs,
-/// `PutWorkload.assign_vip`, `Command::AssignServiceVips`). A log of format
-/// 4 or 5 is rewritten in format 6 when it is opened (see `crate::legacy`).
-pub(crate) const FORMAT: u32 = 6;
+/// `PutWorkload.assign_vip`, `Command::AssignServiceVips`). Format 7: the
+/// trace context of the span that placed a replica (`ReplicaRecord.trace`).
+/// A log of format 4, 5 or 6 is rewritten in format 7 when it is opened
+/// (see `crate::legacy`).
+pub(crate) const FORMAT: u32 = 7;
 /// The earlier formats [`LogStore::open`] rewrites, with what grew since each.
-const PREVIOUS_FORMATS: [(u32, &[crate::legacy::Grown]); 2] = [
+const PREVIOUS_FORMATS: [(u32, &[crate::legacy::Grown]); 3] = [
     (4, crate::legacy::SINCE_FORMAT_4),
     (5, crate::legacy::SINCE_FORMAT_5),
+    (6, crate::legacy::SINCE_FORMAT_6),
 ];
 
 type SErr = StorageError<NodeId>;
@@ -623,14 +626,14 @@ mod tests {
         }
         set_format(&path, b"4");
         let mut log = LogStore::open(&path).expect("a format-4 log opens");
-        assert_eq!(format_in(&log.inner.db), b"6");
+        assert_eq!(format_in(&log.inner.db), FORMAT.to_string().as_bytes());
         let entries = log.try_get_log_entries(1..5).await.expect("read");
         assert_eq!(entries.len(), 4);
         assert_eq!(entries[3], enroll, "the enrollment reads with the defaults");
         drop(log);
         // Opening again changes nothing.
         let mut log = LogStore::open(&path).expect("reopen");
-        assert_eq!(format_in(&log.inner.db), b"6");
+        assert_eq!(format_in(&log.inner.db), FORMAT.to_string().as_bytes());
         assert_eq!(log.try_get_log_entries(1..5).await.expect("read"), entries);
     }
 
@@ -688,9 +691,70 @@ mod tests {
         }
         set_format(&path, b"5");
         let mut log = LogStore::open(&path).expect("a format-5 log opens");
-        assert_eq!(format_in(&log.inner.db), b"6");
+        assert_eq!(format_in(&log.inner.db), FORMAT.to_string().as_bytes());
         let entries = log.try_get_log_entries(1..5).await.expect("read");
         assert_eq!(entries[3], put, "the workload reads with the defaults");
+    }
+
+    #[tokio::test]
+    async fn a_format_6_log_is_rewritten_with_replicas_placed_without_a_trace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        drop(LogStore::open(&path).expect("create"));
+        write_entries(&path, 3, 10);
+        // A placement as format 6 wrote it: the record without `trace` (an
+        // empty string, one zero byte, last in the entry).
+        let replica = cloudless_types::ReplicaRecord {
+            id: "default.web-1-abcdef12".into(),
+            namespace: "default".into(),
+            workload: "web".into(),
+            template: 1,
+            spec: cloudless_types::WorkloadSpec {
+                image: "busybox".into(),
+                ..Default::default()
+            },
+            node_id: "n1".into(),
+            state: cloudless_types::ReplicaState::Pending,
+            exit_code: None,
+            restarts: 0,
+            message: String::new(),
+            created_at_ms: 5,
+            updated_at_ms: 5,
+            ready_at_ms: 0,
+            disconnected_at_ms: 0,
+            score: 50.0,
+            address: "10.0.0.2".into(),
+            trace: String::new(),
+        };
+        let place: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 4),
+            payload: openraft::EntryPayload::Normal(crate::Proposal {
+                requests: vec![crate::Request {
+                    idempotency_key: None,
+                    proposed_at_ms: 7,
+                    command: crate::Command::PlaceReplicas {
+                        replicas: vec![replica],
+                    },
+                }],
+            }),
+        };
+        let now = postcard::to_allocvec(&place).expect("encode");
+        let n = now.len();
+        assert_eq!(now[n - 10..], *b"\x0810.0.0.2\x00");
+        {
+            let db = Database::create(&path).expect("reopen raw");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(LOGS)
+                .expect("table")
+                .insert(4, &now[..n - 1])
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        set_format(&path, b"6");
+        let mut log = LogStore::open(&path).expect("a format-6 log opens");
+        assert_eq!(format_in(&log.inner.db), b"7");
+        let entries = log.try_get_log_entries(1..5).await.expect("read");
+        assert_eq!(entries[3], place, "the replica reads without a trace");
     }
 
     #[test]

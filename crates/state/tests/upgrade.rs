@@ -174,7 +174,8 @@ fn dump(r: &StateReader) -> Value {
 /// since the fixture's release, after checking each holds its default
 /// there (nothing an old release wrote can set them): replica networking
 /// (`hostPort`, `egress`, the cluster's `network`, node subnets, replica
-/// addresses) and services (`ingressPort`, `service`, workload VIPs).
+/// addresses), services (`ingressPort`, `service`, workload VIPs) and the
+/// trace context of a replica's placement.
 fn without_added_fields(mut v: Value) -> Value {
     fn strip(v: &mut Value, network: &Value) {
         match v {
@@ -188,6 +189,7 @@ fn without_added_fields(mut v: Value) -> Value {
                     ("ingressPort", json!(0)),
                     ("service", json!(t::ServiceSpec::default())),
                     ("vip", Value::Null),
+                    ("trace", json!("")),
                 ] {
                     if let Some(found) = map.get(key) {
                         assert_eq!(found, &default, "{key} of an old record");
@@ -611,6 +613,7 @@ fn replica(
         disconnected_at_ms: 0,
         score: 0.75,
         address: String::new(),
+        trace: String::new(),
     }
 }
 

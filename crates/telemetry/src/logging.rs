@@ -166,3 +166,44 @@ pub fn trace_headers() -> Vec<(String, String)> {
     });
     pairs
 }
+
+/// `span`'s W3C trace context (`traceparent`), to store with what it made
+/// so later work, in another process, can join its trace. Empty when not
+/// exporting.
+pub fn traceparent(span: &tracing::Span) -> String {
+    let mut pairs = Vec::new();
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut PairInjector(&mut pairs));
+    });
+    pairs
+        .into_iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
+struct TraceparentExtractor<'a>(&'a str);
+
+impl Extractor for TraceparentExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+/// Makes `span` a child of the span whose `traceparent` (as
+/// [`traceparent`] gave it) is stored with the work it started. An empty or
+/// malformed value leaves `span` where it is.
+pub fn set_traceparent(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() || traceparent.len() > 128 {
+        return;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&TraceparentExtractor(traceparent))
+    });
+    let _ = span.set_parent(parent);
+}

@@ -448,6 +448,11 @@ pub struct ReplicaRecord {
     /// (empty: not reported yet).
     #[serde(default)]
     pub address: String,
+    /// The W3C trace context (`traceparent`) of the coordinator span that
+    /// placed it, so the agent's spans of its start join that trace (empty:
+    /// the leader was not exporting traces).
+    #[serde(default)]
+    pub trace: String,
 }
 
 impl ReplicaRecord {

@@ -13,6 +13,7 @@ use cloudless_runtime::{Backoff, ImageRef, ReplicaSpec, Supervisor, TaskState};
 use cloudless_types::ReplicaState;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::runtime::AgentRuntime;
 use super::spec::{container_config, prepare_volumes, probe, volume_dir};
@@ -86,11 +87,38 @@ struct Replica<R> {
     cancel: CancellationToken,
     /// Its address on the node's bridge, once it has one.
     address: Option<std::net::Ipv4Addr>,
+    /// The span of its start (`cloudless.agent/Assignment`, in the trace of
+    /// the coordinator span that placed it), from the assignment until the
+    /// replica is first Ready or stopped.
+    starting: std::sync::Mutex<Option<tracing::Span>>,
 }
 
 impl<R> Replica<R> {
     fn id(&self) -> &str {
         &self.a.replica_id
+    }
+
+    /// A span for one step of its start, under its assignment span (a root
+    /// span once the start is over).
+    fn step(&self, name: &'static str) -> tracing::Span {
+        let starting = self.starting.lock().ok().and_then(|s| s.clone());
+        let span = tracing::info_span!(
+            parent: starting.as_ref().and_then(tracing::Span::id),
+            "step",
+            otel.name = name,
+            replica = %self.a.replica_id,
+        );
+        if starting.is_none() {
+            cloudless_telemetry::set_traceparent(&span, &self.a.trace_parent);
+        }
+        span
+    }
+
+    /// Ends its assignment span: the replica is Ready (or stopped first).
+    fn started(&self) {
+        if let Ok(mut s) = self.starting.lock() {
+            s.take();
+        }
     }
 
     /// Records the replica's state for the next report, unless it is being
@@ -125,12 +153,23 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
     spec: cloudless_types::WorkloadSpec,
     cancel: CancellationToken,
 ) {
+    // Its start joins the trace of the coordinator span that placed it.
+    let starting = tracing::info_span!(
+        parent: None,
+        "assignment",
+        otel.name = "cloudless.agent/Assignment",
+        replica = %a.replica_id,
+        workload = %format!("{}/{}", a.namespace, a.workload),
+        image = %spec.image,
+    );
+    cloudless_telemetry::set_traceparent(&starting, &a.trace_parent);
     let mut r = Replica {
         ctx,
         a,
         spec,
         cancel,
         address: None,
+        starting: std::sync::Mutex::new(Some(starting)),
     };
     r.pending("pulling the image".into());
     let Some(image) = pull(&r).await else {
@@ -138,7 +177,10 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
     };
     // Secrets: read with a token for this workload, retried until they
     // can be (a secret created after the workload, a coordinator away).
-    let Some(mut resolved) = read_secrets(&r).await else {
+    let Some(mut resolved) = read_secrets(&r)
+        .instrument(r.step("cloudless.agent/Secrets"))
+        .await
+    else {
         return;
     };
     let paths = &r.ctx.paths;
@@ -180,7 +222,10 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
         });
     // Its network: a namespace of its own on the node's bridge, kept
     // across container restarts (and agent restarts).
-    let network = match attach(&r, &container.id).await {
+    let network = match attach(&r, &container.id)
+        .instrument(r.step("cloudless.agent/Network"))
+        .await
+    {
         Attached::Yes(att) => {
             if !att.kept {
                 restart_into_new_network(&r, &container.id).await;
@@ -229,7 +274,8 @@ pub(crate) async fn replica_task<R: AgentRuntime>(
         readiness: r.spec.readiness_probe.as_ref().and_then(probe),
         stop_grace: Duration::from_secs(10),
     };
-    supervise(&r, replica).await;
+    // Ends (dropped) when the clean-up below is done.
+    let _stopping = supervise(&r, replica).await;
     if let Some(task) = refresher {
         task.abort();
     }
@@ -338,8 +384,9 @@ async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
             return Some(i);
         }
         let started = std::time::Instant::now();
+        let span = r.step("cloudless.agent/Pull");
         let pulled = tokio::select! {
-            p = ctx.rt.pull(&ctx.registry, image) => p,
+            p = ctx.rt.pull(&ctx.registry, image).instrument(span) => p,
             () = r.cancel.cancelled() => return None,
         };
         ctx.metrics
@@ -448,8 +495,11 @@ impl SecretVolumes {
 /// Runs the replica's container until `cancel`, reporting each state the
 /// supervisor sees and keeping its upstream listeners in the current
 /// container process's network namespace (made again when it restarts,
-/// dropped when it stops).
-async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
+/// dropped when it stops). Its start is traced (`Start` until its process
+/// runs, `Readiness` until it is first Ready); the span of its stop
+/// (`cloudless.agent/Stop`, from the cancel on) is returned, for the
+/// caller's clean-up to end.
+async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) -> tracing::Span {
     let (mut rx, task) = r
         .ctx
         .supervisor
@@ -459,10 +509,18 @@ async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
     let mut pid = None;
     let mut listeners: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut counted = Counted::default();
+    let mut step = Some(r.step("cloudless.agent/Start"));
+    let mut stopping = None;
     loop {
         let now = rx.borrow_and_update().clone();
         counted.count(&now, &r.ctx.metrics);
         r.set(wire_status(id, &now));
+        if now.ready {
+            step = None;
+            r.started();
+        } else if now.pid.is_some() && step.is_some() && pid.is_none() {
+            step = Some(r.step("cloudless.agent/Readiness"));
+        }
         if now.pid != pid {
             pid = now.pid;
             listeners.drain(..).for_each(|l| l.abort());
@@ -475,7 +533,16 @@ async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
                 }
             }
         }
-        if rx.changed().await.is_err() {
+        let changed = tokio::select! {
+            c = rx.changed() => c,
+            () = r.cancel.cancelled(), if stopping.is_none() => {
+                step = None;
+                r.started();
+                stopping = Some(stop_span(r));
+                continue;
+            }
+        };
+        if changed.is_err() {
             break;
         }
     }
@@ -484,6 +551,21 @@ async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) {
         m.set_pid(id, None);
     }
     let _ = task.await;
+    drop(step);
+    r.started();
+    stopping.unwrap_or_else(|| stop_span(r))
+}
+
+/// The span of a replica's stop, in the trace that placed it.
+fn stop_span<R>(r: &Replica<R>) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "stop",
+        otel.name = "cloudless.agent/Stop",
+        replica = %r.a.replica_id,
+    );
+    cloudless_telemetry::set_traceparent(&span, &r.a.trace_parent);
+    span
 }
 
 /// What a replica's metrics have counted of its supervisor's reports: a

@@ -122,6 +122,7 @@ fn assignment(name: &str, spec: serde_json::Value) -> pb::Assignment {
         namespace: "default".into(),
         generation: 1,
         spec: Some(spec.into()),
+        trace_parent: String::new(),
     }
 }
 

@@ -29,6 +29,7 @@ fn workload(json: serde_json::Value) -> (pb::Assignment, cloudless_types::Worklo
         namespace: "default".into(),
         generation: 1,
         spec: Some(spec.clone().into()),
+        trace_parent: String::new(),
     };
     (a, spec)
 }

@@ -147,6 +147,7 @@ async fn cluster() -> Cluster {
             disconnected_at_ms: 0,
             score: 0.0,
             address: String::new(),
+            trace: String::new(),
         }],
     })
     .await;

@@ -269,6 +269,7 @@ fn removing_a_node_removes_its_replicas_in_the_same_entry_with_an_event_each() {
         disconnected_at_ms: 0,
         score: 0.0,
         address: String::new(),
+        trace: String::new(),
     };
     let placed = apply(
         sm.db(),

@@ -235,6 +235,7 @@ mod tests {
             disconnected_at_ms: 0,
             score: 0.0,
             address: String::new(),
+            trace: String::new(),
         };
         // A stale template and an unknown node are skipped.
         let r = apply(
