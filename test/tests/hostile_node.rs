@@ -97,6 +97,15 @@ fn report(ids: impl IntoIterator<Item = String>, message: &str) -> pb::ReportSta
                 ..Default::default()
             })
             .collect(),
+        events: Vec::new(),
+    }
+}
+
+fn event(replica: &str, reason: &str, message: &str) -> pb::ReplicaEvent {
+    pb::ReplicaEvent {
+        replica_id: replica.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
     }
 }
 
@@ -127,6 +136,49 @@ async fn status_reports_are_bounded_and_only_about_the_nodes_own_replicas() {
         before,
         "a report about replicas the node does not hold reached the Raft log"
     );
+
+    info!("phase: events about replicas the node does not hold write nothing either");
+    let mut forged = report([], "");
+    forged.events = (0..16)
+        .map(|i| event(&format!("forged-{i}"), "Pulled", "pulled image x"))
+        .collect();
+    agent
+        .report_status(forged)
+        .await
+        .expect("events naming unknown replicas are answered");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        last_log_index(&cluster, leader),
+        before,
+        "events about replicas the node does not hold reached the Raft log"
+    );
+
+    info!("phase: events beyond the bounds are refused, naming the field");
+    for (events, field) in [
+        (
+            (0..17)
+                .map(|i| event(&format!("r-{i}"), "Pulled", ""))
+                .collect(),
+            "events: 17 entries",
+        ),
+        (
+            vec![event("r-1", "Pulled", ""), event("r-1", "Deleted", "")],
+            "events[1].reason",
+        ),
+        (
+            vec![event("r-1", "Pulling", &"m".repeat(513))],
+            "events[0].message",
+        ),
+    ] {
+        let mut bad = report([], "");
+        bad.events = events;
+        let err = agent
+            .report_status(bad)
+            .await
+            .expect_err("bad events accepted");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
 
     info!("phase: the same replica twice is refused, naming the field");
     let err = agent

@@ -245,6 +245,12 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
                 "{}",
                 a.name
             );
+            // Its pull downloaded the image's layers (busybox, over 500 kB).
+            assert!(
+                sum(&s, "cloudless_agent_image_pull_bytes_total", &[]) > 500_000.0,
+                "{}: {body}",
+                a.name
+            );
             // Each of its replicas uses memory, read from its cgroup.
             let with_memory = s
                 .iter()
@@ -258,4 +264,25 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
         assert_eq!(get(&a.metrics_addr, "/readyz").0, 200);
     }
     assert_eq!(ready, 2.0, "both replicas Ready on the agents");
+
+    // The pulls' progress reached the workload's events: every agent
+    // running a replica pulled the image (Pulling, then Pulled with its
+    // size and time).
+    let events = c.ctl_ok(&["describe", "workload", "metered"]);
+    let nodes: BTreeSet<String> = c
+        .replicas("metered")
+        .await
+        .expect("replicas")
+        .into_iter()
+        .map(|r| r.node_name)
+        .collect();
+    for node in &nodes {
+        let pulled = events.lines().any(|l| {
+            l.contains("Pulled")
+                && l.contains(&format!("on {node}: pulled image"))
+                && l.contains("downloaded")
+        });
+        assert!(pulled, "no Pulled event from {node}:\n{events}");
+    }
+    assert!(events.contains("Pulling"), "{events}");
 }

@@ -35,6 +35,7 @@ pub(crate) struct AgentMetrics {
     oom_kills: Counter,
     pulls: Family<ResultLabel, Counter>,
     pull_seconds: Histogram,
+    pull_bytes: Counter,
     heartbeat_rtt: Histogram,
     connected: Gauge,
     battery_percent: Gauge,
@@ -50,6 +51,7 @@ impl Default for AgentMetrics {
             oom_kills: Counter::default(),
             pulls: Family::default(),
             pull_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            pull_bytes: Counter::default(),
             heartbeat_rtt: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             connected: Gauge::default(),
             battery_percent: Gauge::default(),
@@ -115,6 +117,12 @@ impl AgentMetrics {
             m.pull_seconds.clone(),
         );
         r.register_with_unit(
+            "image_pull",
+            "Bytes of image layers downloaded from registries (layers already on the node are not counted)",
+            Unit::Bytes,
+            m.pull_bytes.clone(),
+        );
+        r.register_with_unit(
             "heartbeat_rtt",
             "Round trip of a heartbeat to the coordinators",
             Unit::Seconds,
@@ -158,6 +166,11 @@ impl AgentMetrics {
     /// `n` restarts.
     pub(crate) fn restarted(&self, n: u64) {
         self.restarts.inc_by(n);
+    }
+
+    /// An image pull downloaded `bytes` more.
+    pub(crate) fn pull_bytes(&self, bytes: u64) {
+        self.pull_bytes.inc_by(bytes);
     }
 
     /// An image pull ended.

@@ -383,7 +383,7 @@ impl Containerd {
             .chain([&resolved.config, &resolved.manifest])
             .map(|d| u64::try_from(d.size).unwrap_or(0))
             .sum();
-        let mut done = 0u64;
+        let (mut done, mut found) = (0u64, 0u64);
         for layer in &resolved.layers {
             match &blobs {
                 Blobs::Archive(oci) => {
@@ -399,12 +399,15 @@ impl Containerd {
                     if self.content_exists(&layer.digest).await {
                         // Pin it to this lease until the image record holds it.
                         self.write_blob(lease, layer, &[], HashMap::new()).await?;
-                        done += u64::try_from(layer.size).unwrap_or(0);
-                        progress(PullProgress { done, total });
+                        let size = u64::try_from(layer.size).unwrap_or(0);
+                        done += size;
+                        found += size;
+                        progress(PullProgress { done, total, found });
                     } else {
                         let resp = client.blob(name, layer).await?;
+                        let so_far = PullProgress { done, total, found };
                         done = self
-                            .stream_blob(lease, name, layer, resp, done, total, *progress)
+                            .stream_blob(lease, name, layer, resp, so_far, *progress)
                             .await?;
                     }
                 }
@@ -432,7 +435,11 @@ impl Containerd {
         self.write_blob(lease, &resolved.manifest, manifest_bytes, manifest_labels)
             .await?;
         if let Blobs::Remote { progress, .. } = &blobs {
-            progress(PullProgress { done: total, total });
+            progress(PullProgress {
+                done: total,
+                total,
+                found,
+            });
         }
         let image = cd::Image {
             name: name.to_owned(),
@@ -475,17 +482,20 @@ impl Containerd {
     /// Streams a downloading blob into the content store, hashing as it
     /// goes; a blob whose content does not match its digest (or size) is
     /// aborted and never committed. Returns the new `done` byte count.
-    #[allow(clippy::too_many_arguments)]
     async fn stream_blob(
         &self,
         lease: &str,
         name: &ImageName,
         desc: &Descriptor,
         mut resp: reqwest::Response,
-        mut done: u64,
-        total: u64,
+        so_far: PullProgress,
         progress: &(dyn Fn(PullProgress) + Send + Sync),
     ) -> Result<u64, RuntimeError> {
+        let PullProgress {
+            mut done,
+            total,
+            found,
+        } = so_far;
         let reference = format!("cloudless-pull-{}-{}", desc.digest, unique_suffix());
         let expected_size = u64::try_from(desc.size).unwrap_or(0);
         let (tx, rx) = tokio::sync::mpsc::channel::<cd::WriteContentRequest>(4);
@@ -537,7 +547,7 @@ impl Containerd {
                 .map_err(|_| bad("the content store stopped accepting the blob".into()))?;
                 offset += len;
                 done += len;
-                progress(PullProgress { done, total });
+                progress(PullProgress { done, total, found });
             }
             let hex: String = hasher
                 .clone()

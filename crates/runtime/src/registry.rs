@@ -194,6 +194,8 @@ pub struct PullProgress {
     pub done: u64,
     /// Sum of the sizes of the blobs the image needs.
     pub total: u64,
+    /// Of `done`, the bytes found in the local store (not downloaded).
+    pub found: u64,
 }
 
 /// The manifest for this platform, with the documents already fetched.

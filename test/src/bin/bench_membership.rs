@@ -286,6 +286,7 @@ fn flood(
                 ..Default::default()
             })
             .collect(),
+        events: Vec::new(),
     };
     let report_bytes = prost::Message::encoded_len(&report) as f64;
     let (report_pause, other_pause) = match limits {

@@ -293,8 +293,17 @@ impl AgentRuntime for FakeRuntime {
         &self,
         _registry: &RegistryClient,
         reference: &str,
+        progress: &(dyn Fn(cloudless_runtime::registry::PullProgress) + Send + Sync),
     ) -> Result<ImageRef, RuntimeError> {
         if self.state().images.contains(reference) {
+            // A one-megabyte image, in two halves.
+            for done in [1 << 19, 1 << 20] {
+                progress(cloudless_runtime::registry::PullProgress {
+                    done,
+                    total: 1 << 20,
+                    found: 0,
+                });
+            }
             Ok(Self::image(reference))
         } else {
             Err(RuntimeError::ImageNotFound {

@@ -145,10 +145,11 @@ pub async fn run(
                         break;
                     }
                     let changed = runner.changed();
-                    if changed.is_empty() {
+                    let events = runner.events();
+                    if changed.is_empty() && events.is_empty() {
                         continue;
                     }
-                    let req = pb::ReportStatusRequest { replicas: changed.clone() };
+                    let req = pb::ReportStatusRequest { replicas: changed.clone(), events };
                     match coordinators.call("status report", |mut c| {
                         let r = req.clone();
                         async move { c.report_status(r).await }
@@ -158,7 +159,10 @@ pub async fn run(
                             runner.stop_all().await;
                             return Err(AgentError::Removed(m));
                         }
-                        Err(e) => tracing::warn!(error = %e, "status report failed; will resend"),
+                        Err(e) => {
+                            runner.unreported(req.events);
+                            tracing::warn!(error = %e, "status report failed; will resend");
+                        }
                     }
                 }
             }

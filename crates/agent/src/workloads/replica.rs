@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudless_proto::v1 as pb;
-use cloudless_runtime::registry::RegistryClient;
+use cloudless_runtime::registry::{PullProgress, RegistryClient};
 use cloudless_runtime::{Backoff, ImageRef, ReplicaSpec, Supervisor, TaskState};
 use cloudless_types::ReplicaState;
 use tokio::sync::Mutex;
@@ -22,6 +22,54 @@ use crate::secrets::SecretSource;
 
 /// The latest state of each replica, by replica id (what the report sends).
 pub(crate) type Statuses = Arc<std::sync::Mutex<HashMap<String, pb::ReplicaStatus>>>;
+
+/// Events of the node's replicas not reported yet, oldest first.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Events(Arc<std::sync::Mutex<std::collections::VecDeque<pb::ReplicaEvent>>>);
+
+impl Events {
+    /// Most events kept waiting for a report (the oldest go first).
+    const KEPT: usize = 256;
+    /// Most events one report carries (the coordinator's limit).
+    pub(crate) const PER_REPORT: usize = 16;
+
+    /// Queues an event of `replica` for the next report.
+    pub(crate) fn push(&self, replica: &str, reason: &str, message: String) {
+        if let Ok(mut q) = self.0.lock() {
+            if q.len() >= Self::KEPT {
+                q.pop_front();
+            }
+            q.push_back(pb::ReplicaEvent {
+                replica_id: replica.to_owned(),
+                reason: reason.to_owned(),
+                message,
+            });
+        }
+    }
+
+    /// The oldest events, for a report (taken off the queue).
+    pub(crate) fn take(&self) -> Vec<pb::ReplicaEvent> {
+        self.0.lock().map_or_else(
+            |_| Vec::new(),
+            |mut q| {
+                let n = q.len().min(Self::PER_REPORT);
+                q.drain(..n).collect()
+            },
+        )
+    }
+
+    /// Puts back the events of a report that failed, ahead of newer ones.
+    pub(crate) fn put_back(&self, events: Vec<pb::ReplicaEvent>) {
+        if let Ok(mut q) = self.0.lock() {
+            for e in events.into_iter().rev() {
+                if q.len() >= Self::KEPT {
+                    break;
+                }
+                q.push_front(e);
+            }
+        }
+    }
+}
 
 /// Where a replica's volumes go.
 #[derive(Debug, Clone)]
@@ -44,6 +92,8 @@ pub(crate) struct ReplicaCtx<R> {
     pub(crate) images: Arc<Mutex<HashMap<String, ImageRef>>>,
     /// Where each replica reports its state.
     pub(crate) statuses: Statuses,
+    /// Where replicas' events wait for the next report.
+    pub(crate) events: Events,
     /// Where volumes go.
     pub(crate) paths: Paths,
     /// Where secrets are read (`None`: replicas that need one fail).
@@ -68,6 +118,7 @@ impl<R: Clone> Clone for ReplicaCtx<R> {
             registry: self.registry.clone(),
             images: self.images.clone(),
             statuses: self.statuses.clone(),
+            events: self.events.clone(),
             paths: self.paths.clone(),
             secrets: self.secrets.clone(),
             mesh: self.mesh.clone(),
@@ -374,7 +425,8 @@ async fn attach<R>(r: &Replica<R>, container_id: &str) -> Attached {
 }
 
 /// The replica's image: from the node's cache, else pulled (retried with
-/// back-off until it can be). `None`: cancelled.
+/// back-off until it can be), its progress in the replica's message and
+/// events (`Pulling`, `Pulled`, `PullFailed`). `None`: cancelled.
 async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
     let (ctx, image) = (&r.ctx, &r.spec.image);
     let mut delay = Duration::from_secs(1);
@@ -385,19 +437,38 @@ async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
         }
         let started = std::time::Instant::now();
         let span = r.step("cloudless.agent/Pull");
+        ctx.events
+            .push(r.id(), "Pulling", format!("pulling image {image}"));
+        let progress = PullShown::default();
+        let show = |p: PullProgress| progress.show(r, &ctx.metrics, p);
         let pulled = tokio::select! {
-            p = ctx.rt.pull(&ctx.registry, image).instrument(span) => p,
+            p = ctx.rt.pull(&ctx.registry, image, &show).instrument(span) => p,
             () = r.cancel.cancelled() => return None,
         };
-        ctx.metrics
-            .pulled(pulled.is_ok(), started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        ctx.metrics.pulled(pulled.is_ok(), seconds);
         match pulled {
             Ok(i) => {
+                let last = progress.last();
+                ctx.events.push(
+                    r.id(),
+                    "Pulled",
+                    format!(
+                        "pulled image {image}: {} in {seconds:.1} s ({} downloaded)",
+                        size(last.total),
+                        size(last.done.saturating_sub(last.found)),
+                    ),
+                );
                 ctx.images.lock().await.insert(image.clone(), i.clone());
                 return Some(i);
             }
             Err(e) => {
                 tracing::warn!(replica = %r.id(), image = %image, error = %e, "image pull failed; retrying");
+                ctx.events.push(
+                    r.id(),
+                    "PullFailed",
+                    format!("image {image}: {e}; retrying in {} s", delay.as_secs()),
+                );
                 r.pending(format!(
                     "image pull failed (retrying in {}s): {e}",
                     delay.as_secs()
@@ -409,6 +480,56 @@ async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
                 delay = (delay * 2).min(Duration::from_secs(60));
             }
         }
+    }
+}
+
+/// An image pull's progress as the replica shows it: its message at most
+/// twice a second (`pulling image X: 12.0 MB of 48.2 MB (24%)`), and the
+/// downloaded bytes counted as they come.
+#[derive(Default)]
+struct PullShown(std::sync::Mutex<(Option<std::time::Instant>, PullProgress)>);
+
+impl PullShown {
+    fn show<R>(&self, r: &Replica<R>, metrics: &crate::metrics::AgentMetrics, p: PullProgress) {
+        let Ok(mut state) = self.0.lock() else {
+            return;
+        };
+        let (shown, last) = &mut *state;
+        let fetched = p.done.saturating_sub(p.found);
+        metrics.pull_bytes(fetched.saturating_sub(last.done.saturating_sub(last.found)));
+        *last = p;
+        if shown.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) && p.done < p.total {
+            return;
+        }
+        *shown = Some(std::time::Instant::now());
+        let percent = (p.done.saturating_mul(100))
+            .checked_div(p.total)
+            .unwrap_or(0)
+            .min(100);
+        r.pending(format!(
+            "pulling image {}: {} of {} ({percent}%)",
+            r.spec.image,
+            size(p.done),
+            size(p.total)
+        ));
+    }
+
+    fn last(&self) -> PullProgress {
+        self.0.lock().map(|s| s.1).unwrap_or_default()
+    }
+}
+
+/// Bytes for people: `512 B`, `12.3 kB`, `48.2 MB`, `1.5 GB`.
+fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes < 1_000 {
+        format!("{bytes} B")
+    } else if bytes < 1_000_000 {
+        format!("{:.1} kB", b / 1e3)
+    } else if bytes < 1_000_000_000 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} GB", b / 1e9)
     }
 }
 
@@ -731,5 +852,37 @@ mod counted_tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(super::size(512), "512 B");
+        assert_eq!(super::size(12_345), "12.3 kB");
+        assert_eq!(super::size(48_200_000), "48.2 MB");
+        assert_eq!(super::size(1_500_000_000), "1.5 GB");
+    }
+
+    #[test]
+    fn events_wait_in_order_are_reported_sixteen_at_a_time_and_come_back_first_after_a_failure() {
+        let q = super::Events::default();
+        for i in 0..20 {
+            q.push(&format!("r-{i}"), "Pulled", String::new());
+        }
+        let first = q.take();
+        assert_eq!(first.len(), super::Events::PER_REPORT);
+        assert_eq!(first[0].replica_id, "r-0");
+        q.put_back(first);
+        let again = q.take();
+        assert_eq!(
+            again[0].replica_id, "r-0",
+            "a failed report's events go first"
+        );
+        assert_eq!(q.take().len(), 4);
+        assert!(q.take().is_empty());
+        // A queue no report empties keeps the newest.
+        for i in 0..1000 {
+            q.push(&format!("r-{i}"), "Pulling", String::new());
+        }
+        assert_eq!(q.take()[0].replica_id, "r-744");
     }
 }

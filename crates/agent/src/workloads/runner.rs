@@ -169,6 +169,7 @@ impl<R: AgentRuntime> Runner<R> {
                 registry: Arc::new(registry),
                 images: Arc::default(),
                 statuses: Arc::default(),
+                events: super::replica::Events::default(),
                 paths: Paths {
                     volumes: config.volume_dir.clone(),
                     secrets: config.secret_dir.clone(),
@@ -407,6 +408,18 @@ impl<R: AgentRuntime> Runner<R> {
             .map(|(_, s)| s.clone())
             .take(MAX_REPORT)
             .collect()
+    }
+
+    /// Events of replicas not reported yet (at most one report's worth,
+    /// taken off the queue: give them back with [`Self::unreported`] when
+    /// the report fails).
+    pub fn events(&self) -> Vec<pb::ReplicaEvent> {
+        self.ctx.events.take()
+    }
+
+    /// Gives back the events of a report that failed.
+    pub fn unreported(&self, events: Vec<pb::ReplicaEvent>) {
+        self.ctx.events.put_back(events);
     }
 
     /// Records a successful report.

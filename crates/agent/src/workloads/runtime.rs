@@ -6,17 +6,18 @@
 use std::future::Future;
 use std::time::Duration;
 
-use cloudless_runtime::registry::RegistryClient;
+use cloudless_runtime::registry::{PullProgress, RegistryClient};
 use cloudless_runtime::{ContainerRuntime, Containerd, ImageRef, RuntimeError};
 
 /// A container runtime the agent can run replicas on.
 pub trait AgentRuntime: ContainerRuntime {
-    /// Pulls `reference` from its registry through `registry` (see
-    /// [`Containerd::pull`]).
+    /// Pulls `reference` from its registry through `registry`, telling
+    /// `progress` the bytes done as they come (see [`Containerd::pull`]).
     fn pull(
         &self,
         registry: &RegistryClient,
         reference: &str,
+        progress: &(dyn Fn(PullProgress) + Send + Sync),
     ) -> impl Future<Output = Result<ImageRef, RuntimeError>> + Send;
 
     /// Runs `argv` in container `id`, sending its output to `out` in chunks
@@ -42,8 +43,9 @@ impl AgentRuntime for Containerd {
         &self,
         registry: &RegistryClient,
         reference: &str,
+        progress: &(dyn Fn(PullProgress) + Send + Sync),
     ) -> Result<ImageRef, RuntimeError> {
-        Containerd::pull(self, registry, reference, &|_| {}).await
+        Containerd::pull(self, registry, reference, progress).await
     }
 
     fn exec_streaming(

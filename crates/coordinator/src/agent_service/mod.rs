@@ -27,7 +27,7 @@ pub(crate) mod status_report;
 mod watch;
 
 use heartbeat::status_from_wire;
-use status_report::status_updates;
+use status_report::{report_events, status_updates};
 
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
@@ -137,12 +137,19 @@ impl AgentService for AgentApi {
         self.handle.admit_node_write(&id)?;
         self.handle
             .charge_node_bytes(&id, prost::Message::encoded_len(req.get_ref()));
-        let updates = status_updates(self.handle.reader(), &id, req.into_inner())?;
+        let mut req = req.into_inner();
+        let events = report_events(self.handle.reader(), &id, std::mem::take(&mut req.events))?;
+        let updates = status_updates(self.handle.reader(), &id, req)?;
         // A report of every replica a big node holds can exceed what one
         // Raft entry may carry: write it in parts.
         for part in crate::proposer::split_by_size(updates, usize::MAX, self.handle.part_bytes()) {
             self.handle
                 .write_for_node(Command::UpdateReplicas { updates: part })
+                .await?;
+        }
+        if !events.is_empty() {
+            self.handle
+                .write_for_node(Command::RecordEvents { events })
                 .await?;
         }
         Ok(Response::new(ReportStatusResponse {}))

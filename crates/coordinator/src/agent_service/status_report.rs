@@ -12,6 +12,72 @@ use crate::error::CoordinatorError;
 pub(crate) const MAX_STATUS_ENTRIES: usize = 512;
 /// Longest replica address a report may carry.
 pub(crate) const MAX_ADDRESS_LEN: usize = 64;
+/// Most events one status report may carry.
+pub(crate) const MAX_REPORT_EVENTS: usize = 16;
+/// Longest event message a report may carry.
+pub(crate) const MAX_EVENT_MESSAGE: usize = 512;
+/// The reasons an agent may report.
+pub(crate) const AGENT_EVENT_REASONS: [&str; 3] = ["Pulling", "Pulled", "PullFailed"];
+
+/// The events a node's status report records: each checked (a reason the
+/// agent may report, a bounded message), for a replica assigned to the
+/// node (others are dropped, as for statuses), recorded as its workload's
+/// event naming the replica and the node.
+pub(crate) fn report_events(
+    reader: &StateReader,
+    id: &str,
+    events: Vec<v1::ReplicaEvent>,
+) -> Result<Vec<cloudless_types::EventRecord>, Status> {
+    let invalid = |m: String| Status::from(CoordinatorError::InvalidArgument(m));
+    if events.len() > MAX_REPORT_EVENTS {
+        return Err(invalid(format!(
+            "events: {} entries; a report carries at most {MAX_REPORT_EVENTS}",
+            events.len()
+        )));
+    }
+    for (i, e) in events.iter().enumerate() {
+        if !AGENT_EVENT_REASONS.contains(&e.reason.as_str()) {
+            let shown: String = e.reason.chars().take(32).collect();
+            return Err(invalid(format!(
+                "events[{i}].reason: {shown:?} is not one of {}",
+                AGENT_EVENT_REASONS.join(", ")
+            )));
+        }
+        if e.message.len() > MAX_EVENT_MESSAGE {
+            return Err(invalid(format!(
+                "events[{i}].message: {} bytes; at most {MAX_EVENT_MESSAGE}",
+                e.message.len()
+            )));
+        }
+    }
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let assigned: std::collections::HashMap<String, cloudless_types::ReplicaRecord> = reader
+        .node_replicas(id)
+        .map_err(CoordinatorError::from)?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    let node = reader
+        .node(id)
+        .map_err(CoordinatorError::from)?
+        .map_or_else(|| id.to_owned(), |n| n.name);
+    Ok(events
+        .into_iter()
+        .filter_map(|e| {
+            let r = assigned.get(&e.replica_id)?;
+            Some(cloudless_types::EventRecord {
+                at_ms: 0,
+                kind: "Workload".into(),
+                namespace: r.namespace.clone(),
+                object: r.workload.clone(),
+                reason: e.reason,
+                message: format!("replica {} on {node}: {}", r.id, e.message),
+            })
+        })
+        .collect())
+}
 
 /// The address a report gives a replica on a node with `subnet`: an IP
 /// address inside the node's subnet, or empty (unchanged). Anything else is
