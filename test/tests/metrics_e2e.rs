@@ -259,6 +259,15 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
                 })
                 .count();
             assert_eq!(with_memory as f64, here, "{}: {body}", a.name);
+            // And has network counters, read in its namespace (loopback
+            // only here: nothing counted, but every replica listed).
+            for name in [
+                "cloudless_agent_replica_network_receive_bytes_total{",
+                "cloudless_agent_replica_network_transmit_bytes_total{",
+            ] {
+                let listed = s.keys().filter(|k| k.starts_with(name)).count();
+                assert_eq!(listed as f64, here, "{}: {name} {body}", a.name);
+            }
         }
         assert_eq!(get(&a.metrics_addr, "/healthz").0, 200);
         assert_eq!(get(&a.metrics_addr, "/readyz").0, 200);

@@ -210,7 +210,7 @@ impl AgentMetrics {
 }
 
 /// Resource use of a running container: CPU seconds and memory bytes.
-pub(crate) type UsageFn = Arc<dyn Fn(&str) -> Option<(f64, u64)> + Send + Sync>;
+pub(crate) type UsageFn = Arc<dyn Fn(&str) -> Option<crate::workloads::ReplicaUsage> + Send + Sync>;
 
 /// What the node holds now, read at each scrape.
 pub(crate) struct NodeCollector {
@@ -267,7 +267,7 @@ impl Collector for NodeCollector {
             }
         }
         if let Some(usage) = &self.usage {
-            let used: Vec<(String, (f64, u64))> = statuses
+            let used: Vec<(String, crate::workloads::ReplicaUsage)> = statuses
                 .iter()
                 .filter_map(|(id, _)| {
                     usage(&crate::workloads::container_id(id)).map(|u| (id.clone(), u))
@@ -280,9 +280,34 @@ impl Collector for NodeCollector {
                     Some(&Unit::Seconds),
                     MetricType::Counter,
                 )?;
-                for (id, (cpu, _)) in &used {
-                    ConstCounter::new(*cpu)
+                for (id, u) in &used {
+                    ConstCounter::new(u.cpu_seconds)
                         .encode(m.encode_family(&[("replica", id.as_str())])?)?;
+                }
+            }
+            for (name, help, sent) in [
+                (
+                    "cloudless_agent_replica_network_receive",
+                    "Bytes each running replica's network namespace received (not loopback)",
+                    false,
+                ),
+                (
+                    "cloudless_agent_replica_network_transmit",
+                    "Bytes each running replica's network namespace sent (not loopback)",
+                    true,
+                ),
+            ] {
+                let mut m = encoder.encode_descriptor(
+                    name,
+                    help,
+                    Some(&Unit::Bytes),
+                    MetricType::Counter,
+                )?;
+                for (id, u) in &used {
+                    if let Some((received, transmitted)) = u.network {
+                        ConstCounter::new(if sent { transmitted } else { received })
+                            .encode(m.encode_family(&[("replica", id.as_str())])?)?;
+                    }
                 }
             }
             let mut m = encoder.encode_descriptor(
@@ -291,8 +316,8 @@ impl Collector for NodeCollector {
                 Some(&Unit::Bytes),
                 MetricType::Gauge,
             )?;
-            for (id, (_, mem)) in &used {
-                ConstGauge::new(*mem as f64)
+            for (id, u) in &used {
+                ConstGauge::new(u.memory_bytes as f64)
                     .encode(m.encode_family(&[("replica", id.as_str())])?)?;
             }
         }
@@ -348,6 +373,18 @@ impl Collector for NodeCollector {
             ] {
                 let c = ConstCounter::new(v);
                 c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "cloudless_overlay_traversal_attempts",
+                "Attempts to reach a peer with no live connection for a stream, by method (direct, hole_punch, relay) and result (success, failure)",
+                None,
+                MetricType::Counter,
+            )?;
+            for t in &s.traversal {
+                for (result, n) in [("success", t.succeeded), ("failure", t.failed)] {
+                    ConstCounter::new(n)
+                        .encode(m.encode_family(&[("method", t.method), ("result", result)])?)?;
+                }
             }
             let g = ConstGauge::new(o.connected_peers().len() as i64);
             g.encode(encoder.encode_descriptor(

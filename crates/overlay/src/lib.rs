@@ -26,6 +26,7 @@ pub mod wire;
 pub use admission::{Admission, AdmitAll};
 pub use mesh::{
     ConnectFuture, Overlay, OverlayConfig, OverlayStats, OverlayStream, Resolver, StaticResolver,
+    Traversal,
 };
 pub use tls::{OverlayTls, ALPN};
 

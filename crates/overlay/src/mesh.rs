@@ -123,6 +123,21 @@ pub struct OverlayStats {
     pub streams_refused: u64,
     /// Connections accepted whose peer certificate was checked.
     pub connections_accepted: u64,
+    /// How this node tried to reach peers for its streams, by method, and
+    /// how often each worked: see [`Traversal`].
+    pub traversal: [Traversal; 3],
+}
+
+/// One way of reaching a peer with no live connection, and its outcomes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traversal {
+    /// `direct` (a dial of the peer's addresses), `hole_punch` (a dial
+    /// after a relay's introduction) or `relay` (a stream through a relay).
+    pub method: &'static str,
+    /// Attempts that reached the peer.
+    pub succeeded: u64,
+    /// Attempts that did not.
+    pub failed: u64,
 }
 
 #[derive(Default)]
@@ -132,6 +147,17 @@ struct Counters {
     relayed: AtomicU64,
     refused: AtomicU64,
     accepted: AtomicU64,
+    /// By method (direct, hole_punch, relay): succeeded, failed.
+    traversal: [[AtomicU64; 2]; 3],
+}
+
+/// The methods of [`Traversal`], in the order of [`Counters::traversal`].
+const TRAVERSAL_METHODS: [&str; 3] = ["direct", "hole_punch", "relay"];
+
+impl Counters {
+    fn traversed(&self, method: usize, ok: bool) {
+        self.traversal[method][usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A node's overlay endpoint. Cheap to clone.
@@ -346,6 +372,11 @@ impl Overlay {
             streams_relayed: c.relayed.load(Ordering::Relaxed),
             streams_refused: c.refused.load(Ordering::Relaxed),
             connections_accepted: c.accepted.load(Ordering::Relaxed),
+            traversal: std::array::from_fn(|i| Traversal {
+                method: TRAVERSAL_METHODS[i],
+                succeeded: c.traversal[i][0].load(Ordering::Relaxed),
+                failed: c.traversal[i][1].load(Ordering::Relaxed),
+            }),
         }
     }
 
@@ -414,16 +445,31 @@ impl Overlay {
                 detail: format!("a direct dial failed within the last {DIRECT_RETRY:?}"),
             })
         } else {
+            let counters = &self.inner.counters;
+            let dialed = self.live(peer).is_none();
             let r = match self.connection(peer).await {
-                Ok(c) => Ok(c),
-                Err(e) if self.inner.config.hole_punching => match self.punch(peer).await {
-                    Ok(c) => Ok(c),
-                    Err(p) => Err(OverlayError::Unreachable {
-                        peer: peer.uri(),
-                        detail: format!("{e}; hole punching: {p}"),
-                    }),
-                },
-                Err(e) => Err(e),
+                Ok(c) => {
+                    if dialed {
+                        counters.traversed(0, true);
+                    }
+                    Ok(c)
+                }
+                Err(e) if self.inner.config.hole_punching => {
+                    counters.traversed(0, false);
+                    let punched = self.punch(peer).await;
+                    counters.traversed(1, punched.is_ok());
+                    match punched {
+                        Ok(c) => Ok(c),
+                        Err(p) => Err(OverlayError::Unreachable {
+                            peer: peer.uri(),
+                            detail: format!("{e}; hole punching: {p}"),
+                        }),
+                    }
+                }
+                Err(e) => {
+                    counters.traversed(0, false);
+                    Err(e)
+                }
             };
             if r.is_err() {
                 lock(&self.inner.direct_failed).insert(peer.clone(), std::time::Instant::now());
@@ -452,12 +498,22 @@ impl Overlay {
                 to: peer.uri(),
                 target: target.to_owned(),
             };
+            let counters = &self.inner.counters;
             match self.connection(relay).await {
                 Ok(conn) => match self.request(&conn, relay, &request).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(e) => detail.push_str(&format!("; via {relay}: {e}")),
+                    Ok(stream) => {
+                        counters.traversed(2, true);
+                        return Ok(stream);
+                    }
+                    Err(e) => {
+                        counters.traversed(2, false);
+                        detail.push_str(&format!("; via {relay}: {e}"));
+                    }
                 },
-                Err(e) => detail.push_str(&format!("; via {relay}: {e}")),
+                Err(e) => {
+                    counters.traversed(2, false);
+                    detail.push_str(&format!("; via {relay}: {e}"));
+                }
             }
         }
         Err(OverlayError::Unreachable {

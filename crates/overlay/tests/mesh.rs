@@ -110,6 +110,17 @@ fn addr(n: &Node) -> SocketAddr {
 }
 
 /// Sends `data` through a stream, half-closes, returns what came back.
+/// How often `o` reached a peer by `method`: (succeeded, failed).
+fn traversal(o: &cloudless_overlay::Overlay, method: &str) -> (u64, u64) {
+    let t = o
+        .stats()
+        .traversal
+        .into_iter()
+        .find(|t| t.method == method)
+        .expect("a traversal method");
+    (t.succeeded, t.failed)
+}
+
 async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut s: S,
     data: &[u8],
@@ -171,6 +182,9 @@ async fn a_tcp_connection_crosses_the_overlay_both_ways_with_half_close() {
     assert_eq!(a.overlay.stats().streams_opened, 17);
     assert_eq!(b.overlay.stats().connections_accepted, 1);
     assert_eq!(a.overlay.connected_peers(), vec![node("b")]);
+    // One dial, then the live connection carried every stream.
+    assert_eq!(traversal(&a.overlay, "direct"), (1, 0));
+    assert_eq!(traversal(&a.overlay, "relay"), (0, 0));
 
     // B sees A at A's address.
     assert_eq!(
@@ -281,6 +295,10 @@ async fn a_node_that_cannot_be_dialed_is_reached_through_its_relay() {
     assert_eq!(round_trip(s, &data).await, data.to_ascii_uppercase());
     assert_eq!(r.overlay.stats().streams_relayed, 1);
     assert_eq!(plain.overlay.stats().streams_refused, 1, "p does not relay");
+    // The direct dial failed, p refused, r carried it.
+    assert_eq!(traversal(&a.overlay, "direct").0, 0);
+    assert!(traversal(&a.overlay, "direct").1 >= 1);
+    assert_eq!(traversal(&a.overlay, "relay"), (1, 1));
     // B's resolver saw A (named by its chosen relay), not R.
     assert_eq!(
         b.origins.origins.lock().expect("origins").as_slice(),
@@ -320,4 +338,11 @@ async fn a_relay_introduces_two_nodes_that_then_connect_directly() {
     assert_eq!(round_trip(s, b"hi").await, b"HI");
     assert_eq!(r.overlay.stats().streams_relayed, 0, "nothing was relayed");
     assert!(a.overlay.connected_peers().contains(&node("b")));
+    assert_eq!(
+        traversal(&a.overlay, "direct"),
+        (0, 1),
+        "no address to dial"
+    );
+    assert_eq!(traversal(&a.overlay, "hole_punch"), (1, 0));
+    assert_eq!(traversal(&a.overlay, "relay"), (0, 0));
 }

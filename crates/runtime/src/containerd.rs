@@ -69,6 +69,47 @@ pub struct Usage {
     pub memory_bytes: u64,
     /// Processes and threads.
     pub pids: u64,
+    /// Bytes its network namespace received and sent on every interface but
+    /// loopback, `(received, sent)`; `None` when it uses the host's network
+    /// (or its namespace cannot be read).
+    pub network: Option<(u64, u64)>,
+}
+
+/// Bytes received and sent on every interface but loopback, from the text
+/// of a `/proc/<pid>/net/dev`: `(received, sent)`.
+pub fn network_bytes(net_dev: &str) -> (u64, u64) {
+    net_dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim() != "lo")
+        .map(|(_, counters)| {
+            let mut f = counters
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            // receive: bytes packets errs drop fifo frame compressed multicast;
+            // then transmit: bytes ...
+            let received = f.next().unwrap_or(0);
+            let sent = f.nth(7).unwrap_or(0);
+            (received, sent)
+        })
+        .fold((0, 0), |(r, s), (r2, s2)| {
+            (r.saturating_add(r2), s.saturating_add(s2))
+        })
+}
+
+/// The network bytes of the namespace the first process in cgroup
+/// directory `cgroup` runs in, unless that is the host's (this process's).
+fn cgroup_network(cgroup: &str) -> Option<(u64, u64)> {
+    let procs = std::fs::read_to_string(format!("{cgroup}/cgroup.procs")).ok()?;
+    let pid: u32 = procs.lines().next()?.trim().parse().ok()?;
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    let ours = std::fs::read_link("/proc/self/ns/net").ok()?;
+    if theirs == ours {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
+    Some(network_bytes(&text))
 }
 
 /// What a task is doing.
@@ -1150,6 +1191,7 @@ impl Containerd {
                 cpu_ns: cpu_us * 1000,
                 memory_bytes: read(format!("{v2}/memory.current")).unwrap_or(0),
                 pids: read(format!("{v2}/pids.current")).unwrap_or(0),
+                network: cgroup_network(&v2),
             });
         }
         let memory = read(format!(
@@ -1159,6 +1201,7 @@ impl Containerd {
             cpu_ns: read(format!("/sys/fs/cgroup/cpuacct/{ns}/{id}/cpuacct.usage")).unwrap_or(0),
             memory_bytes: memory,
             pids: read(format!("/sys/fs/cgroup/pids/{ns}/{id}/pids.current")).unwrap_or(0),
+            network: cgroup_network(&format!("/sys/fs/cgroup/memory/{ns}/{id}")),
         })
     }
 
@@ -1363,6 +1406,19 @@ fn tokio_stream_iter<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_bytes_add_every_interface_but_loopback() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:  123456     100    0    0    0     0          0         0   123456     100    0    0    0     0       0          0
+  eth0:    1000      10    0    0    0     0          0         0     2000      20    0    0    0     0       0          0
+  eth1:      30       1    0    0    0     0          0         0       40       1    0    0    0     0       0          0
+";
+        assert_eq!(network_bytes(text), (1030, 2040));
+        assert_eq!(network_bytes(""), (0, 0));
+        assert_eq!(network_bytes("a\nb\n  eth0: garbage\n"), (0, 0));
+    }
 
     /// What `pump` sends for `input` with `limit`, chunk by chunk.
     fn pumped(input: Vec<u8>, limit: usize) -> Vec<Vec<u8>> {

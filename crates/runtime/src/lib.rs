@@ -22,7 +22,9 @@ pub mod test_support;
 use std::path::Path;
 
 pub use apparmor::AppArmorError;
-pub use containerd::{Containerd, Exit, ImageRef, Started, TaskState, Usage, MANAGED_LABEL};
+pub use containerd::{
+    network_bytes, Containerd, Exit, ImageRef, Started, TaskState, Usage, MANAGED_LABEL,
+};
 pub use host::HostSecurity;
 pub use host_path::HeldHostPaths;
 pub use model::{

@@ -356,6 +356,8 @@ def workloads():
     d.ts("Image pull time", [
         (f'histogram_quantile(0.9, sum by (le) (rate(cloudless_agent_image_pull_seconds_bucket{{job="agent"}}[{RATE}])))', "p90"),
     ], w=8, unit="s")
+    d.ts("Image bytes downloaded", [(f'sum by (node) (rate(cloudless_agent_image_pull_bytes_total{{job="agent"}}[{RATE}]))', "{{node}}")],
+         w=8, unit="Bps", description="Layers already on the node are not counted.")
     d.ts("Probe results", [(f'sum by (probe, result) (rate(cloudless_agent_probe_results_total{{job="agent"}}[{RATE}]))', "{{probe}} {{result}}")],
          unit="ops")
     d.ts("Replica CPU (top 10)", [(f'topk(10, rate(cloudless_agent_replica_cpu_seconds_total{{job="agent"}}[{RATE}]))', "{{replica}}")],
@@ -376,6 +378,12 @@ def overlay():
          core=True, unit="ops", description="Streams between two nodes carried by a coordinator (devices that cannot dial each other).")
     d.ts("Streams refused", [(f'rate(cloudless_overlay_streams_refused_total{{job="coordinator"}}[{RATE}])', "{{node}}")],
          core=True, unit="ops", description="Bad requests or unreachable nodes.")
+    d.ts("NAT traversal by method and result", [
+        (f'sum by (method, result) (increase(cloudless_overlay_traversal_attempts_total{{job="agent"}}[{RATE}]))', "{{method}} {{result}}"),
+    ], decimals=0, description="How agents reached peers with no live connection: a direct dial, hole punching after a relay's introduction, or a stream through a relay.")
+    d.ts("Agents' streams through a relay", [
+        (f'sum by (node) (increase(cloudless_overlay_traversal_attempts_total{{job="agent", method="relay", result="success"}}[{RATE}]))', "{{node}}"),
+    ], decimals=0, description="Streams an agent could open only through a relay (its peer could be neither dialed nor punched).")
     return d
 
 

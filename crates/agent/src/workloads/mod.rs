@@ -34,7 +34,7 @@ pub use crate::tunnel::tunnel;
 pub use config::{NetworkSettings, RuntimeConfig, SecurityPolicyConfig};
 pub(crate) use replica::Statuses as SharedStatuses;
 pub use runner::Runner;
-pub use runtime::AgentRuntime;
+pub use runtime::{AgentRuntime, ReplicaUsage};
 pub use spec::{container_id, DEFAULT_PIDS_LIMIT};
 
 /// How often changed replica states are sent (one call for all of them).

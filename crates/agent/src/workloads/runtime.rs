@@ -9,6 +9,18 @@ use std::time::Duration;
 use cloudless_runtime::registry::{PullProgress, RegistryClient};
 use cloudless_runtime::{ContainerRuntime, Containerd, ImageRef, RuntimeError};
 
+/// What a running replica uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplicaUsage {
+    /// CPU time so far, seconds.
+    pub cpu_seconds: f64,
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Bytes received and sent by its network namespace (not loopback);
+    /// `None` on the host's network.
+    pub network: Option<(u64, u64)>,
+}
+
 /// A container runtime the agent can run replicas on.
 pub trait AgentRuntime: ContainerRuntime {
     /// Pulls `reference` from its registry through `registry`, telling
@@ -30,9 +42,9 @@ pub trait AgentRuntime: ContainerRuntime {
         out: tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> impl Future<Output = Result<u32, RuntimeError>> + Send;
 
-    /// CPU seconds and memory bytes container `id` used, from its cgroup;
+    /// What container `id` uses, from its cgroup and network namespace;
     /// `None` when it has none (not running) or the runtime cannot tell.
-    fn usage(&self, id: &str) -> Option<(f64, u64)> {
+    fn usage(&self, id: &str) -> Option<ReplicaUsage> {
         let _ = id;
         None
     }
@@ -58,7 +70,11 @@ impl AgentRuntime for Containerd {
         Containerd::exec_streaming(self, id, argv, timeout, out)
     }
 
-    fn usage(&self, id: &str) -> Option<(f64, u64)> {
-        Containerd::usage(self, id).map(|u| (u.cpu_ns as f64 / 1e9, u.memory_bytes))
+    fn usage(&self, id: &str) -> Option<ReplicaUsage> {
+        Containerd::usage(self, id).map(|u| ReplicaUsage {
+            cpu_seconds: u.cpu_ns as f64 / 1e9,
+            memory_bytes: u.memory_bytes,
+            network: u.network,
+        })
     }
 }
