@@ -200,7 +200,7 @@ impl Containerd {
     /// Resumes copying the output of an adopted container (after an agent
     /// restart) into its log file.
     pub fn reattach_output(&self, id: &str) -> Result<(), RuntimeError> {
-        copy_output(&self.fifo_path(id), &self.log_path(id)).map(drop)
+        copy_output(&self.fifo_path(id), &self.log_path(id))
     }
 
     /// Where the output of container `id` goes (rotated as `<path>.1` ...).
@@ -1377,23 +1377,45 @@ fn pump(mut reader: impl std::io::Read, out: &tokio::sync::mpsc::Sender<Vec<u8>>
     }
 }
 
-/// Copies everything written to `fifo` into `log` (appending) on a thread of
-/// its own, until the last writer (the shim) closes it.
-fn copy_output(fifo: &Path, log: &Path) -> Result<std::thread::JoinHandle<()>, RuntimeError> {
-    let mut reader = std::fs::File::open(fifo).map_err(|e| RuntimeError::io(fifo, e))?;
+/// Copies everything written to `fifo` into `log` (appending) in a task on
+/// the runtime, until the last writer (the shim) closes it; removes the
+/// FIFO then. A task, not a thread: a node runs a copier per container,
+/// and a thread's stack costs more than the task's few bytes (the read
+/// buffer lives only between awaits). Call it while a writer holds the
+/// FIFO open (else it sees the end at once).
+fn copy_output(fifo: &Path, log: &Path) -> Result<(), RuntimeError> {
+    let reader = tokio::net::unix::pipe::OpenOptions::new()
+        .open_receiver(fifo)
+        .map_err(|e| RuntimeError::io(fifo, e))?;
     let mut writer = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| RuntimeError::io(log, e))?;
     let fifo = fifo.to_owned();
-    std::thread::Builder::new()
-        .name("container-output".into())
-        .spawn(move || {
-            let _ = std::io::copy(&mut reader, &mut writer);
-            let _ = std::fs::remove_file(&fifo);
-        })
-        .map_err(|e| RuntimeError::Internal(format!("cannot start the output copier: {e}")))
+    tokio::spawn(async move {
+        use std::io::Write as _;
+        loop {
+            if reader.readable().await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 8192];
+            match reader.try_read(&mut buf) {
+                Ok(0) => break,
+                // An append to a local file: short, like the thread's was.
+                Ok(n) => {
+                    if writer.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = std::fs::remove_file(&fifo);
+    });
+    Ok(())
 }
 
 /// A stream over already-built messages.
