@@ -3,10 +3,14 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: build test lint verify deny audit fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay bench-net fuzz fuzz-build demo demo-stop images compose-up compose-down compose-test clean
+.PHONY: build dist test lint verify deny audit fmt bench-raft bench-scheduler bench-membership bench-runtime bench-e2e bench-secrets bench-overlay bench-net fuzz fuzz-build demo demo-stop images compose-up compose-down compose-test clean
 
 build:
 	$(CARGO) build --workspace --bins
+
+# The binaries users run, link-time optimised (target/dist; see Cargo.toml).
+dist:
+	$(CARGO) build --profile dist -p cloudless-coordinator -p cloudless-agent -p cloudless-cli --bins
 
 # Builds the binaries first: the multi-process tests start the real cloudless-coordinator.
 test:

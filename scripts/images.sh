@@ -14,8 +14,8 @@
 #   cloudless/prometheus-local  Debian's prometheus and promtool, for machines
 #                           that cannot pull prom/prometheus
 #
-# Needs: docker, the release binaries (built here with cargo unless
-# CLOUDLESS_BIN names a directory holding them), and from Debian
+# Needs: docker, the binaries of the `dist` profile (built here with cargo
+# unless CLOUDLESS_BIN names a directory holding them), and from Debian
 # (scripts/install-deps.sh): containerd, runc, containernetworking-plugins,
 # iproute2, iptables, nftables, conntrack, busybox-static, docker-registry;
 # prometheus for cloudless/prometheus-local (skipped with a note when absent).
@@ -27,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 TAG="${CLOUDLESS_TAG:-dev}"
-BIN="${CLOUDLESS_BIN:-target/release}"
+BIN="${CLOUDLESS_BIN:-target/dist}"
 IMAGES_DIR=deployments/compose/images
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/cloudless-images.XXXXXX")"
 REGISTRY_PID=""
@@ -45,14 +45,15 @@ WANT=("$@")
 [[ ${#WANT[@]} -gt 0 ]] || WANT=(coordinator agent cloudlessctl registry prometheus-local)
 wants() { local w; for w in "${WANT[@]}"; do [[ "$w" == "$1" ]] && return 0; done; return 1; }
 
-# The release binaries: built once here unless CLOUDLESS_BIN says where they are.
+# The binaries users run (`make dist`): built once here unless CLOUDLESS_BIN
+# says where they are.
 NEED_BINS=(cloudless-coordinator cloudless-agent cloudlessctl cloudless-image)
 missing=()
 for b in "${NEED_BINS[@]}"; do [[ -x "$BIN/$b" ]] || missing+=("$b"); done
 if [[ ${#missing[@]} -gt 0 ]]; then
   [[ -z "${CLOUDLESS_BIN:-}" ]] || die "$BIN lacks ${missing[*]}"
-  echo "==> building the release binaries (${missing[*]} missing)"
-  cargo build --release -p cloudless-coordinator -p cloudless-agent -p cloudless-cli \
+  echo "==> building the dist binaries (${missing[*]} missing; link-time optimised, a few minutes)"
+  cargo build --profile dist -p cloudless-coordinator -p cloudless-agent -p cloudless-cli \
     -p cloudless-runtime --bins
 fi
 
