@@ -375,6 +375,15 @@ impl Collector for NodeCollector {
                 c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
             }
             let mut m = encoder.encode_descriptor(
+                "cloudless_overlay_stream",
+                "Payload bytes carried by overlay streams, by direction (sent, received)",
+                Some(&Unit::Bytes),
+                MetricType::Counter,
+            )?;
+            for (direction, n) in [("sent", s.bytes_sent), ("received", s.bytes_received)] {
+                ConstCounter::new(n).encode(m.encode_family(&[("direction", direction)])?)?;
+            }
+            let mut m = encoder.encode_descriptor(
                 "cloudless_overlay_traversal_attempts",
                 "Attempts to reach a peer with no live connection for a stream, by method (direct, hole_punch, relay) and result (success, failure)",
                 None,

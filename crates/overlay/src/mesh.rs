@@ -123,6 +123,10 @@ pub struct OverlayStats {
     pub streams_refused: u64,
     /// Connections accepted whose peer certificate was checked.
     pub connections_accepted: u64,
+    /// Payload bytes written into streams (a relay counts what it forwards).
+    pub bytes_sent: u64,
+    /// Payload bytes read from streams.
+    pub bytes_received: u64,
     /// How this node tried to reach peers for its streams, by method, and
     /// how often each worked: see [`Traversal`].
     pub traversal: [Traversal; 3],
@@ -149,6 +153,27 @@ struct Counters {
     accepted: AtomicU64,
     /// By method (direct, hole_punch, relay): succeeded, failed.
     traversal: [[AtomicU64; 2]; 3],
+    /// Bytes of every stream, shared with the streams.
+    bytes: Arc<StreamBytes>,
+}
+
+/// Bytes the endpoint's streams carried (payload, not QUIC's overhead).
+#[derive(Debug, Default)]
+pub(crate) struct StreamBytes {
+    /// Written into streams (a relay counts what it forwards).
+    pub(crate) sent: AtomicU64,
+    /// Read from streams.
+    pub(crate) received: AtomicU64,
+}
+
+impl StreamBytes {
+    pub(crate) fn sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// The methods of [`Traversal`], in the order of [`Counters::traversal`].
@@ -372,6 +397,8 @@ impl Overlay {
             streams_relayed: c.relayed.load(Ordering::Relaxed),
             streams_refused: c.refused.load(Ordering::Relaxed),
             connections_accepted: c.accepted.load(Ordering::Relaxed),
+            bytes_sent: c.bytes.sent.load(Ordering::Relaxed),
+            bytes_received: c.bytes.received.load(Ordering::Relaxed),
             traversal: std::array::from_fn(|i| Traversal {
                 method: TRAVERSAL_METHODS[i],
                 succeeded: c.traversal[i][0].load(Ordering::Relaxed),
@@ -628,7 +655,11 @@ impl Overlay {
             });
         }
         self.inner.counters.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(OverlayStream { send, recv })
+        Ok(OverlayStream {
+            send,
+            recv,
+            bytes: self.inner.counters.bytes.clone(),
+        })
     }
 
     /// A live connection to `peer`, dialing its addresses if needed.
@@ -816,7 +847,11 @@ impl Overlay {
                         let key = self.inner.next_served.fetch_add(1, Ordering::Relaxed);
                         let cut = tokio_util::sync::CancellationToken::new();
                         lock(&self.inner.served).insert(key, (origin, target, cut.clone()));
-                        let stream = OverlayStream { send, recv };
+                        let stream = OverlayStream {
+                            send,
+                            recv,
+                            bytes: self.inner.counters.bytes.clone(),
+                        };
                         let moved = AtomicU64::new(0);
                         let _ = stream
                             .join_tcp_until(&mut tcp, cut.cancelled(), NOT_ADMITTED, &moved)
@@ -917,7 +952,11 @@ impl Overlay {
                             return;
                         }
                         self.inner.counters.relayed.fetch_add(1, Ordering::Relaxed);
-                        let near = OverlayStream { send, recv };
+                        let near = OverlayStream {
+                            send,
+                            recv,
+                            bytes: self.inner.counters.bytes.clone(),
+                        };
                         let _ = near.join(far).await;
                     }
                     Err(OverlayError::Refused { reason, .. }) => {
@@ -935,6 +974,8 @@ impl Overlay {
 pub struct OverlayStream {
     pub(crate) send: quinn::SendStream,
     pub(crate) recv: quinn::RecvStream,
+    /// Where its bytes are counted (its endpoint's counters).
+    pub(crate) bytes: Arc<StreamBytes>,
 }
 
 impl AsyncRead for OverlayStream {
@@ -943,7 +984,12 @@ impl AsyncRead for OverlayStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.recv).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.recv).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.bytes.received((buf.filled().len() - before) as u64);
+        }
+        polled
     }
 }
 
@@ -953,7 +999,11 @@ impl AsyncWrite for OverlayStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+        let polled = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.bytes.sent(n as u64);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

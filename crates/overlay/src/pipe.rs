@@ -52,7 +52,11 @@ impl OverlayStream {
         code: u32,
         moved: &AtomicU64,
     ) -> io::Result<(u64, u64)> {
-        let OverlayStream { mut send, mut recv } = self;
+        let OverlayStream {
+            mut send,
+            mut recv,
+            bytes: counted,
+        } = self;
         let (mut from_tcp, mut to_tcp) = tcp.split();
         let up = async {
             let mut total = 0u64;
@@ -73,6 +77,7 @@ impl OverlayStream {
                 total += n as u64;
                 send.write_chunk(buf.split().freeze()).await?;
                 moved.fetch_add(n as u64, Ordering::Relaxed);
+                counted.sent(n as u64);
             }
         };
         let down = async {
@@ -83,6 +88,7 @@ impl OverlayStream {
                 write_all_vectored(&mut to_tcp, &mut chunks[..n]).await?;
                 total += bytes;
                 moved.fetch_add(bytes, Ordering::Relaxed);
+                counted.received(bytes);
             }
             to_tcp.shutdown().await?;
             Ok::<_, io::Error>(total)
@@ -106,13 +112,15 @@ impl OverlayStream {
         let OverlayStream {
             send: mut near_send,
             recv: mut near_recv,
+            bytes: counted,
         } = self;
         let OverlayStream {
             send: mut far_send,
             recv: mut far_recv,
+            ..
         } = far;
-        let there = forward(&mut near_recv, &mut far_send);
-        let back = forward(&mut far_recv, &mut near_send);
+        let there = forward(&mut near_recv, &mut far_send, &counted);
+        let back = forward(&mut far_recv, &mut near_send, &counted);
         let carried = tokio::try_join!(there, back);
         if carried.is_err() {
             for s in [&mut near_send, &mut far_send] {
@@ -126,13 +134,21 @@ impl OverlayStream {
     }
 }
 
-/// Moves every chunk `from` receives to `to`, then finishes `to`.
-async fn forward(from: &mut quinn::RecvStream, to: &mut quinn::SendStream) -> io::Result<u64> {
+/// Moves every chunk `from` receives to `to`, then finishes `to`; counts
+/// what it moves as received and sent.
+async fn forward(
+    from: &mut quinn::RecvStream,
+    to: &mut quinn::SendStream,
+    counted: &crate::mesh::StreamBytes,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut chunks: [Bytes; CHUNKS] = std::array::from_fn(|_| Bytes::new());
     while let Some(n) = from.read_chunks(&mut chunks).await? {
         let mut left = &mut chunks[..n];
-        total += left.iter().map(|c| c.len() as u64).sum::<u64>();
+        let bytes = left.iter().map(|c| c.len() as u64).sum::<u64>();
+        total += bytes;
+        counted.received(bytes);
+        counted.sent(bytes);
         while !left.is_empty() {
             let written = to.write_chunks(left).await?;
             left = &mut left[written.chunks..];

@@ -182,6 +182,11 @@ async fn a_tcp_connection_crosses_the_overlay_both_ways_with_half_close() {
     assert_eq!(a.overlay.stats().streams_opened, 17);
     assert_eq!(b.overlay.stats().connections_accepted, 1);
     assert_eq!(a.overlay.connected_peers(), vec![node("b")]);
+    // What A wrote into its streams B read, and back (payload bytes).
+    let (sa, sb) = (a.overlay.stats(), b.overlay.stats());
+    assert!(sa.bytes_sent > 17, "{sa:?}");
+    assert_eq!(sa.bytes_sent, sb.bytes_received);
+    assert_eq!(sa.bytes_received, sb.bytes_sent);
     // One dial, then the live connection carried every stream.
     assert_eq!(traversal(&a.overlay, "direct"), (1, 0));
     assert_eq!(traversal(&a.overlay, "relay"), (0, 0));

@@ -364,6 +364,10 @@ def workloads():
          w=6, unit="percentunit")
     d.ts("Replica memory (top 10)", [('topk(10, cloudless_agent_replica_memory_bytes{job="agent"})', "{{replica}}")],
          w=6, unit="bytes")
+    d.ts("Replica network received (top 10)", [(f'topk(10, rate(cloudless_agent_replica_network_receive_bytes_total{{job="agent"}}[{RATE}]))', "{{replica}}")],
+         w=6, unit="Bps")
+    d.ts("Replica network sent (top 10)", [(f'topk(10, rate(cloudless_agent_replica_network_transmit_bytes_total{{job="agent"}}[{RATE}]))', "{{replica}}")],
+         w=6, unit="Bps")
     return d
 
 
@@ -378,6 +382,9 @@ def overlay():
          core=True, unit="ops", description="Streams between two nodes carried by a coordinator (devices that cannot dial each other).")
     d.ts("Streams refused", [(f'rate(cloudless_overlay_streams_refused_total{{job="coordinator"}}[{RATE}])', "{{node}}")],
          core=True, unit="ops", description="Bad requests or unreachable nodes.")
+    d.ts("Overlay stream bytes", [
+        (f'sum by (node, direction) (rate(cloudless_overlay_stream_bytes_total{{job="agent"}}[{RATE}]))', "{{node}} {{direction}}"),
+    ], unit="Bps", description="Payload carried by each agent's overlay streams (upstreams, services across nodes, ingress).")
     d.ts("NAT traversal by method and result", [
         (f'sum by (method, result) (increase(cloudless_overlay_traversal_attempts_total{{job="agent"}}[{RATE}]))', "{{method}} {{result}}"),
     ], decimals=0, description="How agents reached peers with no live connection: a direct dial, hole punching after a relay's introduction, or a stream through a relay.")
