@@ -10,7 +10,7 @@ build:
 
 # The binaries users run, link-time optimised (target/dist; see Cargo.toml).
 dist:
-	$(CARGO) build --profile dist -p cloudless-coordinator -p cloudless-agent -p cloudless-cli --bins
+	$(CARGO) build --profile dist -p cloudless-coordinator -p cloudless-agent -p cloudless-cli -p cloudless-runtime --bins
 
 # Builds the binaries first: the multi-process tests start the real cloudless-coordinator.
 test:

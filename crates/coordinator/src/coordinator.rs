@@ -266,6 +266,7 @@ impl Coordinator {
                 per_s: config.limits.node_write_bytes_per_s,
                 burst: config.limits.node_write_burst_bytes,
             }),
+            node_events: crate::rate_limit::RateLimiter::new(crate::agent_service::NODE_EVENT_RATE),
             enrolls: crate::rate_limit::RateLimiter::new(crate::rate_limit::Rate {
                 per_s: config.limits.enrolls_per_s,
                 burst: config.limits.enroll_burst,

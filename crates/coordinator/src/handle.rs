@@ -54,6 +54,8 @@ pub(crate) struct HandleInner {
     pub(crate) node_writes: crate::rate_limit::RateLimiter,
     /// Bytes of write requests each node may send.
     pub(crate) node_write_bytes: crate::rate_limit::RateLimiter,
+    /// Events each node may record (beyond: dropped, not refused).
+    pub(crate) node_events: crate::rate_limit::RateLimiter,
     /// Enrollment attempts per source address.
     pub(crate) enrolls: crate::rate_limit::RateLimiter,
     /// Counters of the secrets and enrollment APIs.
@@ -178,6 +180,11 @@ impl CoordinatorHandle {
     /// [`Self::write_in_parts`].
     pub(crate) fn part_bytes(&self) -> usize {
         self.inner.proposer.max_entry_bytes() / 4
+    }
+
+    /// The per-node limiter of recorded events.
+    pub(crate) fn node_events(&self) -> &crate::rate_limit::RateLimiter {
+        &self.inner.node_events
     }
 
     /// Takes one of `node_id`'s write tokens, or says it has none left.

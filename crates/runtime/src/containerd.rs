@@ -83,15 +83,15 @@ pub fn network_bytes(net_dev: &str) -> (u64, u64) {
         .skip(2)
         .filter_map(|l| l.split_once(':'))
         .filter(|(name, _)| name.trim() != "lo")
-        .map(|(_, counters)| {
-            let mut f = counters
-                .split_whitespace()
-                .map(|v| v.parse::<u64>().unwrap_or(0));
+        .filter_map(|(_, counters)| {
             // receive: bytes packets errs drop fifo frame compressed multicast;
-            // then transmit: bytes ...
-            let received = f.next().unwrap_or(0);
-            let sent = f.nth(7).unwrap_or(0);
-            (received, sent)
+            // then transmit: bytes ... (a line that does not parse is left out)
+            let f: Vec<u64> = counters
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            Some((*f.first()?, *f.get(8)?))
         })
         .fold((0, 0), |(r, s), (r2, s2)| {
             (r.saturating_add(r2), s.saturating_add(s2))
@@ -1377,45 +1377,79 @@ fn pump(mut reader: impl std::io::Read, out: &tokio::sync::mpsc::Sender<Vec<u8>>
     }
 }
 
-/// Copies everything written to `fifo` into `log` (appending) in a task on
-/// the runtime, until the last writer (the shim) closes it; removes the
-/// FIFO then. A task, not a thread: a node runs a copier per container,
-/// and a thread's stack costs more than the task's few bytes (the read
-/// buffer lives only between awaits). Call it while a writer holds the
-/// FIFO open (else it sees the end at once).
+/// Copies everything written to `fifo` into `log` (appending), until the
+/// last writer (the shim) closes it; removes the FIFO then. The FIFO is read
+/// by a task on the runtime and the file written by the node's one log
+/// writer thread ([`log_writer`]): a node runs a copier per container, and
+/// a thread per container costs its stack (about 20 KiB each), while a
+/// slow disk must hold back neither the runtime's workers nor more than
+/// this one thread. Call it while a writer holds the FIFO open: it ends
+/// when the last writer closes it.
 fn copy_output(fifo: &Path, log: &Path) -> Result<(), RuntimeError> {
     let reader = tokio::net::unix::pipe::OpenOptions::new()
         .open_receiver(fifo)
         .map_err(|e| RuntimeError::io(fifo, e))?;
-    let mut writer = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| RuntimeError::io(log, e))?;
+    let file = std::sync::Arc::new(file);
+    let writer = log_writer().clone();
     let fifo = fifo.to_owned();
     tokio::spawn(async move {
-        use std::io::Write as _;
         loop {
             if reader.readable().await.is_err() {
                 break;
             }
-            let mut buf = [0u8; 8192];
-            match reader.try_read(&mut buf) {
-                Ok(0) => break,
-                // An append to a local file: short, like the thread's was.
-                Ok(n) => {
-                    if writer.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
+            // The buffer is not held across the await below (not kept in
+            // the task between reads).
+            let data = {
+                let mut buf = [0u8; 8192];
+                match reader.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => buf[..n].to_vec(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+            };
+            // Waits while the writer is behind: the container's writes
+            // then wait in the FIFO, as they did on a thread of its own.
+            if writer.send((file.clone(), data)).await.is_err() {
+                break;
             }
         }
         let _ = std::fs::remove_file(&fifo);
     });
     Ok(())
+}
+
+/// What the log writer appends: a container's log file and its output.
+type LogChunk = (std::sync::Arc<std::fs::File>, Vec<u8>);
+
+/// The node's log writer: one thread appending every container's output
+/// to its log file, in the order each container wrote it. Started on first
+/// use; if it cannot be started, copiers end (their output is lost, the
+/// containers run on).
+fn log_writer() -> &'static tokio::sync::mpsc::Sender<LogChunk> {
+    static WRITER: std::sync::OnceLock<tokio::sync::mpsc::Sender<LogChunk>> =
+        std::sync::OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<LogChunk>(256);
+        let started = std::thread::Builder::new()
+            .name("container-logs".into())
+            .spawn(move || {
+                use std::io::Write as _;
+                while let Some((file, data)) = rx.blocking_recv() {
+                    let _ = (&*file).write_all(&data);
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start the container log writer; container output is not kept");
+        }
+        tx
+    })
 }
 
 /// A stream over already-built messages.

@@ -32,9 +32,19 @@ impl Events {
     const KEPT: usize = 256;
     /// Most events one report carries (the coordinator's limit).
     pub(crate) const PER_REPORT: usize = 16;
+    /// Longest message the coordinator records.
+    const MESSAGE: usize = 512;
 
-    /// Queues an event of `replica` for the next report.
-    pub(crate) fn push(&self, replica: &str, reason: &str, message: String) {
+    /// Queues an event of `replica` for the next report, its message cut
+    /// to what the coordinator records.
+    pub(crate) fn push(&self, replica: &str, reason: &str, mut message: String) {
+        if message.len() > Self::MESSAGE {
+            let mut at = Self::MESSAGE;
+            while !message.is_char_boundary(at) {
+                at -= 1;
+            }
+            message.truncate(at);
+        }
         if let Ok(mut q) = self.0.lock() {
             if q.len() >= Self::KEPT {
                 q.pop_front();
@@ -430,6 +440,9 @@ async fn attach<R>(r: &Replica<R>, container_id: &str) -> Attached {
 async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
     let (ctx, image) = (&r.ctx, &r.spec.image);
     let mut delay = Duration::from_secs(1);
+    // Events for the first attempt and for each new error, not every retry.
+    let mut last_error: Option<String> = None;
+    let mut first = true;
     loop {
         let cached = ctx.images.lock().await.get(image).cloned();
         if let Some(i) = cached {
@@ -437,8 +450,10 @@ async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
         }
         let started = std::time::Instant::now();
         let span = r.step("cloudless.agent/Pull");
-        ctx.events
-            .push(r.id(), "Pulling", format!("pulling image {image}"));
+        if std::mem::take(&mut first) {
+            ctx.events
+                .push(r.id(), "Pulling", format!("pulling image {image}"));
+        }
         let progress = PullShown::default();
         let show = |p: PullProgress| progress.show(r, &ctx.metrics, p);
         let pulled = tokio::select! {
@@ -464,11 +479,15 @@ async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
             }
             Err(e) => {
                 tracing::warn!(replica = %r.id(), image = %image, error = %e, "image pull failed; retrying");
-                ctx.events.push(
-                    r.id(),
-                    "PullFailed",
-                    format!("image {image}: {e}; retrying in {} s", delay.as_secs()),
-                );
+                let error = e.to_string();
+                if last_error.as_ref() != Some(&error) {
+                    ctx.events.push(
+                        r.id(),
+                        "PullFailed",
+                        format!("image {image}: {error} (retrying with back-off)"),
+                    );
+                    last_error = Some(error);
+                }
                 r.pending(format!(
                     "image pull failed (retrying in {}s): {e}",
                     delay.as_secs()
@@ -483,11 +502,12 @@ async fn pull<R: AgentRuntime>(r: &Replica<R>) -> Option<ImageRef> {
     }
 }
 
-/// An image pull's progress as the replica shows it: its message at most
-/// twice a second (`pulling image X: 12.0 MB of 48.2 MB (24%)`), and the
-/// downloaded bytes counted as they come.
+/// An image pull's progress as the replica shows it: its message (`pulling
+/// image X: 12.0 MB of 48.2 MB (24%)`) at each tenth of the pull or every 10
+/// s, whichever comes first (each change is a status report and a Raft
+/// write), and the downloaded bytes counted as they come.
 #[derive(Default)]
-struct PullShown(std::sync::Mutex<(Option<std::time::Instant>, PullProgress)>);
+struct PullShown(std::sync::Mutex<(Option<(std::time::Instant, u64)>, PullProgress)>);
 
 impl PullShown {
     fn show<R>(&self, r: &Replica<R>, metrics: &crate::metrics::AgentMetrics, p: PullProgress) {
@@ -498,14 +518,17 @@ impl PullShown {
         let fetched = p.done.saturating_sub(p.found);
         metrics.pull_bytes(fetched.saturating_sub(last.done.saturating_sub(last.found)));
         *last = p;
-        if shown.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) && p.done < p.total {
-            return;
-        }
-        *shown = Some(std::time::Instant::now());
         let percent = (p.done.saturating_mul(100))
             .checked_div(p.total)
             .unwrap_or(0)
             .min(100);
+        let due = shown.is_none_or(|(at, tenth)| {
+            percent / 10 > tenth || at.elapsed() >= Duration::from_secs(10)
+        });
+        if !due {
+            return;
+        }
+        *shown = Some((std::time::Instant::now(), percent / 10));
         r.pending(format!(
             "pulling image {}: {} of {} ({percent}%)",
             r.spec.image,
@@ -636,7 +659,9 @@ async fn supervise<R: AgentRuntime>(r: &Replica<R>, replica: ReplicaSpec) -> tra
         let now = rx.borrow_and_update().clone();
         counted.count(&now, &r.ctx.metrics);
         r.set(wire_status(id, &now));
-        if now.ready {
+        if now.ready || now.exits > 0 {
+            // Ready; or its process ended before that (a crash loop would
+            // keep the start open for as long as it lasts).
             step = None;
             r.started();
         } else if now.pid.is_some() && step.is_some() && pid.is_none() {
@@ -884,5 +909,11 @@ mod counted_tests {
             q.push(&format!("r-{i}"), "Pulling", String::new());
         }
         assert_eq!(q.take()[0].replica_id, "r-744");
+        // Messages are cut to what the coordinator records, at a character.
+        let q = super::Events::default();
+        q.push("r", "PullFailed", "é".repeat(400));
+        let m = &q.take()[0].message;
+        assert_eq!(m.len(), 512);
+        assert!(m.chars().all(|c| c == 'é'));
     }
 }

@@ -29,6 +29,13 @@ mod watch;
 use heartbeat::status_from_wire;
 use status_report::{report_events, status_updates};
 
+/// How many events one node may record: one a second, 64 at once (a
+/// rollout to a node pulls a few images at once).
+pub(crate) const NODE_EVENT_RATE: crate::rate_limit::Rate = crate::rate_limit::Rate {
+    per_s: 1,
+    burst: 64,
+};
+
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
 pub struct AgentApi {
@@ -138,7 +145,15 @@ impl AgentService for AgentApi {
         self.handle
             .charge_node_bytes(&id, prost::Message::encoded_len(req.get_ref()));
         let mut req = req.into_inner();
-        let events = report_events(self.handle.reader(), &id, std::mem::take(&mut req.events))?;
+        let mut events = report_events(self.handle.reader(), &id, std::mem::take(&mut req.events))?;
+        // Events share the cluster's retention: a node records at most
+        // NODE_EVENT_RATE of them (the rest are dropped, the statuses kept).
+        let now = std::time::Instant::now();
+        let before = events.len();
+        events.retain(|_| self.handle.node_events().try_take(&id, now));
+        if events.len() < before {
+            tracing::debug!(node_id = %id, dropped = before - events.len(), "node over its event rate; events dropped");
+        }
         let updates = status_updates(self.handle.reader(), &id, req)?;
         // A report of every replica a big node holds can exceed what one
         // Raft entry may carry: write it in parts.

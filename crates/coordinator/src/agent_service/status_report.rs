@@ -14,42 +14,51 @@ pub(crate) const MAX_STATUS_ENTRIES: usize = 512;
 pub(crate) const MAX_ADDRESS_LEN: usize = 64;
 /// Most events one status report may carry.
 pub(crate) const MAX_REPORT_EVENTS: usize = 16;
-/// Longest event message a report may carry.
+/// Longest event message recorded (longer ones are cut).
 pub(crate) const MAX_EVENT_MESSAGE: usize = 512;
-/// The reasons an agent may report.
+/// The reasons an agent may report (others are dropped: a newer agent's
+/// events must not stop its statuses from being written).
 pub(crate) const AGENT_EVENT_REASONS: [&str; 3] = ["Pulling", "Pulled", "PullFailed"];
 
-/// The events a node's status report records: each checked (a reason the
-/// agent may report, a bounded message), for a replica assigned to the
-/// node (others are dropped, as for statuses), recorded as its workload's
-/// event naming the replica and the node.
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+    }
+    text
+}
+
+/// The events a node's status report records, for replicas assigned to the
+/// node (others are dropped, as for statuses), each as its workload's event
+/// naming the replica and the node, its message cut to
+/// [`MAX_EVENT_MESSAGE`]. More than [`MAX_REPORT_EVENTS`] refuse the report;
+/// a reason agents do not report is dropped.
 pub(crate) fn report_events(
     reader: &StateReader,
     id: &str,
     events: Vec<v1::ReplicaEvent>,
 ) -> Result<Vec<cloudless_types::EventRecord>, Status> {
-    let invalid = |m: String| Status::from(CoordinatorError::InvalidArgument(m));
     if events.len() > MAX_REPORT_EVENTS {
-        return Err(invalid(format!(
+        return Err(Status::from(CoordinatorError::InvalidArgument(format!(
             "events: {} entries; a report carries at most {MAX_REPORT_EVENTS}",
             events.len()
-        )));
+        ))));
     }
-    for (i, e) in events.iter().enumerate() {
-        if !AGENT_EVENT_REASONS.contains(&e.reason.as_str()) {
-            let shown: String = e.reason.chars().take(32).collect();
-            return Err(invalid(format!(
-                "events[{i}].reason: {shown:?} is not one of {}",
-                AGENT_EVENT_REASONS.join(", ")
-            )));
-        }
-        if e.message.len() > MAX_EVENT_MESSAGE {
-            return Err(invalid(format!(
-                "events[{i}].message: {} bytes; at most {MAX_EVENT_MESSAGE}",
-                e.message.len()
-            )));
-        }
-    }
+    let events: Vec<v1::ReplicaEvent> = events
+        .into_iter()
+        .filter(|e| {
+            let known = AGENT_EVENT_REASONS.contains(&e.reason.as_str());
+            if !known {
+                let shown: String = e.reason.chars().take(32).collect();
+                tracing::debug!(node_id = %id, reason = %shown, "event of a reason agents do not report; dropped");
+            }
+            known
+        })
+        .collect();
     if events.is_empty() {
         return Ok(Vec::new());
     }
@@ -73,7 +82,11 @@ pub(crate) fn report_events(
                 namespace: r.namespace.clone(),
                 object: r.workload.clone(),
                 reason: e.reason,
-                message: format!("replica {} on {node}: {}", r.id, e.message),
+                message: format!(
+                    "replica {} on {node}: {}",
+                    r.id,
+                    cut(e.message, MAX_EVENT_MESSAGE)
+                ),
             })
         })
         .collect())
