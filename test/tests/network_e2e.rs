@@ -177,7 +177,7 @@ async fn replicas_get_a_network_of_their_own() {
             .iter()
             .find(|a| a.name == r.node_name)
             .expect("the replica's agent");
-        let scrape = scrape(&agent.metrics_addr);
+        let scrape = cloudless_test::http_get(&agent.metrics_addr, "/metrics").1;
         for (name, least) in [
             ("cloudless_agent_replica_network_receive_bytes_total", 100.0),
             ("cloudless_agent_replica_network_transmit_bytes_total", 50.0),
@@ -640,16 +640,4 @@ fn first_line_from(netns: &Path, to: SocketAddr) -> Result<String, String> {
             .to_owned())
     })
     .map_err(|e| e.to_string())
-}
-
-/// The text an agent's `/metrics` serves.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("response");
-    text
 }

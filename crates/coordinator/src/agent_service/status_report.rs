@@ -169,14 +169,7 @@ pub(super) fn status_updates(
             tracing::debug!(node_id = %id, replica = %r.replica_id, "status for a replica not assigned to the node; dropped");
             continue;
         }
-        let mut message = r.message;
-        if message.len() > 1024 {
-            let mut cut = 1024;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        let message = cut(r.message, 1024);
         let address = checked_address(id, &r.replica_id, r.address, subnet.as_ref());
         updates.push(ReplicaUpdate {
             id: r.replica_id,
