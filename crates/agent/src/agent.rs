@@ -179,6 +179,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         overlay: mesh.as_ref().map(|m| m.overlay().clone()),
         contact: contact.clone(),
         probes: None,
+        proxy: None,
     };
     let mut workloads = match &config.runtime {
         Some(rc) => {
@@ -187,6 +188,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             collector.statuses = runner.statuses();
             collector.usage = Some(runner.usage_fn());
             collector.probes = Some(runner.probe_counts());
+            collector.proxy = Some(runner.proxy());
             runner.set_mesh(mesh.clone());
             runner.set_node_id(&identity.node_id);
             Some(tokio::spawn(crate::workloads::run(

@@ -189,6 +189,25 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "node".into())
 }
 
+/// Raises the soft limit of open files to the hard one, as Go's runtime
+/// does: the service proxy carries up to 16,384 connections per listener,
+/// two descriptors each, far past the usual soft limit of 1,024.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the limit of open files");
+            }
+        }
+        Ok((soft, _)) if soft < 65_536 => {
+            tracing::warn!(soft, "the limit of open files is low: the service proxy may refuse connections (raise LimitNOFILE)");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the limit of open files"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Checked before anything starts (the runner checks again).
@@ -282,6 +301,7 @@ fn main() -> ExitCode {
         let _runtime = rt.enter();
         cloudless_telemetry::init(Some("cloudless-agent"), cli.log_format, &cli.log_filter)
     };
+    raise_open_files_limit();
     let code = rt.block_on(async move {
         let cancel = CancellationToken::new();
         let stop = cancel.clone();

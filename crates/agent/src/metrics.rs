@@ -224,6 +224,8 @@ pub(crate) struct NodeCollector {
     pub(crate) contact: crate::workloads::Contact,
     /// Probe results of every replica, from the supervisor.
     pub(crate) probes: Option<Arc<cloudless_runtime::ProbeCounts>>,
+    /// The service proxy, once the node's network is up.
+    pub(crate) proxy: Option<crate::workloads::SharedProxy>,
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -402,6 +404,39 @@ impl Collector for NodeCollector {
                 None,
                 g.metric_type(),
             )?)?;
+        }
+        {
+            // Zero until the node's network is up (no proxy, nothing carried).
+            let stats = self
+                .proxy
+                .as_ref()
+                .and_then(|p| p.get())
+                .map(|p| p.stats())
+                .unwrap_or_default();
+            let pools = [("vip", stats.vips), ("ingress", stats.ingress)];
+            let mut m = encoder.encode_descriptor(
+                "cloudless_agent_proxy_connections",
+                "Connections the node's service proxy carries now, by listener (vip: replicas to service VIPs; ingress: from outside)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (listener, pool) in pools {
+                ConstGauge::new(i64::try_from(pool.open).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&[("listener", listener)])?)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "cloudless_agent_proxy_closed_connections",
+                "Connections the service proxy closed itself, by listener and reason (source_limit, source_rate, idle, idle_under_pressure)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (listener, pool) in pools {
+                for why in cloudless_network::proxy::Closed::ALL {
+                    ConstCounter::new(pool.closed_for(why)).encode(
+                        m.encode_family(&[("listener", listener), ("reason", why.as_str())])?,
+                    )?;
+                }
+            }
         }
         Ok(())
     }

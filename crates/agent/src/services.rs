@@ -88,6 +88,11 @@ impl Drop for ServicePlane {
 }
 
 impl ServicePlane {
+    /// The node's service proxy.
+    pub(crate) fn proxy(&self) -> Arc<ServiceProxy> {
+        self.proxy.clone()
+    }
+
     /// Starts the resolver and the proxy on `net`'s bridge address for the
     /// node `here`. What cannot listen is logged (replicas then lack names
     /// or VIPs, not their network).

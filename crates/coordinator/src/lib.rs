@@ -23,7 +23,7 @@ mod peer_cache;
 mod proposer;
 mod raft_network;
 mod raft_service;
-mod rate_limit;
+use cloudless_types::rate_limit;
 mod reconciler;
 mod refusals;
 mod rejoin;

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use cloudless_types::rate_limit::{address_key, Rate, RateLimiter};
+
 use crate::balancer::{Balancer, Here};
 use crate::services::{Endpoint, Service, SharedServices};
 
@@ -95,11 +97,8 @@ pub type CallerLookup = Arc<dyn Fn(IpAddr) -> Option<Caller> + Send + Sync>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most endpoints tried for one connection.
 const MAX_TRIES: usize = 3;
-/// Most connections carried at once (more wait in the accept queue).
-const MAX_CONNECTIONS: usize = 16_384;
-
-/// What one source may hold of the proxy, and how long a connection may
-/// stay quiet.
+/// What one source may hold of the proxy, how fast it may open connections,
+/// and how long a connection may stay quiet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyLimits {
     /// Most connections open at once from one address (a replica of this
@@ -109,6 +108,19 @@ pub struct ProxyLimits {
     /// A connection that carries no byte either way for this long is
     /// closed (its slot freed).
     pub idle_timeout: Duration,
+    /// Most connections carried at once by each of the proxy's two pools:
+    /// replicas' connections to service VIPs, and ingress connections from
+    /// outside (which so cannot take the slots of the node's own callers).
+    /// More wait in the listener's backlog.
+    pub max_connections: usize,
+    /// Once a pool holds more than three quarters of `max_connections`, a
+    /// connection in it that has been quiet this long is closed (as Envoy's
+    /// overload manager shortens idle timeouts): idle connections, however
+    /// many sources hold them, cannot keep the slots from live ones.
+    pub idle_timeout_under_pressure: Duration,
+    /// New ingress connections one source (an address, or an IPv6 /64) may
+    /// open: more are closed as accepted.
+    pub ingress_rate: Rate,
 }
 
 impl Default for ProxyLimits {
@@ -116,8 +128,117 @@ impl Default for ProxyLimits {
         Self {
             per_source: 1024,
             idle_timeout: Duration::from_secs(3600),
+            max_connections: 16_384,
+            idle_timeout_under_pressure: Duration::from_secs(30),
+            ingress_rate: Rate {
+                per_s: 500,
+                burst: 1000,
+            },
         }
     }
+}
+
+/// Why the proxy closed a connection it had accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Closed {
+    /// Its source already held [`ProxyLimits::per_source`] connections.
+    SourceLimit,
+    /// Its source opened connections faster than
+    /// [`ProxyLimits::ingress_rate`].
+    SourceRate,
+    /// Quiet for [`ProxyLimits::idle_timeout`].
+    Idle,
+    /// Quiet for [`ProxyLimits::idle_timeout_under_pressure`] while its pool
+    /// was nearly full.
+    IdleUnderPressure,
+}
+
+impl Closed {
+    /// Every reason, in the order of [`PoolStats::closed`].
+    pub const ALL: [Self; 4] = [
+        Self::SourceLimit,
+        Self::SourceRate,
+        Self::Idle,
+        Self::IdleUnderPressure,
+    ];
+
+    /// Its name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SourceLimit => "source_limit",
+            Self::SourceRate => "source_rate",
+            Self::Idle => "idle",
+            Self::IdleUnderPressure => "idle_under_pressure",
+        }
+    }
+}
+
+/// One pool of connection slots and what happened in it.
+#[derive(Debug)]
+struct Pool {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    closed: [AtomicU64; 4],
+}
+
+impl Pool {
+    fn new(max: usize) -> Self {
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+            closed: Default::default(),
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
+    }
+
+    /// More than three quarters of the slots taken.
+    fn under_pressure(&self) -> bool {
+        self.open() > self.max / 4 * 3
+    }
+
+    fn count(&self, why: Closed) {
+        let i = Closed::ALL.iter().position(|c| *c == why).unwrap_or(0);
+        self.closed[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn stats(&self) -> PoolStats {
+        PoolStats {
+            open: self.open(),
+            closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// A pool's connections now and those it closed, by reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Connections carried now.
+    pub open: usize,
+    /// Connections closed by the proxy, in the order of [`Closed::ALL`].
+    pub closed: [u64; 4],
+}
+
+impl PoolStats {
+    /// Connections the proxy closed for `why`.
+    pub fn closed_for(&self, why: Closed) -> u64 {
+        Closed::ALL
+            .iter()
+            .position(|c| *c == why)
+            .map_or(0, |i| self.closed[i])
+    }
+}
+
+/// What the proxy carries and has refused, by pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProxyStats {
+    /// Replicas' connections to service VIPs.
+    pub vips: PoolStats,
+    /// Connections from outside through this node's ingress.
+    pub ingress: PoolStats,
 }
 
 /// The node's service proxy.
@@ -128,8 +249,10 @@ pub struct ServiceProxy {
     open: Mutex<HashMap<String, usize>>,
     dialer: Arc<dyn Dialer>,
     callers: CallerLookup,
-    slots: Arc<tokio::sync::Semaphore>,
     limits: ProxyLimits,
+    vips: Pool,
+    ingress: Pool,
+    ingress_rate: RateLimiter,
     per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -184,8 +307,10 @@ impl ServiceProxy {
             open: Mutex::default(),
             dialer,
             callers,
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             limits,
+            vips: Pool::new(limits.max_connections),
+            ingress: Pool::new(limits.max_connections),
+            ingress_rate: RateLimiter::new(limits.ingress_rate),
             per_source: Arc::default(),
         })
     }
@@ -203,25 +328,56 @@ impl ServiceProxy {
             .clone()
     }
 
+    /// Connections carried now and those closed, by pool.
+    pub fn stats(&self) -> ProxyStats {
+        ProxyStats {
+            vips: self.vips.stats(),
+            ingress: self.ingress.stats(),
+        }
+    }
+
+    fn pool(&self, caller: &Caller) -> &Pool {
+        match caller {
+            Caller::Ingress => &self.ingress,
+            Caller::Workload { .. } => &self.vips,
+        }
+    }
+
     /// Accepts on `listener` until aborted, handling each connection on a
-    /// task of its own while a slot is free (more wait in the backlog).
-    async fn accept_loop<F, Fut>(self: Arc<Self>, listener: TcpListener, handle: F)
+    /// task of its own while a slot of the pool for `kind` is free (more
+    /// wait in the backlog).
+    async fn accept_loop<F, Fut>(self: Arc<Self>, listener: TcpListener, kind: Kind, handle: F)
     where
         F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let pool = match kind {
+            Kind::Vips => &self.vips,
+            Kind::Ingress => &self.ingress,
+        };
+        let slots = pool.slots.clone();
         loop {
             let Ok((conn, from)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            if kind == Kind::Ingress
+                && !self
+                    .ingress_rate
+                    .try_take(&address_key(from.ip()), std::time::Instant::now())
+            {
+                pool.count(Closed::SourceRate);
+                tracing::debug!(from = %from, "closed a connection: its source opens them faster than it may");
+                continue;
+            }
             let Some(source) =
                 SourceGuard::take(&self.per_source, from.ip(), self.limits.per_source)
             else {
+                pool.count(Closed::SourceLimit);
                 tracing::debug!(from = %from, limit = self.limits.per_source, "closed a connection: its source holds the most it may");
                 continue;
             };
-            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
             let work = handle(self.clone(), conn, from);
@@ -235,7 +391,7 @@ impl ServiceProxy {
 
     /// Carries connections redirected from service VIPs, until aborted.
     pub async fn serve_vips(self: Arc<Self>, listener: TcpListener) {
-        self.accept_loop(listener, |me, conn, from| async move {
+        self.accept_loop(listener, Kind::Vips, |me, conn, from| async move {
             if let Err(e) = me.vip_connection(conn, from).await {
                 tracing::debug!(from = %from, error = %e, "service connection refused");
             }
@@ -271,7 +427,7 @@ impl ServiceProxy {
         name: String,
         port: u16,
     ) {
-        self.accept_loop(listener, move |me, conn, from| {
+        self.accept_loop(listener, Kind::Ingress, move |me, conn, from| {
             let (ns, n) = (namespace.clone(), name.clone());
             async move {
                 let found = me
@@ -371,8 +527,9 @@ impl ServiceProxy {
                 () = self.left(svc.vip, &e.replica_id, caller) => {
                     tracing::info!(replica = %e.replica_id, service = %svc.name, caller = %caller, "cut a connection: its endpoint left the service or the service no longer admits the caller");
                 }
-                () = idle(&moved, self.limits.idle_timeout) => {
-                    tracing::debug!(replica = %e.replica_id, service = %svc.name, caller = %caller, "closed an idle connection");
+                why = idle(&moved, &self.limits, self.pool(caller)) => {
+                    self.pool(caller).count(why);
+                    tracing::debug!(replica = %e.replica_id, service = %svc.name, caller = %caller, reason = why.as_str(), "closed an idle connection");
                 }
             }
             return Ok(());
@@ -402,9 +559,18 @@ impl ServiceProxy {
     }
 }
 
-/// Resolves once `moved` has not changed for `timeout`.
-async fn idle(moved: &AtomicU64, timeout: Duration) {
-    let tick = (timeout / 4).max(Duration::from_millis(50));
+/// Which of the proxy's listeners accepted a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Vips,
+    Ingress,
+}
+
+/// Resolves once `moved` has not changed for the idle timeout of `limits`,
+/// or for the shorter one while `pool` is under pressure; says which.
+async fn idle(moved: &AtomicU64, limits: &ProxyLimits, pool: &Pool) -> Closed {
+    let shortest = limits.idle_timeout.min(limits.idle_timeout_under_pressure);
+    let tick = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
     let mut seen = moved.load(Ordering::Relaxed);
     let mut quiet_since = tokio::time::Instant::now();
     loop {
@@ -413,8 +579,14 @@ async fn idle(moved: &AtomicU64, timeout: Duration) {
         if now != seen {
             seen = now;
             quiet_since = tokio::time::Instant::now();
-        } else if quiet_since.elapsed() >= timeout {
-            return;
+            continue;
+        }
+        let quiet = quiet_since.elapsed();
+        if quiet >= limits.idle_timeout {
+            return Closed::Idle;
+        }
+        if quiet >= limits.idle_timeout_under_pressure && pool.under_pressure() {
+            return Closed::IdleUnderPressure;
         }
     }
 }
@@ -532,8 +704,9 @@ mod tests {
     }
 
     /// An ingress listener of a proxy with `limits`, carrying to a service
-    /// whose one endpoint is the echo server; the listener's address.
-    async fn ingress(limits: ProxyLimits) -> SocketAddr {
+    /// whose one endpoint is the echo server; the listener's address and
+    /// the proxy.
+    async fn ingress(limits: ProxyLimits) -> (SocketAddr, Arc<ServiceProxy>) {
         let port = echo_server().await;
         let svc = Service {
             namespace: "ns".into(),
@@ -568,8 +741,12 @@ mod tests {
         );
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
-        tokio::spawn(proxy.serve_ingress(l, "ns".into(), "api".into(), port));
-        addr
+        tokio::spawn(
+            proxy
+                .clone()
+                .serve_ingress(l, "ns".into(), "api".into(), port),
+        );
+        (addr, proxy)
     }
 
     /// Sends `msg` and reads the echo; `None` if the connection is closed.
@@ -593,9 +770,9 @@ mod tests {
 
     #[tokio::test]
     async fn one_source_holds_at_most_its_share_of_connections() {
-        let at = ingress(ProxyLimits {
+        let (at, _) = ingress(ProxyLimits {
             per_source: 2,
-            idle_timeout: Duration::from_secs(3600),
+            ..ProxyLimits::default()
         })
         .await;
         let mut c1 = TcpStream::connect(at).await.expect("connect");
@@ -632,9 +809,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_quiet_connection_is_closed_and_a_busy_one_kept() {
-        let at = ingress(ProxyLimits {
+        let (at, proxy) = ingress(ProxyLimits {
             per_source: 16,
             idle_timeout: Duration::from_millis(400),
+            ..ProxyLimits::default()
         })
         .await;
         let mut quiet = TcpStream::connect(at).await.expect("connect");
@@ -653,5 +831,95 @@ mod tests {
             closed(&mut quiet).await,
             "the quiet connection is still open"
         );
+        let closed_idle = proxy.stats().ingress.closed_for(Closed::Idle);
+        assert_eq!(closed_idle, 1, "{:?}", proxy.stats());
+    }
+
+    #[tokio::test]
+    async fn a_nearly_full_pool_closes_quiet_connections_sooner_and_admits_new_ones() {
+        let (at, proxy) = ingress(ProxyLimits {
+            per_source: 16,
+            max_connections: 4,
+            idle_timeout_under_pressure: Duration::from_millis(300),
+            ..ProxyLimits::default()
+        })
+        .await;
+        let mut quiet = TcpStream::connect(at).await.expect("connect");
+        assert!(exchange(&mut quiet, b"hi").await.is_some());
+        // Below pressure, a quiet connection stays (its timeout is an hour).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(exchange(&mut quiet, b"still").await.is_some());
+        let mut busy = Vec::new();
+        for _ in 0..3 {
+            let mut c = TcpStream::connect(at).await.expect("connect");
+            assert!(exchange(&mut c, b"x").await.is_some());
+            busy.push(c);
+        }
+        assert_eq!(proxy.stats().ingress.open, 4);
+        // Full: a fifth waits in the backlog until the quiet one is closed.
+        let mut fifth = TcpStream::connect(at).await.expect("connect");
+        let answered = tokio::spawn(async move { exchange(&mut fifth, b"fifth").await });
+        for round in 0..20u8 {
+            for c in &mut busy {
+                assert_eq!(
+                    exchange(c, &[round]).await.as_deref(),
+                    Some(&[round][..]),
+                    "a busy connection was cut"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            closed(&mut quiet).await,
+            "the quiet connection kept its slot"
+        );
+        assert_eq!(
+            answered.await.expect("join").as_deref(),
+            Some(&b"fifth"[..]),
+            "the waiting connection was not carried"
+        );
+        assert_eq!(
+            proxy.stats().ingress.closed_for(Closed::IdleUnderPressure),
+            1,
+            "{:?}",
+            proxy.stats()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ingress_source_opening_connections_too_fast_is_refused() {
+        let (at, proxy) = ingress(ProxyLimits {
+            ingress_rate: Rate { per_s: 1, burst: 3 },
+            ..ProxyLimits::default()
+        })
+        .await;
+        let mut kept = Vec::new();
+        for i in 0..3u8 {
+            let mut c = TcpStream::connect(at).await.expect("connect");
+            assert_eq!(exchange(&mut c, &[i]).await.as_deref(), Some(&[i][..]));
+            kept.push(c);
+        }
+        let mut fourth = TcpStream::connect(at).await.expect("connect");
+        assert!(
+            closed(&mut fourth).await,
+            "a fourth connection at once was carried"
+        );
+        assert_eq!(
+            proxy.stats().ingress.closed_for(Closed::SourceRate),
+            1,
+            "{:?}",
+            proxy.stats()
+        );
+        // The rate refills: a second later there is room for one more, and
+        // the open connections were never touched.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut later = TcpStream::connect(at).await.expect("connect");
+        assert_eq!(
+            exchange(&mut later, b"later").await.as_deref(),
+            Some(&b"later"[..])
+        );
+        for c in &mut kept {
+            assert_eq!(exchange(c, b"ok").await.as_deref(), Some(&b"ok"[..]));
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Cloudless domain types. No I/O, no async: everything here is plain data and
-//! the validation rules that keep bad input out of the Raft log.
+//! Cloudless domain types. No I/O, no async: everything here is plain data,
+//! the validation rules that keep bad input out of the Raft log, and the
+//! token buckets ([`rate_limit`]) that bound what one caller may cost.
 
 mod closed_set;
 mod cluster_config;
@@ -7,6 +8,7 @@ mod container;
 mod identity;
 mod network;
 mod node_capacity;
+pub mod rate_limit;
 mod secret;
 mod service;
 mod validation;

@@ -373,7 +373,7 @@ def workloads():
 
 def overlay():
     d = Dash("cloudless-overlay", "Cloudless / Overlay and NAT",
-             "The QUIC overlay: peers connected to each coordinator relay and agent, relayed and refused streams.")
+             "The QUIC overlay: peers connected to each coordinator relay and agent, relayed and refused streams; the agents' service proxies.")
     d.ts("Connected overlay peers", [('cloudless_overlay_connected_peers', "{{job}} {{node}}")], core=True, decimals=0,
          description="Coordinators: nodes with a live connection to the relay. Agents: peers connected.")
     d.ts("Connections accepted", [(f'rate(cloudless_overlay_connections_accepted_total{{job="coordinator"}}[{RATE}])', "{{node}}")],
@@ -391,6 +391,12 @@ def overlay():
     d.ts("Agents' streams through a relay", [
         (f'sum by (node) (increase(cloudless_overlay_traversal_attempts_total{{job="agent", method="relay", result="success"}}[{RATE}]))', "{{node}}"),
     ], decimals=0, description="Streams an agent could open only through a relay (its peer could be neither dialed nor punched).")
+    d.ts("Service proxy connections", [
+        ('sum by (node, listener) (cloudless_agent_proxy_connections{job="agent"})', "{{node}} {{listener}}"),
+    ], decimals=0, description="Connections each node's service proxy carries: replicas to service VIPs (vip) and from outside (ingress); 16,384 slots each.")
+    d.ts("Connections the proxy closed", [
+        (f'sum by (listener, reason) (increase(cloudless_agent_proxy_closed_connections_total{{job="agent"}}[{RATE}]))', "{{listener}} {{reason}}"),
+    ], decimals=0, description="Refused at once (a source over its 1,024 connections or, at ingress, its rate) or closed idle; idle_under_pressure means a listener was nearly full.")
     return d
 
 

@@ -34,6 +34,7 @@ pub use crate::tunnel::tunnel;
 pub use config::{NetworkSettings, RuntimeConfig, SecurityPolicyConfig};
 pub(crate) use replica::Statuses as SharedStatuses;
 pub use runner::Runner;
+pub(crate) use runner::SharedProxy;
 pub use runtime::{AgentRuntime, ReplicaUsage};
 pub use spec::{container_id, DEFAULT_PIDS_LIMIT};
 

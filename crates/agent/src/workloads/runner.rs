@@ -55,7 +55,12 @@ pub struct Runner<R = Containerd> {
     collected: bool,
     /// This node (for the service proxy's locality).
     node_id: String,
+    /// The service proxy, once the node's network is up.
+    proxy: SharedProxy,
 }
+
+/// The node's service proxy, once it runs (read by the metrics).
+pub(crate) type SharedProxy = Arc<std::sync::OnceLock<Arc<cloudless_network::proxy::ServiceProxy>>>;
 
 impl<R> std::fmt::Debug for Runner<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,6 +195,7 @@ impl<R: AgentRuntime> Runner<R> {
             parked: std::collections::HashSet::new(),
             net: super::network::NodeNet::new(config.network.clone()),
             collected: false,
+            proxy: SharedProxy::default(),
             node_id: String::new(),
         }
     }
@@ -276,6 +282,11 @@ impl<R: AgentRuntime> Runner<R> {
         self.ctx.supervisor.probe_counts()
     }
 
+    /// The node's service proxy, once the node's network is up.
+    pub(crate) fn proxy(&self) -> SharedProxy {
+        self.proxy.clone()
+    }
+
     /// A container's CPU seconds and memory bytes, read from its cgroup.
     pub(crate) fn usage_fn(&self) -> crate::metrics::UsageFn
     where
@@ -299,6 +310,7 @@ impl<R: AgentRuntime> Runner<R> {
             };
             let plane =
                 crate::services::ServicePlane::start(net, here, self.ctx.mesh.clone()).await;
+            let _ = self.proxy.set(plane.proxy());
             self.ctx.services = Some(Arc::new(plane));
         }
         if let Some(plane) = &self.ctx.services {

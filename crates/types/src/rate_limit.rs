@@ -1,5 +1,6 @@
-//! Token buckets per caller: how often one node (or one source address) may
-//! make the leader do work that ends in a Raft write.
+//! Token buckets per caller: how often one caller (a node, a source
+//! address) may do something that costs the receiver, such as making the
+//! leader write to Raft or opening a connection through a node's ingress.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
