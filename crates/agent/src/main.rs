@@ -189,21 +189,21 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "node".into())
 }
 
-/// Raises the soft limit of open files to the hard one, as Go's runtime
-/// does: the service proxy carries up to 16,384 connections per listener,
-/// two descriptors each, far past the usual soft limit of 1,024.
+/// Raises the soft limit of open files to the hard one (at most 2^20), as
+/// Go's runtime does: the service proxy carries up to 16,384 connections
+/// per pool, two descriptors each, far past the usual soft limit of 1,024.
+/// The proxy sizes its pools to the limit it finds (warned about when low).
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(soft, hard, error = %e, "cannot raise the limit of open files");
+        Ok((soft, hard)) => {
+            let want = hard.min(1 << 20);
+            if soft < want {
+                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                    tracing::warn!(soft, hard, error = %e, "cannot raise the limit of open files");
+                }
             }
         }
-        Ok((soft, _)) if soft < 65_536 => {
-            tracing::warn!(soft, "the limit of open files is low: the service proxy may refuse connections (raise LimitNOFILE)");
-        }
-        Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the limit of open files"),
     }
 }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use cloudless_network::balancer::Here;
 use cloudless_network::dns::Resolver;
-use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialed, Dialer, ServiceProxy};
+use cloudless_network::proxy::{
+    BridgeDialer, Caller, DialFuture, Dialed, Dialer, ProxyLimits, ServiceProxy,
+};
 use cloudless_network::services::{
     Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
 };
@@ -87,6 +89,21 @@ impl Drop for ServicePlane {
     }
 }
 
+/// The proxy's limits for this process's limit of open files.
+fn proxy_limits() -> ProxyLimits {
+    use nix::sys::resource::{getrlimit, Resource};
+    let files = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let limits = ProxyLimits::for_open_files(files);
+    if files < ProxyLimits::default().open_files_needed() {
+        tracing::warn!(
+            open_files = files,
+            connections = limits.max_connections,
+            "the limit of open files is low: the service proxy carries at most this many connections per pool (raise LimitNOFILE)"
+        );
+    }
+    limits
+}
+
 impl ServicePlane {
     /// The node's service proxy.
     pub(crate) fn proxy(&self) -> Arc<ServiceProxy> {
@@ -102,7 +119,7 @@ impl ServicePlane {
             .map_or_else(SharedServices::default, |m| m.services());
         let callers: Callers = Arc::default();
         let lookup = callers.clone();
-        let proxy = ServiceProxy::new(
+        let proxy = ServiceProxy::with_limits(
             services.clone(),
             here.clone(),
             Arc::new(BridgeDialer {
@@ -110,6 +127,7 @@ impl ServicePlane {
                 remote: OverlayDialer(mesh.clone()),
             }),
             Arc::new(move |ip| lock(&lookup).get(&ip).cloned()),
+            proxy_limits(),
         );
         let gateway = net.gateway();
         let config = net.config();

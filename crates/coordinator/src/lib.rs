@@ -23,7 +23,6 @@ mod peer_cache;
 mod proposer;
 mod raft_network;
 mod raft_service;
-use cloudless_types::rate_limit;
 mod reconciler;
 mod refusals;
 mod rejoin;
@@ -38,6 +37,8 @@ mod state_metrics;
 mod tls;
 mod tunnel;
 mod workload_service;
+
+use cloudless_types::rate_limit;
 
 pub use admins::issue_admin_offline;
 pub use clock::now_ms;

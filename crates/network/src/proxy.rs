@@ -101,19 +101,22 @@ const MAX_TRIES: usize = 3;
 /// and how long a connection may stay quiet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyLimits {
-    /// Most connections open at once from one address (a replica of this
-    /// node, or a client of the ingress); more are closed as accepted, so
-    /// no one source takes every slot.
+    /// Most connections to service VIPs open at once from one replica
+    /// address; more are closed as accepted, so no one replica takes every
+    /// slot.
     pub per_source: usize,
+    /// Most ingress connections open at once from one source (an address,
+    /// or an IPv6 /64).
+    pub ingress_per_source: usize,
     /// A connection that carries no byte either way for this long is
     /// closed (its slot freed).
     pub idle_timeout: Duration,
     /// Most connections carried at once by each of the proxy's two pools:
     /// replicas' connections to service VIPs, and ingress connections from
     /// outside (which so cannot take the slots of the node's own callers).
-    /// More wait in the listener's backlog.
+    /// More are closed as accepted (as Envoy's connection limit does).
     pub max_connections: usize,
-    /// Once a pool holds more than three quarters of `max_connections`, a
+    /// While a pool holds more than three quarters of `max_connections`, a
     /// connection in it that has been quiet this long is closed (as Envoy's
     /// overload manager shortens idle timeouts): idle connections, however
     /// many sources hold them, cannot keep the slots from live ones.
@@ -123,12 +126,18 @@ pub struct ProxyLimits {
     pub ingress_rate: Rate,
 }
 
+/// Most connections per pool.
+const MAX_CONNECTIONS: usize = 16_384;
+/// Open files kept for everything but the proxy's connections.
+const RESERVED_FILES: u64 = 1024;
+
 impl Default for ProxyLimits {
     fn default() -> Self {
         Self {
             per_source: 1024,
+            ingress_per_source: 256,
             idle_timeout: Duration::from_secs(3600),
-            max_connections: 16_384,
+            max_connections: MAX_CONNECTIONS,
             idle_timeout_under_pressure: Duration::from_secs(30),
             ingress_rate: Rate {
                 per_s: 500,
@@ -138,26 +147,51 @@ impl Default for ProxyLimits {
     }
 }
 
+impl ProxyLimits {
+    /// The defaults with as many connections per pool as `open_files`
+    /// descriptors allow (two per connection, two pools, some kept for the
+    /// rest of the process): 16,384 from 66,560 open files up.
+    pub fn for_open_files(open_files: u64) -> Self {
+        let usable = open_files
+            .saturating_sub(RESERVED_FILES)
+            .max(open_files / 2);
+        let max = usize::try_from(usable / 4).unwrap_or(MAX_CONNECTIONS);
+        Self {
+            max_connections: max.clamp(16, MAX_CONNECTIONS),
+            ..Self::default()
+        }
+    }
+
+    /// Open files the proxy's two pools need at most, with the reserve.
+    pub fn open_files_needed(&self) -> u64 {
+        (self.max_connections as u64) * 4 + RESERVED_FILES
+    }
+}
+
 /// Why the proxy closed a connection it had accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Closed {
-    /// Its source already held [`ProxyLimits::per_source`] connections.
-    SourceLimit,
+    /// Its source already held its most connections
+    /// ([`ProxyLimits::per_source`], [`ProxyLimits::ingress_per_source`]).
+    SourceLimit = 0,
     /// Its source opened connections faster than
     /// [`ProxyLimits::ingress_rate`].
-    SourceRate,
+    SourceRate = 1,
+    /// Its pool held [`ProxyLimits::max_connections`].
+    Full = 2,
     /// Quiet for [`ProxyLimits::idle_timeout`].
-    Idle,
+    Idle = 3,
     /// Quiet for [`ProxyLimits::idle_timeout_under_pressure`] while its pool
     /// was nearly full.
-    IdleUnderPressure,
+    IdleUnderPressure = 4,
 }
 
 impl Closed {
     /// Every reason, in the order of [`PoolStats::closed`].
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::SourceLimit,
         Self::SourceRate,
+        Self::Full,
         Self::Idle,
         Self::IdleUnderPressure,
     ];
@@ -167,6 +201,7 @@ impl Closed {
         match self {
             Self::SourceLimit => "source_limit",
             Self::SourceRate => "source_rate",
+            Self::Full => "full",
             Self::Idle => "idle",
             Self::IdleUnderPressure => "idle_under_pressure",
         }
@@ -176,59 +211,110 @@ impl Closed {
 /// One pool of connection slots and what happened in it.
 #[derive(Debug)]
 struct Pool {
-    slots: Arc<tokio::sync::Semaphore>,
     max: usize,
-    closed: [AtomicU64; 4],
+    per_source: usize,
+    state: Mutex<PoolState>,
+    /// Whether more than three quarters of the slots are taken.
+    pressure: tokio::sync::watch::Sender<bool>,
+    closed: [AtomicU64; 5],
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    open: usize,
+    by_source: HashMap<String, usize>,
+}
+
+/// A connection's place in its pool, given back when dropped.
+struct Admitted {
+    pool: Arc<Pool>,
+    source: String,
 }
 
 impl Pool {
-    fn new(max: usize) -> Self {
-        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
-        Self {
-            slots: Arc::new(tokio::sync::Semaphore::new(max)),
-            max,
+    fn new(max: usize, per_source: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            per_source: per_source.max(1),
+            state: Mutex::default(),
+            pressure: tokio::sync::watch::channel(false).0,
             closed: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for one more connection from `source`, unless it holds its
+    /// most or the pool is full.
+    fn admit(self: &Arc<Self>, source: String) -> Result<Admitted, Closed> {
+        let mut st = self.lock();
+        let held = st.by_source.get(&source).copied().unwrap_or(0);
+        if held >= self.per_source {
+            return Err(Closed::SourceLimit);
         }
+        if st.open >= self.max {
+            return Err(Closed::Full);
+        }
+        st.open += 1;
+        *st.by_source.entry(source.clone()).or_insert(0) += 1;
+        self.set_pressure(st.open);
+        drop(st);
+        Ok(Admitted {
+            pool: self.clone(),
+            source,
+        })
     }
 
-    fn open(&self) -> usize {
-        self.max.saturating_sub(self.slots.available_permits())
-    }
-
-    /// More than three quarters of the slots taken.
-    fn under_pressure(&self) -> bool {
-        self.open() > self.max / 4 * 3
+    fn set_pressure(&self, open: usize) {
+        let under = open.saturating_mul(4) > self.max.saturating_mul(3);
+        self.pressure.send_if_modified(|p| {
+            let changed = *p != under;
+            *p = under;
+            changed
+        });
     }
 
     fn count(&self, why: Closed) {
-        let i = Closed::ALL.iter().position(|c| *c == why).unwrap_or(0);
-        self.closed[i].fetch_add(1, Ordering::Relaxed);
+        self.closed[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     fn stats(&self) -> PoolStats {
         PoolStats {
-            open: self.open(),
+            open: self.lock().open,
             closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
         }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        st.open = st.open.saturating_sub(1);
+        if let Some(n) = st.by_source.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.by_source.remove(&self.source);
+            }
+        }
+        self.pool.set_pressure(st.open);
     }
 }
 
 /// A pool's connections now and those it closed, by reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolStats {
-    /// Connections carried now.
+    /// Connections accepted and not yet closed (being dialed or carried).
     pub open: usize,
     /// Connections closed by the proxy, in the order of [`Closed::ALL`].
-    pub closed: [u64; 4],
+    pub closed: [u64; 5],
 }
 
 impl PoolStats {
     /// Connections the proxy closed for `why`.
     pub fn closed_for(&self, why: Closed) -> u64 {
-        Closed::ALL
-            .iter()
-            .position(|c| *c == why)
-            .map_or(0, |i| self.closed[i])
+        self.closed[why as usize]
     }
 }
 
@@ -250,10 +336,9 @@ pub struct ServiceProxy {
     dialer: Arc<dyn Dialer>,
     callers: CallerLookup,
     limits: ProxyLimits,
-    vips: Pool,
-    ingress: Pool,
+    vips: Arc<Pool>,
+    ingress: Arc<Pool>,
     ingress_rate: RateLimiter,
-    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -308,10 +393,9 @@ impl ServiceProxy {
             dialer,
             callers,
             limits,
-            vips: Pool::new(limits.max_connections),
-            ingress: Pool::new(limits.max_connections),
+            vips: Pool::new(limits.max_connections, limits.per_source),
+            ingress: Pool::new(limits.max_connections, limits.ingress_per_source),
             ingress_rate: RateLimiter::new(limits.ingress_rate),
-            per_source: Arc::default(),
         })
     }
 
@@ -344,47 +428,44 @@ impl ServiceProxy {
     }
 
     /// Accepts on `listener` until aborted, handling each connection on a
-    /// task of its own while a slot of the pool for `kind` is free (more
-    /// wait in the backlog).
+    /// task of its own; one the pool of `kind` has no place for is closed
+    /// at once (so the loop never stops refusing sources over their limits).
     async fn accept_loop<F, Fut>(self: Arc<Self>, listener: TcpListener, kind: Kind, handle: F)
     where
         F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let pool = match kind {
-            Kind::Vips => &self.vips,
-            Kind::Ingress => &self.ingress,
+            Kind::Vips => self.vips.clone(),
+            Kind::Ingress => self.ingress.clone(),
         };
-        let slots = pool.slots.clone();
         loop {
             let Ok((conn, from)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let source = address_key(from.ip());
             if kind == Kind::Ingress
                 && !self
                     .ingress_rate
-                    .try_take(&address_key(from.ip()), std::time::Instant::now())
+                    .try_take(&source, std::time::Instant::now())
             {
                 pool.count(Closed::SourceRate);
                 tracing::debug!(from = %from, "closed a connection: its source opens them faster than it may");
                 continue;
             }
-            let Some(source) =
-                SourceGuard::take(&self.per_source, from.ip(), self.limits.per_source)
-            else {
-                pool.count(Closed::SourceLimit);
-                tracing::debug!(from = %from, limit = self.limits.per_source, "closed a connection: its source holds the most it may");
-                continue;
-            };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
+            let admitted = match pool.admit(source) {
+                Ok(a) => a,
+                Err(why) => {
+                    pool.count(why);
+                    tracing::debug!(from = %from, reason = why.as_str(), "closed a connection as accepted");
+                    continue;
+                }
             };
             let work = handle(self.clone(), conn, from);
             tokio::spawn(async move {
                 work.await;
-                drop(slot);
-                drop(source);
+                drop(admitted);
             });
         }
     }
@@ -567,64 +648,39 @@ enum Kind {
 }
 
 /// Resolves once `moved` has not changed for the idle timeout of `limits`,
-/// or for the shorter one while `pool` is under pressure; says which.
+/// or for the shorter one while `pool` is under pressure; says which. It
+/// wakes once per timeout (and when the pressure changes), so a connection
+/// is closed between one and two timeouts after its last byte.
 async fn idle(moved: &AtomicU64, limits: &ProxyLimits, pool: &Pool) -> Closed {
-    let shortest = limits.idle_timeout.min(limits.idle_timeout_under_pressure);
-    let tick = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+    let mut pressure = pool.pressure.subscribe();
     let mut seen = moved.load(Ordering::Relaxed);
     let mut quiet_since = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(tick).await;
-        let now = moved.load(Ordering::Relaxed);
-        if now != seen {
-            seen = now;
-            quiet_since = tokio::time::Instant::now();
-            continue;
-        }
-        let quiet = quiet_since.elapsed();
-        if quiet >= limits.idle_timeout {
-            return Closed::Idle;
-        }
-        if quiet >= limits.idle_timeout_under_pressure && pool.under_pressure() {
-            return Closed::IdleUnderPressure;
-        }
-    }
-}
-
-/// Counts a connection against its source while it lives.
-struct SourceGuard {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    source: IpAddr,
-}
-
-impl SourceGuard {
-    /// A place for one more connection from `source`, if it holds fewer
-    /// than `limit`.
-    fn take(
-        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
-        source: IpAddr,
-        limit: usize,
-    ) -> Option<Self> {
-        let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = c.entry(source).or_insert(0);
-        if *n >= limit {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            counts: counts.clone(),
-            source,
-        })
-    }
-}
-
-impl Drop for SourceGuard {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = c.get_mut(&self.source) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.remove(&self.source);
+        let under = *pressure.borrow_and_update()
+            && limits.idle_timeout_under_pressure < limits.idle_timeout;
+        let timeout = if under {
+            limits.idle_timeout_under_pressure
+        } else {
+            limits.idle_timeout
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(quiet_since + timeout) => {
+                let now = moved.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    quiet_since = tokio::time::Instant::now();
+                } else if under {
+                    return Closed::IdleUnderPressure;
+                } else {
+                    return Closed::Idle;
+                }
+            }
+            changed = pressure.changed() => {
+                if changed.is_err() {
+                    // Never: the pool, which holds the sender, outlives
+                    // this borrow.
+                    return Closed::Idle;
+                }
             }
         }
     }
@@ -771,7 +827,7 @@ mod tests {
     #[tokio::test]
     async fn one_source_holds_at_most_its_share_of_connections() {
         let (at, _) = ingress(ProxyLimits {
-            per_source: 2,
+            ingress_per_source: 2,
             ..ProxyLimits::default()
         })
         .await;
@@ -810,7 +866,6 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_connection_is_closed_and_a_busy_one_kept() {
         let (at, proxy) = ingress(ProxyLimits {
-            per_source: 16,
             idle_timeout: Duration::from_millis(400),
             ..ProxyLimits::default()
         })
@@ -836,18 +891,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_nearly_full_pool_closes_quiet_connections_sooner_and_admits_new_ones() {
+    async fn a_full_pool_refuses_and_a_nearly_full_one_closes_quiet_connections_sooner() {
         let (at, proxy) = ingress(ProxyLimits {
-            per_source: 16,
             max_connections: 4,
-            idle_timeout_under_pressure: Duration::from_millis(300),
+            idle_timeout_under_pressure: Duration::from_secs(1),
             ..ProxyLimits::default()
         })
         .await;
         let mut quiet = TcpStream::connect(at).await.expect("connect");
         assert!(exchange(&mut quiet, b"hi").await.is_some());
         // Below pressure, a quiet connection stays (its timeout is an hour).
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(exchange(&mut quiet, b"still").await.is_some());
         let mut busy = Vec::new();
         for _ in 0..3 {
@@ -856,10 +910,12 @@ mod tests {
             busy.push(c);
         }
         assert_eq!(proxy.stats().ingress.open, 4);
-        // Full: a fifth waits in the backlog until the quiet one is closed.
+        // Full: a fifth is closed as accepted.
         let mut fifth = TcpStream::connect(at).await.expect("connect");
-        let answered = tokio::spawn(async move { exchange(&mut fifth, b"fifth").await });
-        for round in 0..20u8 {
+        assert!(closed(&mut fifth).await, "a fifth connection was carried");
+        // Nearly full: the quiet one goes within two of its shorter
+        // timeouts, the busy ones (a byte every 50 ms) stay.
+        for round in 0..50u8 {
             for c in &mut busy {
                 assert_eq!(
                     exchange(c, &[round]).await.as_deref(),
@@ -873,17 +929,26 @@ mod tests {
             closed(&mut quiet).await,
             "the quiet connection kept its slot"
         );
+        let mut sixth = TcpStream::connect(at).await.expect("connect");
         assert_eq!(
-            answered.await.expect("join").as_deref(),
-            Some(&b"fifth"[..]),
-            "the waiting connection was not carried"
+            exchange(&mut sixth, b"sixth").await.as_deref(),
+            Some(&b"sixth"[..]),
+            "no room after the quiet connection was closed"
         );
-        assert_eq!(
-            proxy.stats().ingress.closed_for(Closed::IdleUnderPressure),
-            1,
-            "{:?}",
-            proxy.stats()
-        );
+        let stats = proxy.stats().ingress;
+        assert_eq!(stats.closed_for(Closed::Full), 1, "{stats:?}");
+        assert_eq!(stats.closed_for(Closed::IdleUnderPressure), 1, "{stats:?}");
+        assert_eq!(stats.closed_for(Closed::Idle), 0, "{stats:?}");
+    }
+
+    #[test]
+    fn the_pools_fit_the_open_files_limit() {
+        assert_eq!(ProxyLimits::for_open_files(1 << 20).max_connections, 16_384);
+        assert_eq!(ProxyLimits::for_open_files(1024).max_connections, 128);
+        let low = ProxyLimits::for_open_files(20_000);
+        assert_eq!(low.max_connections, 4744);
+        assert!(low.open_files_needed() <= 20_000);
+        assert_eq!(ProxyLimits::for_open_files(0).max_connections, 16);
     }
 
     #[tokio::test]

@@ -393,10 +393,10 @@ def overlay():
     ], decimals=0, description="Streams an agent could open only through a relay (its peer could be neither dialed nor punched).")
     d.ts("Service proxy connections", [
         ('sum by (node, listener) (cloudless_agent_proxy_connections{job="agent"})', "{{node}} {{listener}}"),
-    ], decimals=0, description="Connections each node's service proxy carries: replicas to service VIPs (vip) and from outside (ingress); 16,384 slots each.")
+    ], decimals=0, description="Connections each node's service proxy has accepted and not closed: replicas to service VIPs (vip) and from outside (ingress, every port together); up to 16,384 per pool.")
     d.ts("Connections the proxy closed", [
         (f'sum by (listener, reason) (increase(cloudless_agent_proxy_closed_connections_total{{job="agent"}}[{RATE}]))', "{{listener}} {{reason}}"),
-    ], decimals=0, description="Refused at once (a source over its 1,024 connections or, at ingress, its rate) or closed idle; idle_under_pressure means a listener was nearly full.")
+    ], decimals=0, description="Closed as accepted (a source over its most connections or, at ingress, its rate; a full pool) or closed idle; idle_under_pressure means a pool was nearly full.")
     return d
 
 
