@@ -28,7 +28,9 @@ use clap::Parser;
 use cloudless_agent::mesh::OverlayCarry;
 use cloudless_network::balancer::Here;
 use cloudless_network::netns::run_in;
-use cloudless_network::proxy::{BridgeDialer, Caller, DialFuture, Dialed, Dialer, ServiceProxy};
+use cloudless_network::proxy::{
+    BridgeDialer, Caller, DialFuture, Dialed, Dialer, ProxyLimits, ServiceProxy,
+};
 use cloudless_network::services::{
     Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
 };
@@ -36,6 +38,7 @@ use cloudless_network::{AttachRequest, Bandwidth, EgressRule, NodeNetwork, NodeN
 use cloudless_overlay::{Overlay, OverlayConfig, OverlayTls, StaticResolver};
 use cloudless_pki::{ClusterCa, Identity};
 use cloudless_test::bench::bulk;
+use cloudless_types::rate_limit::Rate;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -61,6 +64,13 @@ struct Args {
     /// replica's TCP hop into the node) takes CPU from the other node.
     #[arg(long)]
     shared_cores: bool,
+    /// Both nodes' overlay endpoints on the host's loopback, as before: the
+    /// kernel then does node B's receive work (UDP, GRO) on node A's core,
+    /// which no two devices do. By default node B's endpoint is in a
+    /// namespace of its own, joined by a veth whose receive side is steered
+    /// (RPS) to the receiving node's core.
+    #[arg(long)]
+    loopback_overlay: bool,
 }
 
 /// Keeps the calling thread, and the threads it starts from now on, on
@@ -72,6 +82,9 @@ fn pin(core: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The namespace of node B's overlay endpoint (without
+/// `--loopback-overlay`).
+const UPLINK_NS: &str = "clbn-up";
 const SINK: u16 = 9000;
 const ECHO: u16 = 9001;
 /// A's overlay forward to B's sink and echo.
@@ -86,6 +99,13 @@ fn now() -> i64 {
 
 fn sh(cmd: &str) {
     let _ = Command::new("sh").args(["-c", cmd]).status();
+}
+
+/// Runs `cmd`, failing when it does.
+fn sh_ok(cmd: &str) -> anyhow::Result<()> {
+    let status = Command::new("sh").args(["-c", cmd]).status()?;
+    anyhow::ensure!(status.success(), "{cmd}: {status}");
+    Ok(())
 }
 
 fn node_config(dir: &Path, n: u8) -> NodeNetworkConfig {
@@ -182,7 +202,12 @@ impl Dialer for OverlayDialer {
     }
 }
 
-fn overlay(ca: &ClusterCa, id: &str, resolver: StaticResolver) -> anyhow::Result<Overlay> {
+fn overlay(
+    ca: &ClusterCa,
+    id: &str,
+    at: Ipv4Addr,
+    resolver: StaticResolver,
+) -> anyhow::Result<Overlay> {
     let me = Identity::Node(id.into());
     let issued = ca.issue(&me, &[], 3600, now())?;
     let key = issued
@@ -190,7 +215,7 @@ fn overlay(ca: &ClusterCa, id: &str, resolver: StaticResolver) -> anyhow::Result
         .ok_or_else(|| anyhow::anyhow!("no key issued"))?;
     let (tls, _) = OverlayTls::new(ca.cert_pem(), &issued.cert_pem, key)?;
     let config = OverlayConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: SocketAddr::from((at, 0)),
         ..OverlayConfig::default()
     };
     Ok(Overlay::bind(config, tls, me, Arc::new(resolver))?)
@@ -403,7 +428,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         eprintln!("node A on core 0, node B on core 1 (--shared-cores to run both on every core)");
     }
     let dir = tempfile::tempdir()?;
-    sh("ip netns del clbn-out 2>/dev/null; ip link del clbn-h 2>/dev/null; ip link del clbn1 2>/dev/null; ip link del clbn2 2>/dev/null");
+    sh(&format!("ip netns del clbn-out 2>/dev/null; ip netns del {UPLINK_NS} 2>/dev/null; ip link del clbn-h 2>/dev/null; ip link del clbn-ua 2>/dev/null; ip link del clbn1 2>/dev/null; ip link del clbn2 2>/dev/null"));
     let a = NodeNetwork::open(node_config(dir.path(), 1)).await?;
     let b = NodeNetwork::open(node_config(dir.path(), 2)).await?;
     let client = a.attach(&attach_request("bench-client")).await?;
@@ -434,11 +459,44 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             );
         }
     }
-    let oa = Arc::new(overlay(&ca, "A", StaticResolver::default())?);
+    let uplink = pinned && !args.loopback_overlay;
+    let (a_at, b_at, b_netns) = if uplink {
+        // B's "uplink": its overlay endpoint in a namespace of its own, and
+        // what each node receives processed on that node's core.
+        sh_ok(&format!(
+            "ip netns add {UPLINK_NS} && ip link add clbn-ua type veth peer name clbn-ub netns {UPLINK_NS} \
+            && ip addr add 10.250.201.1/30 dev clbn-ua && ip link set clbn-ua up \
+            && ip -n {UPLINK_NS} addr add 10.250.201.2/30 dev clbn-ub && ip -n {UPLINK_NS} link set clbn-ub up \
+            && echo 1 > /sys/class/net/clbn-ua/queues/rx-0/rps_cpus \
+            && ip netns exec {UPLINK_NS} sh -c 'echo 2 > /sys/class/net/clbn-ub/queues/rx-0/rps_cpus'"
+        ))?;
+        eprintln!("overlay: A at 10.250.201.1, B at 10.250.201.2 in {UPLINK_NS}, each side's receive on its node's core (--loopback-overlay for both on loopback)");
+        (
+            Ipv4Addr::new(10, 250, 201, 1),
+            Ipv4Addr::new(10, 250, 201, 2),
+            Some(PathBuf::from(format!("/var/run/netns/{UPLINK_NS}"))),
+        )
+    } else {
+        (Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, None)
+    };
+    let oa = Arc::new(overlay(&ca, "A", a_at, StaticResolver::default())?);
     let ca_b = ca.clone();
-    let ob = node_b
-        .spawn(async move { overlay(&ca_b, "B", resolver) })
-        .await??;
+    let ob = match b_netns {
+        // The socket is made in B's namespace; the endpoint runs on B's
+        // runtime.
+        Some(ns) => {
+            let handle = node_b.clone();
+            run_in(&ns, move || {
+                let _runtime = handle.enter();
+                overlay(&ca_b, "B", b_at, resolver).map_err(|e| e.to_string())
+            })?
+        }
+        None => {
+            node_b
+                .spawn(async move { overlay(&ca_b, "B", b_at, resolver) })
+                .await??
+        }
+    };
     oa.set_peer(Identity::Node("B".into()), vec![ob.local_addr()?]);
 
     let vip_a: Ipv4Addr = "10.250.100.10".parse()?;
@@ -502,7 +560,16 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     ));
     let client_ip = client.address;
     let who = caller.clone();
-    let proxy = ServiceProxy::new(
+    // The ingress rate per source is lifted: one outside client measures
+    // how many new connections the path carries, not the limit.
+    let limits = ProxyLimits {
+        ingress_rate: Rate {
+            per_s: u32::MAX,
+            burst: u32::MAX,
+        },
+        ..ProxyLimits::default()
+    };
+    let proxy = ServiceProxy::with_limits(
         services.clone(),
         Here {
             node_id: "A".into(),
@@ -515,6 +582,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             },
         }),
         Arc::new(move |ip| (ip == std::net::IpAddr::V4(client_ip)).then(|| who.clone())),
+        limits,
     );
     // Node A's kernel path, as its agent would set it: "on-a" is served
     // wholly on A.
@@ -645,7 +713,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     b.detach("bench-server-b").await?;
     a.uninstall().await?;
     b.uninstall().await?;
-    sh("ip netns del clbn-out; ip link del clbn-h 2>/dev/null; ip link del clbn1; ip link del clbn2");
+    sh(&format!("ip netns del clbn-out; ip netns del {UPLINK_NS} 2>/dev/null; ip link del clbn-h 2>/dev/null; ip link del clbn-ua 2>/dev/null; ip link del clbn1; ip link del clbn2"));
     for n in [1, 2] {
         sh(&format!(
             "umount -l {}",
