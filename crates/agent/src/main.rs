@@ -189,10 +189,11 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "node".into())
 }
 
-/// Raises the soft limit of open files to the hard one (at most 2^20), as
-/// Go's runtime does: the service proxy carries up to 16,384 connections
-/// per pool, two descriptors each, far past the usual soft limit of 1,024.
-/// The proxy sizes its pools to the limit it finds (warned about when low).
+/// Raises the soft limit of open files to the hard one (at most 2^20): the
+/// service proxy carries up to 16,384 connections per pool, up to six
+/// descriptors each, far past the usual soft limit of 1,024. The proxy
+/// sizes its pools to the limit it finds (warned about when low). The
+/// programs the agent runs (CNI plugins, iptables, nft) inherit it.
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {

@@ -109,15 +109,17 @@ pub struct ProxyLimits {
     /// or an IPv6 /64).
     pub ingress_per_source: usize,
     /// A connection that carries no byte either way for this long is
-    /// closed (its slot freed).
+    /// closed (its slot freed; checked once per this long, so within one
+    /// to two of it after its last byte).
     pub idle_timeout: Duration,
     /// Most connections carried at once by each of the proxy's two pools:
     /// replicas' connections to service VIPs, and ingress connections from
     /// outside (which so cannot take the slots of the node's own callers).
     /// More are closed as accepted (as Envoy's connection limit does).
     pub max_connections: usize,
-    /// While a pool holds more than three quarters of `max_connections`, a
-    /// connection in it that has been quiet this long is closed (as Envoy's
+    /// Once a pool holds more than three quarters of `max_connections`, and
+    /// until it holds less than five eighths, a connection in it that has
+    /// been quiet this long is closed (as Envoy's
     /// overload manager shortens idle timeouts): idle connections, however
     /// many sources hold them, cannot keep the slots from live ones.
     pub idle_timeout_under_pressure: Duration,
@@ -128,8 +130,12 @@ pub struct ProxyLimits {
 
 /// Most connections per pool.
 const MAX_CONNECTIONS: usize = 16_384;
-/// Open files kept for everything but the proxy's connections.
+/// Open files kept for everything but the proxy's connections (streams
+/// other nodes open to this node's replicas among them).
 const RESERVED_FILES: u64 = 1024;
+/// Open files one carried connection may take: its two sockets and, spliced
+/// to an endpoint on this node, a pipe (two descriptors) each way.
+const FILES_PER_CONNECTION: u64 = 6;
 
 impl Default for ProxyLimits {
     fn default() -> Self {
@@ -149,13 +155,13 @@ impl Default for ProxyLimits {
 
 impl ProxyLimits {
     /// The defaults with as many connections per pool as `open_files`
-    /// descriptors allow (two per connection, two pools, some kept for the
-    /// rest of the process): 16,384 from 66,560 open files up.
+    /// descriptors allow (six per connection at most, two pools, some kept
+    /// for the rest of the process): 16,384 from 197,632 open files up.
     pub fn for_open_files(open_files: u64) -> Self {
         let usable = open_files
             .saturating_sub(RESERVED_FILES)
             .max(open_files / 2);
-        let max = usize::try_from(usable / 4).unwrap_or(MAX_CONNECTIONS);
+        let max = usize::try_from(usable / (2 * FILES_PER_CONNECTION)).unwrap_or(MAX_CONNECTIONS);
         Self {
             max_connections: max.clamp(16, MAX_CONNECTIONS),
             ..Self::default()
@@ -164,7 +170,7 @@ impl ProxyLimits {
 
     /// Open files the proxy's two pools need at most, with the reserve.
     pub fn open_files_needed(&self) -> u64 {
-        (self.max_connections as u64) * 4 + RESERVED_FILES
+        (self.max_connections as u64) * 2 * FILES_PER_CONNECTION + RESERVED_FILES
     }
 }
 
@@ -259,20 +265,31 @@ impl Pool {
         }
         st.open += 1;
         *st.by_source.entry(source.clone()).or_insert(0) += 1;
-        self.set_pressure(st.open);
+        let open = st.open;
         drop(st);
+        self.set_pressure(open);
         Ok(Admitted {
             pool: self.clone(),
             source,
         })
     }
 
+    /// Pressure starts above three quarters of the most and ends below
+    /// five eighths (so a pool near the mark does not flip at each
+    /// connection). Only its start wakes the connections' idle checks;
+    /// they see its end when they next wake.
     fn set_pressure(&self, open: usize) {
-        let under = open.saturating_mul(4) > self.max.saturating_mul(3);
+        let (open, max) = (open.saturating_mul(8), self.max.saturating_mul(8));
         self.pressure.send_if_modified(|p| {
-            let changed = *p != under;
-            *p = under;
-            changed
+            if !*p && open > max / 4 * 3 {
+                *p = true;
+                true
+            } else if *p && open < max / 8 * 5 {
+                *p = false;
+                false
+            } else {
+                false
+            }
         });
     }
 
@@ -298,7 +315,9 @@ impl Drop for Admitted {
                 st.by_source.remove(&self.source);
             }
         }
-        self.pool.set_pressure(st.open);
+        let open = st.open;
+        drop(st);
+        self.pool.set_pressure(open);
     }
 }
 
@@ -649,15 +668,15 @@ enum Kind {
 
 /// Resolves once `moved` has not changed for the idle timeout of `limits`,
 /// or for the shorter one while `pool` is under pressure; says which. It
-/// wakes once per timeout (and when the pressure changes), so a connection
-/// is closed between one and two timeouts after its last byte.
+/// wakes once per timeout (and when pressure starts), so a connection is
+/// closed between one and two timeouts after its last byte.
 async fn idle(moved: &AtomicU64, limits: &ProxyLimits, pool: &Pool) -> Closed {
     let mut pressure = pool.pressure.subscribe();
     let mut seen = moved.load(Ordering::Relaxed);
     let mut quiet_since = tokio::time::Instant::now();
+    let shorter = limits.idle_timeout_under_pressure < limits.idle_timeout;
     loop {
-        let under = *pressure.borrow_and_update()
-            && limits.idle_timeout_under_pressure < limits.idle_timeout;
+        let under = *pressure.borrow_and_update() && shorter;
         let timeout = if under {
             limits.idle_timeout_under_pressure
         } else {
@@ -669,10 +688,16 @@ async fn idle(moved: &AtomicU64, limits: &ProxyLimits, pool: &Pool) -> Closed {
                 if now != seen {
                     seen = now;
                     quiet_since = tokio::time::Instant::now();
-                } else if under {
-                    return Closed::IdleUnderPressure;
-                } else {
+                    continue;
+                }
+                // Pressure may have ended while this slept (its end wakes
+                // no one): read it again.
+                let quiet = quiet_since.elapsed();
+                if quiet >= limits.idle_timeout {
                     return Closed::Idle;
+                }
+                if *pressure.borrow() && shorter {
+                    return Closed::IdleUnderPressure;
                 }
             }
             changed = pressure.changed() => {
@@ -866,15 +891,16 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_connection_is_closed_and_a_busy_one_kept() {
         let (at, proxy) = ingress(ProxyLimits {
-            idle_timeout: Duration::from_millis(400),
+            idle_timeout: Duration::from_secs(1),
             ..ProxyLimits::default()
         })
         .await;
         let mut quiet = TcpStream::connect(at).await.expect("connect");
         let mut busy = TcpStream::connect(at).await.expect("connect");
         assert!(exchange(&mut quiet, b"hi").await.is_some());
-        // Busy: a message every 100 ms for 1.5 s, each echoed.
-        for i in 0..15u8 {
+        // Busy: a message every 100 ms for 2.5 s, each echoed; the quiet
+        // one is closed within two timeouts (2 s).
+        for i in 0..25u8 {
             assert_eq!(
                 exchange(&mut busy, &[i]).await.as_deref(),
                 Some(&[i][..]),
@@ -900,8 +926,9 @@ mod tests {
         .await;
         let mut quiet = TcpStream::connect(at).await.expect("connect");
         assert!(exchange(&mut quiet, b"hi").await.is_some());
-        // Below pressure, a quiet connection stays (its timeout is an hour).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Below pressure, a quiet connection stays (its timeout is an hour;
+        // under pressure it would be gone within 2 s).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(exchange(&mut quiet, b"still").await.is_some());
         let mut busy = Vec::new();
         for _ in 0..3 {
@@ -942,12 +969,40 @@ mod tests {
     }
 
     #[test]
+    fn pressure_starts_above_three_quarters_and_ends_below_five_eighths() {
+        let pool = Pool::new(8, 16);
+        let under = || *pool.pressure.borrow();
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(pool.admit("a".into()).expect("room"));
+            assert!(!under(), "pressure at {}", held.len());
+        }
+        held.push(pool.admit("a".into()).expect("room"));
+        assert!(under(), "no pressure at 7 of 8");
+        held.push(pool.admit("a".into()).expect("room"));
+        assert_eq!(pool.admit("a".into()).err(), Some(Closed::Full));
+        // Down to 5: still under pressure; at 4 it ends.
+        held.truncate(5);
+        assert!(under(), "pressure ended at 5 of 8");
+        held.truncate(4);
+        assert!(!under(), "pressure still on at 4 of 8");
+        assert_eq!(pool.stats().open, 4);
+        drop(held);
+        assert_eq!(pool.stats().open, 0);
+        assert!(
+            pool.lock().by_source.is_empty(),
+            "a source's count was left"
+        );
+    }
+
+    #[test]
     fn the_pools_fit_the_open_files_limit() {
+        // Six files per connection (two sockets, two pipes), two pools.
         assert_eq!(ProxyLimits::for_open_files(1 << 20).max_connections, 16_384);
-        assert_eq!(ProxyLimits::for_open_files(1024).max_connections, 128);
-        let low = ProxyLimits::for_open_files(20_000);
-        assert_eq!(low.max_connections, 4744);
-        assert!(low.open_files_needed() <= 20_000);
+        assert_eq!(ProxyLimits::default().open_files_needed(), 197_632);
+        assert_eq!(ProxyLimits::for_open_files(197_632).max_connections, 16_384);
+        assert_eq!(ProxyLimits::for_open_files(65_536).max_connections, 5376);
+        assert_eq!(ProxyLimits::for_open_files(1024).max_connections, 42);
         assert_eq!(ProxyLimits::for_open_files(0).max_connections, 16);
     }
 

@@ -83,13 +83,17 @@ async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Res
             match to.try_io(Interest::WRITABLE, || {
                 splice(&pr, None, to.as_fd(), None, left, flags).map_err(io::Error::from)
             }) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    // Each part counts: a slow reader draining a full pipe
+                    // over minutes is not idle.
+                    moved.fetch_add(m as u64, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
         total += n as u64;
-        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
