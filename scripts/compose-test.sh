@@ -127,7 +127,8 @@ compose exec -T coordinator-1 wget -qO- http://127.0.0.1:7401/metrics >"$TMP/coo
   fail "cannot read coordinator-1's /metrics"
 compose exec -T agent-a wget -qO- http://127.0.0.1:9464/metrics >"$TMP/agent.txt" ||
   fail "cannot read agent-a's /metrics"
-check_args=(--prometheus "$PROM" --metrics "$TMP/coordinator.txt" --metrics "$TMP/agent.txt")
+check_args=(--prometheus "$PROM" --metrics "$TMP/coordinator.txt" --metrics "$TMP/agent.txt"
+  --expect-targets coordinator=3 --expect-targets agent=3)
 [[ "${CLOUDLESS_ALLOW_MISSING_METRICS:-0}" == 1 ]] && check_args+=(--allow-missing-metrics)
 python3 deployments/compose/tests/check_observability.py "${check_args[@]}" ||
   fail "dashboards or alert rules against the live Prometheus"

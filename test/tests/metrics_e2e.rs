@@ -103,7 +103,7 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
         "1",
         2,
         "hello",
-        "  readinessProbe:\n    exec: [\"/bin/true\"]\n    periodSeconds: 1\n",
+        "  readinessProbe:\n    exec: [\"/bin/true\"]\n    periodSeconds: 1\n  requests:\n    cpuMillis: 50\n    memoryBytes: 8000000\n",
     );
     c.ctl_ok(&[
         "apply",
@@ -167,6 +167,38 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
         6.0
     );
     assert_eq!(all("cloudless_replicas", &["state=\"Ready\""]), 6.0);
+    // Both replicas run the workload's current template (no rollout
+    // pending), and the nodes' requests add up to theirs (3 x 2 x 50m).
+    assert_eq!(
+        all(
+            "cloudless_workload_replicas_updated",
+            &["workload=\"metered\""]
+        ),
+        6.0
+    );
+    assert!(
+        all("cloudless_workload_template", &["workload=\"metered\""]) >= 3.0,
+        "{coordinators:#?}"
+    );
+    let cpu = all("cloudless_node_requested_cpu_cores", &[]);
+    assert!((cpu - 0.3).abs() < 1e-9, "requested CPU {cpu}");
+    assert_eq!(all("cloudless_node_requested_memory_bytes", &[]), 48e6);
+    for agent in ["agent-a", "agent-b"] {
+        let node = format!("node=\"{agent}\"");
+        let reliability = all("cloudless_node_reliability", &[&node]) / 3.0;
+        assert!(
+            (0.0..=1.0).contains(&reliability),
+            "{agent}'s reliability {reliability}"
+        );
+        assert!(
+            all("cloudless_node_capacity_cpu_cores", &[&node]) > 0.0,
+            "{agent}'s CPU capacity: {coordinators:#?}"
+        );
+        assert!(
+            all("cloudless_node_capacity_memory_bytes", &[&node]) > 0.0,
+            "{agent}'s memory capacity"
+        );
+    }
     // The apply went through the API: counted by service, method and code.
     assert!(
         all(

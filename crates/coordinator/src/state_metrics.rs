@@ -1,7 +1,8 @@
 //! Metrics read from the committed state and the data directory at each
 //! scrape (docs/metrics.md): workloads, replicas by state, each workload's
-//! desired and ready replicas, certificate expiry of this coordinator and of
-//! every node, and the Raft files' sizes and the disk they are on. Every
+//! desired, ready and updated replicas and template, each node's
+//! reliability, capacity and requests, certificate expiry of this
+//! coordinator and of every node, and the Raft files' sizes and the disk they are on. Every
 //! coordinator serves them from its own copy of the state.
 
 use std::path::PathBuf;
@@ -54,6 +55,62 @@ fn gauge(
     g.encode(encoder.encode_descriptor(name, help, unit.as_ref(), g.metric_type())?)
 }
 
+/// Each node's reliability, the capacity placement trusts, and what its
+/// replicas request (`requested`: CPU millicores and memory bytes by node
+/// id), labelled with the node's name.
+fn node_gauges(
+    encoder: &mut DescriptorEncoder,
+    nodes: &[cloudless_types::NodeRecord],
+    requested: &std::collections::HashMap<&str, (u64, u64)>,
+) -> Result<(), std::fmt::Error> {
+    type Value = fn(&cloudless_types::NodeRecord, (u64, u64)) -> f64;
+    let families: [(&str, &str, Option<Unit>, Value); 5] = [
+        (
+            "cloudless_node_reliability",
+            "Each node's reliability score, 0 to 1, from its uptime and times it went Down",
+            None,
+            |n, _| n.reliability,
+        ),
+        (
+            "cloudless_node_capacity_cpu_cores",
+            "CPU each node offers to replicas, as placement trusts it",
+            None,
+            |n, _| n.trusted_capacity.cpu_millis as f64 / 1000.0,
+        ),
+        (
+            "cloudless_node_capacity_memory",
+            "Memory each node offers to replicas, as placement trusts it",
+            Some(Unit::Bytes),
+            |n, _| n.trusted_capacity.memory_bytes as f64,
+        ),
+        (
+            "cloudless_node_requested_cpu_cores",
+            "CPU the replicas assigned to each node request",
+            None,
+            |_, r| r.0 as f64 / 1000.0,
+        ),
+        (
+            "cloudless_node_requested_memory",
+            "Memory the replicas assigned to each node request",
+            Some(Unit::Bytes),
+            |_, r| r.1 as f64,
+        ),
+    ];
+    for (name, help, unit, value) in families {
+        let mut m = encoder.encode_descriptor(
+            name,
+            help,
+            unit.as_ref(),
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for n in nodes {
+            let r = requested.get(n.id.as_str()).copied().unwrap_or_default();
+            ConstGauge::new(value(n, r)).encode(m.encode_family(&[("node", n.name.as_str())])?)?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // The state cannot be read (a storage fault): the scrape still
@@ -77,13 +134,23 @@ impl Collector for StateCollector {
                 let mut by_state = [0u64; ReplicaState::NAMES.len()];
                 let mut unknown = 0u64;
                 let mut ready = std::collections::HashMap::<(&str, &str), u64>::new();
+                let mut on_template = std::collections::HashMap::<(&str, &str, u64), u64>::new();
+                // What the replicas assigned to each node request (as the
+                // scheduler counts them: every replica record on it).
+                let mut requested = std::collections::HashMap::<&str, (u64, u64)>::new();
                 for r in &replicas {
+                    let req = requested.entry(r.node_id.as_str()).or_default();
+                    req.0 += r.spec.requests.cpu_millis;
+                    req.1 += r.spec.requests.memory_bytes;
                     // On a Down node and kept for `lostAfterSeconds`: the
                     // API shows it Unknown, and it serves nobody.
                     if r.disconnected_at_ms > 0 {
                         unknown += 1;
                         continue;
                     }
+                    *on_template
+                        .entry((&r.namespace, &r.workload, r.template))
+                        .or_default() += 1;
                     if let Some(i) = ReplicaState::NAMES.iter().position(|(_, s)| *s == r.state) {
                         by_state[i] += 1;
                     }
@@ -139,6 +206,39 @@ impl Collector for StateCollector {
                         ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
                     }
                 }
+                {
+                    let mut m = encoder.encode_descriptor(
+                        "cloudless_workload_template",
+                        "Each workload's current template (its spec's generation: a rollout starts at each change)",
+                        None,
+                        prometheus_client::metrics::MetricType::Gauge,
+                    )?;
+                    for w in &workloads {
+                        let labels = [
+                            ("namespace", w.namespace.as_str()),
+                            ("workload", w.name.as_str()),
+                        ];
+                        ConstGauge::new(w.template as f64).encode(m.encode_family(&labels)?)?;
+                    }
+                    let mut m = encoder.encode_descriptor(
+                        "cloudless_workload_replicas_updated",
+                        "Each workload's replicas that run its current template (a rollout is done when they are all its replicas and Ready)",
+                        None,
+                        prometheus_client::metrics::MetricType::Gauge,
+                    )?;
+                    for w in &workloads {
+                        let n = on_template
+                            .get(&(w.namespace.as_str(), w.name.as_str(), w.template))
+                            .copied()
+                            .unwrap_or(0);
+                        let labels = [
+                            ("namespace", w.namespace.as_str()),
+                            ("workload", w.name.as_str()),
+                        ];
+                        ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+                node_gauges(&mut encoder, &nodes, &requested)?;
                 let mut m = encoder.encode_descriptor(
                     "cloudless_certificate_expiry_timestamp",
                     "When a certificate expires (kind: coordinator or node; subject: its id or node name)",

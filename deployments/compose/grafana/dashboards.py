@@ -292,7 +292,7 @@ def scheduler():
 
 def nodes():
     d = Dash("cloudless-nodes", "Cloudless / Nodes and devices",
-             "Membership (phases, heartbeats) as the leader sees it, and each agent: connection, heartbeat round trip, power, process.")
+             "Membership (phases, heartbeats, reliability, capacity and requests) as the coordinators see it, and each agent: connection, heartbeat round trip, power, process.")
     d.row("Membership (leader)")
     d.ts("Nodes by phase", [(f'sum by (phase) (cloudless_membership_nodes {LEADER})', "{{phase}}")], w=8,
          core=True, stack=True)
@@ -300,6 +300,16 @@ def nodes():
          w=8, core=True, description="Node phase changes committed, by new phase.")
     d.ts("Heartbeats accepted per second", [(f'sum(rate(cloudless_membership_heartbeats_total{{job="coordinator"}}[{RATE}]))', "heartbeats")],
          w=8, core=True, unit="ops")
+    d.ts("Node reliability", [('max by (node) (cloudless_node_reliability{job="coordinator"})', "{{node}}")], w=8,
+         core=True, description="0 to 1, from each node's time Ready and the times it went Down; placement prefers reliable nodes.")
+    d.ts("CPU: capacity and requested", [
+        ('max by (node) (cloudless_node_capacity_cpu_cores{job="coordinator"})', "{{node}} capacity"),
+        ('max by (node) (cloudless_node_requested_cpu_cores{job="coordinator"})', "{{node}} requested"),
+    ], w=8, core=True, description="What each node offers (as placement trusts it) and what its replicas request.")
+    d.ts("Memory: capacity and requested", [
+        ('max by (node) (cloudless_node_capacity_memory_bytes{job="coordinator"})', "{{node}} capacity"),
+        ('max by (node) (cloudless_node_requested_memory_bytes{job="coordinator"})', "{{node}} requested"),
+    ], w=8, unit="bytes", core=True)
     d.row("Agents")
     d.ts("Agents answering scrapes", [('up{job="agent"}', "{{node}} ({{zone}})")], w=8, core=True, decimals=0)
     d.ts("Connected to a coordinator", [('cloudless_agent_connected{job="agent"}', "{{node}}")], w=8, decimals=0)
@@ -320,7 +330,7 @@ def nodes():
 
 def workloads():
     d = Dash("cloudless-workloads", "Cloudless / Workloads and replicas",
-             "Desired and Ready replicas per workload, replica states, placement failures, and the containers on the agents.")
+             "Desired, Ready and updated replicas per workload (rollouts), replica states, placement failures, and the containers on the agents.")
     d.row("Cluster")
     d.stat("Workloads", 'max(cloudless_workloads{job="coordinator"})', w=6)
     d.stat("Replicas", 'sum(max by (state) (cloudless_replicas{job="coordinator"}))', w=6)
@@ -333,6 +343,12 @@ def workloads():
         ('max by (namespace, workload) (cloudless_workload_replicas_desired{job="coordinator"})', "{{namespace}}/{{workload}} desired"),
         ('max by (namespace, workload) (cloudless_workload_replicas_ready{job="coordinator"})', "{{namespace}}/{{workload}} ready"),
     ], decimals=0)
+    d.ts("Rollouts: replicas on the current template", [
+        ('max by (namespace, workload) (cloudless_workload_replicas_updated{job="coordinator"})', "{{namespace}}/{{workload}} updated"),
+        ('max by (namespace, workload) (cloudless_workload_replicas_desired{job="coordinator"})', "{{namespace}}/{{workload}} desired"),
+    ], decimals=0, core=True, description="A rollout is done when every replica runs the current template and is Ready.")
+    d.ts("Template per workload", [('max by (namespace, workload) (cloudless_workload_template{job="coordinator"})', "{{namespace}}/{{workload}}")],
+         decimals=0, description="Each step is a rollout: a change to the spec that needs new containers.")
     d.ts("Replicas by state", [('max by (state) (cloudless_replicas{job="coordinator"})', "{{state}}")], stack=True, decimals=0)
     d.ts("Unplaced replicas by reason", [('max by (reason) (cloudless_scheduler_unplaced_replicas{job="coordinator"})', "{{reason}}")],
          stack=True, decimals=0, description="Placement failures: why the scheduler found no node.")
