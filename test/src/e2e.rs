@@ -202,9 +202,10 @@ pub fn remove_chains(prefix: &str) {
     }
 }
 
-/// Removes the bridge plugin's masquerade rules and chains of the replicas
-/// whose CNI results are kept in `cache` (an agent killed with replicas
-/// attached never ran their DEL).
+/// Removes the bridge plugin's masquerade rules and the portmap plugin's
+/// host port rules, with their chains, of the replicas whose CNI results are
+/// kept in `cache` (an agent killed with replicas attached never ran their
+/// DEL; a host port rule left behind would catch the port in the next run).
 pub fn remove_cni_masquerades(cache: &Path) {
     let Ok(entries) = std::fs::read_dir(cache) else {
         return;
@@ -218,13 +219,16 @@ pub fn remove_cni_masquerades(cache: &Path) {
                 .map(str::to_owned)
         })
         .collect();
-    for id in ids {
+    for (id, from) in ids
+        .iter()
+        .flat_map(|id| ["POSTROUTING", "CNI-HOSTPORT-DNAT"].map(|from| (id, from)))
+    {
         let tag = format!("id: \"{id}\" */");
         // Highest rule first: deleting renumbers the ones after it (a few
         // rounds at most: a rule that cannot be deleted is left).
         for _ in 0..8 {
             let Ok(out) = Command::new("iptables")
-                .args(["-t", "nat", "-L", "POSTROUTING", "--line-numbers", "-n"])
+                .args(["-t", "nat", "-L", from, "--line-numbers", "-n"])
                 .output()
             else {
                 return;
@@ -233,7 +237,7 @@ pub fn remove_cni_masquerades(cache: &Path) {
             let Some((n, chain)) = listed
                 .lines()
                 .rev()
-                .find(|l| l.ends_with(&tag))
+                .find(|l| l.contains(&tag))
                 .and_then(|l| {
                     let mut w = l.split_whitespace();
                     Some((w.next()?.to_owned(), w.next()?.to_owned()))
@@ -242,7 +246,7 @@ pub fn remove_cni_masquerades(cache: &Path) {
                 break;
             };
             let _ = Command::new("iptables")
-                .args(["-t", "nat", "-D", "POSTROUTING", &n])
+                .args(["-t", "nat", "-D", from, &n])
                 .output();
             for op in ["-F", "-X"] {
                 let _ = Command::new("iptables")

@@ -744,6 +744,89 @@ mod tests {
     }
 
     #[test]
+    fn a_service_stream_is_admitted_per_calling_workload_not_per_calling_node() {
+        use cloudless_network::services::{
+            Endpoint, LoadBalancing, Service, ServicePort, ServiceTable,
+        };
+        let local = Local::default();
+        local.update(&pb::AssignmentSet {
+            assignments: vec![pb::Assignment {
+                replica_id: "r1".into(),
+                workload: "api".into(),
+                namespace: "prod".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        local.services.set(ServiceTable::new(
+            "cloudless.local",
+            vec![Service {
+                namespace: "prod".into(),
+                name: "api".into(),
+                vip: Ipv4Addr::new(10, 96, 0, 1),
+                ports: [8080, 9000]
+                    .into_iter()
+                    .map(|port| ServicePort { port, udp: false })
+                    .collect(),
+                policy: LoadBalancing::RoundRobin,
+                allow_from: vec!["staging".into()],
+                weights: std::collections::BTreeMap::new(),
+                endpoints: vec![Endpoint {
+                    replica_id: "r1".into(),
+                    node_id: "n-here".into(),
+                    address: Some(Ipv4Addr::new(10, 244, 0, 2)),
+                    zone: String::new(),
+                    region: String::new(),
+                }],
+            }],
+        ));
+        let nodes =
+            |ids: &[&str]| -> HashSet<String> { ids.iter().map(|s| (*s).to_owned()).collect() };
+        *lock(&local.access) = ServiceAccess {
+            runs: HashMap::from([
+                (("prod".into(), "web".into()), nodes(&["n-web"])),
+                (("staging".into(), "tool".into()), nodes(&["n-stage"])),
+                (("other".into(), "evil".into()), nodes(&["n-evil"])),
+            ]),
+            ingress_nodes: nodes(&["n-gw"]),
+            ingress_routes: HashSet::from([("prod".into(), "api".into(), 8080)]),
+        };
+        let as_ = |namespace: &str, workload: &str| Caller::Workload {
+            namespace: namespace.into(),
+            workload: workload.into(),
+        };
+        let check =
+            |origin: &str, port, caller: &Caller| local.service_allowed(origin, "r1", port, caller);
+        // Its own namespace, from a node running the caller.
+        assert_eq!(check("n-web", 8080, &as_("prod", "web")), Ok(()));
+        // A node may not speak for a workload it does not run, even one the
+        // service admits.
+        assert_eq!(
+            check("n-evil", 8080, &as_("prod", "web")),
+            Err("node n-evil runs no replica of prod/web".into())
+        );
+        assert_eq!(
+            check("n-web", 8080, &as_("staging", "tool")),
+            Err("node n-web runs no replica of staging/tool".into())
+        );
+        // Another namespace only through allowFrom.
+        assert_eq!(check("n-stage", 8080, &as_("staging", "tool")), Ok(()));
+        let refused = check("n-evil", 8080, &as_("other", "evil")).expect_err("other");
+        assert!(refused.contains("allowFrom"), "{refused}");
+        // Only its declared ports; only replicas assigned here.
+        let refused = check("n-web", 9090, &as_("prod", "web")).expect_err("port");
+        assert!(refused.contains("no TCP port 9090"), "{refused}");
+        let refused = local
+            .service_allowed("n-web", "r9", 8080, &as_("prod", "web"))
+            .expect_err("r9");
+        assert!(refused.contains("not assigned to this node"), "{refused}");
+        // Ingress: only from an ingress node, only on a routed port.
+        assert_eq!(check("n-gw", 8080, &Caller::Ingress), Ok(()));
+        assert!(check("n-web", 8080, &Caller::Ingress).is_err());
+        assert!(check("n-gw", 9000, &Caller::Ingress).is_err());
+    }
+
+    #[test]
     fn advertised_address_is_the_listen_address_or_the_route_to_a_coordinator() {
         let fixed: SocketAddr = "10.1.2.3:7600".parse().expect("addr");
         assert_eq!(advertise(fixed, &[]), Some(fixed));
