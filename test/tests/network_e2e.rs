@@ -497,6 +497,34 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
         );
     }
 
+    tracing::info!("phase 1b: upstreams keep working beside replica networks");
+    let up = "while true; do r=$(printf \"GET /index.html HTTP/1.0\\r\\n\\r\\n\" | nc -w 2 127.0.0.1 9000 | grep hello); echo \"UPSTREAM ${r:-FAILED}\"; sleep 0.3; done";
+    apply(
+        &c,
+        &manifest(
+            &c,
+            "upcaller",
+            1,
+            up,
+            "  upstreams:\n    - {workload: api, port: 8080, localPort: 9000}\n",
+        ),
+    );
+    c.wait_ready("upcaller", 1, Duration::from_secs(60), |_| true)
+        .await;
+    eventually(
+        "the upstream reaches both api replicas",
+        Duration::from_secs(40),
+        || {
+            let text = logs(&c, "upcaller");
+            apis.iter()
+                .all(|r| text.contains(&format!("UPSTREAM hello from {}", r.id)))
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await;
+    c.ctl_ok(&["delete", "workload", "upcaller"]);
+
     tracing::info!("phase 2: after a scale-down no connection goes to the gone replica after 2 s");
     let one = manifest(&c, "api", 1, serve, api);
     apply(&c, &one);
