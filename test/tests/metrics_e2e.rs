@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cloudless_test::e2e::Cluster;
+use cloudless_test::e2e::{Cluster, Options};
 use cloudless_test::http_get as get;
 
 /// The metric names a scrape declares, as docs/metrics.md lists them
@@ -96,7 +96,12 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
         return;
     }
     let hard_files = lower_soft_open_files_limit();
-    let c = Cluster::start().await;
+    // The agents log JSON, as an operator's log pipeline would read it.
+    let c = Cluster::start_with(Options {
+        agent_args: vec!["--log-format".into(), "json".into()],
+        ..Options::default()
+    })
+    .await;
     // Ready through a readiness probe (counted by the agents).
     let manifest = c.manifest_with(
         "metered",
@@ -328,4 +333,22 @@ async fn every_documented_metric_is_exported_and_follows_the_cluster() {
         assert!(pulled, "no Pulled event from {node}:\n{events}");
     }
     assert!(events.contains("Pulling"), "{events}");
+
+    // Every line an agent logged is one JSON object with a level, a target
+    // and its fields.
+    for a in &c.agents {
+        let log = std::fs::read_to_string(c.dir.path().join(format!("{}.log", a.name)))
+            .expect("agent log");
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 3, "{}: {log}", a.name);
+        for line in lines {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", a.name));
+            assert!(
+                v["level"].is_string() && v["target"].is_string() && v["fields"].is_object(),
+                "{}: {line}",
+                a.name
+            );
+        }
+    }
 }

@@ -420,15 +420,15 @@ def secrets():
     d = Dash("cloudless-secrets", "Cloudless / Secrets",
              "Secret reads and refusals, join tokens, certificate expiry.")
     d.ts("Secret reads", [(f'sum by (node) (rate(cloudless_secrets_reads_total{{job="coordinator"}}[{RATE}]))', "{{node}}")],
-         unit="ops")
+         unit="ops", core=True)
     d.ts("Secret access tokens issued", [(f'sum by (node) (rate(cloudless_secrets_mints_total{{job="coordinator"}}[{RATE}]))', "{{node}}")],
-         unit="ops")
+         unit="ops", core=True)
     d.ts("Secret refusals by reason", [(f'sum by (reason) (rate(cloudless_secrets_refusals_total{{job="coordinator"}}[{RATE}]))', "{{reason}}")],
          unit="ops")
     d.ts("Join tokens used", [(f'sum(increase(cloudless_join_tokens_used_total{{job="coordinator"}}[{RATE}]))', "enrollments")])
     d.ts("Join tokens refused by reason", [(f'sum by (reason) (increase(cloudless_join_tokens_refused_total{{job="coordinator"}}[{RATE}]))', "{{reason}}")])
     d.table("Certificates: time left", [('min by (kind, subject) (cloudless_certificate_expiry_timestamp_seconds{job="coordinator"}) - time()', "")],
-            w=24, unit="s")
+            w=24, unit="s", core=True)
     return d
 
 
