@@ -172,18 +172,42 @@ impl Collector for StateCollector {
                     ConstGauge::new(unknown as f64)
                         .encode(m.encode_family(&[("state", "Unknown")])?)?;
                 }
-                for (name, help, value) in [
+                // Each workload's gauges: desired, Ready and updated
+                // replicas, and its current template.
+                type PerWorkload<'a> = Box<dyn Fn(&cloudless_types::Workload) -> u64 + 'a>;
+                let families: [(&str, &str, PerWorkload); 4] = [
                     (
                         "cloudless_workload_replicas_desired",
                         "Replicas each workload asks for",
-                        true,
+                        Box::new(|w| u64::from(w.spec.replicas)),
                     ),
                     (
                         "cloudless_workload_replicas_ready",
                         "Each workload's replicas that are Ready",
-                        false,
+                        Box::new(|w| {
+                            ready
+                                .get(&(w.namespace.as_str(), w.name.as_str()))
+                                .copied()
+                                .unwrap_or(0)
+                        }),
                     ),
-                ] {
+                    (
+                        "cloudless_workload_template",
+                        "Each workload's current template (its spec's generation: a rollout starts at each change)",
+                        Box::new(|w| w.template),
+                    ),
+                    (
+                        "cloudless_workload_replicas_updated",
+                        "Each workload's replicas that run its current template (a rollout is done when they are all its replicas and Ready)",
+                        Box::new(|w| {
+                            on_template
+                                .get(&(w.namespace.as_str(), w.name.as_str(), w.template))
+                                .copied()
+                                .unwrap_or(0)
+                        }),
+                    ),
+                ];
+                for (name, help, value) in families {
                     let mut m = encoder.encode_descriptor(
                         name,
                         help,
@@ -191,51 +215,11 @@ impl Collector for StateCollector {
                         prometheus_client::metrics::MetricType::Gauge,
                     )?;
                     for w in &workloads {
-                        let n = if value {
-                            u64::from(w.spec.replicas)
-                        } else {
-                            ready
-                                .get(&(w.namespace.as_str(), w.name.as_str()))
-                                .copied()
-                                .unwrap_or(0)
-                        };
                         let labels = [
                             ("namespace", w.namespace.as_str()),
                             ("workload", w.name.as_str()),
                         ];
-                        ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
-                    }
-                }
-                {
-                    let mut m = encoder.encode_descriptor(
-                        "cloudless_workload_template",
-                        "Each workload's current template (its spec's generation: a rollout starts at each change)",
-                        None,
-                        prometheus_client::metrics::MetricType::Gauge,
-                    )?;
-                    for w in &workloads {
-                        let labels = [
-                            ("namespace", w.namespace.as_str()),
-                            ("workload", w.name.as_str()),
-                        ];
-                        ConstGauge::new(w.template as f64).encode(m.encode_family(&labels)?)?;
-                    }
-                    let mut m = encoder.encode_descriptor(
-                        "cloudless_workload_replicas_updated",
-                        "Each workload's replicas that run its current template (a rollout is done when they are all its replicas and Ready)",
-                        None,
-                        prometheus_client::metrics::MetricType::Gauge,
-                    )?;
-                    for w in &workloads {
-                        let n = on_template
-                            .get(&(w.namespace.as_str(), w.name.as_str(), w.template))
-                            .copied()
-                            .unwrap_or(0);
-                        let labels = [
-                            ("namespace", w.namespace.as_str()),
-                            ("workload", w.name.as_str()),
-                        ];
-                        ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
+                        ConstGauge::new(value(w) as f64).encode(m.encode_family(&labels)?)?;
                     }
                 }
                 node_gauges(&mut encoder, &nodes, &requested)?;
