@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use cloudless_network::proxy::Caller;
 use cloudless_network::services::SharedServices;
-use cloudless_overlay::{ConnectFuture, Overlay, Resolver};
+use cloudless_overlay::{ConnectFuture, Connected, Overlay, Resolver};
 use cloudless_pki::Identity;
 use cloudless_proto::v1 as pb;
 use cloudless_types::Upstream;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
 /// How the overlay names a port of a replica: `replica/<id>:<port>`.
@@ -38,15 +38,23 @@ fn parse_target(target: &str) -> Option<(&str, u16)> {
 
 /// How the overlay names a port of a replica reached through its service,
 /// with the caller: `service/<id>:<port>@<namespace>/<workload>` or
-/// `service/<id>:<port>@ingress`.
-pub fn service_target(replica_id: &str, port: u16, caller: &Caller) -> String {
-    format!("service/{replica_id}:{port}@{caller}")
+/// `service/<id>:<port>@ingress`; a UDP port is `<port>/udp`.
+pub fn service_target(replica_id: &str, port: u16, udp: bool, caller: &Caller) -> String {
+    let proto = if udp { "/udp" } else { "" };
+    format!("service/{replica_id}:{port}{proto}@{caller}")
 }
 
-fn parse_service_target(target: &str) -> Option<(&str, u16, Caller)> {
+/// A service target: the replica, its port, whether UDP, the caller.
+type ServiceTarget<'a> = (&'a str, u16, bool, Caller);
+
+fn parse_service_target(target: &str) -> Option<ServiceTarget<'_>> {
     let rest = target.strip_prefix("service/")?;
     let (dest, caller) = rest.split_once('@')?;
     let (id, port) = dest.rsplit_once(':')?;
+    let (port, udp) = match port.strip_suffix("/udp") {
+        Some(p) => (p, true),
+        None => (port, false),
+    };
     let port: u16 = port.parse().ok()?;
     let caller = match caller.split_once('/') {
         None if caller == "ingress" => Caller::Ingress,
@@ -58,7 +66,7 @@ fn parse_service_target(target: &str) -> Option<(&str, u16, Caller)> {
         }
         _ => return None,
     };
-    (!id.is_empty() && port != 0).then_some((id, port, caller))
+    (!id.is_empty() && port != 0).then_some((id, port, udp, caller))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,6 +163,7 @@ impl Local {
         origin: &str,
         replica_id: &str,
         port: u16,
+        udp: bool,
         caller: &Caller,
     ) -> Result<(), String> {
         let (ns, workload) = lock(&self.workloads)
@@ -167,8 +176,12 @@ impl Local {
             .find(|s| s.namespace == ns && s.name == workload)
             .cloned()
             .ok_or_else(|| format!("{ns}/{workload} is no service"))?;
-        if !svc.has_tcp_port(port) {
-            return Err(format!("{ns}/{workload} has no TCP port {port}"));
+        if !svc.has_port(port, udp) {
+            let proto = if udp { "UDP" } else { "TCP" };
+            return Err(format!("{ns}/{workload} has no {proto} port {port}"));
+        }
+        if udp && matches!(caller, Caller::Ingress) {
+            return Err("ingress carries TCP only".into());
         }
         let access = lock(&self.access);
         match caller {
@@ -204,6 +217,22 @@ impl Local {
                 Ok(())
             }
         }
+    }
+
+    /// A UDP socket connected to `port` of local replica `replica_id` at its
+    /// address on the bridge.
+    async fn connect_udp(&self, replica_id: &str, port: u16) -> Result<UdpSocket, String> {
+        let a = lock(&self.addresses)
+            .get(replica_id)
+            .copied()
+            .ok_or_else(|| format!("replica {replica_id} has no address on this node"))?;
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .map_err(|e| format!("a UDP socket: {e}"))?;
+        s.connect((a, port))
+            .await
+            .map_err(|e| format!("replica {replica_id} at {a}:{port}/udp: {e}"))?;
+        Ok(s)
     }
 
     /// A connection to `port` of local replica `replica_id`: at its address
@@ -255,14 +284,17 @@ impl Resolver for ReplicaResolver {
             let Identity::Node(node) = origin else {
                 return Err(format!("{origin} does not carry workload traffic"));
             };
-            if let Some((id, port, caller)) = parse_service_target(target) {
-                self.0.service_allowed(node, id, port, &caller)?;
-                return self.0.connect(id, port, true).await;
+            if let Some((id, port, udp, caller)) = parse_service_target(target) {
+                self.0.service_allowed(node, id, port, udp, &caller)?;
+                if udp {
+                    return self.0.connect_udp(id, port).await.map(Connected::Udp);
+                }
+                return self.0.connect(id, port, true).await.map(Connected::Tcp);
             }
             let (id, port) =
                 parse_target(target).ok_or_else(|| format!("bad target {target:?}"))?;
             self.0.allowed(node, id)?;
-            self.0.connect(id, port, false).await
+            self.0.connect(id, port, false).await.map(Connected::Tcp)
         })
     }
 
@@ -270,8 +302,8 @@ impl Resolver for ReplicaResolver {
         let Identity::Node(node) = origin else {
             return false;
         };
-        if let Some((id, port, caller)) = parse_service_target(target) {
-            return self.0.service_allowed(node, id, port, &caller).is_ok();
+        if let Some((id, port, udp, caller)) = parse_service_target(target) {
+            return self.0.service_allowed(node, id, port, udp, &caller).is_ok();
         }
         match parse_target(target) {
             Some((id, _)) => self.0.allowed(node, id).is_ok(),
@@ -433,18 +465,19 @@ impl Mesh {
         };
     }
 
-    /// Opens a stream to `port` of replica `replica_id` on node `node_id`
-    /// through its service, for `caller`.
+    /// Opens a stream to `port` (UDP: `udp`) of replica `replica_id` on node
+    /// `node_id` through its service, for `caller`.
     pub async fn open_service_stream(
         &self,
         node_id: &str,
         replica_id: &str,
         port: u16,
+        udp: bool,
         caller: &Caller,
     ) -> Result<cloudless_overlay::OverlayStream, String> {
         let peer = Identity::Node(node_id.to_owned());
         self.overlay
-            .open(&peer, &service_target(replica_id, port, caller))
+            .open(&peer, &service_target(replica_id, port, udp, caller))
             .await
             .map_err(|e| e.to_string())
     }
@@ -572,6 +605,36 @@ impl cloudless_network::proxy::Carry for OverlayCarry {
     }
 }
 
+/// An overlay stream as a flow of datagrams, for the service proxy.
+pub fn overlay_datagrams(
+    s: cloudless_overlay::OverlayStream,
+) -> cloudless_network::proxy::Datagrams {
+    let (tx, rx) = s.into_datagrams();
+    cloudless_network::proxy::Datagrams {
+        tx: Box::new(DatagramTx(tx)),
+        rx: Box::new(DatagramRx(rx)),
+    }
+}
+
+struct DatagramTx(cloudless_overlay::datagram::DatagramSender);
+
+impl cloudless_network::proxy::DatagramTx for DatagramTx {
+    fn send<'a>(
+        &'a mut self,
+        datagram: bytes::Bytes,
+    ) -> cloudless_network::proxy::IoFuture<'a, ()> {
+        Box::pin(async move { self.0.send(&datagram).await })
+    }
+}
+
+struct DatagramRx(cloudless_overlay::datagram::DatagramReceiver);
+
+impl cloudless_network::proxy::DatagramRx for DatagramRx {
+    fn recv(&mut self) -> cloudless_network::proxy::IoFuture<'_, Option<bytes::Bytes>> {
+        Box::pin(self.0.recv())
+    }
+}
+
 /// How often the agent asks the coordinators for their relays and redials
 /// the relays it lost.
 const RELAY_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -683,6 +746,28 @@ mod tests {
     #[test]
     fn targets_round_trip_and_bad_ones_are_refused() {
         assert_eq!(parse_target(&target("r-1", 8080)), Some(("r-1", 8080)));
+        let web = Caller::Workload {
+            namespace: "prod".into(),
+            workload: "web".into(),
+        };
+        for udp in [false, true] {
+            assert_eq!(
+                parse_service_target(&service_target("r-1", 53, udp, &web)),
+                Some(("r-1", 53, udp, web.clone()))
+            );
+        }
+        assert_eq!(
+            service_target("r-1", 53, true, &Caller::Ingress),
+            "service/r-1:53/udp@ingress"
+        );
+        for bad in [
+            "service/r-1:53/tcp@ingress",
+            "service/r-1:/udp@ingress",
+            "service/r-1:0/udp@ingress",
+            "service/r-1:53/udp@",
+        ] {
+            assert_eq!(parse_service_target(bad), None, "{bad}");
+        }
         for bad in [
             "replica/:80",
             "replica/r:0",
@@ -764,9 +849,9 @@ mod tests {
                 namespace: "prod".into(),
                 name: "api".into(),
                 vip: Ipv4Addr::new(10, 96, 0, 1),
-                ports: [8080, 9000]
+                ports: [(8080, false), (9000, false), (5353, true)]
                     .into_iter()
-                    .map(|port| ServicePort { port, udp: false })
+                    .map(|(port, udp)| ServicePort { port, udp })
                     .collect(),
                 policy: LoadBalancing::RoundRobin,
                 allow_from: vec!["staging".into()],
@@ -795,8 +880,10 @@ mod tests {
             namespace: namespace.into(),
             workload: workload.into(),
         };
-        let check =
-            |origin: &str, port, caller: &Caller| local.service_allowed(origin, "r1", port, caller);
+        let check_udp = |origin: &str, port, udp, caller: &Caller| {
+            local.service_allowed(origin, "r1", port, udp, caller)
+        };
+        let check = |origin: &str, port, caller: &Caller| check_udp(origin, port, false, caller);
         // Its own namespace, from a node running the caller.
         assert_eq!(check("n-web", 8080, &as_("prod", "web")), Ok(()));
         // A node may not speak for a workload it does not run, even one the
@@ -816,8 +903,15 @@ mod tests {
         // Only its declared ports; only replicas assigned here.
         let refused = check("n-web", 9090, &as_("prod", "web")).expect_err("port");
         assert!(refused.contains("no TCP port 9090"), "{refused}");
+        // A UDP port by its protocol, under the same rules.
+        assert_eq!(check_udp("n-web", 5353, true, &as_("prod", "web")), Ok(()));
+        let refused = check_udp("n-web", 5353, false, &as_("prod", "web")).expect_err("tcp");
+        assert!(refused.contains("no TCP port 5353"), "{refused}");
+        let refused = check_udp("n-web", 8080, true, &as_("prod", "web")).expect_err("udp");
+        assert!(refused.contains("no UDP port 8080"), "{refused}");
+        assert!(check_udp("n-evil", 5353, true, &as_("other", "evil")).is_err());
         let refused = local
-            .service_allowed("n-web", "r9", 8080, &as_("prod", "web"))
+            .service_allowed("n-web", "r9", 8080, false, &as_("prod", "web"))
             .expect_err("r9");
         assert!(refused.contains("not assigned to this node"), "{refused}");
         // Ingress: only from an ingress node, only on a routed port.

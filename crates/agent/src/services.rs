@@ -5,14 +5,15 @@
 //! which workloads, which nodes carry ingress.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cloudless_network::balancer::Here;
 use cloudless_network::dns::Resolver;
+use cloudless_network::firewall::UdpRoute;
 use cloudless_network::proxy::{
-    BridgeDialer, Caller, DialFuture, Dialed, Dialer, ProxyLimits, ServiceProxy,
+    BridgeDialer, Caller, DatagramDialFuture, DialFuture, Dialed, Dialer, ProxyLimits, ServiceProxy,
 };
 use cloudless_network::services::{
     Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
@@ -21,7 +22,7 @@ use cloudless_network::{fastpath, NodeNetwork};
 use cloudless_proto::v1 as pb;
 use tokio::task::JoinHandle;
 
-use crate::mesh::{Mesh, OverlayCarry, ServiceAccess};
+use crate::mesh::{overlay_datagrams, Mesh, OverlayCarry, ServiceAccess};
 
 /// Replicas on this node by address: who a connection to a VIP comes from.
 type Callers = Arc<Mutex<HashMap<IpAddr, Caller>>>;
@@ -45,9 +46,27 @@ impl Dialer for OverlayDialer {
                 .as_ref()
                 .ok_or("this agent runs no overlay (other nodes' replicas are out of reach)")?;
             let s = mesh
-                .open_service_stream(&e.node_id, &e.replica_id, port, caller)
+                .open_service_stream(&e.node_id, &e.replica_id, port, false, caller)
                 .await?;
             Ok(Dialed::Carry(Box::new(OverlayCarry(s))))
+        })
+    }
+
+    fn dial_datagrams<'a>(
+        &'a self,
+        e: &'a Endpoint,
+        port: u16,
+        caller: &'a Caller,
+    ) -> DatagramDialFuture<'a> {
+        Box::pin(async move {
+            let mesh = self
+                .0
+                .as_ref()
+                .ok_or("this agent runs no overlay (other nodes' replicas are out of reach)")?;
+            let s = mesh
+                .open_service_stream(&e.node_id, &e.replica_id, port, true, caller)
+                .await?;
+            Ok(overlay_datagrams(s))
         })
     }
 }
@@ -68,6 +87,19 @@ pub(crate) struct ServicePlane {
     ingress: Mutex<HashMap<u16, IngressListener>>,
     /// Told when a replica comes or goes (the kernel path's callers).
     callers_changed: Arc<tokio::sync::Notify>,
+    /// The node's network (its UDP redirects).
+    net: NodeNetwork,
+    /// The proxy's sockets for UDP service ports.
+    udp: tokio::sync::Mutex<UdpPorts>,
+}
+
+/// The proxy's sockets for UDP service ports, and the redirects installed.
+#[derive(Debug, Default)]
+struct UdpPorts {
+    /// (VIP, port) -> the socket's address and the task serving it.
+    sockets: HashMap<(Ipv4Addr, u16), (SocketAddrV4, JoinHandle<()>)>,
+    /// What the firewall redirects now (`None`: nothing installed yet).
+    routed: Option<Vec<UdpRoute>>,
 }
 
 impl std::fmt::Debug for ServicePlane {
@@ -84,6 +116,9 @@ impl Drop for ServicePlane {
             t.abort();
         }
         for (_, (_, _, _, t)) in lock(&self.ingress).drain() {
+            t.abort();
+        }
+        for (_, (_, t)) in self.udp.get_mut().sockets.drain() {
             t.abort();
         }
     }
@@ -177,6 +212,8 @@ impl ServicePlane {
             tasks,
             ingress: Mutex::default(),
             callers_changed,
+            net: net.clone(),
+            udp: tokio::sync::Mutex::default(),
         }
     }
 
@@ -211,7 +248,79 @@ impl ServicePlane {
         if let Some(m) = &self.mesh {
             m.set_service_access(access_of(set));
         }
+        self.update_udp().await;
         self.update_ingress(set).await;
+    }
+
+    /// Keeps a proxy socket for every UDP service port and the firewall
+    /// redirecting each port to its socket. When where a port's datagrams go
+    /// changes (and once after a start), the kernel's UDP mappings to it are
+    /// forgotten: a mapping lives as long as its caller keeps sending, and
+    /// would hold on to a socket that is gone.
+    async fn update_udp(&self) {
+        let table = self.services.get();
+        let wanted: HashSet<(Ipv4Addr, u16)> = table
+            .services()
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .filter(|p| p.udp)
+                    .map(move |p| (s.vip, p.port))
+            })
+            .collect();
+        let mut st = self.udp.lock().await;
+        st.sockets.retain(|key, (_, task)| {
+            let keep = wanted.contains(key);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for &(vip, port) in &wanted {
+            if st.sockets.contains_key(&(vip, port)) {
+                continue;
+            }
+            let bound = tokio::net::UdpSocket::bind((self.gateway, 0))
+                .await
+                .and_then(|s| Ok((s.local_addr()?, s)));
+            match bound {
+                Ok((SocketAddr::V4(at), socket)) => {
+                    let task = tokio::spawn(self.proxy.clone().serve_udp(socket, vip, port));
+                    st.sockets.insert((vip, port), (at, task));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    %vip, port, error = %e,
+                    "cannot open the proxy's socket for a UDP service port: its datagrams go nowhere"
+                ),
+            }
+        }
+        let mut routes: Vec<UdpRoute> = st
+            .sockets
+            .iter()
+            .map(|(&(vip, port), &(to, _))| UdpRoute { vip, port, to })
+            .collect();
+        routes.sort();
+        if st.routed.as_ref() == Some(&routes) {
+            return;
+        }
+        if let Err(e) = self.net.set_udp_routes(&routes).await {
+            tracing::warn!(error = %e, "cannot redirect UDP service ports; retrying at the next change");
+            return;
+        }
+        let before = st.routed.take().unwrap_or_default();
+        let cuts: Vec<fastpath::Cut> = routes
+            .iter()
+            .filter(|r| !before.contains(r))
+            .chain(before.iter().filter(|r| !routes.contains(r)))
+            .map(|r| fastpath::Cut::Udp {
+                vip: r.vip,
+                port: r.port,
+            })
+            .collect();
+        fastpath::cut(&cuts).await;
+        tracing::debug!(ports = routes.len(), "UDP service ports redirected");
+        st.routed = Some(routes);
     }
 
     /// Opens, keeps or closes ingress listeners to match `set` (only on an

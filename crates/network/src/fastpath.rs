@@ -155,6 +155,14 @@ pub enum Cut {
         /// The endpoint that left.
         endpoint: Ipv4Addr,
     },
+    /// Every UDP mapping to `vip:port` (where its datagrams go changed:
+    /// a caller's next datagram is redirected anew).
+    Udp {
+        /// The service's address.
+        vip: Ipv4Addr,
+        /// Its UDP port.
+        port: u16,
+    },
     /// Every connection from `caller` to `vip:port`.
     Caller {
         /// The service's address.
@@ -180,6 +188,11 @@ pub async fn cut(cuts: &[Cut]) {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .chain([port.to_string(), "-r".into(), endpoint.to_string()])
+                .collect(),
+            Cut::Udp { vip, port } => ["-D", "-p", "udp", "-d", &vip.to_string(), "--dport"]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .chain([port.to_string()])
                 .collect(),
             Cut::Caller { vip, port, caller } => ["-D", "-p", "tcp", "-s", &caller.to_string()]
                 .iter()

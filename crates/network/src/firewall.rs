@@ -200,6 +200,11 @@ impl Firewall {
         let fast = self.fast_chain();
         ensure_chain_in("nat", &fast).await?;
         iptables(&["-t", "nat", "-A", &nat, "-j", &fast]).await?;
+        // Then each UDP service port to the proxy's socket for it (see
+        // `set_udp_routes`).
+        let udp = self.udp_chain();
+        ensure_chain_in("nat", &udp).await?;
+        iptables(&["-t", "nat", "-A", &nat, "-j", &udp]).await?;
         // Replicas reach replicas of this bridge through the kernel path
         // from the bridge's address (their ports cannot reach each other).
         let post = self.hairpin_chain();
@@ -254,6 +259,25 @@ impl Firewall {
             ])
             .await?;
         }
+        // Datagrams to a UDP service port, redirected to the proxy's socket
+        // for it (only redirected ones: the proxy's other ports stay shut).
+        iptables(&[
+            "-A",
+            &input,
+            "-s",
+            &subnet,
+            "-d",
+            &gw,
+            "-p",
+            "udp",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "DNAT",
+            "-j",
+            "ACCEPT",
+        ])
+        .await?;
         ensure_rule("INPUT", &["-j", &input], true).await
     }
 
@@ -265,6 +289,18 @@ impl Firewall {
     /// The nat chain of the kernel path (see [`crate::fastpath`]).
     fn fast_chain(&self) -> String {
         format!("{}-FAST", self.prefix)
+    }
+
+    /// The nat chain of UDP service ports.
+    fn udp_chain(&self) -> String {
+        format!("{}-UDP", self.prefix)
+    }
+
+    /// Sends replicas' datagrams to each UDP service port of `routes` to
+    /// the proxy's socket for it, and nothing else (in one transaction).
+    pub async fn set_udp_routes(&self, routes: &[UdpRoute]) -> Result<(), NetworkError> {
+        let script = udp_script(&self.udp_chain(), &self.subnet.to_string(), routes);
+        crate::fastpath::restore(&script).await
     }
 
     /// The nat chain of the kernel path's hairpin masquerade.
@@ -326,6 +362,7 @@ impl Firewall {
             iptables(&["-t", "nat", "-D", "POSTROUTING", "-j", &post]).await?;
         }
         let fast = self.fast_chain();
+        let udp = self.udp_chain();
         let ours = format!("{}-K-", self.prefix);
         let listed = iptables(&["-t", "nat", "-S"]).await?;
         let mut chains: Vec<&str> = listed
@@ -335,6 +372,7 @@ impl Firewall {
             .collect();
         // The jumps to the route chains go first.
         chains.insert(0, &fast);
+        chains.push(&udp);
         chains.push(&post);
         for chain in chains {
             if iptables(&["-t", "nat", "-S", chain]).await.is_ok() {
@@ -344,7 +382,7 @@ impl Firewall {
         for chain in listed
             .lines()
             .filter_map(|l| l.strip_prefix("-N "))
-            .filter(|c| c.starts_with(&ours) || *c == fast || *c == post)
+            .filter(|c| c.starts_with(&ours) || *c == fast || *c == udp || *c == post)
         {
             iptables(&["-t", "nat", "-X", chain]).await?;
         }
@@ -665,6 +703,32 @@ pub(crate) async fn run_script(
     } else {
         Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
     }
+}
+
+/// A UDP service port served by the proxy: datagrams replicas send to
+/// `vip:port` go to the proxy's socket at `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UdpRoute {
+    /// The service's address.
+    pub vip: std::net::Ipv4Addr,
+    /// Its UDP port.
+    pub port: u16,
+    /// The proxy's socket for it (on the bridge's address).
+    pub to: std::net::SocketAddrV4,
+}
+
+/// The iptables-restore input that makes `chain` hold exactly `routes`, for
+/// datagrams from `subnet`.
+fn udp_script(chain: &str, subnet: &str, routes: &[UdpRoute]) -> String {
+    let mut s = format!("*nat\n:{chain} - [0:0]\n");
+    for r in routes {
+        s.push_str(&format!(
+            "-A {chain} -s {subnet} -d {}/32 -p udp -m udp --dport {} -j DNAT --to-destination {}\n",
+            r.vip, r.port, r.to
+        ));
+    }
+    s.push_str("COMMIT\n");
+    s
 }
 
 #[cfg(test)]

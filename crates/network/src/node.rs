@@ -443,6 +443,15 @@ impl NodeNetwork {
         self.firewall.set_fast_routes(routes).await
     }
 
+    /// Sends replicas' datagrams to each UDP service port of `routes` to
+    /// the proxy's socket for it.
+    pub async fn set_udp_routes(
+        &self,
+        routes: &[crate::firewall::UdpRoute],
+    ) -> Result<(), NetworkError> {
+        self.firewall.set_udp_routes(routes).await
+    }
+
     /// Whether replicas' bridge ports are locked to their addresses.
     pub fn locks_addresses(&self) -> bool {
         self.locks.is_some()

@@ -24,6 +24,10 @@ use cloudless_types::rate_limit::{address_key, Rate, RateLimiter};
 use crate::balancer::{Balancer, Here};
 use crate::services::{Endpoint, Service, SharedServices};
 
+mod udp;
+
+pub use udp::{DatagramDialFuture, DatagramRx, DatagramTx, Datagrams, IoFuture, MAX_DATAGRAM};
+
 /// A connection to an endpoint.
 pub enum Dialed {
     /// A TCP connection (an endpoint on this node): bytes are spliced
@@ -87,6 +91,22 @@ impl std::fmt::Display for Caller {
 pub trait Dialer: Send + Sync + 'static {
     /// A stream to `port` of endpoint `e` for `caller`.
     fn dial<'a>(&'a self, e: &'a Endpoint, port: u16, caller: &'a Caller) -> DialFuture<'a>;
+
+    /// A flow of datagrams to UDP port `port` of endpoint `e` for `caller`.
+    fn dial_datagrams<'a>(
+        &'a self,
+        e: &'a Endpoint,
+        port: u16,
+        caller: &'a Caller,
+    ) -> DatagramDialFuture<'a> {
+        let _ = (port, caller);
+        Box::pin(async move {
+            Err(format!(
+                "UDP is not carried to {} on node {}",
+                e.replica_id, e.node_id
+            ))
+        })
+    }
 }
 
 /// Finds the workload of a replica on this node by its address.
@@ -126,6 +146,10 @@ pub struct ProxyLimits {
     /// New ingress connections one source (an address, or an IPv6 /64) may
     /// open: more are closed as accepted.
     pub ingress_rate: Rate,
+    /// A UDP flow (a caller's address and port to one endpoint) that carries
+    /// no datagram either way for this long ends; the caller's next datagram
+    /// starts a new one (as conntrack forgets a UDP mapping).
+    pub udp_idle_timeout: Duration,
 }
 
 /// Most connections per pool.
@@ -149,6 +173,7 @@ impl Default for ProxyLimits {
                 per_s: 500,
                 burst: 1000,
             },
+            udp_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -742,6 +767,28 @@ impl<R: Dialer> Dialer for BridgeDialer<R> {
                     Ok(Dialed::Tcp(s))
                 }
                 _ => self.remote.dial(e, port, caller).await,
+            }
+        })
+    }
+
+    fn dial_datagrams<'a>(
+        &'a self,
+        e: &'a Endpoint,
+        port: u16,
+        caller: &'a Caller,
+    ) -> DatagramDialFuture<'a> {
+        Box::pin(async move {
+            match (e.node_id == self.node_id, e.address) {
+                (true, Some(addr)) => {
+                    let s = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                        .await
+                        .map_err(|err| format!("a UDP socket: {err}"))?;
+                    s.connect((addr, port))
+                        .await
+                        .map_err(|err| format!("{addr}:{port}/udp: {err}"))?;
+                    Ok(Datagrams::socket(s))
+                }
+                _ => self.remote.dial_datagrams(e, port, caller).await,
             }
         })
     }

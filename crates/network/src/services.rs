@@ -28,7 +28,7 @@ pub enum LoadBalancing {
 pub struct ServicePort {
     /// The port (the same on the VIP and on the replicas).
     pub port: u16,
-    /// UDP ports are named in DNS but not carried by the proxy.
+    /// A UDP port (else TCP).
     pub udp: bool,
 }
 
@@ -76,7 +76,12 @@ impl Service {
 
     /// Whether `port` is one of its TCP ports.
     pub fn has_tcp_port(&self, port: u16) -> bool {
-        self.ports.iter().any(|p| p.port == port && !p.udp)
+        self.has_port(port, false)
+    }
+
+    /// Whether `port` is one of its UDP ports (`udp`) or TCP ports.
+    pub fn has_port(&self, port: u16, udp: bool) -> bool {
+        self.ports.iter().any(|p| p.port == port && p.udp == udp)
     }
 }
 

@@ -1150,3 +1150,200 @@ async fn the_kernel_path_serves_admitted_callers_and_cuts_an_endpoint_that_left(
         "kernel path chains left:\n{nat}"
     );
 }
+
+/// A UDP server in replica `netns` at `addr` answering each datagram with
+/// `<name>:` and the datagram.
+fn serve_udp_name(netns: &Path, addr: SocketAddr, name: &str) {
+    let socket = run_in(netns, move || {
+        std::net::UdpSocket::bind(addr).map_err(|e| e.to_string())
+    })
+    .expect("bind in the replica");
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let mut answer = format!("{name}:").into_bytes();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&answer, from);
+        }
+    });
+}
+
+/// A UDP socket in `netns` connected to `to` (it takes datagrams from `to`
+/// only: an answer from any other source is not seen).
+fn udp_caller(netns: &Path, to: SocketAddr) -> std::net::UdpSocket {
+    run_in(netns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        s.connect(to).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
+    })
+    .expect("a UDP socket in the replica")
+}
+
+/// Sends `msg` on `s`; the answer, if one came within half a second.
+fn udp_ask(s: &std::net::UdpSocket, msg: &str) -> Option<String> {
+    s.send(msg.as_bytes()).ok()?;
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_udp_service_port_answers_from_its_vip_through_the_proxy() {
+    use cloudless_network::balancer::Here;
+    use cloudless_network::fastpath::{cut, Cut};
+    use cloudless_network::firewall::UdpRoute;
+    use cloudless_network::proxy::{BridgeDialer, Caller, ServiceProxy};
+    use cloudless_network::services::{
+        Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
+    };
+    let Some(site) = Site::new(9) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    let (s1, s2, client, other) = (
+        ID("cldt9-dns1"),
+        ID("cldt9-dns2"),
+        ID("cldt9-web"),
+        ID("cldt9-x"),
+    );
+    let a1 = net.attach(&request(&s1)).await.expect("attach");
+    let a2 = net.attach(&request(&s2)).await.expect("attach");
+    let c = net.attach(&request(&client)).await.expect("attach");
+    let o = net.attach(&request(&other)).await.expect("attach");
+    serve_udp_name(&a1.netns, SocketAddr::from((a1.address, 5353)), "dns-1");
+    serve_udp_name(&a2.netns, SocketAddr::from((a2.address, 5353)), "dns-2");
+    let vip = Ipv4Addr::new(10, 252, 9, 10);
+    let endpoint = |id: &str, a: Ipv4Addr| Endpoint {
+        replica_id: id.to_owned(),
+        node_id: "n1".into(),
+        address: Some(a),
+        zone: String::new(),
+        region: String::new(),
+    };
+    let service = |endpoints: Vec<Endpoint>| Service {
+        namespace: "default".into(),
+        name: "dns".into(),
+        vip,
+        ports: vec![ServicePort {
+            port: 5353,
+            udp: true,
+        }],
+        policy: LoadBalancing::RoundRobin,
+        allow_from: vec![],
+        weights: Default::default(),
+        endpoints,
+    };
+    let services = SharedServices::default();
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![service(vec![
+            endpoint(&s1, a1.address),
+            endpoint(&s2, a2.address),
+        ])],
+    ));
+    let (client_ip, other_ip) = (c.address, o.address);
+    let proxy = ServiceProxy::new(
+        services.clone(),
+        Here {
+            node_id: "n1".into(),
+            ..Here::default()
+        },
+        std::sync::Arc::new(BridgeDialer {
+            node_id: "n1".into(),
+            remote: NoRemote,
+        }),
+        std::sync::Arc::new(move |ip| {
+            let namespace = if ip == std::net::IpAddr::V4(client_ip) {
+                "default"
+            } else if ip == std::net::IpAddr::V4(other_ip) {
+                "other"
+            } else {
+                return None;
+            };
+            Some(Caller::Workload {
+                namespace: namespace.into(),
+                workload: "caller".into(),
+            })
+        }),
+    );
+    let gw = net.gateway();
+    let serve = |proxy: std::sync::Arc<ServiceProxy>| async move {
+        let socket = tokio::net::UdpSocket::bind((gw, 0)).await.expect("bind");
+        let Ok(SocketAddr::V4(at)) = socket.local_addr() else {
+            panic!("an IPv4 socket");
+        };
+        (at, tokio::spawn(proxy.serve_udp(socket, vip, 5353)))
+    };
+    let (at, first_socket) = serve(proxy.clone()).await;
+    net.set_udp_routes(&[UdpRoute {
+        vip,
+        port: 5353,
+        to: at,
+    }])
+    .await
+    .expect("redirect");
+
+    // Two callers' flows go to the two replicas, each answered from the
+    // VIP (the sockets are connected to it), each flow kept on its replica.
+    let to = SocketAddr::from((vip, 5353));
+    let (one, two) = (udp_caller(&c.netns, to), udp_caller(&c.netns, to));
+    let first = udp_ask(&one, "a").expect("an answer from the VIP");
+    let second = udp_ask(&two, "a").expect("an answer from the VIP");
+    assert_ne!(first[..6], second[..6], "{first} {second}");
+    for i in 0..10 {
+        let msg = format!("q{i}");
+        assert_eq!(udp_ask(&one, &msg), Some(format!("{}{msg}", &first[..6])));
+        assert_eq!(udp_ask(&two, &msg), Some(format!("{}{msg}", &second[..6])));
+    }
+
+    // Another namespace is not admitted: no answer.
+    let outsider = udp_caller(&o.netns, to);
+    assert_eq!(udp_ask(&outsider, "a"), None);
+
+    // The proxy's socket changes (as after an agent restart): once the
+    // redirect is rewritten and the old mappings forgotten, the same caller
+    // socket (the same mapping so far) is answered again.
+    first_socket.abort();
+    let (at, _second_socket) = serve(proxy.clone()).await;
+    net.set_udp_routes(&[UdpRoute {
+        vip,
+        port: 5353,
+        to: at,
+    }])
+    .await
+    .expect("redirect");
+    cut(&[Cut::Udp { vip, port: 5353 }]).await;
+    let again = udp_ask(&one, "b").expect("an answer after the change");
+    assert!(again.ends_with(":b"), "{again}");
+
+    // When a replica leaves the service, a flow on it moves within a second.
+    let mine = udp_ask(&one, "c").expect("an answer");
+    let (gone, stays) = if mine.starts_with("dns-1") {
+        ("dns-1", endpoint(&s2, a2.address))
+    } else {
+        ("dns-2", endpoint(&s1, a1.address))
+    };
+    services.set(ServiceTable::new(
+        "cloudless.local",
+        vec![service(vec![stays])],
+    ));
+    let left = Instant::now();
+    loop {
+        match udp_ask(&one, "d") {
+            Some(a) if !a.starts_with(gone) => break,
+            answer => assert!(
+                left.elapsed() < Duration::from_secs(1),
+                "{answer:?} a second after {gone} left"
+            ),
+        }
+    }
+
+    net.set_udp_routes(&[]).await.expect("no redirects");
+    for id in [&s1, &s2, &client, &other] {
+        net.detach(id).await.expect("detach");
+    }
+    net.uninstall().await.expect("uninstall");
+    let rules = iptables_save();
+    assert!(!rules.contains(&site.prefix()), "{rules}");
+}

@@ -9,6 +9,9 @@
 //!   with a small JSON request ([`wire::StreamRequest`]): `Open` a target on
 //!   the receiving node (resolved by its [`Resolver`]), or ask a relay node to
 //!   `Relay` the stream to another node.
+//! - A UDP flow is a stream too, carrying its datagrams each behind its
+//!   length ([`datagram`]); the receiving node's [`Resolver`] answers such a
+//!   target with a connected UDP socket ([`Connected::Udp`]).
 //! - Connections are used in both directions: a node behind NAT dials its
 //!   relays and keeps those connections alive, so the relays can open streams
 //!   back to it over the same connection ([`Overlay::set_relays`]).
@@ -18,6 +21,7 @@
 //!   coordinator's relay refuses nodes removed from the cluster).
 
 mod admission;
+pub mod datagram;
 mod mesh;
 mod pipe;
 mod tls;
@@ -25,8 +29,8 @@ pub mod wire;
 
 pub use admission::{Admission, AdmitAll};
 pub use mesh::{
-    ConnectFuture, Overlay, OverlayConfig, OverlayStats, OverlayStream, Resolver, StaticResolver,
-    Traversal,
+    ConnectFuture, Connected, Overlay, OverlayConfig, OverlayStats, OverlayStream, Resolver,
+    StaticResolver, Traversal,
 };
 pub use tls::{OverlayTls, ALPN};
 

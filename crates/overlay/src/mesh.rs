@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cloudless_pki::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::admission::{Admission, AdmitAll};
 use crate::tls::OverlayTls;
@@ -65,12 +65,29 @@ impl Default for OverlayConfig {
     }
 }
 
-/// A boxed connect future.
-pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, String>> + Send + 'a>>;
+/// What a stream's target is on the receiving node.
+#[derive(Debug)]
+pub enum Connected {
+    /// A TCP connection: the stream carries its bytes.
+    Tcp(TcpStream),
+    /// A UDP socket connected to its one peer: the stream carries its
+    /// datagrams (see [`crate::datagram`]).
+    Udp(UdpSocket),
+}
 
-/// Turns a stream's target into a local TCP connection on the receiving node
-/// (for example into a container's network namespace). `origin` is the node
-/// that opened the stream; an error is sent back to it as the refusal reason.
+impl From<TcpStream> for Connected {
+    fn from(s: TcpStream) -> Self {
+        Self::Tcp(s)
+    }
+}
+
+/// A boxed connect future.
+pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<Connected, String>> + Send + 'a>>;
+
+/// Turns a stream's target into a local TCP connection or UDP flow on the
+/// receiving node (for example to a container's address). `origin` is the
+/// node that opened the stream; an error is sent back to it as the refusal
+/// reason.
 pub trait Resolver: Send + Sync + 'static {
     /// Connects to `target` for `origin`.
     fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a>;
@@ -105,6 +122,7 @@ impl Resolver for StaticResolver {
                 .ok_or_else(|| format!("no target {target:?} on this node"))?;
             TcpStream::connect(addr)
                 .await
+                .map(Connected::Tcp)
                 .map_err(|e| format!("target {target:?} ({addr}): {e}"))
         })
     }
@@ -838,8 +856,10 @@ impl Overlay {
                     _ => peer,
                 };
                 match self.inner.resolver.connect(&origin, &target).await {
-                    Ok(mut tcp) => {
-                        let _ = tcp.set_nodelay(true);
+                    Ok(connected) => {
+                        if let Connected::Tcp(tcp) = &connected {
+                            let _ = tcp.set_nodelay(true);
+                        }
                         if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
                             return;
                         }
@@ -853,9 +873,18 @@ impl Overlay {
                             bytes: self.inner.counters.bytes.clone(),
                         };
                         let moved = AtomicU64::new(0);
-                        let _ = stream
-                            .join_tcp_until(&mut tcp, cut.cancelled(), NOT_ADMITTED, &moved)
-                            .await;
+                        match connected {
+                            Connected::Tcp(mut tcp) => {
+                                let _ = stream
+                                    .join_tcp_until(&mut tcp, cut.cancelled(), NOT_ADMITTED, &moved)
+                                    .await;
+                            }
+                            Connected::Udp(udp) => {
+                                let _ = stream
+                                    .join_udp_until(&udp, cut.cancelled(), NOT_ADMITTED, &moved)
+                                    .await;
+                            }
+                        }
                         lock(&self.inner.served).remove(&key);
                     }
                     Err(why) => self.refuse(&mut send, why).await,
@@ -1053,7 +1082,10 @@ mod tests {
                         let _ = s.write_all(b"hello").await;
                     }
                 });
-                TcpStream::connect(addr).await.map_err(|e| e.to_string())
+                TcpStream::connect(addr)
+                    .await
+                    .map(Connected::Tcp)
+                    .map_err(|e| e.to_string())
             })
         }
     }
@@ -1265,6 +1297,7 @@ mod tests {
             Box::pin(async move {
                 TcpStream::connect(self.server)
                     .await
+                    .map(Connected::Tcp)
                     .map_err(|e| e.to_string())
             })
         }

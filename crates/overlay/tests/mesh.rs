@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cloudless_overlay::{
-    ConnectFuture, Overlay, OverlayConfig, OverlayError, OverlayTls, Resolver, StaticResolver,
+    ConnectFuture, Connected, Overlay, OverlayConfig, OverlayError, OverlayTls, Resolver,
+    StaticResolver,
 };
 use cloudless_pki::{ClusterCa, Identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -55,8 +56,37 @@ struct Recording {
 impl Resolver for Recording {
     fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
         self.origins.lock().expect("origins").push(origin.clone());
+        // `udp/<address>`: a UDP flow to that address.
+        if let Some(to) = target.strip_prefix("udp/") {
+            let to: SocketAddr = match to.parse() {
+                Ok(a) => a,
+                Err(e) => return Box::pin(async move { Err(e.to_string()) }),
+            };
+            return Box::pin(async move {
+                let s = UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.connect(to).await.map_err(|e| e.to_string())?;
+                Ok(Connected::Udp(s))
+            });
+        }
         self.inner.connect(origin, target)
     }
+}
+
+/// A UDP service that answers each datagram with `echo:` and the datagram.
+async fn udp_echo() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = s.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let mut answer = b"echo:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&answer, from).await;
+        }
+    });
+    addr
 }
 
 /// A TCP service that reads until EOF and answers with the bytes uppercased.
@@ -350,4 +380,72 @@ async fn a_relay_introduces_two_nodes_that_then_connect_directly() {
     );
     assert_eq!(traversal(&a.overlay, "hole_punch"), (1, 0));
     assert_eq!(traversal(&a.overlay, "relay"), (0, 0));
+}
+
+#[tokio::test]
+async fn a_udp_flow_crosses_the_overlay_directly_and_through_a_relay() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let echo = udp_echo().await;
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, None);
+    let r = start(&ca, "r", true, None);
+    let target = format!("udp/{echo}");
+
+    // Sizes from empty to about the largest UDP payload; each comes back
+    // whole, in order.
+    let sizes = [0usize, 1, 1200, 9000, 65_000];
+    async fn flow(s: cloudless_overlay::OverlayStream, sizes: &[usize]) {
+        let (mut tx, mut rx) = s.into_datagrams();
+        for &n in sizes {
+            tx.send(&payload(n)).await.expect("send");
+        }
+        for &n in sizes {
+            let back = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an answer in time")
+                .expect("read")
+                .expect("a datagram");
+            let mut want = b"echo:".to_vec();
+            want.extend_from_slice(&payload(n));
+            assert_eq!(back.len(), want.len());
+            assert_eq!(back, want);
+        }
+        // Ending the flow here ends it there.
+        tx.finish();
+        let end = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the end in time")
+            .expect("read");
+        assert!(end.is_none(), "nothing after the flow ended");
+    }
+
+    // Directly.
+    a.overlay.set_peer(node("b"), vec![addr(&b)]);
+    let s = a.overlay.open(&node("b"), &target).await.expect("open");
+    flow(s, &sizes).await;
+
+    // Through a relay: B is reachable only through R.
+    b.overlay.set_peer(node("r"), vec![addr(&r)]);
+    b.overlay.set_relays(vec![node("r")]);
+    assert!(b.overlay.keep_relays_connected().await.is_empty());
+    let c = start(&ca, "c", false, None);
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    c.overlay
+        .set_peer(node("b"), vec![dead.local_addr().expect("addr")]);
+    c.overlay.set_peer(node("r"), vec![addr(&r)]);
+    c.overlay.set_relays(vec![node("r")]);
+    let s = c
+        .overlay
+        .open(&node("b"), &target)
+        .await
+        .expect("via relay");
+    flow(s, &sizes).await;
+    assert_eq!(r.overlay.stats().streams_relayed, 1);
+    // Payload bytes are counted as datagrams, not frames.
+    let sent: usize = sizes.iter().sum();
+    assert_eq!(c.overlay.stats().bytes_sent, sent as u64);
+    assert_eq!(
+        c.overlay.stats().bytes_received,
+        (sent + 5 * sizes.len()) as u64
+    );
 }

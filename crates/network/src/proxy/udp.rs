@@ -1,0 +1,501 @@
+//! UDP through service VIPs. The node's firewall redirects datagrams a
+//! replica sends to `VIP:port/udp` to a socket of the proxy kept for that
+//! service port (one per port, on the bridge's address); the kernel's
+//! connection tracking turns the source of the proxy's answers back into
+//! `VIP:port`, so the replica sees its service answer.
+//!
+//! Each caller address and port is a flow, held by one endpoint that the
+//! service's policy picks when the flow starts (as conntrack pins a UDP
+//! mapping): a connected UDP socket to an endpoint on this node, an overlay
+//! stream of datagrams to an endpoint elsewhere. A flow counts as a
+//! connection of the VIP pool (the same per-source and pool limits), and
+//! ends when it has been quiet for [`ProxyLimits::udp_idle_timeout`], when
+//! its endpoint leaves the service or the service no longer admits its
+//! caller, or when its endpoint's side fails; the caller's next datagram
+//! then starts a new flow. Datagrams a flow cannot take at once (its queue
+//! of [`FLOW_QUEUE`] is full) are dropped, as a congested link would.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use cloudless_types::rate_limit::address_key;
+
+use super::{
+    idle, Caller, Closed, OpenGuard, ProxyLimits, ServiceProxy, CONNECT_TIMEOUT, MAX_TRIES,
+};
+use crate::services::{LoadBalancing, Service};
+
+/// Largest datagram carried (a UDP payload is at most 65,507 bytes over
+/// IPv4).
+pub const MAX_DATAGRAM: usize = u16::MAX as usize;
+
+/// Datagrams waiting for a flow to take them; more are dropped.
+const FLOW_QUEUE: usize = 256;
+
+/// A boxed I/O future.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// Sends datagrams to an endpoint.
+pub trait DatagramTx: Send {
+    /// Sends one datagram.
+    fn send<'a>(&'a mut self, datagram: Bytes) -> IoFuture<'a, ()>;
+}
+
+/// Receives an endpoint's datagrams.
+pub trait DatagramRx: Send {
+    /// The next datagram, or `None` once the endpoint's side ended.
+    fn recv(&mut self) -> IoFuture<'_, Option<Bytes>>;
+}
+
+/// A flow of datagrams to an endpoint, both ways.
+pub struct Datagrams {
+    /// Towards the endpoint.
+    pub tx: Box<dyn DatagramTx>,
+    /// From it.
+    pub rx: Box<dyn DatagramRx>,
+}
+
+impl std::fmt::Debug for Datagrams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Datagrams")
+    }
+}
+
+/// What a datagram dial returns.
+pub type DatagramDialFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Datagrams, String>> + Send + 'a>>;
+
+struct SocketTx(Arc<UdpSocket>);
+
+impl DatagramTx for SocketTx {
+    fn send<'a>(&'a mut self, datagram: Bytes) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            match self.0.send(&datagram).await {
+                Ok(_) => Ok(()),
+                // The endpoint said nothing listens there (ICMP): this
+                // datagram is lost, as it would be without the proxy.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
+struct SocketRx(Arc<UdpSocket>, Vec<u8>);
+
+impl DatagramRx for SocketRx {
+    fn recv(&mut self) -> IoFuture<'_, Option<Bytes>> {
+        Box::pin(async move {
+            loop {
+                match self.0.recv(&mut self.1).await {
+                    Ok(n) => return Ok(Some(Bytes::copy_from_slice(&self.1[..n]))),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+}
+
+impl Datagrams {
+    /// A UDP socket connected to its endpoint, as a flow.
+    pub fn socket(s: UdpSocket) -> Self {
+        let s = Arc::new(s);
+        Self {
+            tx: Box::new(SocketTx(s.clone())),
+            rx: Box::new(SocketRx(s, vec![0; MAX_DATAGRAM])),
+        }
+    }
+}
+
+/// The flows of one service port, by caller address and port.
+type Flows = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ServiceProxy {
+    /// Carries the datagrams replicas send to UDP port `port` of the
+    /// service at `vip`, which the node's firewall redirects to `socket`,
+    /// until aborted.
+    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, vip: Ipv4Addr, port: u16) {
+        let socket = Arc::new(socket);
+        let flows: Flows = Arc::default();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, %vip, port, "UDP receive failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let datagram = Bytes::copy_from_slice(&buf[..n]);
+            let flow = lock(&flows).get(&from).cloned();
+            if let Some(flow) = flow {
+                match flow.try_send(datagram) {
+                    // Full: dropped. Closed: the flow is ending, and the
+                    // caller's next datagram starts the next one.
+                    Ok(()) | Err(_) => continue,
+                }
+            }
+            if let Err(e) = self.start_flow(&socket, &flows, vip, port, from, datagram) {
+                tracing::debug!(from = %from, %vip, port, error = %e, "UDP datagram refused");
+            }
+        }
+    }
+
+    /// Starts the flow of `from` with its first datagram.
+    fn start_flow(
+        self: &Arc<Self>,
+        socket: &Arc<UdpSocket>,
+        flows: &Flows,
+        vip: Ipv4Addr,
+        port: u16,
+        from: SocketAddr,
+        first: Bytes,
+    ) -> Result<(), String> {
+        let svc = self
+            .services
+            .get()
+            .by_vip(vip)
+            .filter(|s| s.has_port(port, true))
+            .ok_or_else(|| format!("{vip} has no UDP port {port}"))?;
+        let caller = (self.callers)(from.ip())
+            .ok_or_else(|| format!("{} is no replica of this node", from.ip()))?;
+        if let Caller::Workload { namespace, .. } = &caller {
+            if !svc.admits(namespace) {
+                return Err(format!(
+                    "{caller} may not reach {}/{} (its allowFrom)",
+                    svc.namespace, svc.name
+                ));
+            }
+        }
+        let admitted = self.vips.admit(address_key(from.ip())).map_err(|why| {
+            self.vips.count(why);
+            format!("closed: {}", why.as_str())
+        })?;
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        let _ = tx.try_send(first);
+        lock(flows).insert(from, tx.clone());
+        let (me, socket, flows) = (self.clone(), socket.clone(), flows.clone());
+        tokio::spawn(async move {
+            if let Err(e) = me.udp_flow(&svc, port, &caller, from, &socket, rx).await {
+                tracing::debug!(from = %from, service = %svc.name, port, error = %e, "UDP flow failed");
+            }
+            drop(admitted);
+            let mut flows = lock(&flows);
+            if flows.get(&from).is_some_and(|f| f.same_channel(&tx)) {
+                flows.remove(&from);
+            }
+        });
+        Ok(())
+    }
+
+    /// Carries one flow to an endpoint of `svc` until it is quiet, its
+    /// endpoint leaves, or either side fails.
+    async fn udp_flow(
+        &self,
+        svc: &Service,
+        port: u16,
+        caller: &Caller,
+        from: SocketAddr,
+        socket: &UdpSocket,
+        mut queue: mpsc::Receiver<Bytes>,
+    ) -> Result<(), String> {
+        let here = lock(&self.here).clone();
+        let open = if svc.policy == LoadBalancing::LeastConnections {
+            self.open_connections()
+        } else {
+            HashMap::new()
+        };
+        let order = self.balancer.order(svc, &here, &open);
+        if order.is_empty() {
+            return Err(format!(
+                "{}/{} has no Ready endpoint",
+                svc.namespace, svc.name
+            ));
+        }
+        let mut errors = Vec::new();
+        for e in order.into_iter().take(MAX_TRIES) {
+            let dialed =
+                tokio::time::timeout(CONNECT_TIMEOUT, self.dialer.dial_datagrams(e, port, caller))
+                    .await;
+            let Datagrams { mut tx, mut rx } = match dialed {
+                Ok(Ok(d)) => d,
+                Ok(Err(err)) => {
+                    errors.push(format!("{}: {err}", e.replica_id));
+                    continue;
+                }
+                Err(_) => {
+                    errors.push(format!(
+                        "{}: no answer in {CONNECT_TIMEOUT:?}",
+                        e.replica_id
+                    ));
+                    continue;
+                }
+            };
+            *lock(&self.open).entry(e.replica_id.clone()).or_insert(0) += 1;
+            let _guard = OpenGuard {
+                open: &self.open,
+                replica: e.replica_id.clone(),
+            };
+            let moved = AtomicU64::new(0);
+            let carry = async {
+                loop {
+                    tokio::select! {
+                        d = queue.recv() => {
+                            let Some(d) = d else { return };
+                            moved.fetch_add(d.len() as u64, Ordering::Relaxed);
+                            if tx.send(d).await.is_err() {
+                                return;
+                            }
+                        }
+                        d = rx.recv() => {
+                            let Ok(Some(d)) = d else { return };
+                            moved.fetch_add(d.len() as u64, Ordering::Relaxed);
+                            let _ = socket.send_to(&d, from).await;
+                        }
+                    }
+                }
+            };
+            let limits = ProxyLimits {
+                idle_timeout: self.limits.udp_idle_timeout,
+                ..self.limits
+            };
+            tokio::select! {
+                () = carry => {}
+                () = self.left(svc.vip, &e.replica_id, caller) => {
+                    tracing::info!(replica = %e.replica_id, service = %svc.name, caller = %caller, "ended a UDP flow: its endpoint left the service or the service no longer admits the caller");
+                }
+                why = idle(&moved, &limits, &self.vips) => {
+                    if why != Closed::Idle {
+                        self.vips.count(why);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        Err(errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::balancer::Here;
+    use crate::proxy::{BridgeDialer, DialFuture, Dialer};
+    use crate::services::{Endpoint, ServicePort, ServiceTable, SharedServices};
+
+    struct NoRemote;
+
+    impl Dialer for NoRemote {
+        fn dial<'a>(&'a self, _: &'a Endpoint, _: u16, _: &'a Caller) -> DialFuture<'a> {
+            Box::pin(async { Err("no other node".to_owned()) })
+        }
+    }
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+
+    /// A UDP server at `ip` on a port free there (`port`, or any) that
+    /// answers each datagram with `<name>:` and the datagram; its port.
+    async fn named_echo(ip: Ipv4Addr, port: u16, name: &'static str) -> u16 {
+        let s = UdpSocket::bind((ip, port)).await.expect("bind");
+        let port = s.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let mut answer = format!("{name}:").into_bytes();
+                answer.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&answer, from).await;
+            }
+        });
+        port
+    }
+
+    fn service(port: u16, endpoints: &[(&str, Ipv4Addr)], allow_from: &[&str]) -> Service {
+        Service {
+            namespace: "ns".into(),
+            name: "dns".into(),
+            vip: VIP,
+            ports: vec![ServicePort { port, udp: true }],
+            policy: LoadBalancing::RoundRobin,
+            allow_from: allow_from.iter().map(|s| (*s).to_owned()).collect(),
+            weights: BTreeMap::new(),
+            endpoints: endpoints
+                .iter()
+                .map(|(id, ip)| Endpoint {
+                    replica_id: (*id).into(),
+                    node_id: "n1".into(),
+                    address: Some(*ip),
+                    zone: String::new(),
+                    region: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Two endpoints (a at 127.0.0.2, b at 127.0.0.3, the same port) behind
+    /// a proxy socket on 127.0.0.1 for callers on 127.0.0.1 of namespace
+    /// `caller_ns`; the socket's address, the table and the proxy.
+    async fn udp_service(
+        limits: ProxyLimits,
+        caller_ns: &'static str,
+    ) -> (SocketAddr, SharedServices, Arc<ServiceProxy>, u16) {
+        let a = Ipv4Addr::new(127, 0, 0, 2);
+        let port = named_echo(a, 0, "a").await;
+        named_echo(Ipv4Addr::new(127, 0, 0, 3), port, "b").await;
+        let services = SharedServices::default();
+        services.set(ServiceTable::new(
+            "cluster.local",
+            vec![service(
+                port,
+                &[("a", a), ("b", Ipv4Addr::new(127, 0, 0, 3))],
+                &[],
+            )],
+        ));
+        let proxy = ServiceProxy::with_limits(
+            services.clone(),
+            Here {
+                node_id: "n1".into(),
+                ..Here::default()
+            },
+            Arc::new(BridgeDialer {
+                node_id: "n1".into(),
+                remote: NoRemote,
+            }),
+            Arc::new(move |_| {
+                Some(Caller::Workload {
+                    namespace: caller_ns.into(),
+                    workload: "client".into(),
+                })
+            }),
+            limits,
+        );
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let at = socket.local_addr().expect("addr");
+        tokio::spawn(proxy.clone().serve_udp(socket, VIP, port));
+        (at, services, proxy, port)
+    }
+
+    /// A caller's socket connected to the proxy.
+    async fn caller(at: SocketAddr) -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        s.connect(at).await.expect("connect");
+        s
+    }
+
+    /// Sends `msg`; the answer within a second, if any.
+    async fn ask(s: &UdpSocket, msg: &str) -> Option<String> {
+        s.send(msg.as_bytes()).await.expect("send");
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        match tokio::time::timeout(Duration::from_secs(1), s.recv(&mut buf)).await {
+            Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_flow_keeps_its_endpoint_and_flows_are_spread() {
+        let (at, _, proxy, _) = udp_service(ProxyLimits::default(), "ns").await;
+        let (one, two) = (caller(at).await, caller(at).await);
+        let first = ask(&one, "1").await.expect("an answer");
+        let second = ask(&two, "1").await.expect("an answer");
+        let (e1, e2) = (&first[..2], &second[..2]);
+        assert_ne!(
+            e1, e2,
+            "round robin: the two flows went to different endpoints"
+        );
+        for i in 0..20 {
+            let msg = format!("msg {i}");
+            assert_eq!(ask(&one, &msg).await, Some(format!("{e1}{msg}")));
+            assert_eq!(ask(&two, &msg).await, Some(format!("{e2}{msg}")));
+        }
+        // The largest datagram goes through whole.
+        let big = "x".repeat(65_000);
+        assert_eq!(ask(&one, &big).await.map(|a| a.len()), Some(65_002));
+        assert_eq!(proxy.stats().vips.open, 2, "two flows in the VIP pool");
+    }
+
+    #[tokio::test]
+    async fn a_flow_moves_within_a_second_once_its_endpoint_leaves() {
+        let (at, services, _, port) = udp_service(ProxyLimits::default(), "ns").await;
+        let s = caller(at).await;
+        let first = ask(&s, "hello").await.expect("an answer");
+        let (gone, stays) = if first.starts_with("a:") {
+            (("a", "127.0.0.2"), ("b", Ipv4Addr::new(127, 0, 0, 3)))
+        } else {
+            (("b", "127.0.0.3"), ("a", Ipv4Addr::new(127, 0, 0, 2)))
+        };
+        services.set(ServiceTable::new(
+            "cluster.local",
+            vec![service(port, &[stays], &[])],
+        ));
+        let left = std::time::Instant::now();
+        loop {
+            let answer = ask(&s, "again").await;
+            if answer.as_deref() == Some(&format!("{}:again", stays.0)) {
+                break;
+            }
+            assert!(
+                left.elapsed() < Duration::from_secs(1),
+                "still answered by {} ({answer:?}) a second after it left",
+                gone.1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // And it stays there.
+        for _ in 0..5 {
+            assert_eq!(ask(&s, "x").await, Some(format!("{}:x", stays.0)));
+        }
+    }
+
+    #[tokio::test]
+    async fn callers_the_service_does_not_admit_get_nothing() {
+        let (at, _, proxy, _) = udp_service(ProxyLimits::default(), "other").await;
+        let s = caller(at).await;
+        assert_eq!(ask(&s, "hello").await, None);
+        assert_eq!(proxy.stats().vips.open, 0);
+    }
+
+    #[tokio::test]
+    async fn a_source_holds_at_most_its_share_of_flows_and_quiet_ones_end() {
+        let (at, _, proxy, _) = udp_service(
+            ProxyLimits {
+                per_source: 2,
+                udp_idle_timeout: Duration::from_millis(300),
+                ..ProxyLimits::default()
+            },
+            "ns",
+        )
+        .await;
+        let (one, two, three) = (caller(at).await, caller(at).await, caller(at).await);
+        assert!(ask(&one, "1").await.is_some());
+        assert!(ask(&two, "2").await.is_some());
+        assert_eq!(
+            ask(&three, "3").await,
+            None,
+            "a third flow from one address"
+        );
+        assert_eq!(proxy.stats().vips.closed_for(Closed::SourceLimit), 1);
+        // Once the two are quiet for the idle timeout (checked once per
+        // timeout: gone within two), their places are free again.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(proxy.stats().vips.open, 0);
+        assert!(ask(&three, "3").await.is_some());
+    }
+}
