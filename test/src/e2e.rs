@@ -13,7 +13,7 @@ use cloudless_proto::v1 as pb;
 use cloudless_runtime::image::OciArchive;
 use cloudless_runtime::registry::{RegistryClient, RegistryConfig};
 use cloudless_runtime::test_support::{
-    missing_prerequisite, write_busybox_archive, Daemon, LocalRegistry, REGISTRY_BIN,
+    missing_prerequisite, write_busybox_archive_with, Daemon, LocalRegistry, REGISTRY_BIN,
 };
 use cloudless_runtime::{Containerd, TaskState};
 use pb::workload_service_client::WorkloadServiceClient;
@@ -349,7 +349,14 @@ impl Cluster {
         let registry = LocalRegistry::start_at(dir.path(), &storage, "", None, &bind_ip)
             .expect("docker-registry");
         let archive = dir.path().join("busybox.tar");
-        write_busybox_archive(&archive, "busybox:1", false).expect("archive");
+        let udp_tool = build_udp_tool(dir.path());
+        write_busybox_archive_with(
+            &archive,
+            "busybox:1",
+            false,
+            &[("bin/udp-tool", udp_tool.as_slice())],
+        )
+        .expect("archive");
         let oci = OciArchive::open(&archive).expect("archive");
         let client = RegistryClient::new(RegistryConfig {
             insecure: vec![registry.host.clone()],
@@ -809,4 +816,33 @@ impl ReplicaSampler {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.expect("sampler task")
     }
+}
+
+/// Builds `test/assets/udp_tool.rs` (a UDP server and client: busybox's `nc`
+/// has no UDP) in `dir` as a static binary, with the toolchain's `rustc`;
+/// its bytes.
+fn build_udp_tool(dir: &Path) -> Vec<u8> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/udp_tool.rs");
+    let out = dir.join("udp-tool");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let built = std::process::Command::new(&rustc)
+        .args([
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(&source)
+        .output()
+        .unwrap_or_else(|e| panic!("running {rustc}: {e}"));
+    assert!(
+        built.status.success(),
+        "building {}: {}",
+        source.display(),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    std::fs::read(&out).expect("the built udp-tool")
 }

@@ -451,8 +451,11 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
     let internet = Internet::start(c.dir.path(), "unused\n");
 
     tracing::info!("phase 1: api by its short name, answered from replicas on both nodes");
-    let serve = "mkdir -p /tmp/w && echo hello from $CLOUDLESS_REPLICA > /tmp/w/index.html && exec httpd -f -p 8080 -h /tmp/w";
-    let api = "  ports:\n    - containerPort: 8080\n      ingressPort: 18443\n  placement:\n    antiAffinity: Node\n";
+    // HTTP on 8080, and a UDP server on 5353 answering `<replica>:<datagram>`;
+    // Ready (`/ready.html`) only 10 s after each start, so a replica killed
+    // and restarted is out of the rotation for a while.
+    let serve = "mkdir -p /tmp/w; rm -f /tmp/w/ready.html; echo hello from $CLOUDLESS_REPLICA > /tmp/w/index.html; (sleep 10; echo ok > /tmp/w/ready.html) & udp-tool serve 5353 $CLOUDLESS_REPLICA & exec httpd -f -p 8080 -h /tmp/w";
+    let api = "  ports:\n    - containerPort: 8080\n      ingressPort: 18443\n    - containerPort: 5353\n      protocol: UDP\n  readinessProbe:\n    httpGet: {port: 8080, path: /ready.html}\n    periodSeconds: 1\n  placement:\n    antiAffinity: Node\n";
     apply(&c, &manifest(&c, "api", 2, serve, api));
     let apis = c
         .wait_ready("api", 2, Duration::from_secs(90), |_| true)
@@ -461,7 +464,7 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
     // container's clock is the host's).
     let call = |name: &str| {
         format!(
-            "while true; do t=$(date +%s); {}; if [ -n \"$ip\" ]; then echo \"RESOLVED $ip\"; r=$(printf \"GET /index.html HTTP/1.0\\r\\n\\r\\n\" | nc -w 2 $ip 8080 | grep hello); if [ -n \"$r\" ]; then echo \"$t $r\"; else echo \"$t FAILED\"; fi; else echo UNRESOLVED; fi; sleep 0.3; done",
+            "while true; do t=$(date +%s); {}; if [ -n \"$ip\" ]; then echo \"RESOLVED $ip\"; r=$(printf \"GET /index.html HTTP/1.0\\r\\n\\r\\n\" | nc -w 2 $ip 8080 | grep hello); if [ -n \"$r\" ]; then echo \"$t $r\"; else echo \"$t FAILED\"; fi; echo \"$t UDP $(udp-tool ask $ip 5353 ping)\"; else echo UNRESOLVED; fi; sleep 0.3; done",
             RESOLVE.replace("NAME", name)
         )
     };
@@ -479,9 +482,12 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
         Duration::from_secs(40),
         || {
             let text = logs(&c, "client");
-            let both = apis
-                .iter()
-                .all(|r| text.contains(&format!("hello from {}", r.id)));
+            // Over TCP and over UDP (a datagram to the VIP answered from
+            // it: the client's socket takes answers from there only).
+            let both = apis.iter().all(|r| {
+                text.contains(&format!("hello from {}", r.id))
+                    && text.contains(&format!("UDP {}:ping", r.id))
+            });
             (both && text.contains(&format!("RESOLVED {vip}")))
                 .then_some(())
                 .ok_or(text)
@@ -497,7 +503,100 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
         );
     }
 
-    tracing::info!("phase 1b: upstreams keep working beside replica networks");
+    tracing::info!(
+        "phase 1a: a killed replica gets no connection or datagram from 2 s after it died until it is Ready again"
+    );
+    let client_node = c
+        .replicas("client")
+        .await
+        .and_then(|rs| rs.first().map(|r| r.node_id.clone()))
+        .expect("the client's node");
+    let (victim, other) = match apis
+        .iter()
+        .partition::<Vec<_>, _>(|r| r.node_id != client_node)
+    {
+        (far, near) if far.len() == 1 && near.len() == 1 => (far[0].clone(), near[0].clone()),
+        _ => panic!("one api replica on each node: {apis:#?}"),
+    };
+    let pid = replica_init_pid(&victim.id).expect("the killed replica's process");
+    let died = now_s();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let (down, back) = out_and_back(&c, &victim.id, died).await;
+    // Asked from 2 s after the death (and 1 s for the clock's resolution)
+    // to 2 s before it was seen Ready again (an answer takes up to 2 s).
+    out_of_rotation(
+        &c,
+        &victim.id,
+        &other.id,
+        (died + 3)..back.saturating_sub(2),
+    );
+    back_in_rotation(&c, &victim.id, back).await;
+    tracing::info!(
+        died,
+        down,
+        back,
+        "the killed replica was out of the rotation"
+    );
+
+    tracing::info!("phase 1b: a replica failing readiness leaves the rotation within 2 s");
+    let failed = now_s();
+    c.ctl_ok(&[
+        "exec",
+        "api",
+        "--replica",
+        &victim.id,
+        "--",
+        "rm",
+        "/tmp/w/ready.html",
+    ]);
+    let restore = async {
+        // Not Ready once its probe has failed (three times a second); kept
+        // so for 9 s after the coordinators recorded it.
+        loop {
+            let rs = c.replicas("api").await.unwrap_or_default();
+            if rs
+                .iter()
+                .any(|r| r.id == victim.id && r.state() != pb::ReplicaState::Ready)
+            {
+                break;
+            }
+            assert!(now_s() < failed + 30, "{} still Ready", victim.id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        c.ctl_ok(&[
+            "exec",
+            "api",
+            "--replica",
+            &victim.id,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo ok > /tmp/w/ready.html",
+        ]);
+    };
+    let ((down, back), ()) = tokio::join!(out_and_back(&c, &victim.id, failed), restore);
+    // From 2 s after the coordinators recorded it not Ready (and 1 s for the
+    // clock) to 2 s before it was seen Ready again.
+    out_of_rotation(
+        &c,
+        &victim.id,
+        &other.id,
+        (down + 3)..back.saturating_sub(2),
+    );
+    back_in_rotation(&c, &victim.id, back).await;
+    tracing::info!(
+        failed,
+        down,
+        back,
+        "the replica failing readiness was out of the rotation"
+    );
+
+    tracing::info!("phase 1c: upstreams keep working beside replica networks");
     let up = "while true; do r=$(printf \"GET /index.html HTTP/1.0\\r\\n\\r\\n\" | nc -w 2 127.0.0.1 9000 | grep hello); echo \"UPSTREAM ${r:-FAILED}\"; sleep 0.3; done";
     apply(
         &c,
@@ -560,13 +659,21 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
             "a connection went to {} after it left: {fresh:#?}",
             g.id
         );
+        assert!(
+            !fresh.iter().any(|l| l.contains(&format!("UDP {}:", g.id))),
+            "a datagram went to {} after it left: {fresh:#?}",
+            g.id
+        );
     }
-    assert!(
-        fresh
-            .iter()
-            .any(|l| l.contains(&format!("hello from {}", left[0].id))),
-        "{fresh:#?}"
-    );
+    for answer in [
+        format!("hello from {}", left[0].id),
+        format!("UDP {}:ping", left[0].id),
+    ] {
+        assert!(
+            fresh.iter().any(|l| l.contains(&answer)),
+            "{answer}: {fresh:#?}"
+        );
+    }
 
     tracing::info!(
         "phase 3: another namespace needs the qualified name and the target's allowFrom"
@@ -595,9 +702,12 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
         || {
             let out = c.ctl(&["logs", "caller", "-n", "other", "--tail", "20"]);
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            (text.contains(&format!("RESOLVED {vip}")) && !text.contains("hello from"))
-                .then_some(())
-                .ok_or(text)
+            (text.contains(&format!("RESOLVED {vip}"))
+                && !text.contains("hello from")
+                && text.contains("UDP NO-ANSWER")
+                && !text.contains(":ping"))
+            .then_some(())
+            .ok_or(text)
         },
     )
     .await;
@@ -606,7 +716,9 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
     eventually("allowFrom admits it", Duration::from_secs(40), || {
         let out = c.ctl(&["logs", "caller", "-n", "other", "--tail", "20"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains("hello from").then_some(()).ok_or(text)
+        (text.contains("hello from") && text.contains(":ping"))
+            .then_some(())
+            .ok_or(text)
     })
     .await;
 
@@ -671,6 +783,95 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
 }
 
 /// The id of node `name` (from `get nodes -o wide`).
+/// Waits until replica `id` of `api` is seen not Ready and then Ready
+/// again, from second `since`: the seconds it was first seen not Ready and
+/// Ready again.
+async fn out_and_back(c: &Cluster, id: &str, since: u64) -> (u64, u64) {
+    let mut down = None;
+    loop {
+        let rs = c.replicas("api").await.unwrap_or_default();
+        match rs.iter().find(|r| r.id == id).map(pb::Replica::state) {
+            Some(pb::ReplicaState::Ready) => {
+                if let Some(d) = down {
+                    return (d, now_s());
+                }
+            }
+            Some(_) => {
+                down.get_or_insert_with(now_s);
+            }
+            None => panic!("{id} was replaced, not restarted: {rs:#?}"),
+        }
+        assert!(
+            now_s() < since + 60,
+            "{id} not out of the rotation and back within a minute (out since {down:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The second a client log line's call was made in (`[replica] <second> ...`).
+fn asked_at(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .take(2)
+        .find_map(|t| t.parse::<u64>().ok())
+}
+
+/// Checks that the client's calls made in `window` (seconds) all succeeded
+/// and none reached `gone` (at least 3 reached `other`, so there is
+/// something to tell).
+fn out_of_rotation(c: &Cluster, gone: &str, other: &str, window: std::ops::Range<u64>) {
+    let text = logs(c, "client");
+    let fresh: Vec<&str> = text
+        .lines()
+        .filter(|l| asked_at(l).is_some_and(|t| window.contains(&t)))
+        .collect();
+    let reached_other = fresh
+        .iter()
+        .filter(|l| l.contains(&format!("hello from {other}")))
+        .count();
+    assert!(
+        reached_other >= 3,
+        "too few answers in {window:?} to tell: {text}"
+    );
+    assert!(
+        !fresh
+            .iter()
+            .any(|l| l.contains(gone) || l.contains("FAILED") || l.contains("NO-ANSWER")),
+        "{gone} answered, or a call failed, while it was out of the rotation: {fresh:#?}"
+    );
+    tracing::info!(?window, calls = fresh.len(), "no call reached {gone}");
+}
+
+/// Waits until a client call made after second `back` reaches `id` again.
+async fn back_in_rotation(c: &Cluster, id: &str, back: u64) {
+    eventually(
+        "the replica is back in the rotation",
+        Duration::from_secs(20),
+        || {
+            let text = logs(c, "client");
+            text.lines()
+                .filter(|l| asked_at(l).is_some_and(|t| t > back))
+                .any(|l| l.contains(&format!("hello from {id}")))
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await;
+}
+
+/// The host pid of the init process (`httpd`) of replica `id`'s container,
+/// found by the replica id in its environment.
+fn replica_init_pid(id: &str) -> Option<i32> {
+    let want = format!("CLOUDLESS_REPLICA={id}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        (comm.trim() == "httpd" && environ.split(|b| *b == 0).any(|v| v == want.as_bytes()))
+            .then_some(pid)
+    })
+}
+
 fn node_id_of(c: &Cluster, name: &str) -> String {
     let out = c.ctl_ok(&["get", "nodes", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("nodes json");

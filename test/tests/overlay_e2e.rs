@@ -3,7 +3,8 @@
 //! an upstream reaches it at 127.0.0.1:9000 inside its containers. Backend
 //! replicas run only on agent-b; the frontend replica on agent-a reaches them
 //! over the QUIC overlay (the containers have no network but loopback), the
-//! one on agent-b straight into the backend's namespace. Needs root,
+//! one on agent-b straight into the backend's namespace. Through relays,
+//! the backend's service VIP too (TCP and UDP). Needs root,
 //! containerd, runc, busybox-static and docker-registry (installed by
 //! .ci/run); skips loudly otherwise.
 
@@ -46,12 +47,13 @@ spec:
   image: {}/cloudless/busybox:1
   command: [\"/bin/sh\", \"-c\"]
   args:
-    - 'mkdir -p /www && echo \"backend $CLOUDLESS_REPLICA\" > /www/index.html && head -c 1048576 /dev/urandom > /www/big && exec httpd -f -p 8080 -h /www'
+    - 'mkdir -p /www && echo \"backend $CLOUDLESS_REPLICA\" > /www/index.html && head -c 1048576 /dev/urandom > /www/big; udp-tool serve 5353 $CLOUDLESS_REPLICA & exec httpd -f -p 8080 -h /www'
   replicas: {replicas}
   placement:
     zones: [b]
   ports:
     - {{name: http, containerPort: 8080}}
+    - {{name: echo, containerPort: 5353, protocol: UDP}}
   readinessProbe:
     httpGet: {{port: 8080, path: /}}
     periodSeconds: 1
@@ -383,7 +385,8 @@ async fn upstreams_reach_replicas_on_other_nodes_over_the_overlay() {
 /// Both agents advertise an address nobody can reach (TEST-NET-1), as
 /// devices behind NAT would: the frontend on agent-a still reaches the
 /// backends on agent-b, through the coordinators' relays, which both agents
-/// keep connections to.
+/// keep connections to: through its upstream, and (replicas with networks of
+/// their own) through the backend's service VIP, over TCP and UDP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_that_cannot_dial_each_other_connect_through_a_coordinator_relay() {
     require_e2e!();
@@ -396,6 +399,7 @@ async fn nodes_that_cannot_dial_each_other_connect_through_a_coordinator_relay()
             "--overlay-hole-punching".into(),
             "false".into(),
         ],
+        container_network: true,
         ..Options::default()
     })
     .await;
@@ -424,6 +428,42 @@ async fn nodes_that_cannot_dial_each_other_connect_through_a_coordinator_relay()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+
+    // The backend's service VIP, by name, from agent-a through the relays:
+    // both backends answer, over TCP and over UDP.
+    let before = relayed_total(&c).await;
+    let call = "ip=$(nslookup backend 2>/dev/null | awk \"/^Address: /{a=\\$2} END{print a}\"); \
+                wget -q -O- http://$ip:8080/; udp-tool ask $ip 5353 hi";
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 2 * backends.len() {
+        if let Ok(out) = fetch(&c, &remote.id, call) {
+            for b in &backends {
+                for (answer, proto) in [
+                    (format!("backend {}", b.id), "tcp"),
+                    (format!("{}:hi", b.id), "udp"),
+                ] {
+                    if out.lines().any(|l| l.trim() == answer) {
+                        seen.insert((b.id.clone(), proto));
+                    }
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backend's VIP through the relays: {seen:?}\n{}",
+            c.agent_logs()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relayed_total(&c).await < before + 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the VIP's streams did not go through the relays"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     // The agents found the relays (logged when they change).
     let logs = c.agent_logs();
     assert!(

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::services::{Endpoint, LoadBalancing, Service};
+use crate::services::{Endpoint, LoadBalancing, Service, ServicePort};
 
 /// Where the connecting node is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,12 +33,16 @@ struct Turn {
 }
 
 impl Balancer {
-    /// The endpoints of `s` to try, best first: the policy's pick, then the
-    /// rest as fallbacks. `open` counts this node's open connections per
+    /// The endpoints of `s` to try for a connection (or UDP flow) to
+    /// `port`, best first: the policy's pick, then the rest as fallbacks.
+    /// Each port of a service takes its own turns (as each virtual service
+    /// of kube-proxy's IPVS mode does): a caller of one port does not shift
+    /// the turn of another. `open` counts this node's open connections per
     /// replica (least connections).
     pub fn order<'a>(
         &self,
         s: &'a Service,
+        port: ServicePort,
         here: &Here,
         open: &HashMap<String, usize>,
     ) -> Vec<&'a Endpoint> {
@@ -46,7 +50,8 @@ impl Balancer {
         if eps.is_empty() {
             return eps;
         }
-        let key = format!("{}/{}", s.namespace, s.name);
+        let proto = if port.udp { "udp" } else { "tcp" };
+        let key = format!("{}/{}:{}/{proto}", s.namespace, s.name, port.port);
         let mut turns = self
             .turns
             .lock()
@@ -129,6 +134,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    const P: ServicePort = ServicePort {
+        port: 80,
+        udp: false,
+    };
     use crate::services::ServicePort;
 
     fn ep(id: &str, node: &str, zone: &str, region: &str) -> Endpoint {
@@ -160,7 +170,7 @@ mod tests {
     fn picks(b: &Balancer, s: &Service, here: &Here, n: usize) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
         for _ in 0..n {
-            let first = b.order(s, here, &HashMap::new())[0].replica_id.clone();
+            let first = b.order(s, P, here, &HashMap::new())[0].replica_id.clone();
             *counts.entry(first).or_insert(0) += 1;
         }
         counts
@@ -179,13 +189,31 @@ mod tests {
         let b = Balancer::default();
         let here = Here::default();
         let first: Vec<String> = (0..6)
-            .map(|_| b.order(&s, &here, &HashMap::new())[0].replica_id.clone())
+            .map(|_| b.order(&s, P, &here, &HashMap::new())[0].replica_id.clone())
             .collect();
         assert_eq!(first, ["r1", "r2", "r3", "r1", "r2", "r3"]);
-        assert_eq!(b.order(&s, &here, &HashMap::new()).len(), 3);
+        // Each port (and protocol) takes its own turns: callers alternating
+        // between two ports still reach every endpoint on each.
+        let dns = ServicePort {
+            port: 80,
+            udp: true,
+        };
+        let both: Vec<(String, String)> = (0..3)
+            .map(|_| {
+                let tcp = b.order(&s, P, &here, &HashMap::new())[0].replica_id.clone();
+                let udp = b.order(&s, dns, &here, &HashMap::new())[0]
+                    .replica_id
+                    .clone();
+                (tcp, udp)
+            })
+            .collect();
+        let want = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        assert_eq!(both, [want("r1", "r1"), want("r2", "r2"), want("r3", "r3")]);
+        assert_eq!(b.order(&s, P, &here, &HashMap::new()).len(), 3);
         assert!(b
             .order(
                 &service(LoadBalancing::RoundRobin, vec![]),
+                P,
                 &here,
                 &HashMap::new()
             )
@@ -208,7 +236,7 @@ mod tests {
         };
         let s = service(LoadBalancing::Locality, eps.clone());
         let order: Vec<&str> = b
-            .order(&s, &here, &HashMap::new())
+            .order(&s, P, &here, &HashMap::new())
             .iter()
             .map(|e| e.replica_id.as_str())
             .collect();
@@ -243,12 +271,14 @@ mod tests {
         let mut open: HashMap<String, usize> = HashMap::new();
         // Long-lived connections: each stays open; they spread evenly.
         for _ in 0..30 {
-            let pick = b.order(&s, &Here::default(), &open)[0].replica_id.clone();
+            let pick = b.order(&s, P, &Here::default(), &open)[0]
+                .replica_id
+                .clone();
             *open.entry(pick).or_insert(0) += 1;
         }
         assert_eq!(open.values().copied().collect::<Vec<_>>(), [10, 10, 10]);
         open.insert("r2".into(), 0);
-        assert_eq!(b.order(&s, &Here::default(), &open)[0].replica_id, "r2");
+        assert_eq!(b.order(&s, P, &Here::default(), &open)[0].replica_id, "r2");
     }
 
     #[test]

@@ -604,7 +604,12 @@ impl ServiceProxy {
         } else {
             HashMap::new()
         };
-        let order = self.balancer.order(svc, &here, &open);
+        let order = self.balancer.order(
+            svc,
+            crate::services::ServicePort { port, udp: false },
+            &here,
+            &open,
+        );
         if order.is_empty() {
             return Err(format!(
                 "{}/{} has no Ready endpoint",

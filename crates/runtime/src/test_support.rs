@@ -46,6 +46,17 @@ fn file_header(size: u64, mode: u32) -> tar::Header {
 /// `/etc/passwd`. `corrupt` flips a byte of the layer after hashing it (for
 /// digest-mismatch tests).
 pub fn write_busybox_archive(out: &Path, name: &str, corrupt: bool) -> Result<(), RuntimeError> {
+    write_busybox_archive_with(out, name, corrupt, &[])
+}
+
+/// [`write_busybox_archive`] with `extra` executables in the layer (path in
+/// the image, content).
+pub fn write_busybox_archive_with(
+    out: &Path,
+    name: &str,
+    corrupt: bool,
+    extra: &[(&str, &[u8])],
+) -> Result<(), RuntimeError> {
     let io = |e: std::io::Error| RuntimeError::io(out, e);
     let busybox = std::fs::read(BUSYBOX).map_err(|e| RuntimeError::io(Path::new(BUSYBOX), e))?;
     let mut layer = tar_bytes(|b| {
@@ -59,6 +70,10 @@ pub fn write_busybox_archive(out: &Path, name: &str, corrupt: bool) -> Result<()
         }
         let mut h = file_header(busybox.len() as u64, 0o755);
         b.append_data(&mut h, "bin/busybox", busybox.as_slice())?;
+        for (path, data) in extra {
+            let mut h = file_header(data.len() as u64, 0o755);
+            b.append_data(&mut h, path, *data)?;
+        }
         for applet in APPLETS {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(tar::EntryType::Symlink);

@@ -191,7 +191,7 @@ struct OverlayDialer {
 impl Dialer for OverlayDialer {
     fn dial<'a>(&'a self, e: &'a Endpoint, port: u16, caller: &'a Caller) -> DialFuture<'a> {
         Box::pin(async move {
-            let target = cloudless_agent::mesh::service_target(&e.replica_id, port, caller);
+            let target = cloudless_agent::mesh::service_target(&e.replica_id, port, false, caller);
             let s = self
                 .overlay
                 .open(&Identity::Node(e.node_id.clone()), &target)
@@ -454,7 +454,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     for port in [SINK, ECHO] {
         for c in [&caller, &Caller::Ingress] {
             resolver = resolver.with(
-                &cloudless_agent::mesh::service_target("bench-server-b", port, c),
+                &cloudless_agent::mesh::service_target("bench-server-b", port, false, c),
                 SocketAddr::from((server_b.address, port)),
             );
         }
@@ -609,12 +609,12 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     // a replica's TCP connection carried to B without VIP or proxy.
     for (port, to) in [(FORWARD_SINK, SINK), (FORWARD_ECHO, ECHO)] {
         let l = TcpListener::bind((a.gateway(), port)).await?;
-        let target = cloudless_agent::mesh::service_target("bench-server-b", to, &caller);
+        let target = cloudless_agent::mesh::service_target("bench-server-b", to, false, &caller);
         let _forward = oa.forward(l, Identity::Node("B".into()), target);
     }
 
     let outside = PathBuf::from("/var/run/netns/clbn-out");
-    let overlay_target = cloudless_agent::mesh::service_target("bench-server-b", 0, &caller)
+    let overlay_target = cloudless_agent::mesh::service_target("bench-server-b", 0, false, &caller)
         .replace(":0@", ":{port}@");
     let paths = [
         (

@@ -33,7 +33,7 @@ use cloudless_types::rate_limit::address_key;
 use super::{
     idle, Caller, Closed, OpenGuard, ProxyLimits, ServiceProxy, CONNECT_TIMEOUT, MAX_TRIES,
 };
-use crate::services::{LoadBalancing, Service};
+use crate::services::{LoadBalancing, Service, ServicePort};
 
 /// Largest datagram carried (a UDP payload is at most 65,507 bytes over
 /// IPv4).
@@ -142,13 +142,20 @@ impl ServiceProxy {
                     continue;
                 }
             };
-            let datagram = Bytes::copy_from_slice(&buf[..n]);
+            let mut datagram = Bytes::copy_from_slice(&buf[..n]);
             let flow = lock(&flows).get(&from).cloned();
             if let Some(flow) = flow {
                 match flow.try_send(datagram) {
-                    // Full: dropped. Closed: the flow is ending, and the
-                    // caller's next datagram starts the next one.
-                    Ok(()) | Err(_) => continue,
+                    // Full: dropped, as a congested link drops.
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
+                    // The flow ended: this datagram starts the next one.
+                    Err(mpsc::error::TrySendError::Closed(d)) => {
+                        let mut flows = lock(&flows);
+                        if flows.get(&from).is_some_and(|f| f.same_channel(&flow)) {
+                            flows.remove(&from);
+                        }
+                        datagram = d;
+                    }
                 }
             }
             if let Err(e) = self.start_flow(&socket, &flows, vip, port, from, datagram) {
@@ -221,7 +228,9 @@ impl ServiceProxy {
         } else {
             HashMap::new()
         };
-        let order = self.balancer.order(svc, &here, &open);
+        let order = self
+            .balancer
+            .order(svc, ServicePort { port, udp: true }, &here, &open);
         if order.is_empty() {
             return Err(format!(
                 "{}/{} has no Ready endpoint",
