@@ -87,10 +87,6 @@ pub(crate) struct ServicePlane {
     ingress: Mutex<HashMap<u16, IngressListener>>,
     /// Told when a replica comes or goes (the kernel path's callers).
     callers_changed: Arc<tokio::sync::Notify>,
-    /// The node's network (its UDP redirects).
-    net: NodeNetwork,
-    /// The proxy's sockets for UDP service ports.
-    udp: tokio::sync::Mutex<UdpPorts>,
 }
 
 /// The proxy's sockets for UDP service ports, and the redirects installed.
@@ -100,6 +96,14 @@ struct UdpPorts {
     sockets: HashMap<(Ipv4Addr, u16), (SocketAddrV4, JoinHandle<()>)>,
     /// What the firewall redirects now (`None`: nothing installed yet).
     routed: Option<Vec<UdpRoute>>,
+}
+
+impl Drop for UdpPorts {
+    fn drop(&mut self) {
+        for (_, (_, t)) in self.sockets.drain() {
+            t.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for ServicePlane {
@@ -116,9 +120,6 @@ impl Drop for ServicePlane {
             t.abort();
         }
         for (_, (_, _, _, t)) in lock(&self.ingress).drain() {
-            t.abort();
-        }
-        for (_, (_, t)) in self.udp.get_mut().sockets.drain() {
             t.abort();
         }
     }
@@ -199,6 +200,12 @@ impl ServicePlane {
             callers_changed.clone(),
             here.node_id.clone(),
         )));
+        tasks.push(tokio::spawn(udp_ports(
+            net.clone(),
+            services.clone(),
+            proxy.clone(),
+            gateway,
+        )));
         tracing::info!(resolver = %dns_at, proxy = %proxy_at, "service plane ready");
         Self {
             services,
@@ -212,8 +219,6 @@ impl ServicePlane {
             tasks,
             ingress: Mutex::default(),
             callers_changed,
-            net: net.clone(),
-            udp: tokio::sync::Mutex::default(),
         }
     }
 
@@ -248,79 +253,7 @@ impl ServicePlane {
         if let Some(m) = &self.mesh {
             m.set_service_access(access_of(set));
         }
-        self.update_udp().await;
         self.update_ingress(set).await;
-    }
-
-    /// Keeps a proxy socket for every UDP service port and the firewall
-    /// redirecting each port to its socket. When where a port's datagrams go
-    /// changes (and once after a start), the kernel's UDP mappings to it are
-    /// forgotten: a mapping lives as long as its caller keeps sending, and
-    /// would hold on to a socket that is gone.
-    async fn update_udp(&self) {
-        let table = self.services.get();
-        let wanted: HashSet<(Ipv4Addr, u16)> = table
-            .services()
-            .flat_map(|s| {
-                s.ports
-                    .iter()
-                    .filter(|p| p.udp)
-                    .map(move |p| (s.vip, p.port))
-            })
-            .collect();
-        let mut st = self.udp.lock().await;
-        st.sockets.retain(|key, (_, task)| {
-            let keep = wanted.contains(key);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-        for &(vip, port) in &wanted {
-            if st.sockets.contains_key(&(vip, port)) {
-                continue;
-            }
-            let bound = tokio::net::UdpSocket::bind((self.gateway, 0))
-                .await
-                .and_then(|s| Ok((s.local_addr()?, s)));
-            match bound {
-                Ok((SocketAddr::V4(at), socket)) => {
-                    let task = tokio::spawn(self.proxy.clone().serve_udp(socket, vip, port));
-                    st.sockets.insert((vip, port), (at, task));
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(
-                    %vip, port, error = %e,
-                    "cannot open the proxy's socket for a UDP service port: its datagrams go nowhere"
-                ),
-            }
-        }
-        let mut routes: Vec<UdpRoute> = st
-            .sockets
-            .iter()
-            .map(|(&(vip, port), &(to, _))| UdpRoute { vip, port, to })
-            .collect();
-        routes.sort();
-        if st.routed.as_ref() == Some(&routes) {
-            return;
-        }
-        if let Err(e) = self.net.set_udp_routes(&routes).await {
-            tracing::warn!(error = %e, "cannot redirect UDP service ports; retrying at the next change");
-            return;
-        }
-        let before = st.routed.take().unwrap_or_default();
-        let cuts: Vec<fastpath::Cut> = routes
-            .iter()
-            .filter(|r| !before.contains(r))
-            .chain(before.iter().filter(|r| !routes.contains(r)))
-            .map(|r| fastpath::Cut::Udp {
-                vip: r.vip,
-                port: r.port,
-            })
-            .collect();
-        fastpath::cut(&cuts).await;
-        tracing::debug!(ports = routes.len(), "UDP service ports redirected");
-        st.routed = Some(routes);
     }
 
     /// Opens, keeps or closes ingress listeners to match `set` (only on an
@@ -428,6 +361,110 @@ impl ServicePlane {
             m.set_address(replica_id, None);
         }
         let _ = std::fs::remove_file(self.resolv_dir.join(container_id));
+    }
+}
+
+/// Keeps a proxy socket for every UDP service port of the services and the
+/// firewall redirecting each port to its socket; what fails is tried again
+/// a second later. When where a port's datagrams go changes (and once after
+/// a start), the kernel's UDP mappings to it are forgotten: a mapping lives
+/// as long as its caller keeps sending, and would hold on to a socket that
+/// is gone.
+async fn udp_ports(
+    net: NodeNetwork,
+    services: SharedServices,
+    proxy: Arc<ServiceProxy>,
+    gateway: Ipv4Addr,
+) {
+    let mut rx = services.subscribe();
+    let mut ports = UdpPorts::default();
+    loop {
+        let table = rx.borrow_and_update().clone();
+        if let Err(e) = ports.update(&table, &net, &proxy, gateway).await {
+            tracing::warn!(error = %e, "UDP service ports: retrying in a second");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl UdpPorts {
+    /// Makes the sockets and redirects match `table`.
+    async fn update(
+        &mut self,
+        table: &ServiceTable,
+        net: &NodeNetwork,
+        proxy: &Arc<ServiceProxy>,
+        gateway: Ipv4Addr,
+    ) -> Result<(), String> {
+        let wanted: HashSet<(Ipv4Addr, u16)> = table
+            .services()
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .filter(|p| p.udp)
+                    .map(move |p| (s.vip, p.port))
+            })
+            .collect();
+        self.sockets.retain(|key, (_, task)| {
+            let keep = wanted.contains(key);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        let mut unbound = Vec::new();
+        for &(vip, port) in &wanted {
+            if self.sockets.contains_key(&(vip, port)) {
+                continue;
+            }
+            let bound = tokio::net::UdpSocket::bind((gateway, 0))
+                .await
+                .and_then(|s| Ok((s.local_addr()?, s)));
+            match bound {
+                Ok((SocketAddr::V4(at), socket)) => {
+                    let task = tokio::spawn(proxy.clone().serve_udp(socket, vip, port));
+                    self.sockets.insert((vip, port), (at, task));
+                }
+                Ok(_) => unbound.push(format!("{vip}:{port}: not an IPv4 socket")),
+                Err(e) => unbound.push(format!("{vip}:{port}: {e}")),
+            }
+        }
+        let mut routes: Vec<UdpRoute> = self
+            .sockets
+            .iter()
+            .map(|(&(vip, port), &(to, _))| UdpRoute { vip, port, to })
+            .collect();
+        routes.sort();
+        if self.routed.as_ref() != Some(&routes) {
+            net.set_udp_routes(&routes)
+                .await
+                .map_err(|e| format!("cannot redirect UDP service ports: {e}"))?;
+            let before = self.routed.take().unwrap_or_default();
+            let cuts: Vec<fastpath::Cut> = routes
+                .iter()
+                .filter(|r| !before.contains(r))
+                .chain(before.iter().filter(|r| !routes.contains(r)))
+                .map(|r| fastpath::Cut::Udp {
+                    vip: r.vip,
+                    port: r.port,
+                })
+                .collect();
+            fastpath::cut(&cuts).await;
+            tracing::debug!(ports = routes.len(), "UDP service ports redirected");
+            self.routed = Some(routes);
+        }
+        if unbound.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cannot open the proxy's socket for {}",
+                unbound.join(", ")
+            ))
+        }
     }
 }
 

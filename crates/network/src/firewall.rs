@@ -202,8 +202,11 @@ impl Firewall {
         iptables(&["-t", "nat", "-A", &nat, "-j", &fast]).await?;
         // Then each UDP service port to the proxy's socket for it (see
         // `set_udp_routes`).
+        // Emptied: the redirects of an earlier agent's life point at
+        // sockets that are gone (the agent writes them anew).
         let udp = self.udp_chain();
         ensure_chain_in("nat", &udp).await?;
+        iptables(&["-t", "nat", "-F", &udp]).await?;
         iptables(&["-t", "nat", "-A", &nat, "-j", &udp]).await?;
         // Replicas reach replicas of this bridge through the kernel path
         // from the bridge's address (their ports cannot reach each other).

@@ -383,6 +383,8 @@ pub struct ServiceProxy {
     vips: Arc<Pool>,
     ingress: Arc<Pool>,
     ingress_rate: RateLimiter,
+    /// Bytes of datagrams waiting for UDP flows.
+    udp_queued: udp::UdpQueued,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -440,6 +442,7 @@ impl ServiceProxy {
             vips: Pool::new(limits.max_connections, limits.per_source),
             ingress: Pool::new(limits.max_connections, limits.ingress_per_source),
             ingress_rate: RateLimiter::new(limits.ingress_rate),
+            udp_queued: udp::UdpQueued::default(),
         })
     }
 

@@ -25,6 +25,11 @@ pub const MAX_DATAGRAM: usize = u16::MAX as usize;
 /// The code a flow's stream is reset with when its socket failed.
 const FAILED: u32 = 0;
 
+thread_local! {
+    /// Where flows' sockets read into: one buffer per thread.
+    static RECEIVED: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
 /// The sending half of a flow.
 #[derive(Debug)]
 pub struct DatagramSender {
@@ -72,6 +77,8 @@ impl DatagramSender {
 
 impl DatagramReceiver {
     /// The next datagram, or `None` once the other side ended the flow.
+    /// Not cancel-safe: a call dropped halfway through a datagram loses the
+    /// flow's framing, so read a flow from one loop for its whole life.
     pub async fn recv(&mut self) -> io::Result<Option<Bytes>> {
         let mut len = [0u8; 2];
         match self.recv.read_exact(&mut len).await {
@@ -136,15 +143,29 @@ impl OverlayStream {
     ) -> io::Result<()> {
         let (mut tx, mut rx) = self.into_datagrams();
         let up = async {
-            let mut buf = vec![0u8; MAX_DATAGRAM];
             loop {
-                let n = match udp.recv(&mut buf).await {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                udp.readable().await?;
+                // Read into the thread's buffer (never held across an
+                // await), not one of 64 KiB per flow.
+                let read = RECEIVED.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    udp.try_recv(&mut buf)
+                        .map(|n| Bytes::copy_from_slice(&buf[..n]))
+                });
+                let d = match read {
+                    Ok(d) => d,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused
+                        ) =>
+                    {
+                        continue
+                    }
                     Err(e) => return Err::<(), _>(e),
                 };
-                tx.send(&buf[..n]).await?;
-                moved.fetch_add(n as u64, Ordering::Relaxed);
+                tx.send(&d).await?;
+                moved.fetch_add(d.len() as u64, Ordering::Relaxed);
             }
         };
         let down = async {

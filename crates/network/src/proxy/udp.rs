@@ -20,13 +20,13 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use cloudless_types::rate_limit::address_key;
 
@@ -39,8 +39,16 @@ use crate::services::{LoadBalancing, Service, ServicePort};
 /// IPv4).
 pub const MAX_DATAGRAM: usize = u16::MAX as usize;
 
-/// Datagrams waiting for a flow to take them; more are dropped.
-const FLOW_QUEUE: usize = 256;
+/// Bytes of datagrams one flow may have waiting (each counted with
+/// [`DATAGRAM_OVERHEAD`]); more are dropped, as a congested link drops.
+const FLOW_QUEUE_BYTES: usize = 256 * 1024;
+/// Bytes of datagrams all flows of the proxy may have waiting together.
+const QUEUED_BYTES: usize = 32 * 1024 * 1024;
+/// What a queued datagram costs besides its bytes (so empty ones count).
+const DATAGRAM_OVERHEAD: usize = 64;
+/// How often a flow checks that its caller still runs here (an address
+/// taken over by another replica is not its caller).
+const CALLER_CHECK: Duration = Duration::from_secs(2);
 
 /// A boxed I/O future.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
@@ -91,15 +99,32 @@ impl DatagramTx for SocketTx {
     }
 }
 
-struct SocketRx(Arc<UdpSocket>, Vec<u8>);
+struct SocketRx(Arc<UdpSocket>);
+
+thread_local! {
+    /// Where a flow's socket reads into: one buffer per thread, not one of
+    /// 64 KiB per flow (it is never held across an await).
+    static RECEIVED: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+}
 
 impl DatagramRx for SocketRx {
     fn recv(&mut self) -> IoFuture<'_, Option<Bytes>> {
         Box::pin(async move {
             loop {
-                match self.0.recv(&mut self.1).await {
-                    Ok(n) => return Ok(Some(Bytes::copy_from_slice(&self.1[..n]))),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                self.0.readable().await?;
+                let read = RECEIVED.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    self.0
+                        .try_recv(&mut buf)
+                        .map(|n| Bytes::copy_from_slice(&buf[..n]))
+                });
+                match read {
+                    Ok(d) => return Ok(Some(d)),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused
+                        ) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -113,13 +138,61 @@ impl Datagrams {
         let s = Arc::new(s);
         Self {
             tx: Box::new(SocketTx(s.clone())),
-            rx: Box::new(SocketRx(s, vec![0; MAX_DATAGRAM])),
+            rx: Box::new(SocketRx(s)),
         }
     }
 }
 
+/// Bytes queued for flows, proxy-wide.
+#[derive(Debug, Default)]
+pub(super) struct UdpQueued(AtomicUsize);
+
+/// Where a flow takes its caller's datagrams: a queue bounded in bytes, per
+/// flow and for the whole proxy.
+#[derive(Clone)]
+struct FlowQueue {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
 /// The flows of one service port, by caller address and port.
-type Flows = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>;
+type Flows = Arc<Mutex<HashMap<SocketAddr, FlowQueue>>>;
+
+/// What a datagram costs in a queue.
+fn cost(d: &Bytes) -> usize {
+    d.len() + DATAGRAM_OVERHEAD
+}
+
+impl FlowQueue {
+    /// Queues `d`, unless the flow's or the proxy's queued bytes would
+    /// pass their bounds: then it is dropped. `Err` with it if the flow has
+    /// ended.
+    fn push(&self, d: Bytes, total: &UdpQueued) -> Result<(), Bytes> {
+        if self.tx.is_closed() {
+            return Err(d);
+        }
+        let c = cost(&d);
+        if self.queued.load(Ordering::Relaxed) + c > FLOW_QUEUE_BYTES {
+            return Ok(());
+        }
+        if total.0.fetch_add(c, Ordering::Relaxed) + c > QUEUED_BYTES {
+            total.0.fetch_sub(c, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.queued.fetch_add(c, Ordering::Relaxed);
+        self.tx.send(d).map_err(|e| {
+            self.queued.fetch_sub(c, Ordering::Relaxed);
+            total.0.fetch_sub(c, Ordering::Relaxed);
+            e.0
+        })
+    }
+
+    /// Takes back what a datagram taken from the queue cost.
+    fn release(queued: &AtomicUsize, d: &Bytes, total: &UdpQueued) {
+        queued.fetch_sub(cost(d), Ordering::Relaxed);
+        total.0.fetch_sub(cost(d), Ordering::Relaxed);
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -128,10 +201,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ServiceProxy {
     /// Carries the datagrams replicas send to UDP port `port` of the
     /// service at `vip`, which the node's firewall redirects to `socket`,
-    /// until aborted.
+    /// until aborted (its flows end with it).
     pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, vip: Ipv4Addr, port: u16) {
         let socket = Arc::new(socket);
         let flows: Flows = Arc::default();
+        // Dropped with this future: every flow sees it and ends.
+        let (serving, _) = watch::channel(());
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
             let (n, from) = match socket.recv_from(&mut buf).await {
@@ -145,35 +220,37 @@ impl ServiceProxy {
             let mut datagram = Bytes::copy_from_slice(&buf[..n]);
             let flow = lock(&flows).get(&from).cloned();
             if let Some(flow) = flow {
-                match flow.try_send(datagram) {
-                    // Full: dropped, as a congested link drops.
-                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
+                match flow.push(datagram, &self.udp_queued) {
+                    Ok(()) => continue,
                     // The flow ended: this datagram starts the next one.
-                    Err(mpsc::error::TrySendError::Closed(d)) => {
+                    Err(d) => {
                         let mut flows = lock(&flows);
-                        if flows.get(&from).is_some_and(|f| f.same_channel(&flow)) {
+                        if flows
+                            .get(&from)
+                            .is_some_and(|f| f.tx.same_channel(&flow.tx))
+                        {
                             flows.remove(&from);
                         }
                         datagram = d;
                     }
                 }
             }
-            if let Err(e) = self.start_flow(&socket, &flows, vip, port, from, datagram) {
+            let flow = Flow {
+                vip,
+                port,
+                from,
+                socket: socket.clone(),
+                ended: serving.subscribe(),
+            };
+            if let Err(e) = self.start_flow(flow, &flows, datagram) {
                 tracing::debug!(from = %from, %vip, port, error = %e, "UDP datagram refused");
             }
         }
     }
 
-    /// Starts the flow of `from` with its first datagram.
-    fn start_flow(
-        self: &Arc<Self>,
-        socket: &Arc<UdpSocket>,
-        flows: &Flows,
-        vip: Ipv4Addr,
-        port: u16,
-        from: SocketAddr,
-        first: Bytes,
-    ) -> Result<(), String> {
+    /// Starts `flow` with its first datagram.
+    fn start_flow(self: &Arc<Self>, flow: Flow, flows: &Flows, first: Bytes) -> Result<(), String> {
+        let (vip, port, from) = (flow.vip, flow.port, flow.from);
         let svc = self
             .services
             .get()
@@ -194,33 +271,49 @@ impl ServiceProxy {
             self.vips.count(why);
             format!("closed: {}", why.as_str())
         })?;
-        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-        let _ = tx.try_send(first);
-        lock(flows).insert(from, tx.clone());
-        let (me, socket, flows) = (self.clone(), socket.clone(), flows.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = FlowQueue {
+            tx,
+            queued: Arc::default(),
+        };
+        let _ = queue.push(first, &self.udp_queued);
+        lock(flows).insert(from, queue.clone());
+        let (me, flows) = (self.clone(), flows.clone());
         tokio::spawn(async move {
-            if let Err(e) = me.udp_flow(&svc, port, &caller, from, &socket, rx).await {
+            let mut rx = rx;
+            if let Err(e) = me
+                .udp_flow(&svc, &caller, &flow, &queue.queued, &mut rx)
+                .await
+            {
                 tracing::debug!(from = %from, service = %svc.name, port, error = %e, "UDP flow failed");
+            }
+            // What the flow did not take is dropped with it.
+            rx.close();
+            while let Ok(d) = rx.try_recv() {
+                FlowQueue::release(&queue.queued, &d, &me.udp_queued);
             }
             drop(admitted);
             let mut flows = lock(&flows);
-            if flows.get(&from).is_some_and(|f| f.same_channel(&tx)) {
+            if flows
+                .get(&from)
+                .is_some_and(|f| f.tx.same_channel(&queue.tx))
+            {
                 flows.remove(&from);
             }
         });
         Ok(())
     }
 
-    /// Carries one flow to an endpoint of `svc` until it is quiet, its
-    /// endpoint leaves, or either side fails.
+    /// Carries `flow` to an endpoint of `svc` until it is quiet, its
+    /// endpoint leaves, its caller is no longer the replica at its address,
+    /// its port is no longer served, or either side fails.
     async fn udp_flow(
         &self,
         svc: &Service,
-        port: u16,
         caller: &Caller,
-        from: SocketAddr,
-        socket: &UdpSocket,
-        mut queue: mpsc::Receiver<Bytes>,
+        flow: &Flow,
+        queued: &AtomicUsize,
+        queue: &mut mpsc::UnboundedReceiver<Bytes>,
     ) -> Result<(), String> {
         let here = lock(&self.here).clone();
         let open = if svc.policy == LoadBalancing::LeastConnections {
@@ -228,9 +321,11 @@ impl ServiceProxy {
         } else {
             HashMap::new()
         };
-        let order = self
-            .balancer
-            .order(svc, ServicePort { port, udp: true }, &here, &open);
+        let lane = ServicePort {
+            port: flow.port,
+            udp: true,
+        };
+        let order = self.balancer.order(svc, lane, &here, &open);
         if order.is_empty() {
             return Err(format!(
                 "{}/{} has no Ready endpoint",
@@ -239,9 +334,11 @@ impl ServiceProxy {
         }
         let mut errors = Vec::new();
         for e in order.into_iter().take(MAX_TRIES) {
-            let dialed =
-                tokio::time::timeout(CONNECT_TIMEOUT, self.dialer.dial_datagrams(e, port, caller))
-                    .await;
+            let dialed = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                self.dialer.dial_datagrams(e, flow.port, caller),
+            )
+            .await;
             let Datagrams { mut tx, mut rx } = match dialed {
                 Ok(Ok(d)) => d,
                 Ok(Err(err)) => {
@@ -261,31 +358,43 @@ impl ServiceProxy {
                 open: &self.open,
                 replica: e.replica_id.clone(),
             };
+            // Datagrams either way keep the flow alive (empty ones too).
             let moved = AtomicU64::new(0);
-            let carry = async {
-                loop {
-                    tokio::select! {
-                        d = queue.recv() => {
-                            let Some(d) = d else { return };
-                            moved.fetch_add(d.len() as u64, Ordering::Relaxed);
-                            if tx.send(d).await.is_err() {
-                                return;
-                            }
-                        }
-                        d = rx.recv() => {
-                            let Ok(Some(d)) = d else { return };
-                            moved.fetch_add(d.len() as u64, Ordering::Relaxed);
-                            let _ = socket.send_to(&d, from).await;
-                        }
+            // Each direction is one loop for the flow's life: a read is
+            // never dropped halfway (an overlay flow's reads are not
+            // cancel-safe).
+            let up = async {
+                while let Some(d) = queue.recv().await {
+                    FlowQueue::release(queued, &d, &self.udp_queued);
+                    moved.fetch_add(d.len() as u64 + 1, Ordering::Relaxed);
+                    if tx.send(d).await.is_err() {
+                        return;
                     }
                 }
             };
+            let down = async {
+                while let Ok(Some(d)) = rx.recv().await {
+                    moved.fetch_add(d.len() as u64 + 1, Ordering::Relaxed);
+                    let _ = flow.socket.send_to(&d, flow.from).await;
+                }
+            };
+            let caller_left = async {
+                let mut every = tokio::time::interval(CALLER_CHECK);
+                loop {
+                    every.tick().await;
+                    if (self.callers)(flow.from.ip()).as_ref() != Some(caller) {
+                        return;
+                    }
+                }
+            };
+            let mut ended = flow.ended.clone();
             let limits = ProxyLimits {
                 idle_timeout: self.limits.udp_idle_timeout,
                 ..self.limits
             };
             tokio::select! {
-                () = carry => {}
+                () = up => {}
+                () = down => {}
                 () = self.left(svc.vip, &e.replica_id, caller) => {
                     tracing::info!(replica = %e.replica_id, service = %svc.name, caller = %caller, "ended a UDP flow: its endpoint left the service or the service no longer admits the caller");
                 }
@@ -294,11 +403,26 @@ impl ServiceProxy {
                         self.vips.count(why);
                     }
                 }
+                () = caller_left => {
+                    tracing::debug!(from = %flow.from, "ended a UDP flow: its caller is no longer the replica at its address");
+                }
+                _ = ended.changed() => {}
             }
             return Ok(());
         }
         Err(errors.join("; "))
     }
+}
+
+/// One flow: where it was sent and from where.
+struct Flow {
+    vip: Ipv4Addr,
+    port: u16,
+    from: SocketAddr,
+    /// The service port's socket (answers leave from it).
+    socket: Arc<UdpSocket>,
+    /// Changes (its sender dropped) when the port is no longer served.
+    ended: watch::Receiver<()>,
 }
 
 #[cfg(test)]
@@ -359,11 +483,11 @@ mod tests {
     }
 
     /// Two endpoints (a at 127.0.0.2, b at 127.0.0.3, the same port) behind
-    /// a proxy socket on 127.0.0.1 for callers on 127.0.0.1 of namespace
-    /// `caller_ns`; the socket's address, the table and the proxy.
+    /// a proxy socket on 127.0.0.1; callers on 127.0.0.1 are of the
+    /// service's namespace, on 127.0.0.4 of another. The socket's address,
+    /// the table, the proxy and the port.
     async fn udp_service(
         limits: ProxyLimits,
-        caller_ns: &'static str,
     ) -> (SocketAddr, SharedServices, Arc<ServiceProxy>, u16) {
         let a = Ipv4Addr::new(127, 0, 0, 2);
         let port = named_echo(a, 0, "a").await;
@@ -387,9 +511,10 @@ mod tests {
                 node_id: "n1".into(),
                 remote: NoRemote,
             }),
-            Arc::new(move |_| {
+            Arc::new(move |ip| {
+                let outsider = ip == std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
                 Some(Caller::Workload {
-                    namespace: caller_ns.into(),
+                    namespace: if outsider { "other" } else { "ns" }.into(),
                     workload: "client".into(),
                 })
             }),
@@ -401,7 +526,15 @@ mod tests {
         (at, services, proxy, port)
     }
 
-    /// A caller's socket connected to the proxy.
+    /// A caller's socket at `ip` connected to the proxy.
+    async fn caller_at(ip: &str, at: SocketAddr) -> UdpSocket {
+        let s = UdpSocket::bind((ip, 0)).await.expect("bind");
+        s.connect(at).await.expect("connect");
+        s
+    }
+
+    /// A caller's socket (of the service's namespace) connected to the
+    /// proxy.
     async fn caller(at: SocketAddr) -> UdpSocket {
         let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         s.connect(at).await.expect("connect");
@@ -420,7 +553,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_flow_keeps_its_endpoint_and_flows_are_spread() {
-        let (at, _, proxy, _) = udp_service(ProxyLimits::default(), "ns").await;
+        let (at, _, proxy, _) = udp_service(ProxyLimits::default()).await;
         let (one, two) = (caller(at).await, caller(at).await);
         let first = ask(&one, "1").await.expect("an answer");
         let second = ask(&two, "1").await.expect("an answer");
@@ -442,7 +575,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flow_moves_within_a_second_once_its_endpoint_leaves() {
-        let (at, services, _, port) = udp_service(ProxyLimits::default(), "ns").await;
+        let (at, services, _, port) = udp_service(ProxyLimits::default()).await;
         let s = caller(at).await;
         let first = ask(&s, "hello").await.expect("an answer");
         let (gone, stays) = if first.starts_with("a:") {
@@ -475,22 +608,46 @@ mod tests {
 
     #[tokio::test]
     async fn callers_the_service_does_not_admit_get_nothing() {
-        let (at, _, proxy, _) = udp_service(ProxyLimits::default(), "other").await;
+        let (at, _, proxy, _) = udp_service(ProxyLimits::default()).await;
+        let outsider = caller_at("127.0.0.4", at).await;
+        assert_eq!(ask(&outsider, "hello").await, None);
+        assert_eq!(proxy.stats().vips.open, 0, "no flow for the outsider");
+        // The same proxy answers a caller it admits.
+        assert!(ask(&caller(at).await, "hello").await.is_some());
+        assert_eq!(ask(&outsider, "again").await, None);
+    }
+
+    #[tokio::test]
+    async fn a_flow_ends_with_its_port() {
+        let (at, _, proxy, port) = udp_service(ProxyLimits::default()).await;
         let s = caller(at).await;
-        assert_eq!(ask(&s, "hello").await, None);
-        assert_eq!(proxy.stats().vips.open, 0);
+        assert!(ask(&s, "1").await.is_some());
+        assert_eq!(proxy.stats().vips.open, 1);
+        // Its port no longer served: the flow ends with it.
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let at = socket.local_addr().expect("addr");
+        let serving = tokio::spawn(proxy.clone().serve_udp(socket, VIP, port));
+        let s = caller(at).await;
+        assert!(ask(&s, "2").await.is_some());
+        assert_eq!(proxy.stats().vips.open, 2);
+        serving.abort();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while proxy.stats().vips.open != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flow outlived its port"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
     async fn a_source_holds_at_most_its_share_of_flows_and_quiet_ones_end() {
-        let (at, _, proxy, _) = udp_service(
-            ProxyLimits {
-                per_source: 2,
-                udp_idle_timeout: Duration::from_millis(300),
-                ..ProxyLimits::default()
-            },
-            "ns",
-        )
+        let (at, _, proxy, _) = udp_service(ProxyLimits {
+            per_source: 2,
+            udp_idle_timeout: Duration::from_millis(300),
+            ..ProxyLimits::default()
+        })
         .await;
         let (one, two, three) = (caller(at).await, caller(at).await, caller(at).await);
         assert!(ask(&one, "1").await.is_some());
