@@ -15,6 +15,10 @@
 //! - service VIP, across nodes: through A's proxy and the overlay to B;
 //! - ingress: from outside to node A's ingress port, to the replica on A.
 //!
+//! And UDP, as 64-byte datagram round trips (one at a time): direct over
+//! the bridge, through node A's proxy to the replica on A, and through A's
+//! proxy and the overlay to the replica on B.
+//!
 //! Prints Markdown tables for docs/benchmarks.md.
 
 use std::collections::BTreeMap;
@@ -27,15 +31,18 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use cloudless_agent::mesh::OverlayCarry;
 use cloudless_network::balancer::Here;
+use cloudless_network::firewall::UdpRoute;
 use cloudless_network::netns::run_in;
 use cloudless_network::proxy::{
-    BridgeDialer, Caller, DialFuture, Dialed, Dialer, ProxyLimits, ServiceProxy,
+    BridgeDialer, Caller, DatagramDialFuture, DialFuture, Dialed, Dialer, ProxyLimits, ServiceProxy,
 };
 use cloudless_network::services::{
     Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
 };
 use cloudless_network::{AttachRequest, Bandwidth, EgressRule, NodeNetwork, NodeNetworkConfig};
-use cloudless_overlay::{Overlay, OverlayConfig, OverlayTls, StaticResolver};
+use cloudless_overlay::{
+    ConnectFuture, Connected, Overlay, OverlayConfig, OverlayTls, Resolver, StaticResolver,
+};
 use cloudless_pki::{ClusterCa, Identity};
 use cloudless_test::bench::bulk;
 use cloudless_types::rate_limit::Rate;
@@ -87,6 +94,8 @@ fn pin(core: usize) -> anyhow::Result<()> {
 const UPLINK_NS: &str = "clbn-up";
 const SINK: u16 = 9000;
 const ECHO: u16 = 9001;
+/// The replicas' UDP echo.
+const ECHO_UDP: u16 = 9002;
 /// A's overlay forward to B's sink and echo.
 const FORWARD_SINK: u16 = 9100;
 const FORWARD_ECHO: u16 = 9101;
@@ -157,7 +166,73 @@ fn serve(netns: &Path, addr: Ipv4Addr, core: Option<usize>) -> anyhow::Result<()
             }
         });
     }
+    let udp = run_in(netns, move || {
+        std::net::UdpSocket::bind((addr, ECHO_UDP)).map_err(|e| e.to_string())
+    })?;
+    std::thread::spawn(move || {
+        if let Some(core) = core {
+            if let Err(e) = pin(core) {
+                eprintln!("pinning a replica to core {core}: {e}");
+            }
+        }
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], from);
+        }
+    });
     Ok(())
+}
+
+/// `n` 64-byte datagram round trips from namespace `netns` to `to` (a
+/// socket connected to it: answers from elsewhere are not taken); their
+/// histogram in microseconds and how many got no answer within a second.
+fn udp_round_trips(
+    netns: &Path,
+    to: SocketAddr,
+    n: usize,
+) -> anyhow::Result<(Histogram<u64>, usize)> {
+    let s = run_in(netns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        s.connect(to).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
+    })?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (msg, mut back) = ([1u8; 64], [0u8; 2048]);
+    let mut lost = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        s.send(&msg)?;
+        match s.recv(&mut back) {
+            Ok(64) => h.record(t.elapsed().as_micros().max(1) as u64)?,
+            Ok(k) => anyhow::bail!("a {k}-byte answer to a 64-byte datagram"),
+            Err(_) => lost += 1,
+        }
+    }
+    Ok((h, lost))
+}
+
+/// Answers service streams on node B: TCP targets from a table, UDP ones
+/// (`.../udp@...`) with a socket connected to B's replica's UDP echo.
+struct BenchResolver {
+    tcp: StaticResolver,
+    udp: SocketAddr,
+}
+
+impl Resolver for BenchResolver {
+    fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
+        if !target.contains("/udp@") {
+            return self.tcp.connect(origin, target);
+        }
+        Box::pin(async move {
+            let s = tokio::net::UdpSocket::bind("0.0.0.0:0")
+                .await
+                .map_err(|e| e.to_string())?;
+            s.connect(self.udp).await.map_err(|e| e.to_string())?;
+            Ok(Connected::Udp(s))
+        })
+    }
 }
 
 fn echo_std(mut s: std::net::TcpStream) -> std::io::Result<()> {
@@ -200,13 +275,30 @@ impl Dialer for OverlayDialer {
             Ok(Dialed::Carry(Box::new(OverlayCarry(s))))
         })
     }
+
+    fn dial_datagrams<'a>(
+        &'a self,
+        e: &'a Endpoint,
+        port: u16,
+        caller: &'a Caller,
+    ) -> DatagramDialFuture<'a> {
+        Box::pin(async move {
+            let target = cloudless_agent::mesh::service_target(&e.replica_id, port, true, caller);
+            let s = self
+                .overlay
+                .open(&Identity::Node(e.node_id.clone()), &target)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(cloudless_agent::mesh::overlay_datagrams(s))
+        })
+    }
 }
 
-fn overlay(
+fn overlay<R: Resolver>(
     ca: &ClusterCa,
     id: &str,
     at: Ipv4Addr,
-    resolver: StaticResolver,
+    resolver: R,
 ) -> anyhow::Result<Overlay> {
     let me = Identity::Node(id.into());
     let issued = ca.issue(&me, &[], 3600, now())?;
@@ -459,6 +551,10 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             );
         }
     }
+    let resolver = BenchResolver {
+        tcp: resolver,
+        udp: SocketAddr::from((server_b.address, ECHO_UDP)),
+    };
     let uplink = pinned && !args.loopback_overlay;
     let (a_at, b_at, b_netns) = if uplink {
         // B's "uplink": its overlay endpoint in a namespace of its own, and
@@ -514,6 +610,10 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             ServicePort {
                 port: ECHO,
                 udp: false,
+            },
+            ServicePort {
+                port: ECHO_UDP,
+                udp: true,
             },
         ],
         policy,
@@ -596,6 +696,22 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     .await?;
     let l = TcpListener::bind((a.gateway(), 7681)).await?;
     tokio::spawn(proxy.clone().serve_vips(l));
+    // Node A's proxy sockets for the UDP ports (UDP always goes through the
+    // proxy), as its agent would set them.
+    let mut udp_routes = Vec::new();
+    for vip in [vip_a, vip_b] {
+        let socket = tokio::net::UdpSocket::bind((a.gateway(), 0)).await?;
+        let SocketAddr::V4(to) = socket.local_addr()? else {
+            anyhow::bail!("an IPv4 socket");
+        };
+        tokio::spawn(proxy.clone().serve_udp(socket, vip, ECHO_UDP));
+        udp_routes.push(UdpRoute {
+            vip,
+            port: ECHO_UDP,
+            to,
+        });
+    }
+    a.set_udp_routes(&udp_routes).await?;
     for port in [SINK, ECHO] {
         let l = TcpListener::bind(("10.250.200.1", port)).await?;
         tokio::spawn(
@@ -705,6 +821,47 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     println!(
         "- ingress: {:+.0} us p50 over direct (target at most +200)",
         p50(6) - p50(0)
+    );
+
+    let udp_paths = [
+        (
+            "UDP direct, replica to replica over the bridge (baseline)",
+            SocketAddr::from((server_a.address, ECHO_UDP)),
+        ),
+        (
+            "UDP service VIP, same node (the proxy)",
+            SocketAddr::from((vip_a, ECHO_UDP)),
+        ),
+        (
+            "UDP service VIP, across nodes (the proxy and the overlay)",
+            SocketAddr::from((vip_b, ECHO_UDP)),
+        ),
+    ];
+    println!(
+        "\nUDP: {} round trips of a 64-byte datagram, one at a time, from one socket (one flow):\n",
+        args.round_trips
+    );
+    println!("| path | p50 us | p99 us | round trips/s | lost |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut udp_p50 = Vec::new();
+    for (label, to) in udp_paths {
+        let netns = client.netns.clone();
+        let n = args.round_trips;
+        let t = Instant::now();
+        let (h, lost) =
+            tokio::task::spawn_blocking(move || udp_round_trips(&netns, to, n)).await??;
+        let per_s = n as f64 / t.elapsed().as_secs_f64();
+        println!(
+            "| {label} | {} | {} | {per_s:.0} | {lost} |",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99)
+        );
+        udp_p50.push(h.value_at_quantile(0.5) as f64);
+    }
+    println!(
+        "\n- UDP through the proxy: {:+.0} us p50 on the same node, {:+.0} us across nodes (over direct)",
+        udp_p50[1] - udp_p50[0],
+        udp_p50[2] - udp_p50[0]
     );
 
     for id in ["bench-client", "bench-server-a"] {
