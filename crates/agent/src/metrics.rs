@@ -416,7 +416,7 @@ impl Collector for NodeCollector {
             let pools = [("vip", stats.vips), ("ingress", stats.ingress)];
             let mut m = encoder.encode_descriptor(
                 "cloudless_agent_proxy_connections",
-                "Connections the node's service proxy carries now, by listener (vip: replicas to service VIPs; ingress: from outside)",
+                "Connections the node's service proxy carries now, by listener (vip: replicas to service VIPs, UDP flows included; ingress: from outside)",
                 None,
                 MetricType::Gauge,
             )?;
