@@ -827,7 +827,7 @@ fn asked_at(line: &str) -> Option<u64> {
 /// and none reached `gone` (at least 3 reached `other`, so there is
 /// something to tell).
 fn out_of_rotation(c: &Cluster, gone: &str, other: &str, window: std::ops::Range<u64>) {
-    let out = c.ctl(&["logs", "client", "--tail", "1000"]);
+    let out = c.ctl(&["logs", "client", "--tail", "0"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let fresh: Vec<&str> = text
         .lines()

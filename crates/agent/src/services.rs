@@ -366,10 +366,10 @@ impl ServicePlane {
 
 /// Keeps a proxy socket for every UDP service port of the services and the
 /// firewall redirecting each port to its socket; what fails is tried again
-/// a second later. When where a port's datagrams go changes (and once after
-/// a start), the kernel's UDP mappings to it are forgotten: a mapping lives
-/// as long as its caller keeps sending, and would hold on to a socket that
-/// is gone.
+/// at the next change of the services, else after 1, 2, 4 ... up to 60 s.
+/// When where a port's datagrams go changes (and once after a start), the
+/// kernel's UDP mappings to it are forgotten: a mapping lives as long as
+/// its caller keeps sending, and would hold on to a socket that is gone.
 async fn udp_ports(
     net: NodeNetwork,
     services: SharedServices,
@@ -378,12 +378,30 @@ async fn udp_ports(
 ) {
     let mut rx = services.subscribe();
     let mut ports = UdpPorts::default();
+    let first = std::time::Duration::from_secs(1);
+    let (mut backoff, mut said) = (first, String::new());
     loop {
         let table = rx.borrow_and_update().clone();
-        if let Err(e) = ports.update(&table, &net, &proxy, gateway).await {
-            tracing::warn!(error = %e, "UDP service ports: retrying in a second");
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            continue;
+        match ports.update(&table, &net, &proxy, gateway).await {
+            Ok(()) => (backoff, said) = (first, String::new()),
+            Err(e) => {
+                if e != said {
+                    tracing::warn!(error = %e, "UDP service ports: trying again (after up to a minute)");
+                    said = e;
+                }
+                // A change of the services is tried at once, else again
+                // after the backoff.
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
+                continue;
+            }
         }
         if rx.changed().await.is_err() {
             return;

@@ -384,7 +384,7 @@ pub struct ServiceProxy {
     ingress: Arc<Pool>,
     ingress_rate: RateLimiter,
     /// Bytes of datagrams waiting for UDP flows.
-    udp_queued: udp::UdpQueued,
+    udp_queued: Arc<udp::UdpQueued>,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -442,7 +442,7 @@ impl ServiceProxy {
             vips: Pool::new(limits.max_connections, limits.per_source),
             ingress: Pool::new(limits.max_connections, limits.ingress_per_source),
             ingress_rate: RateLimiter::new(limits.ingress_rate),
-            udp_queued: udp::UdpQueued::default(),
+            udp_queued: Arc::default(),
         })
     }
 

@@ -862,6 +862,11 @@ async fn policies_hold_over_real_connections_through_the_vip() {
     let seen = count(40);
     assert_eq!(seen.get("b1"), None, "{seen:?}");
     assert_eq!((seen["a1"], seen["a2"]), (20, 20));
+    // With no zone-a replica Ready, they go to zone b.
+    let mut only_b = service(LoadBalancing::Locality, &[]);
+    only_b.endpoints.retain(|e| e.zone == "b");
+    services.set(ServiceTable::new("cloudless.local", vec![only_b]));
+    assert_eq!(count(10), [("b1".to_owned(), 10)].into());
 
     // Weighted: a:b = 1:2 per zone weight (a1, a2 weigh 1 each, b1 2)
     // over 1,000 connections, within 10%.

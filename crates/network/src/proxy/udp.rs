@@ -11,9 +11,12 @@
 //! connection of the VIP pool (the same per-source and pool limits), and
 //! ends when it has been quiet for [`ProxyLimits::udp_idle_timeout`], when
 //! its endpoint leaves the service or the service no longer admits its
-//! caller, or when its endpoint's side fails; the caller's next datagram
-//! then starts a new flow. Datagrams a flow cannot take at once (its queue
-//! of [`FLOW_QUEUE`] is full) are dropped, as a congested link would.
+//! caller, when its port is no longer served, when its address no longer
+//! belongs to a replica of its caller's workload (checked every
+//! [`CALLER_CHECK`]), or when its endpoint's side fails; the caller's next
+//! datagram then starts a new flow. Datagrams a flow cannot take at once
+//! are dropped, as a congested link would: at most [`FLOW_QUEUE_BYTES`] wait
+//! per flow and [`QUEUED_BYTES`] in the whole proxy.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -151,46 +154,56 @@ pub(super) struct UdpQueued(AtomicUsize);
 /// flow and for the whole proxy.
 #[derive(Clone)]
 struct FlowQueue {
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::UnboundedSender<Queued>,
     queued: Arc<AtomicUsize>,
+}
+
+/// A datagram in a flow's queue; what it costs is given back when it is
+/// dropped, however it leaves the queue (taken, or dropped with the queue).
+struct Queued {
+    d: Bytes,
+    cost: usize,
+    flow: Arc<AtomicUsize>,
+    total: Arc<UdpQueued>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.flow.fetch_sub(self.cost, Ordering::Relaxed);
+        self.total.0.fetch_sub(self.cost, Ordering::Relaxed);
+    }
 }
 
 /// The flows of one service port, by caller address and port.
 type Flows = Arc<Mutex<HashMap<SocketAddr, FlowQueue>>>;
 
-/// What a datagram costs in a queue.
-fn cost(d: &Bytes) -> usize {
-    d.len() + DATAGRAM_OVERHEAD
-}
-
 impl FlowQueue {
     /// Queues `d`, unless the flow's or the proxy's queued bytes would
     /// pass their bounds: then it is dropped. `Err` with it if the flow has
     /// ended.
-    fn push(&self, d: Bytes, total: &UdpQueued) -> Result<(), Bytes> {
+    fn push(&self, d: Bytes, total: &Arc<UdpQueued>) -> Result<(), Bytes> {
         if self.tx.is_closed() {
             return Err(d);
         }
-        let c = cost(&d);
-        if self.queued.load(Ordering::Relaxed) + c > FLOW_QUEUE_BYTES {
+        let cost = d.len() + DATAGRAM_OVERHEAD;
+        if self.queued.load(Ordering::Relaxed) + cost > FLOW_QUEUE_BYTES {
             return Ok(());
         }
-        if total.0.fetch_add(c, Ordering::Relaxed) + c > QUEUED_BYTES {
-            total.0.fetch_sub(c, Ordering::Relaxed);
+        if total.0.fetch_add(cost, Ordering::Relaxed) + cost > QUEUED_BYTES {
+            total.0.fetch_sub(cost, Ordering::Relaxed);
             return Ok(());
         }
-        self.queued.fetch_add(c, Ordering::Relaxed);
-        self.tx.send(d).map_err(|e| {
-            self.queued.fetch_sub(c, Ordering::Relaxed);
-            total.0.fetch_sub(c, Ordering::Relaxed);
-            e.0
-        })
-    }
-
-    /// Takes back what a datagram taken from the queue cost.
-    fn release(queued: &AtomicUsize, d: &Bytes, total: &UdpQueued) {
-        queued.fetch_sub(cost(d), Ordering::Relaxed);
-        total.0.fetch_sub(cost(d), Ordering::Relaxed);
+        self.queued.fetch_add(cost, Ordering::Relaxed);
+        let queued = Queued {
+            d,
+            cost,
+            flow: self.queued.clone(),
+            total: total.clone(),
+        };
+        self.tx
+            .send(queued)
+            // Dropping the refused one gives its cost back.
+            .map_err(|e| e.0.d.clone())
     }
 }
 
@@ -281,17 +294,12 @@ impl ServiceProxy {
         let (me, flows) = (self.clone(), flows.clone());
         tokio::spawn(async move {
             let mut rx = rx;
-            if let Err(e) = me
-                .udp_flow(&svc, &caller, &flow, &queue.queued, &mut rx)
-                .await
-            {
+            if let Err(e) = me.udp_flow(&svc, &caller, &flow, &mut rx).await {
                 tracing::debug!(from = %from, service = %svc.name, port, error = %e, "UDP flow failed");
             }
-            // What the flow did not take is dropped with it.
-            rx.close();
-            while let Ok(d) = rx.try_recv() {
-                FlowQueue::release(&queue.queued, &d, &me.udp_queued);
-            }
+            // What the flow did not take is dropped with it (and given
+            // back).
+            drop(rx);
             drop(admitted);
             let mut flows = lock(&flows);
             if flows
@@ -312,8 +320,7 @@ impl ServiceProxy {
         svc: &Service,
         caller: &Caller,
         flow: &Flow,
-        queued: &AtomicUsize,
-        queue: &mut mpsc::UnboundedReceiver<Bytes>,
+        queue: &mut mpsc::UnboundedReceiver<Queued>,
     ) -> Result<(), String> {
         let here = lock(&self.here).clone();
         let open = if svc.policy == LoadBalancing::LeastConnections {
@@ -364,8 +371,9 @@ impl ServiceProxy {
             // never dropped halfway (an overlay flow's reads are not
             // cancel-safe).
             let up = async {
-                while let Some(d) = queue.recv().await {
-                    FlowQueue::release(queued, &d, &self.udp_queued);
+                while let Some(q) = queue.recv().await {
+                    let d = q.d.clone();
+                    drop(q);
                     moved.fetch_add(d.len() as u64 + 1, Ordering::Relaxed);
                     if tx.send(d).await.is_err() {
                         return;
@@ -615,6 +623,46 @@ mod tests {
         // The same proxy answers a caller it admits.
         assert!(ask(&caller(at).await, "hello").await.is_some());
         assert_eq!(ask(&outsider, "again").await, None);
+    }
+
+    #[tokio::test]
+    async fn queued_bytes_are_given_back_however_flows_end() {
+        let (at, services, proxy, port) = udp_service(ProxyLimits::default()).await;
+        let callers: Vec<UdpSocket> = callers_at(at, 8).await;
+        let big = vec![7u8; 1000];
+        for _ in 0..200 {
+            for c in &callers {
+                let _ = c.send(&big).await;
+            }
+        }
+        // Every endpoint leaves while datagrams may still be queued: the
+        // flows end and what they held is given back.
+        services.set(ServiceTable::new(
+            "cluster.local",
+            vec![service(port, &[], &[])],
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let queued = proxy.udp_queued.0.load(Ordering::Relaxed);
+            if queued == 0 && proxy.stats().vips.open == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{queued} bytes still counted as queued, {} flows open",
+                proxy.stats().vips.open
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `n` callers' sockets connected to the proxy.
+    async fn callers_at(at: SocketAddr, n: usize) -> Vec<UdpSocket> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(caller(at).await);
+        }
+        out
     }
 
     #[tokio::test]
