@@ -437,6 +437,13 @@ impl Collector for NodeCollector {
                     )?;
                 }
             }
+            let m = encoder.encode_descriptor(
+                "cloudless_agent_proxy_dropped_datagrams",
+                "Datagrams to UDP service ports the proxy dropped because a flow's queue (256 KiB) or its own (32 MiB) was full",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(stats.dropped_datagrams).encode(m)?;
         }
         Ok(())
     }

@@ -369,6 +369,9 @@ pub struct ProxyStats {
     pub vips: PoolStats,
     /// Connections from outside through this node's ingress.
     pub ingress: PoolStats,
+    /// Datagrams to UDP service ports dropped because a flow's queue or
+    /// the proxy's was full.
+    pub dropped_datagrams: u64,
 }
 
 /// The node's service proxy.
@@ -464,6 +467,7 @@ impl ServiceProxy {
         ProxyStats {
             vips: self.vips.stats(),
             ingress: self.ingress.stats(),
+            dropped_datagrams: self.udp_queued.dropped(),
         }
     }
 

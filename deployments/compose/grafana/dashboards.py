@@ -413,6 +413,9 @@ def overlay():
     d.ts("Connections the proxy closed", [
         (f'sum by (listener, reason) (increase(cloudless_agent_proxy_closed_connections_total{{job="agent"}}[{RATE}]))', "{{listener}} {{reason}}"),
     ], decimals=0, description="Closed as accepted (a source over its most connections or, at ingress, its rate; a full pool) or closed idle; idle_under_pressure means a pool was nearly full.")
+    d.ts("UDP datagrams the proxy dropped", [
+        (f'sum by (node) (increase(cloudless_agent_proxy_dropped_datagrams_total{{job="agent"}}[{RATE}]))', "{{node}}"),
+    ], decimals=0, description="Datagrams to UDP service ports dropped because a flow's queue (256 KiB) or the proxy's (32 MiB) was full: the flow's endpoint (or the overlay to it) is slower than its callers.")
     return d
 
 

@@ -146,9 +146,21 @@ impl Datagrams {
     }
 }
 
-/// Bytes queued for flows, proxy-wide.
+/// Bytes queued for flows, proxy-wide, and datagrams dropped for want of
+/// room.
 #[derive(Debug, Default)]
-pub(super) struct UdpQueued(AtomicUsize);
+pub(super) struct UdpQueued(AtomicUsize, AtomicU64);
+
+impl UdpQueued {
+    /// Datagrams dropped so far.
+    pub(super) fn dropped(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
+    }
+
+    fn drop_one(&self) {
+        self.1.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Where a flow takes its caller's datagrams: a queue bounded in bytes, per
 /// flow and for the whole proxy.
@@ -187,10 +199,12 @@ impl FlowQueue {
         }
         let cost = d.len() + DATAGRAM_OVERHEAD;
         if self.queued.load(Ordering::Relaxed) + cost > FLOW_QUEUE_BYTES {
+            total.drop_one();
             return Ok(());
         }
         if total.0.fetch_add(cost, Ordering::Relaxed) + cost > QUEUED_BYTES {
             total.0.fetch_sub(cost, Ordering::Relaxed);
+            total.drop_one();
             return Ok(());
         }
         self.queued.fetch_add(cost, Ordering::Relaxed);
@@ -656,6 +670,73 @@ mod tests {
         }
     }
 
+    /// Dials that never answer (an endpoint whose node is slow to reply).
+    struct Stall;
+
+    impl Dialer for Stall {
+        fn dial<'a>(&'a self, _: &'a Endpoint, _: u16, _: &'a Caller) -> DialFuture<'a> {
+            Box::pin(std::future::pending())
+        }
+
+        fn dial_datagrams<'a>(
+            &'a self,
+            _: &'a Endpoint,
+            _: u16,
+            _: &'a Caller,
+        ) -> DatagramDialFuture<'a> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flow_queues_at_most_its_share_and_counts_what_it_drops() {
+        let services = SharedServices::default();
+        services.set(ServiceTable::new(
+            "cluster.local",
+            vec![service(53, &[("slow", Ipv4Addr::new(127, 0, 0, 2))], &[])],
+        ));
+        let proxy = ServiceProxy::new(
+            services,
+            Here::default(),
+            Arc::new(Stall),
+            Arc::new(|_| {
+                Some(Caller::Workload {
+                    namespace: "ns".into(),
+                    workload: "client".into(),
+                })
+            }),
+        );
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let at = socket.local_addr().expect("addr");
+        tokio::spawn(proxy.clone().serve_udp(socket, VIP, 53));
+        let s = caller(at).await;
+        let datagram = vec![1u8; 1000];
+        // Each datagram is sent once the proxy has taken the one before
+        // (queued or dropped it), so the socket's receive buffer never
+        // overflows: only the proxy drops.
+        let cost = 1000 + DATAGRAM_OVERHEAD;
+        let taken = || {
+            proxy.udp_queued.0.load(Ordering::Relaxed) / cost
+                + usize::try_from(proxy.stats().dropped_datagrams).unwrap_or(usize::MAX)
+        };
+        for i in 1..=400 {
+            s.send(&datagram).await.expect("send");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while taken() < i {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "datagram {i} not taken"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        // The flow waits for its endpoint with at most 256 KiB queued (each
+        // datagram counted with 64 bytes more): 246 of 1,064 bytes.
+        let fits = FLOW_QUEUE_BYTES / cost;
+        assert_eq!(proxy.stats().dropped_datagrams, (400 - fits) as u64);
+        assert_eq!(proxy.udp_queued.0.load(Ordering::Relaxed), fits * cost);
+    }
+
     /// `n` callers' sockets connected to the proxy.
     async fn callers_at(at: SocketAddr, n: usize) -> Vec<UdpSocket> {
         let mut out = Vec::new();
@@ -708,8 +789,14 @@ mod tests {
         assert_eq!(proxy.stats().vips.closed_for(Closed::SourceLimit), 1);
         // Once the two are quiet for the idle timeout (checked once per
         // timeout: gone within two), their places are free again.
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        assert_eq!(proxy.stats().vips.open, 0);
+        let quiet = std::time::Instant::now();
+        while proxy.stats().vips.open != 0 {
+            assert!(
+                quiet.elapsed() < Duration::from_secs(3),
+                "quiet flows still open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(ask(&three, "3").await.is_some());
     }
 }
