@@ -462,16 +462,7 @@ impl UdpPorts {
                 .await
                 .map_err(|e| format!("cannot redirect UDP service ports: {e}"))?;
             let before = self.routed.take().unwrap_or_default();
-            let cuts: Vec<fastpath::Cut> = routes
-                .iter()
-                .filter(|r| !before.contains(r))
-                .chain(before.iter().filter(|r| !routes.contains(r)))
-                .map(|r| fastpath::Cut::Udp {
-                    vip: r.vip,
-                    port: r.port,
-                })
-                .collect();
-            fastpath::cut(&cuts).await;
+            fastpath::cut(&udp_cuts(&before, &routes)).await;
             tracing::debug!(ports = routes.len(), "UDP service ports redirected");
             self.routed = Some(routes);
         }
@@ -484,6 +475,21 @@ impl UdpPorts {
             ))
         }
     }
+}
+
+/// The UDP mappings to forget once the redirects `before` gave way to
+/// `after`: every port whose socket changed, came or went (once each).
+fn udp_cuts(before: &[UdpRoute], after: &[UdpRoute]) -> Vec<fastpath::Cut> {
+    let changed: std::collections::BTreeSet<(Ipv4Addr, u16)> = after
+        .iter()
+        .filter(|r| !before.contains(r))
+        .chain(before.iter().filter(|r| !after.contains(r)))
+        .map(|r| (r.vip, r.port))
+        .collect();
+    changed
+        .into_iter()
+        .map(|(vip, port)| fastpath::Cut::Udp { vip, port })
+        .collect()
 }
 
 /// Keeps the node's kernel path (see `cloudless_network::fastpath`) in step
@@ -640,6 +646,30 @@ fn access_of(set: &pb::AssignmentSet) -> ServiceAccess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_mappings_are_forgotten_for_ports_whose_socket_changed_came_or_went() {
+        let route = |vip: u8, port: u16, to: u16| UdpRoute {
+            vip: Ipv4Addr::new(10, 96, 0, vip),
+            port,
+            to: SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 1), to),
+        };
+        let cut = |vip: u8, port: u16| fastpath::Cut::Udp {
+            vip: Ipv4Addr::new(10, 96, 0, vip),
+            port,
+        };
+        let now = [route(1, 53, 40001), route(2, 5353, 40002)];
+        // After a start every port is forgotten (mappings of an earlier
+        // life point at sockets that are gone).
+        assert_eq!(udp_cuts(&[], &now), [cut(1, 53), cut(2, 5353)]);
+        assert!(udp_cuts(&now, &now).is_empty());
+        // A socket replaced: that port once; a port gone and one new.
+        let next = [route(1, 53, 40009), route(3, 123, 40003)];
+        assert_eq!(
+            udp_cuts(&now, &next),
+            [cut(1, 53), cut(2, 5353), cut(3, 123)]
+        );
+    }
 
     #[test]
     fn a_replica_resolves_through_its_node_and_searches_its_namespace() {
