@@ -533,16 +533,7 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
         victim.id,
         down - died
     );
-    // Asked from 2 s after the coordinators recorded it (and 1 s for the
-    // clock's resolution) to 4 s before it was seen Ready again (a call,
-    // TCP then UDP, takes up to 3 s).
-    out_of_rotation(
-        &c,
-        &victim.id,
-        &other.id,
-        (down + 3)..back.saturating_sub(4),
-    );
-    back_in_rotation(&c, &victim.id, back).await;
+    out_and_back_in_rotation(&c, &victim.id, &other.id, down, back).await;
     tracing::info!(
         died,
         down,
@@ -588,15 +579,7 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
         ]);
     };
     let ((down, back), ()) = tokio::join!(out_and_back(&c, &victim.id, failed), restore);
-    // From 2 s after the coordinators recorded it not Ready (and 1 s for the
-    // clock) to 4 s before it was seen Ready again.
-    out_of_rotation(
-        &c,
-        &victim.id,
-        &other.id,
-        (down + 3)..back.saturating_sub(4),
-    );
-    back_in_rotation(&c, &victim.id, back).await;
+    out_and_back_in_rotation(&c, &victim.id, &other.id, down, back).await;
     tracing::info!(
         failed,
         down,
@@ -821,6 +804,16 @@ fn asked_at(line: &str) -> Option<u64> {
     line.split_whitespace()
         .take(2)
         .find_map(|t| t.parse::<u64>().ok())
+}
+
+/// Checks that replica `gone`, recorded not Ready at second `down` and seen
+/// Ready again at `back`, got none of the client's calls asked from 2 s
+/// after `down` (and 1 s for the clock's resolution) to 4 s before `back`
+/// (a call, TCP then UDP, takes up to 3 s), that none failed meanwhile, and
+/// that calls reach it again afterwards.
+async fn out_and_back_in_rotation(c: &Cluster, gone: &str, other: &str, down: u64, back: u64) {
+    out_of_rotation(c, gone, other, (down + 3)..back.saturating_sub(4));
+    back_in_rotation(c, gone, back).await;
 }
 
 /// Checks that the client's calls made in `window` (seconds) all succeeded

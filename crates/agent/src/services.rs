@@ -38,16 +38,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Dials endpoints on other nodes through the overlay.
 struct OverlayDialer(Option<Arc<Mesh>>);
 
+impl OverlayDialer {
+    /// A service stream to `port` (UDP: `udp`) of endpoint `e` for `caller`.
+    async fn open(
+        &self,
+        e: &Endpoint,
+        port: u16,
+        udp: bool,
+        caller: &Caller,
+    ) -> Result<cloudless_overlay::OverlayStream, String> {
+        let mesh = self
+            .0
+            .as_ref()
+            .ok_or("this agent runs no overlay (other nodes' replicas are out of reach)")?;
+        mesh.open_service_stream(&e.node_id, &e.replica_id, port, udp, caller)
+            .await
+    }
+}
+
 impl Dialer for OverlayDialer {
     fn dial<'a>(&'a self, e: &'a Endpoint, port: u16, caller: &'a Caller) -> DialFuture<'a> {
         Box::pin(async move {
-            let mesh = self
-                .0
-                .as_ref()
-                .ok_or("this agent runs no overlay (other nodes' replicas are out of reach)")?;
-            let s = mesh
-                .open_service_stream(&e.node_id, &e.replica_id, port, false, caller)
-                .await?;
+            let s = self.open(e, port, false, caller).await?;
             Ok(Dialed::Carry(Box::new(OverlayCarry(s))))
         })
     }
@@ -58,16 +70,7 @@ impl Dialer for OverlayDialer {
         port: u16,
         caller: &'a Caller,
     ) -> DatagramDialFuture<'a> {
-        Box::pin(async move {
-            let mesh = self
-                .0
-                .as_ref()
-                .ok_or("this agent runs no overlay (other nodes' replicas are out of reach)")?;
-            let s = mesh
-                .open_service_stream(&e.node_id, &e.replica_id, port, true, caller)
-                .await?;
-            Ok(overlay_datagrams(s))
-        })
+        Box::pin(async move { Ok(overlay_datagrams(self.open(e, port, true, caller).await?)) })
     }
 }
 

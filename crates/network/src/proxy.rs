@@ -816,7 +816,7 @@ mod tests {
     use crate::services::{LoadBalancing, ServicePort, ServiceTable};
 
     /// Endpoints on other nodes are out of reach here.
-    struct NoRemote;
+    pub(super) struct NoRemote;
 
     impl Dialer for NoRemote {
         fn dial<'a>(&'a self, _: &'a Endpoint, _: u16, _: &'a Caller) -> DialFuture<'a> {

@@ -244,24 +244,23 @@ impl ServiceProxy {
                     continue;
                 }
             };
-            let mut datagram = Bytes::copy_from_slice(&buf[..n]);
-            let flow = lock(&flows).get(&from).cloned();
-            if let Some(flow) = flow {
-                match flow.push(datagram, &self.udp_queued) {
-                    Ok(()) => continue,
-                    // The flow ended: this datagram starts the next one.
-                    Err(d) => {
-                        let mut flows = lock(&flows);
-                        if flows
-                            .get(&from)
-                            .is_some_and(|f| f.tx.same_channel(&flow.tx))
-                        {
+            let datagram = Bytes::copy_from_slice(&buf[..n]);
+            // To the caller's flow (queueing never waits); a datagram that
+            // finds it ended starts the next one.
+            let unsent = {
+                let mut flows = lock(&flows);
+                match flows.get(&from) {
+                    Some(flow) => match flow.push(datagram, &self.udp_queued) {
+                        Ok(()) => None,
+                        Err(d) => {
                             flows.remove(&from);
+                            Some(d)
                         }
-                        datagram = d;
-                    }
+                    },
+                    None => Some(datagram),
                 }
-            }
+            };
+            let Some(datagram) = unsent else { continue };
             let flow = Flow {
                 vip,
                 port,
@@ -453,16 +452,9 @@ mod tests {
 
     use super::*;
     use crate::balancer::Here;
+    use crate::proxy::tests::NoRemote;
     use crate::proxy::{BridgeDialer, DialFuture, Dialer};
     use crate::services::{Endpoint, ServicePort, ServiceTable, SharedServices};
-
-    struct NoRemote;
-
-    impl Dialer for NoRemote {
-        fn dial<'a>(&'a self, _: &'a Endpoint, _: u16, _: &'a Caller) -> DialFuture<'a> {
-            Box::pin(async { Err("no other node".to_owned()) })
-        }
-    }
 
     const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 
