@@ -455,7 +455,7 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
     // Ready (`/ready.html`) only 10 s after each start, so a replica killed
     // and restarted is out of the rotation for a while.
     let serve = "mkdir -p /tmp/w; rm -f /tmp/w/ready.html; echo hello from $CLOUDLESS_REPLICA > /tmp/w/index.html; (sleep 10; echo ok > /tmp/w/ready.html) & udp-tool serve 5353 $CLOUDLESS_REPLICA & exec httpd -f -p 8080 -h /tmp/w";
-    let api = "  ports:\n    - containerPort: 8080\n      ingressPort: 18443\n    - containerPort: 5353\n      protocol: UDP\n  readinessProbe:\n    httpGet: {port: 8080, path: /ready.html}\n    periodSeconds: 1\n  placement:\n    antiAffinity: Node\n";
+    let api = "  ports:\n    - containerPort: 8080\n      ingressPort: 18443\n    - containerPort: 5353\n      protocol: UDP\n      ingressPort: 18453\n  readinessProbe:\n    httpGet: {port: 8080, path: /ready.html}\n    periodSeconds: 1\n  placement:\n    antiAffinity: Node\n";
     apply(&c, &manifest(&c, "api", 2, serve, api));
     let apis = c
         .wait_ready("api", 2, Duration::from_secs(90), |_| true)
@@ -729,13 +729,24 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
             .expect("ip"),
         18443,
     ));
+    let udp_at = SocketAddr::new(at.ip(), 18453);
     let mut seen = std::collections::BTreeSet::new();
+    let mut seen_udp = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(40);
-    while seen.len() < 2 {
-        assert!(Instant::now() < deadline, "ingress answers: {seen:?}");
+    while seen.len() < 2 || seen_udp.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "ingress answers: TCP {seen:?}, UDP {seen_udp:?}"
+        );
         if let Ok(line) = first_line_from(&outside, at) {
             if let Some(r) = apis.iter().find(|r| line.contains(&r.id)) {
                 seen.insert(r.id.clone());
+            }
+        }
+        // Each datagram from a socket of its own: a flow of its own.
+        if let Ok(answer) = udp_answer(&outside, udp_at, "ping") {
+            if let Some(r) = apis.iter().find(|r| answer == format!("{}:ping", r.id)) {
+                seen_udp.insert(r.id.clone());
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -752,6 +763,15 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
             .collect()
     };
     assert_eq!(on_b.len(), 1, "one api replica on agent-b: {apis:#?}");
+    // A UDP flow held by agent-b's replica, kept for the rest of the test:
+    // it must move once that replica leaves.
+    let held = (0..40)
+        .find_map(|_| {
+            let f = UdpFlow::open(&outside, udp_at).expect("a UDP socket outside");
+            let answer = f.ask("held").ok()?;
+            answer.starts_with(&format!("{}:", on_b[0])).then_some(f)
+        })
+        .expect("no UDP flow reached agent-b's replica in 40 tries");
     c.agents[1].sigkill();
     eventually(
         "agent-b's replica leaves the rotation",
@@ -770,7 +790,56 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
             !line.contains(&on_b[0]),
             "connection {i} went to the killed node: {line}"
         );
+        // A new UDP flow, and the flow held since before the kill (moved
+        // off the killed node's replica if it was there): answered, never
+        // from the killed node.
+        for answer in [udp_answer(&outside, udp_at, "ping"), held.ask("held")] {
+            let answer = answer.unwrap_or_else(|e| panic!("ingress datagram {i}: {e}"));
+            assert!(
+                apis.iter()
+                    .any(|r| answer.starts_with(&format!("{}:", r.id))),
+                "datagram {i}: {answer:?}"
+            );
+            assert!(
+                !answer.contains(&on_b[0]),
+                "datagram {i} went to the killed node: {answer}"
+            );
+        }
     }
+}
+
+/// A UDP socket in namespace `netns` connected to `to` (it takes answers
+/// only from there).
+struct UdpFlow(std::net::UdpSocket);
+
+impl UdpFlow {
+    fn open(netns: &Path, to: SocketAddr) -> Result<Self, String> {
+        cloudless_network::netns::run_in(netns, move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            s.connect(to).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            Ok(Self(s))
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// Sends `msg`: the answer, or why there is none.
+    fn ask(&self, msg: &str) -> Result<String, String> {
+        self.0.send(msg.as_bytes()).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 1500];
+        let n = self
+            .0
+            .recv(&mut buf)
+            .map_err(|e| format!("no answer: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+/// Sends `msg` to `to` from a new socket in `netns` (a flow of its own):
+/// the answer.
+fn udp_answer(netns: &Path, to: SocketAddr, msg: &str) -> Result<String, String> {
+    UdpFlow::open(netns, to)?.ask(msg)
 }
 
 /// Waits until replica `id` of `api` is seen not Ready and then Ready

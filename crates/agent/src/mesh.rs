@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cloudless_network::proxy::Caller;
-use cloudless_network::services::SharedServices;
+use cloudless_network::services::{ServicePort, SharedServices};
 use cloudless_overlay::{ConnectFuture, Connected, Overlay, Resolver};
 use cloudless_pki::Identity;
 use cloudless_proto::v1 as pb;
@@ -106,7 +106,7 @@ pub struct ServiceAccess {
     /// The nodes that carry ingress.
     pub ingress_nodes: HashSet<String>,
     /// (namespace, workload, port) routed from ingress.
-    pub ingress_routes: HashSet<(String, String, u16)>,
+    pub ingress_routes: HashSet<(String, String, ServicePort)>,
 }
 
 impl Local {
@@ -180,21 +180,21 @@ impl Local {
             let proto = if udp { "UDP" } else { "TCP" };
             return Err(format!("{ns}/{workload} has no {proto} port {port}"));
         }
-        if udp && matches!(caller, Caller::Ingress) {
-            return Err("ingress carries TCP only".into());
-        }
         let access = lock(&self.access);
         match caller {
             Caller::Ingress => {
                 if access.ingress_nodes.contains(origin)
-                    && access
-                        .ingress_routes
-                        .contains(&(ns.clone(), workload.clone(), port))
+                    && access.ingress_routes.contains(&(
+                        ns.clone(),
+                        workload.clone(),
+                        ServicePort { port, udp },
+                    ))
                 {
                     Ok(())
                 } else {
+                    let proto = if udp { "/udp" } else { "" };
                     Err(format!(
-                        "node {origin} carries no ingress to {ns}/{workload}:{port}"
+                        "node {origin} carries no ingress to {ns}/{workload}:{port}{proto}"
                     ))
                 }
             }
@@ -874,7 +874,24 @@ mod tests {
                 (("other".into(), "evil".into()), nodes(&["n-evil"])),
             ]),
             ingress_nodes: nodes(&["n-gw"]),
-            ingress_routes: HashSet::from([("prod".into(), "api".into(), 8080)]),
+            ingress_routes: HashSet::from([
+                (
+                    "prod".into(),
+                    "api".into(),
+                    ServicePort {
+                        port: 8080,
+                        udp: false,
+                    },
+                ),
+                (
+                    "prod".into(),
+                    "api".into(),
+                    ServicePort {
+                        port: 5353,
+                        udp: true,
+                    },
+                ),
+            ]),
         };
         let as_ = |namespace: &str, workload: &str| Caller::Workload {
             namespace: namespace.into(),
@@ -918,6 +935,11 @@ mod tests {
         assert_eq!(check("n-gw", 8080, &Caller::Ingress), Ok(()));
         assert!(check("n-web", 8080, &Caller::Ingress).is_err());
         assert!(check("n-gw", 9000, &Caller::Ingress).is_err());
+        // UDP ingress by its own route: a TCP route admits no UDP flow to
+        // the same port, nor a UDP route TCP.
+        assert_eq!(check_udp("n-gw", 5353, true, &Caller::Ingress), Ok(()));
+        assert!(check_udp("n-web", 5353, true, &Caller::Ingress).is_err());
+        assert!(check("n-gw", 5353, &Caller::Ingress).is_err());
     }
 
     #[test]

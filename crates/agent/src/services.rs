@@ -31,6 +31,9 @@ type Callers = Arc<Mutex<HashMap<IpAddr, Caller>>>;
 /// and the task.
 type IngressListener = (String, String, u16, JoinHandle<()>);
 
+/// An ingress port of this node and whether it is UDP.
+type IngressPort = (u16, bool);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -86,8 +89,9 @@ pub(crate) struct ServicePlane {
     domain: Mutex<String>,
     /// The resolver's and the proxy's tasks.
     tasks: Vec<JoinHandle<()>>,
-    /// Ingress listeners by port, with the route they carry.
-    ingress: Mutex<HashMap<u16, IngressListener>>,
+    /// Ingress listeners (TCP) and sockets (UDP) by port, with the route
+    /// they carry.
+    ingress: Mutex<HashMap<IngressPort, IngressListener>>,
     /// Told when a replica comes or goes (the kernel path's callers).
     callers_changed: Arc<tokio::sync::Notify>,
 }
@@ -262,14 +266,18 @@ impl ServicePlane {
     /// Opens, keeps or closes ingress listeners to match `set` (only on an
     /// ingress node).
     async fn update_ingress(&self, set: &pb::AssignmentSet) {
-        let wanted: BTreeMap<u16, (String, String, u16)> = if set.ingress {
+        let wanted: BTreeMap<IngressPort, (String, String, u16)> = if set.ingress {
             set.services
                 .iter()
                 .flat_map(|s| {
                     s.ports.iter().filter_map(|p| {
                         let ingress = u16::try_from(p.ingress_port).ok().filter(|p| *p != 0)?;
                         let port = u16::try_from(p.port).ok()?;
-                        Some((ingress, (s.namespace.clone(), s.workload.clone(), port)))
+                        let udp = p.protocol() == pb::Protocol::Udp;
+                        Some((
+                            (ingress, udp),
+                            (s.namespace.clone(), s.workload.clone(), port),
+                        ))
                     })
                 })
                 .collect()
@@ -278,7 +286,7 @@ impl ServicePlane {
         };
         let closed: Vec<JoinHandle<()>> = {
             let mut ingress = lock(&self.ingress);
-            let gone: Vec<u16> = ingress
+            let gone: Vec<IngressPort> = ingress
                 .iter()
                 .filter(|(port, (ns, w, target, _))| {
                     wanted.get(port) != Some(&(ns.clone(), w.clone(), *target))
@@ -299,25 +307,30 @@ impl ServicePlane {
             let _ = task.await;
             tracing::info!("ingress listener closed");
         }
-        let mut open: HashSet<u16> = lock(&self.ingress).keys().copied().collect();
-        for (port, (ns, w, target)) in wanted {
-            if !open.insert(port) {
+        let mut open: HashSet<IngressPort> = lock(&self.ingress).keys().copied().collect();
+        for ((port, udp), (ns, w, target)) in wanted {
+            if !open.insert((port, udp)) {
                 continue;
             }
-            match tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await {
-                Ok(l) => {
-                    tracing::info!(port, service = %format!("{ns}/{w}"), target, "ingress listening");
-                    let task = tokio::spawn(self.proxy.clone().serve_ingress(
-                        l,
-                        ns.clone(),
-                        w.clone(),
-                        target,
-                    ));
-                    lock(&self.ingress).insert(port, (ns, w, target, task));
+            let proto = if udp { "UDP" } else { "TCP" };
+            let proxy = self.proxy.clone();
+            let (n, m) = (ns.clone(), w.clone());
+            let task = if udp {
+                cloudless_network::proxy::ingress_socket(port)
+                    .map(|s| tokio::spawn(proxy.serve_ingress_udp(s, n, m, target)))
+            } else {
+                tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                    .await
+                    .map(|l| tokio::spawn(proxy.serve_ingress(l, n, m, target)))
+            };
+            match task {
+                Ok(task) => {
+                    tracing::info!(port, protocol = proto, service = %format!("{ns}/{w}"), target, "ingress listening");
+                    lock(&self.ingress).insert((port, udp), (ns, w, target, task));
                 }
                 Err(e) => {
-                    tracing::warn!(port, error = %e, "cannot listen for ingress");
-                    open.remove(&port);
+                    tracing::warn!(port, protocol = proto, error = %e, "cannot listen for ingress");
+                    open.remove(&(port, udp));
                 }
             }
         }
@@ -638,7 +651,10 @@ fn access_of(set: &pb::AssignmentSet) -> ServiceAccess {
                         Some((
                             s.namespace.clone(),
                             s.workload.clone(),
-                            u16::try_from(p.port).ok()?,
+                            ServicePort {
+                                port: u16::try_from(p.port).ok()?,
+                                udp: p.protocol() == pb::Protocol::Udp,
+                            },
                         ))
                     })
             })

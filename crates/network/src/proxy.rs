@@ -26,7 +26,9 @@ use crate::services::{Endpoint, Service, SharedServices};
 
 mod udp;
 
-pub use udp::{DatagramDialFuture, DatagramRx, DatagramTx, Datagrams, IoFuture, MAX_DATAGRAM};
+pub use udp::{
+    ingress_socket, DatagramDialFuture, DatagramRx, DatagramTx, Datagrams, IoFuture, MAX_DATAGRAM,
+};
 
 /// A connection to an endpoint.
 pub enum Dialed {

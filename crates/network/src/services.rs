@@ -24,7 +24,7 @@ pub enum LoadBalancing {
 }
 
 /// A port of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ServicePort {
     /// The port (the same on the VIP and on the replicas).
     pub port: u16,

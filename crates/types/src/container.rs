@@ -26,10 +26,12 @@ pub struct ContainerPort {
     #[serde(default)]
     pub host_port: u16,
     /// The port every ingress node (a node labelled `ingress=true`) listens
-    /// on and forwards, over TCP, to this port of a Ready replica anywhere
-    /// in the cluster (0, the default: none). TCP only; unique within the
-    /// workload, and the cluster refuses one another workload holds. Added
-    /// last: log entries of earlier formats decode without it.
+    /// on and forwards, in this port's protocol, to this port of a Ready
+    /// replica anywhere in the cluster (0, the default: none). Unique
+    /// within the workload per protocol (a TCP and a UDP port may share
+    /// one), and the cluster refuses a number another workload holds, in
+    /// either protocol. Added last: log entries of earlier formats decode
+    /// without it.
     #[serde(default)]
     pub ingress_port: u16,
 }
@@ -434,21 +436,14 @@ pub(crate) fn validate(
                 );
             }
         }
-        if p.ingress_port != 0 {
-            if p.protocol != Protocol::TCP {
-                errs.push(
-                    format!("{f}.ingressPort"),
-                    format!("ingress carries TCP only; this port is {:?}", p.protocol),
-                );
-            } else if !seen_ingress_ports.insert(p.ingress_port) {
-                errs.push(
-                    format!("{f}.ingressPort"),
-                    format!(
-                        "{} is used by another port of this workload",
-                        p.ingress_port
-                    ),
-                );
-            }
+        if p.ingress_port != 0 && !seen_ingress_ports.insert((p.ingress_port, p.protocol)) {
+            errs.push(
+                format!("{f}.ingressPort"),
+                format!(
+                    "{} {:?} is used by another port of this workload",
+                    p.ingress_port, p.protocol
+                ),
+            );
         }
         if !p.name.is_empty() {
             check_dns_label(errs, &format!("{f}.name"), &p.name);

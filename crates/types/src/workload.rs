@@ -1024,8 +1024,14 @@ mod tests {
         assert_eq!(s.allow_from, ["dev", "*"]);
         assert_eq!(s.zone_weights.get("a"), Some(&3));
         assert_eq!(w.spec.ingress_ports(), [(80, 8080), (443, 8443)]);
+        // One ingress port number for both protocols of a port (DNS).
+        let dns = format!(
+            "{base}    - {{containerPort: 53, ingressPort: 53}}\n    - {{containerPort: 53, protocol: UDP, ingressPort: 53}}\n"
+        );
+        let w = parse_manifest(&dns).expect("TCP and UDP ingress on one number");
+        assert_eq!(w.spec.ingress_ports(), [(53, 53), (53, 53)]);
         let bad = format!(
-            "{base}    - {{containerPort: 8080, ingressPort: 80}}\n    - {{containerPort: 8081, ingressPort: 80}}\n    - {{containerPort: 53, protocol: UDP, ingressPort: 53}}\n  service:\n    allowFrom: [dev, Ops]\n    zoneWeights: {{a: 0}}\n"
+            "{base}    - {{containerPort: 8080, ingressPort: 80}}\n    - {{containerPort: 8081, ingressPort: 80}}\n    - {{containerPort: 53, protocol: UDP, ingressPort: 53}}\n    - {{containerPort: 54, protocol: UDP, ingressPort: 53}}\n  service:\n    allowFrom: [dev, Ops]\n    zoneWeights: {{a: 0}}\n"
         );
         let err = parse_manifest(&bad).expect_err("bad service accepted");
         let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
@@ -1036,11 +1042,15 @@ mod tests {
                 "spec.service.zoneWeights",
                 "spec.service.zoneWeights.a",
                 "spec.ports[1].ingressPort",
-                "spec.ports[2].ingressPort",
+                "spec.ports[3].ingressPort",
             ],
             "{err}"
         );
-        assert!(err.to_string().contains("TCP only"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("53 UDP is used by another port of this workload"),
+            "{err}"
+        );
         let unknown =
             format!("{base}    - {{containerPort: 8080}}\n  service:\n    sticky: true\n");
         let err = parse_manifest(&unknown).expect_err("unknown field");

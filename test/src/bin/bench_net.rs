@@ -16,8 +16,9 @@
 //! - ingress: from outside to node A's ingress port, to the replica on A.
 //!
 //! And UDP, as 64-byte datagram round trips (one at a time): direct over
-//! the bridge, through node A's proxy to the replica on A, and through A's
-//! proxy and the overlay to the replica on B.
+//! the bridge, through node A's proxy to the replica on A, through A's
+//! proxy and the overlay to the replica on B, and from outside through A's
+//! ingress to the replica on A.
 //!
 //! Prints Markdown tables for docs/benchmarks.md.
 
@@ -712,6 +713,13 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         });
     }
     a.set_udp_routes(&udp_routes).await?;
+    // UDP ingress, as an ingress node's agent would serve it.
+    tokio::spawn(proxy.clone().serve_ingress_udp(
+        cloudless_network::proxy::ingress_socket(ECHO_UDP)?,
+        "bench".into(),
+        "on-a".into(),
+        ECHO_UDP,
+    ));
     for port in [SINK, ECHO] {
         let l = TcpListener::bind(("10.250.200.1", port)).await?;
         tokio::spawn(
@@ -730,6 +738,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     }
 
     let outside = PathBuf::from("/var/run/netns/clbn-out");
+    let ingress_at: Ipv4Addr = "10.250.200.1".parse()?;
     let overlay_target = cloudless_agent::mesh::service_target("bench-server-b", 0, false, &caller)
         .replace(":0@", ":{port}@");
     let paths = [
@@ -759,7 +768,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         ),
         (
             "ingress from outside to a replica on the ingress node",
-            Path2::Tcp(outside, "10.250.200.1".parse()?),
+            Path2::Tcp(outside.clone(), ingress_at),
         ),
     ];
     // Rounds interleave the paths, so a noisy moment hits them alike.
@@ -826,15 +835,23 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     let udp_paths = [
         (
             "UDP direct, replica to replica over the bridge (baseline)",
+            &client.netns,
             SocketAddr::from((server_a.address, ECHO_UDP)),
         ),
         (
             "UDP service VIP, same node (the proxy)",
+            &client.netns,
             SocketAddr::from((vip_a, ECHO_UDP)),
         ),
         (
             "UDP service VIP, across nodes (the proxy and the overlay)",
+            &client.netns,
             SocketAddr::from((vip_b, ECHO_UDP)),
+        ),
+        (
+            "UDP ingress from outside to a replica on the ingress node",
+            &outside,
+            SocketAddr::from((ingress_at, ECHO_UDP)),
         ),
     ];
     println!(
@@ -844,8 +861,8 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     println!("| path | p50 us | p99 us | round trips/s | lost |");
     println!("|---|---:|---:|---:|---:|");
     let mut udp_p50 = Vec::new();
-    for (label, to) in udp_paths {
-        let netns = client.netns.clone();
+    for (label, netns, to) in udp_paths {
+        let netns = netns.clone();
         let n = args.round_trips;
         let t = Instant::now();
         let (h, lost) =
@@ -859,9 +876,10 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         udp_p50.push(h.value_at_quantile(0.5) as f64);
     }
     println!(
-        "\n- UDP through the proxy: {:+.0} us p50 on the same node, {:+.0} us across nodes (over direct)",
+        "\n- UDP through the proxy: {:+.0} us p50 on the same node, {:+.0} us across nodes, {:+.0} us through ingress (over direct)",
         udp_p50[1] - udp_p50[0],
-        udp_p50[2] - udp_p50[0]
+        udp_p50[2] - udp_p50[0],
+        udp_p50[3] - udp_p50[0]
     );
 
     for id in ["bench-client", "bench-server-a"] {

@@ -79,13 +79,20 @@ fn ports(s: &pb::Service) -> String {
         .join(",")
 }
 
-/// `80->8080,443->8443`, or `-`.
+/// `80->8080,443->8443,53->5353/UDP`, or `-`.
 fn ingress(s: &pb::Service) -> String {
     let routes: Vec<String> = s
         .ports
         .iter()
         .filter(|p| p.ingress_port != 0)
-        .map(|p| format!("{}->{}", p.ingress_port, p.port))
+        .map(|p| {
+            let udp = if p.protocol() == pb::Protocol::Udp {
+                "/UDP"
+            } else {
+                ""
+            };
+            format!("{}->{}{udp}", p.ingress_port, p.port)
+        })
         .collect();
     if routes.is_empty() {
         "-".to_owned()
@@ -317,7 +324,7 @@ mod tests {
                     name: String::new(),
                     port: 53,
                     protocol: pb::Protocol::Udp.into(),
-                    ingress_port: 0,
+                    ingress_port: 5353,
                 },
             ],
             load_balancing: pb::LoadBalancing::Weighted.into(),
@@ -360,7 +367,7 @@ mod tests {
             "{wide}"
         );
         assert!(
-            lines[1].ends_with(" dev,ops                  80->8080"),
+            lines[1].ends_with(" dev,ops                  80->8080,5353->53/UDP"),
             "{wide}"
         );
         let mut plain = service();
@@ -396,7 +403,7 @@ mod tests {
             "Name:         prod/web",
             "VIP:          10.96.0.2",
             "DNS:          web.prod.home.arpa",
-            "Ports:        http 8080/TCP (ingress 80), 53/UDP",
+            "Ports:        http 8080/TCP (ingress 80), 53/UDP (ingress 5353)",
             "Policy:       Weighted",
             "Zone weights: a=3, b=1 (other zones 1)",
             "Allow from:   dev,ops (and its own namespace)",

@@ -7,8 +7,10 @@
 //! Each caller address and port is a flow, held by one endpoint that the
 //! service's policy picks when the flow starts (as conntrack pins a UDP
 //! mapping): a connected UDP socket to an endpoint on this node, an overlay
-//! stream of datagrams to an endpoint elsewhere. A flow counts as a
-//! connection of the VIP pool (the same per-source and pool limits), and
+//! stream of datagrams to an endpoint elsewhere. Ingress ports of UDP are
+//! served the same way, from a socket on the node's addresses, each outside
+//! address and port a flow of the ingress pool. A flow counts as a
+//! connection of its pool (the same per-source and pool limits), and
 //! ends when it has been quiet for [`ProxyLimits::udp_idle_timeout`], when
 //! its endpoint leaves the service or the service no longer admits its
 //! caller, when its port is no longer served, when its address no longer
@@ -34,7 +36,8 @@ use tokio::sync::{mpsc, watch};
 use cloudless_types::rate_limit::address_key;
 
 use super::{
-    idle, Caller, Closed, OpenGuard, ProxyLimits, ServiceProxy, CONNECT_TIMEOUT, MAX_TRIES,
+    idle, Admitted, Caller, Closed, OpenGuard, ProxyLimits, ServiceProxy, CONNECT_TIMEOUT,
+    MAX_TRIES,
 };
 use crate::services::{LoadBalancing, Service, ServicePort};
 
@@ -244,39 +247,91 @@ impl ServiceProxy {
                     continue;
                 }
             };
-            let datagram = Bytes::copy_from_slice(&buf[..n]);
-            // To the caller's flow (queueing never waits); a datagram that
-            // finds it ended starts the next one.
-            let unsent = {
-                let mut flows = lock(&flows);
-                match flows.get(&from) {
-                    Some(flow) => match flow.push(datagram, &self.udp_queued) {
-                        Ok(()) => None,
-                        Err(d) => {
-                            flows.remove(&from);
-                            Some(d)
-                        }
-                    },
-                    None => Some(datagram),
-                }
+            let Some(datagram) = self.to_flow(&flows, from, &buf[..n]) else {
+                continue;
             };
-            let Some(datagram) = unsent else { continue };
             let flow = Flow {
-                vip,
                 port,
                 from,
+                local: None,
                 socket: socket.clone(),
                 ended: serving.subscribe(),
             };
-            if let Err(e) = self.start_flow(flow, &flows, datagram) {
+            if let Err(e) = self.start_vip_flow(vip, flow, &flows, datagram) {
                 tracing::debug!(from = %from, %vip, port, error = %e, "UDP datagram refused");
             }
         }
     }
 
-    /// Starts `flow` with its first datagram.
-    fn start_flow(self: &Arc<Self>, flow: Flow, flows: &Flows, first: Bytes) -> Result<(), String> {
-        let (vip, port, from) = (flow.vip, flow.port, flow.from);
+    /// Carries datagrams from outside to UDP port `port` of service
+    /// `namespace/name` (an ingress port of this node, `socket` bound to it
+    /// with [`ingress_socket`]), until aborted (its flows end with it). Each
+    /// source address and port is a flow of the ingress pool (its limits
+    /// per source, its rate of new flows per source), answered from the
+    /// address it was sent to.
+    pub async fn serve_ingress_udp(
+        self: Arc<Self>,
+        socket: UdpSocket,
+        namespace: String,
+        name: String,
+        port: u16,
+    ) {
+        let socket = Arc::new(socket);
+        let flows: Flows = Arc::default();
+        let (serving, _) = watch::channel(());
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let (n, from, local) = match recv_with_local(&socket, &mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, port, "ingress UDP receive failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Some(datagram) = self.to_flow(&flows, from, &buf[..n]) else {
+                continue;
+            };
+            let flow = Flow {
+                port,
+                from,
+                local,
+                socket: socket.clone(),
+                ended: serving.subscribe(),
+            };
+            if let Err(e) = self.start_ingress_flow(&namespace, &name, flow, &flows, datagram) {
+                tracing::debug!(from = %from, service = %format!("{namespace}/{name}"), port, error = %e, "ingress UDP datagram refused");
+            }
+        }
+    }
+
+    /// Queues `datagram` on the flow of `from` (queueing never waits);
+    /// the datagram back when there is none (or it has just ended): it
+    /// starts the next one.
+    fn to_flow(&self, flows: &Flows, from: SocketAddr, datagram: &[u8]) -> Option<Bytes> {
+        let datagram = Bytes::copy_from_slice(datagram);
+        let mut flows = lock(flows);
+        match flows.get(&from) {
+            Some(flow) => match flow.push(datagram, &self.udp_queued) {
+                Ok(()) => None,
+                Err(d) => {
+                    flows.remove(&from);
+                    Some(d)
+                }
+            },
+            None => Some(datagram),
+        }
+    }
+
+    /// Starts `flow`, sent by a replica to `vip`, with its first datagram.
+    fn start_vip_flow(
+        self: &Arc<Self>,
+        vip: Ipv4Addr,
+        flow: Flow,
+        flows: &Flows,
+        first: Bytes,
+    ) -> Result<(), String> {
+        let (port, from) = (flow.port, flow.from);
         let svc = self
             .services
             .get()
@@ -297,18 +352,68 @@ impl ServiceProxy {
             self.vips.count(why);
             format!("closed: {}", why.as_str())
         })?;
+        self.spawn_flow(svc, caller, flow, admitted, flows, first);
+        Ok(())
+    }
+
+    /// Starts `flow`, from outside to service `namespace/name`, with its
+    /// first datagram.
+    fn start_ingress_flow(
+        self: &Arc<Self>,
+        namespace: &str,
+        name: &str,
+        flow: Flow,
+        flows: &Flows,
+        first: Bytes,
+    ) -> Result<(), String> {
+        let port = flow.port;
+        let svc = self
+            .services
+            .get()
+            .services()
+            .find(|s| s.namespace == namespace && s.name == name && s.has_port(port, true))
+            .cloned()
+            .ok_or_else(|| format!("no service {namespace}/{name} with UDP port {port}"))?;
+        let source = address_key(flow.from.ip());
+        if !self
+            .ingress_rate
+            .try_take(&source, std::time::Instant::now())
+        {
+            self.ingress.count(Closed::SourceRate);
+            return Err("its source starts flows faster than it may".into());
+        }
+        let admitted = self.ingress.admit(source).map_err(|why| {
+            self.ingress.count(why);
+            format!("closed: {}", why.as_str())
+        })?;
+        self.spawn_flow(svc, Caller::Ingress, flow, admitted, flows, first);
+        Ok(())
+    }
+
+    /// Runs `flow` of `caller` to `svc` on a task of its own, holding its
+    /// place in its pool until it ends.
+    fn spawn_flow(
+        self: &Arc<Self>,
+        svc: Arc<Service>,
+        caller: Caller,
+        flow: Flow,
+        admitted: Admitted,
+        flows: &Flows,
+        first: Bytes,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = FlowQueue {
             tx,
             queued: Arc::default(),
         };
         let _ = queue.push(first, &self.udp_queued);
+        let from = flow.from;
         lock(flows).insert(from, queue.clone());
         let (me, flows) = (self.clone(), flows.clone());
         tokio::spawn(async move {
             let mut rx = rx;
             if let Err(e) = me.udp_flow(&svc, &caller, &flow, &mut rx).await {
-                tracing::debug!(from = %from, service = %svc.name, port, error = %e, "UDP flow failed");
+                tracing::debug!(from = %from, service = %svc.name, port = flow.port, error = %e, "UDP flow failed");
             }
             // What the flow did not take is dropped with it (and given
             // back).
@@ -322,7 +427,6 @@ impl ServiceProxy {
                 flows.remove(&from);
             }
         });
-        Ok(())
     }
 
     /// Carries `flow` to an endpoint of `svc` until it is quiet, its
@@ -396,10 +500,14 @@ impl ServiceProxy {
             let down = async {
                 while let Ok(Some(d)) = rx.recv().await {
                     moved.fetch_add(d.len() as u64 + 1, Ordering::Relaxed);
-                    let _ = flow.socket.send_to(&d, flow.from).await;
+                    let _ = flow.answer(&d).await;
                 }
             };
+            // Ingress comes from outside: no replica address to check.
             let caller_left = async {
+                if *caller == Caller::Ingress {
+                    return std::future::pending().await;
+                }
                 let mut every = tokio::time::interval(CALLER_CHECK);
                 loop {
                     every.tick().await;
@@ -419,9 +527,9 @@ impl ServiceProxy {
                 () = self.left(svc.vip, &e.replica_id, caller) => {
                     tracing::info!(replica = %e.replica_id, service = %svc.name, caller = %caller, "ended a UDP flow: its endpoint left the service or the service no longer admits the caller");
                 }
-                why = idle(&moved, &limits, &self.vips) => {
+                why = idle(&moved, &limits, self.pool(caller)) => {
                     if why != Closed::Idle {
-                        self.vips.count(why);
+                        self.pool(caller).count(why);
                     }
                 }
                 () = caller_left => {
@@ -435,15 +543,104 @@ impl ServiceProxy {
     }
 }
 
-/// One flow: where it was sent and from where.
+/// One flow: the service port it was sent to and from where.
 struct Flow {
-    vip: Ipv4Addr,
     port: u16,
     from: SocketAddr,
-    /// The service port's socket (answers leave from it).
+    /// The node's address it was sent to, where answers must come from
+    /// (ingress; `None`: the socket's own).
+    local: Option<Ipv4Addr>,
+    /// The port's socket (answers leave from it).
     socket: Arc<UdpSocket>,
     /// Changes (its sender dropped) when the port is no longer served.
     ended: watch::Receiver<()>,
+}
+
+impl Flow {
+    /// Sends an endpoint's answer to the caller.
+    async fn answer(&self, d: &[u8]) -> io::Result<()> {
+        match (self.local, self.from) {
+            (Some(local), SocketAddr::V4(to)) => send_from(&self.socket, d, to, local).await,
+            _ => self.socket.send_to(d, self.from).await.map(drop),
+        }
+    }
+}
+
+/// A UDP socket for an ingress port: bound to every IPv4 address of the
+/// node, told the address each datagram was sent to (so answers leave from
+/// it, as the caller expects, on a node with several).
+pub fn ingress_socket(port: u16) -> io::Result<UdpSocket> {
+    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)
+        .map_err(io::Error::from)?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s)
+}
+
+/// Receives a datagram into `buf`: its length, its source, and the node's
+/// address it was sent to (from `IP_PKTINFO`, set by [`ingress_socket`]).
+async fn recv_with_local(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<Ipv4Addr>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    socket
+        .async_io(tokio::io::Interest::READABLE, || {
+            let mut iov = [io::IoSliceMut::new(&mut *buf)];
+            let mut space = nix::cmsg_space!(nix::libc::in_pktinfo);
+            let msg = recvmsg::<SockaddrIn>(
+                socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::empty(),
+            )
+            .map_err(io::Error::from)?;
+            let from = msg
+                .address
+                .map(|a| SocketAddr::from((a.ip(), a.port())))
+                .ok_or_else(|| io::Error::other("a datagram without a source address"))?;
+            let local = msg.cmsgs().map_err(io::Error::from)?.find_map(|c| match c {
+                ControlMessageOwned::Ipv4PacketInfo(i) => {
+                    Some(Ipv4Addr::from(u32::from_be(i.ipi_spec_dst.s_addr)))
+                }
+                _ => None,
+            });
+            Ok((msg.bytes, from, local))
+        })
+        .await
+}
+
+/// Sends `d` to `to` from the node's address `local`.
+async fn send_from(
+    socket: &UdpSocket,
+    d: &[u8],
+    to: std::net::SocketAddrV4,
+    local: Ipv4Addr,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let info = nix::libc::in_pktinfo {
+        ipi_ifindex: 0,
+        ipi_spec_dst: nix::libc::in_addr {
+            s_addr: u32::from(local).to_be(),
+        },
+        ipi_addr: nix::libc::in_addr { s_addr: 0 },
+    };
+    let to = SockaddrIn::from(to);
+    socket
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg(
+                socket.as_raw_fd(),
+                &[io::IoSlice::new(d)],
+                &[ControlMessage::Ipv4PacketInfo(&info)],
+                MsgFlags::empty(),
+                Some(&to),
+            )
+            .map(drop)
+            .map_err(io::Error::from)
+        })
+        .await
 }
 
 #[cfg(test)]
@@ -790,5 +987,102 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(ask(&three, "3").await.is_some());
+    }
+
+    /// The service of [`udp_service`] at an ingress socket of a proxy with
+    /// `limits` (on every local address, on a port of its own); the port.
+    async fn udp_ingress(limits: ProxyLimits) -> (u16, Arc<ServiceProxy>) {
+        let (_, _, proxy, port) = udp_service(limits).await;
+        let socket = ingress_socket(0).expect("an ingress socket");
+        let at = socket.local_addr().expect("addr").port();
+        tokio::spawn(
+            proxy
+                .clone()
+                .serve_ingress_udp(socket, "ns".into(), "dns".into(), port),
+        );
+        (at, proxy)
+    }
+
+    #[tokio::test]
+    async fn ingress_flows_reach_every_endpoint_answered_from_the_address_called() {
+        let (port, proxy) = udp_ingress(ProxyLimits::default()).await;
+        // The outside world at 127.0.0.9 calls the node at 127.0.0.7, which
+        // is not the address the kernel would pick to answer from (127.0.0.1
+        // for the loopback): a connected socket takes answers only from the
+        // address it called.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..4 {
+            let s = caller_at("127.0.0.9", SocketAddr::from(([127, 0, 0, 7], port))).await;
+            let answer = ask(&s, &format!("q{i}"))
+                .await
+                .expect("an answer from the address called");
+            assert!(answer.ends_with(&format!(":q{i}")), "{answer}");
+            seen.insert(answer[..1].to_owned());
+            // The flow keeps its endpoint.
+            assert_eq!(
+                ask(&s, "again").await,
+                Some(format!("{}:again", &answer[..1]))
+            );
+        }
+        assert_eq!(seen.len(), 2, "flows spread over both endpoints: {seen:?}");
+        let stats = proxy.stats();
+        assert_eq!(stats.ingress.open, 4, "four flows in the ingress pool");
+        assert_eq!(stats.vips.open, 0, "none in the VIP pool");
+        // A service without the port (or another name) answers nothing.
+        let other = ingress_socket(0).expect("an ingress socket");
+        let other_port = other.local_addr().expect("addr").port();
+        tokio::spawn(
+            proxy
+                .clone()
+                .serve_ingress_udp(other, "ns".into(), "dns".into(), 9),
+        );
+        let s = caller_at("127.0.0.9", SocketAddr::from(([127, 0, 0, 7], other_port))).await;
+        assert_eq!(ask(&s, "q").await, None, "no UDP port 9");
+    }
+
+    #[tokio::test]
+    async fn an_ingress_source_holds_its_share_of_flows_and_starts_them_at_its_rate() {
+        let (port, proxy) = udp_ingress(ProxyLimits {
+            ingress_per_source: 2,
+            ingress_rate: cloudless_types::rate_limit::Rate { per_s: 1, burst: 3 },
+            ..ProxyLimits::default()
+        })
+        .await;
+        let at = SocketAddr::from(([127, 0, 0, 7], port));
+        let mut callers = Vec::new();
+        for _ in 0..4 {
+            callers.push(caller_at("127.0.0.9", at).await);
+        }
+        assert!(ask(&callers[0], "1").await.is_some());
+        assert!(ask(&callers[1], "2").await.is_some());
+        // The third flow takes the source's last new-flow token of its
+        // burst of three and finds its two places taken; the fourth finds
+        // no token left (one comes back a second later).
+        callers[2].send(b"3").await.expect("send");
+        callers[3].send(b"4").await.expect("send");
+        let stats = || {
+            let s = proxy.stats().ingress;
+            (
+                s.closed_for(Closed::SourceLimit),
+                s.closed_for(Closed::SourceRate),
+            )
+        };
+        let since = std::time::Instant::now();
+        while stats() != (1, 1) {
+            assert!(since.elapsed() < Duration::from_secs(2), "{:?}", stats());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Another source has places and tokens of its own.
+        let elsewhere = caller_at("127.0.0.10", at).await;
+        assert!(ask(&elsewhere, "x").await.is_some(), "another source");
+        let mut buf = [0u8; 64];
+        for refused in &callers[2..] {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), refused.recv(&mut buf))
+                    .await
+                    .is_err(),
+                "a refused flow was answered"
+            );
+        }
     }
 }
