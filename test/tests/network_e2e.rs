@@ -752,9 +752,6 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    tracing::info!(
-        "phase 5: with agent-b killed, no ingress connection fails once its replica left"
-    );
     let on_b: Vec<String> = {
         let b_id = node_id_of(&c, "agent-b");
         apis.iter()
@@ -763,15 +760,65 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
             .collect()
     };
     assert_eq!(on_b.len(), 1, "one api replica on agent-b: {apis:#?}");
-    // A UDP flow held by agent-b's replica, kept for the rest of the test:
-    // it must move once that replica leaves.
-    let held = (0..40)
-        .find_map(|_| {
-            let f = UdpFlow::open(&outside, udp_at).expect("a UDP socket outside");
-            let answer = f.ask("held").ok()?;
-            answer.starts_with(&format!("{}:", on_b[0])).then_some(f)
-        })
-        .expect("no UDP flow reached agent-b's replica in 40 tries");
+    // A UDP flow from outside held by agent-b's replica (the overlay stream
+    // to agent-b stays up): it moves to agent-a's replica once agent-b's
+    // fails its readiness, and comes back into the rotation after.
+    let held_by_b = || {
+        (0..40)
+            .find_map(|_| {
+                let f = UdpFlow::open(&outside, udp_at).expect("a UDP socket outside");
+                let answer = f.ask("held").ok()?;
+                answer.starts_with(&format!("{}:", on_b[0])).then_some(f)
+            })
+            .expect("no UDP flow reached agent-b's replica in 40 tries")
+    };
+    let held = held_by_b();
+    let ready_file = |cmd: &str| {
+        c.ctl_ok(&[
+            "exec",
+            "api",
+            "--replica",
+            &on_b[0],
+            "--",
+            "/bin/sh",
+            "-c",
+            cmd,
+        ]);
+    };
+    ready_file("rm /tmp/w/ready.html");
+    eventually(
+        "agent-b's replica is recorded not Ready",
+        Duration::from_secs(30),
+        || {
+            let text = c.ctl_ok(&["describe", "service", "api"]);
+            (!text.contains(&on_b[0])).then_some(()).ok_or(text)
+        },
+    )
+    .await;
+    let left = Instant::now();
+    loop {
+        let answer = held
+            .ask("held")
+            .unwrap_or_else(|e| panic!("the held flow: {e}"));
+        if !answer.starts_with(&format!("{}:", on_b[0])) {
+            break;
+        }
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "the held flow still reached {} 2 s after it left the rotation",
+            on_b[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ready_file("echo ok > /tmp/w/ready.html");
+    c.wait_ready("api", 2, Duration::from_secs(60), |_| true)
+        .await;
+
+    tracing::info!(
+        "phase 5: with agent-b killed, no ingress connection fails once its replica left"
+    );
+    // A UDP flow held by agent-b's replica, kept for the rest of the test.
+    let held = held_by_b();
     c.agents[1].sigkill();
     eventually(
         "agent-b's replica leaves the rotation",

@@ -849,7 +849,7 @@ mod tests {
                 namespace: "prod".into(),
                 name: "api".into(),
                 vip: Ipv4Addr::new(10, 96, 0, 1),
-                ports: [(8080, false), (9000, false), (5353, true)]
+                ports: [(8080, false), (9000, false), (5353, true), (8080, true)]
                     .into_iter()
                     .map(|(port, udp)| ServicePort { port, udp })
                     .collect(),
@@ -924,8 +924,8 @@ mod tests {
         assert_eq!(check_udp("n-web", 5353, true, &as_("prod", "web")), Ok(()));
         let refused = check_udp("n-web", 5353, false, &as_("prod", "web")).expect_err("tcp");
         assert!(refused.contains("no TCP port 5353"), "{refused}");
-        let refused = check_udp("n-web", 8080, true, &as_("prod", "web")).expect_err("udp");
-        assert!(refused.contains("no UDP port 8080"), "{refused}");
+        let refused = check_udp("n-web", 9000, true, &as_("prod", "web")).expect_err("udp");
+        assert!(refused.contains("no UDP port 9000"), "{refused}");
         assert!(check_udp("n-evil", 5353, true, &as_("other", "evil")).is_err());
         let refused = local
             .service_allowed("n-web", "r9", 8080, false, &as_("prod", "web"))
@@ -935,11 +935,15 @@ mod tests {
         assert_eq!(check("n-gw", 8080, &Caller::Ingress), Ok(()));
         assert!(check("n-web", 8080, &Caller::Ingress).is_err());
         assert!(check("n-gw", 9000, &Caller::Ingress).is_err());
-        // UDP ingress by its own route: a TCP route admits no UDP flow to
-        // the same port, nor a UDP route TCP.
+        // UDP ingress by its own route: the TCP route of 8080 admits no UDP
+        // flow to UDP port 8080, which the service has but ingress does not
+        // route.
         assert_eq!(check_udp("n-gw", 5353, true, &Caller::Ingress), Ok(()));
         assert!(check_udp("n-web", 5353, true, &Caller::Ingress).is_err());
-        assert!(check("n-gw", 5353, &Caller::Ingress).is_err());
+        assert_eq!(
+            check_udp("n-gw", 8080, true, &Caller::Ingress),
+            Err("node n-gw carries no ingress to prod/api:8080/udp".into())
+        );
     }
 
     #[test]

@@ -413,10 +413,14 @@ impl Collector for NodeCollector {
                 .and_then(|p| p.get())
                 .map(|p| p.stats())
                 .unwrap_or_default();
-            let pools = [("vip", stats.vips), ("ingress", stats.ingress)];
+            let pools = [
+                ("vip", stats.vips),
+                ("ingress", stats.ingress),
+                ("ingress_udp", stats.ingress_udp),
+            ];
             let mut m = encoder.encode_descriptor(
                 "cloudless_agent_proxy_connections",
-                "Connections the node's service proxy carries now, by listener (vip: replicas to service VIPs, UDP flows included; ingress: from outside)",
+                "Connections the node's service proxy carries now, by listener (vip: replicas to service VIPs, UDP flows included; ingress: TCP from outside; ingress_udp: UDP flows from outside)",
                 None,
                 MetricType::Gauge,
             )?;

@@ -18,7 +18,7 @@ use cloudless_network::proxy::{
 use cloudless_network::services::{
     Endpoint, LoadBalancing, Service, ServicePort, ServiceTable, SharedServices,
 };
-use cloudless_network::{fastpath, NodeNetwork};
+use cloudless_network::{fastpath, sockets, NodeNetwork};
 use cloudless_proto::v1 as pb;
 use tokio::task::JoinHandle;
 
@@ -28,8 +28,15 @@ use crate::mesh::{overlay_datagrams, Mesh, OverlayCarry, ServiceAccess};
 type Callers = Arc<Mutex<HashMap<IpAddr, Caller>>>;
 
 /// An open ingress listener: the service (namespace, workload), its port,
-/// and the task.
-type IngressListener = (String, String, u16, JoinHandle<()>);
+/// the task, and (UDP) its socket, kept for the port's next route (the
+/// flows of the last one may still hold it).
+type IngressListener = (
+    String,
+    String,
+    u16,
+    JoinHandle<()>,
+    Option<Arc<tokio::net::UdpSocket>>,
+);
 
 /// An ingress port of this node and whether it is UDP.
 type IngressPort = (u16, bool);
@@ -126,7 +133,7 @@ impl Drop for ServicePlane {
         for t in &self.tasks {
             t.abort();
         }
-        for (_, (_, _, _, t)) in lock(&self.ingress).drain() {
+        for (_, (_, _, _, t, _)) in lock(&self.ingress).drain() {
             t.abort();
         }
     }
@@ -284,22 +291,28 @@ impl ServicePlane {
         } else {
             BTreeMap::new()
         };
-        let closed: Vec<JoinHandle<()>> = {
+        let (closed, mut kept_udp) = {
             let mut ingress = lock(&self.ingress);
             let gone: Vec<IngressPort> = ingress
                 .iter()
-                .filter(|(port, (ns, w, target, _))| {
+                .filter(|(port, (ns, w, target, _, _))| {
                     wanted.get(port) != Some(&(ns.clone(), w.clone(), *target))
                 })
                 .map(|(port, _)| *port)
                 .collect();
-            gone.into_iter()
-                .filter_map(|port| ingress.remove(&port))
-                .map(|(_, _, _, task)| {
+            let mut closed = Vec::new();
+            let mut kept_udp = HashMap::new();
+            for port in gone {
+                if let Some((_, _, _, task, socket)) = ingress.remove(&port) {
                     task.abort();
-                    task
-                })
-                .collect()
+                    closed.push(task);
+                    // A UDP port whose route changed keeps its socket.
+                    if let Some(socket) = socket.filter(|_| wanted.contains_key(&port)) {
+                        kept_udp.insert(port.0, socket);
+                    }
+                }
+            }
+            (closed, kept_udp)
         };
         // A closed listener's socket is gone once its task has ended: only
         // then can its port be bound again (for a changed route).
@@ -315,18 +328,28 @@ impl ServicePlane {
             let proto = if udp { "UDP" } else { "TCP" };
             let proxy = self.proxy.clone();
             let (n, m) = (ns.clone(), w.clone());
+            let bound = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
             let task = if udp {
-                cloudless_network::proxy::ingress_socket(port)
-                    .map(|s| tokio::spawn(proxy.serve_ingress_udp(s, n, m, target)))
+                match kept_udp.remove(&port) {
+                    Some(s) => Ok(s),
+                    None => cloudless_network::proxy::ingress_socket(port).map(Arc::new),
+                }
+                .map(|s| {
+                    (
+                        tokio::spawn(proxy.serve_ingress_udp(s.clone(), n, m, target)),
+                        Some(s),
+                    )
+                })
             } else {
-                tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                    .await
-                    .map(|l| tokio::spawn(proxy.serve_ingress(l, n, m, target)))
+                // Shared below 1024 with the node's resolver (port 53 on the
+                // bridge's address): see cloudless_network::sockets.
+                sockets::tcp_listener(bound, sockets::shared_port(port))
+                    .map(|l| (tokio::spawn(proxy.serve_ingress(l, n, m, target)), None))
             };
             match task {
-                Ok(task) => {
+                Ok((task, socket)) => {
                     tracing::info!(port, protocol = proto, service = %format!("{ns}/{w}"), target, "ingress listening");
-                    lock(&self.ingress).insert((port, udp), (ns, w, target, task));
+                    lock(&self.ingress).insert((port, udp), (ns, w, target, task, socket));
                 }
                 Err(e) => {
                     tracing::warn!(port, protocol = proto, error = %e, "cannot listen for ingress");

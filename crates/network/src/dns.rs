@@ -134,8 +134,21 @@ impl Resolver {
             field: "resolver",
             message: format!("cannot listen on {addr}: {e}"),
         };
-        let udp = Arc::new(UdpSocket::bind(addr).await.map_err(bind_err)?);
-        let tcp = TcpListener::bind(addr).await.map_err(bind_err)?;
+        // Shared (see crate::sockets): an ingress port 53 of the node
+        // listens on every address beside it.
+        let (udp, tcp) = match addr {
+            SocketAddr::V4(v4) => (
+                crate::sockets::udp(v4, true)
+                    .and_then(UdpSocket::from_std)
+                    .map_err(bind_err)?,
+                crate::sockets::tcp_listener(v4, true).map_err(bind_err)?,
+            ),
+            SocketAddr::V6(_) => (
+                UdpSocket::bind(addr).await.map_err(bind_err)?,
+                TcpListener::bind(addr).await.map_err(bind_err)?,
+            ),
+        };
+        let udp = Arc::new(udp);
         let (me, me2) = (self.clone(), self.clone());
         Ok(vec![
             tokio::spawn(async move { me.serve_udp(udp).await }),
@@ -372,6 +385,11 @@ mod tests {
             .port();
         let at: SocketAddr = ([127, 0, 0, 1], port).into();
         let tasks = r.serve(at).await.expect("serve");
+        // An ingress port of the same number on every address binds beside
+        // it (as an ingress port 53 beside the node's resolver).
+        let every = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+        let _ingress_udp = crate::sockets::udp(every, true).expect("shared UDP");
+        let _ingress_tcp = crate::sockets::tcp_listener(every, true).expect("shared TCP");
         let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         c.connect(at).await.expect("connect");
         let mut buf = [0u8; 512];

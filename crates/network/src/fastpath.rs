@@ -3,7 +3,10 @@
 //! a replica's connection to `VIP:port` needs no proxy: the node's nat
 //! table sends it straight to one of the endpoints (`DNAT`, picked at
 //! random with equal chances), as kube-proxy does. The proxy's byte copy
-//! and its second TCP connection are saved.
+//! and its second TCP connection are saved. UDP ports take the same path:
+//! a caller's datagrams to `VIP:port/udp` are one conntrack mapping, held
+//! by the endpoint its first datagram was sent to (as the proxy holds a
+//! flow), until it is quiet for the kernel's UDP timeout or cut.
 //!
 //! What the proxy enforces holds on this path too:
 //! - only callers the service admits have a rule (a replica of this node
@@ -33,8 +36,10 @@ use crate::NetworkError;
 pub struct FastRoute {
     /// The service's address.
     pub vip: Ipv4Addr,
-    /// The port (TCP).
+    /// The port.
     pub port: u16,
+    /// A UDP port (else TCP).
+    pub udp: bool,
     /// Replicas of this node the service admits.
     pub callers: BTreeSet<Ipv4Addr>,
     /// The endpoints' addresses on this node.
@@ -70,16 +75,17 @@ pub fn routes(
         if admitted.is_empty() {
             continue;
         }
-        for p in svc.ports.iter().filter(|p| !p.udp) {
+        for p in &svc.ports {
             out.push(FastRoute {
                 vip: svc.vip,
                 port: p.port,
+                udp: p.udp,
                 callers: admitted.clone(),
                 endpoints: local.clone(),
             });
         }
     }
-    out.sort_by_key(|r| (r.vip, r.port));
+    out.sort_by_key(|r| (r.vip, r.port, r.udp));
     out
 }
 
@@ -129,6 +135,7 @@ pub fn to_cut(
             cuts.push(Cut::Endpoint {
                 vip: r.vip,
                 port: r.port,
+                udp: r.udp,
                 endpoint: *e,
             });
         }
@@ -136,6 +143,7 @@ pub fn to_cut(
             cuts.push(Cut::Caller {
                 vip: r.vip,
                 port: r.port,
+                udp: r.udp,
                 caller: *c,
             });
         }
@@ -146,12 +154,15 @@ pub fn to_cut(
 /// Connections to cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cut {
-    /// Every connection to `vip:port` that went to `endpoint`.
+    /// Every connection (UDP: mapping) to `vip:port` that went to
+    /// `endpoint`.
     Endpoint {
         /// The service's address.
         vip: Ipv4Addr,
         /// Its port.
         port: u16,
+        /// A UDP port.
+        udp: bool,
         /// The endpoint that left.
         endpoint: Ipv4Addr,
     },
@@ -163,12 +174,14 @@ pub enum Cut {
         /// Its UDP port.
         port: u16,
     },
-    /// Every connection from `caller` to `vip:port`.
+    /// Every connection (UDP: mapping) from `caller` to `vip:port`.
     Caller {
         /// The service's address.
         vip: Ipv4Addr,
         /// Its port.
         port: u16,
+        /// A UDP port.
+        udp: bool,
         /// The caller no longer admitted.
         caller: Ipv4Addr,
     },
@@ -178,13 +191,15 @@ pub enum Cut {
 /// their next packets match no translation and are refused). Without the
 /// `conntrack` tool nothing is cut, with a warning.
 pub async fn cut(cuts: &[Cut]) {
+    let proto = |udp: bool| if udp { "udp" } else { "tcp" };
     for c in cuts {
         let args: Vec<String> = match c {
             Cut::Endpoint {
                 vip,
                 port,
+                udp,
                 endpoint,
-            } => ["-D", "-p", "tcp", "-d", &vip.to_string(), "--dport"]
+            } => ["-D", "-p", proto(*udp), "-d", &vip.to_string(), "--dport"]
                 .iter()
                 .map(|s| (*s).to_owned())
                 .chain([port.to_string(), "-r".into(), endpoint.to_string()])
@@ -194,7 +209,12 @@ pub async fn cut(cuts: &[Cut]) {
                 .map(|s| (*s).to_owned())
                 .chain([port.to_string()])
                 .collect(),
-            Cut::Caller { vip, port, caller } => ["-D", "-p", "tcp", "-s", &caller.to_string()]
+            Cut::Caller {
+                vip,
+                port,
+                udp,
+                caller,
+            } => ["-D", "-p", proto(*udp), "-s", &caller.to_string()]
                 .iter()
                 .map(|s| (*s).to_owned())
                 .chain([
@@ -236,9 +256,10 @@ pub(crate) fn restore_script(
         s.push_str(&format!(":{name} - [0:0]\n"));
     }
     for (name, r) in &chains {
+        let proto = if r.udp { "udp" } else { "tcp" };
         for c in &r.callers {
             s.push_str(&format!(
-                "-A {fast} -s {c}/32 -d {}/32 -p tcp -m tcp --dport {} -j {name}\n",
+                "-A {fast} -s {c}/32 -d {}/32 -p {proto} -m {proto} --dport {} -j {name}\n",
                 r.vip, r.port
             ));
         }
@@ -253,7 +274,7 @@ pub(crate) fn restore_script(
                 String::new()
             };
             s.push_str(&format!(
-                "-A {name} -p tcp {pick}-j DNAT --to-destination {e}:{}\n",
+                "-A {name} -p {proto} {pick}-j DNAT --to-destination {e}:{}\n",
                 r.port
             ));
         }
@@ -344,25 +365,32 @@ mod tests {
         );
         let who = callers(&[(2, "shop"), (3, "web"), (4, "other")]);
         let r = routes(&table, &who, "a");
-        assert_eq!(r.len(), 2, "{r:#?}");
-        assert_eq!(r[0].vip, Ipv4Addr::new(10, 96, 0, 1));
-        assert_eq!(r[0].port, 80, "TCP only");
+        // Each served service's UDP port 53 and TCP port 80, in that order.
+        let served: Vec<_> = r
+            .iter()
+            .map(|r| (r.vip.octets()[3], r.port, r.udp))
+            .collect();
         assert_eq!(
-            r[0].callers,
-            BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)]),
-            "its own namespace only"
+            served,
+            [(1, 53, true), (1, 80, false), (3, 53, true), (3, 80, false)],
+            "{r:#?}"
         );
-        assert_eq!(r[0].endpoints.len(), 2);
-        assert_eq!(r[1].vip, Ipv4Addr::new(10, 96, 0, 3));
-        assert_eq!(
-            r[1].callers,
-            BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)]),
-            "its namespace and allowFrom"
-        );
-        assert_eq!(
-            r[1].endpoints,
-            BTreeSet::from([Ipv4Addr::new(10, 0, 0, 14)])
-        );
+        for r in &r[..2] {
+            assert_eq!(
+                r.callers,
+                BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)]),
+                "its own namespace only"
+            );
+            assert_eq!(r.endpoints.len(), 2);
+        }
+        for r in &r[2..] {
+            assert_eq!(
+                r.callers,
+                BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)]),
+                "its namespace and allowFrom"
+            );
+            assert_eq!(r.endpoints, BTreeSet::from([Ipv4Addr::new(10, 0, 0, 14)]));
+        }
     }
 
     #[test]
@@ -387,20 +415,26 @@ mod tests {
             vec![svc(3, LoadBalancing::Locality, &[("a", 14)], &[])],
         );
         let vip = Ipv4Addr::new(10, 96, 0, 3);
+        // Both ports, each in its protocol.
         assert_eq!(
             to_cut(&before, &after, &who, "a"),
-            vec![
-                Cut::Endpoint {
-                    vip,
-                    port: 80,
-                    endpoint: Ipv4Addr::new(10, 0, 0, 15)
-                },
-                Cut::Caller {
-                    vip,
-                    port: 80,
-                    caller: Ipv4Addr::new(10, 0, 0, 3)
-                },
-            ]
+            [(53, true), (80, false)]
+                .into_iter()
+                .flat_map(|(port, udp)| [
+                    Cut::Endpoint {
+                        vip,
+                        port,
+                        udp,
+                        endpoint: Ipv4Addr::new(10, 0, 0, 15)
+                    },
+                    Cut::Caller {
+                        vip,
+                        port,
+                        udp,
+                        caller: Ipv4Addr::new(10, 0, 0, 3)
+                    },
+                ])
+                .collect::<Vec<_>>()
         );
         // An endpoint that moved behind the proxy (another node joined) is
         // still an endpoint: nothing is cut.
@@ -421,6 +455,7 @@ mod tests {
         let r = FastRoute {
             vip: Ipv4Addr::new(10, 96, 0, 1),
             port: 80,
+            udp: false,
             callers: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)]),
             endpoints: BTreeSet::from([
                 Ipv4Addr::new(10, 0, 0, 10),
@@ -428,7 +463,7 @@ mod tests {
                 Ipv4Addr::new(10, 0, 0, 12),
             ]),
         };
-        let s = restore_script("P-FAST", &[r], |_| "P-K-1".into());
+        let s = restore_script("P-FAST", std::slice::from_ref(&r), |_| "P-K-1".into());
         assert!(
             s.starts_with("*nat\n:P-FAST - [0:0]\n:P-K-1 - [0:0]\n"),
             "{s}"
@@ -439,5 +474,17 @@ mod tests {
         assert!(s.contains("--probability 0.3333333333 -j DNAT --to-destination 10.0.0.10:80\n"));
         assert!(s.contains("--probability 0.5000000000 -j DNAT --to-destination 10.0.0.11:80\n"));
         assert!(s.contains("-A P-K-1 -p tcp -j DNAT --to-destination 10.0.0.12:80\nCOMMIT\n"));
+        // A UDP route matches UDP only.
+        let udp = FastRoute {
+            port: 53,
+            udp: true,
+            endpoints: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 10)]),
+            ..r
+        };
+        let s = restore_script("P-FAST", &[udp], |_| "P-K-2".into());
+        assert!(s.contains(
+            "-A P-FAST -s 10.0.0.2/32 -d 10.96.0.1/32 -p udp -m udp --dport 53 -j P-K-2\n"
+        ));
+        assert!(s.contains("-A P-K-2 -p udp -j DNAT --to-destination 10.0.0.10:53\nCOMMIT\n"));
     }
 }

@@ -311,12 +311,14 @@ impl Firewall {
         format!("{}-HAIR", self.prefix)
     }
 
-    /// The nat chain spreading one kernel-path route over its endpoints.
+    /// The nat chain spreading one kernel-path route over its endpoints
+    /// (a TCP route's name is what it was before UDP routes existed).
     fn route_chain(&self, r: &FastRoute) -> String {
+        let udp = if r.udp { "/udp" } else { "" };
         format!(
             "{}-K-{:012x}",
             self.prefix,
-            fnv1a(&format!("{}:{}", r.vip, r.port)) & 0xffff_ffff_ffff
+            fnv1a(&format!("{}:{}{udp}", r.vip, r.port)) & 0xffff_ffff_ffff
         )
     }
 

@@ -23,6 +23,7 @@ pub mod portlock;
 pub mod proxy;
 mod routes;
 pub mod services;
+pub mod sockets;
 pub mod splice;
 
 pub use error::NetworkError;

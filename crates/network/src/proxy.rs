@@ -148,10 +148,27 @@ pub struct ProxyLimits {
     /// New ingress connections one source (an address, or an IPv6 /64) may
     /// open: more are closed as accepted.
     pub ingress_rate: Rate,
-    /// A UDP flow (a caller's address and port to one endpoint) that carries
-    /// no datagram either way for this long ends; the caller's next datagram
-    /// starts a new one (as conntrack forgets a UDP mapping).
+    /// A UDP flow (a caller's address and port to one endpoint) that is
+    /// *assured* (its caller sent again after an answer) and carries no
+    /// datagram for this long ends; the caller's next datagram starts a new
+    /// one (as conntrack forgets a UDP mapping). From outside only the
+    /// caller's datagrams count: a service's answers alone keep no ingress
+    /// flow (nor its forged sender's place) alive.
     pub udp_idle_timeout: Duration,
+    /// A UDP flow not yet assured (a one-shot question and answer, as a
+    /// DNS query from a new port; or a datagram with a forged source,
+    /// never followed up) ends after this long quiet; so does every flow
+    /// while its pool is under pressure.
+    pub udp_unassured_timeout: Duration,
+    /// Most UDP flows open at once from outside through ingress per source
+    /// (an address, or an IPv6 /64), in a pool of their own: a forged
+    /// source costs no TCP ingress connection its place.
+    pub udp_ingress_per_source: usize,
+    /// Most UDP flows carried at once to endpoints on one other node (each
+    /// holds an overlay stream, and a connection between two nodes has
+    /// 1,024): the rest stay for TCP. A flow the endpoint's node has no
+    /// room for goes to the next endpoint.
+    pub udp_flows_per_node: usize,
 }
 
 /// Most connections per pool.
@@ -176,6 +193,9 @@ impl Default for ProxyLimits {
                 burst: 1000,
             },
             udp_idle_timeout: Duration::from_secs(30),
+            udp_unassured_timeout: Duration::from_secs(5),
+            udp_ingress_per_source: 1024,
+            udp_flows_per_node: 512,
         }
     }
 }
@@ -371,6 +391,8 @@ pub struct ProxyStats {
     pub vips: PoolStats,
     /// Connections from outside through this node's ingress.
     pub ingress: PoolStats,
+    /// UDP flows from outside through this node's ingress.
+    pub ingress_udp: PoolStats,
     /// Datagrams to UDP service ports dropped because a flow's queue or
     /// the proxy's was full.
     pub dropped_datagrams: u64,
@@ -387,9 +409,16 @@ pub struct ServiceProxy {
     limits: ProxyLimits,
     vips: Arc<Pool>,
     ingress: Arc<Pool>,
+    /// UDP flows from outside.
+    ingress_udp: Arc<Pool>,
     ingress_rate: RateLimiter,
-    /// Bytes of datagrams waiting for UDP flows.
+    /// Bytes of datagrams waiting for replicas' UDP flows.
     udp_queued: Arc<udp::UdpQueued>,
+    /// Bytes of datagrams waiting for UDP flows from outside (apart: the
+    /// outside world cannot take the replicas' room).
+    udp_ingress_queued: Arc<udp::UdpQueued>,
+    /// UDP flows carried to endpoints on other nodes, by node.
+    remote_udp: Mutex<HashMap<String, usize>>,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -446,8 +475,11 @@ impl ServiceProxy {
             limits,
             vips: Pool::new(limits.max_connections, limits.per_source),
             ingress: Pool::new(limits.max_connections, limits.ingress_per_source),
+            ingress_udp: Pool::new(limits.max_connections, limits.udp_ingress_per_source),
             ingress_rate: RateLimiter::new(limits.ingress_rate),
             udp_queued: Arc::default(),
+            udp_ingress_queued: Arc::default(),
+            remote_udp: Mutex::default(),
         })
     }
 
@@ -469,7 +501,8 @@ impl ServiceProxy {
         ProxyStats {
             vips: self.vips.stats(),
             ingress: self.ingress.stats(),
-            dropped_datagrams: self.udp_queued.dropped(),
+            ingress_udp: self.ingress_udp.stats(),
+            dropped_datagrams: self.udp_queued.dropped() + self.udp_ingress_queued.dropped(),
         }
     }
 

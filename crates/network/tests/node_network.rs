@@ -69,8 +69,10 @@ impl Site {
         format!("cldtbr{}", self.n)
     }
 
+    /// Two digits: no site's prefix is part of another's (tests run at
+    /// once and look for what is left of their own).
     fn prefix(&self) -> String {
-        format!("CLDT{}", self.n)
+        format!("CLDT{:02}", self.n)
     }
 
     fn config(&self) -> NodeNetworkConfig {
@@ -1345,6 +1347,129 @@ async fn a_udp_service_port_answers_from_its_vip_through_the_proxy() {
     }
 
     net.set_udp_routes(&[]).await.expect("no redirects");
+    for id in [&s1, &s2, &client, &other] {
+        net.detach(id).await.expect("detach");
+    }
+    net.uninstall().await.expect("uninstall");
+    let rules = iptables_save();
+    assert!(!rules.contains(&site.prefix()), "{rules}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_udp_port_served_here_takes_the_kernel_path_and_a_mapping_to_an_endpoint_that_left_is_cut(
+) {
+    use cloudless_network::fastpath;
+    use cloudless_network::proxy::Caller;
+    use cloudless_network::services::{
+        Endpoint, LoadBalancing, Service, ServicePort, ServiceTable,
+    };
+    let Some(site) = Site::new(10) else { return };
+    let net = NodeNetwork::open(site.config()).await.expect("open");
+    let (s1, s2, client, other) = (
+        ID("cldt10-dns1"),
+        ID("cldt10-dns2"),
+        ID("cldt10-web"),
+        ID("cldt10-x"),
+    );
+    let a1 = net.attach(&request(&s1)).await.expect("attach");
+    let a2 = net.attach(&request(&s2)).await.expect("attach");
+    let c = net.attach(&request(&client)).await.expect("attach");
+    let o = net.attach(&request(&other)).await.expect("attach");
+    serve_udp_name(&a1.netns, SocketAddr::from((a1.address, 5353)), "dns-1");
+    serve_udp_name(&a2.netns, SocketAddr::from((a2.address, 5353)), "dns-2");
+    let vip = Ipv4Addr::new(10, 252, 10, 10);
+    let endpoint = |id: &str, a: Ipv4Addr| Endpoint {
+        replica_id: id.to_owned(),
+        node_id: "n1".into(),
+        address: Some(a),
+        zone: String::new(),
+        region: String::new(),
+    };
+    let table = |endpoints: Vec<Endpoint>| {
+        ServiceTable::new(
+            "cloudless.local",
+            vec![Service {
+                namespace: "default".into(),
+                name: "dns".into(),
+                vip,
+                ports: vec![ServicePort {
+                    port: 5353,
+                    udp: true,
+                }],
+                policy: LoadBalancing::RoundRobin,
+                allow_from: vec![],
+                weights: Default::default(),
+                endpoints,
+            }],
+        )
+    };
+    let both = table(vec![endpoint(&s1, a1.address), endpoint(&s2, a2.address)]);
+    let callers = [(c.address, "default"), (o.address, "other")]
+        .into_iter()
+        .map(|(a, ns)| {
+            (
+                std::net::IpAddr::V4(a),
+                Caller::Workload {
+                    namespace: ns.into(),
+                    workload: "w".into(),
+                },
+            )
+        })
+        .collect();
+    let routes = fastpath::routes(&both, &callers, "n1");
+    assert!(routes.iter().any(|r| r.udp), "{routes:?}");
+    net.set_fast_routes(&routes).await.expect("kernel path");
+
+    // No proxy and no redirect to one: the kernel alone answers the
+    // admitted caller, from the VIP (the sockets are connected to it).
+    // Each socket's mapping holds one endpoint; mappings spread over both.
+    let to = SocketAddr::from((vip, 5353));
+    let mut seen = BTreeSet::new();
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        let s = udp_caller(&c.netns, to);
+        let first = udp_ask(&s, "a").expect("an answer from the VIP");
+        for i in 0..3 {
+            let msg = format!("q{i}");
+            assert_eq!(udp_ask(&s, &msg), Some(format!("{}{msg}", &first[..6])));
+        }
+        seen.insert(first[..5].to_owned());
+        sockets.push((s, first[..5].to_owned()));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "20 mappings all went to {seen:?}");
+    // Another namespace has no rule (and no proxy runs here): no answer.
+    let outsider = udp_caller(&o.netns, to);
+    assert_eq!(udp_ask(&outsider, "a"), None);
+
+    // dns-1 leaves the service (it still runs, as a replica failing its
+    // readiness does): its rules go, its mappings are cut, and the sockets
+    // that were answered by it are answered by dns-2 at once.
+    let after = table(vec![endpoint(&s2, a2.address)]);
+    let left = fastpath::routes(&after, &callers, "n1");
+    net.set_fast_routes(&left).await.expect("kernel path");
+    let cuts = fastpath::to_cut(&routes, &after, &callers, "n1");
+    assert_eq!(
+        cuts,
+        [fastpath::Cut::Endpoint {
+            vip,
+            port: 5353,
+            udp: true,
+            endpoint: a1.address
+        }]
+    );
+    fastpath::cut(&cuts).await;
+    for (s, was) in &sockets {
+        let answer = udp_ask(s, "b");
+        assert_eq!(
+            answer.as_deref(),
+            Some("dns-2:b"),
+            "a socket answered by {was} before dns-1 left"
+        );
+    }
+
     for id in [&s1, &s2, &client, &other] {
         net.detach(id).await.expect("detach");
     }

@@ -16,7 +16,8 @@
 //! - ingress: from outside to node A's ingress port, to the replica on A.
 //!
 //! And UDP, as 64-byte datagram round trips (one at a time): direct over
-//! the bridge, through node A's proxy to the replica on A, through A's
+//! the bridge, through A's kernel path and through A's proxy to the
+//! replica on A, through A's
 //! proxy and the overlay to the replica on B, and from outside through A's
 //! ingress to the replica on A.
 //!
@@ -697,10 +698,10 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     .await?;
     let l = TcpListener::bind((a.gateway(), 7681)).await?;
     tokio::spawn(proxy.clone().serve_vips(l));
-    // Node A's proxy sockets for the UDP ports (UDP always goes through the
-    // proxy), as its agent would set them.
+    // Node A's proxy sockets for the UDP ports, as its agent would set them
+    // (the kernel path, when it serves a port, comes first).
     let mut udp_routes = Vec::new();
-    for vip in [vip_a, vip_b] {
+    for vip in [vip_a, vip_a_proxied, vip_b] {
         let socket = tokio::net::UdpSocket::bind((a.gateway(), 0)).await?;
         let SocketAddr::V4(to) = socket.local_addr()? else {
             anyhow::bail!("an IPv4 socket");
@@ -715,7 +716,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     a.set_udp_routes(&udp_routes).await?;
     // UDP ingress, as an ingress node's agent would serve it.
     tokio::spawn(proxy.clone().serve_ingress_udp(
-        cloudless_network::proxy::ingress_socket(ECHO_UDP)?,
+        Arc::new(cloudless_network::proxy::ingress_socket(ECHO_UDP)?),
         "bench".into(),
         "on-a".into(),
         ECHO_UDP,
@@ -839,9 +840,14 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             SocketAddr::from((server_a.address, ECHO_UDP)),
         ),
         (
-            "UDP service VIP, same node (the proxy)",
+            "UDP service VIP, same node (the kernel path)",
             &client.netns,
             SocketAddr::from((vip_a, ECHO_UDP)),
+        ),
+        (
+            "UDP service VIP, same node, through the proxy (least connections)",
+            &client.netns,
+            SocketAddr::from((vip_a_proxied, ECHO_UDP)),
         ),
         (
             "UDP service VIP, across nodes (the proxy and the overlay)",
@@ -876,10 +882,11 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         udp_p50.push(h.value_at_quantile(0.5) as f64);
     }
     println!(
-        "\n- UDP through the proxy: {:+.0} us p50 on the same node, {:+.0} us across nodes, {:+.0} us through ingress (over direct)",
+        "\n- UDP over direct: {:+.0} us p50 on the same node's kernel path, {:+.0} us through its proxy, {:+.0} us across nodes, {:+.0} us through ingress",
         udp_p50[1] - udp_p50[0],
         udp_p50[2] - udp_p50[0],
-        udp_p50[3] - udp_p50[0]
+        udp_p50[3] - udp_p50[0],
+        udp_p50[4] - udp_p50[0]
     );
 
     for id in ["bench-client", "bench-server-a"] {

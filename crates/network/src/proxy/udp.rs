@@ -7,18 +7,23 @@
 //! Each caller address and port is a flow, held by one endpoint that the
 //! service's policy picks when the flow starts (as conntrack pins a UDP
 //! mapping): a connected UDP socket to an endpoint on this node, an overlay
-//! stream of datagrams to an endpoint elsewhere. Ingress ports of UDP are
-//! served the same way, from a socket on the node's addresses, each outside
-//! address and port a flow of the ingress pool. A flow counts as a
-//! connection of its pool (the same per-source and pool limits), and
-//! ends when it has been quiet for [`ProxyLimits::udp_idle_timeout`], when
-//! its endpoint leaves the service or the service no longer admits its
-//! caller, when its port is no longer served, when its address no longer
-//! belongs to a replica of its caller's workload (checked every
-//! [`CALLER_CHECK`]), or when its endpoint's side fails; the caller's next
-//! datagram then starts a new flow. Datagrams a flow cannot take at once
-//! are dropped, as a congested link would: at most [`FLOW_QUEUE_BYTES`] wait
-//! per flow and [`QUEUED_BYTES`] in the whole proxy.
+//! stream of datagrams to an endpoint elsewhere (at most
+//! [`ProxyLimits::udp_flows_per_node`] per other node). Ingress ports of
+//! UDP are served the same way, from a socket on the node's addresses,
+//! each outside address and port (and address called) a flow of a pool of
+//! their own. A flow counts as a connection of its pool (its per-source
+//! and pool limits), and ends when it has been quiet for
+//! [`ProxyLimits::udp_idle_timeout`] once assured (its caller sent again
+//! after an answer), for [`ProxyLimits::udp_unassured_timeout`] before or
+//! while its pool is under pressure (from outside only the caller's
+//! datagrams count), when its endpoint leaves the service or the service
+//! no longer admits its caller, when its port is no longer served, when its
+//! address no longer belongs to a replica of its caller's workload (checked
+//! every [`CALLER_CHECK`]), or when its endpoint's side fails; the caller's
+//! next datagram then starts a new flow. Datagrams a flow cannot take at
+//! once are dropped, as a congested link would: at most
+//! [`FLOW_QUEUE_BYTES`] wait per flow and [`QUEUED_BYTES`] for the
+//! replicas' flows, as much again for those from outside.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use cloudless_types::rate_limit::address_key;
 
 use super::{
-    idle, Admitted, Caller, Closed, OpenGuard, ProxyLimits, ServiceProxy, CONNECT_TIMEOUT,
+    Admitted, Caller, Closed, OpenGuard, Pool, ProxyLimits, ServiceProxy, CONNECT_TIMEOUT,
     MAX_TRIES,
 };
 use crate::services::{LoadBalancing, Service, ServicePort};
@@ -189,8 +194,8 @@ impl Drop for Queued {
     }
 }
 
-/// The flows of one service port, by caller address and port.
-type Flows = Arc<Mutex<HashMap<SocketAddr, FlowQueue>>>;
+/// The flows of one service port, by key.
+type Flows = Arc<Mutex<HashMap<FlowKey, FlowQueue>>>;
 
 impl FlowQueue {
     /// Queues `d`, unless the flow's or the proxy's queued bytes would
@@ -247,7 +252,8 @@ impl ServiceProxy {
                     continue;
                 }
             };
-            let Some(datagram) = self.to_flow(&flows, from, &buf[..n]) else {
+            let Some(datagram) = self.to_flow(&flows, (from, None), &buf[..n], &self.udp_queued)
+            else {
                 continue;
             };
             let flow = Flow {
@@ -264,19 +270,19 @@ impl ServiceProxy {
     }
 
     /// Carries datagrams from outside to UDP port `port` of service
-    /// `namespace/name` (an ingress port of this node, `socket` bound to it
-    /// with [`ingress_socket`]), until aborted (its flows end with it). Each
-    /// source address and port is a flow of the ingress pool (its limits
-    /// per source, its rate of new flows per source), answered from the
-    /// address it was sent to.
+    /// `namespace/name` (an ingress port of this node, `socket` made by
+    /// [`ingress_socket`]), until aborted (its flows end with it; the
+    /// socket may serve the next route of its port). Each source address
+    /// and port is a flow of the ingress UDP pool (its limit per source,
+    /// the ingress rate of new flows per source), answered from the address
+    /// it was sent to.
     pub async fn serve_ingress_udp(
         self: Arc<Self>,
-        socket: UdpSocket,
+        socket: Arc<UdpSocket>,
         namespace: String,
         name: String,
         port: u16,
     ) {
-        let socket = Arc::new(socket);
         let flows: Flows = Arc::default();
         let (serving, _) = watch::channel(());
         let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -289,7 +295,9 @@ impl ServiceProxy {
                     continue;
                 }
             };
-            let Some(datagram) = self.to_flow(&flows, from, &buf[..n]) else {
+            let Some(datagram) =
+                self.to_flow(&flows, (from, local), &buf[..n], &self.udp_ingress_queued)
+            else {
                 continue;
             };
             let flow = Flow {
@@ -305,17 +313,23 @@ impl ServiceProxy {
         }
     }
 
-    /// Queues `datagram` on the flow of `from` (queueing never waits);
-    /// the datagram back when there is none (or it has just ended): it
-    /// starts the next one.
-    fn to_flow(&self, flows: &Flows, from: SocketAddr, datagram: &[u8]) -> Option<Bytes> {
+    /// Queues `datagram` on the flow of `key` (queueing never waits,
+    /// counting against `budget`); the datagram back when there is none (or
+    /// it has just ended): it starts the next one.
+    fn to_flow(
+        &self,
+        flows: &Flows,
+        key: FlowKey,
+        datagram: &[u8],
+        budget: &Arc<UdpQueued>,
+    ) -> Option<Bytes> {
         let datagram = Bytes::copy_from_slice(datagram);
         let mut flows = lock(flows);
-        match flows.get(&from) {
-            Some(flow) => match flow.push(datagram, &self.udp_queued) {
+        match flows.get(&key) {
+            Some(flow) => match flow.push(datagram, budget) {
                 Ok(()) => None,
                 Err(d) => {
-                    flows.remove(&from);
+                    flows.remove(&key);
                     Some(d)
                 }
             },
@@ -357,7 +371,8 @@ impl ServiceProxy {
     }
 
     /// Starts `flow`, from outside to service `namespace/name`, with its
-    /// first datagram.
+    /// first datagram. The source's rate is checked first: a refused
+    /// datagram costs a lookup, not a scan of the services.
     fn start_ingress_flow(
         self: &Arc<Self>,
         namespace: &str,
@@ -367,6 +382,14 @@ impl ServiceProxy {
         first: Bytes,
     ) -> Result<(), String> {
         let port = flow.port;
+        let source = address_key(flow.from.ip());
+        if !self
+            .ingress_rate
+            .try_take(&source, std::time::Instant::now())
+        {
+            self.ingress_udp.count(Closed::SourceRate);
+            return Err("its source starts flows faster than it may".into());
+        }
         let svc = self
             .services
             .get()
@@ -374,20 +397,20 @@ impl ServiceProxy {
             .find(|s| s.namespace == namespace && s.name == name && s.has_port(port, true))
             .cloned()
             .ok_or_else(|| format!("no service {namespace}/{name} with UDP port {port}"))?;
-        let source = address_key(flow.from.ip());
-        if !self
-            .ingress_rate
-            .try_take(&source, std::time::Instant::now())
-        {
-            self.ingress.count(Closed::SourceRate);
-            return Err("its source starts flows faster than it may".into());
-        }
-        let admitted = self.ingress.admit(source).map_err(|why| {
-            self.ingress.count(why);
+        let admitted = self.ingress_udp.admit(source).map_err(|why| {
+            self.ingress_udp.count(why);
             format!("closed: {}", why.as_str())
         })?;
         self.spawn_flow(svc, Caller::Ingress, flow, admitted, flows, first);
         Ok(())
+    }
+
+    /// The pool of `caller`'s UDP flows and the room for their datagrams.
+    fn udp_pool(&self, caller: &Caller) -> (&Arc<Pool>, &Arc<UdpQueued>) {
+        match caller {
+            Caller::Ingress => (&self.ingress_udp, &self.udp_ingress_queued),
+            Caller::Workload { .. } => (&self.vips, &self.udp_queued),
+        }
     }
 
     /// Runs `flow` of `caller` to `svc` on a task of its own, holding its
@@ -406,14 +429,23 @@ impl ServiceProxy {
             tx,
             queued: Arc::default(),
         };
-        let _ = queue.push(first, &self.udp_queued);
-        let from = flow.from;
-        lock(flows).insert(from, queue.clone());
+        let _ = queue.push(first, self.udp_pool(&caller).1);
+        let key = (flow.from, flow.local);
+        lock(flows).insert(key, queue.clone());
         let (me, flows) = (self.clone(), flows.clone());
+        let mut ended = flow.ended.clone();
         tokio::spawn(async move {
             let mut rx = rx;
-            if let Err(e) = me.udp_flow(&svc, &caller, &flow, &mut rx).await {
-                tracing::debug!(from = %from, service = %svc.name, port = flow.port, error = %e, "UDP flow failed");
+            // The port no longer served ends the flow wherever it is, also
+            // while it dials (an overlay read dropped halfway is fine: the
+            // flow ends with it).
+            tokio::select! {
+                done = me.udp_flow(&svc, &caller, &flow, &mut rx) => {
+                    if let Err(e) = done {
+                        tracing::debug!(from = %flow.from, service = %svc.name, port = flow.port, error = %e, "UDP flow failed");
+                    }
+                }
+                _ = ended.changed() => {}
             }
             // What the flow did not take is dropped with it (and given
             // back).
@@ -421,17 +453,32 @@ impl ServiceProxy {
             drop(admitted);
             let mut flows = lock(&flows);
             if flows
-                .get(&from)
+                .get(&key)
                 .is_some_and(|f| f.tx.same_channel(&queue.tx))
             {
-                flows.remove(&from);
+                flows.remove(&key);
             }
         });
     }
 
+    /// A place for one more UDP flow to an endpoint on node `node`, unless
+    /// it carries [`ProxyLimits::udp_flows_per_node`] already.
+    fn remote_udp_place(&self, node: &str) -> Option<RemoteUdp<'_>> {
+        let mut open = lock(&self.remote_udp);
+        let n = open.entry(node.to_owned()).or_insert(0);
+        if *n >= self.limits.udp_flows_per_node {
+            return None;
+        }
+        *n += 1;
+        Some(RemoteUdp {
+            open: &self.remote_udp,
+            node: node.to_owned(),
+        })
+    }
+
     /// Carries `flow` to an endpoint of `svc` until it is quiet, its
     /// endpoint leaves, its caller is no longer the replica at its address,
-    /// its port is no longer served, or either side fails.
+    /// or either side fails.
     async fn udp_flow(
         &self,
         svc: &Service,
@@ -458,6 +505,20 @@ impl ServiceProxy {
         }
         let mut errors = Vec::new();
         for e in order.into_iter().take(MAX_TRIES) {
+            let _remote = if e.node_id == here.node_id {
+                None
+            } else {
+                match self.remote_udp_place(&e.node_id) {
+                    Some(place) => Some(place),
+                    None => {
+                        errors.push(format!(
+                            "{}: node {} carries its most UDP flows from here",
+                            e.replica_id, e.node_id
+                        ));
+                        continue;
+                    }
+                }
+            };
             let dialed = tokio::time::timeout(
                 CONNECT_TIMEOUT,
                 self.dialer.dial_datagrams(e, flow.port, caller),
@@ -482,8 +543,7 @@ impl ServiceProxy {
                 open: &self.open,
                 replica: e.replica_id.clone(),
             };
-            // Datagrams either way keep the flow alive (empty ones too).
-            let moved = AtomicU64::new(0);
+            let activity = Activity::default();
             // Each direction is one loop for the flow's life: a read is
             // never dropped halfway (an overlay flow's reads are not
             // cancel-safe).
@@ -491,15 +551,18 @@ impl ServiceProxy {
                 while let Some(q) = queue.recv().await {
                     let d = q.d.clone();
                     drop(q);
-                    moved.fetch_add(d.len() as u64 + 1, Ordering::Relaxed);
+                    activity.caller_sent();
                     if tx.send(d).await.is_err() {
                         return;
                     }
                 }
             };
+            // From outside, an answer keeps nothing alive: only the
+            // caller's datagrams do.
+            let answers_count = *caller != Caller::Ingress;
             let down = async {
                 while let Ok(Some(d)) = rx.recv().await {
-                    moved.fetch_add(d.len() as u64 + 1, Ordering::Relaxed);
+                    activity.answered(answers_count);
                     let _ = flow.answer(&d).await;
                 }
             };
@@ -516,32 +579,125 @@ impl ServiceProxy {
                     }
                 }
             };
-            let mut ended = flow.ended.clone();
-            let limits = ProxyLimits {
-                idle_timeout: self.limits.udp_idle_timeout,
-                ..self.limits
-            };
+            let pool = self.udp_pool(caller).0;
             tokio::select! {
                 () = up => {}
                 () = down => {}
                 () = self.left(svc.vip, &e.replica_id, caller) => {
                     tracing::info!(replica = %e.replica_id, service = %svc.name, caller = %caller, "ended a UDP flow: its endpoint left the service or the service no longer admits the caller");
                 }
-                why = idle(&moved, &limits, self.pool(caller)) => {
+                why = udp_idle(&activity, &self.limits, pool) => {
                     if why != Closed::Idle {
-                        self.pool(caller).count(why);
+                        pool.count(why);
                     }
                 }
                 () = caller_left => {
                     tracing::debug!(from = %flow.from, "ended a UDP flow: its caller is no longer the replica at its address");
                 }
-                _ = ended.changed() => {}
             }
             return Ok(());
         }
         Err(errors.join("; "))
     }
 }
+
+/// A UDP flow's place among those carried to one other node.
+struct RemoteUdp<'a> {
+    open: &'a Mutex<HashMap<String, usize>>,
+    node: String,
+}
+
+impl Drop for RemoteUdp<'_> {
+    fn drop(&mut self) {
+        let mut open = lock(self.open);
+        if let Some(n) = open.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.node);
+            }
+        }
+    }
+}
+
+/// What a flow has carried: datagrams that keep it alive, and whether it
+/// is assured (its caller sent again after an answer, as conntrack's UDP
+/// mappings are).
+#[derive(Default)]
+struct Activity {
+    moved: AtomicU64,
+    answered: std::sync::atomic::AtomicBool,
+    assured: std::sync::atomic::AtomicBool,
+}
+
+impl Activity {
+    fn caller_sent(&self) {
+        self.moved.fetch_add(1, Ordering::Relaxed);
+        if self.answered.load(Ordering::Relaxed) {
+            self.assured.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// An answer; it keeps the flow alive when `counts`.
+    fn answered(&self, counts: bool) {
+        self.answered.store(true, Ordering::Relaxed);
+        if counts {
+            self.moved.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Resolves once `activity` has not moved for its timeout: the UDP idle
+/// timeout of `limits` for an assured flow while `pool` is not under
+/// pressure, else the shorter unassured one; says why. It wakes once per
+/// timeout (and when pressure starts), so a flow ends between one and two
+/// timeouts after its last datagram.
+async fn udp_idle(activity: &Activity, limits: &ProxyLimits, pool: &Pool) -> Closed {
+    let timeout_of = |assured: bool, under: bool| {
+        if assured && !under {
+            limits.udp_idle_timeout
+        } else {
+            limits.udp_unassured_timeout.min(limits.udp_idle_timeout)
+        }
+    };
+    let mut pressure = pool.pressure.subscribe();
+    let mut seen = activity.moved.load(Ordering::Relaxed);
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        let under = *pressure.borrow_and_update();
+        let timeout = timeout_of(activity.assured.load(Ordering::Relaxed), under);
+        tokio::select! {
+            () = tokio::time::sleep_until(quiet_since + timeout) => {
+                let now = activity.moved.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    quiet_since = tokio::time::Instant::now();
+                    continue;
+                }
+                // Pressure may have ended while this slept (its end wakes
+                // no one): its timeout may have grown.
+                let under = *pressure.borrow();
+                let assured = activity.assured.load(Ordering::Relaxed);
+                if quiet_since.elapsed() < timeout_of(assured, under) {
+                    continue;
+                }
+                return if under && assured {
+                    Closed::IdleUnderPressure
+                } else {
+                    Closed::Idle
+                };
+            }
+            changed = pressure.changed() => {
+                if changed.is_err() {
+                    return Closed::Idle;
+                }
+            }
+        }
+    }
+}
+
+/// A flow's key: its caller's address and port, and (ingress) the node's
+/// address it was sent to.
+type FlowKey = (SocketAddr, Option<Ipv4Addr>);
 
 /// One flow: the service port it was sent to and from where.
 struct Flow {
@@ -567,13 +723,17 @@ impl Flow {
 }
 
 /// A UDP socket for an ingress port: bound to every IPv4 address of the
-/// node, told the address each datagram was sent to (so answers leave from
-/// it, as the caller expects, on a node with several).
+/// node (shared with the node's resolver on its bridge address for ports
+/// below 1024: see [`crate::sockets`]), told the address each datagram was
+/// sent to (so answers leave from it, as the caller expects, on a node
+/// with several).
 pub fn ingress_socket(port: u16) -> io::Result<UdpSocket> {
-    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    let s = crate::sockets::udp(
+        std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+        crate::sockets::shared_port(port),
+    )?;
     nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)
         .map_err(io::Error::from)?;
-    s.set_nonblocking(true)?;
     UdpSocket::from_std(s)
 }
 
@@ -993,7 +1153,7 @@ mod tests {
     /// `limits` (on every local address, on a port of its own); the port.
     async fn udp_ingress(limits: ProxyLimits) -> (u16, Arc<ServiceProxy>) {
         let (_, _, proxy, port) = udp_service(limits).await;
-        let socket = ingress_socket(0).expect("an ingress socket");
+        let socket = Arc::new(ingress_socket(0).expect("an ingress socket"));
         let at = socket.local_addr().expect("addr").port();
         tokio::spawn(
             proxy
@@ -1026,10 +1186,14 @@ mod tests {
         }
         assert_eq!(seen.len(), 2, "flows spread over both endpoints: {seen:?}");
         let stats = proxy.stats();
-        assert_eq!(stats.ingress.open, 4, "four flows in the ingress pool");
+        assert_eq!(
+            stats.ingress_udp.open, 4,
+            "four flows in the ingress UDP pool"
+        );
+        assert_eq!(stats.ingress.open, 0, "none in TCP ingress's pool");
         assert_eq!(stats.vips.open, 0, "none in the VIP pool");
         // A service without the port (or another name) answers nothing.
-        let other = ingress_socket(0).expect("an ingress socket");
+        let other = Arc::new(ingress_socket(0).expect("an ingress socket"));
         let other_port = other.local_addr().expect("addr").port();
         tokio::spawn(
             proxy
@@ -1043,7 +1207,7 @@ mod tests {
     #[tokio::test]
     async fn an_ingress_source_holds_its_share_of_flows_and_starts_them_at_its_rate() {
         let (port, proxy) = udp_ingress(ProxyLimits {
-            ingress_per_source: 2,
+            udp_ingress_per_source: 2,
             ingress_rate: cloudless_types::rate_limit::Rate { per_s: 1, burst: 3 },
             ..ProxyLimits::default()
         })
@@ -1061,7 +1225,7 @@ mod tests {
         callers[2].send(b"3").await.expect("send");
         callers[3].send(b"4").await.expect("send");
         let stats = || {
-            let s = proxy.stats().ingress;
+            let s = proxy.stats().ingress_udp;
             (
                 s.closed_for(Closed::SourceLimit),
                 s.closed_for(Closed::SourceRate),
@@ -1084,5 +1248,181 @@ mod tests {
                 "a refused flow was answered"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn one_shot_flows_end_soon_and_assured_ones_last() {
+        let (at, _, proxy, _) = udp_service(ProxyLimits {
+            udp_unassured_timeout: Duration::from_millis(200),
+            udp_idle_timeout: Duration::from_millis(1500),
+            ..ProxyLimits::default()
+        })
+        .await;
+        // A question and its answer (a DNS query from a port of its own).
+        let once = caller(at).await;
+        assert!(ask(&once, "q").await.is_some());
+        // A caller that sent again after an answer: assured.
+        let twice = caller(at).await;
+        assert!(ask(&twice, "1").await.is_some());
+        assert!(ask(&twice, "2").await.is_some());
+        assert_eq!(proxy.stats().vips.open, 2);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            proxy.stats().vips.open,
+            1,
+            "the one-shot flow ends within two short timeouts, the assured one lasts"
+        );
+        let since = std::time::Instant::now();
+        while proxy.stats().vips.open != 0 {
+            assert!(
+                since.elapsed() < Duration::from_secs(4),
+                "the assured flow outlived two idle timeouts"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A UDP server at `ip` that answers each datagram with 40 datagrams,
+    /// one every 50 ms (a stream a single question starts); its port.
+    async fn chatty(ip: Ipv4Addr) -> u16 {
+        let s = Arc::new(UdpSocket::bind((ip, 0)).await.expect("bind"));
+        let port = s.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok((_, from)) = s.recv_from(&mut buf).await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    for _ in 0..40 {
+                        let _ = s.send_to(b"more", from).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_service_answering_alone_keeps_no_ingress_flow_alive() {
+        let ip = Ipv4Addr::new(127, 0, 0, 2);
+        let port = chatty(ip).await;
+        let services = SharedServices::default();
+        services.set(ServiceTable::new(
+            "cluster.local",
+            vec![service(port, &[("stream", ip)], &[])],
+        ));
+        let proxy = ServiceProxy::with_limits(
+            services,
+            Here {
+                node_id: "n1".into(),
+                ..Here::default()
+            },
+            Arc::new(BridgeDialer {
+                node_id: "n1".into(),
+                remote: NoRemote,
+            }),
+            Arc::new(|_: std::net::IpAddr| None),
+            ProxyLimits {
+                udp_unassured_timeout: Duration::from_millis(200),
+                ..ProxyLimits::default()
+            },
+        );
+        let socket = Arc::new(ingress_socket(0).expect("an ingress socket"));
+        let at = socket.local_addr().expect("addr").port();
+        tokio::spawn(
+            proxy
+                .clone()
+                .serve_ingress_udp(socket, "ns".into(), "dns".into(), port),
+        );
+        // One datagram (its source could be forged): the stream it starts
+        // reaches the caller only until the flow ends, 200 to 400 ms on,
+        // though the service goes on for two seconds.
+        let s = caller_at("127.0.0.9", SocketAddr::from(([127, 0, 0, 7], at))).await;
+        s.send(b"start").await.expect("send");
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let mut last = None;
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf)).await
+        {
+            last = Some(start.elapsed());
+        }
+        let last = last.expect("the stream reached the caller");
+        assert!(
+            last < Duration::from_millis(700),
+            "answers went on for {last:?} after a single datagram"
+        );
+        assert_eq!(proxy.stats().ingress_udp.open, 0);
+    }
+
+    /// Dials every endpoint's UDP port at its address, as if through the
+    /// overlay (the endpoints are "on other nodes").
+    struct Loopback;
+
+    impl Dialer for Loopback {
+        fn dial<'a>(&'a self, _: &'a Endpoint, _: u16, _: &'a Caller) -> DialFuture<'a> {
+            Box::pin(async { Err("TCP is not dialed here".to_owned()) })
+        }
+
+        fn dial_datagrams<'a>(
+            &'a self,
+            e: &'a Endpoint,
+            port: u16,
+            _: &'a Caller,
+        ) -> DatagramDialFuture<'a> {
+            Box::pin(async move {
+                let ip = e.address.ok_or("no address")?;
+                let s = UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.connect((ip, port)).await.map_err(|e| e.to_string())?;
+                Ok(Datagrams::socket(s))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn flows_to_another_node_are_capped_per_node_and_go_to_the_next_endpoint() {
+        let a = Ipv4Addr::new(127, 0, 0, 2);
+        let port = named_echo(a, 0, "a").await;
+        named_echo(Ipv4Addr::new(127, 0, 0, 3), port, "b").await;
+        let mut svc = service(port, &[("a", a), ("b", Ipv4Addr::new(127, 0, 0, 3))], &[]);
+        svc.endpoints[0].node_id = "n2".into();
+        svc.endpoints[1].node_id = "n3".into();
+        let services = SharedServices::default();
+        services.set(ServiceTable::new("cluster.local", vec![svc]));
+        let proxy = ServiceProxy::with_limits(
+            services,
+            Here {
+                node_id: "n1".into(),
+                ..Here::default()
+            },
+            Arc::new(Loopback),
+            Arc::new(|_| {
+                Some(Caller::Workload {
+                    namespace: "ns".into(),
+                    workload: "client".into(),
+                })
+            }),
+            ProxyLimits {
+                udp_flows_per_node: 1,
+                ..ProxyLimits::default()
+            },
+        );
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let at = socket.local_addr().expect("addr");
+        tokio::spawn(proxy.clone().serve_udp(socket, VIP, port));
+        // Each node takes one flow; whichever node a flow's turn picks, a
+        // full one sends it to the other; a third finds both full.
+        let (one, two, three) = (caller(at).await, caller(at).await, caller(at).await);
+        let first = ask(&one, "1").await.expect("an answer");
+        let second = ask(&two, "2").await.expect("an answer");
+        assert_ne!(first[..2], second[..2], "{first} {second}");
+        assert_eq!(
+            ask(&three, "3").await,
+            None,
+            "a third flow, both nodes full"
+        );
+        assert_eq!(proxy.stats().vips.open, 2);
     }
 }
