@@ -341,9 +341,10 @@ impl ServicePlane {
                     )
                 })
             } else {
-                // Shared below 1024 with the node's resolver (port 53 on the
-                // bridge's address): see cloudless_network::sockets.
-                sockets::tcp_listener(bound, sockets::shared_port(port))
+                // Port 53 shared with the node's resolver (on the bridge's
+                // address): see cloudless_network::sockets.
+                sockets::ingress_shared(port, false)
+                    .and_then(|shared| sockets::tcp_listener(bound, shared))
                     .map(|l| (tokio::spawn(proxy.serve_ingress(l, n, m, target)), None))
             };
             match task {
@@ -545,6 +546,7 @@ async fn kernel_path(
 ) {
     let mut rx = services.subscribe();
     let mut served: Option<Vec<fastpath::FastRoute>> = None;
+    let mut retired = fastpath::Retired::default();
     loop {
         let table = rx.borrow_and_update().clone();
         let who = lock(&callers).clone();
@@ -553,8 +555,14 @@ async fn kernel_path(
         if first_table && served.as_ref() != Some(&routes) {
             match net.set_fast_routes(&routes).await {
                 Ok(()) => {
-                    if let Some(before) = &served {
-                        fastpath::cut(&fastpath::to_cut(before, &table, &who, &node_id)).await;
+                    match &served {
+                        Some(before) => {
+                            fastpath::cut(&fastpath::to_cut(before, &table, &who, &node_id)).await;
+                            retired.update(before, &routes);
+                        }
+                        // The earlier life's rules may have made UDP
+                        // mappings to endpoints that left meanwhile.
+                        None => fastpath::cut(&fastpath::every_udp_port(&table)).await,
                     }
                     tracing::debug!(routes = routes.len(), "kernel path updated");
                     served = Some(routes);
@@ -565,6 +573,11 @@ async fn kernel_path(
                     continue;
                 }
             }
+        }
+        // UDP mappings the kernel path made before its route left it live
+        // on while their callers send: cut when their endpoint leaves.
+        if !retired.is_empty() {
+            fastpath::cut(&retired.to_cut(&table, &who, &node_id)).await;
         }
         tokio::select! {
             changed = rx.changed() => {

@@ -151,6 +151,97 @@ pub fn to_cut(
     cuts
 }
 
+/// Every UDP mapping to the UDP ports of `table`'s services: what a start
+/// cuts once the kernel path is written (rules of the agent's earlier life
+/// may have made mappings to endpoints that left while it was down).
+pub fn every_udp_port(table: &ServiceTable) -> Vec<Cut> {
+    table
+        .services()
+        .flat_map(|s| {
+            s.ports.iter().filter(|p| p.udp).map(|p| Cut::Udp {
+                vip: s.vip,
+                port: p.port,
+            })
+        })
+        .collect()
+}
+
+/// UDP routes that left the kernel path while mappings they made may live
+/// on (a caller that keeps sending keeps its mapping to the endpoint it
+/// had, whatever the rules say now): watched, so such a mapping is still
+/// cut when its endpoint leaves the service or its caller is no longer
+/// admitted. TCP needs none of this: a connection to an endpoint that left
+/// is reset by it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Retired(Vec<FastRoute>);
+
+impl Retired {
+    /// After the kernel path went from `before` to `after`: the UDP routes
+    /// of `before` no longer served are watched, those served again no
+    /// longer.
+    pub fn update(&mut self, before: &[FastRoute], after: &[FastRoute]) {
+        let key = |r: &FastRoute| (r.vip, r.port, r.udp);
+        let served: BTreeSet<_> = after.iter().map(key).collect();
+        self.0.retain(|r| !served.contains(&key(r)));
+        for r in before.iter().filter(|r| r.udp && !served.contains(&key(r))) {
+            match self.0.iter_mut().find(|w| key(w) == key(r)) {
+                Some(w) => {
+                    w.endpoints.extend(r.endpoints.iter().copied());
+                    w.callers.extend(r.callers.iter().copied());
+                }
+                None => self.0.push(r.clone()),
+            }
+        }
+    }
+
+    /// The mappings of watched routes to cut now (see [`to_cut`]); what is
+    /// cut is no longer watched, nor a route with nothing left to cut.
+    pub fn to_cut(
+        &mut self,
+        table: &ServiceTable,
+        callers: &HashMap<IpAddr, Caller>,
+        node_id: &str,
+    ) -> Vec<Cut> {
+        let cuts = to_cut(&self.0, table, callers, node_id);
+        for c in &cuts {
+            let (vip, port, udp, gone, is_endpoint) = match *c {
+                Cut::Endpoint {
+                    vip,
+                    port,
+                    udp,
+                    endpoint,
+                } => (vip, port, udp, endpoint, true),
+                Cut::Caller {
+                    vip,
+                    port,
+                    udp,
+                    caller,
+                } => (vip, port, udp, caller, false),
+                Cut::Udp { .. } => continue,
+            };
+            for r in self
+                .0
+                .iter_mut()
+                .filter(|r| (r.vip, r.port, r.udp) == (vip, port, udp))
+            {
+                if is_endpoint {
+                    r.endpoints.remove(&gone);
+                } else {
+                    r.callers.remove(&gone);
+                }
+            }
+        }
+        self.0
+            .retain(|r| !r.endpoints.is_empty() && !r.callers.is_empty());
+        cuts
+    }
+
+    /// Whether no route is watched.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Connections to cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cut {
@@ -486,5 +577,49 @@ mod tests {
             "-A P-FAST -s 10.0.0.2/32 -d 10.96.0.1/32 -p udp -m udp --dport 53 -j P-K-2\n"
         ));
         assert!(s.contains("-A P-K-2 -p udp -j DNAT --to-destination 10.0.0.10:53\nCOMMIT\n"));
+    }
+
+    #[test]
+    fn a_udp_route_that_left_the_kernel_path_is_watched_until_its_endpoint_leaves() {
+        let who = callers(&[(2, "shop")]);
+        let here = |eps: &[(&str, u8)]| {
+            ServiceTable::new(
+                "cluster.local",
+                vec![svc(1, LoadBalancing::RoundRobin, eps, &[])],
+            )
+        };
+        let served = routes(&here(&[("a", 10)]), &who, "a");
+        // An endpoint on another node joins: the service leaves the kernel
+        // path, nothing is cut (10 is still an endpoint), its UDP route is
+        // watched (a caller's mapping to 10 lives on), its TCP one not.
+        let joined = here(&[("a", 10), ("b", 20)]);
+        let now = routes(&joined, &who, "a");
+        assert!(now.is_empty());
+        assert!(to_cut(&served, &joined, &who, "a").is_empty());
+        let mut retired = Retired::default();
+        retired.update(&served, &now);
+        assert!(retired.to_cut(&joined, &who, "a").is_empty());
+        assert!(!retired.is_empty());
+        // 10 leaves: its UDP mappings are cut, once; nothing is left to
+        // watch.
+        let left = here(&[("b", 20)]);
+        let vip = Ipv4Addr::new(10, 96, 0, 1);
+        assert_eq!(
+            retired.to_cut(&left, &who, "a"),
+            [Cut::Endpoint {
+                vip,
+                port: 53,
+                udp: true,
+                endpoint: Ipv4Addr::new(10, 0, 0, 10)
+            }]
+        );
+        assert!(retired.is_empty());
+        assert!(retired.to_cut(&left, &who, "a").is_empty());
+        // A route served again is no longer watched.
+        retired.update(&served, &now);
+        retired.update(&now, &served);
+        assert!(retired.is_empty());
+        // A start cuts every UDP port's mappings once.
+        assert_eq!(every_udp_port(&joined), [Cut::Udp { vip, port: 53 }]);
     }
 }

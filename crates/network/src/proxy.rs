@@ -164,10 +164,12 @@ pub struct ProxyLimits {
     /// (an address, or an IPv6 /64), in a pool of their own: a forged
     /// source costs no TCP ingress connection its place.
     pub udp_ingress_per_source: usize,
-    /// Most UDP flows carried at once to endpoints on one other node (each
-    /// holds an overlay stream, and a connection between two nodes has
-    /// 1,024): the rest stay for TCP. A flow the endpoint's node has no
-    /// room for goes to the next endpoint.
+    /// Most UDP flows of the node's replicas carried at once to endpoints
+    /// on one other node; flows from outside may hold half as many more
+    /// (each holds an overlay stream, and a connection between two nodes
+    /// has 1,024: the rest stay for TCP; the outside world cannot take the
+    /// replicas' share). A flow the endpoint's node has no room for goes to
+    /// the next endpoint.
     pub udp_flows_per_node: usize,
 }
 
@@ -179,6 +181,10 @@ const RESERVED_FILES: u64 = 1024;
 /// Open files one carried connection may take: its two sockets and, spliced
 /// to an endpoint on this node, a pipe (two descriptors) each way.
 const FILES_PER_CONNECTION: u64 = 6;
+/// Open files one place of each pool may take together: a connection in
+/// each TCP pool and a UDP flow from outside (its socket to an endpoint
+/// here; the ingress socket is shared).
+const FILES_PER_SLOT: u64 = 2 * FILES_PER_CONNECTION + 1;
 
 impl Default for ProxyLimits {
     fn default() -> Self {
@@ -203,12 +209,12 @@ impl Default for ProxyLimits {
 impl ProxyLimits {
     /// The defaults with as many connections per pool as `open_files`
     /// descriptors allow (six per connection at most, two pools, some kept
-    /// for the rest of the process): 16,384 from 197,632 open files up.
+    /// for the rest of the process): 16,384 from 214,016 open files up.
     pub fn for_open_files(open_files: u64) -> Self {
         let usable = open_files
             .saturating_sub(RESERVED_FILES)
             .max(open_files / 2);
-        let max = usize::try_from(usable / (2 * FILES_PER_CONNECTION)).unwrap_or(MAX_CONNECTIONS);
+        let max = usize::try_from(usable / FILES_PER_SLOT).unwrap_or(MAX_CONNECTIONS);
         Self {
             max_connections: max.clamp(16, MAX_CONNECTIONS),
             ..Self::default()
@@ -217,7 +223,7 @@ impl ProxyLimits {
 
     /// Open files the proxy's two pools need at most, with the reserve.
     pub fn open_files_needed(&self) -> u64 {
-        (self.max_connections as u64) * 2 * FILES_PER_CONNECTION + RESERVED_FILES
+        (self.max_connections as u64) * FILES_PER_SLOT + RESERVED_FILES
     }
 }
 
@@ -412,13 +418,17 @@ pub struct ServiceProxy {
     /// UDP flows from outside.
     ingress_udp: Arc<Pool>,
     ingress_rate: RateLimiter,
+    /// New UDP flows from outside, per source (apart from TCP's: a forged
+    /// source spends no real one's TCP connections).
+    ingress_udp_rate: RateLimiter,
     /// Bytes of datagrams waiting for replicas' UDP flows.
     udp_queued: Arc<udp::UdpQueued>,
     /// Bytes of datagrams waiting for UDP flows from outside (apart: the
     /// outside world cannot take the replicas' room).
     udp_ingress_queued: Arc<udp::UdpQueued>,
-    /// UDP flows carried to endpoints on other nodes, by node.
-    remote_udp: Mutex<HashMap<String, usize>>,
+    /// UDP flows carried to endpoints on other nodes, by node and whether
+    /// from outside.
+    remote_udp: Mutex<HashMap<(String, bool), usize>>,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -477,6 +487,7 @@ impl ServiceProxy {
             ingress: Pool::new(limits.max_connections, limits.ingress_per_source),
             ingress_udp: Pool::new(limits.max_connections, limits.udp_ingress_per_source),
             ingress_rate: RateLimiter::new(limits.ingress_rate),
+            ingress_udp_rate: RateLimiter::new(limits.ingress_rate),
             udp_queued: Arc::default(),
             udp_ingress_queued: Arc::default(),
             remote_udp: Mutex::default(),
@@ -1091,12 +1102,13 @@ mod tests {
 
     #[test]
     fn the_pools_fit_the_open_files_limit() {
-        // Six files per connection (two sockets, two pipes), two pools.
+        // Six files per TCP connection (two sockets, two pipes), two TCP
+        // pools, and one per UDP flow from outside.
         assert_eq!(ProxyLimits::for_open_files(1 << 20).max_connections, 16_384);
-        assert_eq!(ProxyLimits::default().open_files_needed(), 197_632);
-        assert_eq!(ProxyLimits::for_open_files(197_632).max_connections, 16_384);
-        assert_eq!(ProxyLimits::for_open_files(65_536).max_connections, 5376);
-        assert_eq!(ProxyLimits::for_open_files(1024).max_connections, 42);
+        assert_eq!(ProxyLimits::default().open_files_needed(), 214_016);
+        assert_eq!(ProxyLimits::for_open_files(214_016).max_connections, 16_384);
+        assert_eq!(ProxyLimits::for_open_files(65_536).max_connections, 4962);
+        assert_eq!(ProxyLimits::for_open_files(1024).max_connections, 39);
         assert_eq!(ProxyLimits::for_open_files(0).max_connections, 16);
     }
 

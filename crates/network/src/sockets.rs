@@ -6,19 +6,64 @@
 //! belong to one user); the more specific address then takes what is sent
 //! to it, the wildcard the rest.
 //!
-//! Sharing also lets another socket bind the same address and port, so it
-//! is asked for only where that needs privilege anyway: by the resolver
-//! (port 53) and by ingress ports below 1024.
+//! Sharing also lets another socket that asks for it bind the same address
+//! and port (and, for UDP, take its datagrams), so it is asked for only at
+//! port 53, where binding needs privilege anyway: by the resolver, and by an
+//! ingress port 53 after [`ingress_shared`] found no other program holding
+//! the port on every address.
 
 use std::io;
 use std::net::SocketAddrV4;
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 
-/// Whether an ingress port shares with the node's own listeners: below
-/// 1024, where only privileged processes can bind.
-pub fn shared_port(port: u16) -> bool {
-    port < 1024
+/// The port of the node's resolver.
+pub const DNS_PORT: u16 = 53;
+
+/// Whether an ingress listener on every address at `port` (UDP: `udp`)
+/// binds shared: at the resolver's port, unless another program already
+/// holds it on every address (a host DNS server that shares its port
+/// would otherwise share it with the ingress silently): then the error
+/// says so.
+pub fn ingress_shared(port: u16, udp: bool) -> io::Result<bool> {
+    if port != DNS_PORT {
+        return Ok(false);
+    }
+    let files: &[&str] = if udp {
+        &["/proc/net/udp", "/proc/net/udp6"]
+    } else {
+        &["/proc/net/tcp", "/proc/net/tcp6"]
+    };
+    for f in files {
+        let table = std::fs::read_to_string(f).unwrap_or_default();
+        if held_on_every_address(&table, port, !udp) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "port {port}/{} is held on every address by another program ({f})",
+                    if udp { "udp" } else { "tcp" }
+                ),
+            ));
+        }
+    }
+    Ok(true)
+}
+
+/// Whether a `/proc/net/{udp,tcp}[6]` table holds a socket bound to every
+/// address at `port` (listening, for TCP: `listening`).
+fn held_on_every_address(table: &str, port: u16, listening: bool) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut cols = line.split_whitespace().skip(1);
+        let (Some(local), Some(_), Some(state)) = (cols.next(), cols.next(), cols.next()) else {
+            return false;
+        };
+        let Some((addr, p)) = local.rsplit_once(':') else {
+            return false;
+        };
+        addr.bytes().all(|b| b == b'0')
+            && u16::from_str_radix(p, 16) == Ok(port)
+            && (!listening || state == "0A")
+    })
 }
 
 /// A non-blocking UDP socket bound to `addr`, sharing it (`SO_REUSEADDR`)
@@ -62,6 +107,26 @@ mod tests {
     fn free_port() -> u16 {
         let t = std::net::TcpListener::bind("127.0.0.5:0").expect("bind");
         t.local_addr().expect("addr").port()
+    }
+
+    #[test]
+    fn a_port_held_on_every_address_is_found_in_the_kernels_tables() {
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+          0: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 0\n";
+        assert!(!held_on_every_address(udp, 53, false), "127.0.0.1 only");
+        let every = format!("{udp}   1: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 0\n");
+        assert!(held_on_every_address(&every, 53, false));
+        assert!(!held_on_every_address(&every, 54, false));
+        let v6 = "  sl  local_address                         remote_address                        st\n\
+          0: 00000000000000000000000000000000:0035 00000000000000000000000000000000:0000 0A\n";
+        assert!(
+            held_on_every_address(v6, 53, true),
+            "a TCP listener on [::]"
+        );
+        let established = v6.replace(" 0A", " 01");
+        assert!(!held_on_every_address(&established, 53, true));
+        // Other ports never share.
+        assert_eq!(ingress_shared(18453, true).ok(), Some(false));
     }
 
     #[test]

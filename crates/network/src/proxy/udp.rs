@@ -384,7 +384,7 @@ impl ServiceProxy {
         let port = flow.port;
         let source = address_key(flow.from.ip());
         if !self
-            .ingress_rate
+            .ingress_udp_rate
             .try_take(&source, std::time::Instant::now())
         {
             self.ingress_udp.count(Closed::SourceRate);
@@ -461,18 +461,26 @@ impl ServiceProxy {
         });
     }
 
-    /// A place for one more UDP flow to an endpoint on node `node`, unless
-    /// it carries [`ProxyLimits::udp_flows_per_node`] already.
-    fn remote_udp_place(&self, node: &str) -> Option<RemoteUdp<'_>> {
+    /// A place for one more UDP flow of `caller` to an endpoint on node
+    /// `node`, unless it carries its share already
+    /// ([`ProxyLimits::udp_flows_per_node`], half as many from outside).
+    fn remote_udp_place(&self, node: &str, caller: &Caller) -> Option<RemoteUdp<'_>> {
+        let outside = *caller == Caller::Ingress;
+        let most = if outside {
+            self.limits.udp_flows_per_node / 2
+        } else {
+            self.limits.udp_flows_per_node
+        };
+        let key = (node.to_owned(), outside);
         let mut open = lock(&self.remote_udp);
-        let n = open.entry(node.to_owned()).or_insert(0);
-        if *n >= self.limits.udp_flows_per_node {
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n >= most {
             return None;
         }
         *n += 1;
         Some(RemoteUdp {
             open: &self.remote_udp,
-            node: node.to_owned(),
+            key,
         })
     }
 
@@ -508,7 +516,7 @@ impl ServiceProxy {
             let _remote = if e.node_id == here.node_id {
                 None
             } else {
-                match self.remote_udp_place(&e.node_id) {
+                match self.remote_udp_place(&e.node_id, caller) {
                     Some(place) => Some(place),
                     None => {
                         errors.push(format!(
@@ -603,17 +611,17 @@ impl ServiceProxy {
 
 /// A UDP flow's place among those carried to one other node.
 struct RemoteUdp<'a> {
-    open: &'a Mutex<HashMap<String, usize>>,
-    node: String,
+    open: &'a Mutex<HashMap<(String, bool), usize>>,
+    key: (String, bool),
 }
 
 impl Drop for RemoteUdp<'_> {
     fn drop(&mut self) {
         let mut open = lock(self.open);
-        if let Some(n) = open.get_mut(&self.node) {
+        if let Some(n) = open.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.remove(&self.node);
+                open.remove(&self.key);
             }
         }
     }
@@ -723,14 +731,13 @@ impl Flow {
 }
 
 /// A UDP socket for an ingress port: bound to every IPv4 address of the
-/// node (shared with the node's resolver on its bridge address for ports
-/// below 1024: see [`crate::sockets`]), told the address each datagram was
-/// sent to (so answers leave from it, as the caller expects, on a node
-/// with several).
+/// node (port 53 shared with the node's resolver on its bridge address:
+/// see [`crate::sockets`]), told the address each datagram was sent to (so
+/// answers leave from it, as the caller expects, on a node with several).
 pub fn ingress_socket(port: u16) -> io::Result<UdpSocket> {
     let s = crate::sockets::udp(
         std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
-        crate::sockets::shared_port(port),
+        crate::sockets::ingress_shared(port, true)?,
     )?;
     nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)
         .map_err(io::Error::from)?;
