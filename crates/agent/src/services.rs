@@ -557,12 +557,23 @@ async fn kernel_path(
                 Ok(()) => {
                     match &served {
                         Some(before) => {
-                            fastpath::cut(&fastpath::to_cut(before, &table, &who, &node_id)).await;
+                            // What is watched first (a watched route served
+                            // again stops being watched), then what the
+                            // change itself cuts (not watched after).
+                            let mut cuts = retired.to_cut(&table, &who, &node_id);
+                            let now = fastpath::to_cut(before, &table, &who, &node_id);
                             retired.update(before, &routes);
+                            retired.forget(&now);
+                            cuts.extend(now);
+                            fastpath::cut(&cuts).await;
                         }
                         // The earlier life's rules may have made UDP
                         // mappings to endpoints that left meanwhile.
-                        None => fastpath::cut(&fastpath::every_udp_port(&table)).await,
+                        None => {
+                            if let Some(range) = net.config().service_cidr {
+                                fastpath::cut(&[fastpath::Cut::UdpRange { range }]).await;
+                            }
+                        }
                     }
                     tracing::debug!(routes = routes.len(), "kernel path updated");
                     served = Some(routes);

@@ -151,27 +151,13 @@ pub fn to_cut(
     cuts
 }
 
-/// Every UDP mapping to the UDP ports of `table`'s services: what a start
-/// cuts once the kernel path is written (rules of the agent's earlier life
-/// may have made mappings to endpoints that left while it was down).
-pub fn every_udp_port(table: &ServiceTable) -> Vec<Cut> {
-    table
-        .services()
-        .flat_map(|s| {
-            s.ports.iter().filter(|p| p.udp).map(|p| Cut::Udp {
-                vip: s.vip,
-                port: p.port,
-            })
-        })
-        .collect()
-}
-
 /// UDP routes that left the kernel path while mappings they made may live
 /// on (a caller that keeps sending keeps its mapping to the endpoint it
 /// had, whatever the rules say now): watched, so such a mapping is still
 /// cut when its endpoint leaves the service or its caller is no longer
-/// admitted. TCP needs none of this: a connection to an endpoint that left
-/// is reset by it.
+/// admitted. TCP needs none of this: a connection keeps its endpoint for
+/// its life and ends with it (reset, or timed out), and the next one takes
+/// the rules as they are.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Retired(Vec<FastRoute>);
 
@@ -203,7 +189,14 @@ impl Retired {
         node_id: &str,
     ) -> Vec<Cut> {
         let cuts = to_cut(&self.0, table, callers, node_id);
-        for c in &cuts {
+        self.forget(&cuts);
+        cuts
+    }
+
+    /// Stops watching what `cuts` cut (a route with nothing left to cut is
+    /// dropped).
+    pub fn forget(&mut self, cuts: &[Cut]) {
+        for c in cuts {
             let (vip, port, udp, gone, is_endpoint) = match *c {
                 Cut::Endpoint {
                     vip,
@@ -217,7 +210,7 @@ impl Retired {
                     udp,
                     caller,
                 } => (vip, port, udp, caller, false),
-                Cut::Udp { .. } => continue,
+                Cut::Udp { .. } | Cut::UdpRange { .. } => continue,
             };
             for r in self
                 .0
@@ -233,7 +226,6 @@ impl Retired {
         }
         self.0
             .retain(|r| !r.endpoints.is_empty() && !r.callers.is_empty());
-        cuts
     }
 
     /// Whether no route is watched.
@@ -264,6 +256,14 @@ pub enum Cut {
         vip: Ipv4Addr,
         /// Its UDP port.
         port: u16,
+    },
+    /// Every UDP mapping to an address of `range` (the service range: what
+    /// a start cuts once its kernel path is written, since the rules of the
+    /// agent's earlier life may have made mappings to endpoints that left
+    /// while it was down).
+    UdpRange {
+        /// The range.
+        range: ipnet::Ipv4Net,
     },
     /// Every connection (UDP: mapping) from `caller` to `vip:port`.
     Caller {
@@ -300,6 +300,15 @@ pub async fn cut(cuts: &[Cut]) {
                 .map(|s| (*s).to_owned())
                 .chain([port.to_string()])
                 .collect(),
+            Cut::UdpRange { range } => vec![
+                "-D".into(),
+                "-p".into(),
+                "udp".into(),
+                "-d".into(),
+                range.network().to_string(),
+                "--mask-dst".into(),
+                range.netmask().to_string(),
+            ],
             Cut::Caller {
                 vip,
                 port,
@@ -619,7 +628,32 @@ mod tests {
         retired.update(&served, &now);
         retired.update(&now, &served);
         assert!(retired.is_empty());
-        // A start cuts every UDP port's mappings once.
-        assert_eq!(every_udp_port(&joined), [Cut::Udp { vip, port: 53 }]);
+        // A watched route served again in the same change as one of its
+        // endpoints leaves: cut before it stops being watched (the agent
+        // cuts what is watched, then updates).
+        let two = here(&[("a", 10), ("a", 11)]);
+        let served = routes(&two, &who, "a");
+        let joined = here(&[("a", 10), ("a", 11), ("b", 20)]);
+        let mut retired = Retired::default();
+        retired.update(&served, &routes(&joined, &who, "a"));
+        let back = here(&[("a", 10)]);
+        assert_eq!(
+            retired.to_cut(&back, &who, "a"),
+            [Cut::Endpoint {
+                vip,
+                port: 53,
+                udp: true,
+                endpoint: Ipv4Addr::new(10, 0, 0, 11)
+            }]
+        );
+        retired.update(&[], &routes(&back, &who, "a"));
+        assert!(retired.is_empty());
+        // What the change itself cut is not watched (nor cut again).
+        let gone = here(&[("b", 20)]);
+        let now = to_cut(&served, &gone, &who, "a");
+        let mut retired = Retired::default();
+        retired.update(&served, &routes(&gone, &who, "a"));
+        retired.forget(&now);
+        assert!(retired.is_empty(), "{retired:?}");
     }
 }

@@ -134,9 +134,10 @@ pub struct ProxyLimits {
     /// closed (its slot freed; checked once per this long, so within one
     /// to two of it after its last byte).
     pub idle_timeout: Duration,
-    /// Most connections carried at once by each of the proxy's two pools:
-    /// replicas' connections to service VIPs, and ingress connections from
-    /// outside (which so cannot take the slots of the node's own callers).
+    /// Most connections carried at once by each of the proxy's pools:
+    /// replicas' connections to service VIPs (and their UDP flows), ingress
+    /// connections from outside, and UDP flows from outside (which so
+    /// cannot take the slots of the node's own callers, nor of each other).
     /// More are closed as accepted (as Envoy's connection limit does).
     pub max_connections: usize,
     /// Once a pool holds more than three quarters of `max_connections`, and
@@ -208,8 +209,9 @@ impl Default for ProxyLimits {
 
 impl ProxyLimits {
     /// The defaults with as many connections per pool as `open_files`
-    /// descriptors allow (six per connection at most, two pools, some kept
-    /// for the rest of the process): 16,384 from 214,016 open files up.
+    /// descriptors allow (six per TCP connection at most in each of two
+    /// pools, one per UDP flow from outside, some kept for the rest of the
+    /// process): 16,384 from 214,016 open files up.
     pub fn for_open_files(open_files: u64) -> Self {
         let usable = open_files
             .saturating_sub(RESERVED_FILES)
@@ -221,7 +223,7 @@ impl ProxyLimits {
         }
     }
 
-    /// Open files the proxy's two pools need at most, with the reserve.
+    /// Open files the proxy's pools need at most, with the reserve.
     pub fn open_files_needed(&self) -> u64 {
         (self.max_connections as u64) * FILES_PER_SLOT + RESERVED_FILES
     }

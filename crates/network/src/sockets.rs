@@ -40,7 +40,7 @@ pub fn ingress_shared(port: u16, udp: bool) -> io::Result<bool> {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
-                    "port {port}/{} is held on every address by another program ({f})",
+                    "port {port}/{} is held on every address by another socket ({f}): a DNS server of the host, or this agent's own one for the port still closing",
                     if udp { "udp" } else { "tcp" }
                 ),
             ));

@@ -467,7 +467,7 @@ impl ServiceProxy {
     fn remote_udp_place(&self, node: &str, caller: &Caller) -> Option<RemoteUdp<'_>> {
         let outside = *caller == Caller::Ingress;
         let most = if outside {
-            self.limits.udp_flows_per_node / 2
+            (self.limits.udp_flows_per_node / 2).max(1)
         } else {
             self.limits.udp_flows_per_node
         };
