@@ -872,6 +872,28 @@ mod tests {
         }
     }
 
+    /// A proxy of node `n1` for `services` with `limits`, telling callers
+    /// apart with `callers`; endpoints on other nodes are out of reach.
+    pub(super) fn on_n1(
+        services: SharedServices,
+        callers: CallerLookup,
+        limits: ProxyLimits,
+    ) -> Arc<ServiceProxy> {
+        ServiceProxy::with_limits(
+            services,
+            Here {
+                node_id: "n1".into(),
+                ..Here::default()
+            },
+            Arc::new(BridgeDialer {
+                node_id: "n1".into(),
+                remote: NoRemote,
+            }),
+            callers,
+            limits,
+        )
+    }
+
     /// An echo server on 127.0.0.1; its port.
     async fn echo_server() -> u16 {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -914,19 +936,7 @@ mod tests {
         };
         let services = SharedServices::default();
         services.set(ServiceTable::new("cluster.local", vec![svc]));
-        let proxy = ServiceProxy::with_limits(
-            services,
-            Here {
-                node_id: "n1".into(),
-                ..Here::default()
-            },
-            Arc::new(BridgeDialer {
-                node_id: "n1".into(),
-                remote: NoRemote,
-            }),
-            Arc::new(|_| None),
-            limits,
-        );
+        let proxy = on_n1(services, Arc::new(|_| None), limits);
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         tokio::spawn(

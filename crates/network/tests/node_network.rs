@@ -1197,6 +1197,43 @@ fn udp_ask(s: &std::net::UdpSocket, msg: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// Two UDP servers answering on port 5353 as `dns-1` and `dns-2`, a caller
+/// and a replica of another namespace, attached to one test's node.
+struct UdpSite {
+    /// The servers', the caller's and the other replica's ids.
+    ids: [String; 4],
+    a1: cloudless_network::Attachment,
+    a2: cloudless_network::Attachment,
+    c: cloudless_network::Attachment,
+    o: cloudless_network::Attachment,
+}
+
+impl UdpSite {
+    /// Attaches them to `net`, their ids named after `tag`.
+    async fn attach(net: &NodeNetwork, tag: &str) -> Self {
+        let ids = ["dns1", "dns2", "web", "x"].map(|n| ID(&format!("{tag}-{n}")));
+        let mut attached = Vec::new();
+        for id in &ids {
+            attached.push(net.attach(&request(id)).await.expect("attach"));
+        }
+        let [a1, a2, c, o]: [cloudless_network::Attachment; 4] = attached.try_into().expect("four");
+        serve_udp_name(&a1.netns, SocketAddr::from((a1.address, 5353)), "dns-1");
+        serve_udp_name(&a2.netns, SocketAddr::from((a2.address, 5353)), "dns-2");
+        Self { ids, a1, a2, c, o }
+    }
+}
+
+/// Replica `id` at `a` as an endpoint on node `n1`.
+fn n1_endpoint(id: &str, a: Ipv4Addr) -> cloudless_network::services::Endpoint {
+    cloudless_network::services::Endpoint {
+        replica_id: id.to_owned(),
+        node_id: "n1".into(),
+        address: Some(a),
+        zone: String::new(),
+        region: String::new(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_udp_service_port_answers_from_its_vip_through_the_proxy() {
     use cloudless_network::balancer::Here;
@@ -1208,26 +1245,15 @@ async fn a_udp_service_port_answers_from_its_vip_through_the_proxy() {
     };
     let Some(site) = Site::new(9) else { return };
     let net = NodeNetwork::open(site.config()).await.expect("open");
-    let (s1, s2, client, other) = (
-        ID("cldt9-dns1"),
-        ID("cldt9-dns2"),
-        ID("cldt9-web"),
-        ID("cldt9-x"),
-    );
-    let a1 = net.attach(&request(&s1)).await.expect("attach");
-    let a2 = net.attach(&request(&s2)).await.expect("attach");
-    let c = net.attach(&request(&client)).await.expect("attach");
-    let o = net.attach(&request(&other)).await.expect("attach");
-    serve_udp_name(&a1.netns, SocketAddr::from((a1.address, 5353)), "dns-1");
-    serve_udp_name(&a2.netns, SocketAddr::from((a2.address, 5353)), "dns-2");
+    let UdpSite {
+        ids: [s1, s2, client, other],
+        a1,
+        a2,
+        c,
+        o,
+    } = UdpSite::attach(&net, "cldt9").await;
     let vip = Ipv4Addr::new(10, 252, 9, 10);
-    let endpoint = |id: &str, a: Ipv4Addr| Endpoint {
-        replica_id: id.to_owned(),
-        node_id: "n1".into(),
-        address: Some(a),
-        zone: String::new(),
-        region: String::new(),
-    };
+    let endpoint = n1_endpoint;
     let service = |endpoints: Vec<Endpoint>| Service {
         namespace: "default".into(),
         name: "dns".into(),
@@ -1365,26 +1391,15 @@ async fn a_udp_port_served_here_takes_the_kernel_path_and_a_mapping_to_an_endpoi
     };
     let Some(site) = Site::new(10) else { return };
     let net = NodeNetwork::open(site.config()).await.expect("open");
-    let (s1, s2, client, other) = (
-        ID("cldt10-dns1"),
-        ID("cldt10-dns2"),
-        ID("cldt10-web"),
-        ID("cldt10-x"),
-    );
-    let a1 = net.attach(&request(&s1)).await.expect("attach");
-    let a2 = net.attach(&request(&s2)).await.expect("attach");
-    let c = net.attach(&request(&client)).await.expect("attach");
-    let o = net.attach(&request(&other)).await.expect("attach");
-    serve_udp_name(&a1.netns, SocketAddr::from((a1.address, 5353)), "dns-1");
-    serve_udp_name(&a2.netns, SocketAddr::from((a2.address, 5353)), "dns-2");
+    let UdpSite {
+        ids: [s1, s2, client, other],
+        a1,
+        a2,
+        c,
+        o,
+    } = UdpSite::attach(&net, "cldt10").await;
     let vip = Ipv4Addr::new(10, 252, 10, 10);
-    let endpoint = |id: &str, a: Ipv4Addr| Endpoint {
-        replica_id: id.to_owned(),
-        node_id: "n1".into(),
-        address: Some(a),
-        zone: String::new(),
-        region: String::new(),
-    };
+    let endpoint = n1_endpoint;
     let table = |endpoints: Vec<Endpoint>| {
         ServiceTable::new(
             "cloudless.local",

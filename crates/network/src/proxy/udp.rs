@@ -816,8 +816,8 @@ mod tests {
 
     use super::*;
     use crate::balancer::Here;
-    use crate::proxy::tests::NoRemote;
-    use crate::proxy::{BridgeDialer, DialFuture, Dialer};
+    use crate::proxy::tests::on_n1;
+    use crate::proxy::{DialFuture, Dialer};
     use crate::services::{Endpoint, ServicePort, ServiceTable, SharedServices};
 
     const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -879,16 +879,8 @@ mod tests {
                 &[],
             )],
         ));
-        let proxy = ServiceProxy::with_limits(
+        let proxy = on_n1(
             services.clone(),
-            Here {
-                node_id: "n1".into(),
-                ..Here::default()
-            },
-            Arc::new(BridgeDialer {
-                node_id: "n1".into(),
-                remote: NoRemote,
-            }),
             Arc::new(move |ip| {
                 let outsider = ip == std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
                 Some(Caller::Workload {
@@ -917,6 +909,15 @@ mod tests {
         let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         s.connect(at).await.expect("connect");
         s
+    }
+
+    /// Waits until `holds`, failing with `what` after `limit`.
+    async fn within(limit: Duration, what: &str, holds: impl Fn() -> bool) {
+        let since = std::time::Instant::now();
+        while !holds() {
+            assert!(since.elapsed() < limit, "{what} after {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Sends `msg`; the answer within a second, if any.
@@ -1116,14 +1117,10 @@ mod tests {
         assert!(ask(&s, "2").await.is_some());
         assert_eq!(proxy.stats().vips.open, 2);
         serving.abort();
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while proxy.stats().vips.open != 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the flow outlived its port"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        within(Duration::from_secs(2), "the flow outlived its port", || {
+            proxy.stats().vips.open == 1
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -1145,14 +1142,10 @@ mod tests {
         assert_eq!(proxy.stats().vips.closed_for(Closed::SourceLimit), 1);
         // Once the two are quiet for the idle timeout (checked once per
         // timeout: gone within two), their places are free again.
-        let quiet = std::time::Instant::now();
-        while proxy.stats().vips.open != 0 {
-            assert!(
-                quiet.elapsed() < Duration::from_secs(3),
-                "quiet flows still open"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        within(Duration::from_secs(3), "quiet flows still open", || {
+            proxy.stats().vips.open == 0
+        })
+        .await;
         assert!(ask(&three, "3").await.is_some());
     }
 
@@ -1238,11 +1231,12 @@ mod tests {
                 s.closed_for(Closed::SourceRate),
             )
         };
-        let since = std::time::Instant::now();
-        while stats() != (1, 1) {
-            assert!(since.elapsed() < Duration::from_secs(2), "{:?}", stats());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        within(
+            Duration::from_secs(2),
+            "one refused for each reason",
+            || stats() == (1, 1),
+        )
+        .await;
         // Another source has places and tokens of its own.
         let elsewhere = caller_at("127.0.0.10", at).await;
         assert!(ask(&elsewhere, "x").await.is_some(), "another source");
@@ -1276,22 +1270,19 @@ mod tests {
         // The one-shot flow ends within two short timeouts (400 ms), long
         // before the assured one (1.5 to 3 s).
         let asked = std::time::Instant::now();
-        while proxy.stats().vips.open != 1 {
-            assert!(
-                asked.elapsed() < Duration::from_millis(1200),
-                "the one-shot flow outlived its short timeout"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        within(
+            Duration::from_millis(1200),
+            "the one-shot flow outlived its short timeout",
+            || proxy.stats().vips.open == 1,
+        )
+        .await;
         assert!(asked.elapsed() < Duration::from_millis(1500));
-        let since = std::time::Instant::now();
-        while proxy.stats().vips.open != 0 {
-            assert!(
-                since.elapsed() < Duration::from_secs(4),
-                "the assured flow outlived two idle timeouts"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        within(
+            Duration::from_secs(4),
+            "the assured flow outlived two idle timeouts",
+            || proxy.stats().vips.open == 0,
+        )
+        .await;
     }
 
     /// A UDP server at `ip` that answers each datagram with 60 datagrams,
@@ -1323,16 +1314,8 @@ mod tests {
             "cluster.local",
             vec![service(port, &[("stream", ip)], &[])],
         ));
-        let proxy = ServiceProxy::with_limits(
+        let proxy = on_n1(
             services,
-            Here {
-                node_id: "n1".into(),
-                ..Here::default()
-            },
-            Arc::new(BridgeDialer {
-                node_id: "n1".into(),
-                remote: NoRemote,
-            }),
             Arc::new(|_: std::net::IpAddr| None),
             ProxyLimits {
                 udp_unassured_timeout: Duration::from_millis(200),
