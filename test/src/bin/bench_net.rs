@@ -80,6 +80,11 @@ struct Args {
     /// (RPS) to the receiving node's core.
     #[arg(long)]
     loopback_overlay: bool,
+    /// Measure only these TCP paths (their numbers in the table, from 0;
+    /// comma-separated) and no UDP path, to profile one path at a time.
+    /// The comparisons with the targets need every path and are left out.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<usize>,
 }
 
 /// Keeps the calling thread, and the threads it starts from now on, on
@@ -776,6 +781,9 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     let mut runs: Vec<Vec<Row>> = paths.iter().map(|_| Vec::new()).collect();
     for round in 0..args.rounds.max(1) {
         for (i, (label, p)) in paths.iter().enumerate() {
+            if !args.only.is_empty() && !args.only.contains(&i) {
+                continue;
+            }
             let r = measure(p, &args, round == 0).await?;
             eprintln!(
                 "round {round}: {label}: {:.2} Gbit/s, p50 {} us, {:.0} connections/s",
@@ -789,6 +797,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     let rows: Vec<(&str, Row)> = paths
         .iter()
         .zip(runs)
+        .filter(|(_, rs)| !rs.is_empty())
         .map(|((label, _), rs)| (*label, median_row(rs)))
         .collect();
     println!(
@@ -805,6 +814,9 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             r.rtt.value_at_quantile(0.99),
             r.conns_per_s
         );
+    }
+    if rows.len() < paths.len() {
+        return cleanup(&a, &b, dir.path()).await;
     }
     let p50 = |i: usize| rows[i].1.rtt.value_at_quantile(0.5) as f64;
     println!("\nAgainst the targets:\n");
@@ -888,7 +900,12 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         udp_p50[3] - udp_p50[0],
         udp_p50[4] - udp_p50[0]
     );
+    cleanup(&a, &b, dir.path()).await
+}
 
+/// Detaches the bench's replicas and removes both nodes' networks and what
+/// the bench added around them.
+async fn cleanup(a: &NodeNetwork, b: &NodeNetwork, dir: &Path) -> anyhow::Result<()> {
     for id in ["bench-client", "bench-server-a"] {
         a.detach(id).await?;
     }
@@ -899,7 +916,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     for n in [1, 2] {
         sh(&format!(
             "umount -l {}",
-            dir.path().join(format!("netns{n}")).display()
+            dir.join(format!("netns{n}")).display()
         ));
     }
     Ok(())
