@@ -502,6 +502,21 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
             r.id
         );
     }
+    // The client's datagrams to the far replica and its answers crossed
+    // between the agents as QUIC datagrams (both agents of this release).
+    for agent in &c.agents {
+        let scrape = cloudless_test::http_get(&agent.metrics_addr, "/metrics").1;
+        let frames: f64 = scrape
+            .lines()
+            .find_map(|l| l.strip_prefix("cloudless_overlay_udp_datagrams_total{way=\"frame\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no UDP datagram count on {}:\n{scrape}", agent.name));
+        assert!(
+            frames >= 1.0,
+            "{}: {frames} datagrams as QUIC datagrams",
+            agent.name
+        );
+    }
 
     tracing::info!(
         "phase 1a: a killed replica gets no connection or datagram from 2 s after it died until it is Ready again"

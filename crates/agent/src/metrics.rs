@@ -386,6 +386,25 @@ impl Collector for NodeCollector {
                 ConstCounter::new(n).encode(m.encode_family(&[("direction", direction)])?)?;
             }
             let mut m = encoder.encode_descriptor(
+                "cloudless_overlay_udp_datagrams",
+                "UDP flows' datagrams this node sent to other nodes, by way (frame: a QUIC datagram; stream: on the flow's stream, when too large for a packet, relayed, or to a node of the previous release)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (way, n) in [
+                ("frame", s.datagrams_as_frames),
+                ("stream", s.datagrams_on_streams),
+            ] {
+                ConstCounter::new(n).encode(m.encode_family(&[("way", way)])?)?;
+            }
+            let c = ConstCounter::new(s.datagrams_dropped);
+            c.encode(encoder.encode_descriptor(
+                "cloudless_overlay_udp_datagrams_dropped",
+                "QUIC datagrams received for no open UDP flow of their connection or for a flow whose queue was full, dropped",
+                None,
+                c.metric_type(),
+            )?)?;
+            let mut m = encoder.encode_descriptor(
                 "cloudless_overlay_traversal_attempts",
                 "Attempts to reach a peer with no live connection for a stream, by method (direct, hole_punch, relay) and result (success, failure)",
                 None,

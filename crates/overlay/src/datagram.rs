@@ -1,26 +1,43 @@
 //! UDP flows over the overlay. A flow (one caller's address and port to one
-//! endpoint) is one stream; each datagram on it is its length (two bytes,
-//! big-endian) and then its bytes. Order holds and nothing is lost while the
-//! stream lives (QUIC retransmits); the price is that a lost packet delays
-//! the datagrams behind it in the same flow, as any UDP-over-TCP tunnel.
+//! endpoint) is one stream: opening it is how the receiving node admits it,
+//! and ending it ends the flow.
+//!
+//! Between two nodes that agreed on [`crate::ALPN_DATAGRAMS`], on a direct
+//! connection, each datagram travels as a QUIC DATAGRAM frame (RFC 9221)
+//! carrying the flow's stream id (a QUIC variable-length integer) and then
+//! the datagram, as HTTP/3 ties datagrams to a request stream (RFC 9297): a
+//! lost packet loses its datagrams, as UDP would, and delays nothing behind
+//! it. A datagram too large for a packet, a flow through a relay (which
+//! joins two streams' bytes) and a flow with a node of the previous release
+//! carry each datagram on the stream instead, its length (two bytes,
+//! big-endian) and then its bytes: in order, never lost while the stream
+//! lives, and a lost packet delays the datagrams behind it.
 //!
 //! A length the stream does not then carry (it ended in the middle of a
 //! datagram) is an error, never a panic; every length fits in the two bytes,
-//! so a peer cannot make the reader allocate more than [`MAX_DATAGRAM`].
+//! so a peer cannot make the reader allocate more than [`MAX_DATAGRAM`]. A
+//! QUIC datagram naming no open flow of its connection, or one whose queue
+//! ([`FLOW_QUEUE`] datagrams) is full, is dropped and counted.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::mesh::{OverlayStream, StreamBytes};
 
 /// Largest datagram a flow carries (a UDP payload is at most 65,507 bytes
 /// over IPv4).
 pub const MAX_DATAGRAM: usize = u16::MAX as usize;
+
+/// QUIC datagrams a flow holds before its reader takes them; more are
+/// dropped.
+pub const FLOW_QUEUE: usize = 256;
 
 /// The code a flow's stream is reset with when its socket failed.
 const FAILED: u32 = 0;
@@ -30,22 +47,169 @@ thread_local! {
     static RECEIVED: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `v` as a QUIC variable-length integer (RFC 9000, section 16); `None`
+/// above 2^62 - 1.
+fn encode_varint(v: u64) -> Option<Vec<u8>> {
+    Some(match v {
+        0..=0x3f => vec![v as u8],
+        0x40..=0x3fff => ((v as u16) | 0x4000).to_be_bytes().to_vec(),
+        0x4000..=0x3fff_ffff => ((v as u32) | 0x8000_0000).to_be_bytes().to_vec(),
+        0x4000_0000..=0x3fff_ffff_ffff_ffff => (v | 0xc000_0000_0000_0000).to_be_bytes().to_vec(),
+        _ => return None,
+    })
+}
+
+/// The variable-length integer `b` starts with, and its length; `None` when
+/// `b` is shorter than the integer says.
+fn decode_varint(b: &[u8]) -> Option<(u64, usize)> {
+    let first = *b.first()?;
+    let len = 1usize << (first >> 6);
+    let bytes = b.get(..len)?;
+    let v = bytes
+        .iter()
+        .skip(1)
+        .fold(u64::from(first & 0x3f), |v, &x| (v << 8) | u64::from(x));
+    Some((v, len))
+}
+
+/// Hands a connection's QUIC datagrams to its flows by the stream id each
+/// carries.
+pub(crate) struct FlowRouter {
+    flows: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    counted: Arc<StreamBytes>,
+}
+
+impl FlowRouter {
+    pub(crate) fn new(counted: Arc<StreamBytes>) -> Self {
+        FlowRouter {
+            flows: Mutex::default(),
+            counted,
+        }
+    }
+
+    /// Delivers one QUIC datagram to its flow, or drops it.
+    pub(crate) fn dispatch(&self, d: Bytes) {
+        let delivered = decode_varint(&d).is_some_and(|(id, len)| {
+            lock(&self.flows)
+                .get(&id)
+                .is_some_and(|tx| tx.try_send(d.slice(len..)).is_ok())
+        });
+        if !delivered {
+            self.counted
+                .datagrams_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn register(self: &Arc<Self>, id: u64) -> Registered {
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        lock(&self.flows).insert(id, tx);
+        Registered {
+            rx,
+            _registration: Registration {
+                router: self.clone(),
+                id,
+            },
+        }
+    }
+}
+
+/// A flow's place in its router, given up when dropped.
+struct Registration {
+    router: Arc<FlowRouter>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.router.flows).remove(&self.id);
+    }
+}
+
+/// A flow's queue of QUIC datagrams and its place in the router.
+struct Registered {
+    rx: mpsc::Receiver<Bytes>,
+    _registration: Registration,
+}
+
+/// How a flow's stream sends and receives QUIC datagrams: on a direct
+/// connection that speaks [`crate::ALPN_DATAGRAMS`].
+pub(crate) struct DatagramPath {
+    conn: quinn::Connection,
+    router: Arc<FlowRouter>,
+    registered: Option<Registered>,
+}
+
+impl std::fmt::Debug for DatagramPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatagramPath")
+            .field("connection", &self.conn.stable_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatagramPath {
+    pub(crate) fn new(conn: quinn::Connection, router: Arc<FlowRouter>) -> Self {
+        DatagramPath {
+            conn,
+            router,
+            registered: None,
+        }
+    }
+
+    /// Takes the datagrams for stream `id` from now on: the side that
+    /// accepts a flow does so before it answers, so the first datagram the
+    /// opener sends finds the flow.
+    pub(crate) fn register(&mut self, id: u64) {
+        if self.registered.is_none() {
+            self.registered = Some(self.router.register(id));
+        }
+    }
+}
+
 /// The sending half of a flow.
 #[derive(Debug)]
 pub struct DatagramSender {
     send: quinn::SendStream,
     bytes: Arc<StreamBytes>,
+    /// The connection and the flow's id, encoded, when datagrams may travel
+    /// as QUIC datagrams.
+    frames: Option<(quinn::Connection, Vec<u8>)>,
 }
 
 /// The receiving half of a flow.
-#[derive(Debug)]
 pub struct DatagramReceiver {
-    recv: quinn::RecvStream,
+    incoming: Incoming,
     bytes: Arc<StreamBytes>,
 }
 
+impl std::fmt::Debug for DatagramReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatagramReceiver").finish_non_exhaustive()
+    }
+}
+
+/// Where a flow's datagrams come from.
+enum Incoming {
+    /// The stream alone.
+    Stream(quinn::RecvStream),
+    /// QUIC datagrams, and the stream (read by a task of its own, so that a
+    /// datagram read halfway is never dropped by a select).
+    Both {
+        frames: Registered,
+        stream: mpsc::Receiver<io::Result<Option<Bytes>>>,
+        stop: Option<oneshot::Sender<u32>>,
+    },
+}
+
 impl DatagramSender {
-    /// Sends one datagram (an error if longer than [`MAX_DATAGRAM`]).
+    /// Sends one datagram (an error if longer than [`MAX_DATAGRAM`]): as a
+    /// QUIC datagram when the flow may and it fits in a packet, else on the
+    /// stream.
     pub async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
         let len = u16::try_from(datagram.len()).map_err(|_| {
             io::Error::new(
@@ -56,11 +220,39 @@ impl DatagramSender {
                 ),
             )
         })?;
+        if let Some((conn, id)) = &self.frames {
+            let fits = conn
+                .max_datagram_size()
+                .is_some_and(|max| id.len() + datagram.len() <= max);
+            if fits {
+                let mut framed = BytesMut::with_capacity(id.len() + datagram.len());
+                framed.extend_from_slice(id);
+                framed.extend_from_slice(datagram);
+                match conn.send_datagram(framed.freeze()) {
+                    Ok(()) => {
+                        self.bytes.sent(datagram.len() as u64);
+                        self.bytes
+                            .datagrams_as_frames
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(quinn::SendDatagramError::ConnectionLost(e)) => {
+                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
+                    }
+                    // Too large after all (the path's packets shrank), or
+                    // not allowed: the stream carries it.
+                    Err(_) => {}
+                }
+            }
+        }
         let mut framed = BytesMut::with_capacity(2 + datagram.len());
         framed.put_u16(len);
         framed.extend_from_slice(datagram);
         self.send.write_chunk(framed.freeze()).await?;
         self.bytes.sent(datagram.len() as u64);
+        self.bytes
+            .datagrams_on_streams
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -75,58 +267,136 @@ impl DatagramSender {
     }
 }
 
+/// The next datagram on `recv`'s stream, or `None` once the other side
+/// ended it. Not cancel-safe.
+async fn read_framed(
+    recv: &mut quinn::RecvStream,
+    bytes: &StreamBytes,
+) -> io::Result<Option<Bytes>> {
+    let mut len = [0u8; 2];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the flow ended inside a datagram's length",
+            ))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let mut datagram = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    match recv.read_exact(&mut datagram).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the flow ended inside a datagram ({n} of {} bytes)",
+                    datagram.len()
+                ),
+            ))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    bytes.received(datagram.len() as u64);
+    Ok(Some(Bytes::from(datagram)))
+}
+
 impl DatagramReceiver {
     /// The next datagram, or `None` once the other side ended the flow.
-    /// Not cancel-safe: a call dropped halfway through a datagram loses the
-    /// flow's framing, so read a flow from one loop for its whole life.
+    /// Not cancel-safe on a flow without QUIC datagrams: a call dropped
+    /// halfway through a datagram loses the flow's framing, so read a flow
+    /// from one loop for its whole life.
     pub async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        let mut len = [0u8; 2];
-        match self.recv.read_exact(&mut len).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(quinn::ReadExactError::FinishedEarly(_)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the flow ended inside a datagram's length",
-                ))
-            }
-            Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+        match &mut self.incoming {
+            Incoming::Stream(recv) => read_framed(recv, &self.bytes).await,
+            Incoming::Both { frames, stream, .. } => tokio::select! {
+                biased;
+                Some(d) = frames.rx.recv() => {
+                    self.bytes.received(d.len() as u64);
+                    Ok(Some(d))
+                }
+                r = stream.recv() => r.unwrap_or(Ok(None)),
+            },
         }
-        let mut datagram = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        match self.recv.read_exact(&mut datagram).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(n)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the flow ended inside a datagram ({n} of {} bytes)",
-                        datagram.len()
-                    ),
-                ))
-            }
-            Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
-        }
-        self.bytes.received(datagram.len() as u64);
-        Ok(Some(Bytes::from(datagram)))
     }
 
     /// Tells the other side to stop sending, with `code`.
     pub fn stop(&mut self, code: u32) {
-        let _ = self.recv.stop(code.into());
+        match &mut self.incoming {
+            Incoming::Stream(recv) => {
+                let _ = recv.stop(code.into());
+            }
+            Incoming::Both { stop, .. } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(code);
+                }
+            }
+        }
     }
 }
 
 impl OverlayStream {
     /// This stream as a flow of datagrams.
     pub fn into_datagrams(self) -> (DatagramSender, DatagramReceiver) {
-        let OverlayStream { send, recv, bytes } = self;
-        (
-            DatagramSender {
+        let OverlayStream {
+            send,
+            mut recv,
+            bytes,
+            datagrams,
+        } = self;
+        let id = u64::from(send.id());
+        let Some((mut path, encoded)) = datagrams.and_then(|p| Some((p, encode_varint(id)?)))
+        else {
+            let tx = DatagramSender {
                 send,
                 bytes: bytes.clone(),
+                frames: None,
+            };
+            let rx = DatagramReceiver {
+                incoming: Incoming::Stream(recv),
+                bytes,
+            };
+            return (tx, rx);
+        };
+        path.register(id);
+        let frames = path.registered.take().expect("registered just now");
+        let (stream_tx, stream_rx) = mpsc::channel(1);
+        let (stop_tx, mut stop_rx) = oneshot::channel::<u32>();
+        let counted = bytes.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    code = &mut stop_rx => {
+                        if let Ok(code) = code {
+                            let _ = recv.stop(code.into());
+                        }
+                        return;
+                    }
+                    r = read_framed(&mut recv, &counted) => {
+                        let end = !matches!(r, Ok(Some(_)));
+                        if stream_tx.send(r).await.is_err() || end {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let tx = DatagramSender {
+            send,
+            bytes: bytes.clone(),
+            frames: Some((path.conn, encoded)),
+        };
+        let rx = DatagramReceiver {
+            incoming: Incoming::Both {
+                frames,
+                stream: stream_rx,
+                stop: Some(stop_tx),
             },
-            DatagramReceiver { recv, bytes },
-        )
+            bytes,
+        };
+        (tx, rx)
     }
 
     /// Carries datagrams both ways between this stream and `udp` (a socket
@@ -193,5 +463,44 @@ impl OverlayStream {
             }
         }
         carried
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip_at_every_length_and_short_input_is_none() {
+        for v in [
+            0u64,
+            63,
+            64,
+            16_383,
+            16_384,
+            (1 << 30) - 1,
+            1 << 30,
+            (1 << 62) - 1,
+        ] {
+            let e = encode_varint(v).expect("in range");
+            assert_eq!(decode_varint(&e), Some((v, e.len())), "{v}");
+            let mut longer = e.clone();
+            longer.extend_from_slice(b"payload");
+            assert_eq!(decode_varint(&longer), Some((v, e.len())));
+            assert_eq!(decode_varint(&e[..e.len() - 1]), None, "{v} cut short");
+        }
+        assert_eq!(encode_varint(1 << 62), None);
+        assert_eq!(decode_varint(&[]), None);
+        // RFC 9000's examples (appendix A.1).
+        assert_eq!(
+            decode_varint(&[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c]),
+            Some((151_288_809_941_952_652, 8))
+        );
+        assert_eq!(
+            decode_varint(&[0x9d, 0x7f, 0x3e, 0x7d]),
+            Some((494_878_333, 4))
+        );
+        assert_eq!(decode_varint(&[0x7b, 0xbd]), Some((15_293, 2)));
+        assert_eq!(decode_varint(&[0x25]), Some((37, 1)));
     }
 }

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::admission::{Admission, AdmitAll};
+use crate::datagram::{DatagramPath, FlowRouter};
 use crate::tls::OverlayTls;
 use crate::wire::{read_frame, write_frame, StreamReply, StreamRequest};
 use crate::OverlayError;
@@ -51,6 +52,10 @@ pub struct OverlayConfig {
     /// Whether to try NAT hole punching (through a relay's introduction)
     /// before relaying a stream.
     pub hole_punching: bool,
+    /// Whether to offer UDP flows' datagrams in QUIC DATAGRAM frames
+    /// ([`crate::ALPN_DATAGRAMS`]); off, the node speaks the previous
+    /// release's protocol, every datagram on its flow's stream.
+    pub datagram_flows: bool,
 }
 
 impl Default for OverlayConfig {
@@ -61,6 +66,7 @@ impl Default for OverlayConfig {
             connect_timeout: Duration::from_secs(3),
             relay: false,
             hole_punching: true,
+            datagram_flows: true,
         }
     }
 }
@@ -145,6 +151,16 @@ pub struct OverlayStats {
     pub bytes_sent: u64,
     /// Payload bytes read from streams.
     pub bytes_received: u64,
+    /// UDP flows' datagrams this node sent as QUIC DATAGRAM frames.
+    pub datagrams_as_frames: u64,
+    /// UDP flows' datagrams this node sent on their flow's stream: too large
+    /// for a packet, a flow through a relay, or a peer of the previous
+    /// release.
+    pub datagrams_on_streams: u64,
+    /// QUIC datagrams received for no open flow of their connection, for a
+    /// flow whose queue was full, or malformed: dropped, as a full UDP
+    /// socket drops.
+    pub datagrams_dropped: u64,
     /// How this node tried to reach peers for its streams, by method, and
     /// how often each worked: see [`Traversal`].
     pub traversal: [Traversal; 3],
@@ -182,6 +198,12 @@ pub(crate) struct StreamBytes {
     pub(crate) sent: AtomicU64,
     /// Read from streams.
     pub(crate) received: AtomicU64,
+    /// UDP flows' datagrams sent as QUIC datagrams.
+    pub(crate) datagrams_as_frames: AtomicU64,
+    /// UDP flows' datagrams sent on their stream.
+    pub(crate) datagrams_on_streams: AtomicU64,
+    /// QUIC datagrams received and dropped.
+    pub(crate) datagrams_dropped: AtomicU64,
 }
 
 impl StreamBytes {
@@ -238,6 +260,9 @@ struct Inner {
     next_served: AtomicU64,
     /// When a direct dial to a peer last failed.
     direct_failed: Mutex<HashMap<Identity, std::time::Instant>>,
+    /// Where each connection's QUIC datagrams go, by its stable id (only
+    /// connections that speak [`crate::ALPN_DATAGRAMS`]).
+    routers: Mutex<HashMap<usize, Arc<FlowRouter>>>,
     counters: Counters,
 }
 
@@ -267,7 +292,7 @@ impl Overlay {
         resolver: Arc<dyn Resolver>,
         socket: std::net::UdpSocket,
     ) -> Result<Overlay, OverlayError> {
-        let server = tls.server_config(config.idle_timeout)?;
+        let server = tls.server_config(config.idle_timeout, config.datagram_flows)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -275,7 +300,7 @@ impl Overlay {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|e| OverlayError::Io(format!("UDP endpoint: {e}")))?;
-        let client = Mutex::new(tls.client_config(config.idle_timeout)?);
+        let client = Mutex::new(tls.client_config(config.idle_timeout, config.datagram_flows)?);
         let overlay = Overlay {
             inner: Arc::new(Inner {
                 me,
@@ -291,6 +316,7 @@ impl Overlay {
                 served: Mutex::default(),
                 next_served: AtomicU64::new(0),
                 direct_failed: Mutex::default(),
+                routers: Mutex::default(),
                 counters: Counters::default(),
             }),
         };
@@ -314,8 +340,9 @@ impl Overlay {
     /// Presents a renewed certificate from now on (same identity, same CA);
     /// live connections keep the one they were made with.
     pub fn reload_tls(&self, tls: &OverlayTls) -> Result<(), OverlayError> {
-        let server = tls.server_config(self.inner.config.idle_timeout)?;
-        let client = tls.client_config(self.inner.config.idle_timeout)?;
+        let config = &self.inner.config;
+        let server = tls.server_config(config.idle_timeout, config.datagram_flows)?;
+        let client = tls.client_config(config.idle_timeout, config.datagram_flows)?;
         self.inner.endpoint.set_server_config(Some(server));
         *lock(&self.inner.client) = client;
         Ok(())
@@ -417,6 +444,9 @@ impl Overlay {
             connections_accepted: c.accepted.load(Ordering::Relaxed),
             bytes_sent: c.bytes.sent.load(Ordering::Relaxed),
             bytes_received: c.bytes.received.load(Ordering::Relaxed),
+            datagrams_as_frames: c.bytes.datagrams_as_frames.load(Ordering::Relaxed),
+            datagrams_on_streams: c.bytes.datagrams_on_streams.load(Ordering::Relaxed),
+            datagrams_dropped: c.bytes.datagrams_dropped.load(Ordering::Relaxed),
             traversal: std::array::from_fn(|i| Traversal {
                 method: TRAVERSAL_METHODS[i],
                 succeeded: c.traversal[i][0].load(Ordering::Relaxed),
@@ -673,11 +703,45 @@ impl Overlay {
             });
         }
         self.inner.counters.opened.fetch_add(1, Ordering::Relaxed);
+        // A flow opened straight at its target may carry datagrams beside
+        // the stream; one through a relay is bytes the relay joins.
+        let direct = matches!(request, StreamRequest::Open { origin: None, .. });
         Ok(OverlayStream {
             send,
             recv,
             bytes: self.inner.counters.bytes.clone(),
+            datagrams: direct.then(|| self.datagram_path(conn)).flatten(),
         })
+    }
+
+    /// How a flow on `conn` sends and receives QUIC datagrams, if `conn`
+    /// speaks them: its router, made (with the task that reads the
+    /// connection's datagrams) the first time.
+    fn datagram_path(&self, conn: &quinn::Connection) -> Option<DatagramPath> {
+        if !crate::tls::speaks_datagrams(conn) {
+            return None;
+        }
+        let id = conn.stable_id();
+        let router = {
+            let mut routers = lock(&self.inner.routers);
+            if let Some(r) = routers.get(&id) {
+                r.clone()
+            } else {
+                let router = Arc::new(FlowRouter::new(self.inner.counters.bytes.clone()));
+                routers.insert(id, router.clone());
+                let (weak, conn, r) = (Arc::downgrade(&self.inner), conn.clone(), router.clone());
+                tokio::spawn(async move {
+                    while let Ok(d) = conn.read_datagram().await {
+                        r.dispatch(d);
+                    }
+                    if let Some(inner) = weak.upgrade() {
+                        lock(&inner.routers).remove(&id);
+                    }
+                });
+                router
+            }
+        };
+        Some(DatagramPath::new(conn.clone(), router))
     }
 
     /// A live connection to `peer`, dialing its addresses if needed.
@@ -784,8 +848,8 @@ impl Overlay {
         lock(&self.inner.connections).insert(peer.clone(), conn.clone());
         while let Ok((send, recv)) = conn.accept_bi().await {
             let overlay = self.clone();
-            let (peer, remote) = (peer.clone(), conn.remote_address());
-            tokio::spawn(async move { overlay.serve_stream(peer, remote, send, recv).await });
+            let (peer, conn) = (peer.clone(), conn.clone());
+            tokio::spawn(async move { overlay.serve_stream(peer, conn, send, recv).await });
         }
         let mut conns = lock(&self.inner.connections);
         if conns
@@ -823,10 +887,11 @@ impl Overlay {
     async fn serve_stream(
         &self,
         peer: Identity,
-        remote: SocketAddr,
+        conn: quinn::Connection,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        let remote = conn.remote_address();
         let request =
             match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, StreamRequest>(&mut recv))
                 .await
@@ -850,6 +915,13 @@ impl Overlay {
                 let _ = send.finish();
             }
             StreamRequest::Open { target, origin } => {
+                // A flow a relay forwards is bytes it joins to the opener's
+                // stream: its datagrams stay on the stream.
+                let mut datagrams = if origin.is_none() {
+                    self.datagram_path(&conn)
+                } else {
+                    None
+                };
                 // Only a relay this node chose may speak for someone else.
                 let origin = match origin.as_deref().and_then(Identity::from_uri) {
                     Some(o) if lock(&self.inner.relays).contains(&peer) => o,
@@ -857,8 +929,17 @@ impl Overlay {
                 };
                 match self.inner.resolver.connect(&origin, &target).await {
                     Ok(connected) => {
-                        if let Connected::Tcp(tcp) = &connected {
-                            let _ = tcp.set_nodelay(true);
+                        match &connected {
+                            Connected::Tcp(tcp) => {
+                                let _ = tcp.set_nodelay(true);
+                            }
+                            // Before the answer: the opener's first
+                            // datagram may follow it at once.
+                            Connected::Udp(_) => {
+                                if let Some(p) = datagrams.as_mut() {
+                                    p.register(u64::from(recv.id()));
+                                }
+                            }
                         }
                         if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
                             return;
@@ -871,6 +952,7 @@ impl Overlay {
                             send,
                             recv,
                             bytes: self.inner.counters.bytes.clone(),
+                            datagrams,
                         };
                         let moved = AtomicU64::new(0);
                         match connected {
@@ -985,6 +1067,7 @@ impl Overlay {
                             send,
                             recv,
                             bytes: self.inner.counters.bytes.clone(),
+                            datagrams: None,
                         };
                         let _ = near.join(far).await;
                     }
@@ -1005,6 +1088,9 @@ pub struct OverlayStream {
     pub(crate) recv: quinn::RecvStream,
     /// Where its bytes are counted (its endpoint's counters).
     pub(crate) bytes: Arc<StreamBytes>,
+    /// How a UDP flow on it sends datagrams as QUIC datagrams (direct
+    /// connections between nodes that speak them).
+    pub(crate) datagrams: Option<DatagramPath>,
 }
 
 impl AsyncRead for OverlayStream {

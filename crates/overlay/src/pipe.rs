@@ -56,6 +56,7 @@ impl OverlayStream {
             mut send,
             mut recv,
             bytes: counted,
+            ..
         } = self;
         let (mut from_tcp, mut to_tcp) = tcp.split();
         let up = async {
@@ -113,6 +114,7 @@ impl OverlayStream {
             send: mut near_send,
             recv: mut near_recv,
             bytes: counted,
+            ..
         } = self;
         let OverlayStream {
             send: mut far_send,

@@ -24,6 +24,28 @@ use crate::OverlayError;
 /// ALPN of the overlay protocol; a peer speaking anything else is refused.
 pub const ALPN: &[u8] = b"cloudless-overlay/1";
 
+/// ALPN of the overlay protocol with UDP flows' datagrams in QUIC DATAGRAM
+/// frames ([`crate::datagram`]); offered first, so two nodes of this release
+/// speak it and a node of the previous release (which offers only [`ALPN`])
+/// gets [`ALPN`].
+pub const ALPN_DATAGRAMS: &[u8] = b"cloudless-overlay/2";
+
+/// The protocols a node offers and accepts, in its order of preference.
+fn protocols(datagrams: bool) -> Vec<Vec<u8>> {
+    if datagrams {
+        vec![ALPN_DATAGRAMS.to_vec(), ALPN.to_vec()]
+    } else {
+        vec![ALPN.to_vec()]
+    }
+}
+
+/// Whether `conn` agreed on [`ALPN_DATAGRAMS`].
+pub(crate) fn speaks_datagrams(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .is_some_and(|d| d.protocol.as_deref() == Some(ALPN_DATAGRAMS))
+}
+
 /// A node's credentials for the overlay: the cluster CA certificate, its own
 /// certificate and private key (PEM).
 pub struct OverlayTls {
@@ -94,6 +116,7 @@ impl OverlayTls {
     pub(crate) fn server_config(
         &self,
         idle: Duration,
+        datagrams: bool,
     ) -> Result<quinn::ServerConfig, OverlayError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
@@ -107,7 +130,7 @@ impl OverlayTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| tls_err("server config", e))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = protocols(datagrams);
         tls.max_early_data_size = 0;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| tls_err("QUIC server config", e))?;
@@ -120,6 +143,7 @@ impl OverlayTls {
     pub(crate) fn client_config(
         &self,
         idle: Duration,
+        datagrams: bool,
     ) -> Result<quinn::ClientConfig, OverlayError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(ClusterServerVerifier {
@@ -134,7 +158,7 @@ impl OverlayTls {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(chain, key)
             .map_err(|e| tls_err("client config", e))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = protocols(datagrams);
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| tls_err("QUIC client config", e))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));

@@ -44,6 +44,7 @@ fn config(relay: bool) -> OverlayConfig {
         connect_timeout: Duration::from_millis(700),
         relay,
         hole_punching: false,
+        datagram_flows: true,
     }
 }
 
@@ -392,23 +393,30 @@ async fn a_udp_flow_crosses_the_overlay_directly_and_through_a_relay() {
     let target = format!("udp/{echo}");
 
     // Sizes from empty to about the largest UDP payload; each comes back
-    // whole, in order.
+    // whole (in order when every datagram travels on the stream).
     let sizes = [0usize, 1, 1200, 9000, 65_000];
-    async fn flow(s: cloudless_overlay::OverlayStream, sizes: &[usize]) {
+    async fn flow(s: cloudless_overlay::OverlayStream, sizes: &[usize], in_order: bool) {
         let (mut tx, mut rx) = s.into_datagrams();
         for &n in sizes {
             tx.send(&payload(n)).await.expect("send");
         }
-        for &n in sizes {
+        let mut answers = Vec::new();
+        for _ in sizes {
             let back = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
                 .expect("an answer in time")
                 .expect("read")
                 .expect("a datagram");
+            answers.push(back);
+        }
+        if !in_order {
+            answers.sort_by_key(|a| a.len());
+        }
+        for (&n, back) in sizes.iter().zip(&answers) {
             let mut want = b"echo:".to_vec();
             want.extend_from_slice(&payload(n));
             assert_eq!(back.len(), want.len());
-            assert_eq!(back, want);
+            assert_eq!(back, &want);
         }
         // Ending the flow here ends it there.
         tx.finish();
@@ -419,10 +427,19 @@ async fn a_udp_flow_crosses_the_overlay_directly_and_through_a_relay() {
         assert!(end.is_none(), "nothing after the flow ended");
     }
 
-    // Directly.
+    // Directly: what fits in a packet as QUIC datagrams (the empty and the
+    // one-byte datagram at least, whatever the path's packet size), the
+    // rest on the stream; both ways.
     a.overlay.set_peer(node("b"), vec![addr(&b)]);
     let s = a.overlay.open(&node("b"), &target).await.expect("open");
-    flow(s, &sizes).await;
+    flow(s, &sizes, false).await;
+    for o in [&a.overlay, &b.overlay] {
+        let st = o.stats();
+        assert!(st.datagrams_as_frames >= 2, "{st:?}");
+        assert!(st.datagrams_on_streams >= 2, "9000 and 65000 bytes: {st:?}");
+        assert_eq!(st.datagrams_as_frames + st.datagrams_on_streams, 5);
+        assert_eq!(st.datagrams_dropped, 0);
+    }
 
     // Through a relay: B is reachable only through R.
     b.overlay.set_peer(node("r"), vec![addr(&r)]);
@@ -439,8 +456,11 @@ async fn a_udp_flow_crosses_the_overlay_directly_and_through_a_relay() {
         .open(&node("b"), &target)
         .await
         .expect("via relay");
-    flow(s, &sizes).await;
+    flow(s, &sizes, true).await;
     assert_eq!(r.overlay.stats().streams_relayed, 1);
+    // Through a relay every datagram is on the stream the relay joins.
+    let st = c.overlay.stats();
+    assert_eq!((st.datagrams_as_frames, st.datagrams_on_streams), (0, 5));
     // Payload bytes are counted as datagrams, not frames.
     let sent: usize = sizes.iter().sum();
     assert_eq!(c.overlay.stats().bytes_sent, sent as u64);
@@ -448,4 +468,162 @@ async fn a_udp_flow_crosses_the_overlay_directly_and_through_a_relay() {
         c.overlay.stats().bytes_received,
         (sent + 5 * sizes.len()) as u64
     );
+}
+
+/// A UDP service that records the sequence number (4 bytes, big-endian)
+/// each datagram starts with.
+async fn udp_sink() -> (SocketAddr, Arc<Mutex<Vec<u32>>>) {
+    let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = s.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok(n) = s.recv(&mut buf).await {
+            if let Some(seq) = buf
+                .get(..4.min(n))
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            {
+                record.lock().expect("seen").push(u32::from_be_bytes(seq));
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// A link to `to` that drops every `nth` packet toward `to` while `lossy`
+/// is set (netem is missing here); the address to dial instead of `to`.
+async fn lossy_link(
+    to: SocketAddr,
+    lossy: Arc<std::sync::atomic::AtomicBool>,
+    nth: usize,
+) -> SocketAddr {
+    use std::sync::atomic::Ordering;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    back.connect(to).await.expect("connect");
+    let at = front.local_addr().expect("addr");
+    let dialer: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    let (f, b, d) = (front.clone(), back.clone(), dialer.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        let mut count = 0usize;
+        while let Ok((n, from)) = f.recv_from(&mut buf).await {
+            *d.lock().expect("dialer") = Some(from);
+            count += 1;
+            if lossy.load(Ordering::Relaxed) && count.is_multiple_of(nth) {
+                continue;
+            }
+            let _ = b.send(&buf[..n]).await;
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *dialer.lock().expect("dialer");
+            if let Some(to) = to {
+                let _ = front.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    at
+}
+
+/// Sends 200 numbered datagrams on a flow from `a` to `b`'s sink through a
+/// link that loses every fifth packet toward `b` once the flow is open;
+/// what the sink received, in order.
+async fn through_loss(a: &Node, b: &Node) -> Vec<u32> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (sink, seen) = udp_sink().await;
+    let lossy = Arc::new(AtomicBool::new(false));
+    let link = lossy_link(addr(b), lossy.clone(), 5).await;
+    a.overlay.set_peer(node("b"), vec![link]);
+    let s = a
+        .overlay
+        .open(&node("b"), &format!("udp/{sink}"))
+        .await
+        .expect("open");
+    let (mut tx, _rx) = s.into_datagrams();
+    lossy.store(true, Ordering::Relaxed);
+    for seq in 0u32..200 {
+        let mut d = seq.to_be_bytes().to_vec();
+        d.resize(100, 0);
+        tx.send(&d).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Until nothing more arrives for half a second.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = seen.lock().expect("seen").len();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let got = seen.lock().expect("seen").clone();
+    got
+}
+
+#[tokio::test]
+async fn a_lost_packet_loses_its_datagrams_as_udp_would_and_is_not_sent_again() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, None);
+    let got = through_loss(&a, &b).await;
+    // Some were lost with their packets (every fifth packet toward b, acks
+    // included), none came twice, none out of order, and most arrived.
+    assert!(
+        got.len() < 200,
+        "every datagram arrived: {} of 200",
+        got.len()
+    );
+    assert!(got.len() >= 100, "only {} of 200 arrived", got.len());
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    let st = a.overlay.stats();
+    assert_eq!((st.datagrams_as_frames, st.datagrams_on_streams), (200, 0));
+}
+
+#[tokio::test]
+async fn a_node_of_the_previous_release_gets_every_datagram_on_the_stream() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    // A speaks only the previous protocol (cloudless-overlay/1); B this one.
+    let old = OverlayConfig {
+        datagram_flows: false,
+        ..config(false)
+    };
+    let a = start_with(&ca, "a", old, None);
+    let b = start(&ca, "b", false, None);
+    let echo = udp_echo().await;
+    a.overlay.set_peer(node("b"), vec![addr(&b)]);
+    let s = a
+        .overlay
+        .open(&node("b"), &format!("udp/{echo}"))
+        .await
+        .expect("open");
+    let (mut tx, mut rx) = s.into_datagrams();
+    tx.send(b"ping").await.expect("send");
+    let back = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("in time")
+        .expect("read")
+        .expect("a datagram");
+    assert_eq!(&back[..], b"echo:ping");
+    for o in [&a.overlay, &b.overlay] {
+        let st = o.stats();
+        assert_eq!(
+            (st.datagrams_as_frames, st.datagrams_on_streams),
+            (0, 1),
+            "{st:?}"
+        );
+    }
+    // And the stream's guarantee holds: through the same loss as above,
+    // every datagram arrives, in order.
+    let old = OverlayConfig {
+        datagram_flows: false,
+        ..config(false)
+    };
+    let c = start_with(&ca, "c", old, None);
+    let got = through_loss(&c, &b).await;
+    assert_eq!(got, (0..200).collect::<Vec<u32>>());
 }

@@ -225,6 +225,7 @@ async fn two_nodes_behind_nats_connect_directly_after_an_introduction() {
         connect_timeout: Duration::from_millis(700),
         relay,
         hole_punching,
+        datagram_flows: true,
     };
     let relay = endpoint(
         &ca,

@@ -85,6 +85,11 @@ struct Args {
     /// The comparisons with the targets need every path and are left out.
     #[arg(long, value_delimiter = ',')]
     only: Vec<usize>,
+    /// Both overlay endpoints speak the previous release's protocol
+    /// (`cloudless-overlay/1`): UDP flows' datagrams on their streams, not
+    /// QUIC datagrams.
+    #[arg(long)]
+    udp_on_streams: bool,
 }
 
 /// Keeps the calling thread, and the threads it starts from now on, on
@@ -306,6 +311,7 @@ fn overlay<R: Resolver>(
     id: &str,
     at: Ipv4Addr,
     resolver: R,
+    datagram_flows: bool,
 ) -> anyhow::Result<Overlay> {
     let me = Identity::Node(id.into());
     let issued = ca.issue(&me, &[], 3600, now())?;
@@ -315,6 +321,7 @@ fn overlay<R: Resolver>(
     let (tls, _) = OverlayTls::new(ca.cert_pem(), &issued.cert_pem, key)?;
     let config = OverlayConfig {
         listen: SocketAddr::from((at, 0)),
+        datagram_flows,
         ..OverlayConfig::default()
     };
     Ok(Overlay::bind(config, tls, me, Arc::new(resolver))?)
@@ -582,7 +589,14 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     } else {
         (Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, None)
     };
-    let oa = Arc::new(overlay(&ca, "A", a_at, StaticResolver::default())?);
+    let datagram_flows = !args.udp_on_streams;
+    let oa = Arc::new(overlay(
+        &ca,
+        "A",
+        a_at,
+        StaticResolver::default(),
+        datagram_flows,
+    )?);
     let ca_b = ca.clone();
     let ob = match b_netns {
         // The socket is made in B's namespace; the endpoint runs on B's
@@ -591,12 +605,12 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             let handle = node_b.clone();
             run_in(&ns, move || {
                 let _runtime = handle.enter();
-                overlay(&ca_b, "B", b_at, resolver).map_err(|e| e.to_string())
+                overlay(&ca_b, "B", b_at, resolver, datagram_flows).map_err(|e| e.to_string())
             })?
         }
         None => {
             node_b
-                .spawn(async move { overlay(&ca_b, "B", b_at, resolver) })
+                .spawn(async move { overlay(&ca_b, "B", b_at, resolver, datagram_flows) })
                 .await??
         }
     };
