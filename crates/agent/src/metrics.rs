@@ -387,7 +387,7 @@ impl Collector for NodeCollector {
             }
             let mut m = encoder.encode_descriptor(
                 "cloudless_overlay_udp_datagrams",
-                "UDP flows' datagrams this node sent to other nodes, by way (frame: a QUIC datagram; stream: on the flow's stream, when too large for a packet, relayed, or to a node of the previous release)",
+                "UDP flows' datagrams this node sent to other nodes, by way (frame: queued as a QUIC datagram; stream: on the flow's stream, when too large for a packet, the datagram queue half full, relayed, or to a node of the previous release)",
                 None,
                 MetricType::Counter,
             )?;

@@ -7,11 +7,16 @@
 //! carrying the flow's stream id (a QUIC variable-length integer) and then
 //! the datagram, as HTTP/3 ties datagrams to a request stream (RFC 9297): a
 //! lost packet loses its datagrams, as UDP would, and delays nothing behind
-//! it. A datagram too large for a packet, a flow through a relay (which
-//! joins two streams' bytes) and a flow with a node of the previous release
-//! carry each datagram on the stream instead, its length (two bytes,
-//! big-endian) and then its bytes: in order, never lost while the stream
-//! lives, and a lost packet delays the datagrams behind it.
+//! it. The stream carries a datagram instead, its length (two bytes,
+//! big-endian) and then its bytes, in order and never lost while the stream
+//! lives (a lost packet delays the datagrams behind it), when it is too
+//! large for a packet (over about 1,160 to 1,410 bytes, by the path), when
+//! the connection's datagram queue is half full (QUIC puts datagrams before
+//! stream data in every packet, so a flow sending faster than the path
+//! carries would otherwise starve the connection's TCP streams and other
+//! flows: on the stream it gets its fair share and waits for it), on a flow
+//! through a relay (which joins two streams' bytes) and with a node of the
+//! previous release.
 //!
 //! A length the stream does not then carry (it ended in the middle of a
 //! datagram) is an error, never a panic; every length fits in the two bytes,
@@ -38,6 +43,13 @@ pub const MAX_DATAGRAM: usize = u16::MAX as usize;
 /// QUIC datagrams a flow holds before its reader takes them; more are
 /// dropped.
 pub const FLOW_QUEUE: usize = 256;
+
+/// Bytes of QUIC datagrams a connection queues for sending.
+pub(crate) const SEND_BUFFER: usize = 128 * 1024;
+
+/// How long a flow whose stream ended still takes QUIC datagrams that
+/// were sent before the end (the two arrive on separate paths).
+const END_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The code a flow's stream is reset with when its socket failed.
 const FAILED: u32 = 0;
@@ -91,12 +103,14 @@ impl FlowRouter {
         }
     }
 
-    /// Delivers one QUIC datagram to its flow, or drops it.
-    pub(crate) fn dispatch(&self, d: Bytes) {
-        let delivered = decode_varint(&d).is_some_and(|(id, len)| {
+    /// Delivers one QUIC datagram to its flow (a copy: the datagram is a
+    /// slice of a receive batch that a queued slice would keep whole), or
+    /// drops it.
+    pub(crate) fn dispatch(&self, d: &[u8]) {
+        let delivered = decode_varint(d).is_some_and(|(id, len)| {
             lock(&self.flows)
                 .get(&id)
-                .is_some_and(|tx| tx.try_send(d.slice(len..)).is_ok())
+                .is_some_and(|tx| tx.try_send(Bytes::copy_from_slice(&d[len..])).is_ok())
         });
         if !delivered {
             self.counted
@@ -161,9 +175,9 @@ impl DatagramPath {
         }
     }
 
-    /// Takes the datagrams for stream `id` from now on: the side that
-    /// accepts a flow does so before it answers, so the first datagram the
-    /// opener sends finds the flow.
+    /// Takes the datagrams for stream `id` from now on: the opener before
+    /// its request and the side that accepts a flow before it answers, so
+    /// no first datagram either sends finds no flow.
     pub(crate) fn register(&mut self, id: u64) {
         if self.registered.is_none() {
             self.registered = Some(self.router.register(id));
@@ -203,6 +217,8 @@ enum Incoming {
         frames: Registered,
         stream: mpsc::Receiver<io::Result<Option<Bytes>>>,
         stop: Option<oneshot::Sender<u32>>,
+        /// The stream ended: only QUIC datagrams sent before it still come.
+        ended: bool,
     },
 }
 
@@ -224,7 +240,7 @@ impl DatagramSender {
             let fits = conn
                 .max_datagram_size()
                 .is_some_and(|max| id.len() + datagram.len() <= max);
-            if fits {
+            if fits && conn.datagram_send_buffer_space() >= SEND_BUFFER / 2 {
                 let mut framed = BytesMut::with_capacity(id.len() + datagram.len());
                 framed.extend_from_slice(id);
                 framed.extend_from_slice(datagram);
@@ -311,14 +327,37 @@ impl DatagramReceiver {
     pub async fn recv(&mut self) -> io::Result<Option<Bytes>> {
         match &mut self.incoming {
             Incoming::Stream(recv) => read_framed(recv, &self.bytes).await,
-            Incoming::Both { frames, stream, .. } => tokio::select! {
-                biased;
-                Some(d) = frames.rx.recv() => {
-                    self.bytes.received(d.len() as u64);
-                    Ok(Some(d))
+            Incoming::Both {
+                frames,
+                stream,
+                ended,
+                ..
+            } => {
+                if !*ended {
+                    // Neither source first: a flow whose QUIC datagrams
+                    // keep coming still gets its stream's.
+                    let from_stream = tokio::select! {
+                        Some(d) = frames.rx.recv() => {
+                            self.bytes.received(d.len() as u64);
+                            return Ok(Some(d));
+                        }
+                        r = stream.recv() => r.unwrap_or(Ok(None)),
+                    };
+                    match from_stream {
+                        Ok(None) => *ended = true,
+                        other => return other,
+                    }
                 }
-                r = stream.recv() => r.unwrap_or(Ok(None)),
-            },
+                // The end and the datagrams sent before it travel apart:
+                // those already here, and any within a moment, first.
+                match tokio::time::timeout(END_GRACE, frames.rx.recv()).await {
+                    Ok(Some(d)) => {
+                        self.bytes.received(d.len() as u64);
+                        Ok(Some(d))
+                    }
+                    _ => Ok(None),
+                }
+            }
         }
     }
 
@@ -366,21 +405,24 @@ impl OverlayStream {
         let (stop_tx, mut stop_rx) = oneshot::channel::<u32>();
         let counted = bytes.clone();
         tokio::spawn(async move {
-            loop {
+            let stopped = loop {
+                let r = tokio::select! {
+                    code = &mut stop_rx => break code,
+                    r = read_framed(&mut recv, &counted) => r,
+                };
+                let end = !matches!(r, Ok(Some(_)));
                 tokio::select! {
-                    code = &mut stop_rx => {
-                        if let Ok(code) = code {
-                            let _ = recv.stop(code.into());
-                        }
-                        return;
-                    }
-                    r = read_framed(&mut recv, &counted) => {
-                        let end = !matches!(r, Ok(Some(_)));
-                        if stream_tx.send(r).await.is_err() || end {
+                    code = &mut stop_rx => break code,
+                    sent = stream_tx.send(r) => {
+                        if sent.is_err() || end {
                             return;
                         }
                     }
                 }
+            };
+            // Told to stop (not merely dropped): with the code given.
+            if let Ok(code) = stopped {
+                let _ = recv.stop(code.into());
             }
         });
         let tx = DatagramSender {
@@ -393,6 +435,7 @@ impl OverlayStream {
                 frames,
                 stream: stream_rx,
                 stop: Some(stop_tx),
+                ended: false,
             },
             bytes,
         };
@@ -502,5 +545,40 @@ mod tests {
         );
         assert_eq!(decode_varint(&[0x7b, 0xbd]), Some((15_293, 2)));
         assert_eq!(decode_varint(&[0x25]), Some((37, 1)));
+    }
+
+    #[test]
+    fn the_router_hands_each_flow_its_own_datagrams_and_drops_the_rest() {
+        let counted = Arc::new(StreamBytes::default());
+        let dropped = || counted.datagrams_dropped.load(Ordering::Relaxed);
+        let router = Arc::new(FlowRouter::new(counted.clone()));
+        let mut a = router.register(5);
+        let mut b = router.register(300);
+        let frame = |id: u64, body: &[u8]| {
+            let mut f = encode_varint(id).expect("in range");
+            f.extend_from_slice(body);
+            f
+        };
+        router.dispatch(&frame(5, b"to a"));
+        router.dispatch(&frame(300, b"to b"));
+        router.dispatch(&frame(7, b"no such flow"));
+        router.dispatch(&[]);
+        router.dispatch(&[0x40]); // a two-byte id cut short
+        assert_eq!(a.rx.try_recv().expect("a's"), &b"to a"[..]);
+        assert_eq!(b.rx.try_recv().expect("b's"), &b"to b"[..]);
+        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+        assert_eq!(dropped(), 3);
+        // A flow whose reader falls behind keeps its queue's worth.
+        for i in 0..FLOW_QUEUE + 10 {
+            router.dispatch(&frame(5, &[i as u8]));
+        }
+        assert_eq!(dropped(), 13);
+        // A flow gone takes nothing more, and leaves no entry behind.
+        drop(a);
+        router.dispatch(&frame(5, b"late"));
+        assert_eq!(dropped(), 14);
+        assert_eq!(lock(&router.flows).len(), 1);
+        drop(b);
+        assert!(lock(&router.flows).is_empty());
     }
 }

@@ -694,6 +694,14 @@ impl Overlay {
             .open_bi()
             .await
             .map_err(|e| OverlayError::Io(format!("opening a stream to {peer}: {e}")))?;
+        // A flow opened straight at its target may carry datagrams beside
+        // the stream, taken from before the request (a target may send
+        // first); one through a relay is bytes the relay joins.
+        let direct = matches!(request, StreamRequest::Open { origin: None, .. });
+        let mut datagrams = direct.then(|| self.datagram_path(conn)).flatten();
+        if let Some(p) = datagrams.as_mut() {
+            p.register(u64::from(send.id()));
+        }
         write_frame(&mut send, request).await?;
         let reply: StreamReply = read_frame(&mut recv).await?;
         if !reply.ok {
@@ -703,14 +711,11 @@ impl Overlay {
             });
         }
         self.inner.counters.opened.fetch_add(1, Ordering::Relaxed);
-        // A flow opened straight at its target may carry datagrams beside
-        // the stream; one through a relay is bytes the relay joins.
-        let direct = matches!(request, StreamRequest::Open { origin: None, .. });
         Ok(OverlayStream {
             send,
             recv,
             bytes: self.inner.counters.bytes.clone(),
-            datagrams: direct.then(|| self.datagram_path(conn)).flatten(),
+            datagrams,
         })
     }
 
@@ -732,7 +737,7 @@ impl Overlay {
                 let (weak, conn, r) = (Arc::downgrade(&self.inner), conn.clone(), router.clone());
                 tokio::spawn(async move {
                     while let Ok(d) = conn.read_datagram().await {
-                        r.dispatch(d);
+                        r.dispatch(&d);
                     }
                     if let Some(inner) = weak.upgrade() {
                         lock(&inner.routers).remove(&id);

@@ -551,18 +551,23 @@ async fn through_loss(a: &Node, b: &Node) -> Vec<u32> {
         tx.send(&d).await.expect("send");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // Until nothing more arrives for half a second.
-    let mut last = usize::MAX;
+    settled(&seen, 200).await
+}
+
+/// What `seen` holds once it holds `all`, or once nothing more arrived for
+/// 2 s (what is lost stays lost).
+async fn settled(seen: &Mutex<Vec<u32>>, all: usize) -> Vec<u32> {
+    let mut last = (usize::MAX, tokio::time::Instant::now());
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let now = seen.lock().expect("seen").len();
-        if now == last {
-            break;
+        if now >= all || (now == last.0 && last.1.elapsed() > Duration::from_secs(2)) {
+            return seen.lock().expect("seen").clone();
         }
-        last = now;
+        if now != last.0 {
+            last = (now, tokio::time::Instant::now());
+        }
     }
-    let got = seen.lock().expect("seen").clone();
-    got
 }
 
 #[tokio::test]
@@ -623,7 +628,55 @@ async fn a_node_of_the_previous_release_gets_every_datagram_on_the_stream() {
         datagram_flows: false,
         ..config(false)
     };
-    let c = start_with(&ca, "c", old, None);
+    let c = start_with(&ca, "c", old.clone(), None);
     let got = through_loss(&c, &b).await;
     assert_eq!(got, (0..200).collect::<Vec<u32>>());
+
+    // The other way round: a node of this release dials one of the
+    // previous release.
+    let d = start(&ca, "d", false, None);
+    let e = start_with(&ca, "e", old, None);
+    d.overlay.set_peer(node("e"), vec![addr(&e)]);
+    let s = d
+        .overlay
+        .open(&node("e"), &format!("udp/{echo}"))
+        .await
+        .expect("open");
+    let (mut tx, mut rx) = s.into_datagrams();
+    tx.send(b"pong").await.expect("send");
+    let back = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("in time")
+        .expect("read")
+        .expect("a datagram");
+    assert_eq!(&back[..], b"echo:pong");
+    assert_eq!(d.overlay.stats().datagrams_as_frames, 0);
+}
+
+#[tokio::test]
+async fn datagrams_sent_just_before_a_flow_ends_are_delivered() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, None);
+    a.overlay.set_peer(node("b"), vec![addr(&b)]);
+    let (sink, seen) = udp_sink().await;
+    for round in 0..5u32 {
+        let s = a
+            .overlay
+            .open(&node("b"), &format!("udp/{sink}"))
+            .await
+            .expect("open");
+        let (mut tx, _rx) = s.into_datagrams();
+        for i in 0..50u32 {
+            tx.send(&(round * 50 + i).to_be_bytes())
+                .await
+                .expect("send");
+        }
+        // The end right behind them, on the stream.
+        tx.finish();
+    }
+    let mut got = settled(&seen, 250).await;
+    got.sort_unstable();
+    assert_eq!(got, (0..250).collect::<Vec<u32>>());
+    assert_eq!(a.overlay.stats().datagrams_as_frames, 250);
 }
