@@ -476,10 +476,13 @@ impl Mesh {
         caller: &Caller,
     ) -> Result<cloudless_overlay::OverlayStream, String> {
         let peer = Identity::Node(node_id.to_owned());
-        self.overlay
-            .open(&peer, &service_target(replica_id, port, udp, caller))
-            .await
-            .map_err(|e| e.to_string())
+        let target = service_target(replica_id, port, udp, caller);
+        if udp {
+            self.overlay.open_flow(&peer, &target).await
+        } else {
+            self.overlay.open(&peer, &target).await
+        }
+        .map_err(|e| e.to_string())
     }
 
     /// Records where a local replica runs now (`None`: it stopped).

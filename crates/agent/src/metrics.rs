@@ -387,13 +387,14 @@ impl Collector for NodeCollector {
             }
             let mut m = encoder.encode_descriptor(
                 "cloudless_overlay_udp_datagrams",
-                "UDP flows' datagrams this node sent to other nodes, by way (frame: queued as a QUIC datagram; stream: on the flow's stream, when too large for a packet, the datagram queue half full, relayed, or to a node of the previous release)",
+                "UDP flows' datagrams this node sent to other nodes, by way (frame: queued as a QUIC datagram; stream: on the flow's stream, when too large for a packet, relayed, or to a node of the previous release; dropped: not sent, the connection's datagram queue was full)",
                 None,
                 MetricType::Counter,
             )?;
             for (way, n) in [
                 ("frame", s.datagrams_as_frames),
                 ("stream", s.datagrams_on_streams),
+                ("dropped", s.datagrams_queue_full),
             ] {
                 ConstCounter::new(n).encode(m.encode_family(&[("way", way)])?)?;
             }

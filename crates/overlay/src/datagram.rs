@@ -7,16 +7,17 @@
 //! carrying the flow's stream id (a QUIC variable-length integer) and then
 //! the datagram, as HTTP/3 ties datagrams to a request stream (RFC 9297): a
 //! lost packet loses its datagrams, as UDP would, and delays nothing behind
-//! it. The stream carries a datagram instead, its length (two bytes,
-//! big-endian) and then its bytes, in order and never lost while the stream
-//! lives (a lost packet delays the datagrams behind it), when it is too
-//! large for a packet (over about 1,160 to 1,410 bytes, by the path), when
-//! the connection's datagram queue is half full (QUIC puts datagrams before
-//! stream data in every packet, so a flow sending faster than the path
-//! carries would otherwise starve the connection's TCP streams and other
-//! flows: on the stream it gets its fair share and waits for it), on a flow
-//! through a relay (which joins two streams' bytes) and with a node of the
-//! previous release.
+//! it. The connection queues at most [`QUEUE_LIMIT`] bytes of them for the
+//! congestion window; a datagram that finds the queue full is dropped and
+//! counted, as a full link queue drops (QUIC sends queued datagrams before
+//! stream data, as a network carries UDP that ignores congestion: a flow
+//! sending faster than the path carries slows the TCP streams between the
+//! two nodes). The stream carries a datagram instead, its length (two
+//! bytes, big-endian) and then its bytes, in order and never lost while the
+//! stream lives (a lost packet delays the datagrams behind it), when it is
+//! too large for a packet (over about 1,160 to 1,410 bytes, by the path),
+//! on a flow through a relay (which joins two streams' bytes) and with a
+//! node of the previous release.
 //!
 //! A length the stream does not then carry (it ended in the middle of a
 //! datagram) is an error, never a panic; every length fits in the two bytes,
@@ -44,11 +45,18 @@ pub const MAX_DATAGRAM: usize = u16::MAX as usize;
 /// dropped.
 pub const FLOW_QUEUE: usize = 256;
 
-/// Bytes of QUIC datagrams a connection queues for sending.
-pub(crate) const SEND_BUFFER: usize = 128 * 1024;
+/// Bytes of QUIC datagrams a connection may queue for sending (about 180
+/// full packets: 20 ms at 100 Mbit/s); a datagram that finds more queued is
+/// dropped.
+pub const QUEUE_LIMIT: usize = 256 * 1024;
 
-/// How long a flow whose stream ended still takes QUIC datagrams that
-/// were sent before the end (the two arrive on separate paths).
+/// quinn's queue, twice the limit: quinn drops the oldest queued datagram
+/// (any flow's) for a newer one only beyond it, which the limit never
+/// reaches.
+pub(crate) const SEND_BUFFER: usize = 2 * QUEUE_LIMIT;
+
+/// How long at least a flow whose stream ended still takes QUIC datagrams
+/// sent before the end (the two travel apart); two round trips when longer.
 const END_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The code a flow's stream is reset with when its socket failed.
@@ -219,6 +227,8 @@ enum Incoming {
         stop: Option<oneshot::Sender<u32>>,
         /// The stream ended: only QUIC datagrams sent before it still come.
         ended: bool,
+        /// How long after the end they may still come.
+        grace: std::time::Duration,
     },
 }
 
@@ -240,7 +250,13 @@ impl DatagramSender {
             let fits = conn
                 .max_datagram_size()
                 .is_some_and(|max| id.len() + datagram.len() <= max);
-            if fits && conn.datagram_send_buffer_space() >= SEND_BUFFER / 2 {
+            if fits && conn.datagram_send_buffer_space() < SEND_BUFFER - QUEUE_LIMIT {
+                self.bytes
+                    .datagrams_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            if fits {
                 let mut framed = BytesMut::with_capacity(id.len() + datagram.len());
                 framed.extend_from_slice(id);
                 framed.extend_from_slice(datagram);
@@ -320,10 +336,12 @@ async fn read_framed(
 }
 
 impl DatagramReceiver {
-    /// The next datagram, or `None` once the other side ended the flow.
-    /// Not cancel-safe on a flow without QUIC datagrams: a call dropped
-    /// halfway through a datagram loses the flow's framing, so read a flow
-    /// from one loop for its whole life.
+    /// The next datagram, or `None` once the other side ended the flow
+    /// (and the QUIC datagrams sent before the end have had a moment to
+    /// arrive: a call dropped meanwhile starts that moment again). Not
+    /// cancel-safe on a flow without QUIC datagrams: a call dropped halfway
+    /// through a datagram loses the flow's framing, so read a flow from one
+    /// loop for its whole life.
     pub async fn recv(&mut self) -> io::Result<Option<Bytes>> {
         match &mut self.incoming {
             Incoming::Stream(recv) => read_framed(recv, &self.bytes).await,
@@ -331,6 +349,7 @@ impl DatagramReceiver {
                 frames,
                 stream,
                 ended,
+                grace,
                 ..
             } => {
                 if !*ended {
@@ -350,7 +369,7 @@ impl DatagramReceiver {
                 }
                 // The end and the datagrams sent before it travel apart:
                 // those already here, and any within a moment, first.
-                match tokio::time::timeout(END_GRACE, frames.rx.recv()).await {
+                match tokio::time::timeout(*grace, frames.rx.recv()).await {
                     Ok(Some(d)) => {
                         self.bytes.received(d.len() as u64);
                         Ok(Some(d))
@@ -407,11 +426,13 @@ impl OverlayStream {
         tokio::spawn(async move {
             let stopped = loop {
                 let r = tokio::select! {
+                    biased;
                     code = &mut stop_rx => break code,
                     r = read_framed(&mut recv, &counted) => r,
                 };
                 let end = !matches!(r, Ok(Some(_)));
                 tokio::select! {
+                    biased;
                     code = &mut stop_rx => break code,
                     sent = stream_tx.send(r) => {
                         if sent.is_err() || end {
@@ -425,6 +446,7 @@ impl OverlayStream {
                 let _ = recv.stop(code.into());
             }
         });
+        let grace = END_GRACE.max(2 * path.conn.rtt());
         let tx = DatagramSender {
             send,
             bytes: bytes.clone(),
@@ -436,6 +458,7 @@ impl OverlayStream {
                 stream: stream_rx,
                 stop: Some(stop_tx),
                 ended: false,
+                grace,
             },
             bytes,
         };
@@ -580,5 +603,38 @@ mod tests {
         assert_eq!(lock(&router.flows).len(), 1);
         drop(b);
         assert!(lock(&router.flows).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_datagram_that_arrives_just_after_its_flows_end_is_still_delivered() {
+        let counted = Arc::new(StreamBytes::default());
+        let router = Arc::new(FlowRouter::new(counted.clone()));
+        let (stream_tx, stream_rx) = mpsc::channel(1);
+        let mut rx = DatagramReceiver {
+            incoming: Incoming::Both {
+                frames: router.register(9),
+                stream: stream_rx,
+                stop: None,
+                ended: false,
+                // Room for a loaded machine; the flows' own is END_GRACE
+                // or two round trips.
+                grace: std::time::Duration::from_secs(1),
+            },
+            bytes: counted,
+        };
+        // The end comes first, the last datagram 5 ms later.
+        stream_tx.send(Ok(None)).await.expect("the end");
+        let late = router.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let mut d = encode_varint(9).expect("id");
+            d.extend_from_slice(b"last");
+            late.dispatch(&d);
+        });
+        assert_eq!(
+            rx.recv().await.expect("read"),
+            Some(Bytes::from_static(b"last"))
+        );
+        assert_eq!(rx.recv().await.expect("read"), None);
     }
 }

@@ -157,6 +157,9 @@ pub struct OverlayStats {
     /// for a packet, a flow through a relay, or a peer of the previous
     /// release.
     pub datagrams_on_streams: u64,
+    /// UDP flows' datagrams this node did not send: the connection's queue
+    /// of QUIC datagrams held [`crate::datagram::QUEUE_LIMIT`] bytes.
+    pub datagrams_queue_full: u64,
     /// QUIC datagrams received for no open flow of their connection, for a
     /// flow whose queue was full, or malformed: dropped, as a full UDP
     /// socket drops.
@@ -204,6 +207,8 @@ pub(crate) struct StreamBytes {
     pub(crate) datagrams_on_streams: AtomicU64,
     /// QUIC datagrams received and dropped.
     pub(crate) datagrams_dropped: AtomicU64,
+    /// UDP flows' datagrams not sent: the connection's queue was full.
+    pub(crate) datagrams_queue_full: AtomicU64,
 }
 
 impl StreamBytes {
@@ -447,6 +452,7 @@ impl Overlay {
             datagrams_as_frames: c.bytes.datagrams_as_frames.load(Ordering::Relaxed),
             datagrams_on_streams: c.bytes.datagrams_on_streams.load(Ordering::Relaxed),
             datagrams_dropped: c.bytes.datagrams_dropped.load(Ordering::Relaxed),
+            datagrams_queue_full: c.bytes.datagrams_queue_full.load(Ordering::Relaxed),
             traversal: std::array::from_fn(|i| Traversal {
                 method: TRAVERSAL_METHODS[i],
                 succeeded: c.traversal[i][0].load(Ordering::Relaxed),
@@ -511,6 +517,27 @@ impl Overlay {
     /// Opens a stream to `target` on `peer`: directly when a connection
     /// exists or an address answers, else through each relay in turn.
     pub async fn open(&self, peer: &Identity, target: &str) -> Result<OverlayStream, OverlayError> {
+        self.open_stream(peer, target, false).await
+    }
+
+    /// [`Overlay::open`] for a UDP flow ([`OverlayStream::into_datagrams`]):
+    /// on a direct connection that speaks QUIC datagrams, the flow takes
+    /// them from before its request, so a target that sends first loses
+    /// nothing.
+    pub async fn open_flow(
+        &self,
+        peer: &Identity,
+        target: &str,
+    ) -> Result<OverlayStream, OverlayError> {
+        self.open_stream(peer, target, true).await
+    }
+
+    async fn open_stream(
+        &self,
+        peer: &Identity,
+        target: &str,
+        flow: bool,
+    ) -> Result<OverlayStream, OverlayError> {
         let recently_failed = lock(&self.inner.direct_failed)
             .get(peer)
             .is_some_and(|t| t.elapsed() < DIRECT_RETRY);
@@ -557,7 +584,7 @@ impl Overlay {
                     target: target.to_owned(),
                     origin: None,
                 };
-                match self.request(&conn, peer, &request).await {
+                match self.request(&conn, peer, &request, flow).await {
                     Ok(stream) => return Ok(stream),
                     // The target refused: a relay would be refused too.
                     Err(e @ OverlayError::Refused { .. }) => return Err(e),
@@ -575,7 +602,7 @@ impl Overlay {
             };
             let counters = &self.inner.counters;
             match self.connection(relay).await {
-                Ok(conn) => match self.request(&conn, relay, &request).await {
+                Ok(conn) => match self.request(&conn, relay, &request, false).await {
                     Ok(stream) => {
                         counters.traversed(2, true);
                         return Ok(stream);
@@ -684,22 +711,25 @@ impl Overlay {
         })
     }
 
+    /// Opens a stream on `conn` with `request`; for a UDP `flow` opened
+    /// straight at its target, with its place for QUIC datagrams taken
+    /// first.
     async fn request(
         &self,
         conn: &quinn::Connection,
         peer: &Identity,
         request: &StreamRequest,
+        flow: bool,
     ) -> Result<OverlayStream, OverlayError> {
         let (mut send, mut recv) = conn
             .open_bi()
             .await
             .map_err(|e| OverlayError::Io(format!("opening a stream to {peer}: {e}")))?;
         // A flow opened straight at its target may carry datagrams beside
-        // the stream, taken from before the request (a target may send
-        // first); one through a relay is bytes the relay joins.
+        // the stream; one through a relay is bytes the relay joins.
         let direct = matches!(request, StreamRequest::Open { origin: None, .. });
         let mut datagrams = direct.then(|| self.datagram_path(conn)).flatten();
-        if let Some(p) = datagrams.as_mut() {
+        if let Some(p) = datagrams.as_mut().filter(|_| flow) {
             p.register(u64::from(send.id()));
         }
         write_frame(&mut send, request).await?;
@@ -1059,7 +1089,7 @@ impl Overlay {
                     origin: Some(peer.uri()),
                 };
                 let onward = match self.connection(&to).await {
-                    Ok(conn) => self.request(&conn, &to, &request).await,
+                    Ok(conn) => self.request(&conn, &to, &request, false).await,
                     Err(e) => Err(e),
                 };
                 match onward {

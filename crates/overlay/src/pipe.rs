@@ -56,8 +56,10 @@ impl OverlayStream {
             mut send,
             mut recv,
             bytes: counted,
-            ..
+            datagrams,
         } = self;
+        // A TCP connection takes no QUIC datagrams: its flow's place goes.
+        drop(datagrams);
         let (mut from_tcp, mut to_tcp) = tcp.split();
         let up = async {
             let mut total = 0u64;
@@ -114,8 +116,9 @@ impl OverlayStream {
             send: mut near_send,
             recv: mut near_recv,
             bytes: counted,
-            ..
+            datagrams,
         } = self;
+        drop(datagrams);
         let OverlayStream {
             send: mut far_send,
             recv: mut far_recv,

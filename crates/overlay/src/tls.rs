@@ -190,8 +190,8 @@ fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // UDP flows' QUIC datagrams wait here for room in the congestion
-    // window; a flow sends one only while half of it is free
-    // (`crate::datagram`), so quinn never drops a queued one for a newer.
+    // window; flows stop at `QUEUE_LIMIT`, half of it (`crate::datagram`),
+    // so quinn never drops a queued one for a newer.
     t.datagram_send_buffer_size(crate::datagram::SEND_BUFFER);
     Arc::new(t)
 }

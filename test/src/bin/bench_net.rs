@@ -298,7 +298,7 @@ impl Dialer for OverlayDialer {
             let target = cloudless_agent::mesh::service_target(&e.replica_id, port, true, caller);
             let s = self
                 .overlay
-                .open(&Identity::Node(e.node_id.clone()), &target)
+                .open_flow(&Identity::Node(e.node_id.clone()), &target)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(cloudless_agent::mesh::overlay_datagrams(s))
