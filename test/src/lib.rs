@@ -650,6 +650,17 @@ pub async fn start_process_cluster_on(
     Ok((nodes, extra))
 }
 
+/// The value of the sample `series` (a metric name with its labels, as
+/// exposed: `name{label="v"}`) in a Prometheus text scrape; panics naming
+/// it when absent.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{scrape}"))
+}
+
 /// `GET path` from `addr` over HTTP/1.0 (the agents' and coordinators'
 /// `/metrics`, `/healthz`, `/readyz`): the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {

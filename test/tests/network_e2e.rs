@@ -189,13 +189,9 @@ async fn replicas_get_a_network_of_their_own() {
             ("cloudless_agent_replica_network_receive_bytes_total", 100.0),
             ("cloudless_agent_replica_network_transmit_bytes_total", 50.0),
         ] {
-            let key = format!("{name}{{replica=\"{}\"}} ", r.id);
-            let value: f64 = scrape
-                .lines()
-                .find_map(|l| l.strip_prefix(&key))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {key} in:\n{scrape}"));
-            assert!(value >= least, "{key}{value}");
+            let key = format!("{name}{{replica=\"{}\"}}", r.id);
+            let value = cloudless_test::sample(&scrape, &key);
+            assert!(value >= least, "{key} {value}");
         }
     }
 
@@ -506,11 +502,10 @@ async fn services_by_name_reach_ready_replicas_on_every_node_within_their_policy
     // between the agents as QUIC datagrams (both agents of this release).
     for agent in &c.agents {
         let scrape = cloudless_test::http_get(&agent.metrics_addr, "/metrics").1;
-        let frames: f64 = scrape
-            .lines()
-            .find_map(|l| l.strip_prefix("cloudless_overlay_udp_datagrams_total{way=\"frame\"} "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no UDP datagram count on {}:\n{scrape}", agent.name));
+        let frames = cloudless_test::sample(
+            &scrape,
+            "cloudless_overlay_udp_datagrams_total{way=\"frame\"}",
+        );
         assert!(
             frames >= 1.0,
             "{}: {frames} datagrams as QUIC datagrams",

@@ -29,13 +29,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::mesh::{OverlayStream, StreamBytes};
+use crate::mesh::{lock, OverlayStream, StreamBytes};
 
 /// Largest datagram a flow carries (a UDP payload is at most 65,507 bytes
 /// over IPv4).
@@ -65,10 +65,6 @@ const FAILED: u32 = 0;
 thread_local! {
     /// Where flows' sockets read into: one buffer per thread.
     static RECEIVED: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `v` as a QUIC variable-length integer (RFC 9000, section 16); `None`
@@ -250,13 +246,13 @@ impl DatagramSender {
             let fits = conn
                 .max_datagram_size()
                 .is_some_and(|max| id.len() + datagram.len() <= max);
-            if fits && conn.datagram_send_buffer_space() < SEND_BUFFER - QUEUE_LIMIT {
-                self.bytes
-                    .datagrams_queue_full
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
             if fits {
+                if conn.datagram_send_buffer_space() < SEND_BUFFER - QUEUE_LIMIT {
+                    self.bytes
+                        .datagrams_queue_full
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
                 let mut framed = BytesMut::with_capacity(id.len() + datagram.len());
                 framed.extend_from_slice(id);
                 framed.extend_from_slice(datagram);
@@ -418,8 +414,10 @@ impl OverlayStream {
             };
             return (tx, rx);
         };
-        path.register(id);
-        let frames = path.registered.take().expect("registered just now");
+        let frames = path
+            .registered
+            .take()
+            .unwrap_or_else(|| path.router.register(id));
         let (stream_tx, stream_rx) = mpsc::channel(1);
         let (stop_tx, mut stop_rx) = oneshot::channel::<u32>();
         let counted = bytes.clone();

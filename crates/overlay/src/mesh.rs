@@ -271,7 +271,7 @@ struct Inner {
     counters: Counters,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -753,15 +753,15 @@ impl Overlay {
     /// speaks them: its router, made (with the task that reads the
     /// connection's datagrams) the first time.
     fn datagram_path(&self, conn: &quinn::Connection) -> Option<DatagramPath> {
-        if !crate::tls::speaks_datagrams(conn) {
-            return None;
-        }
         let id = conn.stable_id();
         let router = {
             let mut routers = lock(&self.inner.routers);
             if let Some(r) = routers.get(&id) {
                 r.clone()
             } else {
+                if !crate::tls::speaks_datagrams(conn) {
+                    return None;
+                }
                 let router = Arc::new(FlowRouter::new(self.inner.counters.bytes.clone()));
                 routers.insert(id, router.clone());
                 let (weak, conn, r) = (Arc::downgrade(&self.inner), conn.clone(), router.clone());
@@ -950,13 +950,7 @@ impl Overlay {
                 let _ = send.finish();
             }
             StreamRequest::Open { target, origin } => {
-                // A flow a relay forwards is bytes it joins to the opener's
-                // stream: its datagrams stay on the stream.
-                let mut datagrams = if origin.is_none() {
-                    self.datagram_path(&conn)
-                } else {
-                    None
-                };
+                let relayed = origin.is_some();
                 // Only a relay this node chose may speak for someone else.
                 let origin = match origin.as_deref().and_then(Identity::from_uri) {
                     Some(o) if lock(&self.inner.relays).contains(&peer) => o,
@@ -964,18 +958,24 @@ impl Overlay {
                 };
                 match self.inner.resolver.connect(&origin, &target).await {
                     Ok(connected) => {
-                        match &connected {
+                        let datagrams = match &connected {
                             Connected::Tcp(tcp) => {
                                 let _ = tcp.set_nodelay(true);
+                                None
                             }
-                            // Before the answer: the opener's first
+                            // A flow a relay forwards is bytes it joins to
+                            // the opener's stream: its datagrams stay on
+                            // the stream. Else the flow is registered
+                            // before the answer: the opener's first
                             // datagram may follow it at once.
-                            Connected::Udp(_) => {
-                                if let Some(p) = datagrams.as_mut() {
+                            Connected::Udp(_) if !relayed => {
+                                self.datagram_path(&conn).map(|mut p| {
                                     p.register(u64::from(recv.id()));
-                                }
+                                    p
+                                })
                             }
-                        }
+                            Connected::Udp(_) => None,
+                        };
                         if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
                             return;
                         }

@@ -589,6 +589,23 @@ async fn a_lost_packet_loses_its_datagrams_as_udp_would_and_is_not_sent_again() 
     assert_eq!((st.datagrams_as_frames, st.datagrams_on_streams), (200, 0));
 }
 
+/// Sends `msg` on a new flow from `from` to the UDP echo at `echo` on
+/// node `to`; the answer.
+async fn echo_once(from: &Node, to: &str, echo: SocketAddr, msg: &[u8]) -> bytes::Bytes {
+    let s = from
+        .overlay
+        .open(&node(to), &format!("udp/{echo}"))
+        .await
+        .expect("open");
+    let (mut tx, mut rx) = s.into_datagrams();
+    tx.send(msg).await.expect("send");
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("in time")
+        .expect("read")
+        .expect("a datagram")
+}
+
 #[tokio::test]
 async fn a_node_of_the_previous_release_gets_every_datagram_on_the_stream() {
     let ca = ClusterCa::generate("mesh", now()).expect("ca");
@@ -597,23 +614,11 @@ async fn a_node_of_the_previous_release_gets_every_datagram_on_the_stream() {
         datagram_flows: false,
         ..config(false)
     };
-    let a = start_with(&ca, "a", old, None);
+    let a = start_with(&ca, "a", old.clone(), None);
     let b = start(&ca, "b", false, None);
     let echo = udp_echo().await;
     a.overlay.set_peer(node("b"), vec![addr(&b)]);
-    let s = a
-        .overlay
-        .open(&node("b"), &format!("udp/{echo}"))
-        .await
-        .expect("open");
-    let (mut tx, mut rx) = s.into_datagrams();
-    tx.send(b"ping").await.expect("send");
-    let back = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("in time")
-        .expect("read")
-        .expect("a datagram");
-    assert_eq!(&back[..], b"echo:ping");
+    assert_eq!(&echo_once(&a, "b", echo, b"ping").await[..], b"echo:ping");
     for o in [&a.overlay, &b.overlay] {
         let st = o.stats();
         assert_eq!(
@@ -624,10 +629,6 @@ async fn a_node_of_the_previous_release_gets_every_datagram_on_the_stream() {
     }
     // And the stream's guarantee holds: through the same loss as above,
     // every datagram arrives, in order.
-    let old = OverlayConfig {
-        datagram_flows: false,
-        ..config(false)
-    };
     let c = start_with(&ca, "c", old.clone(), None);
     let got = through_loss(&c, &b).await;
     assert_eq!(got, (0..200).collect::<Vec<u32>>());
@@ -637,19 +638,7 @@ async fn a_node_of_the_previous_release_gets_every_datagram_on_the_stream() {
     let d = start(&ca, "d", false, None);
     let e = start_with(&ca, "e", old, None);
     d.overlay.set_peer(node("e"), vec![addr(&e)]);
-    let s = d
-        .overlay
-        .open(&node("e"), &format!("udp/{echo}"))
-        .await
-        .expect("open");
-    let (mut tx, mut rx) = s.into_datagrams();
-    tx.send(b"pong").await.expect("send");
-    let back = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("in time")
-        .expect("read")
-        .expect("a datagram");
-    assert_eq!(&back[..], b"echo:pong");
+    assert_eq!(&echo_once(&d, "e", echo, b"pong").await[..], b"echo:pong");
     assert_eq!(d.overlay.stats().datagrams_as_frames, 0);
 }
 
