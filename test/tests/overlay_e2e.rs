@@ -463,6 +463,26 @@ async fn nodes_that_cannot_dial_each_other_connect_through_a_coordinator_relay()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // The UDP questions and answers crossed the relays as QUIC datagrams
+    // (one each way per answer seen at least), not on the flows' streams.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut relayed = 0.0;
+        for node in &c.coordinators {
+            let text = metrics(&node.http).await;
+            relayed +=
+                cloudless_test::sample(&text, "cloudless_overlay_udp_datagrams_relayed_total");
+        }
+        if relayed >= 2.0 * backends.len() as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {relayed} UDP datagrams relayed as QUIC datagrams\n{}",
+            c.agent_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // The agents found the relays (logged when they change).
     let logs = c.agent_logs();

@@ -148,6 +148,8 @@ pub(crate) struct RelayMetrics {
     refused: prometheus_client::metrics::counter::Counter,
     accepted: prometheus_client::metrics::counter::Counter,
     peers: prometheus_client::metrics::gauge::Gauge,
+    datagrams_relayed: prometheus_client::metrics::counter::Counter,
+    datagrams_dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl RelayMetrics {
@@ -158,6 +160,8 @@ impl RelayMetrics {
             refused: Default::default(),
             accepted: Default::default(),
             peers: Default::default(),
+            datagrams_relayed: Default::default(),
+            datagrams_dropped: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("cloudless_overlay");
         r.register(
@@ -180,6 +184,16 @@ impl RelayMetrics {
             "Nodes with a live overlay connection to this relay",
             m.peers.clone(),
         );
+        r.register(
+            "udp_datagrams_relayed",
+            "UDP flows' QUIC datagrams this coordinator forwarded between two nodes",
+            m.datagrams_relayed.clone(),
+        );
+        r.register(
+            "udp_datagrams_dropped",
+            "UDP flows' QUIC datagrams this coordinator received and did not forward (no such flow, too large for the next node's packets, or that connection's datagram queue full)",
+            m.datagrams_dropped.clone(),
+        );
         m
     }
 
@@ -198,6 +212,12 @@ impl RelayMetrics {
             );
             m.peers
                 .set(i64::try_from(m.overlay.connected_peers().len()).unwrap_or(i64::MAX));
+            m.datagrams_relayed
+                .inc_by(now.datagrams_relayed.saturating_sub(last.datagrams_relayed));
+            let dropped =
+                |s: &cloudless_overlay::OverlayStats| s.datagrams_dropped + s.datagrams_queue_full;
+            m.datagrams_dropped
+                .inc_by(dropped(&now).saturating_sub(dropped(&last)));
             last = now;
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -160,6 +160,9 @@ pub(crate) struct DatagramPath {
     conn: quinn::Connection,
     router: Arc<FlowRouter>,
     registered: Option<Registered>,
+    /// Largest datagram sent as a QUIC datagram beyond the connection's own
+    /// limit: what the rest of a relayed path carries.
+    limit: usize,
 }
 
 impl std::fmt::Debug for DatagramPath {
@@ -176,7 +179,22 @@ impl DatagramPath {
             conn,
             router,
             registered: None,
+            limit: usize::MAX,
         }
+    }
+
+    /// Sends no datagram longer than `max` as a QUIC datagram (the rest of
+    /// a relayed path carries no more).
+    pub(crate) fn limit(&mut self, max: usize) {
+        self.limit = self.limit.min(max);
+    }
+
+    /// The largest datagram of the registered flow that fits in one of the
+    /// connection's packets now, within its limit.
+    pub(crate) fn max_payload(&self) -> Option<u32> {
+        let id = encode_varint(self.registered.as_ref()?._registration.id)?;
+        let max = self.conn.max_datagram_size()?.checked_sub(id.len())?;
+        u32::try_from(max.min(self.limit)).ok()
     }
 
     /// Takes the datagrams for stream `id` from now on: the opener before
@@ -189,14 +207,109 @@ impl DatagramPath {
     }
 }
 
+/// Forwards a relayed flow's QUIC datagrams both ways between the opener's
+/// connection (`near`) and the target node's (`far`), both registered, as a
+/// router forwards packets: one too large for the next connection's packets
+/// is dropped and counted (the two ends agreed on a size that fit when the
+/// flow opened; a path's packets seldom shrink), one that finds the next
+/// connection's queue full too. Runs until `until` resolves (the flow's
+/// streams ended), then for a moment more: datagrams sent before the end
+/// travel apart from it.
+pub(crate) async fn relay(near: DatagramPath, far: DatagramPath, until: impl Future<Output = ()>) {
+    let grace = END_GRACE.max(2 * near.conn.rtt().max(far.conn.rtt()));
+    let counted = near.router.counted.clone();
+    let (Some(mut from_near), Some(mut from_far)) = (near.registered, far.registered) else {
+        return until.await;
+    };
+    let (Some(near_id), Some(far_id)) = (
+        encode_varint(from_near._registration.id),
+        encode_varint(from_far._registration.id),
+    ) else {
+        return until.await;
+    };
+    let pump = async {
+        tokio::join!(
+            forward(&mut from_near.rx, &far.conn, &far_id, &counted),
+            forward(&mut from_far.rx, &near.conn, &near_id, &counted),
+        )
+    };
+    tokio::pin!(pump);
+    tokio::select! {
+        _ = &mut pump => return,
+        () = until => {}
+    }
+    let _ = tokio::time::timeout(grace, pump).await;
+}
+
+/// Sends each datagram `from` yields on `to` as the flow `id`'s, until the
+/// connection is lost.
+async fn forward(
+    from: &mut mpsc::Receiver<Bytes>,
+    to: &quinn::Connection,
+    id: &[u8],
+    counted: &StreamBytes,
+) {
+    while let Some(d) = from.recv().await {
+        match send_frame(to, id, &d, usize::MAX) {
+            Framed::Sent => {
+                counted.sent(d.len() as u64);
+                counted.datagrams_relayed.fetch_add(1, Ordering::Relaxed);
+            }
+            Framed::QueueFull => {
+                counted.datagrams_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Framed::NotSent => {
+                counted.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Framed::Lost(_) => return,
+        }
+    }
+}
+
+/// What became of a datagram offered to a connection as a QUIC datagram.
+enum Framed {
+    /// Queued for sending.
+    Sent,
+    /// Not sent: the connection's queue held [`QUEUE_LIMIT`] bytes.
+    QueueFull,
+    /// Not sent: too large for a packet (or than `limit`), or refused.
+    NotSent,
+    /// The connection is gone.
+    Lost(quinn::ConnectionError),
+}
+
+/// Offers `datagram`, flow `id`'s (encoded), to `conn` as a QUIC datagram.
+fn send_frame(conn: &quinn::Connection, id: &[u8], datagram: &[u8], limit: usize) -> Framed {
+    let fits = datagram.len() <= limit
+        && conn
+            .max_datagram_size()
+            .is_some_and(|max| id.len() + datagram.len() <= max);
+    if !fits {
+        return Framed::NotSent;
+    }
+    if conn.datagram_send_buffer_space() < SEND_BUFFER - QUEUE_LIMIT {
+        return Framed::QueueFull;
+    }
+    let mut framed = BytesMut::with_capacity(id.len() + datagram.len());
+    framed.extend_from_slice(id);
+    framed.extend_from_slice(datagram);
+    match conn.send_datagram(framed.freeze()) {
+        Ok(()) => Framed::Sent,
+        Err(quinn::SendDatagramError::ConnectionLost(e)) => Framed::Lost(e),
+        // Too large after all (the path's packets shrank), or not allowed.
+        Err(_) => Framed::NotSent,
+    }
+}
+
 /// The sending half of a flow.
 #[derive(Debug)]
 pub struct DatagramSender {
     send: quinn::SendStream,
     bytes: Arc<StreamBytes>,
-    /// The connection and the flow's id, encoded, when datagrams may travel
-    /// as QUIC datagrams.
-    frames: Option<(quinn::Connection, Vec<u8>)>,
+    /// The connection, the flow's id (encoded) and the largest datagram the
+    /// rest of the path carries, when datagrams may travel as QUIC
+    /// datagrams.
+    frames: Option<(quinn::Connection, Vec<u8>, usize)>,
 }
 
 /// The receiving half of a flow.
@@ -242,35 +355,24 @@ impl DatagramSender {
                 ),
             )
         })?;
-        if let Some((conn, id)) = &self.frames {
-            let fits = conn
-                .max_datagram_size()
-                .is_some_and(|max| id.len() + datagram.len() <= max);
-            if fits {
-                if conn.datagram_send_buffer_space() < SEND_BUFFER - QUEUE_LIMIT {
+        if let Some((conn, id, limit)) = &self.frames {
+            match send_frame(conn, id, datagram, *limit) {
+                Framed::Sent => {
+                    self.bytes.sent(datagram.len() as u64);
+                    self.bytes
+                        .datagrams_as_frames
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Framed::QueueFull => {
                     self.bytes
                         .datagrams_queue_full
                         .fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                let mut framed = BytesMut::with_capacity(id.len() + datagram.len());
-                framed.extend_from_slice(id);
-                framed.extend_from_slice(datagram);
-                match conn.send_datagram(framed.freeze()) {
-                    Ok(()) => {
-                        self.bytes.sent(datagram.len() as u64);
-                        self.bytes
-                            .datagrams_as_frames
-                            .fetch_add(1, Ordering::Relaxed);
-                        return Ok(());
-                    }
-                    Err(quinn::SendDatagramError::ConnectionLost(e)) => {
-                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
-                    }
-                    // Too large after all (the path's packets shrank), or
-                    // not allowed: the stream carries it.
-                    Err(_) => {}
-                }
+                Framed::Lost(e) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e)),
+                // The stream carries it.
+                Framed::NotSent => {}
             }
         }
         let mut framed = BytesMut::with_capacity(2 + datagram.len());
@@ -448,7 +550,7 @@ impl OverlayStream {
         let tx = DatagramSender {
             send,
             bytes: bytes.clone(),
-            frames: Some((path.conn, encoded)),
+            frames: Some((path.conn, encoded, path.limit)),
         };
         let rx = DatagramReceiver {
             incoming: Incoming::Both {

@@ -35,7 +35,7 @@ pub use mesh::{
     ConnectFuture, Connected, Overlay, OverlayConfig, OverlayStats, OverlayStream, Resolver,
     StaticResolver, Traversal,
 };
-pub use tls::{OverlayTls, ALPN, ALPN_DATAGRAMS};
+pub use tls::{OverlayTls, ALPN, ALPN_DATAGRAMS, ALPN_RELAYED_DATAGRAMS};
 
 /// What went wrong in the overlay.
 #[derive(Debug, thiserror::Error)]

@@ -53,9 +53,14 @@ pub struct OverlayConfig {
     /// before relaying a stream.
     pub hole_punching: bool,
     /// Whether to offer UDP flows' datagrams in QUIC DATAGRAM frames
-    /// ([`crate::ALPN_DATAGRAMS`]); off, the node speaks the previous
-    /// release's protocol, every datagram on its flow's stream.
+    /// ([`crate::ALPN_DATAGRAMS`]); off, the node speaks the protocol of two
+    /// releases ago, every datagram on its flow's stream.
     pub datagram_flows: bool,
+    /// With `datagram_flows`, whether to offer them through relays too
+    /// ([`crate::ALPN_RELAYED_DATAGRAMS`]); off, the node speaks the
+    /// previous release's protocol (a relayed flow's datagrams on its
+    /// stream).
+    pub relayed_datagrams: bool,
 }
 
 impl Default for OverlayConfig {
@@ -67,6 +72,16 @@ impl Default for OverlayConfig {
             relay: false,
             hole_punching: true,
             datagram_flows: true,
+            relayed_datagrams: true,
+        }
+    }
+}
+
+impl OverlayConfig {
+    fn protocols(&self) -> crate::tls::Protocols {
+        crate::tls::Protocols {
+            datagrams: self.datagram_flows,
+            relayed_datagrams: self.relayed_datagrams,
         }
     }
 }
@@ -154,15 +169,20 @@ pub struct OverlayStats {
     /// UDP flows' datagrams this node sent as QUIC DATAGRAM frames.
     pub datagrams_as_frames: u64,
     /// UDP flows' datagrams this node sent on their flow's stream: too large
-    /// for a packet, a flow through a relay, or a peer of the previous
-    /// release.
+    /// for a packet or for the rest of a relayed path, through a relay of an
+    /// earlier release, or to a peer of one.
     pub datagrams_on_streams: u64,
-    /// UDP flows' datagrams this node did not send: the connection's queue
-    /// of QUIC datagrams held [`crate::datagram::QUEUE_LIMIT`] bytes.
+    /// UDP flows' datagrams this node did not send (or, as a relay, did not
+    /// forward): the connection's queue of QUIC datagrams held
+    /// [`crate::datagram::QUEUE_LIMIT`] bytes.
     pub datagrams_queue_full: u64,
+    /// QUIC datagrams this node forwarded as a relay, from one node's flow
+    /// to the other's.
+    pub datagrams_relayed: u64,
     /// QUIC datagrams received for no open flow of their connection, for a
-    /// flow whose queue was full, or malformed: dropped, as a full UDP
-    /// socket drops.
+    /// flow whose queue was full, malformed, or (as a relay) too large for
+    /// the next connection's packets: dropped, as a full UDP socket or a
+    /// router drops.
     pub datagrams_dropped: u64,
     /// How this node tried to reach peers for its streams, by method, and
     /// how often each worked: see [`Traversal`].
@@ -209,6 +229,8 @@ pub(crate) struct StreamBytes {
     pub(crate) datagrams_dropped: AtomicU64,
     /// UDP flows' datagrams not sent: the connection's queue was full.
     pub(crate) datagrams_queue_full: AtomicU64,
+    /// QUIC datagrams forwarded as a relay.
+    pub(crate) datagrams_relayed: AtomicU64,
 }
 
 impl StreamBytes {
@@ -297,7 +319,7 @@ impl Overlay {
         resolver: Arc<dyn Resolver>,
         socket: std::net::UdpSocket,
     ) -> Result<Overlay, OverlayError> {
-        let server = tls.server_config(config.idle_timeout, config.datagram_flows)?;
+        let server = tls.server_config(config.idle_timeout, config.protocols())?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -305,7 +327,7 @@ impl Overlay {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|e| OverlayError::Io(format!("UDP endpoint: {e}")))?;
-        let client = Mutex::new(tls.client_config(config.idle_timeout, config.datagram_flows)?);
+        let client = Mutex::new(tls.client_config(config.idle_timeout, config.protocols())?);
         let overlay = Overlay {
             inner: Arc::new(Inner {
                 me,
@@ -346,8 +368,8 @@ impl Overlay {
     /// live connections keep the one they were made with.
     pub fn reload_tls(&self, tls: &OverlayTls) -> Result<(), OverlayError> {
         let config = &self.inner.config;
-        let server = tls.server_config(config.idle_timeout, config.datagram_flows)?;
-        let client = tls.client_config(config.idle_timeout, config.datagram_flows)?;
+        let server = tls.server_config(config.idle_timeout, config.protocols())?;
+        let client = tls.client_config(config.idle_timeout, config.protocols())?;
         self.inner.endpoint.set_server_config(Some(server));
         *lock(&self.inner.client) = client;
         Ok(())
@@ -453,6 +475,7 @@ impl Overlay {
             datagrams_on_streams: c.bytes.datagrams_on_streams.load(Ordering::Relaxed),
             datagrams_dropped: c.bytes.datagrams_dropped.load(Ordering::Relaxed),
             datagrams_queue_full: c.bytes.datagrams_queue_full.load(Ordering::Relaxed),
+            datagrams_relayed: c.bytes.datagrams_relayed.load(Ordering::Relaxed),
             traversal: std::array::from_fn(|i| Traversal {
                 method: TRAVERSAL_METHODS[i],
                 succeeded: c.traversal[i][0].load(Ordering::Relaxed),
@@ -583,6 +606,7 @@ impl Overlay {
                 let request = StreamRequest::Open {
                     target: target.to_owned(),
                     origin: None,
+                    datagrams: None,
                 };
                 match self.request(&conn, peer, &request, flow).await {
                     Ok(stream) => return Ok(stream),
@@ -596,22 +620,28 @@ impl Overlay {
         let mut detail = format!("direct: {direct}");
         let relays = lock(&self.inner.relays).clone();
         for relay in relays.iter().filter(|r| *r != peer) {
-            let request = StreamRequest::Relay {
-                to: peer.uri(),
-                target: target.to_owned(),
-            };
             let counters = &self.inner.counters;
             match self.connection(relay).await {
-                Ok(conn) => match self.request(&conn, relay, &request, false).await {
-                    Ok(stream) => {
-                        counters.traversed(2, true);
-                        return Ok(stream);
+                Ok(conn) => {
+                    // A UDP flow asks the relay to forward its QUIC datagrams
+                    // when the relay's protocol has the word for it.
+                    let datagrams = flow && crate::tls::relays_datagrams(&conn);
+                    let request = StreamRequest::Relay {
+                        to: peer.uri(),
+                        target: target.to_owned(),
+                        datagrams,
+                    };
+                    match self.request(&conn, relay, &request, datagrams).await {
+                        Ok(stream) => {
+                            counters.traversed(2, true);
+                            return Ok(stream);
+                        }
+                        Err(e) => {
+                            counters.traversed(2, false);
+                            detail.push_str(&format!("; via {relay}: {e}"));
+                        }
                     }
-                    Err(e) => {
-                        counters.traversed(2, false);
-                        detail.push_str(&format!("; via {relay}: {e}"));
-                    }
-                },
+                }
                 Err(e) => {
                     counters.traversed(2, false);
                     detail.push_str(&format!("; via {relay}: {e}"));
@@ -726,9 +756,22 @@ impl Overlay {
             .await
             .map_err(|e| OverlayError::Io(format!("opening a stream to {peer}: {e}")))?;
         // A flow opened straight at its target may carry datagrams beside
-        // the stream; one through a relay is bytes the relay joins.
+        // the stream; one through a relay when the relay forwards them (the
+        // opener asked, and so does the relay of the next node).
         let direct = matches!(request, StreamRequest::Open { origin: None, .. });
-        let mut datagrams = direct.then(|| self.datagram_path(conn)).flatten();
+        let relayed = matches!(
+            request,
+            StreamRequest::Relay {
+                datagrams: true,
+                ..
+            } | StreamRequest::Open {
+                datagrams: Some(_),
+                ..
+            }
+        );
+        let mut datagrams = (direct || relayed)
+            .then(|| self.datagram_path(conn))
+            .flatten();
         if let Some(p) = datagrams.as_mut().filter(|_| flow) {
             p.register(u64::from(send.id()));
         }
@@ -739,6 +782,21 @@ impl Overlay {
                 peer: peer.uri(),
                 reason: reply.error,
             });
+        }
+        match reply.datagrams {
+            // The far side says how large a datagram the rest of the path
+            // carries as a QUIC datagram.
+            Some(max) => {
+                if let Some(p) = datagrams.as_mut() {
+                    p.limit(max as usize);
+                }
+            }
+            // A relayed flow without the far side's word: on the stream
+            // (its place for datagrams given up).
+            None if !direct => datagrams = None,
+            // A direct peer of the release before says nothing: the
+            // connection's own limit holds.
+            None => {}
         }
         self.inner.counters.opened.fetch_add(1, Ordering::Relaxed);
         Ok(OverlayStream {
@@ -949,7 +1007,11 @@ impl Overlay {
                 let _ = write_frame(&mut send, &reply).await;
                 let _ = send.finish();
             }
-            StreamRequest::Open { target, origin } => {
+            StreamRequest::Open {
+                target,
+                origin,
+                datagrams: forwarded,
+            } => {
                 let relayed = origin.is_some();
                 // Only a relay this node chose may speak for someone else.
                 let origin = match origin.as_deref().and_then(Identity::from_uri) {
@@ -958,25 +1020,38 @@ impl Overlay {
                 };
                 match self.inner.resolver.connect(&origin, &target).await {
                     Ok(connected) => {
-                        let datagrams = match &connected {
+                        let mut datagrams = match &connected {
                             Connected::Tcp(tcp) => {
                                 let _ = tcp.set_nodelay(true);
                                 None
                             }
-                            // A flow a relay forwards is bytes it joins to
-                            // the opener's stream: its datagrams stay on
-                            // the stream. Else the flow is registered
-                            // before the answer: the opener's first
-                            // datagram may follow it at once.
-                            Connected::Udp(_) if !relayed => {
+                            // The flow is registered before the answer:
+                            // the opener's first datagram may follow it at
+                            // once. Through a relay only when the relay
+                            // forwards QUIC datagrams (else it joins the
+                            // two streams' bytes and nothing more).
+                            Connected::Udp(_) if !relayed || forwarded.is_some() => {
                                 self.datagram_path(&conn).map(|mut p| {
                                     p.register(u64::from(recv.id()));
+                                    if let Some(max) = forwarded {
+                                        p.limit(max as usize);
+                                    }
                                     p
                                 })
                             }
                             Connected::Udp(_) => None,
                         };
-                        if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
+                        // A relay is told how large a datagram this node
+                        // sends it as a QUIC datagram; without an answer it
+                        // forwards none.
+                        let mut reply = StreamReply::ok();
+                        if relayed {
+                            reply.datagrams = datagrams.as_ref().and_then(|p| p.max_payload());
+                            if reply.datagrams.is_none() {
+                                datagrams = None;
+                            }
+                        }
+                        if write_frame(&mut send, &reply).await.is_err() {
                             return;
                         }
                         self.inner.counters.served.fetch_add(1, Ordering::Relaxed);
@@ -1079,22 +1154,55 @@ impl Overlay {
                     }
                 });
             }
-            StreamRequest::Relay { to, target } => {
+            StreamRequest::Relay {
+                to,
+                target,
+                datagrams,
+            } => {
                 let to = match self.relay_target(&to) {
                     Ok(to) => to,
                     Err(why) => return self.refuse(&mut send, why).await,
                 };
-                let request = StreamRequest::Open {
-                    target,
-                    origin: Some(peer.uri()),
-                };
+                // The opener asked for the flow's QUIC datagrams: this relay
+                // forwards them when the next node's protocol has the word
+                // for it, and tells it how large a one it carries on to
+                // the opener.
                 let onward = match self.connection(&to).await {
-                    Ok(conn) => self.request(&conn, &to, &request, false).await,
+                    Ok(far) => {
+                        let near_path = (datagrams
+                            && crate::tls::relays_datagrams(&conn)
+                            && crate::tls::relays_datagrams(&far))
+                        .then(|| self.datagram_path(&conn))
+                        .flatten()
+                        .map(|mut p| {
+                            p.register(u64::from(recv.id()));
+                            p
+                        });
+                        let max = near_path.as_ref().and_then(|p| p.max_payload());
+                        let request = StreamRequest::Open {
+                            target,
+                            origin: Some(peer.uri()),
+                            datagrams: max,
+                        };
+                        self.request(&far, &to, &request, max.is_some())
+                            .await
+                            .map(|far| (far, near_path.filter(|_| max.is_some())))
+                    }
                     Err(e) => Err(e),
                 };
                 match onward {
-                    Ok(far) => {
-                        if write_frame(&mut send, &StreamReply::ok()).await.is_err() {
+                    Ok((mut far, near_path)) => {
+                        // Both ends take QUIC datagrams, each at most what
+                        // the next node's leg carries: the opener is told.
+                        let forwarding = match (near_path, far.datagrams.take()) {
+                            (Some(near), Some(far)) => far.max_payload().map(|m| (near, far, m)),
+                            _ => None,
+                        };
+                        let reply = StreamReply {
+                            datagrams: forwarding.as_ref().map(|(_, _, m)| *m),
+                            ..StreamReply::ok()
+                        };
+                        if write_frame(&mut send, &reply).await.is_err() {
                             return;
                         }
                         self.inner.counters.relayed.fetch_add(1, Ordering::Relaxed);
@@ -1104,7 +1212,25 @@ impl Overlay {
                             bytes: self.inner.counters.bytes.clone(),
                             datagrams: None,
                         };
-                        let _ = near.join(far).await;
+                        match forwarding {
+                            Some((near_path, far_path, _)) => {
+                                let (ended, end) = tokio::sync::oneshot::channel::<()>();
+                                let streams = async {
+                                    let _ = near.join(far).await;
+                                    let _ = ended.send(());
+                                };
+                                let until = async {
+                                    let _ = end.await;
+                                };
+                                tokio::join!(
+                                    streams,
+                                    crate::datagram::relay(near_path, far_path, until)
+                                );
+                            }
+                            None => {
+                                let _ = near.join(far).await;
+                            }
+                        }
                     }
                     Err(OverlayError::Refused { reason, .. }) => {
                         self.refuse(&mut send, reason).await;
@@ -1279,6 +1405,7 @@ mod tests {
         let spoof = StreamRequest::Open {
             target: "t".into(),
             origin: Some("cloudless://node/x".into()),
+            datagrams: None,
         };
         write_frame(&mut send, &spoof).await.expect("write");
         let reply: StreamReply = read_frame(&mut recv).await.expect("reply");

@@ -25,25 +25,56 @@ use crate::OverlayError;
 pub const ALPN: &[u8] = b"cloudless-overlay/1";
 
 /// ALPN of the overlay protocol with UDP flows' datagrams in QUIC DATAGRAM
-/// frames ([`crate::datagram`]); offered first, so two nodes of this release
-/// speak it and a node of the previous release (which offers only [`ALPN`])
-/// gets [`ALPN`].
+/// frames ([`crate::datagram`]) between two nodes joined directly; a node
+/// of the release before (which offers only [`ALPN`]) gets [`ALPN`].
 pub const ALPN_DATAGRAMS: &[u8] = b"cloudless-overlay/2";
 
-/// The protocols a node offers and accepts, in its order of preference.
-fn protocols(datagrams: bool) -> Vec<Vec<u8>> {
-    if datagrams {
-        vec![ALPN_DATAGRAMS.to_vec(), ALPN.to_vec()]
-    } else {
-        vec![ALPN.to_vec()]
+/// ALPN of the overlay protocol whose relays forward the QUIC datagrams of
+/// the UDP flows they carry, as the flows' two ends agree when opening them
+/// (`datagrams` in the requests and the reply, [`crate::wire`]). Offered
+/// first: two nodes of this release speak it, a node of the release before
+/// gets [`ALPN_DATAGRAMS`] and one older still [`ALPN`].
+pub const ALPN_RELAYED_DATAGRAMS: &[u8] = b"cloudless-overlay/3";
+
+/// Which overlay protocols a node offers and accepts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Protocols {
+    /// UDP flows' datagrams as QUIC datagrams between nodes joined directly.
+    pub(crate) datagrams: bool,
+    /// And through relays.
+    pub(crate) relayed_datagrams: bool,
+}
+
+impl Protocols {
+    /// In the node's order of preference.
+    fn alpn(self) -> Vec<Vec<u8>> {
+        let mut offered = Vec::new();
+        if self.datagrams && self.relayed_datagrams {
+            offered.push(ALPN_RELAYED_DATAGRAMS.to_vec());
+        }
+        if self.datagrams {
+            offered.push(ALPN_DATAGRAMS.to_vec());
+        }
+        offered.push(ALPN.to_vec());
+        offered
     }
 }
 
-/// Whether `conn` agreed on [`ALPN_DATAGRAMS`].
-pub(crate) fn speaks_datagrams(conn: &quinn::Connection) -> bool {
+/// The protocol `conn` agreed on.
+fn agreed(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .is_some_and(|d| d.protocol.as_deref() == Some(ALPN_DATAGRAMS))
+        .and_then(|d| d.protocol)
+}
+
+/// Whether `conn` agreed on [`ALPN_DATAGRAMS`] or a later protocol.
+pub(crate) fn speaks_datagrams(conn: &quinn::Connection) -> bool {
+    agreed(conn).is_some_and(|p| p == ALPN_DATAGRAMS || p == ALPN_RELAYED_DATAGRAMS)
+}
+
+/// Whether `conn` agreed on [`ALPN_RELAYED_DATAGRAMS`].
+pub(crate) fn relays_datagrams(conn: &quinn::Connection) -> bool {
+    agreed(conn).is_some_and(|p| p == ALPN_RELAYED_DATAGRAMS)
 }
 
 /// A node's credentials for the overlay: the cluster CA certificate, its own
@@ -116,7 +147,7 @@ impl OverlayTls {
     pub(crate) fn server_config(
         &self,
         idle: Duration,
-        datagrams: bool,
+        protocols: Protocols,
     ) -> Result<quinn::ServerConfig, OverlayError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
@@ -130,7 +161,7 @@ impl OverlayTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| tls_err("server config", e))?;
-        tls.alpn_protocols = protocols(datagrams);
+        tls.alpn_protocols = protocols.alpn();
         tls.max_early_data_size = 0;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| tls_err("QUIC server config", e))?;
@@ -143,7 +174,7 @@ impl OverlayTls {
     pub(crate) fn client_config(
         &self,
         idle: Duration,
-        datagrams: bool,
+        protocols: Protocols,
     ) -> Result<quinn::ClientConfig, OverlayError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(ClusterServerVerifier {
@@ -158,7 +189,7 @@ impl OverlayTls {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(chain, key)
             .map_err(|e| tls_err("client config", e))?;
-        tls.alpn_protocols = protocols(datagrams);
+        tls.alpn_protocols = protocols.alpn();
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| tls_err("QUIC client config", e))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));

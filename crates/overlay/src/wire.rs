@@ -27,6 +27,13 @@ pub enum StreamRequest {
         /// unless the stream arrives from a relay node.
         #[serde(default)]
         origin: Option<String>,
+        /// Set by a relay on a [`crate::ALPN_RELAYED_DATAGRAMS`] connection
+        /// (never sent on another, whose nodes would refuse the field): it
+        /// forwards this flow's QUIC datagrams, each at most this many bytes
+        /// (what it can carry on to the opener in a packet), so a UDP target
+        /// may take them. Absent, a relayed flow's datagrams ride its stream.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        datagrams: Option<u32>,
     },
     /// Relay this stream to node `to`, which opens `target`.
     #[serde(rename_all = "camelCase")]
@@ -35,6 +42,11 @@ pub enum StreamRequest {
         to: String,
         /// The target on that node.
         target: String,
+        /// Set by the opener of a UDP flow on a
+        /// [`crate::ALPN_RELAYED_DATAGRAMS`] connection (never sent on
+        /// another): it takes the flow's QUIC datagrams from the relay.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        datagrams: bool,
     },
     /// Which address does this node see us at (for NAT traversal)?
     WhoAmI,
@@ -69,6 +81,14 @@ pub struct StreamReply {
     /// For `WhoAmI`: the address the peer sees.
     #[serde(default)]
     pub observed: Option<String>,
+    /// For a UDP flow opened with `datagrams` (through a relay): the flow's
+    /// datagrams may travel as QUIC datagrams, each at most this many
+    /// bytes (the flow's own, not counting its id: what the rest of the
+    /// path carries in a packet); larger ones ride the stream. Absent, they
+    /// all ride the stream. Nodes of earlier releases ignore it; a node
+    /// joined directly does not send it (the connection's own limit holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datagrams: Option<u32>,
 }
 
 impl StreamReply {
@@ -78,6 +98,7 @@ impl StreamReply {
             ok: true,
             error: String::new(),
             observed: None,
+            datagrams: None,
         }
     }
 
@@ -87,6 +108,7 @@ impl StreamReply {
             ok: false,
             error: why.into(),
             observed: None,
+            datagrams: None,
         }
     }
 }
@@ -141,11 +163,37 @@ mod tests {
         let req = StreamRequest::Open {
             target: "replica/r1:8080".into(),
             origin: None,
+            datagrams: None,
         };
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).await.expect("write");
         let back: StreamRequest = read_frame(&mut buf.as_slice()).await.expect("read");
         assert_eq!(back, req);
+        // Without `datagrams` the request is what nodes of earlier
+        // releases read (they refuse unknown fields).
+        assert_eq!(
+            &buf[2..],
+            &br#"{"kind":"open","target":"replica/r1:8080","origin":null}"#[..]
+        );
+        let relay = StreamRequest::Relay {
+            to: "cloudless://node/b".into(),
+            target: "t".into(),
+            datagrams: true,
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &relay).await.expect("write");
+        let back: StreamRequest = read_frame(&mut buf.as_slice()).await.expect("read");
+        assert_eq!(back, relay);
+        // A reply of an earlier release (no `datagrams`) reads as none, and
+        // an earlier release reads ours (unknown fields are ignored there).
+        let old: StreamReply = serde_json::from_str(r#"{"ok":true,"error":""}"#).expect("old");
+        assert_eq!(old, StreamReply::ok());
+        let ours = serde_json::to_string(&StreamReply {
+            datagrams: Some(1_200),
+            ..StreamReply::ok()
+        })
+        .expect("json");
+        assert!(ours.contains(r#""datagrams":1200"#), "{ours}");
 
         // Truncated body.
         let cut = &buf[..buf.len() - 1];
@@ -175,6 +223,7 @@ mod tests {
         let huge = StreamRequest::Open {
             target: "x".repeat(MAX_FRAME),
             origin: None,
+            datagrams: None,
         };
         let mut out = Vec::new();
         assert!(write_frame(&mut out, &huge).await.is_err());

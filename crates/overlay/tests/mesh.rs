@@ -45,6 +45,16 @@ fn config(relay: bool) -> OverlayConfig {
         relay,
         hole_punching: false,
         datagram_flows: true,
+        relayed_datagrams: true,
+    }
+}
+
+/// A node of the previous release (`cloudless-overlay/2`: QUIC datagrams
+/// between nodes joined directly, a relayed flow's on its stream).
+fn previous(relay: bool) -> OverlayConfig {
+    OverlayConfig {
+        relayed_datagrams: false,
+        ..config(relay)
     }
 }
 
@@ -140,7 +150,6 @@ fn addr(n: &Node) -> SocketAddr {
     n.overlay.local_addr().expect("local addr")
 }
 
-/// Sends `data` through a stream, half-closes, returns what came back.
 /// How often `o` reached a peer by `method`: (succeeded, failed).
 fn traversal(o: &cloudless_overlay::Overlay, method: &str) -> (u64, u64) {
     let t = o
@@ -152,6 +161,7 @@ fn traversal(o: &cloudless_overlay::Overlay, method: &str) -> (u64, u64) {
     (t.succeeded, t.failed)
 }
 
+/// Sends `data` through a stream, half-closes, returns what came back.
 async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut s: S,
     data: &[u8],
@@ -441,33 +451,101 @@ async fn a_udp_flow_crosses_the_overlay_directly_and_through_a_relay() {
         assert_eq!(st.datagrams_dropped, 0);
     }
 
-    // Through a relay: B is reachable only through R.
-    b.overlay.set_peer(node("r"), vec![addr(&r)]);
-    b.overlay.set_relays(vec![node("r")]);
-    assert!(b.overlay.keep_relays_connected().await.is_empty());
+    // Through a relay: C reaches B only through R. What fits in a packet
+    // as QUIC datagrams that R forwards from one flow to the other, both
+    // ways; the rest on the stream R joins.
     let c = start(&ca, "c", false, None);
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-    c.overlay
-        .set_peer(node("b"), vec![dead.local_addr().expect("addr")]);
-    c.overlay.set_peer(node("r"), vec![addr(&r)]);
-    c.overlay.set_relays(vec![node("r")]);
+    behind_relay(&c, &b, &r).await;
+    let before = (b.overlay.stats(), r.overlay.stats());
+    let s = c
+        .overlay
+        .open_flow(&node("b"), &target)
+        .await
+        .expect("via relay");
+    flow(s, &sizes, false).await;
+    let (st, b_st, r_st) = (c.overlay.stats(), b.overlay.stats(), r.overlay.stats());
+    assert_eq!(r_st.streams_relayed, before.1.streams_relayed + 1);
+    assert!(st.datagrams_as_frames >= 2, "{st:?}");
+    assert!(st.datagrams_on_streams >= 2, "9000 and 65000 bytes: {st:?}");
+    assert_eq!(st.datagrams_as_frames + st.datagrams_on_streams, 5);
+    let b_frames = b_st.datagrams_as_frames - before.0.datagrams_as_frames;
+    assert_eq!(
+        b_frames + b_st.datagrams_on_streams - before.0.datagrams_on_streams,
+        5
+    );
+    assert!(b_frames >= 2, "B's answers: {b_st:?}");
+    assert_eq!(
+        r_st.datagrams_relayed,
+        st.datagrams_as_frames + b_frames,
+        "R forwarded each QUIC datagram: {r_st:?}"
+    );
+    assert_eq!((r_st.datagrams_dropped, r_st.datagrams_queue_full), (0, 0));
+    // Payload bytes are counted as datagrams, not frames.
+    let sent: usize = sizes.iter().sum();
+    assert_eq!(st.bytes_sent, sent as u64);
+    assert_eq!(st.bytes_received, (sent + 5 * sizes.len()) as u64);
+
+    // A stream opened as a plain stream (not a flow) to a UDP target
+    // through the relay keeps every datagram on the stream, in order.
     let s = c
         .overlay
         .open(&node("b"), &target)
         .await
         .expect("via relay");
     flow(s, &sizes, true).await;
-    assert_eq!(r.overlay.stats().streams_relayed, 1);
-    // Through a relay every datagram is on the stream the relay joins.
-    let st = c.overlay.stats();
-    assert_eq!((st.datagrams_as_frames, st.datagrams_on_streams), (0, 5));
-    // Payload bytes are counted as datagrams, not frames.
-    let sent: usize = sizes.iter().sum();
-    assert_eq!(c.overlay.stats().bytes_sent, sent as u64);
-    assert_eq!(
-        c.overlay.stats().bytes_received,
-        (sent + 5 * sizes.len()) as u64
-    );
+    let after = c.overlay.stats();
+    assert_eq!(after.datagrams_as_frames, st.datagrams_as_frames);
+    assert_eq!(after.datagrams_on_streams, st.datagrams_on_streams + 5);
+}
+
+/// Makes `b` reachable from `a` only through the relay `r`.
+async fn behind_relay(a: &Node, b: &Node, r: &Node) {
+    for n in [a, b] {
+        n.overlay.set_peer(node("r"), vec![addr(r)]);
+        n.overlay.set_relays(vec![node("r")]);
+        assert!(n.overlay.keep_relays_connected().await.is_empty());
+    }
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    a.overlay
+        .set_peer(node("b"), vec![dead.local_addr().expect("addr")]);
+}
+
+#[tokio::test]
+async fn a_relay_or_node_of_the_previous_release_keeps_relayed_datagrams_on_the_stream() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let echo = udp_echo().await;
+    // Each of the three in turn of the previous release, the others of
+    // this one: the flow works, every datagram on the stream, and a relay
+    // of this release forwards none as a QUIC datagram.
+    let cases = [
+        ("the relay", config(false), previous(true), config(false)),
+        (
+            "the target's node",
+            config(false),
+            config(true),
+            previous(false),
+        ),
+        ("the opener", previous(false), config(true), config(false)),
+    ];
+    for (old, a_config, r_config, b_config) in cases {
+        let a = start_with(&ca, "a", a_config, None);
+        let r = start_with(&ca, "r", r_config, None);
+        let b = start_with(&ca, "b", b_config, None);
+        behind_relay(&a, &b, &r).await;
+        let back = echo_once(&a, "b", echo, b"ping").await;
+        assert_eq!(&back[..], b"echo:ping", "{old} of the previous release");
+        for (who, n) in [("opener", &a), ("target's node", &b)] {
+            let st = n.overlay.stats();
+            assert_eq!(
+                (st.datagrams_as_frames, st.datagrams_on_streams),
+                (0, 1),
+                "the {who}, with {old} of the previous release: {st:?}"
+            );
+        }
+        let st = r.overlay.stats();
+        assert_eq!(st.streams_relayed, 1);
+        assert_eq!(st.datagrams_relayed, 0, "{old}: {st:?}");
+    }
 }
 
 /// A UDP service that records the sequence number (4 bytes, big-endian)
@@ -594,7 +672,7 @@ async fn a_lost_packet_loses_its_datagrams_as_udp_would_and_is_not_sent_again() 
 async fn echo_once(from: &Node, to: &str, echo: SocketAddr, msg: &[u8]) -> bytes::Bytes {
     let s = from
         .overlay
-        .open(&node(to), &format!("udp/{echo}"))
+        .open_flow(&node(to), &format!("udp/{echo}"))
         .await
         .expect("open");
     let (mut tx, mut rx) = s.into_datagrams();
@@ -648,11 +726,26 @@ async fn datagrams_sent_just_before_a_flow_ends_are_delivered() {
     let a = start(&ca, "a", false, None);
     let b = start(&ca, "b", false, None);
     a.overlay.set_peer(node("b"), vec![addr(&b)]);
+    five_flows_end_right_after_their_datagrams(&a).await;
+
+    // And through a relay, which forwards each flow's QUIC datagrams for a
+    // moment after its streams ended.
+    let c = start(&ca, "c", false, None);
+    let r = start(&ca, "r", true, None);
+    behind_relay(&c, &b, &r).await;
+    five_flows_end_right_after_their_datagrams(&c).await;
+    assert_eq!(r.overlay.stats().streams_relayed, 5);
+    assert_eq!(r.overlay.stats().datagrams_relayed, 250);
+}
+
+/// Five flows from `a` to a sink on node b, each of 50 datagrams with its
+/// end right behind them: all 250 arrive, as QUIC datagrams.
+async fn five_flows_end_right_after_their_datagrams(a: &Node) {
     let (sink, seen) = udp_sink().await;
     for round in 0..5u32 {
         let s = a
             .overlay
-            .open(&node("b"), &format!("udp/{sink}"))
+            .open_flow(&node("b"), &format!("udp/{sink}"))
             .await
             .expect("open");
         let (mut tx, _rx) = s.into_datagrams();

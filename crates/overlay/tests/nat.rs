@@ -226,6 +226,7 @@ async fn two_nodes_behind_nats_connect_directly_after_an_introduction() {
         relay,
         hole_punching,
         datagram_flows: true,
+        relayed_datagrams: true,
     };
     let relay = endpoint(
         &ca,
