@@ -483,6 +483,24 @@ async fn nodes_that_cannot_dial_each_other_connect_through_a_coordinator_relay()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // And none rode a flow's stream: both agents sent each as a QUIC
+    // datagram to the relay.
+    for agent in &c.agents {
+        let scrape = cloudless_test::http_get(&agent.metrics_addr, "/metrics").1;
+        let way = |w: &str| {
+            cloudless_test::sample(
+                &scrape,
+                &format!("cloudless_overlay_udp_datagrams_total{{way=\"{w}\"}}"),
+            )
+        };
+        assert!(
+            way("frame") >= 1.0 && way("stream") == 0.0,
+            "{}: {} as QUIC datagrams, {} on streams",
+            agent.name,
+            way("frame"),
+            way("stream")
+        );
+    }
 
     // The agents found the relays (logged when they change).
     let logs = c.agent_logs();

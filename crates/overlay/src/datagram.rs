@@ -16,8 +16,16 @@
 //! bytes, big-endian) and then its bytes, in order and never lost while the
 //! stream lives (a lost packet delays the datagrams behind it), when it is
 //! too large for a packet (over about 1,160 to 1,410 bytes, by the path),
-//! on a flow through a relay (which joins two streams' bytes) and with a
-//! node of the previous release.
+//! and on every flow with a node of an earlier release.
+//!
+//! Through a relay (two nodes that reach each other only through it), when
+//! all three agreed on [`crate::ALPN_RELAYED_DATAGRAMS`], the relay moves
+//! each QUIC datagram from the flow's id on one connection to its id on the
+//! other ([`relay`]), as a router forwards packets; each end sends on the
+//! stream what is larger than the other leg carries even at QUIC's smallest
+//! packet size (about 1,160 bytes), so the relay never has to drop what it
+//! promised to carry. Through a relay of an earlier release, the relay
+//! joins the two streams' bytes and every datagram rides the stream.
 //!
 //! A length the stream does not then carry (it ended in the middle of a
 //! datagram) is an error, never a panic; every length fits in the two bytes,
@@ -54,6 +62,11 @@ pub const QUEUE_LIMIT: usize = 256 * 1024;
 /// (any flow's) for a newer one only beyond it, which the limit never
 /// reaches.
 pub(crate) const SEND_BUFFER: usize = 2 * QUEUE_LIMIT;
+
+/// The smallest packet size QUIC allows (quinn's `min_mtu`, which the
+/// overlay leaves at its default): a path whose larger packets stop getting
+/// through falls back to it.
+const MIN_MTU: u16 = 1200;
 
 /// How long at least a flow whose stream ended still takes QUIC datagrams
 /// sent before the end (the two travel apart); two round trips when longer.
@@ -154,8 +167,10 @@ struct Registered {
     _registration: Registration,
 }
 
-/// How a flow's stream sends and receives QUIC datagrams: on a direct
-/// connection that speaks [`crate::ALPN_DATAGRAMS`].
+/// How a flow's stream sends and receives QUIC datagrams: on a connection
+/// that speaks [`crate::ALPN_DATAGRAMS`] (straight to the flow's other end)
+/// or [`crate::ALPN_RELAYED_DATAGRAMS`] (to it or to a relay that forwards
+/// them).
 pub(crate) struct DatagramPath {
     conn: quinn::Connection,
     router: Arc<FlowRouter>,
@@ -190,10 +205,18 @@ impl DatagramPath {
     }
 
     /// The largest datagram of the registered flow that fits in one of the
-    /// connection's packets now, within its limit.
+    /// connection's packets even once the path's packets fall back to the
+    /// smallest QUIC allows (as quinn does when larger ones stop getting
+    /// through), within its limit: what a relay may promise for a leg the
+    /// sender cannot see, so that it never has to drop what it promised.
     pub(crate) fn max_payload(&self) -> Option<u32> {
         let id = encode_varint(self.registered.as_ref()?._registration.id)?;
-        let max = self.conn.max_datagram_size()?.checked_sub(id.len())?;
+        let probed = self.conn.stats().path.current_mtu.saturating_sub(MIN_MTU);
+        let max = self
+            .conn
+            .max_datagram_size()?
+            .checked_sub(id.len())?
+            .saturating_sub(usize::from(probed));
         u32::try_from(max.min(self.limit)).ok()
     }
 

@@ -10,10 +10,10 @@
 //!   the receiving node (resolved by its [`Resolver`]), or ask a relay node to
 //!   `Relay` the stream to another node.
 //! - A UDP flow is a stream too (its opening, admission and end); between
-//!   two nodes of this release on a direct connection its datagrams travel
-//!   as QUIC DATAGRAM frames tagged with the stream's id, lost as UDP would
-//!   be lost, and only those too large for a packet on the stream, each
-//!   behind its length ([`datagram`]); the receiving node's [`Resolver`]
+//!   two nodes of this release, directly or through a relay of this release,
+//!   its datagrams travel as QUIC DATAGRAM frames tagged with the stream's
+//!   id, lost as UDP would be lost, and only those too large for a packet on
+//!   the stream, each behind its length ([`datagram`]); the receiving node's [`Resolver`]
 //!   answers such a target with a connected UDP socket ([`Connected::Udp`]).
 //! - Connections are used in both directions: a node behind NAT dials its
 //!   relays and keeps those connections alive, so the relays can open streams

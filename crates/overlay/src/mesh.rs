@@ -544,7 +544,8 @@ impl Overlay {
     }
 
     /// [`Overlay::open`] for a UDP flow ([`OverlayStream::into_datagrams`]):
-    /// on a direct connection that speaks QUIC datagrams, the flow takes
+    /// on a connection that speaks QUIC datagrams (to the target's node, or
+    /// to a relay of this release, which then forwards them) the flow takes
     /// them from before its request, so a target that sends first loses
     /// nothing.
     pub async fn open_flow(
@@ -742,8 +743,8 @@ impl Overlay {
     }
 
     /// Opens a stream on `conn` with `request`; for a UDP `flow` opened
-    /// straight at its target, with its place for QUIC datagrams taken
-    /// first.
+    /// straight at its target or through a relay that forwards QUIC
+    /// datagrams, with its place for them taken first.
     async fn request(
         &self,
         conn: &quinn::Connection,
@@ -759,16 +760,7 @@ impl Overlay {
         // the stream; one through a relay when the relay forwards them (the
         // opener asked, and so does the relay of the next node).
         let direct = matches!(request, StreamRequest::Open { origin: None, .. });
-        let relayed = matches!(
-            request,
-            StreamRequest::Relay {
-                datagrams: true,
-                ..
-            } | StreamRequest::Open {
-                datagrams: Some(_),
-                ..
-            }
-        );
+        let relayed = request.relays_datagrams();
         let mut datagrams = (direct || relayed)
             .then(|| self.datagram_path(conn))
             .flatten();
@@ -998,6 +990,16 @@ impl Overlay {
         if let Err(why) = self.admit(&peer) {
             return self.refuse(&mut send, why).await;
         }
+        // The words of cloudless-overlay/3 on a connection that did not
+        // agree on it, as a node of an earlier release refuses them.
+        if request.relays_datagrams() && !crate::tls::relays_datagrams(&conn) {
+            return self
+                .refuse(
+                    &mut send,
+                    "`datagrams` is not part of this connection's protocol".into(),
+                )
+                .await;
+        }
         match request {
             StreamRequest::WhoAmI => {
                 let reply = StreamReply {
@@ -1033,9 +1035,6 @@ impl Overlay {
                             Connected::Udp(_) if !relayed || forwarded.is_some() => {
                                 self.datagram_path(&conn).map(|mut p| {
                                     p.register(u64::from(recv.id()));
-                                    if let Some(max) = forwarded {
-                                        p.limit(max as usize);
-                                    }
                                     p
                                 })
                             }
@@ -1046,9 +1045,13 @@ impl Overlay {
                         // forwards none.
                         let mut reply = StreamReply::ok();
                         if relayed {
+                            // What this leg carries; what this node sends
+                            // is held to what the relay's leg to the opener
+                            // carries.
                             reply.datagrams = datagrams.as_ref().and_then(|p| p.max_payload());
-                            if reply.datagrams.is_none() {
-                                datagrams = None;
+                            match (reply.datagrams, forwarded, datagrams.as_mut()) {
+                                (Some(_), Some(max), Some(p)) => p.limit(max as usize),
+                                _ => datagrams = None,
                             }
                         }
                         if write_frame(&mut send, &reply).await.is_err() {
@@ -1169,15 +1172,13 @@ impl Overlay {
                 // the opener.
                 let onward = match self.connection(&to).await {
                     Ok(far) => {
-                        let near_path = (datagrams
-                            && crate::tls::relays_datagrams(&conn)
-                            && crate::tls::relays_datagrams(&far))
-                        .then(|| self.datagram_path(&conn))
-                        .flatten()
-                        .map(|mut p| {
-                            p.register(u64::from(recv.id()));
-                            p
-                        });
+                        let near_path = (datagrams && crate::tls::relays_datagrams(&far))
+                            .then(|| self.datagram_path(&conn))
+                            .flatten()
+                            .map(|mut p| {
+                                p.register(u64::from(recv.id()));
+                                p
+                            });
                         let max = near_path.as_ref().and_then(|p| p.max_payload());
                         let request = StreamRequest::Open {
                             target,
@@ -1195,7 +1196,19 @@ impl Overlay {
                         // Both ends take QUIC datagrams, each at most what
                         // the next node's leg carries: the opener is told.
                         let forwarding = match (near_path, far.datagrams.take()) {
-                            (Some(near), Some(far)) => far.max_payload().map(|m| (near, far, m)),
+                            (Some(near), Some(far_path)) => match far_path.max_payload() {
+                                Some(m) => Some((near, far_path, m)),
+                                // The target's node sends QUIC datagrams
+                                // this relay cannot carry on: no flow.
+                                None => {
+                                    return self
+                                        .refuse(
+                                            &mut send,
+                                            format!("{to} takes QUIC datagrams this relay cannot forward"),
+                                        )
+                                        .await;
+                                }
+                            },
                             _ => None,
                         };
                         let reply = StreamReply {
@@ -1249,8 +1262,8 @@ pub struct OverlayStream {
     pub(crate) recv: quinn::RecvStream,
     /// Where its bytes are counted (its endpoint's counters).
     pub(crate) bytes: Arc<StreamBytes>,
-    /// How a UDP flow on it sends datagrams as QUIC datagrams (direct
-    /// connections between nodes that speak them).
+    /// How a UDP flow on it sends datagrams as QUIC datagrams (when the
+    /// connection, and a relay on the way, speak them).
     pub(crate) datagrams: Option<DatagramPath>,
 }
 
@@ -1446,6 +1459,56 @@ mod tests {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"hello");
+    }
+
+    #[tokio::test]
+    async fn the_words_of_relayed_datagrams_are_refused_on_an_earlier_protocol() {
+        let ca = ClusterCa::generate("t", now()).expect("ca");
+        let previous = OverlayConfig {
+            relayed_datagrams: false,
+            ..config()
+        };
+        let (a, _) = start_with(&ca, "a", previous);
+        let (b, _) = start_with(&ca, "b", config());
+        let (c, _) = start_with(&ca, "c", config());
+        let (bid, cid) = (Identity::Node("b".into()), Identity::Node("c".into()));
+        // A node of the previous release and one of this: /2, as a node of
+        // the previous release refuses the fields /3 added, so does this one
+        // on a /2 connection; on /3 the same request goes on (and is
+        // refused only because the node does not relay).
+        for (from, to, expected) in [
+            (&a, &bid, "is not part of this connection's protocol"),
+            (&c, &bid, "does not relay"),
+        ] {
+            from.set_peer(to.clone(), vec![b.local_addr().expect("addr")]);
+            let conn = from.connection(to).await.expect("connect");
+            assert_eq!(
+                crate::tls::relays_datagrams(&conn),
+                expected == "does not relay"
+            );
+            for request in [
+                StreamRequest::Relay {
+                    to: cid.uri(),
+                    target: "t".into(),
+                    datagrams: true,
+                },
+                StreamRequest::Open {
+                    target: "t".into(),
+                    origin: None,
+                    datagrams: Some(1_000),
+                },
+            ] {
+                let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+                write_frame(&mut send, &request).await.expect("write");
+                let reply: StreamReply = read_frame(&mut recv).await.expect("reply");
+                let open = matches!(request, StreamRequest::Open { .. });
+                if open && expected == "does not relay" {
+                    assert!(reply.ok, "{reply:?}");
+                } else {
+                    assert!(!reply.ok && reply.error.contains(expected), "{reply:?}");
+                }
+            }
+        }
     }
 
     /// Admits every node but the ones listed.

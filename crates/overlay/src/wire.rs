@@ -69,6 +69,23 @@ pub enum StreamRequest {
     },
 }
 
+impl StreamRequest {
+    /// Whether it asks for a relayed flow's QUIC datagrams (words of
+    /// [`crate::ALPN_RELAYED_DATAGRAMS`] only).
+    pub(crate) fn relays_datagrams(&self) -> bool {
+        matches!(
+            self,
+            StreamRequest::Relay {
+                datagrams: true,
+                ..
+            } | StreamRequest::Open {
+                datagrams: Some(_),
+                ..
+            }
+        )
+    }
+}
+
 /// The reply frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -465,15 +465,22 @@ async fn a_udp_flow_crosses_the_overlay_directly_and_through_a_relay() {
     flow(s, &sizes, false).await;
     let (st, b_st, r_st) = (c.overlay.stats(), b.overlay.stats(), r.overlay.stats());
     assert_eq!(r_st.streams_relayed, before.1.streams_relayed + 1);
-    assert!(st.datagrams_as_frames >= 2, "{st:?}");
-    assert!(st.datagrams_on_streams >= 2, "9000 and 65000 bytes: {st:?}");
-    assert_eq!(st.datagrams_as_frames + st.datagrams_on_streams, 5);
+    // Through a relay only what its other leg carries even at QUIC's
+    // smallest packets (about 1,160 bytes) as QUIC datagrams: 0 and 1 byte.
+    assert_eq!(
+        (st.datagrams_as_frames, st.datagrams_on_streams),
+        (2, 3),
+        "{st:?}"
+    );
     let b_frames = b_st.datagrams_as_frames - before.0.datagrams_as_frames;
     assert_eq!(
-        b_frames + b_st.datagrams_on_streams - before.0.datagrams_on_streams,
-        5
+        (
+            b_frames,
+            b_st.datagrams_on_streams - before.0.datagrams_on_streams
+        ),
+        (2, 3),
+        "B's answers: {b_st:?}"
     );
-    assert!(b_frames >= 2, "B's answers: {b_st:?}");
     assert_eq!(
         r_st.datagrams_relayed,
         st.datagrams_as_frames + b_frames,
@@ -611,14 +618,20 @@ async fn lossy_link(
 /// link that loses every fifth packet toward `b` once the flow is open;
 /// what the sink received, in order.
 async fn through_loss(a: &Node, b: &Node) -> Vec<u32> {
+    through_loss_via(a, "b", b).await
+}
+
+/// [`through_loss`] with the lossy link in front of `hop` (node `b` itself,
+/// or the relay `a` reaches it through).
+async fn through_loss_via(a: &Node, hop: &str, at: &Node) -> Vec<u32> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let (sink, seen) = udp_sink().await;
     let lossy = Arc::new(AtomicBool::new(false));
-    let link = lossy_link(addr(b), lossy.clone(), 5).await;
-    a.overlay.set_peer(node("b"), vec![link]);
+    let link = lossy_link(addr(at), lossy.clone(), 5).await;
+    a.overlay.set_peer(node(hop), vec![link]);
     let s = a
         .overlay
-        .open(&node("b"), &format!("udp/{sink}"))
+        .open_flow(&node("b"), &format!("udp/{sink}"))
         .await
         .expect("open");
     let (mut tx, _rx) = s.into_datagrams();
@@ -654,8 +667,34 @@ async fn a_lost_packet_loses_its_datagrams_as_udp_would_and_is_not_sent_again() 
     let a = start(&ca, "a", false, None);
     let b = start(&ca, "b", false, None);
     let got = through_loss(&a, &b).await;
-    // Some were lost with their packets (every fifth packet toward b, acks
-    // included), none came twice, none out of order, and most arrived.
+    lost_some_none_twice_none_late(&got);
+    let st = a.overlay.stats();
+    assert_eq!((st.datagrams_as_frames, st.datagrams_on_streams), (200, 0));
+
+    // The same through a relay, the loss on the leg to the relay: what the
+    // relay received it forwarded, as QUIC datagrams.
+    let c = start(&ca, "c", false, None);
+    let r = start(&ca, "r", true, None);
+    let b2 = start(&ca, "b", false, None);
+    b2.overlay.set_peer(node("r"), vec![addr(&r)]);
+    b2.overlay.set_relays(vec![node("r")]);
+    assert!(b2.overlay.keep_relays_connected().await.is_empty());
+    // C's connection to R is made through the link, when the flow opens.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    c.overlay
+        .set_peer(node("b"), vec![dead.local_addr().expect("addr")]);
+    c.overlay.set_relays(vec![node("r")]);
+    let got = through_loss_via(&c, "r", &r).await;
+    lost_some_none_twice_none_late(&got);
+    let st = c.overlay.stats();
+    assert_eq!((st.datagrams_as_frames, st.datagrams_on_streams), (200, 0));
+    assert_eq!(r.overlay.stats().streams_relayed, 1);
+    assert_eq!(r.overlay.stats().datagrams_relayed, got.len() as u64);
+}
+
+/// Some of 200 were lost with their packets (every fifth packet, acks
+/// included), none came twice, none out of order, and most arrived.
+fn lost_some_none_twice_none_late(got: &[u32]) {
     assert!(
         got.len() < 200,
         "every datagram arrived: {} of 200",
@@ -663,8 +702,6 @@ async fn a_lost_packet_loses_its_datagrams_as_udp_would_and_is_not_sent_again() 
     );
     assert!(got.len() >= 100, "only {} of 200 arrived", got.len());
     assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
-    let st = a.overlay.stats();
-    assert_eq!((st.datagrams_as_frames, st.datagrams_on_streams), (200, 0));
 }
 
 /// Sends `msg` on a new flow from `from` to the UDP echo at `echo` on
@@ -728,8 +765,8 @@ async fn datagrams_sent_just_before_a_flow_ends_are_delivered() {
     a.overlay.set_peer(node("b"), vec![addr(&b)]);
     five_flows_end_right_after_their_datagrams(&a).await;
 
-    // And through a relay, which forwards each flow's QUIC datagrams for a
-    // moment after its streams ended.
+    // And through a relay: the datagrams cross it as QUIC datagrams, the
+    // end on the stream it joins, and still all arrive.
     let c = start(&ca, "c", false, None);
     let r = start(&ca, "r", true, None);
     behind_relay(&c, &b, &r).await;
