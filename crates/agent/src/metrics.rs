@@ -387,7 +387,7 @@ impl Collector for NodeCollector {
             }
             let mut m = encoder.encode_descriptor(
                 "cloudless_overlay_udp_datagrams",
-                "UDP flows' datagrams this node sent to other nodes, by way (frame: queued as a QUIC datagram; stream: on the flow's stream, when too large for a packet or the rest of a relayed path, through a relay of an earlier release, or to a node of one; dropped: not sent, the connection's datagram queue was full)",
+                "UDP flows' datagrams this node sent to other nodes, by way (frame: queued as a QUIC datagram; stream: on the flow's stream, when too large for a packet or the rest of a relayed path, through a relay of an earlier release, or to a node of one; dropped: not sent, the connection's datagram queue was full, or half full and the flow above its share)",
                 None,
                 MetricType::Counter,
             )?;

@@ -12,7 +12,10 @@
 //! counted, as a full link queue drops (QUIC sends queued datagrams before
 //! stream data, as a network carries UDP that ignores congestion: a flow
 //! sending faster than the path carries slows the TCP streams between the
-//! two nodes). The stream carries a datagram instead, its length (two
+//! two nodes). Once the queue is half full, the datagrams of a flow that
+//! offered more than an equal share lately are dropped first (fair dropping),
+//! so such a flow loses its own excess, not its neighbours' datagrams. The
+//! stream carries a datagram instead, its length (two
 //! bytes, big-endian) and then its bytes, in order and never lost while the
 //! stream lives (a lost packet delays the datagrams behind it), when it is
 //! too large for a packet (over about 1,160 to 1,410 bytes, by the path),
@@ -21,7 +24,7 @@
 //! Through a relay (two nodes that reach each other only through it), when
 //! all three agreed on [`crate::ALPN_RELAYED_DATAGRAMS`], the relay moves
 //! each QUIC datagram from the flow's id on one connection to its id on the
-//! other ([`relay`]), as a router forwards packets; each end sends on the
+//! other, as a router forwards packets; each end sends on the
 //! stream what is larger than the other leg carries even at QUIC's smallest
 //! packet size (about 1,160 bytes), so the relay never has to drop what it
 //! promised to carry. Through a relay of an earlier release, the relay
@@ -107,9 +110,12 @@ fn decode_varint(b: &[u8]) -> Option<(u64, usize)> {
 
 /// Hands a connection's QUIC datagrams to its flows by the stream id each
 /// carries.
+#[derive(Debug)]
 pub(crate) struct FlowRouter {
     flows: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
     counted: Arc<StreamBytes>,
+    /// What each flow sent on the connection lately, for fair dropping.
+    shares: Mutex<Shares>,
 }
 
 impl FlowRouter {
@@ -117,6 +123,7 @@ impl FlowRouter {
         FlowRouter {
             flows: Mutex::default(),
             counted,
+            shares: Mutex::default(),
         }
     }
 
@@ -158,6 +165,69 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.router.flows).remove(&self.id);
+        lock(&self.router.shares).flows.remove(&self.id);
+    }
+}
+
+/// How long the bytes a flow sent count toward its recent share (the time
+/// constant of their exponential decay).
+const SHARE_WINDOW: f64 = 0.1;
+
+/// Bytes sent lately, decaying exponentially with [`SHARE_WINDOW`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Recent {
+    bytes: f64,
+    at: Option<std::time::Instant>,
+}
+
+impl Recent {
+    fn at(&self, now: std::time::Instant) -> f64 {
+        self.at.map_or(0.0, |t| {
+            self.bytes * (-now.saturating_duration_since(t).as_secs_f64() / SHARE_WINDOW).exp()
+        })
+    }
+
+    fn add(&mut self, n: usize, now: std::time::Instant) {
+        self.bytes = self.at(now) + n as f64;
+        self.at = Some(now);
+    }
+}
+
+/// What the flows of one connection offered to send as QUIC datagrams
+/// lately: once the connection's queue is half full, a flow that offered
+/// more than its fair share (all flows' recent bytes over the number of
+/// flows that sent in the last few windows) is dropped first, so one flow
+/// sending faster than the path carries does not take every other flow's
+/// datagrams down with its own (approximate fair dropping, as routers
+/// share a link among flows without a queue per flow).
+#[derive(Debug, Default)]
+struct Shares {
+    flows: HashMap<u64, Recent>,
+    total: Recent,
+}
+
+impl Shares {
+    /// Counts `n` bytes flow `id` offers now.
+    fn offer(&mut self, id: u64, n: usize, now: std::time::Instant) {
+        self.total.add(n, now);
+        self.flows.entry(id).or_default().add(n, now);
+    }
+
+    /// Whether flow `id` offered more than its fair share lately.
+    fn above_share(&self, id: u64, now: std::time::Instant) -> bool {
+        let lately = std::time::Duration::from_secs_f64(3.0 * SHARE_WINDOW);
+        let active = self
+            .flows
+            .values()
+            .filter(|r| {
+                r.at.is_some_and(|t| now.saturating_duration_since(t) <= lately)
+            })
+            .count()
+            .max(1);
+        let mine = self.flows.get(&id).map_or(0.0, |r| r.at(now));
+        // A flow alone holds the whole share (the margin keeps rounding
+        // from making it more).
+        mine > self.total.at(now) / active as f64 * 1.000_001
     }
 }
 
@@ -250,10 +320,22 @@ pub(crate) async fn relay(near: DatagramPath, far: DatagramPath, until: impl Fut
     ) else {
         return until.await;
     };
+    let to_far = FrameTo {
+        conn: &far.conn,
+        router: &far.router,
+        id: from_far._registration.id,
+        encoded: &far_id,
+    };
+    let to_near = FrameTo {
+        conn: &near.conn,
+        router: &near.router,
+        id: from_near._registration.id,
+        encoded: &near_id,
+    };
     let pump = async {
         tokio::join!(
-            forward(&mut from_near.rx, &far.conn, &far_id, &counted),
-            forward(&mut from_far.rx, &near.conn, &near_id, &counted),
+            forward(&mut from_near.rx, &to_far, &counted),
+            forward(&mut from_far.rx, &to_near, &counted),
         )
     };
     tokio::pin!(pump);
@@ -264,16 +346,10 @@ pub(crate) async fn relay(near: DatagramPath, far: DatagramPath, until: impl Fut
     let _ = tokio::time::timeout(grace, pump).await;
 }
 
-/// Sends each datagram `from` yields on `to` as the flow `id`'s, until the
-/// connection is lost.
-async fn forward(
-    from: &mut mpsc::Receiver<Bytes>,
-    to: &quinn::Connection,
-    id: &[u8],
-    counted: &StreamBytes,
-) {
+/// Sends each datagram `from` yields on `to`, until the connection is lost.
+async fn forward(from: &mut mpsc::Receiver<Bytes>, to: &FrameTo<'_>, counted: &StreamBytes) {
     while let Some(d) = from.recv().await {
-        match send_frame(to, id, &d, usize::MAX) {
+        match send_frame(to, &d, usize::MAX) {
             Framed::Sent => {
                 counted.sent(d.len() as u64);
                 counted.datagrams_relayed.fetch_add(1, Ordering::Relaxed);
@@ -293,7 +369,8 @@ async fn forward(
 enum Framed {
     /// Queued for sending.
     Sent,
-    /// Not sent: the connection's queue held [`QUEUE_LIMIT`] bytes.
+    /// Not sent: the connection's queue held [`QUEUE_LIMIT`] bytes, or
+    /// half of it and the flow sent more than its share lately.
     QueueFull,
     /// Not sent: too large for a packet (or than `limit`), or refused.
     NotSent,
@@ -301,20 +378,42 @@ enum Framed {
     Lost(quinn::ConnectionError),
 }
 
-/// Offers `datagram`, flow `id`'s (encoded), to `conn` as a QUIC datagram.
-fn send_frame(conn: &quinn::Connection, id: &[u8], datagram: &[u8], limit: usize) -> Framed {
+/// Where a flow's datagrams go as QUIC datagrams: the connection, its
+/// router (for the flows' shares) and the flow's id there.
+struct FrameTo<'a> {
+    conn: &'a quinn::Connection,
+    router: &'a FlowRouter,
+    id: u64,
+    /// The id, encoded.
+    encoded: &'a [u8],
+}
+
+/// Offers `datagram` to the connection as a QUIC datagram of the flow.
+fn send_frame(to: &FrameTo<'_>, datagram: &[u8], limit: usize) -> Framed {
+    let FrameTo {
+        conn,
+        router,
+        id,
+        encoded,
+    } = *to;
     let fits = datagram.len() <= limit
         && conn
             .max_datagram_size()
-            .is_some_and(|max| id.len() + datagram.len() <= max);
+            .is_some_and(|max| encoded.len() + datagram.len() <= max);
     if !fits {
         return Framed::NotSent;
     }
-    if conn.datagram_send_buffer_space() < SEND_BUFFER - QUEUE_LIMIT {
-        return Framed::QueueFull;
+    let queued = SEND_BUFFER.saturating_sub(conn.datagram_send_buffer_space());
+    let now = std::time::Instant::now();
+    {
+        let mut shares = lock(&router.shares);
+        shares.offer(id, datagram.len(), now);
+        if queued > QUEUE_LIMIT || (queued > QUEUE_LIMIT / 2 && shares.above_share(id, now)) {
+            return Framed::QueueFull;
+        }
     }
-    let mut framed = BytesMut::with_capacity(id.len() + datagram.len());
-    framed.extend_from_slice(id);
+    let mut framed = BytesMut::with_capacity(encoded.len() + datagram.len());
+    framed.extend_from_slice(encoded);
     framed.extend_from_slice(datagram);
     match conn.send_datagram(framed.freeze()) {
         Ok(()) => Framed::Sent,
@@ -329,10 +428,19 @@ fn send_frame(conn: &quinn::Connection, id: &[u8], datagram: &[u8], limit: usize
 pub struct DatagramSender {
     send: quinn::SendStream,
     bytes: Arc<StreamBytes>,
-    /// The connection, the flow's id (encoded) and the largest datagram the
-    /// rest of the path carries, when datagrams may travel as QUIC
-    /// datagrams.
-    frames: Option<(quinn::Connection, Vec<u8>, usize)>,
+    /// Where datagrams go as QUIC datagrams, when they may.
+    frames: Option<Frames>,
+}
+
+/// How a flow sends QUIC datagrams.
+#[derive(Debug)]
+struct Frames {
+    conn: quinn::Connection,
+    router: Arc<FlowRouter>,
+    id: u64,
+    encoded: Vec<u8>,
+    /// The largest datagram the rest of the path carries.
+    limit: usize,
 }
 
 /// The receiving half of a flow.
@@ -378,8 +486,14 @@ impl DatagramSender {
                 ),
             )
         })?;
-        if let Some((conn, id, limit)) = &self.frames {
-            match send_frame(conn, id, datagram, *limit) {
+        if let Some(f) = &self.frames {
+            let to = FrameTo {
+                conn: &f.conn,
+                router: &f.router,
+                id: f.id,
+                encoded: &f.encoded,
+            };
+            match send_frame(&to, datagram, f.limit) {
                 Framed::Sent => {
                     self.bytes.sent(datagram.len() as u64);
                     self.bytes
@@ -573,7 +687,13 @@ impl OverlayStream {
         let tx = DatagramSender {
             send,
             bytes: bytes.clone(),
-            frames: Some((path.conn, encoded, path.limit)),
+            frames: Some(Frames {
+                conn: path.conn,
+                router: path.router,
+                id,
+                encoded,
+                limit: path.limit,
+            }),
         };
         let rx = DatagramReceiver {
             incoming: Incoming::Both {
@@ -726,6 +846,39 @@ mod tests {
         assert_eq!(lock(&router.flows).len(), 1);
         drop(b);
         assert!(lock(&router.flows).is_empty());
+    }
+
+    #[test]
+    fn a_flow_above_its_fair_share_of_recent_bytes_is_the_one_dropped() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let mut shares = Shares::default();
+        // Alone, a flow holds the whole share, however much it sends.
+        for _ in 0..1000 {
+            shares.offer(1, 1200, t0);
+        }
+        assert!(!shares.above_share(1, t0));
+        // With a light flow beside it, the heavy one is above its half and
+        // the light one is not; with a second as heavy, both heavy ones are
+        // above a third (and dropped alike while the queue is over half
+        // full), the light one still not.
+        shares.offer(2, 100, t0);
+        assert!(shares.above_share(1, t0) && !shares.above_share(2, t0));
+        shares.offer(3, 1000 * 1200, t0);
+        assert!(shares.above_share(1, t0) && shares.above_share(3, t0));
+        assert!(!shares.above_share(2, t0));
+        // A flow gone quiet for three windows no longer counts among those
+        // sharing: flow 1 alone again, after flow 3's bytes have decayed.
+        let later = t0 + Duration::from_secs_f64(10.0 * SHARE_WINDOW);
+        for _ in 0..10 {
+            shares.offer(1, 1200, later);
+        }
+        assert!(!shares.above_share(1, later));
+        // Recent bytes decay by e every window.
+        let mut r = Recent::default();
+        r.add(1000, t0);
+        let one = r.at(t0 + Duration::from_secs_f64(SHARE_WINDOW));
+        assert!((one - 1000.0 / std::f64::consts::E).abs() < 1.0, "{one}");
     }
 
     #[tokio::test]

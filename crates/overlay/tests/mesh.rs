@@ -830,3 +830,46 @@ async fn a_burst_beyond_the_datagram_queue_loses_the_excess_as_a_full_link_would
         "about 256 KiB queued: {st:?}"
     );
 }
+
+#[tokio::test]
+async fn a_flow_sending_faster_than_the_path_loses_its_own_datagrams_not_its_neighbours() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, None);
+    a.overlay.set_peer(node("b"), vec![addr(&b)]);
+    let (sink, _seen) = udp_sink().await;
+    let open = || async {
+        a.overlay
+            .open_flow(&node("b"), &format!("udp/{sink}"))
+            .await
+            .expect("open")
+            .into_datagrams()
+            .0
+    };
+    let (mut heavy, mut light) = (open().await, open().await);
+    let dropped = || a.overlay.stats().datagrams_queue_full;
+    // 400 KB from one flow at once (nothing is sent meanwhile: this task
+    // does not yield), a small datagram of another flow beside every tenth:
+    // the heavy flow's excess is dropped from half the queue on, and the
+    // light flow, far below its share, loses none.
+    for i in 0..400u32 {
+        let mut d = i.to_be_bytes().to_vec();
+        d.resize(1000, 0);
+        heavy.send(&d).await.expect("send");
+        if i % 10 == 0 {
+            let before = dropped();
+            light.send(&i.to_be_bytes()).await.expect("send");
+            assert_eq!(
+                dropped(),
+                before,
+                "the light flow's datagram {i} was dropped"
+            );
+        }
+    }
+    let st = a.overlay.stats();
+    assert_eq!(st.datagrams_as_frames + st.datagrams_queue_full, 440);
+    assert!(
+        (120..=140).contains(&(st.datagrams_as_frames - 40)),
+        "about half of 256 KiB queued for the heavy flow: {st:?}"
+    );
+}
