@@ -191,7 +191,7 @@ impl RelayMetrics {
         );
         r.register(
             "udp_datagrams_dropped",
-            "UDP flows' QUIC datagrams this coordinator received and did not forward (no such flow, malformed, the flow's queue full, too large for the next node's packets, or that connection's datagram queue full)",
+            "UDP flows' QUIC datagrams this coordinator received and did not forward (no such flow, malformed, the flow's queue full, too large for the next node's packets, or that connection's datagram queue full, or half full and the flow above its share)",
             m.datagrams_dropped.clone(),
         );
         m

@@ -165,7 +165,7 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.router.flows).remove(&self.id);
-        lock(&self.router.shares).flows.remove(&self.id);
+        lock(&self.router.shares).forget(self.id, std::time::Instant::now());
     }
 }
 
@@ -206,15 +206,56 @@ struct Shares {
     total: Recent,
 }
 
+/// A flow quiet for this many windows is forgotten (its bytes have decayed
+/// to nothing): the map holds the flows sending lately, not every flow the
+/// connection ever carried.
+const FORGET_AFTER: f64 = 10.0;
+
 impl Shares {
     /// Counts `n` bytes flow `id` offers now.
     fn offer(&mut self, id: u64, n: usize, now: std::time::Instant) {
         self.total.add(n, now);
+        if !self.flows.contains_key(&id) {
+            let quiet = std::time::Duration::from_secs_f64(FORGET_AFTER * SHARE_WINDOW);
+            let gone: Vec<u64> = self
+                .flows
+                .iter()
+                .filter(|(_, r)| {
+                    r.at.is_some_and(|t| now.saturating_duration_since(t) > quiet)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                self.forget(id, now);
+            }
+        }
         self.flows.entry(id).or_default().add(n, now);
     }
 
-    /// Whether flow `id` offered more than its fair share lately.
+    /// Takes flow `id` (ended, or quiet) and what is left of its bytes out.
+    fn forget(&mut self, id: u64, now: std::time::Instant) {
+        if let Some(r) = self.flows.remove(&id) {
+            let left = (self.total.at(now) - r.at(now)).max(0.0);
+            self.total = Recent {
+                bytes: left,
+                at: Some(now),
+            };
+        }
+    }
+
+    /// Whether flow `id` offered more than its fair share lately: its bytes
+    /// over an equal part of all flows' (the flows that sent in the last
+    /// three windows).
     fn above_share(&self, id: u64, now: std::time::Instant) -> bool {
+        let mine = self.flows.get(&id).map_or(0.0, |r| r.at(now));
+        let total = self.total.at(now);
+        // At most every flow counts: at or below that part, never above
+        // (and no need to count who sent lately). A flow alone holds the
+        // whole share (the margin keeps rounding from making it more).
+        let margin = 1.000_001;
+        if mine <= total / self.flows.len().max(1) as f64 * margin {
+            return false;
+        }
         let lately = std::time::Duration::from_secs_f64(3.0 * SHARE_WINDOW);
         let active = self
             .flows
@@ -224,10 +265,7 @@ impl Shares {
             })
             .count()
             .max(1);
-        let mine = self.flows.get(&id).map_or(0.0, |r| r.at(now));
-        // A flow alone holds the whole share (the margin keeps rounding
-        // from making it more).
-        mine > self.total.at(now) / active as f64 * 1.000_001
+        mine > total / active as f64 * margin
     }
 }
 
@@ -404,11 +442,16 @@ fn send_frame(to: &FrameTo<'_>, datagram: &[u8], limit: usize) -> Framed {
         return Framed::NotSent;
     }
     let queued = SEND_BUFFER.saturating_sub(conn.datagram_send_buffer_space());
-    let now = std::time::Instant::now();
     {
         let mut shares = lock(&router.shares);
+        let now = std::time::Instant::now();
+        // Judged on what the flow sent before this datagram (two flows
+        // sending alike are each within their share), counted either way
+        // (what a flow offers, not what got through, is its load).
+        let dropped =
+            queued > QUEUE_LIMIT || (queued > QUEUE_LIMIT / 2 && shares.above_share(id, now));
         shares.offer(id, datagram.len(), now);
-        if queued > QUEUE_LIMIT || (queued > QUEUE_LIMIT / 2 && shares.above_share(id, now)) {
+        if dropped {
             return Framed::QueueFull;
         }
     }
@@ -874,6 +917,18 @@ mod tests {
             shares.offer(1, 1200, later);
         }
         assert!(!shares.above_share(1, later));
+        // An ended flow's bytes leave the total with it: flow 1, alone
+        // again, is not judged against a share grown by flow 3's.
+        let mut two = Shares::default();
+        two.offer(1, 1000, t0);
+        two.offer(3, 5000, t0);
+        two.offer(2, 10, t0);
+        two.forget(3, t0);
+        assert!(two.above_share(1, t0) && !two.above_share(2, t0));
+        // A flow quiet for long is forgotten when another starts.
+        let much_later = t0 + Duration::from_secs_f64(2.0 * FORGET_AFTER * SHARE_WINDOW);
+        two.offer(4, 10, much_later);
+        assert_eq!(two.flows.len(), 1);
         // Recent bytes decay by e every window.
         let mut r = Recent::default();
         r.add(1000, t0);

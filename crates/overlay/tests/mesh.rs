@@ -844,9 +844,8 @@ async fn a_flow_sending_faster_than_the_path_loses_its_own_datagrams_not_its_nei
             .await
             .expect("open")
             .into_datagrams()
-            .0
     };
-    let (mut heavy, mut light) = (open().await, open().await);
+    let ((mut heavy, _heavy_rx), (mut light, _light_rx)) = (open().await, open().await);
     let dropped = || a.overlay.stats().datagrams_queue_full;
     // 400 KB from one flow at once (nothing is sent meanwhile: this task
     // does not yield), a small datagram of another flow beside every tenth:
