@@ -7,7 +7,10 @@
 //! - request/response round trips (64 bytes) on an open connection;
 //! - connection setup + first round trip (a new stream per request on the
 //!   existing QUIC connection, as upstream listeners do), against a new TCP
-//!   connection per request.
+//!   connection per request;
+//! - 64-byte UDP datagram round trips on one flow: directly, through R (which
+//!   forwards the flow's QUIC datagrams) and through a relay of the previous
+//!   release (the datagrams on the flow's stream), against UDP on loopback.
 //!
 //! Prints Markdown tables for docs/benchmarks.md.
 
@@ -16,12 +19,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use cloudless_overlay::{Overlay, OverlayConfig, OverlayTls, StaticResolver};
+use cloudless_overlay::{
+    ConnectFuture, Connected, Overlay, OverlayConfig, OverlayTls, Resolver, StaticResolver,
+};
 use cloudless_pki::{ClusterCa, Identity};
 use cloudless_test::bench::bulk;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -39,11 +44,57 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// B's targets: TCP ones from a table, and `udp-echo`, a UDP flow to the
+/// UDP echo.
+struct Targets {
+    tcp: StaticResolver,
+    udp_echo: SocketAddr,
+}
+
+impl Resolver for Targets {
+    fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
+        if target != "udp-echo" {
+            return self.tcp.connect(origin, target);
+        }
+        Box::pin(async move {
+            let s = UdpSocket::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| e.to_string())?;
+            s.connect(self.udp_echo).await.map_err(|e| e.to_string())?;
+            Ok(Connected::Udp(s))
+        })
+    }
+}
+
+/// Answers each datagram with itself.
+async fn udp_echo() -> anyhow::Result<SocketAddr> {
+    let s = UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = s.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    Ok(addr)
+}
+
 fn endpoint(
     ca: &ClusterCa,
     id: &str,
     relay: bool,
-    resolver: StaticResolver,
+    resolver: impl Resolver,
+) -> anyhow::Result<Overlay> {
+    endpoint_with(ca, id, relay, true, resolver)
+}
+
+/// An endpoint; `relayed_datagrams` off: of the previous release.
+fn endpoint_with(
+    ca: &ClusterCa,
+    id: &str,
+    relay: bool,
+    relayed_datagrams: bool,
+    resolver: impl Resolver,
 ) -> anyhow::Result<Overlay> {
     let me = Identity::Node(id.into());
     let issued = ca.issue(&me, &[], 3600, now())?;
@@ -54,6 +105,10 @@ fn endpoint(
     let config = OverlayConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         relay,
+        relayed_datagrams,
+        // On one host a relay's introduction always succeeds, and the
+        // relayed rows would measure the punched direct connection.
+        hole_punching: false,
         ..OverlayConfig::default()
     };
     Ok(Overlay::bind(config, tls, me, Arc::new(resolver))?)
@@ -128,10 +183,13 @@ fn row(label: &str, h: &Histogram<u64>) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let ca = ClusterCa::generate("bench", now())?;
-    let (sink_addr, echo_addr) = (sink().await?, echo().await?);
-    let resolver = StaticResolver::default()
-        .with("sink", sink_addr)
-        .with("echo", echo_addr);
+    let (sink_addr, echo_addr, udp_echo_addr) = (sink().await?, echo().await?, udp_echo().await?);
+    let resolver = Targets {
+        tcp: StaticResolver::default()
+            .with("sink", sink_addr)
+            .with("echo", echo_addr),
+        udp_echo: udp_echo_addr,
+    };
     let a = endpoint(&ca, "a", false, StaticResolver::default())?;
     let b = endpoint(&ca, "b", false, resolver)?;
     let r = endpoint(&ca, "r", true, StaticResolver::default())?;
@@ -216,11 +274,71 @@ async fn main() -> anyhow::Result<()> {
         "overlay, new stream each (open + target connect + round trip)",
         &h,
     );
+
+    // UDP: one flow each, a datagram at a time.
+    println!(
+        "\nUDP round trips of a 64-byte datagram on one flow ({} each, microseconds):\n",
+        args.round_trips
+    );
+    println!("| path | round trips | p50 us | p99 us | mean us |");
+    println!("|---|---:|---:|---:|---:|");
+    let plain = UdpSocket::bind("127.0.0.1:0").await?;
+    plain.connect(udp_echo_addr).await?;
+    let (msg, mut back) = ([1u8; 64], [0u8; 64]);
+    let mut h = hist();
+    for _ in 0..args.round_trips {
+        let t = Instant::now();
+        plain.send(&msg).await?;
+        plain.recv(&mut back).await?;
+        h.saturating_record(t.elapsed().as_micros() as u64);
+    }
+    row("UDP loopback (baseline)", &h);
+    // B also behind a relay of the previous release.
+    let old_relay = endpoint_with(&ca, "r-old", true, false, StaticResolver::default())?;
+    let old_id = Identity::Node("r-old".into());
+    b.set_peer(old_id.clone(), vec![old_relay.local_addr()?]);
+    b.set_relays(vec![rid.clone(), old_id.clone()]);
+    anyhow::ensure!(
+        b.keep_relays_connected().await.is_empty(),
+        "B cannot reach its relays"
+    );
+    let via = endpoint(&ca, "u", false, StaticResolver::default())?;
+    via.set_peer(rid.clone(), vec![r.local_addr()?]);
+    via.set_relays(vec![rid.clone()]);
+    let via_old = endpoint(&ca, "w", false, StaticResolver::default())?;
+    via_old.set_peer(old_id.clone(), vec![old_relay.local_addr()?]);
+    via_old.set_relays(vec![old_id.clone()]);
+    for (label, from) in [
+        ("UDP flow, direct (QUIC datagrams)", &a),
+        (
+            "UDP flow through a relay (QUIC datagrams it forwards)",
+            &via,
+        ),
+        (
+            "UDP flow through a relay of the previous release (on the stream)",
+            &via_old,
+        ),
+    ] {
+        let (mut tx, mut rx) = from.open_flow(&bid, "udp-echo").await?.into_datagrams();
+        let mut h = hist();
+        for _ in 0..args.round_trips {
+            let t = Instant::now();
+            tx.send(&msg).await?;
+            rx.recv()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{label}: the flow ended"))?;
+            h.saturating_record(t.elapsed().as_micros() as u64);
+        }
+        row(label, &h);
+    }
     tokio::time::sleep(Duration::from_millis(50)).await;
     println!(
-        "\nB served {} streams, R relayed {}.",
+        "\nB served {} streams, R relayed {} and {} QUIC datagrams, the previous release's relay {} and {}.",
         b.stats().streams_served,
-        r.stats().streams_relayed
+        r.stats().streams_relayed,
+        r.stats().datagrams_relayed,
+        old_relay.stats().streams_relayed,
+        old_relay.stats().datagrams_relayed
     );
     Ok(())
 }
