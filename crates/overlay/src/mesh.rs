@@ -29,6 +29,11 @@ const SHUTDOWN: u32 = 0;
 const NOT_ADMITTED: u32 = 2;
 /// How long an opener has to send its request frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an opener (or a relay, for the next node) waits for the answer
+/// to its request: the target's connect, or the relay's onward open. A node
+/// that never answers holds no stream, and no flow's place, for longer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a failed direct dial, streams to that peer go through relays
 /// without dialing again for this long (unless its addresses change).
 const DIRECT_RETRY: Duration = Duration::from_secs(30);
@@ -768,7 +773,13 @@ impl Overlay {
             p.register(u64::from(send.id()));
         }
         write_frame(&mut send, request).await?;
-        let reply: StreamReply = read_frame(&mut recv).await?;
+        let reply: StreamReply = tokio::time::timeout(REPLY_TIMEOUT, read_frame(&mut recv))
+            .await
+            .map_err(|_| {
+                let _ = send.reset(0u32.into());
+                let _ = recv.stop(0u32.into());
+                OverlayError::Io(format!("{peer} did not answer within {REPLY_TIMEOUT:?}"))
+            })??;
         if !reply.ok {
             return Err(OverlayError::Refused {
                 peer: peer.uri(),

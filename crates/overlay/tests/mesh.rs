@@ -67,6 +67,11 @@ struct Recording {
 impl Resolver for Recording {
     fn connect<'a>(&'a self, origin: &'a Identity, target: &'a str) -> ConnectFuture<'a> {
         self.origins.lock().expect("origins").push(origin.clone());
+        // `never`: a target whose connect never ends (a node that does not
+        // answer).
+        if target == "never" {
+            return Box::pin(std::future::pending());
+        }
         // `udp/<address>`: a UDP flow to that address.
         if let Some(to) = target.strip_prefix("udp/") {
             let to: SocketAddr = match to.parse() {
@@ -871,4 +876,27 @@ async fn a_flow_sending_faster_than_the_path_loses_its_own_datagrams_not_its_nei
         (120..=140).contains(&(st.datagrams_as_frames - 40)),
         "about half of 256 KiB queued for the heavy flow: {st:?}"
     );
+}
+
+#[tokio::test]
+async fn an_open_that_gets_no_answer_fails_after_ten_seconds() {
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let a = start(&ca, "a", false, None);
+    let b = start(&ca, "b", false, Some(upper_service().await));
+    a.overlay.set_peer(node("b"), vec![addr(&b)]);
+    let t = std::time::Instant::now();
+    let e = a
+        .overlay
+        .open(&node("b"), "never")
+        .await
+        .expect_err("no answer");
+    let waited = t.elapsed();
+    assert!(e.to_string().contains("did not answer within 10s"), "{e}");
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(15)).contains(&waited),
+        "{waited:?}"
+    );
+    // The connection stays usable.
+    let s = a.overlay.open(&node("b"), "upper").await.expect("open");
+    assert_eq!(round_trip(s, b"hi").await, b"HI");
 }
