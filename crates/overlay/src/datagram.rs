@@ -204,7 +204,13 @@ impl Recent {
 struct Shares {
     flows: HashMap<u64, Recent>,
     total: Recent,
+    /// How many flows sent in the last three windows, and when counted
+    /// (again at most every [`COUNT_EVERY`]: a count walks every flow).
+    active: Option<(usize, std::time::Instant)>,
 }
+
+/// How long a count of the flows sharing a connection holds.
+const COUNT_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A flow quiet for this many windows is forgotten (its bytes have decayed
 /// to nothing): the map holds the flows sending lately, not every flow the
@@ -229,12 +235,19 @@ impl Shares {
                 self.forget(id, now);
             }
         }
-        self.flows.entry(id).or_default().add(n, now);
+        self.flows
+            .entry(id)
+            .or_insert_with(|| {
+                self.active = None;
+                Recent::default()
+            })
+            .add(n, now);
     }
 
     /// Takes flow `id` (ended, or quiet) and what is left of its bytes out.
     fn forget(&mut self, id: u64, now: std::time::Instant) {
         if let Some(r) = self.flows.remove(&id) {
+            self.active = None;
             let left = (self.total.at(now) - r.at(now)).max(0.0);
             self.total = Recent {
                 bytes: left,
@@ -246,7 +259,7 @@ impl Shares {
     /// Whether flow `id` offered more than its fair share lately: its bytes
     /// over an equal part of all flows' (the flows that sent in the last
     /// three windows).
-    fn above_share(&self, id: u64, now: std::time::Instant) -> bool {
+    fn above_share(&mut self, id: u64, now: std::time::Instant) -> bool {
         let mine = self.flows.get(&id).map_or(0.0, |r| r.at(now));
         let total = self.total.at(now);
         // At most every flow counts: at or below that part, never above
@@ -256,15 +269,22 @@ impl Shares {
         if mine <= total / self.flows.len().max(1) as f64 * margin {
             return false;
         }
-        let lately = std::time::Duration::from_secs_f64(3.0 * SHARE_WINDOW);
-        let active = self
-            .flows
-            .values()
-            .filter(|r| {
-                r.at.is_some_and(|t| now.saturating_duration_since(t) <= lately)
-            })
-            .count()
-            .max(1);
+        let active = match self.active {
+            Some((n, at)) if now.saturating_duration_since(at) < COUNT_EVERY => n,
+            _ => {
+                let lately = std::time::Duration::from_secs_f64(3.0 * SHARE_WINDOW);
+                let n = self
+                    .flows
+                    .values()
+                    .filter(|r| {
+                        r.at.is_some_and(|t| now.saturating_duration_since(t) <= lately)
+                    })
+                    .count()
+                    .max(1);
+                self.active = Some((n, now));
+                n
+            }
+        };
         mine > total / active as f64 * margin
     }
 }
@@ -917,8 +937,8 @@ mod tests {
             shares.offer(1, 1200, later);
         }
         assert!(!shares.above_share(1, later));
-        // An ended flow's bytes leave the total with it: flow 1, alone
-        // again, is not judged against a share grown by flow 3's.
+        // An ended flow's bytes leave the total with it: flow 1 is judged
+        // against flow 2 alone, not against a share grown by flow 3's.
         let mut two = Shares::default();
         two.offer(1, 1000, t0);
         two.offer(3, 5000, t0);
@@ -929,6 +949,15 @@ mod tests {
         let much_later = t0 + Duration::from_secs_f64(2.0 * FORGET_AFTER * SHARE_WINDOW);
         two.offer(4, 10, much_later);
         assert_eq!(two.flows.len(), 1);
+        // Two flows taking turns, each judged before its datagram counts
+        // (as `send_frame` does), are never above their share.
+        let mut turns = Shares::default();
+        for i in 0..1000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 10);
+            let id = u64::from(i % 2);
+            assert!(!turns.above_share(id, now), "flow {id} at {i}");
+            turns.offer(id, 1200, now);
+        }
         // Recent bytes decay by e every window.
         let mut r = Recent::default();
         r.add(1000, t0);

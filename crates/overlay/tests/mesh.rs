@@ -876,6 +876,30 @@ async fn a_flow_sending_faster_than_the_path_loses_its_own_datagrams_not_its_nei
         (120..=140).contains(&(st.datagrams_as_frames - 40)),
         "about half of 256 KiB queued for the heavy flow: {st:?}"
     );
+
+    // Two flows sending alike, in turns, are each within their share: the
+    // queue fills to its 256 KiB before either loses a datagram.
+    let c = start(&ca, "c", false, None);
+    c.overlay.set_peer(node("b"), vec![addr(&b)]);
+    let open = || async {
+        c.overlay
+            .open_flow(&node("b"), &format!("udp/{sink}"))
+            .await
+            .expect("open")
+            .into_datagrams()
+    };
+    let ((mut one, _one_rx), (mut two, _two_rx)) = (open().await, open().await);
+    for i in 0..200u32 {
+        let mut d = i.to_be_bytes().to_vec();
+        d.resize(1000, 0);
+        one.send(&d).await.expect("send");
+        two.send(&d).await.expect("send");
+    }
+    let st = c.overlay.stats();
+    assert!(
+        (240..=270).contains(&st.datagrams_as_frames),
+        "about 256 KiB queued: {st:?}"
+    );
 }
 
 #[tokio::test]

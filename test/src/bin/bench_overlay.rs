@@ -321,15 +321,23 @@ async fn main() -> anyhow::Result<()> {
     ] {
         let (mut tx, mut rx) = from.open_flow(&bid, "udp-echo").await?.into_datagrams();
         let mut h = hist();
+        let mut lost = 0;
         for _ in 0..args.round_trips {
             let t = Instant::now();
             tx.send(&msg).await?;
-            rx.recv()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("{label}: the flow ended"))?;
-            h.saturating_record(t.elapsed().as_micros() as u64);
+            // A datagram (or its answer) may be lost: counted, not waited for.
+            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(answer) => {
+                    answer?.ok_or_else(|| anyhow::anyhow!("{label}: the flow ended"))?;
+                    h.saturating_record(t.elapsed().as_micros() as u64);
+                }
+                Err(_) => lost += 1,
+            }
         }
         row(label, &h);
+        if lost > 0 {
+            println!("({label}: {lost} lost)");
+        }
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     println!(
