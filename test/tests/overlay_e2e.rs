@@ -467,12 +467,7 @@ async fn nodes_that_cannot_dial_each_other_connect_through_a_coordinator_relay()
     // (one each way per answer seen at least), not on the flows' streams.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut relayed = 0.0;
-        for node in &c.coordinators {
-            let text = metrics(&node.http).await;
-            relayed +=
-                cloudless_test::sample(&text, "cloudless_overlay_udp_datagrams_relayed_total");
-        }
+        let relayed = coordinators_total(&c, "cloudless_overlay_udp_datagrams_relayed_total").await;
         if relayed >= 2.0 * backends.len() as f64 {
             break;
         }
@@ -524,10 +519,14 @@ async fn metrics(http: &str) -> String {
 
 /// Streams relayed by all coordinators so far.
 async fn relayed_total(c: &Cluster) -> u64 {
-    let mut relayed = 0u64;
+    coordinators_total(c, "cloudless_overlay_streams_relayed_total").await as u64
+}
+
+/// `series` summed over every coordinator's metrics.
+async fn coordinators_total(c: &Cluster, series: &str) -> f64 {
+    let mut total = 0.0;
     for node in &c.coordinators {
-        let text = metrics(&node.http).await;
-        relayed += cloudless_test::sample(&text, "cloudless_overlay_streams_relayed_total") as u64;
+        total += cloudless_test::sample(&metrics(&node.http).await, series);
     }
-    relayed
+    total
 }

@@ -348,6 +348,17 @@ impl DatagramPath {
         u32::try_from(max.min(self.limit)).ok()
     }
 
+    /// How flow `id` sends on this path's connection.
+    fn frames(&self, id: u64) -> Option<Frames> {
+        Some(Frames {
+            conn: self.conn.clone(),
+            router: self.router.clone(),
+            id,
+            encoded: encode_varint(id)?,
+            limit: self.limit,
+        })
+    }
+
     /// Takes the datagrams for stream `id` from now on: the opener before
     /// its request and the side that accepts a flow before it answers, so
     /// no first datagram either sends finds no flow.
@@ -360,35 +371,29 @@ impl DatagramPath {
 
 /// Forwards a relayed flow's QUIC datagrams both ways between the opener's
 /// connection (`near`) and the target node's (`far`), both registered, as a
-/// router forwards packets: one too large for the next connection's packets
-/// is dropped and counted (the two ends agreed on a size that fit when the
-/// flow opened; a path's packets seldom shrink), one that finds the next
-/// connection's queue full too. Runs until `until` resolves (the flow's
-/// streams ended), then for a moment more: datagrams sent before the end
-/// travel apart from it.
-pub(crate) async fn relay(near: DatagramPath, far: DatagramPath, until: impl Future<Output = ()>) {
+/// router forwards packets: one that finds the next connection's queue full
+/// is dropped and counted (and one too large for its packets, which the
+/// sizes the two ends agreed on when the flow opened never are). Runs until
+/// `until` (the relay's join of the flow's two streams) ends, then for a
+/// moment more: datagrams sent before the end travel apart from it.
+pub(crate) async fn relay<T>(
+    mut near: DatagramPath,
+    mut far: DatagramPath,
+    until: impl Future<Output = T>,
+) {
     let grace = END_GRACE.max(2 * near.conn.rtt().max(far.conn.rtt()));
     let counted = near.router.counted.clone();
-    let (Some(mut from_near), Some(mut from_far)) = (near.registered, far.registered) else {
-        return until.await;
+    let (Some(mut from_near), Some(mut from_far)) = (near.registered.take(), far.registered.take())
+    else {
+        until.await;
+        return;
     };
-    let (Some(near_id), Some(far_id)) = (
-        encode_varint(from_near._registration.id),
-        encode_varint(from_far._registration.id),
+    let (Some(to_near), Some(to_far)) = (
+        near.frames(from_near._registration.id),
+        far.frames(from_far._registration.id),
     ) else {
-        return until.await;
-    };
-    let to_far = FrameTo {
-        conn: &far.conn,
-        router: &far.router,
-        id: from_far._registration.id,
-        encoded: &far_id,
-    };
-    let to_near = FrameTo {
-        conn: &near.conn,
-        router: &near.router,
-        id: from_near._registration.id,
-        encoded: &near_id,
+        until.await;
+        return;
     };
     let pump = async {
         tokio::join!(
@@ -399,15 +404,15 @@ pub(crate) async fn relay(near: DatagramPath, far: DatagramPath, until: impl Fut
     tokio::pin!(pump);
     tokio::select! {
         _ = &mut pump => return,
-        () = until => {}
+        _ = until => {}
     }
     let _ = tokio::time::timeout(grace, pump).await;
 }
 
 /// Sends each datagram `from` yields on `to`, until the connection is lost.
-async fn forward(from: &mut mpsc::Receiver<Bytes>, to: &FrameTo<'_>, counted: &StreamBytes) {
+async fn forward(from: &mut mpsc::Receiver<Bytes>, to: &Frames, counted: &StreamBytes) {
     while let Some(d) = from.recv().await {
-        match send_frame(to, &d, usize::MAX) {
+        match send_frame(to, &d) {
             Framed::Sent => {
                 counted.sent(d.len() as u64);
                 counted.datagrams_relayed.fetch_add(1, Ordering::Relaxed);
@@ -430,30 +435,23 @@ enum Framed {
     /// Not sent: the connection's queue held [`QUEUE_LIMIT`] bytes, or
     /// half of it and the flow sent more than its share lately.
     QueueFull,
-    /// Not sent: too large for a packet (or than `limit`), or refused.
+    /// Not sent: too large for a packet (or for the rest of the path), or
+    /// refused.
     NotSent,
     /// The connection is gone.
     Lost(quinn::ConnectionError),
 }
 
-/// Where a flow's datagrams go as QUIC datagrams: the connection, its
-/// router (for the flows' shares) and the flow's id there.
-struct FrameTo<'a> {
-    conn: &'a quinn::Connection,
-    router: &'a FlowRouter,
-    id: u64,
-    /// The id, encoded.
-    encoded: &'a [u8],
-}
-
 /// Offers `datagram` to the connection as a QUIC datagram of the flow.
-fn send_frame(to: &FrameTo<'_>, datagram: &[u8], limit: usize) -> Framed {
-    let FrameTo {
+fn send_frame(to: &Frames, datagram: &[u8]) -> Framed {
+    let Frames {
         conn,
         router,
         id,
         encoded,
-    } = *to;
+        limit,
+    } = to;
+    let (id, limit) = (*id, *limit);
     let fits = datagram.len() <= limit
         && conn
             .max_datagram_size()
@@ -495,14 +493,15 @@ pub struct DatagramSender {
     frames: Option<Frames>,
 }
 
-/// How a flow sends QUIC datagrams.
+/// Where a flow's datagrams go as QUIC datagrams: the connection, its
+/// router (for the flows' shares), the flow's id there (and encoded), and
+/// the largest datagram the rest of the path carries.
 #[derive(Debug)]
 struct Frames {
     conn: quinn::Connection,
     router: Arc<FlowRouter>,
     id: u64,
     encoded: Vec<u8>,
-    /// The largest datagram the rest of the path carries.
     limit: usize,
 }
 
@@ -549,14 +548,8 @@ impl DatagramSender {
                 ),
             )
         })?;
-        if let Some(f) = &self.frames {
-            let to = FrameTo {
-                conn: &f.conn,
-                router: &f.router,
-                id: f.id,
-                encoded: &f.encoded,
-            };
-            match send_frame(&to, datagram, f.limit) {
+        if let Some(to) = &self.frames {
+            match send_frame(to, datagram) {
                 Framed::Sent => {
                     self.bytes.sent(datagram.len() as u64);
                     self.bytes
@@ -703,8 +696,10 @@ impl OverlayStream {
             datagrams,
         } = self;
         let id = u64::from(send.id());
-        let Some((mut path, encoded)) = datagrams.and_then(|p| Some((p, encode_varint(id)?)))
-        else {
+        let Some((mut path, to)) = datagrams.and_then(|p| {
+            let to = p.frames(id)?;
+            Some((p, to))
+        }) else {
             let tx = DatagramSender {
                 send,
                 bytes: bytes.clone(),
@@ -750,13 +745,7 @@ impl OverlayStream {
         let tx = DatagramSender {
             send,
             bytes: bytes.clone(),
-            frames: Some(Frames {
-                conn: path.conn,
-                router: path.router,
-                id,
-                encoded,
-                limit: path.limit,
-            }),
+            frames: Some(to),
         };
         let rx = DatagramReceiver {
             incoming: Incoming::Both {

@@ -1238,18 +1238,7 @@ impl Overlay {
                         };
                         match forwarding {
                             Some((near_path, far_path, _)) => {
-                                let (ended, end) = tokio::sync::oneshot::channel::<()>();
-                                let streams = async {
-                                    let _ = near.join(far).await;
-                                    let _ = ended.send(());
-                                };
-                                let until = async {
-                                    let _ = end.await;
-                                };
-                                tokio::join!(
-                                    streams,
-                                    crate::datagram::relay(near_path, far_path, until)
-                                );
+                                crate::datagram::relay(near_path, far_path, near.join(far)).await;
                             }
                             None => {
                                 let _ = near.join(far).await;

@@ -581,6 +581,28 @@ async fn udp_sink() -> (SocketAddr, Arc<Mutex<Vec<u32>>>) {
     (addr, seen)
 }
 
+/// A new flow from `from` to the UDP service at `sink` on node b.
+async fn flow_to(
+    from: &Node,
+    sink: SocketAddr,
+) -> (
+    cloudless_overlay::datagram::DatagramSender,
+    cloudless_overlay::datagram::DatagramReceiver,
+) {
+    from.overlay
+        .open_flow(&node("b"), &format!("udp/{sink}"))
+        .await
+        .expect("open")
+        .into_datagrams()
+}
+
+/// Datagram `i`: its number (4 bytes, big-endian) padded to `len` bytes.
+fn numbered(i: u32, len: usize) -> Vec<u8> {
+    let mut d = i.to_be_bytes().to_vec();
+    d.resize(len, 0);
+    d
+}
+
 /// A link to `to` that drops every `nth` packet toward `to` while `lossy`
 /// is set (netem is missing here); the address to dial instead of `to`.
 async fn lossy_link(
@@ -634,17 +656,10 @@ async fn through_loss_via(a: &Node, hop: &str, at: &Node) -> Vec<u32> {
     let lossy = Arc::new(AtomicBool::new(false));
     let link = lossy_link(addr(at), lossy.clone(), 5).await;
     a.overlay.set_peer(node(hop), vec![link]);
-    let s = a
-        .overlay
-        .open_flow(&node("b"), &format!("udp/{sink}"))
-        .await
-        .expect("open");
-    let (mut tx, _rx) = s.into_datagrams();
+    let (mut tx, _rx) = flow_to(a, sink).await;
     lossy.store(true, Ordering::Relaxed);
     for seq in 0u32..200 {
-        let mut d = seq.to_be_bytes().to_vec();
-        d.resize(100, 0);
-        tx.send(&d).await.expect("send");
+        tx.send(&numbered(seq, 100)).await.expect("send");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     settled(&seen, 200).await
@@ -785,12 +800,7 @@ async fn datagrams_sent_just_before_a_flow_ends_are_delivered() {
 async fn five_flows_end_right_after_their_datagrams(a: &Node) {
     let (sink, seen) = udp_sink().await;
     for round in 0..5u32 {
-        let s = a
-            .overlay
-            .open_flow(&node("b"), &format!("udp/{sink}"))
-            .await
-            .expect("open");
-        let (mut tx, _rx) = s.into_datagrams();
+        let (mut tx, _rx) = flow_to(a, sink).await;
         for i in 0..50u32 {
             tx.send(&(round * 50 + i).to_be_bytes())
                 .await
@@ -812,20 +822,13 @@ async fn a_burst_beyond_the_datagram_queue_loses_the_excess_as_a_full_link_would
     let b = start(&ca, "b", false, None);
     a.overlay.set_peer(node("b"), vec![addr(&b)]);
     let (sink, _seen) = udp_sink().await;
-    let s = a
-        .overlay
-        .open_flow(&node("b"), &format!("udp/{sink}"))
-        .await
-        .expect("open");
-    let (mut tx, _rx) = s.into_datagrams();
+    let (mut tx, _rx) = flow_to(&a, sink).await;
     // 400 KB at once (this task does not yield meanwhile, so nothing is
     // sent yet): the queue takes its 256 KiB, the rest is dropped here and
     // counted, rather than quinn dropping queued datagrams of any flow or
     // the queue growing without end; nothing goes on the stream.
     for i in 0..400u32 {
-        let mut d = i.to_be_bytes().to_vec();
-        d.resize(1000, 0);
-        tx.send(&d).await.expect("send");
+        tx.send(&numbered(i, 1000)).await.expect("send");
     }
     let st = a.overlay.stats();
     assert_eq!(st.datagrams_on_streams, 0, "{st:?}");
@@ -843,23 +846,15 @@ async fn a_flow_sending_faster_than_the_path_loses_its_own_datagrams_not_its_nei
     let b = start(&ca, "b", false, None);
     a.overlay.set_peer(node("b"), vec![addr(&b)]);
     let (sink, _seen) = udp_sink().await;
-    let open = || async {
-        a.overlay
-            .open_flow(&node("b"), &format!("udp/{sink}"))
-            .await
-            .expect("open")
-            .into_datagrams()
-    };
-    let ((mut heavy, _heavy_rx), (mut light, _light_rx)) = (open().await, open().await);
+    let ((mut heavy, _heavy_rx), (mut light, _light_rx)) =
+        (flow_to(&a, sink).await, flow_to(&a, sink).await);
     let dropped = || a.overlay.stats().datagrams_queue_full;
     // 400 KB from one flow at once (nothing is sent meanwhile: this task
     // does not yield), a small datagram of another flow beside every tenth:
     // the heavy flow's excess is dropped from half the queue on, and the
     // light flow, far below its share, loses none.
     for i in 0..400u32 {
-        let mut d = i.to_be_bytes().to_vec();
-        d.resize(1000, 0);
-        heavy.send(&d).await.expect("send");
+        heavy.send(&numbered(i, 1000)).await.expect("send");
         if i % 10 == 0 {
             let before = dropped();
             light.send(&i.to_be_bytes()).await.expect("send");
@@ -881,19 +876,11 @@ async fn a_flow_sending_faster_than_the_path_loses_its_own_datagrams_not_its_nei
     // queue fills to its 256 KiB before either loses a datagram.
     let c = start(&ca, "c", false, None);
     c.overlay.set_peer(node("b"), vec![addr(&b)]);
-    let open = || async {
-        c.overlay
-            .open_flow(&node("b"), &format!("udp/{sink}"))
-            .await
-            .expect("open")
-            .into_datagrams()
-    };
-    let ((mut one, _one_rx), (mut two, _two_rx)) = (open().await, open().await);
+    let ((mut one, _one_rx), (mut two, _two_rx)) =
+        (flow_to(&c, sink).await, flow_to(&c, sink).await);
     for i in 0..200u32 {
-        let mut d = i.to_be_bytes().to_vec();
-        d.resize(1000, 0);
-        one.send(&d).await.expect("send");
-        two.send(&d).await.expect("send");
+        one.send(&numbered(i, 1000)).await.expect("send");
+        two.send(&numbered(i, 1000)).await.expect("send");
     }
     let st = c.overlay.stats();
     assert!(
