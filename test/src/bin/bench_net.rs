@@ -90,6 +90,12 @@ struct Args {
     /// QUIC datagrams.
     #[arg(long)]
     udp_on_streams: bool,
+    /// The rate (Gbit/s) of the uplink in the rows that shape it (a token
+    /// bucket on both ends of the veth between the nodes, `tc tbf`), where
+    /// the link, not the sending node's core, is the limit, as on most
+    /// devices' links; 0 leaves those rows out.
+    #[arg(long, default_value_t = 1.0)]
+    uplink_gbit: f64,
 }
 
 /// Keeps the calling thread, and the threads it starts from now on, on
@@ -761,7 +767,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     let ingress_at: Ipv4Addr = "10.250.200.1".parse()?;
     let overlay_target = cloudless_agent::mesh::service_target("bench-server-b", 0, false, &caller)
         .replace(":0@", ":{port}@");
-    let paths = [
+    let mut paths: Vec<(String, Path2, Option<f64>)> = [
         (
             "direct, replica to replica over the bridge (baseline)",
             Path2::Tcp(client.netns.clone(), server_a.address),
@@ -776,7 +782,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         ),
         (
             "raw overlay stream A to B (cross-node baseline)",
-            Path2::Overlay(oa.clone(), overlay_target),
+            Path2::Overlay(oa.clone(), overlay_target.clone()),
         ),
         (
             "replica to B's replica through a plain overlay forward (no VIP, no proxy)",
@@ -790,15 +796,47 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
             "ingress from outside to a replica on the ingress node",
             Path2::Tcp(outside.clone(), ingress_at),
         ),
-    ];
+    ]
+    .into_iter()
+    .map(|(label, p)| (label.to_string(), p, None))
+    .collect();
+    // The cross-node pair again on a shaped uplink: where the link is the
+    // limit, the service layer should cost no throughput at all.
+    if uplink && args.uplink_gbit > 0.0 {
+        let gbit = args.uplink_gbit;
+        match shape_uplink(Some(gbit)).and_then(|()| shape_uplink(None)) {
+            Ok(()) => {
+                paths.push((
+                    format!("raw overlay stream A to B, uplink shaped to {gbit} Gbit/s"),
+                    Path2::Overlay(oa.clone(), overlay_target.clone()),
+                    Some(gbit),
+                ));
+                paths.push((
+                    format!("service VIP, across nodes, uplink shaped to {gbit} Gbit/s"),
+                    Path2::Tcp(client.netns.clone(), vip_b),
+                    Some(gbit),
+                ));
+            }
+            Err(e) => eprintln!(
+                "warning: the uplink cannot be shaped ({e}); the shaped rows are left out"
+            ),
+        }
+    }
     // Rounds interleave the paths, so a noisy moment hits them alike.
     let mut runs: Vec<Vec<Row>> = paths.iter().map(|_| Vec::new()).collect();
     for round in 0..args.rounds.max(1) {
-        for (i, (label, p)) in paths.iter().enumerate() {
+        for (i, (label, p, shaped)) in paths.iter().enumerate() {
             if !args.only.is_empty() && !args.only.contains(&i) {
                 continue;
             }
-            let r = measure(p, &args, round == 0).await?;
+            if shaped.is_some() {
+                shape_uplink(*shaped)?;
+            }
+            let r = measure(p, &args, round == 0).await;
+            if shaped.is_some() {
+                shape_uplink(None)?;
+            }
+            let r = r?;
             eprintln!(
                 "round {round}: {label}: {:.2} Gbit/s, p50 {} us, {:.0} connections/s",
                 r.gbps,
@@ -812,7 +850,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         .iter()
         .zip(runs)
         .filter(|(_, rs)| !rs.is_empty())
-        .map(|((label, _), rs)| (*label, median_row(rs)))
+        .map(|((label, _, _), rs)| (label.as_str(), median_row(rs)))
         .collect();
     println!(
         "\nOne connection each: bulk {} MiB, {} round trips of 64 bytes, new connections for {} s (first round); the median of {} interleaved rounds:\n",
@@ -832,6 +870,7 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
     if rows.len() < paths.len() {
         return cleanup(&a, &b, dir.path()).await;
     }
+    // Paths 0 to 6 are always there; 7 and 8 only on a shaped uplink.
     let p50 = |i: usize| rows[i].1.rtt.value_at_quantile(0.5) as f64;
     println!("\nAgainst the targets:\n");
     println!(
@@ -854,6 +893,13 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         100.0 * rows[5].1.gbps / rows[4].1.gbps,
         p50(5) - p50(4)
     );
+    if rows.len() == 9 {
+        println!(
+            "- cross-node service path on the shaped uplink: {:.0}% of the raw overlay stream's throughput on it, {:+.0} us p50",
+            100.0 * rows[8].1.gbps / rows[7].1.gbps,
+            p50(8) - p50(7)
+        );
+    }
     println!(
         "- ingress: {:+.0} us p50 over direct (target at most +200)",
         p50(6) - p50(0)
@@ -915,6 +961,25 @@ async fn run(args: Args, node_b: tokio::runtime::Handle, pinned: bool) -> anyhow
         udp_p50[4] - udp_p50[0]
     );
     cleanup(&a, &b, dir.path()).await
+}
+
+/// Shapes both ends of the uplink between the nodes to `gbit` Gbit/s (a
+/// token bucket with a queue of 10 ms), or lifts the shaping (`None`).
+fn shape_uplink(gbit: Option<f64>) -> anyhow::Result<()> {
+    let ends = [
+        ("", "clbn-ua"),
+        (&*format!("ip netns exec {UPLINK_NS} "), "clbn-ub"),
+    ];
+    for (inside, dev) in ends {
+        sh_ok(&match gbit {
+            Some(g) => format!(
+                "{inside}tc qdisc replace dev {dev} root tbf rate {}mbit burst 256kb latency 10ms",
+                (g * 1000.0).round() as u64
+            ),
+            None => format!("{inside}tc qdisc del dev {dev} root"),
+        })?;
+    }
+    Ok(())
 }
 
 /// Detaches the bench's replicas and removes both nodes' networks and what
