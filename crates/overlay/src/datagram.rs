@@ -9,13 +9,15 @@
 //! lost packet loses its datagrams, as UDP would, and delays nothing behind
 //! it. The connection queues at most [`QUEUE_LIMIT`] bytes of them for the
 //! congestion window; a datagram that finds the queue full is dropped and
-//! counted, as a full link queue drops (QUIC sends queued datagrams before
-//! stream data, as a network carries UDP that ignores congestion: a flow
-//! sending faster than the path carries slows the TCP streams between the
-//! two nodes). Once the queue is half full, the datagrams of a flow that
-//! offered more than an equal share lately are dropped first (fair dropping),
-//! so such a flow loses its own excess, not its neighbours' datagrams. The
-//! stream carries a datagram instead, its length (two
+//! counted, as a full link queue drops. Once the queue is half full, the
+//! datagrams of a flow that offered more than an equal share lately are
+//! dropped first (fair dropping), so such a flow loses its own excess, not
+//! its neighbours' datagrams. QUIC sends queued datagrams before any stream
+//! data: while a stream of the connection waits for room to send, its
+//! datagrams are held to half the path's rate (`Room`), or datagrams
+//! offered faster than the path carries would leave the TCP connections
+//! between the two nodes only what room their packets leave. The stream
+//! carries a datagram instead, its length (two
 //! bytes, big-endian) and then its bytes, in order and never lost while the
 //! stream lives (a lost packet delays the datagrams behind it), when it is
 //! too large for a packet (over about 1,160 to 1,410 bytes, by the path),
@@ -207,7 +209,22 @@ struct Shares {
     /// How many flows sent in the last three windows, and when counted
     /// (again at most every [`COUNT_EVERY`]: a count walks every flow).
     active: Option<(usize, std::time::Instant)>,
+    /// Bytes of QUIC datagrams the connection queued lately (not those
+    /// dropped).
+    queued: Recent,
+    /// Streams of the connection waiting for room to send now, and when
+    /// one last began or ended a wait.
+    streams_waiting: usize,
+    streams_waited_at: Option<std::time::Instant>,
+    /// The path's rate, bytes a second (the congestion window over the
+    /// round trip), and when read (again at most every [`COUNT_EVERY`]).
+    path_rate: Option<(f64, std::time::Instant)>,
 }
+
+/// How long after a stream of a connection last waited for room to send
+/// its datagrams are still held to half the path (a stream sending all it
+/// can waits again within a round trip or so).
+const STREAMS_HOLD: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long a count of the flows sharing a connection holds.
 const COUNT_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
@@ -286,6 +303,95 @@ impl Shares {
             }
         };
         mine > total / active as f64 * margin
+    }
+
+    /// Whether `n` bytes more would take the connection's datagrams above
+    /// half the path's rate lately while a stream of it waits for room to
+    /// send (or did a moment ago). QUIC sends queued datagrams before any
+    /// stream data: without this, datagrams offered faster than the path
+    /// carries would leave the streams nothing.
+    /// `rate` reads the path's rate (bytes a second) when the one read last
+    /// is older than [`COUNT_EVERY`].
+    fn above_half_path(
+        &mut self,
+        rate: impl FnOnce() -> f64,
+        n: usize,
+        now: std::time::Instant,
+    ) -> bool {
+        let waited = self.streams_waiting > 0
+            || self
+                .streams_waited_at
+                .is_some_and(|t| now.saturating_duration_since(t) < STREAMS_HOLD);
+        if !waited {
+            return false;
+        }
+        let rate = match self.path_rate {
+            Some((rate, at)) if now.saturating_duration_since(at) < COUNT_EVERY => rate,
+            _ => {
+                let rate = rate();
+                self.path_rate = Some((rate, now));
+                rate
+            }
+        };
+        // Bytes sent at a steady rate add up to the rate times the window.
+        self.queued.at(now) + n as f64 > rate / 2.0 * SHARE_WINDOW
+    }
+
+    /// A stream of the connection began (`true`) or ended a wait for room.
+    fn stream_waits(&mut self, waiting: bool, now: std::time::Instant) {
+        if waiting {
+            self.streams_waiting += 1;
+        } else {
+            self.streams_waiting = self.streams_waiting.saturating_sub(1);
+        }
+        self.streams_waited_at = Some(now);
+    }
+}
+
+/// Tells a connection's router while one of its streams waits for room to
+/// send (a write that could not go at once), which holds the connection's
+/// datagrams to half the path meanwhile ([`Shares::above_half_path`]).
+#[derive(Debug, Default)]
+pub(crate) struct Room {
+    router: Option<Arc<FlowRouter>>,
+    waiting: bool,
+}
+
+impl Room {
+    /// The room of a stream on the connection of `router` (none on a
+    /// connection that carries no QUIC datagrams).
+    pub(crate) fn of(router: Option<Arc<FlowRouter>>) -> Self {
+        Room {
+            router,
+            waiting: false,
+        }
+    }
+
+    /// Marks the stream waiting (its write was pending) or not.
+    pub(crate) fn waiting(&mut self, waiting: bool) {
+        if self.waiting != waiting {
+            self.waiting = waiting;
+            if let Some(r) = &self.router {
+                lock(&r.shares).stream_waits(waiting, std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Runs `write`, the stream marked waiting while it is pending.
+    pub(crate) async fn write<F: Future>(&mut self, write: F) -> F::Output {
+        let mut write = std::pin::pin!(write);
+        std::future::poll_fn(|cx| {
+            let polled = write.as_mut().poll(cx);
+            self.waiting(polled.is_pending());
+            polled
+        })
+        .await
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.waiting(false);
     }
 }
 
@@ -433,7 +539,9 @@ enum Framed {
     /// Queued for sending.
     Sent,
     /// Not sent: the connection's queue held [`QUEUE_LIMIT`] bytes, or
-    /// half of it and the flow sent more than its share lately.
+    /// half of it and the flow sent more than its share lately, or the
+    /// connection's datagrams took half the path lately while a stream of
+    /// it waits for room.
     QueueFull,
     /// Not sent: too large for a packet (or for the rest of the path), or
     /// refused.
@@ -466,12 +574,14 @@ fn send_frame(to: &Frames, datagram: &[u8]) -> Framed {
         // Judged on what the flow sent before this datagram (two flows
         // sending alike are each within their share), counted either way
         // (what a flow offers, not what got through, is its load).
-        let dropped =
-            queued > QUEUE_LIMIT || (queued > QUEUE_LIMIT / 2 && shares.above_share(id, now));
+        let dropped = queued > QUEUE_LIMIT
+            || (queued > QUEUE_LIMIT / 2 && shares.above_share(id, now))
+            || shares.above_half_path(|| path_rate(conn), datagram.len(), now);
         shares.offer(id, datagram.len(), now);
         if dropped {
             return Framed::QueueFull;
         }
+        shares.queued.add(datagram.len(), now);
     }
     let mut framed = BytesMut::with_capacity(encoded.len() + datagram.len());
     framed.extend_from_slice(encoded);
@@ -482,6 +592,12 @@ fn send_frame(to: &Frames, datagram: &[u8]) -> Framed {
         // Too large after all (the path's packets shrank), or not allowed.
         Err(_) => Framed::NotSent,
     }
+}
+
+/// What `conn` may send lately, bytes a second: its congestion window over
+/// its round trip.
+fn path_rate(conn: &quinn::Connection) -> f64 {
+    conn.stats().path.cwnd as f64 / conn.rtt().as_secs_f64().max(1e-4)
 }
 
 /// The sending half of a flow.
@@ -694,6 +810,7 @@ impl OverlayStream {
             mut recv,
             bytes,
             datagrams,
+            ..
         } = self;
         let id = u64::from(send.id());
         let Some((mut path, to)) = datagrams.and_then(|p| {
@@ -952,6 +1069,90 @@ mod tests {
         r.add(1000, t0);
         let one = r.at(t0 + Duration::from_secs_f64(SHARE_WINDOW));
         assert!((one - 1000.0 / std::f64::consts::E).abs() < 1.0, "{one}");
+    }
+
+    #[test]
+    fn datagrams_are_held_to_half_the_path_while_a_stream_waits_for_room() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        // 1 MB/s: half of it over a window is 50,000 bytes.
+        let rate = || 1_000_000.0;
+        let mut shares = Shares::default();
+        // No stream waits: datagrams are not held, however many.
+        for _ in 0..100 {
+            assert!(!shares.above_half_path(rate, 1000, t0));
+            shares.queued.add(1000, t0);
+        }
+        // A stream waits: what was queued lately is above half already.
+        let mut shares = Shares::default();
+        shares.stream_waits(true, t0);
+        let mut admitted = 0;
+        while admitted < 1000 && !shares.above_half_path(rate, 1000, t0) {
+            shares.queued.add(1000, t0);
+            admitted += 1;
+        }
+        assert_eq!(admitted, 50);
+        // Once the queued bytes decay, more go: half the rate, over time.
+        let later = t0 + Duration::from_secs_f64(SHARE_WINDOW);
+        assert!(!shares.above_half_path(rate, 1000, later));
+        // The wait ended: held for a moment more, then not.
+        shares.stream_waits(false, later);
+        let (held, over) = (later + STREAMS_HOLD / 2, later + STREAMS_HOLD);
+        let mut fill = |at| {
+            let room = 50_000.0 - shares.queued.at(at);
+            shares.queued.add(room.max(0.0) as usize + 1, at);
+            shares.above_half_path(rate, 1000, at)
+        };
+        assert!(fill(held));
+        assert!(!fill(over));
+        // The path's rate is read again at most every COUNT_EVERY.
+        let mut reads = 0;
+        let mut shares = Shares::default();
+        shares.stream_waits(true, t0);
+        for i in 0..20u32 {
+            let now = t0 + Duration::from_millis(u64::from(i));
+            shares.above_half_path(
+                || {
+                    reads += 1;
+                    1e6
+                },
+                1,
+                now,
+            );
+        }
+        assert_eq!(reads, 2);
+    }
+
+    #[tokio::test]
+    async fn a_stream_counts_as_waiting_while_its_write_is_pending_and_not_after() {
+        let router = Arc::new(FlowRouter::new(Arc::default()));
+        let waiting = || lock(&router.shares).streams_waiting;
+        // A write that goes at once never waited.
+        let mut room = Room::of(Some(router.clone()));
+        room.write(async {}).await;
+        assert_eq!(waiting(), 0);
+        assert!(lock(&router.shares).streams_waited_at.is_none());
+        // One pending until let go, another dropped while pending.
+        let (go, gone) = (oneshot::channel::<()>(), oneshot::channel::<()>());
+        let (mut one, mut two) = (
+            Room::of(Some(router.clone())),
+            Room::of(Some(router.clone())),
+        );
+        let (rx_one, rx_two) = (go.1, gone.1);
+        let first = tokio::spawn(async move { one.write(rx_one).await.is_ok() });
+        let second = tokio::spawn(async move {
+            let _ = two.write(rx_two).await;
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(waiting(), 2);
+        go.0.send(()).expect("send");
+        assert!(first.await.expect("first"));
+        assert_eq!(waiting(), 1);
+        second.abort();
+        let _ = second.await;
+        assert_eq!(waiting(), 0);
+        assert!(lock(&router.shares).streams_waited_at.is_some());
+        drop(gone.0);
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::admission::{Admission, AdmitAll};
-use crate::datagram::{DatagramPath, FlowRouter};
+use crate::datagram::{DatagramPath, FlowRouter, Room};
 use crate::tls::OverlayTls;
 use crate::wire::{read_frame, write_frame, StreamReply, StreamRequest};
 use crate::OverlayError;
@@ -807,6 +807,7 @@ impl Overlay {
             recv,
             bytes: self.inner.counters.bytes.clone(),
             datagrams,
+            room: Room::of(self.router(conn)),
         })
     }
 
@@ -814,6 +815,12 @@ impl Overlay {
     /// speaks them: its router, made (with the task that reads the
     /// connection's datagrams) the first time.
     fn datagram_path(&self, conn: &quinn::Connection) -> Option<DatagramPath> {
+        Some(DatagramPath::new(conn.clone(), self.router(conn)?))
+    }
+
+    /// The router of `conn`'s QUIC datagrams, if `conn` speaks them: made
+    /// (with the task that reads the connection's datagrams) the first time.
+    fn router(&self, conn: &quinn::Connection) -> Option<Arc<FlowRouter>> {
         let id = conn.stable_id();
         let router = {
             let mut routers = lock(&self.inner.routers);
@@ -837,7 +844,7 @@ impl Overlay {
                 router
             }
         };
-        Some(DatagramPath::new(conn.clone(), router))
+        Some(router)
     }
 
     /// A live connection to `peer`, dialing its addresses if needed.
@@ -1077,6 +1084,7 @@ impl Overlay {
                             recv,
                             bytes: self.inner.counters.bytes.clone(),
                             datagrams,
+                            room: Room::of(self.router(&conn)),
                         };
                         let moved = AtomicU64::new(0);
                         match connected {
@@ -1235,6 +1243,7 @@ impl Overlay {
                             recv,
                             bytes: self.inner.counters.bytes.clone(),
                             datagrams: None,
+                            room: Room::of(self.router(&conn)),
                         };
                         match forwarding {
                             Some((near_path, far_path, _)) => {
@@ -1265,6 +1274,8 @@ pub struct OverlayStream {
     /// How a UDP flow on it sends datagrams as QUIC datagrams (when the
     /// connection, and a relay on the way, speak them).
     pub(crate) datagrams: Option<DatagramPath>,
+    /// Tells its connection while it waits for room to send.
+    pub(crate) room: Room,
 }
 
 impl AsyncRead for OverlayStream {
@@ -1289,6 +1300,7 @@ impl AsyncWrite for OverlayStream {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf);
+        self.room.waiting(polled.is_pending());
         if let Poll::Ready(Ok(n)) = polled {
             self.bytes.sent(n as u64);
         }

@@ -16,6 +16,7 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+use crate::datagram::Room;
 use crate::mesh::OverlayStream;
 
 /// Most bytes read from a socket at once.
@@ -57,6 +58,7 @@ impl OverlayStream {
             mut recv,
             bytes: counted,
             datagrams,
+            mut room,
         } = self;
         // A TCP connection takes no QUIC datagrams: its flow's place goes.
         drop(datagrams);
@@ -78,7 +80,7 @@ impl OverlayStream {
                     return Ok::<_, io::Error>(total);
                 }
                 total += n as u64;
-                send.write_chunk(buf.split().freeze()).await?;
+                room.write(send.write_chunk(buf.split().freeze())).await?;
                 moved.fetch_add(n as u64, Ordering::Relaxed);
                 counted.sent(n as u64);
             }
@@ -117,15 +119,17 @@ impl OverlayStream {
             recv: mut near_recv,
             bytes: counted,
             datagrams,
+            room: mut near_room,
         } = self;
         drop(datagrams);
         let OverlayStream {
             send: mut far_send,
             recv: mut far_recv,
+            room: mut far_room,
             ..
         } = far;
-        let there = forward(&mut near_recv, &mut far_send, &counted);
-        let back = forward(&mut far_recv, &mut near_send, &counted);
+        let there = forward(&mut near_recv, (&mut far_send, &mut far_room), &counted);
+        let back = forward(&mut far_recv, (&mut near_send, &mut near_room), &counted);
         let carried = tokio::try_join!(there, back);
         if carried.is_err() {
             for s in [&mut near_send, &mut far_send] {
@@ -139,11 +143,11 @@ impl OverlayStream {
     }
 }
 
-/// Moves every chunk `from` receives to `to`, then finishes `to`; counts
-/// what it moves as received and sent.
+/// Moves every chunk `from` receives to `to` (a stream and its room), then
+/// finishes `to`; counts what it moves as received and sent.
 async fn forward(
     from: &mut quinn::RecvStream,
-    to: &mut quinn::SendStream,
+    (to, room): (&mut quinn::SendStream, &mut Room),
     counted: &crate::mesh::StreamBytes,
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -155,7 +159,7 @@ async fn forward(
         counted.received(bytes);
         counted.sent(bytes);
         while !left.is_empty() {
-            let written = to.write_chunks(left).await?;
+            let written = room.write(to.write_chunks(left)).await?;
             left = &mut left[written.chunks..];
         }
     }

@@ -629,6 +629,13 @@ async fn lossy_link(
             let _ = b.send(&buf[..n]).await;
         }
     });
+    way_back(front, back, dialer);
+    at
+}
+
+/// Carries what `back` receives (from the far end of a link) to whoever
+/// last sent into the link's `front`.
+fn way_back(front: Arc<UdpSocket>, back: Arc<UdpSocket>, dialer: Arc<Mutex<Option<SocketAddr>>>) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65_536];
         while let Ok(n) = back.recv(&mut buf).await {
@@ -638,7 +645,68 @@ async fn lossy_link(
             }
         }
     });
+}
+
+/// A link to `to` that carries at most `rate` bytes a second each way and
+/// queues at most `queue` packets each way (one that finds the queue full
+/// is dropped, as a slow link's buffer drops); the address to dial instead
+/// of `to`.
+async fn slow_link(to: SocketAddr, rate: f64, queue: usize) -> SocketAddr {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    back.connect(to).await.expect("connect");
+    let at = front.local_addr().expect("addr");
+    let (there, there_rx) = tokio::sync::mpsc::channel(queue);
+    let (back_tx, back_rx) = tokio::sync::mpsc::channel(queue);
+    paced(there_rx, back.clone(), rate);
+    paced(back_rx, front.clone(), rate);
+    let dialer: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    let d = dialer.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            *d.lock().expect("dialer") = Some(from);
+            let _ = there.try_send((buf[..n].to_vec(), None));
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *dialer.lock().expect("dialer");
+            if to.is_some() {
+                let _ = back_tx.try_send((buf[..n].to_vec(), to));
+            }
+        }
+    });
     at
+}
+
+/// Sends each packet `rx` yields on `out` (to the address with it, else to
+/// the socket's peer), at most `rate` bytes a second.
+fn paced(
+    mut rx: tokio::sync::mpsc::Receiver<(Vec<u8>, Option<SocketAddr>)>,
+    out: Arc<UdpSocket>,
+    rate: f64,
+) {
+    tokio::spawn(async move {
+        // When each packet is due at the rate; the timer's millisecond
+        // steps send a few at once, on time on average.
+        let mut next = tokio::time::Instant::now();
+        while let Some((packet, to)) = rx.recv().await {
+            let now = tokio::time::Instant::now();
+            if next + Duration::from_millis(5) < now {
+                next = now;
+            }
+            next += Duration::from_secs_f64(packet.len() as f64 / rate);
+            if next > now {
+                tokio::time::sleep_until(next).await;
+            }
+            let _ = match to {
+                Some(to) => out.send_to(&packet, to).await,
+                None => out.send(&packet).await,
+            };
+        }
+    });
 }
 
 /// Sends 200 numbered datagrams on a flow from `a` to `b`'s sink through a
@@ -886,6 +954,123 @@ async fn a_flow_sending_faster_than_the_path_loses_its_own_datagrams_not_its_nei
     assert!(
         (240..=270).contains(&st.datagrams_as_frames),
         "about 256 KiB queued: {st:?}"
+    );
+}
+
+/// A TCP service that reads until EOF and adds what it read to `count`.
+async fn counting_service(count: Arc<std::sync::atomic::AtomicU64>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The slow links' rate: 2 MB/s (16 Mbit/s).
+const SLOW: f64 = 2_000_000.0;
+
+#[tokio::test]
+async fn a_udp_flow_faster_than_the_path_leaves_tcp_connections_their_share() {
+    use std::sync::atomic::AtomicU64;
+    let ca = ClusterCa::generate("mesh", now()).expect("ca");
+    let received = Arc::new(AtomicU64::new(0));
+    let a = start(&ca, "a", false, None);
+    let b = start(
+        &ca,
+        "b",
+        false,
+        Some(counting_service(received.clone()).await),
+    );
+    a.overlay
+        .set_peer(node("b"), vec![slow_link(addr(&b), SLOW, 64).await]);
+    halves_of_a_slow_link(&a, &received, "directly").await;
+
+    // Through a relay whose leg to B is the slow link (B dialed the relay
+    // through it, as a node behind NAT does): the relay forwards the flow's
+    // QUIC datagrams and the connection's stream on that one leg.
+    let received = Arc::new(AtomicU64::new(0));
+    let c = start(&ca, "c", false, None);
+    let r = start(&ca, "r", true, None);
+    let b = start(
+        &ca,
+        "b",
+        false,
+        Some(counting_service(received.clone()).await),
+    );
+    b.overlay
+        .set_peer(node("r"), vec![slow_link(addr(&r), SLOW, 64).await]);
+    c.overlay.set_peer(node("r"), vec![addr(&r)]);
+    for n in [&b, &c] {
+        n.overlay.set_relays(vec![node("r")]);
+        assert!(n.overlay.keep_relays_connected().await.is_empty());
+    }
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    c.overlay
+        .set_peer(node("b"), vec![dead.local_addr().expect("addr")]);
+    halves_of_a_slow_link(&c, &received, "through a relay").await;
+    let st = r.overlay.stats();
+    assert!(st.datagrams_relayed > 1000, "{st:?}");
+    assert_eq!(st.streams_relayed, 2, "{st:?}");
+}
+
+/// From `from` to node b over a [`SLOW`] link: a workload's TCP connection
+/// to b's service (which adds what it reads to `received`) sending all it
+/// can, and a UDP flow sending 1,100-byte datagrams (a packet each, with
+/// little room left beside) at twice the link's rate, for 5 s. Over the
+/// last 4 each got about half (without the hold, the TCP connection got
+/// only the room the datagrams' packets left: a fifth).
+async fn halves_of_a_slow_link(from: &Node, received: &std::sync::atomic::AtomicU64, how: &str) {
+    use std::sync::atomic::Ordering;
+    let (sink, seen) = udp_sink().await;
+    let (mut flow, _flow_rx) = flow_to(from, sink).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let local = listener.local_addr().expect("addr");
+    let fwd = from.overlay.forward(listener, node("b"), "upper".into());
+    let mut tcp = TcpStream::connect(local).await.expect("connect");
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 65_536];
+        while tcp.write_all(&chunk).await.is_ok() {}
+    });
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut since = None;
+    let mut i = 0u32;
+    while started.elapsed() < Duration::from_secs(5) {
+        tick.tick().await;
+        for _ in 0..20 {
+            flow.send(&numbered(i, 1100)).await.expect("send");
+            i += 1;
+        }
+        if since.is_none() && started.elapsed() >= Duration::from_secs(1) {
+            since = Some((
+                received.load(Ordering::Relaxed),
+                seen.lock().expect("seen").len(),
+            ));
+        }
+    }
+    let (tcp_since, udp_since) = since.expect("a second passed");
+    let tcp = received.load(Ordering::Relaxed) - tcp_since;
+    let udp = (seen.lock().expect("seen").len() - udp_since) as u64 * 1100;
+    writer.abort();
+    fwd.abort();
+    // The link carried 8 MB at most in those 4 s.
+    let (total, enough) = (tcp + udp, 1_000_000);
+    assert!(
+        tcp * 100 >= total * 35 && tcp >= enough,
+        "{how}: the TCP connection got {tcp} bytes, the UDP flow {udp}"
+    );
+    assert!(
+        udp * 100 >= total * 35 && udp >= enough,
+        "{how}: the UDP flow got {udp} bytes, the TCP connection {tcp}"
     );
 }
 
