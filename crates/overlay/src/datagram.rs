@@ -13,10 +13,11 @@
 //! datagrams of a flow that offered more than an equal share lately are
 //! dropped first (fair dropping), so such a flow loses its own excess, not
 //! its neighbours' datagrams. QUIC sends queued datagrams before any stream
-//! data: while a stream of the connection waits for room to send, its
-//! datagrams are held to half the path's rate (`Room`), or datagrams
-//! offered faster than the path carries would leave the TCP connections
-//! between the two nodes only what room their packets leave. The stream
+//! data: while a stream of the connection waits for room to send, the
+//! connection's datagrams are held to half the path's rate (`Room`), the
+//! flows offering the most losing theirs first, or datagrams offered faster
+//! than the path carries would leave the TCP connections between the two
+//! nodes only what room their packets leave. The stream
 //! carries a datagram instead, its length (two
 //! bytes, big-endian) and then its bytes, in order and never lost while the
 //! stream lives (a lost packet delays the datagrams behind it), when it is
@@ -286,7 +287,12 @@ impl Shares {
         if mine <= total / self.flows.len().max(1) as f64 * margin {
             return false;
         }
-        let active = match self.active {
+        mine > total / self.active(now) as f64 * margin
+    }
+
+    /// How many flows sent in the last three windows (at least one).
+    fn active(&mut self, now: std::time::Instant) -> usize {
+        match self.active {
             Some((n, at)) if now.saturating_duration_since(at) < COUNT_EVERY => n,
             _ => {
                 let lately = std::time::Duration::from_secs_f64(3.0 * SHARE_WINDOW);
@@ -301,15 +307,35 @@ impl Shares {
                 self.active = Some((n, now));
                 n
             }
-        };
-        mine > total / active as f64 * margin
+        }
+    }
+
+    /// Whether flow `id`'s datagram of `n` bytes is held back: the
+    /// connection's datagrams took half the path lately while a stream of
+    /// it waits for room ([`above_half_path`](Self::above_half_path)), and
+    /// this flow offered at least an equal share of them lately (alone, or
+    /// heavy beside light ones: a DNS query or a call beside a flood keeps
+    /// its datagrams).
+    fn held(
+        &mut self,
+        id: u64,
+        n: usize,
+        rate: impl FnOnce() -> f64,
+        now: std::time::Instant,
+    ) -> bool {
+        if !self.above_half_path(rate, n, now) {
+            return false;
+        }
+        let mine = self.flows.get(&id).map_or(0.0, |r| r.at(now));
+        // Two flows sending alike are each at their share: both held.
+        mine * self.active(now) as f64 >= self.total.at(now) * 0.99
     }
 
     /// Whether `n` bytes more would take the connection's datagrams above
     /// half the path's rate lately while a stream of it waits for room to
     /// send (or did a moment ago). QUIC sends queued datagrams before any
     /// stream data: without this, datagrams offered faster than the path
-    /// carries would leave the streams nothing.
+    /// carries would leave the streams only the room their packets leave.
     /// `rate` reads the path's rate (bytes a second) when the one read last
     /// is older than [`COUNT_EVERY`].
     fn above_half_path(
@@ -349,8 +375,12 @@ impl Shares {
 }
 
 /// Tells a connection's router while one of its streams waits for room to
-/// send (a write that could not go at once), which holds the connection's
-/// datagrams to half the path meanwhile ([`Shares::above_half_path`]).
+/// send (a write that could not go at once: quinn takes what the stream's
+/// flow-control window and the connection's send window allow, so a stream
+/// waits once it has that much unsent or unread, as a bulk transfer does),
+/// which holds the connection's datagrams to half the path meanwhile
+/// ([`Shares::held`]). A write given up while pending counts until the
+/// stream's next write, its end, or the room's drop.
 #[derive(Debug, Default)]
 pub(crate) struct Room {
     router: Option<Arc<FlowRouter>>,
@@ -541,7 +571,7 @@ enum Framed {
     /// Not sent: the connection's queue held [`QUEUE_LIMIT`] bytes, or
     /// half of it and the flow sent more than its share lately, or the
     /// connection's datagrams took half the path lately while a stream of
-    /// it waits for room.
+    /// it waits for room and the flow offered its share of them or more.
     QueueFull,
     /// Not sent: too large for a packet (or for the rest of the path), or
     /// refused.
@@ -576,7 +606,7 @@ fn send_frame(to: &Frames, datagram: &[u8]) -> Framed {
         // (what a flow offers, not what got through, is its load).
         let dropped = queued > QUEUE_LIMIT
             || (queued > QUEUE_LIMIT / 2 && shares.above_share(id, now))
-            || shares.above_half_path(|| path_rate(conn), datagram.len(), now);
+            || shares.held(id, datagram.len(), || path_rate(conn), now);
         shares.offer(id, datagram.len(), now);
         if dropped {
             return Framed::QueueFull;
@@ -597,7 +627,8 @@ fn send_frame(to: &Frames, datagram: &[u8]) -> Framed {
 /// What `conn` may send lately, bytes a second: its congestion window over
 /// its round trip.
 fn path_rate(conn: &quinn::Connection) -> f64 {
-    conn.stats().path.cwnd as f64 / conn.rtt().as_secs_f64().max(1e-4)
+    let path = conn.stats().path;
+    path.cwnd as f64 / path.rtt.as_secs_f64().max(1e-4)
 }
 
 /// The sending half of a flow.
@@ -1105,6 +1136,27 @@ mod tests {
         };
         assert!(fill(held));
         assert!(!fill(over));
+        // Under the hold, a flow that offered an equal share of the
+        // datagrams or more is held, alone or beside others; a light flow
+        // beside a heavy one is not.
+        let held = |flows: &[(u64, usize)], id: u64| {
+            let mut shares = Shares::default();
+            shares.stream_waits(true, t0);
+            shares.queued.add(50_000, t0);
+            for &(flow, n) in flows {
+                shares.offer(flow, n, t0);
+            }
+            shares.held(id, 1000, rate, t0)
+        };
+        assert!(held(&[(1, 100_000)], 1));
+        assert!(held(&[(1, 100_000), (2, 200)], 1));
+        assert!(!held(&[(1, 100_000), (2, 200)], 2));
+        assert!(held(&[(1, 100_000), (3, 100_000)], 3));
+        // Not at half the path yet: nobody is held.
+        let mut shares = Shares::default();
+        shares.stream_waits(true, t0);
+        shares.offer(1, 100_000, t0);
+        assert!(!shares.held(1, 1000, rate, t0));
         // The path's rate is read again at most every COUNT_EVERY.
         let mut reads = 0;
         let mut shares = Shares::default();

@@ -1312,6 +1312,7 @@ impl AsyncWrite for OverlayStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.room.waiting(false);
         AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
     }
 }
