@@ -419,6 +419,9 @@ pub struct ServiceProxy {
     ingress: Arc<Pool>,
     /// UDP flows from outside.
     ingress_udp: Arc<Pool>,
+    /// Those of them not assured yet, which a new flow may take the place of
+    /// when the pool is full.
+    ingress_unassured: udp::Unassured,
     ingress_rate: RateLimiter,
     /// New UDP flows from outside, per source (apart from TCP's: a forged
     /// source spends no real one's TCP connections).
@@ -488,6 +491,7 @@ impl ServiceProxy {
             vips: Pool::new(limits.max_connections, limits.per_source),
             ingress: Pool::new(limits.max_connections, limits.ingress_per_source),
             ingress_udp: Pool::new(limits.max_connections, limits.udp_ingress_per_source),
+            ingress_unassured: udp::Unassured::default(),
             ingress_rate: RateLimiter::new(limits.ingress_rate),
             ingress_udp_rate: RateLimiter::new(limits.ingress_rate),
             udp_queued: Arc::default(),

@@ -16,7 +16,8 @@
 //! [`ProxyLimits::udp_idle_timeout`] once assured (its caller sent again
 //! after an answer), for [`ProxyLimits::udp_unassured_timeout`] before or
 //! while its pool is under pressure (from outside only the caller's
-//! datagrams count), when its endpoint leaves the service or the service
+//! datagrams count), when a new flow from outside takes its place in a full
+//! pool before it is assured ([`Unassured`]), when its endpoint leaves the service or the service
 //! no longer admits its caller, when its port is no longer served, when its
 //! address no longer belongs to a replica of its caller's workload (checked
 //! every [`CALLER_CHECK`]), or when its endpoint's side fails; the caller's
@@ -397,7 +398,16 @@ impl ServiceProxy {
             .find(|s| s.namespace == namespace && s.name == name && s.has_port(port, true))
             .cloned()
             .ok_or_else(|| format!("no service {namespace}/{name} with UDP port {port}"))?;
-        let admitted = self.ingress_udp.admit(source).map_err(|why| {
+        // A full pool gives the place of its oldest flow not assured yet
+        // to this one (as conntrack drops an unassured mapping early).
+        let admitted = match self.ingress_udp.admit(source.clone()) {
+            Err(Closed::Full) if self.ingress_unassured.give_way() => {
+                self.ingress_udp.count(Closed::Full);
+                self.ingress_udp.admit(source)
+            }
+            admitted => admitted,
+        }
+        .map_err(|why| {
             self.ingress_udp.count(why);
             format!("closed: {}", why.as_str())
         })?;
@@ -434,23 +444,39 @@ impl ServiceProxy {
         lock(flows).insert(key, queue.clone());
         let (me, flows) = (self.clone(), flows.clone());
         let mut ended = flow.ended.clone();
+        // A flow from outside may give its place to a newer one until it
+        // is assured.
+        let place = Arc::new(Place {
+            admitted: Mutex::new(Some(admitted)),
+            taken: tokio::sync::Notify::new(),
+        });
+        let unassured = (caller == Caller::Ingress).then(|| self.ingress_unassured.add(&place));
         tokio::spawn(async move {
             let mut rx = rx;
+            let assured = || {
+                if let Some(id) = unassured {
+                    me.ingress_unassured.remove(id);
+                }
+            };
             // The port no longer served ends the flow wherever it is, also
             // while it dials (an overlay read dropped halfway is fine: the
-            // flow ends with it).
+            // flow ends with it); so does a newer flow taking its place.
             tokio::select! {
-                done = me.udp_flow(&svc, &caller, &flow, &mut rx) => {
+                done = me.udp_flow(&svc, &caller, &flow, &mut rx, &assured) => {
                     if let Err(e) = done {
                         tracing::debug!(from = %flow.from, service = %svc.name, port = flow.port, error = %e, "UDP flow failed");
                     }
                 }
                 _ = ended.changed() => {}
+                () = place.taken.notified() => {
+                    tracing::debug!(from = %flow.from, service = %svc.name, port = flow.port, "ended a UDP flow not yet assured: a new one took its place in the full pool");
+                }
             }
+            assured();
             // What the flow did not take is dropped with it (and given
             // back).
             drop(rx);
-            drop(admitted);
+            drop(place);
             let mut flows = lock(&flows);
             if flows
                 .get(&key)
@@ -493,6 +519,7 @@ impl ServiceProxy {
         caller: &Caller,
         flow: &Flow,
         queue: &mut mpsc::UnboundedReceiver<Queued>,
+        assured: &(dyn Fn() + Sync),
     ) -> Result<(), String> {
         let here = lock(&self.here).clone();
         let open = if svc.policy == LoadBalancing::LeastConnections {
@@ -559,7 +586,9 @@ impl ServiceProxy {
                 while let Some(q) = queue.recv().await {
                     let d = q.d.clone();
                     drop(q);
-                    activity.caller_sent();
+                    if activity.caller_sent() {
+                        assured();
+                    }
                     if tx.send(d).await.is_err() {
                         return;
                     }
@@ -609,6 +638,59 @@ impl ServiceProxy {
     }
 }
 
+/// A flow's place in its pool; a newer flow may take it (and end the flow)
+/// while the flow is among the [`Unassured`].
+struct Place {
+    admitted: Mutex<Option<Admitted>>,
+    taken: tokio::sync::Notify,
+}
+
+/// The flows from outside not assured yet, oldest first. When the ingress
+/// UDP pool is full, a new flow takes the place of the oldest of them (as
+/// conntrack drops an unassured mapping early when its table is full): a
+/// flood from forged sources (a datagram from each address, never followed
+/// up after an answer) then takes places from its own flows, assured flows
+/// keep theirs, and a real new caller still gets in (unless the flood
+/// starts flows so fast that the caller's is taken before its answer and
+/// next datagram make it assured).
+#[derive(Default)]
+pub(super) struct Unassured {
+    next: AtomicU64,
+    flows: Mutex<std::collections::BTreeMap<u64, std::sync::Weak<Place>>>,
+}
+
+impl Unassured {
+    /// Adds the flow holding `place`; its id.
+    fn add(&self, place: &Arc<Place>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.flows).insert(id, Arc::downgrade(place));
+        id
+    }
+
+    /// The flow `id` is assured, or ended.
+    fn remove(&self, id: u64) {
+        lock(&self.flows).remove(&id);
+    }
+
+    /// Ends the oldest flow not assured yet and frees its place at once;
+    /// whether there was one.
+    fn give_way(&self) -> bool {
+        loop {
+            let Some((_, oldest)) = lock(&self.flows).pop_first() else {
+                return false;
+            };
+            let Some(place) = oldest.upgrade() else {
+                continue;
+            };
+            let freed = lock(&place.admitted).take();
+            place.taken.notify_one();
+            if freed.is_some() {
+                return true;
+            }
+        }
+    }
+}
+
 /// A UDP flow's place among those carried to one other node.
 struct RemoteUdp<'a> {
     open: &'a Mutex<HashMap<(String, bool), usize>>,
@@ -638,11 +720,10 @@ struct Activity {
 }
 
 impl Activity {
-    fn caller_sent(&self) {
+    /// A datagram from the caller; whether it made the flow assured.
+    fn caller_sent(&self) -> bool {
         self.moved.fetch_add(1, Ordering::Relaxed);
-        if self.answered.load(Ordering::Relaxed) {
-            self.assured.store(true, Ordering::Relaxed);
-        }
+        self.answered.load(Ordering::Relaxed) && !self.assured.swap(true, Ordering::Relaxed)
     }
 
     /// An answer; it keeps the flow alive when `counts`.
@@ -1247,6 +1328,63 @@ mod tests {
                     .await
                     .is_err(),
                 "a refused flow was answered"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_ingress_pool_gives_the_place_of_a_flow_not_yet_assured_to_a_new_one() {
+        let (port, proxy) = udp_ingress(ProxyLimits {
+            max_connections: 8,
+            ..ProxyLimits::default()
+        })
+        .await;
+        let at = SocketAddr::from(([127, 0, 0, 7], port));
+        // An assured flow: asked, answered, asked again.
+        let steady = caller_at("127.0.0.20", at).await;
+        assert!(ask(&steady, "1").await.is_some());
+        assert!(ask(&steady, "2").await.is_some());
+        // A flood from 40 addresses, a datagram from each and never
+        // another (as from forged sources): the first 7 take the free
+        // places, each of the other 33 the place of the oldest of them.
+        let mut flood = Vec::new();
+        for i in 0..40 {
+            let s = caller_at(&format!("127.0.1.{}", i + 1), at).await;
+            s.send(b"x").await.expect("send");
+            flood.push(s);
+        }
+        let full = || proxy.stats().ingress_udp.closed_for(Closed::Full);
+        within(Duration::from_secs(2), "33 places given", || full() == 33).await;
+        assert_eq!(proxy.stats().ingress_udp.open, 8);
+        // A new caller still gets in, in place of one of the flood's; the
+        // assured flow kept its place and its endpoint.
+        let new = caller_at("127.0.0.21", at).await;
+        assert!(ask(&new, "q").await.is_some(), "the new caller is answered");
+        assert_eq!(full(), 34);
+        let again = ask(&steady, "3").await.expect("the assured flow answers");
+        assert!(again.ends_with(":3"), "{again}");
+        assert_eq!(proxy.stats().ingress_udp.open, 8);
+        // A pool full of assured flows gives no place: a new caller is
+        // refused.
+        let (port, proxy) = udp_ingress(ProxyLimits {
+            max_connections: 2,
+            ..ProxyLimits::default()
+        })
+        .await;
+        let at = SocketAddr::from(([127, 0, 0, 7], port));
+        for ip in ["127.0.0.30", "127.0.0.31"] {
+            let s = caller_at(ip, at).await;
+            assert!(ask(&s, "1").await.is_some());
+            assert!(ask(&s, "2").await.is_some());
+            flood.push(s);
+        }
+        let late = caller_at("127.0.0.32", at).await;
+        assert_eq!(ask(&late, "q").await, None, "no place for a third");
+        assert_eq!(proxy.stats().ingress_udp.closed_for(Closed::Full), 1);
+        for s in &flood[40..] {
+            assert!(
+                ask(s, "3").await.is_some(),
+                "an assured flow lost its place"
             );
         }
     }
