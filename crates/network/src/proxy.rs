@@ -245,16 +245,20 @@ pub enum Closed {
     /// Quiet for [`ProxyLimits::idle_timeout_under_pressure`] while its pool
     /// was nearly full.
     IdleUnderPressure = 4,
+    /// A UDP flow from outside, not yet assured, that gave its place in the
+    /// full pool to a new one.
+    GaveWay = 5,
 }
 
 impl Closed {
     /// Every reason, in the order of [`PoolStats::closed`].
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::SourceLimit,
         Self::SourceRate,
         Self::Full,
         Self::Idle,
         Self::IdleUnderPressure,
+        Self::GaveWay,
     ];
 
     /// Its name in metrics and logs.
@@ -265,6 +269,7 @@ impl Closed {
             Self::Full => "full",
             Self::Idle => "idle",
             Self::IdleUnderPressure => "idle_under_pressure",
+            Self::GaveWay => "gave_way",
         }
     }
 }
@@ -277,7 +282,7 @@ struct Pool {
     state: Mutex<PoolState>,
     /// Whether more than three quarters of the slots are taken.
     pressure: tokio::sync::watch::Sender<bool>,
-    closed: [AtomicU64; 5],
+    closed: [AtomicU64; 6],
 }
 
 #[derive(Debug, Default)]
@@ -382,7 +387,7 @@ pub struct PoolStats {
     /// Connections accepted and not yet closed (being dialed or carried).
     pub open: usize,
     /// Connections closed by the proxy, in the order of [`Closed::ALL`].
-    pub closed: [u64; 5],
+    pub closed: [u64; 6],
 }
 
 impl PoolStats {
@@ -420,8 +425,9 @@ pub struct ServiceProxy {
     /// UDP flows from outside.
     ingress_udp: Arc<Pool>,
     /// Those of them not assured yet, which a new flow may take the place of
-    /// when the pool is full.
+    /// when the pool is full, at most so many a second.
     ingress_unassured: udp::Unassured,
+    ingress_give_way_rate: RateLimiter,
     ingress_rate: RateLimiter,
     /// New UDP flows from outside, per source (apart from TCP's: a forged
     /// source spends no real one's TCP connections).
@@ -492,6 +498,7 @@ impl ServiceProxy {
             ingress: Pool::new(limits.max_connections, limits.ingress_per_source),
             ingress_udp: Pool::new(limits.max_connections, limits.udp_ingress_per_source),
             ingress_unassured: udp::Unassured::default(),
+            ingress_give_way_rate: RateLimiter::new(udp::give_way_rate(&limits)),
             ingress_rate: RateLimiter::new(limits.ingress_rate),
             ingress_udp_rate: RateLimiter::new(limits.ingress_rate),
             udp_queued: Arc::default(),

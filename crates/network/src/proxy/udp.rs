@@ -399,10 +399,16 @@ impl ServiceProxy {
             .cloned()
             .ok_or_else(|| format!("no service {namespace}/{name} with UDP port {port}"))?;
         // A full pool gives the place of its oldest flow not assured yet
-        // to this one (as conntrack drops an unassured mapping early).
+        // to this one (as conntrack drops an unassured mapping early), at
+        // most at the rate the pool's own flows would end.
         let admitted = match self.ingress_udp.admit(source.clone()) {
-            Err(Closed::Full) if self.ingress_unassured.give_way() => {
-                self.ingress_udp.count(Closed::Full);
+            Err(Closed::Full)
+                if self
+                    .ingress_give_way_rate
+                    .try_take("", std::time::Instant::now())
+                    && self.ingress_unassured.give_way() =>
+            {
+                self.ingress_udp.count(Closed::GaveWay);
                 self.ingress_udp.admit(source)
             }
             admitted => admitted,
@@ -462,15 +468,17 @@ impl ServiceProxy {
             // while it dials (an overlay read dropped halfway is fine: the
             // flow ends with it); so does a newer flow taking its place.
             tokio::select! {
+                // A flow whose place was taken carries nothing more.
+                biased;
+                () = place.taken.notified() => {
+                    tracing::debug!(from = %flow.from, service = %svc.name, port = flow.port, "ended a UDP flow not yet assured: a new one took its place in the full pool");
+                }
                 done = me.udp_flow(&svc, &caller, &flow, &mut rx, &assured) => {
                     if let Err(e) = done {
                         tracing::debug!(from = %flow.from, service = %svc.name, port = flow.port, error = %e, "UDP flow failed");
                     }
                 }
                 _ = ended.changed() => {}
-                () = place.taken.notified() => {
-                    tracing::debug!(from = %flow.from, service = %svc.name, port = flow.port, "ended a UDP flow not yet assured: a new one took its place in the full pool");
-                }
             }
             assured();
             // What the flow did not take is dropped with it (and given
@@ -643,6 +651,23 @@ impl ServiceProxy {
 struct Place {
     admitted: Mutex<Option<Admitted>>,
     taken: tokio::sync::Notify,
+}
+
+/// Places a full ingress UDP pool gives to new flows at least each second.
+const MIN_GIVE_WAY_PER_S: u32 = 100;
+
+/// How fast a full ingress UDP pool gives places of flows not yet assured
+/// to new ones: as fast as its flows would end under pressure (all of them
+/// within [`ProxyLimits::udp_unassured_timeout`]), so a flood from forged
+/// sources reaches the services at most about twice as fast as when every
+/// new flow was refused; at least [`MIN_GIVE_WAY_PER_S`].
+pub(super) fn give_way_rate(limits: &ProxyLimits) -> cloudless_types::rate_limit::Rate {
+    let secs = limits.udp_unassured_timeout.as_secs_f64().max(0.001);
+    let per_s = ((limits.max_connections as f64 / secs) as u32).max(MIN_GIVE_WAY_PER_S);
+    cloudless_types::rate_limit::Rate {
+        per_s,
+        burst: per_s,
+    }
 }
 
 /// The flows from outside not assured yet, oldest first. When the ingress
@@ -1344,23 +1369,43 @@ mod tests {
         let steady = caller_at("127.0.0.20", at).await;
         assert!(ask(&steady, "1").await.is_some());
         assert!(ask(&steady, "2").await.is_some());
-        // A flood from 40 addresses, a datagram from each and never
+        // A flood from 150 addresses, a datagram from each and never
         // another (as from forged sources): the first 7 take the free
-        // places, each of the other 33 the place of the oldest of them.
+        // places; of the other 143, each takes the place of the oldest of
+        // the flood's flows while the pool gives places (100 at once, 100 a
+        // second: `give_way_rate` for a pool of 8), the rest are refused.
         let mut flood = Vec::new();
-        for i in 0..40 {
+        for i in 0..150 {
             let s = caller_at(&format!("127.0.1.{}", i + 1), at).await;
             s.send(b"x").await.expect("send");
             flood.push(s);
         }
-        let full = || proxy.stats().ingress_udp.closed_for(Closed::Full);
-        within(Duration::from_secs(2), "33 places given", || full() == 33).await;
+        let counts = || {
+            let s = proxy.stats().ingress_udp;
+            (s.closed_for(Closed::GaveWay), s.closed_for(Closed::Full))
+        };
+        within(Duration::from_secs(2), "143 taken or refused", || {
+            let (gave, full) = counts();
+            gave + full == 143
+        })
+        .await;
+        let (gave, _) = counts();
+        assert!((100..=130).contains(&gave), "{gave} places given");
         assert_eq!(proxy.stats().ingress_udp.open, 8);
+        // The flows that gave their places ended: 8 carried, no more.
+        let carried = || proxy.open_connections().values().sum::<usize>();
+        within(
+            Duration::from_secs(2),
+            "the flows that gave way ended",
+            || carried() == 8,
+        )
+        .await;
         // A new caller still gets in, in place of one of the flood's; the
         // assured flow kept its place and its endpoint.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let new = caller_at("127.0.0.21", at).await;
         assert!(ask(&new, "q").await.is_some(), "the new caller is answered");
-        assert_eq!(full(), 34);
+        assert_eq!(counts().0, gave + 1);
         let again = ask(&steady, "3").await.expect("the assured flow answers");
         assert!(again.ends_with(":3"), "{again}");
         assert_eq!(proxy.stats().ingress_udp.open, 8);
@@ -1372,16 +1417,21 @@ mod tests {
         })
         .await;
         let at = SocketAddr::from(([127, 0, 0, 7], port));
+        let mut assured = Vec::new();
         for ip in ["127.0.0.30", "127.0.0.31"] {
             let s = caller_at(ip, at).await;
             assert!(ask(&s, "1").await.is_some());
             assert!(ask(&s, "2").await.is_some());
-            flood.push(s);
+            assured.push(s);
         }
         let late = caller_at("127.0.0.32", at).await;
         assert_eq!(ask(&late, "q").await, None, "no place for a third");
-        assert_eq!(proxy.stats().ingress_udp.closed_for(Closed::Full), 1);
-        for s in &flood[40..] {
+        let s = proxy.stats().ingress_udp;
+        assert_eq!(
+            (s.closed_for(Closed::GaveWay), s.closed_for(Closed::Full)),
+            (0, 1)
+        );
+        for s in &assured {
             assert!(
                 ask(s, "3").await.is_some(),
                 "an assured flow lost its place"
