@@ -629,13 +629,6 @@ async fn lossy_link(
             let _ = b.send(&buf[..n]).await;
         }
     });
-    way_back(front, back, dialer);
-    at
-}
-
-/// Carries what `back` receives (from the far end of a link) to whoever
-/// last sent into the link's `front`.
-fn way_back(front: Arc<UdpSocket>, back: Arc<UdpSocket>, dialer: Arc<Mutex<Option<SocketAddr>>>) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65_536];
         while let Ok(n) = back.recv(&mut buf).await {
@@ -645,6 +638,7 @@ fn way_back(front: Arc<UdpSocket>, back: Arc<UdpSocket>, dialer: Arc<Mutex<Optio
             }
         }
     });
+    at
 }
 
 /// A link to `to` that carries at most `rate` bytes a second each way and
@@ -975,21 +969,26 @@ async fn counting_service(count: Arc<std::sync::atomic::AtomicU64>) -> SocketAdd
     addr
 }
 
+/// Node b, whose service counts the bytes it reads (in the counter).
+async fn counting_b(ca: &ClusterCa) -> (Node, Arc<std::sync::atomic::AtomicU64>) {
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let b = start(
+        ca,
+        "b",
+        false,
+        Some(counting_service(received.clone()).await),
+    );
+    (b, received)
+}
+
 /// The slow links' rate: 2 MB/s (16 Mbit/s).
 const SLOW: f64 = 2_000_000.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_flow_faster_than_the_path_leaves_tcp_connections_their_share() {
-    use std::sync::atomic::AtomicU64;
     let ca = ClusterCa::generate("mesh", now()).expect("ca");
-    let received = Arc::new(AtomicU64::new(0));
     let a = start(&ca, "a", false, None);
-    let b = start(
-        &ca,
-        "b",
-        false,
-        Some(counting_service(received.clone()).await),
-    );
+    let (b, received) = counting_b(&ca).await;
     a.overlay
         .set_peer(node("b"), vec![slow_link(addr(&b), SLOW, 64).await]);
     halves_of_a_slow_link(&a, &received, "directly").await;
@@ -997,15 +996,9 @@ async fn a_udp_flow_faster_than_the_path_leaves_tcp_connections_their_share() {
     // Through a relay whose leg to B is the slow link (B dialed the relay
     // through it, as a node behind NAT does): the relay forwards the flow's
     // QUIC datagrams and the connection's stream on that one leg.
-    let received = Arc::new(AtomicU64::new(0));
     let c = start(&ca, "c", false, None);
     let r = start(&ca, "r", true, None);
-    let b = start(
-        &ca,
-        "b",
-        false,
-        Some(counting_service(received.clone()).await),
-    );
+    let (b, received) = counting_b(&ca).await;
     b.overlay
         .set_peer(node("r"), vec![slow_link(addr(&r), SLOW, 64).await]);
     c.overlay.set_peer(node("r"), vec![addr(&r)]);
